@@ -1,0 +1,100 @@
+"""Run a leader and N learners as local processes, e.g. for the demo; print the final test accuracy."""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import runtime
+import utils
+from metrics import read_metrics
+
+HERE = Path(__file__).resolve().parent
+# Keep big buffers in the heap instead of fresh page-faulting mmaps (see README, Performance).
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on localhost."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_federation(learners: int, leader_args: list[str], port: int, out: Path,
+                     learner_args: list[str] = ()) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """Start the leader and the learners, each learner with its share of the cores, logging to out/*.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **MALLOC_SETTINGS, "PYTHONUNBUFFERED": "1"}
+    threads = max(1, runtime.available_cores() // learners)
+    leader_cmd = [sys.executable, str(HERE / "leader.py"), "--learners", str(learners), "--host", "127.0.0.1",
+                  "--port", str(port), "--out", str(out), *leader_args]
+    leader = subprocess.Popen(leader_cmd, env=env, stdout=open(out / "leader.log", "w"), stderr=subprocess.STDOUT)
+    learner_cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}",
+                   "--threads", str(threads), *learner_args]
+    procs = [subprocess.Popen(learner_cmd, env=env, stdout=open(out / f"learner{index}.log", "w"),
+                              stderr=subprocess.STDOUT) for index in range(learners)]
+    return leader, procs
+
+
+def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes of the processes, killing any still running after timeout seconds (None for those)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            codes.append(None)
+    return codes
+
+
+def demo_dataset(data_dir: str) -> str:
+    """cifar10 when it is present or downloadable, otherwise synthetic after a notice."""
+    try:
+        utils.cifar10(Path(data_dir), train=False)
+        return "cifar10"
+    except utils.DatasetError as error:
+        print(f"NOTICE: {error}\nNOTICE: running the demo on the synthetic data set instead.", flush=True)
+        return "synthetic"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run a leader and N learners on this machine; arguments after -- go to leader.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--learners", type=int, default=2, help="number of learner processes")
+    parser.add_argument("--out", default="runs/demo", help="directory for the outputs and the processes' logs")
+    parser.add_argument("--data-dir", default="data", help="where CIFAR-10 is looked for (demo)")
+    parser.add_argument("--demo", action="store_true",
+                        help="a run of a few minutes: CIFAR-10 if available, else the synthetic set")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the processes are killed")
+    args, leader_args = parser.parse_known_args(argv)
+    leader_args = [a for a in leader_args if a != "--"]
+    if args.demo:
+        dataset = demo_dataset(args.data_dir)
+        rounds = "600" if dataset == "cifar10" else "250"
+        leader_args = ["--dataset", dataset, "--data-dir", args.data_dir, "--rounds", rounds, "--batch-size", "32",
+                       "--eval-every", "50", *leader_args]
+    out = Path(args.out)
+    print(f"starting a leader and {args.learners} learners; logs in {out}/", flush=True)
+    started = time.monotonic()
+    leader, learners = start_federation(args.learners, leader_args, free_port(), out)
+    codes = wait_all([leader, *learners], args.timeout)
+    print(f"exit codes: leader {codes[0]}, learners {codes[1:]}; {time.monotonic() - started:.0f} s")
+    if any(code != 0 for code in codes):
+        print(f"a process failed; see {out}/leader.log and {out}/learner*.log", file=sys.stderr)
+        return 1
+    final = [r for r in read_metrics(out / "metrics.jsonl") if "test_accuracy" in r][-1]
+    print(f"final test accuracy: {final['test_accuracy']:.4f} after {final['round']} rounds "
+          f"(model: {out}/model.pt, plot: {out}/metrics.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""A learner: serves LearnerService, trains the leader's model on its shard and pushes gradients."""
+
+import argparse
+import logging
+import socket
+import sys
+import threading
+import time
+
+import grpc
+import torch
+
+import fedsgd
+import rpc
+import runtime
+import utils
+import wire
+from model import build_model
+from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+
+log = logging.getLogger("learner")
+
+MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
+WAIT_LOG_INTERVAL_S = 10.0
+RPC_TIMEOUT_S = 60.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Federated learning learner: registers with the leader, serves LearnerService, "
+        "and each round sends the gradient of one batch of its data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--leader", default="127.0.0.1:50051", help="the leader's HOST:PORT")
+    parser.add_argument("--host", default="0.0.0.0", help="address for this learner's server to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
+    parser.add_argument("--advertise", help="HOST:PORT the leader dials to reach this learner "
+                        "(default: 127.0.0.1 for a local leader, else this machine's address on the route to it)")
+    parser.add_argument("--dataset", choices=utils.DATASETS,
+                        help="train on this local dataset instead of a shard from the leader (raw data stays here)")
+    parser.add_argument("--data-dir", default="data", help="where the local --dataset lives")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores; give each learner "
+                        "its share when several run on one machine)")
+    parser.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to keep trying to reach the leader")
+    parser.add_argument("--wait-timeout", type=float, default=600.0,
+                        help="seconds to wait for the leader's next instruction before giving up")
+    parser.add_argument("--log-every", type=int, default=50, help="log progress every N rounds")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def default_advertise(leader: str, port: int) -> str:
+    """127.0.0.1 for a leader on this machine, else the local address of the route to the leader."""
+    host = leader.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return f"127.0.0.1:{port}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing; it only picks the outgoing interface
+            return f"{probe.getsockname()[0]}:{port}"
+    except OSError:
+        return f"{socket.gethostname()}:{port}"
+
+
+class StateInbox:
+    """The newest model state pushed by the leader, handed from the gRPC thread to the training thread."""
+
+    def __init__(self) -> None:
+        self._payload: wire.Payload | None = None
+        self._round = -1
+        self._changed = threading.Condition()
+
+    def put(self, round_index: int, payload: wire.Payload) -> None:
+        with self._changed:
+            if round_index > self._round:
+                self._round, self._payload = round_index, payload
+                self._changed.notify_all()
+
+    def take(self, round_index: int, timeout: float) -> wire.Payload | None:
+        """The state for round_index or later, waiting at most timeout seconds."""
+        with self._changed:
+            if self._changed.wait_for(lambda: self._round >= round_index, timeout):
+                return self._payload
+            return None
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    """Checks what the leader pushes and hands it to the training thread."""
+
+    def __init__(self, state_spec: wire.TensorSpec, inbox: StateInbox, started: threading.Event) -> None:
+        self.state_spec, self.inbox, self.started = state_spec, inbox, started
+
+    def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.started.set()
+        return learner_pb2.Ack(success=True, message="training started")
+
+    def SyncModelState(self, request: learner_pb2.ModelState, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        try:
+            payload = wire.decode(request.chunk)
+            wire.check_matches(payload, self.state_spec)
+            round_index = wire.metadata_int(payload, "round")
+        except wire.PayloadError as error:
+            log.warning("rejected a model state: %s", error)
+            return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
+        self.inbox.put(round_index, payload)
+        return learner_pb2.Ack(success=True, message=f"model state for round {round_index} received")
+
+
+def load_state(model: torch.nn.Module, payload: wire.Payload) -> None:
+    """Copy a checked state payload into the model."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(payload.tensors[name])
+
+
+def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSet:
+    """The images and labels of a data shard payload, after checking shapes, dtypes and label range."""
+    labels, images = payload.tensors.get("labels"), payload.tensors.get("images")
+    if labels is None or images is None or len(payload.tensors) != 2:
+        raise wire.PayloadError(f"a data shard holds exactly 'labels' and 'images', got {list(payload.tensors)}")
+    count = len(labels)
+    shape = (count, 3, utils.IMAGE_SIZE, utils.IMAGE_SIZE)
+    if labels.dtype != torch.int64 or images.dtype != torch.uint8 or labels.ndim != 1 or images.shape != shape or count == 0:
+        raise wire.PayloadError(f"expected int64 labels [N] and uint8 images {list(shape)} with N > 0")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise wire.PayloadError(f"labels must lie in [0, {num_classes})")
+    return utils.ImageSet(images, labels, num_classes)
+
+
+def retry_until(deadline: float, action, what: str):
+    """Run action until it stops failing with UNAVAILABLE or the deadline passes, backing off."""
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
+                raise
+            log.info("%s: leader unavailable, retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Learner:
+    """One learner's run: fetch the model and data, serve, then train until the leader says it is done."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.leader = leader_pb2_grpc.LeaderServiceStub(rpc.channel(args.leader))
+        deadline = time.monotonic() + args.connect_timeout
+        state_bytes = retry_until(deadline, self.fetch_model, "GetModel")
+        state = wire.decode(state_bytes)
+        self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
+        self.state_spec = wire.spec_of(self.model.state_dict())
+        wire.check_matches(state, self.state_spec)
+        load_state(self.model, state)
+        self.first_round = wire.metadata_int(state, "round")
+        self.batch_size = wire.metadata_int(state, "batch_size", 1)
+        self.seed = wire.metadata_int(state, "seed")
+        self.mean = [float(value) for value in state.metadata["mean"].split(",")]
+        self.std = [float(value) for value in state.metadata["std"].split(",")]
+        self.layout = fedsgd.GradientLayout(self.model)
+        self.gradient = torch.zeros(self.layout.size)
+        self.layout.bind_gradients(self.gradient)
+        self.inbox, self.started = StateInbox(), threading.Event()
+        self.server, port = rpc.start_server(
+            f"{args.host}:{args.port}",
+            [(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
+              LearnerServicer(self.state_spec, self.inbox, self.started))],
+            [learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name],
+            len(state_bytes) + rpc.ENVELOPE_BYTES,
+        )
+        self.address = args.advertise or default_advertise(args.leader, port)
+        self.learner_id = retry_until(deadline, self.register, "RegisterLearner")
+        self.data = self.load_data(wire.metadata_int(state, "num_classes", 1))
+
+    def fetch_model(self) -> bytes:
+        stream = self.leader.GetModel(leader_pb2.Empty(), timeout=RPC_TIMEOUT_S)
+        return wire.join((message.chunk for message in stream), MAX_STREAM_BYTES)
+
+    def register(self) -> int:
+        reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.address), timeout=RPC_TIMEOUT_S)
+        if not reply.success:
+            raise SystemExit(f"the leader refused registration: {reply.message}")
+        log.info("registered as learner %d of %d; serving LearnerService at %s",
+                 reply.learner_id, reply.max_learners, self.address)
+        return reply.learner_id
+
+    def load_data(self, num_classes: int) -> utils.ImageSet:
+        if self.args.dataset:
+            data = utils.load_dataset(self.args.dataset, self.args.data_dir, train=True)
+            log.info("training on local %s data: %d images", self.args.dataset, len(data))
+            return data
+        request = leader_pb2.LearnerDataRequest(network_addr=self.address)
+        stream = self.leader.GetData(request, timeout=RPC_TIMEOUT_S)
+        payload = wire.decode(wire.join((message.chunk for message in stream), MAX_STREAM_BYTES))
+        data = shard_from_payload(payload, num_classes)
+        log.info("received a shard of %d images from the leader", len(data))
+        return data
+
+    def wait_for_start(self) -> None:
+        waited = 0.0
+        while not self.started.wait(WAIT_LOG_INTERVAL_S):
+            waited += WAIT_LOG_INTERVAL_S
+            if waited >= self.args.wait_timeout:
+                raise SystemExit(f"the leader did not start training within --wait-timeout {self.args.wait_timeout:.0f} s")
+            log.info("waiting for the leader to start training")
+
+    def send_gradient(self, round_index: int, loss: float) -> None:
+        metadata = {"learner_id": str(self.learner_id), "round": str(round_index),
+                    "samples": str(self.batch_size), "loss": repr(loss)}
+        request = leader_pb2.GradientData(chunk=wire.encode(self.layout.views(self.gradient), metadata))
+        reply = self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S)
+        if not reply.success:
+            log.warning("round %d: the leader ignored the gradient: %s", round_index, reply.message)
+
+    def train(self) -> None:
+        """Rounds until the leader marks a state finished: gradient of the round's batch, then the new state."""
+        schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
+        round_index, compute_seconds = self.first_round, 0.0
+        while True:
+            started = time.perf_counter()
+            images, labels = utils.training_batch(self.data, schedule, round_index, self.mean, self.std)
+            loss = fedsgd.compute_gradient(self.model, self.layout, self.gradient, images, labels)
+            compute_seconds += time.perf_counter() - started
+            self.send_gradient(round_index, loss)
+            state = self.inbox.take(round_index + 1, self.args.wait_timeout)
+            if state is None:
+                raise SystemExit(f"no model state for round {round_index + 1} within --wait-timeout {self.args.wait_timeout:.0f} s")
+            load_state(self.model, state)
+            round_index = wire.metadata_int(state, "round")
+            if round_index % self.args.log_every == 0:
+                log.info("round %d: loss %.4f, %.0f images/s computing", round_index, loss,
+                         self.args.log_every * self.batch_size / compute_seconds)
+                compute_seconds = 0.0
+            if state.metadata.get("finished") == "1":
+                log.info("the leader finished training at round %d", round_index)
+                return
+
+    def run(self) -> None:
+        try:
+            self.wait_for_start()
+            self.train()
+        finally:
+            self.server.stop(grace=2).wait(5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runtime.configure_logging("learner", args.verbose)
+    log.info("using %d torch threads", runtime.set_threads(args.threads))
+    try:
+        Learner(args).run()
+    except grpc.RpcError as error:
+        log.error("lost the leader at %s: %s %s", args.leader, error.code().name, error.details())
+        return 1
+    except (wire.PayloadError, utils.DatasetError) as error:
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
