@@ -95,7 +95,7 @@ def cifar10(data_dir: Path, train: bool) -> ImageSet:
         dataset = CIFAR10(str(data_dir), train=train, download=not (data_dir / "cifar-10-batches-py").is_dir())
     except (OSError, RuntimeError) as error:
         raise DatasetError(
-            f"CIFAR-10 is not under {data_dir} and could not be downloaded ({error}). Download "
+            f"cannot load CIFAR-10 from {data_dir} ({error}). Download "
             f"cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
             f"so that {data_dir / 'cifar-10-batches-py' / 'data_batch_1'} exists."
         ) from None

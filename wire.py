@@ -87,15 +87,15 @@ def decode(buffer: bytes) -> Payload:
     entries = sorted(
         ((name, *_parse_entry(name, entry)) for name, entry in header.items()), key=lambda item: item[3][0]
     )
-    tensors, expected_begin = {}, 0
+    expected_begin = 0
     for name, dtype, shape, (begin, end) in entries:
         nbytes = math.prod(shape) * dtype.itemsize
         if begin != expected_begin or end - begin != nbytes:
             raise PayloadError(f"tensor {name!r}: data_offsets [{begin}, {end}] do not tile the data ({nbytes} bytes expected at {expected_begin})")
-        tensors[name] = _view(buffer, dtype, shape, data_start + begin)
         expected_begin = end
     if data_start + expected_begin != len(buffer):
         raise PayloadError(f"payload has {len(buffer) - data_start} data bytes but its tensors describe {expected_begin}")
+    tensors = {name: _view(buffer, dtype, shape, data_start + begin) for name, dtype, shape, (begin, _) in entries}
     return Payload(metadata, tensors, buffer, data_start)
 
 

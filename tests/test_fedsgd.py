@@ -1,0 +1,151 @@
+"""FedSGD arithmetic: equivalence with centralised SGD, weighting, BatchNorm statistics, schedule."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fedsgd
+import wire
+from rounds import RoundCollector
+
+
+def small_net(batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3), *( [nn.BatchNorm2d(4)] if batch_norm else []), nn.ReLU(),
+              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)]
+    return nn.Sequential(*layers)
+
+
+def batch(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, 8, 8, generator=rng), torch.randint(0, 10, (count,), generator=rng)
+
+
+class SimulatedLearner:
+    """What learner.py does per round, minus gRPC: gradient into a bound flat buffer, then encode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model)
+        self.layout = fedsgd.GradientLayout(self.model)
+        self.flat = torch.zeros(self.layout.size)
+        self.layout.bind_gradients(self.flat)
+
+    def gradient_payload(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[bytes, float]:
+        loss = fedsgd.compute_gradient(self.model, self.layout, self.flat, images, labels)
+        return wire.encode(self.layout.views(self.flat)), loss
+
+    def load(self, model: nn.Module) -> None:
+        self.model.load_state_dict(model.state_dict())
+
+
+def federated_rounds(model: nn.Module, batches_per_round: list[list[tuple]], lr: float = 0.1) -> nn.Module:
+    """Run FedSGD rounds through the wire format and the leader's collector; return the global model."""
+    global_model = copy.deepcopy(model)
+    layout = fedsgd.GradientLayout(global_model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    optimizer = fedsgd.make_optimizer(global_model, lr, momentum=0.9, weight_decay=5e-4)
+    learners = [SimulatedLearner(model) for _ in batches_per_round[0]]
+    collector = RoundCollector(layout.size, expected=len(learners))
+    for round_index, batches in enumerate(batches_per_round):
+        for learner_id, (learner, (images, labels)) in enumerate(zip(learners, batches)):
+            payload, loss = learner.gradient_payload(images, labels)
+            decoded = wire.decode(payload)
+            wire.check_matches(decoded, layout.spec)
+            assert collector.submit(learner_id, round_index, wire.flat_view(decoded), len(labels), loss, len(payload)) is None
+        collector.close(mean)
+        fedsgd.apply_mean_gradient(layout, optimizer, mean, lr)
+        for learner in learners:
+            learner.load(global_model)
+    return global_model
+
+
+def centralised_steps(model: nn.Module, batches_per_round: list[list[tuple]], lr: float = 0.1) -> nn.Module:
+    model = copy.deepcopy(model)
+    optimizer = fedsgd.make_optimizer(model, lr, momentum=0.9, weight_decay=5e-4)
+    for batches in batches_per_round:
+        images = torch.cat([images for images, _ in batches])
+        labels = torch.cat([labels for _, labels in batches])
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return model
+
+
+def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_k_learners_of_batch_b_equal_one_centralised_step_on_k_times_b():
+    model = small_net()
+    rounds = [[batch(8, seed=10 * r + k) for k in range(3)] for r in range(3)]
+    assert_same_parameters(federated_rounds(model, rounds), centralised_steps(model, rounds))
+
+
+def test_unequal_batches_are_weighted_by_their_size():
+    model = small_net()
+    rounds = [[batch(2, seed=1), batch(9, seed=2)]]
+    assert_same_parameters(federated_rounds(model, rounds), centralised_steps(model, rounds))
+    equal_weights = centralised_steps(model, [[batch(2, seed=1)]])
+    assert not torch.allclose(federated_rounds(model, rounds)[0].weight, equal_weights[0].weight)
+
+
+def test_batchnorm_statistics_are_the_sample_weighted_average_of_the_learners():
+    model = small_net(batch_norm=True)
+    batches = [batch(4, seed=1), batch(12, seed=2)]
+    learner_stats = []
+    for images, labels in batches:
+        learner = SimulatedLearner(model)
+        learner.gradient_payload(images, labels)
+        bn = learner.model[1]
+        learner_stats.append((bn.running_mean.clone(), bn.running_var.clone()))
+    bn = federated_rounds(model, [batches])[1]
+    torch.testing.assert_close(bn.running_mean, (4 * learner_stats[0][0] + 12 * learner_stats[1][0]) / 16)
+    torch.testing.assert_close(bn.running_var, (4 * learner_stats[0][1] + 12 * learner_stats[1][1]) / 16)
+    assert bn.num_batches_tracked.item() == 1
+    assert not torch.equal(bn.running_mean, torch.zeros(4))
+
+
+def test_bound_gradients_equal_autograd_and_do_not_accumulate_across_calls():
+    model = small_net()
+    layout = fedsgd.GradientLayout(model)
+    flat = torch.zeros(layout.size)
+    layout.bind_gradients(flat)
+    images, labels = batch(5, seed=3)
+    fedsgd.compute_gradient(model, layout, flat, images, labels)
+    fedsgd.compute_gradient(model, layout, flat, images, labels)
+    reference = copy.deepcopy(model)
+    expected = torch.autograd.grad(nn.functional.cross_entropy(reference(images), labels), list(reference.parameters()))
+    torch.testing.assert_close(flat[: layout.parameter_count], torch.cat([g.flatten() for g in expected]))
+
+
+def test_layout_puts_parameters_before_float_buffers():
+    layout = fedsgd.GradientLayout(small_net(batch_norm=True))
+    names = list(layout.spec)
+    assert names[-2:] == ["1.running_mean", "1.running_var"]
+    assert "1.num_batches_tracked" not in names
+    assert layout.size == layout.parameter_count + 8
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    rates = [fedsgd.learning_rate(r, 0.4, warmup_rounds=4, total_rounds=20) for r in range(20)]
+    assert rates[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert rates[4] == pytest.approx(0.4)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.01
+
+
+def test_weight_decay_spares_biases_and_batchnorm():
+    optimizer = fedsgd.make_optimizer(small_net(batch_norm=True), 0.1, 0.9, 5e-4)
+    decayed, spared = optimizer.param_groups
+    assert all(p.ndim > 1 for p in decayed["params"]) and spared["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in spared["params"])
+
+
+def test_evaluate_reports_loss_and_accuracy_as_a_fraction():
+    logits = torch.eye(10)[[0, 1, 2, 3]] * 20
+    result = fedsgd.evaluate(nn.Identity(), logits, torch.tensor([0, 1, 2, 9]), batch_size=3)
+    assert result.accuracy == 0.75
+    assert result.loss == pytest.approx(5.0, abs=0.01)

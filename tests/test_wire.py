@@ -1,0 +1,175 @@
+"""The tensor wire format: round trips, safetensors compatibility, and every rejection."""
+
+import json
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import wire
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    return {
+        "weight": torch.randn(4, 3),
+        "half": torch.randn(5).half(),
+        "brain": torch.randn(2, 2).bfloat16(),
+        "count": torch.tensor(7, dtype=torch.int64),
+        "pixels": torch.randint(0, 255, (2, 3, 4), dtype=torch.uint8),
+        "empty": torch.zeros(0, 3),
+        "flags": torch.tensor([True, False]),
+    }
+
+
+def build(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def test_round_trip_keeps_values_order_and_metadata():
+    tensors = sample_tensors()
+    payload = wire.decode(wire.encode(tensors, {"round": "3"}))
+    assert payload.metadata == {"round": "3"}
+    assert list(payload.tensors) == list(tensors)
+    for name, tensor in tensors.items():
+        assert payload.tensors[name].dtype == tensor.dtype
+        assert torch.equal(payload.tensors[name], tensor)
+
+
+def test_decoded_tensors_are_views_of_the_received_bytes():
+    data = wire.encode({"a": torch.arange(16, dtype=torch.float32)})
+    payload = wire.decode(data)
+    assert payload.tensors["a"].untyped_storage().data_ptr() - payload.data_start == _address_of(data)
+    assert payload.data_start % wire.ALIGNMENT == 0
+
+
+def _address_of(data: bytes) -> int:
+    import ctypes
+
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+
+
+def test_payload_is_a_valid_safetensors_file():
+    tensors = sample_tensors()
+    loaded = safetensors.torch.load(wire.encode(tensors, {"kind": "test"}))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_safetensors_output_decodes():
+    tensors = {"x": torch.randn(3, 5), "y": torch.arange(4)}
+    payload = wire.decode(safetensors.torch.save(tensors, metadata={"m": "1"}))
+    assert payload.metadata == {"m": "1"}
+    assert all(torch.equal(payload.tensors[name], tensor) for name, tensor in tensors.items())
+
+
+def test_flat_view_spans_all_tensors_in_order():
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.arange(6.0, 10.0)}
+    flat = wire.flat_view(wire.decode(wire.encode(tensors)))
+    assert torch.equal(flat, torch.arange(10.0))
+
+
+def test_flat_view_refuses_mixed_dtypes():
+    with pytest.raises(wire.PayloadError, match="one dtype"):
+        wire.flat_view(wire.decode(wire.encode({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.int64)})))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "shorter than its 8-byte length prefix"),
+    (struct.pack("<Q", 100) + b"{}", "exceeds the payload"),
+    (struct.pack("<Q", 2) + b"{x", "not valid JSON"),
+    (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
+    (build({"__metadata__": {"a": 1}}, b""), "must map strings to strings"),
+    (build({"t": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "exactly dtype, shape and data_offsets"),
+    (build({"t": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype"),
+    (build({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "non-negative integers"),
+    (build({"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4), "non-negative integers"),
+    (build({"t": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4), "at most 8"),
+    (build({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), "0 <= begin <= end"),
+    (build({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not tile"),
+    (build({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "describe 4"),
+    (build({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "describe 8"),
+    (build({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "do not tile"),
+])
+def test_malformed_payloads_are_rejected_with_a_reason(data, message):
+    with pytest.raises(wire.PayloadError, match=message):
+        wire.decode(data)
+
+
+def test_truncated_payloads_are_rejected():
+    data = wire.encode(sample_tensors())
+    for length in range(0, len(data), 7):
+        with pytest.raises(wire.PayloadError):
+            wire.decode(data[:length])
+
+
+SPEC = {"w": (torch.float32, (2, 2)), "b": (torch.float32, (2,))}
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"w": torch.zeros(2, 2)}, r"missing \['b'\]"),
+    ({"w": torch.zeros(2, 2), "b": torch.zeros(2), "x": torch.zeros(1)}, r"unexpected \['x'\]"),
+    ({"b": torch.zeros(2), "w": torch.zeros(2, 2)}, "order"),
+    ({"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "F32 \\[2, 3\\], expected F32 \\[2, 2\\]"),
+    ({"w": torch.zeros(2, 2).double(), "b": torch.zeros(2)}, "F64 \\[2, 2\\], expected F32"),
+    ({"w": torch.tensor([[0.0, float("nan")], [0.0, 0.0]]), "b": torch.zeros(2)}, "NaN or Inf"),
+    ({"w": torch.zeros(2, 2), "b": torch.tensor([float("inf"), 0.0])}, "NaN or Inf"),
+])
+def test_check_matches_names_every_mismatch(tensors, message):
+    with pytest.raises(wire.PayloadError, match=message):
+        wire.check_matches(wire.decode(wire.encode(tensors)), SPEC)
+
+
+def test_check_matches_accepts_the_right_tensors():
+    wire.check_matches(wire.decode(wire.encode({"w": torch.ones(2, 2), "b": torch.ones(2)})), SPEC)
+
+
+@pytest.mark.parametrize("value", [None, "", "x", "1.5", "-1", "9" * 30, "١"])
+def test_metadata_int_rejects_what_is_not_a_small_non_negative_integer(value):
+    metadata = {} if value is None else {"n": value}
+    with pytest.raises(wire.PayloadError, match="'n'"):
+        wire.metadata_int(wire.decode(wire.encode({}, metadata)), "n")
+
+
+def test_split_and_join_restore_the_payload():
+    data = bytes(range(256)) * 1000
+    chunks = list(wire.split(data, 1000))
+    assert max(map(len, chunks)) == 1000
+    assert wire.join(chunks, len(data)) == data
+
+
+def test_join_refuses_streams_over_the_limit():
+    with pytest.raises(wire.PayloadError, match="limit"):
+        wire.join(wire.split(b"x" * 100, 10), 99)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_random_bytes_never_raise_anything_but_payload_error(data):
+    try:
+        wire.decode(data)
+    except wire.PayloadError:
+        pass
+
+
+VALID = wire.encode({"w": torch.ones(3, 4), "b": torch.arange(5), "u": torch.zeros(2, dtype=torch.uint8)}, {"k": "v"})
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(0, len(VALID)))
+def test_mutated_payloads_decode_consistently_or_raise_payload_error(mutations, length):
+    data = bytearray(VALID)
+    for position, value in mutations:
+        data[position] = value
+    try:
+        payload = wire.decode(bytes(data[:length]))
+    except wire.PayloadError:
+        return
+    described = sum(t.numel() * t.element_size() for t in payload.tensors.values())
+    assert payload.data_start + described == length
