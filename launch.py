@@ -24,15 +24,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_federation(learners: int, leader_args: list[str], port: int, out: Path,
-                     learner_args: list[str] = ()) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
-    """Start the leader and the learners, each learner with its share of the cores, logging to out/*.log."""
+def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: list[str] = (),
+                     leader_to_console: bool = False) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """Start the leader and the learners, each learner with its share of the cores, logging to out/*.log
+    (the leader to this console instead, if asked)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **MALLOC_SETTINGS, "PYTHONUNBUFFERED": "1"}
     threads = max(1, runtime.available_cores() // learners)
     leader_cmd = [sys.executable, str(HERE / "leader.py"), "--learners", str(learners), "--host", "127.0.0.1",
                   "--port", str(port), "--out", str(out), *leader_args]
-    leader = subprocess.Popen(leader_cmd, env=env, stdout=open(out / "leader.log", "w"), stderr=subprocess.STDOUT)
+    leader_log = None if leader_to_console else open(out / "leader.log", "w")
+    leader = subprocess.Popen(leader_cmd, env=env, stdout=leader_log, stderr=subprocess.STDOUT)
     learner_cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}",
                    "--threads", str(threads), *learner_args]
     procs = [subprocess.Popen(learner_cmd, env=env, stdout=open(out / f"learner{index}.log", "w"),
@@ -78,17 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     leader_args = [a for a in leader_args if a != "--"]
     if args.demo:
         dataset = demo_dataset(args.data_dir)
-        rounds = "600" if dataset == "cifar10" else "250"
+        rounds, eval_every = ("600", "200") if dataset == "cifar10" else ("250", "50")
         leader_args = ["--dataset", dataset, "--data-dir", args.data_dir, "--rounds", rounds, "--batch-size", "32",
-                       "--eval-every", "50", *leader_args]
+                       "--eval-every", eval_every, *leader_args]
     out = Path(args.out)
-    print(f"starting a leader and {args.learners} learners; logs in {out}/", flush=True)
+    print(f"starting a leader and {args.learners} learners; the leader logs here, the learners in {out}/", flush=True)
     started = time.monotonic()
-    leader, learners = start_federation(args.learners, leader_args, free_port(), out)
+    leader, learners = start_federation(args.learners, leader_args, free_port(), out, leader_to_console=True)
     codes = wait_all([leader, *learners], args.timeout)
     print(f"exit codes: leader {codes[0]}, learners {codes[1:]}; {time.monotonic() - started:.0f} s")
     if any(code != 0 for code in codes):
-        print(f"a process failed; see {out}/leader.log and {out}/learner*.log", file=sys.stderr)
+        print(f"a process failed; see the leader's log above and {out}/learner*.log", file=sys.stderr)
         return 1
     final = [r for r in read_metrics(out / "metrics.jsonl") if "test_accuracy" in r][-1]
     print(f"final test accuracy: {final['test_accuracy']:.4f} after {final['round']} rounds "

@@ -45,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="data", help="where cifar10 lives (or is downloaded to), or the imagefolder root")
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="resnet20", help="architecture")
     parser.add_argument("--epochs", type=float, default=30, help="passes over each learner's shard")
-    parser.add_argument("--rounds", type=int, help="number of rounds; overrides --epochs")
+    parser.add_argument("--rounds", type=int, help="number of rounds (unset: from --epochs); overrides --epochs")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size per learner per round")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 x total batch / 128)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (unset: 0.1 x total batch / 128, the linear scaling rule)")
     parser.add_argument("--warmup-epochs", type=float, default=1.0,
                         help="linear learning-rate warm-up before cosine decay (at most a fifth of training)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
