@@ -127,6 +127,12 @@ def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSe
     return utils.ImageSet(images, labels, num_classes)
 
 
+def fetch_model(leader: leader_pb2_grpc.LeaderServiceStub) -> bytes:
+    """The leader's current model state payload, reassembled from GetModel's stream."""
+    stream = leader.GetModel(leader_pb2.Empty(), timeout=RPC_TIMEOUT_S)
+    return wire.join((message.chunk for message in stream), MAX_STREAM_BYTES)
+
+
 def retry_until(deadline: float, action, what: str):
     """Run action until it stops failing with UNAVAILABLE or the deadline passes, backing off."""
     delay = 0.5
@@ -148,7 +154,7 @@ class Learner:
         self.args = args
         self.leader = leader_pb2_grpc.LeaderServiceStub(rpc.channel(args.leader))
         deadline = time.monotonic() + args.connect_timeout
-        state_bytes = retry_until(deadline, self.fetch_model, "GetModel")
+        state_bytes = retry_until(deadline, lambda: fetch_model(self.leader), "GetModel")
         state = wire.decode(state_bytes)
         self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
         self.state_spec = wire.spec_of(self.model.state_dict())
@@ -173,10 +179,6 @@ class Learner:
         self.address = args.advertise or default_advertise(args.leader, port)
         self.learner_id = retry_until(deadline, self.register, "RegisterLearner")
         self.data = self.load_data(wire.metadata_int(state, "num_classes", 1))
-
-    def fetch_model(self) -> bytes:
-        stream = self.leader.GetModel(leader_pb2.Empty(), timeout=RPC_TIMEOUT_S)
-        return wire.join((message.chunk for message in stream), MAX_STREAM_BYTES)
 
     def register(self) -> int:
         reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.address), timeout=RPC_TIMEOUT_S)
@@ -217,13 +219,22 @@ class Learner:
     def train(self) -> None:
         """Rounds until the leader marks a state finished: gradient of the round's batch, then the new state."""
         schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
-        round_index, compute_seconds = self.first_round, 0.0
+        prepare = lambda index: (index, utils.training_batch(self.data, schedule, index, self.mean, self.std))
+        round_index = self.first_round
+        prepared, batch = prepare(round_index)
+        compute_seconds, computed_rounds = 0.0, 0
         while True:
             started = time.perf_counter()
-            images, labels = utils.training_batch(self.data, schedule, round_index, self.mean, self.std)
-            loss = fedsgd.compute_gradient(self.model, self.layout, self.gradient, images, labels)
+            if prepared != round_index:
+                prepared, batch = prepare(round_index)
+            loss = fedsgd.compute_gradient(self.model, self.layout, self.gradient, *batch)
             compute_seconds += time.perf_counter() - started
             self.send_gradient(round_index, loss)
+            # The next batch does not depend on the new weights: prepare it while the leader aggregates.
+            started = time.perf_counter()
+            prepared, batch = prepare(round_index + 1)
+            compute_seconds += time.perf_counter() - started
+            computed_rounds += 1
             state = self.inbox.take(round_index + 1, self.args.wait_timeout)
             if state is None:
                 raise SystemExit(f"no model state for round {round_index + 1} within --wait-timeout {self.args.wait_timeout:.0f} s")
@@ -231,8 +242,8 @@ class Learner:
             round_index = wire.metadata_int(state, "round")
             if round_index % self.args.log_every == 0:
                 log.info("round %d: loss %.4f, %.0f images/s computing", round_index, loss,
-                         self.args.log_every * self.batch_size / compute_seconds)
-                compute_seconds = 0.0
+                         computed_rounds * self.batch_size / compute_seconds)
+                compute_seconds, computed_rounds = 0.0, 0
             if state.metadata.get("finished") == "1":
                 log.info("the leader finished training at round %d", round_index)
                 return

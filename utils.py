@@ -63,13 +63,16 @@ def synthetic(train: bool) -> ImageSet:
     distractors = (labels + torch.randint(1, num_classes, (count,), generator=rng)) % num_classes
     contrast = 0.6 + 0.8 * torch.rand(count, 1, 1, 1, generator=rng)
     blend = 0.5 * torch.rand(count, 1, 1, 1, generator=rng)
-    mixed = contrast * textures[labels] + blend * textures[distractors]
     shift_rows = torch.randint(IMAGE_SIZE, (count, 1), generator=rng)
     shift_cols = torch.randint(IMAGE_SIZE, (count, 1), generator=rng)
     pixels = torch.arange(IMAGE_SIZE)
-    shifted = _take(mixed, (pixels + shift_rows) % IMAGE_SIZE, (pixels + shift_cols) % IMAGE_SIZE)
-    noisy = shifted + 0.7 * torch.randn(shifted.shape, generator=rng)
-    return ImageSet((128 + 48 * noisy).clamp(0, 255).to(torch.uint8), labels, num_classes)
+    images = torch.empty(count, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    for block in torch.arange(count).split(1000):  # bounded float intermediates
+        mixed = contrast[block] * textures[labels[block]] + blend[block] * textures[distractors[block]]
+        rows, cols = (pixels + shift_rows[block]) % IMAGE_SIZE, (pixels + shift_cols[block]) % IMAGE_SIZE
+        noisy = _take(mixed, rows, cols).add_(torch.randn(mixed.shape, generator=rng), alpha=0.7)
+        images[block] = noisy.mul_(48).add_(128).clamp_(0, 255).to(torch.uint8)
+    return ImageSet(images, labels, num_classes)
 
 
 def _periodic_textures(count: int, rng: torch.Generator, max_frequency: int = 3) -> torch.Tensor:

@@ -173,3 +173,7 @@ def test_mutated_payloads_decode_consistently_or_raise_payload_error(mutations, 
         return
     described = sum(t.numel() * t.element_size() for t in payload.tensors.values())
     assert payload.data_start + described == length
+
+
+def test_huge_finite_values_are_not_mistaken_for_overflow():
+    wire.check_matches(wire.decode(wire.encode({"w": torch.full((2, 2), 3e38), "b": torch.ones(2)})), SPEC)

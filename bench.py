@@ -1,0 +1,451 @@
+"""Benchmarks (`make bench`): every figure is a ratio against a baseline measured in the same run.
+
+Prints a table and writes bench/results.json, one key per figure. Medians of --repeats runs, with the
+spread (min, max) of each. Helper processes (servers, fake learners) are this script's hidden
+subcommands, so every transfer crosses a real process boundary on loopback.
+"""
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+import torch.nn.functional as F
+
+import fedsgd
+import launch
+import learner
+import leader
+import rpc
+import runtime
+import utils
+import wire
+from metrics import read_metrics
+from model import build_model
+from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from rounds import Registry, RoundCollector
+
+HERE = Path(__file__).resolve().parent
+RAW_SERVICE, RAW_METHOD = "bench.Raw", "/bench.Raw/Stream"
+SERVER_LIFETIME_S = 900
+ENV = {**os.environ, **launch.MALLOC_SETTINGS, "PYTHONUNBUFFERED": "1"}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def child(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "bench.py"), *args], env=ENV, **kwargs)
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+# ---- helper processes -------------------------------------------------------------------------
+
+def serve_raw(port: int, total: int, chunk: int) -> None:
+    """A bare grpcio server-stream of `total` bytes in `chunk`-byte messages, without protobuf."""
+    block = os.urandom(chunk)
+
+    def stream(request, context):
+        for start in range(0, total, chunk):
+            yield block[: min(chunk, total - start)]
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(RAW_SERVICE, {"Stream": handler})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination(SERVER_LIFETIME_S)
+
+
+def serve_model(port: int, architecture: str) -> None:
+    """The real LeaderService (GetModel) over a freshly initialised global model."""
+    args = leader.parse_args(["--model", architecture])
+    global_model = leader.GlobalModel(architecture, 10, args, ([0.5] * 3, [0.25] * 3))
+    servicer = leader.LeaderServicer(Registry(1), RoundCollector(1, 1), global_model, lambda learner_id: b"")
+    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(leader_pb2_grpc.add_LeaderServiceServicer_to_server, servicer)],
+                                 ["leader.LeaderService"], 1 << 20)
+    server.wait_for_termination(SERVER_LIFETIME_S)
+
+
+def tcp_source(port: int, total: int) -> None:
+    block = os.urandom(1 << 20)
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        for start in range(0, total, len(block)):
+            connection.sendall(block[: min(len(block), total - start)])
+
+
+class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
+    """A learner that sends a valid, precomputed ResNet-20 gradient each round instead of training."""
+
+    def __init__(self, leader_address: str) -> None:
+        self.stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(leader_address))
+        state = wire.decode(learner.fetch_model(self.stub))
+        model = build_model(state.metadata["architecture"])
+        self.layout = fedsgd.GradientLayout(model)
+        self.gradient = self.layout.views(torch.randn(self.layout.size) * 1e-3)
+        self.round = wire.metadata_int(state, "round")
+        self.inbox = learner.StateInbox()
+        self.server, port = rpc.start_server("127.0.0.1:0", [(learner_pb2_grpc.add_LearnerServiceServicer_to_server, self)],
+                                             ["learner.LearnerService"], 64 << 20, workers=2)
+        reply = self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
+        self.learner_id = reply.learner_id
+
+    def StartTraining(self, request, context):
+        return learner_pb2.Ack(success=True)
+
+    def SyncModelState(self, request, context):
+        payload = wire.decode(request.chunk)
+        self.inbox.put(wire.metadata_int(payload, "round"), payload)
+        return learner_pb2.Ack(success=True)
+
+    def run(self) -> None:
+        while True:
+            metadata = {"learner_id": str(self.learner_id), "round": str(self.round), "samples": "64", "loss": "1.0"}
+            self.stub.AccumulateGradients(leader_pb2.GradientData(chunk=wire.encode(self.gradient, metadata)), timeout=600)
+            state = self.inbox.take(self.round + 1, 600)
+            if state is None or state.metadata.get("finished") == "1":
+                return
+            self.round += 1
+
+
+def fake_learners(leader_address: str, count: int) -> None:
+    torch.set_num_threads(1)
+    fakes = [FakeLearner(leader_address) for _ in range(count)]
+    threads = [threading.Thread(target=fake.run) for fake in fakes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SERVER_LIFETIME_S)
+
+
+# ---- figures --------------------------------------------------------------------------------
+
+def receive_raw(port: int) -> int:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    received = sum(len(chunk) for chunk in channel.unary_stream(RAW_METHOD)(b"", timeout=120))
+    channel.close()
+    return received
+
+
+def receive_model(stub, model: torch.nn.Module, spec: wire.TensorSpec) -> int:
+    data = learner.fetch_model(stub)
+    state = wire.decode(data)
+    wire.check_matches(state, spec)
+    learner.load_state(model, state)
+    return len(data)
+
+
+def timed(action, repeats: int) -> list[float]:
+    action()  # warm-up: connections, page faults, allocator
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def tcp_seconds(total: int) -> float:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        source = child("_tcp-source", str(listener.getsockname()[1]), str(total))
+        connection, _ = listener.accept()
+        buffer, received = bytearray(4 << 20), 0
+        started = time.perf_counter()
+        with connection:
+            while received < total:
+                count = connection.recv_into(buffer)
+                if not count:
+                    break
+                received += count
+        elapsed = time.perf_counter() - started
+    source.wait(30)
+    return elapsed
+
+
+def model_transfer(repeats: int) -> dict:
+    """GetModel of ResNet-18 into a learner's model, against a bare gRPC stream of the same bytes."""
+    model = build_model("resnet18")
+    total = len(wire.encode(model.state_dict()))
+    raw = {}
+    for chunk in (256 << 10, 1 << 20, 4 << 20):
+        port = launch.free_port()
+        server = child("_serve-raw", str(port), str(total), str(chunk))
+        wait_for_port(port)
+        raw[chunk] = spread(timed(lambda: receive_raw(port), repeats))
+        server.kill()
+    best_chunk = min(raw, key=lambda size: raw[size]["median"])
+    port = launch.free_port()
+    server = child("_serve-model", str(port), "resnet18")
+    wait_for_port(port)
+    stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(f"127.0.0.1:{port}"))
+    spec = wire.spec_of(model.state_dict())
+    ours = spread(timed(lambda: receive_model(stub, model, spec), repeats))
+    server.kill()
+    tcp = spread([tcp_seconds(total) for _ in range(repeats)])
+    best = raw[best_chunk]["median"]
+    return {"value": best / ours["median"], "bytes": total, "ours_s": ours, "raw_grpc_s": raw[best_chunk],
+            "raw_best_chunk": best_chunk, "ours_gbps": total / ours["median"] / 1e9,
+            "raw_grpc_gbps": total / best / 1e9, "raw_tcp_gbps": total / tcp["median"] / 1e9,
+            "raw_grpc_by_chunk_gbps": {str(size): total / r["median"] / 1e9 for size, r in raw.items()}}
+
+
+def federation_run(out: Path, learners: int, leader_args: list[str], learner_args: list[str] = ()) -> list[dict]:
+    codes = launch.wait_all(list(_flatten(launch.start_federation(learners, leader_args, launch.free_port(), out,
+                                                                  list(learner_args)))), 900)
+    if codes != [0] * (learners + 1):
+        raise RuntimeError(f"federation failed with exit codes {codes}; see {out}")
+    return read_metrics(out / "metrics.jsonl")
+
+
+def _flatten(pair):
+    leader_process, learner_processes = pair
+    return [leader_process, *learner_processes]
+
+
+def plain_step_seconds(batch: int, threads: int, steps: int, with_optimizer: bool = True) -> list[float]:
+    """One plain PyTorch process: forward, backward and SGD step of ResNet-20 on random CIFAR-shaped batches."""
+    with runtime.torch_threads(threads):
+        torch.manual_seed(0)
+        model = build_model("resnet20").train()
+        optimizer = fedsgd.make_optimizer(model, 0.05, 0.9, 5e-4)
+        images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+        def step():
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            if with_optimizer:
+                optimizer.step()
+
+        return timed(step, steps)
+
+
+def coscheduled_step_seconds(processes: int, threads: int, steps: int) -> list[float]:
+    """Step times of `processes` plain processes running at once, as learners sharing a machine do."""
+    runs = [child("_plain-steps", str(threads), str(steps), stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    return [seconds for run in runs for seconds in json.loads(run.communicate(timeout=600)[0])]
+
+
+def round_overhead(work: Path, rounds: int) -> dict:
+    """Median FedSGD round (2 learners, batch 64 each, ResNet-20) over a plain process's step."""
+    threads = max(1, runtime.available_cores() // 2)
+    plain_before = plain_step_seconds(64, threads, 10)
+    records = federation_run(work / "rounds", 2, ["--dataset", "synthetic", "--rounds", str(rounds),
+                                                   "--batch-size", "64", "--eval-every", "0"],
+                             ["--log-every", "10"])
+    seconds = [r["seconds"] for r in records if "train_loss" in r][3:]
+    plain = spread(plain_before + plain_step_seconds(64, threads, 10))
+    coscheduled = spread(coscheduled_step_seconds(2, threads, 20))
+    per_learner = [(r["bytes_in"] + r["bytes_out"]) / r["learners"] for r in records if "train_loss" in r]
+    model = build_model("resnet20")
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+    learner_rates = [float(line.split(", ")[1].split()[0]) for path in sorted((work / "rounds").glob("learner*.log"))
+                     for line in path.read_text().splitlines() if "images/s computing" in line][2:]
+    plain_rate = 64 / plain["median"]
+    return {
+        "round_overhead_ratio": {"value": statistics.median(seconds) / plain["median"], "round_s": spread(seconds),
+                                 "plain_step_s": plain, "threads_per_learner": threads,
+                                 "vs_two_plain_processes_at_once": statistics.median(seconds) / coscheduled["median"],
+                                 "two_plain_processes_step_s": coscheduled},
+        "wire_bytes_ratio": {"value": statistics.median(per_learner) / (2 * parameter_bytes),
+                             "bytes_per_learner_round": statistics.median(per_learner),
+                             "parameter_bytes": parameter_bytes},
+        "learner_throughput_ratio": {"value": statistics.median(learner_rates) / plain_rate,
+                                     "federated_images_per_s": spread(learner_rates), "plain_images_per_s": plain_rate,
+                                     "vs_two_plain_processes_at_once": statistics.median(learner_rates) * coscheduled["median"] / 64},
+    }
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def leader_scale(work: Path, counts: list[int], rounds: int) -> dict:
+    """Rounds per second and peak leader RSS with 1..64 fake learners (valid gradients, no training)."""
+    results = {}
+    for count in counts:
+        out, port = work / f"scale{count}", launch.free_port()
+        out.mkdir(parents=True, exist_ok=True)
+        leader_process = subprocess.Popen(
+            [sys.executable, str(HERE / "leader.py"), "--learners", str(count), "--dataset", "synthetic",
+             "--rounds", str(rounds), "--batch-size", "1", "--host", "127.0.0.1", "--port", str(port),
+             "--out", str(out), "--threads", "1", "--register-timeout", "120"], env=ENV,
+            stdout=open(out / "leader.log", "w"), stderr=subprocess.STDOUT)
+        wait_for_port(port)
+        groups = [min(16, count - first) for first in range(0, count, 16)]
+        fakes = [child("_fake-learners", f"127.0.0.1:{port}", str(size), stdout=open(out / f"fakes{i}.log", "w"),
+                       stderr=subprocess.STDOUT) for i, size in enumerate(groups)]
+        peak = 0.0
+        while leader_process.poll() is None:
+            try:
+                peak = max(peak, peak_rss_mb(leader_process.pid))
+            except (OSError, StopIteration):
+                break
+            time.sleep(0.2)
+        launch.wait_all(fakes, 120)
+        seconds = [r["seconds"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r][2:]
+        results[str(count)] = {"rounds_per_s": 1 / statistics.median(seconds), "round_s": spread(seconds),
+                               "leader_peak_rss_mb": peak}
+    model_mb = sum(p.numel() * 4 for p in build_model("resnet20").parameters()) / 2**20
+    first, last = results[str(counts[0])], results[str(counts[-1])]
+    return {"value": results, "model_mb": model_mb,
+            "rss_growth_mb": last["leader_peak_rss_mb"] - first["leader_peak_rss_mb"],
+            "rss_growth_limit_mb": counts[-1] * 1.5 * model_mb,
+            "round_time_growth": last["round_s"]["median"] / first["round_s"]["median"],
+            "learner_growth": counts[-1] / counts[0]}
+
+
+def serialization(repeats: int) -> dict:
+    """Encode and decode of a ResNet-18 state_dict: our format, safetensors and torch.save."""
+    import safetensors.torch
+
+    state = build_model("resnet18").state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+
+    def torch_save() -> bytes:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    codecs = {
+        "ours": (lambda: wire.encode(state), lambda data: wire.decode(data).tensors),
+        "safetensors": (lambda: safetensors.torch.save(state), safetensors.torch.load),
+        "torch_save": (torch_save, lambda data: torch.load(io.BytesIO(data), weights_only=True)),
+    }
+    results = {}
+    for name, (encode, decode) in codecs.items():
+        data = encode()
+        results[name] = {"encode_gbps": size / spread(timed(encode, repeats))["median"] / 1e9,
+                         "decode_gbps": size / spread(timed(lambda: decode(data), repeats))["median"] / 1e9}
+    return {"value": results, "bytes": size}
+
+
+def time_to_accuracy(work: Path, rounds: int, target: float = 0.90) -> dict:
+    """Wall time to `target` test accuracy: 2 learners of batch 32 against one process of batch 64."""
+    records = federation_run(work / "tta", 2, ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "32",
+                                                "--eval-every", "10"])
+    federated = _seconds_to(records, target)
+    central = _seconds_to(centralised_records(rounds, 64, target), target)
+    return {"value": federated / central if federated and central else None, "federated_s": federated,
+            "centralised_s": central, "target": target}
+
+
+def _seconds_to(records: list[dict], target: float) -> float | None:
+    elapsed = 0.0
+    for record in records:
+        if "train_loss" in record:
+            elapsed += record["seconds"]
+        elif record["test_accuracy"] >= target:
+            return elapsed
+    return None
+
+
+def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
+    """The same training in one process on the whole training set, with the leader's schedule,
+    evaluated every 10 steps until it reaches target."""
+    runtime.set_threads(0)
+    train, test = utils.synthetic(True), utils.synthetic(False)
+    mean, std = utils.channel_stats(train.images)
+    test_images = utils.normalize(test.images, mean, std)
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    layout = fedsgd.GradientLayout(model)
+    gradient = torch.zeros(layout.size)
+    layout.bind_gradients(gradient)
+    optimizer = fedsgd.make_optimizer(model, 0.0, 0.9, 5e-4)
+    schedule = utils.BatchSchedule(len(train), batch, 0)
+    base_lr, warmup = 0.1 * batch / leader.REFERENCE_BATCH, min(len(train) // batch, rounds // 5)
+    records = []
+    for round_index in range(rounds):
+        started = time.perf_counter()
+        images, labels = utils.training_batch(train, schedule, round_index, mean, std)
+        fedsgd.compute_gradient(model, layout, gradient, images, labels)
+        for group in optimizer.param_groups:
+            group["lr"] = fedsgd.learning_rate(round_index, base_lr, warmup, rounds)
+        optimizer.step()
+        records.append({"train_loss": 0.0, "seconds": time.perf_counter() - started})
+        if (round_index + 1) % 10 == 0:
+            records.append({"test_accuracy": fedsgd.evaluate(model, test_images, test.labels).accuracy})
+            if records[-1]["test_accuracy"] >= target:
+                break
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions of each timed transfer")
+    parser.add_argument("--rounds", type=int, default=40, help="FedSGD rounds for the round-overhead run")
+    parser.add_argument("--scale", default="1,4,16,64", help="learner counts for leader_scale")
+    parser.add_argument("--out", default="bench", help="directory for results.json and the runs' logs")
+    parser.add_argument("--only", nargs="*", help="run only these figures")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    figures = {
+        "model_transfer_ratio": lambda: model_transfer(args.repeats),
+        "round_overhead": lambda: round_overhead(out / "work", args.rounds),
+        "leader_scale": lambda: leader_scale(out / "work", [int(n) for n in args.scale.split(",")], 20),
+        "serialization_gbps": lambda: serialization(args.repeats),
+        "time_to_accuracy": lambda: time_to_accuracy(out / "work", 250),
+    }
+    results = {}
+    for name, measure in figures.items():
+        if args.only and name not in args.only:
+            continue
+        started = time.perf_counter()
+        measured = measure()
+        results.update(measured if name == "round_overhead" else {name: measured})
+        print(f"{name}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'figure':28} {'value':>10}  details")
+    for name, result in results.items():
+        value = result["value"]
+        shown = f"{value:10.3f}" if isinstance(value, float) else f"{'see json':>10}"
+        details = {k: v for k, v in result.items() if k != "value" and not isinstance(v, dict)}
+        print(f"{name:28} {shown}  {json.dumps(details)[:160]}")
+    if "leader_scale" in results:
+        for count, row in results["leader_scale"]["value"].items():
+            print(f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s, leader peak RSS {row['leader_peak_rss_mb']:7.1f} MB")
+    if "serialization_gbps" in results:
+        for codec, row in results["serialization_gbps"]["value"].items():
+            print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        command, rest = sys.argv[1], sys.argv[2:]
+        {"_serve-raw": lambda: serve_raw(int(rest[0]), int(rest[1]), int(rest[2])),
+         "_serve-model": lambda: serve_model(int(rest[0]), rest[1]),
+         "_tcp-source": lambda: tcp_source(int(rest[0]), int(rest[1])),
+         "_fake-learners": lambda: fake_learners(rest[0], int(rest[1])),
+         "_plain-steps": lambda: print(json.dumps(plain_step_seconds(64, int(rest[0]), int(rest[1]))))}[command]()
+        sys.exit(0)
+    sys.exit(main())
