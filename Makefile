@@ -10,7 +10,7 @@ GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.p
 export MALLOC_MMAP_THRESHOLD_ := 2147483647
 export MALLOC_TRIM_THRESHOLD_ := 4294967295
 
-.PHONY: install proto demo test bench clean
+.PHONY: install proto demo test bench certs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -35,5 +35,8 @@ test: install
 bench: install
 	$(PY) bench.py
 
+certs:
+	bash certs.sh certs $(SANS)
+
 clean:
-	rm -rf $(VENV) $(GENERATED) protos/__pycache__ __pycache__ tests/__pycache__ .pytest_cache .hypothesis runs
+	rm -rf $(VENV) $(GENERATED) certs protos/__pycache__ __pycache__ tests/__pycache__ .pytest_cache .hypothesis runs

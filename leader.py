@@ -2,9 +2,12 @@
 
 import argparse
 import logging
+import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 log = logging.getLogger("leader")
 
 WAIT_LOG_INTERVAL_S = 10.0
+WAIT_SLICE_S = 1.0  # how often waits look at stop requests and joiners
 RPC_TIMEOUT_S = 60.0
 REFERENCE_BATCH = 128  # the learning rate --lr means at this total batch; scaled linearly
 
@@ -57,10 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to wait for all learners' gradients before closing a round with those that arrived")
     parser.add_argument("--min-learners", type=int, default=1, help="gradients needed to close a round after --round-timeout")
     parser.add_argument("--register-timeout", type=float, default=600.0, help="seconds to wait for all learners to register")
+    parser.add_argument("--sync-timeout", type=float, default=30.0,
+                        help="seconds a learner may take to accept StartTraining or a model state before it is dropped")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="write DIR/checkpoint.pt every N rounds, at each epoch end and on stop (0: only those)")
+    parser.add_argument("--resume", metavar="DIR", help="continue from DIR/checkpoint.pt (same flags as the run that wrote it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: all cores); steps use one")
     parser.add_argument("--seed", type=int, default=0, help="seed for the model, the shards and the learners' batches")
-    parser.add_argument("--out", default="runs/latest", help="directory for model.pt, metrics.jsonl and metrics.png")
+    parser.add_argument("--out", help="directory for model.pt, checkpoint.pt, metrics.jsonl and metrics.png "
+                        "(unset: the --resume DIR, else runs/latest)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    rpc.add_security_flags(parser, "leader")
     args = parser.parse_args(argv)
     if args.learners < 1 or args.batch_size < 1 or not 1 <= args.min_learners <= args.learners:
         parser.error("--learners and --batch-size must be positive, and 1 <= --min-learners <= --learners")
@@ -112,9 +123,11 @@ class GlobalModel:
         }
         self.payload = self.encode(round_index=0, finished=False)
 
-    def encode(self, round_index: int, finished: bool) -> bytes:
-        """The state_dict with everything a learner needs to train on from round_index."""
-        metadata = {**self.metadata, "round": str(round_index), "finished": "1" if finished else "0"}
+    def encode(self, round_index: int, finished: bool, stopped: bool = False) -> bytes:
+        """The state_dict with everything a learner needs to train on from round_index; `finished`
+        tells learners to exit, `stopped` that the leader was stopped early (it can be resumed)."""
+        metadata = {**self.metadata, "round": str(round_index), "finished": "1" if finished else "0",
+                    "stopped": "1" if stopped else "0"}
         return wire.encode(self.model.state_dict(), metadata)
 
     def gradient_payload_bytes(self) -> int:
@@ -164,8 +177,11 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             loss = float(payload.metadata.get("loss", "nan"))
             if not math.isfinite(loss):
                 raise wire.PayloadError(f"metadata 'loss' must be a finite number, got {payload.metadata.get('loss')!r}")
-            if learner_id not in self.registry.addresses():
+            if learner_id >= len(self.registry.addresses()):
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no learner {learner_id} is registered; register first")
+            if not self.registry.is_active(learner_id):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"learner {learner_id} is not training (dropped, or not started yet); register again")
             wire.check_matches(payload, self.global_model.layout.spec)
         except (wire.PayloadError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
@@ -177,39 +193,54 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
 
 class Broadcaster:
-    """Calls one RPC on every learner at once and reports who failed."""
+    """Calls one RPC on many learners at once, without waiting on the slow ones."""
 
-    def __init__(self, addresses: dict[int, str]) -> None:
-        self.stubs = {
-            learner_id: learner_pb2_grpc.LearnerServiceStub(rpc.channel(address))
-            for learner_id, address in addresses.items()
-        }
+    def __init__(self, security: rpc.Security) -> None:
+        self.security = security
+        self._stubs: dict[str, learner_pb2_grpc.LearnerServiceStub] = {}
 
-    def call(self, method: str, request: object, timeout: float = RPC_TIMEOUT_S) -> list[int]:
-        """Send request with stub.<method> to every learner concurrently; return the ids that succeeded."""
-        pending = {learner_id: getattr(stub, method).future(request, timeout=timeout)
-                   for learner_id, stub in self.stubs.items()}
-        succeeded = []
-        for learner_id, future in pending.items():
-            try:
-                ack = future.result(timeout=timeout + 5)
-            except grpc.RpcError as error:
-                log.warning("%s to learner %d failed: %s %s", method, learner_id, error.code().name, error.details())
-                continue
-            if ack.success:
-                succeeded.append(learner_id)
-            else:
-                log.warning("%s refused by learner %d: %s", method, learner_id, ack.message)
-        return succeeded
+    def stub(self, address: str) -> learner_pb2_grpc.LearnerServiceStub:
+        if address not in self._stubs:
+            self._stubs[address] = learner_pb2_grpc.LearnerServiceStub(rpc.channel(address, self.security))
+        return self._stubs[address]
+
+    def send(self, learners: dict[int, str], method: str, request: object, on_failure: Callable[[int, str], None],
+             timeout: float = RPC_TIMEOUT_S) -> list[grpc.Future]:
+        """Start stub.<method>(request) on every learner; on_failure(id, reason) runs for each that fails."""
+        calls = []
+        for learner_id, address in learners.items():
+            call = getattr(self.stub(address), method).future(request, timeout=timeout)
+            call.add_done_callback(lambda done, learner_id=learner_id: _report(done, learner_id, method, on_failure))
+            calls.append(call)
+        return calls
+
+
+def _report(call: grpc.Future, learner_id: int, method: str, on_failure: Callable[[int, str], None]) -> None:
+    error = call.exception()
+    if error is not None:
+        on_failure(learner_id, f"{method} failed: {error.code().name} {error.details()}")
+    elif not call.result().success:
+        on_failure(learner_id, f"{method} refused: {call.result().message}")
+
+
+def wait_calls(calls: list[grpc.Future], timeout: float) -> None:
+    """Wait until the calls are done or timeout seconds have passed."""
+    deadline = time.monotonic() + timeout
+    for call in calls:
+        try:
+            call.exception(timeout=max(0.0, deadline - time.monotonic()))
+        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+            return
 
 
 class Leader:
-    """The training run: data, global model, server and the round loop."""
+    """The training run: data, global model, checkpoints, server and the round loop."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.out = Path(args.out)
+        self.out = Path(args.out or args.resume or "runs/latest")
         self.out.mkdir(parents=True, exist_ok=True)
+        self.security = rpc.Security.from_args(args)
         log.info("loading %s data", args.dataset)
         self.train = utils.load_dataset(args.dataset, args.data_dir, train=True)
         test = utils.load_dataset(args.dataset, args.data_dir, train=False)
@@ -218,12 +249,45 @@ class Leader:
         self.shards = utils.shard_indices(len(self.train), args.learners, args.seed)
         self.schedule = make_schedule(args, len(self.shards[0]))
         self.global_model = GlobalModel(args.model, self.train.num_classes, args, normalisation)
-        self.registry = Registry(args.learners)
-        self.collector = RoundCollector(self.global_model.layout.size, args.learners)
+        checkpoint = self.load_checkpoint() if args.resume else None
+        first_round = checkpoint["round"] if checkpoint else 0
+        self.registry = Registry(args.learners, checkpoint["addresses"] if checkpoint else [])
+        self.collector = RoundCollector(self.global_model.layout.size, first_round)
+        self.global_model.payload = self.global_model.encode(first_round, finished=False)
+        self.broadcaster = Broadcaster(self.security)
+        self.stopping = threading.Event()
         log.info("%s with %d parameters; %d train / %d test images, %d per learner; %d rounds "
                  "(%d per epoch), peak lr %.3g", args.model,
                  self.global_model.layout.parameter_count, len(self.train), len(test), len(self.shards[0]),
                  self.schedule.total_rounds, self.schedule.rounds_per_epoch, self.schedule.base_lr)
+
+    def config(self) -> dict:
+        """What a checkpoint must agree with to be resumed."""
+        return {key: getattr(self.args, key) for key in ("model", "dataset", "learners", "batch_size", "seed")}
+
+    def save_checkpoint(self, rounds_done: int) -> None:
+        """Everything needed to continue from rounds_done, written atomically. Learners' positions in
+        their shards are a function of the round and the seed, so the round restores them."""
+        checkpoint = {"model": self.global_model.model.state_dict(), "optimizer": self.global_model.optimizer.state_dict(),
+                      "round": rounds_done, "addresses": self.registry.addresses(), "rng": torch.get_rng_state(),
+                      "config": self.config()}
+        save_atomically(checkpoint, self.out / "checkpoint.pt")
+        log.info("checkpoint at round %d", rounds_done)
+
+    def load_checkpoint(self) -> dict:
+        path = Path(self.args.resume) / "checkpoint.pt"
+        if not path.exists():
+            raise SystemExit(f"--resume {self.args.resume}: no checkpoint.pt there")
+        checkpoint = torch.load(path, weights_only=True)
+        if checkpoint["config"] != self.config():
+            raise SystemExit(f"--resume {self.args.resume}: the checkpoint was made with {checkpoint['config']}, "
+                             f"not {self.config()}; pass the same flags")
+        self.global_model.model.load_state_dict(checkpoint["model"])
+        self.global_model.optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        keep_metrics_until(self.out / "metrics.jsonl", checkpoint["round"])
+        log.info("resuming from the checkpoint at round %d", checkpoint["round"])
+        return checkpoint
 
     def shard_payload(self, learner_id: int) -> bytes:
         shard = self.train.subset(self.shards[learner_id])
@@ -236,32 +300,69 @@ class Leader:
         server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}",
             [(leader_pb2_grpc.add_LeaderServiceServicer_to_server, servicer)],
-            [leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name], limit,
+            [leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name], limit, self.security,
         )
-        log.info("LeaderService listening on %s:%d; waiting for %d learners", self.args.host, port, self.args.learners)
+        log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", self.args.host, port,
+                 self.security.describe(), self.args.learners)
         return server
 
-    def wait_for_learners(self) -> None:
-        deadline = time.monotonic() + self.args.register_timeout
-        while not self.registry.wait_full(WAIT_LOG_INTERVAL_S):
-            registered = len(self.registry.addresses())
-            if time.monotonic() > deadline:
-                raise SystemExit(f"only {registered} of {self.args.learners} learners registered within "
-                                 f"--register-timeout {self.args.register_timeout:.0f} s; start more learners or lower --learners")
-            log.info("%d of %d learners registered; waiting", registered, self.args.learners)
-
-    def wait_for_round(self, round_index: int, learner_ids: list[int]) -> None:
-        """Wait for every gradient, or after --round-timeout for --min-learners of them."""
+    def wait_for_learners(self) -> bool:
+        """Wait until --learners learners registered (after a resume, --min-learners suffice once
+        --round-timeout has passed); False if stopped first."""
         started = time.monotonic()
-        while not self.collector.wait_complete(WAIT_LOG_INTERVAL_S):
-            missing = self.collector.missing(learner_ids)
-            arrived = len(learner_ids) - len(missing)
+        while not self.registry.wait_for(self.args.learners, WAIT_SLICE_S):
             waited = time.monotonic() - started
-            if waited >= self.args.round_timeout and arrived >= self.args.min_learners:
+            present = self.registry.count()
+            if self.stopping.is_set():
+                return False
+            if self.args.resume and waited >= self.args.round_timeout and present >= self.args.min_learners:
+                return True
+            if waited > self.args.register_timeout:
+                raise SystemExit(f"only {present} of {self.args.learners} learners registered within "
+                                 f"--register-timeout {self.args.register_timeout:.0f} s; start more learners or lower --learners")
+            if int(waited) % WAIT_LOG_INTERVAL_S == 0:
+                log.info("%d of %d learners registered; waiting", present, self.args.learners)
+        return True
+
+    def drop(self, learner_id: int, reason: str) -> None:
+        if self.registry.is_active(learner_id):
+            self.registry.drop(learner_id)
+            log.warning("dropped learner %d (%s); it can register again", learner_id, reason)
+
+    def admit_joiners(self) -> None:
+        """Start the learners that (re)registered, and give them the current model state."""
+        joiners = self.registry.take_joiners()
+        if not joiners:
+            return
+        log.info("starting learners %s at round %d", sorted(joiners), self.collector.round)
+        calls = self.broadcaster.send(joiners, "StartTraining", learner_pb2.Empty(), self.drop, self.args.sync_timeout)
+        wait_calls(calls, self.args.sync_timeout)
+        if self.collector.round > 0:  # rounds may have passed since the joiner's GetModel
+            state = learner_pb2.ModelState(chunk=self.global_model.payload)
+            self.broadcaster.send(joiners, "SyncModelState", state, self.drop, self.args.sync_timeout)
+
+    def wait_for_round(self, round_index: int) -> bool:
+        """Wait for the expected gradients, or after --round-timeout for --min-learners of them;
+        a round whose missing learners were all dropped closes at once. False if stopped first."""
+        started, last_log = time.monotonic(), 0.0
+        while not self.collector.wait_complete(WAIT_SLICE_S):
+            if self.stopping.is_set():
+                return False
+            missing, arrived = self.collector.missing(), self.collector.reported()
+            waited = time.monotonic() - started
+            enough = arrived >= self.args.min_learners
+            if enough and not set(missing) & set(self.registry.active()):
+                return True
+            if enough and waited >= self.args.round_timeout:
                 log.warning("round %d: closing after %.0f s with %d gradients; missing learners %s",
                             round_index, waited, arrived, missing)
-                return
-            log.info("round %d: waiting %.0f s so far for learners %s", round_index, waited, missing)
+                return True
+            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = waited
+                log.info("round %d: %d gradients after %.0f s; waiting for learners %s%s", round_index, arrived,
+                         waited, missing, "" if enough else f" (need at least --min-learners {self.args.min_learners})")
+            self.admit_joiners()
+        return True
 
     def evaluate(self, round_index: int, metrics: MetricsLog) -> fedsgd.Evaluation:
         started = time.perf_counter()
@@ -273,64 +374,94 @@ class Leader:
         log.info("round %d: test loss %.4f, test accuracy %.4f", round_index, result.loss, result.accuracy)
         return result
 
-    def eval_due(self, rounds_done: int) -> bool:
-        every = self.args.eval_every
+    def due(self, rounds_done: int, every: int) -> bool:
+        """Whether rounds_done ends an epoch or a period of `every` rounds (0: never)."""
         return (every > 0 and rounds_done % every == 0) or rounds_done % self.schedule.rounds_per_epoch == 0
 
-    def train_rounds(self, broadcaster: Broadcaster, metrics: MetricsLog) -> fedsgd.Evaluation:
+    def train_rounds(self, metrics: MetricsLog) -> int:
+        """Run rounds until the schedule ends or a stop is requested; return the rounds done."""
         total = self.schedule.total_rounds
-        learner_ids = sorted(broadcaster.stubs)
-        evaluation = None
         round_started = time.perf_counter()
-        for round_index in tqdm(range(total), desc="rounds", unit="round", disable=None):
-            self.wait_for_round(round_index, learner_ids)
+        progress = tqdm(total=total, initial=self.collector.round, desc="rounds", unit="round", disable=None)
+        while self.collector.round < total and not self.stopping.is_set():
+            round_index = self.collector.round
+            self.admit_joiners()
+            self.collector.expect(self.registry.active())
+            if not self.wait_for_round(round_index):
+                break
             lr = self.schedule.lr(round_index)
             summary = self.global_model.step(self.collector, lr)
             done = round_index + 1
-            finished = done == total
             eval_seconds = 0.0
-            if finished or self.eval_due(done):
+            if done == total or self.due(done, self.args.eval_every):
                 eval_started = time.perf_counter()
-                evaluation = self.evaluate(done, metrics)
+                self.evaluate(done, metrics)
                 eval_seconds = time.perf_counter() - eval_started
-            if finished:
-                self.save_model()
-            self.global_model.payload = self.global_model.encode(done, finished)
-            request = learner_pb2.ModelState(chunk=self.global_model.payload)
-            synced = broadcaster.call("SyncModelState", request)
+            if done < total:  # the last state goes out after the model is saved
+                bytes_out = self.push_state(done, finished=False)
+            if done == total or self.due(done, self.args.checkpoint_every):
+                self.save_checkpoint(done)
             now = time.perf_counter()
             metrics.write({"round": done, "epoch": self.schedule.epoch_of(round_index), "train_loss": summary.loss,
                            "learners": summary.learners, "samples": summary.samples, "lr": lr,
                            "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
-                           "bytes_out": request.ByteSize() * len(synced)})
+                           "bytes_out": bytes_out if done < total else 0})
             round_started = now
+            progress.update()
             if done % max(1, total // 10) == 0:
                 log.info("round %d/%d (epoch %d): train loss %.4f from %d learners", done, total,
                          self.schedule.epoch_of(round_index), summary.loss, summary.learners)
-        return evaluation
+        progress.close()
+        return self.collector.round
 
-    def save_model(self) -> None:
-        path = self.out / "model.pt"
-        temporary = path.with_suffix(".tmp")
-        torch.save(self.global_model.model.state_dict(), temporary)
-        os.replace(temporary, path)
-        log.info("saved the global model to %s", path)
+    def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
+        """Encode the state after rounds_done once and send it to every active learner; return bytes sent."""
+        self.global_model.payload = self.global_model.encode(rounds_done, finished, stopped)
+        request = learner_pb2.ModelState(chunk=self.global_model.payload)
+        learners = {learner_id: self.registry.addresses()[learner_id] for learner_id in self.registry.active()}
+        calls = self.broadcaster.send(learners, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
+        if finished:
+            wait_calls(calls, self.args.sync_timeout)
+        return request.ByteSize() * len(learners)
 
-    def run(self) -> fedsgd.Evaluation:
+    def run(self) -> fedsgd.Evaluation | None:
         server = self.serve()
-        metrics = MetricsLog(self.out / "metrics.jsonl")
+        metrics = MetricsLog(self.out / "metrics.jsonl", append=bool(self.args.resume))
         try:
-            self.wait_for_learners()
-            broadcaster = Broadcaster(self.registry.addresses())
-            started = broadcaster.call("StartTraining", learner_pb2.Empty())
-            log.info("training started on learners %s", started)
-            evaluation = self.train_rounds(broadcaster, metrics)
+            if not self.wait_for_learners():
+                return None
+            done = self.train_rounds(metrics)
+            stopped = done < self.schedule.total_rounds
+            if stopped:
+                log.info("stopping on request after round %d", done)
+                self.save_checkpoint(done)
+            else:
+                save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
+            self.push_state(done, finished=True, stopped=stopped)
         finally:
             metrics.close()
             server.stop(grace=2).wait(5)
-        plot_metrics(read_metrics(metrics.path), self.out / "metrics.png")
-        log.info("final test accuracy %.4f; model, metrics.jsonl and metrics.png are in %s", evaluation.accuracy, self.out)
-        return evaluation
+        records = read_metrics(metrics.path)
+        plot_metrics(records, self.out / "metrics.png")
+        evaluations = [r for r in records if "test_accuracy" in r]
+        if not stopped and evaluations:
+            log.info("final test accuracy %.4f; model.pt, metrics.jsonl and metrics.png are in %s",
+                     evaluations[-1]["test_accuracy"], self.out)
+        return evaluations[-1] if evaluations else None
+
+
+def save_atomically(state: object, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash leaves the old file or the new, never half."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def keep_metrics_until(path: Path, rounds_done: int) -> None:
+    """Drop the records of rounds after a checkpoint, which a resumed run does again."""
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r["round"] <= rounds_done]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,10 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure_logging("leader", args.verbose)
     torch.set_num_threads(1)
     try:
-        Leader(args).run()
-    except utils.DatasetError as error:
+        leader = Leader(args)
+    except (utils.DatasetError, rpc.SecurityError) as error:
         log.error("%s", error)
         return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):  # finish the round, checkpoint, tell the learners, exit 0
+        signal.signal(signum, lambda *_: leader.stopping.set())
+    leader.run()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -9,6 +10,7 @@ import time
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import fedsgd
 import rpc
@@ -23,6 +25,7 @@ log = logging.getLogger("learner")
 MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
 WAIT_LOG_INTERVAL_S = 10.0
 RPC_TIMEOUT_S = 60.0
+HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting for a state, how often to check the leader is alive
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,11 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="data", help="where the local --dataset lives")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores; give each learner "
                         "its share when several run on one machine)")
-    parser.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to keep trying to reach the leader")
+    parser.add_argument("--connect-timeout", type=float, default=300.0,
+                        help="seconds to keep trying to reach the leader, at start and after losing it")
     parser.add_argument("--wait-timeout", type=float, default=600.0,
                         help="seconds to wait for the leader's next instruction before giving up")
     parser.add_argument("--log-every", type=int, default=50, help="log progress every N rounds")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    rpc.add_security_flags(parser, "learner")
+    parser.add_argument("--leader-name", default="leader",
+                        help="with --tls-ca: the common name the leader's certificate must carry")
     return parser.parse_args(argv)
 
 
@@ -63,38 +70,58 @@ def default_advertise(leader: str, port: int) -> str:
 
 
 class StateInbox:
-    """The newest model state pushed by the leader, handed from the gRPC thread to the training thread."""
+    """The newest model state pushed by the leader, handed from the gRPC thread to the training thread.
+
+    A final state (the leader finished or was stopped) wins over any other, even of the same round."""
 
     def __init__(self) -> None:
         self._payload: wire.Payload | None = None
         self._round = -1
+        self.final: wire.Payload | None = None
         self._changed = threading.Condition()
 
     def put(self, round_index: int, payload: wire.Payload) -> None:
         with self._changed:
-            if round_index > self._round:
+            if payload.metadata.get("finished") == "1":
+                self.final = payload
+            elif round_index > self._round:
                 self._round, self._payload = round_index, payload
-                self._changed.notify_all()
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Forget states from a previous leader session (a resumed leader goes back in rounds)."""
+        with self._changed:
+            self._round, self._payload, self.final = -1, None, None
 
     def take(self, round_index: int, timeout: float) -> wire.Payload | None:
-        """The state for round_index or later, waiting at most timeout seconds."""
+        """The final state, or the state for round_index or later, waiting at most timeout seconds."""
         with self._changed:
-            if self._changed.wait_for(lambda: self._round >= round_index, timeout):
-                return self._payload
+            if self._changed.wait_for(lambda: self.final is not None or self._round >= round_index, timeout):
+                return self.final or self._payload
             return None
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     """Checks what the leader pushes and hands it to the training thread."""
 
-    def __init__(self, state_spec: wire.TensorSpec, inbox: StateInbox, started: threading.Event) -> None:
+    def __init__(self, state_spec: wire.TensorSpec, inbox: StateInbox, started: threading.Event,
+                 leader_name: str | None) -> None:
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
+        self.leader_name = leader_name
+
+    def check_caller(self, context: grpc.ServicerContext) -> None:
+        """Under mutual TLS, only the leader's certificate may start training or overwrite the model."""
+        if self.leader_name and rpc.peer_common_name(context) != self.leader_name:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"only the leader (certificate CN {self.leader_name!r}) may call this learner")
 
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.check_caller(context)
         self.started.set()
         return learner_pb2.Ack(success=True, message="training started")
 
     def SyncModelState(self, request: learner_pb2.ModelState, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.check_caller(context)
         try:
             payload = wire.decode(request.chunk)
             wire.check_matches(payload, self.state_spec)
@@ -147,20 +174,27 @@ def retry_until(deadline: float, action, what: str):
             delay = min(delay * 2, 5.0)
 
 
+class LeaderLost(Exception):
+    """The leader is unreachable or no longer counts this learner: reconnect and register again."""
+
+
+REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+
+
 class Learner:
-    """One learner's run: fetch the model and data, serve, then train until the leader says it is done."""
+    """One learner's run: fetch the model and data, serve, train; after losing the leader, rejoin."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.leader = leader_pb2_grpc.LeaderServiceStub(rpc.channel(args.leader))
-        deadline = time.monotonic() + args.connect_timeout
-        state_bytes = retry_until(deadline, lambda: fetch_model(self.leader), "GetModel")
+        self.security = rpc.Security.from_args(args)
+        self.leader = leader_pb2_grpc.LeaderServiceStub(rpc.channel(args.leader, self.security))
+        self.health = health_pb2_grpc.HealthStub(rpc.channel(args.leader, self.security))
+        state_bytes = retry_until(time.monotonic() + args.connect_timeout, lambda: fetch_model(self.leader), "GetModel")
         state = wire.decode(state_bytes)
         self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
         self.state_spec = wire.spec_of(self.model.state_dict())
-        wire.check_matches(state, self.state_spec)
-        load_state(self.model, state)
-        self.first_round = wire.metadata_int(state, "round")
+        self.adopt(state)
         self.batch_size = wire.metadata_int(state, "batch_size", 1)
         self.seed = wire.metadata_int(state, "seed")
         self.mean = [float(value) for value in state.metadata["mean"].split(",")]
@@ -169,23 +203,35 @@ class Learner:
         self.gradient = torch.zeros(self.layout.size)
         self.layout.bind_gradients(self.gradient)
         self.inbox, self.started = StateInbox(), threading.Event()
+        servicer = LearnerServicer(self.state_spec, self.inbox, self.started,
+                                   args.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
-            f"{args.host}:{args.port}",
-            [(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
-              LearnerServicer(self.state_spec, self.inbox, self.started))],
+            f"{args.host}:{args.port}", [(learner_pb2_grpc.add_LearnerServiceServicer_to_server, servicer)],
             [learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name],
-            len(state_bytes) + rpc.ENVELOPE_BYTES,
+            len(state_bytes) + rpc.ENVELOPE_BYTES, self.security,
         )
         self.address = args.advertise or default_advertise(args.leader, port)
+        self.learner_id, self.data = -1, None
+        self.join(time.monotonic() + args.connect_timeout)
+
+    def adopt(self, state: wire.Payload) -> None:
+        """Check a model state from GetModel and continue training from it."""
+        wire.check_matches(state, self.state_spec)
+        load_state(self.model, state)
+        self.round = wire.metadata_int(state, "round")
+
+    def join(self, deadline: float) -> None:
+        """Register (again) and get this slot's data, unless it is local or already here."""
+        previous = self.learner_id
         self.learner_id = retry_until(deadline, self.register, "RegisterLearner")
-        self.data = self.load_data(wire.metadata_int(state, "num_classes", 1))
+        if self.data is None or (self.learner_id != previous and not self.args.dataset):
+            self.data = self.load_data(self.model.fc.out_features)
 
     def register(self) -> int:
         reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.address), timeout=RPC_TIMEOUT_S)
         if not reply.success:
             raise SystemExit(f"the leader refused registration: {reply.message}")
-        log.info("registered as learner %d of %d; serving LearnerService at %s",
-                 reply.learner_id, reply.max_learners, self.address)
+        log.info("%s; serving LearnerService at %s (%s)", reply.message, self.address, self.security.describe())
         return reply.learner_id
 
     def load_data(self, num_classes: int) -> utils.ImageSet:
@@ -200,6 +246,15 @@ class Learner:
         log.info("received a shard of %d images from the leader", len(data))
         return data
 
+    def reconnect(self) -> None:
+        """After losing the leader: wait for it (with backoff), take its current model, register again."""
+        deadline = time.monotonic() + self.args.connect_timeout
+        self.started.clear()
+        self.inbox.clear()
+        self.adopt(wire.decode(retry_until(deadline, lambda: fetch_model(self.leader), "GetModel")))
+        self.join(deadline)
+        log.info("rejoined at round %d", self.round)
+
     def wait_for_start(self) -> None:
         waited = 0.0
         while not self.started.wait(WAIT_LOG_INTERVAL_S):
@@ -212,46 +267,71 @@ class Learner:
         metadata = {"learner_id": str(self.learner_id), "round": str(round_index),
                     "samples": str(self.batch_size), "loss": repr(loss)}
         request = leader_pb2.GradientData(chunk=wire.encode(self.layout.views(self.gradient), metadata))
-        reply = self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S)
+        try:
+            reply = self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as error:
+            if error.code() in REJOIN_CODES:
+                raise LeaderLost(f"{error.code().name}: {error.details()}") from None
+            raise
         if not reply.success:
             log.warning("round %d: the leader ignored the gradient: %s", round_index, reply.message)
 
-    def train(self) -> None:
+    def await_state(self, round_index: int) -> wire.Payload:
+        """The leader's state for round_index or later; raise LeaderLost if the leader stops answering."""
+        waited = 0.0
+        while (state := self.inbox.take(round_index, HEALTH_CHECK_INTERVAL_S)) is None:
+            waited += HEALTH_CHECK_INTERVAL_S
+            try:
+                self.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_CHECK_INTERVAL_S)
+            except grpc.RpcError as error:
+                raise LeaderLost(f"health check: {error.code().name}") from None
+            if waited >= self.args.wait_timeout:
+                raise SystemExit(f"no model state for round {round_index} within --wait-timeout {self.args.wait_timeout:.0f} s")
+        return state
+
+    def train(self) -> wire.Payload:
         """Rounds until the leader marks a state finished: gradient of the round's batch, then the new state."""
         schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
         prepare = lambda index: (index, utils.training_batch(self.data, schedule, index, self.mean, self.std))
-        round_index = self.first_round
-        prepared, batch = prepare(round_index)
+        prepared, batch = prepare(self.round)
         compute_seconds, computed_rounds = 0.0, 0
         while True:
             started = time.perf_counter()
-            if prepared != round_index:
-                prepared, batch = prepare(round_index)
+            if prepared != self.round:
+                prepared, batch = prepare(self.round)
             loss = fedsgd.compute_gradient(self.model, self.layout, self.gradient, *batch)
             compute_seconds += time.perf_counter() - started
-            self.send_gradient(round_index, loss)
+            self.send_gradient(self.round, loss)
             # The next batch does not depend on the new weights: prepare it while the leader aggregates.
             started = time.perf_counter()
-            prepared, batch = prepare(round_index + 1)
+            prepared, batch = prepare(self.round + 1)
             compute_seconds += time.perf_counter() - started
             computed_rounds += 1
-            state = self.inbox.take(round_index + 1, self.args.wait_timeout)
-            if state is None:
-                raise SystemExit(f"no model state for round {round_index + 1} within --wait-timeout {self.args.wait_timeout:.0f} s")
+            state = self.await_state(self.round + 1)
             load_state(self.model, state)
-            round_index = wire.metadata_int(state, "round")
-            if round_index % self.args.log_every == 0:
-                log.info("round %d: loss %.4f, %.0f images/s computing", round_index, loss,
+            self.round = wire.metadata_int(state, "round")
+            if self.round % self.args.log_every == 0:
+                log.info("round %d: loss %.4f, %.0f images/s computing", self.round, loss,
                          computed_rounds * self.batch_size / compute_seconds)
                 compute_seconds, computed_rounds = 0.0, 0
             if state.metadata.get("finished") == "1":
-                log.info("the leader finished training at round %d", round_index)
-                return
+                return state
 
     def run(self) -> None:
         try:
-            self.wait_for_start()
-            self.train()
+            while True:
+                self.wait_for_start()
+                try:
+                    final = self.train()
+                    break
+                except LeaderLost as lost:
+                    if self.inbox.final is not None:  # it said goodbye before it went
+                        final = self.inbox.final
+                        break
+                    log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.args.connect_timeout)
+                    self.reconnect()
+            how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
+            log.info("the leader %s at round %d", how, wire.metadata_int(final, "round"))
         finally:
             self.server.stop(grace=2).wait(5)
 
@@ -260,12 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runtime.configure_logging("learner", args.verbose)
     log.info("using %d torch threads", runtime.set_threads(args.threads))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly, like Ctrl-C
     try:
         Learner(args).run()
+    except KeyboardInterrupt:
+        log.info("stopping on signal")
     except grpc.RpcError as error:
         log.error("lost the leader at %s: %s %s", args.leader, error.code().name, error.details())
         return 1
-    except (wire.PayloadError, utils.DatasetError) as error:
+    except (wire.PayloadError, utils.DatasetError, rpc.SecurityError) as error:
         log.error("%s", error)
         return 2
     return 0

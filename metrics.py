@@ -7,9 +7,9 @@ from pathlib import Path
 class MetricsLog:
     """Appends records to metrics.jsonl, flushed line by line so a crashed run keeps its history."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
-        self._file = path.open("w", encoding="utf-8")
+        self._file = path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

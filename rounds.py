@@ -25,40 +25,80 @@ def check_address(address: str) -> str | None:
 
 
 class Registry:
-    """Learner slots 0..capacity-1, keyed by the address each learner advertises."""
+    """Learner slots 0..capacity-1, each held by the address its learner advertises.
 
-    def __init__(self, capacity: int) -> None:
+    A slot is active while its learner trains. The leader drops a learner it cannot reach; the
+    learner (or a new one) can then register again: the same address gets its own slot back, a new
+    address takes a dropped slot. (Re)registered learners wait as joiners until the round loop
+    admits them with StartTraining."""
+
+    def __init__(self, capacity: int, addresses: list[str] = ()) -> None:
         self.capacity = capacity
-        self._ids: dict[str, int] = {}
-        self._full = threading.Condition()
+        self._addresses: list[str] = list(addresses)  # slot -> address; restored ones start dropped
+        self._active: set[int] = set()
+        self._joiners: set[int] = set()
+        self._changed = threading.Condition()
 
     def register(self, address: str) -> tuple[int | None, str]:
-        """The learner's id (the same one again for a known address) and a message for the reply."""
+        """The learner's slot and a message for the reply, or None and why it was refused."""
         problem = check_address(address)
         if problem:
             return None, problem
-        with self._full:
-            if address in self._ids:
-                return self._ids[address], f"{address} is already registered as learner {self._ids[address]}"
-            if len(self._ids) >= self.capacity:
-                return None, f"the leader already has its {self.capacity} learners; start it with a larger --learners"
-            self._ids[address] = len(self._ids)
-            self._full.notify_all()
-            return self._ids[address], f"registered {address} as learner {self._ids[address]} of {self.capacity}"
+        with self._changed:
+            if address in self._addresses:
+                learner_id, verb = self._addresses.index(address), "re-registered"
+            elif len(self._addresses) < self.capacity:
+                learner_id, verb = len(self._addresses), "registered"
+                self._addresses.append(address)
+            else:
+                free = [slot for slot in range(self.capacity) if slot not in self._active | self._joiners]
+                if not free:
+                    return None, f"the leader already has its {self.capacity} learners; start it with a larger --learners"
+                learner_id, verb = free[0], f"took over the slot of {self._addresses[free[0]]}:"
+                self._addresses[learner_id] = address
+            self._active.discard(learner_id)
+            self._joiners.add(learner_id)
+            self._changed.notify_all()
+            return learner_id, f"{address} {verb} learner {learner_id} of {self.capacity}"
 
     def id_of(self, address: str) -> int | None:
-        with self._full:
-            return self._ids.get(address)
+        with self._changed:
+            return self._addresses.index(address) if address in self._addresses else None
 
-    def addresses(self) -> dict[int, str]:
-        """Learner id to address, for every registered learner."""
-        with self._full:
-            return {learner_id: address for address, learner_id in self._ids.items()}
+    def addresses(self) -> list[str]:
+        """The address of every slot ever taken, by learner id."""
+        with self._changed:
+            return list(self._addresses)
 
-    def wait_full(self, timeout: float) -> bool:
-        """Whether every slot is taken, waiting at most timeout seconds."""
-        with self._full:
-            return self._full.wait_for(lambda: len(self._ids) >= self.capacity, timeout)
+    def is_active(self, learner_id: int) -> bool:
+        with self._changed:
+            return learner_id in self._active
+
+    def active(self) -> list[int]:
+        with self._changed:
+            return sorted(self._active)
+
+    def take_joiners(self) -> dict[int, str]:
+        """The learners that registered since the last call, and their addresses; they count as active."""
+        with self._changed:
+            joiners = {learner_id: self._addresses[learner_id] for learner_id in sorted(self._joiners)}
+            self._active |= self._joiners
+            self._joiners.clear()
+            return joiners
+
+    def drop(self, learner_id: int) -> None:
+        with self._changed:
+            self._active.discard(learner_id)
+
+    def count(self) -> int:
+        """Learners active or waiting to be started."""
+        with self._changed:
+            return len(self._active | self._joiners)
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Whether at least count learners are active or joining, waiting at most timeout seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._active | self._joiners) >= count, timeout)
 
 
 @dataclass(frozen=True)
@@ -73,11 +113,11 @@ class RoundSummary:
 class RoundCollector:
     """Gradients of the open round, summed as they arrive; each learner counts once per round."""
 
-    def __init__(self, size: int, expected: int) -> None:
-        self.expected = expected
+    def __init__(self, size: int, first_round: int = 0) -> None:
         self._accumulator = Accumulator(size)
+        self._expected: set[int] = set()
         self._reported: set[int] = set()
-        self._round = 0
+        self._round = first_round
         self._bytes_in = 0
         self._changed = threading.Condition()
 
@@ -85,6 +125,11 @@ class RoundCollector:
     def round(self) -> int:
         with self._changed:
             return self._round
+
+    def expect(self, learner_ids: list[int]) -> None:
+        """The learners whose gradients complete the open round."""
+        with self._changed:
+            self._expected = set(learner_ids)
 
     def submit(self, learner_id: int, round_index: int, gradient: torch.Tensor, samples: int, loss: float,
                wire_bytes: int) -> str | None:
@@ -103,11 +148,15 @@ class RoundCollector:
     def wait_complete(self, timeout: float) -> bool:
         """Whether every expected learner has reported, waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._reported) >= self.expected, timeout)
+            return self._changed.wait_for(lambda: self._expected <= self._reported, timeout)
 
-    def missing(self, learner_ids: list[int]) -> list[int]:
+    def missing(self) -> list[int]:
         with self._changed:
-            return [learner_id for learner_id in learner_ids if learner_id not in self._reported]
+            return sorted(self._expected - self._reported)
+
+    def reported(self) -> int:
+        with self._changed:
+            return len(self._reported)
 
     def close(self, mean_out: torch.Tensor) -> RoundSummary:
         """Write the round's weighted mean into mean_out, then open the next round."""

@@ -1,6 +1,11 @@
-"""gRPC plumbing shared by leader and learner: generated stubs, message limits, servers and channels."""
+"""gRPC plumbing shared by leader and learner: generated stubs, message limits, TLS, tokens, servers, channels."""
 
+import argparse
+import hmac
+import os
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,12 +16,101 @@ try:
 except ImportError as error:  # the generated modules are build outputs, not sources
     raise SystemExit(f"generated gRPC code is missing ({error}); run `make proto` first") from None
 
-__all__ = ["leader_pb2", "leader_pb2_grpc", "learner_pb2", "learner_pb2_grpc", "start_server", "channel"]
+__all__ = ["leader_pb2", "leader_pb2_grpc", "learner_pb2", "learner_pb2_grpc", "start_server", "channel", "Security"]
 
 # Headroom above a payload's exact size for the protobuf envelope and the JSON header's metadata.
 ENVELOPE_BYTES = 1 << 20
 # Replies to the learner's channel are stream chunks and acks; this bounds any single one.
 CHUNK_MESSAGE_LIMIT = 8 << 20
+TOKEN_VARIABLE = "FL_TOKEN"
+UNAUTHENTICATED_SERVICES = (health.SERVICE_NAME,)  # probes need no token; they reveal nothing
+
+
+class SecurityError(ValueError):
+    """Unusable TLS or token settings."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS material (PEM bytes) and the shared token; all None means plaintext without authentication."""
+
+    certificate: bytes | None = None
+    key: bytes | None = None
+    ca: bytes | None = None
+    token: str | None = None
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> "Security":
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise SecurityError("--tls-cert and --tls-key go together")
+        if args.tls_ca and not args.tls_cert:
+            raise SecurityError("--tls-ca needs --tls-cert and --tls-key: mutual TLS presents a certificate both ways")
+        read = lambda path: Path(path).read_bytes() if path else None
+        try:
+            return Security(read(args.tls_cert), read(args.tls_key), read(args.tls_ca), args.token or None)
+        except OSError as error:
+            raise SecurityError(f"cannot read TLS file: {error}") from None
+
+    def describe(self) -> str:
+        tls = "mutual TLS" if self.ca else "TLS" if self.certificate else "plaintext"
+        return f"{tls}, {'token required' if self.token else 'no token'}"
+
+
+def add_security_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    """The TLS and token flags, the same on both entry points."""
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls-cert", metavar="PEM", help=f"this {role}'s certificate (enables TLS on its server and channels)")
+    group.add_argument("--tls-key", metavar="PEM", help=f"this {role}'s private key")
+    group.add_argument("--tls-ca", metavar="PEM", help="CA certificate: verify peers against it and require client "
+                       "certificates from it (mutual TLS)")
+    group.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE),
+                       help=f"shared secret every RPC must carry as 'authorization: Bearer TOKEN' "
+                       f"(default: ${TOKEN_VARIABLE}; prefer the variable, a flag shows in ps)")
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Rejects RPCs without the shared token with UNAUTHENTICATED, comparing in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.lstrip("/").startswith(UNAUTHENTICATED_SERVICES):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self.expected):
+            return continuation(handler_call_details)
+        return _refusal(continuation(handler_call_details))
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    def deny(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token: pass --token or set " + TOKEN_VARIABLE)
+
+    if handler is None:
+        return None
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny) if not handler.response_streaming else \
+            grpc.stream_stream_rpc_method_handler(deny)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
+    return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=handler.request_deserializer)
+
+
+class TokenHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the shared token to every outgoing call."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), self.header])
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
 
 
 def _limits(max_receive_bytes: int) -> list[tuple[str, int]]:
@@ -26,14 +120,15 @@ def _limits(max_receive_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def start_server(
-    bind: str, register: list, service_names: list[str], max_receive_bytes: int, workers: int = 16
-) -> tuple[grpc.Server, int]:
+def start_server(bind: str, register: list, service_names: list[str], max_receive_bytes: int,
+                 security: Security = Security(), workers: int = 16) -> tuple[grpc.Server, int]:
     """Start a server with the given servicers plus health checking and reflection; return it and its port.
 
     register holds (add_XServicer_to_server, servicer) pairs. Messages over max_receive_bytes are refused
     with RESOURCE_EXHAUSTED before they are buffered."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_limits(max_receive_bytes))
+    interceptors = [TokenCheck(security.token)] if security.token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_limits(max_receive_bytes),
+                         interceptors=interceptors)
     for add_to_server, servicer in register:
         add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -41,13 +136,30 @@ def start_server(
     for name in service_names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(bind)
+    if security.certificate:
+        credentials = grpc.ssl_server_credentials([(security.key, security.certificate)], root_certificates=security.ca,
+                                                  require_client_auth=security.ca is not None)
+        port = server.add_secure_port(bind, credentials)
+    else:
+        port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"cannot listen on {bind}: the port is taken or the address is not local")
     server.start()
     return server, port
 
 
-def channel(address: str, max_receive_bytes: int = CHUNK_MESSAGE_LIMIT) -> grpc.Channel:
-    """An insecure channel to address with deliberate message limits."""
-    return grpc.insecure_channel(address, options=_limits(max_receive_bytes))
+def channel(address: str, security: Security = Security(), max_receive_bytes: int = CHUNK_MESSAGE_LIMIT) -> grpc.Channel:
+    """A channel to address with deliberate message limits, TLS when configured, and the token on every call."""
+    options = _limits(max_receive_bytes)
+    if security.certificate or security.ca:
+        credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.certificate)
+        opened = grpc.secure_channel(address, credentials, options=options)
+    else:
+        opened = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(opened, TokenHeader(security.token)) if security.token else opened
+
+
+def peer_common_name(context: grpc.ServicerContext) -> str | None:
+    """The common name in the TLS client certificate of the caller, if any."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None

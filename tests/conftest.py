@@ -34,3 +34,36 @@ def logs(out: Path) -> str:
 def python(*args: str, **kwargs) -> subprocess.Popen:
     """A Python child process in the repository root."""
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, **kwargs)
+
+
+def start_leader(out: Path, port: int, *args: str) -> subprocess.Popen:
+    """A leader process on localhost, logging to out/leader.log (appending, so a restart keeps the first log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "leader.log", "a")
+    return subprocess.Popen([sys.executable, "leader.py", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
+                             "--dataset", "synthetic", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**launch.os.environ, **launch.MALLOC_SETTINGS})
+
+
+def start_learner(out: Path, name: str, port: int, *args: str) -> subprocess.Popen:
+    """A learner process with one thread, logging to out/<name>.log."""
+    log = open(out / f"{name}.log", "a")
+    return subprocess.Popen([sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--threads", "1", *args],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**launch.os.environ, **launch.MALLOC_SETTINGS})
+
+
+def wait_for_round(out: Path, round_index: int, timeout: float = 300) -> None:
+    """Block until metrics.jsonl records round_index."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    path = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists():
+            rounds = [json.loads(line).get("round", 0) for line in path.read_text().splitlines() if line.strip()]
+            if rounds and max(rounds) >= round_index:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"round {round_index} not reached within {timeout} s\n{logs(out)}")

@@ -48,7 +48,8 @@ def federated_rounds(model: nn.Module, batches_per_round: list[list[tuple]], lr:
     layout.bind_gradients(mean)
     optimizer = fedsgd.make_optimizer(global_model, lr, momentum=0.9, weight_decay=5e-4)
     learners = [SimulatedLearner(model) for _ in batches_per_round[0]]
-    collector = RoundCollector(layout.size, expected=len(learners))
+    collector = RoundCollector(layout.size)
+    collector.expect(list(range(len(learners))))
     for round_index, batches in enumerate(batches_per_round):
         for learner_id, (learner, (images, labels)) in enumerate(zip(learners, batches)):
             payload, loss = learner.gradient_payload(images, labels)

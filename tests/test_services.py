@@ -94,15 +94,32 @@ def test_get_data_from_an_unregistered_address_is_not_found(live_leader):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "RegisterLearner" in error.value.details()
 
 
-def test_a_valid_gradient_is_counted_once(live_leader):
+def start(leader, stub, address: str = "127.0.0.1:7001") -> None:
+    """Register and admit a learner, as the leader's round loop does."""
+    register(stub, address)
+    leader.registry.take_joiners()
+
+
+def test_a_gradient_before_start_or_after_drop_says_register_again(live_leader):
     leader, stub = live_leader.leader, live_leader.stub
     register(stub, "127.0.0.1:7001")
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as error:
+            accumulate(stub, gradient(leader))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "register again" in error.value.details()
+        leader.registry.take_joiners()
+        leader.registry.drop(0)
+
+
+def test_a_valid_gradient_is_counted_once(live_leader):
+    leader, stub = live_leader.leader, live_leader.stub
+    start(leader, stub)
     assert accumulate(stub, gradient(leader)).success
     duplicate = accumulate(stub, gradient(leader))
     assert not duplicate.success and "duplicate" in duplicate.message
     stale = accumulate(stub, gradient(leader, round_index=3))
     assert not stale.success and "round 0 is open" in stale.message
-    assert leader.collector.missing([0, 1]) == [1]
+    assert leader.collector.reported() == 1
 
 
 def bad_gradients(leader):
@@ -132,7 +149,7 @@ def bad_gradients(leader):
 
 def test_bad_gradients_get_a_specific_status_and_change_nothing(live_leader):
     leader, stub = live_leader.leader, live_leader.stub
-    register(stub, "127.0.0.1:7001")
+    start(leader, stub)
     before = model_hash(leader)
     for case, (chunk, code, message) in bad_gradients(leader).items():
         with pytest.raises(grpc.RpcError) as error:
@@ -140,7 +157,7 @@ def test_bad_gradients_get_a_specific_status_and_change_nothing(live_leader):
         assert error.value.code() == code, case
         assert re.search(message, error.value.details() or ""), (case, error.value.details())
     assert model_hash(leader) == before
-    assert leader.collector.missing([0]) == [0]
+    assert leader.collector.reported() == 0
     assert accumulate(stub, gradient(leader)).success  # the leader still serves
 
 

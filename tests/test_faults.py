@@ -1,0 +1,89 @@
+"""Faults with real processes and real signals: dead, restarted and stalled learners, a killed leader."""
+
+import signal
+import time
+
+from conftest import logs, start_leader, start_learner, wait_for_round
+import launch
+from metrics import read_metrics
+
+
+def learner_counts(out) -> list[int]:
+    return [r["learners"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+
+
+def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path):
+    port = launch.free_port()
+    leader = start_leader(tmp_path, port, "--learners", "3", "--min-learners", "2", "--round-timeout", "2",
+                          "--rounds", "90", "--batch-size", "16", "--sync-timeout", "5")
+    learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(3)]
+    wait_for_round(tmp_path, 15)
+    learners[2].kill()
+    wait_for_round(tmp_path, 40)
+    learners.append(start_learner(tmp_path, "learner2-restarted", port))
+    codes = launch.wait_all([leader, *learners], 300)
+    assert codes == [0, 0, 0, -signal.SIGKILL, 0], logs(tmp_path)
+    counts = learner_counts(tmp_path)
+    assert len(counts) == 90 and counts[0] == 3 and counts[-1] == 3, counts
+    assert 2 in counts[15:45], counts
+    leader_log = (tmp_path / "leader.log").read_text()
+    assert "dropped learner" in leader_log and "took over the slot" in leader_log
+
+
+def test_a_stalled_learner_does_not_hold_back_the_round_and_its_late_gradient_is_ignored(tmp_path):
+    port = launch.free_port()
+    leader = start_leader(tmp_path, port, "--learners", "2", "--round-timeout", "1", "--rounds", "60",
+                          "--batch-size", "16", "--sync-timeout", "30")
+    learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(2)]
+    wait_for_round(tmp_path, 10)
+    learners[1].send_signal(signal.SIGSTOP)
+    time.sleep(5)
+    learners[1].send_signal(signal.SIGCONT)
+    codes = launch.wait_all([leader, *learners], 300)
+    assert codes == [0, 0, 0], logs(tmp_path)
+    counts = learner_counts(tmp_path)
+    assert counts.count(1) >= 2 and counts[-1] == 2, counts
+    assert "ignored the gradient" in (tmp_path / "learner1.log").read_text()
+    assert "dropped" not in (tmp_path / "leader.log").read_text()
+
+
+def test_a_killed_leader_resumes_from_its_checkpoint_and_the_learners_rejoin(tmp_path):
+    port = launch.free_port()
+    flags = ["--learners", "2", "--rounds", "200", "--batch-size", "32", "--eval-every", "100", "--checkpoint-every", "20"]
+    leader = start_leader(tmp_path, port, *flags)
+    learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(2)]
+    wait_for_round(tmp_path, 70)
+    leader.kill()
+    leader.wait(10)
+    time.sleep(2)
+    resumed = start_leader(tmp_path, port, *flags, "--resume", str(tmp_path))
+    codes = launch.wait_all([resumed, *learners], 400)
+    assert codes == [0, 0, 0], logs(tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in records if "train_loss" in r] == list(range(1, 201))
+    assert [r for r in records if "test_accuracy" in r][-1]["test_accuracy"] >= 0.90, logs(tmp_path)
+    assert "resuming from the checkpoint at round 60" in (tmp_path / "leader.log").read_text()
+    for index in range(2):
+        learner_log = (tmp_path / f"learner{index}.log").read_text()
+        assert "lost the leader" in learner_log and "rejoined at round 60" in learner_log
+
+
+def test_sigterm_stops_a_learner_and_then_the_leader_cleanly(tmp_path):
+    port = launch.free_port()
+    leader = start_leader(tmp_path, port, "--learners", "2", "--rounds", "1000", "--batch-size", "16",
+                          "--round-timeout", "1")
+    learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(2)]
+    wait_for_round(tmp_path, 10)
+    learners[0].terminate()
+    assert learners[0].wait(30) == 0, logs(tmp_path)
+    wait_for_round(tmp_path, 25)
+    leader.terminate()
+    codes = launch.wait_all([leader, learners[1]], 60)
+    assert codes == [0, 0], logs(tmp_path)
+    assert learner_counts(tmp_path)[-1] == 1
+    assert "stopping on request" in (tmp_path / "leader.log").read_text()
+    assert "the leader was stopped" in (tmp_path / "learner1.log").read_text()
+    import torch
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] >= 25 and set(checkpoint["optimizer"]["state"])
