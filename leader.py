@@ -397,15 +397,16 @@ class Leader:
                 eval_started = time.perf_counter()
                 self.evaluate(done, metrics)
                 eval_seconds = time.perf_counter() - eval_started
-            if done < total:  # the last state goes out after the model is saved
-                bytes_out = self.push_state(done, finished=False)
+            if done == total:
+                save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
+            bytes_out = self.push_state(done, finished=done == total)
             if done == total or self.due(done, self.args.checkpoint_every):
                 self.save_checkpoint(done)
             now = time.perf_counter()
             metrics.write({"round": done, "epoch": self.schedule.epoch_of(round_index), "train_loss": summary.loss,
                            "learners": summary.learners, "samples": summary.samples, "lr": lr,
                            "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
-                           "bytes_out": bytes_out if done < total else 0})
+                           "bytes_out": bytes_out})
             round_started = now
             progress.update()
             if done % max(1, total // 10) == 0:
@@ -435,9 +436,7 @@ class Leader:
             if stopped:
                 log.info("stopping on request after round %d", done)
                 self.save_checkpoint(done)
-            else:
-                save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
-            self.push_state(done, finished=True, stopped=stopped)
+                self.push_state(done, finished=True, stopped=True)
         finally:
             metrics.close()
             server.stop(grace=2).wait(5)

@@ -7,9 +7,12 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import launch
 import leader as leader_module
 import learner as learner_module
 import rpc
@@ -215,3 +218,46 @@ def test_learner_start_training_sets_it_going(live_learner):
     learner, stub = live_learner
     assert stub.StartTraining(learner_pb2.Empty(), timeout=10).success
     assert learner.started.is_set()
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory):
+    """A live leader with one started learner, shared by every generated example."""
+    port = launch.free_port()
+    args = leader_module.parse_args(["--learners", "1", "--dataset", "synthetic", "--host", "127.0.0.1",
+                                     "--port", str(port), "--out", str(tmp_path_factory.mktemp("fuzz"))])
+    leader = leader_module.Leader(args)
+    server = leader.serve()
+    stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(f"127.0.0.1:{port}"))
+    start(leader, stub)
+    yield leader, stub, gradient(leader)
+    server.stop(0)
+
+
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def send_and_check_untouched(fuzz_target, chunk: bytes) -> None:
+    leader, stub, _ = fuzz_target
+    before = model_hash(leader)
+    try:
+        accumulate(stub, chunk)
+    except grpc.RpcError as error:
+        assert error.code() in REFUSALS, (error.code(), error.details())
+    assert model_hash(leader) == before
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096))
+def test_live_leader_refuses_random_bytes_and_keeps_its_model(fuzz_target, chunk):
+    send_and_check_untouched(fuzz_target, chunk)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6),
+       st.sampled_from([None, 100, 4096, -1]))
+def test_live_leader_handles_mutated_gradients_and_keeps_its_model(fuzz_target, mutations, cut):
+    data = bytearray(fuzz_target[2])
+    for position, value in mutations:
+        data[position] = value
+    send_and_check_untouched(fuzz_target, bytes(data[:cut] if cut else data))

@@ -1,0 +1,123 @@
+"""TLS, mutual TLS and the shared token, on live servers; and the whole workflow over mutual TLS."""
+
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import leader as leader_module
+import learner as learner_module
+import rpc
+import wire
+from conftest import ROOT, logs, run_federation
+from metrics import read_metrics
+from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(ROOT / "certs.sh"), str(directory)], check=True, capture_output=True)
+    return directory
+
+
+def tls_flags(certs, name: str) -> list[str]:
+    return ["--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}.key"),
+            "--tls-ca", str(certs / "ca.pem")]
+
+
+def security(certs, name: str | None, token: str | None = None) -> rpc.Security:
+    read = lambda file: (certs / file).read_bytes()
+    if name is None:
+        return rpc.Security(ca=read("ca.pem"), token=token)
+    return rpc.Security(read(f"{name}.pem"), read(f"{name}.key"), read("ca.pem"), token)
+
+
+@pytest.fixture
+def secure_leader(tmp_path, port, certs):
+    """A live leader requiring mutual TLS and the token."""
+    args = leader_module.parse_args(["--learners", "2", "--dataset", "synthetic", "--host", "127.0.0.1",
+                                     "--port", str(port), "--out", str(tmp_path), "--token", TOKEN,
+                                     *tls_flags(certs, "leader")])
+    leader = leader_module.Leader(args)
+    server = leader.serve()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def register(address: str, credentials: rpc.Security):
+    stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, credentials))
+    return stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7001"), timeout=10)
+
+
+def test_leader_accepts_a_learner_certificate_with_the_token(secure_leader, certs):
+    assert register(secure_leader, security(certs, "learner", TOKEN)).success
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_leader_refuses_a_missing_or_wrong_token(secure_leader, certs, token):
+    with pytest.raises(grpc.RpcError) as error:
+        register(secure_leader, security(certs, "learner", token))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in error.value.details()
+
+
+def test_leader_refuses_a_client_without_a_certificate(secure_leader, certs):
+    with pytest.raises(grpc.RpcError) as error:
+        register(secure_leader, security(certs, None, TOKEN))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_leader_refuses_plaintext(secure_leader):
+    with pytest.raises(grpc.RpcError) as error:
+        register(secure_leader, rpc.Security(token=TOKEN))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_needs_tls_but_no_token(secure_leader, certs):
+    health = health_pb2_grpc.HealthStub(rpc.channel(secure_leader, security(certs, "learner")))
+    reply = health.Check(health_pb2.HealthCheckRequest(service="leader.LeaderService"), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture
+def secure_learner(secure_leader, certs):
+    args = learner_module.parse_args(["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN,
+                                      *tls_flags(certs, "learner")])
+    learner = learner_module.Learner(args)
+    yield learner
+    learner.server.stop(0)
+
+
+def sync(learner, credentials: rpc.Security):
+    stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials, 1 << 20))
+    state = wire.encode(learner.model.state_dict(), {"round": "5"})
+    return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10)
+
+
+def test_learner_takes_model_states_only_from_the_leaders_certificate(secure_learner, certs):
+    for impostor in (security(certs, "learner", TOKEN), security(certs, "learner", None), rpc.Security(token=TOKEN)):
+        with pytest.raises(grpc.RpcError) as error:
+            sync(secure_learner, impostor)
+        assert error.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                                      grpc.StatusCode.UNAVAILABLE)
+    assert secure_learner.inbox.take(5, timeout=0) is None
+    assert sync(secure_learner, security(certs, "leader", TOKEN)).success
+    assert secure_learner.inbox.take(5, timeout=0) is not None
+
+
+def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_learner, certs):
+    with pytest.raises(grpc.RpcError) as error:
+        sync(secure_learner, security(certs, "leader", None))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatch):
+    monkeypatch.setenv(rpc.TOKEN_VARIABLE, TOKEN)  # the environment variable, not the flag
+    codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "20", "--batch-size", "16",
+                                         *tls_flags(certs, "leader")], tls_flags(certs, "learner"))
+    assert codes == [0, 0, 0], logs(tmp_path)
+    assert len([r for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r]) == 20
+    assert "mutual TLS, token required" in (tmp_path / "leader.log").read_text()
