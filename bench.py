@@ -104,13 +104,14 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         self.layout = fedsgd.GradientLayout(model)
         self.gradient = self.layout.views(torch.randn(self.layout.size) * 1e-3)
         self.round = wire.metadata_int(state, "round")
-        self.inbox = learner.StateInbox()
+        self.inbox, self.started = learner.StateInbox(), threading.Event()
         self.server, port = rpc.start_server("127.0.0.1:0", [(learner_pb2_grpc.add_LearnerServiceServicer_to_server, self)],
                                              ["learner.LearnerService"], 64 << 20, workers=2)
         reply = self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
         self.learner_id = reply.learner_id
 
     def StartTraining(self, request, context):
+        self.started.set()
         return learner_pb2.Ack(success=True)
 
     def SyncModelState(self, request, context):
@@ -119,7 +120,9 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True)
 
     def run(self) -> None:
-        while True:
+        if not self.started.wait(SERVER_LIFETIME_S):
+            return
+        while True:  # each wait below is bounded; the leader's final state ends the loop
             metadata = {"learner_id": str(self.learner_id), "round": str(self.round), "samples": "64", "loss": "1.0"}
             self.stub.AccumulateGradients(leader_pb2.GradientData(chunk=wire.encode(self.gradient, metadata)), timeout=600)
             state = self.inbox.take(self.round + 1, 600)

@@ -18,14 +18,14 @@ import wire
 class GradientLayout:
     """Where each parameter gradient and float buffer of a model sits in one flat float32 vector."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, wire_dtype: torch.dtype = torch.float32) -> None:
         self.parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
         self.counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
         self.parameter_count = sum(p.numel() for _, p in self.parameters)
         self.size = self.parameter_count + sum(b.numel() for _, b in self.buffers)
-        self.spec: wire.TensorSpec = {
-            name: (torch.float32, tuple(t.shape)) for name, t in self.parameters + self.buffers
+        self.spec: wire.TensorSpec = {  # what a gradient payload must hold, in order
+            name: (wire_dtype, tuple(t.shape)) for name, t in self.parameters + self.buffers
         }
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

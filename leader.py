@@ -32,6 +32,7 @@ log = logging.getLogger("leader")
 WAIT_LOG_INTERVAL_S = 10.0
 WAIT_SLICE_S = 1.0  # how often waits look at stop requests and joiners
 RPC_TIMEOUT_S = 60.0
+MAX_IN_FLIGHT = 8  # concurrent pushes of a model state: bounds the leader's memory with many learners
 REFERENCE_BATCH = 128  # the learning rate --lr means at this total batch; scaled linearly
 
 
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="linear learning-rate warm-up before cosine decay (at most a fifth of training)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
+    parser.add_argument("--wire-dtype", choices=sorted(wire.WIRE_DTYPES), default="float32",
+                        help="precision of model states and gradients on the wire (float16/bfloat16 halve the bytes)")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N rounds (0: only at epoch ends and the end)")
     parser.add_argument("--round-timeout", type=float, default=120.0,
                         help="seconds to wait for all learners' gradients before closing a round with those that arrived")
@@ -112,7 +115,8 @@ class GlobalModel:
                  normalisation: tuple[list[float], list[float]]) -> None:
         torch.manual_seed(args.seed)
         self.model = build_model(architecture, num_classes)
-        self.layout = fedsgd.GradientLayout(self.model)
+        self.wire_dtype = wire.WIRE_DTYPES[args.wire_dtype]
+        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype)
         self.mean_gradient = torch.zeros(self.layout.size)
         self.layout.bind_gradients(self.mean_gradient)
         self.optimizer = fedsgd.make_optimizer(self.model, 0.0, args.momentum, args.weight_decay)
@@ -120,6 +124,7 @@ class GlobalModel:
         self.metadata = {
             "architecture": architecture, "num_classes": str(num_classes), "batch_size": str(args.batch_size),
             "seed": str(args.seed), "mean": ",".join(map(str, mean)), "std": ",".join(map(str, std)),
+            "wire_dtype": args.wire_dtype,
         }
         self.payload = self.encode(round_index=0, finished=False)
 
@@ -128,11 +133,12 @@ class GlobalModel:
         tells learners to exit, `stopped` that the leader was stopped early (it can be resumed)."""
         metadata = {**self.metadata, "round": str(round_index), "finished": "1" if finished else "0",
                     "stopped": "1" if stopped else "0"}
-        return wire.encode(self.model.state_dict(), metadata)
+        return wire.encode(wire.cast_floats(self.model.state_dict(), self.wire_dtype), metadata)
 
     def gradient_payload_bytes(self) -> int:
         """Size of a learner's gradient payload, to bound incoming messages."""
-        return len(wire.encode(self.layout.views(self.mean_gradient), {"learner_id": "0"}))
+        gradient = self.layout.views(self.mean_gradient.to(self.wire_dtype))
+        return len(wire.encode(gradient, {"learner_id": "0"}))
 
     def step(self, collector: RoundCollector, lr: float) -> RoundSummary:
         summary = collector.close(self.mean_gradient)
@@ -206,21 +212,28 @@ class Broadcaster:
 
     def send(self, learners: dict[int, str], method: str, request: object, on_failure: Callable[[int, str], None],
              timeout: float = RPC_TIMEOUT_S) -> list[grpc.Future]:
-        """Start stub.<method>(request) on every learner; on_failure(id, reason) runs for each that fails."""
-        calls = []
+        """Start stub.<method>(request) on every learner, at most MAX_IN_FLIGHT at a time (each call holds its
+        own serialised copy of the request until it is sent); on_failure(id, reason) runs for each that fails."""
+        slots, calls = threading.BoundedSemaphore(MAX_IN_FLIGHT), []
         for learner_id, address in learners.items():
+            slots.acquire(timeout=timeout)  # after a timeout, go on anyway: slow learners cannot stall the loop
             call = getattr(self.stub(address), method).future(request, timeout=timeout)
-            call.add_done_callback(lambda done, learner_id=learner_id: _report(done, learner_id, method, on_failure))
+            call.add_done_callback(lambda done, learner_id=learner_id: _report(done, learner_id, method, on_failure, slots))
             calls.append(call)
         return calls
 
 
-def _report(call: grpc.Future, learner_id: int, method: str, on_failure: Callable[[int, str], None]) -> None:
+def _report(call: grpc.Future, learner_id: int, method: str, on_failure: Callable[[int, str], None],
+            slots: threading.BoundedSemaphore) -> None:
+    try:
+        slots.release()
+    except ValueError:  # released already by a call whose acquire timed out
+        pass
     error = call.exception()
     if error is not None:
         on_failure(learner_id, f"{method} failed: {error.code().name} {error.details()}")
-    elif not call.result().success:
-        on_failure(learner_id, f"{method} refused: {call.result().message}")
+    elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
+        on_failure(learner_id, f"{method} refused: {reply.message}")
 
 
 def wait_calls(calls: list[grpc.Future], timeout: float) -> None:

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=utils.DATASETS,
                         help="train on this local dataset instead of a shard from the leader (raw data stays here)")
     parser.add_argument("--data-dir", default="data", help="where the local --dataset lives")
+    parser.add_argument("--device", default="auto", help="where to train: auto (a CUDA GPU if there is one, "
+                        "else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores; give each learner "
                         "its share when several run on one machine)")
     parser.add_argument("--connect-timeout", type=float, default=300.0,
@@ -193,14 +195,19 @@ class Learner:
         state_bytes = retry_until(time.monotonic() + args.connect_timeout, lambda: fetch_model(self.leader), "GetModel")
         state = wire.decode(state_bytes)
         self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
-        self.state_spec = wire.spec_of(self.model.state_dict())
+        self.wire_dtype = wire.WIRE_DTYPES.get(state.metadata.get("wire_dtype", "float32"))
+        if self.wire_dtype is None:
+            raise wire.PayloadError(f"unknown wire_dtype {state.metadata['wire_dtype']!r}")
+        self.state_spec = wire.spec_of(self.model.state_dict(), self.wire_dtype)
         self.adopt(state)
+        self.device = runtime.pick_device(args.device)
+        self.model.to(self.device)
         self.batch_size = wire.metadata_int(state, "batch_size", 1)
         self.seed = wire.metadata_int(state, "seed")
         self.mean = [float(value) for value in state.metadata["mean"].split(",")]
         self.std = [float(value) for value in state.metadata["std"].split(",")]
         self.layout = fedsgd.GradientLayout(self.model)
-        self.gradient = torch.zeros(self.layout.size)
+        self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)
         self.inbox, self.started = StateInbox(), threading.Event()
         servicer = LearnerServicer(self.state_spec, self.inbox, self.started,
@@ -266,7 +273,8 @@ class Learner:
     def send_gradient(self, round_index: int, loss: float) -> None:
         metadata = {"learner_id": str(self.learner_id), "round": str(round_index),
                     "samples": str(self.batch_size), "loss": repr(loss)}
-        request = leader_pb2.GradientData(chunk=wire.encode(self.layout.views(self.gradient), metadata))
+        gradient = self.layout.views(self.gradient.to("cpu", self.wire_dtype))  # no copy for float32 on the CPU
+        request = leader_pb2.GradientData(chunk=wire.encode(gradient, metadata))
         try:
             reply = self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as error:
@@ -292,7 +300,8 @@ class Learner:
     def train(self) -> wire.Payload:
         """Rounds until the leader marks a state finished: gradient of the round's batch, then the new state."""
         schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
-        prepare = lambda index: (index, utils.training_batch(self.data, schedule, index, self.mean, self.std))
+        prepare = lambda index: (index, [tensor.to(self.device) for tensor in
+                                         utils.training_batch(self.data, schedule, index, self.mean, self.std)])
         prepared, batch = prepare(self.round)
         compute_seconds, computed_rounds = 0.0, 0
         while True:
@@ -339,7 +348,7 @@ class Learner:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runtime.configure_logging("learner", args.verbose)
-    log.info("using %d torch threads", runtime.set_threads(args.threads))
+    log.info("using %d torch threads; training on %s", runtime.set_threads(args.threads), runtime.pick_device(args.device))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly, like Ctrl-C
     try:
         Learner(args).run()

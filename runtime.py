@@ -30,6 +30,16 @@ def set_threads(count: int) -> int:
     return chosen
 
 
+def pick_device(name: str) -> torch.device:
+    """The torch device for a --device value; auto means a CUDA GPU when one is available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Temporarily run torch with count threads."""

@@ -35,6 +35,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Precisions offered for floating-point tensors on the wire (leader.py --wire-dtype).
+WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Views of immutable received bytes are never written to; torch's warning about that is noise here.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -142,9 +144,16 @@ def _view(buffer: bytes, dtype: torch.dtype, shape: tuple[int, ...], offset: int
 TensorSpec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
-def spec_of(tensors: Mapping[str, torch.Tensor]) -> TensorSpec:
-    """The names, dtypes and shapes a payload must match, taken from reference tensors."""
-    return {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+def spec_of(tensors: Mapping[str, torch.Tensor], float_dtype: torch.dtype | None = None) -> TensorSpec:
+    """The names, dtypes and shapes a payload must match, taken from reference tensors
+    (floating-point ones travel as float_dtype, if given)."""
+    return {name: (float_dtype if float_dtype and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
+            for name, tensor in tensors.items()}
+
+
+def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors with floating-point ones converted to dtype (no copy when they already are)."""
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
 def check_matches(payload: Payload, spec: TensorSpec) -> None:

@@ -54,7 +54,7 @@ def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
     assert [r["learners"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r] == [2, 2]
 
 
-@pytest.mark.parametrize("script", ["leader.py", "learner.py", "launch.py"])
+@pytest.mark.parametrize("script", ["leader.py", "learner.py", "launch.py", "bench.py"])
 def test_every_entry_point_explains_its_flags(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--" in result.stdout and "usage" in result.stdout
@@ -65,3 +65,16 @@ def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
                              "--batch-size", "9000", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "exceeds the 5000 samples" in result.stderr
+
+
+def test_float16_on_the_wire_halves_the_bytes(tmp_path):
+    common = ["--dataset", "synthetic", "--rounds", "6", "--batch-size", "16", "--eval-every", "0"]
+    bytes_per_round = {}
+    for dtype in ("float32", "float16"):
+        out = tmp_path / dtype
+        codes = run_federation(out, 2, [*common, "--wire-dtype", dtype])
+        assert codes == [0, 0, 0], logs(out)
+        rounds = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+        assert all(r["learners"] == 2 for r in rounds)
+        bytes_per_round[dtype] = rounds[-1]["bytes_in"] + rounds[-1]["bytes_out"]
+    assert 0.49 < bytes_per_round["float16"] / bytes_per_round["float32"] < 0.52
