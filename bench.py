@@ -214,17 +214,36 @@ def model_transfer(repeats: int) -> dict:
             "raw_grpc_by_chunk_gbps": {str(size): total / r["median"] / 1e9 for size, r in raw.items()}}
 
 
-def federation_run(out: Path, learners: int, leader_args: list[str], learner_args: list[str] = ()) -> list[dict]:
-    codes = launch.wait_all(list(_flatten(launch.start_federation(learners, leader_args, launch.free_port(), out,
-                                                                  list(learner_args)))), 900)
+def federation_run(out: Path, learners: int, leader_args: list[str], learner_args: list[str] = ()) -> tuple[list[dict], list]:
+    """Run a local federation to the end; return its metrics and (rounds done, loopback bytes) samples."""
+    leader_process, learner_processes = launch.start_federation(learners, leader_args, launch.free_port(), out,
+                                                                list(learner_args))
+    samples = []
+    while leader_process.poll() is None:
+        samples.append((rounds_done(out / "metrics.jsonl"), loopback_bytes()))
+        time.sleep(0.05)
+    codes = launch.wait_all([leader_process, *learner_processes], 900)
     if codes != [0] * (learners + 1):
         raise RuntimeError(f"federation failed with exit codes {codes}; see {out}")
-    return read_metrics(out / "metrics.jsonl")
+    return read_metrics(out / "metrics.jsonl"), samples
 
 
-def _flatten(pair):
-    leader_process, learner_processes = pair
-    return [leader_process, *learner_processes]
+def rounds_done(path: Path) -> int:
+    return path.read_text().count("train_loss") if path.exists() else 0
+
+
+def loopback_bytes() -> int:
+    """Bytes the kernel has carried over the loopback interface (each packet counted once)."""
+    with open("/proc/net/dev") as devices:
+        line = next(line for line in devices if line.strip().startswith("lo:"))
+    return int(line.split(":")[1].split()[0])
+
+
+def os_bytes_per_round(samples: list, first: int, last: int) -> float:
+    """Loopback bytes per round between the samples where rounds first and last were reached."""
+    start = next(sample for sample in samples if sample[0] >= first)
+    end = next(sample for sample in samples if sample[0] >= last)
+    return (end[1] - start[1]) / (end[0] - start[0])
 
 
 def plain_step_seconds(batch: int, threads: int, steps: int, with_optimizer: bool = True) -> list[float]:
@@ -254,9 +273,9 @@ def round_overhead(work: Path, rounds: int) -> dict:
     """Median FedSGD round (2 learners, batch 64 each, ResNet-20) over a plain process's step."""
     threads = max(1, runtime.available_cores() // 2)
     plain_before = plain_step_seconds(64, threads, 10)
-    records = federation_run(work / "rounds", 2, ["--dataset", "synthetic", "--rounds", str(rounds),
-                                                   "--batch-size", "64", "--eval-every", "0"],
-                             ["--log-every", "10"])
+    records, samples = federation_run(work / "rounds", 2, ["--dataset", "synthetic", "--rounds", str(rounds),
+                                                            "--batch-size", "64", "--eval-every", "0"],
+                                      ["--log-every", "10"])
     seconds = [r["seconds"] for r in records if "train_loss" in r][3:]
     plain = spread(plain_before + plain_step_seconds(64, threads, 10))
     coscheduled = spread(coscheduled_step_seconds(2, threads, 20))
@@ -273,6 +292,7 @@ def round_overhead(work: Path, rounds: int) -> dict:
                                  "two_plain_processes_step_s": coscheduled},
         "wire_bytes_ratio": {"value": statistics.median(per_learner) / (2 * parameter_bytes),
                              "bytes_per_learner_round": statistics.median(per_learner),
+                             "os_loopback_bytes_per_learner_round": os_bytes_per_round(samples, 5, rounds - 5) / 2,
                              "parameter_bytes": parameter_bytes},
         "learner_throughput_ratio": {"value": statistics.median(learner_rates) / plain_rate,
                                      "federated_images_per_s": spread(learner_rates), "plain_images_per_s": plain_rate,
@@ -347,7 +367,7 @@ def serialization(repeats: int) -> dict:
 
 def time_to_accuracy(work: Path, rounds: int, target: float = 0.90) -> dict:
     """Wall time to `target` test accuracy: 2 learners of batch 32 against one process of batch 64."""
-    records = federation_run(work / "tta", 2, ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "32",
+    records, _ = federation_run(work / "tta", 2, ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "32",
                                                 "--eval-every", "10"])
     federated = _seconds_to(records, target)
     central = _seconds_to(centralised_records(rounds, 64, target), target)
