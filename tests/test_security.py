@@ -97,15 +97,26 @@ def sync(learner, credentials: rpc.Security):
     return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10)
 
 
-def test_learner_takes_model_states_only_from_the_leaders_certificate(secure_learner, certs):
+def start(learner, credentials: rpc.Security):
+    stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials))
+    return stub.StartTraining(learner_pb2.Empty(), timeout=10)
+
+
+def test_learner_takes_orders_only_from_the_leaders_certificate(secure_learner, certs):
     for impostor in (security(certs, "learner", TOKEN), security(certs, "learner", None), rpc.Security(token=TOKEN)):
-        with pytest.raises(grpc.RpcError) as error:
-            sync(secure_learner, impostor)
-        assert error.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-                                      grpc.StatusCode.UNAVAILABLE)
+        for call in (sync, start):
+            with pytest.raises(grpc.RpcError) as error:
+                call(secure_learner, impostor)
+            assert error.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                                          grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(grpc.RpcError) as error:
+        sync(secure_learner, security(certs, "learner", TOKEN))
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
+    assert not secure_learner.started.is_set()
     assert secure_learner.inbox.take(5, timeout=0) is None
     assert sync(secure_learner, security(certs, "leader", TOKEN)).success
     assert secure_learner.inbox.take(5, timeout=0) is not None
+    assert start(secure_learner, security(certs, "leader", TOKEN)).success and secure_learner.started.is_set()
 
 
 def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_learner, certs):

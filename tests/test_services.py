@@ -56,19 +56,23 @@ def accumulate(stub, chunk: bytes):
 
 def test_registration_assigns_ids_and_refuses_past_the_limit(live_leader):
     stub = live_leader.stub
+    before = model_hash(live_leader.leader)
     first, second = register(stub, "127.0.0.1:7001"), register(stub, "127.0.0.1:7002")
     assert (first.success, first.learner_id, first.max_learners) == (True, 0, 2)
     assert (second.success, second.learner_id) == (True, 1)
     third = register(stub, "127.0.0.1:7003")
     assert not third.success and "already has its 2 learners" in third.message
     assert register(stub, "127.0.0.1:7001").learner_id == 0
+    assert model_hash(live_leader.leader) == before
 
 
 @pytest.mark.parametrize("address", ["", "no-port", "host:99999"])
 def test_registration_refuses_malformed_addresses(live_leader, address):
     stub = live_leader.stub
+    before = model_hash(live_leader.leader)
     reply = register(stub, address)
     assert not reply.success and "network_addr" in reply.message
+    assert model_hash(live_leader.leader) == before and live_leader.leader.registry.addresses() == []
 
 
 def test_get_model_streams_the_checked_global_state(live_leader):
@@ -92,9 +96,11 @@ def test_get_data_sends_the_registered_learners_shard_as_uint8(live_leader):
 
 def test_get_data_from_an_unregistered_address_is_not_found(live_leader):
     stub = live_leader.stub
+    before = model_hash(live_leader.leader)
     with pytest.raises(grpc.RpcError) as error:
         list(stub.GetData(leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:9"), timeout=10))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "RegisterLearner" in error.value.details()
+    assert model_hash(live_leader.leader) == before
 
 
 def start(leader, stub, address: str = "127.0.0.1:7001") -> None:
@@ -218,6 +224,13 @@ def test_learner_start_training_sets_it_going(live_learner):
     learner, stub = live_learner
     assert stub.StartTraining(learner_pb2.Empty(), timeout=10).success
     assert learner.started.is_set()
+
+
+def test_learner_serves_health_checks(live_learner):
+    learner, _ = live_learner
+    health = health_pb2_grpc.HealthStub(rpc.channel(learner.address))
+    reply = health.Check(health_pb2.HealthCheckRequest(service="learner.LearnerService"), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture(scope="module")
