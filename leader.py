@@ -266,7 +266,8 @@ class Leader:
         first_round = checkpoint["round"] if checkpoint else 0
         self.registry = Registry(args.learners, checkpoint["addresses"] if checkpoint else [])
         self.collector = RoundCollector(self.global_model.layout.size, first_round)
-        self.global_model.payload = self.global_model.encode(first_round, finished=False)
+        if checkpoint:
+            self.global_model.payload = self.global_model.encode(first_round, finished=False)
         self.broadcaster = Broadcaster(self.security)
         self.stopping = threading.Event()
         log.info("%s with %d parameters; %d train / %d test images, %d per learner; %d rounds "

@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Callable, TypeVar
 
 import grpc
 import torch
@@ -21,6 +22,7 @@ from model import build_model
 from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 log = logging.getLogger("learner")
+T = TypeVar("T")
 
 MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
 WAIT_LOG_INTERVAL_S = 10.0
@@ -162,10 +164,10 @@ def fetch_model(leader: leader_pb2_grpc.LeaderServiceStub) -> bytes:
     return wire.join((message.chunk for message in stream), MAX_STREAM_BYTES)
 
 
-def retry_until(deadline: float, action, what: str):
+def retry_until(deadline: float, action: Callable[[], T], what: str) -> T:
     """Run action until it stops failing with UNAVAILABLE or the deadline passes, backing off."""
     delay = 0.5
-    while True:
+    while True:  # ends by returning, or by raising once the deadline has passed
         try:
             return action()
         except grpc.RpcError as error:
@@ -304,7 +306,7 @@ class Learner:
                                          utils.training_batch(self.data, schedule, index, self.mean, self.std)])
         prepared, batch = prepare(self.round)
         compute_seconds, computed_rounds = 0.0, 0
-        while True:
+        while True:  # every wait inside is bounded (--wait-timeout); the leader's final state ends it
             started = time.perf_counter()
             if prepared != self.round:
                 prepared, batch = prepare(self.round)
@@ -326,19 +328,21 @@ class Learner:
             if state.metadata.get("finished") == "1":
                 return state
 
+    def train_until_final(self) -> wire.Payload:
+        """Train through leader losses until the leader sends its final state; return that state."""
+        while True:  # each pass ends in the final state, or in a reconnect bounded by --connect-timeout
+            self.wait_for_start()
+            try:
+                return self.train()
+            except LeaderLost as lost:
+                if self.inbox.final is not None:  # it said goodbye before it went
+                    return self.inbox.final
+                log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.args.connect_timeout)
+                self.reconnect()
+
     def run(self) -> None:
         try:
-            while True:
-                self.wait_for_start()
-                try:
-                    final = self.train()
-                    break
-                except LeaderLost as lost:
-                    if self.inbox.final is not None:  # it said goodbye before it went
-                        final = self.inbox.final
-                        break
-                    log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.args.connect_timeout)
-                    self.reconnect()
+            final = self.train_until_final()
             how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
             log.info("the leader %s at round %d", how, wire.metadata_int(final, "round"))
         finally:
