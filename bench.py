@@ -398,15 +398,16 @@ def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
     gradient = torch.zeros(layout.size)
     layout.bind_gradients(gradient)
     optimizer = fedsgd.make_optimizer(model, 0.0, 0.9, 5e-4)
-    schedule = utils.BatchSchedule(len(train), batch, 0)
-    base_lr, warmup = 0.1 * batch / leader.REFERENCE_BATCH, min(len(train) // batch, rounds // 5)
+    batches = utils.BatchSchedule(len(train), batch, 0)
+    args = leader.parse_args(["--learners", "1", "--batch-size", str(batch), "--rounds", str(rounds)])
+    lr_schedule = leader.make_schedule(args, len(train))  # the leader's own schedule for one learner of this batch
     records = []
     for round_index in range(rounds):
         started = time.perf_counter()
-        images, labels = utils.training_batch(train, schedule, round_index, mean, std)
+        images, labels = utils.training_batch(train, batches, round_index, mean, std)
         fedsgd.compute_gradient(model, layout, gradient, images, labels)
         for group in optimizer.param_groups:
-            group["lr"] = fedsgd.learning_rate(round_index, base_lr, warmup, rounds)
+            group["lr"] = lr_schedule.lr(round_index)
         optimizer.step()
         records.append({"train_loss": 0.0, "seconds": time.perf_counter() - started})
         if (round_index + 1) % 10 == 0:

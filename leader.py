@@ -214,21 +214,18 @@ class Broadcaster:
              timeout: float = RPC_TIMEOUT_S) -> list[grpc.Future]:
         """Start stub.<method>(request) on every learner, at most MAX_IN_FLIGHT at a time (each call holds its
         own serialised copy of the request until it is sent); on_failure(id, reason) runs for each that fails."""
-        slots, calls = threading.BoundedSemaphore(MAX_IN_FLIGHT), []
+        slots, calls = threading.Semaphore(MAX_IN_FLIGHT), []
         for learner_id, address in learners.items():
-            slots.acquire(timeout=timeout)  # after a timeout, go on anyway: slow learners cannot stall the loop
+            # After a timeout, send anyway without a slot: slow learners cannot stall the loop.
+            release = slots.release if slots.acquire(timeout=timeout) else (lambda: None)
             call = getattr(self.stub(address), method).future(request, timeout=timeout)
-            call.add_done_callback(lambda done, learner_id=learner_id: _report(done, learner_id, method, on_failure, slots))
+            call.add_done_callback(lambda done, learner_id=learner_id, release=release:
+                                   (release(), _report(done, learner_id, method, on_failure)))
             calls.append(call)
         return calls
 
 
-def _report(call: grpc.Future, learner_id: int, method: str, on_failure: Callable[[int, str], None],
-            slots: threading.BoundedSemaphore) -> None:
-    try:
-        slots.release()
-    except ValueError:  # released already by a call whose acquire timed out
-        pass
+def _report(call: grpc.Future, learner_id: int, method: str, on_failure: Callable[[int, str], None]) -> None:
     error = call.exception()
     if error is not None:
         on_failure(learner_id, f"{method} failed: {error.code().name} {error.details()}")
@@ -323,7 +320,7 @@ class Leader:
     def wait_for_learners(self) -> bool:
         """Wait until --learners learners registered (after a resume, --min-learners suffice once
         --round-timeout has passed); False if stopped first."""
-        started = time.monotonic()
+        started, last_log = time.monotonic(), 0.0
         while not self.registry.wait_for(self.args.learners, WAIT_SLICE_S):
             waited = time.monotonic() - started
             present = self.registry.count()
@@ -334,7 +331,8 @@ class Leader:
             if waited > self.args.register_timeout:
                 raise SystemExit(f"only {present} of {self.args.learners} learners registered within "
                                  f"--register-timeout {self.args.register_timeout:.0f} s; start more learners or lower --learners")
-            if int(waited) % WAIT_LOG_INTERVAL_S == 0:
+            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = waited
                 log.info("%d of %d learners registered; waiting", present, self.args.learners)
         return True
 
@@ -433,7 +431,7 @@ class Leader:
         """Encode the state after rounds_done once and send it to every active learner; return bytes sent."""
         self.global_model.payload = self.global_model.encode(rounds_done, finished, stopped)
         request = learner_pb2.ModelState(chunk=self.global_model.payload)
-        learners = {learner_id: self.registry.addresses()[learner_id] for learner_id in self.registry.active()}
+        learners = self.registry.active_addresses()
         calls = self.broadcaster.send(learners, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
         if finished:
             wait_calls(calls, self.args.sync_timeout)

@@ -78,6 +78,11 @@ class Registry:
         with self._changed:
             return sorted(self._active)
 
+    def active_addresses(self) -> dict[int, str]:
+        """Id to address of every active learner, as one consistent snapshot."""
+        with self._changed:
+            return {learner_id: self._addresses[learner_id] for learner_id in sorted(self._active)}
+
     def take_joiners(self) -> dict[int, str]:
         """The learners that registered since the last call, and their addresses; they count as active."""
         with self._changed:
@@ -92,13 +97,13 @@ class Registry:
 
     def count(self) -> int:
         """Learners active or waiting to be started."""
-        with self._changed:
+        with self._changed:  # re-entrant: wait_for below calls this while holding the lock
             return len(self._active | self._joiners)
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Whether at least count learners are active or joining, waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._active | self._joiners) >= count, timeout)
+            return self._changed.wait_for(lambda: self.count() >= count, timeout)
 
 
 @dataclass(frozen=True)
