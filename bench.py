@@ -82,7 +82,7 @@ def serve_model(port: int, architecture: str) -> None:
     args = leader.parse_args(["--model", architecture])
     global_model = leader.GlobalModel(architecture, 10, args, ([0.5] * 3, [0.25] * 3))
     servicer = leader.LeaderServicer(Registry(1), RoundCollector(1, 1), global_model, lambda learner_id: b"")
-    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(leader_pb2_grpc.add_LeaderServiceServicer_to_server, servicer)],
+    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(leader.ADD_LEADER_SERVICE, servicer)],
                                  ["leader.LeaderService"], 1 << 20)
     server.wait_for_termination(SERVER_LIFETIME_S)
 
@@ -98,14 +98,15 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
     """A learner that sends a valid, precomputed ResNet-20 gradient each round instead of training."""
 
     def __init__(self, leader_address: str) -> None:
-        self.stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(leader_address))
-        state = wire.decode(learner.fetch_model(self.stub))
+        channel = rpc.channel(leader_address)
+        self.stub = leader_pb2_grpc.LeaderServiceStub(channel)
+        state = learner.fetch_model(channel)
         model = build_model(state.metadata["architecture"])
         self.layout = fedsgd.GradientLayout(model)
         self.gradient = self.layout.views(torch.randn(self.layout.size) * 1e-3)
         self.round = wire.metadata_int(state, "round")
         self.inbox, self.started = learner.StateInbox(), threading.Event()
-        self.server, port = rpc.start_server("127.0.0.1:0", [(learner_pb2_grpc.add_LearnerServiceServicer_to_server, self)],
+        self.server, port = rpc.start_server("127.0.0.1:0", [(learner.ADD_LEARNER_SERVICE, self)],
                                              ["learner.LearnerService"], 64 << 20, workers=2)
         reply = self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
         self.learner_id = reply.learner_id
@@ -143,28 +144,31 @@ def fake_learners(leader_address: str, count: int) -> None:
 
 # ---- figures --------------------------------------------------------------------------------
 
-def receive_raw(port: int) -> int:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    received = sum(len(chunk) for chunk in channel.unary_stream(RAW_METHOD)(b"", timeout=120))
-    channel.close()
-    return received
+def receive_raw(channel: grpc.Channel) -> int:
+    return sum(len(chunk) for chunk in channel.unary_stream(RAW_METHOD)(b"", timeout=120))
 
 
-def receive_model(stub, model: torch.nn.Module, spec: wire.TensorSpec) -> int:
-    data = learner.fetch_model(stub)
-    state = wire.decode(data)
-    wire.check_matches(state, spec)
-    learner.load_state(model, state)
-    return len(data)
+def receive_model(channel: grpc.Channel, model: torch.nn.Module, spec: wire.TensorSpec) -> None:
+    """What a learner does with GetModel (Learner.adopt): receive, check, load."""
+    state = learner.fetch_model(channel)
+    wire.check_layout(state, spec)
+    learner.load_state(model, state, take_over=True)
 
 
 def timed(action, repeats: int) -> list[float]:
-    action()  # warm-up: connections, page faults, allocator
-    times = []
+    return [times[0] for times in timed_together([action], repeats)]
+
+
+def timed_together(actions: list, repeats: int) -> list[list[float]]:
+    """Seconds of each action, the actions taking turns so that the machine's drift hits them alike."""
+    for action in actions:
+        action()  # warm-up: connections, page faults, allocator
+    times = [[] for _ in actions]
     for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
+        for action, seconds in zip(actions, times):
+            started = time.perf_counter()
+            action()
+            seconds.append(time.perf_counter() - started)
     return times
 
 
@@ -188,30 +192,32 @@ def tcp_seconds(total: int) -> float:
 
 
 def model_transfer(repeats: int) -> dict:
-    """GetModel of ResNet-18 into a learner's model, against a bare gRPC stream of the same bytes."""
+    """GetModel of ResNet-18 into a learner's model, against a bare gRPC stream of the same bytes
+    (its best chunk size), the two taking turns."""
     model = build_model("resnet18")
     total = len(wire.encode(model.state_dict()))
-    raw = {}
+    servers, raw_channels = [], {}
     for chunk in (256 << 10, 1 << 20, 4 << 20):
         port = launch.free_port()
-        server = child("_serve-raw", str(port), str(total), str(chunk))
+        servers.append(child("_serve-raw", str(port), str(total), str(chunk)))
         wait_for_port(port)
-        raw[chunk] = spread(timed(lambda: receive_raw(port), repeats))
-        server.kill()
-    best_chunk = min(raw, key=lambda size: raw[size]["median"])
+        raw_channels[chunk] = grpc.insecure_channel(f"127.0.0.1:{port}")
     port = launch.free_port()
-    server = child("_serve-model", str(port), "resnet18")
+    servers.append(child("_serve-model", str(port), "resnet18"))
     wait_for_port(port)
-    stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(f"127.0.0.1:{port}"))
-    spec = wire.spec_of(model.state_dict())
-    ours = spread(timed(lambda: receive_model(stub, model, spec), repeats))
-    server.kill()
+    channel, spec = rpc.channel(f"127.0.0.1:{port}"), wire.spec_of(model.state_dict())
+    by_chunk = {chunk: statistics.median(timed(lambda: receive_raw(raw), repeats)) for chunk, raw in raw_channels.items()}
+    best_chunk = min(by_chunk, key=by_chunk.get)
+    raw_times, our_times = timed_together([lambda: receive_raw(raw_channels[best_chunk]),
+                                           lambda: receive_model(channel, model, spec)], 3 * repeats)
+    for server in servers:
+        server.kill()
     tcp = spread([tcp_seconds(total) for _ in range(repeats)])
-    best = raw[best_chunk]["median"]
-    return {"value": best / ours["median"], "bytes": total, "ours_s": ours, "raw_grpc_s": raw[best_chunk],
+    raw, ours = spread(raw_times), spread(our_times)
+    return {"value": raw["median"] / ours["median"], "bytes": total, "ours_s": ours, "raw_grpc_s": raw,
             "raw_best_chunk": best_chunk, "ours_gbps": total / ours["median"] / 1e9,
-            "raw_grpc_gbps": total / best / 1e9, "raw_tcp_gbps": total / tcp["median"] / 1e9,
-            "raw_grpc_by_chunk_gbps": {str(size): total / r["median"] / 1e9 for size, r in raw.items()}}
+            "raw_grpc_gbps": total / raw["median"] / 1e9, "raw_tcp_gbps": total / tcp["median"] / 1e9,
+            "raw_grpc_by_chunk_gbps": {str(size): total / seconds / 1e9 for size, seconds in by_chunk.items()}}
 
 
 def federation_run(out: Path, learners: int, leader_args: list[str], learner_args: list[str] = ()) -> tuple[list[dict], list]:

@@ -33,6 +33,10 @@ WAIT_LOG_INTERVAL_S = 10.0
 WAIT_SLICE_S = 1.0  # how often waits look at stop requests and joiners
 RPC_TIMEOUT_S = 60.0
 MAX_IN_FLIGHT = 8  # concurrent pushes of a model state: bounds the leader's memory with many learners
+# Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (rpc.chunk_messages),
+# AccumulateGradients gets an rpc.ChunkRequest.
+ADD_LEADER_SERVICE = rpc.without_protobuf_copies(leader_pb2_grpc.add_LeaderServiceServicer_to_server,
+                                                 replies={"GetModel", "GetData"}, requests={"AccumulateGradients"})
 REFERENCE_BATCH = 128  # the learning rate --lr means at this total batch; scaled linearly
 
 
@@ -127,6 +131,16 @@ class GlobalModel:
             "wire_dtype": args.wire_dtype,
         }
         self.payload = self.encode(round_index=0, finished=False)
+        self._messages: tuple[bytes, list[bytes]] = (b"", [])
+
+    def model_messages(self) -> list[bytes]:
+        """The current state as serialised ModelChunk messages, built once per state for all GetModel calls."""
+        payload = self.payload
+        cached_payload, messages = self._messages
+        if cached_payload is not payload:
+            messages = list(rpc.chunk_messages(payload))
+            self._messages = (payload, messages)
+        return messages
 
     def encode(self, round_index: int, finished: bool, stopped: bool = False) -> bytes:
         """The state_dict with everything a learner needs to train on from round_index; `finished`
@@ -161,20 +175,18 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                                           learner_id=-1 if learner_id is None else learner_id,
                                           max_learners=self.registry.capacity)
 
-    def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[leader_pb2.ModelChunk]:
-        for chunk in wire.split(self.global_model.payload):
-            yield leader_pb2.ModelChunk(chunk=chunk)
+    def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self.global_model.model_messages()
 
-    def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[leader_pb2.DataChunk]:
+    def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         learner_id = self.registry.id_of(request.network_addr)
         if learner_id is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"{request.network_addr!r} has not registered; call RegisterLearner with this address first")
         log.info("sending learner %d its data shard", learner_id)
-        for chunk in wire.split(self.shard_payload(learner_id)):
-            yield leader_pb2.DataChunk(chunk=chunk)
+        yield from rpc.chunk_messages(self.shard_payload(learner_id))  # serialised DataChunk messages
 
-    def AccumulateGradients(self, request: leader_pb2.GradientData, context: grpc.ServicerContext) -> leader_pb2.Ack:
+    def AccumulateGradients(self, request: rpc.ChunkRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
         try:
             payload = wire.decode(request.chunk)
             learner_id = wire.metadata_int(payload, "learner_id")
@@ -310,7 +322,7 @@ class Leader:
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}",
-            [(leader_pb2_grpc.add_LeaderServiceServicer_to_server, servicer)],
+            [(ADD_LEADER_SERVICE, servicer)],
             [leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name], limit, self.security,
         )
         log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", self.args.host, port,

@@ -28,6 +28,10 @@ MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer 
 WAIT_LOG_INTERVAL_S = 10.0
 RPC_TIMEOUT_S = 60.0
 HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting for a state, how often to check the leader is alive
+LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+# A pushed model state reaches SyncModelState as an rpc.ChunkRequest (no protobuf copies of it).
+ADD_LEARNER_SERVICE = rpc.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
+                                                  requests={"SyncModelState"})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,7 +128,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self.started.set()
         return learner_pb2.Ack(success=True, message="training started")
 
-    def SyncModelState(self, request: learner_pb2.ModelState, context: grpc.ServicerContext) -> learner_pb2.Ack:
+    def SyncModelState(self, request: rpc.ChunkRequest, context: grpc.ServicerContext) -> learner_pb2.Ack:
         self.check_caller(context)
         try:
             payload = wire.decode(request.chunk)
@@ -137,11 +141,17 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model state for round {round_index} received")
 
 
-def load_state(model: torch.nn.Module, payload: wire.Payload) -> None:
-    """Copy a checked state payload into the model."""
+def load_state(model: torch.nn.Module, payload: wire.Payload, take_over: bool = False) -> None:
+    """Copy a checked state payload into the model. With take_over, the model instead takes the payload's
+    tensors themselves where dtype and device match: they must be writable and used nowhere else,
+    as wire.receive's are."""
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            tensor.copy_(payload.tensors[name])
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            received = payload.tensors[name]
+            if take_over and received.dtype == tensor.dtype and received.device == tensor.device:
+                tensor.data = received  # the same Parameter or buffer object, now over the received bytes
+            else:
+                tensor.copy_(received)
 
 
 def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSet:
@@ -158,10 +168,18 @@ def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSe
     return utils.ImageSet(images, labels, num_classes)
 
 
-def fetch_model(leader: leader_pb2_grpc.LeaderServiceStub) -> bytes:
-    """The leader's current model state payload, reassembled from GetModel's stream."""
-    stream = leader.GetModel(leader_pb2.Empty(), timeout=RPC_TIMEOUT_S)
-    return wire.join((message.chunk for message in stream), MAX_STREAM_BYTES)
+def fetch_model(channel: grpc.Channel) -> wire.Payload:
+    """The leader's current model state from GetModel, checked finite as it streams in."""
+    return receive_stream(channel, "GetModel", leader_pb2.Empty(), check_finite=True)
+
+
+def receive_stream(channel: grpc.Channel, method: str, request, check_finite: bool = False) -> wire.Payload:
+    """The payload a LeaderService method streams in chunks, decoded as they arrive."""
+    call = rpc.chunk_stream(channel, LEADER_SERVICE, method)(request, timeout=RPC_TIMEOUT_S)
+    try:
+        return wire.receive(call, MAX_STREAM_BYTES, check_finite)
+    finally:
+        call.cancel()  # frees the stream if the payload was refused part way; no-op once it is complete
 
 
 def retry_until(deadline: float, action: Callable[[], T], what: str) -> T:
@@ -192,10 +210,10 @@ class Learner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.security = rpc.Security.from_args(args)
-        self.leader = leader_pb2_grpc.LeaderServiceStub(rpc.channel(args.leader, self.security))
+        self.channel = rpc.channel(args.leader, self.security)
+        self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(rpc.channel(args.leader, self.security))
-        state_bytes = retry_until(time.monotonic() + args.connect_timeout, lambda: fetch_model(self.leader), "GetModel")
-        state = wire.decode(state_bytes)
+        state = retry_until(time.monotonic() + args.connect_timeout, lambda: fetch_model(self.channel), "GetModel")
         self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
         self.wire_dtype = wire.WIRE_DTYPES.get(state.metadata.get("wire_dtype", "float32"))
         if self.wire_dtype is None:
@@ -215,18 +233,18 @@ class Learner:
         servicer = LearnerServicer(self.state_spec, self.inbox, self.started,
                                    args.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
-            f"{args.host}:{args.port}", [(learner_pb2_grpc.add_LearnerServiceServicer_to_server, servicer)],
+            f"{args.host}:{args.port}", [(ADD_LEARNER_SERVICE, servicer)],
             [learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name],
-            len(state_bytes) + rpc.ENVELOPE_BYTES, self.security,
+            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security,
         )
         self.address = args.advertise or default_advertise(args.leader, port)
         self.learner_id, self.data = -1, None
         self.join(time.monotonic() + args.connect_timeout)
 
     def adopt(self, state: wire.Payload) -> None:
-        """Check a model state from GetModel and continue training from it."""
-        wire.check_matches(state, self.state_spec)
-        load_state(self.model, state)
+        """Continue training from a model state from fetch_model (finite already checked)."""
+        wire.check_layout(state, self.state_spec)
+        load_state(self.model, state, take_over=True)
         self.round = wire.metadata_int(state, "round")
 
     def join(self, deadline: float) -> None:
@@ -248,9 +266,7 @@ class Learner:
             data = utils.load_dataset(self.args.dataset, self.args.data_dir, train=True)
             log.info("training on local %s data: %d images", self.args.dataset, len(data))
             return data
-        request = leader_pb2.LearnerDataRequest(network_addr=self.address)
-        stream = self.leader.GetData(request, timeout=RPC_TIMEOUT_S)
-        payload = wire.decode(wire.join((message.chunk for message in stream), MAX_STREAM_BYTES))
+        payload = receive_stream(self.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr=self.address))
         data = shard_from_payload(payload, num_classes)
         log.info("received a shard of %d images from the leader", len(data))
         return data
@@ -260,7 +276,7 @@ class Learner:
         deadline = time.monotonic() + self.args.connect_timeout
         self.started.clear()
         self.inbox.clear()
-        self.adopt(wire.decode(retry_until(deadline, lambda: fetch_model(self.leader), "GetModel")))
+        self.adopt(retry_until(deadline, lambda: fetch_model(self.channel), "GetModel"))
         self.join(deadline)
         log.info("rejoined at round %d", self.round)
 

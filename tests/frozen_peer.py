@@ -26,6 +26,11 @@ TIMEOUT_S = 120
 LIMITS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
+def pieces(payload: bytes, size: int = 1 << 20):
+    for start in range(0, len(payload), size):
+        yield payload[start : start + size]
+
+
 def serve(add_to_server, servicer, bind: str) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(4), options=LIMITS)
     add_to_server(servicer, server)
@@ -94,12 +99,12 @@ class FrozenLeader(leader_pb2_grpc.LeaderServiceServicer):
         return leader_pb2.AckWithMetadata(success=True, message="ok", learner_id=0, max_learners=1)
 
     def GetModel(self, request, context):
-        for chunk in wire.split(self.state(0, False)):
+        for chunk in pieces(self.state(0, False)):
             yield leader_pb2.ModelChunk(chunk=chunk)
 
     def GetData(self, request, context):
         assert request.network_addr == self.learner_address
-        for chunk in wire.split(self.shard):
+        for chunk in pieces(self.shard):
             yield leader_pb2.DataChunk(chunk=chunk)
 
     def AccumulateGradients(self, request, context):

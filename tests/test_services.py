@@ -78,7 +78,7 @@ def test_registration_refuses_malformed_addresses(live_leader, address):
 def test_get_model_streams_the_checked_global_state(live_leader):
     leader, stub = live_leader.leader, live_leader.stub
     chunks = [message.chunk for message in stub.GetModel(leader_pb2.Empty(), timeout=10)]
-    assert len(chunks) >= 2 and max(map(len, chunks)) <= wire.CHUNK_BYTES
+    assert len(chunks) >= 2 and max(map(len, chunks)) <= rpc.CHUNK_BYTES
     payload = wire.decode(b"".join(chunks))
     wire.check_matches(payload, wire.spec_of(leader.global_model.model.state_dict()))
     assert payload.metadata["architecture"] == "resnet20" and payload.metadata["round"] == "0"

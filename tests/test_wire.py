@@ -79,8 +79,9 @@ def test_flat_view_refuses_mixed_dtypes():
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"", "shorter than its 8-byte length prefix"),
-    (struct.pack("<Q", 100) + b"{}", "exceeds the payload"),
+    (b"", "ends inside its length prefix"),
+    (struct.pack("<Q", 100) + b"{}", "ends inside its length prefix or header"),
+    (struct.pack("<Q", 1 << 40), "exceeds the 16777216-byte limit"),
     (struct.pack("<Q", 2) + b"{x", "not valid JSON"),
     (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
     (build({"__metadata__": {"a": 1}}, b""), "must map strings to strings"),
@@ -136,16 +137,61 @@ def test_metadata_int_rejects_what_is_not_a_small_non_negative_integer(value):
         wire.metadata_int(wire.decode(wire.encode({}, metadata)), "n")
 
 
-def test_split_and_join_restore_the_payload():
-    data = bytes(range(256)) * 1000
-    chunks = list(wire.split(data, 1000))
-    assert max(map(len, chunks)) == 1000
-    assert wire.join(chunks, len(data)) == data
+def chunked(data: bytes, sizes: list[int]):
+    """data cut into pieces of the given sizes (the last piece takes the rest), as memoryviews like gRPC's."""
+    view, start = memoryview(data), 0
+    for size in sizes:
+        yield view[start : start + size]
+        start += size
+    if start < len(data):
+        yield view[start:]
 
 
-def test_join_refuses_streams_over_the_limit():
-    with pytest.raises(wire.PayloadError, match="limit"):
-        wire.join(wire.split(b"x" * 100, 10), 99)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, 300), max_size=40))
+def test_receive_decodes_any_chunking_like_decode(sizes):
+    data = wire.encode(sample_tensors(), {"round": "3"})
+    whole, streamed = wire.decode(data), wire.receive(chunked(data, sizes), len(data), check_finite=True)
+    assert streamed.metadata == whole.metadata and list(streamed.tensors) == list(whole.tensors)
+    for name, tensor in whole.tensors.items():
+        assert streamed.tensors[name].dtype == tensor.dtype and torch.equal(streamed.tensors[name], tensor)
+
+
+def test_received_tensors_are_writable_and_own_their_buffer():
+    data = wire.encode({"w": torch.ones(3)})
+    payload = wire.receive(chunked(data, [5, 60]), len(data))
+    payload.tensors["w"].add_(1)
+    assert torch.equal(wire.decode(data).tensors["w"], torch.ones(3))
+    assert payload.tensors["w"].tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("cut, extra, message", [
+    (0, b"", "ends inside its length prefix or header"),
+    (20, b"", "ends inside its length prefix or header"),
+    (-4, b"", "stream ended after"),
+    (None, b"\0", "more than the"),
+])
+def test_receive_refuses_short_and_long_streams(cut, extra, message):
+    data = wire.encode({"w": torch.ones(3), "b": torch.ones(2)})
+    with pytest.raises(wire.PayloadError, match=message):
+        wire.receive(chunked(data[:cut] + extra, [7, 100]), 1 << 20)
+
+
+def test_receive_refuses_payloads_over_the_limit_before_buffering_them():
+    data = wire.encode({"w": torch.ones(1000)})
+    with pytest.raises(wire.PayloadError, match="exceeds the 100-byte limit"):
+        wire.receive(chunked(data, [len(data) - 4000]), 100)
+
+
+@pytest.mark.parametrize("name, value", [("a", float("nan")), ("b", float("inf")), ("c", -float("inf"))])
+def test_receive_names_the_tensor_that_is_not_finite(name, value):
+    # a and b are checked as one run of float32, then come an integer and a float64 tensor
+    tensors = {"a": torch.ones(3), "b": torch.ones(4), "n": torch.tensor(3), "c": torch.ones(2).double()}
+    tensors[name][1] = value
+    data = wire.encode(tensors)
+    with pytest.raises(wire.PayloadError, match=f"tensor '{name}' holds NaN or Inf"):
+        wire.receive(chunked(data, [70, 3, 11]), len(data), check_finite=True)
+    assert wire.receive(chunked(data, [70, 3, 11]), len(data)).tensors[name][1].item() != 1  # unchecked: accepted
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
