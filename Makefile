@@ -5,10 +5,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
-# glibc gives every buffer over 32 MiB a fresh mmap that page-faults on first touch;
-# keeping big buffers in the heap makes 45 MB messages 2-4x faster (see README, Performance).
-export MALLOC_MMAP_THRESHOLD_ := 2147483647
-export MALLOC_TRIM_THRESHOLD_ := 4294967295
 
 .PHONY: install proto demo test bench certs clean
 

@@ -38,7 +38,7 @@ from rounds import Registry, RoundCollector
 HERE = Path(__file__).resolve().parent
 RAW_SERVICE, RAW_METHOD = "bench.Raw", "/bench.Raw/Stream"
 SERVER_LIFETIME_S = 900
-ENV = {**os.environ, **launch.MALLOC_SETTINGS, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def spread(values: list[float]) -> dict:
@@ -306,9 +306,33 @@ def round_overhead(work: Path, rounds: int) -> dict:
     }
 
 
-def peak_rss_mb(pid: int) -> float:
+def memory_mb(pid: int, field: str) -> float:
+    """A field of /proc/PID/status in MiB: VmHWM (peak resident), RssAnon (resident heap and stacks)."""
     with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+def watch_memory(process: subprocess.Popen, out: Path, rounds: int) -> dict:
+    """Until the leader ends: its peak RSS; and, sampled every 50 ms, its peak anonymous RSS, that when it
+    starts the learners (just before the first round) and the most the rounds added to it.
+
+    Anonymous memory is what the process allocated; the rest of RSS is file pages (PyTorch's libraries
+    are ~0.5 GB of them) that the kernel may drop and reload at any time, which makes RSS itself swing
+    by hundreds of MB here (this machine runs DAMON page-out)."""
+    peak = peak_anon = before = during = 0.0
+    while process.poll() is None:
+        try:
+            peak, anon = memory_mb(process.pid, "VmHWM"), memory_mb(process.pid, "RssAnon")
+        except (OSError, StopIteration):
+            break
+        peak_anon = max(peak_anon, anon)
+        if not before and "starting learners" in (out / "leader.log").read_text():
+            before = anon
+        if before and rounds_done(out / "metrics.jsonl") < rounds:
+            during = max(during, anon)
+        time.sleep(0.05)
+    return {"leader_peak_rss_mb": peak, "leader_peak_anon_mb": peak_anon, "anon_before_rounds_mb": before,
+            "anon_growth_in_rounds_mb": during - before}
 
 
 def leader_scale(work: Path, counts: list[int], rounds: int) -> dict:
@@ -326,21 +350,16 @@ def leader_scale(work: Path, counts: list[int], rounds: int) -> dict:
         groups = [min(16, count - first) for first in range(0, count, 16)]
         fakes = [child("_fake-learners", f"127.0.0.1:{port}", str(size), stdout=open(out / f"fakes{i}.log", "w"),
                        stderr=subprocess.STDOUT) for i, size in enumerate(groups)]
-        peak = 0.0
-        while leader_process.poll() is None:
-            try:
-                peak = max(peak, peak_rss_mb(leader_process.pid))
-            except (OSError, StopIteration):
-                break
-            time.sleep(0.2)
+        memory = watch_memory(leader_process, out, rounds)
         launch.wait_all(fakes, 120)
         seconds = [r["seconds"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r][2:]
-        results[str(count)] = {"rounds_per_s": 1 / statistics.median(seconds), "round_s": spread(seconds),
-                               "leader_peak_rss_mb": peak}
+        results[str(count)] = {"rounds_per_s": 1 / statistics.median(seconds), "round_s": spread(seconds), **memory}
     model_mb = sum(p.numel() * 4 for p in build_model("resnet20").parameters()) / 2**20
     first, last = results[str(counts[0])], results[str(counts[-1])]
     return {"value": results, "model_mb": model_mb,
             "rss_growth_mb": last["leader_peak_rss_mb"] - first["leader_peak_rss_mb"],
+            "anon_growth_mb": last["leader_peak_anon_mb"] - first["leader_peak_anon_mb"],
+            "anon_growth_in_rounds_mb": last["anon_growth_in_rounds_mb"] - first["anon_growth_in_rounds_mb"],
             "rss_growth_limit_mb": counts[-1] * 1.5 * model_mb,
             "round_time_growth": last["round_s"]["median"] / first["round_s"]["median"],
             "learner_growth": counts[-1] / counts[0]}
@@ -463,13 +482,15 @@ def print_table(results: dict) -> None:
         print(f"{name:28} {shown}  {json.dumps(details)[:160]}")
     if "leader_scale" in results:
         for count, row in results["leader_scale"]["value"].items():
-            print(f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s, leader peak RSS {row['leader_peak_rss_mb']:7.1f} MB")
+            print(f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s; leader peak RSS {row['leader_peak_rss_mb']:7.1f} MB,"
+                  f" peak anonymous {row['leader_peak_anon_mb']:7.1f} MB, of which the rounds added {row['anon_growth_in_rounds_mb']:5.1f} MB")
     if "serialization_gbps" in results:
         for codec, row in results["serialization_gbps"]["value"].items():
             print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
 
 
 if __name__ == "__main__":
+    runtime.tune_allocator()  # as leader.py and learner.py do; the baselines get the same allocator
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         command, rest = sys.argv[1], sys.argv[2:]
         {"_serve-raw": lambda: serve_raw(int(rest[0]), int(rest[1]), int(rest[2])),

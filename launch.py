@@ -13,8 +13,6 @@ import utils
 from metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
-# Keep big buffers in the heap instead of fresh page-faulting mmaps (see README, Performance).
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "4294967295"}
 
 
 def free_port() -> int:
@@ -29,7 +27,7 @@ def start_federation(learners: int, leader_args: list[str], port: int, out: Path
     """Start the leader and the learners, each learner with its share of the cores, logging to out/*.log
     (the leader to this console instead, if asked)."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **MALLOC_SETTINGS, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = max(1, runtime.available_cores() // learners)
     leader_cmd = [sys.executable, str(HERE / "leader.py"), "--learners", str(learners), "--host", "127.0.0.1",
                   "--port", str(port), "--out", str(out), *leader_args]

@@ -489,6 +489,7 @@ def keep_metrics_until(path: Path, rounds_done: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    runtime.tune_allocator()
     runtime.configure_logging("leader", args.verbose)
     torch.set_num_threads(1)
     try:

@@ -367,6 +367,7 @@ class Learner:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    runtime.tune_allocator()
     runtime.configure_logging("learner", args.verbose)
     log.info("using %d torch threads; training on %s", runtime.set_threads(args.threads), runtime.pick_device(args.device))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly, like Ctrl-C

@@ -1,6 +1,7 @@
-"""Process setup shared by the entry points: readable logs and deliberate torch thread counts."""
+"""Process setup shared by the entry points: logs, memory allocator, torch threads and device."""
 
 import contextlib
+import ctypes
 import logging
 import os
 from typing import Iterator
@@ -16,6 +17,26 @@ def configure_logging(name: str, verbose: bool = False) -> logging.Logger:
         datefmt="%H:%M:%S",
     )
     return logging.getLogger(name)
+
+
+# glibc mallopt() options
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+
+
+def tune_allocator() -> bool:
+    """Have glibc's malloc keep freed memory for reuse, in one heap; call before starting threads.
+
+    By default every buffer over 32 MiB is a fresh mmap that page-faults on first touch (a 45 MB copy:
+    27 ms instead of 6), and each thread that allocates gets its own heap, so memory freed by gRPC's
+    threads cannot serve the main thread. Kept in one heap, 45 MB messages move 2-4x faster and the
+    leader's memory does not grow with its learner count (see README, Performance); the price is that
+    RSS stays at its peak. Returns False where the C library is not glibc (then nothing changes)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((M_MMAP_THRESHOLD, 2**31 - 1), (M_TRIM_THRESHOLD, 2**32 - 1), (M_ARENA_MAX, 1))
+    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def available_cores() -> int:

@@ -41,16 +41,14 @@ def start_leader(out: Path, port: int, *args: str) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "leader.log", "a")
     return subprocess.Popen([sys.executable, "leader.py", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
-                             "--dataset", "synthetic", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**launch.os.environ, **launch.MALLOC_SETTINGS})
+                             "--dataset", "synthetic", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_learner(out: Path, name: str, port: int, *args: str) -> subprocess.Popen:
     """A learner process with one thread, logging to out/<name>.log."""
     log = open(out / f"{name}.log", "a")
     return subprocess.Popen([sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--threads", "1", *args],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**launch.os.environ, **launch.MALLOC_SETTINGS})
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_for_round(out: Path, round_index: int, timeout: float = 300) -> None:
