@@ -83,7 +83,7 @@ def serve_model(port: int, architecture: str) -> None:
     global_model = leader.GlobalModel(architecture, 10, args, ([0.5] * 3, [0.25] * 3))
     servicer = leader.LeaderServicer(Registry(1), RoundCollector(1, 1), global_model, lambda learner_id: b"")
     server, _ = rpc.start_server(f"127.0.0.1:{port}", [(leader.ADD_LEADER_SERVICE, servicer)],
-                                 ["leader.LeaderService"], 1 << 20)
+                                 [rpc.LEADER_SERVICE], 1 << 20)
     server.wait_for_termination(SERVER_LIFETIME_S)
 
 
@@ -107,7 +107,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         self.round = wire.metadata_int(state, "round")
         self.inbox, self.started = learner.StateInbox(), threading.Event()
         self.server, port = rpc.start_server("127.0.0.1:0", [(learner.ADD_LEARNER_SERVICE, self)],
-                                             ["learner.LearnerService"], 64 << 20, workers=2)
+                                             [rpc.LEARNER_SERVICE], 64 << 20, workers=2)
         reply = self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
         self.learner_id = reply.learner_id
 
@@ -275,26 +275,28 @@ def coscheduled_step_seconds(processes: int, threads: int, steps: int) -> list[f
     return [seconds for run in runs for seconds in json.loads(run.communicate(timeout=600)[0])]
 
 
-def round_overhead(work: Path, rounds: int) -> dict:
-    """Median FedSGD round (2 learners, batch 64 each, ResNet-20) over a plain process's step."""
+def round_overhead(work: Path, rounds: int, runs: int = 3) -> dict:
+    """Median FedSGD round (2 learners, batch 64 each, ResNet-20) over a plain process's step. Plain steps
+    and federation runs take turns, so that drift in the machine's speed hits both alike."""
     threads = max(1, runtime.available_cores() // 2)
-    plain_before = plain_step_seconds(64, threads, 10)
-    records, samples = federation_run(work / "rounds", 2, ["--dataset", "synthetic", "--rounds", str(rounds),
-                                                            "--batch-size", "64", "--eval-every", "0"],
-                                      ["--log-every", "10"])
-    seconds = [r["seconds"] for r in records if "train_loss" in r][3:]
-    plain = spread(plain_before + plain_step_seconds(64, threads, 10))
+    plain, seconds, per_learner, learner_rates = plain_step_seconds(64, threads, 10), [], [], []
+    for run in range(runs):
+        out = work / f"rounds{run}"
+        records, samples = federation_run(out, 2, ["--dataset", "synthetic", "--rounds", str(rounds),
+                                                   "--batch-size", "64", "--eval-every", "0"], ["--log-every", "5"])
+        trained = [r for r in records if "train_loss" in r]
+        seconds += [r["seconds"] for r in trained][3:]  # the first rounds warm up connections and caches
+        per_learner += [(r["bytes_in"] + r["bytes_out"]) / r["learners"] for r in trained]
+        learner_rates += [rate for path in sorted(out.glob("learner*.log")) for rate in images_per_s(path)[1:]]
+        plain += plain_step_seconds(64, threads, 10)
     coscheduled = spread(coscheduled_step_seconds(2, threads, 20))
-    per_learner = [(r["bytes_in"] + r["bytes_out"]) / r["learners"] for r in records if "train_loss" in r]
-    model = build_model("resnet20")
-    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
-    learner_rates = [float(line.split(", ")[1].split()[0]) for path in sorted((work / "rounds").glob("learner*.log"))
-                     for line in path.read_text().splitlines() if "images/s computing" in line][2:]
-    plain_rate = 64 / plain["median"]
+    parameter_bytes = sum(p.numel() * 4 for p in build_model("resnet20").parameters())
+    plain_s, round_s = spread(plain), spread(seconds)
+    plain_rate = 64 / plain_s["median"]
     return {
-        "round_overhead_ratio": {"value": statistics.median(seconds) / plain["median"], "round_s": spread(seconds),
-                                 "plain_step_s": plain, "threads_per_learner": threads,
-                                 "vs_two_plain_processes_at_once": statistics.median(seconds) / coscheduled["median"],
+        "round_overhead_ratio": {"value": round_s["median"] / plain_s["median"], "round_s": round_s,
+                                 "plain_step_s": plain_s, "threads_per_learner": threads, "runs": runs,
+                                 "vs_two_plain_processes_at_once": round_s["median"] / coscheduled["median"],
                                  "two_plain_processes_step_s": coscheduled},
         "wire_bytes_ratio": {"value": statistics.median(per_learner) / (2 * parameter_bytes),
                              "bytes_per_learner_round": statistics.median(per_learner),
@@ -304,6 +306,12 @@ def round_overhead(work: Path, rounds: int) -> dict:
                                      "federated_images_per_s": spread(learner_rates), "plain_images_per_s": plain_rate,
                                      "vs_two_plain_processes_at_once": statistics.median(learner_rates) * coscheduled["median"] / 64},
     }
+
+
+def images_per_s(learner_log: Path) -> list[float]:
+    """The compute rates a learner logged ('round N: loss L, R images/s computing')."""
+    return [float(line.split(", ")[1].split()[0]) for line in learner_log.read_text().splitlines()
+            if "images/s computing" in line]
 
 
 def memory_mb(pid: int, field: str) -> float:
@@ -445,7 +453,7 @@ def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each timed transfer")
-    parser.add_argument("--rounds", type=int, default=40, help="FedSGD rounds for the round-overhead run")
+    parser.add_argument("--rounds", type=int, default=20, help="FedSGD rounds of each of the round-overhead runs")
     parser.add_argument("--scale", default="1,4,16,64", help="learner counts for leader_scale")
     parser.add_argument("--out", default="bench", help="directory for results.json and the runs' logs")
     parser.add_argument("--only", nargs="*", help="run only these figures")

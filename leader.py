@@ -25,7 +25,7 @@ import wire
 from metrics import MetricsLog, plot_metrics, read_metrics
 from model import ARCHITECTURES, build_model
 from rounds import Registry, RoundCollector, RoundSummary
-from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from rpc import leader_pb2, leader_pb2_grpc, learner_pb2
 
 log = logging.getLogger("leader")
 
@@ -215,22 +215,23 @@ class Broadcaster:
 
     def __init__(self, security: rpc.Security) -> None:
         self.security = security
-        self._stubs: dict[str, learner_pb2_grpc.LearnerServiceStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
 
-    def stub(self, address: str) -> learner_pb2_grpc.LearnerServiceStub:
-        if address not in self._stubs:
-            self._stubs[address] = learner_pb2_grpc.LearnerServiceStub(rpc.channel(address, self.security))
-        return self._stubs[address]
+    def method(self, address: str, name: str) -> grpc.UnaryUnaryMultiCallable:
+        if address not in self._channels:
+            self._channels[address] = rpc.channel(address, self.security)
+        return rpc.unary_call(self._channels[address], rpc.LEARNER_SERVICE, name, learner_pb2.Ack)
 
     def send(self, learners: dict[int, str], method: str, request: object, on_failure: Callable[[int, str], None],
              timeout: float = RPC_TIMEOUT_S) -> list[grpc.Future]:
-        """Start stub.<method>(request) on every learner, at most MAX_IN_FLIGHT at a time (each call holds its
-        own serialised copy of the request until it is sent); on_failure(id, reason) runs for each that fails."""
+        """Start <method>(request) on every learner, at most MAX_IN_FLIGHT at a time (gRPC holds a copy of
+        each call's request until it is sent); request may be ready-serialised bytes, serialised once for
+        all. on_failure(id, reason) runs for each call that fails."""
         slots, calls = threading.Semaphore(MAX_IN_FLIGHT), []
         for learner_id, address in learners.items():
             # After a timeout, send anyway without a slot: slow learners cannot stall the loop.
             release = slots.release if slots.acquire(timeout=timeout) else (lambda: None)
-            call = getattr(self.stub(address), method).future(request, timeout=timeout)
+            call = self.method(address, method).future(request, timeout=timeout)
             call.add_done_callback(lambda done, learner_id=learner_id, release=release:
                                    (release(), _report(done, learner_id, method, on_failure)))
             calls.append(call)
@@ -323,7 +324,7 @@ class Leader:
         server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}",
             [(ADD_LEADER_SERVICE, servicer)],
-            [leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name], limit, self.security,
+            [rpc.LEADER_SERVICE], limit, self.security,
         )
         log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", self.args.host, port,
                  self.security.describe(), self.args.learners)
@@ -362,7 +363,7 @@ class Leader:
         calls = self.broadcaster.send(joiners, "StartTraining", learner_pb2.Empty(), self.drop, self.args.sync_timeout)
         wait_calls(calls, self.args.sync_timeout)
         if self.collector.round > 0:  # rounds may have passed since the joiner's GetModel
-            state = learner_pb2.ModelState(chunk=self.global_model.payload)
+            state = rpc.chunk_message(self.global_model.payload)  # a serialised ModelState
             self.broadcaster.send(joiners, "SyncModelState", state, self.drop, self.args.sync_timeout)
 
     def wait_for_round(self, round_index: int) -> bool:
@@ -442,12 +443,12 @@ class Leader:
     def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
         """Encode the state after rounds_done once and send it to every active learner; return bytes sent."""
         self.global_model.payload = self.global_model.encode(rounds_done, finished, stopped)
-        request = learner_pb2.ModelState(chunk=self.global_model.payload)
+        request = rpc.chunk_message(self.global_model.payload)  # a serialised ModelState, sent to all
         learners = self.registry.active_addresses()
         calls = self.broadcaster.send(learners, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
         if finished:
             wait_calls(calls, self.args.sync_timeout)
-        return request.ByteSize() * len(learners)
+        return len(request) * len(learners)
 
     def run(self) -> fedsgd.Evaluation | None:
         server = self.serve()

@@ -28,7 +28,6 @@ MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer 
 WAIT_LOG_INTERVAL_S = 10.0
 RPC_TIMEOUT_S = 60.0
 HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting for a state, how often to check the leader is alive
-LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
 # A pushed model state reaches SyncModelState as an rpc.ChunkRequest (no protobuf copies of it).
 ADD_LEARNER_SERVICE = rpc.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
                                                   requests={"SyncModelState"})
@@ -175,7 +174,7 @@ def fetch_model(channel: grpc.Channel) -> wire.Payload:
 
 def receive_stream(channel: grpc.Channel, method: str, request, check_finite: bool = False) -> wire.Payload:
     """The payload a LeaderService method streams in chunks, decoded as they arrive."""
-    call = rpc.chunk_stream(channel, LEADER_SERVICE, method)(request, timeout=RPC_TIMEOUT_S)
+    call = rpc.chunk_stream(channel, rpc.LEADER_SERVICE, method)(request, timeout=RPC_TIMEOUT_S)
     try:
         return wire.receive(call, MAX_STREAM_BYTES, check_finite)
     finally:
@@ -234,7 +233,7 @@ class Learner:
                                    args.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
             f"{args.host}:{args.port}", [(ADD_LEARNER_SERVICE, servicer)],
-            [learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name],
+            [rpc.LEARNER_SERVICE],
             len(state.buffer) + rpc.ENVELOPE_BYTES, self.security,
         )
         self.address = args.advertise or default_advertise(args.leader, port)

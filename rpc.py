@@ -17,6 +17,9 @@ try:
 except ImportError as error:  # the generated modules are build outputs, not sources
     raise SystemExit(f"generated gRPC code is missing ({error}); run `make proto` first") from None
 
+LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
+LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
+
 __all__ = ["leader_pb2", "leader_pb2_grpc", "learner_pb2", "learner_pb2_grpc", "start_server", "channel", "Security"]
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: the fastest grpcio stream chunk measured here (64 KiB is 2-3x slower)
@@ -167,8 +170,12 @@ def chunk_messages(payload: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[b
     chunk_bytes each: one copy per chunk, where building and serialising protobuf messages makes three."""
     view = memoryview(payload)
     for start in range(0, len(view), chunk_bytes):
-        piece = view[start : start + chunk_bytes]
-        yield b"".join((CHUNK_FIELD_KEY, _encode_varint(len(piece)), piece))
+        yield chunk_message(view[start : start + chunk_bytes])
+
+
+def chunk_message(chunk: bytes | memoryview) -> bytes:
+    """A serialised message whose only field is `bytes chunk = 1` (ModelChunk, DataChunk, ModelState, ...)."""
+    return b"".join((CHUNK_FIELD_KEY, _encode_varint(len(chunk)), chunk))
 
 
 def _encode_varint(value: int) -> bytes:
@@ -224,11 +231,18 @@ def chunk_stream(channel: grpc.Channel, service: str, method: str) -> grpc.Unary
     """A server-streaming method of ModelChunk or DataChunk messages whose replies arrive as views of their
     `chunk` field: protobuf's parser would copy every 1 MiB chunk twice (GetModel of ResNet-18 measured
     ~25 % slower with it; see README, Performance)."""
-    return channel.unary_stream(f"/{service}/{method}", request_serializer=_serialize, response_deserializer=chunk_field)
+    return channel.unary_stream(f"/{service}/{method}", request_serializer=serialize, response_deserializer=chunk_field)
 
 
-def _serialize(message) -> bytes:
-    return message.SerializeToString()
+def unary_call(channel: grpc.Channel, service: str, method: str, reply_type) -> grpc.UnaryUnaryMultiCallable:
+    """A unary method whose request may also be given ready-serialised, to serialise it once for many calls."""
+    return channel.unary_unary(f"/{service}/{method}", request_serializer=serialize,
+                               response_deserializer=reply_type.FromString)
+
+
+def serialize(message) -> bytes:
+    """A protobuf message's bytes; bytes pass through (they are a message serialised before)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def chunk_field(message: bytes) -> memoryview:
