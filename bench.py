@@ -279,25 +279,29 @@ def round_overhead(work: Path, rounds: int, runs: int = 3) -> dict:
     """Median FedSGD round (2 learners, batch 64 each, ResNet-20) over a plain process's step. Plain steps
     and federation runs take turns, so that drift in the machine's speed hits both alike."""
     threads = max(1, runtime.available_cores() // 2)
-    plain, seconds, per_learner, learner_rates = plain_step_seconds(64, threads, 10), [], [], []
+    plain, seconds, per_learner, trained_rounds, learner_logs = plain_step_seconds(64, threads, 10), [], [], [], []
     for run in range(runs):
         out = work / f"rounds{run}"
         records, samples = federation_run(out, 2, ["--dataset", "synthetic", "--rounds", str(rounds),
                                                    "--batch-size", "64", "--eval-every", "0"], ["--log-every", "5"])
-        trained = [r for r in records if "train_loss" in r]
-        seconds += [r["seconds"] for r in trained][3:]  # the first rounds warm up connections and caches
+        trained = [r for r in records if "train_loss" in r][3:]  # the first rounds warm up connections and caches
+        seconds += [r["seconds"] for r in trained]
+        trained_rounds += trained
         per_learner += [(r["bytes_in"] + r["bytes_out"]) / r["learners"] for r in trained]
-        learner_rates += [rate for path in sorted(out.glob("learner*.log")) for rate in images_per_s(path)[1:]]
+        learner_logs += [entry for path in sorted(out.glob("learner*.log")) for entry in learner_progress(path)[1:]]
         plain += plain_step_seconds(64, threads, 10)
     coscheduled = spread(coscheduled_step_seconds(2, threads, 20))
     parameter_bytes = sum(p.numel() * 4 for p in build_model("resnet20").parameters())
     plain_s, round_s = spread(plain), spread(seconds)
     plain_rate = 64 / plain_s["median"]
+    learner_rates = [rate for rate, _ in learner_logs]
+    where = {f"leader_{key}": statistics.median(r[key] for r in trained_rounds) for key in ("gradients_s", "step_s", "push_s")}
+    where["learner_sending_and_waiting_s"] = statistics.median(waiting for _, waiting in learner_logs)
     return {
         "round_overhead_ratio": {"value": round_s["median"] / plain_s["median"], "round_s": round_s,
                                  "plain_step_s": plain_s, "threads_per_learner": threads, "runs": runs,
                                  "vs_two_plain_processes_at_once": round_s["median"] / coscheduled["median"],
-                                 "two_plain_processes_step_s": coscheduled},
+                                 "two_plain_processes_step_s": coscheduled, "where_the_round_goes": where},
         "wire_bytes_ratio": {"value": statistics.median(per_learner) / (2 * parameter_bytes),
                              "bytes_per_learner_round": statistics.median(per_learner),
                              "os_loopback_bytes_per_learner_round": os_bytes_per_round(samples, 5, rounds - 5) / 2,
@@ -308,10 +312,11 @@ def round_overhead(work: Path, rounds: int, runs: int = 3) -> dict:
     }
 
 
-def images_per_s(learner_log: Path) -> list[float]:
-    """The compute rates a learner logged ('round N: loss L, R images/s computing')."""
-    return [float(line.split(", ")[1].split()[0]) for line in learner_log.read_text().splitlines()
-            if "images/s computing" in line]
+def learner_progress(learner_log: Path) -> list[tuple[float, float]]:
+    """(images/s computing, seconds a round sending and waiting) from a learner's progress lines
+    ('round N: loss L, R images/s computing, W ms a round sending and waiting')."""
+    fields = [line.split(", ") for line in learner_log.read_text().splitlines() if "images/s computing" in line]
+    return [(float(rate.split()[0]), float(waiting.split()[0]) / 1000) for _, rate, waiting in fields]
 
 
 def memory_mb(pid: int, field: str) -> float:

@@ -414,8 +414,10 @@ class Leader:
             self.collector.expect(self.registry.active())
             if not self.wait_for_round(round_index):
                 break
+            gradients_in = time.perf_counter()
             lr = self.schedule.lr(round_index)
             summary = self.global_model.step(self.collector, lr)
+            stepped = time.perf_counter()
             done = round_index + 1
             eval_seconds = 0.0
             if done == total or self.due(done, self.args.eval_every):
@@ -424,14 +426,17 @@ class Leader:
                 eval_seconds = time.perf_counter() - eval_started
             if done == total:
                 save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
+            pushing = time.perf_counter()
             bytes_out = self.push_state(done, finished=done == total)
+            pushed = time.perf_counter()
             if done == total or self.due(done, self.args.checkpoint_every):
                 self.save_checkpoint(done)
             now = time.perf_counter()
             metrics.write({"round": done, "epoch": self.schedule.epoch_of(round_index), "train_loss": summary.loss,
                            "learners": summary.learners, "samples": summary.samples, "lr": lr,
                            "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
-                           "bytes_out": bytes_out})
+                           "bytes_out": bytes_out, "gradients_s": gradients_in - round_started,
+                           "step_s": stepped - gradients_in, "push_s": pushed - pushing})
             round_started = now
             progress.update()
             if done % max(1, total // 10) == 0:

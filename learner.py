@@ -320,9 +320,9 @@ class Learner:
         prepare = lambda index: (index, [tensor.to(self.device) for tensor in
                                          utils.training_batch(self.data, schedule, index, self.mean, self.std)])
         prepared, batch = prepare(self.round)
-        compute_seconds, computed_rounds = 0.0, 0
+        compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
         while True:  # every wait inside is bounded (--wait-timeout); the leader's final state ends it
-            started = time.perf_counter()
+            round_started = started = time.perf_counter()
             if prepared != self.round:
                 prepared, batch = prepare(self.round)
             loss = fedsgd.compute_gradient(self.model, self.layout, self.gradient, *batch)
@@ -335,11 +335,13 @@ class Learner:
             computed_rounds += 1
             state = self.await_state(self.round + 1)
             load_state(self.model, state)
+            round_seconds += time.perf_counter() - round_started
             self.round = wire.metadata_int(state, "round")
             if self.round % self.args.log_every == 0:
-                log.info("round %d: loss %.4f, %.0f images/s computing", self.round, loss,
-                         computed_rounds * self.batch_size / compute_seconds)
-                compute_seconds, computed_rounds = 0.0, 0
+                log.info("round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
+                         self.round, loss, computed_rounds * self.batch_size / compute_seconds,
+                         (round_seconds - compute_seconds) / computed_rounds * 1000)
+                compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
             if state.metadata.get("finished") == "1":
                 return state
 

@@ -22,6 +22,8 @@ def test_two_learners_reach_90_percent_on_the_synthetic_set(tmp_path):
     assert [r["round"] for r in rounds] == list(range(1, 201))
     assert all(r["learners"] == 2 and r["samples"] == 64 and r["bytes_in"] > 0 and r["bytes_out"] > 0 for r in rounds)
     assert {"round", "epoch", "train_loss", "learners", "seconds", "bytes_in", "bytes_out"} <= set(rounds[0])
+    assert all(0 < r["gradients_s"] and 0 < r["step_s"] and 0 < r["push_s"] and
+               r["gradients_s"] + r["step_s"] + r["push_s"] <= r["seconds"] for r in rounds)
     assert [r["round"] for r in evaluations] == [100, 156, 200]  # --eval-every, the epoch end (156), the end
     assert evaluations[-1]["test_accuracy"] >= 0.90, logs(tmp_path)
     model = build_model("resnet20")
