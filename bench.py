@@ -156,7 +156,7 @@ def receive_model(channel: grpc.Channel, model: torch.nn.Module, spec: wire.Tens
 
 
 def timed(action, repeats: int) -> list[float]:
-    return [times[0] for times in timed_together([action], repeats)]
+    return timed_together([action], repeats)[0]
 
 
 def timed_together(actions: list, repeats: int) -> list[list[float]]:
