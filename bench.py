@@ -9,6 +9,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -49,6 +50,12 @@ def child(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(HERE / "bench.py"), *args], env=ENV, **kwargs)
 
 
+def empty_dir(path: Path) -> None:
+    """Create path, or empty it: a previous run's files would be read as this run's progress."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
 def wait_for_port(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,12 +69,13 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 # ---- helper processes -------------------------------------------------------------------------
 
 def serve_raw(port: int, total: int, chunk: int) -> None:
-    """A bare grpcio server-stream of `total` bytes in `chunk`-byte messages, without protobuf."""
-    block = os.urandom(chunk)
+    """A bare grpcio server-stream of `total` bytes in `chunk`-byte messages, without protobuf. The chunks are
+    distinct, prepared once: like a model's bytes, and unlike one block sent again, they are not in cache."""
+    payload = os.urandom(total)
+    chunks = [payload[start : start + chunk] for start in range(0, total, chunk)]
 
     def stream(request, context):
-        for start in range(0, total, chunk):
-            yield block[: min(chunk, total - start)]
+        yield from chunks
 
     server = grpc.server(futures.ThreadPoolExecutor(4))
     handler = grpc.unary_stream_rpc_method_handler(stream)
@@ -208,13 +216,20 @@ def model_transfer(repeats: int) -> dict:
     channel, spec = rpc.channel(f"127.0.0.1:{port}"), wire.spec_of(model.state_dict())
     by_chunk = {chunk: statistics.median(timed(lambda: receive_raw(raw), repeats)) for chunk, raw in raw_channels.items()}
     best_chunk = min(by_chunk, key=by_chunk.get)
-    raw_times, our_times = timed_together([lambda: receive_raw(raw_channels[best_chunk]),
-                                           lambda: receive_model(channel, model, spec)], 3 * repeats)
+    get_model = rpc.chunk_stream(channel, rpc.LEADER_SERVICE, "GetModel")
+    steps = {  # each step adds one piece of the learner's work to the one before
+        "raw_grpc": lambda: receive_raw(raw_channels[best_chunk]),
+        "our_stream": lambda: sum(len(chunk) for chunk in get_model(leader_pb2.Empty(), timeout=120)),
+        "plus_copy_into_place": lambda: wire.receive(get_model(leader_pb2.Empty(), timeout=120), total * 2),
+        "plus_finite_check_and_load": lambda: receive_model(channel, model, spec),
+    }
+    times = dict(zip(steps, timed_together(list(steps.values()), 3 * repeats)))
     for server in servers:
         server.kill()
     tcp = spread([tcp_seconds(total) for _ in range(repeats)])
-    raw, ours = spread(raw_times), spread(our_times)
+    raw, ours = spread(times["raw_grpc"]), spread(times["plus_finite_check_and_load"])
     return {"value": raw["median"] / ours["median"], "bytes": total, "ours_s": ours, "raw_grpc_s": raw,
+            "steps_median_s": {name: statistics.median(seconds) for name, seconds in times.items()},
             "raw_best_chunk": best_chunk, "ours_gbps": total / ours["median"] / 1e9,
             "raw_grpc_gbps": total / raw["median"] / 1e9, "raw_tcp_gbps": total / tcp["median"] / 1e9,
             "raw_grpc_by_chunk_gbps": {str(size): total / seconds / 1e9 for size, seconds in by_chunk.items()}}
@@ -222,6 +237,7 @@ def model_transfer(repeats: int) -> dict:
 
 def federation_run(out: Path, learners: int, leader_args: list[str], learner_args: list[str] = ()) -> tuple[list[dict], list]:
     """Run a local federation to the end; return its metrics and (rounds done, loopback bytes) samples."""
+    empty_dir(out)
     leader_process, learner_processes = launch.start_federation(learners, leader_args, launch.free_port(), out,
                                                                 list(learner_args))
     samples = []
@@ -353,7 +369,7 @@ def leader_scale(work: Path, counts: list[int], rounds: int) -> dict:
     results = {}
     for count in counts:
         out, port = work / f"scale{count}", launch.free_port()
-        out.mkdir(parents=True, exist_ok=True)
+        empty_dir(out)
         leader_process = subprocess.Popen(
             [sys.executable, str(HERE / "leader.py"), "--learners", str(count), "--dataset", "synthetic",
              "--rounds", str(rounds), "--batch-size", "1", "--host", "127.0.0.1", "--port", str(port),
