@@ -123,8 +123,8 @@ def _parse_layout(head: bytes) -> _Layout | None:
 def receive(chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: bool = False) -> Payload:
     """Decode a payload streamed in chunks, copying each chunk into place as it arrives.
 
-    The header is checked as soon as it is in; with check_finite, every floating-point tensor is
-    checked for NaN and Inf as soon as its bytes are, so little work is left when the stream ends.
+    The header is checked as soon as it is in; with check_finite, each run of consecutive floating-point
+    tensors is checked for NaN and Inf as soon as its bytes are, so little is left when the stream ends.
     Unlike decode's, the tensors are writable: they view a buffer that belongs to this payload alone."""
     chunks, head, layout = iter(chunks), bytearray(), None
     for chunk in chunks:

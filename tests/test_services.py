@@ -170,6 +170,19 @@ def test_bad_gradients_get_a_specific_status_and_change_nothing(live_leader):
     assert accumulate(stub, gradient(leader)).success  # the leader still serves
 
 
+@pytest.mark.parametrize("message", [b"\x0a\x05abc", b"\x0b", b"\x0a" + b"\xff" * 11])
+def test_a_gradient_message_that_is_not_protobuf_is_refused_and_changes_nothing(live_leader, message):
+    leader, stub = live_leader.leader, live_leader.stub
+    start(leader, stub)
+    before = model_hash(leader)
+    send_raw = rpc.unary_call(live_leader.channel, rpc.LEADER_SERVICE, "AccumulateGradients", leader_pb2.Ack)
+    with pytest.raises(grpc.RpcError) as error:
+        send_raw(message, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INTERNAL  # what grpcio answers when a request does not parse
+    assert model_hash(leader) == before and leader.collector.reported() == 0
+    assert accumulate(stub, gradient(leader)).success
+
+
 def test_health_and_reflection_describe_the_leader(live_leader):
     channel = live_leader.channel
     health = health_pb2_grpc.HealthStub(channel)
