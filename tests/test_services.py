@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import fedsgd
 import launch
 import leader as leader_module
 import learner as learner_module
 import rpc
 import wire
+from model import build_model
 from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 
@@ -210,6 +212,26 @@ def test_learner_registers_and_gets_its_shard(live_leader, live_learner):
     learner, _ = live_learner
     assert leader.registry.addresses()[learner.learner_id] == learner.address
     assert torch.equal(learner.data.labels, leader.train.labels[leader.shards[learner.learner_id]])
+
+
+def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gradients():
+    torch.manual_seed(0)
+    model, source = build_model("resnet20"), build_model("resnet20")
+    layout = fedsgd.GradientLayout(model)
+    gradient = torch.zeros(layout.size)
+    layout.bind_gradients(gradient)
+    parameters = list(model.parameters())
+    data = wire.encode(source.state_dict())
+    payload = wire.receive([data[:1000], data[1000:]], len(data), check_finite=True)
+    learner_module.load_state(model, payload, take_over=True)
+    assert all(now is before for now, before in zip(model.parameters(), parameters))
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in source.state_dict().items())
+    start = payload.buffer.ctypes.data
+    assert all(start <= t.data_ptr() < start + len(payload.buffer) for t in model.state_dict().values() if t.numel())
+    start = gradient.data_ptr()
+    assert all(start <= p.grad.data_ptr() < start + gradient.numel() * 4 for p in model.parameters())
+    learner_module.load_state(model, wire.decode(wire.encode(model.state_dict())))  # a later, copying load
+    assert torch.equal(model.fc.weight, source.fc.weight)
 
 
 def test_learner_refuses_bad_model_states_and_keeps_its_model(live_leader, live_learner):
