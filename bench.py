@@ -157,10 +157,8 @@ def receive_raw(channel: grpc.Channel) -> int:
 
 
 def receive_model(channel: grpc.Channel, model: torch.nn.Module, spec: wire.TensorSpec) -> None:
-    """What a learner does with GetModel (Learner.adopt): receive, check, load."""
-    state = learner.fetch_model(channel)
-    wire.check_layout(state, spec)
-    learner.load_state(model, state, take_over=True)
+    """What a learner does with GetModel: receive, check, load."""
+    learner.adopt_state(model, learner.fetch_model(channel), spec)
 
 
 def timed(action, repeats: int) -> list[float]:

@@ -153,6 +153,12 @@ def load_state(model: torch.nn.Module, payload: wire.Payload, take_over: bool = 
                 tensor.copy_(received)
 
 
+def adopt_state(model: torch.nn.Module, state: wire.Payload, spec: wire.TensorSpec) -> None:
+    """Check a state from fetch_model (its values were checked as it streamed in) and make it the model's."""
+    wire.check_layout(state, spec)
+    load_state(model, state, take_over=True)
+
+
 def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSet:
     """The images and labels of a data shard payload, after checking shapes, dtypes and label range."""
     labels, images = payload.tensors.get("labels"), payload.tensors.get("images")
@@ -241,9 +247,8 @@ class Learner:
         self.join(time.monotonic() + args.connect_timeout)
 
     def adopt(self, state: wire.Payload) -> None:
-        """Continue training from a model state from fetch_model (finite already checked)."""
-        wire.check_layout(state, self.state_spec)
-        load_state(self.model, state, take_over=True)
+        """Continue training from a model state from fetch_model."""
+        adopt_state(self.model, state, self.state_spec)
         self.round = wire.metadata_int(state, "round")
 
     def join(self, deadline: float) -> None:

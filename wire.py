@@ -86,9 +86,7 @@ def decode(buffer: bytes) -> Payload:
     if layout.size != len(buffer):
         raise PayloadError(f"payload has {len(buffer) - layout.data_start} data bytes but its tensors describe "
                            f"{layout.size - layout.data_start}")
-    tensors = {name: _view(buffer, dtype, shape, layout.data_start + begin)
-               for name, dtype, shape, begin, _ in layout.entries}
-    return Payload(layout.metadata, tensors, buffer, layout.data_start)
+    return Payload(layout.metadata, _views(buffer, layout), buffer, layout.data_start)
 
 
 @dataclass(frozen=True)
@@ -97,6 +95,10 @@ class _Layout:
     entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]  # name, dtype, shape, begin, end; in data order
     data_start: int
     size: int  # of the whole payload
+
+
+def _views(buffer: bytes | np.ndarray, layout: _Layout) -> dict[str, torch.Tensor]:
+    return {name: _view(buffer, dtype, shape, layout.data_start + begin) for name, dtype, shape, begin, _ in layout.entries}
 
 
 def _parse_layout(head: bytes) -> _Layout | None:
@@ -138,7 +140,7 @@ def receive(chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: 
     if layout.size > max_bytes:
         raise PayloadError(f"payload of {layout.size} bytes exceeds the {max_bytes}-byte limit")
     buffer = torch.empty(layout.size, dtype=torch.uint8).numpy()  # not zero-filled: every byte is overwritten
-    tensors = {name: _view(buffer, dtype, shape, layout.data_start + begin) for name, dtype, shape, begin, _ in layout.entries}
+    tensors = _views(buffer, layout)  # filled in below, before anyone sees them
     runs = iter(_float_runs(layout) if check_finite else [])
     run, received = next(runs, None), 0
     for chunk in itertools.chain([head], chunks):
