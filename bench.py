@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fedsgd
+import framing
 import launch
 import learner
 import leader
@@ -34,7 +35,7 @@ import wire
 from metrics import read_metrics
 from model import build_model
 from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
-from rounds import Registry, RoundCollector
+from rounds import SERVING, Registry, RoundCollector
 
 HERE = Path(__file__).resolve().parent
 RAW_SERVICE, RAW_METHOD = "bench.Raw", "/bench.Raw/Stream"
@@ -89,7 +90,8 @@ def serve_model(port: int, architecture: str) -> None:
     """The real LeaderService (GetModel) over a freshly initialised global model."""
     args = leader.parse_args(["--model", architecture])
     global_model = leader.GlobalModel(architecture, 10, args, ([0.5] * 3, [0.25] * 3))
-    servicer = leader.LeaderServicer(Registry(1), RoundCollector(1, 1), global_model, lambda learner_id: b"")
+    servicer = leader.LeaderServicer(Registry(1, keep_s=30), RoundCollector(1, 1), global_model, lambda learner_id: [],
+                                     batch_size=64)
     server, _ = rpc.start_server(f"127.0.0.1:{port}", [(leader.ADD_LEADER_SERVICE, servicer)],
                                  [rpc.LEADER_SERVICE], 1 << 20)
     server.wait_for_termination(SERVER_LIFETIME_S)
@@ -108,16 +110,20 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
     def __init__(self, leader_address: str) -> None:
         channel = rpc.channel(leader_address)
         self.stub = leader_pb2_grpc.LeaderServiceStub(channel)
-        state = learner.fetch_model(channel)
+        state = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, lambda: learner.fetch_model(channel), "GetModel")
         model = build_model(state.metadata["architecture"])
         self.layout = fedsgd.GradientLayout(model)
-        self.gradient = self.layout.views(torch.randn(self.layout.size) * 1e-3)
+        self.gradient = self.layout.wire_tensors(torch.randn(self.layout.size) * 1e-3)
         self.round = wire.metadata_int(state, "round")
         self.inbox, self.started = learner.StateInbox(), threading.Event()
+        self.session = ""  # its registration, which the leader's health checks ask about
         self.server, port = rpc.start_server("127.0.0.1:0", [(learner.ADD_LEARNER_SERVICE, self)],
-                                             [rpc.LEARNER_SERVICE], 64 << 20, workers=2)
-        reply = self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
-        self.learner_id = reply.learner_id
+                                             [rpc.LEARNER_SERVICE], 64 << 20, limits=learner.LEARNER_METHOD_LIMITS,
+                                             sessions=lambda session: SERVING if session == self.session else None)
+        register = lambda: self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
+        reply = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")
+        self.learner_id, self.credential = reply.learner_id, rpc.with_credential(reply.credential)
+        self.session = rpc.session_id(reply.credential)
 
     def StartTraining(self, request, context):
         self.started.set()
@@ -132,8 +138,10 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         if not self.started.wait(SERVER_LIFETIME_S):
             return
         while True:  # each wait below is bounded; the leader's final state ends the loop
-            metadata = {"learner_id": str(self.learner_id), "round": str(self.round), "samples": "64", "loss": "1.0"}
-            self.stub.AccumulateGradients(leader_pb2.GradientData(chunk=wire.encode(self.gradient, metadata)), timeout=600)
+            metadata = {"learner_id": str(self.learner_id), "round": str(self.round), "samples": "1", "loss": "1.0"}
+            request = leader_pb2.GradientData(chunk=wire.encode(self.gradient, metadata))
+            send = lambda: self.stub.AccumulateGradients(request, timeout=600, metadata=self.credential)
+            learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, send, "AccumulateGradients")
             state = self.inbox.take(self.round + 1, 600)
             if state is None or state.metadata.get("finished") == "1":
                 return
@@ -214,7 +222,7 @@ def model_transfer(repeats: int) -> dict:
     channel, spec = rpc.channel(f"127.0.0.1:{port}"), wire.spec_of(model.state_dict())
     by_chunk = {chunk: statistics.median(timed(lambda: receive_raw(raw), repeats)) for chunk, raw in raw_channels.items()}
     best_chunk = min(by_chunk, key=by_chunk.get)
-    get_model = rpc.chunk_stream(channel, rpc.LEADER_SERVICE, "GetModel")
+    get_model = framing.chunk_stream(channel, rpc.LEADER_SERVICE, "GetModel")
     steps = {  # each step adds one piece of the learner's work to the one before
         "raw_grpc": lambda: receive_raw(raw_channels[best_chunk]),
         "our_stream": lambda: sum(len(chunk) for chunk in get_model(leader_pb2.Empty(), timeout=120)),

@@ -1,18 +1,24 @@
 """FedSGD arithmetic on tensors: gradients, weighted accumulation, the optimizer step, evaluation.
 
-No gRPC here. A gradient travels as one flat float32 vector: every trainable parameter's gradient
-followed by every floating-point buffer (BatchNorm running statistics), so that the leader can
-average both with one in-place add per learner.
+No gRPC here. A gradient is one flat float32 vector: every trainable parameter's gradient followed
+by every floating-point buffer (BatchNorm running statistics), so that the leader can average both
+with one in-place add per learner. On the wire the gradients may be float16 or bfloat16; the
+statistics are always float32.
 """
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import wire
+
+# BatchNorm statistics travel in float32 whatever the wire dtype: in bfloat16 a small change to a running
+# variance near 1.0 would round away entirely.
+STATISTICS_DTYPE = torch.float32
 
 
 class GradientLayout:
@@ -24,8 +30,10 @@ class GradientLayout:
         self.counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
         self.parameter_count = sum(p.numel() for _, p in self.parameters)
         self.size = self.parameter_count + sum(b.numel() for _, b in self.buffers)
-        self.spec: wire.TensorSpec = {  # what a gradient payload must hold, in order
-            name: (wire_dtype, tuple(t.shape)) for name, t in self.parameters + self.buffers
+        self.wire_dtype = wire_dtype
+        self.spec: wire.TensorSpec = {  # what an update payload must hold, in order
+            **{name: (wire_dtype, tuple(p.shape)) for name, p in self.parameters},
+            **{name: (STATISTICS_DTYPE, tuple(b.shape)) for name, b in self.buffers},
         }
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -33,6 +41,18 @@ class GradientLayout:
         shapes = [shape for _, shape in self.spec.values()]
         pieces = flat.split([math.prod(shape) for shape in shapes])
         return {name: piece.view(shape) for name, piece, shape in zip(self.spec, pieces, shapes)}
+
+    def wire_tensors(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector's tensors as they travel, on the CPU: parameter gradients in the wire dtype, statistics
+        in float32 (no copy of a float32 vector on the CPU)."""
+        views = self.views(flat.to("cpu"))
+        return {name: views[name].to(dtype) for name, (dtype, _) in self.spec.items()}
+
+    def check_update(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raise PayloadError unless an update's BatchNorm statistics are finite and its variances non-negative."""
+        problem = _first_problem((name, tensors[name]) for name, _ in self.buffers)
+        if problem:
+            raise wire.PayloadError(f"the update holds {problem}")
 
     def bind_gradients(self, flat: torch.Tensor) -> None:
         """Make every parameter's .grad a view into flat, so backward() and step() use it in place."""
@@ -56,6 +76,14 @@ class GradientLayout:
                 counter += 1
 
 
+def wire_state(model: nn.Module, wire_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A model's state_dict as it travels: parameters in the wire dtype, buffers (BatchNorm statistics,
+    batch counters) as they are (no copy for float32)."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return {name: tensor.to(wire_dtype) if name in parameters else tensor
+            for name, tensor in model.state_dict().items()}
+
+
 def compute_gradient(
     model: nn.Module, layout: GradientLayout, flat: torch.Tensor, images: torch.Tensor, labels: torch.Tensor
 ) -> float:
@@ -77,9 +105,11 @@ class Accumulator:
         self.samples = 0
         self.loss_sum = 0.0
 
-    def add(self, flat: torch.Tensor, samples: int, loss: float) -> None:
-        """Add one learner's gradient (the mean over its `samples` examples)."""
-        self.total.add_(flat, alpha=samples)
+    def add(self, pieces: list[torch.Tensor], samples: int, loss: float) -> None:
+        """Add one learner's gradient (the mean over its `samples` examples), given as consecutive 1-D
+        pieces of any floating-point dtype that together cover the vector (wire.flat_runs)."""
+        for piece, part in zip(pieces, self.total.split([piece.numel() for piece in pieces])):
+            part.add_(piece, alpha=samples)
         self.samples += samples
         self.loss_sum += loss * samples
 
@@ -113,6 +143,64 @@ def apply_mean_gradient(
         group["lr"] = lr
     optimizer.step()
     layout.write_buffers(mean)
+
+
+class GuardedStep:
+    """apply_mean_gradient, refused or undone when it would leave a NaN, an Inf or a negative BatchNorm
+    variance in the model or its momentum: a hostile or broken round never reaches the model (or a
+    checkpoint). Keeps one copy of the model and momentum, reused every round."""
+
+    def __init__(self, model: nn.Module, layout: GradientLayout, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.layout, self.optimizer = model, layout, optimizer
+        self._copies: list[torch.Tensor] = []
+
+    def __call__(self, mean: torch.Tensor, lr: float) -> str | None:
+        """Step with the averaged update; None, or why the model was left as it was."""
+        problem = _first_problem(self.layout.views(mean).items())
+        if problem:
+            return f"the averaged update holds {problem}"
+        had_momentum = self._save()
+        apply_mean_gradient(self.layout, self.optimizer, mean, lr)
+        problem = _first_problem([*self.model.state_dict().items(), *self._momentum().items()])
+        if problem:
+            self._restore(had_momentum)
+            return f"the step would leave {problem}"
+        return None
+
+    def _momentum(self) -> dict[str, torch.Tensor]:
+        names = {parameter: name for name, parameter in self.model.named_parameters()}
+        return {f"momentum of {names[p]}": state["momentum_buffer"] for p, state in self.optimizer.state.items()
+                if state.get("momentum_buffer") is not None}
+
+    def _live(self) -> list[torch.Tensor]:
+        return [*self.model.state_dict().values(), *self._momentum().values()]
+
+    def _save(self) -> set[str]:
+        live = self._live()
+        if [t.shape for t in live] != [t.shape for t in self._copies]:
+            self._copies = [torch.empty_like(t) for t in live]
+        for copy, tensor in zip(self._copies, live):
+            copy.copy_(tensor)
+        return set(self._momentum())
+
+    @torch.no_grad()
+    def _restore(self, had_momentum: set[str]) -> None:
+        for tensor, copy in zip(self._live(), self._copies):
+            tensor.copy_(copy)
+        names = {parameter: name for name, parameter in self.model.named_parameters()}
+        for parameter, state in self.optimizer.state.items():  # momentum the step created goes again
+            if f"momentum of {names[parameter]}" not in had_momentum:
+                state.pop("momentum_buffer", None)
+
+
+def _first_problem(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """'NaN or Inf in NAME' or 'a negative variance in NAME' for the first such tensor, else None."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not wire.all_finite(tensor):
+            return f"NaN or Inf in {name}"
+        if name.endswith("running_var") and tensor.numel() and tensor.min() < 0:
+            return f"a negative variance in {name}"
+    return None
 
 
 def learning_rate(round_index: int, base_lr: float, warmup_rounds: int, total_rounds: int) -> float:

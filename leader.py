@@ -1,10 +1,9 @@
 """The leader: owns the global model, registers learners, serves model and data, and runs FedSGD rounds."""
 
 import argparse
+import ipaddress
 import logging
-import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -17,30 +16,35 @@ import grpc
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import dispatch
 import fedsgd
+import framing
+import guard
 import rpc
 import runtime
 import utils
 import wire
 from metrics import MetricsLog, plot_metrics, read_metrics
 from model import ARCHITECTURES, build_model
-from rounds import Registry, RoundCollector, RoundSummary
+from rounds import ACTIVE, Member, Refusal, Registry, RoundCollector
 from rpc import leader_pb2, leader_pb2_grpc, learner_pb2
 
 log = logging.getLogger("leader")
 
 WAIT_LOG_INTERVAL_S = 10.0
-WAIT_SLICE_S = 1.0  # how often waits look at stop requests and joiners
-RPC_TIMEOUT_S = 60.0
-MAX_IN_FLIGHT = 8  # concurrent pushes of a model state: bounds the leader's memory with many learners
-# Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (rpc.chunk_messages),
-# AccumulateGradients gets an rpc.ChunkRequest.
-ADD_LEADER_SERVICE = rpc.without_protobuf_copies(leader_pb2_grpc.add_LeaderServiceServicer_to_server,
-                                                 replies={"GetModel", "GetData"}, requests={"AccumulateGradients"})
+WAIT_SLICE_S = 1.0  # how often waits look at stop requests, joiners and missing learners
+MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
+REFUSAL_LOG_INTERVAL_S = 10.0
+# Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (framing.chunk_messages),
+# AccumulateGradients gets a framing.ChunkRequest.
+ADD_LEADER_SERVICE = framing.without_protobuf_copies(leader_pb2_grpc.add_LeaderServiceServicer_to_server,
+                                                     replies={"GetModel", "GetData"},
+                                                     requests={"AccumulateGradients"})
 REFERENCE_BATCH = 128  # the learning rate --lr means at this total batch; scaled linearly
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Federated learning leader: serves LeaderService, waits for --learners learners, "
         "then trains the global model with FedSGD (one synchronous gradient step per round).",
@@ -62,26 +66,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
     parser.add_argument("--wire-dtype", choices=sorted(wire.WIRE_DTYPES), default="float32",
-                        help="precision of model states and gradients on the wire (float16/bfloat16 halve the bytes)")
+                        help="precision of weights and gradients on the wire (float16/bfloat16 halve the bytes; "
+                        "BatchNorm statistics always travel in float32)")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N rounds (0: only at epoch ends and the end)")
     parser.add_argument("--round-timeout", type=float, default=120.0,
                         help="seconds to wait for all learners' gradients before closing a round with those that arrived")
     parser.add_argument("--min-learners", type=int, default=1, help="gradients needed to close a round after --round-timeout")
-    parser.add_argument("--register-timeout", type=float, default=600.0, help="seconds to wait for all learners to register")
+    parser.add_argument("--register-timeout", type=float, default=600.0,
+                        help="seconds to wait for learners to register, at the start and whenever too few are left "
+                        "to close a round")
     parser.add_argument("--sync-timeout", type=float, default=30.0,
-                        help="seconds a learner may take to accept StartTraining or a model state before it is dropped")
+                        help="seconds a learner may take to accept StartTraining or a model state, or stay silent "
+                        "to health checks, before it is dropped")
+    parser.add_argument("--rejoin-grace", type=float, default=30.0,
+                        help="seconds a dropped learner's slot is kept for it to register again before a new learner "
+                        "may take it (none when the leader finds it gone)")
+    parser.add_argument("--idle-timeout", type=float, default=guard.IDLE_TIMEOUT_S,
+                        help="seconds a caller may send or read nothing (or take to send a whole gradient) before "
+                        "its call is cancelled")
     parser.add_argument("--checkpoint-every", type=int, default=50,
                         help="write DIR/checkpoint.pt every N rounds, at each epoch end and on stop (0: only those)")
-    parser.add_argument("--resume", metavar="DIR", help="continue from DIR/checkpoint.pt (same flags as the run that wrote it)")
+    parser.add_argument("--resume", metavar="DIR", help="continue from DIR/checkpoint.pt, with the training flags it "
+                        "was started with (flags that change training may be left out)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: all cores); steps use one")
     parser.add_argument("--seed", type=int, default=0, help="seed for the model, the shards and the learners' batches")
     parser.add_argument("--out", help="directory for model.pt, checkpoint.pt, metrics.jsonl and metrics.png "
-                        "(unset: the --resume DIR, else runs/latest)")
+                        "(unset: the --resume DIR, else runs/latest; an earlier run's files there are moved aside)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     rpc.add_security_flags(parser, "leader")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked; args.explicit names those given on the command line (a resume takes the others
+    from the checkpoint)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.learners < 1 or args.batch_size < 1 or not 1 <= args.min_learners <= args.learners:
-        parser.error("--learners and --batch-size must be positive, and 1 <= --min-learners <= --learners")
+    problems = [
+        (args.learners < 1 or args.batch_size < 1, "--learners and --batch-size must be positive"),
+        (not 1 <= args.min_learners <= args.learners, "--min-learners must lie between 1 and --learners"),
+        (args.rounds is not None and args.rounds < 1, "--rounds must be at least 1 (leave it out to train for --epochs)"),
+        (args.epochs <= 0 or (args.lr is not None and args.lr <= 0), "--epochs and --lr must be positive"),
+        (not 0 <= args.momentum < 1 or args.weight_decay < 0 or args.warmup_epochs < 0,
+         "--momentum must lie in [0, 1), --weight-decay and --warmup-epochs must not be negative"),
+        (min(args.eval_every, args.checkpoint_every, args.threads) < 0,
+         "--eval-every, --checkpoint-every and --threads must not be negative"),
+        (min(args.round_timeout, args.register_timeout, args.sync_timeout, args.idle_timeout) <= 0 or args.rejoin_grace < 0,
+         "timeouts must be positive and --rejoin-grace must not be negative"),
+    ]
+    for failed, message in problems:
+        if failed:
+            parser.error(message)
+    unset = object()  # argparse leaves attributes a namespace already has alone unless the flag is given
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**{key: unset for key in vars(args)}))
+    args.explicit = {key for key, value in vars(given).items() if value is not unset}
     return args
 
 
@@ -106,7 +144,7 @@ def make_schedule(args: argparse.Namespace, shard_size: int) -> Schedule:
     rounds_per_epoch = shard_size // args.batch_size
     if rounds_per_epoch < 1:
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {shard_size} samples of each learner's shard")
-    total = args.rounds or max(1, math.ceil(args.epochs * rounds_per_epoch))
+    total = args.rounds if args.rounds is not None else max(1, math.ceil(args.epochs * rounds_per_epoch))
     warmup = min(round(args.warmup_epochs * rounds_per_epoch), total // 5)
     base_lr = args.lr if args.lr is not None else 0.1 * args.learners * args.batch_size / REFERENCE_BATCH
     return Schedule(total, rounds_per_epoch, warmup, base_lr)
@@ -124,136 +162,198 @@ class GlobalModel:
         self.mean_gradient = torch.zeros(self.layout.size)
         self.layout.bind_gradients(self.mean_gradient)
         self.optimizer = fedsgd.make_optimizer(self.model, 0.0, args.momentum, args.weight_decay)
+        self.step_safely = fedsgd.GuardedStep(self.model, self.layout, self.optimizer)
         mean, std = normalisation
         self.metadata = {
             "architecture": architecture, "num_classes": str(num_classes), "batch_size": str(args.batch_size),
             "seed": str(args.seed), "mean": ",".join(map(str, mean)), "std": ",".join(map(str, std)),
             "wire_dtype": args.wire_dtype,
         }
-        self.payload = self.encode(round_index=0, finished=False)
+        self.encoded_state = b""
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
+        self.publish(round_index=0, finished=False)
+
+    def publish(self, round_index: int, finished: bool, stopped: bool = False) -> bytes:
+        """Encode the state after round_index with everything a learner needs to train on from there; GetModel
+        serves it from now on. `finished` tells learners to exit, `stopped` that the leader was stopped early
+        (it can be resumed). Returns the state as one serialised ModelState, ready to push to every learner."""
+        metadata = {**self.metadata, "round": str(round_index), "finished": "1" if finished else "0",
+                    "stopped": "1" if stopped else "0"}
+        self.encoded_state = wire.encode(fedsgd.wire_state(self.model, self.wire_dtype), metadata)
+        return framing.chunk_message(self.encoded_state)
 
     def model_messages(self) -> list[bytes]:
         """The current state as serialised ModelChunk messages, built once per state for all GetModel calls."""
-        payload = self.payload
-        cached_payload, messages = self._messages
-        if cached_payload is not payload:
-            messages = list(rpc.chunk_messages(payload))
-            self._messages = (payload, messages)
+        state = self.encoded_state
+        cached_state, messages = self._messages
+        if cached_state is not state:
+            messages = list(framing.chunk_messages(state))
+            self._messages = (state, messages)
         return messages
-
-    def encode(self, round_index: int, finished: bool, stopped: bool = False) -> bytes:
-        """The state_dict with everything a learner needs to train on from round_index; `finished`
-        tells learners to exit, `stopped` that the leader was stopped early (it can be resumed)."""
-        metadata = {**self.metadata, "round": str(round_index), "finished": "1" if finished else "0",
-                    "stopped": "1" if stopped else "0"}
-        return wire.encode(wire.cast_floats(self.model.state_dict(), self.wire_dtype), metadata)
 
     def gradient_payload_bytes(self) -> int:
         """Size of a learner's gradient payload, to bound incoming messages."""
-        gradient = self.layout.views(self.mean_gradient.to(self.wire_dtype))
-        return len(wire.encode(gradient, {"learner_id": "0"}))
+        return len(wire.encode(self.layout.wire_tensors(self.mean_gradient), {"learner_id": "0"}))
 
-    def step(self, collector: RoundCollector, lr: float) -> RoundSummary:
-        summary = collector.close(self.mean_gradient)
-        fedsgd.apply_mean_gradient(self.layout, self.optimizer, self.mean_gradient, lr)
-        return summary
+    def step(self, lr: float) -> str | None:
+        """One optimizer step with the round's mean gradient (in mean_gradient); None, or why the model was
+        left as it was (the step would have made it non-finite)."""
+        return self.step_safely(self.mean_gradient, lr)
+
+
+class Shards:
+    """The learners' data shards, each framed as DataChunk messages once and kept for every GetData."""
+
+    def __init__(self, train: utils.ImageSet, indices: list[torch.Tensor], dataset: str) -> None:
+        self.train, self.indices, self.dataset = train, indices, dataset
+        self._messages: dict[int, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def messages(self, learner_id: int) -> list[bytes]:
+        with self._lock:  # a shard is encoded once, even when its learner asks twice at the same time
+            if learner_id not in self._messages:
+                shard = self.train.subset(self.indices[learner_id])
+                metadata = {"learner_id": str(learner_id), "num_classes": str(shard.num_classes), "dataset": self.dataset}
+                payload = wire.encode({"labels": shard.labels, "images": shard.images}, metadata)
+                self._messages[learner_id] = list(framing.chunk_messages(payload))
+            return self._messages[learner_id]
+
+
+class Throttle:
+    """Lets a repeated event through at most once every `seconds`, counting the others."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.last, self.held_back = seconds, -math.inf, 0
+        self._lock = threading.Lock()
+
+    def allow(self) -> int | None:
+        """None while the event is held back; else how many were held back since the last one let through."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self.last < self.seconds:
+                self.held_back += 1
+                return None
+            held_back, self.last, self.held_back = self.held_back, now, 0
+            return held_back
 
 
 class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
-    """Translates LeaderService RPCs into calls on the registry, the shards and the round collector."""
+    """Translates LeaderService RPCs into calls on the registry, the shards and the round collector, checking
+    every claim a caller makes (who it is, which round, how many samples) against what the leader knows."""
 
     def __init__(self, registry: Registry, collector: RoundCollector, global_model: GlobalModel,
-                 shard_payload: Callable[[int], bytes]) -> None:
+                 shard_messages: Callable[[int], list[bytes]], batch_size: int,
+                 probe: Callable[[tuple[int, ...]], None] = lambda learner_ids: None) -> None:
         self.registry, self.collector, self.global_model = registry, collector, global_model
-        self.shard_payload = shard_payload
+        self.shard_messages, self.batch_size, self.probe = shard_messages, batch_size, probe
+        self.refusals_logged = Throttle(REFUSAL_LOG_INTERVAL_S)
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
-        learner_id, message = self.registry.register(request.network_addr)
-        log.info("register %r: %s", request.network_addr, message)
-        return leader_pb2.AckWithMetadata(success=learner_id is not None, message=message,
-                                          learner_id=-1 if learner_id is None else learner_id,
-                                          max_learners=self.registry.capacity)
+        try:
+            member, message = self.registry.register(request.network_addr, rpc.credential_of(context),
+                                                     rpc.peer_certificate(context))
+        except Refusal as refusal:
+            if (suppressed := self.refusals_logged.allow()) is not None:  # refusals may come by the thousand
+                log.info("registration refused: %s%s", refusal, f" (and {suppressed} more since the last such line)"
+                         if suppressed else "")
+            self.probe(refusal.probe)
+            if refusal.retry:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
+            return leader_pb2.AckWithMetadata(success=False, message=str(refusal), learner_id=-1,
+                                              max_learners=self.registry.capacity)
+        log.info("%s", message)
+        return leader_pb2.AckWithMetadata(success=True, message=message, learner_id=member.learner_id,
+                                          max_learners=self.registry.capacity, credential=member.credential)
 
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from self.global_model.model_messages()
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        learner_id = self.registry.id_of(request.network_addr)
-        if learner_id is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"{request.network_addr!r} has not registered; call RegisterLearner with this address first")
-        log.info("sending learner %d its data shard", learner_id)
-        yield from rpc.chunk_messages(self.shard_payload(learner_id))  # serialised DataChunk messages
+        member = self.data_caller(request.network_addr, context)
+        log.info("sending learner %d its data shard", member.learner_id)
+        yield from self.shard_messages(member.learner_id)  # serialised DataChunk messages
 
-    def AccumulateGradients(self, request: rpc.ChunkRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
+    def data_caller(self, address: str, context: grpc.ServicerContext) -> Member:
+        """The registration asking for its shard: by its credential or, for a peer that knows only the
+        article's protos, by its address if it calls from that address's IP."""
+        if rpc.credential_of(context):
+            return self.caller(context)[0]
+        member = self.registry.at(address)
+        if member is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{address[:64]!r} has not registered; call RegisterLearner "
+                          "with this address first")
+        if not same_host(address, rpc.peer_host(context)):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "send the credential this learner got at registration "
+                          f"(call header {rpc.CREDENTIAL_HEADER!r}), or ask from the IP address you registered")
+        return member
+
+    def caller(self, context: grpc.ServicerContext) -> tuple[Member, str]:
+        """The registration whose credential the call carries, and its state; aborts with UNAUTHENTICATED
+        for a call without a credential that holds a slot."""
+        found = self.registry.authenticate(rpc.credential_of(context), rpc.peer_certificate(context))
+        if found is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
+                          f"(call header {rpc.CREDENTIAL_HEADER!r}, from AckWithMetadata.credential); register first")
+        return found
+
+    def AccumulateGradients(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
+        member, state = self.caller(context)
+        if state != ACTIVE:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"learner {member.learner_id} is not training (dropped, or not started yet); register again")
         try:
             payload = wire.decode(request.chunk)
-            learner_id = wire.metadata_int(payload, "learner_id")
-            round_index = wire.metadata_int(payload, "round")
-            samples = wire.metadata_int(payload, "samples", minimum=1)
-            loss = float(payload.metadata.get("loss", "nan"))
-            if not math.isfinite(loss):
-                raise wire.PayloadError(f"metadata 'loss' must be a finite number, got {payload.metadata.get('loss')!r}")
-            if learner_id >= len(self.registry.addresses()):
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no learner {learner_id} is registered; register first")
-            if not self.registry.is_active(learner_id):
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"learner {learner_id} is not training (dropped, or not started yet); register again")
+            round_index, samples, loss = self.check_claims(payload, member)
             wire.check_matches(payload, self.global_model.layout.spec)
+            self.global_model.layout.check_update(payload.tensors)
         except (wire.PayloadError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
-        reason = self.collector.submit(learner_id, round_index, wire.flat_view(payload), samples, loss, len(request.chunk))
+        reason = self.collector.submit(member.learner_id, round_index, wire.flat_runs(payload), samples, loss,
+                                       len(request.chunk))
         if reason:
-            log.warning("learner %d: %s", learner_id, reason)
+            log.warning("learner %d: %s", member.learner_id, reason)
             return leader_pb2.Ack(success=False, message=reason)
         return leader_pb2.Ack(success=True, message=f"gradient for round {round_index} accepted")
 
-
-class Broadcaster:
-    """Calls one RPC on many learners at once, without waiting on the slow ones."""
-
-    def __init__(self, security: rpc.Security) -> None:
-        self.security = security
-        self._channels: dict[str, grpc.Channel] = {}
-
-    def method(self, address: str, name: str) -> grpc.UnaryUnaryMultiCallable:
-        if address not in self._channels:
-            self._channels[address] = rpc.channel(address, self.security)
-        return rpc.unary_call(self._channels[address], rpc.LEARNER_SERVICE, name, learner_pb2.Ack)
-
-    def send(self, learners: dict[int, str], method: str, request: object, on_failure: Callable[[int, str], None],
-             timeout: float = RPC_TIMEOUT_S) -> list[grpc.Future]:
-        """Start <method>(request) on every learner, at most MAX_IN_FLIGHT at a time (gRPC holds a copy of
-        each call's request until it is sent); request may be ready-serialised bytes, serialised once for
-        all. on_failure(id, reason) runs for each call that fails."""
-        slots, calls = threading.Semaphore(MAX_IN_FLIGHT), []
-        for learner_id, address in learners.items():
-            # After a timeout, send anyway without a slot: slow learners cannot stall the loop.
-            release = slots.release if slots.acquire(timeout=timeout) else (lambda: None)
-            call = self.method(address, method).future(request, timeout=timeout)
-            call.add_done_callback(lambda done, learner_id=learner_id, release=release:
-                                   (release(), _report(done, learner_id, method, on_failure)))
-            calls.append(call)
-        return calls
+    def check_claims(self, payload: wire.Payload, member: Member) -> tuple[int, int, float]:
+        """The round, sample count and loss a gradient claims, each checked; raises PayloadError."""
+        learner_id = wire.metadata_int(payload, "learner_id")
+        if learner_id != member.learner_id:
+            raise wire.PayloadError(f"metadata learner_id {learner_id} is not the caller's slot, {member.learner_id}")
+        samples = wire.metadata_int(payload, "samples", minimum=1)
+        if samples > self.batch_size:
+            raise wire.PayloadError(f"metadata samples {samples} exceeds the batch of {self.batch_size} this leader "
+                                    "asks for")
+        loss = float(payload.metadata.get("loss", "nan"))
+        if not 0 <= loss <= MAX_LOSS:
+            raise wire.PayloadError(f"metadata 'loss' must be a number from 0 to {MAX_LOSS:g}, "
+                                    f"got {payload.metadata.get('loss', '')[:32]!r}")
+        return wire.metadata_int(payload, "round"), samples, loss
 
 
-def _report(call: grpc.Future, learner_id: int, method: str, on_failure: Callable[[int, str], None]) -> None:
-    error = call.exception()
-    if error is not None:
-        on_failure(learner_id, f"{method} failed: {error.code().name} {error.details()}")
-    elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
-        on_failure(learner_id, f"{method} refused: {reply.message}")
+def same_host(address: str, peer: str | None) -> bool:
+    """Whether a HOST:PORT names the IP address a call came from (IPv4-mapped IPv6 counts as IPv4)."""
+
+    def normal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        return (ip.ipv4_mapped or ip) if ip.version == 6 else ip
+
+    try:
+        return peer is not None and normal(address.rsplit(":", 1)[0]) == normal(peer)
+    except ValueError:  # a host name: the leader does not resolve names callers give it
+        return False
 
 
-def wait_calls(calls: list[grpc.Future], timeout: float) -> None:
-    """Wait until the calls are done or timeout seconds have passed."""
-    deadline = time.monotonic() + timeout
-    for call in calls:
-        try:
-            call.exception(timeout=max(0.0, deadline - time.monotonic()))
-        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
-            return
+def method_limits(learners: int) -> dict[str, int]:
+    """Concurrent calls the leader serves per method: every learner may send its gradient or check its
+    registration at once; streams and registrations get a few each, so no caller can take all the threads."""
+    per_method = {"RegisterLearner": 4, "GetModel": 4, "GetData": 4, "AccumulateGradients": learners + 4}
+    return {**{f"/{rpc.LEADER_SERVICE}/{name}": limit for name, limit in per_method.items()},
+            "/grpc.health.v1.Health/Check": learners + 4}
+
+
+class Stalled(Exception):
+    """Too few learners for too long: the leader checkpoints and exits, to be resumed later."""
 
 
 class Leader:
@@ -261,78 +361,77 @@ class Leader:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        saved = checkpoint.load(args.resume) if args.resume else None
+        if saved:
+            checkpoint.adopt_config(saved["config"], args, args.explicit)
         self.out = Path(args.out or args.resume or "runs/latest")
         self.out.mkdir(parents=True, exist_ok=True)
+        if not saved:
+            checkpoint.set_aside_earlier_run(self.out)
         self.security = rpc.Security.from_args(args)
         log.info("loading %s data", args.dataset)
         self.train = utils.load_dataset(args.dataset, args.data_dir, train=True)
         test = utils.load_dataset(args.dataset, args.data_dir, train=False)
         normalisation = utils.channel_stats(self.train.images)
         self.test_images, self.test_labels = utils.normalize(test.images, *normalisation), test.labels
-        self.shards = utils.shard_indices(len(self.train), args.learners, args.seed)
-        self.schedule = make_schedule(args, len(self.shards[0]))
+        self.shards = Shards(self.train, utils.shard_indices(len(self.train), args.learners, args.seed), args.dataset)
+        self.schedule = make_schedule(args, len(self.shards.indices[0]))
         self.global_model = GlobalModel(args.model, self.train.num_classes, args, normalisation)
-        checkpoint = self.load_checkpoint() if args.resume else None
-        first_round = checkpoint["round"] if checkpoint else 0
-        self.registry = Registry(args.learners, checkpoint["addresses"] if checkpoint else [])
+        first_round = self.restore(saved) if saved else 0
+        restored_slots = saved.get("slots") or [{"address": address, "credential": ""} for address in saved["addresses"]] \
+            if saved else []
+        self.registry = Registry(args.learners, args.rejoin_grace, restored_slots)
         self.collector = RoundCollector(self.global_model.layout.size, first_round)
-        if checkpoint:
-            self.global_model.payload = self.global_model.encode(first_round, finished=False)
-        self.broadcaster = Broadcaster(self.security)
+        self.global_model.publish(first_round, finished=first_round >= self.schedule.total_rounds)
+        self.client = dispatch.LearnerClient(self.security)
         self.stopping = threading.Event()
         log.info("%s with %d parameters; %d train / %d test images, %d per learner; %d rounds "
                  "(%d per epoch), peak lr %.3g", args.model,
-                 self.global_model.layout.parameter_count, len(self.train), len(test), len(self.shards[0]),
+                 self.global_model.layout.parameter_count, len(self.train), len(test), len(self.shards.indices[0]),
                  self.schedule.total_rounds, self.schedule.rounds_per_epoch, self.schedule.base_lr)
-
-    def config(self) -> dict:
-        """What a checkpoint must agree with to be resumed."""
-        return {key: getattr(self.args, key) for key in ("model", "dataset", "learners", "batch_size", "seed")}
 
     def save_checkpoint(self, rounds_done: int) -> None:
         """Everything needed to continue from rounds_done, written atomically. Learners' positions in
-        their shards are a function of the round and the seed, so the round restores them."""
-        checkpoint = {"model": self.global_model.model.state_dict(), "optimizer": self.global_model.optimizer.state_dict(),
-                      "round": rounds_done, "addresses": self.registry.addresses(), "rng": torch.get_rng_state(),
-                      "config": self.config()}
-        save_atomically(checkpoint, self.out / "checkpoint.pt")
+        their shards are a function of the round and the seed, so the round restores them; each slot's
+        credential lets its learner take it back."""
+        state = {"model": self.global_model.model.state_dict(), "optimizer": self.global_model.optimizer.state_dict(),
+                 "round": rounds_done, "slots": self.registry.records(), "rng": torch.get_rng_state(),
+                 "config": checkpoint.config_of(self.args)}
+        checkpoint.save_atomically(state, self.out / "checkpoint.pt")
         log.info("checkpoint at round %d", rounds_done)
 
-    def load_checkpoint(self) -> dict:
-        path = Path(self.args.resume) / "checkpoint.pt"
-        if not path.exists():
-            raise SystemExit(f"--resume {self.args.resume}: no checkpoint.pt there")
-        checkpoint = torch.load(path, weights_only=True)
-        if checkpoint["config"] != self.config():
-            raise SystemExit(f"--resume {self.args.resume}: the checkpoint was made with {checkpoint['config']}, "
-                             f"not {self.config()}; pass the same flags")
-        self.global_model.model.load_state_dict(checkpoint["model"])
-        self.global_model.optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"])
-        keep_metrics_until(self.out / "metrics.jsonl", checkpoint["round"])
-        log.info("resuming from the checkpoint at round %d", checkpoint["round"])
-        return checkpoint
-
-    def shard_payload(self, learner_id: int) -> bytes:
-        shard = self.train.subset(self.shards[learner_id])
-        metadata = {"learner_id": str(learner_id), "num_classes": str(shard.num_classes), "dataset": self.args.dataset}
-        return wire.encode({"labels": shard.labels, "images": shard.images}, metadata)
+    def restore(self, saved: dict) -> int:
+        """Load a checkpoint's model, optimizer and random state; return its round."""
+        self.global_model.model.load_state_dict(saved["model"])
+        self.global_model.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        checkpoint.keep_metrics_until(self.out / "metrics.jsonl", saved["round"])
+        log.info("resuming from the checkpoint at round %d", saved["round"])
+        return saved["round"]
 
     def serve(self) -> grpc.Server:
-        servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shard_payload)
+        servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shards.messages,
+                                  self.args.batch_size, self.probe)
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         server, port = rpc.start_server(
-            f"{self.args.host}:{self.args.port}",
-            [(ADD_LEADER_SERVICE, servicer)],
-            [rpc.LEADER_SERVICE], limit, self.security,
-        )
+            f"{self.args.host}:{self.args.port}", [(ADD_LEADER_SERVICE, servicer)], [rpc.LEADER_SERVICE], limit,
+            self.security, method_limits(self.args.learners), self.args.idle_timeout, self.registry.session_status)
         log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", self.args.host, port,
                  self.security.describe(), self.args.learners)
         return server
 
+    def probe(self, learner_ids: tuple[int, ...] | list[int]) -> None:
+        """Check on these learners' registrations; drop those found gone or silent for --sync-timeout."""
+        self.client.probe(self.registry.members(list(learner_ids)), self.drop, self.args.sync_timeout)
+
+    def drop(self, member: Member, reason: str, gone: bool) -> None:
+        if self.registry.drop(member.learner_id, member.generation, gone):
+            kept = "its slot is free" if gone else f"its slot is kept for it for {self.args.rejoin_grace:.0f} s"
+            log.warning("dropped learner %d (%s); %s", member.learner_id, reason, kept)
+
     def wait_for_learners(self) -> bool:
         """Wait until --learners learners registered (after a resume, --min-learners suffice once
-        --round-timeout has passed); False if stopped first."""
+        --round-timeout has passed); False if stopped first. Raises Stalled after --register-timeout."""
         started, last_log = time.monotonic(), 0.0
         while not self.registry.wait_for(self.args.learners, WAIT_SLICE_S):
             waited = time.monotonic() - started
@@ -342,17 +441,12 @@ class Leader:
             if self.args.resume and waited >= self.args.round_timeout and present >= self.args.min_learners:
                 return True
             if waited > self.args.register_timeout:
-                raise SystemExit(f"only {present} of {self.args.learners} learners registered within "
-                                 f"--register-timeout {self.args.register_timeout:.0f} s; start more learners or lower --learners")
+                raise Stalled(f"only {present} of {self.args.learners} learners registered within --register-timeout "
+                              f"{self.args.register_timeout:.0f} s; start more learners or lower --learners")
             if waited - last_log >= WAIT_LOG_INTERVAL_S:
                 last_log = waited
                 log.info("%d of %d learners registered; waiting", present, self.args.learners)
         return True
-
-    def drop(self, learner_id: int, reason: str) -> None:
-        if self.registry.is_active(learner_id):
-            self.registry.drop(learner_id)
-            log.warning("dropped learner %d (%s); it can register again", learner_id, reason)
 
     def admit_joiners(self) -> None:
         """Start the learners that (re)registered, and give them the current model state."""
@@ -360,34 +454,52 @@ class Leader:
         if not joiners:
             return
         log.info("starting learners %s at round %d", sorted(joiners), self.collector.round)
-        calls = self.broadcaster.send(joiners, "StartTraining", learner_pb2.Empty(), self.drop, self.args.sync_timeout)
-        wait_calls(calls, self.args.sync_timeout)
-        if self.collector.round > 0:  # rounds may have passed since the joiner's GetModel
-            state = rpc.chunk_message(self.global_model.payload)  # a serialised ModelState
-            self.broadcaster.send(joiners, "SyncModelState", state, self.drop, self.args.sync_timeout)
+        if self.collector.round > 0:  # rounds may have passed since the joiner's GetModel: the state goes first
+            state = framing.chunk_message(self.global_model.encoded_state)  # a serialised ModelState
+            dispatch.wait_calls(self.client.send(joiners, "SyncModelState", state, self.drop, self.args.sync_timeout),
+                       self.args.sync_timeout)
+        calls = self.client.send(joiners, "StartTraining", learner_pb2.Empty(), self.drop, self.args.sync_timeout)
+        dispatch.wait_calls(calls, self.args.sync_timeout)
 
     def wait_for_round(self, round_index: int) -> bool:
-        """Wait for the expected gradients, or after --round-timeout for --min-learners of them;
-        a round whose missing learners were all dropped closes at once. False if stopped first."""
-        started, last_log = time.monotonic(), 0.0
+        """Wait for the expected gradients, or after --round-timeout for --min-learners of them; a round
+        whose missing learners were all dropped closes at once. Learners the round waits for are checked on
+        and dropped when gone; newcomers join. False if stopped first; raises Stalled when fewer than
+        --min-learners gradients came within --round-timeout plus --register-timeout."""
+        started, last_log, was_alone = time.monotonic(), 0.0, False
         while not self.collector.wait_complete(WAIT_SLICE_S):
             if self.stopping.is_set():
                 return False
-            missing, arrived = self.collector.missing(), self.collector.reported()
+            missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
             waited = time.monotonic() - started
             enough = arrived >= self.args.min_learners
-            if enough and not set(missing) & set(self.registry.active()):
+            if enough and not set(missing) & set(active):
                 return True
             if enough and waited >= self.args.round_timeout:
                 log.warning("round %d: closing after %.0f s with %d gradients; missing learners %s",
                             round_index, waited, arrived, missing)
                 return True
-            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+            if waited > self.args.round_timeout + self.args.register_timeout:
+                raise Stalled(f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
+                              f"{self.args.min_learners}, and no learner joined within --register-timeout; resume with "
+                              f"--resume {self.out} when learners can join")
+            self.probe(sorted(set(missing) & set(active)))
+            alone = self.registry.count() == 0
+            if waited - last_log >= WAIT_LOG_INTERVAL_S or (alone and not was_alone):
                 last_log = waited
-                log.info("round %d: %d gradients after %.0f s; waiting for learners %s%s", round_index, arrived,
-                         waited, missing, "" if enough else f" (need at least --min-learners {self.args.min_learners})")
+                self.log_waiting(round_index, waited, arrived, missing, alone)
+            was_alone = alone
             self.admit_joiners()
         return True
+
+    def log_waiting(self, round_index: int, waited: float, arrived: int, missing: list[int], alone: bool) -> None:
+        if alone:
+            log.warning("round %d: no learner is left; waiting up to --register-timeout %.0f s for learners to "
+                        "register", round_index, self.args.register_timeout)
+            return
+        need = "" if arrived >= self.args.min_learners else f" (need at least --min-learners {self.args.min_learners})"
+        log.info("round %d: %d gradients after %.0f s; waiting for learners %s%s", round_index, arrived, waited,
+                 missing, need)
 
     def evaluate(self, round_index: int, metrics: MetricsLog) -> fedsgd.Evaluation:
         started = time.perf_counter()
@@ -411,12 +523,17 @@ class Leader:
         while self.collector.round < total and not self.stopping.is_set():
             round_index = self.collector.round
             self.admit_joiners()
+            self.client.keep_only({member.address for member in self.registry.members().values()})
             self.collector.expect(self.registry.active())
             if not self.wait_for_round(round_index):
                 break
             gradients_in = time.perf_counter()
             lr = self.schedule.lr(round_index)
-            summary = self.global_model.step(self.collector, lr)
+            summary = self.collector.close(self.global_model.mean_gradient)
+            discarded = self.global_model.step(lr)
+            if discarded:
+                log.warning("round %d discarded, the model is unchanged: %s (%d learners)", round_index + 1,
+                            discarded, summary.learners)
             stepped = time.perf_counter()
             done = round_index + 1
             eval_seconds = 0.0
@@ -425,7 +542,7 @@ class Leader:
                 self.evaluate(done, metrics)
                 eval_seconds = time.perf_counter() - eval_started
             if done == total:
-                save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
+                checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
             pushing = time.perf_counter()
             bytes_out = self.push_state(done, finished=done == total)
             pushed = time.perf_counter()
@@ -436,7 +553,8 @@ class Leader:
                            "learners": summary.learners, "samples": summary.samples, "lr": lr,
                            "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
                            "bytes_out": bytes_out, "gradients_s": gradients_in - round_started,
-                           "step_s": stepped - gradients_in, "push_s": pushed - pushing})
+                           "step_s": stepped - gradients_in, "push_s": pushed - pushing,
+                           **({"discarded": discarded} if discarded else {})})
             round_started = now
             progress.update()
             if done % max(1, total // 10) == 0:
@@ -447,50 +565,63 @@ class Leader:
 
     def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
         """Encode the state after rounds_done once and send it to every active learner; return bytes sent."""
-        self.global_model.payload = self.global_model.encode(rounds_done, finished, stopped)
-        request = rpc.chunk_message(self.global_model.payload)  # a serialised ModelState, sent to all
-        learners = self.registry.active_addresses()
-        calls = self.broadcaster.send(learners, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
+        request = self.global_model.publish(rounds_done, finished, stopped)  # a serialised ModelState, sent to all
+        members = self.registry.members()
+        calls = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
         if finished:
-            wait_calls(calls, self.args.sync_timeout)
-        return len(request) * len(learners)
+            dispatch.wait_calls(calls, self.args.sync_timeout)
+        return len(request) * len(members)
 
-    def run(self) -> fedsgd.Evaluation | None:
+    def release_learners(self) -> None:
+        """The checkpoint is at the final round: tell its learners that training is over, and keep serving the
+        final state (GetModel) for --rejoin-grace seconds to learners that reconnect, unless all were told."""
+        log.info("the checkpoint is at the final round %d: training is complete; telling its learners",
+                 self.collector.round)
+        if not (self.out / "model.pt").exists():
+            checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
+        started = time.monotonic()
+        members = {key: member for key, member in self.registry.members(list(range(self.args.learners))).items()
+                   if member.address}
+        request = framing.chunk_message(self.global_model.encoded_state)  # published as finished
+        calls = self.client.send(members, "SyncModelState", request, lambda *failure: None, self.args.sync_timeout)
+        dispatch.wait_calls(calls, self.args.sync_timeout)
+        if all(call.done() and call.exception() is None and call.result().success for call in calls):
+            return
+        remaining = self.args.rejoin_grace - (time.monotonic() - started)
+        log.info("telling learners that connect in the next %.0f s (--rejoin-grace) that training is over",
+                 max(0.0, remaining))
+        self.stopping.wait(max(0.0, remaining))
+
+    def run(self) -> int:
+        """Serve and train to the end; return the exit status (1: stalled for lack of learners)."""
         server = self.serve()
         metrics = MetricsLog(self.out / "metrics.jsonl", append=bool(self.args.resume))
+        status, total = 0, self.schedule.total_rounds
         try:
-            if not self.wait_for_learners():
-                return None
-            done = self.train_rounds(metrics)
-            stopped = done < self.schedule.total_rounds
-            if stopped:
-                log.info("stopping on request after round %d", done)
-                self.save_checkpoint(done)
-                self.push_state(done, finished=True, stopped=True)
+            if self.collector.round >= total:
+                self.release_learners()
+            elif self.wait_for_learners():
+                done = self.train_rounds(metrics)
+                if done < total:
+                    log.info("stopping on request after round %d", done)
+                    self.save_checkpoint(done)
+                    self.push_state(done, finished=True, stopped=True)
+        except Stalled as stalled:
+            log.error("%s", stalled)
+            self.save_checkpoint(self.collector.round)
+            self.push_state(self.collector.round, finished=True, stopped=True)
+            status = 1
         finally:
             metrics.close()
             server.stop(grace=2).wait(5)
         records = read_metrics(metrics.path)
-        plot_metrics(records, self.out / "metrics.png")
+        if records:
+            plot_metrics(records, self.out / "metrics.png")
         evaluations = [r for r in records if "test_accuracy" in r]
-        if not stopped and evaluations:
+        if self.collector.round >= total and evaluations:
             log.info("final test accuracy %.4f; model.pt, metrics.jsonl and metrics.png are in %s",
                      evaluations[-1]["test_accuracy"], self.out)
-        return evaluations[-1] if evaluations else None
-
-
-def save_atomically(state: object, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash leaves the old file or the new, never half."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def keep_metrics_until(path: Path, rounds_done: int) -> None:
-    """Drop the records of rounds after a checkpoint, which a resumed run does again."""
-    if path.exists():
-        kept = [r for r in read_metrics(path) if r["round"] <= rounds_done]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,8 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):  # finish the round, checkpoint, tell the learners, exit 0
         signal.signal(signum, lambda *_: leader.stopping.set())
-    leader.run()
-    return 0
+    return leader.run()
 
 
 if __name__ == "__main__":

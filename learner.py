@@ -1,19 +1,23 @@
 """A learner: serves LearnerService, trains the leader's model on its shard and pushes gradients."""
 
 import argparse
+import hmac
 import logging
 import signal
 import socket
 import sys
 import threading
 import time
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import fedsgd
+import framing
+import guard
 import rpc
 import runtime
 import utils
@@ -27,10 +31,20 @@ T = TypeVar("T")
 MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
 WAIT_LOG_INTERVAL_S = 10.0
 RPC_TIMEOUT_S = 60.0
-HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting for a state, how often to check the leader is alive
-# A pushed model state reaches SyncModelState as an rpc.ChunkRequest (no protobuf copies of it).
-ADD_LEARNER_SERVICE = rpc.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
-                                                  requests={"SyncModelState"})
+HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whether it still counts this learner
+# Calls from the leader may arrive before this learner has read the reply to its registration: they wait
+# this long for it.
+REGISTRATION_WAIT_S = 30.0
+# The leader asks to be called again later (all slots held, too many calls at once) with these codes.
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# A gradient answered with these means the leader no longer counts this registration: register again.
+REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
+LEARNER_METHOD_LIMITS = {f"/{rpc.LEARNER_SERVICE}/StartTraining": 2, f"/{rpc.LEARNER_SERVICE}/SyncModelState": 2,
+                         "/grpc.health.v1.Health/Check": 4}
+# A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
+ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
+                                                      requests={"SyncModelState"})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,15 +66,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores; give each learner "
                         "its share when several run on one machine)")
     parser.add_argument("--connect-timeout", type=float, default=300.0,
-                        help="seconds to keep trying to reach the leader, at start and after losing it")
+                        help="seconds to keep trying to reach the leader (or to get a slot), at start and after "
+                        "losing it")
     parser.add_argument("--wait-timeout", type=float, default=600.0,
                         help="seconds to wait for the leader's next instruction before giving up")
+    parser.add_argument("--idle-timeout", type=float, default=guard.IDLE_TIMEOUT_S,
+                        help="seconds a stream from the leader (model, data) may deliver nothing before it is "
+                        "abandoned and fetched again; also how long a caller of this learner may stay silent")
     parser.add_argument("--log-every", type=int, default=50, help="log progress every N rounds")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     rpc.add_security_flags(parser, "learner")
     parser.add_argument("--leader-name", default="leader",
                         help="with --tls-ca: the common name the leader's certificate must carry")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.log_every < 1 or args.threads < 0:
+        parser.error("--log-every must be at least 1 and --threads not negative")
+    if min(args.connect_timeout, args.wait_timeout, args.idle_timeout) <= 0:
+        parser.error("timeouts must be positive")
+    return args
 
 
 def default_advertise(leader: str, port: int) -> str:
@@ -89,7 +112,7 @@ class StateInbox:
 
     def put(self, round_index: int, payload: wire.Payload) -> None:
         with self._changed:
-            if payload.metadata.get("finished") == "1":
+            if is_final(payload):
                 self.final = payload
             elif round_index > self._round:
                 self._round, self._payload = round_index, payload
@@ -108,26 +131,77 @@ class StateInbox:
             return None
 
 
+def is_final(state: wire.Payload) -> bool:
+    """Whether a model state is the leader's last (training finished, or the leader was stopped)."""
+    return state.metadata.get("finished") == "1"
+
+
+class LeaderCredential:
+    """The secret this learner shares with the leader it registered with (AckWithMetadata.credential): a call
+    that claims to come from that leader must carry it. Until a registration succeeds, and while one is on
+    its way, such calls wait for it."""
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self._registered = False
+        self._known = threading.Event()
+
+    @contextmanager
+    def registering(self) -> Iterator[None]:
+        """While a registration is on its way, calls from the leader wait for its reply (which may bring a
+        new credential); if it fails, an earlier registration's credential stands."""
+        self._known.clear()
+        try:
+            yield
+        finally:
+            if self._registered:
+                self._known.set()
+
+    def registered(self, credential: str) -> None:
+        """The registration succeeded; an empty credential means a leader built from the article's protos."""
+        self.value, self._registered = credential or None, True
+        self._known.set()
+
+    def refusal(self, context: grpc.ServicerContext) -> str | None:
+        """Why a call that claims to come from the leader must be refused, or None."""
+        if not self._known.wait(REGISTRATION_WAIT_S):
+            return "this learner is not registered with a leader yet"
+        if self.value is None:
+            return None
+        given = rpc.credential_of(context) or ""
+        if not hmac.compare_digest(given.encode(), self.value.encode()):
+            return "only the leader this learner registered with may call it (its credential is missing or wrong)"
+        return None
+
+    def session(self) -> str:
+        """The health-service name of this registration at the leader ('' for a leader without credentials)."""
+        return rpc.SESSION_PREFIX + rpc.session_id(self.value) if self.value else ""
+
+
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
-    """Checks what the leader pushes and hands it to the training thread."""
+    """Checks that calls come from this learner's leader and what it pushes, and hands it to the training thread."""
 
     def __init__(self, state_spec: wire.TensorSpec, inbox: StateInbox, started: threading.Event,
-                 leader_name: str | None) -> None:
+                 credential: LeaderCredential, leader_name: str | None) -> None:
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
-        self.leader_name = leader_name
+        self.credential, self.leader_name = credential, leader_name
 
     def check_caller(self, context: grpc.ServicerContext) -> None:
-        """Under mutual TLS, only the leader's certificate may start training or overwrite the model."""
+        """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
+        and always the credential it gave this learner at registration."""
         if self.leader_name and rpc.peer_common_name(context) != self.leader_name:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"only the leader (certificate CN {self.leader_name!r}) may call this learner")
+        refusal = self.credential.refusal(context)
+        if refusal:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
 
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
         self.check_caller(context)
         self.started.set()
         return learner_pb2.Ack(success=True, message="training started")
 
-    def SyncModelState(self, request: rpc.ChunkRequest, context: grpc.ServicerContext) -> learner_pb2.Ack:
+    def SyncModelState(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> learner_pb2.Ack:
         self.check_caller(context)
         try:
             payload = wire.decode(request.chunk)
@@ -159,11 +233,16 @@ def adopt_state(model: torch.nn.Module, state: wire.Payload, spec: wire.TensorSp
     load_state(model, state, take_over=True)
 
 
+def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype) -> wire.TensorSpec:
+    """What a model state from the leader must hold: fedsgd.wire_state's tensors."""
+    return wire.spec_of(fedsgd.wire_state(model, wire_dtype))
+
+
 def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSet:
     """The images and labels of a data shard payload, after checking shapes, dtypes and label range."""
     labels, images = payload.tensors.get("labels"), payload.tensors.get("images")
     if labels is None or images is None or len(payload.tensors) != 2:
-        raise wire.PayloadError(f"a data shard holds exactly 'labels' and 'images', got {list(payload.tensors)}")
+        raise wire.PayloadError(f"a data shard holds exactly 'labels' and 'images', got {list(payload.tensors)[:4]}")
     count = len(labels)
     shape = (count, 3, utils.IMAGE_SIZE, utils.IMAGE_SIZE)
     if labels.dtype != torch.int64 or images.dtype != torch.uint8 or labels.ndim != 1 or images.shape != shape or count == 0:
@@ -173,40 +252,51 @@ def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSe
     return utils.ImageSet(images, labels, num_classes)
 
 
-def fetch_model(channel: grpc.Channel) -> wire.Payload:
-    """The leader's current model state from GetModel, checked finite as it streams in."""
-    return receive_stream(channel, "GetModel", leader_pb2.Empty(), check_finite=True)
-
-
-def receive_stream(channel: grpc.Channel, method: str, request, check_finite: bool = False) -> wire.Payload:
-    """The payload a LeaderService method streams in chunks, decoded as they arrive."""
-    call = rpc.chunk_stream(channel, rpc.LEADER_SERVICE, method)(request, timeout=RPC_TIMEOUT_S)
-    try:
-        return wire.receive(call, MAX_STREAM_BYTES, check_finite)
-    finally:
-        call.cancel()  # frees the stream if the payload was refused part way; no-op once it is complete
-
-
-def retry_until(deadline: float, action: Callable[[], T], what: str) -> T:
-    """Run action until it stops failing with UNAVAILABLE or the deadline passes, backing off."""
-    delay = 0.5
-    while True:  # ends by returning, or by raising once the deadline has passed
-        try:
-            return action()
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > deadline:
-                raise
-            log.info("%s: leader unavailable, retrying in %.1f s", what, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 class LeaderLost(Exception):
     """The leader is unreachable or no longer counts this learner: reconnect and register again."""
 
 
-REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+class GradientRefused(Exception):
+    """The leader refused this learner's gradient as malformed: the learner's model or data do not match it."""
+
+
+def receive_stream(channel: grpc.Channel, method: str, request, idle_timeout: float, check_finite: bool = False,
+                   credential: str | None = None) -> wire.Payload:
+    """The payload a LeaderService method streams in chunks, decoded as they arrive. There is no limit on
+    the whole transfer (a slow link may take long), only on idle time: a stream that delivers nothing for
+    idle_timeout seconds is abandoned with LeaderLost."""
+    call = framing.chunk_stream(channel, rpc.LEADER_SERVICE, method)(request, metadata=rpc.with_credential(credential))
+    try:
+        return wire.receive(guard.idle_bounded(call, idle_timeout, call.cancel), MAX_STREAM_BYTES, check_finite)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.CANCELLED:  # only the idle watchdog cancels this call
+            raise LeaderLost(f"{method}: nothing arrived for {idle_timeout:.0f} s") from None
+        raise
+    finally:
+        call.cancel()  # frees the stream if the payload was refused part way; no-op once it is complete
+
+
+def fetch_model(channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S) -> wire.Payload:
+    """The leader's current model state from GetModel, checked finite as it streams in."""
+    return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, check_finite=True)
+
+
+def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
+                codes: tuple[grpc.StatusCode, ...] = RETRY_CODES) -> T | None:
+    """Run action until it stops failing with one of codes (or a lost stream) or the deadline passes,
+    backing off; None as soon as stop() says there is no point any more."""
+    delay = 0.5
+    while not stop():  # ends by returning, or by raising once the deadline has passed
+        try:
+            return action()
+        except (grpc.RpcError, LeaderLost) as error:
+            if isinstance(error, grpc.RpcError) and error.code() not in codes or time.monotonic() + delay > deadline:
+                raise
+            reason = error.details() if isinstance(error, grpc.RpcError) else str(error)
+            log.info("%s: %s; retrying in %.1f s", what, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return None
 
 
 class Learner:
@@ -218,33 +308,51 @@ class Learner:
         self.channel = rpc.channel(args.leader, self.security)
         self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(rpc.channel(args.leader, self.security))
-        state = retry_until(time.monotonic() + args.connect_timeout, lambda: fetch_model(self.channel), "GetModel")
+        self.inbox, self.started, self.credential = StateInbox(), threading.Event(), LeaderCredential()
+        self.learner_id, self.data, self.server, self.round = -1, None, None, 0
+
+    def fetch_model(self, deadline: float) -> wire.Payload | None:
+        """The leader's current model state, checked finite as it streams in (retried until the deadline);
+        None if the leader's final state was pushed meanwhile."""
+        fetch = lambda: fetch_model(self.channel, self.args.idle_timeout)
+        return retry_until(deadline, fetch, "GetModel", stop=lambda: self.inbox.final is not None)
+
+    def connect(self) -> wire.Payload | None:
+        """Take the leader's model, start serving, register and get the data; the leader's final state
+        instead if training is already over."""
+        deadline = time.monotonic() + self.args.connect_timeout
+        state = self.fetch_model(deadline)
+        if is_final(state):
+            return state
         self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
         self.wire_dtype = wire.WIRE_DTYPES.get(state.metadata.get("wire_dtype", "float32"))
         if self.wire_dtype is None:
-            raise wire.PayloadError(f"unknown wire_dtype {state.metadata['wire_dtype']!r}")
-        self.state_spec = wire.spec_of(self.model.state_dict(), self.wire_dtype)
+            raise wire.PayloadError(f"unknown wire_dtype {state.metadata['wire_dtype'][:32]!r}")
+        self.state_spec = state_spec(self.model, self.wire_dtype)
         self.adopt(state)
-        self.device = runtime.pick_device(args.device)
+        self.device = runtime.pick_device(self.args.device)
         self.model.to(self.device)
         self.batch_size = wire.metadata_int(state, "batch_size", 1)
         self.seed = wire.metadata_int(state, "seed")
         self.mean = [float(value) for value in state.metadata["mean"].split(",")]
         self.std = [float(value) for value in state.metadata["std"].split(",")]
-        self.layout = fedsgd.GradientLayout(self.model)
+        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype)
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)
-        self.inbox, self.started = StateInbox(), threading.Event()
-        servicer = LearnerServicer(self.state_spec, self.inbox, self.started,
-                                   args.leader_name if self.security.ca else None)
+        servicer = LearnerServicer(self.state_spec, self.inbox, self.started, self.credential,
+                                   self.args.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
-            f"{args.host}:{args.port}", [(ADD_LEARNER_SERVICE, servicer)],
-            [rpc.LEARNER_SERVICE],
-            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security,
-        )
-        self.address = args.advertise or default_advertise(args.leader, port)
-        self.learner_id, self.data = -1, None
-        self.join(time.monotonic() + args.connect_timeout)
+            f"{self.args.host}:{self.args.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
+            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, LEARNER_METHOD_LIMITS, self.args.idle_timeout,
+            self.session_status)
+        self.address = self.args.advertise or default_advertise(self.args.leader, port)
+        self.join(deadline)
+        return None
+
+    def session_status(self, session: str) -> int | None:
+        """This learner's answer to the leader's health check of a registration: SERVING for its own."""
+        mine = self.credential.value and hmac.compare_digest(session.encode(), rpc.session_id(self.credential.value).encode())
+        return health_pb2.HealthCheckResponse.SERVING if mine else None
 
     def adopt(self, state: wire.Payload) -> None:
         """Continue training from a model state from fetch_model."""
@@ -259,7 +367,12 @@ class Learner:
             self.data = self.load_data(self.model.fc.out_features)
 
     def register(self) -> int:
-        reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.address), timeout=RPC_TIMEOUT_S)
+        """Register with this learner's address (and its credential, to take its own slot back)."""
+        with self.credential.registering():
+            reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.address),
+                                                timeout=RPC_TIMEOUT_S, metadata=rpc.with_credential(self.credential.value))
+            if reply.success:
+                self.credential.registered(reply.credential)
         if not reply.success:
             raise SystemExit(f"the leader refused registration: {reply.message}")
         log.info("%s; serving LearnerService at %s (%s)", reply.message, self.address, self.security.describe())
@@ -270,57 +383,81 @@ class Learner:
             data = utils.load_dataset(self.args.dataset, self.args.data_dir, train=True)
             log.info("training on local %s data: %d images", self.args.dataset, len(data))
             return data
-        payload = receive_stream(self.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr=self.address))
+        request = leader_pb2.LearnerDataRequest(network_addr=self.address)
+        fetch = lambda: receive_stream(self.channel, "GetData", request, self.args.idle_timeout,
+                                       credential=self.credential.value)
+        payload = retry_until(time.monotonic() + self.args.connect_timeout, fetch, "GetData")
         data = shard_from_payload(payload, num_classes)
         log.info("received a shard of %d images from the leader", len(data))
         return data
 
-    def reconnect(self) -> None:
-        """After losing the leader: wait for it (with backoff), take its current model, register again."""
+    def reconnect(self) -> wire.Payload | None:
+        """After losing the leader: wait for it (with backoff), take its current model, register again;
+        the leader's final state instead if it has one."""
         deadline = time.monotonic() + self.args.connect_timeout
         self.started.clear()
         self.inbox.clear()
-        self.adopt(retry_until(deadline, lambda: fetch_model(self.channel), "GetModel"))
+        state = self.fetch_model(deadline)
+        if state is None or is_final(state):
+            return state or self.inbox.final
+        self.adopt(state)
         self.join(deadline)
         log.info("rejoined at round %d", self.round)
+        return None
 
-    def wait_for_start(self) -> None:
-        waited = 0.0
-        while not self.started.wait(WAIT_LOG_INTERVAL_S):
-            waited += WAIT_LOG_INTERVAL_S
+    def check_leader(self) -> None:
+        """Raise LeaderLost if the leader does not answer, or no longer counts this learner's registration."""
+        request = health_pb2.HealthCheckRequest(service=self.credential.session())
+        try:
+            reply = self.health.Check(request, timeout=HEALTH_CHECK_INTERVAL_S)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # a leader without the health service
+                return
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise LeaderLost("the leader no longer knows this learner's registration") from None
+            raise LeaderLost(f"health check: {error.code().name}") from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise LeaderLost("the leader dropped this learner")
+
+    def wait_until(self, ready: Callable[[float], T | None], what: str) -> T:
+        """ready(timeout) until it gives something, checking on the leader every few seconds; raises
+        LeaderLost, or SystemExit after --wait-timeout."""
+        started, last_log = time.monotonic(), 0.0
+        while (result := ready(HEALTH_CHECK_INTERVAL_S)) is None:
+            self.check_leader()
+            waited = time.monotonic() - started
             if waited >= self.args.wait_timeout:
-                raise SystemExit(f"the leader did not start training within --wait-timeout {self.args.wait_timeout:.0f} s")
-            log.info("waiting for the leader to start training")
+                raise SystemExit(f"no {what} from the leader within --wait-timeout {self.args.wait_timeout:.0f} s")
+            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = waited
+                log.info("waiting for %s", what)
+        return result
 
     def send_gradient(self, round_index: int, loss: float) -> None:
         metadata = {"learner_id": str(self.learner_id), "round": str(round_index),
                     "samples": str(self.batch_size), "loss": repr(loss)}
-        gradient = self.layout.views(self.gradient.to("cpu", self.wire_dtype))  # no copy for float32 on the CPU
-        request = leader_pb2.GradientData(chunk=wire.encode(gradient, metadata))
-        try:
-            reply = self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S)
+        request = leader_pb2.GradientData(chunk=wire.encode(self.layout.wire_tensors(self.gradient), metadata))
+        send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
+                                                       metadata=rpc.with_credential(self.credential.value))
+        try:  # a busy leader (RESOURCE_EXHAUSTED) gets the gradient again; a lost one means reconnecting
+            reply = retry_until(time.monotonic() + self.args.wait_timeout, send, "AccumulateGradients",
+                                stop=lambda: self.inbox.final is not None, codes=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
         except grpc.RpcError as error:
             if error.code() in REJOIN_CODES:
                 raise LeaderLost(f"{error.code().name}: {error.details()}") from None
-            raise
-        if not reply.success:
+            raise GradientRefused(f"the leader refused this learner's gradient for round {round_index}: "
+                                  f"{error.code().name} {error.details()}") from None
+        if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the gradient: %s", round_index, reply.message)
-
-    def await_state(self, round_index: int) -> wire.Payload:
-        """The leader's state for round_index or later; raise LeaderLost if the leader stops answering."""
-        waited = 0.0
-        while (state := self.inbox.take(round_index, HEALTH_CHECK_INTERVAL_S)) is None:
-            waited += HEALTH_CHECK_INTERVAL_S
-            try:
-                self.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_CHECK_INTERVAL_S)
-            except grpc.RpcError as error:
-                raise LeaderLost(f"health check: {error.code().name}") from None
-            if waited >= self.args.wait_timeout:
-                raise SystemExit(f"no model state for round {round_index} within --wait-timeout {self.args.wait_timeout:.0f} s")
-        return state
 
     def train(self) -> wire.Payload:
         """Rounds until the leader marks a state finished: gradient of the round's batch, then the new state."""
+        pushed = self.inbox.take(self.round + 1, timeout=0)  # a state newer than the one fetched, sent on joining
+        if pushed is not None:
+            if is_final(pushed):
+                return pushed
+            load_state(self.model, pushed)
+            self.round = wire.metadata_int(pushed, "round")
         schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
         prepare = lambda index: (index, [tensor.to(self.device) for tensor in
                                          utils.training_batch(self.data, schedule, index, self.mean, self.std)])
@@ -338,7 +475,8 @@ class Learner:
             prepared, batch = prepare(self.round + 1)
             compute_seconds += time.perf_counter() - started
             computed_rounds += 1
-            state = self.await_state(self.round + 1)
+            next_round = self.round + 1
+            state = self.wait_until(lambda timeout: self.inbox.take(next_round, timeout), f"the state of round {next_round}")
             load_state(self.model, state)
             round_seconds += time.perf_counter() - round_started
             self.round = wire.metadata_int(state, "round")
@@ -347,28 +485,31 @@ class Learner:
                          self.round, loss, computed_rounds * self.batch_size / compute_seconds,
                          (round_seconds - compute_seconds) / computed_rounds * 1000)
                 compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
-            if state.metadata.get("finished") == "1":
+            if is_final(state):
                 return state
 
     def train_until_final(self) -> wire.Payload:
         """Train through leader losses until the leader sends its final state; return that state."""
         while True:  # each pass ends in the final state, or in a reconnect bounded by --connect-timeout
-            self.wait_for_start()
             try:
+                self.wait_until(lambda timeout: self.started.wait(timeout) or None, "the start of training")
                 return self.train()
             except LeaderLost as lost:
                 if self.inbox.final is not None:  # it said goodbye before it went
                     return self.inbox.final
                 log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.args.connect_timeout)
-                self.reconnect()
+                final = self.reconnect()
+                if final is not None:
+                    return final
 
     def run(self) -> None:
         try:
-            final = self.train_until_final()
+            final = self.connect() or self.train_until_final()
             how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
             log.info("the leader %s at round %d", how, wire.metadata_int(final, "round"))
         finally:
-            self.server.stop(grace=2).wait(5)
+            if self.server is not None:
+                self.server.stop(grace=2).wait(5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,8 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         Learner(args).run()
     except KeyboardInterrupt:
         log.info("stopping on signal")
-    except grpc.RpcError as error:
-        log.error("lost the leader at %s: %s %s", args.leader, error.code().name, error.details())
+    except GradientRefused as refused:
+        log.error("%s", refused)
+        return 2
+    except (grpc.RpcError, LeaderLost) as error:
+        reason = f"{error.code().name} {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
+        log.error("gave up on the leader at %s: %s", args.leader, reason)
         return 1
     except (wire.PayloadError, utils.DatasetError, rpc.SecurityError) as error:
         log.error("%s", error)

@@ -1,21 +1,28 @@
-"""The leader's membership and round bookkeeping: who is registered, who has reported this round.
+"""The leader's membership and round bookkeeping: who holds which slot, who has reported this round.
 
 Thread-safe: gRPC handler threads submit, the leader's main loop waits. Every wait takes a timeout.
 """
 
+import hmac
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
+from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from fedsgd import Accumulator
+from rpc import new_credential, session_id
 
+MAX_ADDRESS_CHARS = 261  # a 255-character host name, a colon and a port
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
 def check_address(address: str) -> str | None:
     """Why a learner's network address is unusable, or None if it is a valid HOST:PORT."""
+    if len(address) > MAX_ADDRESS_CHARS:
+        return f"network_addr has {len(address)} characters; at most {MAX_ADDRESS_CHARS} make a HOST:PORT"
     match = ADDRESS.match(address)
     if not match:
         return f"network_addr {address!r} is not HOST:PORT"
@@ -24,81 +31,199 @@ def check_address(address: str) -> str | None:
     return None
 
 
+JOINING, ACTIVE, DROPPED = "joining", "active", "dropped"
+SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Slot:
+    """One learner's place in the federation, bound to the secret it received when it registered."""
+
+    learner_id: int
+    address: str
+    credential: str
+    certificate: str | None  # fingerprint of the TLS client certificate it registered with, if any
+    generation: int = 0  # counts registrations: news about an earlier one (a late push failure) is ignored
+    state: str = JOINING
+    kept_until: float = 0.0  # while DROPPED, kept for its holder until then; 0: a newcomer may take it
+
+    @property
+    def session(self) -> str:
+        return session_id(self.credential)
+
+
+@dataclass(frozen=True)
+class Member:
+    """What it takes to call a learner: where, with which credential, and for which registration."""
+
+    learner_id: int
+    address: str
+    credential: str
+    generation: int
+
+
+class Refusal(Exception):
+    """A registration the leader turns down; `retry` when it may succeed later, `probe` the slots whose
+    holders the leader should check on (a newcomer may take a slot once its holder is found gone)."""
+
+    def __init__(self, message: str, retry: bool = False, probe: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.retry, self.probe = retry, probe
+
+
 class Registry:
-    """Learner slots 0..capacity-1, each held by the address its learner advertises.
+    """Learner slots 0..capacity-1, each bound to a credential (a secret the learner got when it registered).
 
-    A slot is active while its learner trains. The leader drops a learner it cannot reach; the
-    learner (or a new one) can then register again: the same address gets its own slot back, a new
-    address takes a dropped slot. (Re)registered learners wait as joiners until the round loop
-    admits them with StartTraining."""
+    A slot is active while its learner trains, joining from registration until the round loop starts it,
+    and dropped once the leader stops counting on it. Only the holder's credential re-registers a slot
+    (it may then change address); a newcomer gets a slot never taken, or a dropped one whose holder the
+    leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
+    checkpoint start dropped and kept for their holders."""
 
-    def __init__(self, capacity: int, addresses: list[str] = ()) -> None:
-        self.capacity = capacity
-        self._addresses: list[str] = list(addresses)  # slot -> address; restored ones start dropped
-        self._active: set[int] = set()
-        self._joiners: set[int] = set()
+    def __init__(self, capacity: int, keep_s: float, restored: list[dict] = ()) -> None:
+        self.capacity, self.keep_s = capacity, keep_s
+        kept_until = time.monotonic() + keep_s
+        self._slots = [Slot(index, record["address"], record["credential"], record.get("certificate"),
+                            state=DROPPED, kept_until=kept_until) for index, record in enumerate(restored)]
         self._changed = threading.Condition()
 
-    def register(self, address: str) -> tuple[int | None, str]:
-        """The learner's slot and a message for the reply, or None and why it was refused."""
+    def register(self, address: str, credential: str | None = None,
+                 certificate: str | None = None) -> tuple[Member, str]:
+        """The learner's slot and a message for the reply; raises Refusal. A holder re-registers with its
+        credential (and certificate, if it registered with one); anyone else gets a new credential."""
         problem = check_address(address)
         if problem:
-            return None, problem
+            raise Refusal(problem)
         with self._changed:
-            if address in self._addresses:
-                learner_id, verb = self._addresses.index(address), "re-registered"
-            elif len(self._addresses) < self.capacity:
-                learner_id, verb = len(self._addresses), "registered"
-                self._addresses.append(address)
+            now = time.monotonic()
+            slot, holder = self._holding(credential, certificate), self._at(address)
+            if slot is not None:
+                if holder is not None and holder is not slot:
+                    self._vacate(holder, now)
+                verb = "re-registered"
+            elif holder is not None:
+                if not self._free(holder, now):
+                    raise Refusal(f"{address} is the address of learner {holder.learner_id}, which the leader still "
+                                  "counts on; register with its credential, or retry once it is gone",
+                                  retry=True, probe=(holder.learner_id,))
+                slot, verb = self._take(holder, certificate), "took back the slot of"
+            elif len(self._slots) < self.capacity:
+                slot, verb = Slot(len(self._slots), address, new_credential(), certificate), "registered as"
+                self._slots.append(slot)
             else:
-                free = [slot for slot in range(self.capacity) if slot not in self._active | self._joiners]
+                free = [slot for slot in self._slots if self._free(slot, now)]
                 if not free:
-                    return None, f"the leader already has its {self.capacity} learners; start it with a larger --learners"
-                learner_id, verb = free[0], f"took over the slot of {self._addresses[free[0]]}:"
-                self._addresses[learner_id] = address
-            self._active.discard(learner_id)
-            self._joiners.add(learner_id)
+                    kept = tuple(slot.learner_id for slot in self._slots if slot.state == DROPPED)
+                    raise Refusal(f"all {self.capacity} learner slots are held; retry later, or start the leader "
+                                  "with a larger --learners", retry=True, probe=kept)
+                previous = free[0].address
+                slot = self._take(free[0], certificate)
+                verb = f"took over from {previous or 'nobody'} the slot of"
+            slot.address, slot.state, slot.kept_until = address, JOINING, 0.0
+            slot.generation += 1
             self._changed.notify_all()
-            return learner_id, f"{address} {verb} learner {learner_id} of {self.capacity}"
+            return self._member(slot), f"{address} {verb} learner {slot.learner_id} of {self.capacity}"
 
-    def id_of(self, address: str) -> int | None:
-        with self._changed:
-            return self._addresses.index(address) if address in self._addresses else None
+    def _holding(self, credential: str | None, certificate: str | None) -> Slot | None:
+        """The slot this credential (and certificate) holds, compared in constant time."""
+        if not credential:
+            return None
+        found = None
+        for slot in self._slots:
+            if hmac.compare_digest(slot.credential.encode(), credential.encode()) and slot.certificate in (None, certificate):
+                found = slot
+        return found
 
-    def addresses(self) -> list[str]:
-        """The address of every slot ever taken, by learner id."""
+    def _at(self, address: str) -> Slot | None:
+        return next((slot for slot in self._slots if slot.address == address), None)
+
+    @staticmethod
+    def _free(slot: Slot, now: float) -> bool:
+        return slot.state == DROPPED and slot.kept_until <= now
+
+    def _vacate(self, slot: Slot, now: float) -> None:
+        """Give up a slot's address to its holder's own slot; refused while the slot is still held."""
+        if not self._free(slot, now):
+            raise Refusal(f"{slot.address} is the address of learner {slot.learner_id}; register with an address "
+                          "of your own")
+        slot.address = ""
+
+    @staticmethod
+    def _take(slot: Slot, certificate: str | None) -> Slot:
+        """A slot for a newcomer, under a new credential: its previous holder's no longer works."""
+        slot.credential, slot.certificate = new_credential(), certificate
+        return slot
+
+    @staticmethod
+    def _member(slot: Slot) -> Member:
+        return Member(slot.learner_id, slot.address, slot.credential, slot.generation)
+
+    def authenticate(self, credential: str | None, certificate: str | None) -> tuple[Member, str] | None:
+        """The slot this credential holds and its state (JOINING, ACTIVE or DROPPED), or None."""
         with self._changed:
-            return list(self._addresses)
+            slot = self._holding(credential, certificate)
+            return (self._member(slot), slot.state) if slot else None
+
+    def at(self, address: str) -> Member | None:
+        """The registration at this address, if any."""
+        with self._changed:
+            slot = self._at(address)
+            return self._member(slot) if slot else None
+
+    def session_status(self, session: str) -> int | None:
+        """SERVING while the registration named session holds its slot, NOT_SERVING once dropped, else None."""
+        with self._changed:
+            slot = next((slot for slot in self._slots if hmac.compare_digest(slot.session.encode(), session.encode())),
+                        None)
+            return None if slot is None else NOT_SERVING if slot.state == DROPPED else SERVING
+
+    def records(self) -> list[dict]:
+        """Every slot's address, credential and certificate, for a checkpoint."""
+        with self._changed:
+            return [{"address": slot.address, "credential": slot.credential, "certificate": slot.certificate}
+                    for slot in self._slots]
 
     def is_active(self, learner_id: int) -> bool:
         with self._changed:
-            return learner_id in self._active
+            return learner_id < len(self._slots) and self._slots[learner_id].state == ACTIVE
 
     def active(self) -> list[int]:
         with self._changed:
-            return sorted(self._active)
+            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE]
 
-    def active_addresses(self) -> dict[int, str]:
-        """Id to address of every active learner, as one consistent snapshot."""
+    def members(self, learner_ids: list[int] | None = None) -> dict[int, Member]:
+        """The active learners (or those of learner_ids, in any state), as one consistent snapshot."""
         with self._changed:
-            return {learner_id: self._addresses[learner_id] for learner_id in sorted(self._active)}
+            chosen = [slot for slot in self._slots if slot.state == ACTIVE] if learner_ids is None else \
+                     [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
+            return {slot.learner_id: self._member(slot) for slot in chosen}
 
-    def take_joiners(self) -> dict[int, str]:
-        """The learners that registered since the last call, and their addresses; they count as active."""
+    def take_joiners(self) -> dict[int, Member]:
+        """The learners that registered since the last call; they count as active from now on."""
         with self._changed:
-            joiners = {learner_id: self._addresses[learner_id] for learner_id in sorted(self._joiners)}
-            self._active |= self._joiners
-            self._joiners.clear()
-            return joiners
+            joiners = [slot for slot in self._slots if slot.state == JOINING]
+            for slot in joiners:
+                slot.state = ACTIVE
+            return {slot.learner_id: self._member(slot) for slot in joiners}
 
-    def drop(self, learner_id: int) -> None:
+    def drop(self, learner_id: int, generation: int, gone: bool = False) -> bool:
+        """Stop counting on a registration; whether it was held. The slot is kept for its holder for
+        keep_s seconds, unless the leader found it gone. News about an earlier registration changes nothing."""
         with self._changed:
-            self._active.discard(learner_id)
+            slot = self._slots[learner_id] if learner_id < len(self._slots) else None
+            if slot is None or slot.generation != generation:
+                return False
+            was_held = slot.state != DROPPED
+            if was_held or gone:
+                slot.kept_until = 0.0 if gone else time.monotonic() + self.keep_s
+            slot.state = DROPPED
+            self._changed.notify_all()
+            return was_held
 
     def count(self) -> int:
         """Learners active or waiting to be started."""
         with self._changed:  # re-entrant: wait_for below calls this while holding the lock
-            return len(self._active | self._joiners)
+            return sum(slot.state != DROPPED for slot in self._slots)
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Whether at least count learners are active or joining, waiting at most timeout seconds."""
@@ -136,9 +261,10 @@ class RoundCollector:
         with self._changed:
             self._expected = set(learner_ids)
 
-    def submit(self, learner_id: int, round_index: int, gradient: torch.Tensor, samples: int, loss: float,
+    def submit(self, learner_id: int, round_index: int, gradient: list[torch.Tensor], samples: int, loss: float,
                wire_bytes: int) -> str | None:
-        """Add a learner's gradient to the open round; the reason it was ignored, or None if counted."""
+        """Add a learner's gradient (pieces as wire.flat_runs gives them) to the open round; the reason it
+        was ignored, or None if counted."""
         with self._changed:
             if round_index != self._round:
                 return f"gradient for round {round_index} ignored: round {self._round} is open"
@@ -151,9 +277,9 @@ class RoundCollector:
             return None
 
     def wait_complete(self, timeout: float) -> bool:
-        """Whether every expected learner has reported, waiting at most timeout seconds."""
+        """Whether every expected learner has reported (and at least one has), waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._expected <= self._reported, timeout)
+            return self._changed.wait_for(lambda: self._reported and self._expected <= self._reported, timeout)
 
     def missing(self) -> list[int]:
         with self._changed:
@@ -164,8 +290,10 @@ class RoundCollector:
             return len(self._reported)
 
     def close(self, mean_out: torch.Tensor) -> RoundSummary:
-        """Write the round's weighted mean into mean_out, then open the next round."""
+        """Write the round's weighted mean into mean_out, then open the next round; needs a gradient."""
         with self._changed:
+            if not self._reported:
+                raise RuntimeError(f"round {self._round} has no gradient to average")
             self._accumulator.mean_into(mean_out)
             summary = RoundSummary(self._round, len(self._reported), self._accumulator.samples,
                                    self._accumulator.mean_loss, self._bytes_in)

@@ -1,5 +1,6 @@
 """Image data: CIFAR-10, the synthetic set and image folders as uint8 tensors; sharding, batches, augmentation."""
 
+import functools
 import logging
 import socket
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def load_dataset(name: str, data_dir: str | Path, train: bool) -> ImageSet:
     raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 
+@functools.cache  # deterministic, and a few seconds to make: made once per process
 def synthetic(train: bool) -> ImageSet:
     """A deterministic CIFAR-shaped 10-class set: each class a smooth periodic colour texture.
 

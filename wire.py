@@ -29,6 +29,9 @@ import torch
 
 MAX_HEADER_BYTES = 16 << 20
 MAX_DIMS = 8
+# Elements a tensor may describe, counting empty dimensions as 1: shapes such as [0, 10**30] hold no data,
+# yet torch cannot even represent them.
+MAX_ELEMENTS = 1 << 40
 ALIGNMENT = 64
 
 DTYPES: dict[str, torch.dtype] = {
@@ -117,7 +120,8 @@ def _parse_layout(head: bytes) -> _Layout | None:
     for name, dtype, shape, begin, end in entries:
         nbytes = math.prod(shape) * dtype.itemsize
         if begin != expected_begin or end - begin != nbytes:
-            raise PayloadError(f"tensor {name!r}: data_offsets [{begin}, {end}] do not tile the data ({nbytes} bytes expected at {expected_begin})")
+            raise PayloadError(f"tensor {_brief(name)}: data_offsets [{_brief(begin)}, {_brief(end)}] do not tile the data "
+                               f"({nbytes} bytes expected at {expected_begin})")
         expected_begin = end
     return _Layout(metadata, entries, 8 + header_length, 8 + header_length + expected_begin)
 
@@ -150,7 +154,7 @@ def receive(chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: 
         buffer[received:end] = memoryview(chunk)  # the one copy: from gRPC's message into place
         received = end
         while run is not None and run.end <= received:
-            if not _all_finite(_view(buffer, run.dtype, ((run.end - run.begin) // run.dtype.itemsize,), run.begin)):
+            if not all_finite(_view(buffer, run.dtype, ((run.end - run.begin) // run.dtype.itemsize,), run.begin)):
                 _check_finite({name: tensors[name] for name in run.names})  # names the culprit
             run = next(runs, None)
     if received != layout.size:
@@ -184,8 +188,8 @@ def _float_runs(layout: _Layout) -> list[_Run]:
 def _parse_header(text: bytes) -> dict:
     try:
         header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PayloadError(f"header is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, integers too long, nesting too deep
+        raise PayloadError(f"header is not valid JSON: {str(error)[:200]}") from None
     if not isinstance(header, dict):
         raise PayloadError("header must be a JSON object")
     return header
@@ -199,15 +203,23 @@ def _parse_metadata(metadata: object) -> dict[str, str]:
 
 def _parse_entry(name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise PayloadError(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
+        raise PayloadError(f"tensor {_brief(name)}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise PayloadError(f"tensor {name!r}: unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise PayloadError(f"tensor {_brief(name)}: unsupported dtype {_brief(dtype)}; expected one of {sorted(DTYPES)}")
     if not _is_int_list(shape) or len(shape) > MAX_DIMS or any(size < 0 for size in shape):
-        raise PayloadError(f"tensor {name!r}: shape must be at most {MAX_DIMS} non-negative integers, got {shape!r}")
+        raise PayloadError(f"tensor {_brief(name)}: shape must be at most {MAX_DIMS} non-negative integers, got {_brief(shape)}")
+    if math.prod(max(1, size) for size in shape) > MAX_ELEMENTS:
+        raise PayloadError(f"tensor {_brief(name)}: shape {_brief(shape)} describes more than {MAX_ELEMENTS} elements")
     if not _is_int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        raise PayloadError(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        raise PayloadError(f"tensor {_brief(name)}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_brief(offsets)}")
     return DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """repr(value), cut short: names and numbers in a hostile header can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_int_list(value: object) -> bool:
@@ -247,7 +259,7 @@ def check_layout(payload: Payload, spec: TensorSpec) -> None:
     missing = [name for name in spec if name not in payload.tensors]
     unexpected = [name for name in payload.tensors if name not in spec]
     if missing or unexpected:
-        raise PayloadError(f"tensor names do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise PayloadError(f"tensor names do not match the model: missing {missing[:3]}, unexpected {_brief(unexpected[:3])}")
     if list(payload.tensors) != list(spec):
         raise PayloadError("tensors are not in the model's order")
     for name, tensor in payload.tensors.items():
@@ -261,29 +273,31 @@ def check_layout(payload: Payload, spec: TensorSpec) -> None:
 
 def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not _all_finite(tensor):
-            raise PayloadError(f"tensor {name!r} holds NaN or Inf values")
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise PayloadError(f"tensor {_brief(name)} holds NaN or Inf values")
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite."""
     # A sum is finite unless an element is NaN or Inf (or finite values overflow): a fast test
     # at memory speed, confirmed element by element only when it fails. isfinite() is 20x slower.
     return math.isfinite(tensor.sum(dtype=torch.float32).item()) or bool(torch.isfinite(tensor).all())
 
 
-def flat_view(payload: Payload) -> torch.Tensor:
-    """All of a payload's tensors as one 1-D view; they must share one dtype (they tile the data)."""
-    dtypes = {tensor.dtype for tensor in payload.tensors.values()}
-    if len(dtypes) != 1:
-        raise PayloadError(f"expected tensors of one dtype, got {sorted(DTYPE_NAMES[d] for d in dtypes)}")
-    (dtype,) = dtypes
-    count = (len(payload.buffer) - payload.data_start) // dtype.itemsize
-    return _view(payload.buffer, dtype, (count,), payload.data_start)
+def flat_runs(payload: Payload) -> list[torch.Tensor]:
+    """The payload's tensors as 1-D views, one per run of consecutive tensors of one dtype, in wire order
+    (a gradient in float16 is two runs: the parameters' gradients, then the float32 statistics)."""
+    runs: list[torch.Tensor] = []
+    for dtype, group in itertools.groupby(payload.tensors.values(), key=lambda tensor: tensor.dtype):
+        count = sum(tensor.numel() for tensor in group)
+        offset = payload.data_start + sum(run.numel() * run.element_size() for run in runs)
+        runs.append(_view(payload.buffer, dtype, (count,), offset))
+    return runs
 
 
 def metadata_int(payload: Payload, key: str, minimum: int = 0) -> int:
     """An integer metadata field, at least `minimum`; raise PayloadError if absent or malformed."""
     text = payload.metadata.get(key)
     if text is None or not re.fullmatch(r"-?[0-9]{1,18}", text) or int(text) < minimum:
-        raise PayloadError(f"metadata {key!r} must be an integer >= {minimum}, got {text!r}")
+        raise PayloadError(f"metadata {key!r} must be an integer >= {minimum}, got {_brief(text)}")
     return int(text)

@@ -1,7 +1,13 @@
-"""Shared test set-up: the repository on sys.path, one torch thread, and real processes on localhost."""
+"""Shared test set-up: the repository on sys.path, one torch thread, and real processes on localhost.
 
+Every leader, learner or peer process a test starts comes from spawn(); tests marked slow (whole runs,
+faults, attacks) are left out by `pytest -m "not slow"`, the quick loop for editing.
+"""
+
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +25,33 @@ def port() -> int:
     return launch.free_port()
 
 
+def spawn(log: Path | None, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """A Python process in the repository root running args, its output appended to log (or piped, as text)."""
+    output = open(log, "a") if log else subprocess.PIPE
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                            text=log is None)
+
+
+def start_leader(out: Path, port: int, *args: str) -> subprocess.Popen:
+    """A leader on localhost with the synthetic set unless args say otherwise, logging to out/leader.log
+    (appending, so a restart keeps the first log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return spawn(out / "leader.log", "leader.py", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
+                 "--dataset", "synthetic", *args)
+
+
+def start_learner(out: Path, name: str, port: int, *args: str) -> subprocess.Popen:
+    """A learner with one thread, serving on localhost, logging to out/<name>.log."""
+    return spawn(out / f"{name}.log", "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+                 "--threads", "1", *args)
+
+
 def run_federation(out: Path, learners: int, leader_args: list[str], learner_args: list[str] = (),
                    timeout: float = 400) -> list[int | None]:
     """Run a leader and learners as real processes to the end; return their exit codes."""
-    leader, procs = launch.start_federation(learners, leader_args, launch.free_port(), out, list(learner_args))
+    port = launch.free_port()
+    leader = start_leader(out, port, "--learners", str(learners), *leader_args)
+    procs = [start_learner(out, f"learner{index}", port, *learner_args) for index in range(learners)]
     return launch.wait_all([leader, *procs], timeout)
 
 
@@ -31,37 +60,27 @@ def logs(out: Path) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(out.glob("*.log")))
 
 
-def python(*args: str, **kwargs) -> subprocess.Popen:
-    """A Python child process in the repository root."""
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, **kwargs)
-
-
-def start_leader(out: Path, port: int, *args: str) -> subprocess.Popen:
-    """A leader process on localhost, logging to out/leader.log (appending, so a restart keeps the first log)."""
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "leader.log", "a")
-    return subprocess.Popen([sys.executable, "leader.py", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
-                             "--dataset", "synthetic", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def start_learner(out: Path, name: str, port: int, *args: str) -> subprocess.Popen:
-    """A learner process with one thread, logging to out/<name>.log."""
-    log = open(out / f"{name}.log", "a")
-    return subprocess.Popen([sys.executable, "learner.py", "--leader", f"127.0.0.1:{port}", "--threads", "1", *args],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+def records(out: Path) -> list[dict]:
+    """The records of out/metrics.jsonl so far (none before it exists)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def wait_for_round(out: Path, round_index: int, timeout: float = 300) -> None:
     """Block until metrics.jsonl records round_index."""
-    import json
-    import time
-
     deadline = time.monotonic() + timeout
-    path = out / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if path.exists():
-            rounds = [json.loads(line).get("round", 0) for line in path.read_text().splitlines() if line.strip()]
-            if rounds and max(rounds) >= round_index:
-                return
+        if max((record["round"] for record in records(out)), default=0) >= round_index:
+            return
         time.sleep(0.2)
     raise TimeoutError(f"round {round_index} not reached within {timeout} s\n{logs(out)}")
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 120) -> None:
+    """Block until the log at path contains text."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {path.name} within {timeout} s\n{path.read_text()[-3000:] if path.exists() else ''}")

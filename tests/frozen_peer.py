@@ -11,6 +11,7 @@ from concurrent import futures
 
 import grpc
 import torch
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 import leader_pb2
 import leader_pb2_grpc
@@ -64,6 +65,7 @@ def run_learner(leader_address: str) -> None:
     address = f"127.0.0.1:{port}"
     reply = stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=address), timeout=TIMEOUT_S)
     assert reply.success and reply.learner_id == 0 and reply.max_learners == 1, reply
+    credential = credential_of(reply)
     shard = wire.decode(b"".join(m.chunk for m in stub.GetData(leader_pb2.LearnerDataRequest(network_addr=address), timeout=TIMEOUT_S)))
     assert shard.tensors["images"].dtype == torch.uint8 and len(shard.tensors["labels"]) > 0
     assert servicer.started.wait(TIMEOUT_S), "no StartTraining"
@@ -71,10 +73,20 @@ def run_learner(leader_address: str) -> None:
     gradient = torch.zeros(layout.size)
     layout.read_buffers(gradient)
     metadata = {"learner_id": "0", "round": state.metadata["round"], "samples": "8", "loss": "2.3"}
-    ack = stub.AccumulateGradients(leader_pb2.GradientData(chunk=wire.encode(layout.views(gradient), metadata)), timeout=TIMEOUT_S)
+    # Registering, fetching and being started need nothing beyond the article's protos; a gradient needs the
+    # credential the leader returned (a field these protos do not name), sent back in the fl-credential header.
+    ack = stub.AccumulateGradients(leader_pb2.GradientData(chunk=wire.encode(layout.views(gradient), metadata)),
+                                   timeout=TIMEOUT_S, metadata=[("fl-credential", credential)])
     assert ack.success, ack.message
     assert servicer.finished.wait(TIMEOUT_S), "no final SyncModelState"
     server.stop(1).wait(5)
+
+
+def credential_of(reply) -> str:
+    """Field 5 of AckWithMetadata, which the frozen protos do not know: protobuf keeps it as an unknown field."""
+    fields = [field for field in UnknownFieldSet(reply) if field.field_number == 5]
+    assert fields, "the leader returned no credential"
+    return fields[0].data.decode()
 
 
 class FrozenLeader(leader_pb2_grpc.LeaderServiceServicer):

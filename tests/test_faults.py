@@ -1,11 +1,16 @@
 """Faults with real processes and real signals: dead, restarted and stalled learners, a killed leader."""
 
+import re
 import signal
 import time
+
+import pytest
 
 from conftest import logs, start_leader, start_learner, wait_for_round
 import launch
 from metrics import read_metrics
+
+pytestmark = pytest.mark.slow
 
 
 def learner_counts(out) -> list[int]:
@@ -27,7 +32,8 @@ def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path
     assert len(counts) == 90 and counts[0] == 3 and counts[-1] == 3, counts
     assert 2 in counts[15:45], counts
     leader_log = (tmp_path / "leader.log").read_text()
-    assert "dropped learner" in leader_log and "took over the slot" in leader_log
+    killed_id = re.search(r"registered as learner (\d)", (tmp_path / "learner2.log").read_text()).group(1)
+    assert f"dropped learner {killed_id}" in leader_log and "took over from" in leader_log
 
 
 def test_a_stalled_learner_does_not_hold_back_the_round_and_its_late_gradient_is_ignored(tmp_path):
@@ -87,3 +93,47 @@ def test_sigterm_stops_a_learner_and_then_the_leader_cleanly(tmp_path):
 
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["round"] >= 25 and set(checkpoint["optimizer"]["state"])
+
+
+RESUMABLE = ["--learners", "2", "--min-learners", "2", "--round-timeout", "600", "--rounds", "60", "--batch-size", "16",
+             "--checkpoint-every", "20"]
+
+
+def train_losses(out) -> list[float]:
+    return [r["train_loss"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    port = launch.free_port()
+    processes = [start_leader(out, port, *RESUMABLE), *(start_learner(out, f"learner{i}", port) for i in range(2))]
+    assert launch.wait_all(processes, 300) == [0, 0, 0], logs(out)
+    return out
+
+
+def test_a_killed_and_resumed_run_follows_the_uninterrupted_one(tmp_path, uninterrupted):
+    port = launch.free_port()
+    leader = start_leader(tmp_path, port, *RESUMABLE)
+    learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(2)]
+    wait_for_round(tmp_path, 30)
+    leader.kill()
+    leader.wait(10)
+    resumed = start_leader(tmp_path, port, "--resume", str(tmp_path))  # the training flags come from the checkpoint
+    assert launch.wait_all([resumed, *learners], 300) == [0, 0, 0], logs(tmp_path)
+    assert "resuming from the checkpoint at round 20" in (tmp_path / "leader.log").read_text()
+    expected, got = train_losses(uninterrupted), train_losses(tmp_path)
+    assert len(got) == len(expected) == 60
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_resuming_a_finished_run_ends_at_once_and_releases_its_learner(uninterrupted):
+    port = launch.free_port()
+    started = time.monotonic()
+    leader = start_leader(uninterrupted, port, "--resume", str(uninterrupted), "--rejoin-grace", "20")
+    learner = start_learner(uninterrupted, "late-learner", port)
+    assert launch.wait_all([leader, learner], 120) == [0, 0], logs(uninterrupted)
+    assert "the leader finished training at round 60" in (uninterrupted / "late-learner.log").read_text()
+    leader_log = (uninterrupted / "leader.log").read_text()
+    assert "training is complete" in leader_log and "waiting for" not in leader_log.split("training is complete")[1]
+    assert time.monotonic() - started < 60

@@ -34,7 +34,7 @@ class SimulatedLearner:
 
     def gradient_payload(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[bytes, float]:
         loss = fedsgd.compute_gradient(self.model, self.layout, self.flat, images, labels)
-        return wire.encode(self.layout.views(self.flat)), loss
+        return wire.encode(self.layout.wire_tensors(self.flat)), loss
 
     def load(self, model: nn.Module) -> None:
         self.model.load_state_dict(model.state_dict())
@@ -55,7 +55,7 @@ def federated_rounds(model: nn.Module, batches_per_round: list[list[tuple]], lr:
             payload, loss = learner.gradient_payload(images, labels)
             decoded = wire.decode(payload)
             wire.check_matches(decoded, layout.spec)
-            assert collector.submit(learner_id, round_index, wire.flat_view(decoded), len(labels), loss, len(payload)) is None
+            assert collector.submit(learner_id, round_index, wire.flat_runs(decoded), len(labels), loss, len(payload)) is None
         collector.close(mean)
         fedsgd.apply_mean_gradient(layout, optimizer, mean, lr)
         for learner in learners:
@@ -150,3 +150,72 @@ def test_evaluate_reports_loss_and_accuracy_as_a_fraction():
     result = fedsgd.evaluate(nn.Identity(), logits, torch.tensor([0, 1, 2, 9]), batch_size=3)
     assert result.accuracy == 0.75
     assert result.loss == pytest.approx(5.0, abs=0.01)
+
+
+@pytest.mark.parametrize("wire_dtype", [torch.float16, torch.bfloat16])
+def test_batchnorm_statistics_travel_in_float32_whatever_the_wire_dtype(wire_dtype):
+    model = small_net(batch_norm=True)
+    layout = fedsgd.GradientLayout(model, wire_dtype)
+    flat = torch.zeros(layout.size)
+    layout.bind_gradients(flat)
+    fedsgd.compute_gradient(model, layout, flat, *batch(4, seed=1))
+    flat[-4:] = 1.0 + 1e-4  # running variances a small step from 1.0: bfloat16 would round them to 1.0
+    payload = wire.decode(wire.encode(layout.wire_tensors(flat)))
+    wire.check_matches(payload, layout.spec)
+    assert payload.tensors["1.running_var"].dtype == torch.float32
+    assert payload.tensors["0.weight"].dtype == wire_dtype
+    received = torch.zeros(layout.size)
+    accumulator = fedsgd.Accumulator(layout.size)
+    accumulator.add(wire.flat_runs(payload), samples=1, loss=0.0)
+    accumulator.mean_into(received)
+    assert torch.equal(received[layout.parameter_count:], flat[layout.parameter_count:])
+    state = fedsgd.wire_state(model, wire_dtype)
+    assert state["1.running_var"].dtype == torch.float32 and state["0.weight"].dtype == wire_dtype
+
+
+def stepped_model(momentum: float = 0.9):
+    model = small_net(batch_norm=True)
+    layout = fedsgd.GradientLayout(model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    optimizer = fedsgd.make_optimizer(model, 0.1, momentum, 5e-4)
+    layout.read_buffers(mean)
+    return model, layout, mean, optimizer, fedsgd.GuardedStep(model, layout, optimizer)
+
+
+def momentum_of(optimizer) -> list[torch.Tensor]:
+    return [state["momentum_buffer"].clone() for state in optimizer.state.values() if "momentum_buffer" in state]
+
+
+def test_a_finite_step_is_applied():
+    model, layout, mean, optimizer, step = stepped_model()
+    before = copy.deepcopy(model.state_dict())
+    mean[: layout.parameter_count] = 0.01
+    assert step(mean, lr=0.1) is None
+    assert not torch.equal(model[0].weight, before["0.weight"]) and len(momentum_of(optimizer)) > 0
+
+
+@pytest.mark.parametrize("poison", ["nan mean", "overflowing momentum", "negative variance"])
+def test_a_step_that_would_leave_a_non_finite_value_is_undone_exactly(poison):
+    model, layout, mean, optimizer, step = stepped_model()
+    mean[: layout.parameter_count] = 1.0
+    assert step(mean, lr=0.1) is None  # a first step creates the momentum
+    if poison == "nan mean":
+        mean[0] = float("nan")
+    elif poison == "overflowing momentum":  # finite, but momentum 0.9 * 3e38 + 3e38 is not
+        optimizer.state[model[0].weight]["momentum_buffer"].fill_(3e38)
+        mean[: layout.parameter_count] = 3e38
+    else:
+        mean[-1] = -1.0
+    before, momentum = copy.deepcopy(model.state_dict()), momentum_of(optimizer)
+    assert step(mean, lr=0.1)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(momentum, momentum_of(optimizer)))
+
+
+def test_an_undone_first_step_leaves_no_momentum_behind():
+    model, layout, mean, optimizer, step = stepped_model()
+    mean[: layout.parameter_count] = 3e38
+    optimizer.param_groups[0]["lr"] = 0.1
+    assert step(mean, lr=1e10)  # the weights overflow
+    assert momentum_of(optimizer) == [] and all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,5 +1,6 @@
 """Whole runs: a real leader and real learner processes on localhost, from start to exit."""
 
+import os
 import subprocess
 import sys
 
@@ -7,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+import rpc
 from conftest import ROOT, logs, run_federation
 from metrics import read_metrics
 from model import build_model
 
 
+@pytest.mark.slow
 def test_two_learners_reach_90_percent_on_the_synthetic_set(tmp_path):
     codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "200", "--batch-size", "32",
                                          "--eval-every", "100"])
@@ -40,6 +43,7 @@ def make_image_folder(root, train_per_class: int, test_per_class: int) -> None:
                 Image.new("RGB", sizes[index % 3], colour).save(root / split / label / f"{index}.jpg")
 
 
+@pytest.mark.slow
 def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
     data = tmp_path / "images"
     make_image_folder(data, train_per_class=16, test_per_class=4)
@@ -57,9 +61,11 @@ def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["leader.py", "learner.py", "launch.py", "bench.py"])
-def test_every_entry_point_explains_its_flags(script):
-    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_every_entry_point_explains_its_flags_and_never_shows_the_token(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, rpc.TOKEN_VARIABLE: "do-not-print-me"})
     assert result.returncode == 0 and "--" in result.stdout and "usage" in result.stdout
+    assert "do-not-print-me" not in result.stdout + result.stderr
 
 
 def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
@@ -69,6 +75,7 @@ def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
     assert result.returncode != 0 and "exceeds the 5000 samples" in result.stderr
 
 
+@pytest.mark.slow
 def test_float16_on_the_wire_halves_the_bytes(tmp_path):
     common = ["--dataset", "synthetic", "--rounds", "6", "--batch-size", "16", "--eval-every", "0"]
     bytes_per_round = {}

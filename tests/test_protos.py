@@ -10,9 +10,9 @@ from google.protobuf import descriptor_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, python
+from conftest import ROOT, spawn
 import launch
-import rpc
+import framing
 from rpc import leader_pb2
 
 FROZEN = ROOT / "tests" / "frozen_protos"
@@ -58,32 +58,31 @@ def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
     return process.returncode, output
 
 
+@pytest.mark.slow
 def test_frozen_learner_trains_a_round_with_the_real_leader(frozen_env, tmp_path):
     port = launch.free_port()
-    leader = python("leader.py", "--learners", "1", "--rounds", "1", "--dataset", "synthetic", "--host", "127.0.0.1",
-                    "--port", str(port), "--out", str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peer = python("tests/frozen_peer.py", "learner", f"127.0.0.1:{port}", env=frozen_env,
-                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    leader = spawn(None, "leader.py", "--learners", "1", "--rounds", "1", "--dataset", "synthetic", "--host",
+                   "127.0.0.1", "--port", str(port), "--out", str(tmp_path))
+    peer = spawn(None, "tests/frozen_peer.py", "learner", f"127.0.0.1:{port}", env=frozen_env)
     peer_code, peer_output = finish(peer)
     leader_code, leader_output = finish(leader)
     assert (peer_code, leader_code) == (0, 0), peer_output + leader_output
     assert "OK" in peer_output and (tmp_path / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_real_learner_trains_a_round_with_a_frozen_leader(frozen_env):
     port = launch.free_port()
-    peer = python("tests/frozen_peer.py", "leader", str(port), env=frozen_env,
-                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    learner = python("learner.py", "--leader", f"127.0.0.1:{port}", "--threads", "1",
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peer = spawn(None, "tests/frozen_peer.py", "leader", str(port), env=frozen_env)
+    learner = spawn(None, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--threads", "1")
     learner_code, learner_output = finish(learner)
     peer_code, peer_output = finish(peer)
     assert (peer_code, learner_code) == (0, 0), peer_output + learner_output
     assert "the leader finished training at round 1" in learner_output
 
 
-# The leader sends GetModel/GetData replies framed by hand (rpc.chunk_messages) and learners parse them
-# by hand (rpc.chunk_field): both must agree with protobuf itself, byte for byte.
+# The leader sends GetModel/GetData replies framed by hand (framing.chunk_messages) and learners parse them
+# by hand (framing.chunk_field): both must agree with protobuf itself, byte for byte.
 
 def varint(value: int) -> bytes:
     out = bytearray()
@@ -104,7 +103,7 @@ def unknown_field(number: int, kind: int, payload: bytes) -> bytes:
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=5000), st.integers(1, 2000))
 def test_hand_framed_chunks_are_what_protobuf_parses(payload, chunk_bytes):
-    messages = list(rpc.chunk_messages(payload, chunk_bytes))
+    messages = list(framing.chunk_messages(payload, chunk_bytes))
     parsed = [leader_pb2.ModelChunk.FromString(message).chunk for message in messages]
     assert b"".join(parsed) == payload and all(len(chunk) <= chunk_bytes for chunk in parsed)
     assert parsed == [leader_pb2.DataChunk.FromString(message).chunk for message in messages]
@@ -118,14 +117,14 @@ def test_hand_parsed_chunk_field_matches_protobuf_with_fields_it_does_not_know(e
     known = leader_pb2.ModelChunk(chunk=chunk).SerializeToString()
     unknown = b"".join(unknown_field(*field) for field in extra)
     message = known + unknown if chunk_first else unknown + known
-    assert bytes(rpc.chunk_field(message)) == leader_pb2.ModelChunk.FromString(message).chunk == chunk
+    assert bytes(framing.chunk_field(message)) == leader_pb2.ModelChunk.FromString(message).chunk == chunk
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=64))
 def test_hand_parsed_chunk_field_accepts_only_what_protobuf_accepts(message):
     try:
-        chunk = bytes(rpc.chunk_field(message))
+        chunk = bytes(framing.chunk_field(message))
     except ValueError:
         return
     assert leader_pb2.ModelChunk.FromString(message).chunk == chunk
@@ -134,4 +133,4 @@ def test_hand_parsed_chunk_field_accepts_only_what_protobuf_accepts(message):
 @pytest.mark.parametrize("message", [b"\x0a\x05abc", b"\x0a", b"\x09abc", b"\x08\xff", b"\x00\x01", b"\x0b", b"\x08" + b"\xff" * 11])
 def test_hand_parsed_chunk_field_refuses_malformed_messages(message):
     with pytest.raises(ValueError, match="protobuf"):
-        rpc.chunk_field(message)
+        framing.chunk_field(message)

@@ -48,9 +48,10 @@ def secure_leader(tmp_path, port, certs):
     server.stop(0)
 
 
-def register(address: str, credentials: rpc.Security):
+def register(address: str, credentials: rpc.Security, credential: str | None = None):
     stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, credentials))
-    return stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7001"), timeout=10)
+    return stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7001"), timeout=10,
+                                metadata=rpc.with_credential(credential))
 
 
 def test_leader_accepts_a_learner_certificate_with_the_token(secure_leader, certs):
@@ -62,6 +63,20 @@ def test_leader_refuses_a_missing_or_wrong_token(secure_leader, certs, token):
     with pytest.raises(grpc.RpcError) as error:
         register(secure_leader, security(certs, "learner", token))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in error.value.details()
+
+
+def test_under_mutual_tls_a_credential_holds_only_with_the_certificate_it_was_issued_with(secure_leader, certs):
+    credential = register(secure_leader, security(certs, "learner", TOKEN)).credential
+    with pytest.raises(grpc.RpcError) as error:  # another certificate of the same CA, with the stolen credential
+        register(secure_leader, security(certs, "leader", TOKEN), credential)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "still counts on" in error.value.details()
+    stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(secure_leader, security(certs, "leader", TOKEN)))
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.GetData(leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7001"), timeout=10,
+                          metadata=rpc.with_credential(credential)))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    again = register(secure_leader, security(certs, "learner", TOKEN), credential)
+    assert again.success and again.credential == credential
 
 
 def test_leader_refuses_a_client_without_a_certificate(secure_leader, certs):
@@ -87,19 +102,22 @@ def secure_learner(secure_leader, certs):
     args = learner_module.parse_args(["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN,
                                       *tls_flags(certs, "learner")])
     learner = learner_module.Learner(args)
+    assert learner.connect() is None
     yield learner
     learner.server.stop(0)
 
 
 def sync(learner, credentials: rpc.Security):
+    """SyncModelState with the learner's own credential, so that only TLS and the token are in question."""
     stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials, 1 << 20))
     state = wire.encode(learner.model.state_dict(), {"round": "5"})
-    return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10)
+    return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10,
+                               metadata=rpc.with_credential(learner.credential.value))
 
 
 def start(learner, credentials: rpc.Security):
     stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials))
-    return stub.StartTraining(learner_pb2.Empty(), timeout=10)
+    return stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=rpc.with_credential(learner.credential.value))
 
 
 def test_learner_takes_orders_only_from_the_leaders_certificate(secure_learner, certs):
@@ -125,6 +143,7 @@ def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_lea
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.slow
 def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatch):
     monkeypatch.setenv(rpc.TOKEN_VARIABLE, TOKEN)  # the environment variable, not the flag
     codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "20", "--batch-size", "16",
@@ -132,3 +151,15 @@ def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatc
     assert codes == [0, 0, 0], logs(tmp_path)
     assert len([r for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r]) == 20
     assert "mutual TLS, token required" in (tmp_path / "leader.log").read_text()
+
+
+def test_a_server_reachable_beyond_loopback_without_tls_or_token_warns(caplog):
+    for host, expected in (("127.0.0.1", False), ("0.0.0.0", True)):
+        caplog.clear()
+        server, _ = rpc.start_server(f"{host}:0", [], [], 1 << 20)
+        server.stop(0)
+        assert ("plaintext without a token" in caplog.text) == expected, host
+    caplog.clear()
+    server, _ = rpc.start_server("0.0.0.0:0", [], [], 1 << 20, rpc.Security(token=TOKEN))
+    server.stop(0)
+    assert "plaintext without a token" not in caplog.text

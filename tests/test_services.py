@@ -1,217 +1,264 @@
-"""Live gRPC servers on localhost: the leader's and learner's RPCs, their refusals, and standard tooling."""
+"""Live gRPC servers on localhost: the leader's and learner's RPCs, their refusals, and standard tooling.
 
-import hashlib
+Refusals are checked where rounds really happen (tests/live.py): each test closes rounds and compares
+the leader's model with a reference stepped with only the gradients that should count.
+"""
+
+import json
 import re
-from types import SimpleNamespace
+import struct
 
 import grpc
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fedsgd
+import framing
 import launch
 import leader as leader_module
 import learner as learner_module
 import rpc
 import wire
+from live import LiveLeader, model_hash
 from model import build_model
-from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 
 
 @pytest.fixture
-def live_leader(tmp_path, port):
-    """A real leader (capacity 2, synthetic data) serving on localhost, without its round loop."""
-    args = leader_module.parse_args(["--learners", "2", "--dataset", "synthetic", "--host", "127.0.0.1",
-                                     "--port", str(port), "--out", str(tmp_path)])
-    leader = leader_module.Leader(args)
-    server = leader.serve()
-    channel = rpc.channel(f"127.0.0.1:{port}")
-    yield SimpleNamespace(leader=leader, stub=leader_pb2_grpc.LeaderServiceStub(channel), channel=channel,
-                          address=f"127.0.0.1:{port}")
-    channel.close()
-    server.stop(0)
+def live(tmp_path, port):
+    """A real leader (capacity 2, synthetic data) serving on localhost; the test plays its round loop."""
+    live = LiveLeader.start(tmp_path, port, "--learners", "2", "--batch-size", "8")
+    yield live
+    live.stop()
 
 
-def model_hash(leader) -> str:
-    state = leader.global_model.model.state_dict()
-    return hashlib.sha256(b"".join(t.numpy().tobytes() for t in state.values())).hexdigest()
-
-
-def register(stub, address: str):
-    return stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=address), timeout=10)
-
-
-def gradient(leader, learner_id=0, round_index=0, samples=8, loss="1.5", tensors=None, **extra) -> bytes:
-    layout = leader.global_model.layout
-    tensors = tensors if tensors is not None else layout.views(torch.full((layout.size,), 0.01))
-    metadata = {"learner_id": str(learner_id), "round": str(round_index), "samples": str(samples), "loss": loss, **extra}
-    return wire.encode(tensors, metadata)
-
-
-def accumulate(stub, chunk: bytes):
-    return stub.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=10)
-
-
-def test_registration_assigns_ids_and_refuses_past_the_limit(live_leader):
-    stub = live_leader.stub
-    before = model_hash(live_leader.leader)
-    first, second = register(stub, "127.0.0.1:7001"), register(stub, "127.0.0.1:7002")
+def test_registration_assigns_ids_and_credentials_and_refuses_past_the_limit(live):
+    first, second = live.register("127.0.0.1:7001"), live.register("127.0.0.1:7002")
     assert (first.success, first.learner_id, first.max_learners) == (True, 0, 2)
     assert (second.success, second.learner_id) == (True, 1)
-    third = register(stub, "127.0.0.1:7003")
-    assert not third.success and "already has its 2 learners" in third.message
-    assert register(stub, "127.0.0.1:7001").learner_id == 0
-    assert model_hash(live_leader.leader) == before
+    assert len({first.credential, second.credential}) == 2 and len(first.credential) >= 32
+    with pytest.raises(grpc.RpcError) as error:
+        live.register("127.0.0.1:7003")
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "all 2 learner slots are held" in error.value.details()
+    again = live.register("127.0.0.1:7001", credential=first.credential)
+    assert (again.learner_id, again.credential) == (0, first.credential)
 
 
-@pytest.mark.parametrize("address", ["", "no-port", "host:99999"])
-def test_registration_refuses_malformed_addresses(live_leader, address):
-    stub = live_leader.stub
-    before = model_hash(live_leader.leader)
-    reply = register(stub, address)
-    assert not reply.success and "network_addr" in reply.message
-    assert model_hash(live_leader.leader) == before and live_leader.leader.registry.addresses() == []
+@pytest.mark.parametrize("address", ["", "no-port", "host:99999", "h" * 5000 + ":1"])
+def test_registration_refuses_malformed_addresses(live, address):
+    reply = live.register(address)
+    assert not reply.success and "network_addr" in reply.message and len(reply.message) < 200
+    assert live.leader.registry.records() == []
 
 
-def test_get_model_streams_the_checked_global_state(live_leader):
-    leader, stub = live_leader.leader, live_leader.stub
-    chunks = [message.chunk for message in stub.GetModel(leader_pb2.Empty(), timeout=10)]
-    assert len(chunks) >= 2 and max(map(len, chunks)) <= rpc.CHUNK_BYTES
+def test_get_model_streams_the_checked_global_state(live):
+    chunks = [message.chunk for message in live.stub.GetModel(leader_pb2.Empty(), timeout=10)]
+    assert len(chunks) >= 2 and max(map(len, chunks)) <= framing.CHUNK_BYTES
     payload = wire.decode(b"".join(chunks))
-    wire.check_matches(payload, wire.spec_of(leader.global_model.model.state_dict()))
+    model = live.leader.global_model.model
+    wire.check_matches(payload, learner_module.state_spec(model, torch.float32))
     assert payload.metadata["architecture"] == "resnet20" and payload.metadata["round"] == "0"
 
 
-def test_get_data_sends_the_registered_learners_shard_as_uint8(live_leader):
-    leader, stub = live_leader.leader, live_leader.stub
-    register(stub, "127.0.0.1:7001")
-    request = leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7001")
-    payload = wire.decode(b"".join(m.chunk for m in stub.GetData(request, timeout=10)))
-    shard = learner_module.shard_from_payload(payload, 10)
+def get_data(live, address: str, credential: str | None = None) -> wire.Payload:
+    request = leader_pb2.LearnerDataRequest(network_addr=address)
+    messages = live.stub.GetData(request, timeout=10, metadata=rpc.with_credential(credential))
+    return wire.decode(b"".join(message.chunk for message in messages))
+
+
+def test_get_data_sends_the_registered_learners_shard_as_uint8_encoded_once(live):
+    credential = live.register("127.0.0.1:7001").credential
+    leader = live.leader
+    shard = learner_module.shard_from_payload(get_data(live, "127.0.0.1:7001", credential), 10)
     assert len(shard) == 5000 and shard.images.dtype == torch.uint8
-    assert torch.equal(shard.labels, leader.train.labels[leader.shards[0]])
+    assert torch.equal(shard.labels, leader.train.labels[leader.shards.indices[0]])
+    assert leader.shards.messages(0) is leader.shards.messages(0)  # one encoded copy, kept
 
 
-def test_get_data_from_an_unregistered_address_is_not_found(live_leader):
-    stub = live_leader.stub
-    before = model_hash(live_leader.leader)
+def test_get_data_without_a_credential_needs_the_registered_address_and_its_ip(live):
+    live.register("127.0.0.1:7001")
+    live.register("10.9.8.7:7002")
+    assert len(get_data(live, "127.0.0.1:7001").tensors["labels"]) == 5000  # a peer of the article's protos
     with pytest.raises(grpc.RpcError) as error:
-        list(stub.GetData(leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:9"), timeout=10))
+        get_data(live, "10.9.8.7:7002")  # someone else's shard, asked from another IP
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and rpc.CREDENTIAL_HEADER in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        get_data(live, "127.0.0.1:9")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "RegisterLearner" in error.value.details()
-    assert model_hash(live_leader.leader) == before
+    with pytest.raises(grpc.RpcError) as error:
+        get_data(live, "127.0.0.1:7001", credential="forged")
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def start(leader, stub, address: str = "127.0.0.1:7001") -> None:
-    """Register and admit a learner, as the leader's round loop does."""
-    register(stub, address)
-    leader.registry.take_joiners()
-
-
-def test_a_gradient_before_start_or_after_drop_says_register_again(live_leader):
-    leader, stub = live_leader.leader, live_leader.stub
-    register(stub, "127.0.0.1:7001")
-    for _ in range(2):
+def test_a_gradient_before_start_or_after_drop_says_register_again(live):
+    credential = live.register("127.0.0.1:7001").credential
+    registry = live.leader.registry
+    for change in (lambda: registry.drop(0, registry.take_joiners()[0].generation), lambda: None):
         with pytest.raises(grpc.RpcError) as error:
-            accumulate(stub, gradient(leader))
+            live.accumulate(live.gradient(), credential)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "register again" in error.value.details()
-        leader.registry.take_joiners()
-        leader.registry.drop(0)
+        change()
 
 
-def test_a_valid_gradient_is_counted_once(live_leader):
-    leader, stub = live_leader.leader, live_leader.stub
-    start(leader, stub)
-    assert accumulate(stub, gradient(leader)).success
-    duplicate = accumulate(stub, gradient(leader))
+def test_a_valid_gradient_is_counted_once_per_round(live):
+    first, second = live.enrol(2)
+    live.send_counted(live.gradient(0), first)
+    duplicate = live.accumulate(live.gradient(0, scale=0.5), first)
     assert not duplicate.success and "duplicate" in duplicate.message
-    stale = accumulate(stub, gradient(leader, round_index=3))
+    stale = live.accumulate(live.gradient(1, round_index=3), second)
     assert not stale.success and "round 0 is open" in stale.message
-    assert leader.collector.reported() == 1
+    summary, refused = live.close_round()
+    assert (summary.learners, summary.samples, refused) == (1, 8, None)
+    live.send_counted(live.gradient(1, samples=3), second)
+    assert live.close_round()[0].learners == 1
 
 
-def bad_gradients(leader):
-    layout = leader.global_model.layout
-    views = layout.views(torch.zeros(layout.size))
+def header_only(header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text
+
+
+def bad_gradients(live) -> dict:
+    layout = live.leader.global_model.layout
+    views = layout.wire_tensors(torch.zeros(layout.size))
     name = next(iter(views))
+    variance = next(key for key in views if key.endswith("running_var"))
     nan = dict(views, **{name: torch.full_like(views[name], float("nan"))})
     wrong_shape = dict(views, **{name: torch.zeros(3)})
     wrong_dtype = dict(views, **{name: views[name].double()})
     renamed = {("x" + key if key == name else key): value for key, value in views.items()}
+    negative = dict(views, **{variance: -torch.ones_like(views[variance])})
+    deep = b"[" * 100_000 + b"]" * 100_000
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
     return {
-        "garbage": (b"\x00garbage", grpc.StatusCode.INVALID_ARGUMENT, "shorter|exceeds"),
-        "truncated": (gradient(leader)[:-5], grpc.StatusCode.INVALID_ARGUMENT, "describe"),
-        "nan": (gradient(leader, tensors=nan), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-        "shape": (gradient(leader, tensors=wrong_shape), grpc.StatusCode.INVALID_ARGUMENT, "expected F32"),
-        "dtype": (gradient(leader, tensors=wrong_dtype), grpc.StatusCode.INVALID_ARGUMENT, "F64"),
-        "names": (gradient(leader, tensors=renamed), grpc.StatusCode.INVALID_ARGUMENT, "missing"),
-        "zero samples": (gradient(leader, samples=0), grpc.StatusCode.INVALID_ARGUMENT, "samples"),
-        "negative samples": (gradient(leader, samples=-4), grpc.StatusCode.INVALID_ARGUMENT, "samples"),
-        "nan loss": (gradient(leader, loss="nan"), grpc.StatusCode.INVALID_ARGUMENT, "loss"),
-        "no learner id": (wire.encode(views, {"round": "0"}), grpc.StatusCode.INVALID_ARGUMENT, "learner_id"),
-        "unknown learner": (gradient(leader, learner_id=7), grpc.StatusCode.NOT_FOUND, "no learner 7"),
-        "oversized": (b"\x00" * (leader.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES + 1),
+        "garbage": (b"\x00garbage", invalid, "ends inside|exceeds"),
+        "truncated": (live.gradient(1)[:-5], invalid, "describe"),
+        "nan": (live.gradient(1, tensors=nan), invalid, "NaN or Inf"),
+        "shape": (live.gradient(1, tensors=wrong_shape), invalid, "expected F32"),
+        "dtype": (live.gradient(1, tensors=wrong_dtype), invalid, "F64"),
+        "names": (live.gradient(1, tensors=renamed), invalid, "missing"),
+        "negative variance": (live.gradient(1, tensors=negative), invalid, "negative variance"),
+        "zero samples": (live.gradient(1, samples=0), invalid, "samples"),
+        "negative samples": (live.gradient(1, samples=-4), invalid, "samples"),
+        "samples beyond the batch": (live.gradient(1, samples=10**17), invalid, "exceeds the batch of 8"),
+        "nan loss": (live.gradient(1, loss="nan"), invalid, "loss"),
+        "negative loss": (live.gradient(1, loss="-3"), invalid, "loss"),
+        "no learner id": (wire.encode(views, {"round": "0"}), invalid, "learner_id"),
+        "another learner's id": (live.gradient(0), invalid, "not the caller's slot, 1"),
+        "shape overflowing torch": (header_only({"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}),
+                                    invalid, "more than"),
+        "shape overflowing int64": (header_only({"t": {"dtype": "F32", "shape": [0, 2**40, 2**40],
+                                                       "data_offsets": [0, 0]}}), invalid, "more than"),
+        "deep JSON": (struct.pack("<Q", len(deep)) + deep, invalid, "not valid JSON"),
+        "huge integer": (header_only({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).replace(
+            b"[1]", b"[" + b"9" * 5000 + b"]"), invalid, "not valid JSON"),
+        "oversized": (b"\x00" * (live.leader.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES + 1),
                       grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     }
 
 
-def test_bad_gradients_get_a_specific_status_and_change_nothing(live_leader):
-    leader, stub = live_leader.leader, live_leader.stub
-    start(leader, stub)
-    before = model_hash(leader)
-    for case, (chunk, code, message) in bad_gradients(leader).items():
+def test_bad_gradients_get_a_specific_status_and_are_not_counted(live):
+    credentials = live.enrol(2)
+    for case, (chunk, code, message) in bad_gradients(live).items():
+        live.send_counted(live.gradient(0), credentials[0])
         with pytest.raises(grpc.RpcError) as error:
-            accumulate(stub, chunk)
+            live.accumulate(chunk, credentials[1])
         assert error.value.code() == code, case
         assert re.search(message, error.value.details() or ""), (case, error.value.details())
-    assert model_hash(leader) == before
-    assert leader.collector.reported() == 0
-    assert accumulate(stub, gradient(leader)).success  # the leader still serves
+        assert len(error.value.details() or "") < 500, case
+        summary, refused = live.close_round()
+        assert (summary.learners, refused) == (1, None), case
+    live.send_counted(live.gradient(1), credentials[1])  # the leader still counts the learner it refused
+    assert live.close_round()[0].learners == 1
+
+
+def test_gradients_without_the_callers_credential_are_refused_and_not_counted(live):
+    real = live.enrol(2)
+    for credential in (None, "forged", real[1]):  # nothing, a guess, and learner 1's own credential
+        with pytest.raises(grpc.RpcError) as error:
+            live.accumulate(live.gradient(0), credential)
+        assert error.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT)
+    live.send_counted(live.gradient(0), real[0])  # the real learner 0 is not answered "duplicate"
+    summary, _ = live.close_round()
+    assert summary.learners == 1
+
+
+def test_registering_an_active_learners_address_does_not_evict_it(live):
+    real = live.enrol(2)
+    address = live.leader.registry.members()[0].address
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as error:
+            live.register(address, credential="stolen?")
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "still counts on" in error.value.details()
+    assert live.leader.registry.is_active(0)
+    live.send_counted(live.gradient(0), real[0])
+    assert live.close_round()[0].learners == 1
+    again = live.register(address, credential=real[0])  # its holder may
+    assert again.success and again.learner_id == 0
+
+
+def test_a_round_that_would_make_the_model_non_finite_is_discarded(live):
+    credentials = live.enrol(2)
+    before = model_hash(live.leader.global_model.model)
+    for learner_id, credential in enumerate(credentials):  # finite, but their weighted sum overflows float32
+        live.send_counted(live.gradient(learner_id, samples=8, scale=3e38), credential)
+    summary, refused = live.close_round()
+    assert summary.learners == 2 and "NaN or Inf" in refused
+    assert model_hash(live.leader.global_model.model) == before
+    live.send_counted(live.gradient(0), credentials[0])
+    assert live.close_round()[1] is None and model_hash(live.leader.global_model.model) != before
 
 
 @pytest.mark.parametrize("message", [b"\x0a\x05abc", b"\x0b", b"\x0a" + b"\xff" * 11])
-def test_a_gradient_message_that_is_not_protobuf_is_refused_and_changes_nothing(live_leader, message):
-    leader, stub = live_leader.leader, live_leader.stub
-    start(leader, stub)
-    before = model_hash(leader)
-    send_raw = rpc.unary_call(live_leader.channel, rpc.LEADER_SERVICE, "AccumulateGradients", leader_pb2.Ack)
+def test_a_gradient_message_that_is_not_protobuf_is_refused_and_not_counted(live, message):
+    credentials = live.enrol(2)
+    live.send_counted(live.gradient(0), credentials[0])
+    send_raw = framing.unary_call(live.channel, rpc.LEADER_SERVICE, "AccumulateGradients", leader_pb2.Ack)
     with pytest.raises(grpc.RpcError) as error:
-        send_raw(message, timeout=10)
+        send_raw(message, timeout=10, metadata=rpc.with_credential(credentials[1]))
     assert error.value.code() == grpc.StatusCode.INTERNAL  # what grpcio answers when a request does not parse
-    assert model_hash(leader) == before and leader.collector.reported() == 0
-    assert accumulate(stub, gradient(leader)).success
+    assert live.close_round()[0].learners == 1
 
 
-def test_health_and_reflection_describe_the_leader(live_leader):
-    channel = live_leader.channel
-    health = health_pb2_grpc.HealthStub(channel)
+def test_health_reflection_and_sessions_describe_the_leader(live):
+    health = health_pb2_grpc.HealthStub(live.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service="leader.LeaderService"), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    credential = live.enrol(1)[0]
+    session = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + rpc.session_id(credential))
+    assert health.Check(session, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    live.leader.registry.drop(0, live.leader.registry.members()[0].generation)
+    assert health.Check(session, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    for unknown in ("0" * 32, "é" * 40):
+        with pytest.raises(grpc.RpcError) as error:
+            health.Check(health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + unknown), timeout=10)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    reflection = reflection_pb2_grpc.ServerReflectionStub(live.channel)
     responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {service.name for response in responses for service in response.list_services_response.service}
     assert {"leader.LeaderService", "grpc.health.v1.Health"} <= names
 
 
 @pytest.fixture
-def live_learner(live_leader):
-    """A real learner, constructed against the live leader, with its LearnerService up."""
-    args = learner_module.parse_args(["--leader", live_leader.address, "--host", "127.0.0.1"])
-    learner = learner_module.Learner(args)
+def live_learner(live):
+    """A real learner connected to the live leader, with its LearnerService up."""
+    learner = learner_module.Learner(learner_module.parse_args(["--leader", live.address, "--host", "127.0.0.1"]))
+    assert learner.connect() is None
     channel = rpc.channel(learner.address, max_receive_bytes=1 << 20)
     yield learner, learner_pb2_grpc.LearnerServiceStub(channel)
     channel.close()
     learner.server.stop(0)
 
 
-def test_learner_registers_and_gets_its_shard(live_leader, live_learner):
-    leader = live_leader.leader
+def test_learner_registers_and_gets_its_shard(live, live_learner):
+    leader = live.leader
     learner, _ = live_learner
-    assert leader.registry.addresses()[learner.learner_id] == learner.address
-    assert torch.equal(learner.data.labels, leader.train.labels[leader.shards[learner.learner_id]])
+    assert leader.registry.at(learner.address).learner_id == learner.learner_id
+    assert torch.equal(learner.data.labels, leader.train.labels[leader.shards.indices[learner.learner_id]])
 
 
 def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gradients():
@@ -234,10 +281,14 @@ def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gr
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
-def test_learner_refuses_bad_model_states_and_keeps_its_model(live_leader, live_learner):
-    leader = live_leader.leader
+def leader_call(learner) -> list[tuple[str, str]]:
+    """Call metadata as the learner's leader sends it."""
+    return rpc.with_credential(learner.credential.value)
+
+
+def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner):
     learner, stub = live_learner
-    state = {k: v.clone() for k, v in leader.global_model.model.state_dict().items()}
+    state = {k: v.clone() for k, v in live.leader.global_model.model.state_dict().items()}
     name = next(iter(state))
     bad = {
         "garbage": b"not a payload",
@@ -247,65 +298,116 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live_leader, live_
     }
     before = [t.clone() for t in learner.model.state_dict().values()]
     for case, chunk in bad.items():
-        reply = stub.SyncModelState(learner_pb2.ModelState(chunk=chunk), timeout=10)
+        reply = stub.SyncModelState(learner_pb2.ModelState(chunk=chunk), timeout=10, metadata=leader_call(learner))
         assert not reply.success and "rejected" in reply.message, case
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.state_dict().values()))
     assert learner.inbox.take(1, timeout=0) is None
-    good = stub.SyncModelState(learner_pb2.ModelState(chunk=wire.encode(state, {"round": "1"})), timeout=10)
-    assert good.success and learner.inbox.take(1, timeout=0) is not None
+    good = wire.encode(state, {"round": "1"})
+    assert stub.SyncModelState(learner_pb2.ModelState(chunk=good), timeout=10, metadata=leader_call(learner)).success
+    assert learner.inbox.take(1, timeout=0) is not None
 
 
-def test_learner_start_training_sets_it_going(live_learner):
+def test_learner_takes_states_and_orders_only_with_its_leaders_credential(live, live_learner):
     learner, stub = live_learner
-    assert stub.StartTraining(learner_pb2.Empty(), timeout=10).success
+    state = wire.encode(live.leader.global_model.model.state_dict(), {"round": "7"})
+    for metadata in ([], rpc.with_credential("forged")):
+        for call in (lambda: stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10, metadata=metadata),
+                     lambda: stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=metadata)):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
+    assert learner.inbox.take(7, timeout=0) is None and not learner.started.is_set()
+    assert stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=leader_call(learner)).success
     assert learner.started.is_set()
 
 
-def test_learner_serves_health_checks(live_learner):
+def test_a_dropped_learner_learns_it_from_the_leaders_health_service(live, live_learner):
+    learner, _ = live_learner
+    learner.check_leader()  # registered: nothing to say
+    registry = live.leader.registry
+    registry.drop(learner.learner_id, registry.at(learner.address).generation)
+    with pytest.raises(learner_module.LeaderLost, match="the leader dropped this learner"):
+        learner.check_leader()
+
+
+def test_a_learner_whose_gradient_is_refused_says_so(live, live_learner):
+    learner, _ = live_learner
+    live.leader.registry.take_joiners()
+    learner.gradient.fill_(float("nan"))
+    with pytest.raises(learner_module.GradientRefused, match="refused this learner's gradient for round 0: INVALID_ARGUMENT"):
+        learner.send_gradient(0, loss=1.0)
+
+
+def test_learner_serves_health_checks_and_its_session(live_learner):
     learner, _ = live_learner
     health = health_pb2_grpc.HealthStub(rpc.channel(learner.address))
     reply = health.Check(health_pb2.HealthCheckRequest(service="learner.LearnerService"), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    session = rpc.SESSION_PREFIX + rpc.session_id(learner.credential.value)
+    assert health.Check(health_pb2.HealthCheckRequest(service=session), timeout=10).status == reply.status
+    with pytest.raises(grpc.RpcError) as error:
+        health.Check(health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + "f" * 32), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory):
     """A live leader with one started learner, shared by every generated example."""
-    port = launch.free_port()
-    args = leader_module.parse_args(["--learners", "1", "--dataset", "synthetic", "--host", "127.0.0.1",
-                                     "--port", str(port), "--out", str(tmp_path_factory.mktemp("fuzz"))])
-    leader = leader_module.Leader(args)
-    server = leader.serve()
-    stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(f"127.0.0.1:{port}"))
-    start(leader, stub)
-    yield leader, stub, gradient(leader)
-    server.stop(0)
+    live = LiveLeader.start(tmp_path_factory.mktemp("fuzz"), launch.free_port(), "--learners", "1", "--batch-size", "8")
+    yield live, live.enrol(1)[0]
+    live.stop()
 
 
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def send_and_check_untouched(fuzz_target, chunk: bytes) -> None:
-    leader, stub, _ = fuzz_target
-    before = model_hash(leader)
+def send_in_a_round(fuzz_target, chunk: bytes) -> None:
+    """A round in which the learner sends chunk, then a valid gradient; the leader must count exactly one of
+    them (chunk, if it acknowledged it) and refuse the other or ignore it as a duplicate."""
+    live, credential = fuzz_target
     try:
-        accumulate(stub, chunk)
+        if live.accumulate(chunk, credential).success:
+            live.expect_counted(chunk)
     except grpc.RpcError as error:
         assert error.code() in REFUSALS, (error.code(), error.details())
-    assert model_hash(leader) == before
+    valid = live.gradient(0)
+    if live.accumulate(valid, credential).success:
+        live.expect_counted(valid)
+    assert live.close_round()[0].learners == 1
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=4096))
-def test_live_leader_refuses_random_bytes_and_keeps_its_model(fuzz_target, chunk):
-    send_and_check_untouched(fuzz_target, chunk)
+def test_live_leader_refuses_random_bytes_and_counts_only_valid_gradients(fuzz_target, chunk):
+    send_in_a_round(fuzz_target, chunk)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6),
        st.sampled_from([None, 100, 4096, -1]))
-def test_live_leader_handles_mutated_gradients_and_keeps_its_model(fuzz_target, mutations, cut):
-    data = bytearray(fuzz_target[2])
+def test_live_leader_handles_mutated_gradients_and_counts_only_valid_ones(fuzz_target, mutations, cut):
+    live = fuzz_target[0]
+    data = bytearray(live.gradient(0))
     for position, value in mutations:
         data[position] = value
-    send_and_check_untouched(fuzz_target, bytes(data[:cut] if cut else data))
+    send_in_a_round(fuzz_target, bytes(data[:cut] if cut else data))
+
+
+class Peer:
+    """What rpc.peer_host reads of a server context: the peer string grpcio gives."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = lambda: peer
+
+
+@pytest.mark.parametrize("peer, host", [("ipv4:10.0.0.2:5000", "10.0.0.2"), ("ipv6:%5B::1%5D:39414", "::1"),
+                                        ("ipv6:[fe80::1]:1", "fe80::1"), ("unix:/tmp/socket", None)])
+def test_the_callers_ip_is_read_from_grpcs_peer_string(peer, host):
+    assert rpc.peer_host(Peer(peer)) == host
+
+
+@pytest.mark.parametrize("address, peer, same", [("127.0.0.1:7001", "127.0.0.1", True), ("[::1]:7001", "::1", True),
+                                                 ("10.0.0.2:1", "::ffff:10.0.0.2", True), ("10.0.0.2:1", "10.0.0.3", False),
+                                                 ("localhost:7001", "127.0.0.1", False), ("10.0.0.2:1", None, False)])
+def test_a_registered_address_matches_only_its_own_ip(address, peer, same):
+    assert leader_module.same_host(address, peer) == same

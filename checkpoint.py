@@ -1,0 +1,87 @@
+"""The leader's files on disk: checkpoints written atomically and checked on resume, and earlier runs kept aside."""
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from metrics import read_metrics
+
+log = logging.getLogger("leader")
+
+# Every flag that changes the training trajectory: a resumed run takes them from the checkpoint, and
+# refuses to start when one is given on the command line with another value.
+TRAJECTORY_FLAGS = ("model", "dataset", "learners", "batch_size", "seed", "epochs", "rounds", "lr",
+                    "warmup_epochs", "momentum", "weight_decay", "wire_dtype")
+# What a run writes into its --out directory; a new run moves an earlier run's files aside.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt")
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    """The trajectory flags' values, as a checkpoint records them."""
+    return {key: getattr(args, key) for key in TRAJECTORY_FLAGS}
+
+
+def adopt_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> None:
+    """Give args the checkpoint's trajectory flags; raise SystemExit naming every flag given on the command
+    line with another value (a checkpoint of an older version may lack some: those keep their value)."""
+    conflicts = [f"--{key.replace('_', '-')} {getattr(args, key)} (the checkpoint has {saved[key]})"
+                 for key in TRAJECTORY_FLAGS if key in saved and key in explicit and getattr(args, key) != saved[key]]
+    if conflicts:
+        raise SystemExit(f"--resume {args.resume}: {', '.join(conflicts)}; a resumed run keeps the flags it was "
+                         "started with: leave these out, or start a new run with another --out")
+    for key in TRAJECTORY_FLAGS:
+        if key in saved:
+            setattr(args, key, saved[key])
+
+
+def load(directory: str | Path) -> dict:
+    """DIR/checkpoint.pt (tensors and plain values only: weights_only)."""
+    path = Path(directory) / "checkpoint.pt"
+    if not path.exists():
+        raise SystemExit(f"--resume {directory}: no checkpoint.pt there")
+    return torch.load(path, weights_only=True)
+
+
+def save_atomically(state: object, path: Path) -> None:
+    """torch.save to a temporary file (mode 0600), flushed to disk, then renamed: a crash or a power cut leaves
+    the old file or the new one, never half of one."""
+    temporary = path.with_suffix(".tmp")
+    temporary.unlink(missing_ok=True)  # a leftover of a crash keeps its mode; a new file gets 0600
+    # Readable by its owner only: a checkpoint holds the learners' credentials (and the model).
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # makes the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def keep_metrics_until(path: Path, rounds_done: int) -> None:
+    """Drop the records of rounds after a checkpoint, which a resumed run does again."""
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r["round"] <= rounds_done]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def set_aside_earlier_run(out: Path) -> Path | None:
+    """Move an earlier run's files in out into out/previous-<time>/, so a new run never overwrites them;
+    return where they went (None if there were none)."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=time.strftime("previous-%Y%m%d-%H%M%S-"), dir=out))
+    for path in found:
+        path.rename(aside / path.name)
+    log.warning("%s held an earlier run; moved its %s to %s (to continue that run instead, pass --resume %s)",
+                out, ", ".join(path.name for path in found), aside, out)
+    return aside

@@ -1,0 +1,111 @@
+"""A learner that attacks its leader before each of its first rounds, then trains honestly (tests/test_attacks.py).
+
+`hostile_learner.py --victim HOST:PORT [learner.py flags]`: a real learner process, registered and trained
+like any other, whose first sends are attacks on the leader. It prints each attack's outcome as
+"ATTACK <name>: <status code> <details>" ("ATTACK <name>: OK ..." when the leader accepted the call).
+"""
+
+import json
+import struct
+import sys
+import time
+
+import grpc
+import torch
+
+import framing
+import learner
+import rpc
+import wire
+from rpc import leader_pb2
+
+STREAMS = 20
+
+
+class HostileLearner(learner.Learner):
+    def __init__(self, args, victim: str) -> None:
+        super().__init__(args)
+        self.victim = victim
+        self.held: list = []  # unread streams, kept open so that nothing cancels them
+        self.attacks = [self.hold_streams, self.forged_credential, self.no_credential, self.another_learners_id,
+                        self.huge_sample_count, self.take_the_victims_address, self.shape_overflowing_torch,
+                        self.shape_overflowing_int64, self.deep_json, self.nan_gradient, self.overflowing_gradient]
+
+    def send_gradient(self, round_index: int, loss: float) -> None:
+        if self.attacks:
+            attack = self.attacks.pop(0)
+            print(f"ATTACK {attack.__name__}: {attack(round_index)}", flush=True)
+        super().send_gradient(round_index, loss)
+
+    def send(self, chunk: bytes, credential: str | None) -> str:
+        try:
+            reply = self.leader.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=10,
+                                                    metadata=rpc.with_credential(credential))
+            return f"OK {reply.message}"
+        except grpc.RpcError as error:
+            return f"{error.code().name} {error.details()}"
+
+    def payload(self, round_index: int, learner_id: int | None = None, samples: int | None = None,
+                 fill: float = 1e-4) -> bytes:
+        metadata = {"learner_id": str(self.learner_id if learner_id is None else learner_id), "round": str(round_index),
+                    "samples": str(samples or self.batch_size), "loss": "1.0"}
+        return wire.encode(self.layout.wire_tensors(torch.full((self.layout.size,), fill)), metadata)
+
+    def hold_streams(self, round_index: int) -> str:
+        """Open GetData and GetModel streams and never read them."""
+        request = leader_pb2.LearnerDataRequest(network_addr=self.address)
+        for method, message in (("GetData", request), ("GetModel", leader_pb2.Empty())):
+            stream = framing.chunk_stream(self.channel, rpc.LEADER_SERVICE, method)
+            self.held += [stream(message, metadata=rpc.with_credential(self.credential.value)) for _ in range(STREAMS)]
+        time.sleep(1.0)
+        refused = sum(call.done() and call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in self.held)
+        return f"RESOURCE_EXHAUSTED {refused} of {len(self.held)} streams refused"
+
+    def forged_credential(self, round_index: int) -> str:
+        return self.send(self.payload(round_index, learner_id=0), "forged")
+
+    def no_credential(self, round_index: int) -> str:
+        return self.send(self.payload(round_index, learner_id=0), None)
+
+    def another_learners_id(self, round_index: int) -> str:
+        return self.send(self.payload(round_index, learner_id=1 - min(self.learner_id, 1)), self.credential.value)
+
+    def huge_sample_count(self, round_index: int) -> str:
+        return self.send(self.payload(round_index, samples=10**17), self.credential.value)
+
+    def take_the_victims_address(self, round_index: int) -> str:
+        try:
+            reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.victim), timeout=10)
+            return f"OK {reply.message}"
+        except grpc.RpcError as error:
+            return f"{error.code().name} {error.details()}"
+
+    def header(self, header: dict | bytes) -> bytes:
+        text = header if isinstance(header, bytes) else json.dumps(header).encode()
+        return struct.pack("<Q", len(text)) + text
+
+    def shape_overflowing_torch(self, round_index: int) -> str:
+        tensor = {"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}
+        return self.send(self.header(tensor), self.credential.value)
+
+    def shape_overflowing_int64(self, round_index: int) -> str:
+        tensor = {"t": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}
+        return self.send(self.header(tensor), self.credential.value)
+
+    def deep_json(self, round_index: int) -> str:
+        return self.send(self.header(b"[" * 100_000 + b"]" * 100_000), self.credential.value)
+
+    def nan_gradient(self, round_index: int) -> str:
+        return self.send(self.payload(round_index, fill=float("nan")), self.credential.value)
+
+    def overflowing_gradient(self, round_index: int) -> str:
+        """Finite and well-formed, so the leader accepts it; summed with the others it overflows float32."""
+        return self.send(self.payload(round_index, fill=3e38), self.credential.value)
+
+
+if __name__ == "__main__":
+    victim = sys.argv[sys.argv.index("--victim") + 1]
+    rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]
+    learner.runtime.configure_logging("learner")
+    learner.runtime.set_threads(1)
+    HostileLearner(learner.parse_args(rest), victim).run()
