@@ -70,7 +70,9 @@ def keep_metrics_until(path: Path, rounds_done: int) -> None:
     """Drop the records of rounds after a checkpoint, which a resumed run does again."""
     if path.exists():
         kept = [r for r in read_metrics(path) if r["round"] <= rounds_done]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(temporary, path)  # a crash leaves the whole history or the kept part, never half
 
 
 def set_aside_earlier_run(out: Path) -> Path | None:

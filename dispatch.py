@@ -59,20 +59,54 @@ class LearnerClient:
                 self._channels.pop(address).close()
 
     def send(self, members: dict[int, Member], method: str, request: object, on_failure: OnFailure,
-             timeout: float) -> list[grpc.Future]:
+             timeout: float, then: Callable[[Member], None] = lambda member: None) -> list[grpc.Future]:
         """Start <method>(request) on every member, at most MAX_IN_FLIGHT at a time (gRPC holds a copy of
-        each call's request until it is sent); request may be ready-serialised bytes, serialised once for
-        all. on_failure runs for each call that fails."""
-        slots, calls = threading.Semaphore(MAX_IN_FLIGHT), []
+        each call's request until it is sent), waiting at most timeout in all for slots; request may be
+        ready-serialised bytes, serialised once for all. on_failure runs for each call that fails, then
+        for each that succeeds (or, for a model state, finds the learner still busy with earlier ones)."""
+        slots, calls, deadline = threading.Semaphore(MAX_IN_FLIGHT), [], time.monotonic() + timeout
         for member in members.values():
-            # After a timeout, send anyway without a slot: slow learners cannot stall the loop.
-            release = slots.release if slots.acquire(timeout=timeout) else (lambda: None)
+            # Past the deadline, send without a slot: slow learners cannot stall the loop.
+            release = slots.release if slots.acquire(timeout=max(0.0, deadline - time.monotonic())) else (lambda: None)
             stub = framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, learner_pb2.Ack)
             call = stub.future(request, timeout=timeout, metadata=rpc.with_credential(member.credential))
             call.add_done_callback(lambda done, member=member, release=release:
-                                   (release(), _report(done, member, method, on_failure)))
+                                   (release(), self._report(done, member, method, on_failure, then)))
             calls.append(call)
         return calls
+
+    def start(self, members: dict[int, Member], state: bytes | None, on_started: Callable[[Member], None],
+              on_failure: OnFailure, timeout: float) -> None:
+        """Send each member the current state (a serialised ModelState, if any), then StartTraining, without
+        waiting; on_started runs for each one that accepted."""
+        start_training = lambda member: self.send({member.learner_id: member}, "StartTraining", learner_pb2.Empty(),
+                                                  on_failure, timeout, on_started)
+        if state is None:
+            for member in members.values():
+                start_training(member)
+        else:
+            self.send(members, "SyncModelState", state, on_failure, timeout, start_training)
+
+    def heard_from(self, member: Member) -> None:
+        """The learner answered (a gradient, an accepted push): whatever its health checks said, it is there."""
+        with self._lock:
+            probe = self._probes.get(member.learner_id)
+            if probe is not None and probe.generation == member.generation:
+                probe.silent_since = None
+
+    def _report(self, call: grpc.Future, member: Member, method: str, on_failure: OnFailure,
+                then: Callable[[Member], None]) -> None:
+        error = call.exception()
+        if error is not None and method == "SyncModelState" and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            log.debug("learner %d is still taking earlier states; it will take a later one", member.learner_id)
+            then(member)
+        elif error is not None:
+            on_failure(member, f"{method} failed: {error.code().name} {error.details()}", error.code() in GONE_CODES)
+        elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
+            on_failure(member, f"{method} refused: {reply.message}", False)
+        else:
+            self.heard_from(member)
+            then(member)
 
     def probe(self, members: dict[int, Member], on_failure: OnFailure, silent_limit_s: float) -> None:
         """Ask each member's health service whether its registration is there, at most every PROBE_INTERVAL_S
@@ -94,34 +128,40 @@ class LearnerClient:
 
     def _judge(self, call: grpc.Future, member: Member, probe: _Probe, on_failure: OnFailure,
                silent_limit_s: float) -> None:
-        error = call.exception()
+        verdict, reason = probe_verdict(call)
         with self._lock:
             probe.in_flight = False
-            if error is None or error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                serving = error is not None or call.result().status == health_pb2.HealthCheckResponse.SERVING
+            if verdict == THERE:
                 probe.silent_since = None
-                if serving:  # (a learner without the health service cannot say more than that it answers)
-                    return
-                verdict, gone = "its health check says it no longer holds this registration", True
-            elif error.code() in GONE_CODES:
-                verdict, gone = f"health check: {error.code().name} {error.details()}", True
-            else:
+                return
+            if verdict == SILENT:
                 probe.silent_since = probe.silent_since or probe.last
                 silent = time.monotonic() - probe.silent_since
                 if silent < silent_limit_s:
                     return
-                verdict, gone = f"no answer to health checks for {silent:.0f} s ({error.code().name})", False
-        on_failure(member, verdict, gone)
+                reason = f"no answer to health checks for {silent:.0f} s ({reason})"
+        on_failure(member, reason, verdict == GONE)
 
 
-def _report(call: grpc.Future, member: Member, method: str, on_failure: OnFailure) -> None:
+THERE, GONE, SILENT = "there", "gone", "silent"
+
+
+def probe_verdict(call: grpc.Future) -> tuple[str, str]:
+    """What a health check of a registration says (THERE, GONE or SILENT), and why. A busy learner
+    (RESOURCE_EXHAUSTED) and one whose health service knows no sessions (a peer built from the article's
+    protos) are there: something answered for them."""
     error = call.exception()
-    if error is not None and method == "SyncModelState" and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        log.debug("learner %d is still taking earlier states; it will take a later one", member.learner_id)
-    elif error is not None:
-        on_failure(member, f"{method} failed: {error.code().name} {error.details()}", error.code() in GONE_CODES)
-    elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
-        on_failure(member, f"{method} refused: {reply.message}", False)
+    if error is None:
+        if call.result().status == health_pb2.HealthCheckResponse.SERVING:
+            return THERE, "serving"
+        return GONE, "its health service says it no longer holds this registration"
+    code = error.code()
+    if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED) or (
+            code == grpc.StatusCode.NOT_FOUND and not rpc.knows_sessions(error)):
+        return THERE, code.name
+    if code in GONE_CODES:
+        return GONE, f"health check: {code.name} {error.details()}"
+    return SILENT, code.name
 
 
 def wait_calls(calls: list[grpc.Future], timeout: float) -> None:

@@ -1,12 +1,14 @@
-"""Bounds on what a peer can hold: per-method permits, deadlines on silent peers, and the shared token.
+"""Bounds on what a caller can hold: per-method (and per-caller) permits, deadlines on silent callers, the token.
 
 grpcio gives every call a thread of the server's pool, and the call keeps it while its request
 arrives and while each streamed reply is sent. Unbounded, a few clients that open GetData streams
 and never read them (or start a unary call and never finish sending it) hold every thread, and
 registration and gradients wait behind them. The Gate admits each call with a permit of its method
-or refuses it at once with RESOURCE_EXHAUSTED, reads even unary requests inside the handler (where
-a deadline can end the wait), and cancels any call whose peer sends or reads nothing for
-idle_timeout seconds. The pool holds a thread for every permit, so an admitted call never queues.
+(for methods that name their callers, a permit of that caller) or refuses it at once with
+RESOURCE_EXHAUSTED, before reading anything; it reads even unary requests inside the handler, where
+a deadline ends the wait, and cancels any call whose peer sends or reads nothing for too long. The
+pool holds a thread for every permit, so an admitted call never queues. A request that does not
+parse is refused with INVALID_ARGUMENT.
 """
 
 import hmac
@@ -14,12 +16,14 @@ import itertools
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 import grpc
 from grpc_health.v1 import health
 
 IDLE_TIMEOUT_S = 60.0
+SMALL_REQUEST_S = 5.0  # a request of a few bytes (a registration, a health check) arrives within this, or never
 DEFAULT_LIMIT = 2  # concurrent calls of a method that has no limit of its own (health Watch, reflection)
 OTHER_METHODS = 4  # health Check and Watch, reflection v1 and v1alpha: the pool has room for them too
 SPARE_THREADS = 4  # for refusals, which take a thread for an instant
@@ -77,46 +81,74 @@ def idle_bounded(items: Iterator, seconds: float, cancel: Callable[[], None]) ->
         yield item
 
 
-class Gate(grpc.ServerInterceptor):
-    """Admits each call with a permit of its method, checks the token before anything is read, and
-    bounds how long a call may wait on its peer."""
+Headers = Mapping[str, str]
 
-    def __init__(self, limits: Mapping[str, int], idle_timeout: float = IDLE_TIMEOUT_S,
+
+@dataclass(frozen=True)
+class Limit:
+    """How a method's calls are admitted."""
+
+    concurrent: int = DEFAULT_LIMIT  # calls at once; for each caller, when `caller` is given
+    request_s: float = SMALL_REQUEST_S  # seconds a unary request may take to arrive whole
+    caller: Callable[[Headers], str | None] | None = None  # names the caller from its call headers (None: refused)
+    callers: int = 1  # how many different names `caller` can give
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse becomes, so that the handler can refuse it properly."""
+
+    error: str
+
+
+class Gate(grpc.ServerInterceptor):
+    """Admits each call with a permit of its method (or of its caller), checks the token before anything is
+    read, and bounds how long a call may wait on its peer."""
+
+    def __init__(self, limits: Mapping[str, Limit], idle_timeout: float = IDLE_TIMEOUT_S,
                  token: str | None = None) -> None:
-        """limits: concurrent calls allowed per full method name ("/package.Service/Method")."""
+        """limits: by full method name ("/package.Service/Method"); other methods get Limit()."""
         self.limits, self.idle_timeout = dict(limits), idle_timeout
         self.expected = f"Bearer {token}".encode() if token else None
-        self._permits: dict[str, threading.BoundedSemaphore] = {}
+        self._permits: dict[tuple[str, str], threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
     def threads_needed(self) -> int:
         """A pool thread for every permit, so that an admitted call never waits for one."""
-        return sum(self.limits.values()) + DEFAULT_LIMIT * OTHER_METHODS + SPARE_THREADS
+        named = sum(limit.concurrent * limit.callers for limit in self.limits.values())
+        return named + DEFAULT_LIMIT * OTHER_METHODS + SPARE_THREADS
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None:
             return None
+        headers = dict(handler_call_details.invocation_metadata or ())
         if self.expected and not method.lstrip("/").startswith(UNAUTHENTICATED_SERVICES):
-            given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-            if not hmac.compare_digest(given.encode(), self.expected):
+            if not hmac.compare_digest(headers.get("authorization", "").encode(), self.expected):
                 return _refusal(grpc.StatusCode.UNAUTHENTICATED,
                                 f"missing or wrong token: pass --token or set {TOKEN_VARIABLE}")
-        permits = self._permits_of(method)
+        limit = self.limits.get(method, Limit())
+        caller = limit.caller(headers) if limit.caller else ""
+        if caller is None:
+            return _refusal(grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
+                            "(the fl-credential header); register first")
+        permits = self._permits_of(method, caller, limit.concurrent)
         if not permits.acquire(blocking=False):
-            limit = self.limits.get(method, DEFAULT_LIMIT)
-            return _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{limit} {method.rsplit('/', 1)[-1]} calls are already in progress; retry shortly")
-        return self._admitted(handler, permits.release)
+            who = " from this caller" if caller else ""
+            return _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{limit.concurrent} {method.rsplit('/', 1)[-1]} calls"
+                            f"{who} are already in progress; retry shortly")
+        return self._admitted(handler, permits.release, limit.request_s)
 
-    def _permits_of(self, method: str) -> threading.BoundedSemaphore:
-        with self._lock:  # methods come from the server's own handlers: a finite set
-            if method not in self._permits:
-                self._permits[method] = threading.BoundedSemaphore(self.limits.get(method, DEFAULT_LIMIT))
-            return self._permits[method]
+    def _permits_of(self, method: str, caller: str, concurrent: int) -> threading.BoundedSemaphore:
+        with self._lock:  # methods come from the server's handlers, callers from a bounded set of names
+            key = (method, caller)
+            if key not in self._permits:
+                self._permits[key] = threading.BoundedSemaphore(concurrent)
+            return self._permits[key]
 
-    def _admitted(self, handler: grpc.RpcMethodHandler, release: Callable[[], None]) -> grpc.RpcMethodHandler:
+    def _admitted(self, handler: grpc.RpcMethodHandler, release: Callable[[], None],
+                  request_s: float) -> grpc.RpcMethodHandler:
         """The handler, served as request-streaming: grpcio then calls it as soon as a thread takes the call,
         instead of first waiting, without a deadline, for a unary request to arrive."""
         behaviour = (handler.stream_stream or handler.stream_unary if handler.request_streaming
@@ -126,12 +158,12 @@ class Gate(grpc.ServerInterceptor):
             if not context.add_callback(release):  # the permit goes back when the call ends, however it ends
                 release()
             if handler.request_streaming:
-                return idle_bounded(requests, self.idle_timeout, context.cancel)
-            with WATCHDOG.deadline(self.idle_timeout, context.cancel):
+                return (_parsed(request, context) for request in idle_bounded(requests, self.idle_timeout, context.cancel))
+            with WATCHDOG.deadline(request_s, context.cancel):
                 request = next(requests, None)
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a unary call carries exactly one request message")
-            return request
+            return _parsed(request, context)
 
         if handler.response_streaming:
             def serve_stream(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
@@ -139,14 +171,34 @@ class Gate(grpc.ServerInterceptor):
                     with WATCHDOG.deadline(self.idle_timeout, context.cancel):
                         yield response  # resumes once gRPC has sent it: a peer that reads nothing stalls here
 
-            return grpc.stream_stream_rpc_method_handler(serve_stream, handler.request_deserializer,
+            return grpc.stream_stream_rpc_method_handler(serve_stream, _tolerant(handler.request_deserializer),
                                                          handler.response_serializer)
 
         def serve_unary(requests: Iterator, context: grpc.ServicerContext):
             return behaviour(arguments(requests, context), context)
 
-        return grpc.stream_unary_rpc_method_handler(serve_unary, handler.request_deserializer,
+        return grpc.stream_unary_rpc_method_handler(serve_unary, _tolerant(handler.request_deserializer),
                                                     handler.response_serializer)
+
+
+def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    """deserializer, but returning Malformed instead of raising: grpcio would answer INTERNAL and log a traceback."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as error:  # protobuf's DecodeError, framing's ValueError: whatever the parser raises
+            return Malformed(f"{type(error).__name__}: {str(error)[:200]}")
+
+    return parse
+
+
+def _parsed(request: object, context: grpc.ServicerContext) -> object:
+    if isinstance(request, Malformed):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as its message type ({request.error})")
+    return request
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -27,15 +27,15 @@ import utils
 import wire
 from metrics import MetricsLog, plot_metrics, read_metrics
 from model import ARCHITECTURES, build_model
-from rounds import ACTIVE, Member, Refusal, Registry, RoundCollector
-from rpc import leader_pb2, leader_pb2_grpc, learner_pb2
+from rounds import COUNTED_ON, Member, Refusal, Registry, RoundCollector
+from rpc import leader_pb2, leader_pb2_grpc
 
 log = logging.getLogger("leader")
 
 WAIT_LOG_INTERVAL_S = 10.0
 WAIT_SLICE_S = 1.0  # how often waits look at stop requests, joiners and missing learners
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
-REFUSAL_LOG_INTERVAL_S = 10.0
+LOG_INTERVAL_S = 10.0  # at most one line this often for what callers can make happen at will
 # Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (framing.chunk_messages),
 # AccumulateGradients gets a framing.ChunkRequest.
 ADD_LEADER_SERVICE = framing.without_protobuf_copies(leader_pb2_grpc.add_LeaderServiceServicer_to_server,
@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     problems = [
         (args.learners < 1 or args.batch_size < 1, "--learners and --batch-size must be positive"),
-        (not 1 <= args.min_learners <= args.learners, "--min-learners must lie between 1 and --learners"),
+        (args.min_learners < 1 or (not args.resume and args.min_learners > args.learners),
+         "--min-learners must lie between 1 and --learners"),
         (args.rounds is not None and args.rounds < 1, "--rounds must be at least 1 (leave it out to train for --epochs)"),
         (args.epochs <= 0 or (args.lr is not None and args.lr <= 0), "--epochs and --lr must be positive"),
         (not 0 <= args.momentum < 1 or args.weight_decay < 0 or args.warmup_epochs < 0,
@@ -197,7 +198,7 @@ class GlobalModel:
 
     def step(self, lr: float) -> str | None:
         """One optimizer step with the round's mean gradient (in mean_gradient); None, or why the model was
-        left as it was (the step would have made it non-finite)."""
+        left as it was (the step would have made it non-finite, or changed it absurdly: fedsgd.GuardedStep)."""
         return self.step_safely(self.mean_gradient, lr)
 
 
@@ -243,19 +244,24 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def __init__(self, registry: Registry, collector: RoundCollector, global_model: GlobalModel,
                  shard_messages: Callable[[int], list[bytes]], batch_size: int,
-                 probe: Callable[[tuple[int, ...]], None] = lambda learner_ids: None) -> None:
+                 probe: Callable[[tuple[int, ...]], None] = lambda learner_ids: None,
+                 heard_from: Callable[[Member], None] = lambda member: None) -> None:
         self.registry, self.collector, self.global_model = registry, collector, global_model
-        self.shard_messages, self.batch_size, self.probe = shard_messages, batch_size, probe
-        self.refusals_logged = Throttle(REFUSAL_LOG_INTERVAL_S)
+        self.shard_messages, self.batch_size = shard_messages, batch_size
+        self.probe, self.heard_from = probe, heard_from
+        # Callers choose how often these happen: one line per LOG_INTERVAL_S each, with a count of the rest.
+        self.logged = {kind: Throttle(LOG_INTERVAL_S) for kind in ("refused", "data", "ignored")}
+
+    def log(self, kind: str, message: str, *args: object, level: int = logging.INFO) -> None:
+        if (held_back := self.logged[kind].allow()) is not None:
+            log.log(level, message + (f" (and {held_back} more such since the last)" if held_back else ""), *args)
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
             member, message = self.registry.register(request.network_addr, rpc.credential_of(context),
                                                      rpc.peer_certificate(context))
         except Refusal as refusal:
-            if (suppressed := self.refusals_logged.allow()) is not None:  # refusals may come by the thousand
-                log.info("registration refused: %s%s", refusal, f" (and {suppressed} more since the last such line)"
-                         if suppressed else "")
+            self.log("refused", "registration refused: %s", refusal)
             self.probe(refusal.probe)
             if refusal.retry:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
@@ -270,7 +276,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         member = self.data_caller(request.network_addr, context)
-        log.info("sending learner %d its data shard", member.learner_id)
+        self.log("data", "sending learner %d its data shard", member.learner_id)
         yield from self.shard_messages(member.learner_id)  # serialised DataChunk messages
 
     def data_caller(self, address: str, context: grpc.ServicerContext) -> Member:
@@ -298,7 +304,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def AccumulateGradients(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
         member, state = self.caller(context)
-        if state != ACTIVE:
+        if state not in COUNTED_ON:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"learner {member.learner_id} is not training (dropped, or not started yet); register again")
         try:
@@ -310,8 +316,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
         reason = self.collector.submit(member.learner_id, round_index, wire.flat_runs(payload), samples, loss,
                                        len(request.chunk))
+        self.heard_from(member)
         if reason:
-            log.warning("learner %d: %s", member.learner_id, reason)
+            self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
             return leader_pb2.Ack(success=False, message=reason)
         return leader_pb2.Ack(success=True, message=f"gradient for round {round_index} accepted")
 
@@ -344,12 +351,19 @@ def same_host(address: str, peer: str | None) -> bool:
         return False
 
 
-def method_limits(learners: int) -> dict[str, int]:
-    """Concurrent calls the leader serves per method: every learner may send its gradient or check its
-    registration at once; streams and registrations get a few each, so no caller can take all the threads."""
-    per_method = {"RegisterLearner": 4, "GetModel": 4, "GetData": 4, "AccumulateGradients": learners + 4}
-    return {**{f"/{rpc.LEADER_SERVICE}/{name}": limit for name, limit in per_method.items()},
-            "/grpc.health.v1.Health/Check": learners + 4}
+def method_limits(registry: Registry, idle_timeout: float) -> dict[str, guard.Limit]:
+    """How the leader admits calls: gradients and shards only with a credential, a couple at a time for each
+    learner (nobody can take another's turn); registrations and the model, a few at a time for anyone;
+    health checks, one for each learner and a few more."""
+    learners = registry.capacity
+    slot_of = lambda headers: None if (slot := registry.holder(headers.get(rpc.CREDENTIAL_HEADER))) is None else str(slot)
+    # GetData without a credential (a peer of the article's protos) shares one small pool of its own.
+    data_caller = lambda headers: "anyone" if rpc.CREDENTIAL_HEADER not in headers else slot_of(headers)
+    leader_method = lambda name: f"/{rpc.LEADER_SERVICE}/{name}"
+    return {leader_method("RegisterLearner"): guard.Limit(4), leader_method("GetModel"): guard.Limit(4),
+            leader_method("GetData"): guard.Limit(2, caller=data_caller, callers=learners + 1),
+            leader_method("AccumulateGradients"): guard.Limit(2, idle_timeout, slot_of, learners),
+            "/grpc.health.v1.Health/Check": guard.Limit(learners + 4)}
 
 
 class Stalled(Exception):
@@ -364,6 +378,10 @@ class Leader:
         saved = checkpoint.load(args.resume) if args.resume else None
         if saved:
             checkpoint.adopt_config(saved["config"], args, args.explicit)
+            if args.min_learners > args.learners:
+                raise SystemExit(f"--min-learners {args.min_learners} exceeds the checkpoint's --learners {args.learners}")
+            if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+                raise SystemExit(f"--resume {args.resume} continues in {args.resume}: leave out --out")
         self.out = Path(args.out or args.resume or "runs/latest")
         self.out.mkdir(parents=True, exist_ok=True)
         if not saved:
@@ -378,8 +396,8 @@ class Leader:
         self.schedule = make_schedule(args, len(self.shards.indices[0]))
         self.global_model = GlobalModel(args.model, self.train.num_classes, args, normalisation)
         first_round = self.restore(saved) if saved else 0
-        restored_slots = saved.get("slots") or [{"address": address, "credential": ""} for address in saved["addresses"]] \
-            if saved else []
+        restored_slots = [] if not saved else saved["slots"] if "slots" in saved else \
+            [{"address": address, "credential": ""} for address in saved["addresses"]]  # an older checkpoint
         self.registry = Registry(args.learners, args.rejoin_grace, restored_slots)
         self.collector = RoundCollector(self.global_model.layout.size, first_round)
         self.global_model.publish(first_round, finished=first_round >= self.schedule.total_rounds)
@@ -411,11 +429,12 @@ class Leader:
 
     def serve(self) -> grpc.Server:
         servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shards.messages,
-                                  self.args.batch_size, self.probe)
+                                  self.args.batch_size, self.probe, self.client.heard_from)
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}", [(ADD_LEADER_SERVICE, servicer)], [rpc.LEADER_SERVICE], limit,
-            self.security, method_limits(self.args.learners), self.args.idle_timeout, self.registry.session_status)
+            self.security, method_limits(self.registry, self.args.idle_timeout), self.args.idle_timeout,
+            self.registry.session_status)
         log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", self.args.host, port,
                  self.security.describe(), self.args.learners)
         return server
@@ -454,12 +473,10 @@ class Leader:
         if not joiners:
             return
         log.info("starting learners %s at round %d", sorted(joiners), self.collector.round)
-        if self.collector.round > 0:  # rounds may have passed since the joiner's GetModel: the state goes first
-            state = framing.chunk_message(self.global_model.encoded_state)  # a serialised ModelState
-            dispatch.wait_calls(self.client.send(joiners, "SyncModelState", state, self.drop, self.args.sync_timeout),
-                       self.args.sync_timeout)
-        calls = self.client.send(joiners, "StartTraining", learner_pb2.Empty(), self.drop, self.args.sync_timeout)
-        dispatch.wait_calls(calls, self.args.sync_timeout)
+        # Rounds may have passed since the joiner's GetModel: the state goes first (a serialised ModelState).
+        state = framing.chunk_message(self.global_model.encoded_state) if self.collector.round > 0 else None
+        started = lambda member: self.registry.started(member.learner_id, member.generation)
+        self.client.start(joiners, state, started, self.drop, self.args.sync_timeout)
 
     def wait_for_round(self, round_index: int) -> bool:
         """Wait for the expected gradients, or after --round-timeout for --min-learners of them; a round
@@ -481,8 +498,8 @@ class Leader:
                 return True
             if waited > self.args.round_timeout + self.args.register_timeout:
                 raise Stalled(f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
-                              f"{self.args.min_learners}, and no learner joined within --register-timeout; resume with "
-                              f"--resume {self.out} when learners can join")
+                              f"{self.args.min_learners} within --round-timeout plus --register-timeout; resume with "
+                              f"--resume {self.out} when learners can take part")
             self.probe(sorted(set(missing) & set(active)))
             alone = self.registry.count() == 0
             if waited - last_log >= WAIT_LOG_INTERVAL_S or (alone and not was_alone):

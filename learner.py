@@ -37,11 +37,15 @@ HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whet
 REGISTRATION_WAIT_S = 30.0
 # The leader asks to be called again later (all slots held, too many calls at once) with these codes.
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Health checks of the leader answered with these say nothing about this learner's registration: anyone
+# can keep the leader's health service busy, and a leader built from the article's protos has none.
+INCONCLUSIVE_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      grpc.StatusCode.DEADLINE_EXCEEDED)
+# A gradient refused with these is this learner's fault (its model or data do not match the leader's).
+REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
 # A gradient answered with these means the leader no longer counts this registration: register again.
 REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
-LEARNER_METHOD_LIMITS = {f"/{rpc.LEARNER_SERVICE}/StartTraining": 2, f"/{rpc.LEARNER_SERVICE}/SyncModelState": 2,
-                         "/grpc.health.v1.Health/Check": 4}
 # A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
 ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
                                                       requests={"SyncModelState"})
@@ -168,10 +172,13 @@ class LeaderCredential:
             return "this learner is not registered with a leader yet"
         if self.value is None:
             return None
-        given = rpc.credential_of(context) or ""
-        if not hmac.compare_digest(given.encode(), self.value.encode()):
+        if not self.matches(rpc.credential_of(context)):
             return "only the leader this learner registered with may call it (its credential is missing or wrong)"
         return None
+
+    def matches(self, given: str | None) -> bool:
+        """Whether given is this learner's credential (any caller matches while it has none)."""
+        return self.value is None or hmac.compare_digest((given or "").encode(), self.value.encode())
 
     def session(self) -> str:
         """The health-service name of this registration at the leader ('' for a leader without credentials)."""
@@ -212,6 +219,16 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
         self.inbox.put(round_index, payload)
         return learner_pb2.Ack(success=True, message=f"model state for round {round_index} received")
+
+
+def method_limits(credential: LeaderCredential, idle_timeout: float) -> dict[str, guard.Limit]:
+    """How a learner admits calls: its leader's (those with its credential) have permits of their own, which
+    strangers cannot take; the servicer still checks every call in full."""
+    caller = lambda headers: "leader" if credential.matches(headers.get(rpc.CREDENTIAL_HEADER)) else "anyone else"
+    learner_method = lambda name: f"/{rpc.LEARNER_SERVICE}/{name}"
+    return {learner_method("StartTraining"): guard.Limit(2, caller=caller, callers=2),
+            learner_method("SyncModelState"): guard.Limit(2, idle_timeout, caller, callers=2),
+            "/grpc.health.v1.Health/Check": guard.Limit(4)}
 
 
 def load_state(model: torch.nn.Module, payload: wire.Payload, take_over: bool = False) -> None:
@@ -343,8 +360,8 @@ class Learner:
                                    self.args.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
-            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, LEARNER_METHOD_LIMITS, self.args.idle_timeout,
-            self.session_status)
+            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, method_limits(self.credential, self.args.idle_timeout),
+            self.args.idle_timeout, self.session_status)
         self.address = self.args.advertise or default_advertise(self.args.leader, port)
         self.join(deadline)
         return None
@@ -411,7 +428,7 @@ class Learner:
         try:
             reply = self.health.Check(request, timeout=HEALTH_CHECK_INTERVAL_S)
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # a leader without the health service
+            if error.code() in INCONCLUSIVE_CODES:  # busy, slow, or without the health service: it answers
                 return
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 raise LeaderLost("the leader no longer knows this learner's registration") from None
@@ -445,8 +462,10 @@ class Learner:
         except grpc.RpcError as error:
             if error.code() in REJOIN_CODES:
                 raise LeaderLost(f"{error.code().name}: {error.details()}") from None
-            raise GradientRefused(f"the leader refused this learner's gradient for round {round_index}: "
-                                  f"{error.code().name} {error.details()}") from None
+            if error.code() in REFUSED_CODES:
+                raise GradientRefused(f"the leader refused this learner's gradient for round {round_index}: "
+                                      f"{error.code().name} {error.details()}") from None
+            raise
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the gradient: %s", round_index, reply.message)
 

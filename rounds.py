@@ -31,7 +31,8 @@ def check_address(address: str) -> str | None:
     return None
 
 
-JOINING, ACTIVE, DROPPED = "joining", "active", "dropped"
+JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
+COUNTED_ON = (STARTING, ACTIVE)  # the learners a round waits for and sends its state to
 SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
@@ -74,8 +75,9 @@ class Refusal(Exception):
 class Registry:
     """Learner slots 0..capacity-1, each bound to a credential (a secret the learner got when it registered).
 
-    A slot is active while its learner trains, joining from registration until the round loop starts it,
-    and dropped once the leader stops counting on it. Only the holder's credential re-registers a slot
+    A slot is joining from registration until the round loop starts it, starting while it is being sent
+    the state and StartTraining, active once it accepted them, and dropped once the leader stops counting
+    on it; rounds count on starting and active learners. Only the holder's credential re-registers a slot
     (it may then change address); a newcomer gets a slot never taken, or a dropped one whose holder the
     leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
     checkpoint start dropped and kept for their holders."""
@@ -98,6 +100,8 @@ class Registry:
             now = time.monotonic()
             slot, holder = self._holding(credential, certificate), self._at(address)
             if slot is not None:
+                if slot.state == STARTING:  # one start at a time: re-registering is no lever on the round loop
+                    raise Refusal(f"learner {slot.learner_id} is being started; retry shortly", retry=True)
                 if holder is not None and holder is not slot:
                     self._vacate(holder, now)
                 verb = "re-registered"
@@ -125,12 +129,15 @@ class Registry:
             return self._member(slot), f"{address} {verb} learner {slot.learner_id} of {self.capacity}"
 
     def _holding(self, credential: str | None, certificate: str | None) -> Slot | None:
-        """The slot this credential (and certificate) holds, compared in constant time."""
-        if not credential:
-            return None
+        """The slot this credential (and certificate, if the slot has one) holds."""
+        slot = self._of_credential(credential)
+        return slot if slot and slot.certificate in (None, certificate) else None
+
+    def _of_credential(self, credential: str | None) -> Slot | None:
+        """The slot whose credential this is, compared in constant time with every slot's."""
         found = None
         for slot in self._slots:
-            if hmac.compare_digest(slot.credential.encode(), credential.encode()) and slot.certificate in (None, certificate):
+            if credential and hmac.compare_digest(slot.credential.encode(), credential.encode()):
                 found = slot
         return found
 
@@ -158,8 +165,14 @@ class Registry:
     def _member(slot: Slot) -> Member:
         return Member(slot.learner_id, slot.address, slot.credential, slot.generation)
 
+    def holder(self, credential: str | None) -> int | None:
+        """The slot this credential holds, whatever its state or certificate: a first, cheap check."""
+        with self._changed:
+            slot = self._of_credential(credential)
+            return slot.learner_id if slot else None
+
     def authenticate(self, credential: str | None, certificate: str | None) -> tuple[Member, str] | None:
-        """The slot this credential holds and its state (JOINING, ACTIVE or DROPPED), or None."""
+        """The slot this credential (and certificate) holds and its state, or None."""
         with self._changed:
             slot = self._holding(credential, certificate)
             return (self._member(slot), slot.state) if slot else None
@@ -184,27 +197,36 @@ class Registry:
                     for slot in self._slots]
 
     def is_active(self, learner_id: int) -> bool:
+        """Whether the leader counts on this learner (it is starting or active)."""
         with self._changed:
-            return learner_id < len(self._slots) and self._slots[learner_id].state == ACTIVE
+            return learner_id < len(self._slots) and self._slots[learner_id].state in COUNTED_ON
 
     def active(self) -> list[int]:
+        """The learners the leader counts on (starting or active)."""
         with self._changed:
-            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE]
+            return [slot.learner_id for slot in self._slots if slot.state in COUNTED_ON]
 
     def members(self, learner_ids: list[int] | None = None) -> dict[int, Member]:
-        """The active learners (or those of learner_ids, in any state), as one consistent snapshot."""
+        """The learners counted on (or those of learner_ids, in any state), as one consistent snapshot."""
         with self._changed:
-            chosen = [slot for slot in self._slots if slot.state == ACTIVE] if learner_ids is None else \
+            chosen = [slot for slot in self._slots if slot.state in COUNTED_ON] if learner_ids is None else \
                      [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
             return {slot.learner_id: self._member(slot) for slot in chosen}
 
     def take_joiners(self) -> dict[int, Member]:
-        """The learners that registered since the last call; they count as active from now on."""
+        """The learners that registered since the last call, now being started: rounds count on them."""
         with self._changed:
             joiners = [slot for slot in self._slots if slot.state == JOINING]
             for slot in joiners:
-                slot.state = ACTIVE
+                slot.state = STARTING
             return {slot.learner_id: self._member(slot) for slot in joiners}
+
+    def started(self, learner_id: int, generation: int) -> None:
+        """The learner accepted StartTraining (news about an earlier registration changes nothing)."""
+        with self._changed:
+            slot = self._slots[learner_id]
+            if slot.generation == generation and slot.state == STARTING:
+                slot.state = ACTIVE
 
     def drop(self, learner_id: int, generation: int, gone: bool = False) -> bool:
         """Stop counting on a registration; whether it was held. The slot is kept for its holder for

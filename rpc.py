@@ -10,7 +10,7 @@ import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +40,7 @@ TOKEN_VARIABLE = guard.TOKEN_VARIABLE
 CREDENTIAL_HEADER = "fl-credential"
 # Health-service name under which each side reports a registration as alive: SESSION_PREFIX + session_id(credential).
 SESSION_PREFIX = "fl.session."
+SESSIONS_HEADER = "fl-sessions"
 
 
 class SecurityError(ValueError):
@@ -109,13 +110,13 @@ def _limits(max_receive_bytes: int) -> list[tuple[str, int]]:
 
 
 def start_server(bind: str, register: list, service_names: list[str], max_receive_bytes: int,
-                 security: Security = Security(), limits: Mapping[str, int] | None = None,
+                 security: Security = Security(), limits: Mapping[str, guard.Limit] | None = None,
                  idle_timeout: float = guard.IDLE_TIMEOUT_S,
                  sessions: Callable[[str], int | None] | None = None) -> tuple[grpc.Server, int]:
     """Start a server with the given servicers plus health checking and reflection; return it and its port.
 
     register holds (add_XServicer_to_server, servicer) pairs. Messages over max_receive_bytes are refused
-    with RESOURCE_EXHAUSTED before they are buffered; limits caps concurrent calls per full method name
+    with RESOURCE_EXHAUSTED before they are buffered; limits says how each method's calls are admitted
     (guard.Gate); sessions(session_id) answers health checks of SESSION_PREFIX services."""
     gate = guard.Gate(limits or {}, idle_timeout, security.token)
     workers = gate.threads_needed()
@@ -137,11 +138,20 @@ def start_server(bind: str, register: list, service_names: list[str], max_receiv
     if port == 0:
         raise OSError(f"cannot listen on {bind}: the port is taken or the address is not local")
     server.start()
-    if not (security.certificate or security.token) and not _is_loopback(bind.rsplit(":", 1)[0]):
-        log.warning("listening on %s in plaintext without a token: anyone who can reach port %d can join, read "
-                    "the model and send updates; use --tls-cert/--tls-key/--tls-ca and --token (README, Security)",
-                    bind, port)
+    if not _is_loopback(bind.rsplit(":", 1)[0]):
+        warn_if_open(bind, port, security)
     return server, port
+
+
+def warn_if_open(bind: str, port: int, security: Security) -> None:
+    """Say who can call a server reachable beyond this machine, when that is anyone."""
+    if not (security.token or security.ca):
+        log.warning("listening on %s without a token or client certificates: anyone who can reach port %d can join, "
+                    "read the model and send updates; use --token and --tls-cert/--tls-key/--tls-ca (README, Security)",
+                    bind, port)
+    elif not security.certificate:
+        log.warning("listening on %s in plaintext: the token crosses the network readable by anyone on the way; "
+                    "add --tls-cert/--tls-key (README, Security)", bind)
 
 
 def _is_loopback(host: str) -> bool:
@@ -154,7 +164,8 @@ def _is_loopback(host: str) -> bool:
 class SessionHealth(health.HealthServicer):
     """The standard health service, which also reports registrations: SESSION_PREFIX + session id is
     SERVING while the registration holds, NOT_SERVING once the leader has dropped it, and unknown
-    (NOT_FOUND) when this process never held it. Ids are hashes of secrets: they reveal nothing."""
+    (NOT_FOUND, with the trailing header SESSIONS_HEADER, which tells it from a server that knows no
+    sessions at all) when this process does not hold it. Ids are hashes of secrets: they reveal nothing."""
 
     def __init__(self, sessions: Callable[[str], int | None]) -> None:
         super().__init__()
@@ -165,9 +176,22 @@ class SessionHealth(health.HealthServicer):
             return super().Check(request, context)
         status = self.sessions(request.service[len(SESSION_PREFIX):])
         if status is None:
+            context.set_trailing_metadata([(SESSIONS_HEADER, "1")])
             context.set_code(grpc.StatusCode.NOT_FOUND)
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=status)
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
+              send_response_callback=None) -> Iterator[health_pb2.HealthCheckResponse]:
+        """The current status, once, then the end of the stream: a watch held open would hold a server thread
+        for as long as the caller likes."""
+        return iter([self.Check(request, context)])
+
+
+def knows_sessions(error: grpc.RpcError) -> bool:
+    """Whether a NOT_FOUND answer to a session check came from a server that reports sessions (so the session
+    is really not there), rather than from one that knows none (a peer built from the article's protos)."""
+    return any(key == SESSIONS_HEADER for key, _ in error.trailing_metadata() or ())
 
 
 def channel(address: str, security: Security = Security(), max_receive_bytes: int = CHUNK_MESSAGE_LIMIT) -> grpc.Channel:

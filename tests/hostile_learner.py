@@ -29,7 +29,8 @@ class HostileLearner(learner.Learner):
         self.held: list = []  # unread streams, kept open so that nothing cancels them
         self.attacks = [self.hold_streams, self.forged_credential, self.no_credential, self.another_learners_id,
                         self.huge_sample_count, self.take_the_victims_address, self.shape_overflowing_torch,
-                        self.shape_overflowing_int64, self.deep_json, self.nan_gradient, self.overflowing_gradient]
+                        self.shape_overflowing_int64, self.deep_json, self.nan_gradient, self.overflowing_gradient,
+                        self.absurd_gradient, self.stalled_gradient_calls]
 
     def send_gradient(self, round_index: int, loss: float) -> None:
         if self.attacks:
@@ -101,6 +102,22 @@ class HostileLearner(learner.Learner):
     def overflowing_gradient(self, round_index: int) -> str:
         """Finite and well-formed, so the leader accepts it; summed with the others it overflows float32."""
         return self.send(self.payload(round_index, fill=3e38), self.credential.value)
+
+    def absurd_gradient(self, round_index: int) -> str:
+        """Finite, and its sum too, but a step with it would leave weights of 1e28 and every later gradient NaN."""
+        return self.send(self.payload(round_index, fill=1e30), self.credential.value)
+
+    def stalled_gradient_calls(self, round_index: int) -> str:
+        """Gradient calls opened without a credential that never send anything."""
+        def never():
+            time.sleep(30)
+            yield b""
+
+        opened = self.channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients")
+        self.held += [opened.future(never()) for _ in range(10)]
+        time.sleep(1.0)
+        codes = {call.code().name for call in self.held[-10:] if call.done()}
+        return f"{', '.join(sorted(codes))} for {sum(call.done() for call in self.held[-10:])} of 10"
 
 
 if __name__ == "__main__":

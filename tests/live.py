@@ -72,7 +72,8 @@ class LiveLeader:
             self.hosts.append(host)
             credentials.append(self.register(f"127.0.0.1:{port}").credential)
             sessions.add(rpc.session_id(credentials[-1]))
-        self.leader.registry.take_joiners()
+        for member in self.leader.registry.take_joiners().values():
+            self.leader.registry.started(member.learner_id, member.generation)  # as if StartTraining was answered
         return credentials
 
     def gradient(self, learner_id: int = 0, round_index: int | None = None, samples: int = 8, loss: str = "1.5",

@@ -66,8 +66,9 @@ def test_claims_beyond_what_the_leader_asked_for_are_refused_and_poisoned_rounds
     assert re.match(r"INVALID_ARGUMENT .*samples 100000000000000000 exceeds the batch of 32", outcome(out, "huge_sample_count"))
     assert outcome(out, "nan_gradient").startswith("INVALID_ARGUMENT")
     assert outcome(out, "overflowing_gradient").startswith("OK")  # well-formed and finite: accepted...
-    discarded = [r for r in records(out) if "discarded" in r]
-    assert len(discarded) == 1 and "NaN or Inf" in discarded[0]["discarded"]  # ...but its round is not applied
+    assert outcome(out, "absurd_gradient").startswith("OK")
+    discarded = [r["discarded"] for r in records(out) if "discarded" in r]  # ...but their rounds are not applied
+    assert len(discarded) == 2 and "NaN or Inf" in discarded[0] and "change the weights" in discarded[1], discarded
     assert "discarded, the model is unchanged" in (out / "leader.log").read_text()
 
 
@@ -75,6 +76,7 @@ def test_unread_streams_are_refused_beyond_the_limit_and_do_not_stall_the_rounds
     out, _ = attacked_run
     refused = int(re.match(r"RESOURCE_EXHAUSTED (\d+) of 40", outcome(out, "hold_streams")).group(1))
     assert refused >= 16
+    assert outcome(out, "stalled_gradient_calls") == "UNAUTHENTICATED for 10 of 10"
     assert "in progress; retry shortly" not in (out / "learner0.log").read_text()
 
 

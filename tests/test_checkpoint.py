@@ -74,3 +74,21 @@ def test_checkpoints_reach_the_disk_before_they_replace_the_old_one(tmp_path, mo
     assert calls == ["fsync", "replace", "fsync"]  # the file's bytes, the rename, then the directory entry
     assert torch.equal(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["w"], torch.ones(2))
     assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o077 == 0  # it holds the learners' credentials
+
+
+def test_a_checkpoint_written_before_anyone_registered_can_be_resumed(tmp_path):
+    leader = leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--out", str(tmp_path)]))
+    leader.save_checkpoint(0)  # what a leader that gave up waiting for learners leaves
+    resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path)]))
+    assert resumed.collector.round == 0 and resumed.registry.records() == []
+
+
+def test_a_resume_checks_min_learners_against_the_checkpoints_learners_and_keeps_its_directory(tmp_path):
+    leader = leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--learners", "3",
+                                                           "--out", str(tmp_path)]))
+    leader.save_checkpoint(0)
+    assert leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path), "--min-learners", "3"]))
+    with pytest.raises(SystemExit, match="exceeds the checkpoint's --learners 3"):
+        leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path), "--min-learners", "4"]))
+    with pytest.raises(SystemExit, match="leave out --out"):
+        leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path), "--out", str(tmp_path / "other")]))

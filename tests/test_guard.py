@@ -10,6 +10,7 @@ import torch
 
 import framing
 import guard
+import launch
 import learner as learner_module
 import rpc
 import wire
@@ -19,11 +20,18 @@ from rpc import leader_pb2
 IDLE_S = 1.0
 
 
-@pytest.fixture
-def live(tmp_path, port):
-    live = LiveLeader.start(tmp_path, port, "--learners", "2", "--batch-size", "8", "--idle-timeout", str(IDLE_S))
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One live leader for the module (each test enrols learners of its own, and plays whole rounds)."""
+    live = LiveLeader.start(tmp_path_factory.mktemp("guard"), launch.free_port(), "--learners", "8", "--batch-size", "8",
+                            "--idle-timeout", str(IDLE_S))
     yield live
     live.stop()
+
+
+def enrol(live, count: int) -> list[tuple[int, str]]:
+    """Fake learners started on the shared leader: (learner id, credential) each."""
+    return [(live.leader.registry.holder(credential), credential) for credential in live.enrol(count)]
 
 
 def open_unread_streams(live, method: str, count: int, credential: str) -> list:
@@ -42,44 +50,84 @@ def first_code(call) -> grpc.StatusCode | None:
         return error.code()
 
 
-def test_unread_streams_neither_starve_registration_nor_gradients_and_are_cut_off(live):
-    credentials = live.enrol(1)
-    streams = open_unread_streams(live, "GetData", 20, credentials[0])
+def test_unread_streams_neither_starve_registration_nor_gradients_and_are_cut_off(tmp_path, port):
+    live = LiveLeader.start(tmp_path, port, "--learners", "2", "--idle-timeout", str(IDLE_S))  # shards of 15 MB
+    ((learner, credential),) = enrol(live, 1)
+    streams = open_unread_streams(live, "GetData", 20, credential)
     time.sleep(1.0)  # every stream has been admitted or refused by now
+    assert sum(not call.done() for call in streams) == 2  # two admitted, stalled: nobody reads them
     started = time.monotonic()
     assert live.register("127.0.0.1:7777", timeout=5).success  # the 16 pool threads of old would all be taken
-    live.send_counted(live.gradient(0), credentials[0])
+    live.send_counted(live.gradient(learner), credential)
     assert time.monotonic() - started < 5
     assert live.close_round()[0].learners == 1
-    codes = [first_code(call) for call in streams[4:]]
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 15, codes  # beyond 4 concurrent GetData streams
-    time.sleep(IDLE_S + 1.5)  # the admitted, unread streams have been cancelled for making no progress
+    codes = [first_code(call) for call in streams[2:]]
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 17, codes  # beyond 2 concurrent GetData streams each
+    time.sleep(IDLE_S + 0.6)  # the admitted, unread streams have been cancelled for making no progress
     payload = learner_module.receive_stream(live.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr="x:1"),
-                                            30, credential=credentials[0])
-    assert len(payload.tensors["labels"]) == 5000
+                                            30, credential=credential)
+    assert len(payload.tensors["labels"]) == len(live.leader.shards.indices[learner])
     for call in streams:
         call.cancel()
+    live.stop()
 
 
-def test_calls_that_never_send_their_request_are_cut_off_after_the_idle_timeout(live):
-    credentials = live.enrol(2)
+def stalled_calls(live, method: str, count: int, credential: str | None) -> tuple[list, threading.Event]:
+    """count calls of a unary method that open and never send their request."""
     blocked = threading.Event()
 
     def never():
         blocked.wait(30)
         yield b""
 
-    open_call = live.channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients")
-    stalled = [open_call.future(never()) for _ in range(8)]  # callers that open a gradient call and send nothing
+    open_call = live.channel.stream_unary(f"/{rpc.LEADER_SERVICE}/{method}")
+    calls = [open_call.future(never(), metadata=rpc.with_credential(credential)) for _ in range(count)]
     time.sleep(0.5)
-    with pytest.raises(grpc.RpcError) as error:  # every permit of the method is held...
-        live.accumulate(live.gradient(0), credentials[0], timeout=5)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in error.value.details()
-    time.sleep(IDLE_S + 1.0)  # ...until the idle timeout ends those calls
-    live.send_counted(live.gradient(0), credentials[0])
+    return calls, blocked
+
+
+def test_gradient_calls_without_a_credential_are_refused_before_they_hold_anything(live):
+    (learner, credential), _ = enrol(live, 2)
+    calls, blocked = stalled_calls(live, "AccumulateGradients", 12, None)
+    assert all(call.exception(timeout=5).code() == grpc.StatusCode.UNAUTHENTICATED for call in calls)
+    live.send_counted(live.gradient(learner), credential)
     assert live.close_round()[0].learners == 1
-    assert all(call.exception(timeout=5) is not None for call in stalled)
     blocked.set()
+
+
+def test_a_learner_that_never_sends_its_requests_holds_only_its_own_turn_and_not_for_long(live):
+    (first, first_credential), (second, second_credential) = enrol(live, 2)
+    calls, blocked = stalled_calls(live, "AccumulateGradients", 3, first_credential)
+    with pytest.raises(grpc.RpcError) as error:  # the first learner's own turns are taken...
+        live.accumulate(live.gradient(first), first_credential, timeout=5)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "from this caller" in error.value.details()
+    live.send_counted(live.gradient(second), second_credential)  # ...the second's are not
+    time.sleep(IDLE_S + 0.6)  # the idle timeout ends the stalled calls
+    live.send_counted(live.gradient(first), first_credential)
+    assert live.close_round()[0].learners == 2
+    assert all(call.exception(timeout=5) is not None for call in calls)
+    blocked.set()
+
+
+def test_a_held_health_service_is_no_reason_to_drop_anyone(live):
+    ((learner, _),) = enrol(live, 1)
+    member = live.leader.registry.members([learner])[learner]
+    health_channel = grpc.insecure_channel(member.address)
+    blocked = threading.Event()
+
+    def never():
+        blocked.wait(30)
+        yield b""
+
+    held = [health_channel.stream_unary("/grpc.health.v1.Health/Check").future(never()) for _ in range(6)]
+    time.sleep(0.5)
+    dropped = []
+    live.leader.client.probe({learner: member}, lambda *failure: dropped.append(failure), silent_limit_s=0.0)
+    time.sleep(1.5)
+    assert dropped == [] and live.leader.registry.is_active(learner)  # RESOURCE_EXHAUSTED: something answers there
+    blocked.set()
+    for call in held:
+        call.cancel()
 
 
 class SlowStream:
@@ -109,12 +157,12 @@ class SlowStream:
 
 def test_a_slow_stream_may_take_long_but_not_stall():
     payload = wire.encode({"w": torch.ones(1000)})
-    with SlowStream(payload, [0.5] * 6) as channel:  # 3 s in all, never 1.5 s without a chunk
-        received = learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.5)
+    with SlowStream(payload, [0.4] * 6) as channel:  # 2.4 s in all, never 1.2 s without a chunk
+        received = learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
         assert torch.equal(received.tensors["w"], torch.ones(1000))
-    with SlowStream(payload, [0.1, 2.5, 0.1]) as channel:  # one pause of 2.5 s
-        with pytest.raises(learner_module.LeaderLost, match="nothing arrived for 2 s"):
-            learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.5)
+    with SlowStream(payload, [0.1, 2.0, 0.1]) as channel:  # one pause of 2 s
+        with pytest.raises(learner_module.LeaderLost, match="nothing arrived for 1 s"):
+            learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
 
 
 def test_the_watchdog_cancels_only_what_overstays():

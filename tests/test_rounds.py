@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from rounds import ACTIVE, DROPPED, JOINING, NOT_SERVING, SERVING, Refusal, Registry, RoundCollector, check_address
+from rounds import (ACTIVE, DROPPED, JOINING, NOT_SERVING, SERVING, STARTING, Refusal, Registry, RoundCollector,
+                    check_address)
 from rpc import session_id
 
 
@@ -29,6 +30,14 @@ def register(registry: Registry, address: str, credential: str | None = None):
     return member
 
 
+def start(registry: Registry) -> dict:
+    """What the round loop does with joiners, and their StartTraining accepted."""
+    joiners = registry.take_joiners()
+    for member in joiners.values():
+        registry.started(member.learner_id, member.generation)
+    return joiners
+
+
 def test_registry_assigns_ids_and_distinct_credentials_and_refuses_beyond_capacity():
     registry = Registry(2, keep_s=30)
     first, second = register(registry, "a:1"), register(registry, "b:1")
@@ -39,18 +48,25 @@ def test_registry_assigns_ids_and_distinct_credentials_and_refuses_beyond_capaci
     assert registry.wait_for(2, 0) and registry.count() == 2
 
 
-def test_registered_learners_join_once_and_then_count_as_active():
+def test_registered_learners_are_started_once_and_counted_on_from_then():
     registry = Registry(2, keep_s=30)
     member = register(registry, "a:1")
     assert not registry.is_active(0)
     assert registry.take_joiners() == {0: member}
-    assert registry.active() == [0] and registry.take_joiners() == {}
+    assert registry.active() == [0] and registry.take_joiners() == {}  # starting: rounds count on it
+    assert registry.authenticate(member.credential, None)[1] == STARTING
+    with pytest.raises(Refusal, match="being started"):  # one start at a time
+        register(registry, "a:1", member.credential)
+    registry.started(0, member.generation - 1)
+    assert registry.authenticate(member.credential, None)[1] == STARTING
+    registry.started(0, member.generation)
+    assert registry.authenticate(member.credential, None)[1] == ACTIVE
 
 
 def test_only_the_holders_credential_re_registers_a_held_address():
     registry = Registry(2, keep_s=30)
     holder = register(registry, "a:1")
-    registry.take_joiners()
+    start(registry)
     for credential in (None, "guess"):
         with pytest.raises(Refusal) as refusal:
             register(registry, "a:1", credential)
@@ -97,7 +113,7 @@ def test_news_about_an_earlier_registration_changes_nothing():
     registry = Registry(1, keep_s=30)
     first = register(registry, "a:1")
     second = register(registry, "a:1", first.credential)
-    registry.take_joiners()
+    start(registry)
     assert not registry.drop(0, first.generation)  # a late failure of a push to the first registration
     assert registry.is_active(0)
     assert registry.drop(0, second.generation) and not registry.is_active(0)
@@ -128,7 +144,7 @@ def test_states_move_from_joining_to_active_to_dropped():
     registry = Registry(1, keep_s=30)
     member = register(registry, "a:1")
     assert registry.authenticate(member.credential, None) == (member, JOINING)
-    registry.take_joiners()
+    start(registry)
     assert registry.authenticate(member.credential, None)[1] == ACTIVE
     registry.drop(0, member.generation)
     assert registry.authenticate(member.credential, None)[1] == DROPPED

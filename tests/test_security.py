@@ -153,13 +153,15 @@ def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatc
     assert "mutual TLS, token required" in (tmp_path / "leader.log").read_text()
 
 
-def test_a_server_reachable_beyond_loopback_without_tls_or_token_warns(caplog):
-    for host, expected in (("127.0.0.1", False), ("0.0.0.0", True)):
-        caplog.clear()
-        server, _ = rpc.start_server(f"{host}:0", [], [], 1 << 20)
-        server.stop(0)
-        assert ("plaintext without a token" in caplog.text) == expected, host
-    caplog.clear()
-    server, _ = rpc.start_server("0.0.0.0:0", [], [], 1 << 20, rpc.Security(token=TOKEN))
+@pytest.mark.parametrize("host, tls, token, warning", [
+    ("127.0.0.1", None, None, None), ("0.0.0.0", None, None, "anyone who can reach"),
+    ("0.0.0.0", "server", None, "anyone who can reach"), ("0.0.0.0", None, TOKEN, "the token crosses the network"),
+    ("0.0.0.0", "server", TOKEN, None), ("0.0.0.0", "mutual", None, None)])
+def test_a_server_reachable_beyond_loopback_says_who_can_call_it(caplog, certs, host, tls, token, warning):
+    read = lambda file: (certs / file).read_bytes()
+    tls_files = {None: (None, None, None), "server": (read("leader.pem"), read("leader.key"), None),
+                 "mutual": (read("leader.pem"), read("leader.key"), read("ca.pem"))}[tls]
+    server, _ = rpc.start_server(f"{host}:0", [], [], 1 << 20, rpc.Security(*tls_files, token))
     server.stop(0)
-    assert "plaintext without a token" not in caplog.text
+    logged = [record.getMessage() for record in caplog.records if record.name == "rpc"]
+    assert (warning is None and not logged) or (warning and any(warning in line for line in logged)), logged

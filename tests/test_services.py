@@ -6,7 +6,9 @@ the leader's model with a reference stepped with only the gradients that should 
 
 import json
 import re
+import socket
 import struct
+import time
 
 import grpc
 import pytest
@@ -178,10 +180,11 @@ def test_bad_gradients_get_a_specific_status_and_are_not_counted(live):
 
 def test_gradients_without_the_callers_credential_are_refused_and_not_counted(live):
     real = live.enrol(2)
-    for credential in (None, "forged", real[1]):  # nothing, a guess, and learner 1's own credential
+    for credential, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("forged", grpc.StatusCode.UNAUTHENTICATED),
+                             (real[1], grpc.StatusCode.INVALID_ARGUMENT)):  # nothing, a guess, learner 1's own
         with pytest.raises(grpc.RpcError) as error:
             live.accumulate(live.gradient(0), credential)
-        assert error.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT)
+        assert error.value.code() == code, credential
     live.send_counted(live.gradient(0), real[0])  # the real learner 0 is not answered "duplicate"
     summary, _ = live.close_round()
     assert summary.learners == 1
@@ -214,14 +217,61 @@ def test_a_round_that_would_make_the_model_non_finite_is_discarded(live):
 
 
 @pytest.mark.parametrize("message", [b"\x0a\x05abc", b"\x0b", b"\x0a" + b"\xff" * 11])
-def test_a_gradient_message_that_is_not_protobuf_is_refused_and_not_counted(live, message):
+def test_a_gradient_message_that_is_not_protobuf_is_invalid_and_not_counted(live, message, caplog):
     credentials = live.enrol(2)
     live.send_counted(live.gradient(0), credentials[0])
     send_raw = framing.unary_call(live.channel, rpc.LEADER_SERVICE, "AccumulateGradients", leader_pb2.Ack)
     with pytest.raises(grpc.RpcError) as error:
         send_raw(message, timeout=10, metadata=rpc.with_credential(credentials[1]))
-    assert error.value.code() == grpc.StatusCode.INTERNAL  # what grpcio answers when a request does not parse
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not parse" in error.value.details()
     assert live.close_round()[0].learners == 1
+    assert "Traceback" not in caplog.text  # grpcio logs one for every request its parser refuses
+
+
+def test_a_registration_or_health_check_that_is_not_protobuf_is_invalid(live):
+    for method in (f"/{rpc.LEADER_SERVICE}/RegisterLearner", "/grpc.health.v1.Health/Check"):
+        with pytest.raises(grpc.RpcError) as error:
+            live.channel.unary_unary(method)(b"\x0a\x05abc", timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+
+
+@pytest.mark.parametrize("poison", ["huge gradient", "huge statistic"])
+def test_a_finite_but_absurd_update_is_discarded_before_it_wrecks_the_run(live, poison):
+    credentials = live.enrol(2)
+    layout = live.leader.global_model.layout
+    flat = torch.full((layout.size,), 1e-3)
+    if poison == "huge gradient":
+        flat[: layout.parameter_count] = 1e30
+    else:
+        flat[layout.parameter_count:] = 1e30  # running means and variances
+    before = model_hash(live.leader.global_model.model)
+    live.send_counted(live.gradient(0, tensors=layout.wire_tensors(flat)), credentials[0])
+    live.send_counted(live.gradient(1), credentials[1])
+    summary, refused = live.close_round()
+    assert summary.learners == 2 and "the step would change" in refused
+    assert model_hash(live.leader.global_model.model) == before
+
+
+def test_starting_a_learner_never_holds_up_the_round_loop(tmp_path, port):
+    live = LiveLeader.start(tmp_path, port, "--learners", "1", "--sync-timeout", "2")
+    try:
+        with socket.socket() as tarpit:  # accepts connections and never says a word
+            tarpit.bind(("127.0.0.1", 0))
+            tarpit.listen(8)
+            address = f"127.0.0.1:{tarpit.getsockname()[1]}"
+            credential = live.register(address).credential
+            started = time.monotonic()
+            live.leader.admit_joiners()
+            assert time.monotonic() - started < 0.5
+            with pytest.raises(grpc.RpcError) as error:  # re-registering is no way to start it again and again
+                live.register(address, credential)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "being started" in error.value.details()
+            deadline = time.monotonic() + 10
+            while live.leader.registry.is_active(0) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not live.leader.registry.is_active(0)  # StartTraining timed out: dropped, slot kept for it
+    finally:
+        live.stop()
 
 
 def test_health_reflection_and_sessions_describe_the_leader(live):
@@ -237,6 +287,8 @@ def test_health_reflection_and_sessions_describe_the_leader(live):
         with pytest.raises(grpc.RpcError) as error:
             health.Check(health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + unknown), timeout=10)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = list(health.Watch(health_pb2.HealthCheckRequest(service="leader.LeaderService"), timeout=10))
+    assert [reply.status for reply in watch] == [health_pb2.HealthCheckResponse.SERVING]  # once, then the end
     reflection = reflection_pb2_grpc.ServerReflectionStub(live.channel)
     responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {service.name for response in responses for service in response.list_services_response.service}
@@ -411,3 +463,36 @@ def test_the_callers_ip_is_read_from_grpcs_peer_string(peer, host):
                                                  ("localhost:7001", "127.0.0.1", False), ("10.0.0.2:1", None, False)])
 def test_a_registered_address_matches_only_its_own_ip(address, peer, same):
     assert leader_module.same_host(address, peer) == same
+
+
+def test_a_peer_whose_health_service_knows_no_sessions_is_not_taken_for_gone():
+    from concurrent import futures
+    from grpc_health.v1 import health as grpc_health
+
+    import dispatch
+
+    standard = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(grpc_health.HealthServicer(), standard)
+    ours, ours_port = rpc.start_server("127.0.0.1:0", [], [], 1 << 20, sessions=lambda session: None)
+    standard_port = standard.add_insecure_port("127.0.0.1:0")
+    standard.start()
+    try:
+        request = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + "0" * 32)
+        for port, verdict in ((standard_port, dispatch.THERE), (ours_port, dispatch.GONE)):
+            call = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Check.future(request, timeout=5)
+            assert dispatch.probe_verdict(call)[0] == verdict
+    finally:
+        standard.stop(0)
+        ours.stop(0)
+
+
+def test_a_learner_whose_address_refuses_connections_is_dropped_and_its_slot_freed(live):
+    live.enrol(2)
+    registry = live.leader.registry
+    live.hosts[0].stop(0)  # the first learner's process is gone: its port refuses connections
+    live.leader.probe([0, 1])
+    deadline = time.monotonic() + 10
+    while registry.is_active(0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not registry.is_active(0) and registry.is_active(1)
+    assert live.register("127.0.0.1:7999").learner_id == 0  # a newcomer takes the freed slot at once
