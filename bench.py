@@ -113,7 +113,9 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         state = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, lambda: learner.fetch_model(channel), "GetModel")
         model = build_model(state.metadata["architecture"])
         self.layout = fedsgd.GradientLayout(model)
-        self.gradient = self.layout.wire_tensors(torch.randn(self.layout.size) * 1e-3)
+        flat = torch.randn(self.layout.size) * 1e-3
+        self.layout.read_buffers(flat)  # the model's own BatchNorm statistics: no negative variances
+        self.gradient = self.layout.wire_tensors(flat)
         self.round = wire.metadata_int(state, "round")
         self.inbox, self.started = learner.StateInbox(), threading.Event()
         self.session = ""  # its registration, which the leader's health checks ask about

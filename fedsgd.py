@@ -28,6 +28,7 @@ class GradientLayout:
         self.parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
         self.counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
+        self.variances = [name for name, _ in self.buffers if name.endswith("running_var")]
         self.parameter_count = sum(p.numel() for _, p in self.parameters)
         self.size = self.parameter_count + sum(b.numel() for _, b in self.buffers)
         self.wire_dtype = wire_dtype
@@ -49,10 +50,11 @@ class GradientLayout:
         return {name: views[name].to(dtype) for name, (dtype, _) in self.spec.items()}
 
     def check_update(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Raise PayloadError unless an update's BatchNorm statistics are finite and its variances non-negative."""
-        problem = _first_problem((name, tensors[name]) for name, _ in self.buffers)
-        if problem:
-            raise wire.PayloadError(f"the update holds {problem}")
+        """Raise PayloadError unless an update's BatchNorm variances are non-negative (its values must already
+        be known finite, as wire.check_matches makes sure): a weighted mean of them must be a variance."""
+        variances = [tensors[name].reshape(-1) for name in self.variances]
+        if variances and torch.cat(variances).min() < 0:
+            raise wire.PayloadError(f"the update holds {_first_problem((name, tensors[name]) for name in self.variances)}")
 
     def bind_gradients(self, flat: torch.Tensor) -> None:
         """Make every parameter's .grad a view into flat, so backward() and step() use it in place."""
@@ -155,65 +157,73 @@ MAX_STATISTIC_CHANGE = 1000.0
 class GuardedStep:
     """apply_mean_gradient, refused or undone when it would leave a NaN, an Inf or a negative BatchNorm
     variance in the model or its momentum, or change the weights (or a statistic) by far more than any sane
-    step does: a hostile or broken round never reaches the model, nor a checkpoint. Keeps one copy of the
-    model and momentum, reused every round."""
+    step does: a hostile or broken round never reaches the model, nor a checkpoint. Works on two flat
+    copies of the model and its momentum (before and after), reused every round: a few passes over memory."""
 
     def __init__(self, model: nn.Module, layout: GradientLayout, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.layout, self.optimizer = model, layout, optimizer
-        self._copies: dict[str, torch.Tensor] = {}
+        self._flat = {"before": torch.empty(0), "after": torch.empty(0)}
 
     def __call__(self, mean: torch.Tensor, lr: float) -> str | None:
         """Step with the averaged update; None, or why the model was left as it was."""
-        problem = _first_problem(self.layout.views(mean).items())
+        problem = _problem_in(self.layout.views(mean), mean)
         if problem:
             return f"the averaged update holds {problem}"
-        self._save()
+        saved = self._floats()
+        before = self._flatten("before", saved.values())
+        counters = [counter.clone() for counter in self.layout.counters]
         apply_mean_gradient(self.layout, self.optimizer, mean, lr)
-        problem = _first_problem(self._live().items())
-        problem = f"the step would leave {problem}" if problem else self._change_problem()
+        floats = self._floats()
+        after = self._flatten("after", floats.values())
+        problem = _problem_in(floats, after)
+        problem = f"the step would leave {problem}" if problem else self._change_problem(before, after)
         if problem:
-            self._restore()
+            self._restore(saved, before, counters)
         return problem
 
-    def _momentum(self) -> dict[str, torch.Tensor]:
-        names = {parameter: name for name, parameter in self.model.named_parameters()}
-        return {f"momentum of {names[p]}": state["momentum_buffer"] for p, state in self.optimizer.state.items()
-                if state.get("momentum_buffer") is not None}
+    def _floats(self) -> dict[str, torch.Tensor]:
+        """What a step changes, by name: parameters, then float buffers, then momentum (once there is some)."""
+        names = {parameter: name for name, parameter in self.layout.parameters}
+        momentum = {f"momentum of {names[p]}": state["momentum_buffer"] for p, state in self.optimizer.state.items()
+                    if state.get("momentum_buffer") is not None}
+        return {**{name: p.detach() for name, p in self.layout.parameters}, **dict(self.layout.buffers), **momentum}
 
-    def _live(self) -> dict[str, torch.Tensor]:
-        return {**self.model.state_dict(), **self._momentum()}
+    def _flatten(self, which: str, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+        tensors = [tensor.reshape(-1) for tensor in tensors]
+        if self._flat[which].numel() != sum(tensor.numel() for tensor in tensors):
+            self._flat[which] = torch.empty(sum(tensor.numel() for tensor in tensors))
+        return torch.cat(tensors, out=self._flat[which])
 
-    def _save(self) -> None:
-        live = self._live()
-        if {name: t.shape for name, t in live.items()} != {name: t.shape for name, t in self._copies.items()}:
-            self._copies = {name: torch.empty_like(tensor) for name, tensor in live.items()}
-        for name, tensor in live.items():
-            self._copies[name].copy_(tensor)
-
-    def _change_problem(self) -> str | None:
-        """Why the step just taken is too large to be a sane one, or None."""
-        state = self.model.state_dict()
-        names = [name for name, _ in self.layout.parameters]
-        norm = lambda tensor: torch.linalg.vector_norm(tensor, dtype=torch.float64).item()  # float32 may overflow
-        step = math.sqrt(sum(norm(state[n] - self._copies[n]) ** 2 for n in names))
-        size = math.sqrt(sum(norm(self._copies[n]) ** 2 for n in names))
-        if step > MAX_RELATIVE_STEP * max(size, 1.0):
-            return f"the step would change the weights by {step / max(size, 1.0):.3g} times their norm"
-        for name, _ in self.layout.buffers:
-            change = ((state[name] - self._copies[name]).abs() / (self._copies[name].abs() + 1)).max().item()
-            if change > MAX_STATISTIC_CHANGE:
-                return f"the step would change {name} by {change:.3g} times its size"
+    def _change_problem(self, before: torch.Tensor, after: torch.Tensor) -> str | None:
+        """Why the step just taken is too large to be a sane one, or None; overwrites after with the change."""
+        weights, statistics = slice(0, self.layout.parameter_count), slice(self.layout.parameter_count, self.layout.size)
+        size = max(torch.linalg.vector_norm(before[weights]).item(), 1.0)
+        step = torch.linalg.vector_norm(after[weights].sub_(before[weights])).item()  # inf if it overflows: refused
+        if step > MAX_RELATIVE_STEP * size:
+            return f"the step would change the weights by {step / size:.3g} times their norm"
+        change = after[statistics].sub_(before[statistics]).abs_().div_(before[statistics].abs().add_(1))
+        if change.numel() and (largest := change.max().item()) > MAX_STATISTIC_CHANGE:
+            return f"the step would change a BatchNorm statistic by {largest:.3g} times its size"
         return None
 
     @torch.no_grad()
-    def _restore(self) -> None:
-        for name, tensor in self._live().items():
-            if name in self._copies:
-                tensor.copy_(self._copies[name])
-        names = {parameter: name for name, parameter in self.model.named_parameters()}
-        for parameter, state in self.optimizer.state.items():  # momentum the step created goes again
-            if f"momentum of {names[parameter]}" not in self._copies:
+    def _restore(self, saved: dict[str, torch.Tensor], before: torch.Tensor, counters: list[torch.Tensor]) -> None:
+        for tensor, copy in zip(saved.values(), before.split([t.numel() for t in saved.values()])):
+            tensor.copy_(copy.view_as(tensor))
+        for counter, count in zip(self.layout.counters, counters):
+            counter.copy_(count)
+        for state in self.optimizer.state.values():  # momentum the step created goes again
+            if not any(state.get("momentum_buffer") is tensor for tensor in saved.values()):
                 state.pop("momentum_buffer", None)
+
+
+def _problem_in(named: Mapping[str, torch.Tensor], flat: torch.Tensor) -> str | None:
+    """'NaN or Inf in NAME' or 'a negative variance in NAME' for the first such tensor of named (also given
+    as one flat vector, checked in one pass), else None."""
+    variances = [tensor.reshape(-1) for name, tensor in named.items() if name.endswith("running_var")]
+    if wire.all_finite(flat) and (not variances or torch.cat(variances).min() >= 0):
+        return None
+    return _first_problem(named.items())
 
 
 def _first_problem(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
