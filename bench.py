@@ -120,7 +120,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         self.inbox, self.started = learner.StateInbox(), threading.Event()
         self.session = ""  # its registration, which the leader's health checks ask about
         self.server, port = rpc.start_server("127.0.0.1:0", [(learner.ADD_LEARNER_SERVICE, self)],
-                                             [rpc.LEARNER_SERVICE], 64 << 20, limits=learner.method_limits(learner.LeaderCredential(), 60),
+                                             [rpc.LEARNER_SERVICE], 64 << 20, limits=learner.method_limits(60),
                                              sessions=lambda session: SERVING if session == self.session else None)
         register = lambda: self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
         reply = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")

@@ -54,7 +54,8 @@ def save_atomically(state: object, path: Path) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.unlink(missing_ok=True)  # a leftover of a crash keeps its mode; a new file gets 0600
     # Readable by its owner only: a checkpoint holds the learners' credentials (and the model).
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+    # O_EXCL and O_NOFOLLOW: a file or link planted at that name since the unlink is refused, not written through.
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as file:
         torch.save(state, file)
         file.flush()
         os.fsync(file.fileno())

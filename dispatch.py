@@ -21,10 +21,6 @@ MAX_IN_FLIGHT = 8  # concurrent pushes of a model state: bounds the leader's mem
 PROBE_INTERVAL_S = 2.0  # how often a learner the round waits for is asked whether it is still there
 PROBE_TIMEOUT_S = 2.0
 
-# How the leader reads a failed call to a learner: the process at its address is not (or no longer) the
-# learner that registered, or nothing answers there.
-GONE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
-
 OnFailure = Callable[[Member, str, bool], None]  # (the registration, why, whether it is certainly gone)
 
 
@@ -34,6 +30,7 @@ class _Probe:
     in_flight: bool = False
     last: float = 0.0
     silent_since: float | None = None
+    unreachable: bool = False  # the last check found nothing answering at its address
 
 
 class LearnerClient:
@@ -59,21 +56,25 @@ class LearnerClient:
                 self._channels.pop(address).close()
 
     def send(self, members: dict[int, Member], method: str, request: object, on_failure: OnFailure,
-             timeout: float, then: Callable[[Member], None] = lambda member: None) -> list[grpc.Future]:
-        """Start <method>(request) on every member, at most MAX_IN_FLIGHT at a time (gRPC holds a copy of
-        each call's request until it is sent), waiting at most timeout in all for slots; request may be
-        ready-serialised bytes, serialised once for all. on_failure runs for each call that fails, then
-        for each that succeeds (or, for a model state, finds the learner still busy with earlier ones)."""
-        slots, calls, deadline = threading.Semaphore(MAX_IN_FLIGHT), [], time.monotonic() + timeout
-        for member in members.values():
-            # Past the deadline, send without a slot: slow learners cannot stall the loop.
-            release = slots.release if slots.acquire(timeout=max(0.0, deadline - time.monotonic())) else (lambda: None)
+             timeout: float, then: Callable[[Member], None] = lambda member: None) -> "Broadcast":
+        """Call <method>(request) on every member without waiting: MAX_IN_FLIGHT at a time (gRPC holds a copy
+        of each call's request until it is sent), the next starting as one ends. request may be ready-serialised
+        bytes, serialised once for all. on_failure runs for each call that fails, then for each that succeeds
+        (or, for a model state, finds the learner still busy with earlier ones)."""
+        broadcast = Broadcast(list(members.values()))
+
+        def launch() -> None:
+            member = broadcast.next()
+            if member is None:
+                return
             stub = framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, learner_pb2.Ack)
             call = stub.future(request, timeout=timeout, metadata=rpc.with_credential(member.credential))
-            call.add_done_callback(lambda done, member=member, release=release:
-                                   (release(), self._report(done, member, method, on_failure, then)))
-            calls.append(call)
-        return calls
+            call.add_done_callback(lambda done: (broadcast.ended(self._report(done, member, method, on_failure, then)),
+                                                 launch()))
+
+        for _ in range(MAX_IN_FLIGHT):
+            launch()
+        return broadcast
 
     def start(self, members: dict[int, Member], state: bytes | None, on_started: Callable[[Member], None],
               on_failure: OnFailure, timeout: float) -> None:
@@ -95,18 +96,24 @@ class LearnerClient:
                 probe.silent_since = None
 
     def _report(self, call: grpc.Future, member: Member, method: str, on_failure: OnFailure,
-                then: Callable[[Member], None]) -> None:
+                then: Callable[[Member], None]) -> bool:
+        """Act on a finished call; whether it succeeded. A failure makes the learner gone only when another
+        process answers at its address (PERMISSION_DENIED: not our credential); nothing answering may be a
+        passing network fault, which health checks tell apart."""
         error = call.exception()
         if error is not None and method == "SyncModelState" and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             log.debug("learner %d is still taking earlier states; it will take a later one", member.learner_id)
             then(member)
         elif error is not None:
-            on_failure(member, f"{method} failed: {error.code().name} {error.details()}", error.code() in GONE_CODES)
+            gone = error.code() == grpc.StatusCode.PERMISSION_DENIED
+            on_failure(member, f"{method} failed: {error.code().name} {error.details()}", gone)
         elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
             on_failure(member, f"{method} refused: {reply.message}", False)
         else:
             self.heard_from(member)
             then(member)
+            return True
+        return False
 
     def probe(self, members: dict[int, Member], on_failure: OnFailure, silent_limit_s: float) -> None:
         """Ask each member's health service whether its registration is there, at most every PROBE_INTERVAL_S
@@ -131,10 +138,13 @@ class LearnerClient:
         verdict, reason = probe_verdict(call)
         with self._lock:
             probe.in_flight = False
+            unreachable_before, probe.unreachable = probe.unreachable, verdict == UNREACHABLE
             if verdict == THERE:
                 probe.silent_since = None
                 return
-            if verdict == SILENT:
+            if verdict == UNREACHABLE and unreachable_before:  # twice in a row, PROBE_INTERVAL_S apart
+                verdict = GONE
+            elif verdict in (SILENT, UNREACHABLE):
                 probe.silent_since = probe.silent_since or probe.last
                 silent = time.monotonic() - probe.silent_since
                 if silent < silent_limit_s:
@@ -143,13 +153,14 @@ class LearnerClient:
         on_failure(member, reason, verdict == GONE)
 
 
-THERE, GONE, SILENT = "there", "gone", "silent"
+THERE, GONE, UNREACHABLE, SILENT = "there", "gone", "unreachable", "silent"
 
 
 def probe_verdict(call: grpc.Future) -> tuple[str, str]:
-    """What a health check of a registration says (THERE, GONE or SILENT), and why. A busy learner
-    (RESOURCE_EXHAUSTED) and one whose health service knows no sessions (a peer built from the article's
-    protos) are there: something answered for them."""
+    """What a health check of a registration says, and why: THERE; GONE (another process at its address, or
+    one that knows the registration no longer); UNREACHABLE (nothing answers there: a learner that died,
+    or a passing network fault); or SILENT (no answer in time). A busy learner (RESOURCE_EXHAUSTED) and one
+    whose health service knows no sessions (a peer of the article's protos) are there: something answered."""
     error = call.exception()
     if error is None:
         if call.result().status == health_pb2.HealthCheckResponse.SERVING:
@@ -159,16 +170,37 @@ def probe_verdict(call: grpc.Future) -> tuple[str, str]:
     if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED) or (
             code == grpc.StatusCode.NOT_FOUND and not rpc.knows_sessions(error)):
         return THERE, code.name
-    if code in GONE_CODES:
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
         return GONE, f"health check: {code.name} {error.details()}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UNREACHABLE, f"health check: {code.name} {error.details()}"
     return SILENT, code.name
 
 
-def wait_calls(calls: list[grpc.Future], timeout: float) -> None:
-    """Wait until the calls are done or timeout seconds have passed."""
-    deadline = time.monotonic() + timeout
-    for call in calls:
-        try:
-            call.exception(timeout=max(0.0, deadline - time.monotonic()))
-        except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
-            return
+class Broadcast:
+    """The calls of one LearnerClient.send: which members are still to be called, and how many calls ended."""
+
+    def __init__(self, members: list[Member]) -> None:
+        self._pending, self.total, self._open, self.succeeded = list(reversed(members)), len(members), len(members), 0
+        self._lock, self._done = threading.Lock(), threading.Event()
+        if not members:
+            self._done.set()
+
+    def next(self) -> Member | None:
+        with self._lock:
+            return self._pending.pop() if self._pending else None
+
+    def ended(self, succeeded: bool) -> None:
+        with self._lock:
+            self._open -= 1
+            self.succeeded += succeeded
+            if not self._open:
+                self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether every call ended (succeeded or not) within timeout seconds."""
+        return self._done.wait(timeout)
+
+    def all_succeeded(self) -> bool:
+        with self._lock:
+            return self.succeeded == self.total

@@ -15,6 +15,7 @@ import hmac
 import itertools
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
@@ -24,8 +25,8 @@ from grpc_health.v1 import health
 
 IDLE_TIMEOUT_S = 60.0
 SMALL_REQUEST_S = 5.0  # a request of a few bytes (a registration, a health check) arrives within this, or never
-DEFAULT_LIMIT = 2  # concurrent calls of a method that has no limit of its own (health Watch, reflection)
-OTHER_METHODS = 4  # health Check and Watch, reflection v1 and v1alpha: the pool has room for them too
+DEFAULT_LIMIT = 2  # concurrent calls without a credential of a method with no Limit of its own (reflection)
+OTHER_METHODS = 3  # health Watch, reflection v1 and v1alpha: the pool has room for them too
 SPARE_THREADS = 4  # for refusals, which take a thread for an instant
 UNAUTHENTICATED_SERVICES = (health.SERVICE_NAME,)  # probes need no token; they reveal nothing
 TOKEN_VARIABLE = "FL_TOKEN"  # where both entry points look for the token when --token is not given
@@ -86,12 +87,12 @@ Headers = Mapping[str, str]
 
 @dataclass(frozen=True)
 class Limit:
-    """How a method's calls are admitted."""
+    """How many calls of a method may run at once: for each caller (a learner named by its credential, or
+    else an IP address), and in all from callers without a credential."""
 
-    concurrent: int = DEFAULT_LIMIT  # calls at once; for each caller, when `caller` is given
+    per_caller: int = 1
+    anonymous: int = DEFAULT_LIMIT  # 0: a credential is required (UNAUTHENTICATED without one)
     request_s: float = SMALL_REQUEST_S  # seconds a unary request may take to arrive whole
-    caller: Callable[[Headers], str | None] | None = None  # names the caller from its call headers (None: refused)
-    callers: int = 1  # how many different names `caller` can give
 
 
 @dataclass(frozen=True)
@@ -102,21 +103,23 @@ class Malformed:
 
 
 class Gate(grpc.ServerInterceptor):
-    """Admits each call with a permit of its method (or of its caller), checks the token before anything is
-    read, and bounds how long a call may wait on its peer."""
+    """Admits each call within its method's Limit, checks the token before anything is read, and bounds how
+    long a call may wait on its peer. Permits are taken inside the handler, where grpcio always runs them,
+    and returned when the call ends: a call grpcio turns away itself holds none."""
 
-    def __init__(self, limits: Mapping[str, Limit], idle_timeout: float = IDLE_TIMEOUT_S,
-                 token: str | None = None) -> None:
-        """limits: by full method name ("/package.Service/Method"); other methods get Limit()."""
-        self.limits, self.idle_timeout = dict(limits), idle_timeout
+    def __init__(self, limits: Mapping[str, Limit], idle_timeout: float = IDLE_TIMEOUT_S, token: str | None = None,
+                 identify: Callable[[Headers], str | None] = lambda headers: None, named_callers: int = 0) -> None:
+        """limits: by full method name ("/package.Service/Method"); other methods get Limit() and take no names.
+        identify names the caller from its call headers (None: anonymous), among named_callers names at most."""
+        self.limits, self.idle_timeout, self.identify, self.named_callers = dict(limits), idle_timeout, identify, named_callers
         self.expected = f"Bearer {token}".encode() if token else None
-        self._permits: dict[tuple[str, str], threading.BoundedSemaphore] = {}
+        self._held: dict[tuple[str, ...], int] = {}  # calls in progress by (method, caller); none kept at zero
         self._lock = threading.Lock()
 
     def threads_needed(self) -> int:
         """A pool thread for every permit, so that an admitted call never waits for one."""
-        named = sum(limit.concurrent * limit.callers for limit in self.limits.values())
-        return named + DEFAULT_LIMIT * OTHER_METHODS + SPARE_THREADS
+        listed = sum(limit.per_caller * self.named_callers + limit.anonymous for limit in self.limits.values())
+        return listed + DEFAULT_LIMIT * OTHER_METHODS + SPARE_THREADS
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -128,38 +131,50 @@ class Gate(grpc.ServerInterceptor):
             if not hmac.compare_digest(headers.get("authorization", "").encode(), self.expected):
                 return _refusal(grpc.StatusCode.UNAUTHENTICATED,
                                 f"missing or wrong token: pass --token or set {TOKEN_VARIABLE}")
-        limit = self.limits.get(method, Limit())
-        caller = limit.caller(headers) if limit.caller else ""
-        if caller is None:
+        limit = self.limits.get(method)
+        name = self.identify(headers) if limit else None
+        if limit and limit.anonymous == 0 and name is None:
             return _refusal(grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
                             "(the fl-credential header); register first")
-        permits = self._permits_of(method, caller, limit.concurrent)
-        if not permits.acquire(blocking=False):
-            who = " from this caller" if caller else ""
-            return _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{limit.concurrent} {method.rsplit('/', 1)[-1]} calls"
-                            f"{who} are already in progress; retry shortly")
-        return self._admitted(handler, permits.release, limit.request_s)
+        return self._admitted(handler, method, limit or Limit(), name)
 
-    def _permits_of(self, method: str, caller: str, concurrent: int) -> threading.BoundedSemaphore:
-        with self._lock:  # methods come from the server's handlers, callers from a bounded set of names
-            key = (method, caller)
-            if key not in self._permits:
-                self._permits[key] = threading.BoundedSemaphore(concurrent)
-            return self._permits[key]
+    def _take(self, method: str, limit: Limit, name: str | None, context: grpc.ServicerContext) -> str | None:
+        """Take the call's permits, to be returned when it ends; or say why there are none."""
+        caller = (method, "learner", name) if name else (method, "address", peer_host(context) or "?")
+        wanted = [(caller, limit.per_caller)] + ([] if name else [((method, "anonymous"), limit.anonymous)])
+        with self._lock:
+            full = [key for key, most in wanted if self._held.get(key, 0) >= most]
+            if full:
+                whom = "from this caller" if full[0] == caller else "from callers without a credential"
+                return f"{method.rsplit('/', 1)[-1]} calls {whom} are already in progress; retry shortly"
+            for key, _ in wanted:
+                self._held[key] = self._held.get(key, 0) + 1
 
-    def _admitted(self, handler: grpc.RpcMethodHandler, release: Callable[[], None],
-                  request_s: float) -> grpc.RpcMethodHandler:
+        def release() -> None:
+            with self._lock:
+                for key, _ in wanted:
+                    self._held[key] -= 1
+                    if not self._held[key]:
+                        del self._held[key]
+
+        if not context.add_callback(release):  # the permits go back when the call ends, however it ends
+            release()
+        return None
+
+    def _admitted(self, handler: grpc.RpcMethodHandler, method: str, limit: Limit,
+                  name: str | None) -> grpc.RpcMethodHandler:
         """The handler, served as request-streaming: grpcio then calls it as soon as a thread takes the call,
         instead of first waiting, without a deadline, for a unary request to arrive."""
         behaviour = (handler.stream_stream or handler.stream_unary if handler.request_streaming
                      else handler.unary_stream or handler.unary_unary)
 
         def arguments(requests: Iterator, context: grpc.ServicerContext):
-            if not context.add_callback(release):  # the permit goes back when the call ends, however it ends
-                release()
+            refusal = self._take(method, limit, name, context)
+            if refusal:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             if handler.request_streaming:
                 return (_parsed(request, context) for request in idle_bounded(requests, self.idle_timeout, context.cancel))
-            with WATCHDOG.deadline(request_s, context.cancel):
+            with WATCHDOG.deadline(limit.request_s, context.cancel):
                 request = next(requests, None)
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a unary call carries exactly one request message")
@@ -179,6 +194,13 @@ class Gate(grpc.ServerInterceptor):
 
         return grpc.stream_unary_rpc_method_handler(serve_unary, _tolerant(handler.request_deserializer),
                                                     handler.response_serializer)
+
+
+def peer_host(context: grpc.ServicerContext) -> str | None:
+    """The caller's IP address as the server sees it ('ipv4:10.0.0.2:5000' gives '10.0.0.2',
+    'ipv6:%5B::1%5D:5000' gives '::1'), if it has one."""
+    kind, _, rest = context.peer().partition(":")
+    return urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else None
 
 
 def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:

@@ -27,7 +27,7 @@ import utils
 import wire
 from metrics import MetricsLog, plot_metrics, read_metrics
 from model import ARCHITECTURES, build_model
-from rounds import COUNTED_ON, Member, Refusal, Registry, RoundCollector
+from rounds import COUNTED_ON, MAX_MISSED_ROUNDS, Member, Refusal, Registry, RoundCollector
 from rpc import leader_pb2, leader_pb2_grpc
 
 log = logging.getLogger("leader")
@@ -288,7 +288,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         if member is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{address[:64]!r} has not registered; call RegisterLearner "
                           "with this address first")
-        if not same_host(address, rpc.peer_host(context)):
+        if not same_host(address, guard.peer_host(context)):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "send the credential this learner got at registration "
                           f"(call header {rpc.CREDENTIAL_HEADER!r}), or ask from the IP address you registered")
         return member
@@ -351,19 +351,16 @@ def same_host(address: str, peer: str | None) -> bool:
         return False
 
 
-def method_limits(registry: Registry, idle_timeout: float) -> dict[str, guard.Limit]:
-    """How the leader admits calls: gradients and shards only with a credential, a couple at a time for each
-    learner (nobody can take another's turn); registrations and the model, a few at a time for anyone;
-    health checks, one for each learner and a few more."""
-    learners = registry.capacity
-    slot_of = lambda headers: None if (slot := registry.holder(headers.get(rpc.CREDENTIAL_HEADER))) is None else str(slot)
-    # GetData without a credential (a peer of the article's protos) shares one small pool of its own.
-    data_caller = lambda headers: "anyone" if rpc.CREDENTIAL_HEADER not in headers else slot_of(headers)
+def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
+    """How the leader admits calls. A learner, named by its credential, has turns of its own that nobody
+    else can take: 2 gradients and 2 shard streams at once, and 1 call of each other kind. Callers without
+    a credential (newcomers, peers of the article's protos) have 1 turn per IP address, and a few in all."""
     leader_method = lambda name: f"/{rpc.LEADER_SERVICE}/{name}"
-    return {leader_method("RegisterLearner"): guard.Limit(4), leader_method("GetModel"): guard.Limit(4),
-            leader_method("GetData"): guard.Limit(2, caller=data_caller, callers=learners + 1),
-            leader_method("AccumulateGradients"): guard.Limit(2, idle_timeout, slot_of, learners),
-            "/grpc.health.v1.Health/Check": guard.Limit(learners + 4)}
+    return {leader_method("RegisterLearner"): guard.Limit(1, anonymous=8),
+            leader_method("GetModel"): guard.Limit(1, anonymous=4),
+            leader_method("GetData"): guard.Limit(2, anonymous=2),
+            leader_method("AccumulateGradients"): guard.Limit(2, anonymous=0, request_s=idle_timeout),
+            "/grpc.health.v1.Health/Check": guard.Limit(1, anonymous=8)}
 
 
 class Stalled(Exception):
@@ -429,12 +426,14 @@ class Leader:
 
     def serve(self) -> grpc.Server:
         servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shards.messages,
-                                  self.args.batch_size, self.probe, self.client.heard_from)
+                                  self.args.batch_size, self.probe, self.heard_from)
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
+        slot_of = lambda headers: None if (slot := self.registry.holder(headers.get(rpc.CREDENTIAL_HEADER))) is None \
+            else str(slot)
         server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}", [(ADD_LEADER_SERVICE, servicer)], [rpc.LEADER_SERVICE], limit,
-            self.security, method_limits(self.registry, self.args.idle_timeout), self.args.idle_timeout,
-            self.registry.session_status)
+            self.security, method_limits(self.args.idle_timeout), self.args.idle_timeout, self.registry.session_status,
+            slot_of, self.args.learners)
         log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", self.args.host, port,
                  self.security.describe(), self.args.learners)
         return server
@@ -442,6 +441,11 @@ class Leader:
     def probe(self, learner_ids: tuple[int, ...] | list[int]) -> None:
         """Check on these learners' registrations; drop those found gone or silent for --sync-timeout."""
         self.client.probe(self.registry.members(list(learner_ids)), self.drop, self.args.sync_timeout)
+
+    def heard_from(self, member: Member) -> None:
+        """The learner sent a gradient (or accepted a start): it is there, and rounds wait for it again."""
+        self.client.heard_from(member)
+        self.collector.heard_from(member.learner_id)
 
     def drop(self, member: Member, reason: str, gone: bool) -> None:
         if self.registry.drop(member.learner_id, member.generation, gone):
@@ -475,7 +479,7 @@ class Leader:
         log.info("starting learners %s at round %d", sorted(joiners), self.collector.round)
         # Rounds may have passed since the joiner's GetModel: the state goes first (a serialised ModelState).
         state = framing.chunk_message(self.global_model.encoded_state) if self.collector.round > 0 else None
-        started = lambda member: self.registry.started(member.learner_id, member.generation)
+        started = lambda member: (self.registry.started(member.learner_id, member.generation), self.heard_from(member))
         self.client.start(joiners, state, started, self.drop, self.args.sync_timeout)
 
     def wait_for_round(self, round_index: int) -> bool:
@@ -537,16 +541,22 @@ class Leader:
         total = self.schedule.total_rounds
         round_started = time.perf_counter()
         progress = tqdm(total=total, initial=self.collector.round, desc="rounds", unit="round", disable=None)
+        self.admit_joiners()
+        if not self.registry.wait_started(self.args.sync_timeout):  # the first round waits for everyone started
+            log.warning("some learners did not accept StartTraining within --sync-timeout; starting without them")
         while self.collector.round < total and not self.stopping.is_set():
             round_index = self.collector.round
             self.admit_joiners()
             self.client.keep_only({member.address for member in self.registry.members().values()})
-            self.collector.expect(self.registry.active())
+            self.collector.expect(self.registry.ready())  # not those still being started: they may add in time
             if not self.wait_for_round(round_index):
                 break
             gradients_in = time.perf_counter()
             lr = self.schedule.lr(round_index)
             summary = self.collector.close(self.global_model.mean_gradient)
+            if summary.given_up:
+                log.warning("learners %s missed %d rounds in a row: rounds no longer wait for them until they send "
+                            "a gradient", list(summary.given_up), MAX_MISSED_ROUNDS)
             discarded = self.global_model.step(lr)
             if discarded:
                 log.warning("round %d discarded, the model is unchanged: %s (%d learners)", round_index + 1,
@@ -584,9 +594,9 @@ class Leader:
         """Encode the state after rounds_done once and send it to every active learner; return bytes sent."""
         request = self.global_model.publish(rounds_done, finished, stopped)  # a serialised ModelState, sent to all
         members = self.registry.members()
-        calls = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
+        broadcast = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
         if finished:
-            dispatch.wait_calls(calls, self.args.sync_timeout)
+            broadcast.wait(self.args.sync_timeout)
         return len(request) * len(members)
 
     def release_learners(self) -> None:
@@ -600,9 +610,8 @@ class Leader:
         members = {key: member for key, member in self.registry.members(list(range(self.args.learners))).items()
                    if member.address}
         request = framing.chunk_message(self.global_model.encoded_state)  # published as finished
-        calls = self.client.send(members, "SyncModelState", request, lambda *failure: None, self.args.sync_timeout)
-        dispatch.wait_calls(calls, self.args.sync_timeout)
-        if all(call.done() and call.exception() is None and call.result().success for call in calls):
+        broadcast = self.client.send(members, "SyncModelState", request, lambda *failure: None, self.args.sync_timeout)
+        if broadcast.wait(self.args.sync_timeout) and broadcast.all_succeeded():
             return
         remaining = self.args.rejoin_grace - (time.monotonic() - started)
         log.info("telling learners that connect in the next %.0f s (--rejoin-grace) that training is over",

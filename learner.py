@@ -45,7 +45,8 @@ INCONCLUSIVE_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EX
 REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
 # A gradient answered with these means the leader no longer counts this registration: register again.
 REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
+                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.CANCELLED)  # (the leader cancels a gradient that takes over --idle-timeout to arrive)
 # A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
 ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
                                                       requests={"SyncModelState"})
@@ -147,6 +148,7 @@ class LeaderCredential:
 
     def __init__(self) -> None:
         self.value: str | None = None
+        self.in_flight = False  # a registration is on its way
         self._registered = False
         self._known = threading.Event()
 
@@ -155,9 +157,11 @@ class LeaderCredential:
         """While a registration is on its way, calls from the leader wait for its reply (which may bring a
         new credential); if it fails, an earlier registration's credential stands."""
         self._known.clear()
+        self.in_flight = True
         try:
             yield
         finally:
+            self.in_flight = False
             if self._registered:
                 self._known.set()
 
@@ -221,14 +225,13 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message=f"model state for round {round_index} received")
 
 
-def method_limits(credential: LeaderCredential, idle_timeout: float) -> dict[str, guard.Limit]:
-    """How a learner admits calls: its leader's (those with its credential) have permits of their own, which
+def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
+    """How a learner admits calls: its leader's (those with its credential) have turns of their own, which
     strangers cannot take; the servicer still checks every call in full."""
-    caller = lambda headers: "leader" if credential.matches(headers.get(rpc.CREDENTIAL_HEADER)) else "anyone else"
     learner_method = lambda name: f"/{rpc.LEARNER_SERVICE}/{name}"
-    return {learner_method("StartTraining"): guard.Limit(2, caller=caller, callers=2),
-            learner_method("SyncModelState"): guard.Limit(2, idle_timeout, caller, callers=2),
-            "/grpc.health.v1.Health/Check": guard.Limit(4)}
+    return {learner_method("StartTraining"): guard.Limit(2, anonymous=2),
+            learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
+            "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4)}
 
 
 def load_state(model: torch.nn.Module, payload: wire.Payload, take_over: bool = False) -> None:
@@ -293,9 +296,10 @@ def receive_stream(channel: grpc.Channel, method: str, request, idle_timeout: fl
         call.cancel()  # frees the stream if the payload was refused part way; no-op once it is complete
 
 
-def fetch_model(channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S) -> wire.Payload:
+def fetch_model(channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S,
+                credential: str | None = None) -> wire.Payload:
     """The leader's current model state from GetModel, checked finite as it streams in."""
-    return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, check_finite=True)
+    return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, True, credential)
 
 
 def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False,
@@ -331,7 +335,7 @@ class Learner:
     def fetch_model(self, deadline: float) -> wire.Payload | None:
         """The leader's current model state, checked finite as it streams in (retried until the deadline);
         None if the leader's final state was pushed meanwhile."""
-        fetch = lambda: fetch_model(self.channel, self.args.idle_timeout)
+        fetch = lambda: fetch_model(self.channel, self.args.idle_timeout, self.credential.value)
         return retry_until(deadline, fetch, "GetModel", stop=lambda: self.inbox.final is not None)
 
     def connect(self) -> wire.Payload | None:
@@ -360,16 +364,18 @@ class Learner:
                                    self.args.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
             f"{self.args.host}:{self.args.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
-            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, method_limits(self.credential, self.args.idle_timeout),
-            self.args.idle_timeout, self.session_status)
+            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, method_limits(self.args.idle_timeout),
+            self.args.idle_timeout, self.session_status,
+            lambda headers: "leader" if self.credential.matches(headers.get(rpc.CREDENTIAL_HEADER)) else None, 1)
         self.address = self.args.advertise or default_advertise(self.args.leader, port)
         self.join(deadline)
         return None
 
     def session_status(self, session: str) -> int | None:
-        """This learner's answer to the leader's health check of a registration: SERVING for its own."""
+        """This learner's answer to the leader's health check of a registration: SERVING for its own, and
+        while a registration is on its way (the leader may ask before its reply is here)."""
         mine = self.credential.value and hmac.compare_digest(session.encode(), rpc.session_id(self.credential.value).encode())
-        return health_pb2.HealthCheckResponse.SERVING if mine else None
+        return health_pb2.HealthCheckResponse.SERVING if mine or self.credential.in_flight else None
 
     def adopt(self, state: wire.Payload) -> None:
         """Continue training from a model state from fetch_model."""
@@ -426,7 +432,8 @@ class Learner:
         """Raise LeaderLost if the leader does not answer, or no longer counts this learner's registration."""
         request = health_pb2.HealthCheckRequest(service=self.credential.session())
         try:
-            reply = self.health.Check(request, timeout=HEALTH_CHECK_INTERVAL_S)
+            reply = self.health.Check(request, timeout=HEALTH_CHECK_INTERVAL_S,
+                                      metadata=rpc.with_credential(self.credential.value))
         except grpc.RpcError as error:
             if error.code() in INCONCLUSIVE_CODES:  # busy, slow, or without the health service: it answers
                 return

@@ -4,6 +4,7 @@ Thread-safe: gRPC handler threads submit, the leader's main loop waits. Every wa
 """
 
 import hmac
+import math
 import re
 import threading
 import time
@@ -32,7 +33,9 @@ def check_address(address: str) -> str | None:
 
 
 JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
-COUNTED_ON = (STARTING, ACTIVE)  # the learners a round waits for and sends its state to
+COUNTED_ON = (STARTING, ACTIVE)  # the learners whose gradients count and who are sent each state
+REREGISTER_INTERVAL_S = 3.0  # a slot's holder registers again at most this often
+MAX_MISSED_ROUNDS = 3
 SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
@@ -47,6 +50,7 @@ class Slot:
     generation: int = 0  # counts registrations: news about an earlier one (a late push failure) is ignored
     state: str = JOINING
     kept_until: float = 0.0  # while DROPPED, kept for its holder until then; 0: a newcomer may take it
+    registered_at: float = -math.inf  # when its holder last registered
 
     @property
     def session(self) -> str:
@@ -82,8 +86,9 @@ class Registry:
     leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
     checkpoint start dropped and kept for their holders."""
 
-    def __init__(self, capacity: int, keep_s: float, restored: list[dict] = ()) -> None:
-        self.capacity, self.keep_s = capacity, keep_s
+    def __init__(self, capacity: int, keep_s: float, restored: list[dict] = (),
+                 reregister_s: float = REREGISTER_INTERVAL_S) -> None:
+        self.capacity, self.keep_s, self.reregister_s = capacity, keep_s, reregister_s
         kept_until = time.monotonic() + keep_s
         self._slots = [Slot(index, record["address"], record["credential"], record.get("certificate"),
                             state=DROPPED, kept_until=kept_until) for index, record in enumerate(restored)]
@@ -102,6 +107,9 @@ class Registry:
             if slot is not None:
                 if slot.state == STARTING:  # one start at a time: re-registering is no lever on the round loop
                     raise Refusal(f"learner {slot.learner_id} is being started; retry shortly", retry=True)
+                if now - slot.registered_at < self.reregister_s:  # each start costs the leader a state push
+                    raise Refusal(f"learner {slot.learner_id} registered {now - slot.registered_at:.1f} s ago; it may "
+                                  f"register again {self.reregister_s:.0f} s after that", retry=True)
                 if holder is not None and holder is not slot:
                     self._vacate(holder, now)
                 verb = "re-registered"
@@ -123,7 +131,7 @@ class Registry:
                 previous = free[0].address
                 slot = self._take(free[0], certificate)
                 verb = f"took over from {previous or 'nobody'} the slot of"
-            slot.address, slot.state, slot.kept_until = address, JOINING, 0.0
+            slot.address, slot.state, slot.kept_until, slot.registered_at = address, JOINING, 0.0, now
             slot.generation += 1
             self._changed.notify_all()
             return self._member(slot), f"{address} {verb} learner {slot.learner_id} of {self.capacity}"
@@ -227,6 +235,17 @@ class Registry:
             slot = self._slots[learner_id]
             if slot.generation == generation and slot.state == STARTING:
                 slot.state = ACTIVE
+                self._changed.notify_all()
+
+    def ready(self) -> list[int]:
+        """The learners started and training: those a round waits for."""
+        with self._changed:
+            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE]
+
+    def wait_started(self, timeout: float) -> bool:
+        """Whether no learner is being started any more, waiting at most timeout seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: all(slot.state != STARTING for slot in self._slots), timeout)
 
     def drop(self, learner_id: int, generation: int, gone: bool = False) -> bool:
         """Stop counting on a registration; whether it was held. The slot is kept for its holder for
@@ -260,15 +279,19 @@ class RoundSummary:
     samples: int
     loss: float
     bytes_in: int
+    given_up: tuple[int, ...] = ()  # learners that have now missed MAX_MISSED_ROUNDS rounds in a row
 
 
 class RoundCollector:
-    """Gradients of the open round, summed as they arrive; each learner counts once per round."""
+    """Gradients of the open round, summed as they arrive; each learner counts once per round. A learner that
+    misses MAX_MISSED_ROUNDS rounds in a row is not waited for until the leader hears from it again: a
+    learner that answers everything but never sends a gradient cannot hold every round to its deadline."""
 
     def __init__(self, size: int, first_round: int = 0) -> None:
         self._accumulator = Accumulator(size)
         self._expected: set[int] = set()
         self._reported: set[int] = set()
+        self._missed: dict[int, int] = {}  # rounds missed in a row, by learner
         self._round = first_round
         self._bytes_in = 0
         self._changed = threading.Condition()
@@ -279,9 +302,14 @@ class RoundCollector:
             return self._round
 
     def expect(self, learner_ids: list[int]) -> None:
-        """The learners whose gradients complete the open round."""
+        """The learners whose gradients complete the open round (but those that keep missing rounds)."""
         with self._changed:
-            self._expected = set(learner_ids)
+            self._expected = {learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS}
+
+    def heard_from(self, learner_id: int) -> None:
+        """The learner sent something (or registered again): wait for it again."""
+        with self._changed:
+            self._missed.pop(learner_id, None)
 
     def submit(self, learner_id: int, round_index: int, gradient: list[torch.Tensor], samples: int, loss: float,
                wire_bytes: int) -> str | None:
@@ -317,8 +345,12 @@ class RoundCollector:
             if not self._reported:
                 raise RuntimeError(f"round {self._round} has no gradient to average")
             self._accumulator.mean_into(mean_out)
+            for learner in self._expected - self._reported:
+                self._missed[learner] = self._missed.get(learner, 0) + 1
+            given_up = tuple(sorted(learner for learner in self._expected - self._reported
+                                    if self._missed[learner] == MAX_MISSED_ROUNDS))
             summary = RoundSummary(self._round, len(self._reported), self._accumulator.samples,
-                                   self._accumulator.mean_loss, self._bytes_in)
+                                   self._accumulator.mean_loss, self._bytes_in, given_up)
             self._accumulator.reset()
             self._reported.clear()
             self._round += 1

@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ log = logging.getLogger("rpc")
 ENVELOPE_BYTES = 1 << 20
 # Replies to the learner's channel are stream chunks and acks; this bounds any single one.
 CHUNK_MESSAGE_LIMIT = 8 << 20
-TOKEN_VARIABLE = guard.TOKEN_VARIABLE
 # A learner's slot is bound to a secret the leader returns at registration (AckWithMetadata.credential);
 # both sides send it in this call header: the learner to act as its slot, the leader to prove it is its leader.
 CREDENTIAL_HEADER = "fl-credential"
@@ -64,7 +62,7 @@ class Security:
         if args.tls_ca and not args.tls_cert:
             raise SecurityError("--tls-ca needs --tls-cert and --tls-key: mutual TLS presents a certificate both ways")
         read = lambda path: Path(path).read_bytes() if path else None
-        token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+        token = args.token or os.environ.get(guard.TOKEN_VARIABLE) or None
         try:
             return Security(read(args.tls_cert), read(args.tls_key), read(args.tls_ca), token)
         except OSError as error:
@@ -83,7 +81,7 @@ def add_security_flags(parser: argparse.ArgumentParser, role: str) -> None:
     group.add_argument("--tls-ca", metavar="PEM", help="CA certificate: verify peers against it and require client "
                        "certificates from it (mutual TLS)")
     group.add_argument("--token", help=f"shared secret every RPC must carry as 'authorization: Bearer TOKEN' "
-                       f"(unset: ${TOKEN_VARIABLE}; prefer the variable, a flag shows in ps)")
+                       f"(unset: ${guard.TOKEN_VARIABLE}; prefer the variable, a flag shows in ps)")
 
 
 class TokenHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -111,14 +109,16 @@ def _limits(max_receive_bytes: int) -> list[tuple[str, int]]:
 
 def start_server(bind: str, register: list, service_names: list[str], max_receive_bytes: int,
                  security: Security = Security(), limits: Mapping[str, guard.Limit] | None = None,
-                 idle_timeout: float = guard.IDLE_TIMEOUT_S,
-                 sessions: Callable[[str], int | None] | None = None) -> tuple[grpc.Server, int]:
+                 idle_timeout: float = guard.IDLE_TIMEOUT_S, sessions: Callable[[str], int | None] | None = None,
+                 identify: Callable[[guard.Headers], str | None] = lambda headers: None,
+                 named_callers: int = 0) -> tuple[grpc.Server, int]:
     """Start a server with the given servicers plus health checking and reflection; return it and its port.
 
     register holds (add_XServicer_to_server, servicer) pairs. Messages over max_receive_bytes are refused
     with RESOURCE_EXHAUSTED before they are buffered; limits says how each method's calls are admitted
-    (guard.Gate); sessions(session_id) answers health checks of SESSION_PREFIX services."""
-    gate = guard.Gate(limits or {}, idle_timeout, security.token)
+    (guard.Gate, which names callers with identify); sessions(session_id) answers health checks of
+    SESSION_PREFIX services."""
+    gate = guard.Gate(limits or {}, idle_timeout, security.token, identify, named_callers)
     workers = gate.threads_needed()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_limits(max_receive_bytes),
                          interceptors=[gate], maximum_concurrent_rpcs=workers)
@@ -215,13 +215,6 @@ def peer_certificate(context: grpc.ServicerContext) -> str | None:
     """A fingerprint (SHA-256) of the caller's TLS client certificate, if it presented one."""
     certificates = context.auth_context().get("x509_pem_cert")
     return hashlib.sha256(certificates[0]).hexdigest() if certificates else None
-
-
-def peer_host(context: grpc.ServicerContext) -> str | None:
-    """The caller's IP address as the server sees it ('ipv4:10.0.0.2:5000' gives '10.0.0.2',
-    'ipv6:%5B::1%5D:5000' gives '::1'), if it has one."""
-    kind, _, rest = context.peer().partition(":")
-    return urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else None
 
 
 def new_credential() -> str:

@@ -3,6 +3,7 @@
 `hostile_learner.py --victim HOST:PORT [learner.py flags]`: a real learner process, registered and trained
 like any other, whose first sends are attacks on the leader. It prints each attack's outcome as
 "ATTACK <name>: <status code> <details>" ("ATTACK <name>: OK ..." when the leader accepted the call).
+`hostile_learner.py --freeload [learner.py flags]`: a learner that answers everything and never sends a gradient.
 """
 
 import json
@@ -20,6 +21,11 @@ import wire
 from rpc import leader_pb2
 
 STREAMS = 20
+
+
+class Freeloader(learner.Learner):
+    def send_gradient(self, round_index: int, loss: float) -> None:
+        pass
 
 
 class HostileLearner(learner.Learner):
@@ -121,8 +127,11 @@ class HostileLearner(learner.Learner):
 
 
 if __name__ == "__main__":
-    victim = sys.argv[sys.argv.index("--victim") + 1]
-    rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]
     learner.runtime.configure_logging("learner")
     learner.runtime.set_threads(1)
-    HostileLearner(learner.parse_args(rest), victim).run()
+    if sys.argv[1] == "--freeload":
+        Freeloader(learner.parse_args(sys.argv[2:])).run()
+    else:
+        victim = sys.argv[sys.argv.index("--victim") + 1]
+        rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]
+        HostileLearner(learner.parse_args(rest), victim).run()

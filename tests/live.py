@@ -48,6 +48,7 @@ class LiveLeader:
         args = leader_module.parse_args(["--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port),
                                          "--out", str(out), *flags])
         leader = leader_module.Leader(args)
+        leader.registry.reregister_s = 0  # tests re-register at once; test_rounds checks the interval
         return LiveLeader(leader, leader.serve(), f"127.0.0.1:{port}")
 
     def stop(self) -> None:

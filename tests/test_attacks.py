@@ -138,3 +138,19 @@ def test_with_no_learner_left_the_leader_waits_a_bounded_time_then_checkpoints_a
     assert "no learner is left" in leader_log and "resume with --resume" in leader_log
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["round"] >= 10 and all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_a_learner_that_never_sends_a_gradient_holds_up_only_a_few_rounds(tmp_path):  # item 1, stalled rounds
+    port = launch.free_port()
+    started = time.monotonic()
+    leader = start_leader(tmp_path, port, "--learners", "3", "--min-learners", "2", "--rounds", "40",
+                          "--batch-size", "16", "--round-timeout", "4")
+    honest = [start_learner(tmp_path, f"learner{index}", port) for index in range(2)]
+    freeloader = spawn(tmp_path / "freeloader.log", "tests/hostile_learner.py", "--freeload", "--leader",
+                       f"127.0.0.1:{port}", "--host", "127.0.0.1", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    codes = launch.wait_all([leader, *honest, freeloader], 150)  # 40 rounds at the deadline would take 160 s
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    leader_log = (tmp_path / "leader.log").read_text()
+    assert "missed 3 rounds in a row" in leader_log and "dropped" not in leader_log
+    assert leader_log.count("closing after") <= 4, leader_log
+    assert time.monotonic() - started < 120

@@ -7,6 +7,7 @@ from concurrent import futures
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import framing
 import guard
@@ -73,14 +74,14 @@ def test_unread_streams_neither_starve_registration_nor_gradients_and_are_cut_of
 
 
 def stalled_calls(live, method: str, count: int, credential: str | None) -> tuple[list, threading.Event]:
-    """count calls of a unary method that open and never send their request."""
+    """count calls of a unary method (a LeaderService name, or a full one) that open and never send their request."""
     blocked = threading.Event()
 
     def never():
         blocked.wait(30)
         yield b""
 
-    open_call = live.channel.stream_unary(f"/{rpc.LEADER_SERVICE}/{method}")
+    open_call = live.channel.stream_unary(method if method.startswith("/") else f"/{rpc.LEADER_SERVICE}/{method}")
     calls = [open_call.future(never(), metadata=rpc.with_credential(credential)) for _ in range(count)]
     time.sleep(0.5)
     return calls, blocked
@@ -173,3 +174,42 @@ def test_the_watchdog_cancels_only_what_overstays():
         pass
     time.sleep(0.5)
     assert cancelled == ["slow"]
+
+
+def test_a_flood_of_calls_grpc_turns_away_leaves_no_permit_behind(tmp_path, port):
+    live = LiveLeader.start(tmp_path, port, "--learners", "2")
+    try:
+        ((learner, credential),) = enrol(live, 1)
+        register = live.channel.unary_unary(f"/{rpc.LEADER_SERVICE}/RegisterLearner")
+        gradient = live.channel.unary_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients")
+        request = leader_pb2.LearnerInfo(network_addr="127.0.0.1:1").SerializeToString()
+        flood = [call.future(request, timeout=20) for _ in range(300) for call in (register, gradient)]
+        codes = {future.exception().code() if future.exception() else grpc.StatusCode.OK for future in flood}
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # more than the server takes at once
+        for address in ("127.0.0.1:7101", "127.0.0.1:7102"):  # after the flood, every method admits calls again
+            with pytest.raises(grpc.RpcError) as error:
+                live.register(address, timeout=5)
+            assert "all 2 learner slots are held" in error.value.details()  # refused by the registry, not the gate
+        live.send_counted(live.gradient(learner), credential)
+        assert live.close_round()[0].learners == 1
+    finally:
+        live.stop()
+
+
+def test_callers_without_a_credential_cannot_take_a_learners_turns(live):
+    ((learner, credential),) = enrol(live, 1)
+    held = [stalled_calls(live, method, 10, None) for method in ("RegisterLearner", "GetModel",
+                                                                   "/grpc.health.v1.Health/Check")]
+    health = health_pb2_grpc.HealthStub(live.channel)
+    session = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + rpc.session_id(credential))
+    assert health.Check(session, timeout=5, metadata=rpc.with_credential(credential)).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    address = live.leader.registry.members([learner])[learner].address
+    assert live.register(address, credential, timeout=5).learner_id == learner
+    with pytest.raises(grpc.RpcError) as error:  # another anonymous call from the same address waits its turn
+        live.register("127.0.0.1:7300", timeout=5)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "from this caller" in error.value.details()
+    for calls, blocked in held:
+        blocked.set()
+        for call in calls:
+            call.cancel()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import rpc
+import guard
 from conftest import ROOT, logs, run_federation
 from metrics import read_metrics
 from model import build_model
@@ -61,7 +61,7 @@ def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
 
 
 def test_every_entry_point_explains_its_flags_and_never_shows_the_token():
-    env = {**os.environ, rpc.TOKEN_VARIABLE: "do-not-print-me"}
+    env = {**os.environ, guard.TOKEN_VARIABLE: "do-not-print-me"}
     helps = {script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for script in ("leader.py", "learner.py", "launch.py", "bench.py")}  # at once: each imports torch

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from rounds import (ACTIVE, DROPPED, JOINING, NOT_SERVING, SERVING, STARTING, Refusal, Registry, RoundCollector,
-                    check_address)
+from rounds import (ACTIVE, DROPPED, JOINING, MAX_MISSED_ROUNDS, NOT_SERVING, SERVING, STARTING, Refusal, Registry,
+                    RoundCollector, check_address)
 from rpc import session_id
 
 
@@ -39,7 +39,7 @@ def start(registry: Registry) -> dict:
 
 
 def test_registry_assigns_ids_and_distinct_credentials_and_refuses_beyond_capacity():
-    registry = Registry(2, keep_s=30)
+    registry = Registry(2, keep_s=30, reregister_s=0)
     first, second = register(registry, "a:1"), register(registry, "b:1")
     assert (first.learner_id, second.learner_id) == (0, 1) and first.credential != second.credential
     with pytest.raises(Refusal) as refusal:
@@ -49,7 +49,7 @@ def test_registry_assigns_ids_and_distinct_credentials_and_refuses_beyond_capaci
 
 
 def test_registered_learners_are_started_once_and_counted_on_from_then():
-    registry = Registry(2, keep_s=30)
+    registry = Registry(2, keep_s=30, reregister_s=0)
     member = register(registry, "a:1")
     assert not registry.is_active(0)
     assert registry.take_joiners() == {0: member}
@@ -64,7 +64,7 @@ def test_registered_learners_are_started_once_and_counted_on_from_then():
 
 
 def test_only_the_holders_credential_re_registers_a_held_address():
-    registry = Registry(2, keep_s=30)
+    registry = Registry(2, keep_s=30, reregister_s=0)
     holder = register(registry, "a:1")
     start(registry)
     for credential in (None, "guess"):
@@ -78,7 +78,7 @@ def test_only_the_holders_credential_re_registers_a_held_address():
 
 
 def test_a_holder_may_move_to_a_new_address():
-    registry = Registry(1, keep_s=30)
+    registry = Registry(1, keep_s=30, reregister_s=0)
     holder = register(registry, "a:1")
     moved = register(registry, "b:2", holder.credential)
     assert moved.learner_id == 0 and registry.at("b:2") == moved and registry.at("a:1") is None
@@ -110,7 +110,7 @@ def test_a_slot_found_gone_is_free_at_once_and_the_same_address_may_take_it():
 
 
 def test_news_about_an_earlier_registration_changes_nothing():
-    registry = Registry(1, keep_s=30)
+    registry = Registry(1, keep_s=30, reregister_s=0)
     first = register(registry, "a:1")
     second = register(registry, "a:1", first.credential)
     start(registry)
@@ -120,7 +120,7 @@ def test_news_about_an_earlier_registration_changes_nothing():
 
 
 def test_sessions_report_held_dropped_and_unknown_registrations():
-    registry = Registry(1, keep_s=30)
+    registry = Registry(1, keep_s=30, reregister_s=0)
     member = register(registry, "a:1")
     session = session_id(member.credential)
     assert registry.session_status(session) == SERVING
@@ -141,7 +141,7 @@ def test_restored_slots_wait_for_their_credentials():
 
 
 def test_states_move_from_joining_to_active_to_dropped():
-    registry = Registry(1, keep_s=30)
+    registry = Registry(1, keep_s=30, reregister_s=0)
     member = register(registry, "a:1")
     assert registry.authenticate(member.credential, None) == (member, JOINING)
     start(registry)
@@ -152,7 +152,7 @@ def test_states_move_from_joining_to_active_to_dropped():
 
 
 def test_a_slot_registered_with_a_certificate_needs_it():
-    registry = Registry(1, keep_s=30)
+    registry = Registry(1, keep_s=30, reregister_s=0)
     member, _ = registry.register("a:1", None, "fingerprint-1")
     assert registry.authenticate(member.credential, "fingerprint-1") is not None
     assert registry.authenticate(member.credential, "fingerprint-2") is None
@@ -160,7 +160,7 @@ def test_a_slot_registered_with_a_certificate_needs_it():
 
 
 def test_registry_refuses_malformed_addresses():
-    registry = Registry(1, keep_s=30)
+    registry = Registry(1, keep_s=30, reregister_s=0)
     with pytest.raises(Refusal) as refusal:
         register(registry, "")
     assert not refusal.value.retry and registry.records() == []
@@ -201,3 +201,31 @@ def test_a_round_nobody_is_expected_in_is_never_complete_and_cannot_close_empty(
     assert not collector.wait_complete(0)
     with pytest.raises(RuntimeError, match="no gradient"):
         collector.close(torch.empty(1))
+
+
+def test_a_holder_registers_again_at_most_every_few_seconds():
+    registry = Registry(1, keep_s=30, reregister_s=0.3)
+    holder = register(registry, "a:1")
+    start(registry)
+    with pytest.raises(Refusal, match="registered 0.0 s ago") as refusal:
+        register(registry, "a:1", holder.credential)  # each registration costs the leader a start: no lever
+    assert refusal.value.retry
+    time.sleep(0.35)
+    assert register(registry, "a:1", holder.credential).learner_id == 0
+
+
+def test_a_learner_that_misses_round_after_round_is_not_waited_for_until_it_is_heard_from():
+    collector = RoundCollector(1)
+    for round_index in range(MAX_MISSED_ROUNDS):
+        collector.expect([0, 1])
+        collector.submit(0, round_index, [torch.ones(1)], 1, 0.0, 1)
+        assert collector.missing() == [1]
+        summary = collector.close(torch.empty(1))
+    assert summary.given_up == (1,)
+    collector.expect([0, 1])
+    collector.submit(0, MAX_MISSED_ROUNDS, [torch.ones(1)], 1, 0.0, 1)
+    assert collector.missing() == [] and collector.wait_complete(0)  # learner 1 is no longer waited for...
+    collector.close(torch.empty(1))
+    collector.heard_from(1)
+    collector.expect([0, 1])
+    assert collector.missing() == [0, 1]  # ...until it sends something again

@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import leader as leader_module
 import learner as learner_module
+import guard
 import rpc
 import wire
 from conftest import ROOT, logs, run_federation
@@ -43,6 +44,7 @@ def secure_leader(tmp_path, port, certs):
                                      "--port", str(port), "--out", str(tmp_path), "--token", TOKEN,
                                      *tls_flags(certs, "leader")])
     leader = leader_module.Leader(args)
+    leader.registry.reregister_s = 0  # these tests register again at once
     server = leader.serve()
     yield f"127.0.0.1:{port}"
     server.stop(0)
@@ -145,7 +147,7 @@ def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_lea
 
 @pytest.mark.slow
 def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatch):
-    monkeypatch.setenv(rpc.TOKEN_VARIABLE, TOKEN)  # the environment variable, not the flag
+    monkeypatch.setenv(guard.TOKEN_VARIABLE, TOKEN)  # the environment variable, not the flag
     codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "20", "--batch-size", "16",
                                          *tls_flags(certs, "leader")], tls_flags(certs, "learner"))
     assert codes == [0, 0, 0], logs(tmp_path)
