@@ -52,8 +52,7 @@ class GradientLayout:
     def check_update(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raise PayloadError unless an update's BatchNorm variances are non-negative (its values must already
         be known finite, as wire.check_matches makes sure): a weighted mean of them must be a variance."""
-        variances = [tensors[name].reshape(-1) for name in self.variances]
-        if variances and torch.cat(variances).min() < 0:
+        if _any_negative([tensors[name] for name in self.variances]):
             raise wire.PayloadError(f"the update holds {_first_problem((name, tensors[name]) for name in self.variances)}")
 
     def bind_gradients(self, flat: torch.Tensor) -> None:
@@ -234,10 +233,15 @@ class GuardedStep:
 def _problem_in(named: Mapping[str, torch.Tensor], flat: torch.Tensor) -> str | None:
     """'NaN or Inf in NAME' or 'a negative variance in NAME' for the first such tensor of named (also given
     as one flat vector, checked in one pass), else None."""
-    variances = [tensor.reshape(-1) for name, tensor in named.items() if name.endswith("running_var")]
-    if wire.all_finite(flat) and (not variances or torch.cat(variances).min() >= 0):
+    variances = [tensor for name, tensor in named.items() if name.endswith("running_var")]
+    if wire.all_finite(flat) and not _any_negative(variances):
         return None
     return _first_problem(named.items())
+
+
+def _any_negative(tensors: list[torch.Tensor]) -> bool:
+    """Whether any element of the tensors is negative (one pass over them all)."""
+    return bool(tensors) and torch.cat([tensor.reshape(-1) for tensor in tensors]).min().item() < 0
 
 
 def _first_problem(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:

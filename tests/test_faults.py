@@ -127,7 +127,7 @@ def test_a_killed_and_resumed_run_follows_the_uninterrupted_one(tmp_path, uninte
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
 
-def test_resuming_a_finished_run_ends_at_once_and_releases_its_learner(uninterrupted):
+def test_resuming_a_finished_run_trains_nothing_and_releases_its_learner(uninterrupted):
     port = launch.free_port()
     started = time.monotonic()
     leader = start_leader(uninterrupted, port, "--resume", str(uninterrupted), "--rejoin-grace", "20")
