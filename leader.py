@@ -35,6 +35,7 @@ log = logging.getLogger("leader")
 WAIT_LOG_INTERVAL_S = 10.0
 WAIT_SLICE_S = 1.0  # how often waits look at stop requests, joiners and missing learners
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
+GRADIENT_WORKERS = 4
 LOG_INTERVAL_S = 10.0  # at most one line this often for what callers can make happen at will
 # Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (framing.chunk_messages),
 # AccumulateGradients gets a framing.ChunkRequest.
@@ -249,6 +250,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         self.registry, self.collector, self.global_model = registry, collector, global_model
         self.shard_messages, self.batch_size = shard_messages, batch_size
         self.probe, self.heard_from = probe, heard_from
+        # Gradients checked at once: every learner may have two calls in, but dozens of threads decoding at once
+        # on a few cores take twice as long as a few at a time (leader_scale, 64 learners: 0.88 s against 0.46 s).
+        self.working = threading.BoundedSemaphore(GRADIENT_WORKERS)
         # Callers choose how often these happen: one line per LOG_INTERVAL_S each, with a count of the rest.
         self.logged = {kind: Throttle(LOG_INTERVAL_S) for kind in ("refused", "data", "ignored")}
 
@@ -307,15 +311,19 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         if state not in COUNTED_ON:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"learner {member.learner_id} is not training (dropped, or not started yet); register again")
+        with self.working:
+            return self.accumulate(request.chunk, member, context)
+
+    def accumulate(self, chunk: memoryview, member: Member, context: grpc.ServicerContext) -> leader_pb2.Ack:
+        """Check a learner's gradient and add it to the open round."""
         try:
-            payload = wire.decode(request.chunk)
+            payload = wire.decode(chunk)
             round_index, samples, loss = self.check_claims(payload, member)
             wire.check_matches(payload, self.global_model.layout.spec)
             self.global_model.layout.check_update(payload.tensors)
         except (wire.PayloadError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
-        reason = self.collector.submit(member.learner_id, round_index, wire.flat_runs(payload), samples, loss,
-                                       len(request.chunk))
+        reason = self.collector.submit(member.learner_id, round_index, wire.flat_runs(payload), samples, loss, len(chunk))
         self.heard_from(member)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)

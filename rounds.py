@@ -92,6 +92,8 @@ class Registry:
         kept_until = time.monotonic() + keep_s
         self._slots = [Slot(index, record["address"], record["credential"], record.get("certificate"),
                             state=DROPPED, kept_until=kept_until) for index, record in enumerate(restored)]
+        # Slots by session (a hash of the credential): found in one lookup, whatever the number of learners.
+        self._by_session = {slot.session: slot for slot in self._slots if slot.credential}
         self._changed = threading.Condition()
 
     def register(self, address: str, credential: str | None = None,
@@ -120,7 +122,7 @@ class Registry:
                                   retry=True, probe=(holder.learner_id,))
                 slot, verb = self._take(holder, certificate), "took back the slot of"
             elif len(self._slots) < self.capacity:
-                slot, verb = Slot(len(self._slots), address, new_credential(), certificate), "registered as"
+                slot, verb = self._take(Slot(len(self._slots), address, "", None), certificate), "registered as"
                 self._slots.append(slot)
             else:
                 free = [slot for slot in self._slots if self._free(slot, now)]
@@ -142,12 +144,9 @@ class Registry:
         return slot if slot and slot.certificate in (None, certificate) else None
 
     def _of_credential(self, credential: str | None) -> Slot | None:
-        """The slot whose credential this is, compared in constant time with every slot's."""
-        found = None
-        for slot in self._slots:
-            if credential and hmac.compare_digest(slot.credential.encode(), credential.encode()):
-                found = slot
-        return found
+        """The slot whose credential this is: found by its hash, then compared in constant time."""
+        slot = self._by_session.get(session_id(credential)) if credential else None
+        return slot if slot and hmac.compare_digest(slot.credential.encode(), credential.encode()) else None
 
     def _at(self, address: str) -> Slot | None:
         return next((slot for slot in self._slots if slot.address == address), None)
@@ -163,10 +162,11 @@ class Registry:
                           "of your own")
         slot.address = ""
 
-    @staticmethod
-    def _take(slot: Slot, certificate: str | None) -> Slot:
+    def _take(self, slot: Slot, certificate: str | None) -> Slot:
         """A slot for a newcomer, under a new credential: its previous holder's no longer works."""
+        self._by_session.pop(slot.session, None)
         slot.credential, slot.certificate = new_credential(), certificate
+        self._by_session[slot.session] = slot
         return slot
 
     @staticmethod
@@ -194,8 +194,7 @@ class Registry:
     def session_status(self, session: str) -> int | None:
         """SERVING while the registration named session holds its slot, NOT_SERVING once dropped, else None."""
         with self._changed:
-            slot = next((slot for slot in self._slots if hmac.compare_digest(slot.session.encode(), session.encode())),
-                        None)
+            slot = self._by_session.get(session)
             return None if slot is None else NOT_SERVING if slot.state == DROPPED else SERVING
 
     def records(self) -> list[dict]:
