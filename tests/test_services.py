@@ -499,3 +499,11 @@ def test_a_learner_whose_address_refuses_connections_is_dropped_and_its_slot_fre
         time.sleep(0.2)
     assert not registry.is_active(0) and registry.is_active(1)
     assert live.register("127.0.0.1:7999").learner_id == 0  # a newcomer takes the freed slot at once
+
+
+def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
+    learner = learner_module.Learner(learner_module.parse_args(["--leader", "127.0.0.1:9"]))
+    assert learner.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
+    with learner.credential.registering():  # the leader may check on it before the reply is here
+        assert learner.session_status("0" * 32) == health_pb2.HealthCheckResponse.SERVING
+    assert learner.session_status("0" * 32) is None
