@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
 
-.PHONY: install proto demo test bench certs clean
+.PHONY: install proto demo test test-long bench certs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -26,7 +26,10 @@ demo: install
 	$(PY) launch.py --demo
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not long" tests
+
+test-long: install
+	$(PY) -m pytest -q -m long tests
 
 bench: install
 	$(PY) bench.py

@@ -28,6 +28,7 @@ import framing
 import launch
 import learner
 import leader
+import messages
 import rpc
 import runtime
 import utils
@@ -116,7 +117,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         flat = torch.randn(self.layout.size) * 1e-3
         self.layout.read_buffers(flat)  # the model's own BatchNorm statistics: no negative variances
         self.gradient = self.layout.wire_tensors(flat)
-        self.round = wire.metadata_int(state, "round")
+        self.round = messages.round_of(state)
         self.inbox, self.started = learner.StateInbox(), threading.Event()
         self.session = ""  # its registration, which the leader's health checks ask about
         self.server, port = rpc.start_server("127.0.0.1:0", [(learner.ADD_LEARNER_SERVICE, self)],
@@ -133,21 +134,22 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
 
     def SyncModelState(self, request, context):
         payload = wire.decode(request.chunk)
-        self.inbox.put(wire.metadata_int(payload, "round"), payload)
+        self.inbox.put(messages.round_of(payload), payload)
         return learner_pb2.Ack(success=True)
 
     def run(self) -> None:
         if not self.started.wait(SERVER_LIFETIME_S):
             return
+        version = 0
         while True:  # each wait below is bounded; the leader's final state ends the loop
-            metadata = {"learner_id": str(self.learner_id), "round": str(self.round), "samples": "1", "loss": "1.0"}
-            request = leader_pb2.GradientData(chunk=wire.encode(self.gradient, metadata))
+            claims = messages.UpdateInfo(self.learner_id, self.round, samples=1, loss=1.0)
+            request = leader_pb2.GradientData(chunk=wire.encode(self.gradient, claims.to_metadata()))
             send = lambda: self.stub.AccumulateGradients(request, timeout=600, metadata=self.credential)
             learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, send, "AccumulateGradients")
-            state = self.inbox.take(self.round + 1, 600)
-            if state is None or state.metadata.get("finished") == "1":
+            pushed = self.inbox.take(version, 600)
+            if pushed is None or messages.is_final(pushed[1]):
                 return
-            self.round += 1
+            version, self.round = pushed[0], messages.round_of(pushed[1])
 
 
 def fake_learners(leader_address: str, count: int) -> None:
@@ -293,9 +295,10 @@ def plain_step_seconds(batch: int, threads: int, steps: int, with_optimizer: boo
         return timed(step, steps)
 
 
-def coscheduled_step_seconds(processes: int, threads: int, steps: int) -> list[float]:
+def coscheduled_step_seconds(processes: int, threads: int, steps: int, batch: int = 64) -> list[float]:
     """Step times of `processes` plain processes running at once, as learners sharing a machine do."""
-    runs = [child("_plain-steps", str(threads), str(steps), stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    runs = [child("_plain-steps", str(threads), str(steps), str(batch), stdout=subprocess.PIPE, text=True)
+            for _ in range(processes)]
     return [seconds for run in runs for seconds in json.loads(run.communicate(timeout=600)[0])]
 
 
@@ -447,6 +450,67 @@ def _seconds_to(records: list[dict], target: float) -> float | None:
     return None
 
 
+BENCH_STRATEGIES = ("fedsgd", "fedavg", "fedavgm", "fedprox", "fedadam", "scaffold")
+
+
+def strategy_runs(work: Path, epochs: float, target: float = 0.90) -> dict:
+    """Each strategy on the synthetic set with 2 learners of batch 32 for `epochs` passes over their shards (the
+    same compute for all; the local strategies train one local epoch per round): rounds, bytes on the wire
+    (both ways) and wall time until test accuracy first reaches target, and the final accuracy."""
+    table, curves, round_seconds = {}, {}, {}
+    for name in BENCH_STRATEGIES:
+        every = "10" if name == "fedsgd" else "1"
+        flags = ["--dataset", "synthetic", "--batch-size", "32", "--epochs", str(epochs), "--eval-every", every,
+                 "--strategy", name]
+        records, _ = federation_run(work / f"strategy-{name}", 2, flags)
+        round_seconds[name] = [record["seconds"] for record in records if "train_loss" in record]
+        curves[name] = accuracy_by_bytes(records)
+        reached = next(((rounds, sent, seconds) for rounds, sent, seconds, accuracy in curves[name]
+                        if accuracy >= target), None)
+        table[name] = {"rounds_to_target": reached and reached[0], "mb_to_target": reached and reached[1] / 1e6,
+                       "seconds_to_target": reached and reached[2], "final_accuracy": curves[name][-1][3],
+                       "rounds": curves[name][-1][0]}
+    base = table["fedsgd"]
+    for row in table.values():  # how many times fewer bytes and how much faster than FedSGD
+        reached = row["mb_to_target"] and base["mb_to_target"]
+        row["bytes_vs_fedsgd"] = row["mb_to_target"] / base["mb_to_target"] if reached else None
+        row["seconds_vs_fedsgd"] = row["seconds_to_target"] / base["seconds_to_target"] if reached else None
+    plot_strategies(curves, work.parent / "strategies.png", target)
+    # A FedAvg round of one local epoch against that epoch's bare compute: two plain processes stepping at once
+    epoch_compute = statistics.median(coscheduled_step_seconds(2, 1, 40, batch=32)) * (utils.SYNTHETIC_SIZES[True] // 2 // 32)
+    fedavg_round = statistics.median(round_seconds["fedavg"])
+    return {"value": table, "target": target, "epochs": epochs, "plot": str(work.parent / "strategies.png"),
+            "fedavg_round_s": fedavg_round, "local_epoch_compute_s": epoch_compute,
+            "fedavg_round_vs_compute": fedavg_round / epoch_compute}
+
+
+def accuracy_by_bytes(records: list[dict]) -> list[tuple[int, float, float, float]]:
+    """(rounds, bytes sent both ways, seconds of rounds, test accuracy) at each evaluation of a run."""
+    rounds, sent, seconds, points = 0, 0.0, 0.0, []
+    for record in records:
+        if "train_loss" in record:
+            rounds, sent, seconds = record["round"], sent + record["bytes_in"] + record["bytes_out"], seconds + record["seconds"]
+        elif "test_accuracy" in record:
+            points.append((rounds, sent, seconds, record["test_accuracy"]))
+    return points
+
+
+def plot_strategies(curves: dict, path: Path, target: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        axis.plot([sent / 1e6 for _, sent, _, _ in points], [accuracy for *_, accuracy in points], marker=".", label=name)
+    axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+    axis.set(xscale="log", xlabel="MB on the wire (both ways, 2 learners)", ylabel="test accuracy",
+             title="Synthetic set, ResNet-20, same compute per strategy")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
     """The same training in one process on the whole training set, with the leader's schedule,
     evaluated every 10 steps until it reaches target."""
@@ -484,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each timed transfer")
     parser.add_argument("--rounds", type=int, default=20, help="FedSGD rounds of each of the round-overhead runs")
     parser.add_argument("--scale", default="1,4,16,64", help="learner counts for leader_scale")
+    parser.add_argument("--strategy-epochs", type=float, default=3, help="epochs of each run of the strategies table")
     parser.add_argument("--out", default="bench", help="directory for results.json and the runs' logs")
-    parser.add_argument("--only", nargs="*", help="run only these figures")
+    parser.add_argument("--only", nargs="*", help="run only these figures (results.json keeps the earlier values of the others)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -496,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         "leader_scale": lambda: leader_scale(out / "work", [int(n) for n in args.scale.split(",")], 20),
         "serialization_gbps": lambda: serialization(args.repeats),
         "time_to_accuracy": lambda: time_to_accuracy(out / "work", 250),
+        "strategies": lambda: strategy_runs(out / "work", args.strategy_epochs),
     }
     results = {}
     for name, measure in figures.items():
@@ -505,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = measure()
         results.update(measured if name == "round_overhead" else {name: measured})
         print(f"{name}: done in {time.perf_counter() - started:.0f} s", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    path = out / "results.json"
+    earlier = json.loads(path.read_text()) if args.only and path.exists() else {}  # --only updates those figures
+    path.write_text(json.dumps({**earlier, **results}, indent=2))
     print_table(results)
     return 0
 
@@ -521,6 +589,14 @@ def print_table(results: dict) -> None:
         for count, row in results["leader_scale"]["value"].items():
             print(f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s; leader peak RSS {row['leader_peak_rss_mb']:7.1f} MB,"
                   f" peak anonymous {row['leader_peak_anon_mb']:7.1f} MB, of which the rounds added {row['anon_growth_in_rounds_mb']:5.1f} MB")
+    if "strategies" in results:
+        print(f"  {'strategy':10} {'rounds':>6} {'MB':>9} {'seconds':>8} to {results['strategies']['target']:.0%}; "
+              "final accuracy; bytes and time against FedSGD")
+        for name, row in results["strategies"]["value"].items():
+            shown = lambda value, form: format(value, form) if value is not None else "-"
+            print(f"  {name:10} {shown(row['rounds_to_target'], '6d'):>6} {shown(row['mb_to_target'], '9.1f'):>9} "
+                  f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
+                  f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}")
     if "serialization_gbps" in results:
         for codec, row in results["serialization_gbps"]["value"].items():
             print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
@@ -534,6 +610,6 @@ if __name__ == "__main__":
          "_serve-model": lambda: serve_model(int(rest[0]), rest[1]),
          "_tcp-source": lambda: tcp_source(int(rest[0]), int(rest[1])),
          "_fake-learners": lambda: fake_learners(rest[0], int(rest[1])),
-         "_plain-steps": lambda: print(json.dumps(plain_step_seconds(64, int(rest[0]), int(rest[1]))))}[command]()
+         "_plain-steps": lambda: print(json.dumps(plain_step_seconds(int(rest[2]), int(rest[0]), int(rest[1]))))}[command]()
         sys.exit(0)
     sys.exit(main())

@@ -17,7 +17,11 @@ log = logging.getLogger("leader")
 # Every flag that changes the training trajectory: a resumed run takes them from the checkpoint, and
 # refuses to start when one is given on the command line with another value.
 TRAJECTORY_FLAGS = ("model", "dataset", "learners", "batch_size", "seed", "epochs", "rounds", "lr",
-                    "warmup_epochs", "momentum", "weight_decay", "wire_dtype")
+                    "warmup_epochs", "momentum", "weight_decay", "wire_dtype", "strategy", "local_epochs",
+                    "local_steps", "client_lr", "client_momentum", "server_lr", "server_momentum", "beta1", "beta2",
+                    "tau", "mu", "aggregator", "trim", "byzantine", "clip_norm", "learners_per_round")
+# What a checkpoint written before a flag existed ran with
+EARLIER_DEFAULTS = {"strategy": "fedsgd"}
 # What a run writes into its --out directory; a new run moves an earlier run's files aside.
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt")
 
@@ -30,6 +34,7 @@ def config_of(args: argparse.Namespace) -> dict:
 def adopt_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> None:
     """Give args the checkpoint's trajectory flags; raise SystemExit naming every flag given on the command
     line with another value (a checkpoint of an older version may lack some: those keep their value)."""
+    saved = {**EARLIER_DEFAULTS, **saved}
     conflicts = [f"--{key.replace('_', '-')} {getattr(args, key)} (the checkpoint has {saved[key]})"
                  for key in TRAJECTORY_FLAGS if key in saved and key in explicit and getattr(args, key) != saved[key]]
     if conflicts:

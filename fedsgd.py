@@ -1,4 +1,4 @@
-"""FedSGD arithmetic on tensors: gradients, weighted accumulation, the optimizer step, evaluation.
+"""FedSGD arithmetic on tensors: the update layout, gradients, the guarded optimizer step, evaluation.
 
 No gRPC here. A gradient is one flat float32 vector: every trainable parameter's gradient followed
 by every floating-point buffer (BatchNorm running statistics), so that the leader can average both
@@ -24,18 +24,25 @@ STATISTICS_DTYPE = torch.float32
 class GradientLayout:
     """Where each parameter gradient and float buffer of a model sits in one flat float32 vector."""
 
-    def __init__(self, model: nn.Module, wire_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, wire_dtype: torch.dtype = torch.float32, controls: bool = False) -> None:
         self.parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
         self.counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
         self.variances = [name for name, _ in self.buffers if name.endswith("running_var")]
         self.parameter_count = sum(p.numel() for _, p in self.parameters)
-        self.size = self.parameter_count + sum(b.numel() for _, b in self.buffers)
+        self.statistics_count = sum(b.numel() for _, b in self.buffers)
+        self.size = self.parameter_count + self.statistics_count + (self.parameter_count if controls else 0)
         self.wire_dtype = wire_dtype
         self.spec: wire.TensorSpec = {  # what an update payload must hold, in order
             **{name: (wire_dtype, tuple(p.shape)) for name, p in self.parameters},
             **{name: (STATISTICS_DTYPE, tuple(b.shape)) for name, b in self.buffers},
+            **({control_name(name): (STATISTICS_DTYPE, tuple(p.shape)) for name, p in self.parameters} if controls else {}),
         }
+
+    @property
+    def controls(self) -> slice:
+        """Where SCAFFOLD's control variates sit (an empty slice without them)."""
+        return slice(self.parameter_count + self.statistics_count, self.size)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views into a flat vector, in layout order."""
@@ -67,22 +74,33 @@ class GradientLayout:
         for name, buffer in self.buffers:
             views[name].copy_(buffer)
 
-    def write_buffers(self, flat: torch.Tensor) -> None:
-        """Copy the tail of flat into the model's float buffers and count one more batch."""
+    def write_buffers(self, flat: torch.Tensor, batches: int = 1) -> None:
+        """Copy the statistics part of flat into the model's float buffers and count the batches they saw."""
         views = self.views(flat)
         with torch.no_grad():
             for name, buffer in self.buffers:
                 buffer.copy_(views[name])
             for counter in self.counters:
-                counter += 1
+                counter += batches
 
 
-def wire_state(model: nn.Module, wire_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def control_name(parameter: str) -> str:
+    """The name under which a parameter's SCAFFOLD control variate travels."""
+    return f"control.{parameter}"
+
+
+def wire_state(model: nn.Module, wire_dtype: torch.dtype, control: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """A model's state_dict as it travels: parameters in the wire dtype, buffers (BatchNorm statistics,
-    batch counters) as they are (no copy for float32)."""
+    batch counters) as they are (no copy for float32); with SCAFFOLD, then the server's control variate
+    (a flat vector over the trainable parameters) in float32."""
     parameters = {name for name, _ in model.named_parameters()}
-    return {name: tensor.to(wire_dtype) if name in parameters else tensor
-            for name, tensor in model.state_dict().items()}
+    state = {name: tensor.to(wire_dtype) if name in parameters else tensor
+             for name, tensor in model.state_dict().items()}
+    if control is not None:
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        pieces = control.split([p.numel() for _, p in trainable])
+        state.update({control_name(name): piece.view(p.shape) for (name, p), piece in zip(trainable, pieces)})
+    return state
 
 
 def compute_gradient(
@@ -98,35 +116,6 @@ def compute_gradient(
     return loss.item()
 
 
-class Accumulator:
-    """A running sum of gradient vectors weighted by batch size: one buffer, whatever the learner count."""
-
-    def __init__(self, size: int) -> None:
-        self.total = torch.zeros(size, dtype=torch.float32)
-        self.samples = 0
-        self.loss_sum = 0.0
-
-    def add(self, pieces: list[torch.Tensor], samples: int, loss: float) -> None:
-        """Add one learner's gradient (the mean over its `samples` examples), given as consecutive 1-D
-        pieces of any floating-point dtype that together cover the vector (wire.flat_runs)."""
-        for piece, part in zip(pieces, self.total.split([piece.numel() for piece in pieces])):
-            part.add_(piece, alpha=samples)
-        self.samples += samples
-        self.loss_sum += loss * samples
-
-    def mean_into(self, out: torch.Tensor) -> None:
-        """Write the sample-weighted mean gradient into out."""
-        torch.div(self.total, self.samples, out=out)
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss_sum / self.samples
-
-    def reset(self) -> None:
-        self.total.zero_()
-        self.samples, self.loss_sum = 0, 0.0
-
-
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with momentum; weight decay only on weights, not on BatchNorm parameters or biases."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -136,14 +125,14 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
 
 
 def apply_mean_gradient(
-    layout: GradientLayout, optimizer: torch.optim.Optimizer, mean: torch.Tensor, lr: float
+    layout: GradientLayout, optimizer: torch.optim.Optimizer, mean: torch.Tensor, lr: float, batches: int = 1
 ) -> None:
     """One optimizer step with the averaged gradient (whose head backs the parameters' .grad)
-    and adoption of the averaged BatchNorm statistics from its tail."""
+    and adoption of the averaged BatchNorm statistics (computed over `batches` batches) that follow it."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    layout.write_buffers(mean)
+    layout.write_buffers(mean, batches)
 
 
 # Bounds past which a step is no step of a sane run but a hostile update's blow-up. Training ResNet-20 and
@@ -155,6 +144,7 @@ MAX_RELATIVE_STEP = 1.0
 MAX_TENSOR_STEP = 10.0
 MAX_MOMENTUM_REACH = 10.0
 MAX_STATISTIC_CHANGE = 1000.0
+OPTIMIZER_STATE = ("momentum_buffer", "variance")  # what SGD and strategies.ServerOptimizer keep per parameter
 
 
 class GuardedStep:
@@ -167,7 +157,7 @@ class GuardedStep:
         self.model, self.layout, self.optimizer = model, layout, optimizer
         self._flat = {"before": torch.empty(0), "after": torch.empty(0)}
 
-    def __call__(self, mean: torch.Tensor, lr: float) -> str | None:
+    def __call__(self, mean: torch.Tensor, lr: float, batches: int = 1) -> str | None:
         """Step with the averaged update; None, or why the model was left as it was."""
         problem = _problem_in(self.layout.views(mean), mean)
         if problem:
@@ -175,7 +165,7 @@ class GuardedStep:
         saved = self._floats()
         before = self._flatten("before", saved.values())
         counters = [counter.clone() for counter in self.layout.counters]
-        apply_mean_gradient(self.layout, self.optimizer, mean, lr)
+        apply_mean_gradient(self.layout, self.optimizer, mean, lr, batches)
         floats = self._floats()
         after = self._flatten("after", floats.values())
         problem = _problem_in(floats, after)
@@ -185,11 +175,12 @@ class GuardedStep:
         return problem
 
     def _floats(self) -> dict[str, torch.Tensor]:
-        """What a step changes, by name: parameters, then float buffers, then momentum (once there is some)."""
+        """What a step changes, by name: parameters, then float buffers, then the optimizer's state (momentum
+        first, once there is some; a server optimizer's second moments after it)."""
         names = {parameter: name for name, parameter in self.layout.parameters}
-        momentum = {f"momentum of {names[p]}": state["momentum_buffer"] for p, state in self.optimizer.state.items()
-                    if state.get("momentum_buffer") is not None}
-        return {**{name: p.detach() for name, p in self.layout.parameters}, **dict(self.layout.buffers), **momentum}
+        state = {f"{key} of {names[p]}": tensor for key in OPTIMIZER_STATE for p, entries in self.optimizer.state.items()
+                 if isinstance(tensor := entries.get(key), torch.Tensor)}
+        return {**{name: p.detach() for name, p in self.layout.parameters}, **dict(self.layout.buffers), **state}
 
     def _flatten(self, which: str, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         tensors = [tensor.reshape(-1) for tensor in tensors]
@@ -200,7 +191,8 @@ class GuardedStep:
     def _change_problem(self, before: torch.Tensor, after: torch.Tensor, lr: float) -> str | None:
         """Why the step just taken is too large to be a sane one, or None; overwrites after with the change."""
         layout = self.layout
-        weights, statistics = slice(0, layout.parameter_count), slice(layout.parameter_count, layout.size)
+        weights = slice(0, layout.parameter_count)
+        statistics = slice(layout.parameter_count, layout.parameter_count + layout.statistics_count)
         norm = lambda tensor: torch.linalg.vector_norm(tensor).item()  # inf if it overflows: refused
         size = max(norm(before[weights]), 1.0)
         step = after[weights].sub_(before[weights])
@@ -211,7 +203,8 @@ class GuardedStep:
             if norm(change) > MAX_TENSOR_STEP * max(norm(old), 1.0):
                 return f"the step would change {name} by {norm(change) / max(norm(old), 1.0):.3g} times its norm"
         momentum = self.optimizer.param_groups[0].get("momentum", 0.0)
-        reach = lr / (1 - momentum) * norm(after[layout.size:]) if momentum and after.numel() > layout.size else 0.0
+        momenta = after[statistics.stop:][:layout.parameter_count]
+        reach = lr / (1 - momentum) * norm(momenta) if momentum and momenta.numel() else 0.0
         if reach > MAX_MOMENTUM_REACH * size:
             return f"the momentum would carry the weights {reach / size:.3g} times their norm further"
         change = after[statistics].sub_(before[statistics]).abs_().div_(before[statistics].abs().add_(1))
@@ -225,9 +218,10 @@ class GuardedStep:
             tensor.copy_(copy.view_as(tensor))
         for counter, count in zip(self.layout.counters, counters):
             counter.copy_(count)
-        for state in self.optimizer.state.values():  # momentum the step created goes again
-            if not any(state.get("momentum_buffer") is tensor for tensor in saved.values()):
-                state.pop("momentum_buffer", None)
+        for state in self.optimizer.state.values():  # optimizer state the step created goes again
+            for key in OPTIMIZER_STATE:
+                if key in state and not any(state[key] is tensor for tensor in saved.values()):
+                    del state[key]
 
 
 def _problem_in(named: Mapping[str, torch.Tensor], flat: torch.Tensor) -> str | None:

@@ -1,6 +1,7 @@
 """The leader: owns the global model, registers learners, serves model and data, and runs FedSGD rounds."""
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -21,10 +22,13 @@ import dispatch
 import fedsgd
 import framing
 import guard
+import messages
 import rpc
 import runtime
+import strategies
 import utils
 import wire
+from federation import Federation, Settings, Stalled
 from metrics import MetricsLog, plot_metrics, read_metrics
 from model import ARCHITECTURES, build_model
 from rounds import COUNTED_ON, MAX_MISSED_ROUNDS, Member, Refusal, Registry, RoundCollector
@@ -32,9 +36,6 @@ from rpc import leader_pb2, leader_pb2_grpc
 
 log = logging.getLogger("leader")
 
-WAIT_LOG_INTERVAL_S = 10.0
-WAIT_SLICE_S = 1.0  # how often waits look at stop requests, joiners and missing learners
-MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
 GRADIENT_WORKERS = 4
 LOG_INTERVAL_S = 10.0  # at most one line this often for what callers can make happen at will
 # Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (framing.chunk_messages),
@@ -48,7 +49,8 @@ REFERENCE_BATCH = 128  # the learning rate --lr means at this total batch; scale
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Federated learning leader: serves LeaderService, waits for --learners learners, "
-        "then trains the global model with FedSGD (one synchronous gradient step per round).",
+        "then trains the global model with FedSGD (one synchronous gradient step per round) or another --strategy "
+        "(local training, a server optimizer, robust aggregation, sampled participation).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--learners", type=int, default=2, help="number of learners to wait for and train with")
@@ -58,14 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training data to shard among learners, and the test split to evaluate on")
     parser.add_argument("--data-dir", default="data", help="where cifar10 lives (or is downloaded to), or the imagefolder root")
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="resnet20", help="architecture")
-    parser.add_argument("--epochs", type=float, default=30, help="passes over each learner's shard")
+    parser.add_argument("--epochs", type=float, default=30, help="passes over each learner's shard: the same compute whatever the strategy (with "
+                        "--learners-per-round each learner does its share of it)")
     parser.add_argument("--rounds", type=int, help="number of rounds (unset: from --epochs); overrides --epochs")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size per learner per round")
-    parser.add_argument("--lr", type=float, help="peak learning rate (unset: 0.1 x total batch / 128, the linear scaling rule)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size per learner per step (FedSGD: one step per round)")
+    parser.add_argument("--lr", type=float, help="FedSGD's peak learning rate (unset: 0.1 x total batch / 128, the linear scaling rule)")
     parser.add_argument("--warmup-epochs", type=float, default=1.0,
-                        help="linear learning-rate warm-up before cosine decay (at most a fifth of training)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm)")
+                        help="linear learning-rate warm-up before cosine decay (at most a fifth of training); the schedule "
+                        "drives --lr, or --client-lr round by round")
+    parser.add_argument("--momentum", type=float, default=0.9, help="FedSGD's momentum on the leader")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weights (not on biases or BatchNorm): on the leader's "
+                        "step for FedSGD, on the learners' steps for the others")
+    add_strategy_flags(parser)
     parser.add_argument("--wire-dtype", choices=sorted(wire.WIRE_DTYPES), default="float32",
                         help="precision of weights and gradients on the wire (float16/bfloat16 halve the bytes; "
                         "BatchNorm statistics always travel in float32)")
@@ -98,11 +104,120 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_strategy_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "strategy", "FedSGD (the default) takes one gradient per learner per round and steps with --lr, --momentum "
+        "and --weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
+        "--local-steps with the client flags, and the leader applies the mean change with a server optimizer.")
+    group.add_argument("--strategy", choices=strategies.STRATEGIES, default="fedsgd",
+                       help="fedavg: McMahan et al. 2017; fedavgm: with server momentum (Hsu et al. 2019); fedprox: "
+                       "a proximal term --mu (Li et al. 2020); fedadagrad, fedadam, fedyogi: adaptive server optimizers "
+                       "(Reddi et al. 2021); scaffold: control variates (Karimireddy et al. 2020)")
+    group.add_argument("--local-epochs", type=float, help="passes over its data each learner makes per round "
+                       "(default 1 for local-training strategies)")
+    group.add_argument("--local-steps", type=int, help="SGD steps each learner takes per round (instead of --local-epochs)")
+    group.add_argument("--client-lr", type=float, help="peak client learning rate, on --warmup-epochs and cosine "
+                       "schedule by round (unset: 0.1 x --batch-size / 128)")
+    group.add_argument("--client-momentum", type=float, default=0.9, help="client SGD momentum (reset every round)")
+    group.add_argument("--server-lr", type=float, help="server learning rate (unset: 1; fedavgm 1 - momentum; 0.1 for "
+                       "fedadagrad and 0.01 for fedadam and fedyogi, as Reddi et al. tuned for CIFAR-10)")
+    group.add_argument("--server-momentum", type=float, help="fedavgm's server momentum (unset: 0.9)")
+    group.add_argument("--beta1", type=float, default=0.9, help="adaptive server optimizers' first-moment decay")
+    group.add_argument("--beta2", type=float, default=0.99, help="fedadam and fedyogi's second-moment decay")
+    group.add_argument("--tau", type=float, default=1e-3, help="adaptive server optimizers' adaptivity (epsilon)")
+    group.add_argument("--mu", type=float, help="fedprox's proximal weight (unset: 0.01)")
+    group.add_argument("--aggregator", choices=strategies.AGGREGATORS, default="mean",
+                       help="how a round's updates combine: the sample-weighted mean (memory: one model), or a robust "
+                       "rule that keeps every update of the round (memory: one model per learner in the round)")
+    group.add_argument("--trim", type=float, default=0.2, help="trimmed-mean: fraction of the largest and of the "
+                       "smallest values dropped per coordinate")
+    group.add_argument("--byzantine", type=int, default=1, help="krum, multi-krum: how many hostile learners to "
+                       "withstand (needs at least 2F + 3 learners in a round)")
+    group.add_argument("--clip-norm", type=float, default=0.0, help="clip each update's model part to this L2 norm "
+                       "before aggregation (0: no clipping)")
+    group.add_argument("--learners-per-round", type=int, default=0,
+                       help="train with this many of the active learners each round, sampled with --seed "
+                       "(0: all); the others stay registered and idle")
+
+
+# Flags that only some strategies or aggregators read: given for another, they are refused rather than ignored
+FLAGS_FOR = {"local_epochs": "local", "local_steps": "local", "client_lr": "local", "client_momentum": "local",
+             "server_lr": "local", "lr": "fedsgd", "momentum": "fedsgd", "server_momentum": "fedavgm", "mu": "fedprox",
+             "beta1": "adaptive", "beta2": "fedadam or fedyogi", "tau": "adaptive",
+             "trim": "trimmed-mean", "byzantine": "krum or multi-krum"}
+
+
+def flag_applies(key: str, args: argparse.Namespace) -> bool:
+    """Whether the strategy and aggregator flag `key` means anything to this run (see FLAGS_FOR)."""
+    return {"local": args.strategy != "fedsgd", "fedsgd": args.strategy == "fedsgd",
+            "fedavgm": args.strategy == "fedavgm", "fedprox": args.strategy == "fedprox",
+            "adaptive": args.strategy in strategies.ADAPTIVE, "fedadam or fedyogi": args.strategy in ("fedadam", "fedyogi"),
+            "trimmed-mean": args.aggregator == "trimmed-mean",
+            "krum or multi-krum": args.aggregator in ("krum", "multi-krum")}[FLAGS_FOR[key]]
+
+
+def strategy_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """What is wrong with the strategy flags, as (failed, message) pairs."""
+    per_round = args.learners_per_round or args.learners
+    ignored = [key for key in FLAGS_FOR if key in args.explicit and not flag_applies(key, args)]
+    return [
+        (bool(ignored), "; ".join(f"--{key.replace('_', '-')} is for {FLAGS_FOR[key]} runs" for key in ignored)
+         + f", not --strategy {args.strategy} --aggregator {args.aggregator} (see --help)"),
+        (args.local_epochs is not None and args.local_steps is not None, "give --local-epochs or --local-steps, not both"),
+        ((args.local_epochs is not None and args.local_epochs <= 0) or (args.local_steps is not None and args.local_steps < 1)
+         or (args.client_lr is not None and args.client_lr <= 0) or (args.server_lr is not None and args.server_lr <= 0),
+         "--local-epochs, --local-steps, --client-lr and --server-lr must be positive"),
+        (args.server_momentum is not None and args.strategy != "fedavgm", "--server-momentum is fedavgm's"),
+        (args.mu is not None and args.strategy != "fedprox", "--mu is fedprox's"),
+        (not 0 <= args.client_momentum < 1 or not 0 <= (args.server_momentum or 0) < 1 or not 0 <= args.beta1 < 1
+         or not 0 <= args.beta2 < 1 or args.tau <= 0 or (args.mu or 0) < 0,
+         "momenta and betas must lie in [0, 1), --tau must be positive and --mu not negative"),
+        ((args.client_lr or 0) > messages.MAX_CLIENT_LR or args.weight_decay > messages.MAX_WEIGHT_DECAY
+         or (args.mu or 0) > messages.MAX_MU or args.learners > messages.MAX_LEARNERS,
+         f"learners accept --client-lr up to {messages.MAX_CLIENT_LR:g}, --weight-decay up to "
+         f"{messages.MAX_WEIGHT_DECAY:g}, --mu up to {messages.MAX_MU:g} and at most {messages.MAX_LEARNERS} learners"),
+        (not 0 <= args.trim < 0.5, "--trim must lie in [0, 0.5)"),
+        (args.byzantine < 0 or args.clip_norm < 0 or args.learners_per_round < 0,
+         "--byzantine, --clip-norm and --learners-per-round must not be negative"),
+        (args.learners_per_round > args.learners, "--learners-per-round exceeds --learners"),
+        (args.aggregator in ("krum", "multi-krum") and per_round < 2 * args.byzantine + 3,
+         f"{args.aggregator} withstands --byzantine {args.byzantine} with at least {2 * args.byzantine + 3} "
+         f"learners in a round, not {per_round}"),
+        (args.learners_per_round and args.min_learners > args.learners_per_round,
+         "--min-learners exceeds --learners-per-round"),
+    ]
+
+
+def default_server_lr(args: argparse.Namespace) -> float:
+    """The papers' server learning rates; fedavgm's is 1 - momentum, so that its steady step is FedAvg's
+    (Hsu et al. 2019: what matters is lr / (1 - momentum); 1 with momentum 0.9 diverged on the synthetic set)."""
+    if args.strategy == "fedavgm":
+        return 1.0 - (0.9 if args.server_momentum is None else args.server_momentum)
+    return strategies.DEFAULT_SERVER_LR.get(args.strategy, 1.0)
+
+
+def make_strategy(args: argparse.Namespace, local_steps: int) -> strategies.Strategy:
+    """The strategy the flags ask for, with the papers' defaults where they are unset."""
+    local = args.strategy != "fedsgd"
+    server_momentum = (0.9 if args.server_momentum is None else args.server_momentum) if args.strategy == "fedavgm" else 0.0
+    return strategies.Strategy(
+        name=args.strategy, local_steps=local_steps, client_momentum=args.client_momentum if local else 0.0,
+        weight_decay=args.weight_decay if local else 0.0,
+        mu=(0.01 if args.mu is None else args.mu) if args.strategy == "fedprox" else 0.0,
+        server_lr=args.server_lr or default_server_lr(args),
+        server_momentum=server_momentum,
+        beta1=args.beta1, beta2=args.beta2, tau=args.tau, aggregator=args.aggregator, trim=args.trim,
+        byzantine=args.byzantine, clip_norm=args.clip_norm)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, checked; args.explicit names those given on the command line (a resume takes the others
     from the checkpoint)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    unset = object()  # argparse leaves attributes a namespace already has alone unless the flag is given
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**{key: unset for key in vars(args)}))
+    args.explicit = {key for key, value in vars(given).items() if value is not unset}
     problems = [
         (args.learners < 1 or args.batch_size < 1, "--learners and --batch-size must be positive"),
         (args.min_learners < 1 or (not args.resume and args.min_learners > args.learners),
@@ -115,73 +230,91 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
          "--eval-every, --checkpoint-every and --threads must not be negative"),
         (min(args.round_timeout, args.register_timeout, args.sync_timeout, args.idle_timeout) <= 0 or args.rejoin_grace < 0,
          "timeouts must be positive and --rejoin-grace must not be negative"),
+        *([] if args.resume else strategy_problems(args)),  # a resume checks them once it has the checkpoint's
     ]
     for failed, message in problems:
         if failed:
             parser.error(message)
-    unset = object()  # argparse leaves attributes a namespace already has alone unless the flag is given
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**{key: unset for key in vars(args)}))
-    args.explicit = {key for key, value in vars(given).items() if value is not unset}
     return args
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """How long training runs and how fast it learns."""
+    """How long training runs and how fast it learns. A round is steps_per_round batches on each learner
+    (one for FedSGD); an epoch is a pass over a learner's shard, steps_per_epoch batches."""
 
     total_rounds: int
-    rounds_per_epoch: int
+    steps_per_epoch: int
+    steps_per_round: int
     warmup_rounds: int
     base_lr: float
 
     def epoch_of(self, round_index: int) -> int:
-        """The 1-based epoch that round_index (0-based) belongs to."""
-        return round_index // self.rounds_per_epoch + 1
+        """The 1-based epoch that round_index (0-based) begins in."""
+        return round_index * self.steps_per_round // self.steps_per_epoch + 1
+
+    def ends_epoch(self, rounds_done: int) -> bool:
+        """Whether the round that made rounds_done crossed the end of an epoch."""
+        return self.epoch_of(rounds_done) > self.epoch_of(rounds_done - 1) if rounds_done > 0 else False
+
+    @property
+    def rounds_per_epoch(self) -> float:
+        return self.steps_per_epoch / self.steps_per_round
 
     def lr(self, round_index: int) -> float:
         return fedsgd.learning_rate(round_index, self.base_lr, self.warmup_rounds, self.total_rounds)
 
 
 def make_schedule(args: argparse.Namespace, shard_size: int) -> Schedule:
-    rounds_per_epoch = shard_size // args.batch_size
-    if rounds_per_epoch < 1:
+    steps_per_epoch = shard_size // args.batch_size
+    if steps_per_epoch < 1:
         raise SystemExit(f"--batch-size {args.batch_size} exceeds the {shard_size} samples of each learner's shard")
+    steps_per_round = 1
+    if args.strategy != "fedsgd":
+        steps_per_round = args.local_steps or max(1, round((args.local_epochs or 1.0) * steps_per_epoch))
+    rounds_per_epoch = steps_per_epoch / steps_per_round
     total = args.rounds if args.rounds is not None else max(1, math.ceil(args.epochs * rounds_per_epoch))
     warmup = min(round(args.warmup_epochs * rounds_per_epoch), total // 5)
-    base_lr = args.lr if args.lr is not None else 0.1 * args.learners * args.batch_size / REFERENCE_BATCH
-    return Schedule(total, rounds_per_epoch, warmup, base_lr)
+    if args.strategy == "fedsgd":
+        base_lr = args.lr if args.lr is not None else 0.1 * args.learners * args.batch_size / REFERENCE_BATCH
+    else:  # each learner steps on its own batch: the linear scaling rule for one learner's batch
+        base_lr = args.client_lr if args.client_lr is not None else 0.1 * args.batch_size / REFERENCE_BATCH
+    return Schedule(total, steps_per_epoch, steps_per_round, warmup, base_lr)
 
 
 class GlobalModel:
-    """The global model, its optimizer and the encoded state the learners fetch."""
+    """The global model, its optimizer (FedSGD's, or a strategy's server optimizer) and the encoded state the
+    learners fetch."""
 
     def __init__(self, architecture: str, num_classes: int, args: argparse.Namespace,
-                 normalisation: tuple[list[float], list[float]]) -> None:
+                 normalisation: tuple[list[float], list[float]], strategy: strategies.Strategy = strategies.Strategy()) -> None:
         torch.manual_seed(args.seed)
         self.model = build_model(architecture, num_classes)
+        self.strategy = strategy
         self.wire_dtype = wire.WIRE_DTYPES[args.wire_dtype]
-        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype)
+        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype, controls=strategy.name == "scaffold")
         self.mean_gradient = torch.zeros(self.layout.size)
         self.layout.bind_gradients(self.mean_gradient)
-        self.optimizer = fedsgd.make_optimizer(self.model, 0.0, args.momentum, args.weight_decay)
+        self.optimizer = strategies.make_server_optimizer(self.model, strategy) if strategy.local else \
+            fedsgd.make_optimizer(self.model, 0.0, args.momentum, args.weight_decay)
         self.step_safely = fedsgd.GuardedStep(self.model, self.layout, self.optimizer)
+        # SCAFFOLD's server control variate c, over the trainable parameters; it travels with every state
+        self.control = torch.zeros(self.layout.parameter_count) if strategy.name == "scaffold" else None
         mean, std = normalisation
-        self.metadata = {
-            "architecture": architecture, "num_classes": str(num_classes), "batch_size": str(args.batch_size),
-            "seed": str(args.seed), "mean": ",".join(map(str, mean)), "std": ",".join(map(str, std)),
-            "wire_dtype": args.wire_dtype,
-        }
+        self.info = messages.StateInfo(architecture, num_classes, args.batch_size, args.seed, tuple(mean), tuple(std),
+                                       args.wire_dtype)
         self.encoded_state = b""
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
         self.publish(round_index=0, finished=False)
 
-    def publish(self, round_index: int, finished: bool, stopped: bool = False) -> bytes:
-        """Encode the state after round_index with everything a learner needs to train on from there; GetModel
-        serves it from now on. `finished` tells learners to exit, `stopped` that the leader was stopped early
-        (it can be resumed). Returns the state as one serialised ModelState, ready to push to every learner."""
-        metadata = {**self.metadata, "round": str(round_index), "finished": "1" if finished else "0",
-                    "stopped": "1" if stopped else "0"}
-        self.encoded_state = wire.encode(fedsgd.wire_state(self.model, self.wire_dtype), metadata)
+    def publish(self, round_index: int, finished: bool, stopped: bool = False,
+                plan: messages.TrainingPlan = messages.TrainingPlan()) -> bytes:
+        """Encode the state after round_index with everything a learner needs to train the next round (plan);
+        GetModel serves it from now on. `finished` tells learners to exit, `stopped` that the leader was stopped
+        early (it can be resumed). Returns the state as one serialised ModelState, ready to push to learners."""
+        info = dataclasses.replace(self.info, round=round_index, finished=finished, stopped=stopped, plan=plan)
+        tensors = fedsgd.wire_state(self.model, self.wire_dtype, self.control)
+        self.encoded_state = wire.encode(tensors, info.to_metadata())
         return framing.chunk_message(self.encoded_state)
 
     def model_messages(self) -> list[bytes]:
@@ -194,13 +327,26 @@ class GlobalModel:
         return messages
 
     def gradient_payload_bytes(self) -> int:
-        """Size of a learner's gradient payload, to bound incoming messages."""
+        """Size of a learner's update payload, to bound incoming messages."""
         return len(wire.encode(self.layout.wire_tensors(self.mean_gradient), {"learner_id": "0"}))
 
-    def step(self, lr: float) -> str | None:
-        """One optimizer step with the round's mean gradient (in mean_gradient); None, or why the model was
-        left as it was (the step would have made it non-finite, or changed it absurdly: fedsgd.GuardedStep)."""
-        return self.step_safely(self.mean_gradient, lr)
+    def step(self, lr: float, participants: int = 1, learners: int = 1) -> str | None:
+        """One step with the round's aggregate update (in mean_gradient): FedSGD's optimizer at the schedule's
+        lr, or the strategy's server optimizer (then SCAFFOLD's control update, Karimireddy et al.'s
+        c += |S| / N * the mean change of the participants' controls).
+        None, or why the model was left as it was (non-finite or absurd: fedsgd.GuardedStep)."""
+        if not self.strategy.local:
+            return self.step_safely(self.mean_gradient, lr)
+        change = None
+        if self.control is not None:  # checked before the step, applied after it
+            change = self.mean_gradient[self.layout.controls] * (participants / learners)
+            weights = torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for _, p in self.layout.parameters]))
+            if problem := strategies.control_problem(self.control, change, weights.item()):
+                return problem
+        problem = self.step_safely(self.mean_gradient, self.strategy.server_lr, self.strategy.local_steps)
+        if problem is None and change is not None:
+            self.control.add_(change)
+        return problem
 
 
 class Shards:
@@ -318,32 +464,36 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         """Check a learner's gradient and add it to the open round."""
         try:
             payload = wire.decode(chunk)
-            round_index, samples, loss = self.check_claims(payload, member)
+            claims = self.check_claims(payload, member)
             wire.check_matches(payload, self.global_model.layout.spec)
             self.global_model.layout.check_update(payload.tensors)
         except (wire.PayloadError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
-        reason = self.collector.submit(member.learner_id, round_index, wire.flat_runs(payload), samples, loss, len(chunk))
+        round_index = claims.round
+        reason = self.collector.submit(member.learner_id, round_index, wire.flat_runs(payload), claims.samples,
+                                       claims.loss, len(chunk))
         self.heard_from(member)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
             return leader_pb2.Ack(success=False, message=reason)
         return leader_pb2.Ack(success=True, message=f"gradient for round {round_index} accepted")
 
-    def check_claims(self, payload: wire.Payload, member: Member) -> tuple[int, int, float]:
-        """The round, sample count and loss a gradient claims, each checked; raises PayloadError."""
-        learner_id = wire.metadata_int(payload, "learner_id")
-        if learner_id != member.learner_id:
-            raise wire.PayloadError(f"metadata learner_id {learner_id} is not the caller's slot, {member.learner_id}")
-        samples = wire.metadata_int(payload, "samples", minimum=1)
-        if samples > self.batch_size:
-            raise wire.PayloadError(f"metadata samples {samples} exceeds the batch of {self.batch_size} this leader "
-                                    "asks for")
-        loss = float(payload.metadata.get("loss", "nan"))
-        if not 0 <= loss <= MAX_LOSS:
-            raise wire.PayloadError(f"metadata 'loss' must be a number from 0 to {MAX_LOSS:g}, "
-                                    f"got {payload.metadata.get('loss', '')[:32]!r}")
-        return wire.metadata_int(payload, "round"), samples, loss
+    def check_claims(self, payload: wire.Payload, member: Member) -> messages.UpdateInfo:
+        """What an update claims (its slot, kind, samples and steps), checked against what this leader asked
+        for; raises PayloadError."""
+        claims = messages.UpdateInfo.from_payload(payload)
+        strategy = self.global_model.strategy
+        if claims.learner_id != member.learner_id:
+            raise wire.PayloadError(f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}")
+        if claims.kind != strategy.update_kind:
+            raise wire.PayloadError(f"this leader runs {strategy.name} and takes a {strategy.update_kind}, not a {claims.kind}")
+        if claims.steps > strategy.local_steps:
+            raise wire.PayloadError(f"metadata steps {claims.steps} exceeds the {strategy.local_steps} local steps this "
+                                    "leader asks for")
+        if claims.samples > self.batch_size * claims.steps:
+            raise wire.PayloadError(f"metadata samples {claims.samples} exceeds the batch of {self.batch_size} this leader "
+                                    f"asks for{'' if claims.steps == 1 else f' times {claims.steps} steps'}")
+        return claims
 
 
 def same_host(address: str, peer: str | None) -> bool:
@@ -371,10 +521,6 @@ def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
             "/grpc.health.v1.Health/Check": guard.Limit(1, anonymous=8)}
 
 
-class Stalled(Exception):
-    """Too few learners for too long: the leader checkpoints and exits, to be resumed later."""
-
-
 class Leader:
     """The training run: data, global model, checkpoints, server and the round loop."""
 
@@ -383,6 +529,9 @@ class Leader:
         saved = checkpoint.load(args.resume) if args.resume else None
         if saved:
             checkpoint.adopt_config(saved["config"], args, args.explicit)
+            for failed, message in strategy_problems(args):
+                if failed:
+                    raise SystemExit(f"--resume {args.resume}: {message}")
             if args.min_learners > args.learners:
                 raise SystemExit(f"--min-learners {args.min_learners} exceeds the checkpoint's --learners {args.learners}")
             if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -399,19 +548,42 @@ class Leader:
         self.test_images, self.test_labels = utils.normalize(test.images, *normalisation), test.labels
         self.shards = Shards(self.train, utils.shard_indices(len(self.train), args.learners, args.seed), args.dataset)
         self.schedule = make_schedule(args, len(self.shards.indices[0]))
-        self.global_model = GlobalModel(args.model, self.train.num_classes, args, normalisation)
+        self.strategy = make_strategy(args, self.schedule.steps_per_round)
+        self.global_model = GlobalModel(args.model, self.train.num_classes, args, normalisation, self.strategy)
+        self.sampler = torch.Generator().manual_seed(args.seed)  # who takes part in each round
         first_round = self.restore(saved) if saved else 0
         restored_slots = [] if not saved else saved["slots"] if "slots" in saved else \
             [{"address": address, "credential": ""} for address in saved["addresses"]]  # an older checkpoint
         self.registry = Registry(args.learners, args.rejoin_grace, restored_slots)
-        self.collector = RoundCollector(self.global_model.layout.size, first_round)
-        self.global_model.publish(first_round, finished=first_round >= self.schedule.total_rounds)
+        layout = self.global_model.layout
+        self.collector = RoundCollector(layout.size, first_round, self.strategy, layout.parameter_count)
+        # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
+        # until the first round draws its participants and pushes it to them.
+        finished = first_round >= self.schedule.total_rounds
+        participants = (saved.get("participants") if saved else None) or [] if args.learners_per_round else None
+        self.global_model.publish(first_round, finished, plan=messages.TrainingPlan() if finished else
+                                  self.plan(first_round, participants))
         self.client = dispatch.LearnerClient(self.security)
         self.stopping = threading.Event()
-        log.info("%s with %d parameters; %d train / %d test images, %d per learner; %d rounds "
-                 "(%d per epoch), peak lr %.3g", args.model,
-                 self.global_model.layout.parameter_count, len(self.train), len(test), len(self.shards.indices[0]),
-                 self.schedule.total_rounds, self.schedule.rounds_per_epoch, self.schedule.base_lr)
+        self.federation = Federation(Settings.from_args(args, self.out), self.registry, self.collector,
+                                     self.global_model.publish, lambda: self.global_model.encoded_state, self.plan,
+                                     self.client, self.sampler, self.stopping)
+        self.federation.participants = participants or None  # drawn for the saved round
+        log.info("%s with %d parameters; %d train / %d test images, %d per learner; %s: %d rounds of %d local steps "
+                 "(%.3g per epoch), peak %slr %.3g%s", args.model,
+                 layout.parameter_count, len(self.train), len(test), len(self.shards.indices[0]), self.strategy.name,
+                 self.schedule.total_rounds, self.schedule.steps_per_round, self.schedule.rounds_per_epoch,
+                 "client " if self.strategy.local else "", self.schedule.base_lr,
+                 f", server lr {self.strategy.server_lr:g}" if self.strategy.local else "")
+
+    def plan(self, round_index: int, participants: list[int] | None) -> messages.TrainingPlan:
+        """How learners train round_index: the strategy's local training at the schedule's learning rate."""
+        strategy = self.strategy
+        if not strategy.local:
+            return messages.TrainingPlan(participants=None if participants is None else tuple(participants))
+        return messages.TrainingPlan(strategy.name, strategy.local_steps, self.schedule.lr(round_index),
+                                     strategy.client_momentum, strategy.weight_decay, strategy.mu,
+                                     None if participants is None else tuple(participants))
 
     def save_checkpoint(self, rounds_done: int) -> None:
         """Everything needed to continue from rounds_done, written atomically. Learners' positions in
@@ -419,7 +591,9 @@ class Leader:
         credential lets its learner take it back."""
         state = {"model": self.global_model.model.state_dict(), "optimizer": self.global_model.optimizer.state_dict(),
                  "round": rounds_done, "slots": self.registry.records(), "rng": torch.get_rng_state(),
-                 "config": checkpoint.config_of(self.args)}
+                 "sampler": self.sampler.get_state(), "participants": self.federation.participants,
+                 "config": checkpoint.config_of(self.args),
+                 **({"control": self.global_model.control} if self.global_model.control is not None else {})}
         checkpoint.save_atomically(state, self.out / "checkpoint.pt")
         log.info("checkpoint at round %d", rounds_done)
 
@@ -428,13 +602,17 @@ class Leader:
         self.global_model.model.load_state_dict(saved["model"])
         self.global_model.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
+        if "sampler" in saved:
+            self.sampler.set_state(saved["sampler"])
+        if self.global_model.control is not None:
+            self.global_model.control.copy_(saved["control"])
         checkpoint.keep_metrics_until(self.out / "metrics.jsonl", saved["round"])
         log.info("resuming from the checkpoint at round %d", saved["round"])
         return saved["round"]
 
     def serve(self) -> grpc.Server:
         servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shards.messages,
-                                  self.args.batch_size, self.probe, self.heard_from)
+                                  self.args.batch_size, self.federation.probe, self.federation.heard_from)
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         slot_of = lambda headers: None if (slot := self.registry.holder(headers.get(rpc.CREDENTIAL_HEADER))) is None \
             else str(slot)
@@ -446,166 +624,72 @@ class Leader:
                  self.security.describe(), self.args.learners)
         return server
 
-    def probe(self, learner_ids: tuple[int, ...] | list[int]) -> None:
-        """Check on these learners' registrations; drop those found gone or silent for --sync-timeout."""
-        self.client.probe(self.registry.members(list(learner_ids)), self.drop, self.args.sync_timeout)
-
-    def heard_from(self, member: Member) -> None:
-        """The learner sent a gradient (or accepted a start): it is there, and rounds wait for it again."""
-        self.client.heard_from(member)
-        self.collector.heard_from(member.learner_id)
-
-    def drop(self, member: Member, reason: str, gone: bool) -> None:
-        if self.registry.drop(member.learner_id, member.generation, gone):
-            kept = "its slot is free" if gone else f"its slot is kept for it for {self.args.rejoin_grace:.0f} s"
-            log.warning("dropped learner %d (%s); %s", member.learner_id, reason, kept)
-
-    def wait_for_learners(self) -> bool:
-        """Wait until --learners learners registered (after a resume, --min-learners suffice once
-        --round-timeout has passed); False if stopped first. Raises Stalled after --register-timeout."""
-        started, last_log = time.monotonic(), 0.0
-        while not self.registry.wait_for(self.args.learners, WAIT_SLICE_S):
-            waited = time.monotonic() - started
-            present = self.registry.count()
-            if self.stopping.is_set():
-                return False
-            if self.args.resume and waited >= self.args.round_timeout and present >= self.args.min_learners:
-                return True
-            if waited > self.args.register_timeout:
-                raise Stalled(f"only {present} of {self.args.learners} learners registered within --register-timeout "
-                              f"{self.args.register_timeout:.0f} s; start more learners or lower --learners")
-            if waited - last_log >= WAIT_LOG_INTERVAL_S:
-                last_log = waited
-                log.info("%d of %d learners registered; waiting", present, self.args.learners)
-        return True
-
-    def admit_joiners(self) -> None:
-        """Start the learners that (re)registered, and give them the current model state."""
-        joiners = self.registry.take_joiners()
-        if not joiners:
-            return
-        log.info("starting learners %s at round %d", sorted(joiners), self.collector.round)
-        # Rounds may have passed since the joiner's GetModel: the state goes first (a serialised ModelState).
-        state = framing.chunk_message(self.global_model.encoded_state) if self.collector.round > 0 else None
-        started = lambda member: (self.registry.started(member.learner_id, member.generation), self.heard_from(member))
-        self.client.start(joiners, state, started, self.drop, self.args.sync_timeout)
-
-    def wait_for_round(self, round_index: int) -> bool:
-        """Wait for the expected gradients, or after --round-timeout for --min-learners of them; a round
-        whose missing learners were all dropped closes at once. Learners the round waits for are checked on
-        and dropped when gone; newcomers join. False if stopped first; raises Stalled when fewer than
-        --min-learners gradients came within --round-timeout plus --register-timeout."""
-        started, last_log, was_alone = time.monotonic(), 0.0, False
-        while not self.collector.wait_complete(WAIT_SLICE_S):
-            if self.stopping.is_set():
-                return False
-            missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
-            waited = time.monotonic() - started
-            enough = arrived >= self.args.min_learners
-            if enough and not set(missing) & set(active):
-                return True
-            if enough and waited >= self.args.round_timeout:
-                log.warning("round %d: closing after %.0f s with %d gradients; missing learners %s",
-                            round_index, waited, arrived, missing)
-                return True
-            if waited > self.args.round_timeout + self.args.register_timeout:
-                raise Stalled(f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
-                              f"{self.args.min_learners} within --round-timeout plus --register-timeout; resume with "
-                              f"--resume {self.out} when learners can take part")
-            self.probe(sorted(set(missing) & set(active)))
-            alone = self.registry.count() == 0
-            if waited - last_log >= WAIT_LOG_INTERVAL_S or (alone and not was_alone):
-                last_log = waited
-                self.log_waiting(round_index, waited, arrived, missing, alone)
-            was_alone = alone
-            self.admit_joiners()
-        return True
-
-    def log_waiting(self, round_index: int, waited: float, arrived: int, missing: list[int], alone: bool) -> None:
-        if alone:
-            log.warning("round %d: no learner is left; waiting up to --register-timeout %.0f s for learners to "
-                        "register", round_index, self.args.register_timeout)
-            return
-        need = "" if arrived >= self.args.min_learners else f" (need at least --min-learners {self.args.min_learners})"
-        log.info("round %d: %d gradients after %.0f s; waiting for learners %s%s", round_index, arrived, waited,
-                 missing, need)
-
-    def evaluate(self, round_index: int, metrics: MetricsLog) -> fedsgd.Evaluation:
+    def evaluate(self, round_index: int, metrics: MetricsLog) -> float:
+        """Evaluate the global model on the test split and record it; returns the seconds it took."""
         started = time.perf_counter()
         with runtime.torch_threads(self.args.threads or runtime.available_cores()):
             result = fedsgd.evaluate(self.global_model.model, self.test_images, self.test_labels)
+        seconds = time.perf_counter() - started
         metrics.write({"round": round_index, "epoch": self.schedule.epoch_of(max(0, round_index - 1)),
-                       "test_loss": result.loss, "test_accuracy": result.accuracy,
-                       "seconds": time.perf_counter() - started})
+                       "test_loss": result.loss, "test_accuracy": result.accuracy, "seconds": seconds})
         log.info("round %d: test loss %.4f, test accuracy %.4f", round_index, result.loss, result.accuracy)
-        return result
+        return seconds
 
     def due(self, rounds_done: int, every: int) -> bool:
         """Whether rounds_done ends an epoch or a period of `every` rounds (0: never)."""
-        return (every > 0 and rounds_done % every == 0) or rounds_done % self.schedule.rounds_per_epoch == 0
+        return (every > 0 and rounds_done % every == 0) or self.schedule.ends_epoch(rounds_done)
 
     def train_rounds(self, metrics: MetricsLog) -> int:
         """Run rounds until the schedule ends or a stop is requested; return the rounds done."""
-        total = self.schedule.total_rounds
+        progress = tqdm(total=self.schedule.total_rounds, initial=self.collector.round, desc="rounds", unit="round",
+                        disable=None)
+        self.federation.start()
         round_started = time.perf_counter()
-        progress = tqdm(total=total, initial=self.collector.round, desc="rounds", unit="round", disable=None)
-        self.admit_joiners()
-        if not self.registry.wait_started(self.args.sync_timeout):  # the first round waits for everyone started
-            log.warning("some learners did not accept StartTraining within --sync-timeout; starting without them")
-        while self.collector.round < total and not self.stopping.is_set():
-            round_index = self.collector.round
-            self.admit_joiners()
-            self.client.keep_only({member.address for member in self.registry.members().values()})
-            self.collector.expect(self.registry.ready())  # not those still being started: they may add in time
-            if not self.wait_for_round(round_index):
+        while self.collector.round < self.schedule.total_rounds and not self.stopping.is_set():
+            round_started = self.run_round(self.collector.round, round_started, metrics)
+            if round_started is None:
                 break
-            gradients_in = time.perf_counter()
-            lr = self.schedule.lr(round_index)
-            summary = self.collector.close(self.global_model.mean_gradient)
-            if summary.given_up:
-                log.warning("learners %s missed %d rounds in a row: rounds no longer wait for them until they send "
-                            "a gradient", list(summary.given_up), MAX_MISSED_ROUNDS)
-            discarded = self.global_model.step(lr)
-            if discarded:
-                log.warning("round %d discarded, the model is unchanged: %s (%d learners)", round_index + 1,
-                            discarded, summary.learners)
-            stepped = time.perf_counter()
-            done = round_index + 1
-            eval_seconds = 0.0
-            if done == total or self.due(done, self.args.eval_every):
-                eval_started = time.perf_counter()
-                self.evaluate(done, metrics)
-                eval_seconds = time.perf_counter() - eval_started
-            if done == total:
-                checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
-            pushing = time.perf_counter()
-            bytes_out = self.push_state(done, finished=done == total)
-            pushed = time.perf_counter()
-            if done == total or self.due(done, self.args.checkpoint_every):
-                self.save_checkpoint(done)
-            now = time.perf_counter()
-            metrics.write({"round": done, "epoch": self.schedule.epoch_of(round_index), "train_loss": summary.loss,
-                           "learners": summary.learners, "samples": summary.samples, "lr": lr,
-                           "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
-                           "bytes_out": bytes_out, "gradients_s": gradients_in - round_started,
-                           "step_s": stepped - gradients_in, "push_s": pushed - pushing,
-                           **({"discarded": discarded} if discarded else {})})
-            round_started = now
             progress.update()
-            if done % max(1, total // 10) == 0:
-                log.info("round %d/%d (epoch %d): train loss %.4f from %d learners", done, total,
-                         self.schedule.epoch_of(round_index), summary.loss, summary.learners)
         progress.close()
         return self.collector.round
 
-    def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
-        """Encode the state after rounds_done once and send it to every active learner; return bytes sent."""
-        request = self.global_model.publish(rounds_done, finished, stopped)  # a serialised ModelState, sent to all
-        members = self.registry.members()
-        broadcast = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.args.sync_timeout)
-        if finished:
-            broadcast.wait(self.args.sync_timeout)
-        return len(request) * len(members)
+    def run_round(self, round_index: int, round_started: float, metrics: MetricsLog) -> float | None:
+        """Open round_index, wait for its updates, step, evaluate and push when due, checkpoint, and record it;
+        returns when it ended (None if stopped while waiting)."""
+        self.federation.open()
+        if not self.federation.wait_for_round(round_index):
+            return None
+        updates_in, sampled = time.perf_counter(), self.federation.participants
+        lr, done, total = self.schedule.lr(round_index), round_index + 1, self.schedule.total_rounds
+        summary = self.collector.close(self.global_model.mean_gradient)
+        if summary.given_up:
+            log.warning("learners %s missed %d rounds in a row: rounds no longer wait for them until they send "
+                        "an update", list(summary.given_up), MAX_MISSED_ROUNDS)
+        discarded = strategies.too_few(self.strategy, summary.learners) or \
+            self.global_model.step(lr, summary.learners, self.args.learners)
+        if discarded:
+            log.warning("round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners)
+        stepped = time.perf_counter()
+        eval_seconds = self.evaluate(done, metrics) if done == total or self.due(done, self.args.eval_every) else 0.0
+        if done == total:
+            checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
+        pushing = time.perf_counter()
+        bytes_out = self.federation.push_state(done, finished=done == total)
+        pushed = time.perf_counter()
+        if done == total or self.due(done, self.args.checkpoint_every):
+            self.save_checkpoint(done)
+        now = time.perf_counter()
+        metrics.write({"round": done, "epoch": self.schedule.epoch_of(round_index), "train_loss": summary.loss,
+                       "learners": summary.learners, "samples": summary.samples, "lr": lr,
+                       "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
+                       "bytes_out": bytes_out, "gradients_s": updates_in - round_started,
+                       "step_s": stepped - updates_in, "push_s": pushed - pushing,
+                       **({"participants": sampled} if sampled is not None else {}),
+                       **({"discarded": discarded} if discarded else {})})
+        if done % max(1, total // 10) == 0:
+            log.info("round %d/%d (epoch %d): train loss %.4f from %d learners", done, total,
+                     self.schedule.epoch_of(round_index), summary.loss, summary.learners)
+        return now
 
     def release_learners(self) -> None:
         """The checkpoint is at the final round: tell its learners that training is over, and keep serving the
@@ -634,16 +718,16 @@ class Leader:
         try:
             if self.collector.round >= total:
                 self.release_learners()
-            elif self.wait_for_learners():
+            elif self.federation.wait_for_learners():
                 done = self.train_rounds(metrics)
                 if done < total:
                     log.info("stopping on request after round %d", done)
                     self.save_checkpoint(done)
-                    self.push_state(done, finished=True, stopped=True)
+                    self.federation.push_state(done, finished=True, stopped=True)
         except Stalled as stalled:
             log.error("%s", stalled)
             self.save_checkpoint(self.collector.round)
-            self.push_state(self.collector.round, finished=True, stopped=True)
+            self.federation.push_state(self.collector.round, finished=True, stopped=True)
             status = 1
         finally:
             metrics.close()

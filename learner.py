@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import fedsgd
 import framing
 import guard
+import local
+import messages
 import rpc
 import runtime
 import utils
@@ -55,7 +57,8 @@ ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_Learn
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Federated learning learner: registers with the leader, serves LearnerService, "
-        "and each round sends the gradient of one batch of its data.",
+        "and each round it takes part in sends its update: the gradient of one batch (FedSGD), or the change "
+        "local training made (every other strategy; the leader's model state says how to train).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--leader", default="127.0.0.1:50051", help="the leader's HOST:PORT")
@@ -74,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to keep trying to reach the leader (or to get a slot), at start and after "
                         "losing it")
     parser.add_argument("--wait-timeout", type=float, default=600.0,
-                        help="seconds to wait for the leader's next instruction before giving up")
+                        help="seconds to wait for the leader's next instruction before giving up (a learner that "
+                        "sampling left out of the round waits as long as the leader's health checks count it in)")
     parser.add_argument("--idle-timeout", type=float, default=guard.IDLE_TIMEOUT_S,
                         help="seconds a stream from the leader (model, data) may deliver nothing before it is "
                         "abandoned and fetched again; also how long a caller of this learner may stay silent")
@@ -107,38 +111,38 @@ def default_advertise(leader: str, port: int) -> str:
 class StateInbox:
     """The newest model state pushed by the leader, handed from the gRPC thread to the training thread.
 
-    A final state (the leader finished or was stopped) wins over any other, even of the same round."""
+    Each accepted state gets the next version number; a state older than the newest is dropped (pushes may
+    overtake each other). A final state (the leader finished or was stopped) wins over any other."""
 
     def __init__(self) -> None:
         self._payload: wire.Payload | None = None
-        self._round = -1
+        self._round, self._version = -1, 0
         self.final: wire.Payload | None = None
         self._changed = threading.Condition()
 
     def put(self, round_index: int, payload: wire.Payload) -> None:
         with self._changed:
-            if is_final(payload):
+            if messages.is_final(payload):
                 self.final = payload
-            elif round_index > self._round:
+            elif round_index >= self._round:  # the same round again: a plan made after the state was first served
                 self._round, self._payload = round_index, payload
+            else:
+                return
+            self._version += 1
             self._changed.notify_all()
 
     def clear(self) -> None:
         """Forget states from a previous leader session (a resumed leader goes back in rounds)."""
         with self._changed:
-            self._round, self._payload, self.final = -1, None, None
+            self._round, self._version, self._payload, self.final = -1, 0, None, None
 
-    def take(self, round_index: int, timeout: float) -> wire.Payload | None:
-        """The final state, or the state for round_index or later, waiting at most timeout seconds."""
+    def take(self, after_version: int, timeout: float) -> tuple[int, wire.Payload] | None:
+        """The final state, or the newest state if its version is after after_version, with its version;
+        waits at most timeout seconds."""
         with self._changed:
-            if self._changed.wait_for(lambda: self.final is not None or self._round >= round_index, timeout):
-                return self.final or self._payload
+            if self._changed.wait_for(lambda: self.final is not None or self._version > after_version, timeout):
+                return self._version, self.final or self._payload
             return None
-
-
-def is_final(state: wire.Payload) -> bool:
-    """Whether a model state is the leader's last (training finished, or the leader was stopped)."""
-    return state.metadata.get("finished") == "1"
 
 
 class LeaderCredential:
@@ -217,7 +221,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         try:
             payload = wire.decode(request.chunk)
             wire.check_matches(payload, self.state_spec)
-            round_index = wire.metadata_int(payload, "round")
+            round_index = messages.round_of(payload)
+            if not messages.is_final(payload):  # a final state carries no plan
+                messages.TrainingPlan.from_metadata(payload.metadata)
         except wire.PayloadError as error:
             log.warning("rejected a model state: %s", error)
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
@@ -253,9 +259,10 @@ def adopt_state(model: torch.nn.Module, state: wire.Payload, spec: wire.TensorSp
     load_state(model, state, take_over=True)
 
 
-def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype) -> wire.TensorSpec:
-    """What a model state from the leader must hold: fedsgd.wire_state's tensors."""
-    return wire.spec_of(fedsgd.wire_state(model, wire_dtype))
+def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool = False) -> wire.TensorSpec:
+    """What a model state from the leader must hold: fedsgd.wire_state's tensors (with SCAFFOLD's control)."""
+    control = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad)) if controls else None
+    return wire.spec_of(fedsgd.wire_state(model, wire_dtype, control))
 
 
 def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSet:
@@ -343,21 +350,21 @@ class Learner:
         instead if training is already over."""
         deadline = time.monotonic() + self.args.connect_timeout
         state = self.fetch_model(deadline)
-        if is_final(state):
+        if messages.is_final(state):
             return state
-        self.model = build_model(state.metadata["architecture"], wire.metadata_int(state, "num_classes", 1))
-        self.wire_dtype = wire.WIRE_DTYPES.get(state.metadata.get("wire_dtype", "float32"))
+        info = messages.StateInfo.from_payload(state)
+        self.model = build_model(info.architecture, info.num_classes)
+        self.wire_dtype = wire.WIRE_DTYPES.get(info.wire_dtype)
         if self.wire_dtype is None:
-            raise wire.PayloadError(f"unknown wire_dtype {state.metadata['wire_dtype'][:32]!r}")
-        self.state_spec = state_spec(self.model, self.wire_dtype)
-        self.adopt(state)
+            raise wire.PayloadError(f"unknown wire_dtype {info.wire_dtype[:32]!r}")
+        scaffold = info.plan.strategy == "scaffold"  # a run's strategy never changes: a resume keeps it
+        self.state_spec = state_spec(self.model, self.wire_dtype, scaffold)
         self.device = runtime.pick_device(self.args.device)
+        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype, controls=scaffold)
+        self.controls = local.Controls(self.layout.parameter_count, self.device) if scaffold else None
+        self.adopt(state)
         self.model.to(self.device)
-        self.batch_size = wire.metadata_int(state, "batch_size", 1)
-        self.seed = wire.metadata_int(state, "seed")
-        self.mean = [float(value) for value in state.metadata["mean"].split(",")]
-        self.std = [float(value) for value in state.metadata["std"].split(",")]
-        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype)
+        self.batch_size, self.seed, self.mean, self.std = info.batch_size, info.seed, list(info.mean), list(info.std)
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)
         servicer = LearnerServicer(self.state_spec, self.inbox, self.started, self.credential,
@@ -377,10 +384,18 @@ class Learner:
         mine = self.credential.value and hmac.compare_digest(session.encode(), rpc.session_id(self.credential.value).encode())
         return health_pb2.HealthCheckResponse.SERVING if mine or self.credential.in_flight else None
 
-    def adopt(self, state: wire.Payload) -> None:
-        """Continue training from a model state from fetch_model."""
-        adopt_state(self.model, state, self.state_spec)
-        self.round = wire.metadata_int(state, "round")
+    def adopt(self, state: wire.Payload, fetched: bool = True) -> None:
+        """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there)."""
+        if fetched:
+            adopt_state(self.model, state, self.state_spec)
+        else:
+            load_state(self.model, state)
+        self.round, self.plan = messages.round_of(state), messages.TrainingPlan.from_metadata(state.metadata)
+        if (self.plan.strategy == "scaffold") != (self.controls is not None):
+            raise wire.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
+        if self.controls is not None:
+            self.controls.server.copy_(torch.cat([state.tensors[fedsgd.control_name(name)].reshape(-1)
+                                                  for name, _ in self.layout.parameters]))
 
     def join(self, deadline: float) -> None:
         """Register (again) and get this slot's data, unless it is local or already here."""
@@ -421,7 +436,7 @@ class Learner:
         self.started.clear()
         self.inbox.clear()
         state = self.fetch_model(deadline)
-        if state is None or is_final(state):
+        if state is None or messages.is_final(state):
             return state or self.inbox.final
         self.adopt(state)
         self.join(deadline)
@@ -443,76 +458,86 @@ class Learner:
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise LeaderLost("the leader dropped this learner")
 
-    def wait_until(self, ready: Callable[[float], T | None], what: str) -> T:
+    def wait_until(self, ready: Callable[[float], T | None], what: str, bounded: bool = True) -> T:
         """ready(timeout) until it gives something, checking on the leader every few seconds; raises
-        LeaderLost, or SystemExit after --wait-timeout."""
+        LeaderLost, or SystemExit after --wait-timeout (unless not bounded: a learner left out of rounds by
+        sampling waits for as long as the leader says it still counts on it)."""
         started, last_log = time.monotonic(), 0.0
         while (result := ready(HEALTH_CHECK_INTERVAL_S)) is None:
             self.check_leader()
             waited = time.monotonic() - started
-            if waited >= self.args.wait_timeout:
+            if bounded and waited >= self.args.wait_timeout:
                 raise SystemExit(f"no {what} from the leader within --wait-timeout {self.args.wait_timeout:.0f} s")
             if waited - last_log >= WAIT_LOG_INTERVAL_S:
                 last_log = waited
                 log.info("waiting for %s", what)
         return result
 
-    def send_gradient(self, round_index: int, loss: float) -> None:
-        metadata = {"learner_id": str(self.learner_id), "round": str(round_index),
-                    "samples": str(self.batch_size), "loss": repr(loss)}
-        request = leader_pb2.GradientData(chunk=wire.encode(self.layout.wire_tensors(self.gradient), metadata))
+    def send_update(self, round_index: int, loss: float) -> None:
+        claims = messages.UpdateInfo(self.learner_id, round_index, self.batch_size * self.plan.local_steps, loss,
+                                     self.plan.update_kind, self.plan.local_steps)
+        request = leader_pb2.GradientData(chunk=wire.encode(self.layout.wire_tensors(self.gradient), claims.to_metadata()))
         send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
                                                        metadata=rpc.with_credential(self.credential.value))
-        try:  # a busy leader (RESOURCE_EXHAUSTED) gets the gradient again; a lost one means reconnecting
+        try:  # a busy leader (RESOURCE_EXHAUSTED) gets the update again; a lost one means reconnecting
             reply = retry_until(time.monotonic() + self.args.wait_timeout, send, "AccumulateGradients",
                                 stop=lambda: self.inbox.final is not None, codes=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
         except grpc.RpcError as error:
             if error.code() in REJOIN_CODES:
                 raise LeaderLost(f"{error.code().name}: {error.details()}") from None
             if error.code() in REFUSED_CODES:
-                raise GradientRefused(f"the leader refused this learner's gradient for round {round_index}: "
+                raise GradientRefused(f"the leader refused this learner's update for round {round_index}: "
                                       f"{error.code().name} {error.details()}") from None
             raise
         if reply is not None and not reply.success:
-            log.warning("round %d: the leader ignored the gradient: %s", round_index, reply.message)
+            log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
+        elif reply is not None and self.controls is not None:  # SCAFFOLD: c_i moves only with an accepted update
+            self.controls.commit(self.gradient[self.layout.controls])
+
+    def batch_at(self, step: int) -> local.Batch:
+        """The step-th batch of this learner's shard order (one per step of every round), on the device."""
+        if self.prepared[0] != step:
+            batch = utils.training_batch(self.data, self.schedule, step, self.mean, self.std)
+            self.prepared = (step, [tensor.to(self.device) for tensor in batch])
+        return self.prepared[1]
 
     def train(self) -> wire.Payload:
-        """Rounds until the leader marks a state finished: gradient of the round's batch, then the new state."""
-        pushed = self.inbox.take(self.round + 1, timeout=0)  # a state newer than the one fetched, sent on joining
-        if pushed is not None:
-            if is_final(pushed):
-                return pushed
-            load_state(self.model, pushed)
-            self.round = wire.metadata_int(pushed, "round")
-        schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
-        prepare = lambda index: (index, [tensor.to(self.device) for tensor in
-                                         utils.training_batch(self.data, schedule, index, self.mean, self.std)])
-        prepared, batch = prepare(self.round)
-        compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
+        """Rounds until the leader marks a state finished: when the round's plan includes this learner, its
+        update (local.local_update), then the next state."""
+        self.schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
+        self.prepared: tuple[int, list[torch.Tensor]] = (-1, [])
+        version, compute_seconds, round_seconds, computed_rounds = 0, 0.0, 0.0, 0
+        pushed = self.inbox.take(version, timeout=0)  # a state pushed since the one fetched, on joining
         while True:  # every wait inside is bounded (--wait-timeout); the leader's final state ends it
-            round_started = started = time.perf_counter()
-            if prepared != self.round:
-                prepared, batch = prepare(self.round)
-            loss = fedsgd.compute_gradient(self.model, self.layout, self.gradient, *batch)
-            compute_seconds += time.perf_counter() - started
-            self.send_gradient(self.round, loss)
-            # The next batch does not depend on the new weights: prepare it while the leader aggregates.
-            started = time.perf_counter()
-            prepared, batch = prepare(self.round + 1)
-            compute_seconds += time.perf_counter() - started
-            computed_rounds += 1
-            next_round = self.round + 1
-            state = self.wait_until(lambda timeout: self.inbox.take(next_round, timeout), f"the state of round {next_round}")
-            load_state(self.model, state)
+            if pushed is not None:
+                version, state = pushed
+                if messages.is_final(state):
+                    return state
+                if messages.round_of(state) >= self.round:  # not older than the state fetched on joining
+                    self.adopt(state, fetched=False)
+            round_started = time.perf_counter()
+            if self.plan.takes_part(self.learner_id):  # sampling may leave it out of this round
+                first_step = self.round * self.plan.local_steps
+                loss = local.local_update(self.model, self.layout, self.gradient,
+                                          lambda step: self.batch_at(first_step + step), self.plan, self.controls)
+                compute_seconds += time.perf_counter() - round_started
+                self.send_update(self.round, loss)
+                started = time.perf_counter()  # the next batch does not depend on the new weights
+                self.batch_at((self.round + 1) * self.plan.local_steps)
+                compute_seconds += time.perf_counter() - started
+                computed_rounds += 1
+            # With sampling, a learner gets a state only when it is drawn: it waits as long as the leader counts it in.
+            sampled, next_round = self.plan.participants is not None, self.round + 1
+            pushed = self.wait_until(lambda timeout: self.inbox.take(version, timeout),
+                                     "a round to take part in" if sampled else f"the state of round {next_round}",
+                                     bounded=not sampled)
             round_seconds += time.perf_counter() - round_started
-            self.round = wire.metadata_int(state, "round")
-            if self.round % self.args.log_every == 0:
+            if computed_rounds and messages.round_of(pushed[1]) % self.args.log_every == 0:
+                images = computed_rounds * self.batch_size * self.plan.local_steps
                 log.info("round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
-                         self.round, loss, computed_rounds * self.batch_size / compute_seconds,
+                         messages.round_of(pushed[1]), loss, images / compute_seconds,
                          (round_seconds - compute_seconds) / computed_rounds * 1000)
                 compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
-            if is_final(state):
-                return state
 
     def train_until_final(self) -> wire.Payload:
         """Train through leader losses until the leader sends its final state; return that state."""
@@ -532,7 +557,7 @@ class Learner:
         try:
             final = self.connect() or self.train_until_final()
             how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
-            log.info("the leader %s at round %d", how, wire.metadata_int(final, "round"))
+            log.info("the leader %s at round %d", how, messages.round_of(final))
         finally:
             if self.server is not None:
                 self.server.stop(grace=2).wait(5)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
-from fedsgd import Accumulator
+from strategies import RoundUpdates, Strategy
 from rpc import new_credential, session_id
 
 MAX_ADDRESS_CHARS = 261  # a 255-character host name, a colon and a port
@@ -286,8 +286,10 @@ class RoundCollector:
     misses MAX_MISSED_ROUNDS rounds in a row is not waited for until the leader hears from it again: a
     learner that answers everything but never sends a gradient cannot hold every round to its deadline."""
 
-    def __init__(self, size: int, first_round: int = 0) -> None:
-        self._accumulator = Accumulator(size)
+    def __init__(self, size: int, first_round: int = 0, strategy: Strategy = Strategy(),
+                 model_size: int | None = None) -> None:
+        self._updates = RoundUpdates(size, size if model_size is None else model_size, strategy)
+        self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
         self._reported: set[int] = set()
         self._missed: dict[int, int] = {}  # rounds missed in a row, by learner
@@ -300,10 +302,18 @@ class RoundCollector:
         with self._changed:
             return self._round
 
-    def expect(self, learner_ids: list[int]) -> None:
-        """The learners whose gradients complete the open round (but those that keep missing rounds)."""
+    def expect(self, learner_ids: list[int], sampled: list[int] | None = None) -> None:
+        """The learners whose gradients complete the open round (but those that keep missing rounds); with
+        sampled participation, only the sampled learners' updates count (those of them ready are expected)."""
         with self._changed:
-            self._expected = {learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS}
+            self._sampled = None if sampled is None else set(sampled)
+            self._expected = {learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS
+                              and (sampled is None or learner in self._sampled)}
+
+    def reliable(self, learner_ids: list[int]) -> list[int]:
+        """Those of learner_ids that rounds still wait for (not given up on for missing rounds)."""
+        with self._changed:
+            return [learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS]
 
     def heard_from(self, learner_id: int) -> None:
         """The learner sent something (or registered again): wait for it again."""
@@ -319,7 +329,9 @@ class RoundCollector:
                 return f"gradient for round {round_index} ignored: round {self._round} is open"
             if learner_id in self._reported:
                 return f"learner {learner_id} already reported for round {round_index}; duplicate ignored"
-            self._accumulator.add(gradient, samples, loss)
+            if self._sampled is not None and learner_id not in self._sampled:
+                return f"learner {learner_id} was not sampled for round {round_index}; update ignored"
+            self._updates.add(gradient, samples, loss)
             self._reported.add(learner_id)
             self._bytes_in += wire_bytes
             self._changed.notify_all()
@@ -339,18 +351,18 @@ class RoundCollector:
             return len(self._reported)
 
     def close(self, mean_out: torch.Tensor) -> RoundSummary:
-        """Write the round's weighted mean into mean_out, then open the next round; needs a gradient."""
+        """Write the round's aggregate update into mean_out, then open the next round; needs an update."""
         with self._changed:
             if not self._reported:
                 raise RuntimeError(f"round {self._round} has no gradient to average")
-            self._accumulator.mean_into(mean_out)
+            self._updates.combine_into(mean_out)
             for learner in self._expected - self._reported:
                 self._missed[learner] = self._missed.get(learner, 0) + 1
             given_up = tuple(sorted(learner for learner in self._expected - self._reported
                                     if self._missed[learner] == MAX_MISSED_ROUNDS))
-            summary = RoundSummary(self._round, len(self._reported), self._accumulator.samples,
-                                   self._accumulator.mean_loss, self._bytes_in, given_up)
-            self._accumulator.reset()
+            summary = RoundSummary(self._round, len(self._reported), self._updates.samples,
+                                   self._updates.mean_loss, self._bytes_in, given_up)
+            self._updates.reset()
             self._reported.clear()
             self._round += 1
             self._bytes_in = 0

@@ -295,9 +295,9 @@ def flat_runs(payload: Payload) -> list[torch.Tensor]:
     return runs
 
 
-def metadata_int(payload: Payload, key: str, minimum: int = 0) -> int:
+def metadata_int(metadata: Mapping[str, str], key: str, minimum: int = 0) -> int:
     """An integer metadata field, at least `minimum`; raise PayloadError if absent or malformed."""
-    text = payload.metadata.get(key)
+    text = metadata.get(key)
     if text is None or not re.fullmatch(r"-?[0-9]{1,18}", text) or int(text) < minimum:
         raise PayloadError(f"metadata {key!r} must be an integer >= {minimum}, got {_brief(text)}")
     return int(text)

@@ -4,6 +4,8 @@
 like any other, whose first sends are attacks on the leader. It prints each attack's outcome as
 "ATTACK <name>: <status code> <details>" ("ATTACK <name>: OK ..." when the leader accepted the call).
 `hostile_learner.py --freeload [learner.py flags]`: a learner that answers everything and never sends a gradient.
+`hostile_learner.py --flip [learner.py flags]`: a Byzantine learner that sends its honest update's model part
+sign-flipped and ten times as large (its BatchNorm statistics as they are: the leader refuses negative variances).
 """
 
 import json
@@ -24,8 +26,14 @@ STREAMS = 20
 
 
 class Freeloader(learner.Learner):
-    def send_gradient(self, round_index: int, loss: float) -> None:
+    def send_update(self, round_index: int, loss: float) -> None:
         pass
+
+
+class Flipper(learner.Learner):
+    def send_update(self, round_index: int, loss: float) -> None:
+        self.gradient[: self.layout.parameter_count].mul_(-10)
+        super().send_update(round_index, loss)
 
 
 class HostileLearner(learner.Learner):
@@ -38,11 +46,11 @@ class HostileLearner(learner.Learner):
                         self.shape_overflowing_int64, self.deep_json, self.nan_gradient, self.overflowing_gradient,
                         self.absurd_gradient, self.stalled_gradient_calls]
 
-    def send_gradient(self, round_index: int, loss: float) -> None:
+    def send_update(self, round_index: int, loss: float) -> None:
         if self.attacks:
             attack = self.attacks.pop(0)
             print(f"ATTACK {attack.__name__}: {attack(round_index)}", flush=True)
-        super().send_gradient(round_index, loss)
+        super().send_update(round_index, loss)
 
     def send(self, chunk: bytes, credential: str | None) -> str:
         try:
@@ -129,8 +137,8 @@ class HostileLearner(learner.Learner):
 if __name__ == "__main__":
     learner.runtime.configure_logging("learner")
     learner.runtime.set_threads(1)
-    if sys.argv[1] == "--freeload":
-        Freeloader(learner.parse_args(sys.argv[2:])).run()
+    if sys.argv[1] in ("--freeload", "--flip"):
+        {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]](learner.parse_args(sys.argv[2:])).run()
     else:
         victim = sys.argv[sys.argv.index("--victim") + 1]
         rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-import fedsgd
 import leader as leader_module
 import rounds
 import rpc
+import strategies
 import wire
 from rpc import leader_pb2, leader_pb2_grpc
 
@@ -40,7 +40,7 @@ class LiveLeader:
         self.stub = leader_pb2_grpc.LeaderServiceStub(self.channel)
         args = self.leader.args
         self.reference = leader_module.GlobalModel(args.model, 10, args, ([0.5] * 3, [0.25] * 3))
-        self.counted = fedsgd.Accumulator(self.reference.layout.size)
+        self.counted = strategies.RoundUpdates(self.reference.layout.size, self.reference.layout.size, strategies.Strategy())
         self.hosts: list[grpc.Server] = []
 
     @staticmethod
@@ -107,7 +107,7 @@ class LiveLeader:
         leader_model = self.leader.global_model
         summary = self.leader.collector.close(leader_model.mean_gradient)
         refused = leader_model.step(LR)
-        self.counted.mean_into(self.reference.mean_gradient)
+        self.counted.combine_into(self.reference.mean_gradient)
         assert summary.samples == self.counted.samples, "the leader counted other gradients"
         self.counted.reset()
         assert self.reference.step(LR) == refused

@@ -33,6 +33,23 @@ def test_a_resume_with_another_training_flag_is_refused_naming_it(flags, named):
         checkpoint.adopt_config(saved_config(lr=0.3, momentum=0.5), args, args.explicit)
 
 
+@pytest.mark.parametrize("flags, named", [(["--strategy", "fedsgd"], "--strategy fedsgd (the checkpoint has fedavg)"),
+                                          (["--server-lr", "0.5"], "--server-lr 0.5 (the checkpoint has None)"),
+                                          (["--aggregator", "median"], "--aggregator median"),
+                                          (["--learners-per-round", "1"], "--learners-per-round 1")])
+def test_a_resume_with_another_strategy_or_hyper_parameter_is_refused_naming_it(flags, named):
+    args = leader_module.parse_args(["--resume", "runs/x", *flags])
+    with pytest.raises(SystemExit, match=named.replace("(", r"\(").replace(")", r"\)")):
+        checkpoint.adopt_config(saved_config(strategy="fedavg"), args, args.explicit)
+
+
+def test_a_checkpoint_from_before_strategies_resumes_as_fedsgd():
+    args = leader_module.parse_args(["--resume", "runs/x", "--strategy", "fedavg"])
+    older = {key: value for key, value in saved_config().items() if key not in ("strategy", "server_lr")}
+    with pytest.raises(SystemExit, match="--strategy fedavg"):
+        checkpoint.adopt_config(older, args, args.explicit)
+
+
 def test_repeating_the_checkpoints_own_values_is_fine():
     args = leader_module.parse_args(["--resume", "runs/x", "--batch-size", "64", "--lr", "0.3"])
     checkpoint.adopt_config(saved_config(lr=0.3), args, args.explicit)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fedsgd
+import strategies
 import wire
 from rounds import RoundCollector
 
@@ -165,9 +166,9 @@ def test_batchnorm_statistics_travel_in_float32_whatever_the_wire_dtype(wire_dty
     assert payload.tensors["1.running_var"].dtype == torch.float32
     assert payload.tensors["0.weight"].dtype == wire_dtype
     received = torch.zeros(layout.size)
-    accumulator = fedsgd.Accumulator(layout.size)
+    accumulator = strategies.RoundUpdates(layout.size, layout.size, strategies.Strategy())
     accumulator.add(wire.flat_runs(payload), samples=1, loss=0.0)
-    accumulator.mean_into(received)
+    accumulator.combine_into(received)
     assert torch.equal(received[layout.parameter_count:], flat[layout.parameter_count:])
     state = fedsgd.wire_state(model, wire_dtype)
     assert state["1.running_var"].dtype == torch.float32 and state["0.weight"].dtype == wire_dtype

@@ -138,7 +138,7 @@ def test_check_matches_accepts_the_right_tensors():
 def test_metadata_int_rejects_what_is_not_a_small_non_negative_integer(value):
     metadata = {} if value is None else {"n": value}
     with pytest.raises(wire.PayloadError, match="'n'"):
-        wire.metadata_int(wire.decode(wire.encode({}, metadata)), "n")
+        wire.metadata_int(wire.decode(wire.encode({}, metadata)).metadata, "n")
 
 
 def chunked(data: bytes, sizes: list[int]):

@@ -1,0 +1,213 @@
+"""The learners as a group through the rounds: who takes part, starting joiners, pushing states, waiting
+for updates (deadline, quorum, liveness) and dropping the learners found gone.
+
+The leader's round loop calls start() once, then for each round open(), wait_for_round(), the collector's
+close() and push_state(); the servicer calls probe() and heard_from(). Every wait is bounded and logged.
+"""
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import dispatch
+import framing
+import strategies
+from messages import TrainingPlan
+from rounds import Member, Registry, RoundCollector
+
+log = logging.getLogger("leader")
+
+WAIT_LOG_INTERVAL_S = 10.0
+WAIT_SLICE_S = 1.0  # how often waits look at stop requests, joiners and missing learners
+
+
+class Stalled(Exception):
+    """Too few learners for too long: the leader checkpoints and exits, to be resumed later."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The leader's flags about learners and waiting."""
+
+    learners: int
+    min_learners: int
+    learners_per_round: int  # 0: all
+    round_timeout: float
+    register_timeout: float
+    sync_timeout: float
+    rejoin_grace: float
+    resuming: bool
+    out: Path  # where a stalled run's checkpoint is, to resume from
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, out: Path) -> "Settings":
+        return cls(args.learners, args.min_learners, args.learners_per_round, args.round_timeout,
+                   args.register_timeout, args.sync_timeout, args.rejoin_grace, bool(args.resume), out)
+
+
+class Federation:
+    """Rounds as the learners see them: the registry of slots, the open round's collector, the states pushed."""
+
+    def __init__(self, settings: Settings, registry: Registry, collector: RoundCollector, publish: Callable[..., bytes],
+                 encoded_state: Callable[[], bytes], plan: Callable[[int, list[int] | None], TrainingPlan],
+                 client: dispatch.LearnerClient, sampler: torch.Generator, stopping) -> None:
+        self.settings, self.registry, self.collector = settings, registry, collector
+        self.publish, self.encoded_state, self.plan = publish, encoded_state, plan
+        self.client, self.sampler, self.stopping = client, sampler, stopping
+        self.participants: list[int] | None = None  # the open round's, with --learners-per-round
+        self.sampled_at = 0.0  # when they were drawn
+
+    def start(self) -> None:
+        """Start the learners registered so far; the first round waits for them (and, with sampling, gets its
+        participants and their state)."""
+        self.admit_joiners()
+        if not self.registry.wait_started(self.settings.sync_timeout):
+            log.warning("some learners did not accept StartTraining within --sync-timeout; starting without them")
+        if self.settings.learners_per_round:  # a resume takes the participants its checkpoint had drawn
+            self.send_state(self.open_round(self.collector.round, self.participants))
+
+    def open(self) -> None:
+        """Open the next round: start joiners, forget channels to learners no longer counted on, and expect the
+        updates of the learners ready (not those still being started: they may add theirs in time)."""
+        self.admit_joiners()
+        self.client.keep_only({member.address for member in self.registry.members().values()})
+        self.collector.expect(self.registry.ready(), self.participants)
+
+    def probe(self, learner_ids: tuple[int, ...] | list[int]) -> None:
+        """Check on these learners' registrations; drop those found gone or silent for --sync-timeout."""
+        self.client.probe(self.registry.members(list(learner_ids)), self.drop, self.settings.sync_timeout)
+
+    def heard_from(self, member: Member) -> None:
+        """The learner sent a gradient (or accepted a start): it is there, and rounds wait for it again."""
+        self.client.heard_from(member)
+        self.collector.heard_from(member.learner_id)
+
+    def drop(self, member: Member, reason: str, gone: bool) -> None:
+        if self.registry.drop(member.learner_id, member.generation, gone):
+            kept = "its slot is free" if gone else f"its slot is kept for it for {self.settings.rejoin_grace:.0f} s"
+            log.warning("dropped learner %d (%s); %s", member.learner_id, reason, kept)
+
+    def wait_for_learners(self) -> bool:
+        """Wait until --learners learners registered (after a resume, --min-learners suffice once
+        --round-timeout has passed); False if stopped first. Raises Stalled after --register-timeout."""
+        started, last_log = time.monotonic(), 0.0
+        while not self.registry.wait_for(self.settings.learners, WAIT_SLICE_S):
+            waited = time.monotonic() - started
+            present = self.registry.count()
+            if self.stopping.is_set():
+                return False
+            if self.settings.resuming and waited >= self.settings.round_timeout and present >= self.settings.min_learners:
+                return True
+            if waited > self.settings.register_timeout:
+                raise Stalled(f"only {present} of {self.settings.learners} learners registered within --register-timeout "
+                              f"{self.settings.register_timeout:.0f} s; start more learners or lower --learners")
+            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = waited
+                log.info("%d of %d learners registered; waiting", present, self.settings.learners)
+        return True
+
+    def admit_joiners(self) -> None:
+        """Start the learners that (re)registered, and give them the current model state."""
+        joiners = self.registry.take_joiners()
+        if not joiners:
+            return
+        log.info("starting learners %s at round %d", sorted(joiners), self.collector.round)
+        # Rounds may have passed since the joiner's GetModel: the state goes first (a serialised ModelState);
+        # not while participants are yet to be sampled (that state goes to them, and must not be overtaken).
+        unsampled = self.settings.learners_per_round and self.participants is None
+        state = framing.chunk_message(self.encoded_state()) if self.collector.round > 0 and not unsampled else None
+        started = lambda member: (self.registry.started(member.learner_id, member.generation), self.heard_from(member))
+        self.client.start(joiners, state, started, self.drop, self.settings.sync_timeout)
+
+    def wait_for_round(self, round_index: int) -> bool:
+        """Wait for the expected updates, or after --round-timeout for --min-learners of them; a round
+        whose missing learners were all dropped closes at once. Learners the round waits for are checked on
+        and dropped when gone; newcomers join; with sampling, silent or gone participants are replaced.
+        False if stopped first; raises Stalled when fewer than --min-learners updates came within
+        --round-timeout plus --register-timeout."""
+        started, last_log, was_alone = time.monotonic(), 0.0, False
+        while not self.collector.wait_complete(WAIT_SLICE_S):
+            if self.stopping.is_set():
+                return False
+            missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
+            waited = time.monotonic() - started
+            enough = arrived >= self.settings.min_learners
+            if enough and not set(missing) & set(active):
+                return True
+            if enough and waited >= self.settings.round_timeout:
+                log.warning("round %d: closing after %.0f s with %d gradients; missing learners %s",
+                            round_index, waited, arrived, missing)
+                return True
+            if waited > self.settings.round_timeout + self.settings.register_timeout:
+                raise Stalled(f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
+                              f"{self.settings.min_learners} within --round-timeout plus --register-timeout; resume with "
+                              f"--resume {self.settings.out} when learners can take part")
+            self.probe(sorted(set(missing) & set(active)))
+            self.sample_again(round_index, active, arrived)
+            alone = self.registry.count() == 0
+            if waited - last_log >= WAIT_LOG_INTERVAL_S or (alone and not was_alone):
+                last_log = waited
+                self.log_waiting(round_index, waited, arrived, missing, alone)
+            was_alone = alone
+            self.admit_joiners()
+        return True
+
+    def log_waiting(self, round_index: int, waited: float, arrived: int, missing: list[int], alone: bool) -> None:
+        if alone:
+            log.warning("round %d: no learner is left; waiting up to --register-timeout %.0f s for learners to "
+                        "register", round_index, self.settings.register_timeout)
+            return
+        need = "" if arrived >= self.settings.min_learners else f" (need at least --min-learners {self.settings.min_learners})"
+        log.info("round %d: %d gradients after %.0f s; waiting for learners %s%s", round_index, arrived, waited,
+                 missing, need)
+
+    def sample_again(self, round_index: int, active: list[int], arrived: int) -> None:
+        """With sampling, draw the round's participants again when none of them is left, or when a whole
+        --round-timeout since the last draw brought fewer than --min-learners updates (they may be silent),
+        if any learner is ready. Updates already counted stay counted."""
+        if self.participants is None or not self.candidates():
+            return
+        overdue = time.monotonic() - self.sampled_at >= self.settings.round_timeout
+        if set(self.participants) & set(active) and (arrived >= self.settings.min_learners or not overdue):
+            return
+        log.warning("round %d: %s of the sampled learners %s; sampling again", round_index,
+                    "none is left" if not set(self.participants) & set(active) else f"{arrived} updates", self.participants)
+        self.send_state(self.open_round(round_index))
+
+    def candidates(self) -> list[int]:
+        """The learners a round may sample: ready, and not given up on for missing rounds."""
+        return self.collector.reliable(self.registry.ready())
+
+    def open_round(self, round_index: int, participants: list[int] | None = None) -> bytes:
+        """Sample who trains round_index (with --learners-per-round: these participants, or a draw among the
+        candidates), count only their updates from now on, and publish the state for it; returns it as one
+        serialised ModelState."""
+        if self.settings.learners_per_round:
+            self.participants = participants if participants is not None else \
+                strategies.sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
+            self.collector.expect(self.registry.ready(), self.participants)
+            self.sampled_at = time.monotonic()
+            log.debug("round %d: learners %s take part", round_index, self.participants)
+        return self.publish(round_index, finished=False, plan=self.plan(round_index, self.participants))
+
+    def send_state(self, request: bytes, everyone: bool = False) -> int:
+        """Send a serialised state to the open round's participants (everyone: to every learner counted on);
+        returns the bytes sent."""
+        members = {learner_id: member for learner_id, member in self.registry.members().items()
+                   if everyone or self.participants is None or learner_id in self.participants}
+        broadcast = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.settings.sync_timeout)
+        if everyone:
+            broadcast.wait(self.settings.sync_timeout)
+        return len(request) * len(members)
+
+    def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
+        """Encode the state after rounds_done once and send it to the next round's participants (to everyone
+        when it is the last); return bytes sent."""
+        if not finished:
+            return self.send_state(self.open_round(rounds_done))
+        return self.send_state(self.publish(rounds_done, True, stopped), everyone=True)  # the last: no plan
