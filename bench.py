@@ -112,7 +112,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         channel = rpc.channel(leader_address)
         self.stub = leader_pb2_grpc.LeaderServiceStub(channel)
         state = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, lambda: learner.fetch_model(channel), "GetModel")
-        model = build_model(state.metadata["architecture"])
+        model = build_model(messages.StateInfo.from_payload(state).architecture)
         self.layout = fedsgd.GradientLayout(model)
         flat = torch.randn(self.layout.size) * 1e-3
         self.layout.read_buffers(flat)  # the model's own BatchNorm statistics: no negative variances
@@ -457,42 +457,47 @@ def strategy_runs(work: Path, epochs: float, target: float = 0.90) -> dict:
     """Each strategy on the synthetic set with 2 learners of batch 32 for `epochs` passes over their shards (the
     same compute for all; the local strategies train one local epoch per round): rounds, bytes on the wire
     (both ways) and wall time until test accuracy first reaches target, and the final accuracy."""
-    table, curves, round_seconds = {}, {}, {}
+    runs = {}
     for name in BENCH_STRATEGIES:
         every = "10" if name == "fedsgd" else "1"
         flags = ["--dataset", "synthetic", "--batch-size", "32", "--epochs", str(epochs), "--eval-every", every,
                  "--strategy", name]
-        records, _ = federation_run(work / f"strategy-{name}", 2, flags)
-        round_seconds[name] = [record["seconds"] for record in records if "train_loss" in record]
-        curves[name] = accuracy_by_bytes(records)
-        reached = next(((rounds, sent, seconds) for rounds, sent, seconds, accuracy in curves[name]
-                        if accuracy >= target), None)
+        runs[name] = federation_run(work / f"strategy-{name}", 2, flags)[0]
+    # A FedAvg round of one local epoch against that epoch's bare compute: two plain processes stepping at once
+    epoch_compute = statistics.median(coscheduled_step_seconds(2, 1, 40, batch=32)) * (utils.SYNTHETIC_SIZES[True] // 2 // 32)
+    fedavg_round = statistics.median([record["seconds"] for record in runs["fedavg"] if "train_loss" in record])
+    return {**strategy_table(runs, target, work.parent / "strategies.png"), "epochs": epochs,
+            "fedavg_round_s": fedavg_round, "local_epoch_compute_s": epoch_compute,
+            "fedavg_round_vs_compute": fedavg_round / epoch_compute}
+
+
+def strategy_table(runs: dict[str, list[dict]], target: float, plot: Path) -> dict:
+    """The strategies table and plot from each strategy's metrics records."""
+    table, curves = {}, {name: accuracy_by_bytes(records) for name, records in runs.items()}
+    for name, points in curves.items():
+        reached = next(((rounds, sent, seconds) for rounds, sent, seconds, accuracy in points if accuracy >= target), None)
         table[name] = {"rounds_to_target": reached and reached[0], "mb_to_target": reached and reached[1] / 1e6,
-                       "seconds_to_target": reached and reached[2], "final_accuracy": curves[name][-1][3],
-                       "rounds": curves[name][-1][0]}
+                       "seconds_to_target": reached and reached[2], "final_accuracy": points[-1][3],
+                       "rounds": points[-1][0]}
     base = table["fedsgd"]
     for row in table.values():  # how many times fewer bytes and how much faster than FedSGD
         reached = row["mb_to_target"] and base["mb_to_target"]
         row["bytes_vs_fedsgd"] = row["mb_to_target"] / base["mb_to_target"] if reached else None
         row["seconds_vs_fedsgd"] = row["seconds_to_target"] / base["seconds_to_target"] if reached else None
-    plot_strategies(curves, work.parent / "strategies.png", target)
-    # A FedAvg round of one local epoch against that epoch's bare compute: two plain processes stepping at once
-    epoch_compute = statistics.median(coscheduled_step_seconds(2, 1, 40, batch=32)) * (utils.SYNTHETIC_SIZES[True] // 2 // 32)
-    fedavg_round = statistics.median(round_seconds["fedavg"])
-    return {"value": table, "target": target, "epochs": epochs, "plot": str(work.parent / "strategies.png"),
-            "fedavg_round_s": fedavg_round, "local_epoch_compute_s": epoch_compute,
-            "fedavg_round_vs_compute": fedavg_round / epoch_compute}
+    plot_strategies(curves, plot, target)
+    return {"value": table, "target": target, "plot": str(plot)}
 
 
 def accuracy_by_bytes(records: list[dict]) -> list[tuple[int, float, float, float]]:
-    """(rounds, bytes sent both ways, seconds of rounds, test accuracy) at each evaluation of a run."""
-    rounds, sent, seconds, points = 0, 0.0, 0.0, []
+    """(rounds, bytes sent both ways, seconds of rounds, test accuracy) at each evaluation of a run (an
+    evaluation's record comes before its round's)."""
+    sent, seconds, upto = 0.0, 0.0, {0: (0.0, 0.0)}
     for record in records:
         if "train_loss" in record:
-            rounds, sent, seconds = record["round"], sent + record["bytes_in"] + record["bytes_out"], seconds + record["seconds"]
-        elif "test_accuracy" in record:
-            points.append((rounds, sent, seconds, record["test_accuracy"]))
-    return points
+            sent, seconds = sent + record["bytes_in"] + record["bytes_out"], seconds + record["seconds"]
+            upto[record["round"]] = (sent, seconds)
+    return [(record["round"], *upto[record["round"]], record["test_accuracy"]) for record in records
+            if "test_accuracy" in record]
 
 
 def plot_strategies(curves: dict, path: Path, target: float) -> None:
@@ -544,7 +549,7 @@ def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=runtime.HelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each timed transfer")
     parser.add_argument("--rounds", type=int, default=20, help="FedSGD rounds of each of the round-overhead runs")
     parser.add_argument("--scale", default="1,4,16,64", help="learner counts for leader_scale")

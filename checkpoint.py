@@ -21,7 +21,10 @@ TRAJECTORY_FLAGS = ("model", "dataset", "learners", "batch_size", "seed", "epoch
                     "local_steps", "client_lr", "client_momentum", "server_lr", "server_momentum", "beta1", "beta2",
                     "tau", "mu", "aggregator", "trim", "byzantine", "clip_norm", "learners_per_round")
 # What a checkpoint written before a flag existed ran with
-EARLIER_DEFAULTS = {"strategy": "fedsgd"}
+EARLIER_DEFAULTS = {"strategy": "fedsgd", "local_epochs": None, "local_steps": None, "client_lr": None,
+                    "client_momentum": 0.9, "server_lr": None, "server_momentum": None, "beta1": 0.9, "beta2": 0.99,
+                    "tau": 1e-3, "mu": None, "aggregator": "mean", "trim": 0.2, "byzantine": 1, "clip_norm": 0.0,
+                    "learners_per_round": 0}
 # What a run writes into its --out directory; a new run moves an earlier run's files aside.
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt")
 
@@ -43,6 +46,30 @@ def adopt_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> N
     for key in TRAJECTORY_FLAGS:
         if key in saved:
             setattr(args, key, saved[key])
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, control: torch.Tensor | None, rounds_done: int,
+             slots: list[dict], sampler: torch.Generator, participants: list[int] | None, config: dict) -> dict:
+    """Everything a resume needs after rounds_done: the model, the optimizer's state (momentum, or a server
+    optimizer's moments), SCAFFOLD's control, each slot's address and credential (its learner takes it back),
+    the random states and the open round's sampled participants, and the trajectory flags. Learners' positions
+    in their shards are a function of the round and the seed, so the round restores them."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "round": rounds_done, "slots": slots,
+            "rng": torch.get_rng_state(), "sampler": sampler.get_state(), "participants": participants,
+            "config": config, **({"control": control} if control is not None else {})}
+
+
+def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, control: torch.Tensor | None,
+            sampler: torch.Generator) -> int:
+    """Load a snapshot's model, optimizer, control and random states; return its round."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    if "sampler" in saved:  # (older checkpoints have none)
+        sampler.set_state(saved["sampler"])
+    if control is not None:
+        control.copy_(saved["control"])
+    return saved["round"]
 
 
 def load(directory: str | Path) -> dict:

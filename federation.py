@@ -55,12 +55,15 @@ class Federation:
 
     def __init__(self, settings: Settings, registry: Registry, collector: RoundCollector, publish: Callable[..., bytes],
                  encoded_state: Callable[[], bytes], plan: Callable[[int, list[int] | None], TrainingPlan],
-                 client: dispatch.LearnerClient, sampler: torch.Generator, stopping) -> None:
+                 client: dispatch.LearnerClient, sampler: torch.Generator, stopping,
+                 participants: list[int] | None = None) -> None:
         self.settings, self.registry, self.collector = settings, registry, collector
         self.publish, self.encoded_state, self.plan = publish, encoded_state, plan
         self.client, self.sampler, self.stopping = client, sampler, stopping
-        self.participants: list[int] | None = None  # the open round's, with --learners-per-round
+        self.participants = participants  # the open round's, with --learners-per-round (a resume's: restored)
         self.sampled_at = 0.0  # when they were drawn
+        if settings.learners_per_round:  # until the first draw, nobody's update counts
+            collector.expect([], participants or [])
 
     def start(self) -> None:
         """Start the learners registered so far; the first round waits for them (and, with sampling, gets its
@@ -169,7 +172,8 @@ class Federation:
     def sample_again(self, round_index: int, active: list[int], arrived: int) -> None:
         """With sampling, draw the round's participants again when none of them is left, or when a whole
         --round-timeout since the last draw brought fewer than --min-learners updates (they may be silent),
-        if any learner is ready. Updates already counted stay counted."""
+        if any learner is ready. Updates already counted stay counted, and those of the earlier draw that
+        arrive later count too."""
         if self.participants is None or not self.candidates():
             return
         overdue = time.monotonic() - self.sampled_at >= self.settings.round_timeout
@@ -177,20 +181,20 @@ class Federation:
             return
         log.warning("round %d: %s of the sampled learners %s; sampling again", round_index,
                     "none is left" if not set(self.participants) & set(active) else f"{arrived} updates", self.participants)
-        self.send_state(self.open_round(round_index))
+        self.send_state(self.open_round(round_index, widen=True))
 
     def candidates(self) -> list[int]:
         """The learners a round may sample: ready, and not given up on for missing rounds."""
         return self.collector.reliable(self.registry.ready())
 
-    def open_round(self, round_index: int, participants: list[int] | None = None) -> bytes:
+    def open_round(self, round_index: int, participants: list[int] | None = None, widen: bool = False) -> bytes:
         """Sample who trains round_index (with --learners-per-round: these participants, or a draw among the
-        candidates), count only their updates from now on, and publish the state for it; returns it as one
-        serialised ModelState."""
+        candidates), count only their updates from now on (widen: and still those of the round's earlier draw),
+        and publish the state for it; returns it as one serialised ModelState."""
         if self.settings.learners_per_round:
             self.participants = participants if participants is not None else \
                 strategies.sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
-            self.collector.expect(self.registry.ready(), self.participants)
+            self.collector.expect(self.registry.ready(), self.participants, widen)
             self.sampled_at = time.monotonic()
             log.debug("round %d: learners %s take part", round_index, self.participants)
         return self.publish(round_index, finished=False, plan=self.plan(round_index, self.participants))
@@ -211,3 +215,18 @@ class Federation:
         if not finished:
             return self.send_state(self.open_round(rounds_done))
         return self.send_state(self.publish(rounds_done, True, stopped), everyone=True)  # the last: no plan
+
+    def release(self) -> None:
+        """Training was already over: push the final state to every slot's learner, and keep serving it
+        (GetModel) for --rejoin-grace seconds to learners that reconnect, unless all were told."""
+        started = time.monotonic()
+        members = {key: member for key, member in self.registry.members(list(range(self.settings.learners))).items()
+                   if member.address}
+        request = framing.chunk_message(self.encoded_state())  # published as finished
+        broadcast = self.client.send(members, "SyncModelState", request, lambda *failure: None,
+                                     self.settings.sync_timeout)
+        if broadcast.wait(self.settings.sync_timeout) and broadcast.all_succeeded():
+            return
+        remaining = max(0.0, self.settings.rejoin_grace - (time.monotonic() - started))
+        log.info("telling learners that connect in the next %.0f s (--rejoin-grace) that training is over", remaining)
+        self.stopping.wait(remaining)

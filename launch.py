@@ -67,7 +67,7 @@ def demo_dataset(data_dir: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run a leader and N learners on this machine; arguments after -- go to leader.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=runtime.HelpFormatter)
     parser.add_argument("--learners", type=int, default=2, help="number of learner processes")
     parser.add_argument("--out", default="runs/demo", help="directory for the outputs and the processes' logs")
     parser.add_argument("--data-dir", default="data", help="where CIFAR-10 is looked for (demo)")

@@ -1,4 +1,5 @@
-"""The leader: owns the global model, registers learners, serves model and data, and runs FedSGD rounds."""
+"""The leader: owns the global model, registers learners, serves model and data, and runs the rounds of
+FedSGD or another strategy."""
 
 import argparse
 import dataclasses
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated learning leader: serves LeaderService, waits for --learners learners, "
         "then trains the global model with FedSGD (one synchronous gradient step per round) or another --strategy "
         "(local training, a server optimizer, robust aggregation, sampled participation).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=runtime.HelpFormatter,
     )
     parser.add_argument("--learners", type=int, default=2, help="number of learners to wait for and train with")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
@@ -108,7 +109,7 @@ def add_strategy_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "strategy", "FedSGD (the default) takes one gradient per learner per round and steps with --lr, --momentum "
         "and --weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
-        "--local-steps with the client flags, and the leader applies the mean change with a server optimizer.")
+        "--local-steps with the client flags, and the leader applies the aggregate change with a server optimizer.")
     group.add_argument("--strategy", choices=strategies.STRATEGIES, default="fedsgd",
                        help="fedavg: McMahan et al. 2017; fedavgm: with server momentum (Hsu et al. 2019); fedprox: "
                        "a proximal term --mu (Li et al. 2020); fedadagrad, fedadam, fedyogi: adaptive server optimizers "
@@ -158,7 +159,8 @@ def flag_applies(key: str, args: argparse.Namespace) -> bool:
 
 def strategy_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
     """What is wrong with the strategy flags, as (failed, message) pairs."""
-    per_round = args.learners_per_round or args.learners
+    per_round, local = args.learners_per_round or args.learners, args.strategy != "fedsgd"
+    needed = strategies.minimum_updates(args.aggregator, args.trim, args.byzantine)
     ignored = [key for key in FLAGS_FOR if key in args.explicit and not flag_applies(key, args)]
     return [
         (bool(ignored), "; ".join(f"--{key.replace('_', '-')} is for {FLAGS_FOR[key]} runs" for key in ignored)
@@ -167,22 +169,22 @@ def strategy_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
         ((args.local_epochs is not None and args.local_epochs <= 0) or (args.local_steps is not None and args.local_steps < 1)
          or (args.client_lr is not None and args.client_lr <= 0) or (args.server_lr is not None and args.server_lr <= 0),
          "--local-epochs, --local-steps, --client-lr and --server-lr must be positive"),
-        (args.server_momentum is not None and args.strategy != "fedavgm", "--server-momentum is fedavgm's"),
-        (args.mu is not None and args.strategy != "fedprox", "--mu is fedprox's"),
-        (not 0 <= args.client_momentum < 1 or not 0 <= (args.server_momentum or 0) < 1 or not 0 <= args.beta1 < 1
+        (not 0 <= args.client_momentum <= messages.MAX_CLIENT_MOMENTUM or not 0 <= (args.server_momentum or 0) < 1
+         or not 0 <= args.beta1 < 1
          or not 0 <= args.beta2 < 1 or args.tau <= 0 or (args.mu or 0) < 0,
          "momenta and betas must lie in [0, 1), --tau must be positive and --mu not negative"),
-        ((args.client_lr or 0) > messages.MAX_CLIENT_LR or args.weight_decay > messages.MAX_WEIGHT_DECAY
-         or (args.mu or 0) > messages.MAX_MU or args.learners > messages.MAX_LEARNERS,
+        ((args.client_lr or 0) > messages.MAX_CLIENT_LR or (local and args.weight_decay > messages.MAX_WEIGHT_DECAY)
+         or (args.mu or 0) > messages.MAX_MU or (args.learners_per_round and args.learners > messages.MAX_LEARNERS),
          f"learners accept --client-lr up to {messages.MAX_CLIENT_LR:g}, --weight-decay up to "
          f"{messages.MAX_WEIGHT_DECAY:g}, --mu up to {messages.MAX_MU:g} and at most {messages.MAX_LEARNERS} learners"),
         (not 0 <= args.trim < 0.5, "--trim must lie in [0, 0.5)"),
         (args.byzantine < 0 or args.clip_norm < 0 or args.learners_per_round < 0,
          "--byzantine, --clip-norm and --learners-per-round must not be negative"),
         (args.learners_per_round > args.learners, "--learners-per-round exceeds --learners"),
-        (args.aggregator in ("krum", "multi-krum") and per_round < 2 * args.byzantine + 3,
-         f"{args.aggregator} withstands --byzantine {args.byzantine} with at least {2 * args.byzantine + 3} "
-         f"learners in a round, not {per_round}"),
+        (args.aggregator == "trimmed-mean" and args.trim == 0, "--trim 0 trims nothing: use --aggregator mean"),
+        (min(per_round, args.min_learners) < needed,
+         f"{args.aggregator} outvotes a hostile learner with at least {needed} updates in a round; the run has "
+         f"{per_round} learners a round and --min-learners {args.min_learners}"),
         (args.learners_per_round and args.min_learners > args.learners_per_round,
          "--min-learners exceeds --learners-per-round"),
     ]
@@ -218,6 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unset = object()  # argparse leaves attributes a namespace already has alone unless the flag is given
     given = parser.parse_args(argv, namespace=argparse.Namespace(**{key: unset for key in vars(args)}))
     args.explicit = {key for key, value in vars(given).items() if value is not unset}
+    if "min_learners" not in args.explicit and args.aggregator != "mean":  # a round must outvote a hostile update
+        needed = strategies.minimum_updates(args.aggregator, args.trim, args.byzantine)
+        args.min_learners = min(needed, args.learners_per_round or args.learners) if needed != math.inf else 1
     problems = [
         (args.learners < 1 or args.batch_size < 1, "--learners and --batch-size must be positive"),
         (args.min_learners < 1 or (not args.resume and args.min_learners > args.learners),
@@ -361,7 +366,7 @@ class Shards:
         with self._lock:  # a shard is encoded once, even when its learner asks twice at the same time
             if learner_id not in self._messages:
                 shard = self.train.subset(self.indices[learner_id])
-                metadata = {"learner_id": str(learner_id), "num_classes": str(shard.num_classes), "dataset": self.dataset}
+                metadata = messages.ShardInfo(learner_id, shard.num_classes, self.dataset).to_metadata()
                 payload = wire.encode({"labels": shard.labels, "images": shard.images}, metadata)
                 self._messages[learner_id] = list(framing.chunk_messages(payload))
             return self._messages[learner_id]
@@ -567,8 +572,7 @@ class Leader:
         self.stopping = threading.Event()
         self.federation = Federation(Settings.from_args(args, self.out), self.registry, self.collector,
                                      self.global_model.publish, lambda: self.global_model.encoded_state, self.plan,
-                                     self.client, self.sampler, self.stopping)
-        self.federation.participants = participants or None  # drawn for the saved round
+                                     self.client, self.sampler, self.stopping, participants or None)
         log.info("%s with %d parameters; %d train / %d test images, %d per learner; %s: %d rounds of %d local steps "
                  "(%.3g per epoch), peak %slr %.3g%s", args.model,
                  layout.parameter_count, len(self.train), len(test), len(self.shards.indices[0]), self.strategy.name,
@@ -586,29 +590,19 @@ class Leader:
                                      None if participants is None else tuple(participants))
 
     def save_checkpoint(self, rounds_done: int) -> None:
-        """Everything needed to continue from rounds_done, written atomically. Learners' positions in
-        their shards are a function of the round and the seed, so the round restores them; each slot's
-        credential lets its learner take it back."""
-        state = {"model": self.global_model.model.state_dict(), "optimizer": self.global_model.optimizer.state_dict(),
-                 "round": rounds_done, "slots": self.registry.records(), "rng": torch.get_rng_state(),
-                 "sampler": self.sampler.get_state(), "participants": self.federation.participants,
-                 "config": checkpoint.config_of(self.args),
-                 **({"control": self.global_model.control} if self.global_model.control is not None else {})}
+        model = self.global_model
+        state = checkpoint.snapshot(model.model, model.optimizer, model.control, rounds_done, self.registry.records(),
+                                    self.sampler, self.federation.participants, checkpoint.config_of(self.args))
         checkpoint.save_atomically(state, self.out / "checkpoint.pt")
         log.info("checkpoint at round %d", rounds_done)
 
     def restore(self, saved: dict) -> int:
-        """Load a checkpoint's model, optimizer and random state; return its round."""
-        self.global_model.model.load_state_dict(saved["model"])
-        self.global_model.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        if "sampler" in saved:
-            self.sampler.set_state(saved["sampler"])
-        if self.global_model.control is not None:
-            self.global_model.control.copy_(saved["control"])
-        checkpoint.keep_metrics_until(self.out / "metrics.jsonl", saved["round"])
-        log.info("resuming from the checkpoint at round %d", saved["round"])
-        return saved["round"]
+        """Continue from a checkpoint: its model, optimizer and random states; return its round."""
+        model = self.global_model
+        rounds_done = checkpoint.restore(saved, model.model, model.optimizer, model.control, self.sampler)
+        checkpoint.keep_metrics_until(self.out / "metrics.jsonl", rounds_done)
+        log.info("resuming from the checkpoint at round %d", rounds_done)
+        return rounds_done
 
     def serve(self) -> grpc.Server:
         servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shards.messages,
@@ -692,23 +686,12 @@ class Leader:
         return now
 
     def release_learners(self) -> None:
-        """The checkpoint is at the final round: tell its learners that training is over, and keep serving the
-        final state (GetModel) for --rejoin-grace seconds to learners that reconnect, unless all were told."""
+        """The checkpoint is at the final round: save model.pt if missing, and tell the learners it is over."""
         log.info("the checkpoint is at the final round %d: training is complete; telling its learners",
                  self.collector.round)
         if not (self.out / "model.pt").exists():
             checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
-        started = time.monotonic()
-        members = {key: member for key, member in self.registry.members(list(range(self.args.learners))).items()
-                   if member.address}
-        request = framing.chunk_message(self.global_model.encoded_state)  # published as finished
-        broadcast = self.client.send(members, "SyncModelState", request, lambda *failure: None, self.args.sync_timeout)
-        if broadcast.wait(self.args.sync_timeout) and broadcast.all_succeeded():
-            return
-        remaining = self.args.rejoin_grace - (time.monotonic() - started)
-        log.info("telling learners that connect in the next %.0f s (--rejoin-grace) that training is over",
-                 max(0.0, remaining))
-        self.stopping.wait(max(0.0, remaining))
+        self.federation.release()
 
     def run(self) -> int:
         """Serve and train to the end; return the exit status (1: stalled for lack of learners)."""

@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Federated learning learner: registers with the leader, serves LearnerService, "
         "and each round it takes part in sends its update: the gradient of one batch (FedSGD), or the change "
         "local training made (every other strategy; the leader's model state says how to train).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=runtime.HelpFormatter,
     )
     parser.add_argument("--leader", default="127.0.0.1:50051", help="the leader's HOST:PORT")
     parser.add_argument("--host", default="0.0.0.0", help="address for this learner's server to listen on")
@@ -337,7 +337,7 @@ class Learner:
         self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(rpc.channel(args.leader, self.security))
         self.inbox, self.started, self.credential = StateInbox(), threading.Event(), LeaderCredential()
-        self.learner_id, self.data, self.server, self.round = -1, None, None, 0
+        self.learner_id, self.data, self.server, self.round, self.sent_round = -1, None, None, 0, -1
 
     def fetch_model(self, deadline: float) -> wire.Payload | None:
         """The leader's current model state, checked finite as it streams in (retried until the deadline);
@@ -401,6 +401,8 @@ class Learner:
         """Register (again) and get this slot's data, unless it is local or already here."""
         previous = self.learner_id
         self.learner_id = retry_until(deadline, self.register, "RegisterLearner")
+        if self.learner_id != previous and self.controls is not None:  # SCAFFOLD: c_i belongs to a slot's data
+            self.controls.own.zero_()
         if self.data is None or (self.learner_id != previous and not self.args.dataset):
             self.data = self.load_data(self.model.fc.out_features)
 
@@ -435,6 +437,7 @@ class Learner:
         deadline = time.monotonic() + self.args.connect_timeout
         self.started.clear()
         self.inbox.clear()
+        self.sent_round = -1  # a resumed leader may go back in rounds
         state = self.fetch_model(deadline)
         if state is None or messages.is_final(state):
             return state or self.inbox.final
@@ -489,6 +492,7 @@ class Learner:
                 raise GradientRefused(f"the leader refused this learner's update for round {round_index}: "
                                       f"{error.code().name} {error.details()}") from None
             raise
+        self.sent_round = round_index
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
         elif reply is not None and self.controls is not None:  # SCAFFOLD: c_i moves only with an accepted update
@@ -516,7 +520,8 @@ class Learner:
                 if messages.round_of(state) >= self.round:  # not older than the state fetched on joining
                     self.adopt(state, fetched=False)
             round_started = time.perf_counter()
-            if self.plan.takes_part(self.learner_id):  # sampling may leave it out of this round
+            # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news
+            if self.plan.takes_part(self.learner_id) and self.round != self.sent_round:
                 first_step = self.round * self.plan.local_steps
                 loss = local.local_update(self.model, self.layout, self.gradient,
                                           lambda step: self.batch_at(first_step + step), self.plan, self.controls)

@@ -15,7 +15,7 @@ from strategies import STRATEGIES
 
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
 # What a learner accepts in a training plan (the leader's flags are held to the same bounds)
-MAX_CLIENT_LR, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 1.0, 1e3
+MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
 
@@ -95,7 +95,7 @@ class TrainingPlan:
         if strategy == "fedsgd":
             return cls(participants=chosen)
         return cls(strategy, _int(metadata, "local_steps", minimum=1), _float(metadata, "client_lr", high=MAX_CLIENT_LR),
-                   _float(metadata, "client_momentum", high=0.999999), _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY),
+                   _float(metadata, "client_momentum", high=MAX_CLIENT_MOMENTUM), _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY),
                    _float(metadata, "mu", high=MAX_MU), chosen)
 
 

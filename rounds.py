@@ -282,7 +282,7 @@ class RoundSummary:
 
 
 class RoundCollector:
-    """Gradients of the open round, summed as they arrive; each learner counts once per round. A learner that
+    """Updates of the open round, combined as they arrive; each learner counts once per round. A learner that
     misses MAX_MISSED_ROUNDS rounds in a row is not waited for until the leader hears from it again: a
     learner that answers everything but never sends a gradient cannot hold every round to its deadline."""
 
@@ -302,11 +302,13 @@ class RoundCollector:
         with self._changed:
             return self._round
 
-    def expect(self, learner_ids: list[int], sampled: list[int] | None = None) -> None:
-        """The learners whose gradients complete the open round (but those that keep missing rounds); with
-        sampled participation, only the sampled learners' updates count (those of them ready are expected)."""
+    def expect(self, learner_ids: list[int], sampled: list[int] | None = None, widen: bool = False) -> None:
+        """The learners whose updates complete the open round (but those that keep missing rounds); with
+        sampled participation, only the sampled learners' updates count (those of them ready are expected).
+        widen: a second draw for the same round, whose earlier participants' updates still count."""
         with self._changed:
-            self._sampled = None if sampled is None else set(sampled)
+            earlier = self._sampled if widen and self._sampled is not None else set()
+            self._sampled = None if sampled is None else earlier | set(sampled)
             self._expected = {learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS
                               and (sampled is None or learner in self._sampled)}
 

@@ -1,5 +1,6 @@
-"""Process setup shared by the entry points: logs, memory allocator, torch threads and device."""
+"""Process setup shared by the entry points: logs, --help, memory allocator, torch threads and device."""
 
+import argparse
 import contextlib
 import ctypes
 import logging
@@ -7,6 +8,13 @@ import os
 from typing import Iterator
 
 import torch
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (its help says what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def configure_logging(name: str, verbose: bool = False) -> logging.Logger:

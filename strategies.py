@@ -85,7 +85,8 @@ def trimmed_mean(updates: torch.Tensor, trim: float) -> torch.Tensor:
 def krum_scores(updates: torch.Tensor, byzantine: int) -> torch.Tensor:
     """Blanchard et al. 2017: each update's summed squared distance to its K - F - 2 nearest others (at least 1)."""
     count = len(updates)
-    distances = torch.cdist(updates.double(), updates.double()).square()
+    wide = updates.double()
+    distances = torch.cdist(wide, wide).square()
     neighbours = max(1, min(count - 1, count - byzantine - 2))
     distances.fill_diagonal_(math.inf)
     return distances.topk(neighbours, dim=1, largest=False).values.sum(dim=1)
@@ -109,10 +110,11 @@ def clip_to_norm(update: torch.Tensor, max_norm: float) -> float:
 
 
 def aggregate(strategy: Strategy, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
-    """The round's update by the strategy's aggregation rule, over whole updates (model part, statistics and
-    controls alike: a median of variances is still a variance). Only the mean weights by sample count: robust
-    rules treat every learner alike, or a learner could buy weight with its claim. Krum measures distances on
-    the first model_size values (the model part) only."""
+    """The round's update by the strategy's aggregation rule. Median and trimmed mean work per coordinate on
+    whole updates (model part, statistics and controls alike: a median of variances is still a variance); Krum
+    chooses by distances between the first model_size values (the model part) and takes the coordinate median
+    of the rest. Only the mean weights by sample count: robust rules treat every learner alike, or a learner
+    could buy weight with its claim."""
     rule = strategy.aggregator
     if rule == "mean":
         return weighted_mean(updates, samples)
@@ -122,13 +124,25 @@ def aggregate(strategy: Strategy, updates: torch.Tensor, samples: torch.Tensor, 
         return trimmed_mean(updates, strategy.trim)
     selected = 1 if rule == "krum" else max(1, len(updates) - strategy.byzantine)
     chosen = multi_krum(updates[:, :model_size], strategy.byzantine, selected)[1]
-    return updates[chosen].mean(dim=0)
+    result = updates[chosen].mean(dim=0)
+    if model_size is not None:  # statistics and controls: Krum chose on the model part, which says nothing of them
+        result[model_size:] = coordinate_median(updates[:, model_size:])
+    return result
+
+
+def minimum_updates(aggregator: str, trim: float = 0.2, byzantine: int = 1) -> int:
+    """The fewest updates with which the rule outvotes a hostile one: 3 for the median, as many as make the
+    trimmed mean drop one value at each end, 2F + 3 for Krum (Blanchard et al.)."""
+    if aggregator in ("krum", "multi-krum"):
+        return 2 * byzantine + 3
+    if aggregator == "trimmed-mean":
+        return max(3, math.ceil(1 / trim)) if trim > 0 else math.inf
+    return 3 if aggregator == "median" else 1
 
 
 def too_few(strategy: Strategy, count: int) -> str | None:
     """Why a round of count updates is too small for the strategy's rule to withstand anyone, or None."""
-    needed = {"mean": 1, "median": 3, "trimmed-mean": 3, "krum": 2 * strategy.byzantine + 3,
-              "multi-krum": 2 * strategy.byzantine + 3}[strategy.aggregator]
+    needed = minimum_updates(strategy.aggregator, strategy.trim, strategy.byzantine)
     if count >= needed:
         return None
     return f"{strategy.aggregator} needs at least {needed} updates to outvote a hostile one, the round had {count}"

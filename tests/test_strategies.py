@@ -253,12 +253,13 @@ def test_robust_rules_apply_to_batchnorm_statistics_too_so_one_learner_cannot_se
     torch.testing.assert_close(out, torch.tensor([2.0, 3.0, 2.0]))
 
 
-def test_krum_measures_distances_on_the_model_part_only():
-    honest = torch.tensor([[1.0, 0.0, 5.0], [1.1, 0.0, 50.0], [0.9, 0.0, 9.0], [1.0, 0.1, 30.0], [-40.0, 0.0, 7.0]])
-    strategy = strategies.Strategy(aggregator="krum", byzantine=1)
-    # on whole rows the statistics (last column) would decide; on the model part the outlier is row 4
-    result = strategies.aggregate(strategy, honest, torch.ones(5), model_size=2)
-    assert abs(result[0].item() - 1.0) < 0.2
+def test_krum_chooses_on_the_model_part_and_takes_the_median_of_the_statistics():
+    updates = torch.tensor([[1.0, 0.0, 5.0], [1.1, 0.0, 50.0], [0.9, 0.0, 9.0], [1.0, 0.1, 500.0], [-40.0, 0.0, 7.0]])
+    for rule in ("krum", "multi-krum"):
+        # on whole rows the statistics (last column) would decide; on the model part the outlier is row 4, and
+        # an honest-looking model part (row 3) does not carry its hostile statistic through
+        result = strategies.aggregate(strategies.Strategy(aggregator=rule, byzantine=1), updates, torch.ones(5), 2)
+        assert abs(result[0].item() - 1.0) < 0.2 and result[2].item() == 9.0, rule
 
 
 def test_rounds_too_small_for_a_robust_rule_are_named():
@@ -341,13 +342,22 @@ def test_a_sign_flipping_learner_wrecks_the_mean_but_not_the_robust_rules():
     (["--aggregator", "median", "--byzantine", "2"], "--byzantine is for krum or multi-krum runs"),
     (["--strategy", "fedavg", "--local-epochs", "1", "--local-steps", "5"], "not both"),
     (["--strategy", "fedavg", "--client-lr", "5000"], "learners accept --client-lr up to"),
-    (["--aggregator", "krum", "--learners", "4"], "with at least 5 learners in a round, not 4"),
+    (["--aggregator", "krum", "--learners", "4"], "at least 5 updates in a round; the run has 4 learners a round"),
+    (["--aggregator", "median", "--learners", "5", "--min-learners", "2"], "--min-learners 2"),
+    (["--aggregator", "trimmed-mean", "--trim", "0"], "--trim 0 trims nothing"),
     (["--learners", "4", "--learners-per-round", "5"], "--learners-per-round exceeds --learners"),
 ])
 def test_flags_a_run_would_ignore_or_learners_would_refuse_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         leader_module.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_a_robust_rule_waits_for_enough_updates_unless_told_otherwise():
+    assert leader_module.parse_args(["--aggregator", "krum", "--learners", "6"]).min_learners == 5
+    assert leader_module.parse_args(["--aggregator", "trimmed-mean", "--trim", "0.1", "--learners", "12"]).min_learners == 10
+    assert strategies.minimum_updates("trimmed-mean", trim=0.2) == 5  # with fewer, floor(0.2 K) trims nothing
+    assert strategies.trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]]), 0.2).item() == 2.0
 
 
 def test_local_epochs_set_the_steps_per_round_and_epochs_keep_meaning_passes_over_the_shard():
