@@ -284,7 +284,7 @@ class LeaderLost(Exception):
 
 
 class GradientRefused(Exception):
-    """The leader refused this learner's gradient as malformed: the learner's model or data do not match it."""
+    """The leader refused this learner's update as malformed: the learner's model or data do not match it."""
 
 
 def receive_stream(channel: grpc.Channel, method: str, request, idle_timeout: float, check_finite: bool = False,

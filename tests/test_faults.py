@@ -22,7 +22,7 @@ def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path
     # --rejoin-grace 0: the slot is free as soon as its holder is dropped, so that the restarted learner gets it
     # however fast the rounds go (with the default 30 s a fast machine finished before the grace was over)
     leader = start_leader(tmp_path, port, "--learners", "3", "--min-learners", "2", "--round-timeout", "2",
-                          "--rounds", "200", "--batch-size", "16", "--sync-timeout", "5", "--rejoin-grace", "0")
+                          "--rounds", "120", "--batch-size", "16", "--sync-timeout", "5", "--rejoin-grace", "0")
     learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(3)]
     wait_for_round(tmp_path, 15)
     learners[2].kill()
@@ -31,7 +31,7 @@ def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path
     codes = launch.wait_all([leader, *learners], 300)
     assert codes == [0, 0, 0, -signal.SIGKILL, 0], logs(tmp_path)
     counts = learner_counts(tmp_path)
-    assert len(counts) == 200 and counts[0] == 3 and counts[-1] == 3, counts
+    assert len(counts) == 120 and counts[0] == 3 and counts[-1] == 3, counts
     assert 2 in counts[15:], counts
     leader_log = (tmp_path / "leader.log").read_text()
     killed_id = re.search(r"registered as learner (\d)", (tmp_path / "learner2.log").read_text()).group(1)
@@ -51,7 +51,7 @@ def test_a_stalled_learner_does_not_hold_back_the_round_and_its_late_gradient_is
     assert codes == [0, 0, 0], logs(tmp_path)
     counts = learner_counts(tmp_path)
     assert counts.count(1) >= 2 and counts[-1] == 2, counts
-    assert "ignored the gradient" in (tmp_path / "learner1.log").read_text()
+    assert "ignored the update" in (tmp_path / "learner1.log").read_text()
     assert "dropped" not in (tmp_path / "leader.log").read_text()
 
 
