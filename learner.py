@@ -259,6 +259,17 @@ def adopt_state(model: torch.nn.Module, state: wire.Payload, spec: wire.TensorSp
     load_state(model, state, take_over=True)
 
 
+def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
+                   device: torch.device | str) -> tuple[torch.nn.Module, fedsgd.GradientLayout, local.Controls | None]:
+    """The state's model on the device, its update layout and (SCAFFOLD) its control variates. The model moves
+    before the layout is made: moving replaces a model's buffers, and the layout must hold the ones training
+    updates (adopting a state later copies into them in place). A run's strategy never changes."""
+    model = build_model(info.architecture, info.num_classes).to(device)
+    scaffold = info.plan.strategy == "scaffold"
+    layout = fedsgd.GradientLayout(model, wire_dtype, controls=scaffold)
+    return model, layout, local.Controls(layout.parameter_count, device) if scaffold else None
+
+
 def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool = False) -> wire.TensorSpec:
     """What a model state from the leader must hold: fedsgd.wire_state's tensors (with SCAFFOLD's control)."""
     control = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad)) if controls else None
@@ -353,17 +364,13 @@ class Learner:
         if messages.is_final(state):
             return state
         info = messages.StateInfo.from_payload(state)
-        self.model = build_model(info.architecture, info.num_classes)
         self.wire_dtype = wire.WIRE_DTYPES.get(info.wire_dtype)
         if self.wire_dtype is None:
             raise wire.PayloadError(f"unknown wire_dtype {info.wire_dtype[:32]!r}")
-        scaffold = info.plan.strategy == "scaffold"  # a run's strategy never changes: a resume keeps it
-        self.state_spec = state_spec(self.model, self.wire_dtype, scaffold)
         self.device = runtime.pick_device(self.args.device)
-        self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype, controls=scaffold)
-        self.controls = local.Controls(self.layout.parameter_count, self.device) if scaffold else None
+        self.model, self.layout, self.controls = training_setup(info, self.wire_dtype, self.device)
+        self.state_spec = state_spec(self.model, self.wire_dtype, self.controls is not None)
         self.adopt(state)
-        self.model.to(self.device)
         self.batch_size, self.seed, self.mean, self.std = info.batch_size, info.seed, list(info.mean), list(info.std)
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)
