@@ -81,6 +81,7 @@ def byzantine_run(out, aggregator: str, flipper: bool = True) -> float:
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(1800)  # three federations of six processes on two cores
 def test_a_sign_flipping_learner_process_wrecks_the_mean_but_not_the_median(tmp_path):
     unattacked = byzantine_run(tmp_path / "unattacked", "mean", flipper=False)
     assert byzantine_run(tmp_path / "mean", "mean") < unattacked - 0.3
