@@ -310,7 +310,7 @@ class RoundCollector:
             earlier = self._sampled if widen and self._sampled is not None else set()
             self._sampled = None if sampled is None else earlier | set(sampled)
             self._expected = {learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS
-                              and (sampled is None or learner in self._sampled)}
+                              and (sampled is None or learner in sampled)}  # the round waits for the new draw
 
     def reliable(self, learner_ids: list[int]) -> list[int]:
         """Those of learner_ids that rounds still wait for (not given up on for missing rounds)."""

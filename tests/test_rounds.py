@@ -229,3 +229,20 @@ def test_a_learner_that_misses_round_after_round_is_not_waited_for_until_it_is_h
     collector.heard_from(1)
     collector.expect([0, 1])
     assert collector.missing() == [0, 1]  # ...until it sends something again
+
+
+def test_with_sampling_only_the_drawn_count_and_a_second_draw_keeps_the_first_ones():
+    collector = RoundCollector(1)
+    collector.expect([], sampled=[])  # before the first draw nobody's update counts
+    assert "not sampled" in collector.submit(0, 0, [torch.ones(1)], 1, 0.0, 1)
+    collector.expect([0, 1, 2], sampled=[0, 1])
+    assert collector.missing() == [0, 1]
+    assert "not sampled" in collector.submit(2, 0, [torch.ones(1)], 1, 0.0, 1)
+    collector.expect([0, 1, 2], sampled=[2], widen=True)  # drawn again: 0 and 1 may still deliver
+    assert collector.missing() == [2]
+    assert collector.submit(1, 0, [torch.ones(1)], 1, 0.0, 1) is None
+    assert collector.submit(2, 0, [torch.ones(1)], 1, 0.0, 1) is None
+    assert collector.wait_complete(0)
+    collector.close(torch.empty(1))
+    collector.expect([0, 1, 2], sampled=[0])  # the next round's draw replaces the last
+    assert "not sampled" in collector.submit(1, 1, [torch.ones(1)], 1, 0.0, 1)
