@@ -1,8 +1,9 @@
 """FedSGD arithmetic on tensors: the update layout, gradients, the guarded optimizer step, evaluation.
 
-No gRPC here. A gradient is one flat float32 vector: every trainable parameter's gradient followed
-by every floating-point buffer (BatchNorm running statistics), so that the leader can average both
-with one in-place add per learner. On the wire the gradients may be float16 or bfloat16; the
+No gRPC here. An update is one flat float32 vector: every trainable parameter's gradient (or, for local
+training, its pseudo-gradient) followed by every floating-point buffer (BatchNorm running statistics) and,
+for SCAFFOLD, the control variate's change, so that the leader can average them all with one in-place add
+per learner. On the wire the gradients may be float16 or bfloat16; the
 statistics are always float32.
 """
 

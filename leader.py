@@ -490,8 +490,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         strategy = self.global_model.strategy
         if claims.learner_id != member.learner_id:
             raise wire.PayloadError(f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}")
-        if claims.kind != strategy.update_kind:
-            raise wire.PayloadError(f"this leader runs {strategy.name} and takes a {strategy.update_kind}, not a {claims.kind}")
+        expected = strategies.update_kind(strategy.name)
+        if claims.kind != expected:
+            raise wire.PayloadError(f"this leader runs {strategy.name} and takes a {expected}, not a {claims.kind}")
         if claims.steps > strategy.local_steps:
             raise wire.PayloadError(f"metadata steps {claims.steps} exceeds the {strategy.local_steps} local steps this "
                                     "leader asks for")

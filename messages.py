@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 import wire
-from strategies import STRATEGIES
+from strategies import STRATEGIES, update_kind
 
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
 # What a learner accepts in a training plan (the leader's flags are held to the same bounds)
@@ -68,8 +68,7 @@ class TrainingPlan:
 
     @property
     def update_kind(self) -> str:
-        """What a learner sends for this plan: a gradient (FedSGD) or a pseudo-gradient (local training)."""
-        return "gradient" if self.strategy == "fedsgd" else "pseudo-gradient"
+        return update_kind(self.strategy)
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants

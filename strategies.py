@@ -26,6 +26,11 @@ DEFAULT_SERVER_LR = {"fedadagrad": 0.1, "fedadam": 0.01, "fedyogi": 0.01}
 MAX_CONTROL_NORM = 10.0  # SCAFFOLD's server control, against the weights' norm: a catastrophe bound, not a tuning
 
 
+def update_kind(strategy: str) -> str:
+    """What a learner sends under a strategy: a gradient (FedSGD) or a pseudo-gradient (local training)."""
+    return "gradient" if strategy == "fedsgd" else "pseudo-gradient"
+
+
 @dataclass(frozen=True)
 class Strategy:
     """What the leader runs: the algorithm, how learners train locally, and how updates are combined."""
@@ -49,10 +54,6 @@ class Strategy:
     def local(self) -> bool:
         """Whether learners train locally and send pseudo-gradients (every strategy but FedSGD)."""
         return self.name != "fedsgd"
-
-    @property
-    def update_kind(self) -> str:
-        return "pseudo-gradient" if self.local else "gradient"
 
     @property
     def keeps_updates(self) -> bool:
