@@ -1,12 +1,17 @@
-"""Models by architecture name (the CIFAR ResNets, or torchvision's classifiers): the only model code; weights
-travel, code never does."""
+"""Models by architecture name (the CIFAR ResNets, or torchvision's classifiers) and initial weights from a file;
+the only model code: weights travel, code never does."""
 
 import functools
-from typing import Callable
+import logging
+import re
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # GroupNorm's groups in the CIFAR ResNets. Two, as federated work on CIFAR ResNets following Hsieh et al. (2020)
 # commonly uses: it divides every width here (16 to 512), and ResNet-20's 16-channel layers keep 8 channels a
@@ -161,3 +166,78 @@ def _torchvision_model(name: str, num_classes: int, norm: str) -> nn.Module:
     # get_model looks the name up in torchvision's registry (a dict), never as an attribute
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **BUILDER_OPTIONS.get(name, {}))
 
+
+# Where checkpoints commonly keep their weights (the leader's checkpoint.pt: "model"); model.pt is the weights.
+WRAPPER_KEYS = ("model", "state_dict")
+# Tensors a file may hold in another shape, keeping the model's fresh initialisation: a classifier's weight and
+# bias (the file is for another number of classes). More than that is another architecture.
+MAX_RESHAPED = 2
+
+
+def load_initial_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy the weights saved in a file into model: a state_dict (a run's model.pt), or one under "model" or
+    "state_dict" (a run's checkpoint.pt, most training scripts' checkpoints), read with weights_only. Names must
+    match the model's (BatchNorm's batch counters may be missing); up to MAX_RESHAPED tensors of another shape
+    keep their fresh initialisation, logged as a warning. Returns their names. Raises ValueError for a file
+    that cannot be read, holds other objects than tensors, or is for another architecture or norm."""
+    saved, own = _read_state_dict(path), model.state_dict()
+    _check_names(saved, own, path)
+    reshaped = [name for name, tensor in own.items() if name in saved and saved[name].shape != tensor.shape]
+    if len(reshaped) > MAX_RESHAPED:
+        raise ValueError(f"{path} does not fit this architecture: {len(reshaped)} tensors have other shapes "
+                         f"({_describe(reshaped[:3], saved, own)}); is it for another model?")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if name in saved and name not in reshaped:  # a counter the file lacks keeps the model's
+                tensor.copy_(saved[name])  # state_dict's tensors share the model's storage
+    if reshaped:
+        log.warning("%s: %s keep their fresh initialisation: the file's shapes differ (another number of "
+                    "classes?)", path, _describe(reshaped, saved, own))
+    return reshaped
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The file's tensors by name, unwrapped from a checkpoint's dict, without a DataParallel "module." prefix."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load fails as a damaged or foreign file happens to make it fail
+        text = str(error)
+        refused = re.search(r"GLOBAL (\S+)", text)  # a class or function weights_only would not call
+        if refused:
+            raise ValueError(f"{path} holds objects other than tensors ({refused[1]}), which are never unpickled: "
+                             "save the weights alone, with torch.save(model.state_dict(), path)") from error
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # its reason, past its advice to trust the file
+        raise ValueError(f"cannot read {path} ({reason[1] if reason else f'{type(error).__name__}: {text[:200]}'}); "
+                         "give a file of torch.save(model.state_dict(), path), such as a run's model.pt") from error
+    if isinstance(loaded, Mapping) and not _is_state_dict(loaded):
+        loaded = next((loaded[key] for key in WRAPPER_KEYS if _is_state_dict(loaded.get(key))), loaded)
+    if not _is_state_dict(loaded):
+        raise ValueError(f"{path} holds no state_dict (a dict of tensors by name, alone or under "
+                         f"{' or '.join(map(repr, WRAPPER_KEYS))}); save one with torch.save(model.state_dict(), path)")
+    if all(name.startswith("module.") for name in loaded):  # saved from a DataParallel wrapper
+        loaded = {name.removeprefix("module."): tensor for name, tensor in loaded.items()}
+    broken = next((name for name, tensor in loaded.items() if tensor.is_floating_point() and not tensor.isfinite().all()), None)
+    if broken:
+        raise ValueError(f"{path} holds NaN or Inf in {broken}: a run cannot start from it")
+    return dict(loaded)
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, Mapping) and len(value) > 0 and all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items())
+
+
+def _check_names(saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Raise ValueError unless the file names the model's tensors, no more and no fewer. Strict, because a name
+    that does not match means a file for another model: starting from the part that matches would start a run
+    from a mixture. Only BatchNorm's batch counters may be missing (files of PyTorch before 0.4.1 lack them)."""
+    missing = [name for name in own if name not in saved and not name.endswith("num_batches_tracked")]
+    unexpected = [name for name in saved if name not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this architecture: it lacks {len(missing)} of the model's tensors "
+                         f"{missing[:3]} and has {len(unexpected)} others {unexpected[:3]}; is it for another model, "
+                         "or the other norm?")
+
+
+def _describe(names: list[str], saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
+    return ", ".join(f"{name} (file {list(saved[name].shape)}, model {list(own[name].shape)})" for name in names)
