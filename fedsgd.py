@@ -1,7 +1,7 @@
 """FedSGD arithmetic on tensors: the update layout, gradients, the guarded optimizer step, evaluation.
 
 No gRPC here. An update is one flat float32 vector: every trainable parameter's gradient (or, for local
-training, its pseudo-gradient) followed by every floating-point buffer (BatchNorm running statistics) and,
+training, its pseudo-gradient) followed by every running statistic (BatchNorm's mean and variance) and,
 for SCAFFOLD, the control variate's change, so that the leader can average them all with one in-place add
 per learner. On the wire the gradients may be float16 or bfloat16; the
 statistics are always float32.
@@ -20,14 +20,20 @@ import wire
 # BatchNorm statistics travel in float32 whatever the wire dtype: in bfloat16 a small change to a running
 # variance near 1.0 would round away entirely.
 STATISTICS_DTYPE = torch.float32
+# The buffers that training changes, and so an update carries. A model's other float buffers are constants
+# (Swin V2's relative_coords_table) that travel in the state alone: averaged with the statistics, they would
+# drift, since a weighted mean of equal float32 values is not always that value (22% of entries move by one
+# ulp a round over five learners of unequal batches).
+RUNNING_STATISTICS = ("running_mean", "running_var")
 
 
 class GradientLayout:
-    """Where each parameter gradient and float buffer of a model sits in one flat float32 vector."""
+    """Where each parameter gradient and running statistic of a model sits in one flat float32 vector."""
 
     def __init__(self, model: nn.Module, wire_dtype: torch.dtype = torch.float32, controls: bool = False) -> None:
         self.parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+        self.buffers = [(name, b) for name, b in model.named_buffers()
+                        if b.is_floating_point() and name.rsplit(".", 1)[-1] in RUNNING_STATISTICS]
         self.counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
         self.variances = [name for name, _ in self.buffers if name.endswith("running_var")]
         self.parameter_count = sum(p.numel() for _, p in self.parameters)
@@ -70,13 +76,13 @@ class GradientLayout:
             parameter.grad = views[name]
 
     def read_buffers(self, flat: torch.Tensor) -> None:
-        """Copy the model's float buffers into the tail of flat."""
+        """Copy the model's running statistics into the tail of flat."""
         views = self.views(flat)
         for name, buffer in self.buffers:
             views[name].copy_(buffer)
 
     def write_buffers(self, flat: torch.Tensor, batches: int = 1) -> None:
-        """Copy the statistics part of flat into the model's float buffers and count the batches they saw."""
+        """Copy the statistics part of flat into the model's running statistics and count the batches they saw."""
         views = self.views(flat)
         with torch.no_grad():
             for name, buffer in self.buffers:
@@ -176,7 +182,7 @@ class GuardedStep:
         return problem
 
     def _floats(self) -> dict[str, torch.Tensor]:
-        """What a step changes, by name: parameters, then float buffers, then the optimizer's state (momentum
+        """What a step changes, by name: parameters, then running statistics, then the optimizer's state (momentum
         first, once there is some; a server optimizer's second moments after it)."""
         names = {parameter: name for name, parameter in self.layout.parameters}
         state = {f"{key} of {names[p]}": tensor for key in OPTIMIZER_STATE for p, entries in self.optimizer.state.items()

@@ -1,6 +1,8 @@
-"""FedSGD arithmetic: equivalence with centralised SGD, weighting, BatchNorm statistics, schedule."""
+"""FedSGD arithmetic: equivalence with centralised SGD, weighting, BatchNorm statistics, schedule, and the
+project's models (group norm, torchvision's) through the update layout."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 import fedsgd
 import strategies
 import wire
+from model import build_model
 from rounds import RoundCollector
 
 
@@ -220,3 +223,61 @@ def test_an_undone_first_step_leaves_no_momentum_behind():
     optimizer.param_groups[0]["lr"] = 0.1
     assert step(mean, lr=1e10)  # the weights overflow
     assert momentum_of(optimizer) == [] and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("architecture, norm", [("resnet20", "group"), ("resnet20", "batch"),
+                                                ("torchvision:mobilenet_v3_small", "batch"),
+                                                ("torchvision:resnet18", "batch")])
+@pytest.mark.parametrize("size", [32, 64])
+def test_a_round_of_the_projects_models_goes_through_the_layout_and_the_wire(architecture, norm, size):
+    torch.manual_seed(0)
+    model = build_model(architecture, num_classes=7, norm=norm)
+    learner = SimulatedLearner(model)
+    images, labels = torch.randn(4, 3, size, size), torch.arange(4) % 7
+    payload, loss = learner.gradient_payload(images, labels)
+    layout = fedsgd.GradientLayout(model, torch.bfloat16)  # the leader's, over the global model
+    decoded = wire.decode(wire.encode(layout.wire_tensors(learner.flat)))
+    wire.check_matches(decoded, layout.spec)
+    layout.check_update(decoded.tensors)
+    statistics = [name for name, buffer in model.named_buffers() if buffer.is_floating_point()]
+    assert list(layout.spec)[len(layout.parameters):] == statistics  # every one, after the gradients
+    assert (norm == "group") == (statistics == [] and layout.counters == [])
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    accumulator = strategies.RoundUpdates(layout.size, layout.parameter_count, strategies.Strategy())
+    accumulator.add(wire.flat_runs(decoded), samples=len(labels), loss=loss)
+    accumulator.combine_into(mean)
+    optimizer = fedsgd.make_optimizer(model, 0.01, 0.9, 5e-4)
+    before = copy.deepcopy(model.state_dict())
+    # lr 0.01, a warm-up's: torchvision's ResNet-18 pools 32x32 images down to 1x1 maps, where BatchNorm over
+    # 4 images gives its stem a gradient of 119 times its norm (12.8 over 32 images), which the guard refuses at 0.1
+    assert fedsgd.GuardedStep(model, layout, optimizer)(mean, lr=0.01) is None
+    assert not all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(counter.item() == 1 for counter in layout.counters)
+    result = fedsgd.evaluate(model, images, labels, batch_size=3)
+    assert math.isfinite(result.loss) and 0.0 <= result.accuracy <= 1.0
+
+
+class ConstantTable(nn.Module):
+    """A layer with a constant float buffer beside its weights, as Swin V2's attention has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 10)
+        self.register_buffer("relative_coords_table", torch.linspace(-8, 8, 15) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean((2, 3))) + self.relative_coords_table.sum()
+
+
+def test_constant_float_buffers_travel_in_the_state_but_not_in_updates():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), ConstantTable())
+    layout = fedsgd.GradientLayout(model)
+    assert "2.relative_coords_table" not in layout.spec and "1.running_var" in layout.spec
+    assert "2.relative_coords_table" in fedsgd.wire_state(model, torch.float32)
+    table = model[2].relative_coords_table.clone()
+    rounds = [[batch(3, seed=1), batch(5, seed=2), batch(7, seed=3)] for _ in range(3)]
+    assert torch.equal(federated_rounds(model, rounds)[2].relative_coords_table, table)
+    with torch.device("meta"):
+        swin = build_model("torchvision:swin_v2_t", num_classes=7)
+    assert not any("relative_coords_table" in name for name in fedsgd.GradientLayout(swin).spec)
