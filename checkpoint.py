@@ -19,14 +19,16 @@ log = logging.getLogger("leader")
 TRAJECTORY_FLAGS = ("model", "dataset", "learners", "batch_size", "seed", "epochs", "rounds", "lr",
                     "warmup_epochs", "momentum", "weight_decay", "wire_dtype", "strategy", "local_epochs",
                     "local_steps", "client_lr", "client_momentum", "server_lr", "server_momentum", "beta1", "beta2",
-                    "tau", "mu", "aggregator", "trim", "byzantine", "clip_norm", "learners_per_round")
+                    "tau", "mu", "aggregator", "trim", "byzantine", "clip_norm", "learners_per_round", "num_classes",
+                    "image_size", "partition", "alpha", "classes_per_learner", "norm", "init")
 # What a checkpoint written before a flag existed ran with
 EARLIER_DEFAULTS = {"strategy": "fedsgd", "local_epochs": None, "local_steps": None, "client_lr": None,
                     "client_momentum": 0.9, "server_lr": None, "server_momentum": None, "beta1": 0.9, "beta2": 0.99,
                     "tau": 1e-3, "mu": None, "aggregator": "mean", "trim": 0.2, "byzantine": 1, "clip_norm": 0.0,
-                    "learners_per_round": 0}
+                    "learners_per_round": 0, "num_classes": None, "image_size": 32, "partition": "iid", "alpha": 0.5,
+                    "classes_per_learner": 2, "norm": "batch", "init": None}
 # What a run writes into its --out directory; a new run moves an earlier run's files aside.
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt", "partition.json", "partition.png")
 
 
 def config_of(args: argparse.Namespace) -> dict:
@@ -49,14 +51,16 @@ def adopt_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> N
 
 
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, control: torch.Tensor | None, rounds_done: int,
-             slots: list[dict], sampler: torch.Generator, participants: list[int] | None, config: dict) -> dict:
+             slots: list[dict], sampler: torch.Generator, participants: list[int] | None, config: dict,
+             data: dict | None = None) -> dict:
     """Everything a resume needs after rounds_done: the model, the optimizer's state (momentum, or a server
     optimizer's moments), SCAFFOLD's control, each slot's address and credential (its learner takes it back),
-    the random states and the open round's sampled participants, and the trajectory flags. Learners' positions
+    the random states and the open round's sampled participants, the trajectory flags, and the data's
+    normalisation and typical shard size (a leader without data learned them from its learners). Learners' positions
     in their shards are a function of the round and the seed, so the round restores them."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "round": rounds_done, "slots": slots,
             "rng": torch.get_rng_state(), "sampler": sampler.get_state(), "participants": participants,
-            "config": config, **({"control": control} if control is not None else {})}
+            "config": config, "data": data, **({"control": control} if control is not None else {})}
 
 
 def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, control: torch.Tensor | None,

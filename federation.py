@@ -43,11 +43,14 @@ class Settings:
     rejoin_grace: float
     resuming: bool
     out: Path  # where a stalled run's checkpoint is, to resume from
+    # Joiners at round 0 fetched a state without the normalisation a leader without data settles on later
+    resend_first_state: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, out: Path) -> "Settings":
         return cls(args.learners, args.min_learners, args.learners_per_round, args.round_timeout,
-                   args.register_timeout, args.sync_timeout, args.rejoin_grace, bool(args.resume), out)
+                   args.register_timeout, args.sync_timeout, args.rejoin_grace, bool(args.resume), out,
+                   args.dataset == "none")
 
 
 class Federation:
@@ -123,7 +126,8 @@ class Federation:
         # Rounds may have passed since the joiner's GetModel: the state goes first (a serialised ModelState);
         # not while participants are yet to be sampled (that state goes to them, and must not be overtaken).
         unsampled = self.settings.learners_per_round and self.participants is None
-        state = framing.chunk_message(self.encoded_state()) if self.collector.round > 0 and not unsampled else None
+        fetched_old = self.collector.round > 0 or self.settings.resend_first_state
+        state = framing.chunk_message(self.encoded_state()) if fetched_old and not unsampled else None
         started = lambda member: (self.registry.started(member.learner_id, member.generation), self.heard_from(member))
         self.client.start(joiners, state, started, self.drop, self.settings.sync_timeout)
 
@@ -214,7 +218,9 @@ class Federation:
         when it is the last); return bytes sent."""
         if not finished:
             return self.send_state(self.open_round(rounds_done))
-        return self.send_state(self.publish(rounds_done, True, stopped), everyone=True)  # the last: no plan
+        # the last: no training, but learners evaluate it when the plan says so
+        plan = TrainingPlan(evaluate=self.plan(rounds_done, None).evaluate and not stopped)
+        return self.send_state(self.publish(rounds_done, True, stopped, plan=plan), everyone=True)
 
     def release(self) -> None:
         """Training was already over: push the final state to every slot's learner, and keep serving it

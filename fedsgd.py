@@ -267,15 +267,17 @@ def learning_rate(round_index: int, base_lr: float, warmup_rounds: int, total_ro
 class Evaluation:
     loss: float
     accuracy: float
+    correct: int
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> Evaluation:
     """Mean cross-entropy and accuracy (a fraction) on normalised images."""
     model.eval()
+    device = next(model.parameters(), images).device  # (a model without parameters runs where the images are)
     loss_sum, correct = 0.0, 0
     for batch, targets in zip(images.split(batch_size), labels.split(batch_size)):
-        logits = model(batch)
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(1) == targets).sum().item()
-    return Evaluation(loss_sum / len(labels), correct / len(labels))
+        logits = model(batch.to(device))
+        loss_sum += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
+        correct += (logits.argmax(1) == targets.to(device)).sum().item()
+    return Evaluation(loss_sum / len(labels), correct / len(labels), correct)

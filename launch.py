@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import partition
 import runtime
 import utils
 from metrics import read_metrics
@@ -64,6 +65,19 @@ def demo_dataset(data_dir: str) -> str:
         return "synthetic"
 
 
+def write_digits(root: Path, learners: int, alpha: float = 0.5, seed: int = 0) -> None:
+    """scikit-learn's digits as one image folder per learner, root/learnerN/{train,test}/<class>/*.png: each
+    learner's share label-skewed by a Dirichlet(alpha) split, a fifth of it held out as its test split."""
+    data = utils.digits()
+    shares = partition.partition(data.labels, learners, "dirichlet", seed, alpha, num_classes=data.num_classes)
+    for learner, share in enumerate(shares):
+        train, test = utils.held_out(data.subset(share), 0.2, seed)
+        for split, images in (("train", train), ("test", test)):
+            utils.write_image_folder(root / f"learner{learner}", split, images)
+    for line in partition.describe(partition.label_counts(data.labels, shares, data.num_classes)):
+        print(f"{root}/{line.replace(' ', '', 1)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run a leader and N learners on this machine; arguments after -- go to leader.py.",
@@ -74,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true",
                         help="a run of a few minutes: CIFAR-10 if available, else the synthetic set")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before the processes are killed")
+    parser.add_argument("--write-digits", metavar="DIR", help="only write scikit-learn's 1,797 digits as --learners "
+                        "label-skewed image folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
+                        "their own) and exit")
     args, leader_args = parser.parse_known_args(argv)
     leader_args = [a for a in leader_args if a != "--"]
+    if args.write_digits:
+        write_digits(Path(args.write_digits), args.learners)
+        return 0
     if args.demo:
         dataset = demo_dataset(args.data_dir)
         rounds, eval_every = ("600", "200") if dataset == "cifar10" else ("250", "50")

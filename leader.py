@@ -20,10 +20,12 @@ from tqdm import tqdm
 
 import checkpoint
 import dispatch
+import evaluation
 import fedsgd
 import framing
 import guard
 import messages
+import partition
 import rpc
 import runtime
 import strategies
@@ -31,7 +33,7 @@ import utils
 import wire
 from federation import Federation, Settings, Stalled
 from metrics import MetricsLog, plot_metrics, read_metrics
-from model import ARCHITECTURES, build_model
+from model import NORMS, architectures, build_model, load_initial_weights
 from rounds import COUNTED_ON, MAX_MISSED_ROUNDS, Member, Refusal, Registry, RoundCollector
 from rpc import leader_pb2, leader_pb2_grpc
 
@@ -57,10 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learners", type=int, default=2, help="number of learners to wait for and train with")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=int, default=50051, help="port to listen on")
-    parser.add_argument("--dataset", choices=utils.DATASETS, default="cifar10",
-                        help="training data to shard among learners, and the test split to evaluate on")
+    parser.add_argument("--dataset", choices=(*utils.DATASETS, "none"), default="cifar10",
+                        help="training data to shard among learners, and the test split to evaluate on; none: the "
+                        "leader holds no data, learners train on their own (learner.py --dataset) and evaluate on their "
+                        "own held-out images")
     parser.add_argument("--data-dir", default="data", help="where cifar10 lives (or is downloaded to), or the imagefolder root")
-    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="resnet20", help="architecture")
+    parser.add_argument("--num-classes", type=int, help="classes the model tells apart (needed with --dataset none; "
+                        "else the dataset's)")
+    parser.add_argument("--image-size", type=int, default=utils.IMAGE_SIZE,
+                        help="images are resized to this square size, on the leader and on learners with their own data")
+    parser.add_argument("--model", default="resnet20", help="resnet20 (0.27 M parameters), resnet18 (11.2 M, CIFAR stem), "
+                        "or torchvision:NAME, a torchvision classification architecture built from its name alone, e.g. "
+                        "torchvision:mobilenet_v3_small (python -c 'import model; print(*model.architectures())' lists them)")
+    parser.add_argument("--norm", choices=NORMS, default="batch",
+                        help="normalisation layers of resnet20 and resnet18: group (GroupNorm) copes better with skewed "
+                        "data than batch (Hsieh et al. 2020)")
+    parser.add_argument("--init", metavar="PATH", help="start the global model from this state_dict file (e.g. "
+                        "pretrained weights, or an earlier run's model.pt); a classifier of another shape starts afresh")
+    add_partition_flags(parser)
     parser.add_argument("--epochs", type=float, default=30, help="passes over each learner's shard: the same compute whatever the strategy (with "
                         "--learners-per-round each learner does its share of it)")
     parser.add_argument("--rounds", type=int, help="number of rounds (unset: from --epochs); overrides --epochs")
@@ -100,9 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for the model, the shards and the learners' batches")
     parser.add_argument("--out", help="directory for model.pt, checkpoint.pt, metrics.jsonl and metrics.png "
                         "(unset: the --resume DIR, else runs/latest; an earlier run's files there are moved aside)")
+    parser.add_argument("--tensorboard", metavar="DIR", help="also write every metric as TensorBoard events in DIR")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     rpc.add_security_flags(parser, "leader")
     return parser
+
+
+def add_partition_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("partition", "How the leader splits its --dataset among learners: equal random "
+                                      "shards, or skewed the ways real federations are (partition.json and "
+                                      "partition.png in --out show each learner's labels).")
+    group.add_argument("--partition", choices=partition.SCHEMES, default="iid",
+                       help="iid: equal random shards; dirichlet: each class spread over learners in Dirichlet(--alpha) "
+                       "proportions (Hsu et al. 2019); classes: --classes-per-learner classes each (McMahan et al. 2017); "
+                       "quantity: balanced labels, Dirichlet(--alpha) sizes")
+    group.add_argument("--alpha", type=float, default=0.5, help="dirichlet and quantity: concentration (small: more skew)")
+    group.add_argument("--classes-per-learner", type=int, default=2, help="classes: how many classes each learner holds")
 
 
 def add_strategy_flags(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +184,26 @@ def flag_applies(key: str, args: argparse.Namespace) -> bool:
             "adaptive": args.strategy in strategies.ADAPTIVE, "fedadam or fedyogi": args.strategy in ("fedadam", "fedyogi"),
             "trimmed-mean": args.aggregator == "trimmed-mean",
             "krum or multi-krum": args.aggregator in ("krum", "multi-krum")}[FLAGS_FOR[key]]
+
+
+def data_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """What is wrong with the data, model and partition flags, as (failed, message) pairs."""
+    unused = [flag for flag, applies in (("partition", args.dataset != "none"),
+                                         ("alpha", args.partition in ("dirichlet", "quantity")),
+                                         ("classes_per_learner", args.partition == "classes"))
+              if flag in args.explicit and not applies]
+    return [
+        (args.dataset == "none" and args.num_classes is None,
+         "--dataset none needs --num-classes (the leader has no data to count them in)"),
+        (args.num_classes is not None and not 1 < args.num_classes <= messages.MAX_CLASSES,
+         f"--num-classes must lie between 2 and {messages.MAX_CLASSES}"),
+        (args.model not in architectures(), f"unknown --model {args.model[:40]!r}; choose resnet20, resnet18 or "
+         "torchvision:NAME (python -c 'import model; print(*model.architectures())' lists them)"),
+        (not 8 <= args.image_size <= utils.MAX_IMAGE_SIZE, f"--image-size must lie between 8 and {utils.MAX_IMAGE_SIZE}"),
+        (bool(unused), f"{', '.join('--' + flag.replace('_', '-') for flag in unused)} would be ignored: --partition is "
+         "for a leader with a --dataset, --alpha for dirichlet and quantity, --classes-per-learner for classes"),
+        (args.alpha <= 0 or args.classes_per_learner < 1, "--alpha and --classes-per-learner must be positive"),
+    ]
 
 
 def strategy_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
@@ -235,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
          "--eval-every, --checkpoint-every and --threads must not be negative"),
         (min(args.round_timeout, args.register_timeout, args.sync_timeout, args.idle_timeout) <= 0 or args.rejoin_grace < 0,
          "timeouts must be positive and --rejoin-grace must not be negative"),
-        *([] if args.resume else strategy_problems(args)),  # a resume checks them once it has the checkpoint's
+        *([] if args.resume else strategy_problems(args) + data_problems(args)),  # a resume checks the checkpoint's
     ]
     for failed, message in problems:
         if failed:
@@ -270,10 +319,15 @@ class Schedule:
         return fedsgd.learning_rate(round_index, self.base_lr, self.warmup_rounds, self.total_rounds)
 
 
+def typical_shard_size(sizes: list[int]) -> int:
+    """The median learner's number of training images: an epoch is a pass over it (one learner claiming a
+    huge dataset cannot stretch the run)."""
+    return sorted(sizes)[len(sizes) // 2]
+
+
 def make_schedule(args: argparse.Namespace, shard_size: int) -> Schedule:
-    steps_per_epoch = shard_size // args.batch_size
-    if steps_per_epoch < 1:
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {shard_size} samples of each learner's shard")
+    """The schedule for learners holding shard_size images each (the median learner, when sizes differ)."""
+    steps_per_epoch = max(1, shard_size // args.batch_size)  # a shard smaller than a batch is one (smaller) batch
     steps_per_round = 1
     if args.strategy != "fedsgd":
         steps_per_round = args.local_steps or max(1, round((args.local_epochs or 1.0) * steps_per_epoch))
@@ -294,7 +348,9 @@ class GlobalModel:
     def __init__(self, architecture: str, num_classes: int, args: argparse.Namespace,
                  normalisation: tuple[list[float], list[float]], strategy: strategies.Strategy = strategies.Strategy()) -> None:
         torch.manual_seed(args.seed)
-        self.model = build_model(architecture, num_classes)
+        self.model = build_model(architecture, num_classes, args.norm)
+        if args.init:
+            load_initial_weights(self.model, args.init)
         self.strategy = strategy
         self.wire_dtype = wire.WIRE_DTYPES[args.wire_dtype]
         self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype, controls=strategy.name == "scaffold")
@@ -307,10 +363,15 @@ class GlobalModel:
         self.control = torch.zeros(self.layout.parameter_count) if strategy.name == "scaffold" else None
         mean, std = normalisation
         self.info = messages.StateInfo(architecture, num_classes, args.batch_size, args.seed, tuple(mean), tuple(std),
-                                       args.wire_dtype)
+                                       args.wire_dtype, image_size=args.image_size, norm=args.norm)
         self.encoded_state = b""
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
         self.publish(round_index=0, finished=False)
+
+    def settle(self, strategy: strategies.Strategy, normalisation: tuple[list[float], list[float]]) -> None:
+        """A leader without data learns its normalisation and epoch length (hence local steps) from its learners."""
+        self.strategy = strategy
+        self.info = dataclasses.replace(self.info, mean=tuple(normalisation[0]), std=tuple(normalisation[1]))
 
     def publish(self, round_index: int, finished: bool, stopped: bool = False,
                 plan: messages.TrainingPlan = messages.TrainingPlan()) -> bytes:
@@ -395,12 +456,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     every claim a caller makes (who it is, which round, how many samples) against what the leader knows."""
 
     def __init__(self, registry: Registry, collector: RoundCollector, global_model: GlobalModel,
-                 shard_messages: Callable[[int], list[bytes]], batch_size: int,
+                 shard_messages: Callable[[int], list[bytes]] | None, batch_size: int,
                  probe: Callable[[tuple[int, ...]], None] = lambda learner_ids: None,
-                 heard_from: Callable[[Member], None] = lambda member: None) -> None:
+                 heard_from: Callable[[Member], None] = lambda member: None,
+                 evaluations: evaluation.Evaluations | None = None) -> None:
         self.registry, self.collector, self.global_model = registry, collector, global_model
-        self.shard_messages, self.batch_size = shard_messages, batch_size
+        self.shard_messages, self.batch_size = shard_messages, batch_size  # no shard_messages: a leader without data
         self.probe, self.heard_from = probe, heard_from
+        self.evaluations = evaluations or evaluation.Evaluations()
         # Gradients checked at once: every learner may have two calls in, but dozens of threads decoding at once
         # on a few cores take twice as long as a few at a time (leader_scale, 64 learners: 0.88 s against 0.46 s).
         self.working = threading.BoundedSemaphore(GRADIENT_WORKERS)
@@ -413,8 +476,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
         try:
+            data = self.data_summary(request)
             member, message = self.registry.register(request.network_addr, rpc.credential_of(context),
-                                                     rpc.peer_certificate(context))
+                                                     rpc.peer_certificate(context), data)
         except Refusal as refusal:
             self.log("refused", "registration refused: %s", refusal)
             self.probe(refusal.probe)
@@ -426,11 +490,26 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         return leader_pb2.AckWithMetadata(success=True, message=message, learner_id=member.learner_id,
                                           max_learners=self.registry.capacity, credential=member.credential)
 
+    def data_summary(self, request: leader_pb2.LearnerInfo) -> messages.DataSummary | None:
+        """What the learner says its own data is, checked; raises Refusal. A leader without data needs it."""
+        if not request.HasField("data"):
+            if self.shard_messages is None:
+                raise Refusal("this leader holds no data (--dataset none): start the learner with --dataset and "
+                              "--data-dir naming its own images")
+            return None
+        try:
+            return messages.DataSummary.from_proto(request.data, self.global_model.info.image_size)
+        except wire.PayloadError as error:
+            raise Refusal(f"data summary refused: {error}") from None
+
     def GetModel(self, request: leader_pb2.Empty, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from self.global_model.model_messages()
 
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         member = self.data_caller(request.network_addr, context)
+        if self.shard_messages is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no data (--dataset none): start the "
+                          "learner with --dataset and --data-dir naming its own images")
         self.log("data", "sending learner %d its data shard", member.learner_id)
         yield from self.shard_messages(member.learner_id)  # serialised DataChunk messages
 
@@ -464,6 +543,21 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                           f"learner {member.learner_id} is not training (dropped, or not started yet); register again")
         with self.working:
             return self.accumulate(request.chunk, member, context)
+
+    def ReportEvaluation(self, request: leader_pb2.EvaluationReport, context: grpc.ServicerContext) -> leader_pb2.Ack:
+        member, _ = self.caller(context)
+        if request.learner_id != member.learner_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"learner_id {request.learner_id} is not the caller's slot, "
+                          f"{member.learner_id}")
+        declared = self.registry.summaries().get(member.learner_id)
+        report = evaluation.Report(member.learner_id, request.samples, request.correct, request.loss)
+        try:
+            ignored = self.evaluations.submit(request.round, report, declared.eval_samples if declared else 0)
+        except wire.PayloadError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"evaluation refused: {error}")
+        if ignored:
+            self.log("ignored", "%s", ignored)
+        return leader_pb2.Ack(success=ignored is None, message=ignored or f"evaluation of round {request.round} counted")
 
     def accumulate(self, chunk: memoryview, member: Member, context: grpc.ServicerContext) -> leader_pb2.Ack:
         """Check a learner's gradient and add it to the open round."""
@@ -524,6 +618,7 @@ def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
             leader_method("GetModel"): guard.Limit(1, anonymous=4),
             leader_method("GetData"): guard.Limit(2, anonymous=2),
             leader_method("AccumulateGradients"): guard.Limit(2, anonymous=0, request_s=idle_timeout),
+            leader_method("ReportEvaluation"): guard.Limit(1, anonymous=0),
             "/grpc.health.v1.Health/Check": guard.Limit(1, anonymous=8)}
 
 
@@ -547,15 +642,16 @@ class Leader:
         if not saved:
             checkpoint.set_aside_earlier_run(self.out)
         self.security = rpc.Security.from_args(args)
-        log.info("loading %s data", args.dataset)
-        self.train = utils.load_dataset(args.dataset, args.data_dir, train=True)
-        test = utils.load_dataset(args.dataset, args.data_dir, train=False)
-        normalisation = utils.channel_stats(self.train.images)
-        self.test_images, self.test_labels = utils.normalize(test.images, *normalisation), test.labels
-        self.shards = Shards(self.train, utils.shard_indices(len(self.train), args.learners, args.seed), args.dataset)
-        self.schedule = make_schedule(args, len(self.shards.indices[0]))
+        # A leader without data learns normalisation and shard size from its learners once they registered
+        # (settle); a resumed one has them in its checkpoint.
+        self.data = saved.get("data") if saved else None
+        self.shards, self.test_images = None, None
+        if args.dataset != "none":
+            self.data = self.load_data()
+        normalisation = (self.data["mean"], self.data["std"]) if self.data else ([], [])
+        self.schedule = make_schedule(args, self.data["shard_size"] if self.data else args.batch_size)
         self.strategy = make_strategy(args, self.schedule.steps_per_round)
-        self.global_model = GlobalModel(args.model, self.train.num_classes, args, normalisation, self.strategy)
+        self.global_model = GlobalModel(args.model, args.num_classes, args, normalisation, self.strategy)
         self.sampler = torch.Generator().manual_seed(args.seed)  # who takes part in each round
         first_round = self.restore(saved) if saved else 0
         restored_slots = [] if not saved else saved["slots"] if "slots" in saved else \
@@ -565,35 +661,86 @@ class Leader:
         self.collector = RoundCollector(layout.size, first_round, self.strategy, layout.parameter_count)
         # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
         # until the first round draws its participants and pushes it to them.
-        finished = first_round >= self.schedule.total_rounds
-        participants = (saved.get("participants") if saved else None) or [] if args.learners_per_round else None
-        self.global_model.publish(first_round, finished, plan=messages.TrainingPlan() if finished else
-                                  self.plan(first_round, participants))
+        self.participants = (saved.get("participants") if saved else None) or [] if args.learners_per_round else None
+        self.publish_first_state()
         self.client = dispatch.LearnerClient(self.security)
         self.stopping = threading.Event()
+        self.evaluations = evaluation.Evaluations()
         self.federation = Federation(Settings.from_args(args, self.out), self.registry, self.collector,
                                      self.global_model.publish, lambda: self.global_model.encoded_state, self.plan,
-                                     self.client, self.sampler, self.stopping, participants or None)
-        log.info("%s with %d parameters; %d train / %d test images, %d per learner; %s: %d rounds of %d local steps "
-                 "(%.3g per epoch), peak %slr %.3g%s", args.model,
-                 layout.parameter_count, len(self.train), len(test), len(self.shards.indices[0]), self.strategy.name,
-                 self.schedule.total_rounds, self.schedule.steps_per_round, self.schedule.rounds_per_epoch,
-                 "client " if self.strategy.local else "", self.schedule.base_lr,
-                 f", server lr {self.strategy.server_lr:g}" if self.strategy.local else "")
+                                     self.client, self.sampler, self.stopping, self.participants or None)
+        log.info("%s with %d parameters%s", args.model, layout.parameter_count,
+                 "; no data: waiting for the learners' summaries" if not self.data else "")
+        if self.data:
+            self.log_schedule()
+
+    def load_data(self) -> dict:
+        """Load --dataset, split it among the learners (partition.json and .png show how) and keep its test
+        split; returns the normalisation and typical shard size."""
+        args = self.args
+        log.info("loading %s data", args.dataset)
+        train = utils.load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+        test = utils.load_dataset(args.dataset, args.data_dir, train=False, image_size=args.image_size)
+        if args.num_classes not in (None, train.num_classes):
+            raise utils.DatasetError(f"--num-classes {args.num_classes}, but {args.dataset} has {train.num_classes} classes")
+        args.num_classes = train.num_classes
+        try:
+            shards = partition.partition(train.labels, args.learners, args.partition, args.seed, args.alpha,
+                                         args.classes_per_learner, train.num_classes, min_samples=args.batch_size)
+        except ValueError as error:
+            raise utils.DatasetError(f"--partition {args.partition}: {error}") from None
+        for line in partition.describe(partition.write_partition(self.out, train.labels, shards, train.num_classes)):
+            log.info("%s", line)
+        mean, std = utils.channel_stats(train.images)
+        self.test_images, self.test_labels = utils.normalize(test.images, mean, std), test.labels
+        self.shards = Shards(train, shards, args.dataset)
+        log.info("%d train / %d test images, %s partition", len(train), len(test), args.partition)
+        return {"mean": mean, "std": std, "shard_size": typical_shard_size([len(shard) for shard in shards])}
+
+    def settle(self) -> None:
+        """A leader without data: combine the registered learners' summaries (sample-weighted channel statistics;
+        an epoch is the median learner's data), then publish the state the learners will start from."""
+        summaries = list(self.registry.summaries().values())
+        sizes = [summary.train_samples for summary in summaries]
+        channel_totals = lambda field: [sum(getattr(summary, field)[c] for summary in summaries) for c in range(3)]
+        mean, std = utils.stats_from_sums(channel_totals("channel_sums"), channel_totals("channel_square_sums"),
+                                          sum(sizes) * self.args.image_size ** 2)
+        self.data = {"mean": mean, "std": std, "shard_size": typical_shard_size(sizes)}
+        self.schedule = make_schedule(self.args, self.data["shard_size"])
+        self.strategy = make_strategy(self.args, self.schedule.steps_per_round)
+        self.global_model.settle(self.strategy, (mean, std))
+        self.publish_first_state()
+        log.info("learners hold %s training images; normalisation mean %s, std %s",
+                 " + ".join(map(str, sizes)), [round(m, 4) for m in mean], [round(d, 4) for d in std])
+        self.log_schedule()
+
+    def publish_first_state(self) -> None:
+        first_round = self.collector.round
+        finished = first_round >= self.schedule.total_rounds
+        self.global_model.publish(first_round, finished, plan=messages.TrainingPlan() if finished else
+                                  self.plan(first_round, self.participants))
+
+    def log_schedule(self) -> None:
+        log.info("%s: %d rounds of %d local steps (%.3g per epoch of %d images per learner), peak %slr %.3g%s",
+                 self.strategy.name, self.schedule.total_rounds, self.schedule.steps_per_round,
+                 self.schedule.rounds_per_epoch, self.data["shard_size"], "client " if self.strategy.local else "",
+                 self.schedule.base_lr, f", server lr {self.strategy.server_lr:g}" if self.strategy.local else "")
 
     def plan(self, round_index: int, participants: list[int] | None) -> messages.TrainingPlan:
-        """How learners train round_index: the strategy's local training at the schedule's learning rate."""
-        strategy = self.strategy
+        """How learners train round_index: the strategy's local training at the schedule's learning rate, after
+        evaluating the state on their held-out images when an evaluation is due."""
+        strategy, evaluate = self.strategy, self.evaluates(round_index)
         if not strategy.local:
-            return messages.TrainingPlan(participants=None if participants is None else tuple(participants))
+            return messages.TrainingPlan(participants=None if participants is None else tuple(participants),
+                                         evaluate=evaluate)
         return messages.TrainingPlan(strategy.name, strategy.local_steps, self.schedule.lr(round_index),
                                      strategy.client_momentum, strategy.weight_decay, strategy.mu,
-                                     None if participants is None else tuple(participants))
+                                     None if participants is None else tuple(participants), evaluate)
 
     def save_checkpoint(self, rounds_done: int) -> None:
         model = self.global_model
         state = checkpoint.snapshot(model.model, model.optimizer, model.control, rounds_done, self.registry.records(),
-                                    self.sampler, self.federation.participants, checkpoint.config_of(self.args))
+                                    self.sampler, self.federation.participants, checkpoint.config_of(self.args), self.data)
         checkpoint.save_atomically(state, self.out / "checkpoint.pt")
         log.info("checkpoint at round %d", rounds_done)
 
@@ -606,8 +753,9 @@ class Leader:
         return rounds_done
 
     def serve(self) -> grpc.Server:
-        servicer = LeaderServicer(self.registry, self.collector, self.global_model, self.shards.messages,
-                                  self.args.batch_size, self.federation.probe, self.federation.heard_from)
+        servicer = LeaderServicer(self.registry, self.collector, self.global_model,
+                                  self.shards.messages if self.shards else None, self.args.batch_size,
+                                  self.federation.probe, self.federation.heard_from, self.evaluations)
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         slot_of = lambda headers: None if (slot := self.registry.holder(headers.get(rpc.CREDENTIAL_HEADER))) is None \
             else str(slot)
@@ -620,19 +768,50 @@ class Leader:
         return server
 
     def evaluate(self, round_index: int, metrics: MetricsLog) -> float:
-        """Evaluate the global model on the test split and record it; returns the seconds it took."""
+        """Evaluate the global model on the leader's test split, if it has one, and record it; returns the
+        seconds it took."""
+        if self.test_images is None:
+            return 0.0
         started = time.perf_counter()
         with runtime.torch_threads(self.args.threads or runtime.available_cores()):
             result = fedsgd.evaluate(self.global_model.model, self.test_images, self.test_labels)
         seconds = time.perf_counter() - started
-        metrics.write({"round": round_index, "epoch": self.schedule.epoch_of(max(0, round_index - 1)),
+        metrics.write({"round": round_index, "epoch": self.schedule.epoch_of(max(0, round_index - 1)), "source": "leader",
                        "test_loss": result.loss, "test_accuracy": result.accuracy, "seconds": seconds})
         log.info("round %d: test loss %.4f, test accuracy %.4f", round_index, result.loss, result.accuracy)
         return seconds
 
+    def write_evaluations(self, metrics: MetricsLog, final: bool = False) -> None:
+        """Record the learners' evaluations that are over (at the end, after waiting for the last one)."""
+        if final:
+            self.evaluations.wait(self.collector.round, self.args.round_timeout)
+        for record in self.evaluations.records(final):
+            record["epoch"] = self.schedule.epoch_of(max(0, record["round"] - 1))
+            metrics.write(record)
+            log.info("round %d: learners' test loss %.4f, test accuracy %.4f on %d held-out images of %d learners%s",
+                     record["round"], record["test_loss"], record["test_accuracy"], record["test_samples"],
+                     len(record["per_learner"]), f" (no report from {record['missing']})" if "missing" in record else "")
+
+    def evaluates(self, rounds_done: int) -> bool:
+        """Whether the state after rounds_done gets evaluated (at the end, each epoch's end, every --eval-every)."""
+        return rounds_done > 0 and (rounds_done == self.schedule.total_rounds or self.due(rounds_done, self.args.eval_every))
+
     def due(self, rounds_done: int, every: int) -> bool:
         """Whether rounds_done ends an epoch or a period of `every` rounds (0: never)."""
         return (every > 0 and rounds_done % every == 0) or self.schedule.ends_epoch(rounds_done)
+
+    def push_state(self, rounds_done: int) -> int:
+        """Push the state after rounds_done (opening the learners' evaluation of it when due); returns bytes sent."""
+        evaluated = self.evaluates(rounds_done)
+        if evaluated:
+            self.evaluations.open(rounds_done)
+        finished = rounds_done == self.schedule.total_rounds
+        bytes_out = self.federation.push_state(rounds_done, finished)
+        if evaluated:
+            held_out = {learner for learner, summary in self.registry.summaries().items() if summary.eval_samples}
+            sent_to = self.registry.active() if finished or self.federation.participants is None else self.federation.participants
+            self.evaluations.expect(rounds_done, sorted(held_out & set(sent_to)))
+        return bytes_out
 
     def train_rounds(self, metrics: MetricsLog) -> int:
         """Run rounds until the schedule ends or a stop is requested; return the rounds done."""
@@ -665,11 +844,11 @@ class Leader:
         if discarded:
             log.warning("round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners)
         stepped = time.perf_counter()
-        eval_seconds = self.evaluate(done, metrics) if done == total or self.due(done, self.args.eval_every) else 0.0
+        eval_seconds = self.evaluate(done, metrics) if self.evaluates(done) else 0.0
         if done == total:
             checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
         pushing = time.perf_counter()
-        bytes_out = self.federation.push_state(done, finished=done == total)
+        bytes_out = self.push_state(done)
         pushed = time.perf_counter()
         if done == total or self.due(done, self.args.checkpoint_every):
             self.save_checkpoint(done)
@@ -680,7 +859,10 @@ class Leader:
                        "bytes_out": bytes_out, "gradients_s": updates_in - round_started,
                        "step_s": stepped - updates_in, "push_s": pushed - pushing,
                        **({"participants": sampled} if sampled is not None else {}),
-                       **({"discarded": discarded} if discarded else {})})
+                       **({"discarded": discarded} if discarded else {}),
+                       "per_learner": {str(learner): {"samples": samples, "loss": loss}
+                                       for learner, (samples, loss) in sorted(summary.per_learner.items())}})
+        self.write_evaluations(metrics, final=done == total)
         if done % max(1, total // 10) == 0:
             log.info("round %d/%d (epoch %d): train loss %.4f from %d learners", done, total,
                      self.schedule.epoch_of(round_index), summary.loss, summary.learners)
@@ -697,12 +879,14 @@ class Leader:
     def run(self) -> int:
         """Serve and train to the end; return the exit status (1: stalled for lack of learners)."""
         server = self.serve()
-        metrics = MetricsLog(self.out / "metrics.jsonl", append=bool(self.args.resume))
+        metrics = MetricsLog(self.out / "metrics.jsonl", append=bool(self.args.resume), tensorboard=self.args.tensorboard)
         status, total = 0, self.schedule.total_rounds
         try:
             if self.collector.round >= total:
                 self.release_learners()
             elif self.federation.wait_for_learners():
+                if not self.data:
+                    self.settle()
                 done = self.train_rounds(metrics)
                 if done < total:
                     log.info("stopping on request after round %d", done)
@@ -719,10 +903,13 @@ class Leader:
         records = read_metrics(metrics.path)
         if records:
             plot_metrics(records, self.out / "metrics.png")
-        evaluations = [r for r in records if "test_accuracy" in r]
-        if self.collector.round >= total and evaluations:
-            log.info("final test accuracy %.4f; model.pt, metrics.jsonl and metrics.png are in %s",
-                     evaluations[-1]["test_accuracy"], self.out)
+        if self.collector.round >= total:
+            for source in ("leader", "learners"):
+                evaluations = [r for r in records if r.get("source", "leader") == source and "test_accuracy" in r]
+                if evaluations:
+                    log.info("final test accuracy %.4f (%s); model.pt, metrics.jsonl and metrics.png are in %s",
+                             evaluations[-1]["test_accuracy"], "the leader's test split" if source == "leader" else
+                             "the learners' held-out images", self.out)
         return status
 
 
@@ -733,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         leader = Leader(args)
-    except (utils.DatasetError, rpc.SecurityError) as error:
+    except (utils.DatasetError, rpc.SecurityError, ValueError) as error:
         log.error("%s", error)
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):  # finish the round, checkpoint, tell the learners, exit 0

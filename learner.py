@@ -67,8 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--advertise", help="HOST:PORT the leader dials to reach this learner "
                         "(default: 127.0.0.1 for a local leader, else this machine's address on the route to it)")
     parser.add_argument("--dataset", choices=utils.DATASETS,
-                        help="train on this local dataset instead of a shard from the leader (raw data stays here)")
+                        help="train on this local dataset instead of a shard from the leader (raw data stays here; "
+                        "images are resized to the leader's --image-size)")
     parser.add_argument("--data-dir", default="data", help="where the local --dataset lives")
+    parser.add_argument("--eval-fraction", type=float, default=0.0,
+                        help="hold out this fraction of the local training images (never trained on) to evaluate the "
+                        "global model on when the leader asks (0: the dataset's test split, e.g. DIR/test of an "
+                        "imagefolder, if it has one)")
     parser.add_argument("--device", default="auto", help="where to train: auto (a CUDA GPU if there is one, "
                         "else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores; give each learner "
@@ -90,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.log_every < 1 or args.threads < 0:
         parser.error("--log-every must be at least 1 and --threads not negative")
+    if not 0 <= args.eval_fraction < 1 or (args.eval_fraction and not args.dataset):
+        parser.error("--eval-fraction must lie in [0, 1), and needs a local --dataset")
     if min(args.connect_timeout, args.wait_timeout, args.idle_timeout) <= 0:
         parser.error("timeouts must be positive")
     return args
@@ -264,7 +271,10 @@ def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
     """The state's model on the device, its update layout and (SCAFFOLD) its control variates. The model moves
     before the layout is made: moving replaces a model's buffers, and the layout must hold the ones training
     updates (adopting a state later copies into them in place). A run's strategy never changes."""
-    model = build_model(info.architecture, info.num_classes).to(device)
+    try:
+        model = build_model(info.architecture, info.num_classes, info.norm).to(device)
+    except ValueError as error:  # the names come from the network
+        raise wire.PayloadError(f"the leader's model state names a model this learner cannot build: {error}") from None
     scaffold = info.plan.strategy == "scaffold"
     layout = fedsgd.GradientLayout(model, wire_dtype, controls=scaffold)
     return model, layout, local.Controls(layout.parameter_count, device) if scaffold else None
@@ -276,13 +286,13 @@ def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool =
     return wire.spec_of(fedsgd.wire_state(model, wire_dtype, control))
 
 
-def shard_from_payload(payload: wire.Payload, num_classes: int) -> utils.ImageSet:
+def shard_from_payload(payload: wire.Payload, num_classes: int, image_size: int = utils.IMAGE_SIZE) -> utils.ImageSet:
     """The images and labels of a data shard payload, after checking shapes, dtypes and label range."""
     labels, images = payload.tensors.get("labels"), payload.tensors.get("images")
     if labels is None or images is None or len(payload.tensors) != 2:
         raise wire.PayloadError(f"a data shard holds exactly 'labels' and 'images', got {list(payload.tensors)[:4]}")
     count = len(labels)
-    shape = (count, 3, utils.IMAGE_SIZE, utils.IMAGE_SIZE)
+    shape = (count, 3, image_size, image_size)
     if labels.dtype != torch.int64 or images.dtype != torch.uint8 or labels.ndim != 1 or images.shape != shape or count == 0:
         raise wire.PayloadError(f"expected int64 labels [N] and uint8 images {list(shape)} with N > 0")
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -349,6 +359,8 @@ class Learner:
         self.health = health_pb2_grpc.HealthStub(rpc.channel(args.leader, self.security))
         self.inbox, self.started, self.credential = StateInbox(), threading.Event(), LeaderCredential()
         self.learner_id, self.data, self.server, self.round, self.sent_round = -1, None, None, 0, -1
+        self.held_out: utils.ImageSet | None = None  # images to evaluate the global model on
+        self.summary: messages.DataSummary | None = None  # what the leader is told of local data
 
     def fetch_model(self, deadline: float) -> wire.Payload | None:
         """The leader's current model state, checked finite as it streams in (retried until the deadline);
@@ -370,8 +382,9 @@ class Learner:
         self.device = runtime.pick_device(self.args.device)
         self.model, self.layout, self.controls = training_setup(info, self.wire_dtype, self.device)
         self.state_spec = state_spec(self.model, self.wire_dtype, self.controls is not None)
+        self.info = info
         self.adopt(state)
-        self.batch_size, self.seed, self.mean, self.std = info.batch_size, info.seed, list(info.mean), list(info.std)
+        self.batch_size, self.seed = info.batch_size, info.seed
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)
         servicer = LearnerServicer(self.state_spec, self.inbox, self.started, self.credential,
@@ -398,6 +411,8 @@ class Learner:
         else:
             load_state(self.model, state)
         self.round, self.plan = messages.round_of(state), messages.TrainingPlan.from_metadata(state.metadata)
+        info = messages.StateInfo.from_payload(state)
+        self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
         if (self.plan.strategy == "scaffold") != (self.controls is not None):
             raise wire.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
         if self.controls is not None:
@@ -407,17 +422,23 @@ class Learner:
     def join(self, deadline: float) -> None:
         """Register (again) and get this slot's data, unless it is local or already here."""
         previous = self.learner_id
+        if self.args.dataset and self.data is None:  # local data first: the registration summarises it
+            self.data, self.held_out = self.load_local_data()
+            self.summary = messages.DataSummary.of(self.data, len(self.held_out) if self.held_out else 0)
         self.learner_id = retry_until(deadline, self.register, "RegisterLearner")
         if self.learner_id != previous and self.controls is not None:  # SCAFFOLD: c_i belongs to a slot's data
             self.controls.own.zero_()
         if self.data is None or (self.learner_id != previous and not self.args.dataset):
-            self.data = self.load_data(self.model.fc.out_features)
+            self.data = self.load_shard()
 
     def register(self) -> int:
         """Register with this learner's address (and its credential, to take its own slot back)."""
         with self.credential.registering():
-            reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.address),
-                                                timeout=RPC_TIMEOUT_S, metadata=rpc.with_credential(self.credential.value))
+            request = leader_pb2.LearnerInfo(network_addr=self.address)
+            if self.summary is not None:
+                self.summary.to_proto(request.data)
+            reply = self.leader.RegisterLearner(request, timeout=RPC_TIMEOUT_S,
+                                                metadata=rpc.with_credential(self.credential.value))
             if reply.success:
                 self.credential.registered(reply.credential)
         if not reply.success:
@@ -425,18 +446,55 @@ class Learner:
         log.info("%s; serving LearnerService at %s (%s)", reply.message, self.address, self.security.describe())
         return reply.learner_id
 
-    def load_data(self, num_classes: int) -> utils.ImageSet:
-        if self.args.dataset:
-            data = utils.load_dataset(self.args.dataset, self.args.data_dir, train=True)
-            log.info("training on local %s data: %d images", self.args.dataset, len(data))
-            return data
+    def load_local_data(self) -> tuple[utils.ImageSet, utils.ImageSet | None]:
+        """The local training images at the leader's image size, and those held out for evaluation: a
+        --eval-fraction of them, else the dataset's test split if it has one."""
+        args, size, classes = self.args, self.info.image_size, self.info.num_classes
+        data = utils.load_dataset(args.dataset, args.data_dir, train=True, image_size=size)
+        if data.num_classes != classes:
+            raise utils.DatasetError(f"the local {args.dataset} has {data.num_classes} classes; the leader's model "
+                                     f"tells {classes} apart")
+        if args.eval_fraction:
+            data, held_out = utils.held_out(data, args.eval_fraction, self.info.seed)
+        else:
+            try:
+                held_out = utils.load_dataset(args.dataset, args.data_dir, train=False, image_size=size)
+            except utils.DatasetError as missing:
+                log.info("no held-out images to evaluate on (%s); --eval-fraction would hold some out", missing)
+                held_out = None
+        log.info("training on local %s data: %d images of %dx%d, %d held out for evaluation", args.dataset, len(data),
+                 size, size, len(held_out) if held_out else 0)
+        return data, held_out
+
+    def load_shard(self) -> utils.ImageSet:
+        """This slot's shard of the leader's data."""
         request = leader_pb2.LearnerDataRequest(network_addr=self.address)
         fetch = lambda: receive_stream(self.channel, "GetData", request, self.args.idle_timeout,
                                        credential=self.credential.value)
         payload = retry_until(time.monotonic() + self.args.connect_timeout, fetch, "GetData")
-        data = shard_from_payload(payload, num_classes)
+        data = shard_from_payload(payload, self.info.num_classes, self.info.image_size)
         log.info("received a shard of %d images from the leader", len(data))
         return data
+
+    def report_evaluation(self, state: wire.Payload) -> None:
+        """When the state asks for it, evaluate it on the held-out images and tell the leader (best effort:
+        a lost report only leaves this learner out of that round's evaluation)."""
+        if self.held_out is None or not self.mean or not messages.TrainingPlan.from_metadata(state.metadata).evaluate:
+            return
+        round_index = messages.round_of(state)
+        with torch.no_grad():
+            result = fedsgd.evaluate(self.model, utils.normalize(self.held_out.images, self.mean, self.std),
+                                     self.held_out.labels)
+        report = leader_pb2.EvaluationReport(learner_id=self.learner_id, round=round_index, samples=len(self.held_out),
+                                             correct=result.correct, loss=result.loss)
+        try:
+            reply = self.leader.ReportEvaluation(report, timeout=RPC_TIMEOUT_S,
+                                                 metadata=rpc.with_credential(self.credential.value))
+            log.info("round %d: held-out loss %.4f, accuracy %.4f on %d images (%s)", round_index, result.loss,
+                     result.accuracy, len(self.held_out), reply.message)
+        except grpc.RpcError as error:
+            log.warning("round %d: the leader did not take this learner's evaluation: %s %s", round_index,
+                        error.code().name, error.details())
 
     def reconnect(self) -> wire.Payload | None:
         """After losing the leader: wait for it (with backoff), take its current model, register again;
@@ -484,7 +542,8 @@ class Learner:
         return result
 
     def send_update(self, round_index: int, loss: float) -> None:
-        claims = messages.UpdateInfo(self.learner_id, round_index, self.batch_size * self.plan.local_steps, loss,
+        batch = min(self.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
+        claims = messages.UpdateInfo(self.learner_id, round_index, batch * self.plan.local_steps, loss,
                                      self.plan.update_kind, self.plan.local_steps)
         request = leader_pb2.GradientData(chunk=wire.encode(self.layout.wire_tensors(self.gradient), claims.to_metadata()))
         send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
@@ -523,12 +582,15 @@ class Learner:
             if pushed is not None:
                 version, state = pushed
                 if messages.is_final(state):
+                    self.evaluate_final(state)
                     return state
                 if messages.round_of(state) >= self.round:  # not older than the state fetched on joining
                     self.adopt(state, fetched=False)
+                    self.report_evaluation(state)
             round_started = time.perf_counter()
-            # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news
-            if self.plan.takes_part(self.learner_id) and self.round != self.sent_round:
+            # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news;
+            # nobody trains before a leader without data has settled the normalisation
+            if self.plan.takes_part(self.learner_id) and self.round != self.sent_round and self.mean:
                 first_step = self.round * self.plan.local_steps
                 loss = local.local_update(self.model, self.layout, self.gradient,
                                           lambda step: self.batch_at(first_step + step), self.plan, self.controls)
@@ -550,6 +612,12 @@ class Learner:
                          messages.round_of(pushed[1]), loss, images / compute_seconds,
                          (round_seconds - compute_seconds) / computed_rounds * 1000)
                 compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
+
+    def evaluate_final(self, state: wire.Payload) -> None:
+        """The leader's last state, when it asks to be evaluated: take its weights, evaluate and report."""
+        if self.held_out is not None and messages.TrainingPlan.from_metadata(state.metadata).evaluate:
+            load_state(self.model, state)
+            self.report_evaluation(state)
 
     def train_until_final(self) -> wire.Payload:
         """Train through leader losses until the leader sends its final state; return that state."""

@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import utils
 import wire
 from strategies import STRATEGIES, update_kind
 
@@ -17,6 +18,8 @@ MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a r
 # What a learner accepts in a training plan (the leader's flags are held to the same bounds)
 MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
+MAX_CLASSES = 100_000  # a classifier wider than this is a hostile state, not a dataset
+MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
 
 
@@ -65,6 +68,7 @@ class TrainingPlan:
     weight_decay: float = 0.0
     mu: float = 0.0  # FedProx's proximal weight
     participants: tuple[int, ...] | None = None  # None: every learner trains this round
+    evaluate: bool = False  # learners with held-out images evaluate this state first and report it
 
     @property
     def update_kind(self) -> str:
@@ -75,6 +79,7 @@ class TrainingPlan:
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {} if self.participants is None else {"participants": ",".join(map(str, self.participants))}
+        metadata |= {"evaluate": "1"} if self.evaluate else {}
         if self.strategy == "fedsgd":
             return metadata
         return {**metadata, "strategy": self.strategy, "local_steps": str(self.local_steps),
@@ -88,19 +93,21 @@ class TrainingPlan:
                                                          participants):
             raise wire.PayloadError("metadata 'participants' must list learner ids, separated by commas")
         chosen = None if participants is None else tuple(int(part) for part in participants.split(",") if part)
-        strategy = metadata.get("strategy", "fedsgd")
+        strategy, evaluate = metadata.get("strategy", "fedsgd"), metadata.get("evaluate") == "1"
         if strategy not in STRATEGIES:
             raise wire.PayloadError(f"unknown strategy {strategy[:32]!r}; this learner knows {', '.join(STRATEGIES)}")
         if strategy == "fedsgd":
-            return cls(participants=chosen)
+            return cls(participants=chosen, evaluate=evaluate)
         return cls(strategy, _int(metadata, "local_steps", minimum=1), _float(metadata, "client_lr", high=MAX_CLIENT_LR),
                    _float(metadata, "client_momentum", high=MAX_CLIENT_MOMENTUM), _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY),
-                   _float(metadata, "mu", high=MAX_MU), chosen)
+                   _float(metadata, "mu", high=MAX_MU), chosen, evaluate)
 
 
 @dataclass(frozen=True)
 class StateInfo:
-    """A model state pushed or served by the leader."""
+    """A model state pushed or served by the leader. Fields beyond the article's (image_size, norm) travel
+    only when they differ from what its peers assume; mean and std are empty until a leader without data has
+    combined its learners' summaries."""
 
     architecture: str
     num_classes: int
@@ -113,23 +120,35 @@ class StateInfo:
     finished: bool = False  # the leader's last state: learners exit
     stopped: bool = False  # ... because the leader was stopped early (it can be resumed)
     plan: TrainingPlan = TrainingPlan()
+    image_size: int = utils.IMAGE_SIZE
+    norm: str = "batch"
 
     def to_metadata(self) -> dict[str, str]:
+        normalisation = {"mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))} if self.mean else {}
         return {"architecture": self.architecture, "num_classes": str(self.num_classes),
-                "batch_size": str(self.batch_size), "seed": str(self.seed), "mean": ",".join(map(str, self.mean)),
-                "std": ",".join(map(str, self.std)), "wire_dtype": self.wire_dtype, "round": str(self.round),
-                "finished": _flag(self.finished), "stopped": _flag(self.stopped), **self.plan.to_metadata()}
+                "batch_size": str(self.batch_size), "seed": str(self.seed), **normalisation,
+                "wire_dtype": self.wire_dtype, "round": str(self.round), "finished": _flag(self.finished),
+                "stopped": _flag(self.stopped), **self.plan.to_metadata(),
+                **({"image_size": str(self.image_size)} if self.image_size != utils.IMAGE_SIZE else {}),
+                **({"norm": self.norm} if self.norm != "batch" else {})}
 
     @classmethod
     def from_payload(cls, payload: wire.Payload) -> "StateInfo":
         """The state's metadata, checked; raises PayloadError."""
         metadata = payload.metadata
+        mean, std = (tuple(_floats(metadata, key)) if key in metadata else () for key in ("mean", "std"))
+        if len(mean) != len(std) or any(value <= 0 for value in std):
+            raise wire.PayloadError("metadata 'mean' and 'std' must give as many numbers, with std positive")
+        if _int(metadata, "num_classes", minimum=1) > MAX_CLASSES:
+            raise wire.PayloadError(f"metadata 'num_classes' exceeds {MAX_CLASSES}")
+        image_size = _int(metadata, "image_size", utils.IMAGE_SIZE, minimum=1)
+        if image_size > utils.MAX_IMAGE_SIZE:
+            raise wire.PayloadError(f"metadata 'image_size' {image_size} exceeds {utils.MAX_IMAGE_SIZE}")
         return cls(metadata.get("architecture", ""), _int(metadata, "num_classes", minimum=1),
-                   _int(metadata, "batch_size", minimum=1), _int(metadata, "seed"),
-                   tuple(_floats(metadata, "mean")), tuple(_floats(metadata, "std")),
+                   _int(metadata, "batch_size", minimum=1), _int(metadata, "seed"), mean, std,
                    metadata.get("wire_dtype", "float32"), _int(metadata, "round"),
                    metadata.get("finished") == "1", metadata.get("stopped") == "1",
-                   TrainingPlan.from_metadata(metadata))
+                   TrainingPlan.from_metadata(metadata), image_size, metadata.get("norm", "batch")[:16])
 
 
 def is_final(payload: wire.Payload) -> bool:
@@ -178,3 +197,41 @@ class ShardInfo:
 
     def to_metadata(self) -> dict[str, str]:
         return {"learner_id": str(self.learner_id), "num_classes": str(self.num_classes), "dataset": self.dataset}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a learner with its own images tells the leader at registration (LearnerInfo.data): how many it
+    trains and evaluates on, and its channel sums for the shared normalisation. Never the images."""
+
+    train_samples: int
+    eval_samples: int
+    channel_sums: tuple[float, float, float]
+    channel_square_sums: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, train: "utils.ImageSet", eval_samples: int) -> "DataSummary":
+        sums, squares = utils.channel_sums(train.images)
+        return cls(len(train), eval_samples, tuple(sums), tuple(squares))
+
+    def to_proto(self, message) -> None:
+        """Fill a leader_pb2.DataSummary."""
+        message.train_samples, message.eval_samples = self.train_samples, self.eval_samples
+        message.channel_sums[:], message.channel_square_sums[:] = self.channel_sums, self.channel_square_sums
+
+    @classmethod
+    def from_proto(cls, message, image_size: int) -> "DataSummary":
+        """A registration's summary, checked for consistency with images of image_size: pixel values lie in
+        0..1, so per channel 0 <= squares <= sums <= pixels and sums^2 <= squares * pixels; raises PayloadError."""
+        sums, squares = tuple(message.channel_sums), tuple(message.channel_square_sums)
+        train, held = message.train_samples, message.eval_samples
+        if not 0 < train <= MAX_SAMPLES or not 0 <= held <= MAX_SAMPLES:
+            raise wire.PayloadError(f"data.train_samples must lie in 1..{MAX_SAMPLES} and eval_samples in 0..{MAX_SAMPLES}")
+        if len(sums) != 3 or len(squares) != 3:
+            raise wire.PayloadError("data.channel_sums and data.channel_square_sums need 3 values (R, G, B)")
+        pixels = train * image_size * image_size
+        for total, square in zip(sums, squares):
+            if not (0 <= square <= total * (1 + 1e-9) <= pixels * (1 + 1e-9) and total * total <= square * pixels * (1 + 1e-6)):
+                raise wire.PayloadError(f"data channel sums {total:.6g} and {square:.6g} are impossible for "
+                                        f"{train} images of {image_size}x{image_size} pixels in 0..1")
+        return cls(train, held, sums, squares)

@@ -1,22 +1,48 @@
-"""The run's record: metrics.jsonl (one JSON object per line) and its plot, metrics.png."""
+"""The run's record: metrics.jsonl (one JSON object per line), its plot metrics.png, and TensorBoard events."""
 
 import json
 from pathlib import Path
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl, flushed line by line so a crashed run keeps its history."""
+    """Appends records to metrics.jsonl, flushed line by line so a crashed run keeps its history; with a
+    tensorboard directory, also writes every number of every record as a TensorBoard scalar."""
 
-    def __init__(self, path: Path, append: bool = False) -> None:
+    def __init__(self, path: Path, append: bool = False, tensorboard: str | Path | None = None) -> None:
         self.path = path
         self._file = path.open("a" if append else "w", encoding="utf-8")
+        self._events = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self._events = SummaryWriter(str(tensorboard))
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._events is not None:
+            for tag, value in scalars(record):
+                self._events.add_scalar(tag, value, record["round"])
+            self._events.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._events is not None:
+            self._events.close()
+
+
+def scalars(record: dict) -> list[tuple[str, float]]:
+    """A record's numbers as TensorBoard tags: train/... for a round, eval_leader/... and eval_learners/... for
+    evaluations, with each learner's values under .../learner_N/..."""
+    group = f"eval_{record.get('source', 'leader')}" if "test_accuracy" in record else "train"
+    tags = []
+    for key, value in record.items():
+        if key == "per_learner":
+            tags += [(f"{group}/learner_{learner}/{name}", number) for learner, values in value.items()
+                     for name, number in values.items()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+            tags.append((f"{group}/{key}", value))
+    return tags
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -24,24 +50,31 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+EVALUATION_LABELS = {"leader": "the leader's test split", "learners": "learners' held-out images"}
+
+
 def plot_metrics(records: list[dict], path: Path) -> None:
-    """Training and test loss, and test accuracy, against round, as a PNG."""
+    """Training and test loss, and test accuracy (the leader's and the learners' evaluations), against round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [r for r in records if "train_loss" in r]
-    evals = [r for r in records if "test_accuracy" in r]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     loss_axis.plot([r["round"] for r in train], [r["train_loss"] for r in train], label="train (learners' batches)")
-    loss_axis.plot([r["round"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test")
+    for source, label in EVALUATION_LABELS.items():
+        evals = [r for r in records if "test_accuracy" in r and r.get("source", "leader") == source]
+        if evals:
+            rounds = [r["round"] for r in evals]
+            loss_axis.plot(rounds, [r["test_loss"] for r in evals], "o-", label=f"test: {label}")
+            accuracy_axis.plot(rounds, [r["test_accuracy"] for r in evals], "o-", label=label)
     loss_axis.set(xlabel="round", ylabel="cross-entropy loss", title="Loss")
-    loss_axis.legend()
-    accuracy_axis.plot([r["round"] for r in evals], [r["test_accuracy"] for r in evals], "o-", color="tab:green")
-    accuracy_axis.set(xlabel="round", ylabel="test accuracy", title="Global model on the test split", ylim=(0, 1))
+    accuracy_axis.set(xlabel="round", ylabel="test accuracy", title="Global model's accuracy", ylim=(0, 1))
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

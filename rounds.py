@@ -3,6 +3,7 @@
 Thread-safe: gRPC handler threads submit, the leader's main loop waits. Every wait takes a timeout.
 """
 
+import dataclasses
 import hmac
 import math
 import re
@@ -51,6 +52,7 @@ class Slot:
     state: str = JOINING
     kept_until: float = 0.0  # while DROPPED, kept for its holder until then; 0: a newcomer may take it
     registered_at: float = -math.inf  # when its holder last registered
+    data: object = None  # the messages.DataSummary its holder registered with, if it trains on its own images
 
     @property
     def session(self) -> str:
@@ -96,8 +98,8 @@ class Registry:
         self._by_session = {slot.session: slot for slot in self._slots if slot.credential}
         self._changed = threading.Condition()
 
-    def register(self, address: str, credential: str | None = None,
-                 certificate: str | None = None) -> tuple[Member, str]:
+    def register(self, address: str, credential: str | None = None, certificate: str | None = None,
+                 data: object = None) -> tuple[Member, str]:
         """The learner's slot and a message for the reply; raises Refusal. A holder re-registers with its
         credential (and certificate, if it registered with one); anyone else gets a new credential."""
         problem = check_address(address)
@@ -134,6 +136,7 @@ class Registry:
                 slot = self._take(free[0], certificate)
                 verb = f"took over from {previous or 'nobody'} the slot of"
             slot.address, slot.state, slot.kept_until, slot.registered_at = address, JOINING, 0.0, now
+            slot.data = data
             slot.generation += 1
             self._changed.notify_all()
             return self._member(slot), f"{address} {verb} learner {slot.learner_id} of {self.capacity}"
@@ -202,6 +205,11 @@ class Registry:
         with self._changed:
             return [{"address": slot.address, "credential": slot.credential, "certificate": slot.certificate}
                     for slot in self._slots]
+
+    def summaries(self) -> dict[int, object]:
+        """The data summaries of the learners registered and not dropped, by slot."""
+        with self._changed:
+            return {slot.learner_id: slot.data for slot in self._slots if slot.state != DROPPED and slot.data}
 
     def is_active(self, learner_id: int) -> bool:
         """Whether the leader counts on this learner (it is starting or active)."""
@@ -279,6 +287,7 @@ class RoundSummary:
     loss: float
     bytes_in: int
     given_up: tuple[int, ...] = ()  # learners that have now missed MAX_MISSED_ROUNDS rounds in a row
+    per_learner: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)  # samples, loss
 
 
 class RoundCollector:
@@ -291,7 +300,7 @@ class RoundCollector:
         self._updates = RoundUpdates(size, size if model_size is None else model_size, strategy)
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
-        self._reported: set[int] = set()
+        self._reported: dict[int, tuple[int, float]] = {}  # by learner: the samples and loss it claimed
         self._missed: dict[int, int] = {}  # rounds missed in a row, by learner
         self._round = first_round
         self._bytes_in = 0
@@ -334,7 +343,7 @@ class RoundCollector:
             if self._sampled is not None and learner_id not in self._sampled:
                 return f"learner {learner_id} was not sampled for round {round_index}; update ignored"
             self._updates.add(gradient, samples, loss)
-            self._reported.add(learner_id)
+            self._reported[learner_id] = (samples, loss)
             self._bytes_in += wire_bytes
             self._changed.notify_all()
             return None
@@ -342,11 +351,11 @@ class RoundCollector:
     def wait_complete(self, timeout: float) -> bool:
         """Whether every expected learner has reported (and at least one has), waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._reported and self._expected <= self._reported, timeout)
+            return self._changed.wait_for(lambda: self._reported and self._expected <= self._reported.keys(), timeout)
 
     def missing(self) -> list[int]:
         with self._changed:
-            return sorted(self._expected - self._reported)
+            return sorted(self._expected - self._reported.keys())
 
     def reported(self) -> int:
         with self._changed:
@@ -358,12 +367,12 @@ class RoundCollector:
             if not self._reported:
                 raise RuntimeError(f"round {self._round} has no gradient to average")
             self._updates.combine_into(mean_out)
-            for learner in self._expected - self._reported:
+            for learner in self._expected - self._reported.keys():
                 self._missed[learner] = self._missed.get(learner, 0) + 1
-            given_up = tuple(sorted(learner for learner in self._expected - self._reported
+            given_up = tuple(sorted(learner for learner in self._expected - self._reported.keys()
                                     if self._missed[learner] == MAX_MISSED_ROUNDS))
             summary = RoundSummary(self._round, len(self._reported), self._updates.samples,
-                                   self._updates.mean_loss, self._bytes_in, given_up)
+                                   self._updates.mean_loss, self._bytes_in, given_up, dict(self._reported))
             self._updates.reset()
             self._reported.clear()
             self._round += 1

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "synthetic", "imagefolder")
-IMAGE_SIZE = 32
-CROP_PADDING = 4
+IMAGE_SIZE = 32  # CIFAR-10's and the synthetic set's; --image-size resizes any dataset to another
+MAX_IMAGE_SIZE = 1024
 SYNTHETIC_SIZES = {True: 10_000, False: 2_000}  # train, test
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -25,7 +25,7 @@ class DatasetError(RuntimeError):
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images as uint8 [N, 3, 32, 32] and int64 labels [N]."""
+    """Images as uint8 [N, 3, S, S] and int64 labels [N]."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -38,16 +38,32 @@ class ImageSet:
         """The images at the given indices."""
         return ImageSet(self.images[indices], self.labels[indices], self.num_classes)
 
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
 
-def load_dataset(name: str, data_dir: str | Path, train: bool) -> ImageSet:
-    """The train or test split of a dataset by name (see DATASETS)."""
-    if name == "synthetic":
-        return synthetic(train)
-    if name == "cifar10":
-        return cifar10(Path(data_dir), train)
+
+def load_dataset(name: str, data_dir: str | Path, train: bool, image_size: int = IMAGE_SIZE) -> ImageSet:
+    """The train or test split of a dataset by name (see DATASETS), as image_size x image_size RGB."""
     if name == "imagefolder":
-        return image_folder(Path(data_dir), train)
-    raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+        return image_folder(Path(data_dir), train, image_size)
+    if name == "synthetic":
+        data = synthetic(train)
+    elif name == "cifar10":
+        data = cifar10(Path(data_dir), train)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return data if image_size == data.image_size else ImageSet(resize(data.images, image_size), data.labels, data.num_classes)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images resized (bilinear, antialiased when shrinking) to size x size, in bounded blocks."""
+    resized = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for block in torch.arange(len(images)).split(1000):
+        scaled = F.interpolate(images[block].float(), size=(size, size), mode="bilinear", antialias=True,
+                               align_corners=False)
+        resized[block] = scaled.round_().clamp_(0, 255).to(torch.uint8)
+    return resized
 
 
 @functools.cache  # deterministic, and a few seconds to make: made once per process
@@ -110,30 +126,64 @@ def cifar10(data_dir: Path, train: bool) -> ImageSet:
     return ImageSet(images, torch.tensor(dataset.targets, dtype=torch.int64), len(dataset.classes))
 
 
-def image_folder(root: Path, train: bool) -> ImageSet:
-    """An ImageFolder tree root/{train,test}/<class>/<image>; images of any size and mode become 32x32 RGB."""
+def image_folder(root: Path, train: bool, image_size: int = IMAGE_SIZE) -> ImageSet:
+    """An ImageFolder tree root/{train,test}/<class>/<image>; images of any size and mode (grayscale, RGBA,
+    palette) become image_size x image_size RGB."""
     from torchvision.datasets import ImageFolder
 
     split = root / ("train" if train else "test")
     if not split.is_dir():
         raise DatasetError(f"no folder {split}: imagefolder expects {root}/train/<class>/* and {root}/test/<class>/*")
     try:
-        folder = ImageFolder(str(split))
+        folder = ImageFolder(str(split), allow_empty=True)  # a skewed share may lack a class, not its folder
     except (FileNotFoundError, OSError) as error:
         raise DatasetError(f"cannot read images under {split}: {error}") from None
+    if not folder.samples:
+        raise DatasetError(f"no images under {split}")
     train_classes = sorted(entry.name for entry in (root / "train").iterdir() if entry.is_dir())
     if folder.classes != train_classes:
         raise DatasetError(f"{split} has classes {folder.classes}, but {root / 'train'} has {train_classes}")
-    images = np.stack([_load_rgb32(path) for path, _ in folder.samples]).transpose(0, 3, 1, 2)
+    images = np.stack([_load_rgb(path, image_size) for path, _ in folder.samples]).transpose(0, 3, 1, 2)
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), labels, len(folder.classes))
 
 
-def _load_rgb32(path: str) -> np.ndarray:
+def _load_rgb(path: str, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR))
+        return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+
+
+def digits() -> ImageSet:
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grayscale images of 10 classes, offline."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    gray = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)  # pixel values 0..16
+    return ImageSet(gray.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(bunch.target).long(), 10)
+
+
+def write_image_folder(root: Path, split: str, data: ImageSet) -> None:
+    """data as PNG files root/split/<class>/<n>.png, the layout image_folder reads: a folder for every class,
+    empty where a skewed share has none of it, so that labels keep their meaning on every learner."""
+    from PIL import Image
+
+    width = len(str(data.num_classes - 1))  # 00..11, not 0, 1, 10, 11, 2: folders sort as the labels do
+    for label in range(data.num_classes):
+        (root / split / f"{label:0{width}d}").mkdir(parents=True, exist_ok=True)
+    for index, (image, label) in enumerate(zip(data.images, data.labels.tolist())):
+        folder = root / split / f"{label:0{width}d}"
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index}.png")
+
+
+def held_out(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """A seeded split of data into (what to train on, a fraction held out for evaluation); both non-empty."""
+    count = round(len(data) * fraction)
+    if not 0 < count < len(data):
+        raise DatasetError(f"holding out {fraction:g} of {len(data)} images leaves one side empty")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[count:].sort().values), data.subset(order[:count].sort().values)
 
 
 def shard_indices(num_samples: int, num_shards: int, seed: int) -> list[torch.Tensor]:
@@ -145,17 +195,31 @@ def shard_indices(num_samples: int, num_shards: int, seed: int) -> list[torch.Te
     return [order[index * size : (index + 1) * size].sort().values for index in range(num_shards)]
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale."""
+def channel_sums(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel sums of uint8 images' pixels and of their squares, on the 0..1 scale: what learners
+    report so that a leader without data can standardise everyone's images the same way."""
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     for block in images.split(4096):
         pixels = block.to(torch.float64).div_(255).transpose(0, 1).reshape(3, -1)
         total += pixels.sum(1)
         squares += pixels.square().sum(1)
-    count = images.numel() // 3
-    mean = total / count
-    return mean.tolist(), (squares / count - mean.square()).sqrt().tolist()
+    return total.tolist(), squares.tolist()
+
+
+MIN_STD = 1e-3  # a channel that barely varies is not blown up into noise
+
+
+def stats_from_sums(sums: list[float], squares: list[float], pixels_per_channel: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation from channel_sums' totals over pixels_per_channel pixels."""
+    mean = [total / pixels_per_channel for total in sums]
+    std = [max(MIN_STD, max(0.0, square / pixels_per_channel - m * m) ** 0.5) for square, m in zip(squares, mean)]
+    return mean, std
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images, on the 0..1 scale."""
+    return stats_from_sums(*channel_sums(images), images.numel() // 3)
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -166,12 +230,13 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
 
 
 def random_crop_flip(images: torch.Tensor, rng: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """The standard CIFAR augmentation on a batch: a random 32x32 crop of the zero-padded image and a
-    random horizontal flip, each drawn per image."""
+    """The standard CIFAR augmentation on a batch: a random crop of the image zero-padded by an eighth of its
+    size (4 pixels at 32x32) and a random horizontal flip, each drawn per image."""
     count, _, height, width = images.shape
-    padded = F.pad(images, (CROP_PADDING,) * 4)
-    top = torch.randint(2 * CROP_PADDING + 1, (count, 1), generator=rng)
-    left = torch.randint(2 * CROP_PADDING + 1, (count, 1), generator=rng)
+    padding = max(1, height // 8)
+    padded = F.pad(images, (padding,) * 4)
+    top = torch.randint(2 * padding + 1, (count, 1), generator=rng)
+    left = torch.randint(2 * padding + 1, (count, 1), generator=rng)
     rows = top + torch.arange(height)
     cols = left + torch.arange(width)
     if flip:
@@ -191,12 +256,13 @@ def _take(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch
 class BatchSchedule:
     """Which samples of a shard make up round r's batch: a fresh seeded shuffle every epoch.
 
-    A pure function of (seed, round), so a learner can start or resume at any round."""
+    A pure function of (seed, round), so a learner can start or resume at any round. A shard smaller than
+    the batch (skewed partitions make some) is one whole batch: its learner claims fewer samples."""
 
     def __init__(self, shard_size: int, batch_size: int, seed: int) -> None:
-        if not 0 < batch_size <= shard_size:
-            raise ValueError(f"batch size {batch_size} must be between 1 and the shard size {shard_size}")
-        self.shard_size, self.batch_size, self.seed = shard_size, batch_size, seed
+        if shard_size < 1 or batch_size < 1:
+            raise ValueError(f"batch size {batch_size} and shard size {shard_size} must be positive")
+        self.shard_size, self.batch_size, self.seed = shard_size, min(batch_size, shard_size), seed
         self.batches_per_epoch = shard_size // batch_size
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
 

@@ -78,7 +78,7 @@ def test_get_data_sends_the_registered_learners_shard_as_uint8_encoded_once(live
     leader = live.leader
     shard = learner_module.shard_from_payload(get_data(live, "127.0.0.1:7001", credential), 10)
     assert len(shard) == 5000 and shard.images.dtype == torch.uint8
-    assert torch.equal(shard.labels, leader.train.labels[leader.shards.indices[0]])
+    assert torch.equal(shard.labels, leader.shards.train.labels[leader.shards.indices[0]])
     assert leader.shards.messages(0) is leader.shards.messages(0)  # one encoded copy, kept
 
 
@@ -313,7 +313,7 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
     leader = live.leader
     learner, _ = live_learner
     assert leader.registry.at(learner.address).learner_id == learner.learner_id
-    assert torch.equal(learner.data.labels, leader.train.labels[leader.shards.indices[learner.learner_id]])
+    assert torch.equal(learner.data.labels, leader.shards.train.labels[leader.shards.indices[learner.learner_id]])
 
 
 def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gradients():

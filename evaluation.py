@@ -1,0 +1,101 @@
+"""Federated evaluation: the learners' reports on a global model state, checked, gathered by round and combined.
+
+The leader opens a round's evaluation before it pushes the state that asks for it, says whom it expects once
+the state is on its way, and writes a round's record when every expected learner has reported, when a later
+evaluation has begun, or at the end. A learner can only report for itself, once per round, on as many
+held-out images as it declared at registration: it cannot buy weight in the mean.
+"""
+
+import math
+import threading
+from dataclasses import dataclass
+
+import wire
+from messages import MAX_LOSS
+
+
+@dataclass(frozen=True)
+class Report:
+    """One learner's evaluation of the state after a round."""
+
+    learner_id: int
+    samples: int
+    correct: int
+    loss: float
+
+    def check(self, declared_samples: int) -> None:
+        """Raise PayloadError unless the report is possible for a learner that declared declared_samples."""
+        if declared_samples <= 0:
+            raise wire.PayloadError(f"learner {self.learner_id} registered without held-out images to evaluate on")
+        if self.samples != declared_samples:
+            raise wire.PayloadError(f"samples {self.samples} is not the {declared_samples} held-out images this learner "
+                                    "registered with")
+        if not 0 <= self.correct <= self.samples:
+            raise wire.PayloadError(f"correct {self.correct} must lie between 0 and samples {self.samples}")
+        if not 0 <= self.loss <= MAX_LOSS:  # false for NaN
+            raise wire.PayloadError(f"loss {self.loss!r} must be a number from 0 to {MAX_LOSS:g}")
+
+
+def combine(round_index: int, reports: dict[int, Report], missing: list[int]) -> dict:
+    """The metrics record of a round's evaluation: sample-weighted loss and accuracy, and each learner's."""
+    samples = sum(report.samples for report in reports.values())
+    return {"round": round_index, "source": "learners",
+            "test_loss": sum(report.loss * report.samples for report in reports.values()) / samples,
+            "test_accuracy": sum(report.correct for report in reports.values()) / samples, "test_samples": samples,
+            "per_learner": {str(learner): {"loss": report.loss, "accuracy": report.correct / report.samples,
+                                           "samples": report.samples} for learner, report in sorted(reports.items())},
+            **({"missing": missing} if missing else {})}
+
+
+class Evaluations:
+    """The open evaluations by round. Thread-safe: gRPC handler threads report, the round loop collects."""
+
+    def __init__(self) -> None:
+        self._reports: dict[int, dict[int, Report]] = {}
+        self._expected: dict[int, set[int]] = {}
+        self._changed = threading.Condition()
+
+    def open(self, round_index: int) -> None:
+        """Accept reports on the state after round_index from now on (before it is pushed: replies may be quick)."""
+        with self._changed:
+            self._reports.setdefault(round_index, {})
+
+    def expect(self, round_index: int, learner_ids: list[int]) -> None:
+        """The learners whose reports complete round_index's evaluation (those the state went to)."""
+        with self._changed:
+            self._expected[round_index] = set(learner_ids)
+            self._changed.notify_all()
+
+    def submit(self, round_index: int, report: Report, declared_samples: int) -> str | None:
+        """Count a learner's report; raises PayloadError if it is impossible, returns why it was ignored (or None)."""
+        report.check(declared_samples)
+        with self._changed:
+            reports = self._reports.get(round_index)
+            if reports is None:
+                return f"no evaluation of round {round_index} is open; report ignored"
+            if report.learner_id in reports:
+                return f"learner {report.learner_id} already reported on round {round_index}; duplicate ignored"
+            reports[report.learner_id] = report
+            self._changed.notify_all()
+            return None
+
+    def _complete(self, round_index: int) -> bool:
+        return round_index in self._expected and self._expected[round_index] <= set(self._reports[round_index])
+
+    def wait(self, round_index: int, timeout: float) -> bool:
+        """Whether every expected learner reported on round_index, waiting at most timeout seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: round_index not in self._reports or self._complete(round_index), timeout)
+
+    def records(self, final: bool = False) -> list[dict]:
+        """Records of the evaluations that are over (complete, superseded by a later one, or all when final),
+        each once; an evaluation nobody reported on leaves no record."""
+        with self._changed:
+            latest = max(self._reports, default=-math.inf)
+            done = [r for r in sorted(self._reports) if final or r < latest or self._complete(r)]
+            records = []
+            for round_index in done:
+                reports, expected = self._reports.pop(round_index), self._expected.pop(round_index, set())
+                if reports:
+                    records.append(combine(round_index, reports, sorted(expected - set(reports))))
+            return records

@@ -1,0 +1,164 @@
+"""Data that never leaves the learners: a leader without data, federated evaluation, skewed partitions,
+other image sizes, torchvision models and starting from saved weights; real processes on localhost."""
+
+import json
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+import fedsgd
+import launch
+import leader as leader_module
+import messages
+import utils
+from conftest import logs, records, start_leader, start_learner
+from live import LiveLeader
+from model import build_model
+from rpc import leader_pb2, with_credential
+
+
+def learners_own_images(root: Path, count: int) -> list[Path]:
+    launch.write_digits(root, count)
+    return [root / f"learner{index}" for index in range(count)]
+
+
+def run_own_data(out: Path, folders: list[Path], leader_args: list[str], timeout: float = 300) -> list[int | None]:
+    """A leader and one learner per image folder, each learner training on its own folder."""
+    port = launch.free_port()
+    leader = start_leader(out, port, "--learners", str(len(folders)), *leader_args)
+    procs = [start_learner(out, f"learner{index}", port, "--dataset", "imagefolder", "--data-dir", str(folder))
+             for index, folder in enumerate(folders)]
+    return launch.wait_all([leader, *procs], timeout)
+
+
+@pytest.mark.slow
+def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_evaluation_is_the_models(tmp_path):
+    folders = learners_own_images(tmp_path / "digits", 2)
+    out = tmp_path / "run"
+    codes = run_own_data(out, folders, ["--dataset", "none", "--num-classes", "10", "--image-size", "16",
+                                        "--rounds", "60", "--batch-size", "32", "--eval-every", "20"])
+    assert codes == [0, 0, 0], logs(out)
+    leader_log = (out / "leader.log").read_text()
+    assert "data shard" not in leader_log and "learners hold" in leader_log
+    evaluations = [r for r in records(out) if r.get("source") == "learners"]
+    rounds = [r["round"] for r in evaluations]
+    assert {20, 40, 60} <= set(rounds) and rounds[-1] == 60, logs(out)  # --eval-every, and every epoch's end
+    assert not any(r.get("source") == "leader" for r in records(out))  # it has no test split of its own
+    final = evaluations[-1]
+    assert sorted(final["per_learner"]) == ["0", "1"]
+    # The learners' combined evaluation is the global model's on the union of their held-out images
+    trains = [utils.load_dataset("imagefolder", folder, train=True, image_size=16) for folder in folders]
+    tests = [utils.load_dataset("imagefolder", folder, train=False, image_size=16) for folder in folders]
+    sums, squares = zip(*(utils.channel_sums(data.images) for data in trains))
+    mean, std = utils.stats_from_sums([sum(c) for c in zip(*sums)], [sum(c) for c in zip(*squares)],
+                                      sum(len(data) for data in trains) * 16 * 16)
+    model = build_model("resnet20", num_classes=10)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    union = torch.cat([data.images for data in tests]), torch.cat([data.labels for data in tests])
+    direct = fedsgd.evaluate(model, utils.normalize(union[0], mean, std), union[1])
+    assert final["test_samples"] == len(union[1])
+    assert final["test_accuracy"] == pytest.approx(direct.accuracy, abs=1e-9)
+    assert final["test_loss"] == pytest.approx(direct.loss, rel=1e-4)
+    assert final["test_accuracy"] > 0.5, logs(out)  # it trained: chance is 0.1
+    assert all("per_learner" in r for r in records(out) if "train_loss" in r)
+    assert (out / "metrics.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_trains_at_64_pixels_on_a_skewed_partition(tmp_path):
+    folder = learners_own_images(tmp_path / "digits", 1)[0]
+    out = tmp_path / "run"
+    port = launch.free_port()
+    leader = start_leader(out, port, "--learners", "2", "--dataset", "imagefolder", "--data-dir", str(folder),
+                          "--image-size", "64", "--model", "torchvision:mobilenet_v3_small", "--rounds", "3",
+                          "--batch-size", "8", "--partition", "dirichlet", "--alpha", "0.3", "--tensorboard",
+                          str(out / "tb"))
+    procs = [start_learner(out, f"learner{index}", port) for index in range(2)]
+    codes = launch.wait_all([leader, *procs], 300)
+    assert codes == [0, 0, 0], logs(out)
+    counts = [entry["label_counts"] for entry in json.loads((out / "partition.json").read_text())]
+    assert len(counts) == 2 and all(len(row) == 10 for row in counts)
+    assert counts[0] != counts[1]  # skewed: not the same mix
+    assert (out / "partition.png").stat().st_size > 5_000
+    assert any((out / "tb").iterdir())  # TensorBoard events
+    assert [r["learners"] for r in records(out) if "train_loss" in r] == [2, 2, 2]
+
+
+def test_the_global_model_starts_from_init_weights(tmp_path):
+    saved = build_model("resnet20", num_classes=10)
+    with torch.no_grad():
+        for parameter in saved.parameters():
+            parameter.add_(0.01)
+    torch.save(saved.state_dict(), tmp_path / "model.pt")
+    args = leader_module.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "run"),
+                                     "--init", str(tmp_path / "model.pt")])
+    leader = leader_module.Leader(args)
+    started = fedsgd.evaluate(leader.global_model.model, leader.test_images, leader.test_labels)
+    direct = fedsgd.evaluate(saved, leader.test_images, leader.test_labels)
+    assert (started.loss, started.correct) == (direct.loss, direct.correct)
+    fresh = leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "other")]))
+    assert fedsgd.evaluate(fresh.global_model.model, leader.test_images, leader.test_labels).loss != direct.loss
+
+
+def summary(train: int = 100, held_out: int = 40, size: int = 32) -> leader_pb2.DataSummary:
+    message = leader_pb2.DataSummary()
+    pixels = train * size * size
+    messages.DataSummary(train, held_out, (0.5 * pixels,) * 3, (0.3 * pixels,) * 3).to_proto(message)
+    return message
+
+
+@pytest.fixture
+def dataless(tmp_path, port):
+    live = LiveLeader.start(tmp_path, port, "--dataset", "none", "--num-classes", "10", "--learners", "3")
+    yield live
+    live.stop()
+
+
+def test_a_leader_without_data_refuses_learners_without_a_summary_or_with_an_impossible_one(dataless):
+    reply = dataless.register("127.0.0.1:7001")
+    assert not reply.success and "holds no data" in reply.message
+    impossible = summary()
+    impossible.channel_sums[0] = 1e12  # more than every pixel at full brightness
+    reply = dataless.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7002", data=impossible))
+    assert not reply.success and "impossible" in reply.message
+    reply = dataless.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7003", data=summary()))
+    assert reply.success
+    with pytest.raises(grpc.RpcError) as refused:
+        list(dataless.stub.GetData(leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7003"),
+                                   metadata=with_credential(reply.credential)))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_evaluation_reports_are_checked_against_what_each_learner_registered(dataless):
+    credentials = []
+    for index, held_out in enumerate((40, 0)):
+        info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7010 + index}", data=summary(held_out=held_out))
+        credentials.append(dataless.stub.RegisterLearner(info).credential)
+    dataless.leader.evaluations.open(5)
+    dataless.leader.evaluations.expect(5, [0])
+
+    def report(credential: str | None = credentials[0], **fields):
+        values = {"learner_id": 0, "round": 5, "samples": 40, "correct": 30, "loss": 0.5, **fields}
+        return dataless.stub.ReportEvaluation(leader_pb2.EvaluationReport(**values), metadata=with_credential(credential))
+
+    for credential, fields, code in [
+        (None, {}, grpc.StatusCode.UNAUTHENTICATED),
+        ("forged", {}, grpc.StatusCode.UNAUTHENTICATED),
+        (credentials[1], {}, grpc.StatusCode.INVALID_ARGUMENT),  # learner 1 reporting as learner 0
+        (credentials[1], {"learner_id": 1}, grpc.StatusCode.INVALID_ARGUMENT),  # it holds no held-out images
+        (credentials[0], {"samples": 10**12, "correct": 10**12}, grpc.StatusCode.INVALID_ARGUMENT),  # buying weight
+        (credentials[0], {"correct": 41}, grpc.StatusCode.INVALID_ARGUMENT),
+        (credentials[0], {"loss": math.nan}, grpc.StatusCode.INVALID_ARGUMENT),
+        (credentials[0], {"loss": -1.0}, grpc.StatusCode.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(grpc.RpcError) as refused:
+            report(credential, **fields)
+        assert refused.value.code() == code, (fields, refused.value.details())
+    assert not report(round=4).success  # no evaluation of round 4 was asked for
+    assert report().success
+    assert not report(correct=40).success  # a second report of the same round counts for nothing
+    [record] = dataless.leader.evaluations.records()
+    assert (record["round"], record["test_accuracy"], record["test_samples"]) == (5, 0.75, 40)
