@@ -486,7 +486,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
             return leader_pb2.AckWithMetadata(success=False, message=str(refusal), learner_id=-1,
                                               max_learners=self.registry.capacity)
-        log.info("%s", message)
+        log.info("%s%s", message, f" ({data.train_samples} training images, {data.eval_samples} held out)" if data else "")
         return leader_pb2.AckWithMetadata(success=True, message=message, learner_id=member.learner_id,
                                           max_learners=self.registry.capacity, credential=member.credential)
 

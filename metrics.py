@@ -69,6 +69,7 @@ def plot_metrics(records: list[dict], path: Path) -> None:
             rounds = [r["round"] for r in evals]
             loss_axis.plot(rounds, [r["test_loss"] for r in evals], "o-", label=f"test: {label}")
             accuracy_axis.plot(rounds, [r["test_accuracy"] for r in evals], "o-", label=label)
+            plot_each_learner(accuracy_axis, evals)
     loss_axis.set(xlabel="round", ylabel="cross-entropy loss", title="Loss")
     accuracy_axis.set(xlabel="round", ylabel="test accuracy", title="Global model's accuracy", ylim=(0, 1))
     for axis in (loss_axis, accuracy_axis):
@@ -78,3 +79,12 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_each_learner(axis, evals: list[dict], most: int = 20) -> None:
+    """Thin lines for each learner's own accuracy on its held-out images (a skewed learner shows below the
+    mean), for up to `most` learners."""
+    learners = sorted({learner for r in evals for learner in r.get("per_learner", {})}, key=int)[:most]
+    for learner in learners:
+        points = [(r["round"], r["per_learner"][learner]["accuracy"]) for r in evals if learner in r["per_learner"]]
+        axis.plot(*zip(*points), "--", linewidth=0.8, alpha=0.6, label=f"learner {learner}")

@@ -14,6 +14,7 @@ import launch
 import leader as leader_module
 import messages
 import utils
+import wire
 from conftest import logs, records, start_leader, start_learner
 from live import LiveLeader
 from model import build_model
@@ -162,3 +163,21 @@ def test_evaluation_reports_are_checked_against_what_each_learner_registered(dat
     assert not report(correct=40).success  # a second report of the same round counts for nothing
     [record] = dataless.leader.evaluations.records()
     assert (record["round"], record["test_accuracy"], record["test_samples"]) == (5, 0.75, 40)
+
+
+def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_keeps_them(tmp_path, port):
+    live = LiveLeader.start(tmp_path, port, "--dataset", "none", "--num-classes", "10", "--learners", "3",
+                            "--epochs", "2", "--batch-size", "10")
+    for index, train in enumerate((100, 300, 10**6)):  # the third claims a huge dataset: the median sets the epoch
+        info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=summary(train=train))
+        assert live.stub.RegisterLearner(info).success
+    live.leader.settle()
+    schedule, state = live.leader.schedule, wire.decode(live.leader.global_model.encoded_state)
+    assert (schedule.steps_per_epoch, schedule.total_rounds) == (30, 60)
+    info = messages.StateInfo.from_payload(state)
+    assert info.mean == pytest.approx((0.5,) * 3) and info.std == pytest.approx(((0.3 - 0.25) ** 0.5,) * 3)
+    live.leader.save_checkpoint(0)
+    live.stop()
+    resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path)]))
+    assert resumed.schedule == schedule
+    assert messages.StateInfo.from_payload(wire.decode(resumed.global_model.encoded_state)).mean == info.mean
