@@ -516,6 +516,30 @@ def plot_strategies(curves: dict, path: Path, target: float) -> None:
     plt.close(figure)
 
 
+PARTITIONS = {"iid": [], "dirichlet 0.5": ["--partition", "dirichlet", "--alpha", "0.5"],
+              "dirichlet 0.1": ["--partition", "dirichlet", "--alpha", "0.1"],
+              "2 classes each": ["--partition", "classes", "--classes-per-learner", "2"]}
+NON_IID_STRATEGIES = ("fedsgd", "fedavg", "fedprox", "scaffold")
+
+
+def non_iid_runs(work: Path, dataset: str, epochs: float, learners: int = 10, target: float = 0.80) -> dict:
+    """Each strategy with its defaults on each partition of the dataset among `learners` learners of batch 32,
+    for `epochs` passes over their shards: the final test accuracy and the rounds until it first reached target."""
+    table = {}
+    for partition, partition_flags in PARTITIONS.items():
+        for strategy in NON_IID_STRATEGIES:
+            flags = ["--dataset", dataset, "--batch-size", "32", "--epochs", str(epochs), "--strategy", strategy,
+                     "--eval-every", "10" if strategy == "fedsgd" else "1", *partition_flags]
+            name = f"non-iid-{partition.replace(' ', '-')}-{strategy}"
+            evaluations = [r for r in federation_run(work / name, learners, flags)[0] if "test_accuracy" in r]
+            reached = next((r["round"] for r in evaluations if r["test_accuracy"] >= target), None)
+            table.setdefault(partition, {})[strategy] = {"final_accuracy": evaluations[-1]["test_accuracy"],
+                                                         "rounds_to_target": reached, "rounds": evaluations[-1]["round"]}
+            print(f"  {partition:15} {strategy:9} final accuracy {evaluations[-1]['test_accuracy']:.4f}, "
+                  f"{reached or '-'} rounds to {target:.0%}", flush=True)
+    return {"value": table, "target": target, "learners": learners, "epochs": epochs, "dataset": dataset}
+
+
 def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
     """The same training in one process on the whole training set, with the leader's schedule,
     evaluated every 10 steps until it reaches target."""
@@ -554,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="FedSGD rounds of each of the round-overhead runs")
     parser.add_argument("--scale", default="1,4,16,64", help="learner counts for leader_scale")
     parser.add_argument("--strategy-epochs", type=float, default=3, help="epochs of each run of the strategies table")
+    parser.add_argument("--non-iid-epochs", type=float, default=3, help="epochs of each run of the non_iid table")
+    parser.add_argument("--non-iid-dataset", choices=("synthetic", "cifar10"), default="synthetic",
+                        help="dataset of the non_iid table (cifar10 needs data/cifar-10-batches-py and hours on a CPU)")
     parser.add_argument("--out", default="bench", help="directory for results.json and the runs' logs")
     parser.add_argument("--only", nargs="*", help="run only these figures (results.json keeps the earlier values of the others)")
     args = parser.parse_args(argv)
@@ -567,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "serialization_gbps": lambda: serialization(args.repeats),
         "time_to_accuracy": lambda: time_to_accuracy(out / "work", 250),
         "strategies": lambda: strategy_runs(out / "work", args.strategy_epochs),
+        "non_iid": lambda: non_iid_runs(out / "work", args.non_iid_dataset, args.non_iid_epochs),
     }
     results = {}
     for name, measure in figures.items():
@@ -602,6 +630,15 @@ def print_table(results: dict) -> None:
             print(f"  {name:10} {shown(row['rounds_to_target'], '6d'):>6} {shown(row['mb_to_target'], '9.1f'):>9} "
                   f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
                   f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}")
+    if "non_iid" in results:
+        table = results["non_iid"]["value"]
+        strategies = list(next(iter(table.values())))
+        print(f"  final accuracy (rounds to {results['non_iid']['target']:.0%}) with "
+              f"{results['non_iid']['learners']} learners: {'partition':15}" + "".join(f"{name:>16}" for name in strategies))
+        for partition, row in table.items():
+            cells = "".join(f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
+                            for name in strategies)
+            print(f"  {'':>47}{partition:15}{cells}")
     if "serialization_gbps" in results:
         for codec, row in results["serialization_gbps"]["value"].items():
             print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
