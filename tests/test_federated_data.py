@@ -181,3 +181,13 @@ def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_ke
     resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path)]))
     assert resumed.schedule == schedule
     assert messages.StateInfo.from_payload(wire.decode(resumed.global_model.encoded_state)).mean == info.mean
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--learners", "400"], "--partition iid"),  # 25 images each, fewer than a batch of 32
+    (["--learners", "4", "--partition", "classes", "--classes-per-learner", "11"], "--partition classes"),
+])
+def test_a_partition_that_cannot_be_met_stops_the_leader_saying_why(tmp_path, flags, says):
+    with pytest.raises(utils.DatasetError, match=says):
+        leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--batch-size", "32",
+                                                       "--out", str(tmp_path), *flags]))
