@@ -20,13 +20,13 @@ TRAJECTORY_FLAGS = ("model", "dataset", "learners", "batch_size", "seed", "epoch
                     "warmup_epochs", "momentum", "weight_decay", "wire_dtype", "strategy", "local_epochs",
                     "local_steps", "client_lr", "client_momentum", "server_lr", "server_momentum", "beta1", "beta2",
                     "tau", "mu", "aggregator", "trim", "byzantine", "clip_norm", "learners_per_round", "num_classes",
-                    "image_size", "partition", "alpha", "classes_per_learner", "norm", "init")
+                    "image_size", "partition", "alpha", "classes_per_learner", "norm")  # (--init: the checkpoint has the weights)
 # What a checkpoint written before a flag existed ran with
 EARLIER_DEFAULTS = {"strategy": "fedsgd", "local_epochs": None, "local_steps": None, "client_lr": None,
                     "client_momentum": 0.9, "server_lr": None, "server_momentum": None, "beta1": 0.9, "beta2": 0.99,
                     "tau": 1e-3, "mu": None, "aggregator": "mean", "trim": 0.2, "byzantine": 1, "clip_norm": 0.0,
                     "learners_per_round": 0, "num_classes": None, "image_size": 32, "partition": "iid", "alpha": 0.5,
-                    "classes_per_learner": 2, "norm": "batch", "init": None}
+                    "classes_per_learner": 2, "norm": "batch"}
 # What a run writes into its --out directory; a new run moves an earlier run's files aside.
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt", "partition.json", "partition.png")
 

@@ -1,9 +1,11 @@
 """Federated evaluation: the learners' reports on a global model state, checked, gathered by round and combined.
 
 The leader opens a round's evaluation before it pushes the state that asks for it, says whom it expects once
-the state is on its way, and writes a round's record when every expected learner has reported, when a later
-evaluation has begun, or at the end. A learner can only report for itself, once per round, on as many
-held-out images as it declared at registration: it cannot buy weight in the mean.
+the state is on its way (reports from anyone else are dropped), and writes a round's record when every
+expected learner has reported, when a later evaluation has begun, or at the end. A learner can only report for
+itself, once per round, on exactly as many held-out images as it declared when it took its slot: it weighs what
+it declared then, and cannot change that later. What it says of its own accuracy cannot be checked; each
+learner's values are in the record for that reason.
 """
 
 import math
@@ -61,9 +63,13 @@ class Evaluations:
             self._reports.setdefault(round_index, {})
 
     def expect(self, round_index: int, learner_ids: list[int]) -> None:
-        """The learners whose reports complete round_index's evaluation (those the state went to)."""
+        """The learners whose reports complete round_index's evaluation (those the state went to); a report that
+        came first from anyone else is dropped."""
         with self._changed:
             self._expected[round_index] = set(learner_ids)
+            reports = self._reports.get(round_index, {})
+            for learner in set(reports) - set(learner_ids):
+                del reports[learner]
             self._changed.notify_all()
 
     def submit(self, round_index: int, report: Report, declared_samples: int) -> str | None:
@@ -75,6 +81,8 @@ class Evaluations:
                 return f"no evaluation of round {round_index} is open; report ignored"
             if report.learner_id in reports:
                 return f"learner {report.learner_id} already reported on round {round_index}; duplicate ignored"
+            if round_index in self._expected and report.learner_id not in self._expected[round_index]:
+                return f"learner {report.learner_id} was not asked to evaluate round {round_index}; report ignored"
             reports[report.learner_id] = report
             self._changed.notify_all()
             return None

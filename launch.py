@@ -65,11 +65,15 @@ def demo_dataset(data_dir: str) -> str:
         return "synthetic"
 
 
+MIN_DIGITS = 40  # each learner's share: 32 to train on (a batch), 8 held out
+
+
 def write_digits(root: Path, learners: int, alpha: float = 0.5, seed: int = 0) -> None:
     """scikit-learn's digits as one image folder per learner, root/learnerN/{train,test}/<class>/*.png: each
     learner's share label-skewed by a Dirichlet(alpha) split, a fifth of it held out as its test split."""
     data = utils.digits()
-    shares = partition.partition(data.labels, learners, "dirichlet", seed, alpha, num_classes=data.num_classes)
+    shares = partition.partition(data.labels, learners, "dirichlet", seed, alpha, num_classes=data.num_classes,
+                                 min_samples=MIN_DIGITS)
     for learner, share in enumerate(shares):
         train, test = utils.held_out(data.subset(share), 0.2, seed)
         for split, images in (("train", train), ("test", test)):
@@ -94,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     args, leader_args = parser.parse_known_args(argv)
     leader_args = [a for a in leader_args if a != "--"]
     if args.write_digits:
-        write_digits(Path(args.write_digits), args.learners)
+        try:
+            write_digits(Path(args.write_digits), args.learners)
+        except ValueError as error:
+            parser.error(f"--write-digits for {args.learners} learners: {error}")
         return 0
     if args.demo:
         dataset = demo_dataset(args.data_dir)

@@ -33,7 +33,7 @@ import utils
 import wire
 from federation import Federation, Settings, Stalled
 from metrics import MetricsLog, plot_metrics, read_metrics
-from model import NORMS, architectures, build_model, load_initial_weights
+from model import MAX_CLASSES, NORMS, architectures, build_model, load_initial_weights
 from rounds import COUNTED_ON, MAX_MISSED_ROUNDS, Member, Refusal, Registry, RoundCollector
 from rpc import leader_pb2, leader_pb2_grpc
 
@@ -195,11 +195,12 @@ def data_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
     return [
         (args.dataset == "none" and args.num_classes is None,
          "--dataset none needs --num-classes (the leader has no data to count them in)"),
-        (args.num_classes is not None and not 1 < args.num_classes <= messages.MAX_CLASSES,
-         f"--num-classes must lie between 2 and {messages.MAX_CLASSES}"),
+        (args.num_classes is not None and not 1 < args.num_classes <= MAX_CLASSES,
+         f"--num-classes must lie between 2 and {MAX_CLASSES}"),
         (args.model not in architectures(), f"unknown --model {args.model[:40]!r}; choose resnet20, resnet18 or "
          "torchvision:NAME (python -c 'import model; print(*model.architectures())' lists them)"),
-        (not 8 <= args.image_size <= utils.MAX_IMAGE_SIZE, f"--image-size must lie between 8 and {utils.MAX_IMAGE_SIZE}"),
+        (not messages.MIN_IMAGE_SIZE <= args.image_size <= utils.MAX_IMAGE_SIZE,
+         f"--image-size must lie between {messages.MIN_IMAGE_SIZE} and {utils.MAX_IMAGE_SIZE}"),
         (bool(unused), f"{', '.join('--' + flag.replace('_', '-') for flag in unused)} would be ignored: --partition is "
          "for a leader with a --dataset, --alpha for dirichlet and quantity, --classes-per-learner for classes"),
         (args.alpha <= 0 or args.classes_per_learner < 1, "--alpha and --classes-per-learner must be positive"),
@@ -320,9 +321,20 @@ class Schedule:
 
 
 def typical_shard_size(sizes: list[int]) -> int:
-    """The median learner's number of training images: an epoch is a pass over it (one learner claiming a
-    huge dataset cannot stretch the run)."""
-    return sorted(sizes)[len(sizes) // 2]
+    """The median learner's number of training images, the lower one of an even count: an epoch is a pass
+    over it, so that no single learner's claim of a huge dataset can stretch the run (of two, the smaller)."""
+    return sorted(sizes)[(len(sizes) - 1) // 2]
+
+
+def combined_normalisation(summaries: list[messages.DataSummary], image_size: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over the learners' images, each learner weighing as many images
+    as it holds but at most as many as the median learner: one learner's claim cannot set everyone's inputs."""
+    cap = typical_shard_size([summary.train_samples for summary in summaries])
+    weights = [min(summary.train_samples, cap) / summary.train_samples for summary in summaries]
+    total = lambda field: [sum(weight * getattr(summary, field)[channel] for weight, summary in zip(weights, summaries))
+                           for channel in range(3)]
+    counted = sum(weight * summary.train_samples for weight, summary in zip(weights, summaries))
+    return utils.stats_from_sums(total("channel_sums"), total("channel_square_sums"), counted * image_size ** 2)
 
 
 def make_schedule(args: argparse.Namespace, shard_size: int) -> Schedule:
@@ -349,8 +361,11 @@ class GlobalModel:
                  normalisation: tuple[list[float], list[float]], strategy: strategies.Strategy = strategies.Strategy()) -> None:
         torch.manual_seed(args.seed)
         self.model = build_model(architecture, num_classes, args.norm)
-        if args.init:
-            load_initial_weights(self.model, args.init)
+        if args.init and not args.resume:  # a resume starts from its checkpoint's weights
+            try:
+                load_initial_weights(self.model, args.init)
+            except ValueError as error:
+                raise SystemExit(f"--init {args.init}: {error}") from None
         self.strategy = strategy
         self.wire_dtype = wire.WIRE_DTYPES[args.wire_dtype]
         self.layout = fedsgd.GradientLayout(self.model, self.wire_dtype, controls=strategy.name == "scaffold")
@@ -368,7 +383,7 @@ class GlobalModel:
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
         self.publish(round_index=0, finished=False)
 
-    def settle(self, strategy: strategies.Strategy, normalisation: tuple[list[float], list[float]]) -> None:
+    def adopt_data(self, strategy: strategies.Strategy, normalisation: tuple[list[float], list[float]]) -> None:
         """A leader without data learns its normalisation and epoch length (hence local steps) from its learners."""
         self.strategy = strategy
         self.info = dataclasses.replace(self.info, mean=tuple(normalisation[0]), std=tuple(normalisation[1]))
@@ -697,28 +712,31 @@ class Leader:
         log.info("%d train / %d test images, %s partition", len(train), len(test), args.partition)
         return {"mean": mean, "std": std, "shard_size": typical_shard_size([len(shard) for shard in shards])}
 
-    def settle(self) -> None:
-        """A leader without data: combine the registered learners' summaries (sample-weighted channel statistics;
-        an epoch is the median learner's data), then publish the state the learners will start from."""
+    def settle_on_learners_data(self) -> bool:
+        """A leader without data: combine the registered learners' summaries into the normalisation and the
+        epoch's length, then publish the state the learners will start from; False if no learner is left."""
         summaries = list(self.registry.summaries().values())
+        if not summaries:  # all dropped since they registered
+            return False
         sizes = [summary.train_samples for summary in summaries]
-        channel_totals = lambda field: [sum(getattr(summary, field)[c] for summary in summaries) for c in range(3)]
-        mean, std = utils.stats_from_sums(channel_totals("channel_sums"), channel_totals("channel_square_sums"),
-                                          sum(sizes) * self.args.image_size ** 2)
+        mean, std = combined_normalisation(summaries, self.args.image_size)
         self.data = {"mean": mean, "std": std, "shard_size": typical_shard_size(sizes)}
         self.schedule = make_schedule(self.args, self.data["shard_size"])
         self.strategy = make_strategy(self.args, self.schedule.steps_per_round)
-        self.global_model.settle(self.strategy, (mean, std))
+        self.global_model.adopt_data(self.strategy, (mean, std))
         self.publish_first_state()
         log.info("learners hold %s training images; normalisation mean %s, std %s",
                  " + ".join(map(str, sizes)), [round(m, 4) for m in mean], [round(d, 4) for d in std])
         self.log_schedule()
+        return True
 
     def publish_first_state(self) -> None:
+        """The state learners start (or a resumed run goes on) from; its evaluation, if due, was done before."""
         first_round = self.collector.round
         finished = first_round >= self.schedule.total_rounds
+        plan = self.plan(first_round, self.participants)
         self.global_model.publish(first_round, finished, plan=messages.TrainingPlan() if finished else
-                                  self.plan(first_round, self.participants))
+                                  dataclasses.replace(plan, evaluate=False))
 
     def log_schedule(self) -> None:
         log.info("%s: %d rounds of %d local steps (%.3g per epoch of %d images per learner), peak %slr %.3g%s",
@@ -729,7 +747,7 @@ class Leader:
     def plan(self, round_index: int, participants: list[int] | None) -> messages.TrainingPlan:
         """How learners train round_index: the strategy's local training at the schedule's learning rate, after
         evaluating the state on their held-out images when an evaluation is due."""
-        strategy, evaluate = self.strategy, self.evaluates(round_index)
+        strategy, evaluate = self.strategy, self.evaluation_due(round_index)
         if not strategy.local:
             return messages.TrainingPlan(participants=None if participants is None else tuple(participants),
                                          evaluate=evaluate)
@@ -792,7 +810,7 @@ class Leader:
                      record["round"], record["test_loss"], record["test_accuracy"], record["test_samples"],
                      len(record["per_learner"]), f" (no report from {record['missing']})" if "missing" in record else "")
 
-    def evaluates(self, rounds_done: int) -> bool:
+    def evaluation_due(self, rounds_done: int) -> bool:
         """Whether the state after rounds_done gets evaluated (at the end, each epoch's end, every --eval-every)."""
         return rounds_done > 0 and (rounds_done == self.schedule.total_rounds or self.due(rounds_done, self.args.eval_every))
 
@@ -802,7 +820,7 @@ class Leader:
 
     def push_state(self, rounds_done: int) -> int:
         """Push the state after rounds_done (opening the learners' evaluation of it when due); returns bytes sent."""
-        evaluated = self.evaluates(rounds_done)
+        evaluated = self.evaluation_due(rounds_done)
         if evaluated:
             self.evaluations.open(rounds_done)
         finished = rounds_done == self.schedule.total_rounds
@@ -844,7 +862,7 @@ class Leader:
         if discarded:
             log.warning("round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners)
         stepped = time.perf_counter()
-        eval_seconds = self.evaluate(done, metrics) if self.evaluates(done) else 0.0
+        eval_seconds = self.evaluate(done, metrics) if self.evaluation_due(done) else 0.0
         if done == total:
             checkpoint.save_atomically(self.global_model.model.state_dict(), self.out / "model.pt")
         pushing = time.perf_counter()
@@ -868,6 +886,14 @@ class Leader:
                      self.schedule.epoch_of(round_index), summary.loss, summary.learners)
         return now
 
+    def wait_for_learners(self) -> bool:
+        """Wait for the learners to register (a leader without data: until it could settle on their summaries);
+        False if stopped first."""
+        while self.federation.wait_for_learners():
+            if self.data or self.settle_on_learners_data():
+                return True
+        return False
+
     def release_learners(self) -> None:
         """The checkpoint is at the final round: save model.pt if missing, and tell the learners it is over."""
         log.info("the checkpoint is at the final round %d: training is complete; telling its learners",
@@ -884,9 +910,7 @@ class Leader:
         try:
             if self.collector.round >= total:
                 self.release_learners()
-            elif self.federation.wait_for_learners():
-                if not self.data:
-                    self.settle()
+            elif self.wait_for_learners():
                 done = self.train_rounds(metrics)
                 if done < total:
                     log.info("stopping on request after round %d", done)
@@ -920,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         leader = Leader(args)
-    except (utils.DatasetError, rpc.SecurityError, ValueError) as error:
+    except (utils.DatasetError, rpc.SecurityError) as error:
         log.error("%s", error)
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):  # finish the round, checkpoint, tell the learners, exit 0

@@ -280,6 +280,15 @@ def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
     return model, layout, local.Controls(layout.parameter_count, device) if scaffold else None
 
 
+def check_fits(state: wire.Payload, info: messages.StateInfo, wire_dtype: torch.dtype) -> None:
+    """Raise PayloadError unless the state holds exactly the tensors of the model it names. Checked on the meta
+    device (shapes without memory) before the model is built for real: a state that names a huge model but
+    does not hold its weights costs this learner nothing."""
+    with torch.device("meta"):
+        model, _, controls = training_setup(info, wire_dtype, "meta")
+    wire.check_layout(state, state_spec(model, wire_dtype, controls is not None))
+
+
 def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool = False) -> wire.TensorSpec:
     """What a model state from the leader must hold: fedsgd.wire_state's tensors (with SCAFFOLD's control)."""
     control = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad)) if controls else None
@@ -380,6 +389,7 @@ class Learner:
         if self.wire_dtype is None:
             raise wire.PayloadError(f"unknown wire_dtype {info.wire_dtype[:32]!r}")
         self.device = runtime.pick_device(self.args.device)
+        check_fits(state, info, self.wire_dtype)
         self.model, self.layout, self.controls = training_setup(info, self.wire_dtype, self.device)
         self.state_spec = state_spec(self.model, self.wire_dtype, self.controls is not None)
         self.info = info
@@ -614,9 +624,12 @@ class Learner:
                 compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
 
     def evaluate_final(self, state: wire.Payload) -> None:
-        """The leader's last state, when it asks to be evaluated: take its weights, evaluate and report."""
+        """The leader's last state, when it asks to be evaluated: take its weights (and normalisation: a learner
+        sampling never drew may not have had it), evaluate and report."""
         if self.held_out is not None and messages.TrainingPlan.from_metadata(state.metadata).evaluate:
             load_state(self.model, state)
+            info = messages.StateInfo.from_payload(state)
+            self.mean, self.std = list(info.mean), list(info.std)
             self.report_evaluation(state)
 
     def train_until_final(self) -> wire.Payload:

@@ -9,17 +9,22 @@ peers send and expect; a missing field reads as its FedSGD value.
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import utils
 import wire
+from model import MAX_CLASSES
 from strategies import STRATEGIES, update_kind
+
+if TYPE_CHECKING:
+    from rpc import leader_pb2
 
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
 # What a learner accepts in a training plan (the leader's flags are held to the same bounds)
 MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
-MAX_CLASSES = 100_000  # a classifier wider than this is a hostile state, not a dataset
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
+MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
 
 
@@ -137,14 +142,15 @@ class StateInfo:
         """The state's metadata, checked; raises PayloadError."""
         metadata = payload.metadata
         mean, std = (tuple(_floats(metadata, key)) if key in metadata else () for key in ("mean", "std"))
-        if len(mean) != len(std) or any(value <= 0 for value in std):
-            raise wire.PayloadError("metadata 'mean' and 'std' must give as many numbers, with std positive")
-        if _int(metadata, "num_classes", minimum=1) > MAX_CLASSES:
-            raise wire.PayloadError(f"metadata 'num_classes' exceeds {MAX_CLASSES}")
-        image_size = _int(metadata, "image_size", utils.IMAGE_SIZE, minimum=1)
-        if image_size > utils.MAX_IMAGE_SIZE:
-            raise wire.PayloadError(f"metadata 'image_size' {image_size} exceeds {utils.MAX_IMAGE_SIZE}")
-        return cls(metadata.get("architecture", ""), _int(metadata, "num_classes", minimum=1),
+        if (len(mean), len(std)) not in ((0, 0), (3, 3)) or not all(math.isfinite(value) for value in mean) or \
+                any(value < utils.MIN_STD for value in std):
+            raise wire.PayloadError("metadata 'mean' and 'std' must give 3 finite numbers each (or be absent), "
+                                    f"std at least {utils.MIN_STD}")
+        num_classes, image_size = _int(metadata, "num_classes", minimum=1), _int(metadata, "image_size", utils.IMAGE_SIZE)
+        if num_classes > MAX_CLASSES or not MIN_IMAGE_SIZE <= image_size <= utils.MAX_IMAGE_SIZE:
+            raise wire.PayloadError(f"metadata 'num_classes' must be at most {MAX_CLASSES} and 'image_size' lie in "
+                                    f"{MIN_IMAGE_SIZE}..{utils.MAX_IMAGE_SIZE}")
+        return cls(metadata.get("architecture", ""), num_classes,
                    _int(metadata, "batch_size", minimum=1), _int(metadata, "seed"), mean, std,
                    metadata.get("wire_dtype", "float32"), _int(metadata, "round"),
                    metadata.get("finished") == "1", metadata.get("stopped") == "1",
@@ -214,13 +220,13 @@ class DataSummary:
         sums, squares = utils.channel_sums(train.images)
         return cls(len(train), eval_samples, tuple(sums), tuple(squares))
 
-    def to_proto(self, message) -> None:
+    def to_proto(self, message: "leader_pb2.DataSummary") -> None:
         """Fill a leader_pb2.DataSummary."""
         message.train_samples, message.eval_samples = self.train_samples, self.eval_samples
         message.channel_sums[:], message.channel_square_sums[:] = self.channel_sums, self.channel_square_sums
 
     @classmethod
-    def from_proto(cls, message, image_size: int) -> "DataSummary":
+    def from_proto(cls, message: "leader_pb2.DataSummary", image_size: int) -> "DataSummary":
         """A registration's summary, checked for consistency with images of image_size: pixel values lie in
         0..1, so per channel 0 <= squares <= sums <= pixels and sums^2 <= squares * pixels; raises PayloadError."""
         sums, squares = tuple(message.channel_sums), tuple(message.channel_square_sums)

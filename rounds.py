@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
+from messages import DataSummary
 from strategies import RoundUpdates, Strategy
 from rpc import new_credential, session_id
 
@@ -52,7 +53,7 @@ class Slot:
     state: str = JOINING
     kept_until: float = 0.0  # while DROPPED, kept for its holder until then; 0: a newcomer may take it
     registered_at: float = -math.inf  # when its holder last registered
-    data: object = None  # the messages.DataSummary its holder registered with, if it trains on its own images
+    data: DataSummary | None = None  # what its holder said of its own images when it took the slot
 
     @property
     def session(self) -> str:
@@ -99,9 +100,10 @@ class Registry:
         self._changed = threading.Condition()
 
     def register(self, address: str, credential: str | None = None, certificate: str | None = None,
-                 data: object = None) -> tuple[Member, str]:
+                 data: DataSummary | None = None) -> tuple[Member, str]:
         """The learner's slot and a message for the reply; raises Refusal. A holder re-registers with its
-        credential (and certificate, if it registered with one); anyone else gets a new credential."""
+        credential (and certificate, if it registered with one), keeping the data summary it first gave (the
+        leader has settled on it, and weighs its evaluations by it); anyone else gets a new credential."""
         problem = check_address(address)
         if problem:
             raise Refusal(problem)
@@ -136,7 +138,7 @@ class Registry:
                 slot = self._take(free[0], certificate)
                 verb = f"took over from {previous or 'nobody'} the slot of"
             slot.address, slot.state, slot.kept_until, slot.registered_at = address, JOINING, 0.0, now
-            slot.data = data
+            slot.data = slot.data if verb == "re-registered" and slot.data else data
             slot.generation += 1
             self._changed.notify_all()
             return self._member(slot), f"{address} {verb} learner {slot.learner_id} of {self.capacity}"
@@ -206,7 +208,7 @@ class Registry:
             return [{"address": slot.address, "credential": slot.credential, "certificate": slot.certificate}
                     for slot in self._slots]
 
-    def summaries(self) -> dict[int, object]:
+    def summaries(self) -> dict[int, DataSummary]:
         """The data summaries of the learners registered and not dropped, by slot."""
         with self._changed:
             return {slot.learner_id: slot.data for slot in self._slots if slot.state != DROPPED and slot.data}

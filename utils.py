@@ -207,7 +207,7 @@ def channel_sums(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return total.tolist(), squares.tolist()
 
 
-MIN_STD = 1e-3  # a channel that barely varies is not blown up into noise
+MIN_STD = 0.01  # a channel that barely varies is not blown up into noise (nor by a summary that says so)
 
 
 def stats_from_sums(sums: list[float], squares: list[float], pixels_per_channel: int) -> tuple[list[float], list[float]]:
@@ -263,7 +263,7 @@ class BatchSchedule:
         if shard_size < 1 or batch_size < 1:
             raise ValueError(f"batch size {batch_size} and shard size {shard_size} must be positive")
         self.shard_size, self.batch_size, self.seed = shard_size, min(batch_size, shard_size), seed
-        self.batches_per_epoch = shard_size // batch_size
+        self.batches_per_epoch = shard_size // self.batch_size
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
 
     def indices(self, round_index: int) -> torch.Tensor:

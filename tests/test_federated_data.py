@@ -9,9 +9,11 @@ import grpc
 import pytest
 import torch
 
+import evaluation
 import fedsgd
 import launch
 import leader as leader_module
+import learner
 import messages
 import utils
 import wire
@@ -166,21 +168,67 @@ def test_evaluation_reports_are_checked_against_what_each_learner_registered(dat
 
 
 def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_keeps_them(tmp_path, port):
-    live = LiveLeader.start(tmp_path, port, "--dataset", "none", "--num-classes", "10", "--learners", "3",
+    live = LiveLeader.start(tmp_path, port, "--dataset", "none", "--num-classes", "10", "--learners", "2",
                             "--epochs", "2", "--batch-size", "10")
-    for index, train in enumerate((100, 300, 10**6)):  # the third claims a huge dataset: the median sets the epoch
-        info = leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=summary(train=train))
-        assert live.stub.RegisterLearner(info).success
-    live.leader.settle()
+    black = leader_pb2.DataSummary(train_samples=messages.MAX_SAMPLES, eval_samples=0, channel_sums=[0.0] * 3,
+                                   channel_square_sums=[0.0] * 3)  # a liar: billions of black images
+    for index, data in enumerate((summary(train=100), black)):
+        assert live.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=data)).success
+    assert live.leader.settle_on_learners_data()
     schedule, state = live.leader.schedule, wire.decode(live.leader.global_model.encoded_state)
-    assert (schedule.steps_per_epoch, schedule.total_rounds) == (30, 60)
+    assert (schedule.steps_per_epoch, schedule.total_rounds) == (10, 20)  # the smaller learner's 100 images
     info = messages.StateInfo.from_payload(state)
-    assert info.mean == pytest.approx((0.5,) * 3) and info.std == pytest.approx(((0.3 - 0.25) ** 0.5,) * 3)
+    # the liar weighs no more than the median learner's 100 images: mean 0.5 * 100 / 200, E[x^2] 0.3 * 100 / 200
+    assert info.mean == pytest.approx((0.25,) * 3) and info.std == pytest.approx(((0.15 - 0.0625) ** 0.5,) * 3)
     live.leader.save_checkpoint(0)
     live.stop()
     resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path)]))
     assert resumed.schedule == schedule
     assert messages.StateInfo.from_payload(wire.decode(resumed.global_model.encoded_state)).mean == info.mean
+
+
+def test_a_learner_keeps_the_summary_it_registered_with_and_only_those_asked_may_report(dataless):
+    first = leader_pb2.LearnerInfo(network_addr="127.0.0.1:7030", data=summary(held_out=40))
+    credential = dataless.stub.RegisterLearner(first).credential
+    dataless.leader.registry.reregister_s = 0
+    bigger = leader_pb2.LearnerInfo(network_addr="127.0.0.1:7030", data=summary(held_out=10**9))
+    assert dataless.stub.RegisterLearner(bigger, metadata=with_credential(credential)).success
+    assert dataless.leader.registry.summaries()[0].eval_samples == 40
+    other = dataless.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7031", data=summary())).credential
+    evaluations = dataless.leader.evaluations
+    evaluations.open(3)
+    early = leader_pb2.EvaluationReport(learner_id=1, round=3, samples=40, correct=40, loss=0.1)
+    assert dataless.stub.ReportEvaluation(early, metadata=with_credential(other)).success  # before the push named anyone
+    evaluations.expect(3, [0])  # the state went to learner 0 only: learner 1's early report is dropped
+    assert not dataless.stub.ReportEvaluation(early, metadata=with_credential(other)).success
+    report = leader_pb2.EvaluationReport(learner_id=0, round=3, samples=40, correct=10, loss=1.0)
+    assert dataless.stub.ReportEvaluation(report, metadata=with_credential(credential)).success
+    [record] = evaluations.records()
+    assert (list(record["per_learner"]), record["test_accuracy"]) == (["0"], 0.25)
+
+
+def test_an_evaluation_nobody_completed_is_recorded_once_a_later_one_begins(dataless):
+    evaluations = dataless.leader.evaluations
+    evaluations.open(2)
+    evaluations.expect(2, [0, 1])
+    assert evaluations.records() == []  # still open: learner 1 may report
+    evaluations.submit(2, evaluation.Report(0, 40, 20, 1.0), declared_samples=40)
+    evaluations.open(4)
+    [record] = evaluations.records()
+    assert (record["round"], record["missing"], record["test_accuracy"]) == (2, [1], 0.5)
+    assert evaluations.records(final=True) == []  # round 4: nobody reported, no record
+
+
+def test_a_resumed_run_neither_asks_again_for_an_evaluation_nor_needs_its_init_file(tmp_path):
+    init = tmp_path / "init.pt"
+    torch.save(build_model("resnet20").state_dict(), init)
+    args = ["--dataset", "synthetic", "--rounds", "20", "--eval-every", "5", "--init", str(init)]
+    leader = leader_module.Leader(leader_module.parse_args([*args, "--out", str(tmp_path / "run")]))
+    leader.save_checkpoint(5)  # an evaluation round
+    init.unlink()
+    resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path / "run")]))
+    state = wire.decode(resumed.global_model.encoded_state)
+    assert messages.round_of(state) == 5 and "evaluate" not in state.metadata
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -191,3 +239,15 @@ def test_a_partition_that_cannot_be_met_stops_the_leader_saying_why(tmp_path, fl
     with pytest.raises(utils.DatasetError, match=says):
         leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--batch-size", "32",
                                                        "--out", str(tmp_path), *flags]))
+
+
+def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_built():
+    metadata = {"architecture": "torchvision:vgg19_bn", "num_classes": "100000", "batch_size": "64", "seed": "0",
+                "round": "0"}
+    state = wire.decode(wire.encode({"x": torch.zeros(1)}, metadata))
+    with pytest.raises(wire.PayloadError, match="do not match the model"):
+        learner.check_fits(state, messages.StateInfo.from_payload(state), torch.float32)
+    for bad in ({"mean": "0.5,0.5", "std": "0.2,0.2"}, {"mean": "inf,0,0", "std": "1,1,1"},
+                {"mean": "0,0,0", "std": "1e-300,1,1"}, {"image_size": "100000"}):
+        with pytest.raises(wire.PayloadError):
+            messages.StateInfo.from_payload(wire.decode(wire.encode({"x": torch.zeros(1)}, {**metadata, **bad})))

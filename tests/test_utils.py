@@ -116,3 +116,38 @@ def test_cifar10_offline_says_where_to_put_the_files(tmp_path: Path, monkeypatch
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(utils.DatasetError, match="cifar-10-batches-py"):
         utils.cifar10(tmp_path, train=False)
+
+
+def test_a_shard_smaller_than_a_batch_is_one_smaller_batch():
+    schedule = utils.BatchSchedule(shard_size=10, batch_size=64, seed=1)
+    assert schedule.batch_size == 10 and schedule.batches_per_epoch == 1
+    assert sorted(schedule.indices(3).tolist()) == list(range(10))
+
+
+def test_channel_sums_give_the_statistics_of_the_images_they_summarise():
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    sums, squares = utils.channel_sums(images)
+    mean, std = utils.stats_from_sums(sums, squares, 50 * 8 * 8)
+    pixels = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert mean == pytest.approx(pixels.mean(1).tolist())
+    assert std == pytest.approx(pixels.std(1, unbiased=False).tolist())
+
+
+def test_resize_and_held_out_split(tmp_path: Path):
+    data = utils.load_dataset("synthetic", tmp_path, train=False, image_size=16)
+    assert data.images.shape == (2000, 3, 16, 16) and data.images.dtype == torch.uint8
+    train, held = utils.held_out(data, 0.25, seed=3)
+    assert (len(train), len(held)) == (1500, 500)
+    assert not set(train.labels.tolist()) - set(range(10))
+    with pytest.raises(utils.DatasetError, match="empty"):
+        utils.held_out(data.subset(torch.arange(2)), 0.1, seed=0)
+
+
+def test_image_folders_written_for_a_skewed_share_keep_every_class(tmp_path: Path):
+    digits = utils.digits()
+    share = digits.subset(torch.nonzero(digits.labels >= 8).flatten()[:20])  # only classes 8 and 9
+    utils.write_image_folder(tmp_path, "train", share)
+    loaded = utils.load_dataset("imagefolder", tmp_path, train=True, image_size=8)
+    assert loaded.num_classes == 10
+    as_set = lambda data: sorted((label, image.numpy().tobytes()) for label, image in zip(data.labels.tolist(), data.images))
+    assert as_set(loaded) == as_set(share)  # the same images under the same labels
