@@ -338,7 +338,8 @@ def combined_normalisation(summaries: list[messages.DataSummary], image_size: in
 
 
 def make_schedule(args: argparse.Namespace, shard_size: int) -> Schedule:
-    """The schedule for learners holding shard_size images each (the median learner, when sizes differ)."""
+    """The schedule for learners holding shard_size images each (when sizes differ: the mean of the leader's
+    shards, or the median of the sizes learners claim)."""
     steps_per_epoch = max(1, shard_size // args.batch_size)  # a shard smaller than a batch is one (smaller) batch
     steps_per_round = 1
     if args.strategy != "fedsgd":
@@ -691,7 +692,8 @@ class Leader:
 
     def load_data(self) -> dict:
         """Load --dataset, split it among the learners (partition.json and .png show how) and keep its test
-        split; returns the normalisation and typical shard size."""
+        split; returns the normalisation and the mean shard size (sizes the leader knows, not claims: an epoch is
+        as many images as the dataset holds)."""
         args = self.args
         log.info("loading %s data", args.dataset)
         train = utils.load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size)
@@ -710,7 +712,7 @@ class Leader:
         self.test_images, self.test_labels = utils.normalize(test.images, mean, std), test.labels
         self.shards = Shards(train, shards, args.dataset)
         log.info("%d train / %d test images, %s partition", len(train), len(test), args.partition)
-        return {"mean": mean, "std": std, "shard_size": typical_shard_size([len(shard) for shard in shards])}
+        return {"mean": mean, "std": std, "shard_size": sum(map(len, shards)) // len(shards)}
 
     def settle_on_learners_data(self) -> bool:
         """A leader without data: combine the registered learners' summaries into the normalisation and the

@@ -20,6 +20,7 @@ import framing
 import guard
 import local
 import messages
+import partition
 import rpc
 import runtime
 import utils
@@ -474,6 +475,8 @@ class Learner:
                 held_out = None
         log.info("training on local %s data: %d images of %dx%d, %d held out for evaluation", args.dataset, len(data),
                  size, size, len(held_out) if held_out else 0)
+        [labels] = partition.describe(partition.label_counts(data.labels, [torch.arange(len(data))], classes))
+        log.info("its labels (this learner's own: the leader never sees them): %s", labels.split(": ", 1)[1])
         return data, held_out
 
     def load_shard(self) -> utils.ImageSet:

@@ -2,6 +2,10 @@
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import matplotlib.axes
 
 
 class MetricsLog:
@@ -81,7 +85,7 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_each_learner(axis, evals: list[dict], most: int = 20) -> None:
+def plot_each_learner(axis: "matplotlib.axes.Axes", evals: list[dict], most: int = 20) -> None:
     """Thin lines for each learner's own accuracy on its held-out images (a skewed learner shows below the
     mean), for up to `most` learners."""
     learners = sorted({learner for r in evals for learner in r.get("per_learner", {})}, key=int)[:most]

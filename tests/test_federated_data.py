@@ -251,3 +251,15 @@ def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_b
                 {"mean": "0,0,0", "std": "1e-300,1,1"}, {"image_size": "100000"}):
         with pytest.raises(wire.PayloadError):
             messages.StateInfo.from_payload(wire.decode(wire.encode({"x": torch.zeros(1)}, {**metadata, **bad})))
+
+
+def test_with_skewed_shards_of_its_own_data_an_epoch_is_as_many_images_as_the_dataset_holds(tmp_path):
+    leader = leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--learners", "10",
+                                                            "--partition", "dirichlet", "--alpha", "0.1",
+                                                            "--batch-size", "32", "--out", str(tmp_path)]))
+    sizes = [len(shard) for shard in leader.shards.indices]
+    assert len(set(sizes)) > 1 and sum(sizes) == 10_000
+    assert leader.schedule.steps_per_epoch == 10_000 // 10 // 32
+    saved = json.loads((tmp_path / "partition.json").read_text())
+    assert [entry["samples"] for entry in saved] == sizes
+    assert all(sum(entry["label_counts"]) == entry["samples"] for entry in saved)
