@@ -89,12 +89,7 @@ class Hosts:
         self.rate = rate
 
     def __enter__(self) -> "Hosts":
-        remove_leftovers()
-        try:
-            self.create()
-        except BaseException:
-            self.remove()
-            raise
+        self.create()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -104,6 +99,15 @@ class Hosts:
         return self.hosts[index]
 
     def create(self) -> None:
+        """Make the bridge and the hosts (after removing dead runs' leftovers); on failure, remove what was made."""
+        remove_leftovers()
+        try:
+            self._make()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make(self) -> None:
         run("ip", "netns", "add", self.bridge)
         run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.bridge, "link", "set", "br0", "up")
