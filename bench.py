@@ -599,7 +599,7 @@ def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tup
             hosts=net.hosts)
         processes = [leader_process, *learner_processes]
         deadline = time.monotonic() + timeout
-        while rounds_done(out / "metrics.jsonl") < run.rounds:
+        while min(rounds_done(out / "metrics.jsonl"), logged_rounds(out)) < run.rounds:  # logged: once its state is in
             if any(process.poll() is not None for process in processes) or time.monotonic() > deadline:
                 raise RuntimeError(f"{run.name} at {rate}: {run.rounds} rounds not done in {timeout:.0f} s; see {out}")
             time.sleep(0.2)
@@ -611,6 +611,12 @@ def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tup
             computes.setdefault(entry.round, []).append(images / entry.images_per_s)
     records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][:run.rounds]
     return records, {round_index: max(seconds) for round_index, seconds in computes.items() if len(seconds) == LINK_LEARNERS}
+
+
+def logged_rounds(out: Path) -> int:
+    """The last round every learner of the run in out has logged its progress for (0 before any)."""
+    logs = sorted(out.glob("learner*.log"))
+    return min((max((entry.round for entry in learner_progress(path)), default=0) for path in logs), default=0)
 
 
 def link_row(records: list[dict], compute: dict[int, float], rate_bits: int) -> dict:
