@@ -89,9 +89,9 @@ def test_a_run_across_hosts_over_mutual_tls_with_a_token(net, tmp_path, monkeypa
 def test_a_learner_whose_link_goes_down_is_dropped_rejoins_and_the_run_finishes(net, tmp_path):
     # --min-learners 2: no round closes without the learner that lost its link, so the run cannot end before it
     # is back, however fast the rounds go; --sync-timeout 2: silent for 2 s, it is dropped while its link is down
-    processes = start(net, tmp_path, ["--rounds", "20", "--batch-size", "16", "--min-learners", "2",
+    processes = start(net, tmp_path, ["--rounds", "12", "--batch-size", "16", "--min-learners", "2",
                                       "--sync-timeout", "2", "--round-timeout", "10", "--register-timeout", "60"])
-    wait_for_round(tmp_path, 5, timeout=120)
+    wait_for_round(tmp_path, 3, timeout=120)
     net.link(net[2], up=False)
     down_since = time.monotonic()
     wait_for_log(tmp_path / "leader.log", "dropped learner", timeout=30)
@@ -104,7 +104,7 @@ def test_a_learner_whose_link_goes_down_is_dropped_rejoins_and_the_run_finishes(
     assert re.search(rf"{re.escape(net[2].address)}:\d+ re-registered learner {cut} of 2", after_drop), logs(tmp_path)
     assert "rejoined at round" in (tmp_path / "learner1.log").read_text()
     rounds = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r]
-    assert len(rounds) == 20 and {r["learners"] for r in rounds} == {2}, rounds
+    assert len(rounds) == 12 and {r["learners"] for r in rounds} == {2}, rounds
 
 
 def test_a_learner_the_leader_cannot_dial_is_told_so_and_stops(net, tmp_path):
