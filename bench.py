@@ -564,9 +564,10 @@ LINK_RUNS = (LinkRun("resnet20", 64, 10, 2), LinkRun("resnet20", 64, 10, 2, wire
 
 
 def links(work: Path) -> dict:
-    """Rounds with the leader and LINK_LEARNERS learners on hosts of their own (network namespaces, tests/hosts.py), every
-    host's outgoing link limited to each rate, against the physical bound of the same round: its compute, one
-    learner's upload of its update, and the leader's uploads of the state to every learner at the link's rate.
+    """Rounds with the leader and LINK_LEARNERS learners on hosts of their own (network namespaces,
+    tests/hosts.py), every host's outgoing link limited to each rate, against the physical bound of the same
+    round: its compute, one learner's upload of its update, and the leader's uploads of the state to every
+    learner at the link's rate.
     The bytes are those the run moved (the payloads in its metrics.jsonl); the rate is the link's, so TCP/IP's
     headers (about 4.5 % at 1500-byte packets: 96 Mbit/s of payload on a 100 Mbit/s link here) count against
     us. Skipped, saying why, where network namespaces cannot be made."""
@@ -583,20 +584,21 @@ def links(work: Path) -> dict:
 
 
 def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tuple[list[dict], dict[int, float]]:
-    """The first run.rounds round records of a federation on hosts of its own whose links are limited to rate, and
-    each round's compute: the slower learner's, from its progress line for that round.
+    """The first run.rounds round records of a federation on hosts of its own whose links are limited to rate,
+    and each round's compute: the slower learner's, from its progress line for that round.
 
-    The compute part of the bound comes from the same rounds, not from plain steps timed before: this machine's
-    speed drifts by tens of percent from one minute to the next (it is shared), and plain steps timed a minute
-    earlier put the ratio of identical runs anywhere between 1.0 and 2.1. Nor is it the round on unlimited
-    links, which would put our own work (the checked step, encoding, gRPC) into the bound and hide it.
+    The compute part of the bound comes from the same rounds, not from plain steps timed before them: this
+    machine is shared and its speed drifts by tens of percent from one minute to the next, and plain steps
+    timed at the start of the figure put its ResNet-20 ratios anywhere between 1.0 and 2.1. Nor is it the
+    round on unlimited links, which would put our own work (the checked step, encoding, gRPC) into the bound
+    and hide it. (Learners log whole images/s: ResNet-18's compute is known to about 5 %.)
     The processes are killed with the hosts after those rounds: the final evaluation and state, which no
     round's time includes, would add a minute with ResNet-18."""
     empty_dir(out)
     with hosts.Hosts(1 + LINK_LEARNERS, rate) as net:
         leader_process, learner_processes = launch.start_federation(
-            LINK_LEARNERS, [*run.leader_args(), "--rounds", str(run.rounds + 1)], LINK_PORT, out, ["--log-every", "1"],
-            hosts=net.hosts)
+            LINK_LEARNERS, [*run.leader_args(), "--rounds", str(run.rounds + 1)], LINK_PORT, out,
+            ["--log-every", "1"], hosts=net.hosts)
         processes = [leader_process, *learner_processes]
         deadline = time.monotonic() + timeout
         while min(rounds_done(out / "metrics.jsonl"), logged_rounds(out)) < run.rounds:  # logged: once its state is in
@@ -610,7 +612,8 @@ def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tup
         for entry in learner_progress(path):
             computes.setdefault(entry.round, []).append(images / entry.images_per_s)
     records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][:run.rounds]
-    return records, {round_index: max(seconds) for round_index, seconds in computes.items() if len(seconds) == LINK_LEARNERS}
+    slowest = {round_index: max(seconds) for round_index, seconds in computes.items() if len(seconds) == LINK_LEARNERS}
+    return records, slowest
 
 
 def logged_rounds(out: Path) -> int:
@@ -723,10 +726,10 @@ def print_table(results: dict) -> None:
                   f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
                   f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}")
     if results.get("links", {}).get("value"):
-        print(f"  {'links: 2 learners, hosts of their own':38} {'round s':>8} {'bound s':>8} {'ratio':>6} "
-              f"{'compute s':>9} {'transfer s':>10} {'update MB':>9} {'states MB':>9}")
+        print(f"  {f'links: {LINK_LEARNERS} learners, hosts of their own':44} {'round s':>8} {'bound s':>8} "
+              f"{'ratio':>6} {'compute s':>9} {'transfer s':>10} {'update MB':>9} {'states MB':>9}")
         for name, row in results["links"]["value"].items():
-            print(f"  {name:38} {row['round_s']['median']:8.3f} {row['bound_s']:8.3f} {row['ratio']:6.3f} "
+            print(f"  {name:44} {row['round_s']['median']:8.3f} {row['bound_s']:8.3f} {row['ratio']:6.3f} "
                   f"{row['compute_s']['median']:9.3f} {row['transfer_s']:10.3f} {row['update_bytes'] / 1e6:9.2f} "
                   f"{row['states_bytes'] / 1e6:9.2f}")
     if "serialization_gbps" in results:

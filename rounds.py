@@ -36,7 +36,8 @@ def unreachable_message(address: str, why: str) -> str:
     """What a learner is told when the leader cannot dial the address it registered."""
     return (f"the leader cannot reach this learner at {address}, the address it registered ({why[:300]}); start it "
             "with --advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or "
-            "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its certificate)")
+            "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
+            "certificate)")
 
 
 JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"

@@ -44,8 +44,8 @@ def start_leader(out: Path, port: int, *args: str, host: str = "127.0.0.1",
                  "--dataset", "synthetic", *args, prefix=prefix)
 
 
-def start_learner(out: Path, name: str, port: int, *args: str, leader: str = "127.0.0.1", host: str | None = "127.0.0.1",
-                  prefix: Sequence[str] = ()) -> subprocess.Popen:
+def start_learner(out: Path, name: str, port: int, *args: str, leader: str = "127.0.0.1",
+                  host: str | None = "127.0.0.1", prefix: Sequence[str] = ()) -> subprocess.Popen:
     """A learner with one thread, of the leader at leader:port, serving on host (localhost unless told; None:
     learner.py's default, every interface, advertising its own address), logging to out/<name>.log."""
     listen = ["--host", host] if host else []
