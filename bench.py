@@ -2,13 +2,15 @@
 
 Prints a table and writes bench/results.json, one key per figure. Medians of --repeats runs, with the
 spread (min, max) of each. Helper processes (servers, fake learners) are this script's hidden
-subcommands, so every transfer crosses a real process boundary on loopback.
+subcommands, so every transfer crosses a real process boundary on loopback; the links figure puts the
+leader and its learners on network-namespace hosts with limited links (tests/hosts.py).
 """
 
 import argparse
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -17,7 +19,9 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -39,6 +43,8 @@ from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from rounds import SERVING, Registry, RoundCollector
 
 HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE / "tests"))
+import hosts  # noqa: E402  (tests/hosts.py: the network-namespace hosts of the links figure)
 RAW_SERVICE, RAW_METHOD = "bench.Raw", "/bench.Raw/Stream"
 SERVER_LIFETIME_S = 900
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -321,9 +327,9 @@ def round_overhead(work: Path, rounds: int, runs: int = 3) -> dict:
     parameter_bytes = sum(p.numel() * 4 for p in build_model("resnet20").parameters())
     plain_s, round_s = spread(plain), spread(seconds)
     plain_rate = 64 / plain_s["median"]
-    learner_rates = [rate for rate, _ in learner_logs]
+    learner_rates = [entry.images_per_s for entry in learner_logs]
     where = {f"leader_{key}": statistics.median(r[key] for r in trained_rounds) for key in ("gradients_s", "step_s", "push_s")}
-    where["learner_sending_and_waiting_s"] = statistics.median(waiting for _, waiting in learner_logs)
+    where["learner_sending_and_waiting_s"] = statistics.median(entry.waiting_s for entry in learner_logs)
     return {
         "round_overhead_ratio": {"value": round_s["median"] / plain_s["median"], "round_s": round_s,
                                  "plain_step_s": plain_s, "threads_per_learner": threads, "runs": runs,
@@ -339,11 +345,17 @@ def round_overhead(work: Path, rounds: int, runs: int = 3) -> dict:
     }
 
 
-def learner_progress(learner_log: Path) -> list[tuple[float, float]]:
-    """(images/s computing, seconds a round sending and waiting) from a learner's progress lines
-    ('round N: loss L, R images/s computing, W ms a round sending and waiting')."""
+class Progress(NamedTuple):
+    round: int
+    images_per_s: float  # computing
+    waiting_s: float  # a round, sending and waiting
+
+
+def learner_progress(learner_log: Path) -> list[Progress]:
+    """A learner's progress lines ('round N: loss L, R images/s computing, W ms a round sending and waiting')."""
     fields = [line.split(", ") for line in learner_log.read_text().splitlines() if "images/s computing" in line]
-    return [(float(rate.split()[0]), float(waiting.split()[0]) / 1000) for _, rate, waiting in fields]
+    return [Progress(int(re.search(r"round (\d+):", head).group(1)), float(rate.split()[0]),
+                     float(waiting.split()[0]) / 1000) for head, rate, waiting in fields]
 
 
 def memory_mb(pid: int, field: str) -> float:
@@ -538,6 +550,114 @@ def non_iid_runs(work: Path, dataset: str, epochs: float, learners: int = 10, ta
             print(f"  {partition:15} {strategy:9} final accuracy {evaluations[-1]['test_accuracy']:.4f}, "
                   f"{reached or '-'} rounds to {target:.0%}", flush=True)
     return {"value": table, "target": target, "learners": learners, "epochs": epochs, "dataset": dataset}
+# ---- links: the leader and its learners on hosts of their own, each link limited ------------------------
+
+LINK_PORT = 50051  # every host has a network stack of its own: the port is free there
+LINK_LEARNERS = 2
+LINK_RATES = ("100mbit", "1gbit")
+
+
+@dataclass(frozen=True)
+class LinkRun:
+    """One configuration of the links figure: LINK_LEARNERS learners, one thread each, on the synthetic set."""
+
+    model: str
+    batch: int
+    rounds: int  # rounds recorded
+    skip: int  # first rounds left out of the median (connections, caches)
+    rates: tuple[str, ...] = LINK_RATES
+    wire_dtype: str = "float32"
+    local_steps: int = 0  # 0: FedSGD; else FedAvg with this many local steps a round
+
+    @property
+    def name(self) -> str:
+        strategy = f"fedavg {self.local_steps} steps" if self.local_steps else "fedsgd"
+        return f"{self.model} {strategy} {self.wire_dtype}"
+
+    def leader_args(self) -> list[str]:
+        local = ["--strategy", "fedavg", "--local-steps", str(self.local_steps)] if self.local_steps else []
+        return ["--dataset", "synthetic", "--model", self.model, "--batch-size", str(self.batch),
+                "--wire-dtype", self.wire_dtype, *local]
+
+
+LINK_RUNS = (LinkRun("resnet20", 64, 10, 2), LinkRun("resnet20", 64, 10, 2, wire_dtype="float16"),
+             LinkRun("resnet18", 32, 4, 1),  # 45 MB a state: a round at 100 Mbit/s takes seconds
+             LinkRun("resnet20", 64, 4, 1, ("100mbit",), local_steps=10))
+
+
+def links(work: Path) -> dict:
+    """Rounds with the leader and LINK_LEARNERS learners on hosts of their own (network namespaces,
+    tests/hosts.py), every host's outgoing link limited to each rate, against the physical bound of the same
+    round: its compute, one learner's upload of its update, and the leader's uploads of the state to every
+    learner at the link's rate.
+    The bytes are those the run moved (the payloads in its metrics.jsonl); the rate is the link's, so TCP/IP's
+    headers (about 4.5 % at 1500-byte packets: 96 Mbit/s of payload on a 100 Mbit/s link here) count against
+    us. Skipped, saying why, where network namespaces cannot be made."""
+    reason = hosts.unavailable()
+    if reason:
+        print(f"links: skipped: {reason}", flush=True)
+        return {"value": None, "skipped": reason}
+    table = {}
+    for run in LINK_RUNS:
+        for rate in run.rates:
+            records, compute = link_rounds(work / f"links-{run.name.replace(' ', '-')}-{rate}", rate, run)
+            table[f"{run.name} @ {rate}"] = link_row(records[run.skip:], compute, hosts.rate_bits(rate))
+    return {"value": table}
+
+
+def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tuple[list[dict], dict[int, float]]:
+    """The first run.rounds round records of a federation on hosts of its own whose links are limited to rate,
+    and each round's compute: the slower learner's, from its progress line for that round.
+
+    The compute part of the bound comes from the same rounds, not from plain steps timed before them: this
+    machine is shared and its speed drifts by tens of percent from one minute to the next, and plain steps
+    timed at the start of the figure put its ResNet-20 ratios anywhere between 1.0 and 2.1. Nor is it the
+    round on unlimited links, which would put our own work (the checked step, encoding, gRPC) into the bound
+    and hide it. (Learners log whole images/s: ResNet-18's compute is known to about 5 %.)
+    The processes are killed with the hosts after those rounds: the final evaluation and state, which no
+    round's time includes, would add a minute with ResNet-18."""
+    empty_dir(out)
+    with hosts.Hosts(1 + LINK_LEARNERS, rate) as net:
+        leader_process, learner_processes = launch.start_federation(
+            LINK_LEARNERS, [*run.leader_args(), "--rounds", str(run.rounds + 1)], LINK_PORT, out,
+            ["--log-every", "1"], hosts=net.hosts)
+        processes = [leader_process, *learner_processes]
+        deadline = time.monotonic() + timeout
+        while min(rounds_done(out / "metrics.jsonl"), logged_rounds(out)) < run.rounds:  # logged: once its state is in
+            if any(process.poll() is not None for process in processes) or time.monotonic() > deadline:
+                raise RuntimeError(f"{run.name} at {rate}: {run.rounds} rounds not done in {timeout:.0f} s; see {out}")
+            time.sleep(0.2)
+    launch.wait_all(processes, 10)  # reap them: leaving the hosts killed them
+    images = run.batch * max(1, run.local_steps)
+    computes: dict[int, list[float]] = {}
+    for path in out.glob("learner*.log"):
+        for entry in learner_progress(path):
+            computes.setdefault(entry.round, []).append(images / entry.images_per_s)
+    records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][:run.rounds]
+    slowest = {round_index: max(seconds) for round_index, seconds in computes.items() if len(seconds) == LINK_LEARNERS}
+    return records, slowest
+
+
+def logged_rounds(out: Path) -> int:
+    """The last round every learner of the run in out has logged its progress for (0 before any)."""
+    logs = sorted(out.glob("learner*.log"))
+    return min((max((entry.round for entry in learner_progress(path)), default=0) for path in logs), default=0)
+
+
+def link_row(records: list[dict], compute: dict[int, float], rate_bits: int) -> dict:
+    """A run's median round against the median of its rounds' bounds: each round's compute, then one learner's
+    update up its own link, then the states down the leader's one link to every learner, at rate_bits/s less
+    what the link's full token bucket lets through at once (it refills while the learners compute)."""
+    timed = [record for record in records if record["round"] in compute]
+    update = statistics.median(record["bytes_in"] / record["learners"] for record in timed)
+    states = statistics.median(record["bytes_out"] for record in timed)
+    burst = hosts.burst_bytes(rate_bits)
+    transfer = (max(0.0, update - burst) + max(0.0, states - burst)) * 8 / rate_bits
+    measured, computed = spread([record["seconds"] for record in timed]), spread([compute[r["round"]] for r in timed])
+    bound = computed["median"] + transfer
+    return {"round_s": measured, "bound_s": bound, "ratio": measured["median"] / bound, "compute_s": computed,
+            "transfer_s": transfer, "update_bytes": update, "states_bytes": states, "burst_bytes": burst,
+            "leader_step_s": statistics.median(record["step_s"] for record in timed)}
 
 
 def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
@@ -595,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_to_accuracy": lambda: time_to_accuracy(out / "work", 250),
         "strategies": lambda: strategy_runs(out / "work", args.strategy_epochs),
         "non_iid": lambda: non_iid_runs(out / "work", args.non_iid_dataset, args.non_iid_epochs),
+        "links": lambda: links(out / "work"),
     }
     results = {}
     for name, measure in figures.items():
@@ -639,6 +760,13 @@ def print_table(results: dict) -> None:
             cells = "".join(f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
                             for name in strategies)
             print(f"  {'':>47}{partition:15}{cells}")
+    if results.get("links", {}).get("value"):
+        print(f"  {f'links: {LINK_LEARNERS} learners, hosts of their own':44} {'round s':>8} {'bound s':>8} "
+              f"{'ratio':>6} {'compute s':>9} {'transfer s':>10} {'update MB':>9} {'states MB':>9}")
+        for name, row in results["links"]["value"].items():
+            print(f"  {name:44} {row['round_s']['median']:8.3f} {row['bound_s']:8.3f} {row['ratio']:6.3f} "
+                  f"{row['compute_s']['median']:9.3f} {row['transfer_s']:10.3f} {row['update_bytes'] / 1e6:9.2f} "
+                  f"{row['states_bytes'] / 1e6:9.2f}")
     if "serialization_gbps" in results:
         for codec, row in results["serialization_gbps"]["value"].items():
             print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")

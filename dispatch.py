@@ -21,7 +21,9 @@ MAX_IN_FLIGHT = 8  # concurrent pushes of a model state: bounds the leader's mem
 PROBE_INTERVAL_S = 2.0  # how often a learner the round waits for is asked whether it is still there
 PROBE_TIMEOUT_S = 2.0
 
-OnFailure = Callable[[Member, str, bool], None]  # (the registration, why, whether it is certainly gone)
+# What a failed call or health check says of a learner: see probe_verdict.
+THERE, GONE, UNREACHABLE, SILENT = "there", "gone", "unreachable", "silent"
+OnFailure = Callable[[Member, str, str], None]  # (the registration, why, the verdict)
 
 
 @dataclass
@@ -98,17 +100,19 @@ class LearnerClient:
     def _report(self, call: grpc.Future, member: Member, method: str, on_failure: OnFailure,
                 then: Callable[[Member], None]) -> bool:
         """Act on a finished call; whether it succeeded. A failure makes the learner gone only when another
-        process answers at its address (PERMISSION_DENIED: not our credential); nothing answering may be a
-        passing network fault, which health checks tell apart."""
+        process answers at its address (PERMISSION_DENIED: not our credential); nothing answering
+        (UNAVAILABLE: refused, no route, no handshake) may be a passing network fault, which health checks
+        tell apart, or an address the leader cannot dial."""
         error = call.exception()
         if error is not None and method == "SyncModelState" and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             log.debug("learner %d is still taking earlier states; it will take a later one", member.learner_id)
             then(member)
         elif error is not None:
-            gone = error.code() == grpc.StatusCode.PERMISSION_DENIED
-            on_failure(member, f"{method} failed: {error.code().name} {error.details()}", gone)
+            verdict = {grpc.StatusCode.PERMISSION_DENIED: GONE, grpc.StatusCode.UNAVAILABLE: UNREACHABLE}.get(
+                error.code(), SILENT)
+            on_failure(member, f"{method} failed: {error.code().name} {error.details()}", verdict)
         elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
-            on_failure(member, f"{method} refused: {reply.message}", False)
+            on_failure(member, f"{method} refused: {reply.message}", THERE)
         else:
             self.heard_from(member)
             then(member)
@@ -150,10 +154,7 @@ class LearnerClient:
                 if silent < silent_limit_s:
                     return
                 reason = f"no answer to health checks for {silent:.0f} s ({reason})"
-        on_failure(member, reason, verdict == GONE)
-
-
-THERE, GONE, UNREACHABLE, SILENT = "there", "gone", "unreachable", "silent"
+        on_failure(member, reason, verdict)
 
 
 def probe_verdict(call: grpc.Future) -> tuple[str, str]:

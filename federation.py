@@ -93,7 +93,16 @@ class Federation:
         self.client.heard_from(member)
         self.collector.heard_from(member.learner_id)
 
-    def drop(self, member: Member, reason: str, gone: bool) -> None:
+    def drop(self, member: Member, reason: str, verdict: str) -> None:
+        """Stop counting on a learner a call or health check failed with (verdict: see dispatch.OnFailure). One the
+        leader could never dial at the address it registered is told so when it registers again from there."""
+        if verdict == dispatch.UNREACHABLE and self.registry.never_reached(member):
+            if self.registry.drop(member.learner_id, member.generation, unreachable=reason):
+                log.warning("cannot reach learner %d at %s, the address it registered (%s); dropped it, and it is told "
+                            "to start with --advertise HOST:PORT that this leader can dial", member.learner_id,
+                            member.address, reason)
+            return
+        gone = verdict == dispatch.GONE
         if self.registry.drop(member.learner_id, member.generation, gone):
             kept = "its slot is free" if gone else f"its slot is kept for it for {self.settings.rejoin_grace:.0f} s"
             log.warning("dropped learner %d (%s); %s", member.learner_id, reason, kept)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import partition
 import runtime
@@ -24,19 +25,24 @@ def free_port() -> int:
 
 
 def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: list[str] = (),
-                     leader_to_console: bool = False) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
-    """Start the leader and the learners, each learner with its share of the cores, logging to out/*.log
-    (the leader to this console instead, if asked)."""
+                     leader_to_console: bool = False,
+                     hosts: Sequence | None = None) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """Start the leader and the learners, each learner with its share of this machine's cores, logging to
+    out/*.log (the leader to this console instead, if asked). All on localhost, or with hosts the leader on
+    hosts[0] and learner i on hosts[i + 1], given only the leader's address (each host has .prefix, the
+    command that runs a program there, and .address: tests/hosts.py's network namespaces)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = max(1, runtime.available_cores() // learners)
-    leader_cmd = [sys.executable, str(HERE / "leader.py"), "--learners", str(learners), "--host", "127.0.0.1",
-                  "--port", str(port), "--out", str(out), *leader_args]
+    place = lambda index: list(hosts[index].prefix) if hosts else []
+    leader_host = hosts[0].address if hosts else "127.0.0.1"
+    leader_cmd = [*place(0), sys.executable, str(HERE / "leader.py"), "--learners", str(learners),
+                  "--host", "0.0.0.0" if hosts else "127.0.0.1", "--port", str(port), "--out", str(out), *leader_args]
     leader_log = None if leader_to_console else open(out / "leader.log", "w")
     leader = subprocess.Popen(leader_cmd, env=env, stdout=leader_log, stderr=subprocess.STDOUT)
-    learner_cmd = [sys.executable, str(HERE / "learner.py"), "--leader", f"127.0.0.1:{port}",
-                   "--threads", str(threads), *learner_args]
-    procs = [subprocess.Popen(learner_cmd, env=env, stdout=open(out / f"learner{index}.log", "w"),
+    learner_cmd = lambda index: [*place(index + 1), sys.executable, str(HERE / "learner.py"), "--leader",
+                                 f"{leader_host}:{port}", "--threads", str(threads), *learner_args]
+    procs = [subprocess.Popen(learner_cmd(index), env=env, stdout=open(out / f"learner{index}.log", "w"),
                               stderr=subprocess.STDOUT) for index in range(learners)]
     return leader, procs
 

@@ -34,6 +34,14 @@ def check_address(address: str) -> str | None:
     return None
 
 
+def unreachable_message(address: str, why: str) -> str:
+    """What a learner is told when the leader cannot dial the address it registered."""
+    return (f"the leader cannot reach this learner at {address}, the address it registered ({why[:300]}); start it "
+            "with --advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or "
+            "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
+            "certificate)")
+
+
 JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
 COUNTED_ON = (STARTING, ACTIVE)  # the learners whose gradients count and who are sent each state
 REREGISTER_INTERVAL_S = 3.0  # a slot's holder registers again at most this often
@@ -54,6 +62,8 @@ class Slot:
     kept_until: float = 0.0  # while DROPPED, kept for its holder until then; 0: a newcomer may take it
     registered_at: float = -math.inf  # when its holder last registered
     data: DataSummary | None = None  # what its holder said of its own images when it took the slot
+    reached_at: str = ""  # the address at which its learner last accepted a start: the leader can dial it there
+    unreachable: str = ""  # why the leader could not dial its address, where it never reached it; "" otherwise
 
     @property
     def session(self) -> str:
@@ -111,6 +121,8 @@ class Registry:
             now = time.monotonic()
             slot, holder = self._holding(credential, certificate), self._at(address)
             if slot is not None:
+                if slot.unreachable and address == slot.address:  # it would only be dropped again: tell it why
+                    raise Refusal(unreachable_message(address, slot.unreachable))
                 if slot.state == STARTING:  # one start at a time: re-registering is no lever on the round loop
                     raise Refusal(f"learner {slot.learner_id} is being started; retry shortly", retry=True)
                 if now - slot.registered_at < self.reregister_s:  # each start costs the leader a state push
@@ -139,6 +151,7 @@ class Registry:
                 verb = f"took over from {previous or 'nobody'} the slot of"
             slot.address, slot.state, slot.kept_until, slot.registered_at = address, JOINING, 0.0, now
             slot.data = slot.data if verb == "re-registered" and slot.data else data
+            slot.unreachable = ""
             slot.generation += 1
             self._changed.notify_all()
             return self._member(slot), f"{address} {verb} learner {slot.learner_id} of {self.capacity}"
@@ -243,7 +256,7 @@ class Registry:
         with self._changed:
             slot = self._slots[learner_id]
             if slot.generation == generation and slot.state == STARTING:
-                slot.state = ACTIVE
+                slot.state, slot.reached_at = ACTIVE, slot.address
                 self._changed.notify_all()
 
     def ready(self) -> list[int]:
@@ -256,17 +269,25 @@ class Registry:
         with self._changed:
             return self._changed.wait_for(lambda: all(slot.state != STARTING for slot in self._slots), timeout)
 
-    def drop(self, learner_id: int, generation: int, gone: bool = False) -> bool:
+    def never_reached(self, member: Member) -> bool:
+        """Whether no learner of this slot ever accepted a start at this registration's address."""
+        with self._changed:
+            return self._slots[member.learner_id].reached_at != member.address
+
+    def drop(self, learner_id: int, generation: int, gone: bool = False, unreachable: str = "") -> bool:
         """Stop counting on a registration; whether it was held. The slot is kept for its holder for
-        keep_s seconds, unless the leader found it gone. News about an earlier registration changes nothing."""
+        keep_s seconds, unless the leader found it gone. News about an earlier registration changes nothing.
+        unreachable: why the leader cannot dial the address it registered, where it never reached it; then the
+        slot is free, and its holder's next registration from that address is refused, saying so."""
         with self._changed:
             slot = self._slots[learner_id] if learner_id < len(self._slots) else None
             if slot is None or slot.generation != generation:
                 return False
             was_held = slot.state != DROPPED
+            gone = gone or bool(unreachable)
             if was_held or gone:
                 slot.kept_until = 0.0 if gone else time.monotonic() + self.keep_s
-            slot.state = DROPPED
+            slot.state, slot.unreachable = DROPPED, unreachable
             self._changed.notify_all()
             return was_held
 

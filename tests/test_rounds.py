@@ -119,6 +119,40 @@ def test_news_about_an_earlier_registration_changes_nothing():
     assert registry.drop(0, second.generation) and not registry.is_active(0)
 
 
+def test_a_learner_the_leader_never_reached_at_its_address_is_told_so_when_it_registers_from_there_again():
+    registry = Registry(2, keep_s=600, reregister_s=0)
+    member = register(registry, "10.0.0.9:7001")
+    registry.take_joiners()  # its start failed: nothing answers at 10.0.0.9
+    assert registry.never_reached(member)
+    assert registry.drop(0, member.generation, unreachable="StartTraining failed: UNAVAILABLE No route to host")
+    with pytest.raises(Refusal) as refusal:
+        register(registry, "10.0.0.9:7001", member.credential)
+    assert not refusal.value.retry  # final: from there it would only be dropped again
+    assert "cannot reach this learner at 10.0.0.9:7001" in str(refusal.value) and "No route to host" in str(refusal.value)
+    assert "--advertise" in str(refusal.value)
+    assert register(registry, "10.0.0.9:7002", member.credential).learner_id == 0  # a new address is tried
+    assert register(registry, "b:1").learner_id == 1
+
+
+def test_a_slot_the_leader_could_not_dial_is_free_for_a_newcomer_at_once():
+    registry = Registry(1, keep_s=600, reregister_s=0)
+    member = register(registry, "a:1")
+    registry.take_joiners()
+    registry.drop(0, member.generation, unreachable="StartTraining failed: UNAVAILABLE")
+    assert register(registry, "b:1").learner_id == 0
+
+
+def test_a_learner_reached_at_its_address_before_is_never_taken_for_unreachable():
+    registry = Registry(1, keep_s=600, reregister_s=0)
+    member = register(registry, "a:1")
+    start(registry)
+    assert not registry.never_reached(member)
+    again = register(registry, "a:1", member.credential)  # after a link went down, say
+    assert not registry.never_reached(again)
+    moved = register(registry, "b:2", member.credential)
+    assert registry.never_reached(moved)
+
+
 def test_sessions_report_held_dropped_and_unknown_registrations():
     registry = Registry(1, keep_s=30, reregister_s=0)
     member = register(registry, "a:1")

@@ -1,7 +1,5 @@
 """TLS, mutual TLS and the shared token, on live servers; and the whole workflow over mutual TLS."""
 
-import subprocess
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,7 +9,7 @@ import learner as learner_module
 import guard
 import rpc
 import wire
-from conftest import ROOT, logs, run_federation
+from conftest import logs, make_certs, run_federation, tls_flags
 from metrics import read_metrics
 from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
@@ -20,14 +18,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("certs")
-    subprocess.run(["bash", str(ROOT / "certs.sh"), str(directory)], check=True, capture_output=True)
-    return directory
-
-
-def tls_flags(certs, name: str) -> list[str]:
-    return ["--tls-cert", str(certs / f"{name}.pem"), "--tls-key", str(certs / f"{name}.key"),
-            "--tls-ca", str(certs / "ca.pem")]
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def security(certs, name: str | None, token: str | None = None) -> rpc.Security:

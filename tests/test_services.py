@@ -501,6 +501,23 @@ def test_a_learner_whose_address_refuses_connections_is_dropped_and_its_slot_fre
     assert live.register("127.0.0.1:7999").learner_id == 0  # a newcomer takes the freed slot at once
 
 
+def test_a_learner_the_leader_cannot_dial_is_dropped_and_told_why_when_it_registers_again(live, caplog):
+    address = f"127.0.0.1:{launch.free_port()}"  # the address it advertises: nothing listens there
+    credential = live.register(address).credential
+    registry = live.leader.registry
+    live.leader.federation.admit_joiners()  # StartTraining finds nothing at the address
+    deadline = time.monotonic() + 10
+    while registry.is_active(0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not registry.is_active(0)
+    assert "cannot reach learner 0 at " + address in caplog.text and "--advertise" in caplog.text
+    reply = live.register(address, credential)  # from there it would only be dropped again
+    assert not reply.success and f"cannot reach this learner at {address}" in reply.message, reply.message
+    assert "UNAVAILABLE" in reply.message and "--advertise" in reply.message
+    newcomers = [live.register(f"127.0.0.1:{port}").learner_id for port in (7998, 7999)]
+    assert sorted(newcomers) == [0, 1]  # its slot is free at once
+
+
 def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
     learner = learner_module.Learner(learner_module.parse_args(["--leader", "127.0.0.1:9"]))
     assert learner.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
