@@ -53,11 +53,11 @@ def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_eva
     final = evaluations[-1]
     assert sorted(final["per_learner"]) == ["0", "1"]
     # The learners' combined evaluation is the global model's on the union of their held-out images
-    trains = [utils.load_dataset("imagefolder", folder, train=True, image_size=16) for folder in folders]
     tests = [utils.load_dataset("imagefolder", folder, train=False, image_size=16) for folder in folders]
-    sums, squares = zip(*(utils.channel_sums(data.images) for data in trains))
-    mean, std = utils.stats_from_sums([sum(c) for c in zip(*sums)], [sum(c) for c in zip(*squares)],
-                                      sum(len(data) for data in trains) * 16 * 16)
+    summaries = [messages.DataSummary.of(utils.load_dataset("imagefolder", folder, train=True, image_size=16),
+                                         len(test)) for folder, test in zip(folders, tests)]
+    mean, std = leader_module.combined_normalisation(summaries, 16)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["data"]["mean"] == pytest.approx(mean)
     model = build_model("resnet20", num_classes=10)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     union = torch.cat([data.images for data in tests]), torch.cat([data.labels for data in tests])
@@ -99,11 +99,12 @@ def test_the_global_model_starts_from_init_weights(tmp_path):
     args = leader_module.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "run"),
                                      "--init", str(tmp_path / "model.pt")])
     leader = leader_module.Leader(args)
-    started = fedsgd.evaluate(leader.global_model.model, leader.test_images, leader.test_labels)
-    direct = fedsgd.evaluate(saved, leader.test_images, leader.test_labels)
-    assert (started.loss, started.correct) == (direct.loss, direct.correct)
-    fresh = leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "other")]))
-    assert fedsgd.evaluate(fresh.global_model.model, leader.test_images, leader.test_labels).loss != direct.loss
+    started = leader.global_model.model.state_dict()
+    assert all(torch.equal(started[name], tensor) for name, tensor in saved.state_dict().items())
+    images, labels = leader.test_images[:200], leader.test_labels[:200]
+    assert fedsgd.evaluate(leader.global_model.model, images, labels) == fedsgd.evaluate(saved, images, labels)
+    served = wire.decode(leader.global_model.encoded_state)  # what learners fetch: the saved weights
+    assert torch.equal(served.tensors["fc.weight"], saved.fc.weight.detach())
 
 
 def summary(train: int = 100, held_out: int = 40, size: int = 32) -> leader_pb2.DataSummary:

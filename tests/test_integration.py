@@ -76,7 +76,7 @@ def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
     result = subprocess.run([sys.executable, "leader.py", "--dataset", "synthetic", "--learners", "2",
                              "--batch-size", "9000", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode != 0 and "exceeds the 5000 samples" in result.stderr
+    assert result.returncode == 2 and "cannot give 2 learners 9000 of 10000 samples each" in result.stderr
 
 
 @pytest.mark.slow
