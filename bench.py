@@ -752,21 +752,14 @@ def print_table(results: dict) -> None:
                   f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
                   f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}")
     if "non_iid" in results:
-        table = results["non_iid"]["value"]
-        strategies = list(next(iter(table.values())))
-        print(f"  final accuracy (rounds to {results['non_iid']['target']:.0%}) with "
-              f"{results['non_iid']['learners']} learners: {'partition':15}" + "".join(f"{name:>16}" for name in strategies))
-        for partition, row in table.items():
-            cells = "".join(f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
-                            for name in strategies)
-            print(f"  {'':>47}{partition:15}{cells}")
-    if results.get("links", {}).get("value"):
-        print(f"  {f'links: {LINK_LEARNERS} learners, hosts of their own':44} {'round s':>8} {'bound s':>8} "
-              f"{'ratio':>6} {'compute s':>9} {'transfer s':>10} {'update MB':>9} {'states MB':>9}")
-        for name, row in results["links"]["value"].items():
-            print(f"  {name:44} {row['round_s']['median']:8.3f} {row['bound_s']:8.3f} {row['ratio']:6.3f} "
-                  f"{row['compute_s']['median']:9.3f} {row['transfer_s']:10.3f} {row['update_bytes'] / 1e6:9.2f} "
-                  f"{row['states_bytes'] / 1e6:9.2f}")
+        result = results["non_iid"]
+        strategies = list(next(iter(result["value"].values())))
+        print(f"  non_iid: final accuracy (rounds to {result['target']:.0%}), {result['learners']} learners, "
+              f"{result['epochs']:g} epochs of {result['dataset']}")
+        print(f"  {'partition':16}" + "".join(f"{name:>16}" for name in strategies))
+        for partition, row in result["value"].items():
+            print(f"  {partition:16}" + "".join(f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
+                                                for name in strategies))
     if "serialization_gbps" in results:
         for codec, row in results["serialization_gbps"]["value"].items():
             print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
