@@ -645,9 +645,10 @@ def logged_rounds(out: Path) -> int:
 
 
 def link_row(records: list[dict], compute: dict[int, float], rate_bits: int) -> dict:
-    """A run's median round against the median of its rounds' bounds: each round's compute, then one learner's
-    update up its own link, then the states down the leader's one link to every learner, at rate_bits/s less
-    what the link's full token bucket lets through at once (it refills while the learners compute)."""
+    """A run's median round against its bound: the median of its rounds' compute, then the transfer of the
+    median update up one learner's link and of the median states down the leader's one link to every learner,
+    at rate_bits/s less what the link's full token bucket lets through at once (it refills while the learners
+    compute). Rounds without both learners' compute are left out."""
     timed = [record for record in records if record["round"] in compute]
     update = statistics.median(record["bytes_in"] / record["learners"] for record in timed)
     states = statistics.median(record["bytes_out"] for record in timed)

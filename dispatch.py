@@ -51,6 +51,12 @@ class LearnerClient:
                 self._channels[address] = rpc.channel(address, self.security)
             return self._channels[address]
 
+    def forget(self, addresses: set[str]) -> None:
+        """Close the channels to these addresses: the next call dials afresh."""
+        with self._lock:
+            for address in addresses & set(self._channels):
+                self._channels.pop(address).close()
+
     def keep_only(self, addresses: set[str]) -> None:
         """Close the channels to addresses no learner holds any more."""
         with self._lock:
@@ -84,6 +90,9 @@ class LearnerClient:
         waiting; on_started runs for each one that accepted."""
         start_training = lambda member: self.send({member.learner_id: member}, "StartTraining", learner_pb2.Empty(),
                                                   on_failure, timeout, on_started)
+        # A fresh dial for each start: a channel that failed before answers at once with its old error until its
+        # reconnect backoff (up to 120 s) runs out, which would make a learner now listening there look unreachable.
+        self.forget({member.address for member in members.values()})
         if state is None:
             for member in members.values():
                 start_training(member)
@@ -101,8 +110,9 @@ class LearnerClient:
                 then: Callable[[Member], None]) -> bool:
         """Act on a finished call; whether it succeeded. A failure makes the learner gone only when another
         process answers at its address (PERMISSION_DENIED: not our credential); nothing answering
-        (UNAVAILABLE: refused, no route, no handshake) may be a passing network fault, which health checks
-        tell apart, or an address the leader cannot dial."""
+        (UNAVAILABLE: refused, no route, no handshake) is unreachable: for a learner the leader has reached
+        there before, a passing fault that health checks then tell apart; for one it never reached there (its
+        start, dialled afresh), an address it cannot dial."""
         error = call.exception()
         if error is not None and method == "SyncModelState" and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             log.debug("learner %d is still taking earlier states; it will take a later one", member.learner_id)

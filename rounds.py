@@ -39,7 +39,7 @@ def unreachable_message(address: str, why: str) -> str:
     return (f"the leader cannot reach this learner at {address}, the address it registered ({why[:300]}); start it "
             "with --advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or "
             "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
-            "certificate)")
+            "certificate), then start it again")
 
 
 JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
@@ -103,8 +103,10 @@ class Registry:
                  reregister_s: float = REREGISTER_INTERVAL_S) -> None:
         self.capacity, self.keep_s, self.reregister_s = capacity, keep_s, reregister_s
         kept_until = time.monotonic() + keep_s
+        # a restored slot's learner trained at its address: the leader reached it there
         self._slots = [Slot(index, record["address"], record["credential"], record.get("certificate"),
-                            state=DROPPED, kept_until=kept_until) for index, record in enumerate(restored)]
+                            state=DROPPED, kept_until=kept_until, reached_at=record["address"])
+                       for index, record in enumerate(restored)]
         # Slots by session (a hash of the credential): found in one lookup, whatever the number of learners.
         self._by_session = {slot.session: slot for slot in self._slots if slot.credential}
         self._changed = threading.Condition()

@@ -8,11 +8,13 @@ of hosts is named after this process (PREFIX + pid + a counter), so that paralle
 leftovers of dead runs can be recognised and removed. Every command and wait is bounded.
 """
 
+import atexit
 import itertools
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -84,6 +86,8 @@ class Hosts:
     A context manager: leaving it (or remove()) kills every process in the namespaces and deletes them."""
 
     def __init__(self, count: int, rate: str | None = None) -> None:
+        if not 0 < count < 250:  # SUBNET.250 is UNUSED_ADDRESS
+            raise ValueError(f"{count} hosts: make 1 to 249")
         self.tag = f"{PREFIX}{os.getpid()}-{next(_sets)}"
         self.bridge = f"{self.tag}-br"
         self.hosts = [Host(f"{self.tag}-h{index}", f"{SUBNET}.{index + 1}") for index in range(count)]
@@ -91,6 +95,9 @@ class Hosts:
 
     def __enter__(self) -> "Hosts":
         self.create()
+        atexit.register(self.remove)  # a run ended by SIGTERM (below) or sys.exit still removes them
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds through __exit__ and pytest's teardown
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -135,9 +142,16 @@ class Hosts:
         run("ip", "-n", host.name, "link", "set", host.device, "up" if up else "down")
 
     def remove(self) -> None:
-        """Kill every process in these namespaces and delete them (those never made are skipped)."""
+        """Kill every process in these namespaces and delete them (those never made are skipped); one that
+        cannot be removed does not keep the others, and its error is raised at the end."""
+        errors = []
         for name in [host.name for host in self.hosts] + [self.bridge]:
-            remove_namespace(name)
+            try:
+                remove_namespace(name)
+            except (subprocess.SubprocessError, OSError) as error:
+                errors.append(f"{name}: {error}")
+        if errors:
+            raise RuntimeError("could not remove " + "; ".join(errors))
 
 
 def namespace_pids(name: str) -> list[int]:
@@ -171,6 +185,10 @@ def remove_leftovers() -> None:
         owner = name[len(PREFIX):].split("-")[0] if name.startswith(PREFIX) else ""
         if owner.isdigit() and not _alive(int(owner)):
             remove_namespace(name)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _alive(pid: int) -> bool:

@@ -518,6 +518,27 @@ def test_a_learner_the_leader_cannot_dial_is_dropped_and_told_why_when_it_regist
     assert sorted(newcomers) == [0, 1]  # its slot is free at once
 
 
+def test_nobody_can_make_an_address_look_unreachable_to_the_learner_that_listens_there(live):
+    """An attacker registers a victim's address while nothing listens there, so that the leader's channel to
+    it fails and backs off; the victim then listens and registers: its start dials afresh and reaches it."""
+    address, registry = f"127.0.0.1:{launch.free_port()}", live.leader.registry
+    for _ in range(3):
+        live.register(address)
+        live.leader.federation.admit_joiners()
+        deadline = time.monotonic() + 10
+        while registry.is_active(0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    victim, _ = rpc.start_server(address, [], [], 1 << 20)  # listening (without the learner service: it answers)
+    live.hosts.append(victim)
+    credential = live.register(address).credential
+    live.leader.federation.admit_joiners()
+    deadline = time.monotonic() + 10
+    while registry.is_active(0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reply = live.register(address, credential)
+    assert reply.success, reply.message  # not told that the leader cannot reach it
+
+
 def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
     learner = learner_module.Learner(learner_module.parse_args(["--leader", "127.0.0.1:9"]))
     assert learner.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
