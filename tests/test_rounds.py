@@ -280,3 +280,12 @@ def test_with_sampling_only_the_drawn_count_and_a_second_draw_keeps_the_first_on
     collector.close(torch.empty(1))
     collector.expect([0, 1, 2], sampled=[0])  # the next round's draw replaces the last
     assert "not sampled" in collector.submit(1, 1, [torch.ones(1)], 1, 0.0, 1)
+
+
+def test_a_restored_slot_counts_its_address_as_reached():
+    registry = Registry(1, keep_s=30, restored=[{"address": "10.0.0.5:7000", "credential": "secret"}],
+                        reregister_s=0)
+    member, _ = registry.register("10.0.0.5:7000", "secret")
+    assert not registry.never_reached(member)  # it trained there before the leader restarted
+    moved, _ = registry.register("10.0.0.6:7000", "secret")
+    assert registry.never_reached(moved)
