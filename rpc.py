@@ -196,7 +196,9 @@ def knows_sessions(error: grpc.RpcError) -> bool:
 
 def channel(address: str, security: Security = Security(), max_receive_bytes: int = CHUNK_MESSAGE_LIMIT) -> grpc.Channel:
     """A channel to address with deliberate message limits, TLS when configured, and the token on every call."""
-    options = _limits(max_receive_bytes)
+    # Subchannels of its own: channels share the process's pool by default, and with it a failed address's
+    # reconnect backoff, so a channel made afresh could still answer with an old connection error (seen in CI)
+    options = [*_limits(max_receive_bytes), ("grpc.use_local_subchannel_pool", 1)]
     if security.certificate or security.ca:
         credentials = grpc.ssl_channel_credentials(security.ca, security.key, security.certificate)
         opened = grpc.secure_channel(address, credentials, options=options)
