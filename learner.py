@@ -421,8 +421,8 @@ class Learner:
             adopt_state(self.model, state, self.state_spec)
         else:
             load_state(self.model, state)
-        self.round, self.plan = messages.round_of(state), messages.TrainingPlan.from_metadata(state.metadata)
-        info = messages.StateInfo.from_payload(state)
+        info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
+        self.round, self.plan = info.round, info.plan
         self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
         if (self.plan.strategy == "scaffold") != (self.controls is not None):
             raise wire.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
