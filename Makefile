@@ -35,7 +35,8 @@ bench: install
 	$(PY) bench.py
 
 certs:
-	bash certs.sh certs $(SANS)
+	bash federated/tools/certs.sh certs $(SANS)
 
 clean:
-	rm -rf $(VENV) $(GENERATED) certs protos/__pycache__ __pycache__ tests/__pycache__ .pytest_cache .hypothesis runs
+	find . -name __pycache__ -not -path "./.venv/*" -prune -exec rm -rf {} +
+	rm -rf $(VENV) $(GENERATED) certs .pytest_cache .hypothesis .mypy_cache .ruff_cache site

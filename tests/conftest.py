@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
-import launch  # noqa: E402  (needs ROOT on sys.path)
+from federated.tools import launch
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def start_learner(out: Path, name: str, port: int, *args: str, leader: str = "12
 def make_certs(directory: Path, sans: str = "") -> Path:
     """Throw-away certificates in directory, as `make certs SANS=...` makes them (certs.sh), also naming sans
     (e.g. "IP:10.47.0.1,IP:10.47.0.2")."""
-    subprocess.run(["bash", str(ROOT / "certs.sh"), str(directory), sans], check=True, capture_output=True, timeout=60)
+    subprocess.run(["bash", str(ROOT / "federated" / "tools" / "certs.sh"), str(directory), sans], check=True, capture_output=True, timeout=60)
     return directory
 
 

@@ -18,10 +18,10 @@ import leader_pb2_grpc
 import learner_pb2
 import learner_pb2_grpc
 
-import fedsgd
 import utils
-import wire
+from federated.wire import codec
 from model import build_model
+from federated.core.layout import GradientLayout
 
 TIMEOUT_S = 120
 LIMITS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -49,7 +49,7 @@ class FrozenLearner(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.Ack(success=True, message="started")
 
     def SyncModelState(self, request, context):
-        payload = wire.decode(request.chunk)
+        payload = codec.decode(request.chunk)
         if payload.metadata.get("finished") == "1":
             self.finished.set()
         return learner_pb2.Ack(success=True, message="synced")
@@ -57,7 +57,7 @@ class FrozenLearner(learner_pb2_grpc.LearnerServiceServicer):
 
 def run_learner(leader_address: str) -> None:
     stub = leader_pb2_grpc.LeaderServiceStub(grpc.insecure_channel(leader_address, options=LIMITS))
-    state = wire.decode(b"".join(m.chunk for m in stub.GetModel(leader_pb2.Empty(), timeout=TIMEOUT_S, wait_for_ready=True)))
+    state = codec.decode(b"".join(m.chunk for m in stub.GetModel(leader_pb2.Empty(), timeout=TIMEOUT_S, wait_for_ready=True)))
     model = build_model(state.metadata["architecture"], int(state.metadata["num_classes"]))
     model.load_state_dict({name: tensor.clone() for name, tensor in state.tensors.items()})
     servicer = FrozenLearner()
@@ -66,16 +66,16 @@ def run_learner(leader_address: str) -> None:
     reply = stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=address), timeout=TIMEOUT_S)
     assert reply.success and reply.learner_id == 0 and reply.max_learners == 1, reply
     credential = credential_of(reply)
-    shard = wire.decode(b"".join(m.chunk for m in stub.GetData(leader_pb2.LearnerDataRequest(network_addr=address), timeout=TIMEOUT_S)))
+    shard = codec.decode(b"".join(m.chunk for m in stub.GetData(leader_pb2.LearnerDataRequest(network_addr=address), timeout=TIMEOUT_S)))
     assert shard.tensors["images"].dtype == torch.uint8 and len(shard.tensors["labels"]) > 0
     assert servicer.started.wait(TIMEOUT_S), "no StartTraining"
-    layout = fedsgd.GradientLayout(model)
+    layout = GradientLayout(model)
     gradient = torch.zeros(layout.size)
     layout.read_buffers(gradient)
     metadata = {"learner_id": "0", "round": state.metadata["round"], "samples": "8", "loss": "2.3"}
     # Registering, fetching and being started need nothing beyond the article's protos; a gradient needs the
     # credential the leader returned (a field these protos do not name), sent back in the fl-credential header.
-    ack = stub.AccumulateGradients(leader_pb2.GradientData(chunk=wire.encode(layout.views(gradient), metadata)),
+    ack = stub.AccumulateGradients(leader_pb2.GradientData(chunk=codec.encode(layout.views(gradient), metadata)),
                                    timeout=TIMEOUT_S, metadata=[("fl-credential", credential)])
     assert ack.success, ack.message
     assert servicer.finished.wait(TIMEOUT_S), "no final SyncModelState"
@@ -92,10 +92,10 @@ def credential_of(reply) -> str:
 class FrozenLeader(leader_pb2_grpc.LeaderServiceServicer):
     def __init__(self) -> None:
         self.model = build_model("resnet20")
-        self.layout = fedsgd.GradientLayout(self.model)
+        self.layout = GradientLayout(self.model)
         data = utils.synthetic(train=False).subset(torch.arange(64))
         self.mean, self.std = utils.channel_stats(data.images)
-        self.shard = wire.encode({"labels": data.labels, "images": data.images}, {"learner_id": "0"})
+        self.shard = codec.encode({"labels": data.labels, "images": data.images}, {"learner_id": "0"})
         self.learner_address = None
         self.synced = threading.Event()
 
@@ -103,7 +103,7 @@ class FrozenLeader(leader_pb2_grpc.LeaderServiceServicer):
         metadata = {"architecture": "resnet20", "num_classes": "10", "round": str(round_index),
                     "finished": "1" if finished else "0", "batch_size": "8", "seed": "0",
                     "mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))}
-        return wire.encode(self.model.state_dict(), metadata)
+        return codec.encode(self.model.state_dict(), metadata)
 
     def RegisterLearner(self, request, context):
         self.learner_address = request.network_addr
@@ -120,8 +120,8 @@ class FrozenLeader(leader_pb2_grpc.LeaderServiceServicer):
             yield leader_pb2.DataChunk(chunk=chunk)
 
     def AccumulateGradients(self, request, context):
-        payload = wire.decode(request.chunk)
-        wire.check_matches(payload, self.layout.spec)
+        payload = codec.decode(request.chunk)
+        codec.check_matches(payload, self.layout.spec)
         threading.Thread(target=self.finish).start()
         return leader_pb2.Ack(success=True, message="accepted")
 

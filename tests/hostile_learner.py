@@ -16,11 +16,11 @@ import time
 import grpc
 import torch
 
-import framing
-import learner
-import rpc
-import wire
-from rpc import leader_pb2
+from federated.wire import framing
+from federated.learner import app as learner
+from federated.net import rpc
+from federated.wire import codec
+from federated.net.rpc import leader_pb2
 
 STREAMS = 20
 
@@ -64,7 +64,7 @@ class HostileLearner(learner.Learner):
                  fill: float = 1e-4) -> bytes:
         metadata = {"learner_id": str(self.learner_id if learner_id is None else learner_id), "round": str(round_index),
                     "samples": str(samples or self.batch_size), "loss": "1.0"}
-        return wire.encode(self.layout.wire_tensors(torch.full((self.layout.size,), fill)), metadata)
+        return codec.encode(self.layout.wire_tensors(torch.full((self.layout.size,), fill)), metadata)
 
     def hold_streams(self, round_index: int) -> str:
         """Open GetData and GetModel streams and never read them."""

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-import leader as leader_module
-import rounds
-import rpc
-import strategies
-import wire
-from rpc import leader_pb2, leader_pb2_grpc
+from federated.leader import app as leader_module
+from federated.net import rpc
+from federated.core import strategies
+from federated.wire import codec
+from federated.net.rpc import leader_pb2, leader_pb2_grpc
+from federated.core.aggregation import RoundUpdates
+from federated.leader.registry import SERVING
 
 LR = 0.05
 
@@ -40,7 +41,7 @@ class LiveLeader:
         self.stub = leader_pb2_grpc.LeaderServiceStub(self.channel)
         args = self.leader.args
         self.reference = leader_module.GlobalModel(args.model, 10, args, ([0.5] * 3, [0.25] * 3))
-        self.counted = strategies.RoundUpdates(self.reference.layout.size, self.reference.layout.size, strategies.Strategy())
+        self.counted = RoundUpdates(self.reference.layout.size, self.reference.layout.size, strategies.Strategy())
         self.hosts: list[grpc.Server] = []
 
     @staticmethod
@@ -69,7 +70,7 @@ class LiveLeader:
         for _ in range(count):
             sessions: set[str] = set()
             host, port = rpc.start_server("127.0.0.1:0", [], [], 1 << 20, sessions=lambda session, sessions=sessions:
-                                          rounds.SERVING if session in sessions else None)
+                                          SERVING if session in sessions else None)
             self.hosts.append(host)
             credentials.append(self.register(f"127.0.0.1:{port}").credential)
             sessions.add(rpc.session_id(credentials[-1]))
@@ -85,7 +86,7 @@ class LiveLeader:
         tensors = tensors if tensors is not None else layout.wire_tensors(torch.full((layout.size,), scale))
         metadata = {"learner_id": str(learner_id), "round": str(round_index), "samples": str(samples), "loss": loss,
                     **extra}
-        return wire.encode(tensors, metadata)
+        return codec.encode(tensors, metadata)
 
     def accumulate(self, chunk: bytes, credential: str | None, timeout: float = 10):
         return self.stub.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=timeout,
@@ -98,8 +99,8 @@ class LiveLeader:
         self.expect_counted(chunk)
 
     def expect_counted(self, chunk: bytes) -> None:
-        payload = wire.decode(chunk)
-        self.counted.add(wire.flat_runs(payload), int(payload.metadata["samples"]), float(payload.metadata["loss"]))
+        payload = codec.decode(chunk)
+        self.counted.add(codec.flat_runs(payload), int(payload.metadata["samples"]), float(payload.metadata["loss"]))
 
     def close_round(self):
         """Close the open round and step both models; assert they agree; return the leader's summary and

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-import launch
+from federated.tools import launch
 from conftest import ROOT, logs, records, spawn, start_leader, start_learner, wait_for_log, wait_for_round
 
 pytestmark = pytest.mark.slow

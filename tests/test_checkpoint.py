@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-import checkpoint
-import leader as leader_module
-import learner as learner_module
+from federated.leader import checkpoint
+from federated.leader import app as leader_module
+from federated.learner import app as learner_module
 
 
 def saved_config(**changes) -> dict:

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from conftest import logs, start_leader, start_learner, wait_for_log, wait_for_round
-import launch
-from metrics import read_metrics
+from federated.tools import launch
+from federated.leader.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

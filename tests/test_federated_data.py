@@ -9,18 +9,18 @@ import grpc
 import pytest
 import torch
 
-import evaluation
-import fedsgd
-import launch
-import leader as leader_module
-import learner
-import messages
+from federated.leader import evaluation
+from federated.tools import launch
+from federated.leader import app as leader_module
+from federated.learner import app as learner
+from federated.wire import messages
 import utils
-import wire
+from federated.wire import codec
 from conftest import logs, records, start_leader, start_learner
 from live import LiveLeader
 from model import build_model
-from rpc import leader_pb2, with_credential
+from federated.net.rpc import leader_pb2, with_credential
+from federated.core.training import evaluate
 
 
 def learners_own_images(root: Path, count: int) -> list[Path]:
@@ -61,7 +61,7 @@ def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_eva
     model = build_model("resnet20", num_classes=10)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     union = torch.cat([data.images for data in tests]), torch.cat([data.labels for data in tests])
-    direct = fedsgd.evaluate(model, utils.normalize(union[0], mean, std), union[1])
+    direct = evaluate(model, utils.normalize(union[0], mean, std), union[1])
     assert final["test_samples"] == len(union[1])
     assert final["test_accuracy"] == pytest.approx(direct.accuracy, abs=1e-9)
     assert final["test_loss"] == pytest.approx(direct.loss, rel=1e-4)
@@ -102,8 +102,8 @@ def test_the_global_model_starts_from_init_weights(tmp_path):
     started = leader.global_model.model.state_dict()
     assert all(torch.equal(started[name], tensor) for name, tensor in saved.state_dict().items())
     images, labels = leader.test_images[:200], leader.test_labels[:200]
-    assert fedsgd.evaluate(leader.global_model.model, images, labels) == fedsgd.evaluate(saved, images, labels)
-    served = wire.decode(leader.global_model.encoded_state)  # what learners fetch: the saved weights
+    assert evaluate(leader.global_model.model, images, labels) == evaluate(saved, images, labels)
+    served = codec.decode(leader.global_model.encoded_state)  # what learners fetch: the saved weights
     assert torch.equal(served.tensors["fc.weight"], saved.fc.weight.detach())
 
 
@@ -176,7 +176,7 @@ def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_ke
     for index, data in enumerate((summary(train=100), black)):
         assert live.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=data)).success
     assert live.leader.settle_on_learners_data()
-    schedule, state = live.leader.schedule, wire.decode(live.leader.global_model.encoded_state)
+    schedule, state = live.leader.schedule, codec.decode(live.leader.global_model.encoded_state)
     assert (schedule.steps_per_epoch, schedule.total_rounds) == (10, 20)  # the smaller learner's 100 images
     info = messages.StateInfo.from_payload(state)
     # the liar weighs no more than the median learner's 100 images: mean 0.5 * 100 / 200, E[x^2] 0.3 * 100 / 200
@@ -185,7 +185,7 @@ def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_ke
     live.stop()
     resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path)]))
     assert resumed.schedule == schedule
-    assert messages.StateInfo.from_payload(wire.decode(resumed.global_model.encoded_state)).mean == info.mean
+    assert messages.StateInfo.from_payload(codec.decode(resumed.global_model.encoded_state)).mean == info.mean
 
 
 def test_a_learner_keeps_the_summary_it_registered_with_and_only_those_asked_may_report(dataless):
@@ -228,7 +228,7 @@ def test_a_resumed_run_neither_asks_again_for_an_evaluation_nor_needs_its_init_f
     leader.save_checkpoint(5)  # an evaluation round
     init.unlink()
     resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path / "run")]))
-    state = wire.decode(resumed.global_model.encoded_state)
+    state = codec.decode(resumed.global_model.encoded_state)
     assert messages.round_of(state) == 5 and "evaluate" not in state.metadata
 
 
@@ -245,13 +245,13 @@ def test_a_partition_that_cannot_be_met_stops_the_leader_saying_why(tmp_path, fl
 def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_built():
     metadata = {"architecture": "torchvision:vgg19_bn", "num_classes": "100000", "batch_size": "64", "seed": "0",
                 "round": "0"}
-    state = wire.decode(wire.encode({"x": torch.zeros(1)}, metadata))
-    with pytest.raises(wire.PayloadError, match="do not match the model"):
+    state = codec.decode(codec.encode({"x": torch.zeros(1)}, metadata))
+    with pytest.raises(codec.PayloadError, match="do not match the model"):
         learner.check_fits(state, messages.StateInfo.from_payload(state), torch.float32)
     for bad in ({"mean": "0.5,0.5", "std": "0.2,0.2"}, {"mean": "inf,0,0", "std": "1,1,1"},
                 {"mean": "0,0,0", "std": "1e-300,1,1"}, {"image_size": "100000"}):
-        with pytest.raises(wire.PayloadError):
-            messages.StateInfo.from_payload(wire.decode(wire.encode({"x": torch.zeros(1)}, {**metadata, **bad})))
+        with pytest.raises(codec.PayloadError):
+            messages.StateInfo.from_payload(codec.decode(codec.encode({"x": torch.zeros(1)}, {**metadata, **bad})))
 
 
 def test_with_skewed_shards_of_its_own_data_an_epoch_is_as_many_images_as_the_dataset_holds(tmp_path):

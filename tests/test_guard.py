@@ -9,14 +9,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import framing
-import guard
-import launch
-import learner as learner_module
-import rpc
-import wire
+from federated.wire import framing
+from federated.net import guard
+from federated.tools import launch
+from federated.learner import app as learner_module
+from federated.net import rpc
+from federated.wire import codec
 from live import LiveLeader
-from rpc import leader_pb2
+from federated.net.rpc import leader_pb2
 
 IDLE_S = 1.0
 
@@ -157,7 +157,7 @@ class SlowStream:
 
 
 def test_a_slow_stream_may_take_long_but_not_stall():
-    payload = wire.encode({"w": torch.ones(1000)})
+    payload = codec.encode({"w": torch.ones(1000)})
     with SlowStream(payload, [0.4] * 6) as channel:  # 2.4 s in all, never 1.2 s without a chunk
         received = learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
         assert torch.equal(received.tensors["w"], torch.ones(1000))

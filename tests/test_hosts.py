@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import guard
-import hosts
-import launch
+from federated.net import guard
+from federated.tools import hosts
+from federated.tools import launch
 from conftest import logs, make_certs, start_leader, start_learner, tls_flags, wait_for_log, wait_for_round
-from metrics import read_metrics
+from federated.leader.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import guard
+from federated.net import guard
 from conftest import ROOT, logs, run_federation
-from metrics import read_metrics
+from federated.leader.metrics import read_metrics
 from model import build_model
 
 

@@ -9,7 +9,7 @@ import torch
 import torchvision.models
 from torch import nn
 
-import checkpoint
+from federated.leader import checkpoint
 from model import ARCHITECTURES, GROUPS, TOO_SMALL_INPUTS, architectures, build_model, load_initial_weights
 
 

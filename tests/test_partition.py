@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import partition
+from federated.core import partition
 import utils
-from partition import SCHEMES
+from federated.core.partition import SCHEMES
 
 # The synthetic training set's labels (utils.synthetic draws them first from this generator), without its images
 SYNTHETIC_LABELS = torch.randint(10, (10_000,), generator=torch.Generator().manual_seed(1))

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, spawn
-import launch
-import framing
-from rpc import leader_pb2
+from federated.tools import launch
+from federated.wire import framing
+from federated.net.rpc import leader_pb2
 
 FROZEN = ROOT / "tests" / "frozen_protos"
 NAMES = ("leader.proto", "learner.proto")

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from rounds import (ACTIVE, DROPPED, JOINING, MAX_MISSED_ROUNDS, NOT_SERVING, SERVING, STARTING, Refusal, Registry,
-                    RoundCollector, check_address)
-from rpc import session_id
+from federated.leader.registry import ACTIVE, DROPPED, JOINING, NOT_SERVING, SERVING, STARTING, Refusal, Registry, check_address
+from federated.leader.collector import MAX_MISSED_ROUNDS, RoundCollector
+from federated.net.rpc import session_id
 
 
 @pytest.mark.parametrize("address", ["10.0.0.2:50052", "learner-1.local:1", "[::1]:8080", "host_a:65535"])

@@ -4,14 +4,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import leader as leader_module
-import learner as learner_module
-import guard
-import rpc
-import wire
+from federated.leader import app as leader_module
+from federated.learner import app as learner_module
+from federated.net import guard
+from federated.net import rpc
+from federated.wire import codec
 from conftest import logs, make_certs, run_federation, tls_flags
-from metrics import read_metrics
-from rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from federated.leader.metrics import read_metrics
+from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 TOKEN = "s3cret-token"
 
@@ -103,7 +103,7 @@ def secure_learner(secure_leader, certs):
 def sync(learner, credentials: rpc.Security):
     """SyncModelState with the learner's own credential, so that only TLS and the token are in question."""
     stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials, 1 << 20))
-    state = wire.encode(learner.model.state_dict(), {"round": "5"})
+    state = codec.encode(learner.model.state_dict(), {"round": "5"})
     return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10,
                                metadata=rpc.with_credential(learner.credential.value))
 

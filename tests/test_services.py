@@ -18,17 +18,17 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fedsgd
-import framing
-import guard
-import launch
-import leader as leader_module
-import learner as learner_module
-import rpc
-import wire
+from federated.wire import framing
+from federated.net import guard
+from federated.tools import launch
+from federated.leader import app as leader_module
+from federated.learner import app as learner_module
+from federated.net import rpc
+from federated.wire import codec
 from live import LR, LiveLeader, model_hash
 from model import build_model
-from rpc import leader_pb2, learner_pb2, learner_pb2_grpc
+from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
+from federated.core.layout import GradientLayout
 
 
 @pytest.fixture
@@ -61,16 +61,16 @@ def test_registration_refuses_malformed_addresses(live, address):
 def test_get_model_streams_the_checked_global_state(live):
     chunks = [message.chunk for message in live.stub.GetModel(leader_pb2.Empty(), timeout=10)]
     assert len(chunks) >= 2 and max(map(len, chunks)) <= framing.CHUNK_BYTES
-    payload = wire.decode(b"".join(chunks))
+    payload = codec.decode(b"".join(chunks))
     model = live.leader.global_model.model
-    wire.check_matches(payload, learner_module.state_spec(model, torch.float32))
+    codec.check_matches(payload, learner_module.state_spec(model, torch.float32))
     assert payload.metadata["architecture"] == "resnet20" and payload.metadata["round"] == "0"
 
 
-def get_data(live, address: str, credential: str | None = None) -> wire.Payload:
+def get_data(live, address: str, credential: str | None = None) -> codec.Payload:
     request = leader_pb2.LearnerDataRequest(network_addr=address)
     messages = live.stub.GetData(request, timeout=10, metadata=rpc.with_credential(credential))
-    return wire.decode(b"".join(message.chunk for message in messages))
+    return codec.decode(b"".join(message.chunk for message in messages))
 
 
 def test_get_data_sends_the_registered_learners_shard_as_uint8_encoded_once(live):
@@ -150,7 +150,7 @@ def bad_gradients(live) -> dict:
         "samples beyond the batch": (live.gradient(1, samples=10**17), invalid, "exceeds the batch of 8"),
         "nan loss": (live.gradient(1, loss="nan"), invalid, "loss"),
         "negative loss": (live.gradient(1, loss="-3"), invalid, "loss"),
-        "no learner id": (wire.encode(views, {"round": "0"}), invalid, "learner_id"),
+        "no learner id": (codec.encode(views, {"round": "0"}), invalid, "learner_id"),
         "another learner's id": (live.gradient(0), invalid, "not the caller's slot, 1"),
         "shape overflowing torch": (header_only({"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}),
                                     invalid, "more than"),
@@ -319,12 +319,12 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
 def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gradients():
     torch.manual_seed(0)
     model, source = build_model("resnet20"), build_model("resnet20")
-    layout = fedsgd.GradientLayout(model)
+    layout = GradientLayout(model)
     gradient = torch.zeros(layout.size)
     layout.bind_gradients(gradient)
     parameters = list(model.parameters())
-    data = wire.encode(source.state_dict())
-    payload = wire.receive([data[:1000], data[1000:]], len(data), check_finite=True)
+    data = codec.encode(source.state_dict())
+    payload = codec.receive([data[:1000], data[1000:]], len(data), check_finite=True)
     learner_module.load_state(model, payload, take_over=True)
     assert all(now is before for now, before in zip(model.parameters(), parameters))
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in source.state_dict().items())
@@ -332,7 +332,7 @@ def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gr
     assert all(start <= t.data_ptr() < start + len(payload.buffer) for t in model.state_dict().values() if t.numel())
     start = gradient.data_ptr()
     assert all(start <= p.grad.data_ptr() < start + gradient.numel() * 4 for p in model.parameters())
-    learner_module.load_state(model, wire.decode(wire.encode(model.state_dict())))  # a later, copying load
+    learner_module.load_state(model, codec.decode(codec.encode(model.state_dict())))  # a later, copying load
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
@@ -347,9 +347,9 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
     name = next(iter(state))
     bad = {
         "garbage": b"not a payload",
-        "nan": wire.encode(dict(state, **{name: torch.full_like(state[name], float("inf"))}), {"round": "1"}),
-        "shape": wire.encode(dict(state, **{name: torch.zeros(1)}), {"round": "1"}),
-        "no round": wire.encode(state, {}),
+        "nan": codec.encode(dict(state, **{name: torch.full_like(state[name], float("inf"))}), {"round": "1"}),
+        "shape": codec.encode(dict(state, **{name: torch.zeros(1)}), {"round": "1"}),
+        "no round": codec.encode(state, {}),
     }
     before = [t.clone() for t in learner.model.state_dict().values()]
     for case, chunk in bad.items():
@@ -357,14 +357,14 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         assert not reply.success and "rejected" in reply.message, case
     assert all(torch.equal(a, b) for a, b in zip(before, learner.model.state_dict().values()))
     assert learner.inbox.take(0, timeout=0) is None
-    good = wire.encode(state, {"round": "1"})
+    good = codec.encode(state, {"round": "1"})
     assert stub.SyncModelState(learner_pb2.ModelState(chunk=good), timeout=10, metadata=leader_call(learner)).success
     assert learner.inbox.take(0, timeout=0) is not None
 
 
 def test_learner_takes_states_and_orders_only_with_its_leaders_credential(live, live_learner):
     learner, stub = live_learner
-    state = wire.encode(live.leader.global_model.model.state_dict(), {"round": "7"})
+    state = codec.encode(live.leader.global_model.model.state_dict(), {"round": "7"})
     for metadata in ([], rpc.with_credential("forged")):
         for call in (lambda: stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10, metadata=metadata),
                      lambda: stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=metadata)):
@@ -472,7 +472,7 @@ def test_a_peer_whose_health_service_knows_no_sessions_is_not_taken_for_gone():
     from concurrent import futures
     from grpc_health.v1 import health as grpc_health
 
-    import dispatch
+    from federated.leader import dispatch
 
     standard = grpc.server(futures.ThreadPoolExecutor(2))
     health_pb2_grpc.add_HealthServicer_to_server(grpc_health.HealthServicer(), standard)

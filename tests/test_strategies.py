@@ -8,15 +8,18 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-import fedsgd
-import leader as leader_module
-import learner as learner_module
-import local
-import strategies
-import wire
-from messages import StateInfo, TrainingPlan, UpdateInfo
-from rounds import Member
+from federated.leader import app as leader_module
+from federated.learner import app as learner_module
+from federated.core import training
+from federated.core import strategies
+from federated.wire import codec
+from federated.wire.messages import StateInfo, TrainingPlan, UpdateInfo
+from federated.leader.registry import Member
 from test_fedsgd import assert_same_parameters, batch, small_net
+from federated.core.aggregation import AGGREGATORS, RoundUpdates, aggregate, clip_to_norm, coordinate_median, minimum_updates, multi_krum, too_few, trimmed_mean
+from federated.core.layout import GradientLayout
+from federated.core.steps import apply_mean_gradient, make_optimizer
+from federated.core.training import compute_gradient, evaluate
 
 
 def fedavg_plan(lr: float, steps: int = 1, momentum: float = 0.0, weight_decay: float = 5e-4, **changes) -> TrainingPlan:
@@ -27,20 +30,20 @@ def run_round(model: nn.Module, batches: list[list[tuple]], plan: TrainingPlan, 
               optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
     """One round of a local-training strategy through the leader's arithmetic: each learner's local_update on a
     copy of model, RoundUpdates, then the server optimizer on model."""
-    layout = fedsgd.GradientLayout(model)
+    layout = GradientLayout(model)
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
     optimizer = optimizer or strategies.make_server_optimizer(model, strategy)
-    updates = strategies.RoundUpdates(layout.size, layout.parameter_count, strategy)
+    updates = RoundUpdates(layout.size, layout.parameter_count, strategy)
     for learner_batches in batches:
         learner = copy.deepcopy(model)
-        learner_layout = fedsgd.GradientLayout(learner)
+        learner_layout = GradientLayout(learner)
         flat = torch.zeros(learner_layout.size)
         learner_layout.bind_gradients(flat)
-        loss = local.local_update(learner, learner_layout, flat, lambda step: learner_batches[step], plan)
+        loss = training.local_update(learner, learner_layout, flat, lambda step: learner_batches[step], plan)
         updates.add([flat], sum(len(labels) for _, labels in learner_batches[:plan.local_steps]), loss)
     updates.combine_into(mean)
-    fedsgd.apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, plan.local_steps)
+    apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, plan.local_steps)
     return optimizer
 
 
@@ -51,19 +54,19 @@ def test_fedavg_with_one_local_step_and_server_lr_1_is_fedsgd():
     run_round(fedavg, batches, fedavg_plan(0.1), strategies.Strategy("fedavg"))
 
     fedsgd_model = copy.deepcopy(model)
-    layout = fedsgd.GradientLayout(fedsgd_model)
+    layout = GradientLayout(fedsgd_model)
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
-    updates = strategies.RoundUpdates(layout.size, layout.size, strategies.Strategy())
+    updates = RoundUpdates(layout.size, layout.size, strategies.Strategy())
     for (images, labels), in batches:
         learner = copy.deepcopy(model)
-        learner_layout = fedsgd.GradientLayout(learner)
+        learner_layout = GradientLayout(learner)
         flat = torch.zeros(learner_layout.size)
         learner_layout.bind_gradients(flat)
-        updates.add([flat], len(labels), fedsgd.compute_gradient(learner, learner_layout, flat, images, labels))
+        updates.add([flat], len(labels), compute_gradient(learner, learner_layout, flat, images, labels))
     updates.combine_into(mean)
-    optimizer = fedsgd.make_optimizer(fedsgd_model, 0.1, momentum=0.0, weight_decay=5e-4)
-    fedsgd.apply_mean_gradient(layout, optimizer, mean, 0.1)
+    optimizer = make_optimizer(fedsgd_model, 0.1, momentum=0.0, weight_decay=5e-4)
+    apply_mean_gradient(layout, optimizer, mean, 0.1)
 
     assert_same_parameters(fedavg, fedsgd_model)
     for (name, ours), theirs in zip(fedavg.named_buffers(), fedsgd_model.buffers()):
@@ -78,7 +81,7 @@ def test_learners_on_identical_data_equal_one_process_doing_the_same_local_steps
     run_round(federated, [steps] * 3, plan, strategies.Strategy("fedavg"))
 
     alone = copy.deepcopy(model)
-    optimizer = fedsgd.make_optimizer(alone, 0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = make_optimizer(alone, 0.05, momentum=0.9, weight_decay=5e-4)
     alone.train()
     for images, labels in steps:
         optimizer.zero_grad()
@@ -148,12 +151,12 @@ def manual_steps(model: nn.Module, steps: list[tuple], lr: float, extra) -> torc
 
 
 def local_pseudo_gradient(model: nn.Module, steps: list[tuple], plan: TrainingPlan,
-                          controls: local.Controls | None = None) -> tuple[torch.Tensor, fedsgd.GradientLayout]:
+                          controls: training.Controls | None = None) -> tuple[torch.Tensor, GradientLayout]:
     learner = copy.deepcopy(model)
-    layout = fedsgd.GradientLayout(learner, controls=controls is not None)
+    layout = GradientLayout(learner, controls=controls is not None)
     flat = torch.zeros(layout.size)
     layout.bind_gradients(flat)
-    local.local_update(learner, layout, flat, lambda step: steps[step], plan, controls)
+    training.local_update(learner, layout, flat, lambda step: steps[step], plan, controls)
     return flat, layout
 
 
@@ -173,7 +176,7 @@ def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2(
     model = small_net()
     steps = [batch(8, seed) for seed in range(3)]
     count = sum(p.numel() for p in model.parameters())
-    controls = local.Controls(count)
+    controls = training.Controls(count)
     torch.manual_seed(1)
     controls.server.copy_(torch.randn(count) * 0.1)
     controls.own.copy_(torch.randn(count) * 0.1)
@@ -206,18 +209,18 @@ def test_every_rule_ignores_the_order_of_updates(rows, random):
     order = list(range(len(rows)))
     random.shuffle(order)
     weights = torch.ones(len(rows))
-    for rule in strategies.AGGREGATORS:
+    for rule in AGGREGATORS:
         strategy = strategies.Strategy(aggregator=rule, byzantine=1)
-        torch.testing.assert_close(strategies.aggregate(strategy, updates[order], weights),
-                                   strategies.aggregate(strategy, updates, weights), msg=rule)
+        torch.testing.assert_close(aggregate(strategy, updates[order], weights),
+                                   aggregate(strategy, updates, weights), msg=rule)
 
 
 def test_trimmed_mean_without_trimming_is_the_mean_and_median_of_identical_updates_is_that_update():
     updates = torch.randn(5, 7)
-    torch.testing.assert_close(strategies.trimmed_mean(updates, 0.0), updates.mean(dim=0))
+    torch.testing.assert_close(trimmed_mean(updates, 0.0), updates.mean(dim=0))
     same = torch.randn(7).repeat(4, 1)
-    torch.testing.assert_close(strategies.coordinate_median(same), same[0])
-    torch.testing.assert_close(strategies.coordinate_median(torch.tensor([[1.0], [5.0], [2.0], [9.0]])),
+    torch.testing.assert_close(coordinate_median(same), same[0])
+    torch.testing.assert_close(coordinate_median(torch.tensor([[1.0], [5.0], [2.0], [9.0]])),
                                torch.tensor([3.5]))
 
 
@@ -227,9 +230,9 @@ def test_krum_picks_honest_updates_when_f_attackers_send_outliers(rule):
     honest = torch.ones(5, 10) + 0.1 * torch.randn(5, 10)
     attackers = torch.full((2, 10), -50.0)
     updates = torch.cat([attackers[:1], honest, attackers[1:]])
-    result = strategies.aggregate(strategies.Strategy(aggregator=rule, byzantine=2), updates, torch.ones(7))
+    result = aggregate(strategies.Strategy(aggregator=rule, byzantine=2), updates, torch.ones(7))
     assert (result - 1).abs().max() < 0.5
-    _, chosen = strategies.multi_krum(updates, byzantine=2, selected=5)
+    _, chosen = multi_krum(updates, byzantine=2, selected=5)
     assert sorted(chosen) == [1, 2, 3, 4, 5]
 
 
@@ -238,7 +241,7 @@ def test_krum_picks_honest_updates_when_f_attackers_send_outliers(rule):
 def test_clipping_never_increases_a_norm(values, max_norm):
     update = torch.tensor(values)
     before = torch.linalg.vector_norm(update).item()
-    strategies.clip_to_norm(update, max_norm)
+    clip_to_norm(update, max_norm)
     after = torch.linalg.vector_norm(update).item()
     assert after <= before * (1 + 1e-6)
     assert after <= max_norm * (1 + 1e-5) or before <= max_norm
@@ -246,7 +249,7 @@ def test_clipping_never_increases_a_norm(values, max_norm):
 
 def test_robust_rules_apply_to_batchnorm_statistics_too_so_one_learner_cannot_set_them():
     strategy = strategies.Strategy(aggregator="median")
-    updates = strategies.RoundUpdates(size=3, model_size=1, strategy=strategy)
+    updates = RoundUpdates(size=3, model_size=1, strategy=strategy)
     for row in ([1.0, 1.0, 2.0], [2.0, 3.0, 2.0], [9.0, 900.0, 900.0]):  # the last one is hostile
         updates.add([torch.tensor(row)], samples=4, loss=0.5)
     out = torch.zeros(3)
@@ -259,15 +262,15 @@ def test_krum_chooses_on_the_model_part_and_takes_the_median_of_the_statistics()
     for rule in ("krum", "multi-krum"):
         # on whole rows the statistics (last column) would decide; on the model part the outlier is row 4, and
         # an honest-looking model part (row 3) does not carry its hostile statistic through
-        result = strategies.aggregate(strategies.Strategy(aggregator=rule, byzantine=1), updates, torch.ones(5), 2)
+        result = aggregate(strategies.Strategy(aggregator=rule, byzantine=1), updates, torch.ones(5), 2)
         assert abs(result[0].item() - 1.0) < 0.2 and result[2].item() == 9.0, rule
 
 
 def test_rounds_too_small_for_a_robust_rule_are_named():
-    assert strategies.too_few(strategies.Strategy(aggregator="krum", byzantine=1), 4) is not None
-    assert strategies.too_few(strategies.Strategy(aggregator="krum", byzantine=1), 5) is None
-    assert strategies.too_few(strategies.Strategy(aggregator="median"), 2) is not None
-    assert strategies.too_few(strategies.Strategy(), 1) is None
+    assert too_few(strategies.Strategy(aggregator="krum", byzantine=1), 4) is not None
+    assert too_few(strategies.Strategy(aggregator="krum", byzantine=1), 5) is None
+    assert too_few(strategies.Strategy(aggregator="median"), 2) is not None
+    assert too_few(strategies.Strategy(), 1) is None
 
 
 def test_a_scaffold_control_change_that_would_blow_up_is_named():
@@ -303,26 +306,26 @@ def byzantine_accuracy(aggregator: str, attacked: bool, clip_norm: float = 0.0) 
     strategy = strategies.Strategy("fedavg", local_steps=2, aggregator=aggregator, byzantine=1, trim=0.2,
                                    clip_norm=clip_norm)
     plan = fedavg_plan(0.05, steps=2, weight_decay=0.0)
-    layout = fedsgd.GradientLayout(model)
+    layout = GradientLayout(model)
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
     optimizer = strategies.make_server_optimizer(model, strategy)
     for round_index in range(25):
-        updates = strategies.RoundUpdates(layout.size, layout.parameter_count, strategy)
+        updates = RoundUpdates(layout.size, layout.parameter_count, strategy)
         for learner_id in range(5):
             learner = copy.deepcopy(model)
-            learner_layout = fedsgd.GradientLayout(learner)
+            learner_layout = GradientLayout(learner)
             flat = torch.zeros(learner_layout.size)
             learner_layout.bind_gradients(flat)
             data = [blobs(1000 * round_index + 10 * learner_id + step, 32) for step in range(2)]
-            loss = local.local_update(learner, learner_layout, flat, lambda step: data[step], plan)
+            loss = training.local_update(learner, learner_layout, flat, lambda step: data[step], plan)
             if attacked and learner_id == 4:
                 flat.mul_(-10)
             updates.add([flat], 64, loss)
         updates.combine_into(mean)
-        fedsgd.apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, 2)
+        apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, 2)
     images, labels = blobs(7, 2000)
-    return fedsgd.evaluate(model, images, labels).accuracy
+    return evaluate(model, images, labels).accuracy
 
 
 def test_a_sign_flipping_learner_wrecks_the_mean_but_not_the_robust_rules():
@@ -357,8 +360,8 @@ def test_flags_a_run_would_ignore_or_learners_would_refuse_are_refused(flags, me
 def test_a_robust_rule_waits_for_enough_updates_unless_told_otherwise():
     assert leader_module.parse_args(["--aggregator", "krum", "--learners", "6"]).min_learners == 5
     assert leader_module.parse_args(["--aggregator", "trimmed-mean", "--trim", "0.1", "--learners", "12"]).min_learners == 10
-    assert strategies.minimum_updates("trimmed-mean", trim=0.2) == 5  # with fewer, floor(0.2 K) trims nothing
-    assert strategies.trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]]), 0.2).item() == 2.0
+    assert minimum_updates("trimmed-mean", trim=0.2) == 5  # with fewer, floor(0.2 K) trims nothing
+    assert trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]]), 0.2).item() == 2.0
 
 
 def test_local_epochs_set_the_steps_per_round_and_epochs_keep_meaning_passes_over_the_shard():
@@ -385,11 +388,11 @@ def claims_checker(strategy: strategies.Strategy) -> leader_module.LeaderService
 ])
 def test_the_leader_refuses_updates_of_the_wrong_kind_or_claiming_more_than_it_asked_for(claims, message):
     checker = claims_checker(strategies.Strategy("fedavg", local_steps=10))
-    payload = wire.decode(wire.encode({}, claims.to_metadata()))
-    with pytest.raises(wire.PayloadError, match=message):
+    payload = codec.decode(codec.encode({}, claims.to_metadata()))
+    with pytest.raises(codec.PayloadError, match=message):
         checker.check_claims(payload, Member(0, "127.0.0.1:1", "", 1))
     honest = UpdateInfo(0, 0, 320, 1.0, "pseudo-gradient", steps=10)
-    assert checker.check_claims(wire.decode(wire.encode({}, honest.to_metadata())), Member(0, "", "", 1)) == honest
+    assert checker.check_claims(codec.decode(codec.encode({}, honest.to_metadata())), Member(0, "", "", 1)) == honest
 
 
 def test_fedsgd_metadata_is_what_the_articles_peers_send_and_expect():
@@ -403,10 +406,10 @@ def test_a_plan_round_trips_through_metadata_even_with_nobody_sampled():
     for plan in (TrainingPlan(), TrainingPlan(participants=()), TrainingPlan(participants=(0, 4)),
                  TrainingPlan("scaffold", 7, 0.0, 0.9, 5e-4, 0.0, (2,))):
         assert TrainingPlan.from_metadata(plan.to_metadata()) == plan
-    with pytest.raises(wire.PayloadError):
+    with pytest.raises(codec.PayloadError):
         TrainingPlan.from_metadata({"strategy": "fedavg", "local_steps": "1", "client_lr": "nan",
                                     "client_momentum": "0", "weight_decay": "0", "mu": "0"})
-    with pytest.raises(wire.PayloadError):
+    with pytest.raises(codec.PayloadError):
         TrainingPlan.from_metadata({"participants": "1,,2"})
 
 

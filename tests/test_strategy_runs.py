@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import launch
+from federated.tools import launch
 from conftest import ROOT, logs, records, run_federation, spawn, start_leader, start_learner
 
 # Each strategy with flags that reach 90 % within about 250 local steps of batch 32 on the synthetic set. The

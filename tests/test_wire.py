@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import wire
+from federated.wire import codec
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -31,7 +31,7 @@ def build(header: dict, data: bytes) -> bytes:
 
 def test_round_trip_keeps_values_order_and_metadata():
     tensors = sample_tensors()
-    payload = wire.decode(wire.encode(tensors, {"round": "3"}))
+    payload = codec.decode(codec.encode(tensors, {"round": "3"}))
     assert payload.metadata == {"round": "3"}
     assert list(payload.tensors) == list(tensors)
     for name, tensor in tensors.items():
@@ -40,10 +40,10 @@ def test_round_trip_keeps_values_order_and_metadata():
 
 
 def test_decoded_tensors_are_views_of_the_received_bytes():
-    data = wire.encode({"a": torch.arange(16, dtype=torch.float32)})
-    payload = wire.decode(data)
+    data = codec.encode({"a": torch.arange(16, dtype=torch.float32)})
+    payload = codec.decode(data)
     assert payload.tensors["a"].untyped_storage().data_ptr() - payload.data_start == _address_of(data)
-    assert payload.data_start % wire.ALIGNMENT == 0
+    assert payload.data_start % codec.ALIGNMENT == 0
 
 
 def _address_of(data: bytes) -> int:
@@ -54,7 +54,7 @@ def _address_of(data: bytes) -> int:
 
 def test_payload_is_a_valid_safetensors_file():
     tensors = sample_tensors()
-    loaded = safetensors.torch.load(wire.encode(tensors, {"kind": "test"}))
+    loaded = safetensors.torch.load(codec.encode(tensors, {"kind": "test"}))
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor)
@@ -62,7 +62,7 @@ def test_payload_is_a_valid_safetensors_file():
 
 def test_safetensors_output_decodes():
     tensors = {"x": torch.randn(3, 5), "y": torch.arange(4)}
-    payload = wire.decode(safetensors.torch.save(tensors, metadata={"m": "1"}))
+    payload = codec.decode(safetensors.torch.save(tensors, metadata={"m": "1"}))
     assert payload.metadata == {"m": "1"}
     assert all(torch.equal(payload.tensors[name], tensor) for name, tensor in tensors.items())
 
@@ -70,7 +70,7 @@ def test_safetensors_output_decodes():
 def test_flat_runs_span_all_tensors_in_order_one_run_per_dtype():
     tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.arange(6.0, 10.0), "c": torch.arange(3).half(),
                "d": torch.ones(2)}
-    runs = wire.flat_runs(wire.decode(wire.encode(tensors)))
+    runs = codec.flat_runs(codec.decode(codec.encode(tensors)))
     assert [run.dtype for run in runs] == [torch.float32, torch.float16, torch.float32]
     assert torch.equal(runs[0], torch.arange(10.0)) and torch.equal(runs[1], torch.arange(3).half())
     assert torch.equal(runs[2], torch.ones(2))
@@ -101,16 +101,16 @@ def test_flat_runs_span_all_tensors_in_order_one_run_per_dtype():
     (build({"t" * 100_000: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not tile"),
 ])
 def test_malformed_payloads_are_rejected_with_a_short_reason(data, message):
-    with pytest.raises(wire.PayloadError, match=message) as error:
-        wire.decode(data)
+    with pytest.raises(codec.PayloadError, match=message) as error:
+        codec.decode(data)
     assert len(str(error.value)) < 400
 
 
 def test_truncated_payloads_are_rejected():
-    data = wire.encode(sample_tensors())
+    data = codec.encode(sample_tensors())
     for length in range(0, len(data), 7):
-        with pytest.raises(wire.PayloadError):
-            wire.decode(data[:length])
+        with pytest.raises(codec.PayloadError):
+            codec.decode(data[:length])
 
 
 SPEC = {"w": (torch.float32, (2, 2)), "b": (torch.float32, (2,))}
@@ -126,19 +126,19 @@ SPEC = {"w": (torch.float32, (2, 2)), "b": (torch.float32, (2,))}
     ({"w": torch.zeros(2, 2), "b": torch.tensor([float("inf"), 0.0])}, "NaN or Inf"),
 ])
 def test_check_matches_names_every_mismatch(tensors, message):
-    with pytest.raises(wire.PayloadError, match=message):
-        wire.check_matches(wire.decode(wire.encode(tensors)), SPEC)
+    with pytest.raises(codec.PayloadError, match=message):
+        codec.check_matches(codec.decode(codec.encode(tensors)), SPEC)
 
 
 def test_check_matches_accepts_the_right_tensors():
-    wire.check_matches(wire.decode(wire.encode({"w": torch.ones(2, 2), "b": torch.ones(2)})), SPEC)
+    codec.check_matches(codec.decode(codec.encode({"w": torch.ones(2, 2), "b": torch.ones(2)})), SPEC)
 
 
 @pytest.mark.parametrize("value", [None, "", "x", "1.5", "-1", "9" * 30, "١"])
 def test_metadata_int_rejects_what_is_not_a_small_non_negative_integer(value):
     metadata = {} if value is None else {"n": value}
-    with pytest.raises(wire.PayloadError, match="'n'"):
-        wire.metadata_int(wire.decode(wire.encode({}, metadata)).metadata, "n")
+    with pytest.raises(codec.PayloadError, match="'n'"):
+        codec.metadata_int(codec.decode(codec.encode({}, metadata)).metadata, "n")
 
 
 def chunked(data: bytes, sizes: list[int]):
@@ -154,18 +154,18 @@ def chunked(data: bytes, sizes: list[int]):
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(1, 300), max_size=40))
 def test_receive_decodes_any_chunking_like_decode(sizes):
-    data = wire.encode(sample_tensors(), {"round": "3"})
-    whole, streamed = wire.decode(data), wire.receive(chunked(data, sizes), len(data), check_finite=True)
+    data = codec.encode(sample_tensors(), {"round": "3"})
+    whole, streamed = codec.decode(data), codec.receive(chunked(data, sizes), len(data), check_finite=True)
     assert streamed.metadata == whole.metadata and list(streamed.tensors) == list(whole.tensors)
     for name, tensor in whole.tensors.items():
         assert streamed.tensors[name].dtype == tensor.dtype and torch.equal(streamed.tensors[name], tensor)
 
 
 def test_received_tensors_are_writable_and_own_their_buffer():
-    data = wire.encode({"w": torch.ones(3)})
-    payload = wire.receive(chunked(data, [5, 60]), len(data))
+    data = codec.encode({"w": torch.ones(3)})
+    payload = codec.receive(chunked(data, [5, 60]), len(data))
     payload.tensors["w"].add_(1)
-    assert torch.equal(wire.decode(data).tensors["w"], torch.ones(3))
+    assert torch.equal(codec.decode(data).tensors["w"], torch.ones(3))
     assert payload.tensors["w"].tolist() == [2.0, 2.0, 2.0]
 
 
@@ -176,15 +176,15 @@ def test_received_tensors_are_writable_and_own_their_buffer():
     (None, b"\0", "more than the"),
 ])
 def test_receive_refuses_short_and_long_streams(cut, extra, message):
-    data = wire.encode({"w": torch.ones(3), "b": torch.ones(2)})
-    with pytest.raises(wire.PayloadError, match=message):
-        wire.receive(chunked(data[:cut] + extra, [7, 100]), 1 << 20)
+    data = codec.encode({"w": torch.ones(3), "b": torch.ones(2)})
+    with pytest.raises(codec.PayloadError, match=message):
+        codec.receive(chunked(data[:cut] + extra, [7, 100]), 1 << 20)
 
 
 def test_receive_refuses_payloads_over_the_limit_before_buffering_them():
-    data = wire.encode({"w": torch.ones(1000)})
-    with pytest.raises(wire.PayloadError, match="exceeds the 100-byte limit"):
-        wire.receive(chunked(data, [len(data) - 4000]), 100)
+    data = codec.encode({"w": torch.ones(1000)})
+    with pytest.raises(codec.PayloadError, match="exceeds the 100-byte limit"):
+        codec.receive(chunked(data, [len(data) - 4000]), 100)
 
 
 @pytest.mark.parametrize("name, value", [("a", float("nan")), ("b", float("inf")), ("c", -float("inf"))])
@@ -192,22 +192,22 @@ def test_receive_names_the_tensor_that_is_not_finite(name, value):
     # a and b are checked as one run of float32, then come an integer and a float64 tensor
     tensors = {"a": torch.ones(3), "b": torch.ones(4), "n": torch.tensor(3), "c": torch.ones(2).double()}
     tensors[name][1] = value
-    data = wire.encode(tensors)
-    with pytest.raises(wire.PayloadError, match=f"tensor '{name}' holds NaN or Inf"):
-        wire.receive(chunked(data, [70, 3, 11]), len(data), check_finite=True)
-    assert wire.receive(chunked(data, [70, 3, 11]), len(data)).tensors[name][1].item() != 1  # unchecked: accepted
+    data = codec.encode(tensors)
+    with pytest.raises(codec.PayloadError, match=f"tensor '{name}' holds NaN or Inf"):
+        codec.receive(chunked(data, [70, 3, 11]), len(data), check_finite=True)
+    assert codec.receive(chunked(data, [70, 3, 11]), len(data)).tensors[name][1].item() != 1  # unchecked: accepted
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2000))
 def test_random_bytes_never_raise_anything_but_payload_error(data):
     try:
-        wire.decode(data)
-    except wire.PayloadError:
+        codec.decode(data)
+    except codec.PayloadError:
         pass
 
 
-VALID = wire.encode({"w": torch.ones(3, 4), "b": torch.arange(5), "u": torch.zeros(2, dtype=torch.uint8)}, {"k": "v"})
+VALID = codec.encode({"w": torch.ones(3, 4), "b": torch.arange(5), "u": torch.zeros(2, dtype=torch.uint8)}, {"k": "v"})
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
@@ -218,21 +218,21 @@ def test_mutated_payloads_decode_consistently_or_raise_payload_error(mutations, 
     for position, value in mutations:
         data[position] = value
     try:
-        payload = wire.decode(bytes(data[:length]))
-    except wire.PayloadError:
+        payload = codec.decode(bytes(data[:length]))
+    except codec.PayloadError:
         return
     described = sum(t.numel() * t.element_size() for t in payload.tensors.values())
     assert payload.data_start + described == length
 
 
 def test_huge_finite_values_are_not_mistaken_for_overflow():
-    wire.check_matches(wire.decode(wire.encode({"w": torch.full((2, 2), 3e38), "b": torch.ones(2)})), SPEC)
+    codec.check_matches(codec.decode(codec.encode({"w": torch.full((2, 2), 3e38), "b": torch.ones(2)})), SPEC)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
-ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from([*wire.DTYPES, "X"]) | JSON,
+ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from([*codec.DTYPES, "X"]) | JSON,
                                "shape": st.lists(st.integers(-1, 2**64), max_size=9) | JSON,
                                "data_offsets": st.lists(st.integers(-1, 2**64), max_size=3) | JSON})
 
@@ -241,8 +241,8 @@ ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from([*wire.DTYPES, "X"]) | J
 @given(st.dictionaries(st.text(max_size=6), ENTRY | JSON, max_size=4), st.binary(max_size=64))
 def test_hostile_headers_never_raise_anything_but_payload_error(header, data):
     try:
-        payload = wire.decode(build(header, data))
-    except wire.PayloadError as error:
+        payload = codec.decode(build(header, data))
+    except codec.PayloadError as error:
         assert len(str(error)) < 400
         return
-    assert sum(run.numel() * run.element_size() for run in wire.flat_runs(payload)) == len(data)
+    assert sum(run.numel() * run.element_size() for run in codec.flat_runs(payload)) == len(data)

@@ -14,11 +14,12 @@ from typing import Callable
 
 import torch
 
-import dispatch
-import framing
-import strategies
-from messages import TrainingPlan
-from rounds import Member, Registry, RoundCollector
+from federated.leader import dispatch
+from federated.wire import framing
+from federated.core import strategies
+from federated.wire.messages import TrainingPlan
+from federated.leader.registry import Member, Registry
+from federated.leader.collector import RoundCollector
 
 log = logging.getLogger("leader")
 

@@ -1,6 +1,6 @@
 """The metadata of every payload kind as a typed record, formatted and parsed here and nowhere else.
 
-Payloads (wire.py) carry a string-to-string metadata map next to their tensors. A model state tells a learner
+Payloads (codec.py) carry a string-to-string metadata map next to their tensors. A model state tells a learner
 what it is and how to train the next round; an update says what it covers; a data shard whose it is. Fields
 that FedSGD never needed are left out of its payloads, so that they stay byte for byte what the article's
 peers send and expect; a missing field reads as its FedSGD value.
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import utils
-import wire
+from federated.wire import codec
 from model import MAX_CLASSES
-from strategies import STRATEGIES, update_kind
+from federated.core.strategies import STRATEGIES, update_kind
 
 if TYPE_CHECKING:
-    from rpc import leader_pb2
+    from federated.net.rpc import leader_pb2
 
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
 # What a learner accepts in a training plan (the leader's flags are held to the same bounds)
@@ -43,7 +43,7 @@ def _float(metadata: dict[str, str], key: str, default: float | None = None, low
     except ValueError:
         value = math.nan
     if not low <= value <= high:  # false for NaN
-        raise wire.PayloadError(f"metadata {key!r} must be a number from {low:g} to {high:g}, "
+        raise codec.PayloadError(f"metadata {key!r} must be a number from {low:g} to {high:g}, "
                                 f"got {(text or '')[:32]!r}")
     return value
 
@@ -51,13 +51,13 @@ def _float(metadata: dict[str, str], key: str, default: float | None = None, low
 def _int(metadata: dict[str, str], key: str, default: int | None = None, minimum: int = 0) -> int:
     if key not in metadata and default is not None:
         return default
-    return wire.metadata_int(metadata, key, minimum)
+    return codec.metadata_int(metadata, key, minimum)
 
 
 def _floats(metadata: dict[str, str], key: str) -> list[float]:
     parts = metadata.get(key, "").split(",")
     if len(parts) > 4:
-        raise wire.PayloadError(f"metadata {key!r} must list at most 4 numbers")
+        raise codec.PayloadError(f"metadata {key!r} must list at most 4 numbers")
     return [_float({key: part}, key, low=-math.inf) for part in parts]
 
 
@@ -96,11 +96,11 @@ class TrainingPlan:
         participants = metadata.get("participants")
         if participants is not None and not re.fullmatch(r"([0-9]{1,9}(,[0-9]{1,9}){0,%d})?" % (MAX_LEARNERS - 1),
                                                          participants):
-            raise wire.PayloadError("metadata 'participants' must list learner ids, separated by commas")
+            raise codec.PayloadError("metadata 'participants' must list learner ids, separated by commas")
         chosen = None if participants is None else tuple(int(part) for part in participants.split(",") if part)
         strategy, evaluate = metadata.get("strategy", "fedsgd"), metadata.get("evaluate") == "1"
         if strategy not in STRATEGIES:
-            raise wire.PayloadError(f"unknown strategy {strategy[:32]!r}; this learner knows {', '.join(STRATEGIES)}")
+            raise codec.PayloadError(f"unknown strategy {strategy[:32]!r}; this learner knows {', '.join(STRATEGIES)}")
         if strategy == "fedsgd":
             return cls(participants=chosen, evaluate=evaluate)
         return cls(strategy, _int(metadata, "local_steps", minimum=1), _float(metadata, "client_lr", high=MAX_CLIENT_LR),
@@ -138,17 +138,17 @@ class StateInfo:
                 **({"norm": self.norm} if self.norm != "batch" else {})}
 
     @classmethod
-    def from_payload(cls, payload: wire.Payload) -> "StateInfo":
+    def from_payload(cls, payload: codec.Payload) -> "StateInfo":
         """The state's metadata, checked; raises PayloadError."""
         metadata = payload.metadata
         mean, std = (tuple(_floats(metadata, key)) if key in metadata else () for key in ("mean", "std"))
         if (len(mean), len(std)) not in ((0, 0), (3, 3)) or not all(math.isfinite(value) for value in mean) or \
                 any(value < utils.MIN_STD for value in std):
-            raise wire.PayloadError("metadata 'mean' and 'std' must give 3 finite numbers each (or be absent), "
+            raise codec.PayloadError("metadata 'mean' and 'std' must give 3 finite numbers each (or be absent), "
                                     f"std at least {utils.MIN_STD}")
         num_classes, image_size = _int(metadata, "num_classes", minimum=1), _int(metadata, "image_size", utils.IMAGE_SIZE)
         if num_classes > MAX_CLASSES or not MIN_IMAGE_SIZE <= image_size <= utils.MAX_IMAGE_SIZE:
-            raise wire.PayloadError(f"metadata 'num_classes' must be at most {MAX_CLASSES} and 'image_size' lie in "
+            raise codec.PayloadError(f"metadata 'num_classes' must be at most {MAX_CLASSES} and 'image_size' lie in "
                                     f"{MIN_IMAGE_SIZE}..{utils.MAX_IMAGE_SIZE}")
         return cls(metadata.get("architecture", ""), num_classes,
                    _int(metadata, "batch_size", minimum=1), _int(metadata, "seed"), mean, std,
@@ -157,13 +157,13 @@ class StateInfo:
                    TrainingPlan.from_metadata(metadata), image_size, metadata.get("norm", "batch")[:16])
 
 
-def is_final(payload: wire.Payload) -> bool:
+def is_final(payload: codec.Payload) -> bool:
     """Whether a model state is the leader's last (training finished, or the leader was stopped)."""
     return payload.metadata.get("finished") == "1"
 
 
-def round_of(payload: wire.Payload) -> int:
-    return wire.metadata_int(payload.metadata, "round")
+def round_of(payload: codec.Payload) -> int:
+    return codec.metadata_int(payload.metadata, "round")
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,12 @@ class UpdateInfo:
         return metadata if self.kind == "gradient" else {**metadata, "kind": self.kind, "steps": str(self.steps)}
 
     @classmethod
-    def from_payload(cls, payload: wire.Payload) -> "UpdateInfo":
+    def from_payload(cls, payload: codec.Payload) -> "UpdateInfo":
         """The update's claims, each well formed (not yet checked against what the leader asked for)."""
         metadata = payload.metadata
         kind = metadata.get("kind", "gradient")
         if kind not in UPDATE_KINDS:
-            raise wire.PayloadError(f"metadata 'kind' must be 'gradient' or 'pseudo-gradient', got {kind[:32]!r}")
+            raise codec.PayloadError(f"metadata 'kind' must be 'gradient' or 'pseudo-gradient', got {kind[:32]!r}")
         return cls(_int(metadata, "learner_id"), _int(metadata, "round"), _int(metadata, "samples", minimum=1),
                    _float(metadata, "loss", high=MAX_LOSS), kind, _int(metadata, "steps", 1, minimum=1))
 
@@ -232,12 +232,12 @@ class DataSummary:
         sums, squares = tuple(message.channel_sums), tuple(message.channel_square_sums)
         train, held = message.train_samples, message.eval_samples
         if not 0 < train <= MAX_SAMPLES or not 0 <= held <= MAX_SAMPLES:
-            raise wire.PayloadError(f"data.train_samples must lie in 1..{MAX_SAMPLES} and eval_samples in 0..{MAX_SAMPLES}")
+            raise codec.PayloadError(f"data.train_samples must lie in 1..{MAX_SAMPLES} and eval_samples in 0..{MAX_SAMPLES}")
         if len(sums) != 3 or len(squares) != 3:
-            raise wire.PayloadError("data.channel_sums and data.channel_square_sums need 3 values (R, G, B)")
+            raise codec.PayloadError("data.channel_sums and data.channel_square_sums need 3 values (R, G, B)")
         pixels = train * image_size * image_size
         for total, square in zip(sums, squares):
             if not (0 <= square <= total * (1 + 1e-9) <= pixels * (1 + 1e-9) and total * total <= square * pixels * (1 + 1e-6)):
-                raise wire.PayloadError(f"data channel sums {total:.6g} and {square:.6g} are impossible for "
+                raise codec.PayloadError(f"data channel sums {total:.6g} and {square:.6g} are impossible for "
                                         f"{train} images of {image_size}x{image_size} pixels in 0..1")
         return cls(train, held, sums, squares)

@@ -27,6 +27,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
+from federated.core.checks import TensorSpec, all_finite
+
 MAX_HEADER_BYTES = 16 << 20
 MAX_DIMS = 8
 # Elements a tensor may describe, counting empty dimensions as 1: shapes such as [0, 10**30] hold no data,
@@ -233,9 +235,6 @@ def _view(buffer: bytes, dtype: torch.dtype, shape: tuple[int, ...], offset: int
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
 
 
-TensorSpec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
 def spec_of(tensors: Mapping[str, torch.Tensor], float_dtype: torch.dtype | None = None) -> TensorSpec:
     """The names, dtypes and shapes a payload must match, taken from reference tensors
     (floating-point ones travel as float_dtype, if given)."""
@@ -275,13 +274,6 @@ def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not all_finite(tensor):
             raise PayloadError(f"tensor {_brief(name)} holds NaN or Inf values")
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every element is finite."""
-    # A sum is finite unless an element is NaN or Inf (or finite values overflow): a fast test
-    # at memory speed, confirmed element by element only when it fails. isfinite() is 20x slower.
-    return math.isfinite(tensor.sum(dtype=torch.float32).item()) or bool(torch.isfinite(tensor).all())
 
 
 def flat_runs(payload: Payload) -> list[torch.Tensor]:

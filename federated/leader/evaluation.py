@@ -12,8 +12,8 @@ import math
 import threading
 from dataclasses import dataclass
 
-import wire
-from messages import MAX_LOSS
+from federated.wire import codec
+from federated.wire.messages import MAX_LOSS
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,14 @@ class Report:
     def check(self, declared_samples: int) -> None:
         """Raise PayloadError unless the report is possible for a learner that declared declared_samples."""
         if declared_samples <= 0:
-            raise wire.PayloadError(f"learner {self.learner_id} registered without held-out images to evaluate on")
+            raise codec.PayloadError(f"learner {self.learner_id} registered without held-out images to evaluate on")
         if self.samples != declared_samples:
-            raise wire.PayloadError(f"samples {self.samples} is not the {declared_samples} held-out images this learner "
+            raise codec.PayloadError(f"samples {self.samples} is not the {declared_samples} held-out images this learner "
                                     "registered with")
         if not 0 <= self.correct <= self.samples:
-            raise wire.PayloadError(f"correct {self.correct} must lie between 0 and samples {self.samples}")
+            raise codec.PayloadError(f"correct {self.correct} must lie between 0 and samples {self.samples}")
         if not 0 <= self.loss <= MAX_LOSS:  # false for NaN
-            raise wire.PayloadError(f"loss {self.loss!r} must be a number from 0 to {MAX_LOSS:g}")
+            raise codec.PayloadError(f"loss {self.loss!r} must be a number from 0 to {MAX_LOSS:g}")
 
 
 def combine(round_index: int, reports: dict[int, Report], missing: list[int]) -> dict:

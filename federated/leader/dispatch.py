@@ -10,10 +10,10 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import framing
-import rpc
-from rounds import Member
-from rpc import learner_pb2
+from federated.wire import framing
+from federated.net import rpc
+from federated.leader.registry import Member
+from federated.net.rpc import learner_pb2
 
 log = logging.getLogger("leader")
 

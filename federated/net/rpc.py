@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-import guard
+from federated.net import guard
 
 try:
     from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from metrics import read_metrics
+from federated.leader.metrics import read_metrics
 
 log = logging.getLogger("leader")
 

@@ -1,0 +1,129 @@
+"""Run a leader and N learners as local processes, e.g. for the demo; print the final test accuracy."""
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from federated.core import partition
+from federated.common import runtime
+import utils
+from federated.leader.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: leader.py and learner.py
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on localhost."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: list[str] = (),
+                     leader_to_console: bool = False,
+                     hosts: Sequence | None = None) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """Start the leader and the learners, each learner with its share of this machine's cores, logging to
+    out/*.log (the leader to this console instead, if asked). All on localhost, or with hosts the leader on
+    hosts[0] and learner i on hosts[i + 1], given only the leader's address (each host has .prefix, the
+    command that runs a program there, and .address: tests/hosts.py's network namespaces)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    threads = max(1, runtime.available_cores() // learners)
+    place = lambda index: list(hosts[index].prefix) if hosts else []
+    leader_host = hosts[0].address if hosts else "127.0.0.1"
+    leader_cmd = [*place(0), sys.executable, str(ROOT / "leader.py"), "--learners", str(learners),
+                  "--host", "0.0.0.0" if hosts else "127.0.0.1", "--port", str(port), "--out", str(out), *leader_args]
+    leader_log = None if leader_to_console else open(out / "leader.log", "w")
+    leader = subprocess.Popen(leader_cmd, env=env, stdout=leader_log, stderr=subprocess.STDOUT)
+    learner_cmd = lambda index: [*place(index + 1), sys.executable, str(ROOT / "learner.py"), "--leader",
+                                 f"{leader_host}:{port}", "--threads", str(threads), *learner_args]
+    procs = [subprocess.Popen(learner_cmd(index), env=env, stdout=open(out / f"learner{index}.log", "w"),
+                              stderr=subprocess.STDOUT) for index in range(learners)]
+    return leader, procs
+
+
+def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes of the processes, killing any still running after timeout seconds (None for those)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            codes.append(None)
+    return codes
+
+
+def demo_dataset(data_dir: str) -> str:
+    """cifar10 when it is present or downloadable, otherwise synthetic after a notice."""
+    try:
+        utils.cifar10(Path(data_dir), train=False)
+        return "cifar10"
+    except utils.DatasetError as error:
+        print(f"NOTICE: {error}\nNOTICE: running the demo on the synthetic data set instead.", flush=True)
+        return "synthetic"
+
+
+MIN_DIGITS = 40  # each learner's share: 32 to train on (a batch), 8 held out
+
+
+def write_digits(root: Path, learners: int, alpha: float = 0.5, seed: int = 0) -> None:
+    """scikit-learn's digits as one image folder per learner, root/learnerN/{train,test}/<class>/*.png: each
+    learner's share label-skewed by a Dirichlet(alpha) split, a fifth of it held out as its test split."""
+    data = utils.digits()
+    shares = partition.partition(data.labels, learners, "dirichlet", seed, alpha, num_classes=data.num_classes,
+                                 min_samples=MIN_DIGITS)
+    for learner, share in enumerate(shares):
+        train, test = utils.held_out(data.subset(share), 0.2, seed)
+        for split, images in (("train", train), ("test", test)):
+            utils.write_image_folder(root / f"learner{learner}", split, images)
+    for line in partition.describe(partition.label_counts(data.labels, shares, data.num_classes)):
+        print(f"{root}/{line.replace(' ', '', 1)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run a leader and N learners on this machine; arguments after -- go to leader.py.",
+        formatter_class=runtime.HelpFormatter)
+    parser.add_argument("--learners", type=int, default=2, help="number of learner processes")
+    parser.add_argument("--out", default="runs/demo", help="directory for the outputs and the processes' logs")
+    parser.add_argument("--data-dir", default="data", help="where CIFAR-10 is looked for (demo)")
+    parser.add_argument("--demo", action="store_true",
+                        help="a run of a few minutes: CIFAR-10 if available, else the synthetic set")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the processes are killed")
+    parser.add_argument("--write-digits", metavar="DIR", help="only write scikit-learn's 1,797 digits as --learners "
+                        "label-skewed image folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
+                        "their own) and exit")
+    args, leader_args = parser.parse_known_args(argv)
+    leader_args = [a for a in leader_args if a != "--"]
+    if args.write_digits:
+        try:
+            write_digits(Path(args.write_digits), args.learners)
+        except ValueError as error:
+            parser.error(f"--write-digits for {args.learners} learners: {error}")
+        return 0
+    if args.demo:
+        dataset = demo_dataset(args.data_dir)
+        rounds, eval_every = ("600", "200") if dataset == "cifar10" else ("250", "50")
+        leader_args = ["--dataset", dataset, "--data-dir", args.data_dir, "--rounds", rounds, "--batch-size", "32",
+                       "--eval-every", eval_every, *leader_args]
+    out = Path(args.out)
+    print(f"starting a leader and {args.learners} learners; the leader logs here, the learners in {out}/", flush=True)
+    started = time.monotonic()
+    leader, learners = start_federation(args.learners, leader_args, free_port(), out, leader_to_console=True)
+    codes = wait_all([leader, *learners], args.timeout)
+    print(f"exit codes: leader {codes[0]}, learners {codes[1:]}; {time.monotonic() - started:.0f} s")
+    if any(code != 0 for code in codes):
+        print(f"a process failed; see the leader's log above and {out}/learner*.log", file=sys.stderr)
+        return 1
+    final = [r for r in read_metrics(out / "metrics.jsonl") if "test_accuracy" in r][-1]
+    print(f"final test accuracy: {final['test_accuracy']:.4f} after {final['round']} rounds "
+          f"(model: {out}/model.pt, plot: {out}/metrics.png)")
+    return 0
