@@ -2,7 +2,7 @@
 
 import sys
 
-from federated.leader.app import main
+from federated.leader.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

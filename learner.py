@@ -2,7 +2,7 @@
 
 import sys
 
-from federated.learner.app import main
+from federated.learner.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

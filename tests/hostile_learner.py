@@ -17,7 +17,10 @@ import grpc
 import torch
 
 from federated.wire import framing
+from federated.common import runtime
 from federated.learner import app as learner
+from federated.learner import config as learner_flags
+from federated.learner.config import LearnerConfig
 from federated.net import rpc
 from federated.wire import codec
 from federated.net.rpc import leader_pb2
@@ -134,12 +137,16 @@ class HostileLearner(learner.Learner):
         return f"{', '.join(sorted(codes))} for {sum(call.done() for call in self.held[-10:])} of 10"
 
 
+def learner_config(argv: list[str]) -> LearnerConfig:
+    return learner_flags.configure(learner_flags.command_line(argv))
+
+
 if __name__ == "__main__":
-    learner.runtime.configure_logging("learner")
-    learner.runtime.set_threads(1)
+    runtime.configure_logging("learner")
+    runtime.set_threads(1)
     if sys.argv[1] in ("--freeload", "--flip"):
-        {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]](learner.parse_args(sys.argv[2:])).run()
+        {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]](learner_config(sys.argv[2:])).run()
     else:
         victim = sys.argv[sys.argv.index("--victim") + 1]
         rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]
-        HostileLearner(learner.parse_args(rest), victim).run()
+        HostileLearner(learner_config(rest), victim).run()

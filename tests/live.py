@@ -12,6 +12,11 @@ import grpc
 import torch
 
 from federated.leader import app as leader_module
+from federated.leader import cli, config
+from federated.leader.config import LeaderConfig
+from federated.leader.global_model import GlobalModel
+from federated.learner import config as learner_flags
+from federated.learner.config import LearnerConfig
 from federated.net import rpc
 from federated.core import strategies
 from federated.wire import codec
@@ -39,16 +44,15 @@ class LiveLeader:
     def __post_init__(self) -> None:
         self.channel = rpc.channel(self.address)
         self.stub = leader_pb2_grpc.LeaderServiceStub(self.channel)
-        args = self.leader.args
-        self.reference = leader_module.GlobalModel(args.model, 10, args, ([0.5] * 3, [0.25] * 3))
-        self.counted = RoundUpdates(self.reference.layout.size, self.reference.layout.size, strategies.Strategy())
+        run = self.leader.config
+        self.reference = GlobalModel(run, 10, strategies.named(run.strategy)(run), ([0.5] * 3, [0.25] * 3))
+        self.counted = RoundUpdates(self.reference.layout.size, self.reference.layout.size)
         self.hosts: list[grpc.Server] = []
 
     @staticmethod
     def start(out, port: int, *flags: str) -> "LiveLeader":
-        args = leader_module.parse_args(["--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port),
-                                         "--out", str(out), *flags])
-        leader = leader_module.Leader(args)
+        leader = leader_from(["--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
+                              *flags])
         leader.registry.reregister_s = 0  # tests re-register at once; test_rounds checks the interval
         return LiveLeader(leader, leader.serve(), f"127.0.0.1:{port}")
 
@@ -114,3 +118,18 @@ class LiveLeader:
         assert self.reference.step(LR) == refused
         assert model_hash(leader_model.model) == model_hash(self.reference.model), "the leader counted other gradients"
         return summary, refused
+
+
+def leader_config(argv: list[str], saved: dict | None = None) -> LeaderConfig:
+    """The configuration leader.py builds from argv (over a checkpoint's flags, if saved)."""
+    return config.configure(config.command_line(argv), saved)
+
+
+def leader_from(argv: list[str]) -> leader_module.Leader:
+    """The leader leader.py builds from argv (a --resume DIR continued), not serving yet."""
+    return cli.build(config.command_line(argv))
+
+
+def learner_config(argv: list[str]) -> LearnerConfig:
+    """The configuration learner.py builds from argv."""
+    return learner_flags.configure(learner_flags.command_line(argv))

@@ -11,13 +11,13 @@ import torch
 
 from federated.leader import evaluation
 from federated.tools import launch
-from federated.leader import app as leader_module
+from federated.leader import data as leader_data
 from federated.learner import app as learner
 from federated.wire import messages
 import utils
 from federated.wire import codec
 from conftest import logs, records, start_leader, start_learner
-from live import LiveLeader
+from live import LiveLeader, leader_from
 from model import build_model
 from federated.net.rpc import leader_pb2, with_credential
 from federated.core.training import evaluate
@@ -56,7 +56,7 @@ def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_eva
     tests = [utils.load_dataset("imagefolder", folder, train=False, image_size=16) for folder in folders]
     summaries = [messages.DataSummary.of(utils.load_dataset("imagefolder", folder, train=True, image_size=16),
                                          len(test)) for folder, test in zip(folders, tests)]
-    mean, std = leader_module.combined_normalisation(summaries, 16)
+    mean, std = leader_data.combined_normalisation(summaries, 16)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["data"]["mean"] == pytest.approx(mean)
     model = build_model("resnet20", num_classes=10)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
@@ -96,12 +96,10 @@ def test_the_global_model_starts_from_init_weights(tmp_path):
         for parameter in saved.parameters():
             parameter.add_(0.01)
     torch.save(saved.state_dict(), tmp_path / "model.pt")
-    args = leader_module.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "run"),
-                                     "--init", str(tmp_path / "model.pt")])
-    leader = leader_module.Leader(args)
+    leader = leader_from(["--dataset", "synthetic", "--out", str(tmp_path / "run"), "--init", str(tmp_path / "model.pt")])
     started = leader.global_model.model.state_dict()
     assert all(torch.equal(started[name], tensor) for name, tensor in saved.state_dict().items())
-    images, labels = leader.test_images[:200], leader.test_labels[:200]
+    images, labels = leader.data.test_images[:200], leader.data.test_labels[:200]
     assert evaluate(leader.global_model.model, images, labels) == evaluate(saved, images, labels)
     served = codec.decode(leader.global_model.encoded_state)  # what learners fetch: the saved weights
     assert torch.equal(served.tensors["fc.weight"], saved.fc.weight.detach())
@@ -175,16 +173,16 @@ def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_ke
                                    channel_square_sums=[0.0] * 3)  # a liar: billions of black images
     for index, data in enumerate((summary(train=100), black)):
         assert live.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=data)).success
-    assert live.leader.settle_on_learners_data()
-    schedule, state = live.leader.schedule, codec.decode(live.leader.global_model.encoded_state)
+    assert live.leader.settle()
+    schedule, state = live.leader.planner.schedule, codec.decode(live.leader.global_model.encoded_state)
     assert (schedule.steps_per_epoch, schedule.total_rounds) == (10, 20)  # the smaller learner's 100 images
     info = messages.StateInfo.from_payload(state)
     # the liar weighs no more than the median learner's 100 images: mean 0.5 * 100 / 200, E[x^2] 0.3 * 100 / 200
     assert info.mean == pytest.approx((0.25,) * 3) and info.std == pytest.approx(((0.15 - 0.0625) ** 0.5,) * 3)
-    live.leader.save_checkpoint(0)
+    live.leader.rounds.save_checkpoint(0)
     live.stop()
-    resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path)]))
-    assert resumed.schedule == schedule
+    resumed = leader_from(["--resume", str(tmp_path)])
+    assert resumed.planner.schedule == schedule
     assert messages.StateInfo.from_payload(codec.decode(resumed.global_model.encoded_state)).mean == info.mean
 
 
@@ -224,10 +222,10 @@ def test_a_resumed_run_neither_asks_again_for_an_evaluation_nor_needs_its_init_f
     init = tmp_path / "init.pt"
     torch.save(build_model("resnet20").state_dict(), init)
     args = ["--dataset", "synthetic", "--rounds", "20", "--eval-every", "5", "--init", str(init)]
-    leader = leader_module.Leader(leader_module.parse_args([*args, "--out", str(tmp_path / "run")]))
-    leader.save_checkpoint(5)  # an evaluation round
+    leader = leader_from([*args, "--out", str(tmp_path / "run")])
+    leader.rounds.save_checkpoint(5)  # an evaluation round
     init.unlink()
-    resumed = leader_module.Leader(leader_module.parse_args(["--resume", str(tmp_path / "run")]))
+    resumed = leader_from(["--resume", str(tmp_path / "run")])
     state = codec.decode(resumed.global_model.encoded_state)
     assert messages.round_of(state) == 5 and "evaluate" not in state.metadata
 
@@ -238,8 +236,7 @@ def test_a_resumed_run_neither_asks_again_for_an_evaluation_nor_needs_its_init_f
 ])
 def test_a_partition_that_cannot_be_met_stops_the_leader_saying_why(tmp_path, flags, says):
     with pytest.raises(utils.DatasetError, match=says):
-        leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--batch-size", "32",
-                                                       "--out", str(tmp_path), *flags]))
+        leader_from(["--dataset", "synthetic", "--batch-size", "32", "--out", str(tmp_path), *flags])
 
 
 def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_built():
@@ -255,12 +252,11 @@ def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_b
 
 
 def test_with_skewed_shards_of_its_own_data_an_epoch_is_as_many_images_as_the_dataset_holds(tmp_path):
-    leader = leader_module.Leader(leader_module.parse_args(["--dataset", "synthetic", "--learners", "10",
-                                                            "--partition", "dirichlet", "--alpha", "0.1",
-                                                            "--batch-size", "32", "--out", str(tmp_path)]))
-    sizes = [len(shard) for shard in leader.shards.indices]
+    leader = leader_from(["--dataset", "synthetic", "--learners", "10", "--partition", "dirichlet", "--alpha", "0.1",
+                          "--batch-size", "32", "--out", str(tmp_path)])
+    sizes = [len(shard) for shard in leader.data.shards.indices]
     assert len(set(sizes)) > 1 and sum(sizes) == 10_000
-    assert leader.schedule.steps_per_epoch == 10_000 // 10 // 32
+    assert leader.planner.schedule.steps_per_epoch == 10_000 // 10 // 32
     saved = json.loads((tmp_path / "partition.json").read_text())
     assert [entry["samples"] for entry in saved] == sizes
     assert all(sum(entry["label_counts"]) == entry["samples"] for entry in saved)

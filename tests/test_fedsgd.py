@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from federated.core import strategies
 from federated.wire import codec
 from model import build_model
 from federated.leader.collector import RoundCollector
@@ -173,7 +172,7 @@ def test_batchnorm_statistics_travel_in_float32_whatever_the_wire_dtype(wire_dty
     assert payload.tensors["1.running_var"].dtype == torch.float32
     assert payload.tensors["0.weight"].dtype == wire_dtype
     received = torch.zeros(layout.size)
-    accumulator = RoundUpdates(layout.size, layout.size, strategies.Strategy())
+    accumulator = RoundUpdates(layout.size, layout.size)
     accumulator.add(codec.flat_runs(payload), samples=1, loss=0.0)
     accumulator.combine_into(received)
     assert torch.equal(received[layout.parameter_count:], flat[layout.parameter_count:])
@@ -248,7 +247,7 @@ def test_a_round_of_the_projects_models_goes_through_the_layout_and_the_wire(arc
     assert (norm == "group") == (statistics == [] and layout.counters == [])
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
-    accumulator = RoundUpdates(layout.size, layout.parameter_count, strategies.Strategy())
+    accumulator = RoundUpdates(layout.size, layout.parameter_count)
     accumulator.add(codec.flat_runs(decoded), samples=len(labels), loss=loss)
     accumulator.combine_into(mean)
     optimizer = make_optimizer(model, 0.01, 0.9, 5e-4)

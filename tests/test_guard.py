@@ -67,7 +67,7 @@ def test_unread_streams_neither_starve_registration_nor_gradients_and_are_cut_of
     time.sleep(IDLE_S + 0.6)  # the admitted, unread streams have been cancelled for making no progress
     payload = learner_module.receive_stream(live.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr="x:1"),
                                             30, credential=credential)
-    assert len(payload.tensors["labels"]) == len(live.leader.shards.indices[learner])
+    assert len(payload.tensors["labels"]) == len(live.leader.data.shards.indices[learner])
     for call in streams:
         call.cancel()
     live.stop()
@@ -123,7 +123,7 @@ def test_a_held_health_service_is_no_reason_to_drop_anyone(live):
     held = [health_channel.stream_unary("/grpc.health.v1.Health/Check").future(never()) for _ in range(6)]
     time.sleep(0.5)
     dropped = []
-    live.leader.client.probe({learner: member}, lambda *failure: dropped.append(failure), silent_limit_s=0.0)
+    live.leader.federation.client.probe({learner: member}, lambda *failure: dropped.append(failure), silent_limit_s=0.0)
     time.sleep(1.5)
     assert dropped == [] and live.leader.registry.is_active(learner)  # RESOURCE_EXHAUSTED: something answers there
     blocked.set()

@@ -4,7 +4,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federated.leader import app as leader_module
+from live import leader_from, learner_config
 from federated.learner import app as learner_module
 from federated.net import guard
 from federated.net import rpc
@@ -31,10 +31,8 @@ def security(certs, name: str | None, token: str | None = None) -> rpc.Security:
 @pytest.fixture
 def secure_leader(tmp_path, port, certs):
     """A live leader requiring mutual TLS and the token."""
-    args = leader_module.parse_args(["--learners", "2", "--dataset", "synthetic", "--host", "127.0.0.1",
-                                     "--port", str(port), "--out", str(tmp_path), "--token", TOKEN,
-                                     *tls_flags(certs, "leader")])
-    leader = leader_module.Leader(args)
+    leader = leader_from(["--learners", "2", "--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port),
+                          "--out", str(tmp_path), "--token", TOKEN, *tls_flags(certs, "leader")])
     leader.registry.reregister_s = 0  # these tests register again at once
     server = leader.serve()
     yield f"127.0.0.1:{port}"
@@ -92,7 +90,7 @@ def test_health_needs_tls_but_no_token(secure_leader, certs):
 
 @pytest.fixture
 def secure_learner(secure_leader, certs):
-    args = learner_module.parse_args(["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN,
+    args = learner_config(["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN,
                                       *tls_flags(certs, "learner")])
     learner = learner_module.Learner(args)
     assert learner.connect() is None

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from federated.wire import framing
 from federated.net import guard
 from federated.tools import launch
-from federated.leader import app as leader_module
+from federated.leader import servicer
 from federated.learner import app as learner_module
 from federated.net import rpc
 from federated.wire import codec
-from live import LR, LiveLeader, model_hash
+from live import LR, LiveLeader, learner_config, model_hash
 from model import build_model
 from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.core.layout import GradientLayout
@@ -78,8 +78,8 @@ def test_get_data_sends_the_registered_learners_shard_as_uint8_encoded_once(live
     leader = live.leader
     shard = learner_module.shard_from_payload(get_data(live, "127.0.0.1:7001", credential), 10)
     assert len(shard) == 5000 and shard.images.dtype == torch.uint8
-    assert torch.equal(shard.labels, leader.shards.train.labels[leader.shards.indices[0]])
-    assert leader.shards.messages(0) is leader.shards.messages(0)  # one encoded copy, kept
+    assert torch.equal(shard.labels, leader.data.shards.train.labels[leader.data.shards.indices[0]])
+    assert leader.data.shards.messages(0) is leader.data.shards.messages(0)  # one encoded copy, kept
 
 
 def test_get_data_without_a_credential_needs_the_registered_address_and_its_ip(live):
@@ -301,7 +301,7 @@ def test_health_reflection_and_sessions_describe_the_leader(live):
 @pytest.fixture
 def live_learner(live):
     """A real learner connected to the live leader, with its LearnerService up."""
-    learner = learner_module.Learner(learner_module.parse_args(["--leader", live.address, "--host", "127.0.0.1"]))
+    learner = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"]))
     assert learner.connect() is None
     channel = rpc.channel(learner.address, max_receive_bytes=1 << 20)
     yield learner, learner_pb2_grpc.LearnerServiceStub(channel)
@@ -313,7 +313,7 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
     leader = live.leader
     learner, _ = live_learner
     assert leader.registry.at(learner.address).learner_id == learner.learner_id
-    assert torch.equal(learner.data.labels, leader.shards.train.labels[leader.shards.indices[learner.learner_id]])
+    assert torch.equal(learner.data.labels, leader.data.shards.train.labels[leader.data.shards.indices[learner.learner_id]])
 
 
 def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gradients():
@@ -465,7 +465,7 @@ def test_the_callers_ip_is_read_from_grpcs_peer_string(peer, host):
                                                  ("10.0.0.2:1", "::ffff:10.0.0.2", True), ("10.0.0.2:1", "10.0.0.3", False),
                                                  ("localhost:7001", "127.0.0.1", False), ("10.0.0.2:1", None, False)])
 def test_a_registered_address_matches_only_its_own_ip(address, peer, same):
-    assert leader_module.same_host(address, peer) == same
+    assert servicer.same_host(address, peer) == same
 
 
 def test_a_peer_whose_health_service_knows_no_sessions_is_not_taken_for_gone():
@@ -540,7 +540,7 @@ def test_nobody_can_make_an_address_look_unreachable_to_the_learner_that_listens
 
 
 def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
-    learner = learner_module.Learner(learner_module.parse_args(["--leader", "127.0.0.1:9"]))
+    learner = learner_module.Learner(learner_config(["--leader", "127.0.0.1:9"]))
     assert learner.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
     with learner.credential.registering():  # the leader may check on it before the reply is here
         assert learner.session_status("0" * 32) == health_pb2.HealthCheckResponse.SERVING

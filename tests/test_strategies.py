@@ -8,18 +8,43 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from federated.leader import app as leader_module
-from federated.learner import app as learner_module
-from federated.core import training
-from federated.core import strategies
-from federated.wire import codec
-from federated.wire.messages import StateInfo, TrainingPlan, UpdateInfo
-from federated.leader.registry import Member
-from test_fedsgd import assert_same_parameters, batch, small_net
-from federated.core.aggregation import AGGREGATORS, RoundUpdates, aggregate, clip_to_norm, coordinate_median, minimum_updates, multi_krum, too_few, trimmed_mean
+from federated.core import aggregation, strategies
+from federated.core.aggregation import Mean, RoundUpdates, TrimmedMean, clip_to_norm, coordinate_median, multi_krum, trimmed_mean
 from federated.core.layout import GradientLayout
+from federated.core.plan import TrainingPlan
+from federated.core.sampling import sample_participants
+from federated.core.schedule import Schedule
 from federated.core.steps import apply_mean_gradient, make_optimizer
+from federated.core.strategies.adaptive import Adaptive
+from federated.core.strategies.base import ServerOptimizer
+from federated.core.strategies.scaffold import Controls, control_problem
 from federated.core.training import compute_gradient, evaluate
+from federated.leader import config
+from federated.leader.config import LeaderConfig
+from federated.leader.data import DataFacts
+from federated.leader.planner import Planner
+from federated.leader.registry import Member
+from federated.leader.servicer import LeaderServicer
+from federated.learner import app as learner_module
+from federated.wire import codec, messages
+from federated.wire.messages import StateInfo, UpdateInfo
+from test_fedsgd import assert_same_parameters, batch, small_net
+
+ADAPTIVE = [name for name in strategies.names() if issubclass(strategies.named(name), Adaptive)]
+
+
+def strategy_of(**flags) -> strategies.Strategy:
+    """The strategy a leader with these flags runs."""
+    return strategies.named(flags.get("strategy", "fedsgd"))(LeaderConfig(**flags))
+
+
+def rule_of(aggregator: str, **flags) -> aggregation.Aggregator:
+    """The aggregation rule a leader with these flags uses."""
+    return aggregation.rules.named(aggregator).from_config(LeaderConfig(aggregator=aggregator, **flags))
+
+
+def configure(flags: list[str]) -> LeaderConfig:
+    return config.configure(config.command_line(flags))
 
 
 def fedavg_plan(lr: float, steps: int = 1, momentum: float = 0.0, weight_decay: float = 5e-4, **changes) -> TrainingPlan:
@@ -33,14 +58,15 @@ def run_round(model: nn.Module, batches: list[list[tuple]], plan: TrainingPlan, 
     layout = GradientLayout(model)
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
-    optimizer = optimizer or strategies.make_server_optimizer(model, strategy)
-    updates = RoundUpdates(layout.size, layout.parameter_count, strategy)
+    optimizer = optimizer or strategy.make_optimizer(model)
+    updates = RoundUpdates(layout.size, layout.parameter_count)
     for learner_batches in batches:
         learner = copy.deepcopy(model)
         learner_layout = GradientLayout(learner)
         flat = torch.zeros(learner_layout.size)
         learner_layout.bind_gradients(flat)
-        loss = training.local_update(learner, learner_layout, flat, lambda step: learner_batches[step], plan)
+        loss = strategies.named(plan.strategy).local_update(learner, learner_layout, flat,
+                                                            lambda step: learner_batches[step], plan)
         updates.add([flat], sum(len(labels) for _, labels in learner_batches[:plan.local_steps]), loss)
     updates.combine_into(mean)
     apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, plan.local_steps)
@@ -51,13 +77,13 @@ def test_fedavg_with_one_local_step_and_server_lr_1_is_fedsgd():
     model = small_net(batch_norm=True)
     batches = [[batch(8, seed)] for seed in (1, 2)]
     fedavg = copy.deepcopy(model)
-    run_round(fedavg, batches, fedavg_plan(0.1), strategies.Strategy("fedavg"))
+    run_round(fedavg, batches, fedavg_plan(0.1), strategy_of(strategy="fedavg"))
 
     fedsgd_model = copy.deepcopy(model)
     layout = GradientLayout(fedsgd_model)
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
-    updates = RoundUpdates(layout.size, layout.size, strategies.Strategy())
+    updates = RoundUpdates(layout.size, layout.size, Mean())
     for (images, labels), in batches:
         learner = copy.deepcopy(model)
         learner_layout = GradientLayout(learner)
@@ -78,7 +104,7 @@ def test_learners_on_identical_data_equal_one_process_doing_the_same_local_steps
     steps = [batch(8, seed) for seed in range(4)]
     plan = fedavg_plan(0.05, steps=4, momentum=0.9)
     federated = copy.deepcopy(model)
-    run_round(federated, [steps] * 3, plan, strategies.Strategy("fedavg"))
+    run_round(federated, [steps] * 3, plan, strategy_of(strategy="fedavg"))
 
     alone = copy.deepcopy(model)
     optimizer = make_optimizer(alone, 0.05, momentum=0.9, weight_decay=5e-4)
@@ -108,13 +134,13 @@ def by_hand(rule: str, grads: list[torch.Tensor], x: torch.Tensor, lr: float, be
     return x
 
 
-@pytest.mark.parametrize("rule", strategies.ADAPTIVE)
+@pytest.mark.parametrize("rule", ADAPTIVE)
 def test_adaptive_server_steps_follow_reddi_et_al_algorithm_2(rule):
     torch.manual_seed(0)
     x = torch.randn(5)
     grads = [torch.randn(5) for _ in range(3)]
     parameter = nn.Parameter(x.clone())
-    optimizer = strategies.ServerOptimizer([parameter], rule, lr=0.03, beta1=0.8, beta2=0.95, tau=0.01)
+    optimizer = ServerOptimizer([parameter], strategy_of(strategy=rule, server_lr=0.03, beta1=0.8, beta2=0.95, tau=0.01))
     for g in grads:
         parameter.grad = g.clone()
         optimizer.step()
@@ -125,8 +151,8 @@ def test_fedavgm_is_heavy_ball_on_pseudo_gradients_and_fedavg_a_plain_step():
     x, grads = torch.tensor([1.0, -2.0]), [torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 2.0])]
     momentum = nn.Parameter(x.clone())
     plain = nn.Parameter(x.clone())
-    with_momentum = strategies.ServerOptimizer([momentum], "fedavgm", lr=0.5, momentum=0.9)
-    without = strategies.ServerOptimizer([plain], "fedavg", lr=1.0)
+    with_momentum = ServerOptimizer([momentum], strategy_of(strategy="fedavgm", server_lr=0.5, server_momentum=0.9))
+    without = ServerOptimizer([plain], strategy_of(strategy="fedavg", server_lr=1.0))
     for g in grads:
         momentum.grad, plain.grad = g.clone(), g.clone()
         with_momentum.step()
@@ -151,12 +177,12 @@ def manual_steps(model: nn.Module, steps: list[tuple], lr: float, extra) -> torc
 
 
 def local_pseudo_gradient(model: nn.Module, steps: list[tuple], plan: TrainingPlan,
-                          controls: training.Controls | None = None) -> tuple[torch.Tensor, GradientLayout]:
+                          controls: Controls | None = None) -> tuple[torch.Tensor, GradientLayout]:
     learner = copy.deepcopy(model)
     layout = GradientLayout(learner, controls=controls is not None)
     flat = torch.zeros(layout.size)
     layout.bind_gradients(flat)
-    training.local_update(learner, layout, flat, lambda step: steps[step], plan, controls)
+    strategies.named(plan.strategy).local_update(learner, layout, flat, lambda step: steps[step], plan, controls)
     return flat, layout
 
 
@@ -176,7 +202,7 @@ def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2(
     model = small_net()
     steps = [batch(8, seed) for seed in range(3)]
     count = sum(p.numel() for p in model.parameters())
-    controls = training.Controls(count)
+    controls = Controls(count)
     torch.manual_seed(1)
     controls.server.copy_(torch.randn(count) * 0.1)
     controls.own.copy_(torch.randn(count) * 0.1)
@@ -209,10 +235,9 @@ def test_every_rule_ignores_the_order_of_updates(rows, random):
     order = list(range(len(rows)))
     random.shuffle(order)
     weights = torch.ones(len(rows))
-    for rule in AGGREGATORS:
-        strategy = strategies.Strategy(aggregator=rule, byzantine=1)
-        torch.testing.assert_close(aggregate(strategy, updates[order], weights),
-                                   aggregate(strategy, updates, weights), msg=rule)
+    for name in aggregation.rules.names():
+        rule = rule_of(name, byzantine=1)
+        torch.testing.assert_close(rule.combine(updates[order], weights), rule.combine(updates, weights), msg=name)
 
 
 def test_trimmed_mean_without_trimming_is_the_mean_and_median_of_identical_updates_is_that_update():
@@ -230,7 +255,7 @@ def test_krum_picks_honest_updates_when_f_attackers_send_outliers(rule):
     honest = torch.ones(5, 10) + 0.1 * torch.randn(5, 10)
     attackers = torch.full((2, 10), -50.0)
     updates = torch.cat([attackers[:1], honest, attackers[1:]])
-    result = aggregate(strategies.Strategy(aggregator=rule, byzantine=2), updates, torch.ones(7))
+    result = rule_of(rule, byzantine=2).combine(updates, torch.ones(7))
     assert (result - 1).abs().max() < 0.5
     _, chosen = multi_krum(updates, byzantine=2, selected=5)
     assert sorted(chosen) == [1, 2, 3, 4, 5]
@@ -248,8 +273,7 @@ def test_clipping_never_increases_a_norm(values, max_norm):
 
 
 def test_robust_rules_apply_to_batchnorm_statistics_too_so_one_learner_cannot_set_them():
-    strategy = strategies.Strategy(aggregator="median")
-    updates = RoundUpdates(size=3, model_size=1, strategy=strategy)
+    updates = RoundUpdates(size=3, model_size=1, rule=rule_of("median"))
     for row in ([1.0, 1.0, 2.0], [2.0, 3.0, 2.0], [9.0, 900.0, 900.0]):  # the last one is hostile
         updates.add([torch.tensor(row)], samples=4, loss=0.5)
     out = torch.zeros(3)
@@ -262,32 +286,32 @@ def test_krum_chooses_on_the_model_part_and_takes_the_median_of_the_statistics()
     for rule in ("krum", "multi-krum"):
         # on whole rows the statistics (last column) would decide; on the model part the outlier is row 4, and
         # an honest-looking model part (row 3) does not carry its hostile statistic through
-        result = aggregate(strategies.Strategy(aggregator=rule, byzantine=1), updates, torch.ones(5), 2)
+        result = rule_of(rule, byzantine=1).combine(updates, torch.ones(5), 2)
         assert abs(result[0].item() - 1.0) < 0.2 and result[2].item() == 9.0, rule
 
 
 def test_rounds_too_small_for_a_robust_rule_are_named():
-    assert too_few(strategies.Strategy(aggregator="krum", byzantine=1), 4) is not None
-    assert too_few(strategies.Strategy(aggregator="krum", byzantine=1), 5) is None
-    assert too_few(strategies.Strategy(aggregator="median"), 2) is not None
-    assert too_few(strategies.Strategy(), 1) is None
+    assert rule_of("krum", byzantine=1).too_few(4) is not None
+    assert rule_of("krum", byzantine=1).too_few(5) is None
+    assert rule_of("median").too_few(2) is not None
+    assert rule_of("mean").too_few(1) is None
 
 
 def test_a_scaffold_control_change_that_would_blow_up_is_named():
     control = torch.zeros(4)
-    assert strategies.control_problem(control, torch.full((4,), 2e38), weights_norm=40.0) is not None
-    assert strategies.control_problem(control, torch.full((4,), 1e4), weights_norm=40.0) is not None
-    assert strategies.control_problem(control, torch.full((4,), 0.5), weights_norm=40.0) is None
+    assert control_problem(control, torch.full((4,), 2e38), weights_norm=40.0) is not None
+    assert control_problem(control, torch.full((4,), 1e4), weights_norm=40.0) is not None
+    assert control_problem(control, torch.full((4,), 0.5), weights_norm=40.0) is None
 
 
 def test_sampling_is_seeded_and_without_replacement():
     generator = torch.Generator().manual_seed(3)
-    rounds = [strategies.sample_participants(list(range(6)), 2, generator) for _ in range(30)]
+    rounds = [sample_participants(list(range(6)), 2, generator) for _ in range(30)]
     assert all(len(set(chosen)) == 2 and set(chosen) <= set(range(6)) for chosen in rounds)
     assert len({tuple(chosen) for chosen in rounds}) > 5  # different learners in different rounds
     again = torch.Generator().manual_seed(3)
-    assert rounds == [strategies.sample_participants(list(range(6)), 2, again) for _ in range(30)]
-    assert strategies.sample_participants([4, 1], 5, generator) == [1, 4]
+    assert rounds == [sample_participants(list(range(6)), 2, again) for _ in range(30)]
+    assert sample_participants([4, 1], 5, generator) == [1, 4]
 
 
 # --- Byzantine learners: one of five sends its update sign-flipped and scaled by 10 --------------------
@@ -303,22 +327,22 @@ def blobs(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 def byzantine_accuracy(aggregator: str, attacked: bool, clip_norm: float = 0.0) -> float:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
-    strategy = strategies.Strategy("fedavg", local_steps=2, aggregator=aggregator, byzantine=1, trim=0.2,
-                                   clip_norm=clip_norm)
+    strategy = strategy_of(strategy="fedavg")
+    rule = rule_of(aggregator, byzantine=1, trim=0.2)
     plan = fedavg_plan(0.05, steps=2, weight_decay=0.0)
     layout = GradientLayout(model)
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
-    optimizer = strategies.make_server_optimizer(model, strategy)
+    optimizer = strategy.make_optimizer(model)
     for round_index in range(25):
-        updates = RoundUpdates(layout.size, layout.parameter_count, strategy)
+        updates = RoundUpdates(layout.size, layout.parameter_count, rule, clip_norm)
         for learner_id in range(5):
             learner = copy.deepcopy(model)
             learner_layout = GradientLayout(learner)
             flat = torch.zeros(learner_layout.size)
             learner_layout.bind_gradients(flat)
             data = [blobs(1000 * round_index + 10 * learner_id + step, 32) for step in range(2)]
-            loss = training.local_update(learner, learner_layout, flat, lambda step: data[step], plan)
+            loss = strategy.local_update(learner, learner_layout, flat, lambda step: data[step], plan)
             if attacked and learner_id == 4:
                 flat.mul_(-10)
             updates.add([flat], 64, loss)
@@ -340,12 +364,12 @@ def test_a_sign_flipping_learner_wrecks_the_mean_but_not_the_robust_rules():
 # --- the leader's flags, schedule and claims for local strategies ---------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
-    (["--mu", "0.1"], "--mu is for fedprox runs"),
-    (["--strategy", "fedavg", "--lr", "0.1"], "--lr is for fedsgd runs"),
-    (["--strategy", "fedavg", "--beta1", "0.5"], "--beta1 is for adaptive runs"),
-    (["--aggregator", "median", "--byzantine", "2"], "--byzantine is for krum or multi-krum runs"),
+    (["--mu", "0.1"], "--mu is only with --strategy fedprox, not --strategy fedsgd"),
+    (["--strategy", "fedavg", "--lr", "0.1"], "--lr is only with --strategy fedsgd, not --strategy fedavg"),
+    (["--strategy", "fedavg", "--beta1", "0.5"], "--beta1 is only with --strategy fedadagrad, fedadam or fedyogi"),
+    (["--aggregator", "median", "--byzantine", "2"], "--byzantine is only with --aggregator krum or multi-krum"),
     (["--strategy", "fedavg", "--local-epochs", "1", "--local-steps", "5"], "not both"),
-    (["--strategy", "fedavg", "--client-lr", "5000"], "learners accept --client-lr up to"),
+    (["--strategy", "fedavg", "--client-lr", "5000"], "--client-lr: must be in (0, 1000]"),
     (["--aggregator", "krum", "--learners", "4"], "at least 5 updates in a round; the run has 4 learners a round"),
     (["--aggregator", "median", "--learners", "5", "--min-learners", "2"], "--min-learners 2"),
     (["--aggregator", "trimmed-mean", "--trim", "0"], "--trim 0 trims nothing"),
@@ -353,31 +377,38 @@ def test_a_sign_flipping_learner_wrecks_the_mean_but_not_the_robust_rules():
 ])
 def test_flags_a_run_would_ignore_or_learners_would_refuse_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
-        leader_module.parse_args(flags)
+        configure(flags)
     assert message in capsys.readouterr().err
 
 
 def test_a_robust_rule_waits_for_enough_updates_unless_told_otherwise():
-    assert leader_module.parse_args(["--aggregator", "krum", "--learners", "6"]).min_learners == 5
-    assert leader_module.parse_args(["--aggregator", "trimmed-mean", "--trim", "0.1", "--learners", "12"]).min_learners == 10
-    assert minimum_updates("trimmed-mean", trim=0.2) == 5  # with fewer, floor(0.2 K) trims nothing
+    assert config.min_learners(configure(["--aggregator", "krum", "--learners", "6"])) == 5
+    assert config.min_learners(configure(["--aggregator", "trimmed-mean", "--trim", "0.1", "--learners", "12"])) == 10
+    assert TrimmedMean(0.2).minimum_updates() == 5  # with fewer, floor(0.2 K) trims nothing
     assert trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]]), 0.2).item() == 2.0
 
 
 def test_local_epochs_set_the_steps_per_round_and_epochs_keep_meaning_passes_over_the_shard():
-    args = leader_module.parse_args(["--strategy", "fedavg", "--epochs", "3", "--batch-size", "32", "--learners", "2"])
-    schedule = leader_module.make_schedule(args, shard_size=5000)
+    schedule = schedule_of(["--strategy", "fedavg", "--epochs", "3", "--batch-size", "32", "--learners", "2"], 5000)
     assert (schedule.steps_per_round, schedule.total_rounds) == (156, 3)
     assert schedule.base_lr == pytest.approx(0.1 * 32 / 128)
-    steps = leader_module.make_schedule(leader_module.parse_args(["--strategy", "fedavg", "--local-steps", "16",
-                                                                   "--epochs", "2", "--batch-size", "32"]), 5000)
-    fedsgd_rounds = leader_module.make_schedule(leader_module.parse_args(["--epochs", "2", "--batch-size", "32"]), 5000)
+    steps = schedule_of(["--strategy", "fedavg", "--local-steps", "16", "--epochs", "2", "--batch-size", "32"], 5000)
+    fedsgd_rounds = schedule_of(["--epochs", "2", "--batch-size", "32"], 5000)
     assert steps.total_rounds == -(-fedsgd_rounds.total_rounds // 16)  # a sixteenth of FedSGD's rounds
     assert [steps.ends_epoch(done) for done in (9, 10, 19, 20)] == [False, True, False, True]
 
 
-def claims_checker(strategy: strategies.Strategy) -> leader_module.LeaderServicer:
-    return leader_module.LeaderServicer(None, None, SimpleNamespace(strategy=strategy), None, batch_size=32)
+def schedule_of(flags: list[str], shard_size: int) -> Schedule:
+    run = configure(flags)
+    return Schedule.of(run, strategies.named(run.strategy), shard_size)
+
+
+def claims_checker(**flags) -> LeaderServicer:
+    """A servicer that checks claims against what a leader with these flags asks for."""
+    run = LeaderConfig(**flags)
+    strategy = strategy_of(**flags)
+    planner = Planner(run, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
+    return LeaderServicer(None, None, SimpleNamespace(strategy=strategy), None, planner, None, None)
 
 
 @pytest.mark.parametrize("claims, message", [
@@ -387,7 +418,7 @@ def claims_checker(strategy: strategies.Strategy) -> leader_module.LeaderService
     (UpdateInfo(1, 0, 32, 1.0, "pseudo-gradient", steps=10), "not the caller's slot"),
 ])
 def test_the_leader_refuses_updates_of_the_wrong_kind_or_claiming_more_than_it_asked_for(claims, message):
-    checker = claims_checker(strategies.Strategy("fedavg", local_steps=10))
+    checker = claims_checker(strategy="fedavg", local_steps=10, batch_size=32)
     payload = codec.decode(codec.encode({}, claims.to_metadata()))
     with pytest.raises(codec.PayloadError, match=message):
         checker.check_claims(payload, Member(0, "127.0.0.1:1", "", 1))
@@ -405,12 +436,12 @@ def test_fedsgd_metadata_is_what_the_articles_peers_send_and_expect():
 def test_a_plan_round_trips_through_metadata_even_with_nobody_sampled():
     for plan in (TrainingPlan(), TrainingPlan(participants=()), TrainingPlan(participants=(0, 4)),
                  TrainingPlan("scaffold", 7, 0.0, 0.9, 5e-4, 0.0, (2,))):
-        assert TrainingPlan.from_metadata(plan.to_metadata()) == plan
+        assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
     with pytest.raises(codec.PayloadError):
-        TrainingPlan.from_metadata({"strategy": "fedavg", "local_steps": "1", "client_lr": "nan",
-                                    "client_momentum": "0", "weight_decay": "0", "mu": "0"})
+        messages.plan_from_metadata({"strategy": "fedavg", "local_steps": "1", "client_lr": "nan",
+                                     "client_momentum": "0", "weight_decay": "0", "mu": "0"})
     with pytest.raises(codec.PayloadError):
-        TrainingPlan.from_metadata({"participants": "1,,2"})
+        messages.plan_from_metadata({"participants": "1,,2"})
 
 
 @pytest.mark.parametrize("strategy", ["fedsgd", "scaffold"])

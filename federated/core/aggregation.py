@@ -1,18 +1,16 @@
-"""How a round's updates combine: the sample-weighted mean, robust rules (coordinate median, trimmed mean, Krum),
-clipping, and the round's running sum. No gRPC, no threads.
+"""How a round's updates combine: the sample-weighted mean or a robust rule (coordinate median, trimmed mean,
+Krum), registered by name, with clipping, gathered as they arrive. No gRPC, no threads.
 
-Aggregation rules see whole updates (model part, statistics and controls); see strategies for what an update holds.
+Rules see whole updates (model part, statistics and controls; see strategies.base for what an update holds).
 """
 
 import hashlib
 import math
+from typing import Any, ClassVar
 
 import torch
 
-from federated.core.strategies import Strategy
-
-AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
-
+from federated.common.registry import Registry
 
 # --- aggregation rules: each takes the round's updates stacked as rows [K, D] ------------------------------
 
@@ -57,50 +55,136 @@ def clip_to_norm(update: torch.Tensor, max_norm: float) -> float:
         update.mul_(max_norm / norm)
     return norm
 
-def aggregate(strategy: Strategy, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
-    """The round's update by the strategy's aggregation rule. Median and trimmed mean work per coordinate on
-    whole updates (model part, statistics and controls alike: a median of variances is still a variance); Krum
-    chooses by distances between the first model_size values (the model part) and takes the coordinate median
-    of the rest. Only the mean weights by sample count: robust rules treat every learner alike, or a learner
-    could buy weight with its claim."""
-    rule = strategy.aggregator
-    if rule == "mean":
+class Aggregator:
+    """An aggregation rule. Only the mean weights by sample count: robust rules treat every learner alike, or a
+    learner could buy weight with its claim. Subclasses are registered by name with @rules.register(NAME)."""
+
+    name: ClassVar[str]
+    flags: ClassVar[tuple[str, ...]] = ()  # the leader's aggregator flags it reads; given for another, refused
+    keeps_updates: ClassVar[bool] = True  # a robust rule needs every update of the round (memory: K updates)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Aggregator":
+        """The rule with the flags of a run (the leader's configuration)."""
+        return cls()
+
+    @classmethod
+    def problems(cls, config: Any) -> list[str]:
+        """What is wrong with the flags for this rule, beyond each flag's own bounds."""
+        return []
+
+    def minimum_updates(self) -> float:
+        """The fewest updates with which the rule outvotes a hostile one (1: it withstands nobody)."""
+        return 1
+
+    def too_few(self, count: int) -> str | None:
+        """Why a round of count updates is too small for the rule to withstand anyone, or None."""
+        needed = self.minimum_updates()
+        if count >= needed:
+            return None
+        return f"{self.name} needs at least {needed} updates to outvote a hostile one, the round had {count}"
+
+    def combine(self, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
+        """The round's update from its updates stacked as rows [K, D] and their sample counts; model_size: how
+        many leading values are the model part (the rest: statistics and controls)."""
+        raise NotImplementedError
+
+
+rules: Registry[type[Aggregator]] = Registry("aggregator")
+
+
+@rules.register("mean")
+class Mean(Aggregator):
+    """The sample-weighted mean, summed as updates arrive (memory: one update, whatever the learner count)."""
+
+    keeps_updates: ClassVar[bool] = False
+
+    def combine(self, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
         return weighted_mean(updates, samples)
-    if rule == "median":
+
+
+@rules.register("median")
+class Median(Aggregator):
+    """Each coordinate's median of whole updates (model part, statistics and controls alike: a median of
+    variances is still a variance)."""
+
+    def minimum_updates(self) -> float:
+        return 3
+
+    def combine(self, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
         return coordinate_median(updates)
-    if rule == "trimmed-mean":
-        return trimmed_mean(updates, strategy.trim)
-    selected = 1 if rule == "krum" else max(1, len(updates) - strategy.byzantine)
-    chosen = multi_krum(updates[:, :model_size], strategy.byzantine, selected)[1]
-    result = updates[chosen].mean(dim=0)
-    if model_size is not None:  # statistics and controls: Krum chose on the model part, which says nothing of them
-        result[model_size:] = coordinate_median(updates[:, model_size:])
-    return result
 
-def minimum_updates(aggregator: str, trim: float = 0.2, byzantine: int = 1) -> int:
-    """The fewest updates with which the rule outvotes a hostile one: 3 for the median, as many as make the
-    trimmed mean drop one value at each end, 2F + 3 for Krum (Blanchard et al.)."""
-    if aggregator in ("krum", "multi-krum"):
-        return 2 * byzantine + 3
-    if aggregator == "trimmed-mean":
-        return max(3, math.ceil(1 / trim)) if trim > 0 else math.inf
-    return 3 if aggregator == "median" else 1
 
-def too_few(strategy: Strategy, count: int) -> str | None:
-    """Why a round of count updates is too small for the strategy's rule to withstand anyone, or None."""
-    needed = minimum_updates(strategy.aggregator, strategy.trim, strategy.byzantine)
-    if count >= needed:
-        return None
-    return f"{strategy.aggregator} needs at least {needed} updates to outvote a hostile one, the round had {count}"
+@rules.register("trimmed-mean")
+class TrimmedMean(Aggregator):
+    """Each coordinate's mean after dropping the --trim fraction of largest and of smallest values."""
+
+    flags: ClassVar[tuple[str, ...]] = ("trim",)
+
+    def __init__(self, trim: float) -> None:
+        self.trim = trim
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Aggregator":
+        return cls(config.trim)
+
+    @classmethod
+    def problems(cls, config: Any) -> list[str]:
+        return ["--trim 0 trims nothing: use --aggregator mean"] if config.trim == 0 else []
+
+    def minimum_updates(self) -> float:
+        """As many as make the rule drop one value at each end."""
+        return max(3, math.ceil(1 / self.trim)) if self.trim > 0 else math.inf
+
+    def combine(self, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
+        return trimmed_mean(updates, self.trim)
+
+
+@rules.register("krum")
+class Krum(Aggregator):
+    """The update with the lowest Krum score, chosen by distances between model parts (Blanchard et al. 2017);
+    statistics and controls, of which those distances say nothing, by their coordinate median."""
+
+    flags: ClassVar[tuple[str, ...]] = ("byzantine",)
+
+    def __init__(self, byzantine: int) -> None:
+        self.byzantine = byzantine
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Aggregator":
+        return cls(config.byzantine)
+
+    def minimum_updates(self) -> float:
+        return 2 * self.byzantine + 3
+
+    def selected(self, count: int) -> int:
+        """How many of count updates the rule averages."""
+        return 1
+
+    def combine(self, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
+        chosen = multi_krum(updates[:, :model_size], self.byzantine, self.selected(len(updates)))[1]
+        result = updates[chosen].mean(dim=0)
+        if model_size is not None:
+            result[model_size:] = coordinate_median(updates[:, model_size:])
+        return result
+
+
+@rules.register("multi-krum")
+class MultiKrum(Krum):
+    """The mean of the K - F updates with the lowest Krum scores."""
+
+    def selected(self, count: int) -> int:
+        return max(1, count - self.byzantine)
+
 
 class RoundUpdates:
     """The updates of one round as they arrive: a running weighted sum for the mean (memory of one update,
     whatever the learner count), or every update kept for a robust rule (memory K updates). With clip_norm,
     each update's model part is clipped as it arrives."""
 
-    def __init__(self, size: int, model_size: int, strategy: Strategy) -> None:
-        self.model_size, self.strategy = model_size, strategy
-        self.total = torch.zeros(size if not strategy.keeps_updates else 0)
+    def __init__(self, size: int, model_size: int, rule: Aggregator = Mean(), clip_norm: float = 0.0) -> None:
+        self.model_size, self.rule, self.clip_norm = model_size, rule, clip_norm
+        self.total = torch.zeros(size if not rule.keeps_updates else 0)
         self.kept: list[torch.Tensor] = []
         self.sample_counts: list[int] = []
         self.loss_sum = 0.0
@@ -108,11 +192,11 @@ class RoundUpdates:
     def add(self, pieces: list[torch.Tensor], samples: int, loss: float) -> None:
         """Add one learner's update, given as consecutive 1-D pieces of any floating-point dtype that together
         cover the vector (wire.flat_runs), the mean over its `samples` examples."""
-        clip, keep = self.strategy.clip_norm > 0, self.strategy.keeps_updates
+        clip, keep = self.clip_norm > 0, self.rule.keeps_updates
         if clip or keep:
             update = torch.cat([piece.float() for piece in pieces])
             if clip:
-                clip_to_norm(update[:self.model_size], self.strategy.clip_norm)
+                clip_to_norm(update[:self.model_size], self.clip_norm)
             pieces = [update]
         if keep:
             self.kept.append(pieces[0])
@@ -132,11 +216,11 @@ class RoundUpdates:
 
     def combine_into(self, out: torch.Tensor) -> None:
         """Write the round's aggregate into out."""
-        if not self.strategy.keeps_updates:
+        if not self.rule.keeps_updates:
             torch.div(self.total, self.samples, out=out)
             return
         weights = torch.tensor(self.sample_counts, dtype=torch.float32)
-        out.copy_(aggregate(self.strategy, torch.stack(self.kept), weights, self.model_size))
+        out.copy_(self.rule.combine(torch.stack(self.kept), weights, self.model_size))
 
     def reset(self) -> None:
         self.total.zero_()

@@ -20,6 +20,7 @@ import torch
 import utils
 
 SCHEMES = ("iid", "dirichlet", "classes", "quantity")
+FLAGS = {"iid": (), "dirichlet": ("alpha",), "classes": ("classes_per_learner",), "quantity": ("alpha",)}  # they read
 # A whole Dirichlet split is redrawn while some learner gets fewer than min_samples, as common implementations
 # do (they loop without bound). A draw costs classes x learners numbers, so 1000 draws take well under a second;
 # a request that fails them all is unrealistic for its alpha, not unlucky.

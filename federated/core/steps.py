@@ -1,7 +1,7 @@
 """The leader's optimizer step: SGD with momentum for FedSGD, and the guard that refuses or undoes a step that
 would leave a non-finite or absurd model."""
 
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 from torch import nn

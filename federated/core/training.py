@@ -1,11 +1,10 @@
-"""A learner's work for one round, for every strategy, as plain functions (no gRPC), and evaluation.
+"""A learner's work for one round as plain functions (no gRPC): the gradient of one batch, or local SGD steps and
+their pseudo-gradient, with the hooks through which strategies change those steps; and evaluation.
 
-FedSGD: the gradient of one batch. Every other strategy: plan.local_steps SGD steps from the round's global
-weights w0 with a fresh client optimizer (FedProx adds mu (w - w0) to each gradient; SCAFFOLD adds c - c_i),
-then the pseudo-gradient w0 - w. The update vector (a layout.GradientLayout) ends with the BatchNorm
-statistics the learner ended with and, for SCAFFOLD, the change of its control variate c_i. SCAFFOLD's new
-c_i is the mean of the round's raw minibatch gradients: what option II's (w0 - w) / (K lr) - c + c_i equals
-under plain SGD, and still right with client momentum, weight decay or a learning rate of zero.
+FedSGD sends the gradient of one batch (compute_gradient). Every other strategy takes plan.local_steps SGD steps
+from the round's global weights w0 with a fresh client optimizer and sends the pseudo-gradient w0 - w
+(train_locally). The update vector (a layout.GradientLayout) ends with the BatchNorm statistics the learner
+ended with and, for SCAFFOLD, the change of its control variate.
 """
 
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from torch import nn
 
 from federated.core.layout import GradientLayout
 from federated.core.steps import make_optimizer
-from federated.wire.messages import TrainingPlan
+from federated.core.plan import TrainingPlan
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,59 +34,47 @@ def compute_gradient(
     return loss.item()
 
 
-class Controls:
-    """SCAFFOLD's control variates as a learner holds them (Karimireddy et al. 2020): the server's c, as pushed
-    with the latest state, and the learner's own c_i, kept from round to round (zero at first). local_update
-    computes the change of c_i; the learner commits it once the leader has accepted the update."""
+class LocalHooks:
+    """What a strategy adds to plain local SGD: nothing here; FedProx's proximal term and SCAFFOLD's correction
+    and control update in theirs."""
 
-    def __init__(self, size: int, device: torch.device | str = "cpu") -> None:
-        self.server = torch.zeros(size, device=device)
-        self.own = torch.zeros(size, device=device)
+    def after_backward(self, gradient: torch.Tensor, parameters: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+        """Change the step's gradients (each parameter's .grad; gradient is the same values as one flat vector)
+        before the optimizer steps; start holds the round's global weights, one tensor per parameter."""
 
-    def commit(self, change: torch.Tensor) -> None:
-        self.own.add_(change)
+    def finish(self, flat: torch.Tensor, steps: int) -> None:
+        """Complete the update vector (its model part and statistics are written) after steps local steps."""
 
-def _flat_parameters(layout: GradientLayout) -> torch.Tensor:
+
+def flat_parameters(layout: GradientLayout) -> torch.Tensor:
+    """A copy of the model's trainable parameters as one flat vector, in layout order."""
     return torch.cat([p.detach().reshape(-1) for _, p in layout.parameters])
 
-def local_update(model: nn.Module, layout: GradientLayout, flat: torch.Tensor, batch_at: Callable[[int], Batch],
-                 plan: TrainingPlan, controls: Controls | None = None) -> float:
-    """Fill flat (bound with layout.bind_gradients) with this round's update; return the mean training loss.
-    batch_at(k) is the k-th batch of the round (0 <= k < plan.local_steps)."""
-    if plan.strategy == "fedsgd":
-        return compute_gradient(model, layout, flat, *batch_at(0))
+
+def train_locally(model: nn.Module, layout: GradientLayout, flat: torch.Tensor, batch_at: Callable[[int], Batch],
+                  plan: TrainingPlan, hooks: LocalHooks = LocalHooks()) -> float:
+    """plan.local_steps SGD steps from the model's weights w0 with a fresh client optimizer, the hooks adjusting
+    each step's gradients; then fill flat (bound with layout.bind_gradients) with the pseudo-gradient w0 - w and the
+    statistics the learner ended with. batch_at(k) is the round's k-th batch. Returns the mean training loss."""
     model.train()
-    start = _flat_parameters(layout)
+    start = flat_parameters(layout)
     parameters = [p for _, p in layout.parameters]
-    sizes = [p.numel() for p in parameters]
-    correction = gradient_sum = None
-    if plan.strategy == "scaffold":
-        correction = (controls.server - controls.own).split(sizes)
-        gradient_sum = torch.zeros_like(start)
+    start_pieces = [piece.view_as(p) for piece, p in zip(start.split([p.numel() for p in parameters]), parameters)]
     optimizer = make_optimizer(model, plan.client_lr, plan.client_momentum, plan.weight_decay)
-    loss_sum = 0.0
+    gradient, loss_sum = flat[: layout.parameter_count], 0.0
     for step in range(plan.local_steps):
-        flat[: layout.parameter_count].zero_()
+        gradient.zero_()
         images, labels = batch_at(step)
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
         loss_sum += loss.item()
-        if gradient_sum is not None:
-            gradient_sum.add_(flat[: layout.parameter_count])
         with torch.no_grad():
-            if plan.mu:  # FedProx: the gradient of mu/2 ||w - w0||^2
-                for parameter, origin in zip(parameters, start.split(sizes)):
-                    parameter.grad.add_(parameter - origin.view_as(parameter), alpha=plan.mu)
-            if correction is not None:
-                for parameter, piece in zip(parameters, correction):
-                    parameter.grad.add_(piece.view_as(parameter))
+            hooks.after_backward(gradient, parameters, start_pieces)
         optimizer.step()
     with torch.no_grad():
-        moved = start.sub_(_flat_parameters(layout))  # w0 - w: the pseudo-gradient
-        flat[: layout.parameter_count].copy_(moved)
+        gradient.copy_(start.sub_(flat_parameters(layout)))  # w0 - w: the pseudo-gradient
         layout.read_buffers(flat)
-        if gradient_sum is not None:  # c_i+ = the mean of the raw minibatch gradients; the update carries c_i+ - c_i
-            flat[layout.controls].copy_(gradient_sum.div_(plan.local_steps).sub_(controls.own))
+        hooks.finish(flat, plan.local_steps)
     return loss_sum / plan.local_steps
 
 

@@ -1,6 +1,5 @@
-"""The leader's files on disk: checkpoints written atomically and checked on resume, and earlier runs kept aside."""
+"""The leader's files on disk: checkpoints written atomically and read back, and earlier runs kept aside."""
 
-import argparse
 import json
 import logging
 import os
@@ -14,65 +13,30 @@ from federated.leader.metrics import read_metrics
 
 log = logging.getLogger("leader")
 
-# Every flag that changes the training trajectory: a resumed run takes them from the checkpoint, and
-# refuses to start when one is given on the command line with another value.
-TRAJECTORY_FLAGS = ("model", "dataset", "learners", "batch_size", "seed", "epochs", "rounds", "lr",
-                    "warmup_epochs", "momentum", "weight_decay", "wire_dtype", "strategy", "local_epochs",
-                    "local_steps", "client_lr", "client_momentum", "server_lr", "server_momentum", "beta1", "beta2",
-                    "tau", "mu", "aggregator", "trim", "byzantine", "clip_norm", "learners_per_round", "num_classes",
-                    "image_size", "partition", "alpha", "classes_per_learner", "norm")  # (--init: the checkpoint has the weights)
-# What a checkpoint written before a flag existed ran with
-EARLIER_DEFAULTS = {"strategy": "fedsgd", "local_epochs": None, "local_steps": None, "client_lr": None,
-                    "client_momentum": 0.9, "server_lr": None, "server_momentum": None, "beta1": 0.9, "beta2": 0.99,
-                    "tau": 1e-3, "mu": None, "aggregator": "mean", "trim": 0.2, "byzantine": 1, "clip_norm": 0.0,
-                    "learners_per_round": 0, "num_classes": None, "image_size": 32, "partition": "iid", "alpha": 0.5,
-                    "classes_per_learner": 2, "norm": "batch"}
 # What a run writes into its --out directory; a new run moves an earlier run's files aside.
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt", "partition.json", "partition.png")
 
 
-def config_of(args: argparse.Namespace) -> dict:
-    """The trajectory flags' values, as a checkpoint records them."""
-    return {key: getattr(args, key) for key in TRAJECTORY_FLAGS}
-
-
-def adopt_config(saved: dict, args: argparse.Namespace, explicit: set[str]) -> None:
-    """Give args the checkpoint's trajectory flags; raise SystemExit naming every flag given on the command
-    line with another value (a checkpoint of an older version may lack some: those keep their value)."""
-    saved = {**EARLIER_DEFAULTS, **saved}
-    conflicts = [f"--{key.replace('_', '-')} {getattr(args, key)} (the checkpoint has {saved[key]})"
-                 for key in TRAJECTORY_FLAGS if key in saved and key in explicit and getattr(args, key) != saved[key]]
-    if conflicts:
-        raise SystemExit(f"--resume {args.resume}: {', '.join(conflicts)}; a resumed run keeps the flags it was "
-                         "started with: leave these out, or start a new run with another --out")
-    for key in TRAJECTORY_FLAGS:
-        if key in saved:
-            setattr(args, key, saved[key])
-
-
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, control: torch.Tensor | None, rounds_done: int,
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy_state: dict, rounds_done: int,
              slots: list[dict], sampler: torch.Generator, participants: list[int] | None, config: dict,
              data: dict | None = None) -> dict:
     """Everything a resume needs after rounds_done: the model, the optimizer's state (momentum, or a server
-    optimizer's moments), SCAFFOLD's control, each slot's address and credential (its learner takes it back),
-    the random states and the open round's sampled participants, the trajectory flags, and the data's
-    normalisation and typical shard size (a leader without data learned them from its learners). Learners' positions
-    in their shards are a function of the round and the seed, so the round restores them."""
+    optimizer's moments), the strategy's own (SCAFFOLD's control), each slot's address and credential (its
+    learner takes it back), the random states and the open round's sampled participants, the trajectory flags,
+    and the data's normalisation and typical shard size (a leader without data learned them from its learners).
+    Learners' positions in their shards are a function of the round and the seed, so the round restores them."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "round": rounds_done, "slots": slots,
             "rng": torch.get_rng_state(), "sampler": sampler.get_state(), "participants": participants,
-            "config": config, "data": data, **({"control": control} if control is not None else {})}
+            "config": config, "data": data, **strategy_state}
 
 
-def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, control: torch.Tensor | None,
-            sampler: torch.Generator) -> int:
-    """Load a snapshot's model, optimizer, control and random states; return its round."""
+def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> int:
+    """Load a snapshot's model, optimizer and random states; return its round."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     if "sampler" in saved:  # (older checkpoints have none)
         sampler.set_state(saved["sampler"])
-    if control is not None:
-        control.copy_(saved["control"])
     return saved["round"]
 
 

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from federated.core.aggregation import RoundUpdates
-from federated.core.strategies import Strategy
+from federated.core.aggregation import Aggregator, Mean, RoundUpdates
 
 MAX_MISSED_ROUNDS = 3
 
@@ -29,9 +28,10 @@ class RoundCollector:
     misses MAX_MISSED_ROUNDS rounds in a row is not waited for until the leader hears from it again: a
     learner that answers everything but never sends a gradient cannot hold every round to its deadline."""
 
-    def __init__(self, size: int, first_round: int = 0, strategy: Strategy = Strategy(),
+    def __init__(self, size: int, first_round: int = 0, rule: Aggregator = Mean(), clip_norm: float = 0.0,
                  model_size: int | None = None) -> None:
-        self._updates = RoundUpdates(size, size if model_size is None else model_size, strategy)
+        self.rule = rule
+        self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm)
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
         self._reported: dict[int, tuple[int, float]] = {}  # by learner: the samples and loss it claimed

@@ -5,21 +5,23 @@ The leader's round loop calls start() once, then for each round open(), wait_for
 close() and push_state(); the servicer calls probe() and heard_from(). Every wait is bounded and logged.
 """
 
-import argparse
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from federated.core.plan import TrainingPlan
+from federated.core.sampling import sample_participants
 from federated.leader import dispatch
-from federated.wire import framing
-from federated.core import strategies
-from federated.wire.messages import TrainingPlan
-from federated.leader.registry import Member, Registry
 from federated.leader.collector import RoundCollector
+from federated.leader.config import LeaderConfig, min_learners
+from federated.leader.global_model import GlobalModel
+from federated.leader.planner import Planner
+from federated.leader.registry import Member, Registry
+from federated.wire import framing
 
 log = logging.getLogger("leader")
 
@@ -48,21 +50,20 @@ class Settings:
     resend_first_state: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, out: Path) -> "Settings":
-        return cls(args.learners, args.min_learners, args.learners_per_round, args.round_timeout,
-                   args.register_timeout, args.sync_timeout, args.rejoin_grace, bool(args.resume), out,
-                   args.dataset == "none")
+    def of(cls, config: LeaderConfig) -> "Settings":
+        return cls(config.learners, min_learners(config), config.learners_per_round, config.round_timeout,
+                   config.register_timeout, config.sync_timeout, config.rejoin_grace, config.resume is not None,
+                   config.output_dir, config.dataset == "none")
 
 
 class Federation:
     """Rounds as the learners see them: the registry of slots, the open round's collector, the states pushed."""
 
-    def __init__(self, settings: Settings, registry: Registry, collector: RoundCollector, publish: Callable[..., bytes],
-                 encoded_state: Callable[[], bytes], plan: Callable[[int, list[int] | None], TrainingPlan],
-                 client: dispatch.LearnerClient, sampler: torch.Generator, stopping,
+    def __init__(self, settings: Settings, registry: Registry, collector: RoundCollector, global_model: GlobalModel,
+                 planner: Planner, client: dispatch.LearnerClient, sampler: torch.Generator, stopping: threading.Event,
                  participants: list[int] | None = None) -> None:
         self.settings, self.registry, self.collector = settings, registry, collector
-        self.publish, self.encoded_state, self.plan = publish, encoded_state, plan
+        self.global_model, self.planner = global_model, planner
         self.client, self.sampler, self.stopping = client, sampler, stopping
         self.participants = participants  # the open round's, with --learners-per-round (a resume's: restored)
         self.sampled_at = 0.0  # when they were drawn
@@ -137,7 +138,7 @@ class Federation:
         # not while participants are yet to be sampled (that state goes to them, and must not be overtaken).
         unsampled = self.settings.learners_per_round and self.participants is None
         fetched_old = self.collector.round > 0 or self.settings.resend_first_state
-        state = framing.chunk_message(self.encoded_state()) if fetched_old and not unsampled else None
+        state = framing.chunk_message(self.global_model.encoded_state) if fetched_old and not unsampled else None
         started = lambda member: (self.registry.started(member.learner_id, member.generation), self.heard_from(member))
         self.client.start(joiners, state, started, self.drop, self.settings.sync_timeout)
 
@@ -207,11 +208,11 @@ class Federation:
         and publish the state for it; returns it as one serialised ModelState."""
         if self.settings.learners_per_round:
             self.participants = participants if participants is not None else \
-                strategies.sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
+                sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
             self.collector.expect(self.registry.ready(), self.participants, widen)
             self.sampled_at = time.monotonic()
             log.debug("round %d: learners %s take part", round_index, self.participants)
-        return self.publish(round_index, finished=False, plan=self.plan(round_index, self.participants))
+        return self.global_model.publish(round_index, finished=False, plan=self.planner.plan(round_index, self.participants))
 
     def send_state(self, request: bytes, everyone: bool = False) -> int:
         """Send a serialised state to the open round's participants (everyone: to every learner counted on);
@@ -229,8 +230,8 @@ class Federation:
         if not finished:
             return self.send_state(self.open_round(rounds_done))
         # the last: no training, but learners evaluate it when the plan says so
-        plan = TrainingPlan(evaluate=self.plan(rounds_done, None).evaluate and not stopped)
-        return self.send_state(self.publish(rounds_done, True, stopped, plan=plan), everyone=True)
+        plan = TrainingPlan(evaluate=self.planner.evaluation_due(rounds_done) and not stopped)
+        return self.send_state(self.global_model.publish(rounds_done, True, stopped, plan=plan), everyone=True)
 
     def release(self) -> None:
         """Training was already over: push the final state to every slot's learner, and keep serving it
@@ -238,7 +239,7 @@ class Federation:
         started = time.monotonic()
         members = {key: member for key, member in self.registry.members(list(range(self.settings.learners))).items()
                    if member.address}
-        request = framing.chunk_message(self.encoded_state())  # published as finished
+        request = framing.chunk_message(self.global_model.encoded_state)  # published as finished
         broadcast = self.client.send(members, "SyncModelState", request, lambda *failure: None,
                                      self.settings.sync_timeout)
         if broadcast.wait(self.settings.sync_timeout) and broadcast.all_succeeded():

@@ -57,8 +57,9 @@ def read_metrics(path: Path) -> list[dict]:
 EVALUATION_LABELS = {"leader": "the leader's test split", "learners": "learners' held-out images"}
 
 
-def plot_metrics(records: list[dict], path: Path) -> None:
-    """Training and test loss, and test accuracy (the leader's and the learners' evaluations), against round."""
+def plot_metrics(records: list[dict], path: Path, title: str = "") -> None:
+    """Training and test loss, and test accuracy (the leader's and the learners' evaluations), against round,
+    under a title that says what ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,6 +81,8 @@ def plot_metrics(records: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend()
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -9,11 +9,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from federated.wire.messages import DataSummary
-from federated.net.rpc import new_credential, session_id
+from federated.net.rpc import CREDENTIAL_HEADER, new_credential, session_id
 
 MAX_ADDRESS_CHARS = 261  # a 255-character host name, a colon and a port
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
@@ -194,6 +195,11 @@ class Registry:
         with self._changed:
             slot = self._of_credential(credential)
             return slot.learner_id if slot else None
+
+    def caller_name(self, headers: Mapping[str, str]) -> str | None:
+        """The name admission counts a call's turns under: the slot its credential holds (None: anonymous)."""
+        slot = self.holder(headers.get(CREDENTIAL_HEADER))
+        return None if slot is None else str(slot)
 
     def authenticate(self, credential: str | None, certificate: str | None) -> tuple[Member, str] | None:
         """The slot this credential (and certificate) holds and its state, or None."""

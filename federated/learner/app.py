@@ -1,11 +1,8 @@
 """A learner: serves LearnerService, trains the leader's model on its shard and pushes gradients."""
 
-import argparse
 import hmac
 import logging
-import signal
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -17,7 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federated.wire import framing
 from federated.net import guard
-from federated.core import training
+from federated.core import strategies
+from federated.core.strategies.scaffold import Controls
+from federated.core.training import Batch
 from federated.wire import messages
 from federated.core import partition
 from federated.net import rpc
@@ -29,6 +28,7 @@ from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_
 from federated.core.checks import TensorSpec
 from federated.core.layout import GradientLayout, control_name, wire_state
 from federated.core.training import evaluate
+from federated.learner.config import LearnerConfig
 
 log = logging.getLogger("learner")
 T = TypeVar("T")
@@ -55,54 +55,6 @@ REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, 
 # A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
 ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
                                                       requests={"SyncModelState"})
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Federated learning learner: registers with the leader, serves LearnerService, "
-        "and each round it takes part in sends its update: the gradient of one batch (FedSGD), or the change "
-        "local training made (every other strategy; the leader's model state says how to train).",
-        formatter_class=runtime.HelpFormatter,
-    )
-    parser.add_argument("--leader", default="127.0.0.1:50051", help="the leader's HOST:PORT")
-    parser.add_argument("--host", default="0.0.0.0", help="address for this learner's server to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free port)")
-    parser.add_argument("--advertise", help="HOST:PORT the leader dials to reach this learner "
-                        "(default: 127.0.0.1 for a local leader, else this machine's address on the route to it)")
-    parser.add_argument("--dataset", choices=utils.DATASETS,
-                        help="train on this local dataset instead of a shard from the leader (raw data stays here; "
-                        "images are resized to the leader's --image-size)")
-    parser.add_argument("--data-dir", default="data", help="where the local --dataset lives")
-    parser.add_argument("--eval-fraction", type=float, default=0.0,
-                        help="hold out this fraction of the local training images (never trained on) to evaluate the "
-                        "global model on when the leader asks (0: the dataset's test split, e.g. DIR/test of an "
-                        "imagefolder, if it has one)")
-    parser.add_argument("--device", default="auto", help="where to train: auto (a CUDA GPU if there is one, "
-                        "else the CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores; give each learner "
-                        "its share when several run on one machine)")
-    parser.add_argument("--connect-timeout", type=float, default=300.0,
-                        help="seconds to keep trying to reach the leader (or to get a slot), at start and after "
-                        "losing it")
-    parser.add_argument("--wait-timeout", type=float, default=600.0,
-                        help="seconds to wait for the leader's next instruction before giving up (a learner that "
-                        "sampling left out of the round waits as long as the leader's health checks count it in)")
-    parser.add_argument("--idle-timeout", type=float, default=guard.IDLE_TIMEOUT_S,
-                        help="seconds a stream from the leader (model, data) may deliver nothing before it is "
-                        "abandoned and fetched again; also how long a caller of this learner may stay silent")
-    parser.add_argument("--log-every", type=int, default=50, help="log progress every N rounds")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
-    rpc.add_security_flags(parser, "learner")
-    parser.add_argument("--leader-name", default="leader",
-                        help="with --tls-ca: the common name the leader's certificate must carry")
-    args = parser.parse_args(argv)
-    if args.log_every < 1 or args.threads < 0:
-        parser.error("--log-every must be at least 1 and --threads not negative")
-    if not 0 <= args.eval_fraction < 1 or (args.eval_fraction and not args.dataset):
-        parser.error("--eval-fraction must lie in [0, 1), and needs a local --dataset")
-    if min(args.connect_timeout, args.wait_timeout, args.idle_timeout) <= 0:
-        parser.error("timeouts must be positive")
-    return args
 
 
 def default_advertise(leader: str, port: int) -> str:
@@ -233,7 +185,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             codec.check_matches(payload, self.state_spec)
             round_index = messages.round_of(payload)
             if not messages.is_final(payload):  # a final state carries no plan
-                messages.TrainingPlan.from_metadata(payload.metadata)
+                messages.plan_from_metadata(payload.metadata)
         except codec.PayloadError as error:
             log.warning("rejected a model state: %s", error)
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
@@ -270,7 +222,7 @@ def adopt_state(model: torch.nn.Module, state: codec.Payload, spec: TensorSpec) 
 
 
 def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
-                   device: torch.device | str) -> tuple[torch.nn.Module, GradientLayout, training.Controls | None]:
+                   device: torch.device | str) -> tuple[torch.nn.Module, GradientLayout, Controls | None]:
     """The state's model on the device, its update layout and (SCAFFOLD) its control variates. The model moves
     before the layout is made: moving replaces a model's buffers, and the layout must hold the ones training
     updates (adopting a state later copies into them in place). A run's strategy never changes."""
@@ -278,9 +230,9 @@ def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
         model = build_model(info.architecture, info.num_classes, info.norm).to(device)
     except ValueError as error:  # the names come from the network
         raise codec.PayloadError(f"the leader's model state names a model this learner cannot build: {error}") from None
-    scaffold = info.plan.strategy == "scaffold"
-    layout = GradientLayout(model, wire_dtype, controls=scaffold)
-    return model, layout, training.Controls(layout.parameter_count, device) if scaffold else None
+    controls = strategies.named(info.plan.strategy).controls
+    layout = GradientLayout(model, wire_dtype, controls=controls)
+    return model, layout, Controls(layout.parameter_count, device) if controls else None
 
 
 def check_fits(state: codec.Payload, info: messages.StateInfo, wire_dtype: torch.dtype) -> None:
@@ -363,12 +315,12 @@ def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Calla
 class Learner:
     """One learner's run: fetch the model and data, serve, train; after losing the leader, rejoin."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.security = rpc.Security.from_args(args)
-        self.channel = rpc.channel(args.leader, self.security)
+    def __init__(self, config: LearnerConfig) -> None:
+        self.config = config
+        self.security = rpc.Security.of(config)
+        self.channel = rpc.channel(config.leader, self.security)
         self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(rpc.channel(args.leader, self.security))
+        self.health = health_pb2_grpc.HealthStub(rpc.channel(config.leader, self.security))
         self.inbox, self.started, self.credential = StateInbox(), threading.Event(), LeaderCredential()
         self.learner_id, self.data, self.server, self.round, self.sent_round = -1, None, None, 0, -1
         self.held_out: utils.ImageSet | None = None  # images to evaluate the global model on
@@ -377,13 +329,13 @@ class Learner:
     def fetch_model(self, deadline: float) -> codec.Payload | None:
         """The leader's current model state, checked finite as it streams in (retried until the deadline);
         None if the leader's final state was pushed meanwhile."""
-        fetch = lambda: fetch_model(self.channel, self.args.idle_timeout, self.credential.value)
+        fetch = lambda: fetch_model(self.channel, self.config.idle_timeout, self.credential.value)
         return retry_until(deadline, fetch, "GetModel", stop=lambda: self.inbox.final is not None)
 
     def connect(self) -> codec.Payload | None:
         """Take the leader's model, start serving, register and get the data; the leader's final state
         instead if training is already over."""
-        deadline = time.monotonic() + self.args.connect_timeout
+        deadline = time.monotonic() + self.config.connect_timeout
         state = self.fetch_model(deadline)
         if messages.is_final(state):
             return state
@@ -391,7 +343,7 @@ class Learner:
         self.wire_dtype = codec.WIRE_DTYPES.get(info.wire_dtype)
         if self.wire_dtype is None:
             raise codec.PayloadError(f"unknown wire_dtype {info.wire_dtype[:32]!r}")
-        self.device = runtime.pick_device(self.args.device)
+        self.device = runtime.pick_device(self.config.device)
         check_fits(state, info, self.wire_dtype)
         self.model, self.layout, self.controls = training_setup(info, self.wire_dtype, self.device)
         self.state_spec = state_spec(self.model, self.wire_dtype, self.controls is not None)
@@ -401,13 +353,13 @@ class Learner:
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)
         servicer = LearnerServicer(self.state_spec, self.inbox, self.started, self.credential,
-                                   self.args.leader_name if self.security.ca else None)
+                                   self.config.leader_name if self.security.ca else None)
         self.server, port = rpc.start_server(
-            f"{self.args.host}:{self.args.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
-            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, method_limits(self.args.idle_timeout),
-            self.args.idle_timeout, self.session_status,
+            f"{self.config.host}:{self.config.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
+            len(state.buffer) + rpc.ENVELOPE_BYTES, self.security, method_limits(self.config.idle_timeout),
+            self.config.idle_timeout, self.session_status,
             lambda headers: "leader" if self.credential.matches(headers.get(rpc.CREDENTIAL_HEADER)) else None, 1)
-        self.address = self.args.advertise or default_advertise(self.args.leader, port)
+        self.address = self.config.advertise or default_advertise(self.config.leader, port)
         self.join(deadline)
         return None
 
@@ -426,7 +378,7 @@ class Learner:
         info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
         self.round, self.plan = info.round, info.plan
         self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
-        if (self.plan.strategy == "scaffold") != (self.controls is not None):
+        if strategies.named(self.plan.strategy).controls != (self.controls is not None):
             raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
         if self.controls is not None:
             self.controls.server.copy_(torch.cat([state.tensors[control_name(name)].reshape(-1)
@@ -435,13 +387,13 @@ class Learner:
     def join(self, deadline: float) -> None:
         """Register (again) and get this slot's data, unless it is local or already here."""
         previous = self.learner_id
-        if self.args.dataset and self.data is None:  # local data first: the registration summarises it
+        if self.config.dataset and self.data is None:  # local data first: the registration summarises it
             self.data, self.held_out = self.load_local_data()
             self.summary = messages.DataSummary.of(self.data, len(self.held_out) if self.held_out else 0)
         self.learner_id = retry_until(deadline, self.register, "RegisterLearner")
         if self.learner_id != previous and self.controls is not None:  # SCAFFOLD: c_i belongs to a slot's data
             self.controls.own.zero_()
-        if self.data is None or (self.learner_id != previous and not self.args.dataset):
+        if self.data is None or (self.learner_id != previous and not self.config.dataset):
             self.data = self.load_shard()
 
     def register(self) -> int:
@@ -462,20 +414,20 @@ class Learner:
     def load_local_data(self) -> tuple[utils.ImageSet, utils.ImageSet | None]:
         """The local training images at the leader's image size, and those held out for evaluation: a
         --eval-fraction of them, else the dataset's test split if it has one."""
-        args, size, classes = self.args, self.info.image_size, self.info.num_classes
-        data = utils.load_dataset(args.dataset, args.data_dir, train=True, image_size=size)
+        config, size, classes = self.config, self.info.image_size, self.info.num_classes
+        data = utils.load_dataset(config.dataset, config.data_dir, train=True, image_size=size)
         if data.num_classes != classes:
-            raise utils.DatasetError(f"the local {args.dataset} has {data.num_classes} classes; the leader's model "
+            raise utils.DatasetError(f"the local {config.dataset} has {data.num_classes} classes; the leader's model "
                                      f"tells {classes} apart")
-        if args.eval_fraction:
-            data, held_out = utils.held_out(data, args.eval_fraction, self.info.seed)
+        if config.eval_fraction:
+            data, held_out = utils.held_out(data, config.eval_fraction, self.info.seed)
         else:
             try:
-                held_out = utils.load_dataset(args.dataset, args.data_dir, train=False, image_size=size)
+                held_out = utils.load_dataset(config.dataset, config.data_dir, train=False, image_size=size)
             except utils.DatasetError as missing:
                 log.info("no held-out images to evaluate on (%s); --eval-fraction would hold some out", missing)
                 held_out = None
-        log.info("training on local %s data: %d images of %dx%d, %d held out for evaluation", args.dataset, len(data),
+        log.info("training on local %s data: %d images of %dx%d, %d held out for evaluation", config.dataset, len(data),
                  size, size, len(held_out) if held_out else 0)
         [labels] = partition.describe(partition.label_counts(data.labels, [torch.arange(len(data))], classes))
         log.info("its labels (this learner's own: the leader never sees them): %s", labels.split(": ", 1)[1])
@@ -484,9 +436,9 @@ class Learner:
     def load_shard(self) -> utils.ImageSet:
         """This slot's shard of the leader's data."""
         request = leader_pb2.LearnerDataRequest(network_addr=self.address)
-        fetch = lambda: receive_stream(self.channel, "GetData", request, self.args.idle_timeout,
+        fetch = lambda: receive_stream(self.channel, "GetData", request, self.config.idle_timeout,
                                        credential=self.credential.value)
-        payload = retry_until(time.monotonic() + self.args.connect_timeout, fetch, "GetData")
+        payload = retry_until(time.monotonic() + self.config.connect_timeout, fetch, "GetData")
         data = shard_from_payload(payload, self.info.num_classes, self.info.image_size)
         log.info("received a shard of %d images from the leader", len(data))
         return data
@@ -494,7 +446,7 @@ class Learner:
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader (best effort:
         a lost report only leaves this learner out of that round's evaluation)."""
-        if self.held_out is None or not self.mean or not messages.TrainingPlan.from_metadata(state.metadata).evaluate:
+        if self.held_out is None or not self.mean or not messages.plan_from_metadata(state.metadata).evaluate:
             return
         round_index = messages.round_of(state)
         with torch.no_grad():
@@ -514,7 +466,7 @@ class Learner:
     def reconnect(self) -> codec.Payload | None:
         """After losing the leader: wait for it (with backoff), take its current model, register again;
         the leader's final state instead if it has one."""
-        deadline = time.monotonic() + self.args.connect_timeout
+        deadline = time.monotonic() + self.config.connect_timeout
         self.started.clear()
         self.inbox.clear()
         self.sent_round = -1  # a resumed leader may go back in rounds
@@ -549,8 +501,8 @@ class Learner:
         while (result := ready(HEALTH_CHECK_INTERVAL_S)) is None:
             self.check_leader()
             waited = time.monotonic() - started
-            if bounded and waited >= self.args.wait_timeout:
-                raise SystemExit(f"no {what} from the leader within --wait-timeout {self.args.wait_timeout:.0f} s")
+            if bounded and waited >= self.config.wait_timeout:
+                raise SystemExit(f"no {what} from the leader within --wait-timeout {self.config.wait_timeout:.0f} s")
             if waited - last_log >= WAIT_LOG_INTERVAL_S:
                 last_log = waited
                 log.info("waiting for %s", what)
@@ -559,12 +511,12 @@ class Learner:
     def send_update(self, round_index: int, loss: float) -> None:
         batch = min(self.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
         claims = messages.UpdateInfo(self.learner_id, round_index, batch * self.plan.local_steps, loss,
-                                     self.plan.update_kind, self.plan.local_steps)
+                                     strategies.named(self.plan.strategy).update_kind, self.plan.local_steps)
         request = leader_pb2.GradientData(chunk=codec.encode(self.layout.wire_tensors(self.gradient), claims.to_metadata()))
         send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
                                                        metadata=rpc.with_credential(self.credential.value))
         try:  # a busy leader (RESOURCE_EXHAUSTED) gets the update again; a lost one means reconnecting
-            reply = retry_until(time.monotonic() + self.args.wait_timeout, send, "AccumulateGradients",
+            reply = retry_until(time.monotonic() + self.config.wait_timeout, send, "AccumulateGradients",
                                 stop=lambda: self.inbox.final is not None, codes=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
         except grpc.RpcError as error:
             if error.code() in REJOIN_CODES:
@@ -579,7 +531,7 @@ class Learner:
         elif reply is not None and self.controls is not None:  # SCAFFOLD: c_i moves only with an accepted update
             self.controls.commit(self.gradient[self.layout.controls])
 
-    def batch_at(self, step: int) -> training.Batch:
+    def batch_at(self, step: int) -> Batch:
         """The step-th batch of this learner's shard order (one per step of every round), on the device."""
         if self.prepared[0] != step:
             batch = utils.training_batch(self.data, self.schedule, step, self.mean, self.std)
@@ -588,7 +540,7 @@ class Learner:
 
     def train(self) -> codec.Payload:
         """Rounds until the leader marks a state finished: when the round's plan includes this learner, its
-        update (training.local_update), then the next state."""
+        update (the strategy's local_update), then the next state."""
         self.schedule = utils.BatchSchedule(len(self.data), self.batch_size, self.seed * 10_007 + self.learner_id)
         self.prepared: tuple[int, list[torch.Tensor]] = (-1, [])
         version, compute_seconds, round_seconds, computed_rounds = 0, 0.0, 0.0, 0
@@ -607,7 +559,7 @@ class Learner:
             # nobody trains before a leader without data has settled the normalisation
             if self.plan.takes_part(self.learner_id) and self.round != self.sent_round and self.mean:
                 first_step = self.round * self.plan.local_steps
-                loss = training.local_update(self.model, self.layout, self.gradient,
+                loss = strategies.named(self.plan.strategy).local_update(self.model, self.layout, self.gradient,
                                           lambda step: self.batch_at(first_step + step), self.plan, self.controls)
                 compute_seconds += time.perf_counter() - round_started
                 self.send_update(self.round, loss)
@@ -621,7 +573,7 @@ class Learner:
                                      "a round to take part in" if sampled else f"the state of round {next_round}",
                                      bounded=not sampled)
             round_seconds += time.perf_counter() - round_started
-            if computed_rounds and messages.round_of(pushed[1]) % self.args.log_every == 0:
+            if computed_rounds and messages.round_of(pushed[1]) % self.config.log_every == 0:
                 images = computed_rounds * self.batch_size * self.plan.local_steps
                 log.info("round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
                          messages.round_of(pushed[1]), loss, images / compute_seconds,
@@ -631,7 +583,7 @@ class Learner:
     def evaluate_final(self, state: codec.Payload) -> None:
         """The leader's last state, when it asks to be evaluated: take its weights (and normalisation: a learner
         sampling never drew may not have had it), evaluate and report."""
-        if self.held_out is not None and messages.TrainingPlan.from_metadata(state.metadata).evaluate:
+        if self.held_out is not None and messages.plan_from_metadata(state.metadata).evaluate:
             load_state(self.model, state)
             info = messages.StateInfo.from_payload(state)
             self.mean, self.std = list(info.mean), list(info.std)
@@ -646,7 +598,7 @@ class Learner:
             except LeaderLost as lost:
                 if self.inbox.final is not None:  # it said goodbye before it went
                     return self.inbox.final
-                log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.args.connect_timeout)
+                log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.config.connect_timeout)
                 final = self.reconnect()
                 if final is not None:
                     return final
@@ -659,26 +611,3 @@ class Learner:
         finally:
             if self.server is not None:
                 self.server.stop(grace=2).wait(5)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    runtime.tune_allocator()
-    runtime.configure_logging("learner", args.verbose)
-    log.info("using %d torch threads; training on %s", runtime.set_threads(args.threads), runtime.pick_device(args.device))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly, like Ctrl-C
-    try:
-        Learner(args).run()
-    except KeyboardInterrupt:
-        log.info("stopping on signal")
-    except GradientRefused as refused:
-        log.error("%s", refused)
-        return 2
-    except (grpc.RpcError, LeaderLost) as error:
-        reason = f"{error.code().name} {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
-        log.error("gave up on the leader at %s: %s", args.leader, reason)
-        return 1
-    except (codec.PayloadError, utils.DatasetError, rpc.SecurityError) as error:
-        log.error("%s", error)
-        return 2
-    return 0

@@ -1,6 +1,5 @@
 """gRPC plumbing shared by leader and learner: generated stubs, TLS and tokens, servers, channels, credentials."""
 
-import argparse
 import hashlib
 import ipaddress
 import logging
@@ -16,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from federated.net import guard
+from federated.common.flags import option
 
 try:
     from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
@@ -46,6 +46,20 @@ class SecurityError(ValueError):
 
 
 @dataclass(frozen=True)
+class SecurityFlags:
+    """The TLS and token flags, the same on both entry points (each configuration includes them)."""
+
+    tls_cert: str | None = option(None, "this {role}'s certificate (enables TLS on its server and channels)",
+                                  group="security", metavar="PEM")
+    tls_key: str | None = option(None, "this {role}'s private key", group="security", metavar="PEM")
+    tls_ca: str | None = option(None, "CA certificate: verify peers against it and require client certificates "
+                                "from it (mutual TLS)", group="security", metavar="PEM")
+    token: str | None = option(None, "shared secret every RPC must carry as 'authorization: Bearer TOKEN'; prefer "
+                               "the variable: a flag shows in ps", group="security",
+                               default_text=f"${guard.TOKEN_VARIABLE}", secret=True)
+
+
+@dataclass(frozen=True)
 class Security:
     """TLS material (PEM bytes) and the shared token; all None means plaintext without authentication."""
 
@@ -55,33 +69,22 @@ class Security:
     token: str | None = None
 
     @staticmethod
-    def from_args(args: argparse.Namespace) -> "Security":
+    def of(flags: "SecurityFlags") -> "Security":
         """From the security flags; the token from --token, else from $FL_TOKEN."""
-        if bool(args.tls_cert) != bool(args.tls_key):
+        if bool(flags.tls_cert) != bool(flags.tls_key):
             raise SecurityError("--tls-cert and --tls-key go together")
-        if args.tls_ca and not args.tls_cert:
+        if flags.tls_ca and not flags.tls_cert:
             raise SecurityError("--tls-ca needs --tls-cert and --tls-key: mutual TLS presents a certificate both ways")
         read = lambda path: Path(path).read_bytes() if path else None
-        token = args.token or os.environ.get(guard.TOKEN_VARIABLE) or None
+        token = flags.token or os.environ.get(guard.TOKEN_VARIABLE) or None
         try:
-            return Security(read(args.tls_cert), read(args.tls_key), read(args.tls_ca), token)
+            return Security(read(flags.tls_cert), read(flags.tls_key), read(flags.tls_ca), token)
         except OSError as error:
             raise SecurityError(f"cannot read TLS file: {error}") from None
 
     def describe(self) -> str:
         tls = "mutual TLS" if self.ca else "TLS" if self.certificate else "plaintext"
         return f"{tls}, {'token required' if self.token else 'no token'}"
-
-
-def add_security_flags(parser: argparse.ArgumentParser, role: str) -> None:
-    """The TLS and token flags, the same on both entry points."""
-    group = parser.add_argument_group("security")
-    group.add_argument("--tls-cert", metavar="PEM", help=f"this {role}'s certificate (enables TLS on its server and channels)")
-    group.add_argument("--tls-key", metavar="PEM", help=f"this {role}'s private key")
-    group.add_argument("--tls-ca", metavar="PEM", help="CA certificate: verify peers against it and require client "
-                       "certificates from it (mutual TLS)")
-    group.add_argument("--token", help=f"shared secret every RPC must carry as 'authorization: Bearer TOKEN' "
-                       f"(unset: ${guard.TOKEN_VARIABLE}; prefer the variable, a flag shows in ps)")
 
 
 class TokenHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):

@@ -14,15 +14,14 @@ from typing import TYPE_CHECKING
 import utils
 from federated.wire import codec
 from model import MAX_CLASSES
-from federated.core.strategies import STRATEGIES, update_kind
+from federated.core import strategies
+from federated.core.plan import (MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_LEARNERS, MAX_MU, MAX_WEIGHT_DECAY,
+                                 TrainingPlan)
 
 if TYPE_CHECKING:
     from federated.net.rpc import leader_pb2
 
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
-# What a learner accepts in a training plan (the leader's flags are held to the same bounds)
-MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
-MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
@@ -61,51 +60,36 @@ def _floats(metadata: dict[str, str], key: str) -> list[float]:
     return [_float({key: part}, key, low=-math.inf) for part in parts]
 
 
-@dataclass(frozen=True)
-class TrainingPlan:
-    """How learners train in the coming round. FedSGD: one gradient on one batch. Any other strategy:
-    local_steps SGD steps with the client optimizer, then the pseudo-gradient."""
+def plan_to_metadata(plan: TrainingPlan) -> dict[str, str]:
+    """A training plan as a state's metadata: FedSGD's carries only who takes part and whether to evaluate."""
+    metadata = {} if plan.participants is None else {"participants": ",".join(map(str, plan.participants))}
+    metadata |= {"evaluate": "1"} if plan.evaluate else {}
+    if not strategies.named(plan.strategy).local:
+        return metadata
+    return {**metadata, "strategy": plan.strategy, "local_steps": str(plan.local_steps),
+            "client_lr": repr(plan.client_lr), "client_momentum": repr(plan.client_momentum),
+            "weight_decay": repr(plan.weight_decay), "mu": repr(plan.mu)}
 
-    strategy: str = "fedsgd"
-    local_steps: int = 1
-    client_lr: float = 0.0
-    client_momentum: float = 0.0
-    weight_decay: float = 0.0
-    mu: float = 0.0  # FedProx's proximal weight
-    participants: tuple[int, ...] | None = None  # None: every learner trains this round
-    evaluate: bool = False  # learners with held-out images evaluate this state first and report it
 
-    @property
-    def update_kind(self) -> str:
-        return update_kind(self.strategy)
-
-    def takes_part(self, learner_id: int) -> bool:
-        return self.participants is None or learner_id in self.participants
-
-    def to_metadata(self) -> dict[str, str]:
-        metadata = {} if self.participants is None else {"participants": ",".join(map(str, self.participants))}
-        metadata |= {"evaluate": "1"} if self.evaluate else {}
-        if self.strategy == "fedsgd":
-            return metadata
-        return {**metadata, "strategy": self.strategy, "local_steps": str(self.local_steps),
-                "client_lr": repr(self.client_lr), "client_momentum": repr(self.client_momentum),
-                "weight_decay": repr(self.weight_decay), "mu": repr(self.mu)}
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> "TrainingPlan":
-        participants = metadata.get("participants")
-        if participants is not None and not re.fullmatch(r"([0-9]{1,9}(,[0-9]{1,9}){0,%d})?" % (MAX_LEARNERS - 1),
-                                                         participants):
-            raise codec.PayloadError("metadata 'participants' must list learner ids, separated by commas")
-        chosen = None if participants is None else tuple(int(part) for part in participants.split(",") if part)
-        strategy, evaluate = metadata.get("strategy", "fedsgd"), metadata.get("evaluate") == "1"
-        if strategy not in STRATEGIES:
-            raise codec.PayloadError(f"unknown strategy {strategy[:32]!r}; this learner knows {', '.join(STRATEGIES)}")
-        if strategy == "fedsgd":
-            return cls(participants=chosen, evaluate=evaluate)
-        return cls(strategy, _int(metadata, "local_steps", minimum=1), _float(metadata, "client_lr", high=MAX_CLIENT_LR),
-                   _float(metadata, "client_momentum", high=MAX_CLIENT_MOMENTUM), _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY),
-                   _float(metadata, "mu", high=MAX_MU), chosen, evaluate)
+def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
+    """The training plan a state's metadata gives, within the bounds a learner accepts; raises PayloadError."""
+    participants = metadata.get("participants")
+    if participants is not None and not re.fullmatch(r"([0-9]{1,9}(,[0-9]{1,9}){0,%d})?" % (MAX_LEARNERS - 1),
+                                                     participants):
+        raise codec.PayloadError("metadata 'participants' must list learner ids, separated by commas")
+    chosen = None if participants is None else tuple(int(part) for part in participants.split(",") if part)
+    name, evaluate = metadata.get("strategy", "fedsgd"), metadata.get("evaluate") == "1"
+    try:
+        strategy = strategies.named(name)
+    except ValueError:
+        raise codec.PayloadError(f"unknown strategy {name[:32]!r}; this learner knows "
+                                 f"{', '.join(strategies.names())}") from None
+    if not strategy.local:
+        return TrainingPlan(participants=chosen, evaluate=evaluate)
+    return TrainingPlan(name, _int(metadata, "local_steps", minimum=1), _float(metadata, "client_lr", high=MAX_CLIENT_LR),
+                        _float(metadata, "client_momentum", high=MAX_CLIENT_MOMENTUM),
+                        _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY), _float(metadata, "mu", high=MAX_MU),
+                        chosen, evaluate)
 
 
 @dataclass(frozen=True)
@@ -133,7 +117,7 @@ class StateInfo:
         return {"architecture": self.architecture, "num_classes": str(self.num_classes),
                 "batch_size": str(self.batch_size), "seed": str(self.seed), **normalisation,
                 "wire_dtype": self.wire_dtype, "round": str(self.round), "finished": _flag(self.finished),
-                "stopped": _flag(self.stopped), **self.plan.to_metadata(),
+                "stopped": _flag(self.stopped), **plan_to_metadata(self.plan),
                 **({"image_size": str(self.image_size)} if self.image_size != utils.IMAGE_SIZE else {}),
                 **({"norm": self.norm} if self.norm != "batch" else {})}
 
@@ -154,7 +138,7 @@ class StateInfo:
                    _int(metadata, "batch_size", minimum=1), _int(metadata, "seed"), mean, std,
                    metadata.get("wire_dtype", "float32"), _int(metadata, "round"),
                    metadata.get("finished") == "1", metadata.get("stopped") == "1",
-                   TrainingPlan.from_metadata(metadata), image_size, metadata.get("norm", "batch")[:16])
+                   plan_from_metadata(metadata), image_size, metadata.get("norm", "batch")[:16])
 
 
 def is_final(payload: codec.Payload) -> bool:

@@ -1,0 +1,43 @@
+"""leader.py's command line: parse the flags before torch loads, then configure, build and run the leader."""
+
+import logging
+import signal
+from typing import TYPE_CHECKING, Sequence
+
+from federated.common.flags import CommandLine
+from federated.leader import config as flags
+
+if TYPE_CHECKING:
+    from federated.leader.app import Leader
+
+log = logging.getLogger("leader")
+
+
+def build(given: CommandLine) -> "Leader":
+    """The leader a command line asks for: a new run, or the checkpoint of --resume DIR continued (its flags
+    restored first, then the defaults that depend on them derived). Raises SystemExit saying what to change."""
+    from federated.leader import app, checkpoint  # torch, once the flags are known to be good
+
+    saved = checkpoint.load(given.values["resume"]) if "resume" in given.values else None
+    return app.Leader(flags.configure(given, saved["config"] if saved else None), saved)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    given = flags.command_line(argv)  # a wrong flag is refused before torch is imported
+    import torch  # noqa: I001  (the heavy imports come after parsing, on purpose)
+
+    import utils
+    from federated.common import runtime
+    from federated.net import rpc
+
+    runtime.tune_allocator()
+    runtime.configure_logging("leader", bool(given.values.get("verbose")))
+    torch.set_num_threads(1)
+    try:
+        leader = build(given)
+    except (utils.DatasetError, rpc.SecurityError) as error:
+        log.error("%s", error)
+        return 2
+    for signum in (signal.SIGINT, signal.SIGTERM):  # finish the round, checkpoint, tell the learners, exit 0
+        signal.signal(signum, lambda *_: leader.stopping.set())
+    return leader.run()

@@ -1,0 +1,48 @@
+"""What each round asks of learners: the schedule, the strategy's plan at the schedule's learning rate, and when
+the global model is evaluated and checkpointed."""
+
+import logging
+
+from federated.core.plan import TrainingPlan
+from federated.core.schedule import Schedule
+from federated.core.strategies import Strategy
+from federated.leader.config import LeaderConfig
+from federated.leader.data import DataFacts
+
+log = logging.getLogger("leader")
+
+
+class Planner:
+    """The run's schedule and plans. A leader without data plans with a provisional schedule (a shard of one
+    batch) until it has settled on its learners' data (settle); nobody trains before that."""
+
+    def __init__(self, config: LeaderConfig, strategy: Strategy, facts: DataFacts | None) -> None:
+        self.config, self.strategy, self.facts = config, strategy, facts
+        self.schedule = Schedule.of(config, strategy, facts.shard_size if facts else config.batch_size)
+
+    def settle(self, facts: DataFacts) -> None:
+        """The data's facts are known: plan for them from now on."""
+        self.facts = facts
+        self.schedule = Schedule.of(self.config, self.strategy, facts.shard_size)
+
+    def plan(self, round_index: int, participants: list[int] | None) -> TrainingPlan:
+        """How learners train round_index: the strategy's local training at the schedule's learning rate, after
+        evaluating the state on their held-out images when an evaluation is due."""
+        chosen = None if participants is None else tuple(participants)
+        return self.strategy.plan(self.schedule.steps_per_round, self.schedule.lr(round_index), chosen,
+                                  self.evaluation_due(round_index))
+
+    def evaluation_due(self, rounds_done: int) -> bool:
+        """Whether the state after rounds_done gets evaluated (at the end, each epoch's end, every --eval-every)."""
+        return rounds_done > 0 and (rounds_done == self.schedule.total_rounds or self.due(rounds_done,
+                                                                                          self.config.eval_every))
+
+    def due(self, rounds_done: int, every: int) -> bool:
+        """Whether rounds_done ends an epoch or a period of `every` rounds (0: never)."""
+        return (every > 0 and rounds_done % every == 0) or self.schedule.ends_epoch(rounds_done)
+
+    def log(self) -> None:
+        schedule = self.schedule
+        log.info("%s: %d rounds of %d local steps (%.3g per epoch of %d images per learner), %s", self.strategy.name,
+                 schedule.total_rounds, schedule.steps_per_round, schedule.rounds_per_epoch,
+                 self.facts.shard_size if self.facts else 0, self.strategy.describe(schedule.base_lr))

@@ -1,0 +1,41 @@
+"""learner.py's command line: parse the flags before torch loads, then configure and run the learner."""
+
+import logging
+import signal
+from typing import Sequence
+
+from federated.learner import config as flags
+
+log = logging.getLogger("learner")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = flags.configure(flags.command_line(argv))  # a wrong flag is refused before torch is imported
+    import grpc  # noqa: I001  (the heavy imports come after parsing, on purpose)
+
+    import utils
+    from federated.common import runtime
+    from federated.learner.app import GradientRefused, Learner, LeaderLost
+    from federated.net import rpc
+    from federated.wire import codec
+
+    runtime.tune_allocator()
+    runtime.configure_logging("learner", config.verbose)
+    log.info("using %d torch threads; training on %s", runtime.set_threads(config.threads),
+             runtime.pick_device(config.device))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly, like Ctrl-C
+    try:
+        Learner(config).run()
+    except KeyboardInterrupt:
+        log.info("stopping on signal")
+    except GradientRefused as refused:
+        log.error("%s", refused)
+        return 2
+    except (grpc.RpcError, LeaderLost) as error:
+        reason = f"{error.code().name} {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
+        log.error("gave up on the leader at %s: %s", config.leader, reason)
+        return 1
+    except (codec.PayloadError, utils.DatasetError, rpc.SecurityError) as error:
+        log.error("%s", error)
+        return 2
+    return 0

@@ -1,0 +1,96 @@
+"""The learner's flags, each declared once, as a frozen configuration; the parser and the checks.
+
+Choices from modules that import torch (datasets) are functions, called after parsing or by --help: a wrong
+flag is refused before torch loads.
+"""
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from federated.common.flags import (FRACTION, POSITIVE, Bounds, CommandLine, Config, build_parser, choice_problems,
+                                    option, parse, refuse)
+from federated.net.guard import IDLE_TIMEOUT_S
+from federated.net.rpc import SecurityFlags
+
+
+def _datasets() -> tuple[str, ...]:
+    import utils
+
+    return utils.DATASETS
+
+
+GROUPS = {"leader": "", "data": "A learner trains on a shard the leader sends, or with --dataset on images of its own "
+          "that never leave it.", "process": "", "timeouts": "Every wait is bounded; these say how long.",
+          "security": ""}
+
+EXAMPLES = """examples:
+  python learner.py --leader 127.0.0.1:50051                       a shard from a leader on this machine
+  python learner.py --leader 10.0.0.5:50051 --advertise 10.0.0.7:50052 --port 50052
+                                                                   a leader on another machine
+  python learner.py --leader 10.0.0.5:50051 --dataset imagefolder --data-dir data/mine --eval-fraction 0.1
+                                                                   images of its own, a tenth held out
+
+docs: docs/reference/cli.md (every flag), docs/getting-started.md (several machines)"""
+
+
+@dataclass(frozen=True)
+class LearnerConfig(SecurityFlags, Config):
+    """Every flag of learner.py (see GROUPS for their sections)."""
+
+    leader: str = option("127.0.0.1:50051", "the leader's HOST:PORT", group="leader", metavar="HOST:PORT")
+    host: str = option("0.0.0.0", "address for this learner's server to listen on", group="leader")
+    port: int = option(0, "port to listen on (0: any free port)", group="leader", bounds=Bounds(0, 65535))
+    advertise: str | None = option(None, "HOST:PORT the leader dials to reach this learner", group="leader",
+                                   metavar="HOST:PORT", default_text="127.0.0.1 for a local leader, else this "
+                                   "machine's address on the route to it")
+
+    dataset: str | None = option(None, "train on this local dataset instead of a shard from the leader (raw data "
+                                 "stays here; images are resized to the leader's --image-size)", group="data",
+                                 choices=_datasets)
+    data_dir: str = option("data", "where the local --dataset lives", group="data", metavar="DIR")
+    eval_fraction: float = option(0.0, "hold out this fraction of the local training images (never trained on) to "
+                                  "evaluate the global model on when the leader asks (0: the dataset's test split, "
+                                  "e.g. DIR/test of an imagefolder, if it has one)", group="data", bounds=FRACTION)
+
+    device: str = option("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or "
+                         "cuda:N", group="process")
+    threads: int = option(0, "torch threads (0: all cores; give each learner its share when several run on one "
+                          "machine)", group="process", bounds=Bounds(0))
+    log_every: int = option(50, "log progress every N rounds", group="process", bounds=Bounds(1))
+    verbose: bool = option(False, "debug logging", group="process")
+
+    connect_timeout: float = option(300.0, "seconds to keep trying to reach the leader (or to get a slot), at start "
+                                    "and after losing it", group="timeouts", bounds=POSITIVE, metavar="S")
+    wait_timeout: float = option(600.0, "seconds to wait for the leader's next instruction before giving up (a "
+                                 "learner that sampling left out of the round waits as long as the leader's health "
+                                 "checks count it in)", group="timeouts", bounds=POSITIVE, metavar="S")
+    idle_timeout: float = option(IDLE_TIMEOUT_S, "seconds a stream from the leader (model, data) may deliver nothing "
+                                 "before it is abandoned and fetched again; also how long a caller of this learner "
+                                 "may stay silent", group="timeouts", bounds=POSITIVE, metavar="S")
+
+    leader_name: str = option("leader", "with --tls-ca: the common name the leader's certificate must carry",
+                              group="security", metavar="NAME")
+
+
+def parser():
+    """The learner's argument parser."""
+    return build_parser(LearnerConfig, "Federated learning learner: registers with the leader, serves "
+                        "LearnerService, and each round it takes part in sends its update: the gradient of one batch "
+                        "(FedSGD), or the change local training made (every other strategy; the leader's model state "
+                        "says how to train).", EXAMPLES, prog="learner.py", groups=GROUPS, role="learner")
+
+
+def command_line(argv: Sequence[str] | None = None) -> CommandLine:
+    """The flags argv gives, each converted and within its bounds (no torch loaded yet); exits on a bad one."""
+    return parse(parser(), argv)
+
+
+def configure(given: CommandLine) -> LearnerConfig:
+    """The learner's configuration; SystemExit saying what to change when its flags make no sense together."""
+    config = LearnerConfig(**given.values)
+    problems = choice_problems(config)
+    if config.eval_fraction and not config.dataset:
+        problems.append("--eval-fraction needs a local --dataset")
+    if problems:
+        refuse("learner.py", problems)
+    return config
