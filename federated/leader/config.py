@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from federated.common.flags import (FRACTION, NOT_NEGATIVE, POSITIVE, Bounds, CommandLine, Config, Lazy, Scope,
-                                    bounds_problems,
+                                    Parser, bounds_problems,
                                     build_parser, choice_problems, option, parse, refuse, resume_values,
                                     scope_problems)
 from federated.core.plan import MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_LEARNERS, MAX_MU, MAX_WEIGHT_DECAY
@@ -267,12 +267,15 @@ def _list_models() -> str:
     return "\n".join(model.architectures())
 
 
-def parser():
+LISTINGS = {"--list-models": ("list the architectures --model takes, and exit", _list_models)}
+
+
+def parser() -> Parser:
     """The leader's argument parser."""
     return build_parser(LeaderConfig, "Federated learning leader: serves LeaderService, waits for --learners "
                         "learners, then trains the global model with FedSGD (one synchronous gradient step per "
                         "round) or another --strategy.", EXAMPLES, prog="leader.py", groups=GROUPS, role="leader",
-                        listings={"--list-models": ("list the architectures --model takes, and exit", _list_models)})
+                        listings=LISTINGS)
 
 
 def command_line(argv: Sequence[str] | None = None) -> CommandLine:

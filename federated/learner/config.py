@@ -7,7 +7,8 @@ flag is refused before torch loads.
 from dataclasses import dataclass
 from typing import Sequence
 
-from federated.common.flags import (FRACTION, POSITIVE, Bounds, CommandLine, Config, build_parser, choice_problems,
+from federated.common.flags import (FRACTION, POSITIVE, Bounds, CommandLine, Config, Parser, build_parser,
+                                    choice_problems,
                                     option, parse, refuse)
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
@@ -72,7 +73,7 @@ class LearnerConfig(SecurityFlags, Config):
                               group="security", metavar="NAME")
 
 
-def parser():
+def parser() -> Parser:
     """The learner's argument parser."""
     return build_parser(LearnerConfig, "Federated learning learner: registers with the leader, serves "
                         "LearnerService, and each round it takes part in sends its update: the gradient of one batch "

@@ -19,7 +19,7 @@ from federated.core.plan import (MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_LEARNER
                                  TrainingPlan)
 
 if TYPE_CHECKING:
-    from federated.net.rpc import leader_pb2
+    from protos import leader_pb2
 
 MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
