@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
 
-.PHONY: install proto demo test test-long bench certs clean
+.PHONY: install proto demo test test-long bench certs docs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -36,6 +36,10 @@ bench: install
 
 certs:
 	bash federated/tools/certs.sh certs $(SANS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; any warning, such as a broken link, fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # (the variable: no banner about the theme's end of life in 2027)
 
 clean:
 	find . -name __pycache__ -not -path "./.venv/*" -prune -exec rm -rf {} +
