@@ -38,8 +38,9 @@ certs:
 	bash federated/tools/certs.sh certs $(SANS)
 
 # The documentation site (mkdocs.yml, docs/) into site/; any warning, such as a broken link, fails it.
+# (NO_MKDOCS_2_WARNING: no banner about the Material theme's end of life in 2027 at every build.)
 docs: install
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # (the variable: no banner about the theme's end of life in 2027)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	find . -name __pycache__ -not -path "./.venv/*" -prune -exec rm -rf {} +
