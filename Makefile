@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
 
-.PHONY: install proto demo test test-long bench certs clean
+.PHONY: install proto demo test test-long bench certs docs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -36,6 +36,11 @@ bench: install
 
 certs:
 	bash federated/tools/certs.sh certs $(SANS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; any warning, such as a broken link, fails it.
+# (NO_MKDOCS_2_WARNING: no banner about the Material theme's end of life in 2027 at every build.)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	find . -name __pycache__ -not -path "./.venv/*" -prune -exec rm -rf {} +
