@@ -454,3 +454,46 @@ def test_a_learners_layout_holds_the_buffers_of_its_model_on_its_device(strategy
     assert layout.buffers and all(buffer is buffers[name] for name, buffer in layout.buffers)
     assert all(buffer.device.type == "meta" for _, buffer in layout.buffers)
     assert (controls is not None) == (strategy == "scaffold")
+
+
+class NesterovAvg(strategies.LocalTraining):
+    """A strategy written the way docs/architecture.md tells: FedAvg with Nesterov server momentum."""
+
+    flags = (*strategies.LocalTraining.flags, "server_momentum")
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.server_momentum = 0.9 if config.server_momentum is None else config.server_momentum
+
+    def optimizer_settings(self) -> dict[str, float]:
+        return {"lr": self.server_lr, "momentum": self.server_momentum}
+
+    def server_update(self, parameter, grad, state, group) -> None:
+        velocity = state.setdefault("momentum_buffer", torch.zeros_like(parameter))
+        velocity.mul_(group["momentum"]).add_(grad)
+        parameter.add_(grad.add(velocity, alpha=group["momentum"]), alpha=-group["lr"])
+
+
+@pytest.fixture
+def nesterov():
+    strategies.registry.register("nesterov-avg")(NesterovAvg)
+    yield NesterovAvg
+    del strategies.registry._entries["nesterov-avg"]
+
+
+def test_a_new_strategy_is_its_class_alone_flags_plan_learner_and_server_step_follow(nesterov):
+    run = configure(["--strategy", "nesterov-avg", "--server-momentum", "0.5", "--local-steps", "2"])
+    with pytest.raises(SystemExit):
+        configure(["--strategy", "nesterov-avg", "--mu", "0.1"])  # another strategy's flag is refused for it
+    strategy = strategies.named(run.strategy)(run)
+    plan = strategy.plan(2, 0.1, None, False)
+    assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan  # a learner reads it back
+    model, steps = small_net(), [batch(8, seed) for seed in range(2)]
+    flat, layout = local_pseudo_gradient(model, steps, plan)  # the learner's local update, found by name
+    parameter = nn.Parameter(torch.ones(3))
+    optimizer = strategy.make_optimizer(nn.ParameterList([parameter]))
+    for _ in range(2):
+        parameter.grad = torch.ones(3)
+        optimizer.step()
+    torch.testing.assert_close(parameter.detach(), torch.full((3,), 1 - (1 + 0.5) - (1 + 0.5 * 1.5)))
+    assert flat[:layout.parameter_count].abs().sum() > 0
