@@ -696,6 +696,26 @@ def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """bench.py's command line: a hidden helper subcommand (this script runs itself for its servers and fake
+    learners), or the figures. The allocator is set up first, as leader.py and learner.py do, so that the
+    baselines get the same allocator as the project's processes."""
+    argv = sys.argv[1:] if argv is None else argv
+    runtime.tune_allocator()
+    if argv and argv[0].startswith("_"):
+        run_helper(argv[0], argv[1:])
+        return 0
+    return run_figures(argv)
+
+
+def run_helper(command: str, rest: list[str]) -> None:
+    {"_serve-raw": lambda: serve_raw(int(rest[0]), int(rest[1]), int(rest[2])),
+     "_serve-model": lambda: serve_model(int(rest[0]), rest[1]),
+     "_tcp-source": lambda: tcp_source(int(rest[0]), int(rest[1])),
+     "_fake-learners": lambda: fake_learners(rest[0], int(rest[1])),
+     "_plain-steps": lambda: print(json.dumps(plain_step_seconds(int(rest[2]), int(rest[0]), int(rest[1]))))}[command]()
+
+
+def run_figures(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=runtime.HelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each timed transfer")
     parser.add_argument("--rounds", type=int, default=20, help="FedSGD rounds of each of the round-overhead runs")
@@ -767,15 +787,3 @@ def print_table(results: dict) -> None:
         for codec, row in results["serialization_gbps"]["value"].items():
             print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
 
-
-if __name__ == "__main__":
-    runtime.tune_allocator()  # as leader.py and learner.py do; the baselines get the same allocator
-    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        command, rest = sys.argv[1], sys.argv[2:]
-        {"_serve-raw": lambda: serve_raw(int(rest[0]), int(rest[1]), int(rest[2])),
-         "_serve-model": lambda: serve_model(int(rest[0]), rest[1]),
-         "_tcp-source": lambda: tcp_source(int(rest[0]), int(rest[1])),
-         "_fake-learners": lambda: fake_learners(rest[0], int(rest[1])),
-         "_plain-steps": lambda: print(json.dumps(plain_step_seconds(int(rest[2]), int(rest[0]), int(rest[1]))))}[command]()
-        sys.exit(0)
-    sys.exit(main())
