@@ -2,10 +2,10 @@
 against a baseline measured in the same run.
 
 Prints a table, writes OUT/results.json (one key per figure, each with the median, min and max of its
-repetitions). Modules:
+repetitions) and the documentation's results page. Modules:
 
 registry     every figure once: its group, headline or not, what it compares, its settings; the helper subcommands
-cli          the command line (bench.py): runs the chosen figures, writes results.json
+cli          the command line (bench.py): runs the chosen figures, writes results.json and the page
 common       what the figures share: statistics, timing, helper processes, work folders
 baselines    plain PyTorch training steps, in one process or several at once
 federations  local federations run to their end, and what their logs say
@@ -17,6 +17,8 @@ non_iid      each strategy on each partition of the data
 links        rounds on network-namespace hosts with limited links against their physical bound
 provenance   when, by which command, on which machine and under what load a figure was measured
 console      the printed table
+page         the results page (docs/performance/results.md), a function of results.json
+recorded     the README's hand-recorded figures, shown until the bench measures them again
 """
 
 from federated.tools.bench.cli import main

@@ -1,4 +1,4 @@
-"""bench.py's command line: parse, run the chosen figures, write results.json, print.
+"""bench.py's command line: parse, run the chosen figures, write results.json and the results page, print.
 
 Also runs the helper subcommands (registry.HELPERS) that the figures start as processes of their own."""
 
@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 from federated.common import runtime
+from federated.tools.bench import page
+from federated.tools.bench.common import ROOT
 from federated.tools.bench.console import print_table
 from federated.tools.bench.provenance import Stopwatch, command_line, machine
 from federated.tools.bench.registry import FIGURES, HELPERS, SETTINGS, Figure, figure_named, headline
 
 DESCRIPTION = "Benchmarks: every figure a ratio against a baseline measured in the same run (make bench: the headline figures)."
+PAGE = ROOT / "docs" / "performance" / "results.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +48,14 @@ def parser() -> argparse.ArgumentParser:
                                                   "of the others); --list names them")
     chosen.add_argument("--headline", action="store_true", help="run only the headline figures (make bench)")
     made.add_argument("--list", action="store_true", help="list the figures, their groups and settings, and exit")
+    made.add_argument("--page", help="the results page to write from this run's figures and the earlier ones in the "
+                                     ".json beside it ('none': write none; unset: the repository's "
+                                     "docs/performance/results.md)")
     return made
 
 
 def run_figures(argv: list[str]) -> int:
-    """Run the figures that argv chooses; write results.json after each; print the table."""
+    """Run the figures that argv chooses; write results.json after each, then the page; print the table."""
     made = parser()
     args = made.parse_args(argv)
     if args.list:
@@ -65,8 +71,9 @@ def run_figures(argv: list[str]) -> int:
     for figure in figures:
         results.update(run_figure(figure, vars(args), out, argv))
         path.write_text(json.dumps({**earlier, **results}, indent=2))  # after each figure: a later failure keeps it
+        write_page(args.page, results)
     print_table(results)
-    print(f"load average (1, 5, 15 minutes): {' / '.join(f'{load:.2f}' for load in os.getloadavg())}")
+    print(f"load average (1, 5, 15 minutes): {page.loads(list(os.getloadavg()))}")
     return 0
 
 
@@ -90,6 +97,20 @@ def run_figure(figure: Figure, settings: dict, out: Path, argv: list[str]) -> di
     record = watch.record(command_line(argv), machine())
     print(f"{figure.name}: done in {record['seconds']:.0f} s", flush=True)
     return {key: {**value, "measured": record} for key, value in results.items()}
+
+
+def write_page(page_path: str | None, results: dict[str, dict]) -> None:
+    """Add this run's figures to the page's record (the .json beside it) and write the page from the record.
+    A figure that was skipped (links without network namespaces) keeps its earlier measurement there."""
+    if page_path == "none":
+        return
+    markdown = Path(page_path) if page_path else PAGE
+    record_path = markdown.with_suffix(".json")
+    measured = {key: value for key, value in results.items() if value["value"] is not None or "skipped" not in value}
+    record = {**read_json(record_path), **measured}
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    markdown.write_text(page.render(record))
 
 
 def read_json(path: Path) -> dict:

@@ -2,7 +2,7 @@
 figure (`make bench`), what it compares, its target and its settings; and the helper subcommands.
 
 Figures and helpers name their module and function as text, imported when they run: a helper process loads
-only its own group, and the command line and the printed table load none."""
+only its own group, and the command line, the printed table and the page load none."""
 
 import importlib
 import inspect
