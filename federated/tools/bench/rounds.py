@@ -97,7 +97,7 @@ def os_bytes_per_round(samples: list[tuple[int, int]], first: int, last: int) ->
 def time_to_accuracy(work: Path, rounds: int, target: float = 0.90) -> dict:
     """Wall time to `target` test accuracy: 2 learners of batch 32 against one process of batch 64."""
     records, _ = federation_run(work / "tta", 2, ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "32",
-                                                "--eval-every", "10"])
+                                                "--eval-every", "10"], until=target)
     federated = seconds_to(records, target)
     central = seconds_to(centralised_records(rounds, 64, target), target)
     return {"value": federated / central if federated and central else None, "federated_s": federated,
