@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
 
-.PHONY: install proto demo test test-long bench certs docs clean
+.PHONY: install proto demo test test-long bench bench-full certs docs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -31,7 +31,12 @@ test: install
 test-long: install
 	$(PY) -m pytest -q -m long tests
 
+# bench: the headline figures (under 10 minutes on 2 cores); bench-full: every figure (over an hour).
+# Both write bench/results.json; python bench.py --list names the figures.
 bench: install
+	$(PY) bench.py --headline
+
+bench-full: install
 	$(PY) bench.py
 
 certs:

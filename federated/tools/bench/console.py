@@ -1,0 +1,55 @@
+"""The table printed at the end of a run: one line per results.json key, then the rows of the figures that
+are tables of their own."""
+
+import json
+from collections.abc import Callable
+
+
+def print_table(results: dict) -> None:
+    """Print a run's results (results.json's keys and values) as bench.py always has."""
+    print(f"\n{'figure':28} {'value':>10}  details")
+    for name, result in results.items():
+        value = result["value"]
+        shown = f"{value:10.3f}" if isinstance(value, float) else f"{'see json':>10}"
+        details = {k: v for k, v in result.items() if k != "value" and not isinstance(v, dict)}
+        print(f"{name:28} {shown}  {json.dumps(details)[:160]}")
+    for name, print_rows in ROWS.items():
+        if name in results and results[name]["value"] is not None:
+            print_rows(results[name])
+
+
+def _scale_rows(result: dict) -> None:
+    for count, row in result["value"].items():
+        print(f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s; leader peak RSS {row['leader_peak_rss_mb']:7.1f} MB,"
+              f" peak anonymous {row['leader_peak_anon_mb']:7.1f} MB, of which the rounds added {row['anon_growth_in_rounds_mb']:5.1f} MB")
+
+
+def _strategy_rows(result: dict) -> None:
+    print(f"  {'strategy':10} {'rounds':>6} {'MB':>9} {'seconds':>8} to {result['target']:.0%}; "
+          "final accuracy; bytes and time against FedSGD")
+    for name, row in result["value"].items():
+        shown = lambda value, form: format(value, form) if value is not None else "-"
+        print(f"  {name:10} {shown(row['rounds_to_target'], '6d'):>6} {shown(row['mb_to_target'], '9.1f'):>9} "
+              f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
+              f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}")
+
+
+def _non_iid_rows(result: dict) -> None:
+    strategies = list(next(iter(result["value"].values())))
+    print(f"  non_iid: final accuracy (rounds to {result['target']:.0%}), {result['learners']} learners, "
+          f"{result['epochs']:g} epochs of {result['dataset']}")
+    print(f"  {'partition':16}" + "".join(f"{name:>16}" for name in strategies))
+    for partition, row in result["value"].items():
+        print(f"  {partition:16}" + "".join(f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
+                                            for name in strategies))
+
+
+def _serialization_rows(result: dict) -> None:
+    for codec, row in result["value"].items():
+        print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
+
+
+ROWS: dict[str, Callable[[dict], None]] = {  # in the order they print
+    "leader_scale": _scale_rows, "strategies": _strategy_rows, "non_iid": _non_iid_rows,
+    "serialization_gbps": _serialization_rows,
+}

@@ -1,0 +1,170 @@
+"""The registry: every figure once, with its group (the module that measures it), whether it is a headline
+figure (`make bench`), what it compares, its target and its settings; and the helper subcommands.
+
+Figures and helpers name their module and function as text, imported when they run: a helper process loads
+only its own group, and the command line, the printed table and the page load none."""
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def learner_counts(text: str) -> list[int]:
+    """--scale's value: learner counts separated by commas."""
+    return [int(count) for count in text.split(",")]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A command-line flag that sets a parameter of one or more figures."""
+
+    flag: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+REPEATS = Setting("--repeats", int, 5, "repetitions of each timed transfer")
+ROUNDS = Setting("--rounds", int, 20, "FedSGD rounds of each of the round-overhead runs")
+SCALE = Setting("--scale", learner_counts, "1,4,16,64", "learner counts for leader_scale")
+STRATEGY_EPOCHS = Setting("--strategy-epochs", float, 3, "epochs of each run of the strategies table")
+NON_IID_EPOCHS = Setting("--non-iid-epochs", float, 3, "epochs of each run of the non_iid table")
+NON_IID_DATASET = Setting("--non-iid-dataset", str, "synthetic",
+                          "dataset of the non_iid table (cifar10 needs data/cifar-10-batches-py and hours on a CPU)",
+                          choices=("synthetic", "cifar10"))
+SETTINGS = (REPEATS, ROUNDS, SCALE, STRATEGY_EPOCHS, NON_IID_EPOCHS, NON_IID_DATASET)  # in --help's order
+
+WORK = object()  # a parameter that receives the figures' work folder (OUT/work: the runs' logs)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure: `python bench.py --only NAME` measures it with group.function(**params)."""
+
+    name: str
+    group: str  # its module in this package
+    function: str
+    headline: bool  # measured by `make bench` (all figures: `make bench-full`)
+    measures: str  # what it compares, in one sentence
+    target: str
+    params: Mapping[str, Any]  # the function's keyword arguments: a Setting, WORK, or a fixed value
+    keys: tuple[str, ...] = field(default=())  # the results.json keys it writes; () means its name alone
+    key_targets: Mapping[str, str] = field(default_factory=dict)  # where its keys have targets of their own
+
+    @property
+    def result_keys(self) -> tuple[str, ...]:
+        return self.keys or (self.name,)
+
+    def target_of(self, key: str) -> str:
+        return self.key_targets.get(key, self.target)
+
+    @property
+    def settings(self) -> tuple[Setting, ...]:
+        return tuple(value for value in self.params.values() if isinstance(value, Setting))
+
+    def measure(self, chosen: Mapping[str, Any], work: Path) -> dict[str, dict]:
+        """Run the figure with the chosen settings (by Setting.dest); its results by results.json key. A figure
+        with several keys returns them so; a figure of one key returns that key's value."""
+        kwargs = {name: work if value is WORK else chosen[value.dest] if isinstance(value, Setting) else value
+                  for name, value in self.params.items()}
+        measured = self.callable()(**kwargs)
+        return measured if self.keys else {self.name: measured}
+
+    def callable(self) -> Callable[..., dict]:
+        return getattr(importlib.import_module(f"{__package__}.{self.group}"), self.function)
+
+    def signature_problems(self) -> list[str]:
+        """Why params would not bind to the function (empty: they do); for the registry's tests."""
+        try:
+            inspect.signature(self.callable()).bind(**self.params)
+        except TypeError as error:
+            return [f"{self.name}: {error}"]
+        return []
+
+
+FIGURES = (
+    Figure("model_transfer_ratio", "transfers", "model_transfer", headline=True, target="≥ 0.85",
+           measures="a learner's GetModel of ResNet-18 (about 45 MB), streamed into place, checked and loaded into its "
+                    "model, against a bare grpcio server stream of the same bytes between two processes (the best of "
+                    "256 KiB, 1 MiB and 4 MiB chunks), the two taking turns; raw TCP on loopback is reported beside them",
+           params={"repeats": REPEATS}),
+    Figure("round_overhead", "rounds", "round_overhead", headline=True,
+           target="round ≤ 1.10; wire bytes ≤ 1.05; learner throughput ≥ 0.95",
+           measures="a FedSGD round (ResNet-20, 2 local learners of batch 64, one thread each, 3 runs) against one plain "
+                    "process's forward, backward and optimizer step of the same batch, the two taking turns; from the "
+                    "same runs, the bytes per learner-round against twice the fp32 parameter bytes, and a learner's "
+                    "compute rate against the plain process's",
+           params={"work": WORK, "rounds": ROUNDS},
+           keys=("round_overhead_ratio", "wire_bytes_ratio", "learner_throughput_ratio"),
+           key_targets={"round_overhead_ratio": "≤ 1.10", "wire_bytes_ratio": "≤ 1.05", "learner_throughput_ratio": "≥ 0.95"}),
+    Figure("leader_scale", "scale", "leader_scale", headline=False,
+           target="round time at most linear in the learners; RSS growth < 1.5 × the model per learner",
+           measures="rounds per second and the leader's peak memory with 1 to 64 fake learners (16 to a process) that "
+                    "send valid ResNet-20 gradients without training",
+           params={"work": WORK, "counts": SCALE, "rounds": 20}),
+    Figure("serialization_gbps", "transfers", "serialization", headline=True, target="faster than the alternatives",
+           measures="encode and decode of a ResNet-18 state_dict in one process: our payload codec, safetensors and "
+                    "torch.save / torch.load",
+           params={"repeats": REPEATS}),
+    Figure("time_to_accuracy", "rounds", "time_to_accuracy", headline=True, target="reported",
+           measures="wall time (evaluation excluded) to 90 % test accuracy on the synthetic set: 2 learners of batch 32 "
+                    "against one process of batch 64 on all cores, with the same schedule",
+           params={"work": WORK, "rounds": 250}),
+    Figure("strategies", "strategies", "strategy_runs", headline=False, target="reported",
+           measures="each strategy with its defaults on the synthetic set, 2 learners of batch 32, the same compute for "
+                    "all: rounds, MB on the wire and seconds to 90 % test accuracy, the final accuracy; and a FedAvg "
+                    "round against the bare compute of its local epoch",
+           params={"work": WORK, "epochs": STRATEGY_EPOCHS}),
+    Figure("non_iid", "non_iid", "non_iid_runs", headline=False, target="reported",
+           measures="FedSGD, FedAvg, FedProx and SCAFFOLD on each partition (IID, Dirichlet 0.5 and 0.1, 2 classes per "
+                    "learner) among 10 learners, the same compute for all: the final test accuracy and the round it "
+                    "first reached 80 %",
+           params={"work": WORK, "dataset": NON_IID_DATASET, "epochs": NON_IID_EPOCHS}),
+    Figure("links", "links", "links", headline=False, target="round / bound near 1",
+           measures="rounds with the leader and 2 learners on network-namespace hosts of their own, every host's "
+                    "outgoing link limited to 100 Mbit/s or 1 Gbit/s, against the bound of the same rounds: their "
+                    "compute plus their measured bytes at the link's rate",
+           params={"work": WORK}),
+)
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A hidden subcommand, `python bench.py _NAME ARGS...`: a process that the figures start (a server, fake
+    learners, plain training steps)."""
+
+    group: str
+    function: str
+    types: tuple[Callable[[str], Any], ...]  # of its positional arguments
+
+    def run(self, args: list[str]) -> None:
+        if len(args) != len(self.types):
+            raise SystemExit(f"{self.function} takes {len(self.types)} arguments, not {len(args)}")
+        function = getattr(importlib.import_module(f"{__package__}.{self.group}"), self.function)
+        function(*(convert(arg) for convert, arg in zip(self.types, args)))
+
+
+HELPERS = {
+    "_serve-raw": Helper("transfers", "serve_raw", (int, int, int)),  # port, bytes, chunk bytes
+    "_serve-model": Helper("transfers", "serve_model", (int, str)),  # port, architecture
+    "_tcp-source": Helper("transfers", "tcp_source", (int, int)),  # port, bytes
+    "_fake-learners": Helper("scale", "fake_learners", (str, int)),  # leader address, count
+    "_plain-steps": Helper("baselines", "print_plain_steps", (int, int, int)),  # threads, steps, batch
+}
+
+
+def figure_named(name: str) -> Figure | None:
+    """The figure of a --only name: a figure's name, or one of the results.json keys it writes."""
+    return next((figure for figure in FIGURES if name == figure.name or name in figure.result_keys), None)
+
+
+def headline() -> tuple[Figure, ...]:
+    return tuple(figure for figure in FIGURES if figure.headline)
