@@ -13,7 +13,14 @@ from federated.tools.bench import page
 from federated.tools.bench.common import ROOT
 from federated.tools.bench.console import print_table
 from federated.tools.bench.provenance import Stopwatch, command_line, machine
-from federated.tools.bench.registry import FIGURES, HELPERS, SETTINGS, Figure, figure_named, headline
+from federated.tools.bench.registry import (
+    FIGURES,
+    HELPERS,
+    SETTINGS,
+    Figure,
+    figure_named,
+    headline,
+)
 
 DESCRIPTION = "Benchmarks: every figure a ratio against a baseline measured in the same run (make bench: the headline figures)."
 PAGE = ROOT / "docs" / "performance" / "results.md"

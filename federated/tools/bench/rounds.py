@@ -11,10 +11,12 @@ import torch
 
 import utils
 from federated.common import runtime
+from federated.core import strategies
 from federated.core.layout import GradientLayout
+from federated.core.schedule import Schedule
 from federated.core.steps import make_optimizer
 from federated.core.training import compute_gradient, evaluate
-from federated.leader import app as leader
+from federated.leader.config import LeaderConfig
 from federated.tools.bench.baselines import coscheduled_step_seconds, plain_step_seconds
 from federated.tools.bench.common import spread
 from federated.tools.bench.federations import Progress, federation_run, learner_progress
@@ -129,8 +131,8 @@ def centralised_records(rounds: int, batch: int, target: float) -> list[dict]:
     layout.bind_gradients(gradient)
     optimizer = make_optimizer(model, 0.0, 0.9, 5e-4)
     batches = utils.BatchSchedule(len(train), batch, 0)
-    args = leader.parse_args(["--learners", "1", "--batch-size", str(batch), "--rounds", str(rounds)])
-    lr_schedule = leader.make_schedule(args, len(train))  # the leader's own schedule for one learner of this batch
+    config = LeaderConfig(learners=1, batch_size=batch, rounds=rounds)
+    lr_schedule = Schedule.of(config, strategies.named(config.strategy), len(train))  # the leader's, for one learner
     records = []
     for round_index in range(rounds):
         started = time.perf_counter()

@@ -18,7 +18,15 @@ from federated.learner import app as learner
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
-from federated.tools.bench.common import ENV, ROOT, SERVER_LIFETIME_S, child, empty_dir, spread, wait_for_port
+from federated.tools.bench.common import (
+    ENV,
+    ROOT,
+    SERVER_LIFETIME_S,
+    child,
+    empty_dir,
+    spread,
+    wait_for_port,
+)
 from federated.tools.bench.federations import rounds_done
 from federated.wire import codec, messages
 from model import build_model

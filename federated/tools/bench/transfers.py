@@ -17,15 +17,28 @@ from functools import partial
 import grpc
 import torch
 
+from federated.core import strategies
 from federated.core.checks import TensorSpec
-from federated.leader import app as leader
 from federated.leader.collector import RoundCollector
+from federated.leader.config import LeaderConfig
+from federated.leader.data import DataFacts
+from federated.leader.evaluation import Evaluations
+from federated.leader.global_model import GlobalModel
+from federated.leader.planner import Planner
 from federated.leader.registry import Registry
+from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer
 from federated.learner import app as learner
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
 from federated.tools import launch
-from federated.tools.bench.common import SERVER_LIFETIME_S, child, spread, timed, timed_together, wait_for_port
+from federated.tools.bench.common import (
+    SERVER_LIFETIME_S,
+    child,
+    spread,
+    timed,
+    timed_together,
+    wait_for_port,
+)
 from federated.wire import codec, framing
 from model import build_model
 
@@ -54,11 +67,14 @@ def serve_raw(port: int, total: int, chunk: int) -> None:
 
 def serve_model(port: int, architecture: str) -> None:
     """The real LeaderService (GetModel) over a freshly initialised global model."""
-    args = leader.parse_args(["--model", architecture])
-    global_model = leader.GlobalModel(architecture, 10, args, ([0.5] * 3, [0.25] * 3))
-    servicer = leader.LeaderServicer(Registry(1, keep_s=30), RoundCollector(1, 1), global_model, lambda learner_id: [],
-                                     batch_size=64)
-    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(leader.ADD_LEADER_SERVICE, servicer)],
+    config = LeaderConfig(model=architecture)
+    strategy = strategies.named(config.strategy)(config)
+    global_model = GlobalModel(config, 10, strategy, ([0.5] * 3, [0.25] * 3))
+    planner = Planner(config, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
+    # GetModel is all this server is asked for: no learner registers, so no federation to tell
+    servicer = LeaderServicer(Registry(1, keep_s=30), RoundCollector(1, 1), global_model, None, planner,
+                              None, Evaluations())  # type: ignore[arg-type]
+    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(ADD_LEADER_SERVICE, servicer)],
                                  [rpc.LEADER_SERVICE], 1 << 20)
     server.wait_for_termination(SERVER_LIFETIME_S)
 
