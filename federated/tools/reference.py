@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from federated.common.flags import reference
+from federated.common.flags import Field, Listings, fields, metavar, scope_text
 from federated.leader import config as leader_flags
 from federated.learner import config as learner_flags
 
@@ -25,9 +25,46 @@ takes it from its checkpoint and refuses another value.
 def page() -> str:
     """The reference page's Markdown."""
     return "\n".join([HEADER,
-                      reference(leader_flags.LeaderConfig, "leader.py", leader_flags.GROUPS, "leader",
+                      flag_tables(leader_flags.LeaderConfig, "leader.py", leader_flags.GROUPS, "leader",
                                 leader_flags.LISTINGS),
-                      reference(learner_flags.LearnerConfig, "learner.py", learner_flags.GROUPS, "learner")])
+                      flag_tables(learner_flags.LearnerConfig, "learner.py", learner_flags.GROUPS, "learner")])
+
+
+def flag_tables(config_type: type, title: str, groups: dict[str, str], role: str = "",
+              listings: Listings | None = None) -> str:
+    """The Markdown reference of a program's flags: one table per group, with default, bounds and scope."""
+    lines = [f"## {title}", ""]
+    if listings:
+        lines += ["| flag | meaning |", "|---|---|", *(f"| `{name}` | {text} |" for name, (text, _) in listings.items()), ""]
+    by_group: dict[str, list[Field]] = {}
+    for field in fields(config_type):
+        by_group.setdefault(field.flag.group, []).append(field)
+    for group in [*groups, *(name for name in by_group if name not in groups)]:
+        if group not in by_group:
+            continue
+        lines += [f"### {group}", "", *([groups[group], ""] if groups.get(group) else []),
+                  "| flag | default | meaning |", "|---|---|---|"]
+        lines += [_reference_row(field, fields(config_type), role) for field in by_group[group]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _reference_row(field: Field, others: list[Field], role: str) -> str:
+    default = field.flag.default_text or ("off" if field.type is bool else "unset" if field.default is None
+                                          else f"`{field.default_value()}`")
+    notes = []
+    choices = field.choices()
+    if choices:
+        notes.append("one of " + ", ".join(f"`{choice}`" for choice in choices))
+    if (bounds := field.bounds()) is not None:
+        notes.append(f"must be {bounds}")
+    if field.flag.scope is not None:
+        notes.append(scope_text(field, others))
+    if field.flag.trajectory:
+        notes.append("kept on resume")
+    meaning = field.flag.help.replace("{role}", role) + (f" ({'; '.join(notes)})" if notes else "")
+    value = "" if field.type is bool else f" {field.flag.metavar or metavar(field)}"
+    return f"| `{field.option}{value}` | {default} | {meaning.replace('|', '&#124;')} |"
 
 
 def main() -> int:
