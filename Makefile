@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
-GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
+PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
+GENERATED := protos/leader_pb2.py protos/leader_pb2.pyi protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2.pyi protos/learner_pb2_grpc.py
 
 .PHONY: install proto demo test test-long bench bench-full certs docs clean
 

@@ -210,7 +210,7 @@ def channel_sums(images: torch.Tensor) -> tuple[list[float], list[float]]:
 MIN_STD = 0.01  # a channel that barely varies is not blown up into noise (nor by a summary that says so)
 
 
-def stats_from_sums(sums: list[float], squares: list[float], pixels_per_channel: int) -> tuple[list[float], list[float]]:
+def stats_from_sums(sums: list[float], squares: list[float], pixels_per_channel: float) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation from channel_sums' totals over pixels_per_channel pixels."""
     mean = [total / pixels_per_channel for total in sums]
     std = [max(MIN_STD, max(0.0, square / pixels_per_channel - m * m) ** 0.5) for square, m in zip(squares, mean)]

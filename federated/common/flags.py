@@ -337,7 +337,8 @@ def bounds_problems(config: Any) -> list[str]:
     problems = []
     for field in fields(type(config)):
         value = getattr(config, field.name)
-        if callable(field.flag.bounds) and value is not None and not (bounds := field.bounds()).holds(value):
+        bounds = field.flag.bounds() if callable(field.flag.bounds) else None
+        if bounds is not None and value is not None and not bounds.holds(value):
             problems.append(f"{field.option} must be {bounds}, got {value}")
     return problems
 

@@ -14,7 +14,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none (its help says what unset means)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.default is None else super()._get_help_string(action)
+        return (action.help or "") if action.default is None else (super()._get_help_string(action) or "")
 
 
 def configure_logging(name: str, verbose: bool = False) -> logging.Logger:

@@ -71,7 +71,7 @@ class GuardedStep:
     def _floats(self) -> dict[str, torch.Tensor]:
         """What a step changes, by name: parameters, then running statistics, then the optimizer's state (momentum
         first, once there is some; a server optimizer's second moments after it)."""
-        names = {parameter: name for name, parameter in self.layout.parameters}
+        names: dict[torch.Tensor, str] = {parameter: name for name, parameter in self.layout.parameters}
         state = {f"{key} of {names[p]}": tensor for key in OPTIMIZER_STATE for p, entries in self.optimizer.state.items()
                  if isinstance(tensor := entries.get(key), torch.Tensor)}
         return {**{name: p.detach() for name, p in self.layout.parameters}, **dict(self.layout.buffers), **state}

@@ -8,7 +8,7 @@ ended with and, for SCAFFOLD, the change of its control variate.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,11 @@ class LocalHooks:
     """What a strategy adds to plain local SGD: nothing here; FedProx's proximal term and SCAFFOLD's correction
     and control update in theirs."""
 
-    def after_backward(self, gradient: torch.Tensor, parameters: list[torch.Tensor], start: list[torch.Tensor]) -> None:
-        """Change the step's gradients (each parameter's .grad; gradient is the same values as one flat vector)
-        before the optimizer steps; start holds the round's global weights, one tensor per parameter."""
+    def after_backward(self, gradient: torch.Tensor, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                       start: Sequence[torch.Tensor]) -> None:
+        """Change the step's gradient in place before the optimizer steps: the flat vector, or the same memory as
+        one tensor per parameter (grads, the parameters' .grad); weights are the parameters, start the round's
+        global weights."""
 
     def finish(self, flat: torch.Tensor, steps: int) -> None:
         """Complete the update vector (its model part and statistics are written) after steps local steps."""
@@ -58,8 +60,9 @@ def train_locally(model: nn.Module, layout: GradientLayout, flat: torch.Tensor, 
     statistics the learner ended with. batch_at(k) is the round's k-th batch. Returns the mean training loss."""
     model.train()
     start = flat_parameters(layout)
-    parameters = [p for _, p in layout.parameters]
-    start_pieces = [piece.view_as(p) for piece, p in zip(start.split([p.numel() for p in parameters]), parameters)]
+    weights, views = [p for _, p in layout.parameters], layout.views(flat)
+    grads = [views[name] for name, _ in layout.parameters]  # each parameter's .grad (bound to flat)
+    start_pieces = [piece.view_as(p) for piece, p in zip(start.split([p.numel() for p in weights]), weights)]
     optimizer = make_optimizer(model, plan.client_lr, plan.client_momentum, plan.weight_decay)
     gradient, loss_sum = flat[: layout.parameter_count], 0.0
     for step in range(plan.local_steps):
@@ -69,7 +72,7 @@ def train_locally(model: nn.Module, layout: GradientLayout, flat: torch.Tensor, 
         loss.backward()
         loss_sum += loss.item()
         with torch.no_grad():
-            hooks.after_backward(gradient, parameters, start_pieces)
+            hooks.after_backward(gradient, grads, weights, start_pieces)
         optimizer.step()
     with torch.no_grad():
         gradient.copy_(start.sub_(flat_parameters(layout)))  # w0 - w: the pseudo-gradient

@@ -4,6 +4,7 @@ the rounds to the end and writes the final plot and model."""
 import dataclasses
 import logging
 import threading
+import typing
 
 import grpc
 import torch
@@ -42,7 +43,8 @@ class Leader:
         facts = self.data.facts if self.data else recorded_facts(saved)
         self.strategy = strategies.named(config.strategy)(config)
         self.planner = Planner(config, self.strategy, facts)
-        num_classes = self.data.num_classes if self.data else config.num_classes
+        num_classes = self.data.num_classes if self.data else typing.cast(int, config.num_classes)  # (configure
+        # refuses --dataset none without --num-classes)
         self.global_model = GlobalModel(config, num_classes, self.strategy, (facts.mean, facts.std) if facts else ([], []))
         self.sampler = torch.Generator().manual_seed(config.seed)  # who takes part in each round
         first_round = self.restore(saved) if saved else 0

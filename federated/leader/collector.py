@@ -85,7 +85,8 @@ class RoundCollector:
     def wait_complete(self, timeout: float) -> bool:
         """Whether every expected learner has reported (and at least one has), waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._reported and self._expected <= self._reported.keys(), timeout)
+            return self._changed.wait_for(lambda: bool(self._reported) and self._expected <= self._reported.keys(),
+                                          timeout)
 
     def missing(self) -> list[int]:
         with self._changed:

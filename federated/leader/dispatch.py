@@ -3,6 +3,7 @@ health checks of their registrations, which tell the leader who is still there."
 
 import logging
 import threading
+from functools import partial
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -77,8 +78,11 @@ class LearnerClient:
                 return
             stub = framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, learner_pb2.Ack)
             call = stub.future(request, timeout=timeout, metadata=rpc.with_credential(member.credential))
-            call.add_done_callback(lambda done: (broadcast.ended(self._report(done, member, method, on_failure, then)),
-                                                 launch()))
+            call.add_done_callback(partial(ended, member=member))
+
+        def ended(call: grpc.Future, member: Member) -> None:
+            broadcast.ended(self._report(call, member, method, on_failure, then))
+            launch()
 
         for _ in range(MAX_IN_FLIGHT):
             launch()
@@ -88,8 +92,10 @@ class LearnerClient:
               on_failure: OnFailure, timeout: float) -> None:
         """Send each member the current state (a serialised ModelState, if any), then StartTraining, without
         waiting; on_started runs for each one that accepted."""
-        start_training = lambda member: self.send({member.learner_id: member}, "StartTraining", learner_pb2.Empty(),
-                                                  on_failure, timeout, on_started)
+        def start_training(member: Member) -> None:
+            self.send({member.learner_id: member}, "StartTraining", learner_pb2.Empty(), on_failure, timeout,
+                      on_started)
+
         # A fresh dial for each start: a channel that failed before answers at once with its old error until its
         # reconnect backoff (up to 120 s) runs out, which would make a learner now listening there look unreachable.
         self.forget({member.address for member in members.values()})

@@ -139,8 +139,12 @@ class Federation:
         unsampled = self.settings.learners_per_round and self.participants is None
         fetched_old = self.collector.round > 0 or self.settings.resend_first_state
         state = framing.chunk_message(self.global_model.encoded_state) if fetched_old and not unsampled else None
-        started = lambda member: (self.registry.started(member.learner_id, member.generation), self.heard_from(member))
-        self.client.start(joiners, state, started, self.drop, self.settings.sync_timeout)
+        self.client.start(joiners, state, self.started, self.drop, self.settings.sync_timeout)
+
+    def started(self, member: Member) -> None:
+        """The learner accepted StartTraining: rounds count on it."""
+        self.registry.started(member.learner_id, member.generation)
+        self.heard_from(member)
 
     def wait_for_round(self, round_index: int) -> bool:
         """Wait for the expected updates, or after --round-timeout for --min-learners of them; a round

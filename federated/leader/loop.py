@@ -41,11 +41,12 @@ class RoundLoop:
         with logging_redirect_tqdm():  # log lines print above the bar instead of through it
             progress = tqdm(total=total, initial=self.collector.round, desc="rounds", unit="round", disable=None)
             self.federation.start()
-            round_started: float | None = time.perf_counter()
+            round_started = time.perf_counter()
             while self.collector.round < total and not self.federation.stopping.is_set():
-                round_started = self.run_round(self.collector.round, round_started, metrics)
-                if round_started is None:
+                ended = self.run_round(self.collector.round, round_started, metrics)
+                if ended is None:
                     break
+                round_started = ended
                 progress.update()
             progress.close()
         return self.collector.round

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
@@ -96,7 +96,7 @@ class Registry:
     leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
     checkpoint start dropped and kept for their holders."""
 
-    def __init__(self, capacity: int, keep_s: float, restored: list[dict] = (),
+    def __init__(self, capacity: int, keep_s: float, restored: Sequence[dict] = (),
                  reregister_s: float = REREGISTER_INTERVAL_S) -> None:
         self.capacity, self.keep_s, self.reregister_s = capacity, keep_s, reregister_s
         kept_until = time.monotonic() + keep_s
@@ -162,7 +162,9 @@ class Registry:
 
     def _of_credential(self, credential: str | None) -> Slot | None:
         """The slot whose credential this is: found by its hash, then compared in constant time."""
-        slot = self._by_session.get(session_id(credential)) if credential else None
+        if not credential:
+            return None
+        slot = self._by_session.get(session_id(credential))
         return slot if slot and hmac.compare_digest(slot.credential.encode(), credential.encode()) else None
 
     def _at(self, address: str) -> Slot | None:

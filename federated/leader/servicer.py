@@ -78,7 +78,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             self.log("refused", "registration refused: %s", refusal)
             self.federation.probe(refusal.probe)
             if refusal.retry:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
+                rpc.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
             return leader_pb2.AckWithMetadata(success=False, message=str(refusal), learner_id=-1,
                                               max_learners=self.registry.capacity)
         log.info("%s%s", message, f" ({data.train_samples} training images, {data.eval_samples} held out)" if data else "")
@@ -103,7 +103,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         member = self.data_caller(request.network_addr, context)
         if self.shards is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no data (--dataset none): start the "
+            rpc.abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no data (--dataset none): start the "
                           "learner with --dataset and --data-dir naming its own images")
         self.log("data", "sending learner %d its data shard", member.learner_id)
         yield from self.shards.messages(member.learner_id)  # serialised DataChunk messages
@@ -115,10 +115,10 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             return self.caller(context)[0]
         member = self.registry.at(address)
         if member is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{address[:64]!r} has not registered; call RegisterLearner "
+            rpc.abort(context, grpc.StatusCode.NOT_FOUND, f"{address[:64]!r} has not registered; call RegisterLearner "
                           "with this address first")
         if not same_host(address, guard.peer_host(context)):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "send the credential this learner got at registration "
+            rpc.abort(context, grpc.StatusCode.PERMISSION_DENIED, "send the credential this learner got at registration "
                           f"(call header {rpc.CREDENTIAL_HEADER!r}), or ask from the IP address you registered")
         return member
 
@@ -127,14 +127,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         for a call without a credential that holds a slot."""
         found = self.registry.authenticate(rpc.credential_of(context), rpc.peer_certificate(context))
         if found is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
+            rpc.abort(context, grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
                           f"(call header {rpc.CREDENTIAL_HEADER!r}, from AckWithMetadata.credential); register first")
         return found
 
     def AccumulateGradients(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
         member, state = self.caller(context)
         if state not in COUNTED_ON:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+            rpc.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                           f"learner {member.learner_id} is not training (dropped, or not started yet); register again")
         with self.working:
             return self.accumulate(request.chunk, member, context)
@@ -142,14 +142,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     def ReportEvaluation(self, request: leader_pb2.EvaluationReport, context: grpc.ServicerContext) -> leader_pb2.Ack:
         member, _ = self.caller(context)
         if request.learner_id != member.learner_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"learner_id {request.learner_id} is not the caller's slot, "
+            rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"learner_id {request.learner_id} is not the caller's slot, "
                           f"{member.learner_id}")
         declared = self.registry.summaries().get(member.learner_id)
         report = evaluation.Report(member.learner_id, request.samples, request.correct, request.loss)
         try:
             ignored = self.evaluations.submit(request.round, report, declared.eval_samples if declared else 0)
         except codec.PayloadError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"evaluation refused: {error}")
+            rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"evaluation refused: {error}")
         if ignored:
             self.log("ignored", "%s", ignored)
         return leader_pb2.Ack(success=ignored is None, message=ignored or f"evaluation of round {request.round} counted")
@@ -163,7 +163,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             if problem := self.global_model.layout.update_problem(payload.tensors):
                 raise codec.PayloadError(problem)
         except (codec.PayloadError, ValueError) as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
+            rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
         round_index = claims.round
         reason = self.collector.submit(member.learner_id, round_index, codec.flat_runs(payload), claims.samples,
                                        claims.loss, len(chunk))

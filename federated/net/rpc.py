@@ -8,7 +8,7 @@ import secrets
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -225,6 +225,12 @@ def peer_certificate(context: grpc.ServicerContext) -> str | None:
 def new_credential() -> str:
     """A fresh secret for one registration (192 random bits)."""
     return secrets.token_urlsafe(24)
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with code and message (context.abort raises; this says so to type checkers)."""
+    context.abort(code, message)
+    raise AssertionError("grpc's context.abort returned")
 
 
 def credential_of(context: grpc.ServicerContext) -> str | None:

@@ -42,6 +42,9 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# What payloads are read from: received bytes (or a view of them), or receive's own buffer
+Received = bytes | bytearray | memoryview
+Buffer = Received | np.ndarray
 # Precisions offered for floating-point tensors on the wire (leader.py --wire-dtype).
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,14 +62,15 @@ class Payload:
 
     metadata: dict[str, str]
     tensors: dict[str, torch.Tensor]
-    buffer: bytes | np.ndarray  # received bytes (decode) or a writable uint8 array (receive)
+    buffer: Buffer  # received bytes (decode) or a writable uint8 array (receive)
     data_start: int
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise CPU tensors (in the given order) and string metadata into one payload."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {})}
-    blobs, offset = [], 0
+    blobs: list[memoryview] = []
+    offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise PayloadError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
@@ -75,7 +79,7 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
             "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
             "data_offsets": [offset, offset + flat.numel()],
         }
-        blobs.append(flat.numpy())
+        blobs.append(flat.numpy().data)
         offset += flat.numel()
     text = json.dumps(header, separators=(",", ":")).encode()
     padded_length = -(-(8 + len(text)) // ALIGNMENT) * ALIGNMENT - 8
@@ -83,7 +87,7 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return b"".join([struct.pack("<Q", len(text)), text, *blobs])
 
 
-def decode(buffer: bytes) -> Payload:
+def decode(buffer: Received) -> Payload:
     """Parse and check a payload; raise PayloadError saying what is wrong."""
     layout = _parse_layout(buffer)
     if layout is None:
@@ -102,11 +106,11 @@ class _Layout:
     size: int  # of the whole payload
 
 
-def _views(buffer: bytes | np.ndarray, layout: _Layout) -> dict[str, torch.Tensor]:
+def _views(buffer: Buffer, layout: _Layout) -> dict[str, torch.Tensor]:
     return {name: _view(buffer, dtype, shape, layout.data_start + begin) for name, dtype, shape, begin, _ in layout.entries}
 
 
-def _parse_layout(head: bytes) -> _Layout | None:
+def _parse_layout(head: Received) -> _Layout | None:
     """The checked layout from a payload's first bytes, or None while its header is incomplete."""
     if len(head) < 8:
         return None
@@ -149,7 +153,7 @@ def receive(chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: 
     tensors = _views(buffer, layout)  # filled in below, before anyone sees them
     runs = iter(_float_runs(layout) if check_finite else [])
     run, received = next(runs, None), 0
-    for chunk in itertools.chain([head], chunks):
+    for chunk in itertools.chain([memoryview(head)], chunks):
         end = received + len(chunk)
         if end > layout.size:
             raise PayloadError(f"stream carries more than the {layout.size} bytes its header describes")
@@ -228,7 +232,7 @@ def _is_int_list(value: object) -> bool:
     return isinstance(value, list) and all(type(item) is int for item in value)
 
 
-def _view(buffer: bytes, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+def _view(buffer: Buffer, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
     count = math.prod(shape)
     if count == 0:
         return torch.empty(shape, dtype=dtype)

@@ -6,7 +6,7 @@ write and read exactly protobuf's bytes with one copy per chunk (tests compare b
 """
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import grpc
 
@@ -43,8 +43,8 @@ class ChunkRequest:
     chunk: memoryview
 
 
-def without_protobuf_copies(add_to_server: Callable, replies: set[str] = frozenset(),
-                            requests: set[str] = frozenset()) -> Callable:
+def without_protobuf_copies(add_to_server: Callable, replies: Collection[str] = (),
+                            requests: Collection[str] = ()) -> Callable:
     """A generated add_XServicer_to_server that keeps protobuf away from bulk bytes, which it copies twice:
     the methods named in replies yield ready-serialised messages (chunk_messages); those in requests
     get a ChunkRequest whose chunk is a view of the received bytes (chunk_field)."""

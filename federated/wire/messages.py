@@ -196,8 +196,8 @@ class DataSummary:
 
     train_samples: int
     eval_samples: int
-    channel_sums: tuple[float, float, float]
-    channel_square_sums: tuple[float, float, float]
+    channel_sums: tuple[float, ...]  # R, G, B
+    channel_square_sums: tuple[float, ...]
 
     @classmethod
     def of(cls, train: "utils.ImageSet", eval_samples: int) -> "DataSummary":

@@ -3,7 +3,7 @@ control c, sent with every state; each learner keeps its own c_i, adds c - c_i t
 the change of c_i with its update; the leader moves c by |S| / N times the participants' mean change."""
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -37,14 +37,13 @@ class Correction(LocalHooks):
 
     def __init__(self, layout: GradientLayout, controls: Controls) -> None:
         self.layout, self.controls = layout, controls
-        sizes = [p.numel() for _, p in layout.parameters]
-        self.correction = (controls.server - controls.own).split(sizes)
+        self.correction = controls.server - controls.own
         self.gradient_sum = torch.zeros(layout.parameter_count, device=controls.own.device)
 
-    def after_backward(self, gradient: torch.Tensor, parameters: list[torch.Tensor], start: list[torch.Tensor]) -> None:
+    def after_backward(self, gradient: torch.Tensor, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                       start: Sequence[torch.Tensor]) -> None:
         self.gradient_sum.add_(gradient)
-        for parameter, piece in zip(parameters, self.correction):
-            parameter.grad.add_(piece.view_as(parameter))
+        gradient.add_(self.correction)
 
     def finish(self, flat: torch.Tensor, steps: int) -> None:
         flat[self.layout.controls].copy_(self.gradient_sum.div_(steps).sub_(self.controls.own))
@@ -55,17 +54,22 @@ class Scaffold(FedAvg):
     """FedAvg with control variates; the server control travels with every state and is checkpointed."""
 
     controls: ClassVar[bool] = True
+    control: torch.Tensor
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.control = torch.zeros(0)  # sized for the model by bind
 
     def bind(self, layout: GradientLayout) -> None:
-        self.layout = layout
         self.control = torch.zeros(layout.parameter_count)
 
     def apply(self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int,
               learners: int) -> str | None:
         """The server step, then Karimireddy et al.'s c += |S| / N * the mean change of the participants' controls;
         the control's change is checked before the step and applied after it."""
-        change = mean[self.layout.controls] * (participants / learners)
-        weights = torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for _, p in self.layout.parameters]))
+        layout = step.layout
+        change = mean[layout.controls] * (participants / learners)
+        weights = torch.linalg.vector_norm(torch.cat([p.detach().reshape(-1) for _, p in layout.parameters]))
         if problem := control_problem(self.control, change, weights.item()):
             return problem
         problem = super().apply(step, mean, lr, steps, participants, learners)
