@@ -15,7 +15,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import utils
     from federated.common import runtime
-    from federated.learner.app import GradientRefused, Learner, LeaderLost
+    from federated.learner.app import Learner
+    from federated.learner.session import GradientRefused, LeaderLost
     from federated.net import rpc
     from federated.wire import codec
 
