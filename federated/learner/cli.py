@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import utils
     from federated.common import runtime
     from federated.learner.app import Learner
-    from federated.learner.session import GradientRefused, LeaderLost
+    from federated.learner.session import GradientRefused, LeaderLost, LeaderUnreachable
     from federated.net import rpc
     from federated.wire import codec
 
@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradientRefused as refused:
         log.error("%s", refused)
         return 2
+    except LeaderUnreachable as unreachable:  # its message asks whether the leader runs where --leader says
+        log.error("%s", unreachable)
+        return 1
     except (grpc.RpcError, LeaderLost) as error:
         reason = f"{error.code().name} {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
         log.error("gave up on the leader at %s: %s", config.leader, reason)

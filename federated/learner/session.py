@@ -21,6 +21,9 @@ T = TypeVar("T")
 
 MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
 WAIT_LOG_INTERVAL_S = 10.0
+# A wait that retries says what it waits for once, then how it goes at most this often: logging each retry
+# wrote 60 identical lines in the first 5 minutes of a learner started without its leader.
+PROGRESS_INTERVAL_S = 30.0
 RPC_TIMEOUT_S = 60.0
 HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whether it still counts this learner
 # Calls from the leader may arrive before this learner has read the reply to its registration: they wait
@@ -42,6 +45,10 @@ REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, 
 
 class LeaderLost(Exception):
     """The leader is unreachable or no longer counts this learner: reconnect and register again."""
+
+
+class LeaderUnreachable(Exception):
+    """No model state from the leader within --connect-timeout; the message asks whether it runs where --leader says."""
 
 
 class GradientRefused(Exception):
@@ -106,22 +113,48 @@ class LeaderCredential:
         return health_pb2.HealthCheckResponse.SERVING if mine or self.in_flight else None
 
 
+class Progress:
+    """How a retried wait is logged: once, when it begins, what it waits for and for how long; then how it goes,
+    at most every interval seconds."""
+
+    def __init__(self, waiting_for: str, deadline: float, flag: str = "", interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """flag: the option that sets the deadline, named in the first line."""
+        self.waiting_for, self.deadline, self.flag, self.interval, self.clock = waiting_for, deadline, flag, interval, clock
+        self.started = clock()
+        self.logged: float | None = None  # when it last said something
+
+    def failed(self, reason: str) -> None:
+        """One more attempt failed for reason."""
+        now = self.clock()
+        if self.logged is None:
+            limit = f"for up to {self.deadline - now:.0f} s" + (f" ({self.flag})" if self.flag else "")
+            log.info("waiting for %s %s: %s", self.waiting_for, limit, reason)
+        elif now - self.logged >= self.interval:
+            log.info("still waiting for %s (%.0f s so far, %.0f s left): %s", self.waiting_for, now - self.started,
+                     max(0.0, self.deadline - now), reason)
+        else:
+            return
+        self.logged = now
+
+
 def never() -> bool:
     return False
 
 
 def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Callable[[], bool] = never,
-                codes: tuple[grpc.StatusCode, ...] = RETRY_CODES) -> T | None:
+                codes: tuple[grpc.StatusCode, ...] = RETRY_CODES, flag: str = "") -> T | None:
     """Run action until it stops failing with one of codes (or a lost stream) or the deadline passes,
-    backing off; None as soon as stop() says there is no point any more."""
-    delay = 0.5
+    backing off; None as soon as stop() says there is no point any more. The wait is logged as what it
+    waits for (Progress), with the flag that sets its deadline."""
+    delay, progress = 0.5, Progress(what, deadline, flag)
     while not stop():  # ends by returning, or by raising once the deadline has passed
         try:
             return action()
         except (grpc.RpcError, LeaderLost) as error:
             if isinstance(error, grpc.RpcError) and error.code() not in codes or time.monotonic() + delay > deadline:
                 raise
-            log.info("%s: %s; retrying in %.1f s", what, reason_of(error), delay)
+            progress.failed(reason_of(error))
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     return None
@@ -167,14 +200,23 @@ class LeaderSession:
 
     def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
         """The leader's current model state, checked finite as it streams in (retried until the deadline);
-        None if stop() says there is no point any more."""
+        None if stop() says there is no point any more. LeaderUnreachable if the leader never answers."""
         fetch = lambda: fetch_model(self.channel, self.config.idle_timeout, self.credential.value)
-        return retry_until(deadline, fetch, "GetModel", stop)
+        try:
+            return retry_until(deadline, fetch, f"the leader at {self.config.leader}", stop, flag="--connect-timeout")
+        except (grpc.RpcError, LeaderLost) as error:
+            if isinstance(error, grpc.RpcError) and error.code() not in RETRY_CODES:
+                raise
+            raise LeaderUnreachable(
+                f"no answer from the leader at {self.config.leader} within --connect-timeout "
+                f"{self.config.connect_timeout:.0f} s ({reason_of(error)}). Is leader.py running there, and does "
+                "--leader give its address? Start it first, or give a longer --connect-timeout.") from None
 
     def register(self, address: str, summary: messages.DataSummary | None, deadline: float) -> int:
         """Register (again) with address, where this learner serves (and its credential, to take its own slot
         back), retried until the deadline; this learner's id."""
-        reply = retry_until(deadline, lambda: self.register_once(address, summary), "RegisterLearner")
+        reply = retry_until(deadline, lambda: self.register_once(address, summary),
+                            f"the leader at {self.config.leader} to register this learner", flag="--connect-timeout")
         log.info("%s; serving LearnerService at %s (%s)", reply.message, address, self.security.describe())
         return reply.learner_id
 
@@ -196,7 +238,8 @@ class LeaderSession:
         request = leader_pb2.LearnerDataRequest(network_addr=address)
         fetch = lambda: receive_stream(self.channel, "GetData", request, self.config.idle_timeout,
                                        credential=self.credential.value)
-        return retry_until(time.monotonic() + self.config.connect_timeout, fetch, "GetData")
+        return retry_until(time.monotonic() + self.config.connect_timeout, fetch,
+                           f"the leader at {self.config.leader} to send this learner's shard", flag="--connect-timeout")
 
     def send_update(self, round_index: int, request: leader_pb2.GradientData,
                     stop: Callable[[], bool]) -> leader_pb2.Ack | None:
@@ -206,8 +249,9 @@ class LeaderSession:
         send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
                                                        metadata=rpc.with_credential(self.credential.value))
         try:
-            return retry_until(time.monotonic() + self.config.wait_timeout, send, "AccumulateGradients", stop,
-                               (grpc.StatusCode.RESOURCE_EXHAUSTED,))
+            return retry_until(time.monotonic() + self.config.wait_timeout, send,
+                               f"the leader to take the update of round {round_index}", stop,
+                               (grpc.StatusCode.RESOURCE_EXHAUSTED,), "--wait-timeout")
         except grpc.RpcError as error:
             if error.code() in REJOIN_CODES:
                 raise LeaderLost(f"{error.code().name}: {error.details()}") from None
