@@ -1,11 +1,17 @@
 """A learner's first contact, as a new user meets it: learner.py started without its leader says once what it
-waits for, then how it goes now and then, and ends naming --connect-timeout; waits are logged by Progress."""
+waits for, then how it goes now and then, and ends naming --connect-timeout (waits are logged by Progress);
+a --data-dir without the learner's dataset is refused before the leader is contacted."""
 
 import logging
+import socket
 import subprocess
 import sys
 
-from federated.learner import session
+import pytest
+import torch
+
+import utils
+from federated.learner import data, session
 from federated.tools import launch
 
 
@@ -43,3 +49,28 @@ def test_a_wait_says_what_it_waits_for_once_then_how_it_goes_at_most_every_inter
                            "connection refused")
     assert messages[1:] == [f"still waiting for the leader at 10.0.0.5:50051 ({waited} s so far, {300 - waited} s "
                             "left): connection refused" for waited in (30, 60, 90)]
+
+
+def test_a_learner_refuses_a_data_dir_without_its_dataset_before_it_contacts_the_leader(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as leader:  # listens: any contact would be accepted
+        leader.settimeout(0)
+        address = f"127.0.0.1:{leader.getsockname()[1]}"
+        done = run_learner("--leader", address, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "mine"),
+                           "--connect-timeout", "3")
+        with pytest.raises(BlockingIOError):  # nobody came
+            leader.accept()
+    assert done.returncode == 2, done.stdout
+    error = done.stdout.splitlines()[-1]
+    assert " ERROR " in error and f"no folder {tmp_path / 'mine' / 'train'}" in error, done.stdout
+    assert "Give --data-dir the folder that holds train/<class>/<image>" in error
+    assert "waiting for the leader" not in done.stdout
+
+
+def test_an_image_folder_needs_a_folder_of_images_per_class_to_pass_the_check(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "cat.png").write_bytes(b"")  # images straight in train/, no class folders
+    with pytest.raises(utils.DatasetError, match="one folder of images per class"):
+        data.check_data_dir("imagefolder", str(tmp_path))
+    utils.write_image_folder(tmp_path, "train", utils.digits().subset(torch.arange(20)))
+    data.check_data_dir("imagefolder", str(tmp_path))
+    data.check_data_dir("synthetic", str(tmp_path / "nowhere"))  # made in memory: no folder to check

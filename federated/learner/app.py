@@ -1,5 +1,5 @@
-"""The learner's run: reach the leader, serve and register, train the rounds it takes part in, report
-evaluations, and rejoin after losing the leader, until the leader's final state."""
+"""The learner's run: check its own data, reach the leader, serve and register, train the rounds it takes part in,
+report evaluations, and rejoin after losing the leader, until the leader's final state."""
 
 import logging
 import time
@@ -159,12 +159,14 @@ class Member:
 
 
 class Learner:
-    """One learner's run: the leader reached and joined as a Member, which trains until the leader's final state."""
+    """One learner's run: its own data checked first, then the leader reached and joined as a Member, which
+    trains until the leader's final state."""
 
     def __init__(self, config: LearnerConfig, member_type: Callable[..., Member] = Member) -> None:
-        """member_type makes the Member that joins (tests/hostile_learner.py's attackers are Members of their own)."""
+        """Raises DatasetError at once when --data-dir does not hold --dataset. member_type makes the Member that
+        joins (tests/hostile_learner.py's attackers are Members of their own)."""
         self.config, self.member_type = config, member_type
-        self.local = LocalData(config) if config.dataset else None
+        self.local = LocalData(config) if config.dataset else None  # before any connection: a mistake fails fast
         self.session = LeaderSession(config)
 
     def connect(self) -> Member | codec.Payload:

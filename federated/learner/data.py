@@ -2,6 +2,7 @@
 from the leader and their checks; the batches it trains on."""
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -13,12 +14,34 @@ from federated.wire import codec, messages
 
 log = logging.getLogger("learner")
 
+TRY_SOME = "python launch.py --write-digits DIR writes such folders to try"
+
+
+def check_data_dir(dataset: str, data_dir: str) -> None:
+    """Raise DatasetError, saying what to give, unless dataset's files are where the learner will read them.
+    Only looks (loading waits for the leader's image size), except that CIFAR-10, when absent, is downloaded now."""
+    root = Path(data_dir)
+    if dataset == "imagefolder":
+        train = root / "train"
+        if not train.is_dir():
+            raise utils.DatasetError(f"--dataset imagefolder: no folder {train}. Give --data-dir the folder that holds "
+                                     f"train/<class>/<image> (and test/<class>/<image> to evaluate on); {TRY_SOME}")
+        if not any(entry.is_dir() and any(entry.iterdir()) for entry in train.iterdir()):
+            raise utils.DatasetError(f"--dataset imagefolder: no images in class folders under {train}: it must hold "
+                                     f"one folder of images per class, {train}/<class>/<image>; {TRY_SOME}")
+    elif dataset == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
+        utils.cifar10(root, train=True)  # downloads it, or says where to get it
+
+
 class LocalData:
-    """This learner's own images (--dataset), loaded once the leader's model says the image size and classes."""
+    """This learner's own images (--dataset): their folder checked at construction, before the leader is
+    contacted; loaded once the leader's model says the image size and classes."""
 
     def __init__(self, config: LearnerConfig) -> None:
+        """Raises DatasetError when --data-dir does not hold --dataset."""
         assert config.dataset is not None
         self.dataset, self.data_dir, self.eval_fraction = config.dataset, config.data_dir, config.eval_fraction
+        check_data_dir(self.dataset, self.data_dir)
 
     def load(self, info: messages.StateInfo) -> tuple[utils.ImageSet, utils.ImageSet | None]:
         """The local training images at the leader's image size, and those held out for evaluation: a
