@@ -30,9 +30,15 @@ class Member:
         own, self.held_out = local.load(replica.info) if local else (None, None)  # held_out: to evaluate on
         # local data first: the registration summarises it (the leader never sees the images)
         self.summary = None if own is None else messages.DataSummary.of(own, len(self.held_out) if self.held_out else 0)
-        self.learner_id = session.register(server.address, self.summary, deadline)
+        self.learner_id = self.register(deadline)
         self.data = self.fetch_shard() if own is None else own
         self.sent_round = -1  # the round of the last update sent
+
+    def register(self, deadline: float) -> int:
+        """Register (again, with the credential of the last registration to take its slot back); its id."""
+        reply = self.session.register(self.server.address, self.summary, deadline)
+        log.info("%s; LearnerService %s (%s)", reply.message, self.server.where(), self.session.security.describe())
+        return reply.learner_id
 
     def fetch_shard(self) -> utils.ImageSet:
         """This slot's shard of the leader's data."""
@@ -44,7 +50,7 @@ class Member:
     def rejoin(self, deadline: float) -> None:
         """Register again; a new slot (another id) has other data, unless the data is this learner's own."""
         previous = self.learner_id
-        self.learner_id = self.session.register(self.server.address, self.summary, deadline)
+        self.learner_id = self.register(deadline)
         if self.learner_id != previous:
             self.replica.forget_own_controls()
             if not self.config.dataset:

@@ -137,6 +137,12 @@ class LearnerServer:
             max_message_bytes, security, method_limits(config.idle_timeout), config.idle_timeout,
             credential.session_status, credential.caller, 1)
         self.address = config.advertise or default_advertise(config.leader, self.port)
+        self.listening = f"{config.host}:{self.port}"  # the port it got: --port 0 asks for any free one
+
+    def where(self) -> str:
+        """Where it listens, and where the leader dials it when that is another address."""
+        reached = f", reached at {self.address}" if self.address != self.listening else ""
+        return f"listening on {self.listening}{reached}"
 
     def forget_states(self) -> None:
         """Forget the leader's orders and states: a leader found again starts afresh (and may go back in rounds)."""

@@ -212,13 +212,12 @@ class LeaderSession:
                 f"{self.config.connect_timeout:.0f} s ({reason_of(error)}). Is leader.py running there, and does "
                 "--leader give its address? Start it first, or give a longer --connect-timeout.") from None
 
-    def register(self, address: str, summary: messages.DataSummary | None, deadline: float) -> int:
+    def register(self, address: str, summary: messages.DataSummary | None,
+                 deadline: float) -> leader_pb2.AckWithMetadata:
         """Register (again) with address, where this learner serves (and its credential, to take its own slot
-        back), retried until the deadline; this learner's id."""
-        reply = retry_until(deadline, lambda: self.register_once(address, summary),
-                            f"the leader at {self.config.leader} to register this learner", flag="--connect-timeout")
-        log.info("%s; serving LearnerService at %s (%s)", reply.message, address, self.security.describe())
-        return reply.learner_id
+        back), retried until the deadline; the leader's reply, with this learner's id."""
+        return retry_until(deadline, lambda: self.register_once(address, summary),
+                           f"the leader at {self.config.leader} to register this learner", flag="--connect-timeout")
 
     def register_once(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
         with self.credential.registering():
