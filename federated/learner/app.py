@@ -57,6 +57,7 @@ class Member:
                 self.data = self.fetch_shard()
 
     def send_update(self, round_index: int, loss: float) -> None:
+        """Send the round's update (the replica's update vector) with what it claims: samples, loss, kind, steps."""
         replica, plan = self.replica, self.replica.plan
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
         claims = messages.UpdateInfo(self.learner_id, round_index, batch * plan.local_steps, loss,
