@@ -200,12 +200,13 @@ class LeaderSession:
 
     def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
         """The leader's current model state, checked finite as it streams in (retried until the deadline);
-        None if stop() says there is no point any more. LeaderUnreachable if the leader never answers."""
+        None if stop() says there is no point any more. LeaderUnreachable if the leader never answers (a busy
+        one's last RESOURCE_EXHAUSTED is raised as it is)."""
         fetch = lambda: fetch_model(self.channel, self.config.idle_timeout, self.credential.value)
         try:
             return retry_until(deadline, fetch, f"the leader at {self.config.leader}", stop, flag="--connect-timeout")
         except (grpc.RpcError, LeaderLost) as error:
-            if isinstance(error, grpc.RpcError) and error.code() not in RETRY_CODES:
+            if isinstance(error, grpc.RpcError) and error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             raise LeaderUnreachable(
                 f"no answer from the leader at {self.config.leader} within --connect-timeout "
