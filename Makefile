@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2.pyi protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2.pyi protos/learner_pb2_grpc.py
+# torch and torchvision come from PyPI, whose Linux torch brings CUDA's libraries (an environment of about 6 GB).
+# Another index for those two, e.g. PyTorch's CPU wheels (without CUDA), on a fresh clone or after make clean:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PINS := $(shell grep -oE '^(torch|torchvision)==[^ #]+' requirements.txt)
 
 .PHONY: install proto demo test test-long bench bench-full certs docs clean
 
@@ -13,6 +18,7 @@ install: $(STAMP) $(GENERATED)
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) $(TORCH_PINS))
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 

@@ -8,6 +8,7 @@ like any other, whose first sends are attacks on the leader. It prints each atta
 sign-flipped and ten times as large (its BatchNorm statistics as they are: the leader refuses negative variances).
 """
 
+import functools
 import json
 import struct
 import sys
@@ -28,20 +29,20 @@ from federated.net.rpc import leader_pb2
 STREAMS = 20
 
 
-class Freeloader(learner.Learner):
+class Freeloader(learner.Member):
     def send_update(self, round_index: int, loss: float) -> None:
         pass
 
 
-class Flipper(learner.Learner):
+class Flipper(learner.Member):
     def send_update(self, round_index: int, loss: float) -> None:
-        self.gradient[: self.layout.parameter_count].mul_(-10)
+        self.replica.gradient[: self.replica.layout.parameter_count].mul_(-10)
         super().send_update(round_index, loss)
 
 
-class HostileLearner(learner.Learner):
-    def __init__(self, args, victim: str) -> None:
-        super().__init__(args)
+class HostileLearner(learner.Member):
+    def __init__(self, *args, victim: str) -> None:
+        super().__init__(*args)
         self.victim = victim
         self.held: list = []  # unread streams, kept open so that nothing cancels them
         self.attacks = [self.hold_streams, self.forged_credential, self.no_credential, self.another_learners_id,
@@ -57,8 +58,8 @@ class HostileLearner(learner.Learner):
 
     def send(self, chunk: bytes, credential: str | None) -> str:
         try:
-            reply = self.leader.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=10,
-                                                    metadata=rpc.with_credential(credential))
+            reply = self.session.leader.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=10,
+                                                            metadata=rpc.with_credential(credential))
             return f"OK {reply.message}"
         except grpc.RpcError as error:
             return f"{error.code().name} {error.details()}"
@@ -66,15 +67,17 @@ class HostileLearner(learner.Learner):
     def payload(self, round_index: int, learner_id: int | None = None, samples: int | None = None,
                  fill: float = 1e-4) -> bytes:
         metadata = {"learner_id": str(self.learner_id if learner_id is None else learner_id), "round": str(round_index),
-                    "samples": str(samples or self.batch_size), "loss": "1.0"}
-        return codec.encode(self.layout.wire_tensors(torch.full((self.layout.size,), fill)), metadata)
+                    "samples": str(samples or self.replica.info.batch_size), "loss": "1.0"}
+        layout = self.replica.layout
+        return codec.encode(layout.wire_tensors(torch.full((layout.size,), fill)), metadata)
 
     def hold_streams(self, round_index: int) -> str:
         """Open GetData and GetModel streams and never read them."""
-        request = leader_pb2.LearnerDataRequest(network_addr=self.address)
+        request = leader_pb2.LearnerDataRequest(network_addr=self.server.address)
         for method, message in (("GetData", request), ("GetModel", leader_pb2.Empty())):
-            stream = framing.chunk_stream(self.channel, rpc.LEADER_SERVICE, method)
-            self.held += [stream(message, metadata=rpc.with_credential(self.credential.value)) for _ in range(STREAMS)]
+            stream = framing.chunk_stream(self.session.channel, rpc.LEADER_SERVICE, method)
+            credential = self.session.credential.value
+            self.held += [stream(message, metadata=rpc.with_credential(credential)) for _ in range(STREAMS)]
         time.sleep(1.0)
         refused = sum(call.done() and call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in self.held)
         return f"RESOURCE_EXHAUSTED {refused} of {len(self.held)} streams refused"
@@ -86,14 +89,15 @@ class HostileLearner(learner.Learner):
         return self.send(self.payload(round_index, learner_id=0), None)
 
     def another_learners_id(self, round_index: int) -> str:
-        return self.send(self.payload(round_index, learner_id=1 - min(self.learner_id, 1)), self.credential.value)
+        another = 1 - min(self.learner_id, 1)
+        return self.send(self.payload(round_index, learner_id=another), self.session.credential.value)
 
     def huge_sample_count(self, round_index: int) -> str:
-        return self.send(self.payload(round_index, samples=10**17), self.credential.value)
+        return self.send(self.payload(round_index, samples=10**17), self.session.credential.value)
 
     def take_the_victims_address(self, round_index: int) -> str:
         try:
-            reply = self.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.victim), timeout=10)
+            reply = self.session.leader.RegisterLearner(leader_pb2.LearnerInfo(network_addr=self.victim), timeout=10)
             return f"OK {reply.message}"
         except grpc.RpcError as error:
             return f"{error.code().name} {error.details()}"
@@ -104,25 +108,25 @@ class HostileLearner(learner.Learner):
 
     def shape_overflowing_torch(self, round_index: int) -> str:
         tensor = {"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}
-        return self.send(self.header(tensor), self.credential.value)
+        return self.send(self.header(tensor), self.session.credential.value)
 
     def shape_overflowing_int64(self, round_index: int) -> str:
         tensor = {"t": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}
-        return self.send(self.header(tensor), self.credential.value)
+        return self.send(self.header(tensor), self.session.credential.value)
 
     def deep_json(self, round_index: int) -> str:
-        return self.send(self.header(b"[" * 100_000 + b"]" * 100_000), self.credential.value)
+        return self.send(self.header(b"[" * 100_000 + b"]" * 100_000), self.session.credential.value)
 
     def nan_gradient(self, round_index: int) -> str:
-        return self.send(self.payload(round_index, fill=float("nan")), self.credential.value)
+        return self.send(self.payload(round_index, fill=float("nan")), self.session.credential.value)
 
     def overflowing_gradient(self, round_index: int) -> str:
         """Finite and well-formed, so the leader accepts it; summed with the others it overflows float32."""
-        return self.send(self.payload(round_index, fill=3e38), self.credential.value)
+        return self.send(self.payload(round_index, fill=3e38), self.session.credential.value)
 
     def absurd_gradient(self, round_index: int) -> str:
         """Finite, and its sum too, but a step with it would leave weights of 1e28 and every later gradient NaN."""
-        return self.send(self.payload(round_index, fill=1e30), self.credential.value)
+        return self.send(self.payload(round_index, fill=1e30), self.session.credential.value)
 
     def stalled_gradient_calls(self, round_index: int) -> str:
         """Gradient calls opened without a credential that never send anything."""
@@ -130,7 +134,7 @@ class HostileLearner(learner.Learner):
             time.sleep(30)
             yield b""
 
-        opened = self.channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients")
+        opened = self.session.channel.stream_unary(f"/{rpc.LEADER_SERVICE}/AccumulateGradients")
         self.held += [opened.future(never()) for _ in range(10)]
         time.sleep(1.0)
         codes = {call.code().name for call in self.held[-10:] if call.done()}
@@ -145,8 +149,8 @@ if __name__ == "__main__":
     runtime.configure_logging("learner")
     runtime.set_threads(1)
     if sys.argv[1] in ("--freeload", "--flip"):
-        {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]](learner_config(sys.argv[2:])).run()
+        learner.Learner(learner_config(sys.argv[2:]), {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]]).run()
     else:
         victim = sys.argv[sys.argv.index("--victim") + 1]
         rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]
-        HostileLearner(learner_config(rest), victim).run()
+        learner.Learner(learner_config(rest), functools.partial(HostileLearner, victim=victim)).run()

@@ -12,7 +12,7 @@ import torch
 from federated.leader import evaluation
 from federated.tools import launch
 from federated.leader import data as leader_data
-from federated.learner import app as learner
+from federated.learner import state as learner_state
 from federated.wire import messages
 import utils
 from federated.wire import codec
@@ -244,7 +244,7 @@ def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_b
                 "round": "0"}
     state = codec.decode(codec.encode({"x": torch.zeros(1)}, metadata))
     with pytest.raises(codec.PayloadError, match="do not match the model"):
-        learner.check_fits(state, messages.StateInfo.from_payload(state), torch.float32)
+        learner_state.check_fits(state, messages.StateInfo.from_payload(state), torch.float32)
     for bad in ({"mean": "0.5,0.5", "std": "0.2,0.2"}, {"mean": "inf,0,0", "std": "1,1,1"},
                 {"mean": "0,0,0", "std": "1e-300,1,1"}, {"image_size": "100000"}):
         with pytest.raises(codec.PayloadError):

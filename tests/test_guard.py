@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from federated.wire import framing
 from federated.net import guard
 from federated.tools import launch
-from federated.learner import app as learner_module
+from federated.learner import session as learner_session
 from federated.net import rpc
 from federated.wire import codec
 from live import LiveLeader
@@ -65,7 +65,7 @@ def test_unread_streams_neither_starve_registration_nor_gradients_and_are_cut_of
     codes = [first_code(call) for call in streams[2:]]
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 17, codes  # beyond 2 concurrent GetData streams each
     time.sleep(IDLE_S + 0.6)  # the admitted, unread streams have been cancelled for making no progress
-    payload = learner_module.receive_stream(live.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr="x:1"),
+    payload = learner_session.receive_stream(live.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr="x:1"),
                                             30, credential=credential)
     assert len(payload.tensors["labels"]) == len(live.leader.data.shards.indices[learner])
     for call in streams:
@@ -159,11 +159,11 @@ class SlowStream:
 def test_a_slow_stream_may_take_long_but_not_stall():
     payload = codec.encode({"w": torch.ones(1000)})
     with SlowStream(payload, [0.4] * 6) as channel:  # 2.4 s in all, never 1.2 s without a chunk
-        received = learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
+        received = learner_session.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
         assert torch.equal(received.tensors["w"], torch.ones(1000))
     with SlowStream(payload, [0.1, 2.0, 0.1]) as channel:  # one pause of 2 s
-        with pytest.raises(learner_module.LeaderLost, match="nothing arrived for 1 s"):
-            learner_module.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
+        with pytest.raises(learner_session.LeaderLost, match="nothing arrived for 1 s"):
+            learner_session.receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout=1.2)
 
 
 def test_the_watchdog_cancels_only_what_overstays():

@@ -92,23 +92,24 @@ def test_health_needs_tls_but_no_token(secure_leader, certs):
 def secure_learner(secure_leader, certs):
     args = learner_config(["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN,
                                       *tls_flags(certs, "learner")])
-    learner = learner_module.Learner(args)
-    assert learner.connect() is None
+    learner = learner_module.Learner(args).connect()
+    assert isinstance(learner, learner_module.Member)
     yield learner
-    learner.server.stop(0)
+    learner.stop(0)
 
 
 def sync(learner, credentials: rpc.Security):
     """SyncModelState with the learner's own credential, so that only TLS and the token are in question."""
-    stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials, 1 << 20))
-    state = codec.encode(learner.model.state_dict(), {"round": "5"})
+    stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.server.address, credentials, 1 << 20))
+    state = codec.encode(learner.replica.model.state_dict(), {"round": "5"})
     return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10,
-                               metadata=rpc.with_credential(learner.credential.value))
+                               metadata=rpc.with_credential(learner.session.credential.value))
 
 
 def start(learner, credentials: rpc.Security):
-    stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.address, credentials))
-    return stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=rpc.with_credential(learner.credential.value))
+    stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.server.address, credentials))
+    return stub.StartTraining(learner_pb2.Empty(), timeout=10,
+                              metadata=rpc.with_credential(learner.session.credential.value))
 
 
 def test_learner_takes_orders_only_from_the_leaders_certificate(secure_learner, certs):
@@ -121,11 +122,11 @@ def test_learner_takes_orders_only_from_the_leaders_certificate(secure_learner, 
     with pytest.raises(grpc.RpcError) as error:
         sync(secure_learner, security(certs, "learner", TOKEN))
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
-    assert not secure_learner.started.is_set()
-    assert secure_learner.inbox.take(0, timeout=0) is None
+    assert not secure_learner.server.started.is_set()
+    assert secure_learner.server.inbox.take(0, timeout=0) is None
     assert sync(secure_learner, security(certs, "leader", TOKEN)).success
-    assert secure_learner.inbox.take(0, timeout=0) is not None
-    assert start(secure_learner, security(certs, "leader", TOKEN)).success and secure_learner.started.is_set()
+    assert secure_learner.server.inbox.take(0, timeout=0) is not None
+    assert start(secure_learner, security(certs, "leader", TOKEN)).success and secure_learner.server.started.is_set()
 
 
 def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_learner, certs):

@@ -23,6 +23,9 @@ from federated.net import guard
 from federated.tools import launch
 from federated.leader import servicer
 from federated.learner import app as learner_module
+from federated.learner import data as learner_data
+from federated.learner import session as learner_session
+from federated.learner import state as learner_state
 from federated.net import rpc
 from federated.wire import codec
 from live import LR, LiveLeader, learner_config, model_hash
@@ -63,7 +66,7 @@ def test_get_model_streams_the_checked_global_state(live):
     assert len(chunks) >= 2 and max(map(len, chunks)) <= framing.CHUNK_BYTES
     payload = codec.decode(b"".join(chunks))
     model = live.leader.global_model.model
-    codec.check_matches(payload, learner_module.state_spec(model, torch.float32))
+    codec.check_matches(payload, learner_state.state_spec(model, torch.float32))
     assert payload.metadata["architecture"] == "resnet20" and payload.metadata["round"] == "0"
 
 
@@ -76,7 +79,7 @@ def get_data(live, address: str, credential: str | None = None) -> codec.Payload
 def test_get_data_sends_the_registered_learners_shard_as_uint8_encoded_once(live):
     credential = live.register("127.0.0.1:7001").credential
     leader = live.leader
-    shard = learner_module.shard_from_payload(get_data(live, "127.0.0.1:7001", credential), 10)
+    shard = learner_data.shard_from_payload(get_data(live, "127.0.0.1:7001", credential), 10)
     assert len(shard) == 5000 and shard.images.dtype == torch.uint8
     assert torch.equal(shard.labels, leader.data.shards.train.labels[leader.data.shards.indices[0]])
     assert leader.data.shards.messages(0) is leader.data.shards.messages(0)  # one encoded copy, kept
@@ -301,18 +304,18 @@ def test_health_reflection_and_sessions_describe_the_leader(live):
 @pytest.fixture
 def live_learner(live):
     """A real learner connected to the live leader, with its LearnerService up."""
-    learner = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"]))
-    assert learner.connect() is None
-    channel = rpc.channel(learner.address, max_receive_bytes=1 << 20)
+    learner = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
+    assert isinstance(learner, learner_module.Member)
+    channel = rpc.channel(learner.server.address, max_receive_bytes=1 << 20)
     yield learner, learner_pb2_grpc.LearnerServiceStub(channel)
     channel.close()
-    learner.server.stop(0)
+    learner.stop(0)
 
 
 def test_learner_registers_and_gets_its_shard(live, live_learner):
     leader = live.leader
     learner, _ = live_learner
-    assert leader.registry.at(learner.address).learner_id == learner.learner_id
+    assert leader.registry.at(learner.server.address).learner_id == learner.learner_id
     assert torch.equal(learner.data.labels, leader.data.shards.train.labels[leader.data.shards.indices[learner.learner_id]])
 
 
@@ -325,20 +328,20 @@ def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gr
     parameters = list(model.parameters())
     data = codec.encode(source.state_dict())
     payload = codec.receive([data[:1000], data[1000:]], len(data), check_finite=True)
-    learner_module.load_state(model, payload, take_over=True)
+    learner_state.load_state(model, payload, take_over=True)
     assert all(now is before for now, before in zip(model.parameters(), parameters))
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in source.state_dict().items())
     start = payload.buffer.ctypes.data
     assert all(start <= t.data_ptr() < start + len(payload.buffer) for t in model.state_dict().values() if t.numel())
     start = gradient.data_ptr()
     assert all(start <= p.grad.data_ptr() < start + gradient.numel() * 4 for p in model.parameters())
-    learner_module.load_state(model, codec.decode(codec.encode(model.state_dict())))  # a later, copying load
+    learner_state.load_state(model, codec.decode(codec.encode(model.state_dict())))  # a later, copying load
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
 def leader_call(learner) -> list[tuple[str, str]]:
     """Call metadata as the learner's leader sends it."""
-    return rpc.with_credential(learner.credential.value)
+    return rpc.with_credential(learner.session.credential.value)
 
 
 def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner):
@@ -351,15 +354,15 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         "shape": codec.encode(dict(state, **{name: torch.zeros(1)}), {"round": "1"}),
         "no round": codec.encode(state, {}),
     }
-    before = [t.clone() for t in learner.model.state_dict().values()]
+    before = [t.clone() for t in learner.replica.model.state_dict().values()]
     for case, chunk in bad.items():
         reply = stub.SyncModelState(learner_pb2.ModelState(chunk=chunk), timeout=10, metadata=leader_call(learner))
         assert not reply.success and "rejected" in reply.message, case
-    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.state_dict().values()))
-    assert learner.inbox.take(0, timeout=0) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.replica.model.state_dict().values()))
+    assert learner.server.inbox.take(0, timeout=0) is None
     good = codec.encode(state, {"round": "1"})
     assert stub.SyncModelState(learner_pb2.ModelState(chunk=good), timeout=10, metadata=leader_call(learner)).success
-    assert learner.inbox.take(0, timeout=0) is not None
+    assert learner.server.inbox.take(0, timeout=0) is not None
 
 
 def test_learner_takes_states_and_orders_only_with_its_leaders_credential(live, live_learner):
@@ -371,34 +374,34 @@ def test_learner_takes_states_and_orders_only_with_its_leaders_credential(live, 
             with pytest.raises(grpc.RpcError) as error:
                 call()
             assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
-    assert learner.inbox.take(0, timeout=0) is None and not learner.started.is_set()
+    assert learner.server.inbox.take(0, timeout=0) is None and not learner.server.started.is_set()
     assert stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=leader_call(learner)).success
-    assert learner.started.is_set()
+    assert learner.server.started.is_set()
 
 
 def test_a_dropped_learner_learns_it_from_the_leaders_health_service(live, live_learner):
     learner, _ = live_learner
-    learner.check_leader()  # registered: nothing to say
+    learner.session.check_leader()  # registered: nothing to say
     registry = live.leader.registry
-    registry.drop(learner.learner_id, registry.at(learner.address).generation)
-    with pytest.raises(learner_module.LeaderLost, match="the leader dropped this learner"):
-        learner.check_leader()
+    registry.drop(learner.learner_id, registry.at(learner.server.address).generation)
+    with pytest.raises(learner_session.LeaderLost, match="the leader dropped this learner"):
+        learner.session.check_leader()
 
 
 def test_a_learner_whose_gradient_is_refused_says_so(live, live_learner):
     learner, _ = live_learner
     live.leader.registry.take_joiners()
-    learner.gradient.fill_(float("nan"))
-    with pytest.raises(learner_module.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"):
+    learner.replica.gradient.fill_(float("nan"))
+    with pytest.raises(learner_session.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"):
         learner.send_update(0, loss=1.0)
 
 
 def test_learner_serves_health_checks_and_its_session(live_learner):
     learner, _ = live_learner
-    health = health_pb2_grpc.HealthStub(rpc.channel(learner.address))
+    health = health_pb2_grpc.HealthStub(rpc.channel(learner.server.address))
     reply = health.Check(health_pb2.HealthCheckRequest(service="learner.LearnerService"), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    session = rpc.SESSION_PREFIX + rpc.session_id(learner.credential.value)
+    session = rpc.SESSION_PREFIX + rpc.session_id(learner.session.credential.value)
     assert health.Check(health_pb2.HealthCheckRequest(service=session), timeout=10).status == reply.status
     with pytest.raises(grpc.RpcError) as error:
         health.Check(health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + "f" * 32), timeout=10)
@@ -540,8 +543,8 @@ def test_nobody_can_make_an_address_look_unreachable_to_the_learner_that_listens
 
 
 def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
-    learner = learner_module.Learner(learner_config(["--leader", "127.0.0.1:9"]))
-    assert learner.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
-    with learner.credential.registering():  # the leader may check on it before the reply is here
-        assert learner.session_status("0" * 32) == health_pb2.HealthCheckResponse.SERVING
-    assert learner.session_status("0" * 32) is None
+    credential = learner_session.LeaderCredential()
+    assert credential.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
+    with credential.registering():  # the leader may check on it before the reply is here
+        assert credential.session_status("0" * 32) == health_pb2.HealthCheckResponse.SERVING
+    assert credential.session_status("0" * 32) is None

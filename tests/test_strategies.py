@@ -25,7 +25,7 @@ from federated.leader.data import DataFacts
 from federated.leader.planner import Planner
 from federated.leader.registry import Member
 from federated.leader.servicer import LeaderServicer
-from federated.learner import app as learner_module
+from federated.learner import state as learner_state
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo, UpdateInfo
 from test_fedsgd import assert_same_parameters, batch, small_net
@@ -449,7 +449,7 @@ def test_a_learners_layout_holds_the_buffers_of_its_model_on_its_device(strategy
     # Moving a model to another device replaces its buffers: a layout made before the move read stale BatchNorm
     # statistics into every update (on a GPU the global model's test loss was 400).
     info = StateInfo("resnet20", 10, 64, 0, (0.5,) * 3, (0.25,) * 3, "float32", plan=TrainingPlan(strategy, 1, 0.1))
-    model, layout, controls = learner_module.training_setup(info, torch.float32, "meta")
+    model, layout, controls = learner_state.training_setup(info, torch.float32, "meta")
     buffers = dict(model.named_buffers())
     assert layout.buffers and all(buffer is buffers[name] for name, buffer in layout.buffers)
     assert all(buffer.device.type == "meta" for _, buffer in layout.buffers)

@@ -15,7 +15,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import utils
     from federated.common import runtime
-    from federated.learner.app import GradientRefused, Learner, LeaderLost
+    from federated.learner.app import Learner
+    from federated.learner.session import GradientRefused, LeaderLost, LeaderUnreachable
     from federated.net import rpc
     from federated.wire import codec
 
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradientRefused as refused:
         log.error("%s", refused)
         return 2
+    except LeaderUnreachable as unreachable:  # its message asks whether the leader runs where --leader says
+        log.error("%s", unreachable)
+        return 1
     except (grpc.RpcError, LeaderLost) as error:
         reason = f"{error.code().name} {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
         log.error("gave up on the leader at %s: %s", config.leader, reason)

@@ -141,8 +141,9 @@ def start_server(bind: str, register: list, service_names: list[str], max_receiv
     if port == 0:
         raise OSError(f"cannot listen on {bind}: the port is taken or the address is not local")
     server.start()
-    if not _is_loopback(bind.rsplit(":", 1)[0]):
-        warn_if_open(bind, port, security)
+    host = bind.rsplit(":", 1)[0]
+    if not _is_loopback(host):
+        warn_if_open(f"{host}:{port}", port, security)  # the port it got: port 0 in bind asks for any free one
     return server, port
 
 

@@ -15,6 +15,9 @@ import utils
 from federated.leader.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: leader.py and learner.py
+# How long learners are held back while the leader gets ready to listen (it loads its data first, a first
+# CIFAR-10 download included); after that they start anyway and wait for it themselves (--connect-timeout).
+LEADER_LISTEN_TIMEOUT_S = 600.0
 
 
 def free_port() -> int:
@@ -24,13 +27,32 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: float) -> bool:
+    """Whether host:port accepts connections within timeout seconds; False as soon as process (the one that
+    is to listen there) exits."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+    return False
+
+
 def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: list[str] = (),
                      leader_to_console: bool = False,
                      hosts: Sequence | None = None) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     """Start the leader and the learners, each learner with its share of this machine's cores, logging to
     out/*.log (the leader to this console instead, if asked). All on localhost, or with hosts the leader on
     hosts[0] and learner i on hosts[i + 1], given only the leader's address (each host has .prefix, the
-    command that runs a program there, and .address: tests/hosts.py's network namespaces)."""
+    command that runs a program there, and .address: tests/hosts.py's network namespaces).
+
+    On localhost everything listens on the loopback interface only, and the learners start once the leader
+    listens (no learner if it exits first: the leader's exit code says why). With hosts the learners start at
+    once and wait for the leader themselves: its namespace cannot be reached from here."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = max(1, runtime.available_cores() // learners)
@@ -40,8 +62,14 @@ def start_federation(learners: int, leader_args: list[str], port: int, out: Path
                   "--host", "0.0.0.0" if hosts else "127.0.0.1", "--port", str(port), "--out", str(out), *leader_args]
     leader_log = None if leader_to_console else open(out / "leader.log", "w")
     leader = subprocess.Popen(leader_cmd, env=env, stdout=leader_log, stderr=subprocess.STDOUT)
+    if not hosts and not wait_for_port(leader_host, port, leader, LEADER_LISTEN_TIMEOUT_S):
+        if leader.poll() is not None:
+            return leader, []
+        print(f"NOTICE: the leader does not listen on {leader_host}:{port} after {LEADER_LISTEN_TIMEOUT_S:.0f} s; "
+              "starting the learners, which wait for it", flush=True)
+    listen = [] if hosts else ["--host", "127.0.0.1"]  # hosts: every interface of its own namespace
     learner_cmd = lambda index: [*place(index + 1), sys.executable, str(ROOT / "learner.py"), "--leader",
-                                 f"{leader_host}:{port}", "--threads", str(threads), *learner_args]
+                                 f"{leader_host}:{port}", *listen, "--threads", str(threads), *learner_args]
     procs = [subprocess.Popen(learner_cmd(index), env=env, stdout=open(out / f"learner{index}.log", "w"),
                               stderr=subprocess.STDOUT) for index in range(learners)]
     return leader, procs

@@ -14,7 +14,8 @@ import torch
 from federated.core.layout import GradientLayout
 from federated.leader.metrics import read_metrics
 from federated.leader.registry import SERVING
-from federated.learner import app as learner
+from federated.learner import servicer as learner_service
+from federated.learner import session as learner_session
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
@@ -40,20 +41,20 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
     def __init__(self, leader_address: str) -> None:
         channel = rpc.channel(leader_address)
         self.stub = leader_pb2_grpc.LeaderServiceStub(channel)
-        state = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, lambda: learner.fetch_model(channel), "GetModel")
+        state = learner_session.retry_until(time.monotonic() + SERVER_LIFETIME_S, lambda: learner_session.fetch_model(channel), "GetModel")
         model = build_model(messages.StateInfo.from_payload(state).architecture)
         self.layout = GradientLayout(model)
         flat = torch.randn(self.layout.size) * 1e-3
         self.layout.read_buffers(flat)  # the model's own BatchNorm statistics: no negative variances
         self.gradient = self.layout.wire_tensors(flat)
         self.round = messages.round_of(state)
-        self.inbox, self.started = learner.StateInbox(), threading.Event()
+        self.inbox, self.started = learner_service.StateInbox(), threading.Event()
         self.session = ""  # its registration, which the leader's health checks ask about
-        self.server, port = rpc.start_server("127.0.0.1:0", [(learner.ADD_LEARNER_SERVICE, self)],
-                                             [rpc.LEARNER_SERVICE], 64 << 20, limits=learner.method_limits(60),
+        self.server, port = rpc.start_server("127.0.0.1:0", [(learner_service.ADD_LEARNER_SERVICE, self)],
+                                             [rpc.LEARNER_SERVICE], 64 << 20, limits=learner_service.method_limits(60),
                                              sessions=lambda session: SERVING if session == self.session else None)
         register = lambda: self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
-        reply = learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")
+        reply = learner_session.retry_until(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")
         self.learner_id, self.credential = reply.learner_id, rpc.with_credential(reply.credential)
         self.session = rpc.session_id(reply.credential)
 
@@ -75,7 +76,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
             claims = messages.UpdateInfo(self.learner_id, self.round, samples=1, loss=1.0)
             request = leader_pb2.GradientData(chunk=codec.encode(self.gradient, claims.to_metadata()))
             send = partial(self.stub.AccumulateGradients, request, timeout=600, metadata=self.credential)
-            learner.retry_until(time.monotonic() + SERVER_LIFETIME_S, send, "AccumulateGradients")
+            learner_session.retry_until(time.monotonic() + SERVER_LIFETIME_S, send, "AccumulateGradients")
             pushed = self.inbox.take(version, 600)
             if pushed is None or messages.is_final(pushed[1]):
                 return

@@ -27,7 +27,8 @@ from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
 from federated.leader.registry import Registry
 from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer
-from federated.learner import app as learner
+from federated.learner import session as learner_session
+from federated.learner import state as learner_state
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
 from federated.tools import launch
@@ -96,7 +97,7 @@ def receive_raw(channel: grpc.Channel) -> int:
 
 def receive_model(channel: grpc.Channel, model: torch.nn.Module, spec: TensorSpec) -> None:
     """What a learner does with GetModel: receive, check, load."""
-    learner.adopt_state(model, learner.fetch_model(channel), spec)
+    learner_state.adopt_state(model, learner_session.fetch_model(channel), spec)
 
 
 def tcp_seconds(total: int) -> float:

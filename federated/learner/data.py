@@ -1,0 +1,99 @@
+"""A learner's data: its own images (--dataset), checked at start and loaded at the leader's image size; shards
+from the leader and their checks; the batches it trains on."""
+
+import logging
+from pathlib import Path
+
+import torch
+
+import utils
+from federated.core import partition
+from federated.core.training import Batch
+from federated.learner.config import LearnerConfig
+from federated.wire import codec, messages
+
+log = logging.getLogger("learner")
+
+TRY_SOME = "python launch.py --write-digits DIR writes such folders to try"
+
+
+def check_data_dir(dataset: str, data_dir: str) -> None:
+    """Raise DatasetError, saying what to give, unless dataset's files are where the learner will read them.
+    Only looks (loading waits for the leader's image size), except that CIFAR-10, when absent, is downloaded now."""
+    root = Path(data_dir)
+    if dataset == "imagefolder":
+        train = root / "train"
+        if not train.is_dir():
+            raise utils.DatasetError(f"--dataset imagefolder: no folder {train}. Give --data-dir the folder that holds "
+                                     f"train/<class>/<image> (and test/<class>/<image> to evaluate on); {TRY_SOME}")
+        if not any(entry.is_dir() and any(entry.iterdir()) for entry in train.iterdir()):
+            raise utils.DatasetError(f"--dataset imagefolder: no images in class folders under {train}: it must hold "
+                                     f"one folder of images per class, {train}/<class>/<image>; {TRY_SOME}")
+    elif dataset == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
+        utils.cifar10(root, train=True)  # downloads it, or says where to get it
+
+
+class LocalData:
+    """This learner's own images (--dataset): their folder checked at construction, before the leader is
+    contacted; loaded once the leader's model says the image size and classes."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        """Raises DatasetError when --data-dir does not hold --dataset."""
+        assert config.dataset is not None
+        self.dataset, self.data_dir, self.eval_fraction = config.dataset, config.data_dir, config.eval_fraction
+        check_data_dir(self.dataset, self.data_dir)
+
+    def load(self, info: messages.StateInfo) -> tuple[utils.ImageSet, utils.ImageSet | None]:
+        """The local training images at the leader's image size, and those held out for evaluation: a
+        --eval-fraction of them, else the dataset's test split if it has one."""
+        size, classes = info.image_size, info.num_classes
+        data = utils.load_dataset(self.dataset, self.data_dir, train=True, image_size=size)
+        if data.num_classes != classes:
+            raise utils.DatasetError(f"the local {self.dataset} has {data.num_classes} classes; the leader's model "
+                                     f"tells {classes} apart")
+        if self.eval_fraction:
+            data, held_out = utils.held_out(data, self.eval_fraction, info.seed)
+        else:
+            try:
+                held_out = utils.load_dataset(self.dataset, self.data_dir, train=False, image_size=size)
+            except utils.DatasetError as missing:
+                log.info("no held-out images to evaluate on (%s); --eval-fraction would hold some out", missing)
+                held_out = None
+        log.info("training on local %s data: %d images of %dx%d, %d held out for evaluation", self.dataset, len(data),
+                 size, size, len(held_out) if held_out else 0)
+        [labels] = partition.describe(partition.label_counts(data.labels, [torch.arange(len(data))], classes))
+        log.info("its labels (this learner's own: the leader never sees them): %s", labels.split(": ", 1)[1])
+        return data, held_out
+
+
+def shard_from_payload(payload: codec.Payload, num_classes: int, image_size: int = utils.IMAGE_SIZE) -> utils.ImageSet:
+    """The images and labels of a data shard payload, after checking shapes, dtypes and label range."""
+    labels, images = payload.tensors.get("labels"), payload.tensors.get("images")
+    if labels is None or images is None or len(payload.tensors) != 2:
+        raise codec.PayloadError(f"a data shard holds exactly 'labels' and 'images', got {list(payload.tensors)[:4]}")
+    count = len(labels)
+    shape = (count, 3, image_size, image_size)
+    if labels.dtype != torch.int64 or images.dtype != torch.uint8 or labels.ndim != 1 or images.shape != shape or count == 0:
+        raise codec.PayloadError(f"expected int64 labels [N] and uint8 images {list(shape)} with N > 0")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise codec.PayloadError(f"labels must lie in [0, {num_classes})")
+    return utils.ImageSet(images, labels, num_classes)
+
+
+class Batches:
+    """The batches a learner trains on: its data in the order of its schedule (one batch per step of every
+    round; the seed and the learner's id choose the order), normalised and on the device. The batch asked for
+    last is kept, so that the next round's first one can be prepared while the leader aggregates."""
+
+    def __init__(self, data: utils.ImageSet, batch_size: int, seed: int, learner_id: int,
+                 device: torch.device | str) -> None:
+        self.data, self.device = data, device
+        self.schedule = utils.BatchSchedule(len(data), batch_size, seed * 10_007 + learner_id)
+        self.prepared: tuple[int, Batch] = (-1, (torch.empty(0), torch.empty(0)))
+
+    def at(self, step: int, mean: list[float], std: list[float]) -> Batch:
+        """The step-th batch, normalised with mean and std."""
+        if self.prepared[0] != step:
+            images, labels = utils.training_batch(self.data, self.schedule, step, mean, std)
+            self.prepared = (step, (images.to(self.device), labels.to(self.device)))
+        return self.prepared[1]

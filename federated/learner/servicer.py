@@ -1,0 +1,153 @@
+"""The LearnerService a learner serves to its leader: the inbox of pushed model states, the servicer that checks
+who calls and what it pushes, its admission limits, and the server with the address the leader dials."""
+
+import logging
+import socket
+import threading
+
+import grpc
+
+from federated.core.checks import TensorSpec
+from federated.learner.config import LearnerConfig
+from federated.learner.session import LeaderCredential
+from federated.net import guard, rpc
+from federated.net.rpc import learner_pb2, learner_pb2_grpc
+from federated.wire import codec, framing, messages
+
+log = logging.getLogger("learner")
+
+# A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
+ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
+                                                      requests={"SyncModelState"})
+
+
+def default_advertise(leader: str, port: int) -> str:
+    """127.0.0.1 for a leader on this machine, else the local address of the route to the leader."""
+    host = leader.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return f"127.0.0.1:{port}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing; it only picks the outgoing interface
+            return f"{probe.getsockname()[0]}:{port}"
+    except OSError:
+        return f"{socket.gethostname()}:{port}"
+
+
+class StateInbox:
+    """The newest model state pushed by the leader, handed from the gRPC thread to the training thread.
+
+    Each accepted state gets the next version number; a state older than the newest is dropped (pushes may
+    overtake each other). A final state (the leader finished or was stopped) wins over any other."""
+
+    def __init__(self) -> None:
+        self._payload: codec.Payload | None = None
+        self._round, self._version = -1, 0
+        self.final: codec.Payload | None = None
+        self._changed = threading.Condition()
+
+    def put(self, round_index: int, payload: codec.Payload) -> None:
+        with self._changed:
+            if messages.is_final(payload):
+                self.final = payload
+            elif round_index >= self._round:  # the same round again: a plan made after the state was first served
+                self._round, self._payload = round_index, payload
+            else:
+                return
+            self._version += 1
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Forget states from a previous leader session (a resumed leader goes back in rounds)."""
+        with self._changed:
+            self._round, self._version, self._payload, self.final = -1, 0, None, None
+
+    def take(self, after_version: int, timeout: float) -> tuple[int, codec.Payload] | None:
+        """The final state, or the newest state if its version is after after_version, with its version;
+        waits at most timeout seconds."""
+        with self._changed:
+            if self._changed.wait_for(lambda: self.final is not None or self._version > after_version, timeout):
+                return self._version, self.final or self._payload
+            return None
+
+    def has_final(self) -> bool:
+        """Whether the leader said goodbye: training finished or was stopped."""
+        return self.final is not None
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    """Checks that calls come from this learner's leader and what it pushes, and hands it to the training thread."""
+
+    def __init__(self, state_spec: TensorSpec, inbox: StateInbox, started: threading.Event,
+                 credential: LeaderCredential, leader_name: str | None) -> None:
+        self.state_spec, self.inbox, self.started = state_spec, inbox, started
+        self.credential, self.leader_name = credential, leader_name
+
+    def check_caller(self, context: grpc.ServicerContext) -> None:
+        """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
+        and always the credential it gave this learner at registration."""
+        if self.leader_name and rpc.peer_common_name(context) != self.leader_name:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"only the leader (certificate CN {self.leader_name!r}) may call this learner")
+        refusal = self.credential.refusal(context)
+        if refusal:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+
+    def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.check_caller(context)
+        self.started.set()
+        return learner_pb2.Ack(success=True, message="training started")
+
+    def SyncModelState(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> learner_pb2.Ack:
+        self.check_caller(context)
+        try:
+            payload = codec.decode(request.chunk)
+            codec.check_matches(payload, self.state_spec)
+            round_index = messages.round_of(payload)
+            if not messages.is_final(payload):  # a final state carries no plan
+                messages.plan_from_metadata(payload.metadata)
+        except codec.PayloadError as error:
+            log.warning("rejected a model state: %s", error)
+            return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
+        self.inbox.put(round_index, payload)
+        return learner_pb2.Ack(success=True, message=f"model state for round {round_index} received")
+
+
+def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
+    """How a learner admits calls: its leader's (those with its credential) have turns of their own, which
+    strangers cannot take; the servicer still checks every call in full."""
+    learner_method = lambda name: f"/{rpc.LEARNER_SERVICE}/{name}"
+    return {learner_method("StartTraining"): guard.Limit(2, anonymous=2),
+            learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
+            "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4)}
+
+
+class LearnerServer:
+    """The learner's LearnerService, serving from construction: what the leader pushes lands in inbox, its order
+    to start in started; address is where the leader dials it."""
+
+    def __init__(self, config: LearnerConfig, security: rpc.Security, credential: LeaderCredential,
+                 state_spec: TensorSpec, max_message_bytes: int) -> None:
+        """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes."""
+        self.inbox, self.started = StateInbox(), threading.Event()
+        servicer = LearnerServicer(state_spec, self.inbox, self.started, credential,
+                                   config.leader_name if security.ca else None)
+        self.server, self.port = rpc.start_server(
+            f"{config.host}:{config.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
+            max_message_bytes, security, method_limits(config.idle_timeout), config.idle_timeout,
+            credential.session_status, credential.caller, 1)
+        self.address = config.advertise or default_advertise(config.leader, self.port)
+        self.listening = f"{config.host}:{self.port}"  # the port it got: --port 0 asks for any free one
+
+    def where(self) -> str:
+        """Where it listens, and where the leader dials it when that is another address."""
+        reached = f", reached at {self.address}" if self.address != self.listening else ""
+        return f"listening on {self.listening}{reached}"
+
+    def forget_states(self) -> None:
+        """Forget the leader's orders and states: a leader found again starts afresh (and may go back in rounds)."""
+        self.started.clear()
+        self.inbox.clear()
+
+    def stop(self, grace: float = 2) -> None:
+        self.server.stop(grace).wait(grace + 3)

@@ -1,0 +1,302 @@
+"""The learner's connection to its leader: channel and stubs, the credential, registration, retries with backoff,
+streams with idle limits, health checks of its registration, and waiting for the leader's next instruction."""
+
+import hmac
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from federated.learner.config import LearnerConfig
+from federated.net import guard, rpc
+from federated.net.rpc import leader_pb2, leader_pb2_grpc
+from federated.wire import codec, framing, messages
+
+log = logging.getLogger("learner")
+T = TypeVar("T")
+
+MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
+WAIT_LOG_INTERVAL_S = 10.0
+# A wait that retries says what it waits for once, then how it goes at most this often: logging each retry
+# wrote 60 identical lines in the first 5 minutes of a learner started without its leader.
+PROGRESS_INTERVAL_S = 30.0
+RPC_TIMEOUT_S = 60.0
+HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whether it still counts this learner
+# Calls from the leader may arrive before this learner has read the reply to its registration: they wait
+# this long for it.
+REGISTRATION_WAIT_S = 30.0
+# The leader asks to be called again later (all slots held, too many calls at once) with these codes.
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Health checks of the leader answered with these say nothing about this learner's registration: anyone
+# can keep the leader's health service busy, and a leader built from the article's protos has none.
+INCONCLUSIVE_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      grpc.StatusCode.DEADLINE_EXCEEDED)
+# A gradient refused with these is this learner's fault (its model or data do not match the leader's).
+REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+# A gradient answered with these means the leader no longer counts this registration: register again.
+REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.CANCELLED)  # (the leader cancels a gradient that takes over --idle-timeout to arrive)
+
+
+class LeaderLost(Exception):
+    """The leader is unreachable or no longer counts this learner: reconnect and register again."""
+
+
+class LeaderUnreachable(Exception):
+    """No model state from the leader within --connect-timeout; the message asks whether it runs where --leader says."""
+
+
+class GradientRefused(Exception):
+    """The leader refused this learner's update as malformed: the learner's model or data do not match it."""
+
+
+class LeaderCredential:
+    """The secret this learner shares with the leader it registered with (AckWithMetadata.credential): a call
+    that claims to come from that leader must carry it. Until a registration succeeds, and while one is on
+    its way, such calls wait for it."""
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self.in_flight = False  # a registration is on its way
+        self._registered = False
+        self._known = threading.Event()
+
+    @contextmanager
+    def registering(self) -> Iterator[None]:
+        """While a registration is on its way, calls from the leader wait for its reply (which may bring a
+        new credential); if it fails, an earlier registration's credential stands."""
+        self._known.clear()
+        self.in_flight = True
+        try:
+            yield
+        finally:
+            self.in_flight = False
+            if self._registered:
+                self._known.set()
+
+    def registered(self, credential: str) -> None:
+        """The registration succeeded; an empty credential means a leader built from the article's protos."""
+        self.value, self._registered = credential or None, True
+        self._known.set()
+
+    def refusal(self, context: grpc.ServicerContext) -> str | None:
+        """Why a call that claims to come from the leader must be refused, or None."""
+        if not self._known.wait(REGISTRATION_WAIT_S):
+            return "this learner is not registered with a leader yet"
+        if self.value is None:
+            return None
+        if not self.matches(rpc.credential_of(context)):
+            return "only the leader this learner registered with may call it (its credential is missing or wrong)"
+        return None
+
+    def matches(self, given: str | None) -> bool:
+        """Whether given is this learner's credential (any caller matches while it has none)."""
+        return self.value is None or hmac.compare_digest((given or "").encode(), self.value.encode())
+
+    def caller(self, headers: guard.Headers) -> str | None:
+        """'leader' for a call that carries this credential (its admission turns are the leader's own), else None."""
+        return "leader" if self.matches(headers.get(rpc.CREDENTIAL_HEADER)) else None
+
+    def session(self) -> str:
+        """The health-service name of this registration at the leader ('' for a leader without credentials)."""
+        return rpc.SESSION_PREFIX + rpc.session_id(self.value) if self.value else ""
+
+    def session_status(self, session: str) -> int | None:
+        """This learner's answer to the leader's health check of a registration: SERVING for its own, and
+        while a registration is on its way (the leader may ask before its reply is here)."""
+        mine = self.value and hmac.compare_digest(session.encode(), rpc.session_id(self.value).encode())
+        return health_pb2.HealthCheckResponse.SERVING if mine or self.in_flight else None
+
+
+class Progress:
+    """How a retried wait is logged: once, when it begins, what it waits for and for how long; then how it goes,
+    at most every interval seconds."""
+
+    def __init__(self, waiting_for: str, deadline: float, flag: str = "", interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """flag: the option that sets the deadline, named in the first line."""
+        self.waiting_for, self.deadline, self.flag, self.interval, self.clock = waiting_for, deadline, flag, interval, clock
+        self.started = clock()
+        self.logged: float | None = None  # when it last said something
+
+    def failed(self, reason: str) -> None:
+        """One more attempt failed for reason."""
+        now = self.clock()
+        if self.logged is None:
+            limit = f"for up to {self.deadline - now:.0f} s" + (f" ({self.flag})" if self.flag else "")
+            log.info("waiting for %s %s: %s", self.waiting_for, limit, reason)
+        elif now - self.logged >= self.interval:
+            log.info("still waiting for %s (%.0f s so far, %.0f s left): %s", self.waiting_for, now - self.started,
+                     max(0.0, self.deadline - now), reason)
+        else:
+            return
+        self.logged = now
+
+
+def never() -> bool:
+    return False
+
+
+def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Callable[[], bool] = never,
+                codes: tuple[grpc.StatusCode, ...] = RETRY_CODES, flag: str = "") -> T | None:
+    """Run action until it stops failing with one of codes (or a lost stream) or the deadline passes,
+    backing off; None as soon as stop() says there is no point any more. The wait is logged as what it
+    waits for (Progress), with the flag that sets its deadline."""
+    delay, progress = 0.5, Progress(what, deadline, flag)
+    while not stop():  # ends by returning, or by raising once the deadline has passed
+        try:
+            return action()
+        except (grpc.RpcError, LeaderLost) as error:
+            if isinstance(error, grpc.RpcError) and error.code() not in codes or time.monotonic() + delay > deadline:
+                raise
+            progress.failed(reason_of(error))
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    return None
+
+
+def reason_of(error: grpc.RpcError | LeaderLost) -> str:
+    return error.details() if isinstance(error, grpc.RpcError) else str(error)
+
+
+def receive_stream(channel: grpc.Channel, method: str, request, idle_timeout: float, check_finite: bool = False,
+                   credential: str | None = None) -> codec.Payload:
+    """The payload a LeaderService method streams in chunks, decoded as they arrive. There is no limit on
+    the whole transfer (a slow link may take long), only on idle time: a stream that delivers nothing for
+    idle_timeout seconds is abandoned with LeaderLost."""
+    call = framing.chunk_stream(channel, rpc.LEADER_SERVICE, method)(request, metadata=rpc.with_credential(credential))
+    try:
+        return codec.receive(guard.idle_bounded(call, idle_timeout, call.cancel), MAX_STREAM_BYTES, check_finite)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.CANCELLED:  # only the idle watchdog cancels this call
+            raise LeaderLost(f"{method}: nothing arrived for {idle_timeout:.0f} s") from None
+        raise
+    finally:
+        call.cancel()  # frees the stream if the payload was refused part way; no-op once it is complete
+
+
+def fetch_model(channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S,
+                credential: str | None = None) -> codec.Payload:
+    """The leader's current model state from GetModel, checked finite as it streams in."""
+    return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, True, credential)
+
+
+class LeaderSession:
+    """This learner's calls to its leader, each with the credential of its registration: retried while the
+    leader asks for patience, bounded by the timeouts of the configuration, and logged."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        self.config = config
+        self.security = rpc.Security.of(config)
+        self.channel = rpc.channel(config.leader, self.security)
+        self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(rpc.channel(config.leader, self.security))
+        self.credential = LeaderCredential()
+
+    def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
+        """The leader's current model state, checked finite as it streams in (retried until the deadline);
+        None if stop() says there is no point any more. LeaderUnreachable if the leader never answers (a busy
+        one's last RESOURCE_EXHAUSTED is raised as it is)."""
+        fetch = lambda: fetch_model(self.channel, self.config.idle_timeout, self.credential.value)
+        try:
+            return retry_until(deadline, fetch, f"the leader at {self.config.leader}", stop, flag="--connect-timeout")
+        except (grpc.RpcError, LeaderLost) as error:
+            if isinstance(error, grpc.RpcError) and error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            raise LeaderUnreachable(
+                f"no answer from the leader at {self.config.leader} within --connect-timeout "
+                f"{self.config.connect_timeout:.0f} s ({reason_of(error)}). Is leader.py running there, and does "
+                "--leader give its address? Start it first, or give a longer --connect-timeout.") from None
+
+    def register(self, address: str, summary: messages.DataSummary | None,
+                 deadline: float) -> leader_pb2.AckWithMetadata:
+        """Register (again) with address, where this learner serves (and its credential, to take its own slot
+        back), retried until the deadline; the leader's reply, with this learner's id."""
+        return retry_until(deadline, lambda: self.register_once(address, summary),
+                           f"the leader at {self.config.leader} to register this learner", flag="--connect-timeout")
+
+    def register_once(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
+        with self.credential.registering():
+            request = leader_pb2.LearnerInfo(network_addr=address)
+            if summary is not None:
+                summary.to_proto(request.data)
+            reply = self.leader.RegisterLearner(request, timeout=RPC_TIMEOUT_S,
+                                                metadata=rpc.with_credential(self.credential.value))
+            if reply.success:
+                self.credential.registered(reply.credential)
+        if not reply.success:
+            raise SystemExit(f"the leader refused registration: {reply.message}")
+        return reply
+
+    def fetch_shard(self, address: str) -> codec.Payload:
+        """The shard of the leader's data that the slot of the learner at address trains on."""
+        request = leader_pb2.LearnerDataRequest(network_addr=address)
+        fetch = lambda: receive_stream(self.channel, "GetData", request, self.config.idle_timeout,
+                                       credential=self.credential.value)
+        return retry_until(time.monotonic() + self.config.connect_timeout, fetch,
+                           f"the leader at {self.config.leader} to send this learner's shard", flag="--connect-timeout")
+
+    def send_update(self, round_index: int, request: leader_pb2.GradientData,
+                    stop: Callable[[], bool]) -> leader_pb2.Ack | None:
+        """Send this learner's update of a round; a busy leader (RESOURCE_EXHAUSTED) gets it again until
+        --wait-timeout or until stop() says there is no point. LeaderLost when the leader no longer counts this
+        registration, GradientRefused when it refuses the update as malformed; None if stopped."""
+        send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
+                                                       metadata=rpc.with_credential(self.credential.value))
+        try:
+            return retry_until(time.monotonic() + self.config.wait_timeout, send,
+                               f"the leader to take the update of round {round_index}", stop,
+                               (grpc.StatusCode.RESOURCE_EXHAUSTED,), "--wait-timeout")
+        except grpc.RpcError as error:
+            if error.code() in REJOIN_CODES:
+                raise LeaderLost(f"{error.code().name}: {error.details()}") from None
+            if error.code() in REFUSED_CODES:
+                raise GradientRefused(f"the leader refused this learner's update for round {round_index}: "
+                                      f"{error.code().name} {error.details()}") from None
+            raise
+
+    def report_evaluation(self, report: leader_pb2.EvaluationReport) -> str | None:
+        """Tell the leader how its model did on held-out images: its reply, or None if it did not take the report
+        (best effort: a lost report only leaves this learner out of that round's evaluation)."""
+        try:
+            return self.leader.ReportEvaluation(report, timeout=RPC_TIMEOUT_S,
+                                                metadata=rpc.with_credential(self.credential.value)).message
+        except grpc.RpcError as error:
+            log.warning("round %d: the leader did not take this learner's evaluation: %s %s", report.round,
+                        error.code().name, error.details())
+            return None
+
+    def check_leader(self) -> None:
+        """Raise LeaderLost if the leader does not answer, or no longer counts this learner's registration."""
+        request = health_pb2.HealthCheckRequest(service=self.credential.session())
+        try:
+            reply = self.health.Check(request, timeout=HEALTH_CHECK_INTERVAL_S,
+                                      metadata=rpc.with_credential(self.credential.value))
+        except grpc.RpcError as error:
+            if error.code() in INCONCLUSIVE_CODES:  # busy, slow, or without the health service: it answers
+                return
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise LeaderLost("the leader no longer knows this learner's registration") from None
+            raise LeaderLost(f"health check: {error.code().name}") from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise LeaderLost("the leader dropped this learner")
+
+    def wait_until(self, ready: Callable[[float], T | None], what: str, bounded: bool = True) -> T:
+        """ready(timeout) until it gives something, checking on the leader every few seconds; raises
+        LeaderLost, or SystemExit after --wait-timeout (unless not bounded: a learner left out of rounds by
+        sampling waits for as long as the leader says it still counts on it)."""
+        started, last_log = time.monotonic(), 0.0
+        while (result := ready(HEALTH_CHECK_INTERVAL_S)) is None:
+            self.check_leader()
+            waited = time.monotonic() - started
+            if bounded and waited >= self.config.wait_timeout:
+                raise SystemExit(f"no {what} from the leader within --wait-timeout {self.config.wait_timeout:.0f} s")
+            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = waited
+                log.info("waiting for %s", what)
+        return result

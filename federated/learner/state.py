@@ -1,0 +1,141 @@
+"""What a learner has once it knows the leader's first model state: the model on its device, its update layout
+and vector, the strategy's control variates, what a state must hold, and the adoption of later states."""
+
+from typing import Callable
+
+import torch
+
+import utils
+from federated.common import runtime
+from federated.core import strategies
+from federated.core.checks import TensorSpec
+from federated.core.layout import GradientLayout, control_name, wire_state
+from federated.core.strategies.scaffold import Controls
+from federated.core.training import Batch, Evaluation, evaluate
+from federated.wire import codec, messages
+from model import build_model
+
+
+def load_state(model: torch.nn.Module, payload: codec.Payload, take_over: bool = False) -> None:
+    """Copy a checked state payload into the model. With take_over, the model instead takes the payload's
+    tensors themselves where dtype and device match: they must be writable and used nowhere else,
+    as codec.receive's are."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            received = payload.tensors[name]
+            if take_over and received.dtype == tensor.dtype and received.device == tensor.device:
+                tensor.data = received  # the same Parameter or buffer object, now over the received bytes
+            else:
+                tensor.copy_(received)
+
+
+def adopt_state(model: torch.nn.Module, state: codec.Payload, spec: TensorSpec) -> None:
+    """Check a state from fetch_model (its values were checked as it streamed in) and make it the model's."""
+    codec.check_layout(state, spec)
+    load_state(model, state, take_over=True)
+
+
+def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
+                   device: torch.device | str) -> tuple[torch.nn.Module, GradientLayout, Controls | None]:
+    """The state's model on the device, its update layout and (SCAFFOLD) its control variates. The model moves
+    before the layout is made: moving replaces a model's buffers, and the layout must hold the ones training
+    updates (adopting a state later copies into them in place). A run's strategy never changes."""
+    try:
+        model = build_model(info.architecture, info.num_classes, info.norm).to(device)
+    except ValueError as error:  # the names come from the network
+        raise codec.PayloadError(f"the leader's model state names a model this learner cannot build: {error}") from None
+    controls = strategies.named(info.plan.strategy).controls
+    layout = GradientLayout(model, wire_dtype, controls=controls)
+    return model, layout, Controls(layout.parameter_count, device) if controls else None
+
+
+def check_fits(state: codec.Payload, info: messages.StateInfo, wire_dtype: torch.dtype) -> None:
+    """Raise PayloadError unless the state holds exactly the tensors of the model it names. Checked on the meta
+    device (shapes without memory) before the model is built for real: a state that names a huge model but
+    does not hold its weights costs this learner nothing."""
+    with torch.device("meta"):
+        model, _, controls = training_setup(info, wire_dtype, "meta")
+    codec.check_layout(state, state_spec(model, wire_dtype, controls is not None))
+
+
+def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool = False) -> TensorSpec:
+    """What a model state from the leader must hold: wire_state's tensors (with SCAFFOLD's control)."""
+    control = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad)) if controls else None
+    return codec.spec_of(wire_state(model, wire_dtype, control))
+
+
+class Replica:
+    """This learner's copy of the leader's model, built from the first state it fetched: the model on the device,
+    its layout, the update vector its gradients are views of, SCAFFOLD's controls, the spec every later state
+    must meet, and what the newest adopted state says (its round, plan and normalisation)."""
+
+    def __init__(self, state: codec.Payload, device: str) -> None:
+        """Raises PayloadError when the state does not hold the model it names. device: --device."""
+        self.info = messages.StateInfo.from_payload(state)  # the run's model, batch size and seed
+        wire_dtype = codec.WIRE_DTYPES.get(self.info.wire_dtype)
+        if wire_dtype is None:
+            raise codec.PayloadError(f"unknown wire_dtype {self.info.wire_dtype[:32]!r}")
+        self.device = runtime.pick_device(device)
+        check_fits(state, self.info, wire_dtype)
+        self.model, self.layout, self.controls = training_setup(self.info, wire_dtype, self.device)
+        self.spec = state_spec(self.model, wire_dtype, self.controls is not None)
+        self.round, self.plan = self.info.round, self.info.plan
+        self.mean, self.std = list(self.info.mean), list(self.info.std)
+        self.adopt(state)
+        self.gradient = torch.zeros(self.layout.size, device=self.device)
+        self.layout.bind_gradients(self.gradient)  # after adopting: it took the state's tensors over
+
+    def adopt(self, state: codec.Payload, fetched: bool = True) -> None:
+        """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there)."""
+        if fetched:
+            adopt_state(self.model, state, self.spec)
+        else:
+            load_state(self.model, state)
+        info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
+        self.round, self.plan = info.round, info.plan
+        self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
+        if strategies.named(self.plan.strategy).controls != (self.controls is not None):
+            raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
+        if self.controls is not None:
+            self.controls.server.copy_(torch.cat([state.tensors[control_name(name)].reshape(-1)
+                                                  for name, _ in self.layout.parameters]))
+
+    def take_final(self, state: codec.Payload) -> None:
+        """The leader's last state: its weights and normalisation (a learner sampling never drew may not have had
+        it), to evaluate; it trains no more."""
+        load_state(self.model, state)
+        info = messages.StateInfo.from_payload(state)
+        self.mean, self.std = list(info.mean), list(info.std)
+
+    @property
+    def normalised(self) -> bool:
+        """Whether the normalisation is settled: nobody trains or evaluates before a leader without data has it."""
+        return bool(self.mean)
+
+    @property
+    def strategy(self) -> type[strategies.Strategy]:
+        return strategies.named(self.plan.strategy)
+
+    def local_update(self, batch_at: Callable[[int], Batch]) -> float:
+        """Fill the update vector with this round's update (the plan's strategy's local_update from the model);
+        the mean training loss. batch_at(k) is the round's k-th batch."""
+        return self.strategy.local_update(self.model, self.layout, self.gradient, batch_at, self.plan, self.controls)
+
+    def update_tensors(self) -> dict[str, torch.Tensor]:
+        """The update vector as it travels."""
+        return self.layout.wire_tensors(self.gradient)
+
+    def commit_controls(self) -> None:
+        """SCAFFOLD: the learner's control moves only with an update the leader accepted."""
+        if self.controls is not None:
+            self.controls.commit(self.gradient[self.layout.controls])
+
+    def forget_own_controls(self) -> None:
+        """SCAFFOLD: a learner's control belongs to its slot's data; a new slot starts from zero."""
+        if self.controls is not None:
+            self.controls.own.zero_()
+
+    def evaluate(self, held_out: utils.ImageSet) -> Evaluation:
+        """The model's loss and accuracy on held-out images."""
+        with torch.no_grad():
+            return evaluate(self.model, utils.normalize(held_out.images, self.mean, self.std), held_out.labels)
