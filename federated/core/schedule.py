@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+
 def learning_rate(round_index: int, base_lr: float, warmup_rounds: int, total_rounds: int) -> float:
     """Linear warm-up to base_lr over warmup_rounds, then cosine decay towards zero."""
     if round_index < warmup_rounds:

@@ -9,6 +9,7 @@ from torch import nn
 from federated.core.checks import problem_in
 from federated.core.layout import GradientLayout
 
+
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with momentum; weight decay only on weights, not on BatchNorm parameters or biases."""
     decay = [p for p in model.parameters() if p.ndim > 1]

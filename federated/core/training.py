@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from federated.core.layout import GradientLayout
-from federated.core.steps import make_optimizer
 from federated.core.plan import TrainingPlan
+from federated.core.steps import make_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -16,7 +16,10 @@ log = logging.getLogger("leader")
 def build(given: CommandLine) -> "Leader":
     """The leader a command line asks for: a new run, or the checkpoint of --resume DIR continued (its flags
     restored first, then the defaults that depend on them derived). Raises SystemExit saying what to change."""
-    from federated.leader import app, checkpoint  # torch, once the flags are known to be good
+    from federated.leader import (  # torch, once the flags are known to be good
+        app,
+        checkpoint,
+    )
 
     saved = checkpoint.load(given.values["resume"]) if "resume" in given.values else None
     return app.Leader(flags.configure(given, saved["config"] if saved else None), saved)

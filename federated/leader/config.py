@@ -9,11 +9,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from federated.common.flags import (FRACTION, NOT_NEGATIVE, POSITIVE, Bounds, CommandLine, Config, Lazy, Scope,
-                                    Parser, bounds_problems,
-                                    build_parser, choice_problems, option, parse, refuse, resume_values,
-                                    scope_problems)
-from federated.core.plan import MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_LEARNERS, MAX_MU, MAX_WEIGHT_DECAY
+from federated.common.flags import (
+    FRACTION,
+    NOT_NEGATIVE,
+    POSITIVE,
+    Bounds,
+    CommandLine,
+    Config,
+    Lazy,
+    Parser,
+    Scope,
+    bounds_problems,
+    build_parser,
+    choice_problems,
+    option,
+    parse,
+    refuse,
+    resume_values,
+    scope_problems,
+)
+from federated.core.plan import (
+    MAX_CLIENT_LR,
+    MAX_CLIENT_MOMENTUM,
+    MAX_LEARNERS,
+    MAX_MU,
+    MAX_WEIGHT_DECAY,
+)
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
 

@@ -3,18 +3,18 @@ health checks of their registrations, which tell the leader who is still there."
 
 import logging
 import threading
-from functools import partial
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from federated.wire import framing
-from federated.net import rpc
 from federated.leader.registry import Member
+from federated.net import rpc
 from federated.net.rpc import learner_pb2
+from federated.wire import framing
 
 log = logging.getLogger("leader")
 

@@ -17,7 +17,9 @@ class MetricsLog:
         self._file = path.open("a" if append else "w", encoding="utf-8")
         self._events = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # needs the tensorboard package
+            )
 
             self._events = SummaryWriter(str(tensorboard))
 

@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
-from federated.wire.messages import DataSummary
 from federated.net.rpc import CREDENTIAL_HEADER, new_credential, session_id
+from federated.wire.messages import DataSummary
 
 MAX_ADDRESS_CHARS = 261  # a 255-character host name, a colon and a port
 ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")

@@ -27,7 +27,10 @@ class Member:
                  local: LocalData | None, deadline: float) -> None:
         """local: the learner's own images (else it trains on a shard from the leader); deadline: of registering."""
         self.config, self.session, self.server, self.replica = config, session, server, replica
-        own, self.held_out = local.load(replica.info) if local else (None, None)  # held_out: to evaluate on
+        own: utils.ImageSet | None = None
+        self.held_out: utils.ImageSet | None = None  # images to evaluate the global model on
+        if local is not None:
+            own, self.held_out = local.load(replica.info)
         # local data first: the registration summarises it (the leader never sees the images)
         self.summary = None if own is None else messages.DataSummary.of(own, len(self.held_out) if self.held_out else 0)
         self.learner_id = self.register(deadline)

@@ -7,9 +7,19 @@ flag is refused before torch loads.
 from dataclasses import dataclass
 from typing import Sequence
 
-from federated.common.flags import (FRACTION, POSITIVE, Bounds, CommandLine, Config, Parser, build_parser,
-                                    choice_problems,
-                                    option, parse, refuse)
+from federated.common.flags import (
+    FRACTION,
+    POSITIVE,
+    Bounds,
+    CommandLine,
+    Config,
+    Parser,
+    build_parser,
+    choice_problems,
+    option,
+    parse,
+    refuse,
+)
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
 

@@ -66,9 +66,11 @@ class StateInbox:
         """The final state, or the newest state if its version is after after_version, with its version;
         waits at most timeout seconds."""
         with self._changed:
-            if self._changed.wait_for(lambda: self.final is not None or self._version > after_version, timeout):
-                return self._version, self.final or self._payload
-            return None
+            if not self._changed.wait_for(lambda: self.final is not None or self._version > after_version, timeout):
+                return None
+            payload = self.final or self._payload
+            assert payload is not None  # (a version is only counted with a state)
+            return self._version, payload
 
     def has_final(self) -> bool:
         """Whether the leader said goodbye: training finished or was stopped."""

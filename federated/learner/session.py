@@ -160,6 +160,14 @@ def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Calla
     return None
 
 
+def retried(deadline: float, action: Callable[[], T], what: str, codes: tuple[grpc.StatusCode, ...] = RETRY_CODES,
+            flag: str = "") -> T:
+    """retry_until with nothing to stop it: the action's result, or its last error once the deadline has passed."""
+    result = retry_until(deadline, action, what, never, codes, flag)
+    assert result is not None  # (only stop() ends retry_until without a result)
+    return result
+
+
 def reason_of(error: grpc.RpcError | LeaderLost) -> str:
     return error.details() if isinstance(error, grpc.RpcError) else str(error)
 
@@ -217,7 +225,7 @@ class LeaderSession:
                  deadline: float) -> leader_pb2.AckWithMetadata:
         """Register (again) with address, where this learner serves (and its credential, to take its own slot
         back), retried until the deadline; the leader's reply, with this learner's id."""
-        return retry_until(deadline, lambda: self.register_once(address, summary),
+        return retried(deadline, lambda: self.register_once(address, summary),
                            f"the leader at {self.config.leader} to register this learner", flag="--connect-timeout")
 
     def register_once(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
@@ -238,7 +246,7 @@ class LeaderSession:
         request = leader_pb2.LearnerDataRequest(network_addr=address)
         fetch = lambda: receive_stream(self.channel, "GetData", request, self.config.idle_timeout,
                                        credential=self.credential.value)
-        return retry_until(time.monotonic() + self.config.connect_timeout, fetch,
+        return retried(time.monotonic() + self.config.connect_timeout, fetch,
                            f"the leader at {self.config.leader} to send this learner's shard", flag="--connect-timeout")
 
     def send_update(self, round_index: int, request: leader_pb2.GradientData,

@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from federated.net import guard
 from federated.common.flags import option
+from federated.net import guard
 
 try:
     from protos import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from federated.core import partition
-from federated.common import runtime
 import utils
+from federated.common import runtime
+from federated.core import partition
 from federated.leader.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: leader.py and learner.py
@@ -42,7 +42,7 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: floa
     return False
 
 
-def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: list[str] = (),
+def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: Sequence[str] = (),
                      leader_to_console: bool = False,
                      hosts: Sequence | None = None) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     """Start the leader and the learners, each learner with its share of this machine's cores, logging to
@@ -78,7 +78,7 @@ def start_federation(learners: int, leader_args: list[str], port: int, out: Path
 def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
     """Exit codes of the processes, killing any still running after timeout seconds (None for those)."""
     deadline = time.monotonic() + timeout
-    codes = []
+    codes: list[int | None] = []
     for process in processes:
         try:
             codes.append(process.wait(max(0.1, deadline - time.monotonic())))

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import utils
+from federated.core import strategies
+from federated.core.plan import (
+    MAX_CLIENT_LR,
+    MAX_CLIENT_MOMENTUM,
+    MAX_LEARNERS,
+    MAX_MU,
+    MAX_WEIGHT_DECAY,
+    TrainingPlan,
+)
 from federated.wire import codec
 from model import MAX_CLASSES
-from federated.core import strategies
-from federated.core.plan import (MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_LEARNERS, MAX_MU, MAX_WEIGHT_DECAY,
-                                 TrainingPlan)
 
 if TYPE_CHECKING:
     from protos import leader_pb2

@@ -3,7 +3,7 @@ and FedProx, the adaptive server optimizers, SCAFFOLD. A new algorithm is a clas
 @registry.register) and its tests; see docs/architecture.md."""
 
 # isort: off  (the registration order is the order --help lists the strategies in)
-from federated.core.strategies import fedsgd, fedavg, adaptive, scaffold  # noqa: F401  (each registers its classes)
+from federated.core.strategies import adaptive, fedavg, fedsgd, scaffold  # noqa: F401  (each registers its classes)
 
 # isort: on
 from federated.core.strategies.base import LocalTraining, Strategy, registry

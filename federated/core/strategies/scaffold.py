@@ -10,8 +10,8 @@ import torch
 from federated.core.layout import GradientLayout
 from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep
-from federated.core.strategies.fedavg import FedAvg
 from federated.core.strategies.base import registry
+from federated.core.strategies.fedavg import FedAvg
 from federated.core.training import LocalHooks
 
 MAX_CONTROL_NORM = 10.0  # the server control, against the weights' norm: a catastrophe bound, not a tuning

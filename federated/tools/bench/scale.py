@@ -41,7 +41,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
     def __init__(self, leader_address: str) -> None:
         channel = rpc.channel(leader_address)
         self.stub = leader_pb2_grpc.LeaderServiceStub(channel)
-        state = learner_session.retry_until(time.monotonic() + SERVER_LIFETIME_S, lambda: learner_session.fetch_model(channel), "GetModel")
+        state = learner_session.retried(time.monotonic() + SERVER_LIFETIME_S, lambda: learner_session.fetch_model(channel), "GetModel")
         model = build_model(messages.StateInfo.from_payload(state).architecture)
         self.layout = GradientLayout(model)
         flat = torch.randn(self.layout.size) * 1e-3
@@ -54,7 +54,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
                                              [rpc.LEARNER_SERVICE], 64 << 20, limits=learner_service.method_limits(60),
                                              sessions=lambda session: SERVING if session == self.session else None)
         register = lambda: self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
-        reply = learner_session.retry_until(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")
+        reply = learner_session.retried(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")
         self.learner_id, self.credential = reply.learner_id, rpc.with_credential(reply.credential)
         self.session = rpc.session_id(reply.credential)
 
@@ -76,7 +76,7 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
             claims = messages.UpdateInfo(self.learner_id, self.round, samples=1, loss=1.0)
             request = leader_pb2.GradientData(chunk=codec.encode(self.gradient, claims.to_metadata()))
             send = partial(self.stub.AccumulateGradients, request, timeout=600, metadata=self.credential)
-            learner_session.retry_until(time.monotonic() + SERVER_LIFETIME_S, send, "AccumulateGradients")
+            learner_session.retried(time.monotonic() + SERVER_LIFETIME_S, send, "AccumulateGradients")
             pushed = self.inbox.take(version, 600)
             if pushed is None or messages.is_final(pushed[1]):
                 return

@@ -32,13 +32,14 @@ def strategy_runs(work: Path, epochs: float, target: float = 0.90) -> dict:
 
 def strategy_table(runs: dict[str, list[dict]], target: float, plot: Path) -> dict:
     """The strategies table and plot from each strategy's metrics records."""
-    table, curves = {}, {name: accuracy_by_bytes(records) for name, records in runs.items()}
+    table: dict[str, dict] = {}
+    curves = {name: accuracy_by_bytes(records) for name, records in runs.items()}
     for name, points in curves.items():
         reached = next(((rounds, sent, seconds) for rounds, sent, seconds, accuracy in points if accuracy >= target), None)
         table[name] = {"rounds_to_target": reached and reached[0], "mb_to_target": reached and reached[1] / 1e6,
                        "seconds_to_target": reached and reached[2], "final_accuracy": points[-1][3],
                        "rounds": points[-1][0]}
-    base = table["fedsgd"]
+    base: dict = table["fedsgd"]
     for row in table.values():  # how many times fewer bytes and how much faster than FedSGD
         reached = row["mb_to_target"] and base["mb_to_target"]
         row["bytes_vs_fedsgd"] = row["mb_to_target"] / base["mb_to_target"] if reached else None
