@@ -2,9 +2,9 @@
 and FedProx, the adaptive server optimizers, SCAFFOLD. A new algorithm is a class in a module here (registered with
 @registry.register) and its tests; see docs/architecture.md."""
 
-# isort: off  (the registration order is the order --help lists the strategies in)
-from federated.core.strategies import adaptive, fedavg, fedsgd, scaffold  # noqa: F401  (each registers its classes)
-
+# Each module registers its classes as it is imported, in this order: the order --help lists strategies in.
+# isort: off
+from federated.core.strategies import fedsgd, fedavg, adaptive, scaffold  # noqa: F401
 # isort: on
 from federated.core.strategies.base import LocalTraining, Strategy, registry
 
