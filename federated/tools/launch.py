@@ -1,16 +1,25 @@
 """Run a leader and N learners as local processes, e.g. for the demo; print the final test accuracy."""
 
-import argparse
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import utils
 from federated.common import runtime
+from federated.common.flags import (
+    POSITIVE,
+    Bounds,
+    Config,
+    Parser,
+    build_parser,
+    option,
+    refuse,
+)
 from federated.core import partition
 from federated.leader.metrics import read_metrics
 
@@ -116,26 +125,44 @@ def write_digits(root: Path, learners: int, alpha: float = 0.5, seed: int = 0) -
         print(f"{root}/{line.replace(' ', '', 1)}")
 
 
+@dataclass(frozen=True)
+class LaunchConfig(Config):
+    """Every flag of launch.py; the others go to leader.py."""
+
+    learners: int = option(2, "number of learner processes", group="launch", bounds=Bounds(1))
+    out: str = option("runs/demo", "directory for the outputs and the processes' logs", group="launch", metavar="DIR")
+    data_dir: str = option("data", "where CIFAR-10 is looked for (--demo)", group="launch", metavar="DIR")
+    demo: bool = option(False, "a run of a few minutes: CIFAR-10 if available, else the synthetic set", group="launch")
+    timeout: float = option(1800.0, "seconds before the processes are killed", group="launch", bounds=POSITIVE,
+                            metavar="S")
+    write_digits: str | None = option(None, "only write scikit-learn's 1,797 digits as --learners label-skewed image "
+                                      "folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
+                                      "their own) and exit", group="launch", metavar="DIR")
+
+
+GROUPS = {"launch": ""}
+EXAMPLES = """examples:
+  python launch.py --demo                                     what make demo runs
+  python launch.py --learners 4 -- --dataset synthetic --strategy fedavg --rounds 20
+                                                              leader.py's flags after --
+  python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own"""
+
+
+def parser() -> Parser:
+    """launch.py's argument parser (what it does not know goes to leader.py)."""
+    return build_parser(LaunchConfig, "Run a leader and N learners on this machine, on loopback; flags after -- (or "
+                        "any launch.py does not know) go to leader.py.", EXAMPLES, prog="launch.py", groups=GROUPS)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Run a leader and N learners on this machine; arguments after -- go to leader.py.",
-        formatter_class=runtime.HelpFormatter)
-    parser.add_argument("--learners", type=int, default=2, help="number of learner processes")
-    parser.add_argument("--out", default="runs/demo", help="directory for the outputs and the processes' logs")
-    parser.add_argument("--data-dir", default="data", help="where CIFAR-10 is looked for (demo)")
-    parser.add_argument("--demo", action="store_true",
-                        help="a run of a few minutes: CIFAR-10 if available, else the synthetic set")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the processes are killed")
-    parser.add_argument("--write-digits", metavar="DIR", help="only write scikit-learn's 1,797 digits as --learners "
-                        "label-skewed image folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
-                        "their own) and exit")
-    args, leader_args = parser.parse_known_args(argv)
+    known, leader_args = parser().parse_known_args(argv)
+    args = LaunchConfig(**vars(known))
     leader_args = [a for a in leader_args if a != "--"]
     if args.write_digits:
         try:
             write_digits(Path(args.write_digits), args.learners)
         except ValueError as error:
-            parser.error(f"--write-digits for {args.learners} learners: {error}")
+            refuse("launch.py", [f"--write-digits for {args.learners} learners: {error}"])
         return 0
     if args.demo:
         dataset = demo_dataset(args.data_dir)
