@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOC := $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. protos/leader.proto protos/learner.proto
 GENERATED := protos/leader_pb2.py protos/leader_pb2_grpc.py protos/learner_pb2.py protos/learner_pb2_grpc.py
 
-.PHONY: install proto demo test test-long bench certs clean
+.PHONY: install proto demo test test-fast test-long bench certs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -25,11 +25,15 @@ $(GENERATED) &: protos/leader.proto protos/learner.proto | $(STAMP)
 demo: install
 	$(PY) launch.py --demo
 
+# Tiers are folders of tests/ (unit, service, e2e), marked by tests/conftest.py; pyproject.toml configures pytest.
 test: install
-	$(PY) -m pytest -q -m "not long" tests
+	$(PY) -m pytest -q -m "not long"
+
+test-fast: install
+	$(PY) -m pytest -q -m "(unit or service) and not long"
 
 test-long: install
-	$(PY) -m pytest -q -m long tests
+	$(PY) -m pytest -q -m long
 
 bench: install
 	$(PY) bench.py

@@ -17,18 +17,7 @@ from federated.core.layout import GradientLayout, wire_state
 from federated.core.schedule import learning_rate
 from federated.core.steps import GuardedStep, apply_mean_gradient, make_optimizer
 from federated.core.training import compute_gradient, evaluate
-
-
-def small_net(batch_norm: bool = False) -> nn.Module:
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 4, 3), *( [nn.BatchNorm2d(4)] if batch_norm else []), nn.ReLU(),
-              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)]
-    return nn.Sequential(*layers)
-
-
-def batch(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = torch.Generator().manual_seed(seed)
-    return torch.randn(count, 3, 8, 8, generator=rng), torch.randint(0, 10, (count,), generator=rng)
+from tests.support.nets import assert_same_parameters, batch, small_net
 
 
 class SimulatedLearner:
@@ -81,11 +70,6 @@ def centralised_steps(model: nn.Module, batches_per_round: list[list[tuple]], lr
         nn.functional.cross_entropy(model(images), labels).backward()
         optimizer.step()
     return model
-
-
-def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_k_learners_of_batch_b_equal_one_centralised_step_on_k_times_b():

@@ -9,7 +9,9 @@ from federated.learner import app as learner_module
 from federated.net import guard
 from federated.net import rpc
 from federated.wire import codec
-from conftest import logs, make_certs, run_federation, tls_flags
+from tests.support.certs import make_certs, tls_flags
+from tests.support.processes import run_federation
+from tests.support.runs import logs
 from federated.leader.metrics import read_metrics
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
@@ -136,7 +138,6 @@ def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_lea
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.slow
 def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatch):
     monkeypatch.setenv(guard.TOKEN_VARIABLE, TOKEN)  # the environment variable, not the flag
     codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "20", "--batch-size", "16",

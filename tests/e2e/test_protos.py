@@ -10,12 +10,12 @@ from google.protobuf import descriptor_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, spawn
+from tests.support.processes import PEERS, ROOT, spawn
 from federated.tools import launch
 from federated.wire import framing
 from federated.net.rpc import leader_pb2
 
-FROZEN = ROOT / "tests" / "frozen_protos"
+FROZEN = ROOT / PEERS / "frozen_protos"
 NAMES = ("leader.proto", "learner.proto")
 
 
@@ -58,22 +58,20 @@ def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
     return process.returncode, output
 
 
-@pytest.mark.slow
 def test_frozen_learner_trains_a_round_with_the_real_leader(frozen_env, tmp_path):
     port = launch.free_port()
     leader = spawn(None, "leader.py", "--learners", "1", "--rounds", "1", "--dataset", "synthetic", "--host",
                    "127.0.0.1", "--port", str(port), "--out", str(tmp_path))
-    peer = spawn(None, "tests/frozen_peer.py", "learner", f"127.0.0.1:{port}", env=frozen_env)
+    peer = spawn(None, str(PEERS / "frozen_peer.py"), "learner", f"127.0.0.1:{port}", env=frozen_env)
     peer_code, peer_output = finish(peer)
     leader_code, leader_output = finish(leader)
     assert (peer_code, leader_code) == (0, 0), peer_output + leader_output
     assert "OK" in peer_output and (tmp_path / "model.pt").exists()
 
 
-@pytest.mark.slow
 def test_real_learner_trains_a_round_with_a_frozen_leader(frozen_env):
     port = launch.free_port()
-    peer = spawn(None, "tests/frozen_peer.py", "leader", str(port), env=frozen_env)
+    peer = spawn(None, str(PEERS / "frozen_peer.py"), "leader", str(port), env=frozen_env)
     learner = spawn(None, "learner.py", "--leader", f"127.0.0.1:{port}", "--host", "127.0.0.1", "--threads", "1")
     learner_code, learner_output = finish(learner)
     peer_code, peer_output = finish(peer)

@@ -1,6 +1,6 @@
-"""A leader and learners on separate hosts (network namespaces with addresses of their own, tests/hosts.py):
-learners that know only the leader's address, mutual TLS with a token, a link that goes down, and a learner
-behind an address the leader cannot dial."""
+"""A leader and learners on separate hosts (network namespaces with addresses of their own,
+federated/tools/hosts.py): learners that know only the leader's address, mutual TLS with a token, a link that
+goes down, and a learner behind an address the leader cannot dial."""
 
 import re
 import signal
@@ -12,10 +12,10 @@ import pytest
 from federated.net import guard
 from federated.tools import hosts
 from federated.tools import launch
-from conftest import logs, make_certs, start_leader, start_learner, tls_flags, wait_for_log, wait_for_round
+from tests.support.certs import make_certs, tls_flags
+from tests.support.processes import start_leader, start_learner
+from tests.support.runs import logs, wait_for_log, wait_for_round
 from federated.leader.metrics import read_metrics
-
-pytestmark = pytest.mark.slow
 
 PORT = 50051  # every host has a network stack of its own: the port is free there
 RUN_TIMEOUT_S = 240

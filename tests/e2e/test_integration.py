@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from federated.net import guard
-from conftest import ROOT, logs, run_federation
+from tests.support.processes import ROOT, run_federation
+from tests.support.runs import logs
 from federated.leader.metrics import read_metrics
 from model import build_model
 
 
-@pytest.mark.slow
 def test_two_learners_reach_90_percent_on_the_synthetic_set(tmp_path):
     codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "200", "--batch-size", "32",
                                          "--eval-every", "100"])
@@ -43,7 +43,6 @@ def make_image_folder(root, train_per_class: int, test_per_class: int) -> None:
                 Image.new("RGB", sizes[index % 3], colour).save(root / split / label / f"{index}.jpg")
 
 
-@pytest.mark.slow
 def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
     data = tmp_path / "images"
     make_image_folder(data, train_per_class=16, test_per_class=4)
@@ -71,7 +70,6 @@ def test_every_entry_point_explains_its_flags_and_never_shows_the_token():
         assert "do-not-print-me" not in output, script
 
 
-@pytest.mark.slow
 def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
     result = subprocess.run([sys.executable, "leader.py", "--dataset", "synthetic", "--learners", "2",
                              "--batch-size", "9000", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -79,7 +77,6 @@ def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
     assert result.returncode == 2 and "cannot give 2 learners 9000 of 10000 samples each" in result.stderr
 
 
-@pytest.mark.slow
 def test_float16_on_the_wire_halves_the_bytes(tmp_path):
     common = ["--dataset", "synthetic", "--rounds", "6", "--batch-size", "16", "--eval-every", "0"]
     bytes_per_round = {}

@@ -1,6 +1,6 @@
 """Live gRPC servers on localhost: the leader's and learner's RPCs, their refusals, and standard tooling.
 
-Refusals are checked where rounds really happen (tests/live.py): each test closes rounds and compares
+Refusals are checked where rounds really happen (tests/support/live.py): each test closes rounds and compares
 the leader's model with a reference stepped with only the gradients that should count.
 """
 
@@ -25,7 +25,7 @@ from federated.leader import app as leader_module
 from federated.learner import app as learner_module
 from federated.net import rpc
 from federated.wire import codec
-from live import LR, LiveLeader, model_hash
+from tests.support.live import LR, LiveLeader, model_hash
 from model import build_model
 from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.core.layout import GradientLayout

@@ -1,4 +1,4 @@
-"""A learner that attacks its leader before each of its first rounds, then trains honestly (tests/test_attacks.py).
+"""A learner that attacks its leader before each of its first rounds, then trains honestly (tests/e2e/test_attacks.py).
 
 `hostile_learner.py --victim HOST:PORT [learner.py flags]`: a real learner process, registered and trained
 like any other, whose first sends are attacks on the leader. It prints each attack's outcome as

@@ -1,12 +1,11 @@
 """Every strategy end to end with a real leader and real learner processes on the synthetic set."""
 
-import os
-
 import pytest
 import torch
 
 from federated.tools import launch
-from conftest import ROOT, logs, records, run_federation, spawn, start_leader, start_learner
+from tests.support.processes import run_federation, start_hostile, start_leader, start_learner
+from tests.support.runs import logs, records
 
 # Each strategy with flags that reach 90 % within about 250 local steps of batch 32 on the synthetic set. The
 # papers' defaults for the server optimizers with memory (fedavgm, fedadam, fedyogi) need more rounds than a test
@@ -28,7 +27,6 @@ def final_accuracy(out) -> float:
     return [record for record in records(out) if "test_accuracy" in record][-1]["test_accuracy"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [pytest.param(name, marks=[pytest.mark.long] if name in LONG else [])
                                       for name in RUNS])
 def test_every_strategy_trains_to_90_percent(tmp_path, strategy):
@@ -45,7 +43,6 @@ def test_every_strategy_trains_to_90_percent(tmp_path, strategy):
     assert ("control" in saved) == (strategy == "scaffold")
 
 
-@pytest.mark.slow
 @pytest.mark.long  # six learner processes on two cores; the collector's and the sampler's tests are fast
 def test_sampled_participation_trains_two_of_six_learners_a_round(tmp_path):
     codes = run_federation(tmp_path, 6, ["--strategy", "fedavg", "--learners-per-round", "2", "--local-steps", "25",
@@ -72,15 +69,12 @@ def byzantine_run(out, aggregator: str, flipper: bool = True) -> float:
                           "--round-timeout", "60")
     learners = [start_learner(out, f"learner{index}", port) for index in range(4 if flipper else 5)]
     if flipper:
-        learners.append(spawn(out / "flipper.log", "tests/hostile_learner.py", "--flip", "--leader",
-                              f"127.0.0.1:{port}", "--host", "127.0.0.1", "--threads", "1",
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        learners.append(start_hostile(out, "flipper", port, "--flip", "--threads", "1"))
     codes = launch.wait_all([leader, *learners], 600)
     assert codes == [0] * 6, logs(out)
     return final_accuracy(out)
 
 
-@pytest.mark.slow
 @pytest.mark.long
 @pytest.mark.timeout(1800)  # three federations of six processes on two cores
 def test_a_sign_flipping_learner_process_wrecks_the_mean_but_not_the_median(tmp_path):

@@ -1,12 +1,11 @@
 """Attacks during real training runs: hostile and broken learners as real processes, and learners killed.
 
-One run (the module's fixture) trains two honest learners and a hostile one (tests/hostile_learner.py),
+One run (the module's fixture) trains two honest learners and a hostile one (tests/peers/hostile_learner.py),
 which tries each attack of the issue "Trust no client" before its first rounds; one honest learner is also
 stopped long enough to be dropped, and must find out and rejoin. The run must finish with the accuracy of
 an unattacked run, and every attack must have met its documented refusal. Other tests kill learners.
 """
 
-import os
 import re
 import signal
 import time
@@ -15,9 +14,8 @@ import pytest
 import torch
 
 from federated.tools import launch
-from conftest import ROOT, logs, records, spawn, start_leader, start_learner, wait_for_log, wait_for_round
-
-pytestmark = pytest.mark.slow
+from tests.support.processes import start_hostile, start_leader, start_learner
+from tests.support.runs import logs, records, wait_for_log, wait_for_round
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +27,7 @@ def attacked_run(tmp_path_factory):
     for index in range(2):
         wait_for_log(out / f"learner{index}.log", "registered as learner")
     victim = re.search(r"(\S+) registered as learner", (out / "learner0.log").read_text()).group(1)
-    hostile = spawn(out / "hostile.log", "tests/hostile_learner.py", "--victim", victim, "--leader", f"127.0.0.1:{port}",
-                    "--host", "127.0.0.1", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    hostile = start_hostile(out, "hostile", port, "--victim", victim)
     wait_for_round(out, 60)
     honest[1].send_signal(signal.SIGSTOP)  # silent for longer than --sync-timeout: dropped, though alive
     time.sleep(8)
@@ -147,8 +144,7 @@ def test_a_learner_that_never_sends_a_gradient_holds_up_only_a_few_rounds(tmp_pa
     leader = start_leader(tmp_path, port, "--learners", "3", "--min-learners", "2", "--rounds", "40",
                           "--batch-size", "16", "--round-timeout", "4")
     honest = [start_learner(tmp_path, f"learner{index}", port) for index in range(2)]
-    freeloader = spawn(tmp_path / "freeloader.log", "tests/hostile_learner.py", "--freeload", "--leader",
-                       f"127.0.0.1:{port}", "--host", "127.0.0.1", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    freeloader = start_hostile(tmp_path, "freeloader", port, "--freeload")
     codes = launch.wait_all([leader, *honest, freeloader], 150)  # 40 rounds at the deadline would take 160 s
     assert codes == [0, 0, 0, 0], logs(tmp_path)
     leader_log = (tmp_path / "leader.log").read_text()

@@ -15,7 +15,7 @@ from federated.tools import launch
 from federated.learner import app as learner_module
 from federated.net import rpc
 from federated.wire import codec
-from live import LiveLeader
+from tests.support.live import LiveLeader
 from federated.net.rpc import leader_pb2
 
 IDLE_S = 1.0

@@ -15,7 +15,7 @@ from federated.core import strategies
 from federated.wire import codec
 from federated.wire.messages import StateInfo, TrainingPlan, UpdateInfo
 from federated.leader.registry import Member
-from test_fedsgd import assert_same_parameters, batch, small_net
+from tests.support.nets import assert_same_parameters, batch, small_net
 from federated.core.aggregation import AGGREGATORS, RoundUpdates, aggregate, clip_to_norm, coordinate_median, minimum_updates, multi_krum, too_few, trimmed_mean
 from federated.core.layout import GradientLayout
 from federated.core.steps import apply_mean_gradient, make_optimizer

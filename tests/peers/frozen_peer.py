@@ -1,6 +1,6 @@
 """A learner or leader built only from the article's frozen protos, to prove wire compatibility.
 
-Run with the code generated from tests/frozen_protos first on PYTHONPATH (never the project's rpc
+Run with the code generated from tests/peers/frozen_protos first on PYTHONPATH (never the project's rpc
 module, whose protos would clash): `frozen_peer.py learner LEADER_ADDR` or `frozen_peer.py leader PORT`.
 Prints "OK" and exits 0 when one full round trip worked.
 """

@@ -6,11 +6,10 @@ import time
 
 import pytest
 
-from conftest import logs, start_leader, start_learner, wait_for_log, wait_for_round
+from tests.support.processes import start_leader, start_learner
+from tests.support.runs import logs, wait_for_log, wait_for_round
 from federated.tools import launch
 from federated.leader.metrics import read_metrics
-
-pytestmark = pytest.mark.slow
 
 
 def learner_counts(out) -> list[int]:

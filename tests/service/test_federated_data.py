@@ -16,8 +16,9 @@ from federated.learner import app as learner
 from federated.wire import messages
 import utils
 from federated.wire import codec
-from conftest import logs, records, start_leader, start_learner
-from live import LiveLeader
+from tests.support.processes import start_leader, start_learner
+from tests.support.runs import logs, records
+from tests.support.live import LiveLeader
 from model import build_model
 from federated.net.rpc import leader_pb2, with_credential
 from federated.core.training import evaluate
@@ -37,7 +38,6 @@ def run_own_data(out: Path, folders: list[Path], leader_args: list[str], timeout
     return launch.wait_all([leader, *procs], timeout)
 
 
-@pytest.mark.slow
 def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_evaluation_is_the_models(tmp_path):
     folders = learners_own_images(tmp_path / "digits", 2)
     out = tmp_path / "run"
@@ -70,7 +70,6 @@ def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_eva
     assert (out / "metrics.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow
 def test_a_torchvision_model_trains_at_64_pixels_on_a_skewed_partition(tmp_path):
     folder = learners_own_images(tmp_path / "digits", 1)[0]
     out = tmp_path / "run"
