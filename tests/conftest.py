@@ -1,15 +1,18 @@
-"""Set-up for every test: one torch thread, and each test marked with its tier, the folder it lives in.
+"""Set-up for every test: one torch thread, each test marked with its tier (the folder it lives in), and the
+throw-away certificates that TLS tests on localhost share.
 
 Tiers: tests/unit (pure functions and objects: no sockets, no processes), tests/service (gRPC servers in the
-test process, no child processes), tests/e2e (real leader, learner and peer processes). `make test-fast` runs
-unit and service; `long` marks what is too long for `make test`. Helpers live in tests/support, peer programs
-in tests/peers.
+test process; no leader, learner or peer processes), tests/e2e (real leader, learner and peer processes).
+`make test-fast` runs unit and service; `long` marks what is too long for `make test`. Helpers live in
+tests/support, peer programs in tests/peers.
 """
 
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support.certs import make_certs
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "service", "e2e")
@@ -27,3 +30,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(TIERS)}}}/, by tier")
         item.add_marker(tier)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Certificates of a CA, a leader and a learner for localhost (tests/support/certs.py), made once."""
+    return make_certs(tmp_path_factory.mktemp("certs"))

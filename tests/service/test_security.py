@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and the shared token, on live servers; and the whole workflow over mutual TLS."""
+"""TLS, mutual TLS and the shared token, on live servers."""
 
 import grpc
 import pytest
@@ -6,21 +6,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federated.leader import app as leader_module
 from federated.learner import app as learner_module
-from federated.net import guard
 from federated.net import rpc
 from federated.wire import codec
-from tests.support.certs import make_certs, tls_flags
-from tests.support.processes import run_federation
-from tests.support.runs import logs
-from federated.leader.metrics import read_metrics
+from tests.support.certs import tls_flags
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def security(certs, name: str | None, token: str | None = None) -> rpc.Security:
@@ -136,15 +127,6 @@ def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_lea
     with pytest.raises(grpc.RpcError) as error:
         sync(secure_learner, security(certs, "leader", None))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-def test_whole_workflow_over_mutual_tls_with_a_token(tmp_path, certs, monkeypatch):
-    monkeypatch.setenv(guard.TOKEN_VARIABLE, TOKEN)  # the environment variable, not the flag
-    codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "20", "--batch-size", "16",
-                                         *tls_flags(certs, "leader")], tls_flags(certs, "learner"))
-    assert codes == [0, 0, 0], logs(tmp_path)
-    assert len([r for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r]) == 20
-    assert "mutual TLS, token required" in (tmp_path / "leader.log").read_text()
 
 
 @pytest.mark.parametrize("host, tls, token, warning", [

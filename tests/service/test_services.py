@@ -19,16 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federated.wire import framing
-from federated.net import guard
 from federated.tools import launch
-from federated.leader import app as leader_module
 from federated.learner import app as learner_module
 from federated.net import rpc
 from federated.wire import codec
 from tests.support.live import LR, LiveLeader, model_hash
-from model import build_model
 from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
-from federated.core.layout import GradientLayout
 
 
 @pytest.fixture
@@ -316,26 +312,6 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
     assert torch.equal(learner.data.labels, leader.shards.train.labels[leader.shards.indices[learner.learner_id]])
 
 
-def test_a_fetched_state_becomes_the_models_memory_keeping_its_parameters_and_gradients():
-    torch.manual_seed(0)
-    model, source = build_model("resnet20"), build_model("resnet20")
-    layout = GradientLayout(model)
-    gradient = torch.zeros(layout.size)
-    layout.bind_gradients(gradient)
-    parameters = list(model.parameters())
-    data = codec.encode(source.state_dict())
-    payload = codec.receive([data[:1000], data[1000:]], len(data), check_finite=True)
-    learner_module.load_state(model, payload, take_over=True)
-    assert all(now is before for now, before in zip(model.parameters(), parameters))
-    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in source.state_dict().items())
-    start = payload.buffer.ctypes.data
-    assert all(start <= t.data_ptr() < start + len(payload.buffer) for t in model.state_dict().values() if t.numel())
-    start = gradient.data_ptr()
-    assert all(start <= p.grad.data_ptr() < start + gradient.numel() * 4 for p in model.parameters())
-    learner_module.load_state(model, codec.decode(codec.encode(model.state_dict())))  # a later, copying load
-    assert torch.equal(model.fc.weight, source.fc.weight)
-
-
 def leader_call(learner) -> list[tuple[str, str]]:
     """Call metadata as the learner's leader sends it."""
     return rpc.with_credential(learner.credential.value)
@@ -448,26 +424,6 @@ def test_live_leader_handles_mutated_gradients_and_counts_only_valid_ones(fuzz_t
     send_in_a_round(fuzz_target, bytes(data[:cut] if cut else data))
 
 
-class Peer:
-    """What guard.peer_host reads of a server context: the peer string grpcio gives."""
-
-    def __init__(self, peer: str) -> None:
-        self.peer = lambda: peer
-
-
-@pytest.mark.parametrize("peer, host", [("ipv4:10.0.0.2:5000", "10.0.0.2"), ("ipv6:%5B::1%5D:39414", "::1"),
-                                        ("ipv6:[fe80::1]:1", "fe80::1"), ("unix:/tmp/socket", None)])
-def test_the_callers_ip_is_read_from_grpcs_peer_string(peer, host):
-    assert guard.peer_host(Peer(peer)) == host
-
-
-@pytest.mark.parametrize("address, peer, same", [("127.0.0.1:7001", "127.0.0.1", True), ("[::1]:7001", "::1", True),
-                                                 ("10.0.0.2:1", "::ffff:10.0.0.2", True), ("10.0.0.2:1", "10.0.0.3", False),
-                                                 ("localhost:7001", "127.0.0.1", False), ("10.0.0.2:1", None, False)])
-def test_a_registered_address_matches_only_its_own_ip(address, peer, same):
-    assert leader_module.same_host(address, peer) == same
-
-
 def test_a_peer_whose_health_service_knows_no_sessions_is_not_taken_for_gone():
     from concurrent import futures
     from grpc_health.v1 import health as grpc_health
@@ -537,11 +493,3 @@ def test_nobody_can_make_an_address_look_unreachable_to_the_learner_that_listens
         time.sleep(0.05)
     reply = live.register(address, credential)
     assert reply.success, reply.message  # not told that the leader cannot reach it
-
-
-def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
-    learner = learner_module.Learner(learner_module.parse_args(["--leader", "127.0.0.1:9"]))
-    assert learner.session_status("0" * 32) is None  # not registered: any session it is asked about is not its own
-    with learner.credential.registering():  # the leader may check on it before the reply is here
-        assert learner.session_status("0" * 32) == health_pb2.HealthCheckResponse.SERVING
-    assert learner.session_status("0" * 32) is None
