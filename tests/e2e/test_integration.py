@@ -4,22 +4,20 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from PIL import Image
 
+from federated.leader.metrics import read_metrics
 from federated.net import guard
+from model import build_model
 from tests.support.processes import ROOT, run_federation
 from tests.support.runs import logs
-from federated.leader.metrics import read_metrics
-from model import build_model
 
 
-def test_two_learners_reach_90_percent_on_the_synthetic_set(tmp_path):
-    codes = run_federation(tmp_path, 2, ["--dataset", "synthetic", "--rounds", "200", "--batch-size", "32",
-                                         "--eval-every", "100"])
-    assert codes == [0, 0, 0], logs(tmp_path)
-    records = read_metrics(tmp_path / "metrics.jsonl")
+def test_two_learners_reach_90_percent_on_the_synthetic_set(synthetic_run):
+    out, codes = synthetic_run  # the session's plain run (tests/e2e/conftest.py), which test_faults resumes
+    assert codes == [0, 0, 0], logs(out)
+    records = read_metrics(out / "metrics.jsonl")
     rounds = [r for r in records if "train_loss" in r]
     evaluations = [r for r in records if "test_accuracy" in r]
     assert [r["round"] for r in rounds] == list(range(1, 201))
@@ -28,10 +26,10 @@ def test_two_learners_reach_90_percent_on_the_synthetic_set(tmp_path):
     assert all(0 < r["gradients_s"] and 0 < r["step_s"] and 0 < r["push_s"] and
                r["gradients_s"] + r["step_s"] + r["push_s"] <= r["seconds"] for r in rounds)
     assert [r["round"] for r in evaluations] == [100, 156, 200]  # --eval-every, the epoch end (156), the end
-    assert evaluations[-1]["test_accuracy"] >= 0.90, logs(tmp_path)
+    assert evaluations[-1]["test_accuracy"] >= 0.90, logs(out)
     model = build_model("resnet20")
-    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    assert (out / "metrics.png").stat().st_size > 10_000
 
 
 def make_image_folder(root, train_per_class: int, test_per_class: int) -> None:

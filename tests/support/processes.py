@@ -13,6 +13,12 @@ from federated.tools import launch
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = Path("tests") / "peers"  # the peer programs, relative to ROOT (their processes run there)
 
+# A plain run: a leader and two learners on the synthetic set, to 90 % (200 rounds of 32). Every round waits
+# for both learners (--min-learners 2, --round-timeout 600), so that a run killed and resumed with the same
+# flags must follow it loss for loss; checkpoints every 20 rounds give the killed runs a place to resume from.
+SYNTHETIC_RUN = ["--dataset", "synthetic", "--rounds", "200", "--batch-size", "32", "--eval-every", "100",
+                 "--min-learners", "2", "--round-timeout", "600", "--checkpoint-every", "20"]
+
 
 def spawn(log: Path | None, *args: str, env: dict | None = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
     """A Python process in the repository root running args, its output appended to log (or piped, as text);
