@@ -1,6 +1,6 @@
 """A leader and learners on separate hosts (network namespaces with addresses of their own,
-federated/tools/hosts.py): learners that know only the leader's address, mutual TLS with a token, a link that
-goes down, and a learner behind an address the leader cannot dial."""
+federated/tools/hosts.py): learners that know only the leader's address, mutual TLS with a token (one run,
+run_across_hosts, for both), a link that goes down, and a learner behind an address the leader cannot dial."""
 
 import re
 import signal
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from federated.leader.metrics import read_metrics
 from federated.net import guard
 from federated.tools import hosts
 from federated.tools import launch
 from tests.support.certs import make_certs, tls_flags
 from tests.support.processes import start_leader, start_learner
 from tests.support.runs import logs, wait_for_log, wait_for_round
-from federated.leader.metrics import read_metrics
 
 PORT = 50051  # every host has a network stack of its own: the port is free there
 RUN_TIMEOUT_S = 240
@@ -63,27 +63,42 @@ def learner_id(out: Path, name: str) -> int:
     return int(re.search(r"registered as learner (\d+)", (out / f"{name}.log").read_text()).group(1))
 
 
-def test_learners_that_know_only_the_leaders_address_register_from_their_own_and_train(net, tmp_path):
-    processes = start(net, tmp_path, ["--rounds", "40", "--batch-size", "32"])
-    assert launch.wait_all(processes, RUN_TIMEOUT_S) == [0, 0, 0], logs(tmp_path)
-    assert sorted(registered_hosts(tmp_path).values()) == [net[1].address, net[2].address], logs(tmp_path)
-    final = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "test_accuracy" in r][-1]
+@pytest.fixture(scope="module")
+def run_across_hosts(tmp_path_factory):
+    """One whole run on three hosts over mutual TLS, with the token from the environment on every host, its
+    learners given only the leader's address: its folder, the exit codes, and the hosts' addresses (the
+    hosts are gone once it ended). Two tests read it: registration from the learners' own addresses and
+    training, and the mutual TLS."""
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("across-hosts")
+    with hosts.Hosts(3) as net, pytest.MonkeyPatch.context() as monkeypatch:
+        certs = make_certs(out / "certs", ",".join(f"IP:{host.address}" for host in net.hosts))
+        monkeypatch.setenv(guard.TOKEN_VARIABLE, "a-token-for-the-hosts")  # the environment variable, on every host
+        processes = start(net, out / "run", ["--rounds", "40", "--batch-size", "32", *tls_flags(certs, "leader")],
+                          tls_flags(certs, "learner"))
+        codes = launch.wait_all(processes, RUN_TIMEOUT_S)
+        return out / "run", codes, [host.address for host in net.hosts]
+
+
+def test_learners_that_know_only_the_leaders_address_register_from_their_own_and_train(run_across_hosts):
+    out, codes, addresses = run_across_hosts
+    assert codes == [0, 0, 0], logs(out)
+    assert sorted(registered_hosts(out).values()) == [addresses[1], addresses[2]], logs(out)
+    final = [r for r in read_metrics(out / "metrics.jsonl") if "test_accuracy" in r][-1]
     assert final["round"] == 40 and final["test_accuracy"] > 0.2, final  # chance is 0.1
 
 
-def test_a_run_across_hosts_over_mutual_tls_with_a_token(net, tmp_path, monkeypatch):
-    certs = make_certs(tmp_path / "certs", ",".join(f"IP:{host.address}" for host in net.hosts))
-    monkeypatch.setenv(guard.TOKEN_VARIABLE, "a-token-for-the-hosts")  # the environment variable, on every host
-    out = tmp_path / "run"
-    processes = start(net, out, ["--rounds", "10", "--batch-size", "16", *tls_flags(certs, "leader")],
-                      tls_flags(certs, "learner"))
-    assert launch.wait_all(processes, RUN_TIMEOUT_S) == [0, 0, 0], logs(out)
-    assert sorted(registered_hosts(out).values()) == [net[1].address, net[2].address], logs(out)
+def test_a_run_across_hosts_over_mutual_tls_with_a_token(run_across_hosts):
+    out, codes, addresses = run_across_hosts
+    assert codes == [0, 0, 0], logs(out)
+    assert sorted(registered_hosts(out).values()) == [addresses[1], addresses[2]], logs(out)
     assert "(mutual TLS, token required)" in (out / "leader.log").read_text()
     for name in ("learner0", "learner1"):
         assert "(mutual TLS, token required)" in (out / f"{name}.log").read_text()
     rounds = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
-    assert [r["round"] for r in rounds] == list(range(1, 11)) and {r["learners"] for r in rounds} == {2}
+    assert [r["round"] for r in rounds] == list(range(1, 41)) and {r["learners"] for r in rounds} == {2}
 
 
 def test_a_learner_whose_link_goes_down_is_dropped_rejoins_and_the_run_finishes(net, tmp_path):
