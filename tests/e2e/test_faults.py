@@ -6,7 +6,9 @@ uninterrupted synthetic run (tests/e2e/conftest.py), which a third resumes once 
 import re
 import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +85,7 @@ def train_losses(out) -> list[float]:
     return [r["train_loss"] for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
 
 
-def kill_and_resume(leader, out, port: int, at_round: int, *flags: str):
+def kill_and_resume(leader: subprocess.Popen, out: Path, port: int, at_round: int, *flags: str) -> subprocess.Popen:
     """Kill the leader once it has recorded at_round, and start it again on the same port with --resume out
     and flags; the learners are left to find out."""
     wait_for_round(out, at_round)
@@ -94,7 +96,7 @@ def kill_and_resume(leader, out, port: int, at_round: int, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def killed_leader_run(tmp_path_factory):
+def killed_leader_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int | None]]:
     """The synthetic run of tests/e2e/conftest.py with its leader killed twice: after round 70 it resumes
     with every flag repeated, after round 130 with --resume alone (the training flags come from the
     checkpoint; --checkpoint-every does not, hence this order); both times from the last checkpoint

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import utils
+from federated.core.training import evaluate
 from federated.leader import app as leader_module
 from federated.tools import launch
 from federated.wire import messages
-import utils
 from model import build_model
-from federated.core.training import evaluate
 from tests.support.processes import start_leader, start_learner
 from tests.support.runs import logs, records
 

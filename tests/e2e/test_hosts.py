@@ -64,7 +64,7 @@ def learner_id(out: Path, name: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def run_across_hosts(tmp_path_factory):
+def run_across_hosts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int | None], list[str]]:
     """One whole run on three hosts over mutual TLS, with the token from the environment on every host, its
     learners given only the leader's address: its folder, the exit codes, and the hosts' addresses (the
     hosts are gone once it ended). Two tests read it: registration from the learners' own addresses and

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from tests.support.processes import PEERS, ROOT, spawn
 from federated.tools import launch
+from tests.support.processes import PEERS, ROOT, spawn
 
 FROZEN = ROOT / PEERS / "frozen_protos"
 NAMES = ("leader.proto", "learner.proto")

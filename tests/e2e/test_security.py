@@ -1,7 +1,7 @@
 """A whole run of real leader and learner processes over mutual TLS, with the token from the environment."""
 
-from federated.net import guard
 from federated.leader.metrics import read_metrics
+from federated.net import guard
 from tests.support.certs import tls_flags
 from tests.support.processes import run_federation
 from tests.support.runs import logs
