@@ -1,7 +1,7 @@
 """Set-up for every test: one torch thread, each test marked with its tier (the folder it lives in), and the
 throw-away certificates that TLS tests on localhost share.
 
-Tiers: tests/unit (pure functions and objects: no sockets, no processes), tests/service (gRPC servers in the
+Tiers: tests/unit (pure functions and objects: no servers, no processes), tests/service (gRPC servers in the
 test process; no leader, learner or peer processes), tests/e2e (real leader, learner and peer processes).
 `make test-fast` runs unit and service; `long` marks what is too long for `make test`. Helpers live in
 tests/support, peer programs in tests/peers.
