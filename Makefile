@@ -11,7 +11,7 @@ GENERATED := protos/leader_pb2.py protos/leader_pb2.pyi protos/leader_pb2_grpc.p
 TORCH_INDEX ?=
 TORCH_PINS := $(shell grep -oE '^(torch|torchvision)==[^ #]+' requirements.txt)
 
-.PHONY: install proto demo test test-long bench bench-full certs docs clean
+.PHONY: install proto demo test test-fast test-long bench bench-full certs docs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -31,11 +31,15 @@ $(GENERATED) &: protos/leader.proto protos/learner.proto | $(STAMP)
 demo: install
 	$(PY) launch.py --demo
 
+# Tiers are folders of tests/ (unit, service, e2e), marked by tests/conftest.py; pyproject.toml configures pytest.
 test: install
-	$(PY) -m pytest -q -m "not long" tests
+	$(PY) -m pytest -q -m "not long"
+
+test-fast: install
+	$(PY) -m pytest -q -m "(unit or service) and not long"
 
 test-long: install
-	$(PY) -m pytest -q -m long tests
+	$(PY) -m pytest -q -m long
 
 # bench: the headline figures (under 10 minutes on 2 cores); bench-full: every figure (over an hour).
 # Both write bench/results.json; python bench.py --list names the figures.

@@ -1,0 +1,135 @@
+"""The leader's files: checkpoints checked on resume and flushed to disk, earlier runs kept, flags checked."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from federated.common import flags
+from federated.leader import checkpoint
+from federated.learner import config as learner_config
+from tests.support.live import leader_config, leader_from
+from tests.support.processes import ROOT
+
+DATA = ROOT / "tests" / "data"
+
+
+def saved_config(**changes) -> dict:
+    """The trajectory flags a checkpoint of a synthetic run records, with changes."""
+    return {**flags.trajectory(leader_config(["--dataset", "synthetic"])), **changes}
+
+
+def test_a_resume_takes_every_training_flag_from_the_checkpoint():
+    resumed = leader_config(["--resume", "runs/x"], saved_config(lr=0.3, momentum=0.5, wire_dtype="float16", rounds=77))
+    assert (resumed.lr, resumed.momentum, resumed.wire_dtype, resumed.rounds, resumed.dataset) == \
+        (0.3, 0.5, "float16", 77, "synthetic")
+
+
+@pytest.mark.parametrize("given, named", [(["--lr", "0.2"], "--lr 0.2 (the checkpoint has 0.3)"),
+                                          (["--momentum", "0.9"], "--momentum 0.9 (the checkpoint has 0.5)"),
+                                          (["--warmup-epochs", "2"], "--warmup-epochs 2.0"),
+                                          (["--wire-dtype", "bfloat16"], "--wire-dtype bfloat16"),
+                                          (["--weight-decay", "0"], "--weight-decay 0.0"),
+                                          (["--epochs", "3"], "--epochs 3.0"), (["--rounds", "5"], "--rounds 5")])
+def test_a_resume_with_another_training_flag_is_refused_naming_it(given, named, capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--resume", "runs/x", *given], saved_config(lr=0.3, momentum=0.5))
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, named", [(["--strategy", "fedsgd"], "--strategy fedsgd (the checkpoint has fedavg)"),
+                                          (["--server-lr", "0.5"], "--server-lr 0.5 (the checkpoint has None)"),
+                                          (["--aggregator", "median"], "--aggregator median"),
+                                          (["--learners-per-round", "1"], "--learners-per-round 1")])
+def test_a_resume_with_another_strategy_or_hyper_parameter_is_refused_naming_it(given, named, capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--resume", "runs/x", *given], saved_config(strategy="fedavg"))
+    assert named in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_strategies_resumes_as_fedsgd(capsys):
+    older = {key: value for key, value in saved_config().items() if key not in ("strategy", "server_lr")}
+    assert leader_config(["--resume", "runs/x"], older).strategy == "fedsgd"
+    with pytest.raises(SystemExit):
+        leader_config(["--resume", "runs/x", "--strategy", "fedavg"], older)
+    assert "--strategy fedavg" in capsys.readouterr().err
+
+
+def test_repeating_the_checkpoints_own_values_is_fine():
+    assert leader_config(["--resume", "runs/x", "--batch-size", "64", "--lr", "0.3"], saved_config(lr=0.3)).lr == 0.3
+
+
+@pytest.mark.parametrize("given, message", [(["--rounds", "0"], "--rounds: must be >= 1"),
+                                            (["--epochs", "0"], "--epochs: must be > 0"),
+                                            (["--round-timeout", "0"], "--round-timeout: must be > 0"),
+                                            (["--momentum", "1.5"], "--momentum")])
+def test_the_leader_refuses_senseless_flags(given, message, capsys):
+    with pytest.raises(SystemExit):
+        leader_config(given)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", [["--log-every", "0"], ["--idle-timeout", "0"]])
+def test_the_learner_refuses_senseless_flags(given):
+    with pytest.raises(SystemExit):
+        learner_config.configure(learner_config.command_line(given))
+
+
+def test_a_new_run_moves_an_earlier_runs_files_aside(tmp_path, caplog):
+    for name in ("checkpoint.pt", "metrics.jsonl", "model.pt"):
+        (tmp_path / name).write_text(name)
+    leader_from(["--dataset", "synthetic", "--out", str(tmp_path)])
+    (aside,) = tmp_path.glob("previous-*")
+    assert sorted(path.name for path in aside.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.pt"]
+    assert (aside / "metrics.jsonl").read_text() == "metrics.jsonl" and not (tmp_path / "checkpoint.pt").exists()
+    assert "held an earlier run" in caplog.text and "--resume" in caplog.text
+
+
+def test_checkpoints_reach_the_disk_before_they_replace_the_old_one(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    checkpoint.save_atomically({"w": torch.ones(2)}, tmp_path / "checkpoint.pt")
+    assert calls == ["fsync", "replace", "fsync"]  # the file's bytes, the rename, then the directory entry
+    assert torch.equal(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["w"], torch.ones(2))
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o077 == 0  # it holds the learners' credentials
+
+
+def test_a_checkpoint_written_before_anyone_registered_can_be_resumed(tmp_path):
+    leader = leader_from(["--dataset", "synthetic", "--out", str(tmp_path)])
+    leader.rounds.save_checkpoint(0)  # what a leader that gave up waiting for learners leaves
+    resumed = leader_from(["--resume", str(tmp_path)])
+    assert resumed.collector.round == 0 and resumed.registry.records() == []
+
+
+def test_a_resume_checks_min_learners_against_the_checkpoints_learners_and_keeps_its_directory(tmp_path, capsys):
+    leader = leader_from(["--dataset", "synthetic", "--learners", "3", "--out", str(tmp_path)])
+    leader.rounds.save_checkpoint(0)
+    assert leader_from(["--resume", str(tmp_path), "--min-learners", "3"])
+    with pytest.raises(SystemExit):
+        leader_from(["--resume", str(tmp_path), "--min-learners", "4"])
+    assert "exceeds --learners 3 (the checkpoint's)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        leader_from(["--resume", str(tmp_path), "--out", str(tmp_path / "other")])
+    assert "leave out --out" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_the_package_layout_resumes_where_it_stopped(tmp_path):
+    shutil.copy(DATA / "checkpoint-fedavg-round6.pt", tmp_path / "checkpoint.pt")
+    resumed = leader_from(["--resume", str(tmp_path)])
+    assert resumed.collector.round == 6 and resumed.participants == [1]
+    assert (resumed.config.strategy, resumed.config.learners_per_round, resumed.config.local_steps) == ("fedavg", 1, 2)
+    assert resumed.planner.schedule.total_rounds == 40 and resumed.registry.records()[1]["address"].startswith("127.")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(value, saved["model"][name]) for name, value in resumed.global_model.model.state_dict().items())
+
+
+def test_a_robust_run_resumes_with_resume_alone_its_min_learners_derived_from_the_checkpoints_flags(tmp_path):
+    # The default of --min-learners depends on --aggregator: derived before the checkpoint's aggregator was
+    # adopted, it was mean's 1, and the resume was refused unless --min-learners was given again.
+    leader = leader_from(["--dataset", "synthetic", "--learners", "5", "--aggregator", "median", "--out", str(tmp_path)])
+    leader.rounds.save_checkpoint(0)
+    resumed = leader_from(["--resume", str(tmp_path)])
+    assert resumed.config.aggregator == "median" and resumed.federation.settings.min_learners == 3

@@ -1,0 +1,508 @@
+"""Strategies against their papers: local training, server optimizers, aggregation rules, sampling."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from federated.core import aggregation, strategies
+from federated.core.aggregation import (
+    Mean,
+    RoundUpdates,
+    TrimmedMean,
+    clip_to_norm,
+    coordinate_median,
+    multi_krum,
+    trimmed_mean,
+)
+from federated.core.layout import GradientLayout
+from federated.core.plan import TrainingPlan
+from federated.core.sampling import sample_participants
+from federated.core.schedule import Schedule
+from federated.core.steps import apply_mean_gradient, make_optimizer
+from federated.core.strategies.adaptive import Adaptive
+from federated.core.strategies.base import ServerOptimizer
+from federated.core.strategies.scaffold import Controls, control_problem
+from federated.core.training import compute_gradient, evaluate
+from federated.leader import config
+from federated.leader.config import LeaderConfig
+from federated.leader.data import DataFacts
+from federated.leader.planner import Planner
+from federated.leader.registry import Member
+from federated.leader.servicer import LeaderServicer
+from federated.learner import state as learner_state
+from federated.wire import codec, messages
+from federated.wire.messages import StateInfo, UpdateInfo
+from tests.support.nets import assert_same_parameters, batch, small_net
+
+ADAPTIVE = [name for name in strategies.names() if issubclass(strategies.named(name), Adaptive)]
+
+
+def strategy_of(**flags) -> strategies.Strategy:
+    """The strategy a leader with these flags runs."""
+    return strategies.named(flags.get("strategy", "fedsgd"))(LeaderConfig(**flags))
+
+
+def rule_of(aggregator: str, **flags) -> aggregation.Aggregator:
+    """The aggregation rule a leader with these flags uses."""
+    return aggregation.rules.named(aggregator).from_config(LeaderConfig(aggregator=aggregator, **flags))
+
+
+def configure(flags: list[str]) -> LeaderConfig:
+    return config.configure(config.command_line(flags))
+
+
+def fedavg_plan(lr: float, steps: int = 1, momentum: float = 0.0, weight_decay: float = 5e-4, **changes) -> TrainingPlan:
+    return TrainingPlan(changes.pop("strategy", "fedavg"), steps, lr, momentum, weight_decay, **changes)
+
+
+def run_round(model: nn.Module, batches: list[list[tuple]], plan: TrainingPlan, strategy: strategies.Strategy,
+              optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    """One round of a local-training strategy through the leader's arithmetic: each learner's local_update on a
+    copy of model, RoundUpdates, then the server optimizer on model."""
+    layout = GradientLayout(model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    optimizer = optimizer or strategy.make_optimizer(model)
+    updates = RoundUpdates(layout.size, layout.parameter_count)
+    for learner_batches in batches:
+        learner = copy.deepcopy(model)
+        learner_layout = GradientLayout(learner)
+        flat = torch.zeros(learner_layout.size)
+        learner_layout.bind_gradients(flat)
+        loss = strategies.named(plan.strategy).local_update(learner, learner_layout, flat,
+                                                            lambda step: learner_batches[step], plan)
+        updates.add([flat], sum(len(labels) for _, labels in learner_batches[:plan.local_steps]), loss)
+    updates.combine_into(mean)
+    apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, plan.local_steps)
+    return optimizer
+
+
+def test_fedavg_with_one_local_step_and_server_lr_1_is_fedsgd():
+    model = small_net(batch_norm=True)
+    batches = [[batch(8, seed)] for seed in (1, 2)]
+    fedavg = copy.deepcopy(model)
+    run_round(fedavg, batches, fedavg_plan(0.1), strategy_of(strategy="fedavg"))
+
+    fedsgd_model = copy.deepcopy(model)
+    layout = GradientLayout(fedsgd_model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    updates = RoundUpdates(layout.size, layout.size, Mean())
+    for (images, labels), in batches:
+        learner = copy.deepcopy(model)
+        learner_layout = GradientLayout(learner)
+        flat = torch.zeros(learner_layout.size)
+        learner_layout.bind_gradients(flat)
+        updates.add([flat], len(labels), compute_gradient(learner, learner_layout, flat, images, labels))
+    updates.combine_into(mean)
+    optimizer = make_optimizer(fedsgd_model, 0.1, momentum=0.0, weight_decay=5e-4)
+    apply_mean_gradient(layout, optimizer, mean, 0.1)
+
+    assert_same_parameters(fedavg, fedsgd_model)
+    for (name, ours), theirs in zip(fedavg.named_buffers(), fedsgd_model.buffers()):
+        torch.testing.assert_close(ours, theirs, msg=name)
+
+
+def test_learners_on_identical_data_equal_one_process_doing_the_same_local_steps():
+    model = small_net(batch_norm=True)
+    steps = [batch(8, seed) for seed in range(4)]
+    plan = fedavg_plan(0.05, steps=4, momentum=0.9)
+    federated = copy.deepcopy(model)
+    run_round(federated, [steps] * 3, plan, strategy_of(strategy="fedavg"))
+
+    alone = copy.deepcopy(model)
+    optimizer = make_optimizer(alone, 0.05, momentum=0.9, weight_decay=5e-4)
+    alone.train()
+    for images, labels in steps:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(alone(images), labels).backward()
+        optimizer.step()
+    assert_same_parameters(federated, alone)
+
+
+def by_hand(rule: str, grads: list[torch.Tensor], x: torch.Tensor, lr: float, beta1: float, beta2: float,
+            tau: float) -> torch.Tensor:
+    """Reddi et al. 2021, Algorithm 2, written out: Delta = -g; m = b1 m + (1-b1) Delta; v per rule;
+    x = x + lr m / (sqrt(v) + tau); v starts at tau^2."""
+    m, v = torch.zeros_like(x), torch.full_like(x, tau ** 2)
+    for g in grads:
+        delta = -g
+        m = beta1 * m + (1 - beta1) * delta
+        if rule == "fedadagrad":
+            v = v + delta ** 2
+        elif rule == "fedadam":
+            v = beta2 * v + (1 - beta2) * delta ** 2
+        else:
+            v = v - (1 - beta2) * delta ** 2 * torch.sign(v - delta ** 2)
+        x = x + lr * m / (torch.sqrt(v) + tau)
+    return x
+
+
+@pytest.mark.parametrize("rule", ADAPTIVE)
+def test_adaptive_server_steps_follow_reddi_et_al_algorithm_2(rule):
+    torch.manual_seed(0)
+    x = torch.randn(5)
+    grads = [torch.randn(5) for _ in range(3)]
+    parameter = nn.Parameter(x.clone())
+    optimizer = ServerOptimizer([parameter], strategy_of(strategy=rule, server_lr=0.03, beta1=0.8, beta2=0.95, tau=0.01))
+    for g in grads:
+        parameter.grad = g.clone()
+        optimizer.step()
+    torch.testing.assert_close(parameter.detach(), by_hand(rule, grads, x, 0.03, 0.8, 0.95, 0.01))
+
+
+def test_fedavgm_is_heavy_ball_on_pseudo_gradients_and_fedavg_a_plain_step():
+    x, grads = torch.tensor([1.0, -2.0]), [torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 2.0])]
+    momentum = nn.Parameter(x.clone())
+    plain = nn.Parameter(x.clone())
+    with_momentum = ServerOptimizer([momentum], strategy_of(strategy="fedavgm", server_lr=0.5, server_momentum=0.9))
+    without = ServerOptimizer([plain], strategy_of(strategy="fedavg", server_lr=1.0))
+    for g in grads:
+        momentum.grad, plain.grad = g.clone(), g.clone()
+        with_momentum.step()
+        without.step()
+    velocity = 0.9 * grads[0] + grads[1]
+    torch.testing.assert_close(momentum.detach(), x - 0.5 * grads[0] - 0.5 * velocity)
+    torch.testing.assert_close(plain.detach(), x - grads[0] - grads[1])
+
+
+def manual_steps(model: nn.Module, steps: list[tuple], lr: float, extra) -> torch.Tensor:
+    """Plain SGD with extra(parameter index, parameter, w0) added to each gradient; the flat end weights."""
+    model = copy.deepcopy(model)
+    model.train()
+    start = [p.detach().clone() for p in model.parameters()]
+    for images, labels in steps:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        with torch.no_grad():
+            for index, (p, origin) in enumerate(zip(model.parameters(), start)):
+                p -= lr * (p.grad + extra(index, p, origin))
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def local_pseudo_gradient(model: nn.Module, steps: list[tuple], plan: TrainingPlan,
+                          controls: Controls | None = None) -> tuple[torch.Tensor, GradientLayout]:
+    learner = copy.deepcopy(model)
+    layout = GradientLayout(learner, controls=controls is not None)
+    flat = torch.zeros(layout.size)
+    layout.bind_gradients(flat)
+    strategies.named(plan.strategy).local_update(learner, layout, flat, lambda step: steps[step], plan, controls)
+    return flat, layout
+
+
+def test_fedprox_adds_mu_times_the_distance_from_the_global_weights_to_each_gradient():
+    model = small_net()
+    steps = [batch(8, seed) for seed in range(3)]
+    flat, layout = local_pseudo_gradient(model, steps, fedavg_plan(0.1, steps=3, weight_decay=0.0,
+                                                                   strategy="fedprox", mu=0.5))
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = manual_steps(model, steps, 0.1, lambda index, p, origin: 0.5 * (p - origin))
+    torch.testing.assert_close(flat[:layout.parameter_count], start - expected)
+    without_mu = manual_steps(model, steps, 0.1, lambda *_: 0.0)
+    assert not torch.allclose(expected, without_mu)  # the proximal term made a difference
+
+
+def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2():
+    model = small_net()
+    steps = [batch(8, seed) for seed in range(3)]
+    count = sum(p.numel() for p in model.parameters())
+    controls = Controls(count)
+    torch.manual_seed(1)
+    controls.server.copy_(torch.randn(count) * 0.1)
+    controls.own.copy_(torch.randn(count) * 0.1)
+    own_before = controls.own.clone()
+    flat, layout = local_pseudo_gradient(model, steps, fedavg_plan(0.1, steps=3, weight_decay=0.0, strategy="scaffold"),
+                                         controls)
+    sizes = [p.numel() for p in model.parameters()]
+    correction = (controls.server - own_before).split(sizes)
+    expected_end = manual_steps(model, steps, 0.1, lambda index, p, origin: correction[index].view_as(p))
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(flat[:layout.parameter_count], start - expected_end)
+    # option II: c_i+ = c_i - c + (x - y) / (K lr); the update carries c_i+ - c_i, committed once accepted
+    expected_own = own_before - controls.server + (start - expected_end) / (3 * 0.1)
+    torch.testing.assert_close(flat[layout.controls], expected_own - own_before, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(controls.own, own_before)
+    controls.commit(flat[layout.controls])
+    torch.testing.assert_close(controls.own, expected_own, rtol=1e-3, atol=1e-4)
+
+
+# --- aggregation rules as pure functions ----------------------------------------------------------------
+
+updates_strategy = st.integers(3, 7).flatmap(lambda count: st.lists(
+    st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=4, max_size=4), min_size=count, max_size=count))
+
+
+@settings(max_examples=50, deadline=None)
+@given(updates_strategy, st.randoms(use_true_random=False))
+def test_every_rule_ignores_the_order_of_updates(rows, random):
+    updates = torch.tensor(rows)
+    order = list(range(len(rows)))
+    random.shuffle(order)
+    weights = torch.ones(len(rows))
+    for name in aggregation.rules.names():
+        rule = rule_of(name, byzantine=1)
+        torch.testing.assert_close(rule.combine(updates[order], weights), rule.combine(updates, weights), msg=name)
+
+
+def test_trimmed_mean_without_trimming_is_the_mean_and_median_of_identical_updates_is_that_update():
+    updates = torch.randn(5, 7)
+    torch.testing.assert_close(trimmed_mean(updates, 0.0), updates.mean(dim=0))
+    same = torch.randn(7).repeat(4, 1)
+    torch.testing.assert_close(coordinate_median(same), same[0])
+    torch.testing.assert_close(coordinate_median(torch.tensor([[1.0], [5.0], [2.0], [9.0]])),
+                               torch.tensor([3.5]))
+
+
+@pytest.mark.parametrize("rule", ["krum", "multi-krum"])
+def test_krum_picks_honest_updates_when_f_attackers_send_outliers(rule):
+    torch.manual_seed(0)
+    honest = torch.ones(5, 10) + 0.1 * torch.randn(5, 10)
+    attackers = torch.full((2, 10), -50.0)
+    updates = torch.cat([attackers[:1], honest, attackers[1:]])
+    result = rule_of(rule, byzantine=2).combine(updates, torch.ones(7))
+    assert (result - 1).abs().max() < 0.5
+    _, chosen = multi_krum(updates, byzantine=2, selected=5)
+    assert sorted(chosen) == [1, 2, 3, 4, 5]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=20), st.floats(0.01, 100))
+def test_clipping_never_increases_a_norm(values, max_norm):
+    update = torch.tensor(values)
+    before = torch.linalg.vector_norm(update).item()
+    clip_to_norm(update, max_norm)
+    after = torch.linalg.vector_norm(update).item()
+    assert after <= before * (1 + 1e-6)
+    assert after <= max_norm * (1 + 1e-5) or before <= max_norm
+
+
+def test_robust_rules_apply_to_batchnorm_statistics_too_so_one_learner_cannot_set_them():
+    updates = RoundUpdates(size=3, model_size=1, rule=rule_of("median"))
+    for row in ([1.0, 1.0, 2.0], [2.0, 3.0, 2.0], [9.0, 900.0, 900.0]):  # the last one is hostile
+        updates.add([torch.tensor(row)], samples=4, loss=0.5)
+    out = torch.zeros(3)
+    updates.combine_into(out)
+    torch.testing.assert_close(out, torch.tensor([2.0, 3.0, 2.0]))
+
+
+def test_krum_chooses_on_the_model_part_and_takes_the_median_of_the_statistics():
+    updates = torch.tensor([[1.0, 0.0, 5.0], [1.1, 0.0, 50.0], [0.9, 0.0, 9.0], [1.0, 0.1, 500.0], [-40.0, 0.0, 7.0]])
+    for rule in ("krum", "multi-krum"):
+        # on whole rows the statistics (last column) would decide; on the model part the outlier is row 4, and
+        # an honest-looking model part (row 3) does not carry its hostile statistic through
+        result = rule_of(rule, byzantine=1).combine(updates, torch.ones(5), 2)
+        assert abs(result[0].item() - 1.0) < 0.2 and result[2].item() == 9.0, rule
+
+
+def test_rounds_too_small_for_a_robust_rule_are_named():
+    assert rule_of("krum", byzantine=1).too_few(4) is not None
+    assert rule_of("krum", byzantine=1).too_few(5) is None
+    assert rule_of("median").too_few(2) is not None
+    assert rule_of("mean").too_few(1) is None
+
+
+def test_a_scaffold_control_change_that_would_blow_up_is_named():
+    control = torch.zeros(4)
+    assert control_problem(control, torch.full((4,), 2e38), weights_norm=40.0) is not None
+    assert control_problem(control, torch.full((4,), 1e4), weights_norm=40.0) is not None
+    assert control_problem(control, torch.full((4,), 0.5), weights_norm=40.0) is None
+
+
+def test_sampling_is_seeded_and_without_replacement():
+    generator = torch.Generator().manual_seed(3)
+    rounds = [sample_participants(list(range(6)), 2, generator) for _ in range(30)]
+    assert all(len(set(chosen)) == 2 and set(chosen) <= set(range(6)) for chosen in rounds)
+    assert len({tuple(chosen) for chosen in rounds}) > 5  # different learners in different rounds
+    again = torch.Generator().manual_seed(3)
+    assert rounds == [sample_participants(list(range(6)), 2, again) for _ in range(30)]
+    assert sample_participants([4, 1], 5, generator) == [1, 4]
+
+
+# --- Byzantine learners: one of five sends its update sign-flipped and scaled by 10 --------------------
+
+def blobs(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten well separated Gaussian classes in 16 dimensions."""
+    centres = torch.randn(10, 16, generator=torch.Generator().manual_seed(99)) * 3
+    rng = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (count,), generator=rng)
+    return centres[labels] + torch.randn(count, 16, generator=rng), labels
+
+
+def byzantine_accuracy(aggregator: str, attacked: bool, clip_norm: float = 0.0) -> float:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    strategy = strategy_of(strategy="fedavg")
+    rule = rule_of(aggregator, byzantine=1, trim=0.2)
+    plan = fedavg_plan(0.05, steps=2, weight_decay=0.0)
+    layout = GradientLayout(model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    optimizer = strategy.make_optimizer(model)
+    for round_index in range(25):
+        updates = RoundUpdates(layout.size, layout.parameter_count, rule, clip_norm)
+        for learner_id in range(5):
+            learner = copy.deepcopy(model)
+            learner_layout = GradientLayout(learner)
+            flat = torch.zeros(learner_layout.size)
+            learner_layout.bind_gradients(flat)
+            data = [blobs(1000 * round_index + 10 * learner_id + step, 32) for step in range(2)]
+            loss = strategy.local_update(learner, learner_layout, flat, lambda step: data[step], plan)
+            if attacked and learner_id == 4:
+                flat.mul_(-10)
+            updates.add([flat], 64, loss)
+        updates.combine_into(mean)
+        apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, 2)
+    images, labels = blobs(7, 2000)
+    return evaluate(model, images, labels).accuracy
+
+
+def test_a_sign_flipping_learner_wrecks_the_mean_but_not_the_robust_rules():
+    honest = byzantine_accuracy("mean", attacked=False)
+    assert honest > 0.9
+    assert byzantine_accuracy("mean", attacked=True) < honest - 0.3
+    for aggregator in ("median", "trimmed-mean", "krum", "multi-krum"):
+        assert byzantine_accuracy(aggregator, attacked=True) > honest - 0.05, aggregator
+    assert byzantine_accuracy("mean", attacked=True, clip_norm=0.5) > honest - 0.05
+
+
+# --- the leader's flags, schedule and claims for local strategies ---------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mu", "0.1"], "--mu is only with --strategy fedprox, not --strategy fedsgd"),
+    (["--strategy", "fedavg", "--lr", "0.1"], "--lr is only with --strategy fedsgd, not --strategy fedavg"),
+    (["--strategy", "fedavg", "--beta1", "0.5"], "--beta1 is only with --strategy fedadagrad, fedadam or fedyogi"),
+    (["--aggregator", "median", "--byzantine", "2"], "--byzantine is only with --aggregator krum or multi-krum"),
+    (["--strategy", "fedavg", "--local-epochs", "1", "--local-steps", "5"], "not both"),
+    (["--strategy", "fedavg", "--client-lr", "5000"], "--client-lr: must be in (0, 1000]"),
+    (["--aggregator", "krum", "--learners", "4"], "at least 5 updates in a round; the run has 4 learners a round"),
+    (["--aggregator", "median", "--learners", "5", "--min-learners", "2"], "--min-learners 2"),
+    (["--aggregator", "trimmed-mean", "--trim", "0"], "--trim 0 trims nothing"),
+    (["--learners", "4", "--learners-per-round", "5"], "--learners-per-round exceeds --learners"),
+])
+def test_flags_a_run_would_ignore_or_learners_would_refuse_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        configure(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_a_robust_rule_waits_for_enough_updates_unless_told_otherwise():
+    assert config.min_learners(configure(["--aggregator", "krum", "--learners", "6"])) == 5
+    assert config.min_learners(configure(["--aggregator", "trimmed-mean", "--trim", "0.1", "--learners", "12"])) == 10
+    assert TrimmedMean(0.2).minimum_updates() == 5  # with fewer, floor(0.2 K) trims nothing
+    assert trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]]), 0.2).item() == 2.0
+
+
+def test_local_epochs_set_the_steps_per_round_and_epochs_keep_meaning_passes_over_the_shard():
+    schedule = schedule_of(["--strategy", "fedavg", "--epochs", "3", "--batch-size", "32", "--learners", "2"], 5000)
+    assert (schedule.steps_per_round, schedule.total_rounds) == (156, 3)
+    assert schedule.base_lr == pytest.approx(0.1 * 32 / 128)
+    steps = schedule_of(["--strategy", "fedavg", "--local-steps", "16", "--epochs", "2", "--batch-size", "32"], 5000)
+    fedsgd_rounds = schedule_of(["--epochs", "2", "--batch-size", "32"], 5000)
+    assert steps.total_rounds == -(-fedsgd_rounds.total_rounds // 16)  # a sixteenth of FedSGD's rounds
+    assert [steps.ends_epoch(done) for done in (9, 10, 19, 20)] == [False, True, False, True]
+
+
+def schedule_of(flags: list[str], shard_size: int) -> Schedule:
+    run = configure(flags)
+    return Schedule.of(run, strategies.named(run.strategy), shard_size)
+
+
+def claims_checker(**flags) -> LeaderServicer:
+    """A servicer that checks claims against what a leader with these flags asks for."""
+    run = LeaderConfig(**flags)
+    strategy = strategy_of(**flags)
+    planner = Planner(run, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
+    return LeaderServicer(None, None, SimpleNamespace(strategy=strategy), None, planner, None, None)
+
+
+@pytest.mark.parametrize("claims, message", [
+    (UpdateInfo(0, 0, 32, 1.0), "takes a pseudo-gradient, not a gradient"),
+    (UpdateInfo(0, 0, 32, 1.0, "pseudo-gradient", steps=11), "steps 11 exceeds the 10 local steps"),
+    (UpdateInfo(0, 0, 321, 1.0, "pseudo-gradient", steps=10), "samples 321 exceeds the batch of 32"),
+    (UpdateInfo(1, 0, 32, 1.0, "pseudo-gradient", steps=10), "not the caller's slot"),
+])
+def test_the_leader_refuses_updates_of_the_wrong_kind_or_claiming_more_than_it_asked_for(claims, message):
+    checker = claims_checker(strategy="fedavg", local_steps=10, batch_size=32)
+    payload = codec.decode(codec.encode({}, claims.to_metadata()))
+    with pytest.raises(codec.PayloadError, match=message):
+        checker.check_claims(payload, Member(0, "127.0.0.1:1", "", 1))
+    honest = UpdateInfo(0, 0, 320, 1.0, "pseudo-gradient", steps=10)
+    assert checker.check_claims(codec.decode(codec.encode({}, honest.to_metadata())), Member(0, "", "", 1)) == honest
+
+
+def test_fedsgd_metadata_is_what_the_articles_peers_send_and_expect():
+    state = StateInfo("resnet20", 10, 64, 0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "float32", round=3)
+    assert list(state.to_metadata()) == ["architecture", "num_classes", "batch_size", "seed", "mean", "std",
+                                         "wire_dtype", "round", "finished", "stopped"]
+    assert UpdateInfo(0, 3, 64, 0.5).to_metadata() == {"learner_id": "0", "round": "3", "samples": "64", "loss": "0.5"}
+
+
+def test_a_plan_round_trips_through_metadata_even_with_nobody_sampled():
+    for plan in (TrainingPlan(), TrainingPlan(participants=()), TrainingPlan(participants=(0, 4)),
+                 TrainingPlan("scaffold", 7, 0.0, 0.9, 5e-4, 0.0, (2,))):
+        assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
+    with pytest.raises(codec.PayloadError):
+        messages.plan_from_metadata({"strategy": "fedavg", "local_steps": "1", "client_lr": "nan",
+                                     "client_momentum": "0", "weight_decay": "0", "mu": "0"})
+    with pytest.raises(codec.PayloadError):
+        messages.plan_from_metadata({"participants": "1,,2"})
+
+
+@pytest.mark.parametrize("strategy", ["fedsgd", "scaffold"])
+def test_a_learners_layout_holds_the_buffers_of_its_model_on_its_device(strategy):
+    # Moving a model to another device replaces its buffers: a layout made before the move read stale BatchNorm
+    # statistics into every update (on a GPU the global model's test loss was 400).
+    info = StateInfo("resnet20", 10, 64, 0, (0.5,) * 3, (0.25,) * 3, "float32", plan=TrainingPlan(strategy, 1, 0.1))
+    model, layout, controls = learner_state.training_setup(info, torch.float32, "meta")
+    buffers = dict(model.named_buffers())
+    assert layout.buffers and all(buffer is buffers[name] for name, buffer in layout.buffers)
+    assert all(buffer.device.type == "meta" for _, buffer in layout.buffers)
+    assert (controls is not None) == (strategy == "scaffold")
+
+
+class NesterovAvg(strategies.LocalTraining):
+    """A strategy written the way docs/architecture.md tells: FedAvg with Nesterov server momentum."""
+
+    flags = (*strategies.LocalTraining.flags, "server_momentum")
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.server_momentum = 0.9 if config.server_momentum is None else config.server_momentum
+
+    def optimizer_settings(self) -> dict[str, float]:
+        return {"lr": self.server_lr, "momentum": self.server_momentum}
+
+    def server_update(self, parameter, grad, state, group) -> None:
+        velocity = state.setdefault("momentum_buffer", torch.zeros_like(parameter))
+        velocity.mul_(group["momentum"]).add_(grad)
+        parameter.add_(grad.add(velocity, alpha=group["momentum"]), alpha=-group["lr"])
+
+
+@pytest.fixture
+def nesterov():
+    strategies.registry.register("nesterov-avg")(NesterovAvg)
+    yield NesterovAvg
+    del strategies.registry._entries["nesterov-avg"]
+
+
+def test_a_new_strategy_is_its_class_alone_flags_plan_learner_and_server_step_follow(nesterov):
+    run = configure(["--strategy", "nesterov-avg", "--server-momentum", "0.5", "--local-steps", "2"])
+    with pytest.raises(SystemExit):
+        configure(["--strategy", "nesterov-avg", "--mu", "0.1"])  # another strategy's flag is refused for it
+    strategy = strategies.named(run.strategy)(run)
+    plan = strategy.plan(2, 0.1, None, False)
+    assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan  # a learner reads it back
+    model, steps = small_net(), [batch(8, seed) for seed in range(2)]
+    flat, layout = local_pseudo_gradient(model, steps, plan)  # the learner's local update, found by name
+    parameter = nn.Parameter(torch.ones(3))
+    optimizer = strategy.make_optimizer(nn.ParameterList([parameter]))
+    for _ in range(2):
+        parameter.grad = torch.ones(3)
+        optimizer.step()
+    torch.testing.assert_close(parameter.detach(), torch.full((3,), 1 - (1 + 0.5) - (1 + 0.5 * 1.5)))
+    assert flat[:layout.parameter_count].abs().sum() > 0
