@@ -105,7 +105,7 @@ TORCHVISION_PREFIX = "torchvision:"
 MAX_NAME_LENGTH = 64  # the longest torchvision name has 22 characters; a name from the network may be anything
 MAX_CLASSES = 100_000  # past ImageNet-21k's 21,843: a classifier row per class, so this bounds what a name can cost
 # Classifiers of torchvision that cannot take the project's 32x32 images (utils.IMAGE_SIZE), measured by
-# tests/test_model.py at 32 and 64 pixels; every other one of torchvision's registry can.
+# tests/unit/test_model.py at 32 and 64 pixels; every other one of torchvision's registry can.
 TOO_SMALL_INPUTS = {
     "alexnet": "its last max-pool needs inputs of at least 63x63 pixels",
     "inception_v3": "its stem needs inputs of at least 75x75 pixels",

@@ -37,7 +37,7 @@ def tune_allocator() -> bool:
     By default every buffer over 32 MiB is a fresh mmap that page-faults on first touch (a 45 MB copy:
     27 ms instead of 6), and each thread that allocates gets its own heap, so memory freed by gRPC's
     threads cannot serve the main thread. Kept in one heap, 45 MB messages move 2-4x faster and the
-    leader's memory does not grow with its learner count (see README, Performance); the price is that
+    leader's memory does not grow with its learner count (see docs/performance); the price is that
     RSS stays at its peak. Returns False where the C library is not glibc (then nothing changes)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -191,7 +191,7 @@ class RoundUpdates:
 
     def add(self, pieces: list[torch.Tensor], samples: int, loss: float) -> None:
         """Add one learner's update, given as consecutive 1-D pieces of any floating-point dtype that together
-        cover the vector (wire.flat_runs), the mean over its `samples` examples."""
+        cover the vector (codec.flat_runs), the mean over its `samples` examples."""
         clip, keep = self.clip_norm > 0, self.rule.keeps_updates
         if clip or keep:
             update = torch.cat([piece.float() for piece in pieces])

@@ -67,7 +67,7 @@ class RoundCollector:
 
     def submit(self, learner_id: int, round_index: int, gradient: list[torch.Tensor], samples: int, loss: float,
                wire_bytes: int) -> str | None:
-        """Add a learner's gradient (pieces as wire.flat_runs gives them) to the open round; the reason it
+        """Add a learner's gradient (pieces as codec.flat_runs gives them) to the open round; the reason it
         was ignored, or None if counted."""
         with self._changed:
             if round_index != self._round:

@@ -151,11 +151,11 @@ def warn_if_open(bind: str, port: int, security: Security) -> None:
     """Say who can call a server reachable beyond this machine, when that is anyone."""
     if not (security.token or security.ca):
         log.warning("listening on %s without a token or client certificates: anyone who can reach port %d can join, "
-                    "read the model and send updates; use --token and --tls-cert/--tls-key/--tls-ca (README, Security)",
+                    "read the model and send updates; use --token and --tls-cert/--tls-key/--tls-ca (docs/security.md)",
                     bind, port)
     elif not security.certificate:
         log.warning("listening on %s in plaintext: the token crosses the network readable by anyone on the way; "
-                    "add --tls-cert/--tls-key (README, Security)", bind)
+                    "add --tls-cert/--tls-key (docs/security.md)", bind)
 
 
 def _is_loopback(host: str) -> bool:

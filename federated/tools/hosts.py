@@ -1,5 +1,5 @@
 """Test hosts: network namespaces with addresses of their own on a bridge, so that a leader and its learners
-run as on separate machines (for tests/test_hosts.py and bench.py's links figure).
+run as on separate machines (for tests/e2e/test_hosts.py and the benchmark's links figure).
 
 Nothing here touches the root namespace's interfaces or routes: the bridge lives in a namespace of its own,
 each host's veth pair is created inside that namespace with its other end placed straight into the host's,

@@ -57,7 +57,7 @@ def start_federation(learners: int, leader_args: list[str], port: int, out: Path
     """Start the leader and the learners, each learner with its share of this machine's cores, logging to
     out/*.log (the leader to this console instead, if asked). All on localhost, or with hosts the leader on
     hosts[0] and learner i on hosts[i + 1], given only the leader's address (each host has .prefix, the
-    command that runs a program there, and .address: tests/hosts.py's network namespaces).
+    command that runs a program there, and .address: tools/hosts.py's network namespaces).
 
     On localhost everything listens on the loopback interface only, and the learners start once the leader
     listens (no learner if it exits first: the leader's exit code says why). With hosts the learners start at
