@@ -11,7 +11,7 @@ GENERATED := protos/leader_pb2.py protos/leader_pb2.pyi protos/leader_pb2_grpc.p
 TORCH_INDEX ?=
 TORCH_PINS := $(shell grep -oE '^(torch|torchvision)==[^ #]+' requirements.txt)
 
-.PHONY: install proto demo test test-fast test-long bench bench-full certs docs clean
+.PHONY: install proto demo test test-fast test-long lint bench bench-full certs docs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -40,6 +40,12 @@ test-fast: install
 
 test-long: install
 	$(PY) -m pytest -q -m long
+
+# ruff (lint, and the format check) and mypy, as pyproject.toml configures them; no findings is the bar.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # bench: the headline figures (under 10 minutes on 2 cores); bench-full: every figure (over an hour).
 # Both write bench/results.json; python bench.py --list names the figures.

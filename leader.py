@@ -1,4 +1,5 @@
-"""The leader: owns the global model, registers learners, serves model and data, and runs the rounds (python leader.py --help)."""
+"""The leader: owns the global model, registers learners, serves model and data, and runs the rounds
+(python leader.py --help)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""A learner: registers with the leader, trains the global model on its own data, and sends updates back (python learner.py --help)."""
+"""A learner: registers with the leader, trains the global model on its own data, and sends updates back
+(python learner.py --help)."""
 
 import sys
 

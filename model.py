@@ -4,8 +4,8 @@ the only model code: weights travel, code never does."""
 import functools
 import logging
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 GROUPS = 2
 # The CIFAR ResNets' normalisation. Group norm keeps no running statistics: each image is normalised by itself, so
 # learners with skewed labels no longer train on, and average, statistics of unlike batches (Hsieh et al. 2020).
-NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {"batch": nn.BatchNorm2d,
-                                                      "group": functools.partial(nn.GroupNorm, GROUPS)}
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    "group": functools.partial(nn.GroupNorm, GROUPS),
+}
 NORMS = tuple(NORM_LAYERS)
 
 
@@ -39,8 +41,14 @@ class ShortcutA(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions, each normalised, and a residual connection."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, projection_shortcut: bool,
-                 norm_layer: Callable[[int], nn.Module]) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        projection_shortcut: bool,
+        norm_layer: Callable[[int], nn.Module],
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = norm_layer(planes)
@@ -49,9 +57,7 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             if projection_shortcut:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, 1, stride, bias=False), norm_layer(planes)
-                )
+                self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), norm_layer(planes))
             else:
                 self.shortcut = ShortcutA(planes - in_planes)
 
@@ -64,8 +70,9 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs: a 3x3 stem (no max-pool), stages of basic blocks, global pooling."""
 
-    def __init__(self, widths: list[int], blocks: list[int], num_classes: int, projection_shortcut: bool,
-                 norm: str = "batch") -> None:
+    def __init__(
+        self, widths: list[int], blocks: list[int], num_classes: int, projection_shortcut: bool, norm: str = "batch"
+    ) -> None:
         super().__init__()
         # The modules keep their names (bn1, bn2) with group norm: the weights are named alike, and files of the
         # two norms still tell apart by the running statistics only batch norm has.
@@ -110,8 +117,9 @@ TOO_SMALL_INPUTS = {
     "alexnet": "its last max-pool needs inputs of at least 63x63 pixels",
     "inception_v3": "its stem needs inputs of at least 75x75 pixels",
     "maxvit_t": "it is built for one input size (224x224 pixels)",
-    **{name: "it is built for one input size (224x224 pixels)"
-       for name in ("vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32")},
+    **dict.fromkeys(
+        ("vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"), "it is built for one input size (224x224 pixels)"
+    ),
 }
 # Builder arguments that make a forward pass return plain logits in training mode too (GoogLeNet's auxiliary
 # classifiers would return a tuple), and keep torchvision's current initialisation without its warning.
@@ -147,20 +155,26 @@ def build_model(architecture: str, num_classes: int = 10, norm: str = "batch") -
         return ARCHITECTURES[architecture](num_classes, norm)
     if len(architecture) <= MAX_NAME_LENGTH and architecture.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(architecture.removeprefix(TORCHVISION_PREFIX), num_classes, norm)
-    raise ValueError(f"unknown architecture {architecture[:32]!r}; choose {' or '.join(ARCHITECTURES)}, or "
-                     f"{TORCHVISION_PREFIX}NAME for a classifier of torchvision (python -c "
-                     "'import model; print(*model.architectures())' lists them all)")
+    raise ValueError(
+        f"unknown architecture {architecture[:32]!r}; choose {' or '.join(ARCHITECTURES)}, or "
+        f"{TORCHVISION_PREFIX}NAME for a classifier of torchvision (python -c "
+        "'import model; print(*model.architectures())' lists them all)"
+    )
 
 
 def _torchvision_model(name: str, num_classes: int, norm: str) -> nn.Module:
     if name not in torchvision_models():
-        raise ValueError(f"{name[:32]!r} is not a classifier of torchvision; python -c "
-                         "'import model; print(*model.architectures())' lists the architectures")
+        raise ValueError(
+            f"{name[:32]!r} is not a classifier of torchvision; python -c "
+            "'import model; print(*model.architectures())' lists the architectures"
+        )
     if name in TOO_SMALL_INPUTS:
         raise ValueError(f"{TORCHVISION_PREFIX}{name} cannot classify 32x32 images: {TOO_SMALL_INPUTS[name]}")
     if norm != "batch":  # each model's widths would need their own group count: not offered yet
-        raise ValueError(f"norm={norm!r} is for {' and '.join(ARCHITECTURES)}; torchvision's models keep their own "
-                         "normalisation (norm='batch')")
+        raise ValueError(
+            f"norm={norm!r} is for {' and '.join(ARCHITECTURES)}; torchvision's models keep their own "
+            "normalisation (norm='batch')"
+        )
     import torchvision.models
 
     # get_model looks the name up in torchvision's registry (a dict), never as an attribute
@@ -184,15 +198,20 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> list[str]:
     _check_names(saved, own, path)
     reshaped = [name for name, tensor in own.items() if name in saved and saved[name].shape != tensor.shape]
     if len(reshaped) > MAX_RESHAPED:
-        raise ValueError(f"{path} does not fit this architecture: {len(reshaped)} tensors have other shapes "
-                         f"({_describe(reshaped[:3], saved, own)}); is it for another model?")
+        raise ValueError(
+            f"{path} does not fit this architecture: {len(reshaped)} tensors have other shapes "
+            f"({_describe(reshaped[:3], saved, own)}); is it for another model?"
+        )
     with torch.no_grad():
         for name, tensor in own.items():
             if name in saved and name not in reshaped:  # a counter the file lacks keeps the model's
                 tensor.copy_(saved[name])  # state_dict's tensors share the model's storage
     if reshaped:
-        log.warning("%s: %s keep their fresh initialisation: the file's shapes differ (another number of "
-                    "classes?)", path, _describe(reshaped, saved, own))
+        log.warning(
+            "%s: %s keep their fresh initialisation: the file's shapes differ (another number of classes?)",
+            path,
+            _describe(reshaped, saved, own),
+        )
     return reshaped
 
 
@@ -204,27 +223,38 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         text = str(error)
         refused = re.search(r"GLOBAL (\S+)", text)  # a class or function weights_only would not call
         if refused:
-            raise ValueError(f"{path} holds objects other than tensors ({refused[1]}), which are never unpickled: "
-                             "save the weights alone, with torch.save(model.state_dict(), path)") from error
+            raise ValueError(
+                f"{path} holds objects other than tensors ({refused[1]}), which are never unpickled: "
+                "save the weights alone, with torch.save(model.state_dict(), path)"
+            ) from error
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # its reason, past its advice to trust the file
-        raise ValueError(f"cannot read {path} ({reason[1] if reason else f'{type(error).__name__}: {text[:200]}'}); "
-                         "give a file of torch.save(model.state_dict(), path), such as a run's model.pt") from error
+        raise ValueError(
+            f"cannot read {path} ({reason[1] if reason else f'{type(error).__name__}: {text[:200]}'}); "
+            "give a file of torch.save(model.state_dict(), path), such as a run's model.pt"
+        ) from error
     if isinstance(loaded, Mapping) and not _is_state_dict(loaded):
         loaded = next((loaded[key] for key in WRAPPER_KEYS if _is_state_dict(loaded.get(key))), loaded)
     if not _is_state_dict(loaded):
-        raise ValueError(f"{path} holds no state_dict (a dict of tensors by name, alone or under "
-                         f"{' or '.join(map(repr, WRAPPER_KEYS))}); save one with torch.save(model.state_dict(), path)")
+        raise ValueError(
+            f"{path} holds no state_dict (a dict of tensors by name, alone or under "
+            f"{' or '.join(map(repr, WRAPPER_KEYS))}); save one with torch.save(model.state_dict(), path)"
+        )
     if all(name.startswith("module.") for name in loaded):  # saved from a DataParallel wrapper
         loaded = {name.removeprefix("module."): tensor for name, tensor in loaded.items()}
-    broken = next((name for name, tensor in loaded.items() if tensor.is_floating_point() and not tensor.isfinite().all()), None)
+    broken = next(
+        (name for name, tensor in loaded.items() if tensor.is_floating_point() and not tensor.isfinite().all()), None
+    )
     if broken:
         raise ValueError(f"{path} holds NaN or Inf in {broken}: a run cannot start from it")
     return dict(loaded)
 
 
 def _is_state_dict(value: object) -> bool:
-    return isinstance(value, Mapping) and len(value) > 0 and all(
-        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items())
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items())
+    )
 
 
 def _check_names(saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -234,9 +264,11 @@ def _check_names(saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tens
     missing = [name for name in own if name not in saved and not name.endswith("num_batches_tracked")]
     unexpected = [name for name in saved if name not in own]
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this architecture: it lacks {len(missing)} of the model's tensors "
-                         f"{missing[:3]} and has {len(unexpected)} others {unexpected[:3]}; is it for another model, "
-                         "or the other norm?")
+        raise ValueError(
+            f"{path} does not fit this architecture: it lacks {len(missing)} of the model's tensors "
+            f"{missing[:3]} and has {len(unexpected)} others {unexpected[:3]}; is it for another model, "
+            "or the other norm?"
+        )
 
 
 def _describe(names: list[str], saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:

@@ -53,15 +53,20 @@ def load_dataset(name: str, data_dir: str | Path, train: bool, image_size: int =
         data = cifar10(Path(data_dir), train)
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
-    return data if image_size == data.image_size else ImageSet(resize(data.images, image_size), data.labels, data.num_classes)
+    return (
+        data
+        if image_size == data.image_size
+        else ImageSet(resize(data.images, image_size), data.labels, data.num_classes)
+    )
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 images resized (bilinear, antialiased when shrinking) to size x size, in bounded blocks."""
     resized = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
     for block in torch.arange(len(images)).split(1000):
-        scaled = F.interpolate(images[block].float(), size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)
+        scaled = F.interpolate(
+            images[block].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         resized[block] = scaled.round_().clamp_(0, 255).to(torch.uint8)
     return resized
 
@@ -210,7 +215,9 @@ def channel_sums(images: torch.Tensor) -> tuple[list[float], list[float]]:
 MIN_STD = 0.01  # a channel that barely varies is not blown up into noise (nor by a summary that says so)
 
 
-def stats_from_sums(sums: list[float], squares: list[float], pixels_per_channel: float) -> tuple[list[float], list[float]]:
+def stats_from_sums(
+    sums: list[float], squares: list[float], pixels_per_channel: float
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation from channel_sums' totals over pixels_per_channel pixels."""
     mean = [total / pixels_per_channel for total in sums]
     std = [max(MIN_STD, max(0.0, square / pixels_per_channel - m * m) ** 0.5) for square, m in zip(squares, mean)]

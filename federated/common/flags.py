@@ -16,8 +16,9 @@ import difflib
 import sys
 import types
 import typing
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
+from typing import Any
 
 Choices = Sequence[str] | Callable[[], Sequence[str]]
 
@@ -159,6 +160,8 @@ def _terminal_width() -> int:
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are short: the problem, a guess at a misspelt flag, and where help is."""
 
+    fields: list["Field"]  # the configuration's flags, for --help's notes on scopes
+
     def error(self, message: str) -> typing.NoReturn:
         known = [option for action in self._actions for option in action.option_strings]
         hint = ""
@@ -173,8 +176,9 @@ class _Help(argparse.Action):
     """--help: lists choices that live in other modules (importing them) before printing."""
 
     def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
-        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
-                         help="show this help and exit")
+        super().__init__(
+            option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help="show this help and exit"
+        )
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
         for action in parser._actions:
@@ -208,8 +212,9 @@ Listings = dict[str, tuple[str, Callable[[], str]]]  # option: (help, the text i
 class _Listing(argparse.Action):
     """A flag that prints a listing (which may import torch) and exits, like --help."""
 
-    def __init__(self, option_strings: list[str], dest: str, listing: Callable[[], str], help: str,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, option_strings: list[str], dest: str, listing: Callable[[], str], help: str, **kwargs: Any
+    ) -> None:
         super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
         self.listing = listing
 
@@ -218,15 +223,29 @@ class _Listing(argparse.Action):
         parser.exit()
 
 
-def build_parser(config_type: type, description: str, epilog: str = "", prog: str | None = None,
-                 groups: dict[str, str] | None = None, role: str = "", listings: Listings | None = None) -> Parser:
+def build_parser(
+    config_type: type,
+    description: str,
+    epilog: str = "",
+    prog: str | None = None,
+    groups: dict[str, str] | None = None,
+    role: str = "",
+    listings: Listings | None = None,
+) -> Parser:
     """An argument parser for a configuration dataclass: one flag per field, in groups (titled by groups,
     described by its values), no defaults filled in (so that a resume can tell what was given); listings are
     flags that print something and exit."""
     usage = " ".join(["%(prog)s [--help]", *(f"[{name}]" for name in listings or {}), "[--FLAG VALUE ...]"])
-    parser = Parser(prog=prog, usage=usage, description=description, epilog=epilog,
-                    formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS, add_help=False)
-    parser.fields = fields(config_type)  # type: ignore[attr-defined]
+    parser = Parser(
+        prog=prog,
+        usage=usage,
+        description=description,
+        epilog=epilog,
+        formatter_class=HelpFormatter,
+        argument_default=argparse.SUPPRESS,
+        add_help=False,
+    )
+    parser.fields = fields(config_type)
     parser.add_argument("-h", "--help", action=_Help)
     for option_string, (text, listing) in (listings or {}).items():
         parser.add_argument(option_string, action=_Listing, listing=listing, help=text)
@@ -234,10 +253,13 @@ def build_parser(config_type: type, description: str, epilog: str = "", prog: st
     for name, text in (groups or {}).items():
         sections[name] = parser.add_argument_group(name, text or None)
     order = list(groups or {})
-    for field in sorted(parser.fields, key=lambda field: order.index(field.flag.group)  # type: ignore[attr-defined]
-                        if field.flag.group in order else len(order)):
+    for field in sorted(
+        parser.fields,
+        key=lambda field: order.index(field.flag.group) if field.flag.group in order else len(order),
+    ):
         section = sections.get(field.flag.group) or sections.setdefault(
-            field.flag.group, parser.add_argument_group(field.flag.group))
+            field.flag.group, parser.add_argument_group(field.flag.group)
+        )
         section.add_argument(field.option, **_argument(field, role)).field = field  # type: ignore[attr-defined]
     return parser
 
@@ -256,8 +278,11 @@ def _argument(field: Field, role: str) -> dict[str, Any]:
     help_text = field.flag.help.replace("{role}", role) + _default_text(field)
     if field.type is bool:
         return {"action": "store_true", "help": help_text}
-    keywords: dict[str, Any] = {"type": _converter(field), "help": help_text.replace("%", "%%"),
-                                "metavar": field.flag.metavar or metavar(field)}
+    keywords: dict[str, Any] = {
+        "type": _converter(field),
+        "help": help_text.replace("%", "%%"),
+        "metavar": field.flag.metavar or metavar(field),
+    }
     choices = field.flag.choices
     if choices is not None:
         keywords["choices"] = _LazyChoices(choices) if callable(choices) else choices
@@ -289,8 +314,9 @@ def _converter(field: Field) -> Callable[[str], Any]:
         try:
             value = field.type(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if field.type is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if field.type is int else 'a number'}, got {text!r}"
+            ) from None
         bounds = field.flag.bounds  # bounds from torch modules (functions) are checked after parsing
         if isinstance(bounds, Bounds) and not bounds.holds(value):
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
@@ -351,8 +377,10 @@ def scope_problems(config: Any, given: Iterable[str]) -> list[str]:
         scope = by_name[name].flag.scope
         if scope is not None and name not in scope.readers(getattr(config, scope.chooser)):
             chooser = by_name[scope.chooser]
-            problems.append(f"{by_name[name].option} is {scope_text(by_name[name], list(by_name.values()))}, not "
-                            f"{chooser.option} {getattr(config, scope.chooser)}")
+            problems.append(
+                f"{by_name[name].option} is {scope_text(by_name[name], list(by_name.values()))}, not "
+                f"{chooser.option} {getattr(config, scope.chooser)}"
+            )
     return problems
 
 
@@ -372,6 +400,7 @@ def resume_values(config_type: type, given: dict[str, Any], saved: dict[str, Any
         if field.name in saved:
             values[field.name] = saved[field.name]
         if field.name in given and given[field.name] != values.get(field.name, field.default):
-            conflicts.append(f"{field.option} {given[field.name]} (the checkpoint has "
-                             f"{values.get(field.name, field.default)})")
+            conflicts.append(
+                f"{field.option} {given[field.name]} (the checkpoint has {values.get(field.name, field.default)})"
+            )
     return {**values, **given}, conflicts

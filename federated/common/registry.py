@@ -1,6 +1,7 @@
 """Things registered by name (strategies, aggregation rules), looked up by the name a flag or a peer gives."""
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -5,7 +5,7 @@ import contextlib
 import ctypes
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -14,10 +14,12 @@ from federated.common.registry import Registry
 
 # --- aggregation rules: each takes the round's updates stacked as rows [K, D] ------------------------------
 
+
 def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The mean of the rows, weighted (by sample counts)."""
     weights = weights.to(updates.dtype)
     return weights @ updates / weights.sum()
+
 
 def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
     """Each coordinate's median (Yin et al. 2018); with an even count, the mean of the two middle values."""
@@ -25,11 +27,13 @@ def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
     count = len(updates)
     return (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
 
+
 def trimmed_mean(updates: torch.Tensor, trim: float) -> torch.Tensor:
     """Each coordinate's mean after dropping its floor(trim * K) largest and smallest values (Yin et al. 2018)."""
     count = len(updates)
     cut = min(math.floor(trim * count), (count - 1) // 2)
-    return updates.sort(dim=0).values[cut:count - cut].mean(dim=0)
+    return updates.sort(dim=0).values[cut : count - cut].mean(dim=0)
+
 
 def krum_scores(updates: torch.Tensor, byzantine: int) -> torch.Tensor:
     """Blanchard et al. 2017: each update's summed squared distance to its K - F - 2 nearest others (at least 1)."""
@@ -40,6 +44,7 @@ def krum_scores(updates: torch.Tensor, byzantine: int) -> torch.Tensor:
     distances.fill_diagonal_(math.inf)
     return distances.topk(neighbours, dim=1, largest=False).values.sum(dim=1)
 
+
 def multi_krum(updates: torch.Tensor, byzantine: int, selected: int) -> tuple[torch.Tensor, list[int]]:
     """The mean of the `selected` updates with the lowest Krum scores, and their indices (Krum: selected=1).
     Ties go by a digest of the update's bytes, so that the result never depends on the order of arrival."""
@@ -48,12 +53,14 @@ def multi_krum(updates: torch.Tensor, byzantine: int, selected: int) -> tuple[to
     chosen = sorted(range(len(updates)), key=lambda index: (scores[index], digest(index)))[:selected]
     return updates[chosen].mean(dim=0), chosen
 
+
 def clip_to_norm(update: torch.Tensor, max_norm: float) -> float:
     """Scale update in place so that its L2 norm is at most max_norm; returns the norm it had."""
     norm = torch.linalg.vector_norm(update).item()
     if norm > max_norm:
         update.mul_(max_norm / norm)
     return norm
+
 
 class Aggregator:
     """An aggregation rule. Only the mean weights by sample count: robust rules treat every learner alike, or a
@@ -196,7 +203,7 @@ class RoundUpdates:
         if clip or keep:
             update = torch.cat([piece.float() for piece in pieces])
             if clip:
-                clip_to_norm(update[:self.model_size], self.clip_norm)
+                clip_to_norm(update[: self.model_size], self.clip_norm)
             pieces = [update]
         if keep:
             self.kept.append(pieces[0])

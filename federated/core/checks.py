@@ -2,7 +2,7 @@
 are variances. Fast passes at memory speed, and a slower one that names the first culprit."""
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -25,9 +25,11 @@ def problem_in(named: Mapping[str, torch.Tensor], flat: torch.Tensor) -> str | N
         return None
     return first_problem(named.items())
 
+
 def any_negative(tensors: list[torch.Tensor]) -> bool:
     """Whether any element of the tensors is negative (one pass over them all)."""
     return bool(tensors) and torch.cat([tensor.reshape(-1) for tensor in tensors]).min().item() < 0
+
 
 def first_problem(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """'NaN or Inf in NAME' or 'a negative variance in NAME' for the first such tensor, else None."""

@@ -8,7 +8,7 @@ per learner. On the wire the gradients may be float16 or bfloat16; the statistic
 """
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,13 +25,17 @@ STATISTICS_DTYPE = torch.float32
 # ulp a round over five learners of unequal batches).
 RUNNING_STATISTICS = ("running_mean", "running_var")
 
+
 class GradientLayout:
     """Where each parameter gradient and running statistic of a model sits in one flat float32 vector."""
 
     def __init__(self, model: nn.Module, wire_dtype: torch.dtype = torch.float32, controls: bool = False) -> None:
         self.parameters = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.buffers = [(name, b) for name, b in model.named_buffers()
-                        if b.is_floating_point() and name.rsplit(".", 1)[-1] in RUNNING_STATISTICS]
+        self.buffers = [
+            (name, b)
+            for name, b in model.named_buffers()
+            if b.is_floating_point() and name.rsplit(".", 1)[-1] in RUNNING_STATISTICS
+        ]
         self.counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
         self.variances = [name for name, _ in self.buffers if name.endswith("running_var")]
         self.parameter_count = sum(p.numel() for _, p in self.parameters)
@@ -41,7 +45,11 @@ class GradientLayout:
         self.spec: TensorSpec = {  # what an update payload must hold, in order
             **{name: (wire_dtype, tuple(p.shape)) for name, p in self.parameters},
             **{name: (STATISTICS_DTYPE, tuple(b.shape)) for name, b in self.buffers},
-            **({control_name(name): (STATISTICS_DTYPE, tuple(p.shape)) for name, p in self.parameters} if controls else {}),
+            **(
+                {control_name(name): (STATISTICS_DTYPE, tuple(p.shape)) for name, p in self.parameters}
+                if controls
+                else {}
+            ),
         }
 
     @property
@@ -89,17 +97,22 @@ class GradientLayout:
             for counter in self.counters:
                 counter += batches
 
+
 def control_name(parameter: str) -> str:
     """The name under which a parameter's SCAFFOLD control variate travels."""
     return f"control.{parameter}"
 
-def wire_state(model: nn.Module, wire_dtype: torch.dtype, control: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+
+def wire_state(
+    model: nn.Module, wire_dtype: torch.dtype, control: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """A model's state_dict as it travels: parameters in the wire dtype, buffers (BatchNorm statistics,
     batch counters) as they are (no copy for float32); with SCAFFOLD, then the server's control variate
     (a flat vector over the trainable parameters) in float32."""
     parameters = {name for name, _ in model.named_parameters()}
-    state = {name: tensor.to(wire_dtype) if name in parameters else tensor
-             for name, tensor in model.state_dict().items()}
+    state = {
+        name: tensor.to(wire_dtype) if name in parameters else tensor for name, tensor in model.state_dict().items()
+    }
     if control is not None:
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         pieces = control.split([p.numel() for _, p in trainable])

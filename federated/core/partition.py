@@ -29,9 +29,16 @@ SUMMARY_CLASSES = 6  # a log line names at most this many classes, so it stays s
 LEGEND_CLASSES = 20  # more classes than this get a colour bar instead of a legend
 
 
-def partition(labels: torch.Tensor, num_learners: int, scheme: str, seed: int, alpha: float = 0.5,
-              classes_per_learner: int = 2, num_classes: int | None = None,
-              min_samples: int = 1) -> list[torch.Tensor]:
+def partition(
+    labels: torch.Tensor,
+    num_learners: int,
+    scheme: str,
+    seed: int,
+    alpha: float = 0.5,
+    classes_per_learner: int = 2,
+    num_classes: int | None = None,
+    min_samples: int = 1,
+) -> list[torch.Tensor]:
     """The indices of labels that each of num_learners learners gets under scheme (see SCHEMES and the module
     docstring), a pure function of its arguments. alpha is used by dirichlet and quantity, classes_per_learner
     by classes; num_classes defaults to the largest label + 1; every learner gets at least min_samples.
@@ -51,8 +58,10 @@ def partition(labels: torch.Tensor, num_learners: int, scheme: str, seed: int, a
         shards = _quantity(len(labels), num_learners, _checked_alpha(alpha), min_samples, rng)
     small = [learner for learner, shard in enumerate(shards) if len(shard) < min_samples]
     if small:
-        raise ValueError(f"{scheme} partition: learners {small[:10]} would get fewer than {min_samples} samples "
-                         f"of {len(labels)}; use fewer learners")
+        raise ValueError(
+            f"{scheme} partition: learners {small[:10]} would get fewer than {min_samples} samples "
+            f"of {len(labels)}; use fewer learners"
+        )
     return shards
 
 
@@ -63,8 +72,10 @@ def _check_request(labels: torch.Tensor, num_learners: int, num_classes: int | N
     if num_learners < 1 or min_samples < 1:
         raise ValueError(f"need at least 1 learner and 1 sample each, not {num_learners} and {min_samples}")
     if num_learners * min_samples > len(labels):
-        raise ValueError(f"cannot give {num_learners} learners {min_samples} of {len(labels)} samples each: "
-                         f"use at most {len(labels) // min_samples} learners")
+        raise ValueError(
+            f"cannot give {num_learners} learners {min_samples} of {len(labels)} samples each: "
+            f"use at most {len(labels) // min_samples} learners"
+        )
     top = int(labels.max()) + 1
     if labels.min() < 0 or (num_classes is not None and top > num_classes):
         raise ValueError(f"labels must lie in 0..{(num_classes or top) - 1}; found {int(labels.min())}..{top - 1}")
@@ -77,8 +88,9 @@ def _checked_alpha(alpha: float) -> float:
     return alpha
 
 
-def _dirichlet(labels: torch.Tensor, num_learners: int, num_classes: int, alpha: float, min_samples: int,
-               rng: np.random.Generator) -> list[torch.Tensor]:
+def _dirichlet(
+    labels: torch.Tensor, num_learners: int, num_classes: int, alpha: float, min_samples: int, rng: np.random.Generator
+) -> list[torch.Tensor]:
     """Label skew by a Dirichlet(alpha) over learners per class, as Yurochkin et al. 2019 and the NIID-Bench
     of Li et al. 2022 implement it. Hsu et al. 2019 draw the other way round, a class distribution per
     learner from Dirichlet(alpha * prior); both tend to IID as alpha grows and to one class per learner as
@@ -90,13 +102,16 @@ def _dirichlet(labels: torch.Tensor, num_learners: int, num_classes: int, alpha:
         counts = _split_counts(totals, rng.dirichlet(np.full(num_learners, alpha), size=num_classes))
         if counts.sum(0).min() >= min_samples:
             return _deal(groups, counts)
-    raise ValueError(f"dirichlet partition: in {MAX_DIRICHLET_DRAWS} draws with alpha {alpha}, some of the "
-                     f"{num_learners} learners always got fewer than {min_samples} of {len(labels)} samples; "
-                     f"use a larger alpha or fewer learners")
+    raise ValueError(
+        f"dirichlet partition: in {MAX_DIRICHLET_DRAWS} draws with alpha {alpha}, some of the "
+        f"{num_learners} learners always got fewer than {min_samples} of {len(labels)} samples; "
+        f"use a larger alpha or fewer learners"
+    )
 
 
-def _classes(labels: torch.Tensor, num_learners: int, num_classes: int, per_learner: int,
-             rng: np.random.Generator) -> list[torch.Tensor]:
+def _classes(
+    labels: torch.Tensor, num_learners: int, num_classes: int, per_learner: int, rng: np.random.Generator
+) -> list[torch.Tensor]:
     """Pathological label skew: each learner holds exactly per_learner classes, and a class's samples are
     split evenly among the learners holding it.
 
@@ -107,12 +122,16 @@ def _classes(labels: torch.Tensor, num_learners: int, num_classes: int, per_lear
     per_learner classes (fewer only where a class has fewer samples than learners holding it)."""
     present = labels.bincount(minlength=num_classes).nonzero().flatten()
     if not 1 <= per_learner <= len(present):
-        raise ValueError(f"use classes_per_learner between 1 and {len(present)} (the classes present in the "
-                         f"labels), not {per_learner}")
+        raise ValueError(
+            f"use classes_per_learner between 1 and {len(present)} (the classes present in the "
+            f"labels), not {per_learner}"
+        )
     if num_learners * per_learner < len(present):
-        raise ValueError(f"{num_learners} learners with {per_learner} classes each cannot hold all {len(present)} "
-                         f"classes; use at least {-(-len(present) // num_learners)} classes per learner "
-                         f"or at least {-(-len(present) // per_learner)} learners")
+        raise ValueError(
+            f"{num_learners} learners with {per_learner} classes each cannot hold all {len(present)} "
+            f"classes; use at least {-(-len(present) // num_learners)} classes per learner "
+            f"or at least {-(-len(present) // per_learner)} learners"
+        )
     groups = [group for group in _shuffled_classes(labels, num_classes, rng) if len(group)]
     holds = _class_holders(len(present), num_learners, per_learner, rng)
     totals = np.array([len(group) for group in groups])
@@ -131,8 +150,9 @@ def _class_holders(num_classes: int, num_learners: int, per_learner: int, rng: n
     return holds
 
 
-def _quantity(num_samples: int, num_learners: int, alpha: float, min_samples: int,
-              rng: np.random.Generator) -> list[torch.Tensor]:
+def _quantity(
+    num_samples: int, num_learners: int, alpha: float, min_samples: int, rng: np.random.Generator
+) -> list[torch.Tensor]:
     """Quantity skew: a seeded shuffle cut into shards of min_samples plus a Dirichlet(alpha) share of the rest
     each. The floor is built in rather than redrawn for, so any alpha works; labels are IID by the shuffle."""
     spare = np.array([num_samples - num_learners * min_samples])
@@ -177,8 +197,12 @@ def _describe_learner(learner: int, row: list[int], max_classes: int) -> str:
         return head + "classes " + " ".join(f"{label}:{count}" for label, count in held)
     largest = sorted(held, key=lambda item: -item[1])[:max_classes]
     rest = sum(row) - sum(count for _, count in largest)
-    return (head + f"{len(held)} classes, largest " + " ".join(f"{label}:{count}" for label, count in largest)
-            + f", {len(held) - max_classes} more with {rest}")
+    return (
+        head
+        + f"{len(held)} classes, largest "
+        + " ".join(f"{label}:{count}" for label, count in largest)
+        + f", {len(held) - max_classes} more with {rest}"
+    )
 
 
 def records(counts: list[list[int]]) -> list[dict]:
@@ -186,8 +210,9 @@ def records(counts: list[list[int]]) -> list[dict]:
     return [{"learner_id": learner, "samples": sum(row), "label_counts": row} for learner, row in enumerate(counts)]
 
 
-def write_partition(out_dir: Path, labels: torch.Tensor, shards: list[torch.Tensor],
-                    num_classes: int) -> list[list[int]]:
+def write_partition(
+    out_dir: Path, labels: torch.Tensor, shards: list[torch.Tensor], num_classes: int
+) -> list[list[int]]:
     """Writes out_dir/partition.json (a list of records(), one learner a line) and out_dir/partition.png;
     returns the label counts (for describe)."""
     counts = label_counts(labels, shards, num_classes)
@@ -212,12 +237,23 @@ def plot_partition(counts: list[list[int]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(min(5 + 0.15 * num_learners, 20), 4.5))
     bottom = np.zeros(num_learners)
     for label in range(num_classes):
-        axis.bar(range(num_learners), table[:, label], bottom=bottom, width=0.85, color=colours[label],
-                 linewidth=0, label=str(label))
+        axis.bar(
+            range(num_learners),
+            table[:, label],
+            bottom=bottom,
+            width=0.85,
+            color=colours[label],
+            linewidth=0,
+            label=str(label),
+        )
         bottom += table[:, label]
     axis.xaxis.set_major_locator(MaxNLocator(nbins=min(num_learners, 25), integer=True))
-    axis.set(xlabel="learner", ylabel="samples", xlim=(-0.6, num_learners - 0.4),
-             title=f"{int(table.sum())} samples among {num_learners} learners, by class")
+    axis.set(
+        xlabel="learner",
+        ylabel="samples",
+        xlim=(-0.6, num_learners - 0.4),
+        title=f"{int(table.sum())} samples among {num_learners} learners, by class",
+    )
     if num_classes <= LEGEND_CLASSES:
         axis.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + (num_classes > 10))
     else:

@@ -1,7 +1,7 @@
 """The leader's optimizer step: SGD with momentum for FedSGD, and the guard that refuses or undoes a step that
 would leave a non-finite or absurd model."""
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
+
 def apply_mean_gradient(
     layout: GradientLayout, optimizer: torch.optim.Optimizer, mean: torch.Tensor, lr: float, batches: int = 1
 ) -> None:
@@ -26,6 +27,7 @@ def apply_mean_gradient(
         group["lr"] = lr
     optimizer.step()
     layout.write_buffers(mean, batches)
+
 
 # Bounds past which a step is no step of a sane run but a hostile update's blow-up. Training ResNet-20 and
 # ResNet-18 on the synthetic set (lr 0.1-0.4, momentum 0.9) measured at most: a step of 0.04 times the
@@ -41,6 +43,7 @@ MAX_MOMENTUM_REACH = 10.0
 MAX_STATISTIC_CHANGE = 1000.0
 
 OPTIMIZER_STATE = ("momentum_buffer", "variance")  # what SGD and strategies.ServerOptimizer keep per parameter
+
 
 class GuardedStep:
     """apply_mean_gradient, refused or undone when it would leave a NaN, an Inf or a negative BatchNorm
@@ -73,8 +76,12 @@ class GuardedStep:
         """What a step changes, by name: parameters, then running statistics, then the optimizer's state (momentum
         first, once there is some; a server optimizer's second moments after it)."""
         names: dict[torch.Tensor, str] = {parameter: name for name, parameter in self.layout.parameters}
-        state = {f"{key} of {names[p]}": tensor for key in OPTIMIZER_STATE for p, entries in self.optimizer.state.items()
-                 if isinstance(tensor := entries.get(key), torch.Tensor)}
+        state = {
+            f"{key} of {names[p]}": tensor
+            for key in OPTIMIZER_STATE
+            for p, entries in self.optimizer.state.items()
+            if isinstance(tensor := entries.get(key), torch.Tensor)
+        }
         return {**{name: p.detach() for name, p in self.layout.parameters}, **dict(self.layout.buffers), **state}
 
     def _flatten(self, which: str, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -98,7 +105,7 @@ class GuardedStep:
             if norm(change) > MAX_TENSOR_STEP * max(norm(old), 1.0):
                 return f"the step would change {name} by {norm(change) / max(norm(old), 1.0):.3g} times its norm"
         momentum = self.optimizer.param_groups[0].get("momentum", 0.0)
-        momenta = after[statistics.stop:][:layout.parameter_count]
+        momenta = after[statistics.stop :][: layout.parameter_count]
         reach = lr / (1 - momentum) * norm(momenta) if momentum and momenta.numel() else 0.0
         if reach > MAX_MOMENTUM_REACH * size:
             return f"the momentum would carry the weights {reach / size:.3g} times their norm further"

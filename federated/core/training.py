@@ -7,8 +7,8 @@ from the round's global weights w0 with a fresh client optimizer and sends the p
 ended with and, for SCAFFOLD, the change of its control variate.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,13 @@ class LocalHooks:
     """What a strategy adds to plain local SGD: nothing here; FedProx's proximal term and SCAFFOLD's correction
     and control update in theirs."""
 
-    def after_backward(self, gradient: torch.Tensor, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                       start: Sequence[torch.Tensor]) -> None:
+    def after_backward(
+        self,
+        gradient: torch.Tensor,
+        grads: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        start: Sequence[torch.Tensor],
+    ) -> None:
         """Change the step's gradient in place before the optimizer steps: the flat vector, or the same memory as
         one tensor per parameter (grads, the parameters' .grad); weights are the parameters, start the round's
         global weights."""
@@ -53,8 +58,14 @@ def flat_parameters(layout: GradientLayout) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for _, p in layout.parameters])
 
 
-def train_locally(model: nn.Module, layout: GradientLayout, flat: torch.Tensor, batch_at: Callable[[int], Batch],
-                  plan: TrainingPlan, hooks: LocalHooks = LocalHooks()) -> float:
+def train_locally(
+    model: nn.Module,
+    layout: GradientLayout,
+    flat: torch.Tensor,
+    batch_at: Callable[[int], Batch],
+    plan: TrainingPlan,
+    hooks: LocalHooks = LocalHooks(),
+) -> float:
     """plan.local_steps SGD steps from the model's weights w0 with a fresh client optimizer, the hooks adjusting
     each step's gradients; then fill flat (bound with layout.bind_gradients) with the pseudo-gradient w0 - w and the
     statistics the learner ended with. batch_at(k) is the round's k-th batch. Returns the mean training loss."""
@@ -86,6 +97,7 @@ class Evaluation:
     loss: float
     accuracy: float
     correct: int
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> Evaluation:

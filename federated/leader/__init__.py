@@ -1,1 +1,2 @@
-"""The leader process: slots and registrations, the open round, calls to learners, rounds as a whole, the global model, the servicer, evaluation, checkpoints and the run."""
+"""The leader process: its flags, slots and registrations, the open round, calls to learners, rounds as a whole, the
+global model, the servicer, evaluation, checkpoints and the run."""

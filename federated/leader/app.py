@@ -45,25 +45,53 @@ class Leader:
         self.planner = Planner(config, self.strategy, facts)
         num_classes = self.data.num_classes if self.data else typing.cast(int, config.num_classes)  # (configure
         # refuses --dataset none without --num-classes)
-        self.global_model = GlobalModel(config, num_classes, self.strategy, (facts.mean, facts.std) if facts else ([], []))
+        self.global_model = GlobalModel(
+            config, num_classes, self.strategy, (facts.mean, facts.std) if facts else ([], [])
+        )
         self.sampler = torch.Generator().manual_seed(config.seed)  # who takes part in each round
         first_round = self.restore(saved) if saved else 0
         self.registry = Registry(config.learners, config.rejoin_grace, restored_slots(saved))
         layout = self.global_model.layout
-        self.collector = RoundCollector(layout.size, first_round, aggregation.rules.named(config.aggregator).from_config(
-            config), config.clip_norm, layout.parameter_count)
+        self.collector = RoundCollector(
+            layout.size,
+            first_round,
+            aggregation.rules.named(config.aggregator).from_config(config),
+            config.clip_norm,
+            layout.parameter_count,
+        )
         # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
         # until the first round draws its participants and pushes it to them.
         self.participants = ((saved or {}).get("participants") or []) if config.learners_per_round else None
         self.publish_first_state()
         self.evaluations = evaluation.Evaluations()
-        self.federation = Federation(Settings.of(config), self.registry, self.collector, self.global_model,
-                                     self.planner, dispatch.LearnerClient(self.security), self.sampler,
-                                     threading.Event(), self.participants or None)
-        self.rounds = RoundLoop(config, self.planner, self.global_model, self.collector, self.federation,
-                                self.registry, self.evaluations, self.sampler, self.data)
-        log.info("%s with %d parameters%s", config.model, layout.parameter_count,
-                 "; no data: waiting for the learners' summaries" if not facts else "")
+        self.federation = Federation(
+            Settings.of(config),
+            self.registry,
+            self.collector,
+            self.global_model,
+            self.planner,
+            dispatch.LearnerClient(self.security),
+            self.sampler,
+            threading.Event(),
+            self.participants or None,
+        )
+        self.rounds = RoundLoop(
+            config,
+            self.planner,
+            self.global_model,
+            self.collector,
+            self.federation,
+            self.registry,
+            self.evaluations,
+            self.sampler,
+            self.data,
+        )
+        log.info(
+            "%s with %d parameters%s",
+            config.model,
+            layout.parameter_count,
+            "; no data: waiting for the learners' summaries" if not facts else "",
+        )
         if facts:
             self.planner.log()
 
@@ -86,8 +114,9 @@ class Leader:
         first_round = self.collector.round
         finished = first_round >= self.planner.schedule.total_rounds
         plan = self.planner.plan(first_round, self.participants)
-        self.global_model.publish(first_round, finished, plan=TrainingPlan() if finished else
-                                  dataclasses.replace(plan, evaluate=False))
+        self.global_model.publish(
+            first_round, finished, plan=TrainingPlan() if finished else dataclasses.replace(plan, evaluate=False)
+        )
 
     def settle(self) -> bool:
         """A leader without data: combine the registered learners' summaries into the normalisation and the
@@ -104,16 +133,35 @@ class Leader:
 
     def serve(self) -> grpc.Server:
         config = self.config
-        servicer = LeaderServicer(self.registry, self.collector, self.global_model,
-                                  self.data.shards if self.data else None, self.planner, self.federation,
-                                  self.evaluations)
+        servicer = LeaderServicer(
+            self.registry,
+            self.collector,
+            self.global_model,
+            self.data.shards if self.data else None,
+            self.planner,
+            self.federation,
+            self.evaluations,
+        )
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         server, port = rpc.start_server(
-            f"{config.host}:{config.port}", [(ADD_LEADER_SERVICE, servicer)], [rpc.LEADER_SERVICE], limit,
-            self.security, method_limits(config.idle_timeout), config.idle_timeout, self.registry.session_status,
-            self.registry.caller_name, config.learners)
-        log.info("LeaderService listening on %s:%d (%s); waiting for %d learners", config.host, port,
-                 self.security.describe(), config.learners)
+            f"{config.host}:{config.port}",
+            [(ADD_LEADER_SERVICE, servicer)],
+            [rpc.LEADER_SERVICE],
+            limit,
+            self.security,
+            method_limits(config.idle_timeout),
+            config.idle_timeout,
+            self.registry.session_status,
+            self.registry.caller_name,
+            config.learners,
+        )
+        log.info(
+            "LeaderService listening on %s:%d (%s); waiting for %d learners",
+            config.host,
+            port,
+            self.security.describe(),
+            config.learners,
+        )
         return server
 
     def wait_for_learners(self) -> bool:
@@ -126,8 +174,9 @@ class Leader:
 
     def release_learners(self) -> None:
         """The checkpoint is at the final round: save model.pt if missing, and tell the learners it is over."""
-        log.info("the checkpoint is at the final round %d: training is complete; telling its learners",
-                 self.collector.round)
+        log.info(
+            "the checkpoint is at the final round %d: training is complete; telling its learners", self.collector.round
+        )
         if not (self.out / "model.pt").exists():
             self.rounds.save_model()
         self.federation.release()
@@ -135,8 +184,9 @@ class Leader:
     def run(self) -> int:
         """Serve and train to the end; return the exit status (1: stalled for lack of learners)."""
         server = self.serve()
-        metrics = MetricsLog(self.out / "metrics.jsonl", append=self.config.resume is not None,
-                             tensorboard=self.config.tensorboard)
+        metrics = MetricsLog(
+            self.out / "metrics.jsonl", append=self.config.resume is not None, tensorboard=self.config.tensorboard
+        )
         status, total = 0, self.planner.schedule.total_rounds
         try:
             if self.collector.round >= total:
@@ -165,16 +215,22 @@ class Leader:
         """Plot the run and, when it is complete, log its final accuracies and where its files are."""
         config = self.config
         if records:
-            plot_metrics(records, self.out / "metrics.png", f"{config.strategy} on {config.dataset}, {config.model}, "
-                         f"{config.learners} learners")
+            plot_metrics(
+                records,
+                self.out / "metrics.png",
+                f"{config.strategy} on {config.dataset}, {config.model}, {config.learners} learners",
+            )
         if self.collector.round < self.planner.schedule.total_rounds:
             return
         for source in ("leader", "learners"):
             evaluations = [r for r in records if r.get("source", "leader") == source and "test_accuracy" in r]
             if evaluations:
-                log.info("final test accuracy %.4f (%s); model.pt, metrics.jsonl and metrics.png are in %s",
-                         evaluations[-1]["test_accuracy"], "the leader's test split" if source == "leader" else
-                         "the learners' held-out images", self.out)
+                log.info(
+                    "final test accuracy %.4f (%s); model.pt, metrics.jsonl and metrics.png are in %s",
+                    evaluations[-1]["test_accuracy"],
+                    "the leader's test split" if source == "leader" else "the learners' held-out images",
+                    self.out,
+                )
 
 
 def recorded_facts(saved: dict | None) -> DataFacts | None:
@@ -187,5 +243,8 @@ def restored_slots(saved: dict | None) -> list[dict]:
     """The learners' slots a checkpoint recorded (an older one: addresses alone)."""
     if not saved:
         return []
-    return saved["slots"] if "slots" in saved else [{"address": address, "credential": ""}
-                                                      for address in saved["addresses"]]
+    return (
+        saved["slots"]
+        if "slots" in saved
+        else [{"address": address, "credential": ""} for address in saved["addresses"]]
+    )

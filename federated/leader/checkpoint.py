@@ -17,17 +17,34 @@ log = logging.getLogger("leader")
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "metrics.png", "model.pt", "partition.json", "partition.png")
 
 
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy_state: dict, rounds_done: int,
-             slots: list[dict], sampler: torch.Generator, participants: list[int] | None, config: dict,
-             data: dict | None = None) -> dict:
+def snapshot(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    strategy_state: dict,
+    rounds_done: int,
+    slots: list[dict],
+    sampler: torch.Generator,
+    participants: list[int] | None,
+    config: dict,
+    data: dict | None = None,
+) -> dict:
     """Everything a resume needs after rounds_done: the model, the optimizer's state (momentum, or a server
     optimizer's moments), the strategy's own (SCAFFOLD's control), each slot's address and credential (its
     learner takes it back), the random states and the open round's sampled participants, the trajectory flags,
     and the data's normalisation and typical shard size (a leader without data learned them from its learners).
     Learners' positions in their shards are a function of the round and the seed, so the round restores them."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "round": rounds_done, "slots": slots,
-            "rng": torch.get_rng_state(), "sampler": sampler.get_state(), "participants": participants,
-            "config": config, "data": data, **strategy_state}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "round": rounds_done,
+        "slots": slots,
+        "rng": torch.get_rng_state(),
+        "sampler": sampler.get_state(),
+        "participants": participants,
+        "config": config,
+        "data": data,
+        **strategy_state,
+    }
 
 
 def restore(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: torch.Generator) -> int:
@@ -85,6 +102,11 @@ def set_aside_earlier_run(out: Path) -> Path | None:
     aside = Path(tempfile.mkdtemp(prefix=time.strftime("previous-%Y%m%d-%H%M%S-"), dir=out))
     for path in found:
         path.rename(aside / path.name)
-    log.warning("%s held an earlier run; moved its %s to %s (to continue that run instead, pass --resume %s)",
-                out, ", ".join(path.name for path in found), aside, out)
+    log.warning(
+        "%s held an earlier run; moved its %s to %s (to continue that run instead, pass --resume %s)",
+        out,
+        ", ".join(path.name for path in found),
+        aside,
+        out,
+    )
     return aside

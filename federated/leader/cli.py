@@ -2,7 +2,8 @@
 
 import logging
 import signal
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from federated.common.flags import CommandLine
 from federated.leader import config as flags
@@ -27,7 +28,7 @@ def build(given: CommandLine) -> "Leader":
 
 def main(argv: Sequence[str] | None = None) -> int:
     given = flags.command_line(argv)  # a wrong flag is refused before torch is imported
-    import torch  # noqa: I001  (the heavy imports come after parsing, on purpose)
+    import torch
 
     import utils
     from federated.common import runtime

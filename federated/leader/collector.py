@@ -13,6 +13,7 @@ from federated.core.aggregation import Aggregator, Mean, RoundUpdates
 
 MAX_MISSED_ROUNDS = 3
 
+
 @dataclass(frozen=True)
 class RoundSummary:
     round: int
@@ -23,13 +24,20 @@ class RoundSummary:
     given_up: tuple[int, ...] = ()  # learners that have now missed MAX_MISSED_ROUNDS rounds in a row
     per_learner: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)  # samples, loss
 
+
 class RoundCollector:
     """Updates of the open round, combined as they arrive; each learner counts once per round. A learner that
     misses MAX_MISSED_ROUNDS rounds in a row is not waited for until the leader hears from it again: a
     learner that answers everything but never sends a gradient cannot hold every round to its deadline."""
 
-    def __init__(self, size: int, first_round: int = 0, rule: Aggregator = Mean(), clip_norm: float = 0.0,
-                 model_size: int | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        first_round: int = 0,
+        rule: Aggregator = Mean(),
+        clip_norm: float = 0.0,
+        model_size: int | None = None,
+    ) -> None:
         self.rule = rule
         self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm)
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
@@ -52,8 +60,11 @@ class RoundCollector:
         with self._changed:
             earlier = self._sampled if widen and self._sampled is not None else set()
             self._sampled = None if sampled is None else earlier | set(sampled)
-            self._expected = {learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS
-                              and (sampled is None or learner in sampled)}  # the round waits for the new draw
+            self._expected = {
+                learner
+                for learner in learner_ids
+                if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS and (sampled is None or learner in sampled)
+            }  # the round waits for the new draw
 
     def reliable(self, learner_ids: list[int]) -> list[int]:
         """Those of learner_ids that rounds still wait for (not given up on for missing rounds)."""
@@ -65,8 +76,15 @@ class RoundCollector:
         with self._changed:
             self._missed.pop(learner_id, None)
 
-    def submit(self, learner_id: int, round_index: int, gradient: list[torch.Tensor], samples: int, loss: float,
-               wire_bytes: int) -> str | None:
+    def submit(
+        self,
+        learner_id: int,
+        round_index: int,
+        gradient: list[torch.Tensor],
+        samples: int,
+        loss: float,
+        wire_bytes: int,
+    ) -> str | None:
         """Add a learner's gradient (pieces as codec.flat_runs gives them) to the open round; the reason it
         was ignored, or None if counted."""
         with self._changed:
@@ -85,8 +103,9 @@ class RoundCollector:
     def wait_complete(self, timeout: float) -> bool:
         """Whether every expected learner has reported (and at least one has), waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: bool(self._reported) and self._expected <= self._reported.keys(),
-                                          timeout)
+            return self._changed.wait_for(
+                lambda: bool(self._reported) and self._expected <= self._reported.keys(), timeout
+            )
 
     def missing(self) -> list[int]:
         with self._changed:
@@ -104,10 +123,22 @@ class RoundCollector:
             self._updates.combine_into(mean_out)
             for learner in self._expected - self._reported.keys():
                 self._missed[learner] = self._missed.get(learner, 0) + 1
-            given_up = tuple(sorted(learner for learner in self._expected - self._reported.keys()
-                                    if self._missed[learner] == MAX_MISSED_ROUNDS))
-            summary = RoundSummary(self._round, len(self._reported), self._updates.samples,
-                                   self._updates.mean_loss, self._bytes_in, given_up, dict(self._reported))
+            given_up = tuple(
+                sorted(
+                    learner
+                    for learner in self._expected - self._reported.keys()
+                    if self._missed[learner] == MAX_MISSED_ROUNDS
+                )
+            )
+            summary = RoundSummary(
+                self._round,
+                len(self._reported),
+                self._updates.samples,
+                self._updates.mean_loss,
+                self._bytes_in,
+                given_up,
+                dict(self._reported),
+            )
             self._updates.reset()
             self._reported.clear()
             self._round += 1

@@ -5,9 +5,10 @@ functions here, called only after parsing (or by --help): a wrong flag is refuse
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from federated.common.flags import (
     FRACTION,
@@ -120,12 +121,12 @@ WITH_DATA = Scope("dataset", lambda dataset: () if dataset == "none" else ("part
 GROUPS = {
     "learners": "",
     "data": "What the leader trains on: a --dataset it splits among learners (partition.json and partition.png in "
-            "--out show each learner's labels), or none: learners bring their own.",
+    "--out show each learner's labels), or none: learners bring their own.",
     "model": "",
     "strategy": "FedSGD (the default) takes one gradient per learner per round and steps with --lr, --momentum and "
-                "--weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
-                "--local-steps with the client flags, and the leader applies the aggregate change with a server "
-                "optimizer. Flags of another strategy or aggregator than the chosen one are refused.",
+    "--weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
+    "--local-steps with the client flags, and the leader applies the aggregate change with a server "
+    "optimizer. Flags of another strategy or aggregator than the chosen one are refused.",
     "schedule": "",
     "timeouts": "Every wait is bounded; these say how long.",
     "output": "",
@@ -146,135 +147,361 @@ docs: docs/reference/cli.md (every flag), docs/getting-started.md (several machi
 class LeaderConfig(SecurityFlags, Config):
     """Every flag of leader.py (see GROUPS for their sections)."""
 
-    learners: int = option(2, "learners to wait for and train with", group="learners", bounds=Bounds(1),
-                           trajectory=True)
+    learners: int = option(
+        2, "learners to wait for and train with", group="learners", bounds=Bounds(1), trajectory=True
+    )
     min_learners: int | None = option(
-        None, "updates needed to close a round after --round-timeout", group="learners", bounds=Bounds(1),
-        default_text="1; for a robust --aggregator, as many as it needs to outvote a hostile update")
+        None,
+        "updates needed to close a round after --round-timeout",
+        group="learners",
+        bounds=Bounds(1),
+        default_text="1; for a robust --aggregator, as many as it needs to outvote a hostile update",
+    )
     learners_per_round: int = option(
-        0, "train with this many of the active learners each round, sampled with --seed (0: all); the others stay "
-        "registered and idle", group="learners", bounds=NOT_NEGATIVE, trajectory=True)
+        0,
+        "train with this many of the active learners each round, sampled with --seed (0: all); the others stay "
+        "registered and idle",
+        group="learners",
+        bounds=NOT_NEGATIVE,
+        trajectory=True,
+    )
     host: str = option("0.0.0.0", "address to listen on", group="learners")
     port: int = option(50051, "port to listen on", group="learners", bounds=Bounds(0, 65535))
 
-    dataset: str = option("cifar10", "training data to shard among learners, and the test split to evaluate on; "
-                          "none: the leader holds no data, learners train on their own (learner.py --dataset) and "
-                          "evaluate on their own held-out images", group="data", choices=_datasets, trajectory=True)
-    data_dir: str = option("data", "where cifar10 lives (or is downloaded to), or the imagefolder root",
-                           group="data", metavar="DIR")
-    num_classes: int | None = option(None, "classes the model tells apart (needed with --dataset none)", group="data",
-                                     bounds=_class_counts, trajectory=True, default_text="the dataset's")
-    image_size: int = option(Lazy(_image_size), "images are resized to this square size, on the leader and on "
-                             "learners with their own data", group="data", bounds=_image_sizes, trajectory=True,
-                             default_text="32, CIFAR-10's")
-    partition: str = option("iid", "how the leader splits its --dataset: iid, equal random shards; dirichlet, each "
-                            "class spread over learners in Dirichlet(--alpha) proportions (Hsu et al. 2019); classes, "
-                            "--classes-per-learner classes each (McMahan et al. 2017); quantity, balanced labels "
-                            "and Dirichlet(--alpha) sizes", group="data", choices=_partitions, scope=WITH_DATA,
-                            trajectory=True)
-    alpha: float = option(0.5, "Dirichlet concentration (small: more skew)", group="data", bounds=POSITIVE,
-                          scope=PARTITION, trajectory=True)
-    classes_per_learner: int = option(2, "how many classes each learner holds", group="data", bounds=Bounds(1),
-                                      scope=PARTITION, trajectory=True)
+    dataset: str = option(
+        "cifar10",
+        "training data to shard among learners, and the test split to evaluate on; "
+        "none: the leader holds no data, learners train on their own (learner.py --dataset) and "
+        "evaluate on their own held-out images",
+        group="data",
+        choices=_datasets,
+        trajectory=True,
+    )
+    data_dir: str = option(
+        "data", "where cifar10 lives (or is downloaded to), or the imagefolder root", group="data", metavar="DIR"
+    )
+    num_classes: int | None = option(
+        None,
+        "classes the model tells apart (needed with --dataset none)",
+        group="data",
+        bounds=_class_counts,
+        trajectory=True,
+        default_text="the dataset's",
+    )
+    image_size: int = option(
+        Lazy(_image_size),
+        "images are resized to this square size, on the leader and on learners with their own data",
+        group="data",
+        bounds=_image_sizes,
+        trajectory=True,
+        default_text="32, CIFAR-10's",
+    )
+    partition: str = option(
+        "iid",
+        "how the leader splits its --dataset: iid, equal random shards; dirichlet, each "
+        "class spread over learners in Dirichlet(--alpha) proportions (Hsu et al. 2019); classes, "
+        "--classes-per-learner classes each (McMahan et al. 2017); quantity, balanced labels "
+        "and Dirichlet(--alpha) sizes",
+        group="data",
+        choices=_partitions,
+        scope=WITH_DATA,
+        trajectory=True,
+    )
+    alpha: float = option(
+        0.5,
+        "Dirichlet concentration (small: more skew)",
+        group="data",
+        bounds=POSITIVE,
+        scope=PARTITION,
+        trajectory=True,
+    )
+    classes_per_learner: int = option(
+        2, "how many classes each learner holds", group="data", bounds=Bounds(1), scope=PARTITION, trajectory=True
+    )
 
-    model: str = option("resnet20", "resnet20 (0.27 M parameters), resnet18 (11.2 M, CIFAR stem), or "
-                        "torchvision:NAME, a torchvision classifier built from its name alone, e.g. "
-                        "torchvision:mobilenet_v3_small (--list-models lists them)", group="model", metavar="NAME",
-                        trajectory=True)
-    norm: str = option("batch", "normalisation layers of resnet20 and resnet18: group (GroupNorm) copes better with "
-                       "skewed data than batch (Hsieh et al. 2020)", group="model", choices=_norms, trajectory=True)
-    init: str | None = option(None, "start the global model from this state_dict file (e.g. pretrained weights, or "
-                              "an earlier run's model.pt); a classifier of another shape starts afresh",
-                              group="model", metavar="PATH", default_text="a fresh initialisation with --seed")
-    wire_dtype: str = option("float32", "precision of weights and gradients on the wire (float16 and bfloat16 halve "
-                             "the bytes; BatchNorm statistics always travel in float32)", group="model",
-                             choices=_wire_dtypes, trajectory=True)
+    model: str = option(
+        "resnet20",
+        "resnet20 (0.27 M parameters), resnet18 (11.2 M, CIFAR stem), or "
+        "torchvision:NAME, a torchvision classifier built from its name alone, e.g. "
+        "torchvision:mobilenet_v3_small (--list-models lists them)",
+        group="model",
+        metavar="NAME",
+        trajectory=True,
+    )
+    norm: str = option(
+        "batch",
+        "normalisation layers of resnet20 and resnet18: group (GroupNorm) copes better with "
+        "skewed data than batch (Hsieh et al. 2020)",
+        group="model",
+        choices=_norms,
+        trajectory=True,
+    )
+    init: str | None = option(
+        None,
+        "start the global model from this state_dict file (e.g. pretrained weights, or "
+        "an earlier run's model.pt); a classifier of another shape starts afresh",
+        group="model",
+        metavar="PATH",
+        default_text="a fresh initialisation with --seed",
+    )
+    wire_dtype: str = option(
+        "float32",
+        "precision of weights and gradients on the wire (float16 and bfloat16 halve "
+        "the bytes; BatchNorm statistics always travel in float32)",
+        group="model",
+        choices=_wire_dtypes,
+        trajectory=True,
+    )
 
-    strategy: str = option("fedsgd", "the federated algorithm: fedsgd (the original article's); fedavg (McMahan et "
-                           "al. 2017); fedavgm, with server momentum (Hsu et al. 2019); fedprox, a proximal term "
-                           "(Li et al. 2020); fedadagrad, fedadam, fedyogi, adaptive server optimizers (Reddi et al. "
-                           "2021); scaffold, control variates (Karimireddy et al. 2020)", group="strategy",
-                           choices=_strategies, trajectory=True)
-    lr: float | None = option(None, "FedSGD's peak learning rate", group="strategy", bounds=POSITIVE, scope=STRATEGY,
-                              trajectory=True, default_text="0.1 x total batch / 128, the linear scaling rule")
-    momentum: float = option(0.9, "FedSGD's momentum on the leader", group="strategy", bounds=FRACTION,
-                             scope=STRATEGY, trajectory=True)
-    weight_decay: float = option(5e-4, "L2 penalty on weights (not on biases or normalisation): on the leader's step "
-                                 "for FedSGD, on the learners' steps for the others", group="strategy",
-                                 bounds=NOT_NEGATIVE, trajectory=True)
-    local_epochs: float | None = option(None, "passes over its data each learner makes per round", group="strategy",
-                                        bounds=POSITIVE, scope=STRATEGY, trajectory=True, default_text="1")
-    local_steps: int | None = option(None, "SGD steps each learner takes per round (instead of --local-epochs)",
-                                     group="strategy", bounds=Bounds(1), scope=STRATEGY, trajectory=True)
-    client_lr: float | None = option(None, "peak client learning rate, on the --warmup-epochs and cosine schedule by "
-                                     "round", group="strategy", bounds=Bounds(0, MAX_CLIENT_LR, low_open=True),
-                                     scope=STRATEGY, trajectory=True, default_text="0.1 x --batch-size / 128")
-    client_momentum: float = option(0.9, "client SGD momentum (reset every round)", group="strategy",
-                                    bounds=Bounds(0, MAX_CLIENT_MOMENTUM), scope=STRATEGY, trajectory=True)
-    server_lr: float | None = option(None, "server learning rate", group="strategy", bounds=POSITIVE, scope=STRATEGY,
-                                     trajectory=True, default_text="1; fedavgm 1 - momentum; 0.1 for fedadagrad and "
-                                     "0.01 for fedadam and fedyogi, as Reddi et al. tuned for CIFAR-10")
-    server_momentum: float | None = option(None, "server momentum", group="strategy", bounds=FRACTION, scope=STRATEGY,
-                                           trajectory=True, default_text="0.9")
-    beta1: float = option(0.9, "adaptive server optimizers' first-moment decay", group="strategy", bounds=FRACTION,
-                          scope=STRATEGY, trajectory=True)
-    beta2: float = option(0.99, "second-moment decay", group="strategy", bounds=FRACTION, scope=STRATEGY,
-                          trajectory=True)
-    tau: float = option(1e-3, "adaptive server optimizers' adaptivity (epsilon)", group="strategy", bounds=POSITIVE,
-                        scope=STRATEGY, trajectory=True)
-    mu: float | None = option(None, "FedProx's proximal weight", group="strategy", bounds=Bounds(0, MAX_MU),
-                              scope=STRATEGY, trajectory=True, default_text="0.01")
-    aggregator: str = option("mean", "how a round's updates combine: the sample-weighted mean (memory: one model), "
-                             "or a robust rule that keeps every update of the round (memory: one model per learner "
-                             "in the round)", group="strategy", choices=_aggregators, trajectory=True)
-    trim: float = option(0.2, "fraction of the largest and of the smallest values dropped per coordinate",
-                         group="strategy", bounds=Bounds(0, 0.5, high_open=True), scope=AGGREGATOR, trajectory=True)
-    byzantine: int = option(1, "how many hostile learners to withstand (needs at least 2F + 3 learners in a round)",
-                            group="strategy", bounds=NOT_NEGATIVE, scope=AGGREGATOR, trajectory=True)
-    clip_norm: float = option(0.0, "clip each update's model part to this L2 norm before aggregation (0: no "
-                              "clipping)", group="strategy", bounds=NOT_NEGATIVE, trajectory=True)
+    strategy: str = option(
+        "fedsgd",
+        "the federated algorithm: fedsgd (the original article's); fedavg (McMahan et "
+        "al. 2017); fedavgm, with server momentum (Hsu et al. 2019); fedprox, a proximal term "
+        "(Li et al. 2020); fedadagrad, fedadam, fedyogi, adaptive server optimizers (Reddi et al. "
+        "2021); scaffold, control variates (Karimireddy et al. 2020)",
+        group="strategy",
+        choices=_strategies,
+        trajectory=True,
+    )
+    lr: float | None = option(
+        None,
+        "FedSGD's peak learning rate",
+        group="strategy",
+        bounds=POSITIVE,
+        scope=STRATEGY,
+        trajectory=True,
+        default_text="0.1 x total batch / 128, the linear scaling rule",
+    )
+    momentum: float = option(
+        0.9, "FedSGD's momentum on the leader", group="strategy", bounds=FRACTION, scope=STRATEGY, trajectory=True
+    )
+    weight_decay: float = option(
+        5e-4,
+        "L2 penalty on weights (not on biases or normalisation): on the leader's step "
+        "for FedSGD, on the learners' steps for the others",
+        group="strategy",
+        bounds=NOT_NEGATIVE,
+        trajectory=True,
+    )
+    local_epochs: float | None = option(
+        None,
+        "passes over its data each learner makes per round",
+        group="strategy",
+        bounds=POSITIVE,
+        scope=STRATEGY,
+        trajectory=True,
+        default_text="1",
+    )
+    local_steps: int | None = option(
+        None,
+        "SGD steps each learner takes per round (instead of --local-epochs)",
+        group="strategy",
+        bounds=Bounds(1),
+        scope=STRATEGY,
+        trajectory=True,
+    )
+    client_lr: float | None = option(
+        None,
+        "peak client learning rate, on the --warmup-epochs and cosine schedule by round",
+        group="strategy",
+        bounds=Bounds(0, MAX_CLIENT_LR, low_open=True),
+        scope=STRATEGY,
+        trajectory=True,
+        default_text="0.1 x --batch-size / 128",
+    )
+    client_momentum: float = option(
+        0.9,
+        "client SGD momentum (reset every round)",
+        group="strategy",
+        bounds=Bounds(0, MAX_CLIENT_MOMENTUM),
+        scope=STRATEGY,
+        trajectory=True,
+    )
+    server_lr: float | None = option(
+        None,
+        "server learning rate",
+        group="strategy",
+        bounds=POSITIVE,
+        scope=STRATEGY,
+        trajectory=True,
+        default_text="1; fedavgm 1 - momentum; 0.1 for fedadagrad and "
+        "0.01 for fedadam and fedyogi, as Reddi et al. tuned for CIFAR-10",
+    )
+    server_momentum: float | None = option(
+        None, "server momentum", group="strategy", bounds=FRACTION, scope=STRATEGY, trajectory=True, default_text="0.9"
+    )
+    beta1: float = option(
+        0.9,
+        "adaptive server optimizers' first-moment decay",
+        group="strategy",
+        bounds=FRACTION,
+        scope=STRATEGY,
+        trajectory=True,
+    )
+    beta2: float = option(
+        0.99, "second-moment decay", group="strategy", bounds=FRACTION, scope=STRATEGY, trajectory=True
+    )
+    tau: float = option(
+        1e-3,
+        "adaptive server optimizers' adaptivity (epsilon)",
+        group="strategy",
+        bounds=POSITIVE,
+        scope=STRATEGY,
+        trajectory=True,
+    )
+    mu: float | None = option(
+        None,
+        "FedProx's proximal weight",
+        group="strategy",
+        bounds=Bounds(0, MAX_MU),
+        scope=STRATEGY,
+        trajectory=True,
+        default_text="0.01",
+    )
+    aggregator: str = option(
+        "mean",
+        "how a round's updates combine: the sample-weighted mean (memory: one model), "
+        "or a robust rule that keeps every update of the round (memory: one model per learner "
+        "in the round)",
+        group="strategy",
+        choices=_aggregators,
+        trajectory=True,
+    )
+    trim: float = option(
+        0.2,
+        "fraction of the largest and of the smallest values dropped per coordinate",
+        group="strategy",
+        bounds=Bounds(0, 0.5, high_open=True),
+        scope=AGGREGATOR,
+        trajectory=True,
+    )
+    byzantine: int = option(
+        1,
+        "how many hostile learners to withstand (needs at least 2F + 3 learners in a round)",
+        group="strategy",
+        bounds=NOT_NEGATIVE,
+        scope=AGGREGATOR,
+        trajectory=True,
+    )
+    clip_norm: float = option(
+        0.0,
+        "clip each update's model part to this L2 norm before aggregation (0: no clipping)",
+        group="strategy",
+        bounds=NOT_NEGATIVE,
+        trajectory=True,
+    )
 
-    epochs: float = option(30.0, "passes over each learner's shard: the same compute whatever the strategy (with "
-                           "--learners-per-round each learner does its share of it)", group="schedule",
-                           bounds=POSITIVE, trajectory=True)
-    rounds: int | None = option(None, "number of rounds; overrides --epochs", group="schedule", bounds=Bounds(1),
-                                trajectory=True, default_text="from --epochs")
-    batch_size: int = option(64, "batch size per learner per step (FedSGD: one step per round)", group="schedule",
-                             bounds=Bounds(1), trajectory=True)
-    warmup_epochs: float = option(1.0, "linear learning-rate warm-up before cosine decay (at most a fifth of "
-                                  "training); the schedule drives --lr, or --client-lr round by round",
-                                  group="schedule", bounds=NOT_NEGATIVE, trajectory=True)
-    seed: int = option(0, "seed for the model, the shards, sampling and the learners' batches", group="schedule",
-                       trajectory=True)
-    eval_every: int = option(0, "evaluate every N rounds (0: only at epoch ends and the end)", group="schedule",
-                             bounds=NOT_NEGATIVE, metavar="N")
+    epochs: float = option(
+        30.0,
+        "passes over each learner's shard: the same compute whatever the strategy (with "
+        "--learners-per-round each learner does its share of it)",
+        group="schedule",
+        bounds=POSITIVE,
+        trajectory=True,
+    )
+    rounds: int | None = option(
+        None,
+        "number of rounds; overrides --epochs",
+        group="schedule",
+        bounds=Bounds(1),
+        trajectory=True,
+        default_text="from --epochs",
+    )
+    batch_size: int = option(
+        64,
+        "batch size per learner per step (FedSGD: one step per round)",
+        group="schedule",
+        bounds=Bounds(1),
+        trajectory=True,
+    )
+    warmup_epochs: float = option(
+        1.0,
+        "linear learning-rate warm-up before cosine decay (at most a fifth of "
+        "training); the schedule drives --lr, or --client-lr round by round",
+        group="schedule",
+        bounds=NOT_NEGATIVE,
+        trajectory=True,
+    )
+    seed: int = option(
+        0, "seed for the model, the shards, sampling and the learners' batches", group="schedule", trajectory=True
+    )
+    eval_every: int = option(
+        0,
+        "evaluate every N rounds (0: only at epoch ends and the end)",
+        group="schedule",
+        bounds=NOT_NEGATIVE,
+        metavar="N",
+    )
 
-    round_timeout: float = option(120.0, "seconds to wait for all learners' updates before closing a round with "
-                                  "those that arrived", group="timeouts", bounds=POSITIVE, metavar="S")
-    register_timeout: float = option(600.0, "seconds to wait for learners to register, at the start and whenever "
-                                     "too few are left to close a round", group="timeouts", bounds=POSITIVE,
-                                     metavar="S")
-    sync_timeout: float = option(30.0, "seconds a learner may take to accept StartTraining or a model state, or "
-                                 "stay silent to health checks, before it is dropped", group="timeouts",
-                                 bounds=POSITIVE, metavar="S")
-    rejoin_grace: float = option(30.0, "seconds a dropped learner's slot is kept for it to register again before a "
-                                 "new learner may take it (none when the leader finds it gone)", group="timeouts",
-                                 bounds=NOT_NEGATIVE, metavar="S")
-    idle_timeout: float = option(IDLE_TIMEOUT_S, "seconds a caller may send or read nothing (or take to send a "
-                                 "whole update) before its call is cancelled", group="timeouts", bounds=POSITIVE,
-                                 metavar="S")
+    round_timeout: float = option(
+        120.0,
+        "seconds to wait for all learners' updates before closing a round with those that arrived",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
+    register_timeout: float = option(
+        600.0,
+        "seconds to wait for learners to register, at the start and whenever too few are left to close a round",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
+    sync_timeout: float = option(
+        30.0,
+        "seconds a learner may take to accept StartTraining or a model state, or "
+        "stay silent to health checks, before it is dropped",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
+    rejoin_grace: float = option(
+        30.0,
+        "seconds a dropped learner's slot is kept for it to register again before a "
+        "new learner may take it (none when the leader finds it gone)",
+        group="timeouts",
+        bounds=NOT_NEGATIVE,
+        metavar="S",
+    )
+    idle_timeout: float = option(
+        IDLE_TIMEOUT_S,
+        "seconds a caller may send or read nothing (or take to send a whole update) before its call is cancelled",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
 
-    out: str | None = option(None, "directory for model.pt, checkpoint.pt, metrics.jsonl and metrics.png; an "
-                             "earlier run's files there are moved aside", group="output", metavar="DIR",
-                             default_text="the --resume DIR, else runs/latest")
-    resume: str | None = option(None, "continue from DIR/checkpoint.pt with the training flags it was started with "
-                                "(they may be left out)", group="output", metavar="DIR")
-    checkpoint_every: int = option(50, "write checkpoint.pt every N rounds, at each epoch end and on stop (0: only "
-                                   "those)", group="output", bounds=NOT_NEGATIVE, metavar="N")
-    tensorboard: str | None = option(None, "also write every metric as TensorBoard events in DIR", group="output",
-                                     metavar="DIR")
-    threads: int = option(0, "torch threads for evaluation (0: all cores); steps use one", group="output",
-                          bounds=NOT_NEGATIVE, metavar="N")
+    out: str | None = option(
+        None,
+        "directory for model.pt, checkpoint.pt, metrics.jsonl and metrics.png; an "
+        "earlier run's files there are moved aside",
+        group="output",
+        metavar="DIR",
+        default_text="the --resume DIR, else runs/latest",
+    )
+    resume: str | None = option(
+        None,
+        "continue from DIR/checkpoint.pt with the training flags it was started with (they may be left out)",
+        group="output",
+        metavar="DIR",
+    )
+    checkpoint_every: int = option(
+        50,
+        "write checkpoint.pt every N rounds, at each epoch end and on stop (0: only those)",
+        group="output",
+        bounds=NOT_NEGATIVE,
+        metavar="N",
+    )
+    tensorboard: str | None = option(
+        None, "also write every metric as TensorBoard events in DIR", group="output", metavar="DIR"
+    )
+    threads: int = option(
+        0,
+        "torch threads for evaluation (0: all cores); steps use one",
+        group="output",
+        bounds=NOT_NEGATIVE,
+        metavar="N",
+    )
     verbose: bool = option(False, "debug logging", group="output")
 
     @property
@@ -293,10 +520,17 @@ LISTINGS = {"--list-models": ("list the architectures --model takes, and exit", 
 
 def parser() -> Parser:
     """The leader's argument parser."""
-    return build_parser(LeaderConfig, "Federated learning leader: serves LeaderService, waits for --learners "
-                        "learners, then trains the global model with FedSGD (one synchronous gradient step per "
-                        "round) or another --strategy.", EXAMPLES, prog="leader.py", groups=GROUPS, role="leader",
-                        listings=LISTINGS)
+    return build_parser(
+        LeaderConfig,
+        "Federated learning leader: serves LeaderService, waits for --learners "
+        "learners, then trains the global model with FedSGD (one synchronous gradient step per "
+        "round) or another --strategy.",
+        EXAMPLES,
+        prog="leader.py",
+        groups=GROUPS,
+        role="leader",
+        listings=LISTINGS,
+    )
 
 
 def command_line(argv: Sequence[str] | None = None) -> CommandLine:
@@ -311,13 +545,20 @@ def configure(given: CommandLine, saved: dict[str, Any] | None = None) -> Leader
     if saved is not None:
         values, conflicts = resume_values(LeaderConfig, values, saved)
         if conflicts:
-            refuse("leader.py", [f"--resume {given.values['resume']}: {', '.join(conflicts)}; a resumed run keeps the "
-                                 "flags it was started with: leave these out, or start a new run with another --out"])
+            refuse(
+                "leader.py",
+                [
+                    f"--resume {given.values['resume']}: {', '.join(conflicts)}; a resumed run keeps the "
+                    "flags it was started with: leave these out, or start a new run with another --out"
+                ],
+            )
     config = LeaderConfig(**values)
     problems = choice_problems(config) or [*scope_problems(config, given.given), *run_problems(config, saved)]
     if problems:
-        refuse("leader.py", [f"--resume {config.resume}: {problem}" if saved is not None else problem
-                             for problem in problems])
+        refuse(
+            "leader.py",
+            [f"--resume {config.resume}: {problem}" if saved is not None else problem for problem in problems],
+        )
     return config
 
 
@@ -329,20 +570,28 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
     per_round = config.learners_per_round or config.learners
     problems = [*bounds_problems(config), *strategy.problems(config), *rule.problems(config)]
     if config.min_learners is not None and config.min_learners > config.learners:
-        problems.append(f"--min-learners {config.min_learners} exceeds --learners {config.learners}"
-                        + (" (the checkpoint's)" if saved is not None else ""))
+        problems.append(
+            f"--min-learners {config.min_learners} exceeds --learners {config.learners}"
+            + (" (the checkpoint's)" if saved is not None else "")
+        )
     if config.learners_per_round > config.learners:
         problems.append("--learners-per-round exceeds --learners")
     if config.learners_per_round and config.learners > MAX_LEARNERS:
         problems.append(f"learners accept sampling among at most {MAX_LEARNERS} learners")
     if strategy.local and config.weight_decay > MAX_WEIGHT_DECAY:
         problems.append(f"learners accept --weight-decay up to {MAX_WEIGHT_DECAY:g}")
-    if config.learners_per_round and config.min_learners is not None and config.min_learners > config.learners_per_round:
+    if (
+        config.learners_per_round
+        and config.min_learners is not None
+        and config.min_learners > config.learners_per_round
+    ):
         problems.append("--min-learners exceeds --learners-per-round")
     needed = rule.from_config(config).minimum_updates()
     if min(per_round, min_learners(config)) < needed:
-        problems.append(f"{config.aggregator} outvotes a hostile learner with at least {needed} updates in a round; "
-                        f"the run has {per_round} learners a round and --min-learners {min_learners(config)}")
+        problems.append(
+            f"{config.aggregator} outvotes a hostile learner with at least {needed} updates in a round; "
+            f"the run has {per_round} learners a round and --min-learners {min_learners(config)}"
+        )
     if config.dataset == "none" and config.num_classes is None:
         problems.append("--dataset none needs --num-classes (the leader has no data to count them in)")
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
@@ -354,8 +603,10 @@ def model_problems(config: LeaderConfig) -> list[str]:
     import model
 
     if config.model not in model.architectures():
-        return [f"unknown --model {config.model[:40]!r}; choose resnet20, resnet18 or torchvision:NAME "
-                "(leader.py --list-models lists them)"]
+        return [
+            f"unknown --model {config.model[:40]!r}; choose resnet20, resnet18 or torchvision:NAME "
+            "(leader.py --list-models lists them)"
+        ]
     return []
 
 

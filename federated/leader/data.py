@@ -66,11 +66,20 @@ def load(config, out: Path) -> LeaderData:
     train = utils.load_dataset(config.dataset, config.data_dir, train=True, image_size=config.image_size)
     test = utils.load_dataset(config.dataset, config.data_dir, train=False, image_size=config.image_size)
     if config.num_classes not in (None, train.num_classes):
-        raise utils.DatasetError(f"--num-classes {config.num_classes}, but {config.dataset} has {train.num_classes} "
-                                 "classes")
+        raise utils.DatasetError(
+            f"--num-classes {config.num_classes}, but {config.dataset} has {train.num_classes} classes"
+        )
     try:
-        indices = partition.partition(train.labels, config.learners, config.partition, config.seed, config.alpha,
-                                      config.classes_per_learner, train.num_classes, min_samples=config.batch_size)
+        indices = partition.partition(
+            train.labels,
+            config.learners,
+            config.partition,
+            config.seed,
+            config.alpha,
+            config.classes_per_learner,
+            train.num_classes,
+            min_samples=config.batch_size,
+        )
     except ValueError as error:
         raise utils.DatasetError(f"--partition {config.partition}: {error}") from None
     for line in partition.describe(partition.write_partition(out, train.labels, indices, train.num_classes)):
@@ -78,8 +87,13 @@ def load(config, out: Path) -> LeaderData:
     mean, std = utils.channel_stats(train.images)
     log.info("%d train / %d test images, %s partition", len(train), len(test), config.partition)
     facts = DataFacts(mean, std, sum(map(len, indices)) // len(indices))
-    return LeaderData(Shards(train, indices, config.dataset), utils.normalize(test.images, mean, std), test.labels,
-                      train.num_classes, facts)
+    return LeaderData(
+        Shards(train, indices, config.dataset),
+        utils.normalize(test.images, mean, std),
+        test.labels,
+        train.num_classes,
+        facts,
+    )
 
 
 def typical_shard_size(sizes: list[int]) -> int:
@@ -93,10 +107,12 @@ def combined_normalisation(summaries: list[DataSummary], image_size: int) -> tup
     as it holds but at most as many as the median learner: one learner's claim cannot set everyone's inputs."""
     cap = typical_shard_size([summary.train_samples for summary in summaries])
     weights = [min(summary.train_samples, cap) / summary.train_samples for summary in summaries]
-    total = lambda field: [sum(weight * getattr(summary, field)[channel] for weight, summary in zip(weights, summaries))
-                           for channel in range(3)]
+    total = lambda field: [
+        sum(weight * getattr(summary, field)[channel] for weight, summary in zip(weights, summaries))
+        for channel in range(3)
+    ]
     counted = sum(weight * summary.train_samples for weight, summary in zip(weights, summaries))
-    return utils.stats_from_sums(total("channel_sums"), total("channel_square_sums"), counted * image_size ** 2)
+    return utils.stats_from_sums(total("channel_sums"), total("channel_square_sums"), counted * image_size**2)
 
 
 def settle(summaries: list[DataSummary], image_size: int) -> DataFacts:
@@ -104,6 +120,10 @@ def settle(summaries: list[DataSummary], image_size: int) -> DataFacts:
     typical_shard_size)."""
     sizes = [summary.train_samples for summary in summaries]
     mean, std = combined_normalisation(summaries, image_size)
-    log.info("learners hold %s training images; normalisation mean %s, std %s", " + ".join(map(str, sizes)),
-             [round(m, 4) for m in mean], [round(d, 4) for d in std])
+    log.info(
+        "learners hold %s training images; normalisation mean %s, std %s",
+        " + ".join(map(str, sizes)),
+        [round(m, 4) for m in mean],
+        [round(d, 4) for d in std],
+    )
     return DataFacts(mean, std, typical_shard_size(sizes))

@@ -4,9 +4,9 @@ health checks of their registrations, which tell the leader who is still there."
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -64,8 +64,15 @@ class LearnerClient:
             for address in set(self._channels) - addresses:
                 self._channels.pop(address).close()
 
-    def send(self, members: dict[int, Member], method: str, request: object, on_failure: OnFailure,
-             timeout: float, then: Callable[[Member], None] = lambda member: None) -> "Broadcast":
+    def send(
+        self,
+        members: dict[int, Member],
+        method: str,
+        request: object,
+        on_failure: OnFailure,
+        timeout: float,
+        then: Callable[[Member], None] = lambda member: None,
+    ) -> "Broadcast":
         """Call <method>(request) on every member without waiting: MAX_IN_FLIGHT at a time (gRPC holds a copy
         of each call's request until it is sent), the next starting as one ends. request may be ready-serialised
         bytes, serialised once for all. on_failure runs for each call that fails, then for each that succeeds
@@ -88,13 +95,21 @@ class LearnerClient:
             launch()
         return broadcast
 
-    def start(self, members: dict[int, Member], state: bytes | None, on_started: Callable[[Member], None],
-              on_failure: OnFailure, timeout: float) -> None:
+    def start(
+        self,
+        members: dict[int, Member],
+        state: bytes | None,
+        on_started: Callable[[Member], None],
+        on_failure: OnFailure,
+        timeout: float,
+    ) -> None:
         """Send each member the current state (a serialised ModelState, if any), then StartTraining, without
         waiting; on_started runs for each one that accepted."""
+
         def start_training(member: Member) -> None:
-            self.send({member.learner_id: member}, "StartTraining", learner_pb2.Empty(), on_failure, timeout,
-                      on_started)
+            self.send(
+                {member.learner_id: member}, "StartTraining", learner_pb2.Empty(), on_failure, timeout, on_started
+            )
 
         # A fresh dial for each start: a channel that failed before answers at once with its old error until its
         # reconnect backoff (up to 120 s) runs out, which would make a learner now listening there look unreachable.
@@ -112,8 +127,9 @@ class LearnerClient:
             if probe is not None and probe.generation == member.generation:
                 probe.silent_since = None
 
-    def _report(self, call: grpc.Future, member: Member, method: str, on_failure: OnFailure,
-                then: Callable[[Member], None]) -> bool:
+    def _report(
+        self, call: grpc.Future, member: Member, method: str, on_failure: OnFailure, then: Callable[[Member], None]
+    ) -> bool:
         """Act on a finished call; whether it succeeded. A failure makes the learner gone only when another
         process answers at its address (PERMISSION_DENIED: not our credential); nothing answering
         (UNAVAILABLE: refused, no route, no handshake) is unreachable: for a learner the leader has reached
@@ -125,7 +141,8 @@ class LearnerClient:
             then(member)
         elif error is not None:
             verdict = {grpc.StatusCode.PERMISSION_DENIED: GONE, grpc.StatusCode.UNAVAILABLE: UNREACHABLE}.get(
-                error.code(), SILENT)
+                error.code(), SILENT
+            )
             on_failure(member, f"{method} failed: {error.code().name} {error.details()}", verdict)
         elif not (reply := call.result(timeout=0)).success:  # done: the callback runs after completion
             on_failure(member, f"{method} refused: {reply.message}", THERE)
@@ -150,11 +167,13 @@ class LearnerClient:
             stub = health_pb2_grpc.HealthStub(self.channel(member.address))
             request = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + rpc.session_id(member.credential))
             call = stub.Check.future(request, timeout=PROBE_TIMEOUT_S)
-            call.add_done_callback(lambda done, member=member, probe=probe:
-                                   self._judge(done, member, probe, on_failure, silent_limit_s))
+            call.add_done_callback(
+                lambda done, member=member, probe=probe: self._judge(done, member, probe, on_failure, silent_limit_s)
+            )
 
-    def _judge(self, call: grpc.Future, member: Member, probe: _Probe, on_failure: OnFailure,
-               silent_limit_s: float) -> None:
+    def _judge(
+        self, call: grpc.Future, member: Member, probe: _Probe, on_failure: OnFailure, silent_limit_s: float
+    ) -> None:
         verdict, reason = probe_verdict(call)
         with self._lock:
             probe.in_flight = False
@@ -185,7 +204,8 @@ def probe_verdict(call: grpc.Future) -> tuple[str, str]:
         return GONE, "its health service says it no longer holds this registration"
     code = error.code()
     if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED) or (
-            code == grpc.StatusCode.NOT_FOUND and not rpc.knows_sessions(error)):
+        code == grpc.StatusCode.NOT_FOUND and not rpc.knows_sessions(error)
+    ):
         return THERE, code.name
     if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
         return GONE, f"health check: {code.name} {error.details()}"

@@ -30,8 +30,9 @@ class Report:
         if declared_samples <= 0:
             raise codec.PayloadError(f"learner {self.learner_id} registered without held-out images to evaluate on")
         if self.samples != declared_samples:
-            raise codec.PayloadError(f"samples {self.samples} is not the {declared_samples} held-out images this learner "
-                                    "registered with")
+            raise codec.PayloadError(
+                f"samples {self.samples} is not the {declared_samples} held-out images this learner registered with"
+            )
         if not 0 <= self.correct <= self.samples:
             raise codec.PayloadError(f"correct {self.correct} must lie between 0 and samples {self.samples}")
         if not 0 <= self.loss <= MAX_LOSS:  # false for NaN
@@ -41,12 +42,18 @@ class Report:
 def combine(round_index: int, reports: dict[int, Report], missing: list[int]) -> dict:
     """The metrics record of a round's evaluation: sample-weighted loss and accuracy, and each learner's."""
     samples = sum(report.samples for report in reports.values())
-    return {"round": round_index, "source": "learners",
-            "test_loss": sum(report.loss * report.samples for report in reports.values()) / samples,
-            "test_accuracy": sum(report.correct for report in reports.values()) / samples, "test_samples": samples,
-            "per_learner": {str(learner): {"loss": report.loss, "accuracy": report.correct / report.samples,
-                                           "samples": report.samples} for learner, report in sorted(reports.items())},
-            **({"missing": missing} if missing else {})}
+    return {
+        "round": round_index,
+        "source": "learners",
+        "test_loss": sum(report.loss * report.samples for report in reports.values()) / samples,
+        "test_accuracy": sum(report.correct for report in reports.values()) / samples,
+        "test_samples": samples,
+        "per_learner": {
+            str(learner): {"loss": report.loss, "accuracy": report.correct / report.samples, "samples": report.samples}
+            for learner, report in sorted(reports.items())
+        },
+        **({"missing": missing} if missing else {}),
+    }
 
 
 class Evaluations:
@@ -93,7 +100,9 @@ class Evaluations:
     def wait(self, round_index: int, timeout: float) -> bool:
         """Whether every expected learner reported on round_index, waiting at most timeout seconds."""
         with self._changed:
-            return self._changed.wait_for(lambda: round_index not in self._reports or self._complete(round_index), timeout)
+            return self._changed.wait_for(
+                lambda: round_index not in self._reports or self._complete(round_index), timeout
+            )
 
     def records(self, final: bool = False) -> list[dict]:
         """Records of the evaluations that are over (complete, superseded by a later one, or all when final),

@@ -51,17 +51,35 @@ class Settings:
 
     @classmethod
     def of(cls, config: LeaderConfig) -> "Settings":
-        return cls(config.learners, min_learners(config), config.learners_per_round, config.round_timeout,
-                   config.register_timeout, config.sync_timeout, config.rejoin_grace, config.resume is not None,
-                   config.output_dir, config.dataset == "none")
+        return cls(
+            config.learners,
+            min_learners(config),
+            config.learners_per_round,
+            config.round_timeout,
+            config.register_timeout,
+            config.sync_timeout,
+            config.rejoin_grace,
+            config.resume is not None,
+            config.output_dir,
+            config.dataset == "none",
+        )
 
 
 class Federation:
     """Rounds as the learners see them: the registry of slots, the open round's collector, the states pushed."""
 
-    def __init__(self, settings: Settings, registry: Registry, collector: RoundCollector, global_model: GlobalModel,
-                 planner: Planner, client: dispatch.LearnerClient, sampler: torch.Generator, stopping: threading.Event,
-                 participants: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        collector: RoundCollector,
+        global_model: GlobalModel,
+        planner: Planner,
+        client: dispatch.LearnerClient,
+        sampler: torch.Generator,
+        stopping: threading.Event,
+        participants: list[int] | None = None,
+    ) -> None:
         self.settings, self.registry, self.collector = settings, registry, collector
         self.global_model, self.planner = global_model, planner
         self.client, self.sampler, self.stopping = client, sampler, stopping
@@ -100,9 +118,13 @@ class Federation:
         leader could never dial at the address it registered is told so when it registers again from there."""
         if verdict == dispatch.UNREACHABLE and self.registry.never_reached(member):
             if self.registry.drop(member.learner_id, member.generation, unreachable=reason):
-                log.warning("cannot reach learner %d at %s, the address it registered (%s); dropped it, and it is told "
-                            "to start with --advertise HOST:PORT that this leader can dial", member.learner_id,
-                            member.address, reason)
+                log.warning(
+                    "cannot reach learner %d at %s, the address it registered (%s); dropped it, and it is told "
+                    "to start with --advertise HOST:PORT that this leader can dial",
+                    member.learner_id,
+                    member.address,
+                    reason,
+                )
             return
         gone = verdict == dispatch.GONE
         if self.registry.drop(member.learner_id, member.generation, gone):
@@ -118,11 +140,17 @@ class Federation:
             present = self.registry.count()
             if self.stopping.is_set():
                 return False
-            if self.settings.resuming and waited >= self.settings.round_timeout and present >= self.settings.min_learners:
+            if (
+                self.settings.resuming
+                and waited >= self.settings.round_timeout
+                and present >= self.settings.min_learners
+            ):
                 return True
             if waited > self.settings.register_timeout:
-                raise Stalled(f"only {present} of {self.settings.learners} learners registered within --register-timeout "
-                              f"{self.settings.register_timeout:.0f} s; start more learners or lower --learners")
+                raise Stalled(
+                    f"only {present} of {self.settings.learners} learners registered within --register-timeout "
+                    f"{self.settings.register_timeout:.0f} s; start more learners or lower --learners"
+                )
             if waited - last_log >= WAIT_LOG_INTERVAL_S:
                 last_log = waited
                 log.info("%d of %d learners registered; waiting", present, self.settings.learners)
@@ -162,13 +190,20 @@ class Federation:
             if enough and not set(missing) & set(active):
                 return True
             if enough and waited >= self.settings.round_timeout:
-                log.warning("round %d: closing after %.0f s with %d gradients; missing learners %s",
-                            round_index, waited, arrived, missing)
+                log.warning(
+                    "round %d: closing after %.0f s with %d gradients; missing learners %s",
+                    round_index,
+                    waited,
+                    arrived,
+                    missing,
+                )
                 return True
             if waited > self.settings.round_timeout + self.settings.register_timeout:
-                raise Stalled(f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
-                              f"{self.settings.min_learners} within --round-timeout plus --register-timeout; resume with "
-                              f"--resume {self.settings.out} when learners can take part")
+                raise Stalled(
+                    f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
+                    f"{self.settings.min_learners} within --round-timeout plus --register-timeout; resume with "
+                    f"--resume {self.settings.out} when learners can take part"
+                )
             self.probe(sorted(set(missing) & set(active)))
             self.sample_again(round_index, active, arrived)
             alone = self.registry.count() == 0
@@ -181,12 +216,25 @@ class Federation:
 
     def log_waiting(self, round_index: int, waited: float, arrived: int, missing: list[int], alone: bool) -> None:
         if alone:
-            log.warning("round %d: no learner is left; waiting up to --register-timeout %.0f s for learners to "
-                        "register", round_index, self.settings.register_timeout)
+            log.warning(
+                "round %d: no learner is left; waiting up to --register-timeout %.0f s for learners to register",
+                round_index,
+                self.settings.register_timeout,
+            )
             return
-        need = "" if arrived >= self.settings.min_learners else f" (need at least --min-learners {self.settings.min_learners})"
-        log.info("round %d: %d gradients after %.0f s; waiting for learners %s%s", round_index, arrived, waited,
-                 missing, need)
+        need = (
+            ""
+            if arrived >= self.settings.min_learners
+            else f" (need at least --min-learners {self.settings.min_learners})"
+        )
+        log.info(
+            "round %d: %d gradients after %.0f s; waiting for learners %s%s",
+            round_index,
+            arrived,
+            waited,
+            missing,
+            need,
+        )
 
     def sample_again(self, round_index: int, active: list[int], arrived: int) -> None:
         """With sampling, draw the round's participants again when none of them is left, or when a whole
@@ -198,8 +246,12 @@ class Federation:
         overdue = time.monotonic() - self.sampled_at >= self.settings.round_timeout
         if set(self.participants) & set(active) and (arrived >= self.settings.min_learners or not overdue):
             return
-        log.warning("round %d: %s of the sampled learners %s; sampling again", round_index,
-                    "none is left" if not set(self.participants) & set(active) else f"{arrived} updates", self.participants)
+        log.warning(
+            "round %d: %s of the sampled learners %s; sampling again",
+            round_index,
+            "none is left" if not set(self.participants) & set(active) else f"{arrived} updates",
+            self.participants,
+        )
         self.send_state(self.open_round(round_index, widen=True))
 
     def candidates(self) -> list[int]:
@@ -211,18 +263,26 @@ class Federation:
         candidates), count only their updates from now on (widen: and still those of the round's earlier draw),
         and publish the state for it; returns it as one serialised ModelState."""
         if self.settings.learners_per_round:
-            self.participants = participants if participants is not None else \
-                sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
+            self.participants = (
+                participants
+                if participants is not None
+                else sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
+            )
             self.collector.expect(self.registry.ready(), self.participants, widen)
             self.sampled_at = time.monotonic()
             log.debug("round %d: learners %s take part", round_index, self.participants)
-        return self.global_model.publish(round_index, finished=False, plan=self.planner.plan(round_index, self.participants))
+        return self.global_model.publish(
+            round_index, finished=False, plan=self.planner.plan(round_index, self.participants)
+        )
 
     def send_state(self, request: bytes, everyone: bool = False) -> int:
         """Send a serialised state to the open round's participants (everyone: to every learner counted on);
         returns the bytes sent."""
-        members = {learner_id: member for learner_id, member in self.registry.members().items()
-                   if everyone or self.participants is None or learner_id in self.participants}
+        members = {
+            learner_id: member
+            for learner_id, member in self.registry.members().items()
+            if everyone or self.participants is None or learner_id in self.participants
+        }
         broadcast = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.settings.sync_timeout)
         if everyone:
             broadcast.wait(self.settings.sync_timeout)
@@ -241,11 +301,15 @@ class Federation:
         """Training was already over: push the final state to every slot's learner, and keep serving it
         (GetModel) for --rejoin-grace seconds to learners that reconnect, unless all were told."""
         started = time.monotonic()
-        members = {key: member for key, member in self.registry.members(list(range(self.settings.learners))).items()
-                   if member.address}
+        members = {
+            key: member
+            for key, member in self.registry.members(list(range(self.settings.learners))).items()
+            if member.address
+        }
         request = framing.chunk_message(self.global_model.encoded_state)  # published as finished
-        broadcast = self.client.send(members, "SyncModelState", request, lambda *failure: None,
-                                     self.settings.sync_timeout)
+        broadcast = self.client.send(
+            members, "SyncModelState", request, lambda *failure: None, self.settings.sync_timeout
+        )
         if broadcast.wait(self.settings.sync_timeout) and broadcast.all_succeeded():
             return
         remaining = max(0.0, self.settings.rejoin_grace - (time.monotonic() - started))

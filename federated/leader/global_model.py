@@ -6,10 +6,11 @@ import dataclasses
 import torch
 
 from federated.core.layout import GradientLayout, wire_state
+from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep
 from federated.core.strategies import Strategy
 from federated.wire import codec, framing
-from federated.wire.messages import StateInfo, TrainingPlan
+from federated.wire.messages import StateInfo
 from model import build_model, load_initial_weights
 
 
@@ -17,8 +18,9 @@ class GlobalModel:
     """The global model, its optimizer (FedSGD's, or a strategy's server optimizer), the aggregate update it
     applies (mean_gradient, which backs the parameters' .grad) and the encoded state learners take."""
 
-    def __init__(self, config, num_classes: int, strategy: Strategy,
-                 normalisation: tuple[list[float], list[float]] = ([], [])) -> None:
+    def __init__(
+        self, config, num_classes: int, strategy: Strategy, normalisation: tuple[list[float], list[float]] = ([], [])
+    ) -> None:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, num_classes, config.norm)
         if config.init and not config.resume:  # a resume starts from its checkpoint's weights
@@ -35,8 +37,17 @@ class GlobalModel:
         strategy.bind(self.layout)
         self.step_safely = GuardedStep(self.model, self.layout, self.optimizer)
         mean, std = normalisation
-        self.info = StateInfo(config.model, num_classes, config.batch_size, config.seed, tuple(mean), tuple(std),
-                              config.wire_dtype, image_size=config.image_size, norm=config.norm)
+        self.info = StateInfo(
+            config.model,
+            num_classes,
+            config.batch_size,
+            config.seed,
+            tuple(mean),
+            tuple(std),
+            config.wire_dtype,
+            image_size=config.image_size,
+            norm=config.norm,
+        )
         self.encoded_state = b""
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
         self.publish(round_index=0, finished=False)
@@ -45,8 +56,9 @@ class GlobalModel:
         """A leader without data learns the normalisation from its learners (sent with every later state)."""
         self.info = dataclasses.replace(self.info, mean=tuple(mean), std=tuple(std))
 
-    def publish(self, round_index: int, finished: bool, stopped: bool = False,
-                plan: TrainingPlan = TrainingPlan()) -> bytes:
+    def publish(
+        self, round_index: int, finished: bool, stopped: bool = False, plan: TrainingPlan = TrainingPlan()
+    ) -> bytes:
         """Encode the state after round_index with everything a learner needs to train the next round (plan);
         GetModel serves it from now on. `finished` tells learners to exit, `stopped` that the leader was stopped
         early (it can be resumed). Returns the state as one serialised ModelState, ready to push to learners."""

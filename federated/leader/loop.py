@@ -28,9 +28,18 @@ log = logging.getLogger("leader")
 class RoundLoop:
     """Rounds from the collector's open one to the schedule's end, and what each writes."""
 
-    def __init__(self, config: LeaderConfig, planner: Planner, global_model: GlobalModel, collector: RoundCollector,
-                 federation: Federation, registry: Registry, evaluations: Evaluations, sampler: torch.Generator,
-                 data: LeaderData | None) -> None:
+    def __init__(
+        self,
+        config: LeaderConfig,
+        planner: Planner,
+        global_model: GlobalModel,
+        collector: RoundCollector,
+        federation: Federation,
+        registry: Registry,
+        evaluations: Evaluations,
+        sampler: torch.Generator,
+        data: LeaderData | None,
+    ) -> None:
         self.config, self.out, self.planner, self.global_model = config, config.output_dir, planner, global_model
         self.collector, self.federation, self.registry = collector, federation, registry
         self.evaluations, self.sampler, self.data = evaluations, sampler, data
@@ -61,12 +70,18 @@ class RoundLoop:
         updates_in, lr, done = time.perf_counter(), schedule.lr(round_index), round_index + 1
         summary = self.collector.close(self.global_model.mean_gradient)
         if summary.given_up:
-            log.warning("learners %s missed %d rounds in a row: rounds no longer wait for them until they send "
-                        "an update", list(summary.given_up), MAX_MISSED_ROUNDS)
+            log.warning(
+                "learners %s missed %d rounds in a row: rounds no longer wait for them until they send an update",
+                list(summary.given_up),
+                MAX_MISSED_ROUNDS,
+            )
         discarded = self.collector.rule.too_few(summary.learners) or self.global_model.step(
-            lr, schedule.steps_per_round, summary.learners, self.config.learners)
+            lr, schedule.steps_per_round, summary.learners, self.config.learners
+        )
         if discarded:
-            log.warning("round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners)
+            log.warning(
+                "round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners
+            )
         stepped = time.perf_counter()
         eval_seconds = self.evaluate(done, metrics) if self.planner.evaluation_due(done) else 0.0
         if done == schedule.total_rounds:
@@ -77,19 +92,38 @@ class RoundLoop:
         if done == schedule.total_rounds or self.planner.due(done, self.config.checkpoint_every):
             self.save_checkpoint(done)
         now = time.perf_counter()
-        metrics.write({"round": done, "epoch": schedule.epoch_of(round_index), "train_loss": summary.loss,
-                       "learners": summary.learners, "samples": summary.samples, "lr": lr,
-                       "seconds": now - round_started - eval_seconds, "bytes_in": summary.bytes_in,
-                       "bytes_out": bytes_out, "gradients_s": updates_in - round_started,
-                       "step_s": stepped - updates_in, "push_s": pushed - pushing,
-                       **({"participants": sampled} if sampled is not None else {}),
-                       **({"discarded": discarded} if discarded else {}),
-                       "per_learner": {str(learner): {"samples": samples, "loss": loss}
-                                       for learner, (samples, loss) in sorted(summary.per_learner.items())}})
+        metrics.write(
+            {
+                "round": done,
+                "epoch": schedule.epoch_of(round_index),
+                "train_loss": summary.loss,
+                "learners": summary.learners,
+                "samples": summary.samples,
+                "lr": lr,
+                "seconds": now - round_started - eval_seconds,
+                "bytes_in": summary.bytes_in,
+                "bytes_out": bytes_out,
+                "gradients_s": updates_in - round_started,
+                "step_s": stepped - updates_in,
+                "push_s": pushed - pushing,
+                **({"participants": sampled} if sampled is not None else {}),
+                **({"discarded": discarded} if discarded else {}),
+                "per_learner": {
+                    str(learner): {"samples": samples, "loss": loss}
+                    for learner, (samples, loss) in sorted(summary.per_learner.items())
+                },
+            }
+        )
         self.write_evaluations(metrics, final=done == schedule.total_rounds)
         if done % max(1, schedule.total_rounds // 10) == 0:
-            log.info("round %d/%d (epoch %d): train loss %.4f from %d learners", done, schedule.total_rounds,
-                     schedule.epoch_of(round_index), summary.loss, summary.learners)
+            log.info(
+                "round %d/%d (epoch %d): train loss %.4f from %d learners",
+                done,
+                schedule.total_rounds,
+                schedule.epoch_of(round_index),
+                summary.loss,
+                summary.learners,
+            )
         return now
 
     def push_state(self, rounds_done: int) -> int:
@@ -115,9 +149,16 @@ class RoundLoop:
         with runtime.torch_threads(self.config.threads or runtime.available_cores()):
             result = evaluate(self.global_model.model, self.data.test_images, self.data.test_labels)
         seconds = time.perf_counter() - started
-        metrics.write({"round": round_index, "epoch": self.planner.schedule.epoch_of(max(0, round_index - 1)),
-                       "source": "leader", "test_loss": result.loss, "test_accuracy": result.accuracy,
-                       "seconds": seconds})
+        metrics.write(
+            {
+                "round": round_index,
+                "epoch": self.planner.schedule.epoch_of(max(0, round_index - 1)),
+                "source": "leader",
+                "test_loss": result.loss,
+                "test_accuracy": result.accuracy,
+                "seconds": seconds,
+            }
+        )
         log.info("round %d: test loss %.4f, test accuracy %.4f", round_index, result.loss, result.accuracy)
         return seconds
 
@@ -128,9 +169,15 @@ class RoundLoop:
         for record in self.evaluations.records(final):
             record["epoch"] = self.planner.schedule.epoch_of(max(0, record["round"] - 1))
             metrics.write(record)
-            log.info("round %d: learners' test loss %.4f, test accuracy %.4f on %d held-out images of %d learners%s",
-                     record["round"], record["test_loss"], record["test_accuracy"], record["test_samples"],
-                     len(record["per_learner"]), f" (no report from {record['missing']})" if "missing" in record else "")
+            log.info(
+                "round %d: learners' test loss %.4f, test accuracy %.4f on %d held-out images of %d learners%s",
+                record["round"],
+                record["test_loss"],
+                record["test_accuracy"],
+                record["test_samples"],
+                len(record["per_learner"]),
+                f" (no report from {record['missing']})" if "missing" in record else "",
+            )
 
     def save_model(self) -> Path:
         """model.pt: the global model's state_dict."""
@@ -140,8 +187,16 @@ class RoundLoop:
 
     def save_checkpoint(self, rounds_done: int) -> None:
         model, facts = self.global_model, self.planner.facts
-        state = checkpoint.snapshot(model.model, model.optimizer, model.strategy.checkpoint(), rounds_done,
-                                    self.registry.records(), self.sampler, self.federation.participants,
-                                    flags.trajectory(self.config), facts.record() if facts else None)
+        state = checkpoint.snapshot(
+            model.model,
+            model.optimizer,
+            model.strategy.checkpoint(),
+            rounds_done,
+            self.registry.records(),
+            self.sampler,
+            self.federation.participants,
+            flags.trajectory(self.config),
+            facts.record() if facts else None,
+        )
         checkpoint.save_atomically(state, self.out / "checkpoint.pt")
         log.info("checkpoint at round %d", rounds_done)

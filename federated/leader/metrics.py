@@ -44,8 +44,11 @@ def scalars(record: dict) -> list[tuple[str, float]]:
     tags = []
     for key, value in record.items():
         if key == "per_learner":
-            tags += [(f"{group}/learner_{learner}/{name}", number) for learner, values in value.items()
-                     for name, number in values.items()]
+            tags += [
+                (f"{group}/learner_{learner}/{name}", number)
+                for learner, values in value.items()
+                for name, number in values.items()
+            ]
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
             tags.append((f"{group}/{key}", value))
     return tags

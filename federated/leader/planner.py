@@ -29,13 +29,15 @@ class Planner:
         """How learners train round_index: the strategy's local training at the schedule's learning rate, after
         evaluating the state on their held-out images when an evaluation is due."""
         chosen = None if participants is None else tuple(participants)
-        return self.strategy.plan(self.schedule.steps_per_round, self.schedule.lr(round_index), chosen,
-                                  self.evaluation_due(round_index))
+        return self.strategy.plan(
+            self.schedule.steps_per_round, self.schedule.lr(round_index), chosen, self.evaluation_due(round_index)
+        )
 
     def evaluation_due(self, rounds_done: int) -> bool:
         """Whether the state after rounds_done gets evaluated (at the end, each epoch's end, every --eval-every)."""
-        return rounds_done > 0 and (rounds_done == self.schedule.total_rounds or self.due(rounds_done,
-                                                                                          self.config.eval_every))
+        return rounds_done > 0 and (
+            rounds_done == self.schedule.total_rounds or self.due(rounds_done, self.config.eval_every)
+        )
 
     def due(self, rounds_done: int, every: int) -> bool:
         """Whether rounds_done ends an epoch or a period of `every` rounds (0: never)."""
@@ -43,6 +45,12 @@ class Planner:
 
     def log(self) -> None:
         schedule = self.schedule
-        log.info("%s: %d rounds of %d local steps (%.3g per epoch of %d images per learner), %s", self.strategy.name,
-                 schedule.total_rounds, schedule.steps_per_round, schedule.rounds_per_epoch,
-                 self.facts.shard_size if self.facts else 0, self.strategy.describe(schedule.base_lr))
+        log.info(
+            "%s: %d rounds of %d local steps (%.3g per epoch of %d images per learner), %s",
+            self.strategy.name,
+            schedule.total_rounds,
+            schedule.steps_per_round,
+            schedule.rounds_per_epoch,
+            self.facts.shard_size if self.facts else 0,
+            self.strategy.describe(schedule.base_lr),
+        )

@@ -8,8 +8,8 @@ import math
 import re
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
@@ -34,10 +34,12 @@ def check_address(address: str) -> str | None:
 
 def unreachable_message(address: str, why: str) -> str:
     """What a learner is told when the leader cannot dial the address it registered."""
-    return (f"the leader cannot reach this learner at {address}, the address it registered ({why[:300]}); start it "
-            "with --advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or "
-            "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
-            "certificate), then start it again")
+    return (
+        f"the leader cannot reach this learner at {address}, the address it registered ({why[:300]}); start it "
+        "with --advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or "
+        "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
+        "certificate), then start it again"
+    )
 
 
 JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
@@ -96,20 +98,35 @@ class Registry:
     leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
     checkpoint start dropped and kept for their holders."""
 
-    def __init__(self, capacity: int, keep_s: float, restored: Sequence[dict] = (),
-                 reregister_s: float = REREGISTER_INTERVAL_S) -> None:
+    def __init__(
+        self, capacity: int, keep_s: float, restored: Sequence[dict] = (), reregister_s: float = REREGISTER_INTERVAL_S
+    ) -> None:
         self.capacity, self.keep_s, self.reregister_s = capacity, keep_s, reregister_s
         kept_until = time.monotonic() + keep_s
         # a restored slot's learner trained at its address: the leader reached it there
-        self._slots = [Slot(index, record["address"], record["credential"], record.get("certificate"),
-                            state=DROPPED, kept_until=kept_until, reached_at=record["address"])
-                       for index, record in enumerate(restored)]
+        self._slots = [
+            Slot(
+                index,
+                record["address"],
+                record["credential"],
+                record.get("certificate"),
+                state=DROPPED,
+                kept_until=kept_until,
+                reached_at=record["address"],
+            )
+            for index, record in enumerate(restored)
+        ]
         # Slots by session (a hash of the credential): found in one lookup, whatever the number of learners.
         self._by_session = {slot.session: slot for slot in self._slots if slot.credential}
         self._changed = threading.Condition()
 
-    def register(self, address: str, credential: str | None = None, certificate: str | None = None,
-                 data: DataSummary | None = None) -> tuple[Member, str]:
+    def register(
+        self,
+        address: str,
+        credential: str | None = None,
+        certificate: str | None = None,
+        data: DataSummary | None = None,
+    ) -> tuple[Member, str]:
         """The learner's slot and a message for the reply; raises Refusal. A holder re-registers with its
         credential (and certificate, if it registered with one), keeping the data summary it first gave (the
         leader has settled on it, and weighs its evaluations by it); anyone else gets a new credential."""
@@ -125,16 +142,22 @@ class Registry:
                 if slot.state == STARTING:  # one start at a time: re-registering is no lever on the round loop
                     raise Refusal(f"learner {slot.learner_id} is being started; retry shortly", retry=True)
                 if now - slot.registered_at < self.reregister_s:  # each start costs the leader a state push
-                    raise Refusal(f"learner {slot.learner_id} registered {now - slot.registered_at:.1f} s ago; it may "
-                                  f"register again {self.reregister_s:.0f} s after that", retry=True)
+                    raise Refusal(
+                        f"learner {slot.learner_id} registered {now - slot.registered_at:.1f} s ago; it may "
+                        f"register again {self.reregister_s:.0f} s after that",
+                        retry=True,
+                    )
                 if holder is not None and holder is not slot:
                     self._vacate(holder, now)
                 verb = "re-registered"
             elif holder is not None:
                 if not self._free(holder, now):
-                    raise Refusal(f"{address} is the address of learner {holder.learner_id}, which the leader still "
-                                  "counts on; register with its credential, or retry once it is gone",
-                                  retry=True, probe=(holder.learner_id,))
+                    raise Refusal(
+                        f"{address} is the address of learner {holder.learner_id}, which the leader still "
+                        "counts on; register with its credential, or retry once it is gone",
+                        retry=True,
+                        probe=(holder.learner_id,),
+                    )
                 slot, verb = self._take(holder, certificate), "took back the slot of"
             elif len(self._slots) < self.capacity:
                 slot, verb = self._take(Slot(len(self._slots), address, "", None), certificate), "registered as"
@@ -143,8 +166,12 @@ class Registry:
                 free = [slot for slot in self._slots if self._free(slot, now)]
                 if not free:
                     kept = tuple(slot.learner_id for slot in self._slots if slot.state == DROPPED)
-                    raise Refusal(f"all {self.capacity} learner slots are held; retry later, or start the leader "
-                                  "with a larger --learners", retry=True, probe=kept)
+                    raise Refusal(
+                        f"all {self.capacity} learner slots are held; retry later, or start the leader "
+                        "with a larger --learners",
+                        retry=True,
+                        probe=kept,
+                    )
                 previous = free[0].address
                 slot = self._take(free[0], certificate)
                 verb = f"took over from {previous or 'nobody'} the slot of"
@@ -177,8 +204,9 @@ class Registry:
     def _vacate(self, slot: Slot, now: float) -> None:
         """Give up a slot's address to its holder's own slot; refused while the slot is still held."""
         if not self._free(slot, now):
-            raise Refusal(f"{slot.address} is the address of learner {slot.learner_id}; register with an address "
-                          "of your own")
+            raise Refusal(
+                f"{slot.address} is the address of learner {slot.learner_id}; register with an address of your own"
+            )
         slot.address = ""
 
     def _take(self, slot: Slot, certificate: str | None) -> Slot:
@@ -224,8 +252,10 @@ class Registry:
     def records(self) -> list[dict]:
         """Every slot's address, credential and certificate, for a checkpoint."""
         with self._changed:
-            return [{"address": slot.address, "credential": slot.credential, "certificate": slot.certificate}
-                    for slot in self._slots]
+            return [
+                {"address": slot.address, "credential": slot.credential, "certificate": slot.certificate}
+                for slot in self._slots
+            ]
 
     def summaries(self) -> dict[int, DataSummary]:
         """The data summaries of the learners registered and not dropped, by slot."""
@@ -245,8 +275,11 @@ class Registry:
     def members(self, learner_ids: list[int] | None = None) -> dict[int, Member]:
         """The learners counted on (or those of learner_ids, in any state), as one consistent snapshot."""
         with self._changed:
-            chosen = [slot for slot in self._slots if slot.state in COUNTED_ON] if learner_ids is None else \
-                     [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
+            chosen = (
+                [slot for slot in self._slots if slot.state in COUNTED_ON]
+                if learner_ids is None
+                else [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
+            )
             return {slot.learner_id: self._member(slot) for slot in chosen}
 
     def take_joiners(self) -> dict[int, Member]:

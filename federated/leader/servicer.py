@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 
@@ -29,9 +29,12 @@ LOG_INTERVAL_S = 10.0  # at most one line this often for what callers can make h
 
 # Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (framing.chunk_messages),
 # AccumulateGradients gets a framing.ChunkRequest.
-ADD_LEADER_SERVICE = framing.without_protobuf_copies(leader_pb2_grpc.add_LeaderServiceServicer_to_server,
-                                                     replies={"GetModel", "GetData"},
-                                                     requests={"AccumulateGradients"})
+ADD_LEADER_SERVICE = framing.without_protobuf_copies(
+    leader_pb2_grpc.add_LeaderServiceServicer_to_server,
+    replies={"GetModel", "GetData"},
+    requests={"AccumulateGradients"},
+)
+
 
 class Throttle:
     """Lets a repeated event through at most once every `seconds`, counting the others."""
@@ -50,12 +53,21 @@ class Throttle:
             held_back, self.last, self.held_back = self.held_back, now, 0
             return held_back
 
+
 class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     """Translates LeaderService RPCs into calls on the registry, the shards and the round collector, checking
     every claim a caller makes (who it is, which round, how many samples) against what the leader knows."""
 
-    def __init__(self, registry: Registry, collector: RoundCollector, global_model: GlobalModel, shards: Shards | None,
-                 planner: Planner, federation: Federation, evaluations: evaluation.Evaluations) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        collector: RoundCollector,
+        global_model: GlobalModel,
+        shards: Shards | None,
+        planner: Planner,
+        federation: Federation,
+        evaluations: evaluation.Evaluations,
+    ) -> None:
         self.registry, self.collector, self.global_model = registry, collector, global_model
         self.shards, self.planner = shards, planner  # no shards: a leader without data
         self.federation, self.evaluations = federation, evaluations
@@ -69,28 +81,41 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         if (held_back := self.logged[kind].allow()) is not None:
             log.log(level, message + (f" (and {held_back} more such since the last)" if held_back else ""), *args)
 
-    def RegisterLearner(self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext) -> leader_pb2.AckWithMetadata:
+    def RegisterLearner(
+        self, request: leader_pb2.LearnerInfo, context: grpc.ServicerContext
+    ) -> leader_pb2.AckWithMetadata:
         try:
             data = self.data_summary(request)
-            member, message = self.registry.register(request.network_addr, rpc.credential_of(context),
-                                                     rpc.peer_certificate(context), data)
+            member, message = self.registry.register(
+                request.network_addr, rpc.credential_of(context), rpc.peer_certificate(context), data
+            )
         except Refusal as refusal:
             self.log("refused", "registration refused: %s", refusal)
             self.federation.probe(refusal.probe)
             if refusal.retry:
                 rpc.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
-            return leader_pb2.AckWithMetadata(success=False, message=str(refusal), learner_id=-1,
-                                              max_learners=self.registry.capacity)
-        log.info("%s%s", message, f" ({data.train_samples} training images, {data.eval_samples} held out)" if data else "")
-        return leader_pb2.AckWithMetadata(success=True, message=message, learner_id=member.learner_id,
-                                          max_learners=self.registry.capacity, credential=member.credential)
+            return leader_pb2.AckWithMetadata(
+                success=False, message=str(refusal), learner_id=-1, max_learners=self.registry.capacity
+            )
+        log.info(
+            "%s%s", message, f" ({data.train_samples} training images, {data.eval_samples} held out)" if data else ""
+        )
+        return leader_pb2.AckWithMetadata(
+            success=True,
+            message=message,
+            learner_id=member.learner_id,
+            max_learners=self.registry.capacity,
+            credential=member.credential,
+        )
 
     def data_summary(self, request: leader_pb2.LearnerInfo) -> messages.DataSummary | None:
         """What the learner says its own data is, checked; raises Refusal. A leader without data needs it."""
         if not request.HasField("data"):
             if self.shards is None:
-                raise Refusal("this leader holds no data (--dataset none): start the learner with --dataset and "
-                              "--data-dir naming its own images")
+                raise Refusal(
+                    "this leader holds no data (--dataset none): start the learner with --dataset and "
+                    "--data-dir naming its own images"
+                )
             return None
         try:
             return messages.DataSummary.from_proto(request.data, self.global_model.info.image_size)
@@ -103,8 +128,12 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     def GetData(self, request: leader_pb2.LearnerDataRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         member = self.data_caller(request.network_addr, context)
         if self.shards is None:
-            rpc.abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this leader holds no data (--dataset none): start the "
-                          "learner with --dataset and --data-dir naming its own images")
+            rpc.abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this leader holds no data (--dataset none): start the "
+                "learner with --dataset and --data-dir naming its own images",
+            )
         self.log("data", "sending learner %d its data shard", member.learner_id)
         yield from self.shards.messages(member.learner_id)  # serialised DataChunk messages
 
@@ -115,11 +144,18 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             return self.caller(context)[0]
         member = self.registry.at(address)
         if member is None:
-            rpc.abort(context, grpc.StatusCode.NOT_FOUND, f"{address[:64]!r} has not registered; call RegisterLearner "
-                          "with this address first")
+            rpc.abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"{address[:64]!r} has not registered; call RegisterLearner with this address first",
+            )
         if not same_host(address, guard.peer_host(context)):
-            rpc.abort(context, grpc.StatusCode.PERMISSION_DENIED, "send the credential this learner got at registration "
-                          f"(call header {rpc.CREDENTIAL_HEADER!r}), or ask from the IP address you registered")
+            rpc.abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "send the credential this learner got at registration "
+                f"(call header {rpc.CREDENTIAL_HEADER!r}), or ask from the IP address you registered",
+            )
         return member
 
     def caller(self, context: grpc.ServicerContext) -> tuple[Member, str]:
@@ -127,23 +163,33 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         for a call without a credential that holds a slot."""
         found = self.registry.authenticate(rpc.credential_of(context), rpc.peer_certificate(context))
         if found is None:
-            rpc.abort(context, grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
-                          f"(call header {rpc.CREDENTIAL_HEADER!r}, from AckWithMetadata.credential); register first")
+            rpc.abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this call needs the credential of a registered learner "
+                f"(call header {rpc.CREDENTIAL_HEADER!r}, from AckWithMetadata.credential); register first",
+            )
         return found
 
     def AccumulateGradients(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> leader_pb2.Ack:
         member, state = self.caller(context)
         if state not in COUNTED_ON:
-            rpc.abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"learner {member.learner_id} is not training (dropped, or not started yet); register again")
+            rpc.abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"learner {member.learner_id} is not training (dropped, or not started yet); register again",
+            )
         with self.working:
             return self.accumulate(request.chunk, member, context)
 
     def ReportEvaluation(self, request: leader_pb2.EvaluationReport, context: grpc.ServicerContext) -> leader_pb2.Ack:
         member, _ = self.caller(context)
         if request.learner_id != member.learner_id:
-            rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"learner_id {request.learner_id} is not the caller's slot, "
-                          f"{member.learner_id}")
+            rpc.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"learner_id {request.learner_id} is not the caller's slot, {member.learner_id}",
+            )
         declared = self.registry.summaries().get(member.learner_id)
         report = evaluation.Report(member.learner_id, request.samples, request.correct, request.loss)
         try:
@@ -152,7 +198,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"evaluation refused: {error}")
         if ignored:
             self.log("ignored", "%s", ignored)
-        return leader_pb2.Ack(success=ignored is None, message=ignored or f"evaluation of round {request.round} counted")
+        return leader_pb2.Ack(
+            success=ignored is None, message=ignored or f"evaluation of round {request.round} counted"
+        )
 
     def accumulate(self, chunk: memoryview, member: Member, context: grpc.ServicerContext) -> leader_pb2.Ack:
         """Check a learner's gradient and add it to the open round."""
@@ -165,8 +213,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         except (codec.PayloadError, ValueError) as error:
             rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
         round_index = claims.round
-        reason = self.collector.submit(member.learner_id, round_index, codec.flat_runs(payload), claims.samples,
-                                       claims.loss, len(chunk))
+        reason = self.collector.submit(
+            member.learner_id, round_index, codec.flat_runs(payload), claims.samples, claims.loss, len(chunk)
+        )
         self.federation.heard_from(member)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
@@ -180,17 +229,23 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         strategy, steps = self.global_model.strategy, self.planner.schedule.steps_per_round
         batch_size = self.planner.config.batch_size
         if claims.learner_id != member.learner_id:
-            raise codec.PayloadError(f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}")
+            raise codec.PayloadError(
+                f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}"
+            )
         expected = strategy.update_kind
         if claims.kind != expected:
             raise codec.PayloadError(f"this leader runs {strategy.name} and takes a {expected}, not a {claims.kind}")
         if claims.steps > steps:
-            raise codec.PayloadError(f"metadata steps {claims.steps} exceeds the {steps} local steps this "
-                                    "leader asks for")
+            raise codec.PayloadError(
+                f"metadata steps {claims.steps} exceeds the {steps} local steps this leader asks for"
+            )
         if claims.samples > batch_size * claims.steps:
-            raise codec.PayloadError(f"metadata samples {claims.samples} exceeds the batch of {batch_size} this leader "
-                                    f"asks for{'' if claims.steps == 1 else f' times {claims.steps} steps'}")
+            raise codec.PayloadError(
+                f"metadata samples {claims.samples} exceeds the batch of {batch_size} this leader "
+                f"asks for{'' if claims.steps == 1 else f' times {claims.steps} steps'}"
+            )
         return claims
+
 
 def same_host(address: str, peer: str | None) -> bool:
     """Whether a HOST:PORT names the IP address a call came from (IPv4-mapped IPv6 counts as IPv4)."""
@@ -204,14 +259,17 @@ def same_host(address: str, peer: str | None) -> bool:
     except ValueError:  # a host name: the leader does not resolve names callers give it
         return False
 
+
 def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
     """How the leader admits calls. A learner, named by its credential, has turns of its own that nobody
     else can take: 2 gradients and 2 shard streams at once, and 1 call of each other kind. Callers without
     a credential (newcomers, peers of the article's protos) have 1 turn per IP address, and a few in all."""
     leader_method = lambda name: f"/{rpc.LEADER_SERVICE}/{name}"
-    return {leader_method("RegisterLearner"): guard.Limit(1, anonymous=8),
-            leader_method("GetModel"): guard.Limit(1, anonymous=4),
-            leader_method("GetData"): guard.Limit(2, anonymous=2),
-            leader_method("AccumulateGradients"): guard.Limit(2, anonymous=0, request_s=idle_timeout),
-            leader_method("ReportEvaluation"): guard.Limit(1, anonymous=0),
-            "/grpc.health.v1.Health/Check": guard.Limit(1, anonymous=8)}
+    return {
+        leader_method("RegisterLearner"): guard.Limit(1, anonymous=8),
+        leader_method("GetModel"): guard.Limit(1, anonymous=4),
+        leader_method("GetData"): guard.Limit(2, anonymous=2),
+        leader_method("AccumulateGradients"): guard.Limit(2, anonymous=0, request_s=idle_timeout),
+        leader_method("ReportEvaluation"): guard.Limit(1, anonymous=0),
+        "/grpc.health.v1.Health/Check": guard.Limit(1, anonymous=8),
+    }

@@ -3,9 +3,11 @@ report evaluations, and rejoin after losing the leader, until the leader's final
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 import utils
+from federated.core.training import Batch
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
 from federated.learner.servicer import LearnerServer
@@ -18,13 +20,25 @@ from federated.wire import codec, messages
 log = logging.getLogger("learner")
 
 
+def round_batch(batches: Batches, replica: Replica, step: int) -> Batch:
+    """The step-th batch of the replica's round: the round's steps follow each other through the shard's order."""
+    return batches.at(replica.round * replica.plan.local_steps + step, replica.mean, replica.std)
+
+
 class Member:
     """This learner in the federation, from the leader's first state on: its replica of the model, the server the
     leader calls, its registration and its data. Registered and holding its data once built; trains the rounds
     it takes part in, and rejoins after losing the leader."""
 
-    def __init__(self, config: LearnerConfig, session: LeaderSession, server: LearnerServer, replica: Replica,
-                 local: LocalData | None, deadline: float) -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        session: LeaderSession,
+        server: LearnerServer,
+        replica: Replica,
+        local: LocalData | None,
+        deadline: float,
+    ) -> None:
         """local: the learner's own images (else it trains on a shard from the leader); deadline: of registering."""
         self.config, self.session, self.server, self.replica = config, session, server, replica
         own: utils.ImageSet | None = None
@@ -63,8 +77,9 @@ class Member:
         """Send the round's update (the replica's update vector) with what it claims: samples, loss, kind, steps."""
         replica, plan = self.replica, self.replica.plan
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
-        claims = messages.UpdateInfo(self.learner_id, round_index, batch * plan.local_steps, loss,
-                                     replica.strategy.update_kind, plan.local_steps)
+        claims = messages.UpdateInfo(
+            self.learner_id, round_index, batch * plan.local_steps, loss, replica.strategy.update_kind, plan.local_steps
+        )
         request = leader_pb2.GradientData(chunk=codec.encode(replica.update_tensors(), claims.to_metadata()))
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         self.sent_round = round_index
@@ -80,12 +95,23 @@ class Member:
             return
         round_index = messages.round_of(state)
         result = self.replica.evaluate(self.held_out)
-        report = leader_pb2.EvaluationReport(learner_id=self.learner_id, round=round_index, samples=len(self.held_out),
-                                             correct=result.correct, loss=result.loss)
+        report = leader_pb2.EvaluationReport(
+            learner_id=self.learner_id,
+            round=round_index,
+            samples=len(self.held_out),
+            correct=result.correct,
+            loss=result.loss,
+        )
         taken = self.session.report_evaluation(report)
         if taken is not None:
-            log.info("round %d: held-out loss %.4f, accuracy %.4f on %d images (%s)", round_index, result.loss,
-                     result.accuracy, len(self.held_out), taken)
+            log.info(
+                "round %d: held-out loss %.4f, accuracy %.4f on %d images (%s)",
+                round_index,
+                result.loss,
+                result.accuracy,
+                len(self.held_out),
+                taken,
+            )
 
     def train(self) -> codec.Payload:
         """Rounds until the leader marks a state finished: when the round's plan includes this learner, its
@@ -107,8 +133,7 @@ class Member:
             # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news;
             # nobody trains before a leader without data has settled the normalisation
             if replica.plan.takes_part(self.learner_id) and replica.round != self.sent_round and replica.normalised:
-                first_step = replica.round * replica.plan.local_steps
-                loss = replica.local_update(lambda step: batches.at(first_step + step, replica.mean, replica.std))
+                loss = replica.local_update(partial(round_batch, batches, replica))
                 compute_seconds += time.perf_counter() - round_started
                 self.send_update(replica.round, loss)
                 started = time.perf_counter()  # the next batch does not depend on the new weights
@@ -118,13 +143,17 @@ class Member:
             # With sampling, a learner gets a state only when it is drawn: it waits as long as the leader counts it in.
             sampled = replica.plan.participants is not None
             awaited = "a round to take part in" if sampled else f"the state of round {replica.round + 1}"
-            pushed = self.session.wait_until(lambda timeout: inbox.take(version, timeout), awaited, bounded=not sampled)
+            pushed = self.session.wait_until(partial(inbox.take, version), awaited, bounded=not sampled)
             round_seconds += time.perf_counter() - round_started
             if computed_rounds and messages.round_of(pushed[1]) % self.config.log_every == 0:
                 images = computed_rounds * replica.info.batch_size * replica.plan.local_steps
-                log.info("round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
-                         messages.round_of(pushed[1]), loss, images / compute_seconds,
-                         (round_seconds - compute_seconds) / computed_rounds * 1000)
+                log.info(
+                    "round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
+                    messages.round_of(pushed[1]),
+                    loss,
+                    images / compute_seconds,
+                    (round_seconds - compute_seconds) / computed_rounds * 1000,
+                )
                 compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
 
     def evaluate_final(self, state: codec.Payload) -> None:
@@ -138,8 +167,9 @@ class Member:
         inbox = self.server.inbox
         while True:  # each pass ends in the final state, or in a reconnect bounded by --connect-timeout
             try:
-                self.session.wait_until(lambda timeout: self.server.started.wait(timeout) or None,
-                                        "the start of training")
+                self.session.wait_until(
+                    lambda timeout: self.server.started.wait(timeout) or None, "the start of training"
+                )
                 return self.train()
             except LeaderLost as lost:
                 if inbox.final is not None:  # it said goodbye before it went
@@ -188,8 +218,13 @@ class Learner:
         if messages.is_final(state):
             return state
         replica = Replica(state, self.config.device)
-        server = LearnerServer(self.config, self.session.security, self.session.credential, replica.spec,
-                               len(state.buffer) + rpc.ENVELOPE_BYTES)
+        server = LearnerServer(
+            self.config,
+            self.session.security,
+            self.session.credential,
+            replica.spec,
+            len(state.buffer) + rpc.ENVELOPE_BYTES,
+        )
         try:
             return self.member_type(self.config, self.session, server, replica, self.local, deadline)
         except BaseException:  # not registered, or without its data: nothing will call it

@@ -2,7 +2,7 @@
 
 import logging
 import signal
-from typing import Sequence
+from collections.abc import Sequence
 
 from federated.learner import config as flags
 
@@ -11,7 +11,7 @@ log = logging.getLogger("learner")
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = flags.configure(flags.command_line(argv))  # a wrong flag is refused before torch is imported
-    import grpc  # noqa: I001  (the heavy imports come after parsing, on purpose)
+    import grpc
 
     import utils
     from federated.common import runtime
@@ -22,8 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runtime.tune_allocator()
     runtime.configure_logging("learner", config.verbose)
-    log.info("using %d torch threads; training on %s", runtime.set_threads(config.threads),
-             runtime.pick_device(config.device))
+    log.info(
+        "using %d torch threads; training on %s",
+        runtime.set_threads(config.threads),
+        runtime.pick_device(config.device),
+    )
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly, like Ctrl-C
     try:
         Learner(config).run()

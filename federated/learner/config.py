@@ -4,8 +4,8 @@ Choices from modules that import torch (datasets) are functions, called after pa
 flag is refused before torch loads.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from federated.common.flags import (
     FRACTION,
@@ -30,9 +30,13 @@ def _datasets() -> tuple[str, ...]:
     return utils.DATASETS
 
 
-GROUPS = {"leader": "", "data": "A learner trains on a shard the leader sends, or with --dataset on images of its own "
-          "that never leave it.", "process": "", "timeouts": "Every wait is bounded; these say how long.",
-          "security": ""}
+GROUPS = {
+    "leader": "",
+    "data": "A learner trains on a shard the leader sends, or with --dataset on images of its own that never leave it.",
+    "process": "",
+    "timeouts": "Every wait is bounded; these say how long.",
+    "security": "",
+}
 
 EXAMPLES = """examples:
   python learner.py --leader 127.0.0.1:50051                       a shard from a leader on this machine
@@ -51,44 +55,87 @@ class LearnerConfig(SecurityFlags, Config):
     leader: str = option("127.0.0.1:50051", "the leader's HOST:PORT", group="leader", metavar="HOST:PORT")
     host: str = option("0.0.0.0", "address for this learner's server to listen on", group="leader")
     port: int = option(0, "port to listen on (0: any free port)", group="leader", bounds=Bounds(0, 65535))
-    advertise: str | None = option(None, "HOST:PORT the leader dials to reach this learner", group="leader",
-                                   metavar="HOST:PORT", default_text="127.0.0.1 for a local leader, else this "
-                                   "machine's address on the route to it")
+    advertise: str | None = option(
+        None,
+        "HOST:PORT the leader dials to reach this learner",
+        group="leader",
+        metavar="HOST:PORT",
+        default_text="127.0.0.1 for a local leader, else this machine's address on the route to it",
+    )
 
-    dataset: str | None = option(None, "train on this local dataset instead of a shard from the leader (raw data "
-                                 "stays here; images are resized to the leader's --image-size)", group="data",
-                                 choices=_datasets)
+    dataset: str | None = option(
+        None,
+        "train on this local dataset instead of a shard from the leader (raw data "
+        "stays here; images are resized to the leader's --image-size)",
+        group="data",
+        choices=_datasets,
+    )
     data_dir: str = option("data", "where the local --dataset lives", group="data", metavar="DIR")
-    eval_fraction: float = option(0.0, "hold out this fraction of the local training images (never trained on) to "
-                                  "evaluate the global model on when the leader asks (0: the dataset's test split, "
-                                  "e.g. DIR/test of an imagefolder, if it has one)", group="data", bounds=FRACTION)
+    eval_fraction: float = option(
+        0.0,
+        "hold out this fraction of the local training images (never trained on) to "
+        "evaluate the global model on when the leader asks (0: the dataset's test split, "
+        "e.g. DIR/test of an imagefolder, if it has one)",
+        group="data",
+        bounds=FRACTION,
+    )
 
-    device: str = option("auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or "
-                         "cuda:N", group="process")
-    threads: int = option(0, "torch threads (0: all cores; give each learner its share when several run on one "
-                          "machine)", group="process", bounds=Bounds(0))
+    device: str = option(
+        "auto", "where to train: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N", group="process"
+    )
+    threads: int = option(
+        0,
+        "torch threads (0: all cores; give each learner its share when several run on one machine)",
+        group="process",
+        bounds=Bounds(0),
+    )
     log_every: int = option(50, "log progress every N rounds", group="process", bounds=Bounds(1))
     verbose: bool = option(False, "debug logging", group="process")
 
-    connect_timeout: float = option(300.0, "seconds to keep trying to reach the leader (or to get a slot), at start "
-                                    "and after losing it", group="timeouts", bounds=POSITIVE, metavar="S")
-    wait_timeout: float = option(600.0, "seconds to wait for the leader's next instruction before giving up (a "
-                                 "learner that sampling left out of the round waits as long as the leader's health "
-                                 "checks count it in)", group="timeouts", bounds=POSITIVE, metavar="S")
-    idle_timeout: float = option(IDLE_TIMEOUT_S, "seconds a stream from the leader (model, data) may deliver nothing "
-                                 "before it is abandoned and fetched again; also how long a caller of this learner "
-                                 "may stay silent", group="timeouts", bounds=POSITIVE, metavar="S")
+    connect_timeout: float = option(
+        300.0,
+        "seconds to keep trying to reach the leader (or to get a slot), at start and after losing it",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
+    wait_timeout: float = option(
+        600.0,
+        "seconds to wait for the leader's next instruction before giving up (a "
+        "learner that sampling left out of the round waits as long as the leader's health "
+        "checks count it in)",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
+    idle_timeout: float = option(
+        IDLE_TIMEOUT_S,
+        "seconds a stream from the leader (model, data) may deliver nothing "
+        "before it is abandoned and fetched again; also how long a caller of this learner "
+        "may stay silent",
+        group="timeouts",
+        bounds=POSITIVE,
+        metavar="S",
+    )
 
-    leader_name: str = option("leader", "with --tls-ca: the common name the leader's certificate must carry",
-                              group="security", metavar="NAME")
+    leader_name: str = option(
+        "leader", "with --tls-ca: the common name the leader's certificate must carry", group="security", metavar="NAME"
+    )
 
 
 def parser() -> Parser:
     """The learner's argument parser."""
-    return build_parser(LearnerConfig, "Federated learning learner: registers with the leader, serves "
-                        "LearnerService, and each round it takes part in sends its update: the gradient of one batch "
-                        "(FedSGD), or the change local training made (every other strategy; the leader's model state "
-                        "says how to train).", EXAMPLES, prog="learner.py", groups=GROUPS, role="learner")
+    return build_parser(
+        LearnerConfig,
+        "Federated learning learner: registers with the leader, serves "
+        "LearnerService, and each round it takes part in sends its update: the gradient of one batch "
+        "(FedSGD), or the change local training made (every other strategy; the leader's model state "
+        "says how to train).",
+        EXAMPLES,
+        prog="learner.py",
+        groups=GROUPS,
+        role="learner",
+    )
 
 
 def command_line(argv: Sequence[str] | None = None) -> CommandLine:

@@ -24,11 +24,15 @@ def check_data_dir(dataset: str, data_dir: str) -> None:
     if dataset == "imagefolder":
         train = root / "train"
         if not train.is_dir():
-            raise utils.DatasetError(f"--dataset imagefolder: no folder {train}. Give --data-dir the folder that holds "
-                                     f"train/<class>/<image> (and test/<class>/<image> to evaluate on); {TRY_SOME}")
+            raise utils.DatasetError(
+                f"--dataset imagefolder: no folder {train}. Give --data-dir the folder that holds "
+                f"train/<class>/<image> (and test/<class>/<image> to evaluate on); {TRY_SOME}"
+            )
         if not any(entry.is_dir() and any(entry.iterdir()) for entry in train.iterdir()):
-            raise utils.DatasetError(f"--dataset imagefolder: no images in class folders under {train}: it must hold "
-                                     f"one folder of images per class, {train}/<class>/<image>; {TRY_SOME}")
+            raise utils.DatasetError(
+                f"--dataset imagefolder: no images in class folders under {train}: it must hold "
+                f"one folder of images per class, {train}/<class>/<image>; {TRY_SOME}"
+            )
     elif dataset == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
         utils.cifar10(root, train=True)  # downloads it, or says where to get it
 
@@ -49,8 +53,9 @@ class LocalData:
         size, classes = info.image_size, info.num_classes
         data = utils.load_dataset(self.dataset, self.data_dir, train=True, image_size=size)
         if data.num_classes != classes:
-            raise utils.DatasetError(f"the local {self.dataset} has {data.num_classes} classes; the leader's model "
-                                     f"tells {classes} apart")
+            raise utils.DatasetError(
+                f"the local {self.dataset} has {data.num_classes} classes; the leader's model tells {classes} apart"
+            )
         if self.eval_fraction:
             data, held_out = utils.held_out(data, self.eval_fraction, info.seed)
         else:
@@ -59,8 +64,14 @@ class LocalData:
             except utils.DatasetError as missing:
                 log.info("no held-out images to evaluate on (%s); --eval-fraction would hold some out", missing)
                 held_out = None
-        log.info("training on local %s data: %d images of %dx%d, %d held out for evaluation", self.dataset, len(data),
-                 size, size, len(held_out) if held_out else 0)
+        log.info(
+            "training on local %s data: %d images of %dx%d, %d held out for evaluation",
+            self.dataset,
+            len(data),
+            size,
+            size,
+            len(held_out) if held_out else 0,
+        )
         [labels] = partition.describe(partition.label_counts(data.labels, [torch.arange(len(data))], classes))
         log.info("its labels (this learner's own: the leader never sees them): %s", labels.split(": ", 1)[1])
         return data, held_out
@@ -73,7 +84,13 @@ def shard_from_payload(payload: codec.Payload, num_classes: int, image_size: int
         raise codec.PayloadError(f"a data shard holds exactly 'labels' and 'images', got {list(payload.tensors)[:4]}")
     count = len(labels)
     shape = (count, 3, image_size, image_size)
-    if labels.dtype != torch.int64 or images.dtype != torch.uint8 or labels.ndim != 1 or images.shape != shape or count == 0:
+    if (
+        labels.dtype != torch.int64
+        or images.dtype != torch.uint8
+        or labels.ndim != 1
+        or images.shape != shape
+        or count == 0
+    ):
         raise codec.PayloadError(f"expected int64 labels [N] and uint8 images {list(shape)} with N > 0")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise codec.PayloadError(f"labels must lie in [0, {num_classes})")
@@ -85,8 +102,9 @@ class Batches:
     round; the seed and the learner's id choose the order), normalised and on the device. The batch asked for
     last is kept, so that the next round's first one can be prepared while the leader aggregates."""
 
-    def __init__(self, data: utils.ImageSet, batch_size: int, seed: int, learner_id: int,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self, data: utils.ImageSet, batch_size: int, seed: int, learner_id: int, device: torch.device | str
+    ) -> None:
         self.data, self.device = data, device
         self.schedule = utils.BatchSchedule(len(data), batch_size, seed * 10_007 + learner_id)
         self.prepared: tuple[int, Batch] = (-1, (torch.empty(0), torch.empty(0)))

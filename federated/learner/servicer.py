@@ -17,8 +17,9 @@ from federated.wire import codec, framing, messages
 log = logging.getLogger("learner")
 
 # A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
-ADD_LEARNER_SERVICE = framing.without_protobuf_copies(learner_pb2_grpc.add_LearnerServiceServicer_to_server,
-                                                      requests={"SyncModelState"})
+ADD_LEARNER_SERVICE = framing.without_protobuf_copies(
+    learner_pb2_grpc.add_LearnerServiceServicer_to_server, requests={"SyncModelState"}
+)
 
 
 def default_advertise(leader: str, port: int) -> str:
@@ -80,8 +81,14 @@ class StateInbox:
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     """Checks that calls come from this learner's leader and what it pushes, and hands it to the training thread."""
 
-    def __init__(self, state_spec: TensorSpec, inbox: StateInbox, started: threading.Event,
-                 credential: LeaderCredential, leader_name: str | None) -> None:
+    def __init__(
+        self,
+        state_spec: TensorSpec,
+        inbox: StateInbox,
+        started: threading.Event,
+        credential: LeaderCredential,
+        leader_name: str | None,
+    ) -> None:
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
         self.credential, self.leader_name = credential, leader_name
 
@@ -89,8 +96,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
         and always the credential it gave this learner at registration."""
         if self.leader_name and rpc.peer_common_name(context) != self.leader_name:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"only the leader (certificate CN {self.leader_name!r}) may call this learner")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"only the leader (certificate CN {self.leader_name!r}) may call this learner",
+            )
         refusal = self.credential.refusal(context)
         if refusal:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
@@ -119,25 +128,42 @@ def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
     """How a learner admits calls: its leader's (those with its credential) have turns of their own, which
     strangers cannot take; the servicer still checks every call in full."""
     learner_method = lambda name: f"/{rpc.LEARNER_SERVICE}/{name}"
-    return {learner_method("StartTraining"): guard.Limit(2, anonymous=2),
-            learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
-            "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4)}
+    return {
+        learner_method("StartTraining"): guard.Limit(2, anonymous=2),
+        learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
+        "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4),
+    }
 
 
 class LearnerServer:
     """The learner's LearnerService, serving from construction: what the leader pushes lands in inbox, its order
     to start in started; address is where the leader dials it."""
 
-    def __init__(self, config: LearnerConfig, security: rpc.Security, credential: LeaderCredential,
-                 state_spec: TensorSpec, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        security: rpc.Security,
+        credential: LeaderCredential,
+        state_spec: TensorSpec,
+        max_message_bytes: int,
+    ) -> None:
         """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes."""
         self.inbox, self.started = StateInbox(), threading.Event()
-        servicer = LearnerServicer(state_spec, self.inbox, self.started, credential,
-                                   config.leader_name if security.ca else None)
+        servicer = LearnerServicer(
+            state_spec, self.inbox, self.started, credential, config.leader_name if security.ca else None
+        )
         self.server, self.port = rpc.start_server(
-            f"{config.host}:{config.port}", [(ADD_LEARNER_SERVICE, servicer)], [rpc.LEARNER_SERVICE],
-            max_message_bytes, security, method_limits(config.idle_timeout), config.idle_timeout,
-            credential.session_status, credential.caller, 1)
+            f"{config.host}:{config.port}",
+            [(ADD_LEARNER_SERVICE, servicer)],
+            [rpc.LEARNER_SERVICE],
+            max_message_bytes,
+            security,
+            method_limits(config.idle_timeout),
+            config.idle_timeout,
+            credential.session_status,
+            credential.caller,
+            1,
+        )
         self.address = config.advertise or default_advertise(config.leader, self.port)
         self.listening = f"{config.host}:{self.port}"  # the port it got: --port 0 asks for any free one
 

@@ -5,8 +5,9 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,14 +34,22 @@ REGISTRATION_WAIT_S = 30.0
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # Health checks of the leader answered with these say nothing about this learner's registration: anyone
 # can keep the leader's health service busy, and a leader built from the article's protos has none.
-INCONCLUSIVE_CODES = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      grpc.StatusCode.DEADLINE_EXCEEDED)
+INCONCLUSIVE_CODES = (
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 # A gradient refused with these is this learner's fault (its model or data do not match the leader's).
 REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
 # A gradient answered with these means the leader no longer counts this registration: register again.
-REJOIN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.CANCELLED)  # (the leader cancels a gradient that takes over --idle-timeout to arrive)
+REJOIN_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.CANCELLED,
+)  # (the leader cancels a gradient that takes over --idle-timeout to arrive)
 
 
 class LeaderLost(Exception):
@@ -117,10 +126,22 @@ class Progress:
     """How a retried wait is logged: once, when it begins, what it waits for and for how long; then how it goes,
     at most every interval seconds."""
 
-    def __init__(self, waiting_for: str, deadline: float, flag: str = "", interval: float = PROGRESS_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        waiting_for: str,
+        deadline: float,
+        flag: str = "",
+        interval: float = PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """flag: the option that sets the deadline, named in the first line."""
-        self.waiting_for, self.deadline, self.flag, self.interval, self.clock = waiting_for, deadline, flag, interval, clock
+        self.waiting_for, self.deadline, self.flag, self.interval, self.clock = (
+            waiting_for,
+            deadline,
+            flag,
+            interval,
+            clock,
+        )
         self.started = clock()
         self.logged: float | None = None  # when it last said something
 
@@ -131,8 +152,13 @@ class Progress:
             limit = f"for up to {self.deadline - now:.0f} s" + (f" ({self.flag})" if self.flag else "")
             log.info("waiting for %s %s: %s", self.waiting_for, limit, reason)
         elif now - self.logged >= self.interval:
-            log.info("still waiting for %s (%.0f s so far, %.0f s left): %s", self.waiting_for, now - self.started,
-                     max(0.0, self.deadline - now), reason)
+            log.info(
+                "still waiting for %s (%.0f s so far, %.0f s left): %s",
+                self.waiting_for,
+                now - self.started,
+                max(0.0, self.deadline - now),
+                reason,
+            )
         else:
             return
         self.logged = now
@@ -142,8 +168,14 @@ def never() -> bool:
     return False
 
 
-def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Callable[[], bool] = never,
-                codes: tuple[grpc.StatusCode, ...] = RETRY_CODES, flag: str = "") -> T | None:
+def retry_until(
+    deadline: float,
+    action: Callable[[], T],
+    what: str,
+    stop: Callable[[], bool] = never,
+    codes: tuple[grpc.StatusCode, ...] = RETRY_CODES,
+    flag: str = "",
+) -> T | None:
     """Run action until it stops failing with one of codes (or a lost stream) or the deadline passes,
     backing off; None as soon as stop() says there is no point any more. The wait is logged as what it
     waits for (Progress), with the flag that sets its deadline."""
@@ -152,7 +184,7 @@ def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Calla
         try:
             return action()
         except (grpc.RpcError, LeaderLost) as error:
-            if isinstance(error, grpc.RpcError) and error.code() not in codes or time.monotonic() + delay > deadline:
+            if (isinstance(error, grpc.RpcError) and error.code() not in codes) or time.monotonic() + delay > deadline:
                 raise
             progress.failed(reason_of(error))
             time.sleep(delay)
@@ -160,8 +192,13 @@ def retry_until(deadline: float, action: Callable[[], T], what: str, stop: Calla
     return None
 
 
-def retried(deadline: float, action: Callable[[], T], what: str, codes: tuple[grpc.StatusCode, ...] = RETRY_CODES,
-            flag: str = "") -> T:
+def retried(
+    deadline: float,
+    action: Callable[[], T],
+    what: str,
+    codes: tuple[grpc.StatusCode, ...] = RETRY_CODES,
+    flag: str = "",
+) -> T:
     """retry_until with nothing to stop it: the action's result, or its last error once the deadline has passed."""
     result = retry_until(deadline, action, what, never, codes, flag)
     assert result is not None  # (only stop() ends retry_until without a result)
@@ -172,8 +209,14 @@ def reason_of(error: grpc.RpcError | LeaderLost) -> str:
     return error.details() if isinstance(error, grpc.RpcError) else str(error)
 
 
-def receive_stream(channel: grpc.Channel, method: str, request, idle_timeout: float, check_finite: bool = False,
-                   credential: str | None = None) -> codec.Payload:
+def receive_stream(
+    channel: grpc.Channel,
+    method: str,
+    request,
+    idle_timeout: float,
+    check_finite: bool = False,
+    credential: str | None = None,
+) -> codec.Payload:
     """The payload a LeaderService method streams in chunks, decoded as they arrive. There is no limit on
     the whole transfer (a slow link may take long), only on idle time: a stream that delivers nothing for
     idle_timeout seconds is abandoned with LeaderLost."""
@@ -188,8 +231,9 @@ def receive_stream(channel: grpc.Channel, method: str, request, idle_timeout: fl
         call.cancel()  # frees the stream if the payload was refused part way; no-op once it is complete
 
 
-def fetch_model(channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S,
-                credential: str | None = None) -> codec.Payload:
+def fetch_model(
+    channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S, credential: str | None = None
+) -> codec.Payload:
     """The leader's current model state from GetModel, checked finite as it streams in."""
     return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, True, credential)
 
@@ -219,22 +263,29 @@ class LeaderSession:
             raise LeaderUnreachable(
                 f"no answer from the leader at {self.config.leader} within --connect-timeout "
                 f"{self.config.connect_timeout:.0f} s ({reason_of(error)}). Is leader.py running there, and does "
-                "--leader give its address? Start it first, or give a longer --connect-timeout.") from None
+                "--leader give its address? Start it first, or give a longer --connect-timeout."
+            ) from None
 
-    def register(self, address: str, summary: messages.DataSummary | None,
-                 deadline: float) -> leader_pb2.AckWithMetadata:
+    def register(
+        self, address: str, summary: messages.DataSummary | None, deadline: float
+    ) -> leader_pb2.AckWithMetadata:
         """Register (again) with address, where this learner serves (and its credential, to take its own slot
         back), retried until the deadline; the leader's reply, with this learner's id."""
-        return retried(deadline, lambda: self.register_once(address, summary),
-                           f"the leader at {self.config.leader} to register this learner", flag="--connect-timeout")
+        return retried(
+            deadline,
+            lambda: self.register_once(address, summary),
+            f"the leader at {self.config.leader} to register this learner",
+            flag="--connect-timeout",
+        )
 
     def register_once(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
         with self.credential.registering():
             request = leader_pb2.LearnerInfo(network_addr=address)
             if summary is not None:
                 summary.to_proto(request.data)
-            reply = self.leader.RegisterLearner(request, timeout=RPC_TIMEOUT_S,
-                                                metadata=rpc.with_credential(self.credential.value))
+            reply = self.leader.RegisterLearner(
+                request, timeout=RPC_TIMEOUT_S, metadata=rpc.with_credential(self.credential.value)
+            )
             if reply.success:
                 self.credential.registered(reply.credential)
         if not reply.success:
@@ -244,47 +295,67 @@ class LeaderSession:
     def fetch_shard(self, address: str) -> codec.Payload:
         """The shard of the leader's data that the slot of the learner at address trains on."""
         request = leader_pb2.LearnerDataRequest(network_addr=address)
-        fetch = lambda: receive_stream(self.channel, "GetData", request, self.config.idle_timeout,
-                                       credential=self.credential.value)
-        return retried(time.monotonic() + self.config.connect_timeout, fetch,
-                           f"the leader at {self.config.leader} to send this learner's shard", flag="--connect-timeout")
+        fetch = lambda: receive_stream(
+            self.channel, "GetData", request, self.config.idle_timeout, credential=self.credential.value
+        )
+        return retried(
+            time.monotonic() + self.config.connect_timeout,
+            fetch,
+            f"the leader at {self.config.leader} to send this learner's shard",
+            flag="--connect-timeout",
+        )
 
-    def send_update(self, round_index: int, request: leader_pb2.GradientData,
-                    stop: Callable[[], bool]) -> leader_pb2.Ack | None:
+    def send_update(
+        self, round_index: int, request: leader_pb2.GradientData, stop: Callable[[], bool]
+    ) -> leader_pb2.Ack | None:
         """Send this learner's update of a round; a busy leader (RESOURCE_EXHAUSTED) gets it again until
         --wait-timeout or until stop() says there is no point. LeaderLost when the leader no longer counts this
         registration, GradientRefused when it refuses the update as malformed; None if stopped."""
-        send = lambda: self.leader.AccumulateGradients(request, timeout=RPC_TIMEOUT_S,
-                                                       metadata=rpc.with_credential(self.credential.value))
+        send = lambda: self.leader.AccumulateGradients(
+            request, timeout=RPC_TIMEOUT_S, metadata=rpc.with_credential(self.credential.value)
+        )
         try:
-            return retry_until(time.monotonic() + self.config.wait_timeout, send,
-                               f"the leader to take the update of round {round_index}", stop,
-                               (grpc.StatusCode.RESOURCE_EXHAUSTED,), "--wait-timeout")
+            return retry_until(
+                time.monotonic() + self.config.wait_timeout,
+                send,
+                f"the leader to take the update of round {round_index}",
+                stop,
+                (grpc.StatusCode.RESOURCE_EXHAUSTED,),
+                "--wait-timeout",
+            )
         except grpc.RpcError as error:
             if error.code() in REJOIN_CODES:
                 raise LeaderLost(f"{error.code().name}: {error.details()}") from None
             if error.code() in REFUSED_CODES:
-                raise GradientRefused(f"the leader refused this learner's update for round {round_index}: "
-                                      f"{error.code().name} {error.details()}") from None
+                raise GradientRefused(
+                    f"the leader refused this learner's update for round {round_index}: "
+                    f"{error.code().name} {error.details()}"
+                ) from None
             raise
 
     def report_evaluation(self, report: leader_pb2.EvaluationReport) -> str | None:
         """Tell the leader how its model did on held-out images: its reply, or None if it did not take the report
         (best effort: a lost report only leaves this learner out of that round's evaluation)."""
         try:
-            return self.leader.ReportEvaluation(report, timeout=RPC_TIMEOUT_S,
-                                                metadata=rpc.with_credential(self.credential.value)).message
+            return self.leader.ReportEvaluation(
+                report, timeout=RPC_TIMEOUT_S, metadata=rpc.with_credential(self.credential.value)
+            ).message
         except grpc.RpcError as error:
-            log.warning("round %d: the leader did not take this learner's evaluation: %s %s", report.round,
-                        error.code().name, error.details())
+            log.warning(
+                "round %d: the leader did not take this learner's evaluation: %s %s",
+                report.round,
+                error.code().name,
+                error.details(),
+            )
             return None
 
     def check_leader(self) -> None:
         """Raise LeaderLost if the leader does not answer, or no longer counts this learner's registration."""
         request = health_pb2.HealthCheckRequest(service=self.credential.session())
         try:
-            reply = self.health.Check(request, timeout=HEALTH_CHECK_INTERVAL_S,
-                                      metadata=rpc.with_credential(self.credential.value))
+            reply = self.health.Check(
+                request, timeout=HEALTH_CHECK_INTERVAL_S, metadata=rpc.with_credential(self.credential.value)
+            )
         except grpc.RpcError as error:
             if error.code() in INCONCLUSIVE_CODES:  # busy, slow, or without the health service: it answers
                 return

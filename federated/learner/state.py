@@ -1,7 +1,7 @@
 """What a learner has once it knows the leader's first model state: the model on its device, its update layout
 and vector, the strategy's control variates, what a state must hold, and the adoption of later states."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -35,8 +35,9 @@ def adopt_state(model: torch.nn.Module, state: codec.Payload, spec: TensorSpec) 
     load_state(model, state, take_over=True)
 
 
-def training_setup(info: messages.StateInfo, wire_dtype: torch.dtype,
-                   device: torch.device | str) -> tuple[torch.nn.Module, GradientLayout, Controls | None]:
+def training_setup(
+    info: messages.StateInfo, wire_dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.nn.Module, GradientLayout, Controls | None]:
     """The state's model on the device, its update layout and (SCAFFOLD) its control variates. The model moves
     before the layout is made: moving replaces a model's buffers, and the layout must hold the ones training
     updates (adopting a state later copies into them in place). A run's strategy never changes."""
@@ -97,8 +98,9 @@ class Replica:
         if strategies.named(self.plan.strategy).controls != (self.controls is not None):
             raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
         if self.controls is not None:
-            self.controls.server.copy_(torch.cat([state.tensors[control_name(name)].reshape(-1)
-                                                  for name, _ in self.layout.parameters]))
+            self.controls.server.copy_(
+                torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters])
+            )
 
     def take_final(self, state: codec.Payload) -> None:
         """The leader's last state: its weights and normalisation (a learner sampling never drew may not have had

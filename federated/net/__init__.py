@@ -1,1 +1,2 @@
-"""gRPC plumbing shared by both sides: generated stubs, servers and channels, TLS, tokens and credentials, admission limits and watchdogs."""
+"""gRPC plumbing shared by both sides: generated stubs, servers and channels, TLS, tokens and credentials, admission
+limits and watchdogs."""

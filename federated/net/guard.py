@@ -16,9 +16,9 @@ import itertools
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import grpc
 from grpc_health.v1 import health
@@ -107,11 +107,22 @@ class Gate(grpc.ServerInterceptor):
     long a call may wait on its peer. Permits are taken inside the handler, where grpcio always runs them,
     and returned when the call ends: a call grpcio turns away itself holds none."""
 
-    def __init__(self, limits: Mapping[str, Limit], idle_timeout: float = IDLE_TIMEOUT_S, token: str | None = None,
-                 identify: Callable[[Headers], str | None] = lambda headers: None, named_callers: int = 0) -> None:
+    def __init__(
+        self,
+        limits: Mapping[str, Limit],
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        token: str | None = None,
+        identify: Callable[[Headers], str | None] = lambda headers: None,
+        named_callers: int = 0,
+    ) -> None:
         """limits: by full method name ("/package.Service/Method"); other methods get Limit() and take no names.
         identify names the caller from its call headers (None: anonymous), among named_callers names at most."""
-        self.limits, self.idle_timeout, self.identify, self.named_callers = dict(limits), idle_timeout, identify, named_callers
+        self.limits, self.idle_timeout, self.identify, self.named_callers = (
+            dict(limits),
+            idle_timeout,
+            identify,
+            named_callers,
+        )
         self.expected = f"Bearer {token}".encode() if token else None
         self._held: dict[tuple[str, ...], int] = {}  # calls in progress by (method, caller); none kept at zero
         self._lock = threading.Lock()
@@ -129,13 +140,16 @@ class Gate(grpc.ServerInterceptor):
         headers = dict(handler_call_details.invocation_metadata or ())
         if self.expected and not method.lstrip("/").startswith(UNAUTHENTICATED_SERVICES):
             if not hmac.compare_digest(headers.get("authorization", "").encode(), self.expected):
-                return _refusal(grpc.StatusCode.UNAUTHENTICATED,
-                                f"missing or wrong token: pass --token or set {TOKEN_VARIABLE}")
+                return _refusal(
+                    grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong token: pass --token or set {TOKEN_VARIABLE}"
+                )
         limit = self.limits.get(method)
         name = self.identify(headers) if limit else None
         if limit and limit.anonymous == 0 and name is None:
-            return _refusal(grpc.StatusCode.UNAUTHENTICATED, "this call needs the credential of a registered learner "
-                            "(the fl-credential header); register first")
+            return _refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this call needs the credential of a registered learner (the fl-credential header); register first",
+            )
         return self._admitted(handler, method, limit or Limit(), name)
 
     def _take(self, method: str, limit: Limit, name: str | None, context: grpc.ServicerContext) -> str | None:
@@ -161,19 +175,25 @@ class Gate(grpc.ServerInterceptor):
             release()
         return None
 
-    def _admitted(self, handler: grpc.RpcMethodHandler, method: str, limit: Limit,
-                  name: str | None) -> grpc.RpcMethodHandler:
+    def _admitted(
+        self, handler: grpc.RpcMethodHandler, method: str, limit: Limit, name: str | None
+    ) -> grpc.RpcMethodHandler:
         """The handler, served as request-streaming: grpcio then calls it as soon as a thread takes the call,
         instead of first waiting, without a deadline, for a unary request to arrive."""
-        behaviour = (handler.stream_stream or handler.stream_unary if handler.request_streaming
-                     else handler.unary_stream or handler.unary_unary)
+        behaviour = (
+            handler.stream_stream or handler.stream_unary
+            if handler.request_streaming
+            else handler.unary_stream or handler.unary_unary
+        )
 
         def arguments(requests: Iterator, context: grpc.ServicerContext):
             refusal = self._take(method, limit, name, context)
             if refusal:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             if handler.request_streaming:
-                return (_parsed(request, context) for request in idle_bounded(requests, self.idle_timeout, context.cancel))
+                return (
+                    _parsed(request, context) for request in idle_bounded(requests, self.idle_timeout, context.cancel)
+                )
             with WATCHDOG.deadline(limit.request_s, context.cancel):
                 request = next(requests, None)
             if request is None:
@@ -181,19 +201,22 @@ class Gate(grpc.ServerInterceptor):
             return _parsed(request, context)
 
         if handler.response_streaming:
+
             def serve_stream(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
                 for response in behaviour(arguments(requests, context), context):
                     with WATCHDOG.deadline(self.idle_timeout, context.cancel):
                         yield response  # resumes once gRPC has sent it: a peer that reads nothing stalls here
 
-            return grpc.stream_stream_rpc_method_handler(serve_stream, _tolerant(handler.request_deserializer),
-                                                         handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                serve_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
 
         def serve_unary(requests: Iterator, context: grpc.ServicerContext):
             return behaviour(arguments(requests, context), context)
 
-        return grpc.stream_unary_rpc_method_handler(serve_unary, _tolerant(handler.request_deserializer),
-                                                    handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            serve_unary, _tolerant(handler.request_deserializer), handler.response_serializer
+        )
 
 
 def peer_host(context: grpc.ServicerContext) -> str | None:
@@ -219,7 +242,9 @@ def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes
 
 def _parsed(request: object, context: grpc.ServicerContext) -> object:
     if isinstance(request, Malformed):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as its message type ({request.error})")
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse as its message type ({request.error})"
+        )
     return request
 
 

@@ -5,10 +5,11 @@ import ipaddress
 import logging
 import os
 import secrets
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, NoReturn
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +26,7 @@ except ImportError as error:  # the generated modules are build outputs, not sou
 LEADER_SERVICE = leader_pb2.DESCRIPTOR.services_by_name["LeaderService"].full_name
 LEARNER_SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
 
-__all__ = ["leader_pb2", "leader_pb2_grpc", "learner_pb2", "learner_pb2_grpc", "start_server", "channel", "Security"]
+__all__ = ["Security", "channel", "leader_pb2", "leader_pb2_grpc", "learner_pb2", "learner_pb2_grpc", "start_server"]
 
 log = logging.getLogger("rpc")
 
@@ -49,14 +50,23 @@ class SecurityError(ValueError):
 class SecurityFlags:
     """The TLS and token flags, the same on both entry points (each configuration includes them)."""
 
-    tls_cert: str | None = option(None, "this {role}'s certificate (enables TLS on its server and channels)",
-                                  group="security", metavar="PEM")
+    tls_cert: str | None = option(
+        None, "this {role}'s certificate (enables TLS on its server and channels)", group="security", metavar="PEM"
+    )
     tls_key: str | None = option(None, "this {role}'s private key", group="security", metavar="PEM")
-    tls_ca: str | None = option(None, "CA certificate: verify peers against it and require client certificates "
-                                "from it (mutual TLS)", group="security", metavar="PEM")
-    token: str | None = option(None, "shared secret every RPC must carry as 'authorization: Bearer TOKEN'; prefer "
-                               "the variable: a flag shows in ps", group="security",
-                               default_text=f"${guard.TOKEN_VARIABLE}", secret=True)
+    tls_ca: str | None = option(
+        None,
+        "CA certificate: verify peers against it and require client certificates from it (mutual TLS)",
+        group="security",
+        metavar="PEM",
+    )
+    token: str | None = option(
+        None,
+        "shared secret every RPC must carry as 'authorization: Bearer TOKEN'; prefer the variable: a flag shows in ps",
+        group="security",
+        default_text=f"${guard.TOKEN_VARIABLE}",
+        secret=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -110,11 +120,18 @@ def _limits(max_receive_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def start_server(bind: str, register: list, service_names: list[str], max_receive_bytes: int,
-                 security: Security = Security(), limits: Mapping[str, guard.Limit] | None = None,
-                 idle_timeout: float = guard.IDLE_TIMEOUT_S, sessions: Callable[[str], int | None] | None = None,
-                 identify: Callable[[guard.Headers], str | None] = lambda headers: None,
-                 named_callers: int = 0) -> tuple[grpc.Server, int]:
+def start_server(
+    bind: str,
+    register: list,
+    service_names: list[str],
+    max_receive_bytes: int,
+    security: Security = Security(),
+    limits: Mapping[str, guard.Limit] | None = None,
+    idle_timeout: float = guard.IDLE_TIMEOUT_S,
+    sessions: Callable[[str], int | None] | None = None,
+    identify: Callable[[guard.Headers], str | None] = lambda headers: None,
+    named_callers: int = 0,
+) -> tuple[grpc.Server, int]:
     """Start a server with the given servicers plus health checking and reflection; return it and its port.
 
     register holds (add_XServicer_to_server, servicer) pairs. Messages over max_receive_bytes are refused
@@ -123,8 +140,12 @@ def start_server(bind: str, register: list, service_names: list[str], max_receiv
     SESSION_PREFIX services."""
     gate = guard.Gate(limits or {}, idle_timeout, security.token, identify, named_callers)
     workers = gate.threads_needed()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_limits(max_receive_bytes),
-                         interceptors=[gate], maximum_concurrent_rpcs=workers)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=_limits(max_receive_bytes),
+        interceptors=[gate],
+        maximum_concurrent_rpcs=workers,
+    )
     for add_to_server, servicer in register:
         add_to_server(servicer, server)
     health_servicer = SessionHealth(sessions or (lambda session: None))
@@ -133,8 +154,11 @@ def start_server(bind: str, register: list, service_names: list[str], max_receiv
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if security.certificate:
-        credentials = grpc.ssl_server_credentials([(security.key, security.certificate)], root_certificates=security.ca,
-                                                  require_client_auth=security.ca is not None)
+        credentials = grpc.ssl_server_credentials(
+            [(security.key, security.certificate)],
+            root_certificates=security.ca,
+            require_client_auth=security.ca is not None,
+        )
         port = server.add_secure_port(bind, credentials)
     else:
         port = server.add_insecure_port(bind)
@@ -150,12 +174,18 @@ def start_server(bind: str, register: list, service_names: list[str], max_receiv
 def warn_if_open(bind: str, port: int, security: Security) -> None:
     """Say who can call a server reachable beyond this machine, when that is anyone."""
     if not (security.token or security.ca):
-        log.warning("listening on %s without a token or client certificates: anyone who can reach port %d can join, "
-                    "read the model and send updates; use --token and --tls-cert/--tls-key/--tls-ca (docs/security.md)",
-                    bind, port)
+        log.warning(
+            "listening on %s without a token or client certificates: anyone who can reach port %d can join, "
+            "read the model and send updates; use --token and --tls-cert/--tls-key/--tls-ca (docs/security.md)",
+            bind,
+            port,
+        )
     elif not security.certificate:
-        log.warning("listening on %s in plaintext: the token crosses the network readable by anyone on the way; "
-                    "add --tls-cert/--tls-key (docs/security.md)", bind)
+        log.warning(
+            "listening on %s in plaintext: the token crosses the network readable by anyone on the way; "
+            "add --tls-cert/--tls-key (docs/security.md)",
+            bind,
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -175,18 +205,21 @@ class SessionHealth(health.HealthServicer):
         super().__init__()
         self.sessions = sessions
 
-    def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
         if not request.service.startswith(SESSION_PREFIX):
             return super().Check(request, context)
-        status = self.sessions(request.service[len(SESSION_PREFIX):])
+        status = self.sessions(request.service[len(SESSION_PREFIX) :])
         if status is None:
             context.set_trailing_metadata([(SESSIONS_HEADER, "1")])
             context.set_code(grpc.StatusCode.NOT_FOUND)
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=status)
 
-    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext,
-              send_response_callback=None) -> Iterator[health_pb2.HealthCheckResponse]:
+    def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext, send_response_callback=None
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
         """The current status, once, then the end of the stream: a watch held open would hold a server thread
         for as long as the caller likes."""
         return iter([self.Check(request, context)])
@@ -198,7 +231,9 @@ def knows_sessions(error: grpc.RpcError) -> bool:
     return any(key == SESSIONS_HEADER for key, _ in error.trailing_metadata() or ())
 
 
-def channel(address: str, security: Security = Security(), max_receive_bytes: int = CHUNK_MESSAGE_LIMIT) -> grpc.Channel:
+def channel(
+    address: str, security: Security = Security(), max_receive_bytes: int = CHUNK_MESSAGE_LIMIT
+) -> grpc.Channel:
     """A channel to address with deliberate message limits, TLS when configured, and the token on every call."""
     # Subchannels of its own: channels share the process's pool by default, and with it a failed address's
     # reconnect backoff, so a channel made afresh could still answer with an old connection error (seen in CI)

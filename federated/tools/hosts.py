@@ -122,8 +122,21 @@ class Hosts:
         for index, host in enumerate(self.hosts):
             run("ip", "netns", "add", host.name)
             port = f"port{index}"  # the bridge's side of this host's cable
-            run("ip", "-n", self.bridge, "link", "add", port, "type", "veth", "peer", "name", host.device,
-                "netns", host.name)
+            run(
+                "ip",
+                "-n",
+                self.bridge,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                host.device,
+                "netns",
+                host.name,
+            )
             run("ip", "-n", self.bridge, "link", "set", port, "master", "br0", "up")
             run("ip", "-n", host.name, "addr", "add", f"{host.address}/24", "dev", host.device)
             run("ip", "-n", host.name, "link", "set", "lo", "up")
@@ -134,8 +147,23 @@ class Hosts:
     def limit(self, host: Host, rate: str) -> None:
         """Limit what host sends to rate: a token bucket (tbf) on its interface, queueing up to 50 ms of
         traffic before it drops (enough for TCP to keep the link busy)."""
-        run("tc", "-n", host.name, "qdisc", "replace", "dev", host.device, "root", "tbf", "rate", rate,
-            "burst", str(burst_bytes(rate_bits(rate))), "latency", "50ms")
+        run(
+            "tc",
+            "-n",
+            host.name,
+            "qdisc",
+            "replace",
+            "dev",
+            host.device,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            str(burst_bytes(rate_bits(rate))),
+            "latency",
+            "50ms",
+        )
 
     def link(self, host: Host, up: bool) -> None:
         """Take host's link down (as if its cable were pulled) or bring it back up."""
@@ -182,7 +210,7 @@ def remove_leftovers() -> None:
     """Delete namespaces of this helper left by runs whose process is gone (killed before it cleaned up)."""
     for line in run("ip", "netns", "list").splitlines():
         name = line.split()[0] if line.strip() else ""
-        owner = name[len(PREFIX):].split("-")[0] if name.startswith(PREFIX) else ""
+        owner = name[len(PREFIX) :].split("-")[0] if name.startswith(PREFIX) else ""
         if owner.isdigit() and not _alive(int(owner)):
             remove_namespace(name)
 

@@ -5,9 +5,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import utils
 from federated.common import runtime
@@ -51,9 +51,15 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: floa
     return False
 
 
-def start_federation(learners: int, leader_args: list[str], port: int, out: Path, learner_args: Sequence[str] = (),
-                     leader_to_console: bool = False,
-                     hosts: Sequence | None = None) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+def start_federation(
+    learners: int,
+    leader_args: list[str],
+    port: int,
+    out: Path,
+    learner_args: Sequence[str] = (),
+    leader_to_console: bool = False,
+    hosts: Sequence | None = None,
+) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     """Start the leader and the learners, each learner with its share of this machine's cores, logging to
     out/*.log (the leader to this console instead, if asked). All on localhost, or with hosts the leader on
     hosts[0] and learner i on hosts[i + 1], given only the leader's address (each host has .prefix, the
@@ -67,20 +73,48 @@ def start_federation(learners: int, leader_args: list[str], port: int, out: Path
     threads = max(1, runtime.available_cores() // learners)
     place = lambda index: list(hosts[index].prefix) if hosts else []
     leader_host = hosts[0].address if hosts else "127.0.0.1"
-    leader_cmd = [*place(0), sys.executable, str(ROOT / "leader.py"), "--learners", str(learners),
-                  "--host", "0.0.0.0" if hosts else "127.0.0.1", "--port", str(port), "--out", str(out), *leader_args]
+    leader_cmd = [
+        *place(0),
+        sys.executable,
+        str(ROOT / "leader.py"),
+        "--learners",
+        str(learners),
+        "--host",
+        "0.0.0.0" if hosts else "127.0.0.1",
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+        *leader_args,
+    ]
     leader_log = None if leader_to_console else open(out / "leader.log", "w")
     leader = subprocess.Popen(leader_cmd, env=env, stdout=leader_log, stderr=subprocess.STDOUT)
     if not hosts and not wait_for_port(leader_host, port, leader, LEADER_LISTEN_TIMEOUT_S):
         if leader.poll() is not None:
             return leader, []
-        print(f"NOTICE: the leader does not listen on {leader_host}:{port} after {LEADER_LISTEN_TIMEOUT_S:.0f} s; "
-              "starting the learners, which wait for it", flush=True)
+        print(
+            f"NOTICE: the leader does not listen on {leader_host}:{port} after {LEADER_LISTEN_TIMEOUT_S:.0f} s; "
+            "starting the learners, which wait for it",
+            flush=True,
+        )
     listen = [] if hosts else ["--host", "127.0.0.1"]  # hosts: every interface of its own namespace
-    learner_cmd = lambda index: [*place(index + 1), sys.executable, str(ROOT / "learner.py"), "--leader",
-                                 f"{leader_host}:{port}", *listen, "--threads", str(threads), *learner_args]
-    procs = [subprocess.Popen(learner_cmd(index), env=env, stdout=open(out / f"learner{index}.log", "w"),
-                              stderr=subprocess.STDOUT) for index in range(learners)]
+    learner_cmd = lambda index: [
+        *place(index + 1),
+        sys.executable,
+        str(ROOT / "learner.py"),
+        "--leader",
+        f"{leader_host}:{port}",
+        *listen,
+        "--threads",
+        str(threads),
+        *learner_args,
+    ]
+    procs = [
+        subprocess.Popen(
+            learner_cmd(index), env=env, stdout=open(out / f"learner{index}.log", "w"), stderr=subprocess.STDOUT
+        )
+        for index in range(learners)
+    ]
     return leader, procs
 
 
@@ -115,8 +149,9 @@ def write_digits(root: Path, learners: int, alpha: float = 0.5, seed: int = 0) -
     """scikit-learn's digits as one image folder per learner, root/learnerN/{train,test}/<class>/*.png: each
     learner's share label-skewed by a Dirichlet(alpha) split, a fifth of it held out as its test split."""
     data = utils.digits()
-    shares = partition.partition(data.labels, learners, "dirichlet", seed, alpha, num_classes=data.num_classes,
-                                 min_samples=MIN_DIGITS)
+    shares = partition.partition(
+        data.labels, learners, "dirichlet", seed, alpha, num_classes=data.num_classes, min_samples=MIN_DIGITS
+    )
     for learner, share in enumerate(shares):
         train, test = utils.held_out(data.subset(share), 0.2, seed)
         for split, images in (("train", train), ("test", test)):
@@ -133,11 +168,17 @@ class LaunchConfig(Config):
     out: str = option("runs/demo", "directory for the outputs and the processes' logs", group="launch", metavar="DIR")
     data_dir: str = option("data", "where CIFAR-10 is looked for (--demo)", group="launch", metavar="DIR")
     demo: bool = option(False, "a run of a few minutes: CIFAR-10 if available, else the synthetic set", group="launch")
-    timeout: float = option(1800.0, "seconds before the processes are killed", group="launch", bounds=POSITIVE,
-                            metavar="S")
-    write_digits: str | None = option(None, "only write scikit-learn's 1,797 digits as --learners label-skewed image "
-                                      "folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
-                                      "their own) and exit", group="launch", metavar="DIR")
+    timeout: float = option(
+        1800.0, "seconds before the processes are killed", group="launch", bounds=POSITIVE, metavar="S"
+    )
+    write_digits: str | None = option(
+        None,
+        "only write scikit-learn's 1,797 digits as --learners label-skewed image "
+        "folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
+        "their own) and exit",
+        group="launch",
+        metavar="DIR",
+    )
 
 
 GROUPS = {"launch": ""}
@@ -150,8 +191,14 @@ EXAMPLES = """examples:
 
 def parser() -> Parser:
     """launch.py's argument parser (what it does not know goes to leader.py)."""
-    return build_parser(LaunchConfig, "Run a leader and N learners on this machine, on loopback; flags after -- (or "
-                        "any launch.py does not know) go to leader.py.", EXAMPLES, prog="launch.py", groups=GROUPS)
+    return build_parser(
+        LaunchConfig,
+        "Run a leader and N learners on this machine, on loopback; flags after -- (or "
+        "any launch.py does not know) go to leader.py.",
+        EXAMPLES,
+        prog="launch.py",
+        groups=GROUPS,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,8 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         dataset = demo_dataset(args.data_dir)
         rounds, eval_every = ("600", "200") if dataset == "cifar10" else ("250", "50")
-        leader_args = ["--dataset", dataset, "--data-dir", args.data_dir, "--rounds", rounds, "--batch-size", "32",
-                       "--eval-every", eval_every, *leader_args]
+        leader_args = [
+            "--dataset",
+            dataset,
+            "--data-dir",
+            args.data_dir,
+            "--rounds",
+            rounds,
+            "--batch-size",
+            "32",
+            "--eval-every",
+            eval_every,
+            *leader_args,
+        ]
     out = Path(args.out)
     print(f"starting a leader and {args.learners} learners; the leader logs here, the learners in {out}/", flush=True)
     started = time.monotonic()
@@ -179,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a process failed; see the leader's log above and {out}/learner*.log", file=sys.stderr)
         return 1
     final = [r for r in read_metrics(out / "metrics.jsonl") if "test_accuracy" in r][-1]
-    print(f"final test accuracy: {final['test_accuracy']:.4f} after {final['round']} rounds "
-          f"(model: {out}/model.pt, plot: {out}/metrics.png)")
+    print(
+        f"final test accuracy: {final['test_accuracy']:.4f} after {final['round']} rounds "
+        f"(model: {out}/model.pt, plot: {out}/metrics.png)"
+    )
     return 0

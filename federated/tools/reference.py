@@ -1,6 +1,6 @@
 """Writes the command-line reference (docs/reference/cli.md) from the flag tables; tests fail when it is stale.
 
-    python -m federated.tools.reference          rewrite docs/reference/cli.md
+python -m federated.tools.reference          rewrite docs/reference/cli.md
 """
 
 import argparse
@@ -28,13 +28,16 @@ takes it from its checkpoint and refuses another value.
 
 def page() -> str:
     """The reference page's Markdown."""
-    return "\n".join([HEADER,
-                      flag_tables(leader_flags.LeaderConfig, "leader.py", leader_flags.GROUPS, "leader",
-                                leader_flags.LISTINGS),
-                      flag_tables(learner_flags.LearnerConfig, "learner.py", learner_flags.GROUPS, "learner"),
-                      flag_tables(launch.LaunchConfig, "launch.py", launch.GROUPS)
-                      + "\nAny other flag, and every flag after `--`, goes to leader.py.\n",
-                      parser_table(bench_cli.parser(), "bench.py")])
+    return "\n".join(
+        [
+            HEADER,
+            flag_tables(leader_flags.LeaderConfig, "leader.py", leader_flags.GROUPS, "leader", leader_flags.LISTINGS),
+            flag_tables(learner_flags.LearnerConfig, "learner.py", learner_flags.GROUPS, "learner"),
+            flag_tables(launch.LaunchConfig, "launch.py", launch.GROUPS)
+            + "\nAny other flag, and every flag after `--`, goes to leader.py.\n",
+            parser_table(bench_cli.parser(), "bench.py"),
+        ]
+    )
 
 
 def parser_table(parser: argparse.ArgumentParser, title: str) -> str:
@@ -50,28 +53,40 @@ def parser_table(parser: argparse.ArgumentParser, title: str) -> str:
     return "\n".join([f"## {title}", "", "| flag | default | meaning |", "|---|---|---|", *rows, ""])
 
 
-def flag_tables(config_type: type, title: str, groups: dict[str, str], role: str = "",
-              listings: Listings | None = None) -> str:
+def flag_tables(
+    config_type: type, title: str, groups: dict[str, str], role: str = "", listings: Listings | None = None
+) -> str:
     """The Markdown reference of a program's flags: one table per group, with default, bounds and scope."""
     lines = [f"## {title}", ""]
     if listings:
-        lines += ["| flag | meaning |", "|---|---|", *(f"| `{name}` | {text} |" for name, (text, _) in listings.items()), ""]
+        lines += [
+            "| flag | meaning |",
+            "|---|---|",
+            *(f"| `{name}` | {text} |" for name, (text, _) in listings.items()),
+            "",
+        ]
     by_group: dict[str, list[Field]] = {}
     for field in fields(config_type):
         by_group.setdefault(field.flag.group, []).append(field)
     for group in [*groups, *(name for name in by_group if name not in groups)]:
         if group not in by_group:
             continue
-        lines += [f"### {group}", "", *([groups[group], ""] if groups.get(group) else []),
-                  "| flag | default | meaning |", "|---|---|---|"]
+        lines += [
+            f"### {group}",
+            "",
+            *([groups[group], ""] if groups.get(group) else []),
+            "| flag | default | meaning |",
+            "|---|---|---|",
+        ]
         lines += [_reference_row(field, fields(config_type), role) for field in by_group[group]]
         lines.append("")
     return "\n".join(lines)
 
 
 def _reference_row(field: Field, others: list[Field], role: str) -> str:
-    default = field.flag.default_text or ("off" if field.type is bool else "unset" if field.default is None
-                                          else f"`{field.default_value()}`")
+    default = field.flag.default_text or (
+        "off" if field.type is bool else "unset" if field.default is None else f"`{field.default_value()}`"
+    )
     notes = []
     choices = field.choices()
     if choices:

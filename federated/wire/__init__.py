@@ -1,1 +1,2 @@
-"""What travels between leader and learners: the tensor payload codec, chunk framing without protobuf copies, and typed metadata records."""
+"""What travels between leader and learners: the tensor payload codec, chunk framing without protobuf copies, and
+typed metadata records."""

@@ -21,8 +21,8 @@ import math
 import re
 import struct
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -37,9 +37,16 @@ MAX_ELEMENTS = 1 << 40
 ALIGNMENT = 64
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # What payloads are read from: received bytes (or a view of them), or receive's own buffer
@@ -76,7 +83,8 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
             raise PayloadError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
         flat = tensor.detach().reshape(-1).contiguous().view(torch.uint8)
         header[name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
             "data_offsets": [offset, offset + flat.numel()],
         }
         blobs.append(flat.numpy().data)
@@ -93,8 +101,10 @@ def decode(buffer: Received) -> Payload:
     if layout is None:
         raise PayloadError(f"payload of {len(buffer)} bytes ends inside its length prefix or header")
     if layout.size != len(buffer):
-        raise PayloadError(f"payload has {len(buffer) - layout.data_start} data bytes but its tensors describe "
-                           f"{layout.size - layout.data_start}")
+        raise PayloadError(
+            f"payload has {len(buffer) - layout.data_start} data bytes but its tensors describe "
+            f"{layout.size - layout.data_start}"
+        )
     return Payload(layout.metadata, _views(buffer, layout), buffer, layout.data_start)
 
 
@@ -107,7 +117,9 @@ class _Layout:
 
 
 def _views(buffer: Buffer, layout: _Layout) -> dict[str, torch.Tensor]:
-    return {name: _view(buffer, dtype, shape, layout.data_start + begin) for name, dtype, shape, begin, _ in layout.entries}
+    return {
+        name: _view(buffer, dtype, shape, layout.data_start + begin) for name, dtype, shape, begin, _ in layout.entries
+    }
 
 
 def _parse_layout(head: Received) -> _Layout | None:
@@ -126,8 +138,10 @@ def _parse_layout(head: Received) -> _Layout | None:
     for name, dtype, shape, begin, end in entries:
         nbytes = math.prod(shape) * dtype.itemsize
         if begin != expected_begin or end - begin != nbytes:
-            raise PayloadError(f"tensor {_brief(name)}: data_offsets [{_brief(begin)}, {_brief(end)}] do not tile the data "
-                               f"({nbytes} bytes expected at {expected_begin})")
+            raise PayloadError(
+                f"tensor {_brief(name)}: data_offsets [{_brief(begin)}, {_brief(end)}] do not tile the data "
+                f"({nbytes} bytes expected at {expected_begin})"
+            )
         expected_begin = end
     return _Layout(metadata, entries, 8 + header_length, 8 + header_length + expected_begin)
 
@@ -212,13 +226,19 @@ def _parse_entry(name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...]
         raise PayloadError(f"tensor {_brief(name)}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise PayloadError(f"tensor {_brief(name)}: unsupported dtype {_brief(dtype)}; expected one of {sorted(DTYPES)}")
+        raise PayloadError(
+            f"tensor {_brief(name)}: unsupported dtype {_brief(dtype)}; expected one of {sorted(DTYPES)}"
+        )
     if not _is_int_list(shape) or len(shape) > MAX_DIMS or any(size < 0 for size in shape):
-        raise PayloadError(f"tensor {_brief(name)}: shape must be at most {MAX_DIMS} non-negative integers, got {_brief(shape)}")
+        raise PayloadError(
+            f"tensor {_brief(name)}: shape must be at most {MAX_DIMS} non-negative integers, got {_brief(shape)}"
+        )
     if math.prod(max(1, size) for size in shape) > MAX_ELEMENTS:
         raise PayloadError(f"tensor {_brief(name)}: shape {_brief(shape)} describes more than {MAX_ELEMENTS} elements")
     if not _is_int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
-        raise PayloadError(f"tensor {_brief(name)}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_brief(offsets)}")
+        raise PayloadError(
+            f"tensor {_brief(name)}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_brief(offsets)}"
+        )
     return DTYPES[dtype], tuple(shape), offsets[0], offsets[1]
 
 
@@ -242,8 +262,10 @@ def _view(buffer: Buffer, dtype: torch.dtype, shape: tuple[int, ...], offset: in
 def spec_of(tensors: Mapping[str, torch.Tensor], float_dtype: torch.dtype | None = None) -> TensorSpec:
     """The names, dtypes and shapes a payload must match, taken from reference tensors
     (floating-point ones travel as float_dtype, if given)."""
-    return {name: (float_dtype if float_dtype and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
-            for name, tensor in tensors.items()}
+    return {
+        name: (float_dtype if float_dtype and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
+        for name, tensor in tensors.items()
+    }
 
 
 def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -262,7 +284,9 @@ def check_layout(payload: Payload, spec: TensorSpec) -> None:
     missing = [name for name in spec if name not in payload.tensors]
     unexpected = [name for name in payload.tensors if name not in spec]
     if missing or unexpected:
-        raise PayloadError(f"tensor names do not match the model: missing {missing[:3]}, unexpected {_brief(unexpected[:3])}")
+        raise PayloadError(
+            f"tensor names do not match the model: missing {missing[:3]}, unexpected {_brief(unexpected[:3])}"
+        )
     if list(payload.tensors) != list(spec):
         raise PayloadError("tensors are not in the model's order")
     for name, tensor in payload.tensors.items():

@@ -5,8 +5,8 @@ Every message that carries a payload (ModelChunk, DataChunk, ModelState, Gradien
 write and read exactly protobuf's bytes with one copy per chunk (tests compare both ways).
 """
 
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator
 
 import grpc
 
@@ -43,8 +43,9 @@ class ChunkRequest:
     chunk: memoryview
 
 
-def without_protobuf_copies(add_to_server: Callable, replies: Collection[str] = (),
-                            requests: Collection[str] = ()) -> Callable:
+def without_protobuf_copies(
+    add_to_server: Callable, replies: Collection[str] = (), requests: Collection[str] = ()
+) -> Callable:
     """A generated add_XServicer_to_server that keeps protobuf away from bulk bytes, which it copies twice:
     the methods named in replies yield ready-serialised messages (chunk_messages); those in requests
     get a ChunkRequest whose chunk is a view of the received bytes (chunk_field)."""
@@ -84,8 +85,9 @@ def chunk_stream(channel: grpc.Channel, service: str, method: str) -> grpc.Unary
 
 def unary_call(channel: grpc.Channel, service: str, method: str, reply_type) -> grpc.UnaryUnaryMultiCallable:
     """A unary method whose request may also be given ready-serialised, to serialise it once for many calls."""
-    return channel.unary_unary(f"/{service}/{method}", request_serializer=serialize,
-                               response_deserializer=reply_type.FromString)
+    return channel.unary_unary(
+        f"/{service}/{method}", request_serializer=serialize, response_deserializer=reply_type.FromString
+    )
 
 
 def serialize(message) -> bytes:

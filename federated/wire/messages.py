@@ -31,14 +31,16 @@ MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a r
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
+PARTICIPANTS = re.compile(rf"([0-9]{{1,9}}(,[0-9]{{1,9}}){{0,{MAX_LEARNERS - 1}}})?")  # learner ids, comma-separated
 
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
-def _float(metadata: dict[str, str], key: str, default: float | None = None, low: float = 0.0,
-           high: float = math.inf) -> float:
+def _float(
+    metadata: dict[str, str], key: str, default: float | None = None, low: float = 0.0, high: float = math.inf
+) -> float:
     """A finite number metadata field in [low, high]; PayloadError if malformed or (without default) absent."""
     text = metadata.get(key)
     if text is None and default is not None:
@@ -48,8 +50,9 @@ def _float(metadata: dict[str, str], key: str, default: float | None = None, low
     except ValueError:
         value = math.nan
     if not low <= value <= high:  # false for NaN
-        raise codec.PayloadError(f"metadata {key!r} must be a number from {low:g} to {high:g}, "
-                                f"got {(text or '')[:32]!r}")
+        raise codec.PayloadError(
+            f"metadata {key!r} must be a number from {low:g} to {high:g}, got {(text or '')[:32]!r}"
+        )
     return value
 
 
@@ -72,30 +75,42 @@ def plan_to_metadata(plan: TrainingPlan) -> dict[str, str]:
     metadata |= {"evaluate": "1"} if plan.evaluate else {}
     if not strategies.named(plan.strategy).local:
         return metadata
-    return {**metadata, "strategy": plan.strategy, "local_steps": str(plan.local_steps),
-            "client_lr": repr(plan.client_lr), "client_momentum": repr(plan.client_momentum),
-            "weight_decay": repr(plan.weight_decay), "mu": repr(plan.mu)}
+    return {
+        **metadata,
+        "strategy": plan.strategy,
+        "local_steps": str(plan.local_steps),
+        "client_lr": repr(plan.client_lr),
+        "client_momentum": repr(plan.client_momentum),
+        "weight_decay": repr(plan.weight_decay),
+        "mu": repr(plan.mu),
+    }
 
 
 def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
     """The training plan a state's metadata gives, within the bounds a learner accepts; raises PayloadError."""
     participants = metadata.get("participants")
-    if participants is not None and not re.fullmatch(r"([0-9]{1,9}(,[0-9]{1,9}){0,%d})?" % (MAX_LEARNERS - 1),
-                                                     participants):
+    if participants is not None and not PARTICIPANTS.fullmatch(participants):
         raise codec.PayloadError("metadata 'participants' must list learner ids, separated by commas")
     chosen = None if participants is None else tuple(int(part) for part in participants.split(",") if part)
     name, evaluate = metadata.get("strategy", "fedsgd"), metadata.get("evaluate") == "1"
     try:
         strategy = strategies.named(name)
     except ValueError:
-        raise codec.PayloadError(f"unknown strategy {name[:32]!r}; this learner knows "
-                                 f"{', '.join(strategies.names())}") from None
+        raise codec.PayloadError(
+            f"unknown strategy {name[:32]!r}; this learner knows {', '.join(strategies.names())}"
+        ) from None
     if not strategy.local:
         return TrainingPlan(participants=chosen, evaluate=evaluate)
-    return TrainingPlan(name, _int(metadata, "local_steps", minimum=1), _float(metadata, "client_lr", high=MAX_CLIENT_LR),
-                        _float(metadata, "client_momentum", high=MAX_CLIENT_MOMENTUM),
-                        _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY), _float(metadata, "mu", high=MAX_MU),
-                        chosen, evaluate)
+    return TrainingPlan(
+        name,
+        _int(metadata, "local_steps", minimum=1),
+        _float(metadata, "client_lr", high=MAX_CLIENT_LR),
+        _float(metadata, "client_momentum", high=MAX_CLIENT_MOMENTUM),
+        _float(metadata, "weight_decay", high=MAX_WEIGHT_DECAY),
+        _float(metadata, "mu", high=MAX_MU),
+        chosen,
+        evaluate,
+    )
 
 
 @dataclass(frozen=True)
@@ -119,32 +134,62 @@ class StateInfo:
     norm: str = "batch"
 
     def to_metadata(self) -> dict[str, str]:
-        normalisation = {"mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))} if self.mean else {}
-        return {"architecture": self.architecture, "num_classes": str(self.num_classes),
-                "batch_size": str(self.batch_size), "seed": str(self.seed), **normalisation,
-                "wire_dtype": self.wire_dtype, "round": str(self.round), "finished": _flag(self.finished),
-                "stopped": _flag(self.stopped), **plan_to_metadata(self.plan),
-                **({"image_size": str(self.image_size)} if self.image_size != utils.IMAGE_SIZE else {}),
-                **({"norm": self.norm} if self.norm != "batch" else {})}
+        normalisation = (
+            {"mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))} if self.mean else {}
+        )
+        return {
+            "architecture": self.architecture,
+            "num_classes": str(self.num_classes),
+            "batch_size": str(self.batch_size),
+            "seed": str(self.seed),
+            **normalisation,
+            "wire_dtype": self.wire_dtype,
+            "round": str(self.round),
+            "finished": _flag(self.finished),
+            "stopped": _flag(self.stopped),
+            **plan_to_metadata(self.plan),
+            **({"image_size": str(self.image_size)} if self.image_size != utils.IMAGE_SIZE else {}),
+            **({"norm": self.norm} if self.norm != "batch" else {}),
+        }
 
     @classmethod
     def from_payload(cls, payload: codec.Payload) -> "StateInfo":
         """The state's metadata, checked; raises PayloadError."""
         metadata = payload.metadata
         mean, std = (tuple(_floats(metadata, key)) if key in metadata else () for key in ("mean", "std"))
-        if (len(mean), len(std)) not in ((0, 0), (3, 3)) or not all(math.isfinite(value) for value in mean) or \
-                any(value < utils.MIN_STD for value in std):
-            raise codec.PayloadError("metadata 'mean' and 'std' must give 3 finite numbers each (or be absent), "
-                                    f"std at least {utils.MIN_STD}")
-        num_classes, image_size = _int(metadata, "num_classes", minimum=1), _int(metadata, "image_size", utils.IMAGE_SIZE)
+        if (
+            (len(mean), len(std)) not in ((0, 0), (3, 3))
+            or not all(math.isfinite(value) for value in mean)
+            or any(value < utils.MIN_STD for value in std)
+        ):
+            raise codec.PayloadError(
+                "metadata 'mean' and 'std' must give 3 finite numbers each (or be absent), "
+                f"std at least {utils.MIN_STD}"
+            )
+        num_classes, image_size = (
+            _int(metadata, "num_classes", minimum=1),
+            _int(metadata, "image_size", utils.IMAGE_SIZE),
+        )
         if num_classes > MAX_CLASSES or not MIN_IMAGE_SIZE <= image_size <= utils.MAX_IMAGE_SIZE:
-            raise codec.PayloadError(f"metadata 'num_classes' must be at most {MAX_CLASSES} and 'image_size' lie in "
-                                    f"{MIN_IMAGE_SIZE}..{utils.MAX_IMAGE_SIZE}")
-        return cls(metadata.get("architecture", ""), num_classes,
-                   _int(metadata, "batch_size", minimum=1), _int(metadata, "seed"), mean, std,
-                   metadata.get("wire_dtype", "float32"), _int(metadata, "round"),
-                   metadata.get("finished") == "1", metadata.get("stopped") == "1",
-                   plan_from_metadata(metadata), image_size, metadata.get("norm", "batch")[:16])
+            raise codec.PayloadError(
+                f"metadata 'num_classes' must be at most {MAX_CLASSES} and 'image_size' lie in "
+                f"{MIN_IMAGE_SIZE}..{utils.MAX_IMAGE_SIZE}"
+            )
+        return cls(
+            metadata.get("architecture", ""),
+            num_classes,
+            _int(metadata, "batch_size", minimum=1),
+            _int(metadata, "seed"),
+            mean,
+            std,
+            metadata.get("wire_dtype", "float32"),
+            _int(metadata, "round"),
+            metadata.get("finished") == "1",
+            metadata.get("stopped") == "1",
+            plan_from_metadata(metadata),
+            image_size,
+            metadata.get("norm", "batch")[:16],
+        )
 
 
 def is_final(payload: codec.Payload) -> bool:
@@ -168,8 +213,12 @@ class UpdateInfo:
     steps: int = 1
 
     def to_metadata(self) -> dict[str, str]:
-        metadata = {"learner_id": str(self.learner_id), "round": str(self.round), "samples": str(self.samples),
-                    "loss": repr(self.loss)}
+        metadata = {
+            "learner_id": str(self.learner_id),
+            "round": str(self.round),
+            "samples": str(self.samples),
+            "loss": repr(self.loss),
+        }
         return metadata if self.kind == "gradient" else {**metadata, "kind": self.kind, "steps": str(self.steps)}
 
     @classmethod
@@ -179,8 +228,14 @@ class UpdateInfo:
         kind = metadata.get("kind", "gradient")
         if kind not in UPDATE_KINDS:
             raise codec.PayloadError(f"metadata 'kind' must be 'gradient' or 'pseudo-gradient', got {kind[:32]!r}")
-        return cls(_int(metadata, "learner_id"), _int(metadata, "round"), _int(metadata, "samples", minimum=1),
-                   _float(metadata, "loss", high=MAX_LOSS), kind, _int(metadata, "steps", 1, minimum=1))
+        return cls(
+            _int(metadata, "learner_id"),
+            _int(metadata, "round"),
+            _int(metadata, "samples", minimum=1),
+            _float(metadata, "loss", high=MAX_LOSS),
+            kind,
+            _int(metadata, "steps", 1, minimum=1),
+        )
 
 
 @dataclass(frozen=True)
@@ -222,12 +277,19 @@ class DataSummary:
         sums, squares = tuple(message.channel_sums), tuple(message.channel_square_sums)
         train, held = message.train_samples, message.eval_samples
         if not 0 < train <= MAX_SAMPLES or not 0 <= held <= MAX_SAMPLES:
-            raise codec.PayloadError(f"data.train_samples must lie in 1..{MAX_SAMPLES} and eval_samples in 0..{MAX_SAMPLES}")
+            raise codec.PayloadError(
+                f"data.train_samples must lie in 1..{MAX_SAMPLES} and eval_samples in 0..{MAX_SAMPLES}"
+            )
         if len(sums) != 3 or len(squares) != 3:
             raise codec.PayloadError("data.channel_sums and data.channel_square_sums need 3 values (R, G, B)")
         pixels = train * image_size * image_size
         for total, square in zip(sums, squares):
-            if not (0 <= square <= total * (1 + 1e-9) <= pixels * (1 + 1e-9) and total * total <= square * pixels * (1 + 1e-6)):
-                raise codec.PayloadError(f"data channel sums {total:.6g} and {square:.6g} are impossible for "
-                                        f"{train} images of {image_size}x{image_size} pixels in 0..1")
+            if not (
+                0 <= square <= total * (1 + 1e-9) <= pixels * (1 + 1e-9)
+                and total * total <= square * pixels * (1 + 1e-6)
+            ):
+                raise codec.PayloadError(
+                    f"data channel sums {total:.6g} and {square:.6g} are impossible for "
+                    f"{train} images of {image_size}x{image_size} pixels in 0..1"
+                )
         return cls(train, held, sums, squares)

@@ -21,8 +21,26 @@ from tests.support.runs import logs, records, wait_for_log, wait_for_round
 @pytest.fixture(scope="module")
 def attacked_run(tmp_path_factory):
     out, port = tmp_path_factory.mktemp("attacked"), launch.free_port()
-    leader = start_leader(out, port, "--learners", "3", "--min-learners", "2", "--rounds", "300", "--batch-size", "32",
-                          "--eval-every", "100", "--round-timeout", "3", "--sync-timeout", "3", "--idle-timeout", "3")
+    leader = start_leader(
+        out,
+        port,
+        "--learners",
+        "3",
+        "--min-learners",
+        "2",
+        "--rounds",
+        "300",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "100",
+        "--round-timeout",
+        "3",
+        "--sync-timeout",
+        "3",
+        "--idle-timeout",
+        "3",
+    )
     honest = [start_learner(out, f"learner{index}", port) for index in range(2)]
     for index in range(2):
         wait_for_log(out / f"learner{index}.log", "registered as learner")
@@ -60,7 +78,9 @@ def test_nobody_can_send_gradients_as_another_learner(attacked_run):  # item 2
 
 def test_claims_beyond_what_the_leader_asked_for_are_refused_and_poisoned_rounds_discarded(attacked_run):  # item 3
     out, _ = attacked_run
-    assert re.match(r"INVALID_ARGUMENT .*samples 100000000000000000 exceeds the batch of 32", outcome(out, "huge_sample_count"))
+    assert re.match(
+        r"INVALID_ARGUMENT .*samples 100000000000000000 exceeds the batch of 32", outcome(out, "huge_sample_count")
+    )
     assert outcome(out, "nan_gradient").startswith("INVALID_ARGUMENT")
     assert outcome(out, "overflowing_gradient").startswith("OK")  # well-formed and finite: accepted...
     assert outcome(out, "absurd_gradient").startswith("OK")
@@ -108,8 +128,20 @@ def test_malformed_headers_are_invalid_argument(attacked_run):  # item 7
 
 def test_a_lone_learner_killed_mid_round_is_replaced_and_the_run_finishes(tmp_path):  # item 1
     port = launch.free_port()
-    leader = start_leader(tmp_path, port, "--learners", "1", "--rounds", "80", "--batch-size", "16",
-                          "--checkpoint-every", "1", "--round-timeout", "2")
+    leader = start_leader(
+        tmp_path,
+        port,
+        "--learners",
+        "1",
+        "--rounds",
+        "80",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "1",
+        "--round-timeout",
+        "2",
+    )
     first = start_learner(tmp_path, "learner0", port)
     wait_for_round(tmp_path, 20)
     first.kill()  # while the leader waits for its gradient, or just before a push to it fails
@@ -126,8 +158,22 @@ def test_a_lone_learner_killed_mid_round_is_replaced_and_the_run_finishes(tmp_pa
 def test_with_no_learner_left_the_leader_waits_a_bounded_time_then_checkpoints_and_exits(tmp_path):  # item 1
     port = launch.free_port()
     # 20 s: on two busy cores a learner's first start (torch import, a 5 s retry) took longer than 4 s in CI
-    leader = start_leader(tmp_path, port, "--learners", "1", "--rounds", "500", "--batch-size", "16",
-                          "--round-timeout", "1", "--register-timeout", "20", "--checkpoint-every", "1000")
+    leader = start_leader(
+        tmp_path,
+        port,
+        "--learners",
+        "1",
+        "--rounds",
+        "500",
+        "--batch-size",
+        "16",
+        "--round-timeout",
+        "1",
+        "--register-timeout",
+        "20",
+        "--checkpoint-every",
+        "1000",
+    )
     only = start_learner(tmp_path, "learner0", port)
     wait_for_round(tmp_path, 10)
     only.kill()
@@ -135,14 +181,28 @@ def test_with_no_learner_left_the_leader_waits_a_bounded_time_then_checkpoints_a
     leader_log = (tmp_path / "leader.log").read_text()
     assert "no learner is left" in leader_log and "resume with --resume" in leader_log
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert saved["round"] >= 10 and all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    assert saved["round"] >= 10 and all(
+        torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point()
+    )
 
 
 def test_a_learner_that_never_sends_a_gradient_holds_up_only_a_few_rounds(tmp_path):  # item 1, stalled rounds
     port = launch.free_port()
     started = time.monotonic()
-    leader = start_leader(tmp_path, port, "--learners", "3", "--min-learners", "2", "--rounds", "40",
-                          "--batch-size", "16", "--round-timeout", "4")
+    leader = start_leader(
+        tmp_path,
+        port,
+        "--learners",
+        "3",
+        "--min-learners",
+        "2",
+        "--rounds",
+        "40",
+        "--batch-size",
+        "16",
+        "--round-timeout",
+        "4",
+    )
     honest = [start_learner(tmp_path, f"learner{index}", port) for index in range(2)]
     freeloader = start_hostile(tmp_path, "freeloader", port, "--freeload")
     codes = launch.wait_all([leader, *honest, freeloader], 150)  # 40 rounds at the deadline would take 160 s

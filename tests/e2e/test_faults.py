@@ -26,8 +26,24 @@ def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path
     port = launch.free_port()
     # --rejoin-grace 0: the slot is free as soon as its holder is dropped, so that the restarted learner gets it
     # however fast the rounds go (with the default 30 s a fast machine finished before the grace was over)
-    leader = start_leader(tmp_path, port, "--learners", "3", "--min-learners", "2", "--round-timeout", "2",
-                          "--rounds", "120", "--batch-size", "16", "--sync-timeout", "5", "--rejoin-grace", "0")
+    leader = start_leader(
+        tmp_path,
+        port,
+        "--learners",
+        "3",
+        "--min-learners",
+        "2",
+        "--round-timeout",
+        "2",
+        "--rounds",
+        "120",
+        "--batch-size",
+        "16",
+        "--sync-timeout",
+        "5",
+        "--rejoin-grace",
+        "0",
+    )
     learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(3)]
     wait_for_round(tmp_path, 15)
     learners[2].kill()
@@ -45,8 +61,20 @@ def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path
 
 def test_a_stalled_learner_does_not_hold_back_the_round_and_its_late_gradient_is_ignored(tmp_path):
     port = launch.free_port()
-    leader = start_leader(tmp_path, port, "--learners", "2", "--round-timeout", "1", "--rounds", "60",
-                          "--batch-size", "16", "--sync-timeout", "30")
+    leader = start_leader(
+        tmp_path,
+        port,
+        "--learners",
+        "2",
+        "--round-timeout",
+        "1",
+        "--rounds",
+        "60",
+        "--batch-size",
+        "16",
+        "--sync-timeout",
+        "30",
+    )
     learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(2)]
     wait_for_round(tmp_path, 10)
     learners[1].send_signal(signal.SIGSTOP)
@@ -62,8 +90,9 @@ def test_a_stalled_learner_does_not_hold_back_the_round_and_its_late_gradient_is
 
 def test_sigterm_stops_a_learner_and_then_the_leader_cleanly(tmp_path):
     port = launch.free_port()
-    leader = start_leader(tmp_path, port, "--learners", "2", "--rounds", "1000", "--batch-size", "16",
-                          "--round-timeout", "1")
+    leader = start_leader(
+        tmp_path, port, "--learners", "2", "--rounds", "1000", "--batch-size", "16", "--round-timeout", "1"
+    )
     learners = [start_learner(tmp_path, f"learner{i}", port) for i in range(2)]
     wait_for_round(tmp_path, 10)
     learners[0].terminate()

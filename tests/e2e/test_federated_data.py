@@ -27,16 +27,34 @@ def run_own_data(out: Path, folders: list[Path], leader_args: list[str], timeout
     """A leader and one learner per image folder, each learner training on its own folder."""
     port = launch.free_port()
     leader = start_leader(out, port, "--learners", str(len(folders)), *leader_args)
-    procs = [start_learner(out, f"learner{index}", port, "--dataset", "imagefolder", "--data-dir", str(folder))
-             for index, folder in enumerate(folders)]
+    procs = [
+        start_learner(out, f"learner{index}", port, "--dataset", "imagefolder", "--data-dir", str(folder))
+        for index, folder in enumerate(folders)
+    ]
     return launch.wait_all([leader, *procs], timeout)
 
 
 def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_evaluation_is_the_models(tmp_path):
     folders = learners_own_images(tmp_path / "digits", 2)
     out = tmp_path / "run"
-    codes = run_own_data(out, folders, ["--dataset", "none", "--num-classes", "10", "--image-size", "16",
-                                        "--rounds", "60", "--batch-size", "32", "--eval-every", "20"])
+    codes = run_own_data(
+        out,
+        folders,
+        [
+            "--dataset",
+            "none",
+            "--num-classes",
+            "10",
+            "--image-size",
+            "16",
+            "--rounds",
+            "60",
+            "--batch-size",
+            "32",
+            "--eval-every",
+            "20",
+        ],
+    )
     assert codes == [0, 0, 0], logs(out)
     leader_log = (out / "leader.log").read_text()
     assert "data shard" not in leader_log and "learners hold" in leader_log
@@ -48,8 +66,10 @@ def test_a_leader_without_data_trains_learners_on_their_own_images_and_their_eva
     assert sorted(final["per_learner"]) == ["0", "1"]
     # The learners' combined evaluation is the global model's on the union of their held-out images
     tests = [utils.load_dataset("imagefolder", folder, train=False, image_size=16) for folder in folders]
-    summaries = [messages.DataSummary.of(utils.load_dataset("imagefolder", folder, train=True, image_size=16),
-                                         len(test)) for folder, test in zip(folders, tests)]
+    summaries = [
+        messages.DataSummary.of(utils.load_dataset("imagefolder", folder, train=True, image_size=16), len(test))
+        for folder, test in zip(folders, tests)
+    ]
     mean, std = leader_data.combined_normalisation(summaries, 16)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["data"]["mean"] == pytest.approx(mean)
     model = build_model("resnet20", num_classes=10)
@@ -68,10 +88,30 @@ def test_a_torchvision_model_trains_at_64_pixels_on_a_skewed_partition(tmp_path)
     folder = learners_own_images(tmp_path / "digits", 1)[0]
     out = tmp_path / "run"
     port = launch.free_port()
-    leader = start_leader(out, port, "--learners", "2", "--dataset", "imagefolder", "--data-dir", str(folder),
-                          "--image-size", "64", "--model", "torchvision:mobilenet_v3_small", "--rounds", "3",
-                          "--batch-size", "8", "--partition", "dirichlet", "--alpha", "0.3", "--tensorboard",
-                          str(out / "tb"))
+    leader = start_leader(
+        out,
+        port,
+        "--learners",
+        "2",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(folder),
+        "--image-size",
+        "64",
+        "--model",
+        "torchvision:mobilenet_v3_small",
+        "--rounds",
+        "3",
+        "--batch-size",
+        "8",
+        "--partition",
+        "dirichlet",
+        "--alpha",
+        "0.3",
+        "--tensorboard",
+        str(out / "tb"),
+    )
     procs = [start_learner(out, f"learner{index}", port) for index in range(2)]
     codes = launch.wait_all([leader, *procs], 300)
     assert codes == [0, 0, 0], logs(out)

@@ -75,8 +75,12 @@ def run_across_hosts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, li
     with hosts.Hosts(3) as net, pytest.MonkeyPatch.context() as monkeypatch:
         certs = make_certs(out / "certs", ",".join(f"IP:{host.address}" for host in net.hosts))
         monkeypatch.setenv(guard.TOKEN_VARIABLE, "a-token-for-the-hosts")  # the environment variable, on every host
-        processes = start(net, out / "run", ["--rounds", "40", "--batch-size", "32", *tls_flags(certs, "leader")],
-                          tls_flags(certs, "learner"))
+        processes = start(
+            net,
+            out / "run",
+            ["--rounds", "40", "--batch-size", "32", *tls_flags(certs, "leader")],
+            tls_flags(certs, "learner"),
+        )
         codes = launch.wait_all(processes, RUN_TIMEOUT_S)
         return out / "run", codes, [host.address for host in net.hosts]
 
@@ -103,8 +107,24 @@ def test_a_run_across_hosts_over_mutual_tls_with_a_token(run_across_hosts):
 def test_a_learner_whose_link_goes_down_is_dropped_rejoins_and_the_run_finishes(net, tmp_path):
     # --min-learners 2: no round closes without the learner that lost its link, so the run cannot end before it
     # is back, however fast the rounds go; --sync-timeout 2: silent for 2 s, it is dropped while its link is down
-    processes = start(net, tmp_path, ["--rounds", "12", "--batch-size", "16", "--min-learners", "2",
-                                      "--sync-timeout", "2", "--round-timeout", "10", "--register-timeout", "60"])
+    processes = start(
+        net,
+        tmp_path,
+        [
+            "--rounds",
+            "12",
+            "--batch-size",
+            "16",
+            "--min-learners",
+            "2",
+            "--sync-timeout",
+            "2",
+            "--round-timeout",
+            "10",
+            "--register-timeout",
+            "60",
+        ],
+    )
     wait_for_round(tmp_path, 3, timeout=120)
     net.link(net[2], up=False)
     down_since = time.monotonic()
@@ -114,7 +134,7 @@ def test_a_learner_whose_link_goes_down_is_dropped_rejoins_and_the_run_finishes(
     assert launch.wait_all(processes, RUN_TIMEOUT_S) == [0, 0, 0], logs(tmp_path)
     cut = learner_id(tmp_path, "learner1")
     leader_log = (tmp_path / "leader.log").read_text()
-    after_drop = leader_log[leader_log.index(f"dropped learner {cut} ("):]
+    after_drop = leader_log[leader_log.index(f"dropped learner {cut} (") :]
     assert re.search(rf"{re.escape(net[2].address)}:\d+ re-registered learner {cut} of 2", after_drop), logs(tmp_path)
     assert "rejoined at round" in (tmp_path / "learner1.log").read_text()
     rounds = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r]

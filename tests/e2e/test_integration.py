@@ -23,8 +23,13 @@ def test_two_learners_reach_90_percent_on_the_synthetic_set(synthetic_run):
     assert [r["round"] for r in rounds] == list(range(1, 201))
     assert all(r["learners"] == 2 and r["samples"] == 64 and r["bytes_in"] > 0 and r["bytes_out"] > 0 for r in rounds)
     assert {"round", "epoch", "train_loss", "learners", "seconds", "bytes_in", "bytes_out"} <= set(rounds[0])
-    assert all(0 < r["gradients_s"] and 0 < r["step_s"] and 0 < r["push_s"] and
-               r["gradients_s"] + r["step_s"] + r["push_s"] <= r["seconds"] for r in rounds)
+    assert all(
+        0 < r["gradients_s"]
+        and 0 < r["step_s"]
+        and 0 < r["push_s"]
+        and r["gradients_s"] + r["step_s"] + r["push_s"] <= r["seconds"]
+        for r in rounds
+    )
     assert [r["round"] for r in evaluations] == [100, 156, 200]  # --eval-every, the epoch end (156), the end
     assert evaluations[-1]["test_accuracy"] >= 0.90, logs(out)
     model = build_model("resnet20")
@@ -45,9 +50,23 @@ def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
     data = tmp_path / "images"
     make_image_folder(data, train_per_class=16, test_per_class=4)
     out = tmp_path / "run"
-    codes = run_federation(out, 2, ["--dataset", "imagefolder", "--data-dir", str(data), "--model", "resnet18",
-                                    "--rounds", "2", "--batch-size", "4"],
-                           learner_args=["--dataset", "imagefolder", "--data-dir", str(data)])
+    codes = run_federation(
+        out,
+        2,
+        [
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(data),
+            "--model",
+            "resnet18",
+            "--rounds",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+        learner_args=["--dataset", "imagefolder", "--data-dir", str(data)],
+    )
     assert codes == [0, 0, 0], logs(out)
     leader_log = (out / "leader.log").read_text()
     assert "data shard" not in leader_log  # raw data never crossed the network
@@ -59,9 +78,17 @@ def test_resnet18_trains_on_learners_local_image_folders(tmp_path):
 
 def test_every_entry_point_explains_its_flags_and_never_shows_the_token():
     env = {**os.environ, guard.TOKEN_VARIABLE: "do-not-print-me"}
-    helps = {script: subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for script in ("leader.py", "learner.py", "launch.py", "bench.py")}  # at once: each imports torch
+    helps = {
+        script: subprocess.Popen(
+            [sys.executable, script, "--help"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for script in ("leader.py", "learner.py", "launch.py", "bench.py")
+    }  # at once: each imports torch
     for script, process in helps.items():
         output, _ = process.communicate(timeout=120)
         assert process.returncode == 0 and "--" in output and "usage" in output, script
@@ -69,9 +96,24 @@ def test_every_entry_point_explains_its_flags_and_never_shows_the_token():
 
 
 def test_a_leader_with_an_impossible_batch_says_so(tmp_path):
-    result = subprocess.run([sys.executable, "leader.py", "--dataset", "synthetic", "--learners", "2",
-                             "--batch-size", "9000", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "leader.py",
+            "--dataset",
+            "synthetic",
+            "--learners",
+            "2",
+            "--batch-size",
+            "9000",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "cannot give 2 learners 9000 of 10000 samples each" in result.stderr
 
 

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 
-
 from federated.tools import launch
 
 LISTEN_LATER = """import socket, sys, time
@@ -38,8 +37,9 @@ def test_a_leader_that_stops_before_it_listens_gets_no_learners(tmp_path, port):
 
 
 def test_learners_started_by_launch_find_their_leader_listening_and_listen_on_loopback(tmp_path, port):
-    leader, learners = launch.start_federation(1, ["--dataset", "synthetic", "--rounds", "1", "--batch-size", "8"],
-                                               port, tmp_path)
+    leader, learners = launch.start_federation(
+        1, ["--dataset", "synthetic", "--rounds", "1", "--batch-size", "8"], port, tmp_path
+    )
     assert launch.wait_all([leader, *learners], 300) == [0, 0], (tmp_path / "learner0.log").read_text()
     log = (tmp_path / "learner0.log").read_text()
     assert "Connection refused" not in log and "waiting for the leader" not in log, log

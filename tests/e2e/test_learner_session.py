@@ -13,8 +13,14 @@ from federated.tools import launch
 
 def run_learner(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """learner.py with args, to its end; its output as text."""
-    return subprocess.run([sys.executable, "learner.py", "--threads", "1", *args], cwd=launch.ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "learner.py", "--threads", "1", *args],
+        cwd=launch.ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+    )
 
 
 def test_a_learner_without_its_leader_says_once_what_it_waits_for_and_ends_naming_the_flag(port):
@@ -36,8 +42,16 @@ def test_a_learner_refuses_a_data_dir_without_its_dataset_before_it_contacts_the
     with socket.create_server(("127.0.0.1", 0)) as leader:  # listens: any contact would be accepted
         leader.settimeout(0)
         address = f"127.0.0.1:{leader.getsockname()[1]}"
-        done = run_learner("--leader", address, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "mine"),
-                           "--connect-timeout", "3")
+        done = run_learner(
+            "--leader",
+            address,
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / "mine"),
+            "--connect-timeout",
+            "3",
+        )
         with pytest.raises(BlockingIOError):  # nobody came
             leader.accept()
     assert done.returncode == 2, done.stdout

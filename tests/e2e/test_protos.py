@@ -18,8 +18,11 @@ NAMES = ("leader.proto", "learner.proto")
 
 def descriptors(include: Path, tmp_path: Path) -> dict[str, descriptor_pb2.FileDescriptorProto]:
     out = tmp_path / f"{include.name}.pb"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", f"--descriptor_set_out={out}",
-                    *NAMES], check=True, cwd=include)
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", f"--descriptor_set_out={out}", *NAMES],
+        check=True,
+        cwd=include,
+    )
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
     return {file.name: file for file in files}
 
@@ -37,16 +40,30 @@ def test_real_protos_keep_every_frozen_package_message_field_and_rpc(tmp_path):
         for service in frozen[name].service:
             for method in service.method:
                 ours = real_methods[(service.name, method.name)]
-                assert (ours.input_type, ours.output_type, ours.server_streaming, ours.client_streaming) == \
-                       (method.input_type, method.output_type, method.server_streaming, method.client_streaming)
+                assert (ours.input_type, ours.output_type, ours.server_streaming, ours.client_streaming) == (
+                    method.input_type,
+                    method.output_type,
+                    method.server_streaming,
+                    method.client_streaming,
+                )
 
 
 @pytest.fixture(scope="module")
 def frozen_env(tmp_path_factory):
     """Environment whose PYTHONPATH has code generated from the frozen protos only (plus the project)."""
     generated = tmp_path_factory.mktemp("frozen")
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{FROZEN}", f"--python_out={generated}",
-                    f"--grpc_python_out={generated}", *NAMES], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{FROZEN}",
+            f"--python_out={generated}",
+            f"--grpc_python_out={generated}",
+            *NAMES,
+        ],
+        check=True,
+    )
     return {**os.environ, "PYTHONPATH": f"{generated}{os.pathsep}{ROOT}"}
 
 
@@ -57,8 +74,22 @@ def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
 
 def test_frozen_learner_trains_a_round_with_the_real_leader(frozen_env, tmp_path):
     port = launch.free_port()
-    leader = spawn(None, "leader.py", "--learners", "1", "--rounds", "1", "--dataset", "synthetic", "--host",
-                   "127.0.0.1", "--port", str(port), "--out", str(tmp_path))
+    leader = spawn(
+        None,
+        "leader.py",
+        "--learners",
+        "1",
+        "--rounds",
+        "1",
+        "--dataset",
+        "synthetic",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--out",
+        str(tmp_path),
+    )
     peer = spawn(None, str(PEERS / "frozen_peer.py"), "learner", f"127.0.0.1:{port}", env=frozen_env)
     peer_code, peer_output = finish(peer)
     leader_code, leader_output = finish(leader)

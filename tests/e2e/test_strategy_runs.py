@@ -32,8 +32,9 @@ def final_accuracy(out) -> float:
     return [record for record in records(out) if "test_accuracy" in record][-1]["test_accuracy"]
 
 
-@pytest.mark.parametrize("strategy", [pytest.param(name, marks=[pytest.mark.long] if name in LONG else [])
-                                      for name in RUNS])
+@pytest.mark.parametrize(
+    "strategy", [pytest.param(name, marks=[pytest.mark.long] if name in LONG else []) for name in RUNS]
+)
 def test_every_strategy_trains_to_90_percent(tmp_path, strategy):
     flags = RUNS[strategy]
     codes = run_federation(tmp_path, 2, ["--strategy", strategy, *flags, "--batch-size", "32", "--warmup-epochs", "0"])
@@ -50,8 +51,24 @@ def test_every_strategy_trains_to_90_percent(tmp_path, strategy):
 
 @pytest.mark.long  # six learner processes on two cores; the collector's and the sampler's tests are fast
 def test_sampled_participation_trains_two_of_six_learners_a_round(tmp_path):
-    codes = run_federation(tmp_path, 6, ["--strategy", "fedavg", "--learners-per-round", "2", "--local-steps", "25",
-                                         "--rounds", "10", "--batch-size", "32", "--warmup-epochs", "0"])
+    codes = run_federation(
+        tmp_path,
+        6,
+        [
+            "--strategy",
+            "fedavg",
+            "--learners-per-round",
+            "2",
+            "--local-steps",
+            "25",
+            "--rounds",
+            "10",
+            "--batch-size",
+            "32",
+            "--warmup-epochs",
+            "0",
+        ],
+    )
     assert codes == [0] * 7, logs(tmp_path)
     rounds = [record for record in records(tmp_path) if "train_loss" in record]
     assert [record["learners"] for record in rounds] == [2] * 10
@@ -69,9 +86,26 @@ def byzantine_run(out, aggregator: str, flipper: bool = True) -> float:
     """Four honest learners and one that sends its update sign-flipped and ten times as large (real processes);
     the final test accuracy."""
     port = launch.free_port()
-    leader = start_leader(out, port, "--learners", "5", "--strategy", "fedavg", "--aggregator", aggregator,
-                          "--local-steps", "20", "--rounds", "10", "--batch-size", "32", "--warmup-epochs", "0",
-                          "--round-timeout", "60")
+    leader = start_leader(
+        out,
+        port,
+        "--learners",
+        "5",
+        "--strategy",
+        "fedavg",
+        "--aggregator",
+        aggregator,
+        "--local-steps",
+        "20",
+        "--rounds",
+        "10",
+        "--batch-size",
+        "32",
+        "--warmup-epochs",
+        "0",
+        "--round-timeout",
+        "60",
+    )
     learners = [start_learner(out, f"learner{index}", port) for index in range(4 if flipper else 5)]
     if flipper:
         learners.append(start_hostile(out, "flipper", port, "--flip", "--threads", "1"))

@@ -56,7 +56,9 @@ class FrozenLearner(learner_pb2_grpc.LearnerServiceServicer):
 
 def run_learner(leader_address: str) -> None:
     stub = leader_pb2_grpc.LeaderServiceStub(grpc.insecure_channel(leader_address, options=LIMITS))
-    state = codec.decode(b"".join(m.chunk for m in stub.GetModel(leader_pb2.Empty(), timeout=TIMEOUT_S, wait_for_ready=True)))
+    state = codec.decode(
+        b"".join(m.chunk for m in stub.GetModel(leader_pb2.Empty(), timeout=TIMEOUT_S, wait_for_ready=True))
+    )
     model = build_model(state.metadata["architecture"], int(state.metadata["num_classes"]))
     model.load_state_dict({name: tensor.clone() for name, tensor in state.tensors.items()})
     servicer = FrozenLearner()
@@ -65,7 +67,9 @@ def run_learner(leader_address: str) -> None:
     reply = stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=address), timeout=TIMEOUT_S)
     assert reply.success and reply.learner_id == 0 and reply.max_learners == 1, reply
     credential = credential_of(reply)
-    shard = codec.decode(b"".join(m.chunk for m in stub.GetData(leader_pb2.LearnerDataRequest(network_addr=address), timeout=TIMEOUT_S)))
+    shard = codec.decode(
+        b"".join(m.chunk for m in stub.GetData(leader_pb2.LearnerDataRequest(network_addr=address), timeout=TIMEOUT_S))
+    )
     assert shard.tensors["images"].dtype == torch.uint8 and len(shard.tensors["labels"]) > 0
     assert servicer.started.wait(TIMEOUT_S), "no StartTraining"
     layout = GradientLayout(model)
@@ -74,8 +78,11 @@ def run_learner(leader_address: str) -> None:
     metadata = {"learner_id": "0", "round": state.metadata["round"], "samples": "8", "loss": "2.3"}
     # Registering, fetching and being started need nothing beyond the article's protos; a gradient needs the
     # credential the leader returned (a field these protos do not name), sent back in the fl-credential header.
-    ack = stub.AccumulateGradients(leader_pb2.GradientData(chunk=codec.encode(layout.views(gradient), metadata)),
-                                   timeout=TIMEOUT_S, metadata=[("fl-credential", credential)])
+    ack = stub.AccumulateGradients(
+        leader_pb2.GradientData(chunk=codec.encode(layout.views(gradient), metadata)),
+        timeout=TIMEOUT_S,
+        metadata=[("fl-credential", credential)],
+    )
     assert ack.success, ack.message
     assert servicer.finished.wait(TIMEOUT_S), "no final SyncModelState"
     server.stop(1).wait(5)
@@ -99,9 +106,16 @@ class FrozenLeader(leader_pb2_grpc.LeaderServiceServicer):
         self.synced = threading.Event()
 
     def state(self, round_index: int, finished: bool) -> bytes:
-        metadata = {"architecture": "resnet20", "num_classes": "10", "round": str(round_index),
-                    "finished": "1" if finished else "0", "batch_size": "8", "seed": "0",
-                    "mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))}
+        metadata = {
+            "architecture": "resnet20",
+            "num_classes": "10",
+            "round": str(round_index),
+            "finished": "1" if finished else "0",
+            "batch_size": "8",
+            "seed": "0",
+            "mean": ",".join(map(str, self.mean)),
+            "std": ",".join(map(str, self.std)),
+        }
         return codec.encode(self.model.state_dict(), metadata)
 
     def RegisterLearner(self, request, context):

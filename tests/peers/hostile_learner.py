@@ -44,10 +44,21 @@ class HostileLearner(learner.Member):
         super().__init__(*args)
         self.victim = victim
         self.held: list = []  # unread streams, kept open so that nothing cancels them
-        self.attacks = [self.hold_streams, self.forged_credential, self.no_credential, self.another_learners_id,
-                        self.huge_sample_count, self.take_the_victims_address, self.shape_overflowing_torch,
-                        self.shape_overflowing_int64, self.deep_json, self.nan_gradient, self.overflowing_gradient,
-                        self.absurd_gradient, self.stalled_gradient_calls]
+        self.attacks = [
+            self.hold_streams,
+            self.forged_credential,
+            self.no_credential,
+            self.another_learners_id,
+            self.huge_sample_count,
+            self.take_the_victims_address,
+            self.shape_overflowing_torch,
+            self.shape_overflowing_int64,
+            self.deep_json,
+            self.nan_gradient,
+            self.overflowing_gradient,
+            self.absurd_gradient,
+            self.stalled_gradient_calls,
+        ]
 
     def send_update(self, round_index: int, loss: float) -> None:
         if self.attacks:
@@ -57,16 +68,22 @@ class HostileLearner(learner.Member):
 
     def send(self, chunk: bytes, credential: str | None) -> str:
         try:
-            reply = self.session.leader.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=10,
-                                                            metadata=rpc.with_credential(credential))
+            reply = self.session.leader.AccumulateGradients(
+                leader_pb2.GradientData(chunk=chunk), timeout=10, metadata=rpc.with_credential(credential)
+            )
             return f"OK {reply.message}"
         except grpc.RpcError as error:
             return f"{error.code().name} {error.details()}"
 
-    def payload(self, round_index: int, learner_id: int | None = None, samples: int | None = None,
-                 fill: float = 1e-4) -> bytes:
-        metadata = {"learner_id": str(self.learner_id if learner_id is None else learner_id), "round": str(round_index),
-                    "samples": str(samples or self.replica.info.batch_size), "loss": "1.0"}
+    def payload(
+        self, round_index: int, learner_id: int | None = None, samples: int | None = None, fill: float = 1e-4
+    ) -> bytes:
+        metadata = {
+            "learner_id": str(self.learner_id if learner_id is None else learner_id),
+            "round": str(round_index),
+            "samples": str(samples or self.replica.info.batch_size),
+            "loss": "1.0",
+        }
         layout = self.replica.layout
         return codec.encode(layout.wire_tensors(torch.full((layout.size,), fill)), metadata)
 
@@ -129,6 +146,7 @@ class HostileLearner(learner.Member):
 
     def stalled_gradient_calls(self, round_index: int) -> str:
         """Gradient calls opened without a credential that never send anything."""
+
         def never():
             time.sleep(30)
             yield b""
@@ -151,5 +169,7 @@ if __name__ == "__main__":
         learner.Learner(learner_config(sys.argv[2:]), {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]]).run()
     else:
         victim = sys.argv[sys.argv.index("--victim") + 1]
-        rest = [arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"]
+        rest = [
+            arg for index, arg in enumerate(sys.argv[1:], 1) if arg != "--victim" and sys.argv[index - 1] != "--victim"
+        ]
         learner.Learner(learner_config(rest), functools.partial(HostileLearner, victim=victim)).run()

@@ -36,8 +36,11 @@ def test_a_leader_without_data_refuses_learners_without_a_summary_or_with_an_imp
     reply = dataless.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7003", data=summary()))
     assert reply.success
     with pytest.raises(grpc.RpcError) as refused:
-        list(dataless.stub.GetData(leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7003"),
-                                   metadata=with_credential(reply.credential)))
+        list(
+            dataless.stub.GetData(
+                leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7003"), metadata=with_credential(reply.credential)
+            )
+        )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -51,7 +54,9 @@ def test_evaluation_reports_are_checked_against_what_each_learner_registered(dat
 
     def report(credential: str | None = credentials[0], **fields):
         values = {"learner_id": 0, "round": 5, "samples": 40, "correct": 30, "loss": 0.5, **fields}
-        return dataless.stub.ReportEvaluation(leader_pb2.EvaluationReport(**values), metadata=with_credential(credential))
+        return dataless.stub.ReportEvaluation(
+            leader_pb2.EvaluationReport(**values), metadata=with_credential(credential)
+        )
 
     for credential, fields, code in [
         (None, {}, grpc.StatusCode.UNAUTHENTICATED),
@@ -74,12 +79,27 @@ def test_evaluation_reports_are_checked_against_what_each_learner_registered(dat
 
 
 def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_keeps_them(tmp_path, port):
-    live = LiveLeader.start(tmp_path, port, "--dataset", "none", "--num-classes", "10", "--learners", "2",
-                            "--epochs", "2", "--batch-size", "10")
-    black = leader_pb2.DataSummary(train_samples=messages.MAX_SAMPLES, eval_samples=0, channel_sums=[0.0] * 3,
-                                   channel_square_sums=[0.0] * 3)  # a liar: billions of black images
+    live = LiveLeader.start(
+        tmp_path,
+        port,
+        "--dataset",
+        "none",
+        "--num-classes",
+        "10",
+        "--learners",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+    )
+    black = leader_pb2.DataSummary(
+        train_samples=messages.MAX_SAMPLES, eval_samples=0, channel_sums=[0.0] * 3, channel_square_sums=[0.0] * 3
+    )  # a liar: billions of black images
     for index, data in enumerate((summary(train=100), black)):
-        assert live.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=data)).success
+        assert live.stub.RegisterLearner(
+            leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7020 + index}", data=data)
+        ).success
     assert live.leader.settle()
     schedule, state = live.leader.planner.schedule, codec.decode(live.leader.global_model.encoded_state)
     assert (schedule.steps_per_epoch, schedule.total_rounds) == (10, 20)  # the smaller learner's 100 images
@@ -100,11 +120,15 @@ def test_a_learner_keeps_the_summary_it_registered_with_and_only_those_asked_may
     bigger = leader_pb2.LearnerInfo(network_addr="127.0.0.1:7030", data=summary(held_out=10**9))
     assert dataless.stub.RegisterLearner(bigger, metadata=with_credential(credential)).success
     assert dataless.leader.registry.summaries()[0].eval_samples == 40
-    other = dataless.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7031", data=summary())).credential
+    other = dataless.stub.RegisterLearner(
+        leader_pb2.LearnerInfo(network_addr="127.0.0.1:7031", data=summary())
+    ).credential
     evaluations = dataless.leader.evaluations
     evaluations.open(3)
     early = leader_pb2.EvaluationReport(learner_id=1, round=3, samples=40, correct=40, loss=0.1)
-    assert dataless.stub.ReportEvaluation(early, metadata=with_credential(other)).success  # before the push named anyone
+    assert dataless.stub.ReportEvaluation(
+        early, metadata=with_credential(other)
+    ).success  # before the push named anyone
     evaluations.expect(3, [0])  # the state went to learner 0 only: learner 1's early report is dropped
     assert not dataless.stub.ReportEvaluation(early, metadata=with_credential(other)).success
     report = leader_pb2.EvaluationReport(learner_id=0, round=3, samples=40, correct=10, loss=1.0)

@@ -22,8 +22,16 @@ IDLE_S = 1.0
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """One live leader for the module (each test enrols learners of its own, and plays whole rounds)."""
-    live = LiveLeader.start(tmp_path_factory.mktemp("guard"), launch.free_port(), "--learners", "8", "--batch-size", "8",
-                            "--idle-timeout", str(IDLE_S))
+    live = LiveLeader.start(
+        tmp_path_factory.mktemp("guard"),
+        launch.free_port(),
+        "--learners",
+        "8",
+        "--batch-size",
+        "8",
+        "--idle-timeout",
+        str(IDLE_S),
+    )
     yield live
     live.stop()
 
@@ -63,8 +71,9 @@ def test_unread_streams_neither_starve_registration_nor_gradients_and_are_cut_of
     codes = [first_code(call) for call in streams[2:]]
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 17, codes  # beyond 2 concurrent GetData streams each
     time.sleep(IDLE_S + 0.6)  # the admitted, unread streams have been cancelled for making no progress
-    payload = learner_session.receive_stream(live.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr="x:1"),
-                                            30, credential=credential)
+    payload = learner_session.receive_stream(
+        live.channel, "GetData", leader_pb2.LearnerDataRequest(network_addr="x:1"), 30, credential=credential
+    )
     assert len(payload.tensors["labels"]) == len(live.leader.data.shards.indices[learner])
     for call in streams:
         call.cancel()
@@ -144,8 +153,9 @@ class SlowStream:
 
         handler = grpc.unary_stream_rpc_method_handler(stream)
         self.server = grpc.server(futures.ThreadPoolExecutor(2))
-        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(rpc.LEADER_SERVICE,
-                                                                                   {"GetModel": handler})])
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(rpc.LEADER_SERVICE, {"GetModel": handler})]
+        )
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         return grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -186,12 +196,16 @@ def test_a_flood_of_calls_grpc_turns_away_leaves_no_permit_behind(tmp_path, port
 
 def test_callers_without_a_credential_cannot_take_a_learners_turns(live):
     ((learner, credential),) = enrol(live, 1)
-    held = [stalled_calls(live, method, 10, None) for method in ("RegisterLearner", "GetModel",
-                                                                   "/grpc.health.v1.Health/Check")]
+    held = [
+        stalled_calls(live, method, 10, None)
+        for method in ("RegisterLearner", "GetModel", "/grpc.health.v1.Health/Check")
+    ]
     health = health_pb2_grpc.HealthStub(live.channel)
     session = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + rpc.session_id(credential))
-    assert health.Check(session, timeout=5, metadata=rpc.with_credential(credential)).status == \
-        health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(session, timeout=5, metadata=rpc.with_credential(credential)).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     address = live.leader.registry.members([learner])[learner].address
     assert live.register(address, credential, timeout=5).learner_id == learner
     with pytest.raises(grpc.RpcError) as error:  # another anonymous call from the same address waits its turn

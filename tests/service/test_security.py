@@ -24,8 +24,23 @@ def security(certs, name: str | None, token: str | None = None) -> rpc.Security:
 @pytest.fixture
 def secure_leader(tmp_path, port, certs):
     """A live leader requiring mutual TLS and the token."""
-    leader = leader_from(["--learners", "2", "--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port),
-                          "--out", str(tmp_path), "--token", TOKEN, *tls_flags(certs, "leader")])
+    leader = leader_from(
+        [
+            "--learners",
+            "2",
+            "--dataset",
+            "synthetic",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--out",
+            str(tmp_path),
+            "--token",
+            TOKEN,
+            *tls_flags(certs, "leader"),
+        ]
+    )
     leader.registry.reregister_s = 0  # these tests register again at once
     server = leader.serve()
     yield f"127.0.0.1:{port}"
@@ -34,8 +49,9 @@ def secure_leader(tmp_path, port, certs):
 
 def register(address: str, credentials: rpc.Security, credential: str | None = None):
     stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(address, credentials))
-    return stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr="127.0.0.1:7001"), timeout=10,
-                                metadata=rpc.with_credential(credential))
+    return stub.RegisterLearner(
+        leader_pb2.LearnerInfo(network_addr="127.0.0.1:7001"), timeout=10, metadata=rpc.with_credential(credential)
+    )
 
 
 def test_leader_accepts_a_learner_certificate_with_the_token(secure_leader, certs):
@@ -56,8 +72,13 @@ def test_under_mutual_tls_a_credential_holds_only_with_the_certificate_it_was_is
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "still counts on" in error.value.details()
     stub = leader_pb2_grpc.LeaderServiceStub(rpc.channel(secure_leader, security(certs, "leader", TOKEN)))
     with pytest.raises(grpc.RpcError) as error:
-        list(stub.GetData(leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7001"), timeout=10,
-                          metadata=rpc.with_credential(credential)))
+        list(
+            stub.GetData(
+                leader_pb2.LearnerDataRequest(network_addr="127.0.0.1:7001"),
+                timeout=10,
+                metadata=rpc.with_credential(credential),
+            )
+        )
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     again = register(secure_leader, security(certs, "learner", TOKEN), credential)
     assert again.success and again.credential == credential
@@ -83,8 +104,9 @@ def test_health_needs_tls_but_no_token(secure_leader, certs):
 
 @pytest.fixture
 def secure_learner(secure_leader, certs):
-    args = learner_config(["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN,
-                                      *tls_flags(certs, "learner")])
+    args = learner_config(
+        ["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN, *tls_flags(certs, "learner")]
+    )
     learner = learner_module.Learner(args).connect()
     assert isinstance(learner, learner_module.Member)
     yield learner
@@ -95,14 +117,16 @@ def sync(learner, credentials: rpc.Security):
     """SyncModelState with the learner's own credential, so that only TLS and the token are in question."""
     stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.server.address, credentials, 1 << 20))
     state = codec.encode(learner.replica.model.state_dict(), {"round": "5"})
-    return stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10,
-                               metadata=rpc.with_credential(learner.session.credential.value))
+    return stub.SyncModelState(
+        learner_pb2.ModelState(chunk=state), timeout=10, metadata=rpc.with_credential(learner.session.credential.value)
+    )
 
 
 def start(learner, credentials: rpc.Security):
     stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(learner.server.address, credentials))
-    return stub.StartTraining(learner_pb2.Empty(), timeout=10,
-                              metadata=rpc.with_credential(learner.session.credential.value))
+    return stub.StartTraining(
+        learner_pb2.Empty(), timeout=10, metadata=rpc.with_credential(learner.session.credential.value)
+    )
 
 
 def test_learner_takes_orders_only_from_the_leaders_certificate(secure_learner, certs):
@@ -110,8 +134,11 @@ def test_learner_takes_orders_only_from_the_leaders_certificate(secure_learner, 
         for call in (sync, start):
             with pytest.raises(grpc.RpcError) as error:
                 call(secure_learner, impostor)
-            assert error.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-                                          grpc.StatusCode.UNAVAILABLE)
+            assert error.value.code() in (
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.UNAVAILABLE,
+            )
     with pytest.raises(grpc.RpcError) as error:
         sync(secure_learner, security(certs, "learner", TOKEN))
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
@@ -128,14 +155,24 @@ def test_learner_with_a_certificate_but_no_token_gets_unauthenticated(secure_lea
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("host, tls, token, warning", [
-    ("127.0.0.1", None, None, None), ("0.0.0.0", None, None, "anyone who can reach"),
-    ("0.0.0.0", "server", None, "anyone who can reach"), ("0.0.0.0", None, TOKEN, "the token crosses the network"),
-    ("0.0.0.0", "server", TOKEN, None), ("0.0.0.0", "mutual", None, None)])
+@pytest.mark.parametrize(
+    "host, tls, token, warning",
+    [
+        ("127.0.0.1", None, None, None),
+        ("0.0.0.0", None, None, "anyone who can reach"),
+        ("0.0.0.0", "server", None, "anyone who can reach"),
+        ("0.0.0.0", None, TOKEN, "the token crosses the network"),
+        ("0.0.0.0", "server", TOKEN, None),
+        ("0.0.0.0", "mutual", None, None),
+    ],
+)
 def test_a_server_reachable_beyond_loopback_says_who_can_call_it(caplog, certs, host, tls, token, warning):
     read = lambda file: (certs / file).read_bytes()
-    tls_files = {None: (None, None, None), "server": (read("leader.pem"), read("leader.key"), None),
-                 "mutual": (read("leader.pem"), read("leader.key"), read("ca.pem"))}[tls]
+    tls_files = {
+        None: (None, None, None),
+        "server": (read("leader.pem"), read("leader.key"), None),
+        "mutual": (read("leader.pem"), read("leader.key"), read("ca.pem")),
+    }[tls]
     server, _ = rpc.start_server(f"{host}:0", [], [], 1 << 20, rpc.Security(*tls_files, token))
     server.stop(0)
     logged = [record.getMessage() for record in caplog.records if record.name == "rpc"]

@@ -9,6 +9,7 @@ import re
 import socket
 import struct
 import time
+from functools import partial
 
 import grpc
 import pytest
@@ -44,7 +45,10 @@ def test_registration_assigns_ids_and_credentials_and_refuses_past_the_limit(liv
     assert len({first.credential, second.credential}) == 2 and len(first.credential) >= 32
     with pytest.raises(grpc.RpcError) as error:
         live.register("127.0.0.1:7003")
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "all 2 learner slots are held" in error.value.details()
+    assert (
+        error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "all 2 learner slots are held" in error.value.details()
+    )
     again = live.register("127.0.0.1:7001", credential=first.credential)
     assert (again.learner_id, again.credential) == (0, first.credential)
 
@@ -150,15 +154,29 @@ def bad_gradients(live) -> dict:
         "negative loss": (live.gradient(1, loss="-3"), invalid, "loss"),
         "no learner id": (codec.encode(views, {"round": "0"}), invalid, "learner_id"),
         "another learner's id": (live.gradient(0), invalid, "not the caller's slot, 1"),
-        "shape overflowing torch": (header_only({"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}),
-                                    invalid, "more than"),
-        "shape overflowing int64": (header_only({"t": {"dtype": "F32", "shape": [0, 2**40, 2**40],
-                                                       "data_offsets": [0, 0]}}), invalid, "more than"),
+        "shape overflowing torch": (
+            header_only({"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}),
+            invalid,
+            "more than",
+        ),
+        "shape overflowing int64": (
+            header_only({"t": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}),
+            invalid,
+            "more than",
+        ),
         "deep JSON": (struct.pack("<Q", len(deep)) + deep, invalid, "not valid JSON"),
-        "huge integer": (header_only({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).replace(
-            b"[1]", b"[" + b"9" * 5000 + b"]"), invalid, "not valid JSON"),
-        "oversized": (b"\x00" * (live.leader.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES + 1),
-                      grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        "huge integer": (
+            header_only({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).replace(
+                b"[1]", b"[" + b"9" * 5000 + b"]"
+            ),
+            invalid,
+            "not valid JSON",
+        ),
+        "oversized": (
+            b"\x00" * (live.leader.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES + 1),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "",
+        ),
     }
 
 
@@ -179,8 +197,11 @@ def test_bad_gradients_get_a_specific_status_and_are_not_counted(live):
 
 def test_gradients_without_the_callers_credential_are_refused_and_not_counted(live):
     real = live.enrol(2)
-    for credential, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("forged", grpc.StatusCode.UNAUTHENTICATED),
-                             (real[1], grpc.StatusCode.INVALID_ARGUMENT)):  # nothing, a guess, learner 1's own
+    for credential, code in (
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ("forged", grpc.StatusCode.UNAUTHENTICATED),
+        (real[1], grpc.StatusCode.INVALID_ARGUMENT),
+    ):  # nothing, a guess, learner 1's own
         with pytest.raises(grpc.RpcError) as error:
             live.accumulate(live.gradient(0), credential)
         assert error.value.code() == code, credential
@@ -242,9 +263,9 @@ def test_a_finite_but_absurd_update_is_discarded_before_it_wrecks_the_run(live, 
     if poison == "huge gradient":
         flat[: layout.parameter_count] = 1e30
     elif poison == "aimed at one tensor":  # under the whole model's norm, but 40 times fc.bias's (or 1)
-        flat[layout.parameter_count - 10: layout.parameter_count] = 40 / LR / 10 ** 0.5
+        flat[layout.parameter_count - 10 : layout.parameter_count] = 40 / LR / 10**0.5
     else:
-        flat[layout.parameter_count:] = 1e30  # running means and variances
+        flat[layout.parameter_count :] = 1e30  # running means and variances
     before = model_hash(live.leader.global_model.model)
     live.send_counted(live.gradient(0, tensors=layout.wire_tensors(flat)), credentials[0])
     live.send_counted(live.gradient(1), credentials[1])
@@ -291,7 +312,9 @@ def test_health_reflection_and_sessions_describe_the_leader(live):
     watch = list(health.Watch(health_pb2.HealthCheckRequest(service="leader.LeaderService"), timeout=10))
     assert [reply.status for reply in watch] == [health_pb2.HealthCheckResponse.SERVING]  # once, then the end
     reflection = reflection_pb2_grpc.ServerReflectionStub(live.channel)
-    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
     names = {service.name for response in responses for service in response.list_services_response.service}
     assert {"leader.LeaderService", "grpc.health.v1.Health"} <= names
 
@@ -311,7 +334,9 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
     leader = live.leader
     learner, _ = live_learner
     assert leader.registry.at(learner.server.address).learner_id == learner.learner_id
-    assert torch.equal(learner.data.labels, leader.data.shards.train.labels[leader.data.shards.indices[learner.learner_id]])
+    assert torch.equal(
+        learner.data.labels, leader.data.shards.train.labels[leader.data.shards.indices[learner.learner_id]]
+    )
 
 
 def leader_call(learner) -> list[tuple[str, str]]:
@@ -344,11 +369,15 @@ def test_learner_takes_states_and_orders_only_with_its_leaders_credential(live, 
     learner, stub = live_learner
     state = codec.encode(live.leader.global_model.model.state_dict(), {"round": "7"})
     for metadata in ([], rpc.with_credential("forged")):
-        for call in (lambda: stub.SyncModelState(learner_pb2.ModelState(chunk=state), timeout=10, metadata=metadata),
-                     lambda: stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=metadata)):
+        for call in (
+            partial(stub.SyncModelState, learner_pb2.ModelState(chunk=state), timeout=10, metadata=metadata),
+            partial(stub.StartTraining, learner_pb2.Empty(), timeout=10, metadata=metadata),
+        ):
             with pytest.raises(grpc.RpcError) as error:
                 call()
-            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
+            assert (
+                error.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only the leader" in error.value.details()
+            )
     assert learner.server.inbox.take(0, timeout=0) is None and not learner.server.started.is_set()
     assert stub.StartTraining(learner_pb2.Empty(), timeout=10, metadata=leader_call(learner)).success
     assert learner.server.started.is_set()
@@ -367,7 +396,9 @@ def test_a_learner_whose_gradient_is_refused_says_so(live, live_learner):
     learner, _ = live_learner
     live.leader.registry.take_joiners()
     learner.replica.gradient.fill_(float("nan"))
-    with pytest.raises(learner_session.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"):
+    with pytest.raises(
+        learner_session.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"
+    ):
         learner.send_update(0, loss=1.0)
 
 
@@ -409,15 +440,19 @@ def send_in_a_round(fuzz_target, chunk: bytes) -> None:
     assert live.close_round()[0].learners == 1
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(st.binary(max_size=4096))
 def test_live_leader_refuses_random_bytes_and_counts_only_valid_gradients(fuzz_target, chunk):
     send_in_a_round(fuzz_target, chunk)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6),
-       st.sampled_from([None, 100, 4096, -1]))
+@given(
+    st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6),
+    st.sampled_from([None, 100, 4096, -1]),
+)
 def test_live_leader_handles_mutated_gradients_and_counts_only_valid_ones(fuzz_target, mutations, cut):
     live = fuzz_target[0]
     data = bytearray(live.gradient(0))
@@ -441,7 +476,9 @@ def test_a_peer_whose_health_service_knows_no_sessions_is_not_taken_for_gone():
     try:
         request = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + "0" * 32)
         for port, verdict in ((standard_port, dispatch.THERE), (ours_port, dispatch.GONE)):
-            call = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Check.future(request, timeout=5)
+            call = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Check.future(
+                request, timeout=5
+            )
             assert dispatch.probe_verdict(call)[0] == verdict
     finally:
         standard.stop(0)

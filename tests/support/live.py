@@ -51,8 +51,9 @@ class LiveLeader:
 
     @staticmethod
     def start(out, port: int, *flags: str) -> "LiveLeader":
-        leader = leader_from(["--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
-                              *flags])
+        leader = leader_from(
+            ["--dataset", "synthetic", "--host", "127.0.0.1", "--port", str(port), "--out", str(out), *flags]
+        )
         leader.registry.reregister_s = 0  # tests re-register at once; test_rounds checks the interval
         return LiveLeader(leader, leader.serve(), f"127.0.0.1:{port}")
 
@@ -63,8 +64,9 @@ class LiveLeader:
             host.stop(0)
 
     def register(self, address: str, credential: str | None = None, timeout: float = 10):
-        return self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=address), timeout=timeout,
-                                         metadata=rpc.with_credential(credential))
+        return self.stub.RegisterLearner(
+            leader_pb2.LearnerInfo(network_addr=address), timeout=timeout, metadata=rpc.with_credential(credential)
+        )
 
     def enrol(self, count: int) -> list[str]:
         """Register count fake learners and start them, as the round loop would; return their credentials
@@ -73,8 +75,13 @@ class LiveLeader:
         credentials = []
         for _ in range(count):
             sessions: set[str] = set()
-            host, port = rpc.start_server("127.0.0.1:0", [], [], 1 << 20, sessions=lambda session, sessions=sessions:
-                                          SERVING if session in sessions else None)
+            host, port = rpc.start_server(
+                "127.0.0.1:0",
+                [],
+                [],
+                1 << 20,
+                sessions=lambda session, sessions=sessions: SERVING if session in sessions else None,
+            )
             self.hosts.append(host)
             credentials.append(self.register(f"127.0.0.1:{port}").credential)
             sessions.add(rpc.session_id(credentials[-1]))
@@ -82,19 +89,33 @@ class LiveLeader:
             self.leader.registry.started(member.learner_id, member.generation)  # as if StartTraining was answered
         return credentials
 
-    def gradient(self, learner_id: int = 0, round_index: int | None = None, samples: int = 8, loss: str = "1.5",
-                 tensors: dict | None = None, scale: float = 0.01, **extra: str) -> bytes:
+    def gradient(
+        self,
+        learner_id: int = 0,
+        round_index: int | None = None,
+        samples: int = 8,
+        loss: str = "1.5",
+        tensors: dict | None = None,
+        scale: float = 0.01,
+        **extra: str,
+    ) -> bytes:
         """A gradient payload: valid unless the arguments make it otherwise."""
         layout = self.leader.global_model.layout
         round_index = self.leader.collector.round if round_index is None else round_index
         tensors = tensors if tensors is not None else layout.wire_tensors(torch.full((layout.size,), scale))
-        metadata = {"learner_id": str(learner_id), "round": str(round_index), "samples": str(samples), "loss": loss,
-                    **extra}
+        metadata = {
+            "learner_id": str(learner_id),
+            "round": str(round_index),
+            "samples": str(samples),
+            "loss": loss,
+            **extra,
+        }
         return codec.encode(tensors, metadata)
 
     def accumulate(self, chunk: bytes, credential: str | None, timeout: float = 10):
-        return self.stub.AccumulateGradients(leader_pb2.GradientData(chunk=chunk), timeout=timeout,
-                                             metadata=rpc.with_credential(credential))
+        return self.stub.AccumulateGradients(
+            leader_pb2.GradientData(chunk=chunk), timeout=timeout, metadata=rpc.with_credential(credential)
+        )
 
     def send_counted(self, chunk: bytes, credential: str) -> None:
         """Send a gradient the leader must count, and count it in the reference too."""

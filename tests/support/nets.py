@@ -7,8 +7,14 @@ from torch import nn
 
 def small_net(batch_norm: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 4, 3), *( [nn.BatchNorm2d(4)] if batch_norm else []), nn.ReLU(),
-              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)]
+    layers = [
+        nn.Conv2d(3, 4, 3),
+        *([nn.BatchNorm2d(4)] if batch_norm else []),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ]
     return nn.Sequential(*layers)
 
 

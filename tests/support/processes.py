@@ -5,8 +5,8 @@ federated/tools/hosts.py."""
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from federated.tools import launch
 
@@ -16,45 +16,98 @@ PEERS = Path("tests") / "peers"  # the peer programs, relative to ROOT (their pr
 # A plain run: a leader and two learners on the synthetic set, to 90 % (200 rounds of 32). Every round waits
 # for both learners (--min-learners 2, --round-timeout 600), so that a run killed and resumed with the same
 # flags must follow it loss for loss; checkpoints every 20 rounds give the killed runs a place to resume from.
-SYNTHETIC_RUN = ["--dataset", "synthetic", "--rounds", "200", "--batch-size", "32", "--eval-every", "100",
-                 "--min-learners", "2", "--round-timeout", "600", "--checkpoint-every", "20"]
+SYNTHETIC_RUN = [
+    "--dataset",
+    "synthetic",
+    "--rounds",
+    "200",
+    "--batch-size",
+    "32",
+    "--eval-every",
+    "100",
+    "--min-learners",
+    "2",
+    "--round-timeout",
+    "600",
+    "--checkpoint-every",
+    "20",
+]
 
 
 def spawn(log: Path | None, *args: str, env: dict | None = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
     """A Python process in the repository root running args, its output appended to log (or piped, as text);
     prefix runs it through another command first (e.g. `ip netns exec HOST`, see federated/tools/hosts.py)."""
     output = open(log, "a") if log else subprocess.PIPE
-    return subprocess.Popen([*prefix, sys.executable, *args], cwd=ROOT, env=env, stdout=output,
-                            stderr=subprocess.STDOUT, text=log is None)
+    return subprocess.Popen(
+        [*prefix, sys.executable, *args], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, text=log is None
+    )
 
 
-def start_leader(out: Path, port: int, *args: str, host: str = "127.0.0.1",
-                 prefix: Sequence[str] = ()) -> subprocess.Popen:
+def start_leader(
+    out: Path, port: int, *args: str, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+) -> subprocess.Popen:
     """A leader listening on host (localhost unless told), with the synthetic set unless args say otherwise,
     logging to out/leader.log (appending, so a restart keeps the first log)."""
     out.mkdir(parents=True, exist_ok=True)
-    return spawn(out / "leader.log", "leader.py", "--host", host, "--port", str(port), "--out", str(out),
-                 "--dataset", "synthetic", *args, prefix=prefix)
+    return spawn(
+        out / "leader.log",
+        "leader.py",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+        "--dataset",
+        "synthetic",
+        *args,
+        prefix=prefix,
+    )
 
 
-def start_learner(out: Path, name: str, port: int, *args: str, leader: str = "127.0.0.1",
-                  host: str | None = "127.0.0.1", prefix: Sequence[str] = ()) -> subprocess.Popen:
+def start_learner(
+    out: Path,
+    name: str,
+    port: int,
+    *args: str,
+    leader: str = "127.0.0.1",
+    host: str | None = "127.0.0.1",
+    prefix: Sequence[str] = (),
+) -> subprocess.Popen:
     """A learner with one thread, of the leader at leader:port, serving on host (localhost unless told; None:
     learner.py's default, every interface, advertising its own address), logging to out/<name>.log."""
     listen = ["--host", host] if host else []
-    return spawn(out / f"{name}.log", "learner.py", "--leader", f"{leader}:{port}", *listen, "--threads", "1", *args,
-                 prefix=prefix)
+    return spawn(
+        out / f"{name}.log",
+        "learner.py",
+        "--leader",
+        f"{leader}:{port}",
+        *listen,
+        "--threads",
+        "1",
+        *args,
+        prefix=prefix,
+    )
 
 
 def start_hostile(out: Path, name: str, port: int, *args: str) -> subprocess.Popen:
     """tests/peers/hostile_learner.py with args (--victim, --freeload or --flip, and learner.py flags), a learner
     of the leader at localhost:port serving on localhost, logging to out/<name>.log."""
-    return spawn(out / f"{name}.log", str(PEERS / "hostile_learner.py"), *args, "--leader", f"127.0.0.1:{port}",
-                 "--host", "127.0.0.1", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return spawn(
+        out / f"{name}.log",
+        str(PEERS / "hostile_learner.py"),
+        *args,
+        "--leader",
+        f"127.0.0.1:{port}",
+        "--host",
+        "127.0.0.1",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
-def run_federation(out: Path, learners: int, leader_args: list[str], learner_args: Sequence[str] = (),
-                   timeout: float = 400) -> list[int | None]:
+def run_federation(
+    out: Path, learners: int, leader_args: list[str], learner_args: Sequence[str] = (), timeout: float = 400
+) -> list[int | None]:
     """Run a leader and learners as real processes to the end; return their exit codes."""
     port = launch.free_port()
     leader = start_leader(out, port, "--learners", str(learners), *leader_args)

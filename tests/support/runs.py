@@ -34,4 +34,6 @@ def wait_for_log(path: Path, text: str, timeout: float = 120) -> None:
         if path.exists() and text in path.read_text():
             return
         time.sleep(0.2)
-    raise TimeoutError(f"{text!r} not in {path.name} within {timeout} s\n{path.read_text()[-3000:] if path.exists() else ''}")
+    raise TimeoutError(
+        f"{text!r} not in {path.name} within {timeout} s\n{path.read_text()[-3000:] if path.exists() else ''}"
+    )

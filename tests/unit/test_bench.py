@@ -17,15 +17,32 @@ from federated.tools.bench.rounds import (
 )
 from federated.tools.bench.strategies import strategy_table
 
-KEYS = ["model_transfer_ratio", "round_overhead_ratio", "wire_bytes_ratio", "learner_throughput_ratio", "leader_scale",
-        "serialization_gbps", "time_to_accuracy", "strategies", "non_iid", "links"]  # results.json's keys, as ever
+KEYS = [
+    "model_transfer_ratio",
+    "round_overhead_ratio",
+    "wire_bytes_ratio",
+    "learner_throughput_ratio",
+    "leader_scale",
+    "serialization_gbps",
+    "time_to_accuracy",
+    "strategies",
+    "non_iid",
+    "links",
+]  # results.json's keys, as ever
 
 
 def test_results_json_keeps_its_keys_and_figures_keep_their_names():
     assert [key for figure in registry.FIGURES for key in figure.result_keys] == KEYS
-    assert [figure.name for figure in registry.FIGURES] == ["model_transfer_ratio", "round_overhead", "leader_scale",
-                                                            "serialization_gbps", "time_to_accuracy", "strategies",
-                                                            "non_iid", "links"]
+    assert [figure.name for figure in registry.FIGURES] == [
+        "model_transfer_ratio",
+        "round_overhead",
+        "leader_scale",
+        "serialization_gbps",
+        "time_to_accuracy",
+        "strategies",
+        "non_iid",
+        "links",
+    ]
 
 
 def test_every_figure_binds_to_its_function_and_has_its_page_rows():
@@ -60,8 +77,15 @@ def test_an_unknown_figure_is_refused_with_the_list(capsys):
 
 def test_the_settings_keep_their_flags_and_defaults():
     args = cli.parser().parse_args([])
-    assert (args.repeats, args.rounds, args.scale, args.strategy_epochs, args.non_iid_epochs, args.non_iid_dataset,
-            args.out) == (5, 20, [1, 4, 16, 64], 3, 3, "synthetic", "bench")
+    assert (
+        args.repeats,
+        args.rounds,
+        args.scale,
+        args.strategy_epochs,
+        args.non_iid_epochs,
+        args.non_iid_dataset,
+        args.out,
+    ) == (5, 20, [1, 4, 16, 64], 3, 3, "synthetic", "bench")
 
 
 def spread(*values: float) -> dict:
@@ -69,56 +93,135 @@ def spread(*values: float) -> dict:
 
 
 def measured() -> dict:
-    return {"date": "2026-12-05T04:50:00+00:00", "seconds": 300.0, "command": "python bench.py --headline",
-            "machine": {"cpu": "Some CPU", "cores": 2, "available_cores": 2, "python": "3.11.7", "torch": "2.14.1",
-                        "grpcio": "1.85.1"}, "load_at_start": [1.5, 1.2, 1.0], "load_at_end": [2.5, 1.8, 1.2]}
+    return {
+        "date": "2026-12-05T04:50:00+00:00",
+        "seconds": 300.0,
+        "command": "python bench.py --headline",
+        "machine": {
+            "cpu": "Some CPU",
+            "cores": 2,
+            "available_cores": 2,
+            "python": "3.11.7",
+            "torch": "2.14.1",
+            "grpcio": "1.85.1",
+        },
+        "load_at_start": [1.5, 1.2, 1.0],
+        "load_at_end": [2.5, 1.8, 1.2],
+    }
 
 
 def round_results() -> dict:
-    records = [{"round": r, "seconds": 0.25, "bytes_in": 2_200_000, "bytes_out": 2_200_000, "learners": 2,
-                "gradients_s": 0.2, "step_s": 0.005, "push_s": 0.005, "train_loss": 1.0} for r in range(1, 21)]
-    taken = RoundRuns([0.2, 0.21], [0.25] * 17, records, [Progress(5, 300.0, 0.02), Progress(10, 310.0, 0.03)],
-                      [(r, 1000 * r) for r in range(21)])
+    records = [
+        {
+            "round": r,
+            "seconds": 0.25,
+            "bytes_in": 2_200_000,
+            "bytes_out": 2_200_000,
+            "learners": 2,
+            "gradients_s": 0.2,
+            "step_s": 0.005,
+            "push_s": 0.005,
+            "train_loss": 1.0,
+        }
+        for r in range(1, 21)
+    ]
+    taken = RoundRuns(
+        [0.2, 0.21],
+        [0.25] * 17,
+        records,
+        [Progress(5, 300.0, 0.02), Progress(10, 310.0, 0.03)],
+        [(r, 1000 * r) for r in range(21)],
+    )
     coscheduled = spread(0.22, 0.23)
-    return {"round_overhead_ratio": overhead_ratio(taken, coscheduled, 1, 3),
-            "wire_bytes_ratio": wire_bytes_ratio(taken, 20), "learner_throughput_ratio": throughput_ratio(taken, coscheduled)}
+    return {
+        "round_overhead_ratio": overhead_ratio(taken, coscheduled, 1, 3),
+        "wire_bytes_ratio": wire_bytes_ratio(taken, 20),
+        "learner_throughput_ratio": throughput_ratio(taken, coscheduled),
+    }
 
 
 def strategy_results(tmp_path: Path) -> dict:
-    runs = {name: [{"round": 1, "test_accuracy": 0.5}, {"round": 1, "train_loss": 1.0, "seconds": 2.0, "bytes_in": 1e6,
-                                                        "bytes_out": 1e6},
-                   {"round": 2, "test_accuracy": accuracy}, {"round": 2, "train_loss": 1.0, "seconds": 2.0,
-                                                             "bytes_in": 1e6, "bytes_out": 1e6}]
-            for name, accuracy in (("fedsgd", 0.95), ("fedavg", 0.6))}
-    return {**strategy_table(runs, 0.9, tmp_path / "strategies.png"), "epochs": 3, "fedavg_round_s": 20.1,
-            "local_epoch_compute_s": 19.3, "fedavg_round_vs_compute": 1.04}
+    runs = {
+        name: [
+            {"round": 1, "test_accuracy": 0.5},
+            {"round": 1, "train_loss": 1.0, "seconds": 2.0, "bytes_in": 1e6, "bytes_out": 1e6},
+            {"round": 2, "test_accuracy": accuracy},
+            {"round": 2, "train_loss": 1.0, "seconds": 2.0, "bytes_in": 1e6, "bytes_out": 1e6},
+        ]
+        for name, accuracy in (("fedsgd", 0.95), ("fedavg", 0.6))
+    }
+    return {
+        **strategy_table(runs, 0.9, tmp_path / "strategies.png"),
+        "epochs": 3,
+        "fedavg_round_s": 20.1,
+        "local_epoch_compute_s": 19.3,
+        "fedavg_round_vs_compute": 1.04,
+    }
 
 
 def every_figure(tmp_path: Path) -> dict:
     """A results.json with every key, in the shapes the figures write."""
-    transfer_steps = {"raw_grpc": 0.03, "our_stream": 0.031, "plus_copy_into_place": 0.035, "plus_finite_check_and_load": 0.04}
-    scale_row = {"rounds_per_s": 50.0, "round_s": spread(0.02, 0.03), "leader_peak_rss_mb": 1500.0,
-                 "leader_peak_anon_mb": 900.0, "anon_before_rounds_mb": 899.0, "anon_growth_in_rounds_mb": 1.0}
+    transfer_steps = {
+        "raw_grpc": 0.03,
+        "our_stream": 0.031,
+        "plus_copy_into_place": 0.035,
+        "plus_finite_check_and_load": 0.04,
+    }
+    scale_row = {
+        "rounds_per_s": 50.0,
+        "round_s": spread(0.02, 0.03),
+        "leader_peak_rss_mb": 1500.0,
+        "leader_peak_anon_mb": 900.0,
+        "anon_before_rounds_mb": 899.0,
+        "anon_growth_in_rounds_mb": 1.0,
+    }
     cell = {"final_accuracy": 0.8, "rounds_to_target": None, "rounds": 3}
-    records = [{"round": r, "seconds": 0.8, "bytes_in": 2_180_000, "bytes_out": 2_190_000, "learners": 2, "step_s": 0.005}
-               for r in range(2, 10)]
+    records = [
+        {"round": r, "seconds": 0.8, "bytes_in": 2_180_000, "bytes_out": 2_190_000, "learners": 2, "step_s": 0.005}
+        for r in range(2, 10)
+    ]
     results = {
-        "model_transfer_ratio": {"value": 0.75, "bytes": 44_745_416, "ours_s": spread(0.04), "raw_grpc_s": spread(0.03),
-                                 "steps_median_s": transfer_steps, "raw_best_chunk": 1 << 20, "ours_gbps": 1.1,
-                                 "raw_grpc_gbps": 1.5, "raw_tcp_gbps": 5.0,
-                                 "raw_grpc_by_chunk_gbps": {"262144": 1.2, "1048576": 1.5, "4194304": 1.4}},
+        "model_transfer_ratio": {
+            "value": 0.75,
+            "bytes": 44_745_416,
+            "ours_s": spread(0.04),
+            "raw_grpc_s": spread(0.03),
+            "steps_median_s": transfer_steps,
+            "raw_best_chunk": 1 << 20,
+            "ours_gbps": 1.1,
+            "raw_grpc_gbps": 1.5,
+            "raw_tcp_gbps": 5.0,
+            "raw_grpc_by_chunk_gbps": {"262144": 1.2, "1048576": 1.5, "4194304": 1.4},
+        },
         **round_results(),
-        "leader_scale": {"value": {"1": scale_row, "64": scale_row}, "model_mb": 1.03, "rss_growth_mb": 0.0,
-                         "anon_growth_mb": 0.0, "anon_growth_in_rounds_mb": 0.0, "rss_growth_limit_mb": 99.0,
-                         "round_time_growth": 1.0, "learner_growth": 64.0},
-        "serialization_gbps": {"value": {name: {"encode_gbps": 2.0, "decode_gbps": 5.0}
-                                         for name in ("ours", "safetensors", "torch_save")}, "bytes": 44_734_408},
+        "leader_scale": {
+            "value": {"1": scale_row, "64": scale_row},
+            "model_mb": 1.03,
+            "rss_growth_mb": 0.0,
+            "anon_growth_mb": 0.0,
+            "anon_growth_in_rounds_mb": 0.0,
+            "rss_growth_limit_mb": 99.0,
+            "round_time_growth": 1.0,
+            "learner_growth": 64.0,
+        },
+        "serialization_gbps": {
+            "value": {name: {"encode_gbps": 2.0, "decode_gbps": 5.0} for name in ("ours", "safetensors", "torch_save")},
+            "bytes": 44_734_408,
+        },
         "time_to_accuracy": {"value": None, "federated_s": None, "centralised_s": 17.2, "target": 0.9},
         "strategies": strategy_results(tmp_path),
-        "non_iid": {"value": {"iid": {name: cell for name in ("fedsgd", "fedavg", "fedprox", "scaffold")}},
-                    "target": 0.8, "learners": 10, "epochs": 3, "dataset": "synthetic"},
-        "links": {"value": {"resnet20 fedsgd float32 @ 100mbit": link_row(records, {r: 0.5 for r in range(2, 10)},
-                                                                            100_000_000)}},
+        "non_iid": {
+            "value": {"iid": dict.fromkeys(("fedsgd", "fedavg", "fedprox", "scaffold"), cell)},
+            "target": 0.8,
+            "learners": 10,
+            "epochs": 3,
+            "dataset": "synthetic",
+        },
+        "links": {
+            "value": {
+                "resnet20 fedsgd float32 @ 100mbit": link_row(records, dict.fromkeys(range(2, 10), 0.5), 100_000_000)
+            }
+        },
     }
     assert list(results) == KEYS
     return {key: {**value, "measured": measured()} for key, value in results.items()}
@@ -135,15 +238,19 @@ def test_the_page_dates_every_figure_measured_and_marks_the_others_hand_recorded
 
 
 def test_the_page_reads_a_results_json_written_before_the_bench_dated_its_figures(tmp_path):
-    undated = {key: {k: v for k, v in value.items() if k != "measured"} for key, value in every_figure(tmp_path).items()}
+    undated = {
+        key: {k: v for k, v in value.items() if k != "measured"} for key, value in every_figure(tmp_path).items()
+    }
     assert "not recorded" in page.render(undated)
 
 
 def test_a_rerun_of_some_figures_keeps_the_others_rows_and_a_skip_keeps_a_measurement(tmp_path):
     results, target = every_figure(tmp_path), tmp_path / "docs" / "results.md"
     cli.write_page(str(target), results)
-    rerun = {"serialization_gbps": {**results["serialization_gbps"], "bytes": 1},
-             "links": {"value": None, "skipped": "no namespaces", "measured": measured()}}
+    rerun = {
+        "serialization_gbps": {**results["serialization_gbps"], "bytes": 1},
+        "links": {"value": None, "skipped": "no namespaces", "measured": measured()},
+    }
     cli.write_page(str(target), rerun)
     record = json.loads(target.with_suffix(".json").read_text())
     assert list(record) == KEYS and record["serialization_gbps"]["bytes"] == 1 and record["links"]["value"]

@@ -22,26 +22,42 @@ def saved_config(**changes) -> dict:
 
 def test_a_resume_takes_every_training_flag_from_the_checkpoint():
     resumed = leader_config(["--resume", "runs/x"], saved_config(lr=0.3, momentum=0.5, wire_dtype="float16", rounds=77))
-    assert (resumed.lr, resumed.momentum, resumed.wire_dtype, resumed.rounds, resumed.dataset) == \
-        (0.3, 0.5, "float16", 77, "synthetic")
+    assert (resumed.lr, resumed.momentum, resumed.wire_dtype, resumed.rounds, resumed.dataset) == (
+        0.3,
+        0.5,
+        "float16",
+        77,
+        "synthetic",
+    )
 
 
-@pytest.mark.parametrize("given, named", [(["--lr", "0.2"], "--lr 0.2 (the checkpoint has 0.3)"),
-                                          (["--momentum", "0.9"], "--momentum 0.9 (the checkpoint has 0.5)"),
-                                          (["--warmup-epochs", "2"], "--warmup-epochs 2.0"),
-                                          (["--wire-dtype", "bfloat16"], "--wire-dtype bfloat16"),
-                                          (["--weight-decay", "0"], "--weight-decay 0.0"),
-                                          (["--epochs", "3"], "--epochs 3.0"), (["--rounds", "5"], "--rounds 5")])
+@pytest.mark.parametrize(
+    "given, named",
+    [
+        (["--lr", "0.2"], "--lr 0.2 (the checkpoint has 0.3)"),
+        (["--momentum", "0.9"], "--momentum 0.9 (the checkpoint has 0.5)"),
+        (["--warmup-epochs", "2"], "--warmup-epochs 2.0"),
+        (["--wire-dtype", "bfloat16"], "--wire-dtype bfloat16"),
+        (["--weight-decay", "0"], "--weight-decay 0.0"),
+        (["--epochs", "3"], "--epochs 3.0"),
+        (["--rounds", "5"], "--rounds 5"),
+    ],
+)
 def test_a_resume_with_another_training_flag_is_refused_naming_it(given, named, capsys):
     with pytest.raises(SystemExit):
         leader_config(["--resume", "runs/x", *given], saved_config(lr=0.3, momentum=0.5))
     assert named in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("given, named", [(["--strategy", "fedsgd"], "--strategy fedsgd (the checkpoint has fedavg)"),
-                                          (["--server-lr", "0.5"], "--server-lr 0.5 (the checkpoint has None)"),
-                                          (["--aggregator", "median"], "--aggregator median"),
-                                          (["--learners-per-round", "1"], "--learners-per-round 1")])
+@pytest.mark.parametrize(
+    "given, named",
+    [
+        (["--strategy", "fedsgd"], "--strategy fedsgd (the checkpoint has fedavg)"),
+        (["--server-lr", "0.5"], "--server-lr 0.5 (the checkpoint has None)"),
+        (["--aggregator", "median"], "--aggregator median"),
+        (["--learners-per-round", "1"], "--learners-per-round 1"),
+    ],
+)
 def test_a_resume_with_another_strategy_or_hyper_parameter_is_refused_naming_it(given, named, capsys):
     with pytest.raises(SystemExit):
         leader_config(["--resume", "runs/x", *given], saved_config(strategy="fedavg"))
@@ -60,10 +76,15 @@ def test_repeating_the_checkpoints_own_values_is_fine():
     assert leader_config(["--resume", "runs/x", "--batch-size", "64", "--lr", "0.3"], saved_config(lr=0.3)).lr == 0.3
 
 
-@pytest.mark.parametrize("given, message", [(["--rounds", "0"], "--rounds: must be >= 1"),
-                                            (["--epochs", "0"], "--epochs: must be > 0"),
-                                            (["--round-timeout", "0"], "--round-timeout: must be > 0"),
-                                            (["--momentum", "1.5"], "--momentum")])
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--rounds", "0"], "--rounds: must be >= 1"),
+        (["--epochs", "0"], "--epochs: must be > 0"),
+        (["--round-timeout", "0"], "--round-timeout: must be > 0"),
+        (["--momentum", "1.5"], "--momentum"),
+    ],
+)
 def test_the_leader_refuses_senseless_flags(given, message, capsys):
     with pytest.raises(SystemExit):
         leader_config(given)
@@ -123,13 +144,17 @@ def test_a_checkpoint_written_before_the_package_layout_resumes_where_it_stopped
     assert (resumed.config.strategy, resumed.config.learners_per_round, resumed.config.local_steps) == ("fedavg", 1, 2)
     assert resumed.planner.schedule.total_rounds == 40 and resumed.registry.records()[1]["address"].startswith("127.")
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(value, saved["model"][name]) for name, value in resumed.global_model.model.state_dict().items())
+    assert all(
+        torch.equal(value, saved["model"][name]) for name, value in resumed.global_model.model.state_dict().items()
+    )
 
 
 def test_a_robust_run_resumes_with_resume_alone_its_min_learners_derived_from_the_checkpoints_flags(tmp_path):
     # The default of --min-learners depends on --aggregator: derived before the checkpoint's aggregator was
     # adopted, it was mean's 1, and the resume was refused unless --min-learners was given again.
-    leader = leader_from(["--dataset", "synthetic", "--learners", "5", "--aggregator", "median", "--out", str(tmp_path)])
+    leader = leader_from(
+        ["--dataset", "synthetic", "--learners", "5", "--aggregator", "median", "--out", str(tmp_path)]
+    )
     leader.rounds.save_checkpoint(0)
     resumed = leader_from(["--resume", str(tmp_path)])
     assert resumed.config.aggregator == "median" and resumed.federation.settings.min_learners == 3

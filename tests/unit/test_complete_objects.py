@@ -14,8 +14,13 @@ def self_attributes(function: ast.FunctionDef) -> set[str]:
     """The attributes of self that function assigns."""
     assigned = set()
     for node in ast.walk(function):
-        targets = node.targets if isinstance(node, ast.Assign) else \
-            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+            else []
+        )
         for target in targets:
             for part in ast.walk(target):
                 if isinstance(part, ast.Attribute) and isinstance(part.value, ast.Name) and part.value.id == "self":
@@ -41,5 +46,7 @@ def test_the_learners_objects_are_complete_when_built(path):
 
 
 def test_the_check_sees_an_attribute_first_set_after_construction():
-    source = "class Half:\n    def __init__(self):\n        self.a = 1\n    def connect(self):\n        self.model = 2\n"
+    source = (
+        "class Half:\n    def __init__(self):\n        self.a = 1\n    def connect(self):\n        self.model = 2\n"
+    )
     assert attributes_set_late(source) == {"Half": {"model"}}

@@ -1,6 +1,5 @@
 """Flags declared once: the parser, the checks and the reference page derive from each program's flag table."""
 
-
 import pytest
 
 from federated.common import flags
@@ -10,8 +9,9 @@ from federated.tools import reference
 
 
 def test_the_command_line_reference_is_what_the_flag_tables_say():
-    assert reference.PAGE.read_text(encoding="utf-8") == reference.page(), \
+    assert reference.PAGE.read_text(encoding="utf-8") == reference.page(), (
         "docs/reference/cli.md is stale: run python -m federated.tools.reference"
+    )
 
 
 @pytest.mark.parametrize("config", [LeaderConfig, LearnerConfig])

@@ -2,6 +2,7 @@
 project's models (group norm, torchvision's) through the update layout."""
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -51,7 +52,10 @@ def federated_rounds(model: nn.Module, batches_per_round: list[list[tuple]], lr:
             payload, loss = learner.gradient_payload(images, labels)
             decoded = codec.decode(payload)
             codec.check_matches(decoded, layout.spec)
-            assert collector.submit(learner_id, round_index, codec.flat_runs(decoded), len(labels), loss, len(payload)) is None
+            assert (
+                collector.submit(learner_id, round_index, codec.flat_runs(decoded), len(labels), loss, len(payload))
+                is None
+            )
         collector.close(mean)
         apply_mean_gradient(layout, optimizer, mean, lr)
         for learner in learners:
@@ -126,7 +130,7 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
     rates = [learning_rate(r, 0.4, warmup_rounds=4, total_rounds=20) for r in range(20)]
     assert rates[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert rates[4] == pytest.approx(0.4)
-    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(rates[4:])) and rates[-1] < 0.01
 
 
 def test_weight_decay_spares_biases_and_batchnorm():
@@ -159,7 +163,7 @@ def test_batchnorm_statistics_travel_in_float32_whatever_the_wire_dtype(wire_dty
     accumulator = RoundUpdates(layout.size, layout.size)
     accumulator.add(codec.flat_runs(payload), samples=1, loss=0.0)
     accumulator.combine_into(received)
-    assert torch.equal(received[layout.parameter_count:], flat[layout.parameter_count:])
+    assert torch.equal(received[layout.parameter_count :], flat[layout.parameter_count :])
     state = wire_state(model, wire_dtype)
     assert state["1.running_var"].dtype == torch.float32 and state["0.weight"].dtype == wire_dtype
 
@@ -212,22 +216,28 @@ def test_an_undone_first_step_leaves_no_momentum_behind():
     assert momentum_of(optimizer) == [] and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("architecture, norm", [("resnet20", "group"), ("resnet20", "batch"),
-                                                ("torchvision:mobilenet_v3_small", "batch"),
-                                                ("torchvision:resnet18", "batch")])
+@pytest.mark.parametrize(
+    "architecture, norm",
+    [
+        ("resnet20", "group"),
+        ("resnet20", "batch"),
+        ("torchvision:mobilenet_v3_small", "batch"),
+        ("torchvision:resnet18", "batch"),
+    ],
+)
 @pytest.mark.parametrize("size", [32, 64])
 def test_a_round_of_the_projects_models_goes_through_the_layout_and_the_wire(architecture, norm, size):
     torch.manual_seed(0)
     model = build_model(architecture, num_classes=7, norm=norm)
     learner = SimulatedLearner(model)
     images, labels = torch.randn(4, 3, size, size), torch.arange(4) % 7
-    payload, loss = learner.gradient_payload(images, labels)
+    _, loss = learner.gradient_payload(images, labels)
     layout = GradientLayout(model, torch.bfloat16)  # the leader's, over the global model
     decoded = codec.decode(codec.encode(layout.wire_tensors(learner.flat)))
     codec.check_matches(decoded, layout.spec)
     assert layout.update_problem(decoded.tensors) is None
     statistics = [name for name, buffer in model.named_buffers() if buffer.is_floating_point()]
-    assert list(layout.spec)[len(layout.parameters):] == statistics  # every one, after the gradients
+    assert list(layout.spec)[len(layout.parameters) :] == statistics  # every one, after the gradients
     assert (norm == "group") == (statistics == [] and layout.counters == [])
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)

@@ -41,8 +41,11 @@ SOURCES = sorted(path for path in PACKAGE.rglob("*.py") if path.name != "__init_
 def test_a_module_imports_nothing_from_a_layer_above_its_own(path):
     own = module_of(path)
     ours = {name for name in imports(path) if name.startswith("federated.") and name.count(".") >= 1}
-    upward = sorted(name for name in ours if name.split(".")[1] in {n for layer in LAYERS for n in layer.split("|")}
-                    and level(name) > level(own))
+    upward = sorted(
+        name
+        for name in ours
+        if name.split(".")[1] in {n for layer in LAYERS for n in layer.split("|")} and level(name) > level(own)
+    )
     assert not upward, f"{own} imports from above its layer: {upward}"
     if own.split(".")[1] in ("leader", "learner"):
         other = "learner" if own.split(".")[1] == "leader" else "leader"

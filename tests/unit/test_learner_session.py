@@ -13,17 +13,21 @@ from federated.learner import data, session
 
 def test_a_wait_says_what_it_waits_for_once_then_how_it_goes_at_most_every_interval(caplog):
     now = [100.0]
-    progress = session.Progress("the leader at 10.0.0.5:50051", deadline=400.0, flag="--connect-timeout",
-                                interval=30.0, clock=lambda: now[0])
+    progress = session.Progress(
+        "the leader at 10.0.0.5:50051", deadline=400.0, flag="--connect-timeout", interval=30.0, clock=lambda: now[0]
+    )
     with caplog.at_level(logging.INFO, logger="learner"):
         for _ in range(95):  # a try a second, each refused
             progress.failed("connection refused")
             now[0] += 1.0
     messages = [record.getMessage() for record in caplog.records]
-    assert messages[0] == ("waiting for the leader at 10.0.0.5:50051 for up to 300 s (--connect-timeout): "
-                           "connection refused")
-    assert messages[1:] == [f"still waiting for the leader at 10.0.0.5:50051 ({waited} s so far, {300 - waited} s "
-                            "left): connection refused" for waited in (30, 60, 90)]
+    assert messages[0] == (
+        "waiting for the leader at 10.0.0.5:50051 for up to 300 s (--connect-timeout): connection refused"
+    )
+    assert messages[1:] == [
+        f"still waiting for the leader at 10.0.0.5:50051 ({waited} s so far, {300 - waited} s left): connection refused"
+        for waited in (30, 60, 90)
+    ]
 
 
 def test_an_image_folder_needs_a_folder_of_images_per_class_to_pass_the_check(tmp_path):

@@ -68,11 +68,24 @@ def test_torchvision_models_are_built_without_pretrained_weights():
     assert not torch.equal(first.features[0][0].weight, second.features[0][0].weight)
 
 
-@pytest.mark.parametrize("name", [
-    "torchvision:__import__", "torchvision:get_model", "torchvision:fasterrcnn_resnet50_fpn",
-    "torchvision:raft_small", "torchvision:quantized_resnet18", "torchvision:RESNET18", "torchvision:resnet18 ",
-    "torchvision:../model", "torchvision:", "torchvision:" + "resnet18" * 1250, "x" * 10_000, "", "torchvision.resnet18",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "torchvision:__import__",
+        "torchvision:get_model",
+        "torchvision:fasterrcnn_resnet50_fpn",
+        "torchvision:raft_small",
+        "torchvision:quantized_resnet18",
+        "torchvision:RESNET18",
+        "torchvision:resnet18 ",
+        "torchvision:../model",
+        "torchvision:",
+        "torchvision:" + "resnet18" * 1250,
+        "x" * 10_000,
+        "",
+        "torchvision.resnet18",
+    ],
+)
 def test_hostile_and_unknown_names_are_refused_with_how_to_list_the_valid_ones(name):
     with pytest.raises(ValueError, match=r"model\.architectures\(\)") as refused:
         build_model(name)
@@ -152,6 +165,7 @@ def test_a_group_norm_resnet_trains():
 
 # --- initial weights ---------------------------------------------------------------------------------------
 
+
 def trained(architecture: str, num_classes: int = 10, seed: int = 1, norm: str = "batch") -> nn.Module:
     """A model whose every tensor differs from a fresh one's, batch counters included."""
     torch.manual_seed(seed)
@@ -174,10 +188,15 @@ def test_a_runs_model_pt_reloads_exactly(tmp_path):
     assert states_equal(model.state_dict(), saved.state_dict(), saved.state_dict())
 
 
-@pytest.mark.parametrize("wrap", [lambda s: {"model": s, "optimizer": {"state": {}}, "round": 3, "config": {"model": "resnet20"}},
-                                  lambda s: {"state_dict": s, "epoch": 90},
-                                  lambda s: {f"module.{name}": tensor for name, tensor in s.items()}],
-                         ids=["checkpoint.pt", "state_dict", "DataParallel"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: {"model": s, "optimizer": {"state": {}}, "round": 3, "config": {"model": "resnet20"}},
+        lambda s: {"state_dict": s, "epoch": 90},
+        lambda s: {f"module.{name}": tensor for name, tensor in s.items()},
+    ],
+    ids=["checkpoint.pt", "state_dict", "DataParallel"],
+)
 def test_weights_wrapped_as_checkpoints_keep_them_load_too(tmp_path, wrap):
     saved = trained("resnet20")
     torch.save(wrap(saved.state_dict()), tmp_path / "checkpoint.pt")
@@ -206,12 +225,15 @@ def test_a_torchvision_classifier_for_another_number_of_classes_loads_too(tmp_pa
     assert load_initial_weights(model, tmp_path / "model.pt") == ["classifier.3.weight", "classifier.3.bias"]
 
 
-@pytest.mark.parametrize("file_of, model_of", [
-    (("resnet20", "batch"), ("resnet18", "batch")),
-    (("torchvision:resnet18", "batch"), ("resnet18", "batch")),
-    (("resnet20", "batch"), ("resnet20", "group")),
-    (("resnet20", "group"), ("resnet20", "batch")),
-])
+@pytest.mark.parametrize(
+    "file_of, model_of",
+    [
+        (("resnet20", "batch"), ("resnet18", "batch")),
+        (("torchvision:resnet18", "batch"), ("resnet18", "batch")),
+        (("resnet20", "batch"), ("resnet20", "group")),
+        (("resnet20", "group"), ("resnet20", "batch")),
+    ],
+)
 def test_a_file_for_another_architecture_or_norm_is_refused(tmp_path, file_of, model_of):
     torch.save(build_model(file_of[0], norm=file_of[1]).state_dict(), tmp_path / "model.pt")
     model = build_model(model_of[0], norm=model_of[1])
@@ -254,19 +276,22 @@ class Sneaky:
 
 def test_a_file_with_arbitrary_objects_is_refused_without_running_them(tmp_path):
     torch.save({"fc.weight": torch.zeros(10, 64), "extra": Sneaky()}, tmp_path / "model.pt")
-    with pytest.raises(ValueError, match="objects other than tensors .*_record_unpickling"):
+    with pytest.raises(ValueError, match=r"objects other than tensors .*_record_unpickling"):
         load_initial_weights(build_model("resnet20"), tmp_path / "model.pt")
     assert UNPICKLED == []
 
 
-@pytest.mark.parametrize("content, problem", [
-    (b"not a torch file at all", "cannot read"),
-    (b"", "cannot read"),
-    ([1, 2, 3], "holds no state_dict"),
-    ({"model": 3}, "holds no state_dict"),
-    ({}, "holds no state_dict"),
-    ({"fc.weight": torch.tensor([float("nan")])}, "NaN or Inf in fc.weight"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"not a torch file at all", "cannot read"),
+        (b"", "cannot read"),
+        ([1, 2, 3], "holds no state_dict"),
+        ({"model": 3}, "holds no state_dict"),
+        ({}, "holds no state_dict"),
+        ({"fc.weight": torch.tensor([float("nan")])}, "NaN or Inf in fc.weight"),
+    ],
+)
 def test_a_file_that_holds_no_usable_weights_is_refused_saying_what_to_give(tmp_path, content, problem):
     path = tmp_path / "model.pt"
     if isinstance(content, bytes):
@@ -278,5 +303,5 @@ def test_a_file_that_holds_no_usable_weights_is_refused_saying_what_to_give(tmp_
 
 
 def test_a_missing_file_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="cannot read .*nothing.pt"):
+    with pytest.raises(ValueError, match=r"cannot read .*nothing\.pt"):
         load_initial_weights(build_model("resnet20"), tmp_path / "nothing.pt")

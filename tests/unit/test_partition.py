@@ -37,7 +37,7 @@ def requests(draw) -> tuple[torch.Tensor, int, int]:
 
 
 @settings(max_examples=200, deadline=None)
-@given(requests(), st.sampled_from(SCHEMES), st.integers(-2**40, 2**40), st.floats(0.05, 1000), st.integers(1, 4))
+@given(requests(), st.sampled_from(SCHEMES), st.integers(-(2**40), 2**40), st.floats(0.05, 1000), st.integers(1, 4))
 def test_every_partition_is_sorted_disjoint_big_enough_and_covers_the_data(request, scheme, seed, alpha, per_learner):
     labels, learners, minimum = request
     try:
@@ -74,8 +74,9 @@ def test_dirichlet_with_a_large_alpha_is_close_to_iid():
 def test_dirichlet_with_a_small_alpha_gives_most_learners_nearly_one_class():
     # Classes, not learners, draw their split: a learner may get two whole classes, so this holds for most
     # shards (64 % over these seeds), not all.
-    shares = np.concatenate([proportions(partition.partition(SYNTHETIC_LABELS, 10, "dirichlet", seed, alpha=0.01))
-                             for seed in range(5)])
+    shares = np.concatenate(
+        [proportions(partition.partition(SYNTHETIC_LABELS, 10, "dirichlet", seed, alpha=0.01)) for seed in range(5)]
+    )
     assert (shares.max(1) > 0.9).mean() > 0.5
     assert (1 / (shares**2).sum(1)).mean() < 2  # effective number of classes per learner; about 10 when IID
 
@@ -122,18 +123,27 @@ def test_quantity_with_a_large_alpha_gives_nearly_equal_sizes():
     assert max(sizes(shards)) < 1.2 * min(sizes(shards))
 
 
-@pytest.mark.parametrize("labels, learners, scheme, options, message", [
-    (torch.arange(3), 4, "iid", {}, "at most 3 learners"),
-    (torch.arange(10), 4, "quantity", {"min_samples": 3}, "at most 3 learners"),
-    (torch.arange(10), 2, "shuffle", {}, "choose one of iid, dirichlet"),
-    (torch.arange(10), 5, "classes", {"classes_per_learner": 11}, "between 1 and 10"),
-    (torch.arange(10), 5, "classes", {"classes_per_learner": 0}, "between 1 and 10"),
-    (torch.arange(10), 2, "classes", {"classes_per_learner": 2}, "at least 5 classes per learner or at least 5 learners"),
-    (torch.arange(10), 2, "dirichlet", {"alpha": 0}, "positive"),
-    (torch.arange(10), 2, "quantity", {"alpha": float("nan")}, "positive"),
-    (torch.arange(10), 2, "iid", {"num_classes": 5}, "labels must lie in 0..4"),
-    (torch.rand(10), 2, "iid", {}, "integer"),
-])
+@pytest.mark.parametrize(
+    "labels, learners, scheme, options, message",
+    [
+        (torch.arange(3), 4, "iid", {}, "at most 3 learners"),
+        (torch.arange(10), 4, "quantity", {"min_samples": 3}, "at most 3 learners"),
+        (torch.arange(10), 2, "shuffle", {}, "choose one of iid, dirichlet"),
+        (torch.arange(10), 5, "classes", {"classes_per_learner": 11}, "between 1 and 10"),
+        (torch.arange(10), 5, "classes", {"classes_per_learner": 0}, "between 1 and 10"),
+        (
+            torch.arange(10),
+            2,
+            "classes",
+            {"classes_per_learner": 2},
+            "at least 5 classes per learner or at least 5 learners",
+        ),
+        (torch.arange(10), 2, "dirichlet", {"alpha": 0}, "positive"),
+        (torch.arange(10), 2, "quantity", {"alpha": float("nan")}, "positive"),
+        (torch.arange(10), 2, "iid", {"num_classes": 5}, "labels must lie in 0..4"),
+        (torch.rand(10), 2, "iid", {}, "integer"),
+    ],
+)
 def test_impossible_requests_say_what_to_change(labels, learners, scheme, options, message):
     with pytest.raises(ValueError, match=message):
         partition.partition(labels, learners, scheme, seed=0, **options)
@@ -141,17 +151,23 @@ def test_impossible_requests_say_what_to_change(labels, learners, scheme, option
 
 def test_label_counts_per_learner():
     labels = torch.tensor([0, 1, 1, 2, 2, 2])
-    assert partition.label_counts(labels, [torch.tensor([0, 3]), torch.tensor([1, 2, 4, 5])], 4) == \
-        [[1, 0, 1, 0], [0, 2, 2, 0]]
+    assert partition.label_counts(labels, [torch.tensor([0, 3]), torch.tensor([1, 2, 4, 5])], 4) == [
+        [1, 0, 1, 0],
+        [0, 2, 2, 0],
+    ]
 
 
 def test_describe_writes_one_short_line_per_learner():
     assert partition.describe([[400, 0, 0, 0, 412], [0, 3, 0, 0, 0]]) == [
-        "learner 0: 812 samples, classes 0:400 4:412", "learner 1: 3 samples, classes 1:3"]
+        "learner 0: 812 samples, classes 0:400 4:412",
+        "learner 1: 3 samples, classes 1:3",
+    ]
     many = partition.describe([list(range(1, 101))] * 100)
     assert len(many) == 100 and max(len(line) for line in many) < 120
-    assert many[0] == "learner 0: 5050 samples, 100 classes, largest 99:100 98:99 97:98 96:97 95:96 94:95, " \
-                      "94 more with 4465"
+    assert (
+        many[0] == "learner 0: 5050 samples, 100 classes, largest 99:100 98:99 97:98 96:97 95:96 94:95, "
+        "94 more with 4465"
+    )
 
 
 @pytest.mark.parametrize("learners, num_classes", [(2, 10), (100, 10), (12, 30)])
@@ -160,7 +176,8 @@ def test_write_partition_records_json_and_a_png(tmp_path: Path, learners, num_cl
     shards = partition.partition(labels, learners, "dirichlet", seed=0, alpha=0.5, num_classes=num_classes)
     counts = partition.write_partition(tmp_path, labels, shards, num_classes)
     written = json.loads((tmp_path / "partition.json").read_text())
-    assert written == [{"learner_id": i, "samples": len(shard), "label_counts": counts[i]}
-                       for i, shard in enumerate(shards)]
+    assert written == [
+        {"learner_id": i, "samples": len(shard), "label_counts": counts[i]} for i, shard in enumerate(shards)
+    ]
     assert all(len(record["label_counts"]) == num_classes for record in written)
     assert (tmp_path / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

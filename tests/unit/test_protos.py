@@ -22,8 +22,15 @@ def varint(value: int) -> bytes:
 def unknown_field(number: int, kind: int, payload: bytes) -> bytes:
     """A field ModelChunk does not know, as a newer peer might add: varint, 64-bit, bytes or 32-bit."""
     key = varint(number << 3 | kind)
-    return key + {0: varint(int.from_bytes(payload[:8] or b"\0", "little")), 1: payload.ljust(8, b"\0")[:8],
-                  2: varint(len(payload)) + payload, 5: payload.ljust(4, b"\0")[:4]}[kind]
+    return (
+        key
+        + {
+            0: varint(int.from_bytes(payload[:8] or b"\0", "little")),
+            1: payload.ljust(8, b"\0")[:8],
+            2: varint(len(payload)) + payload,
+            5: payload.ljust(4, b"\0")[:4],
+        }[kind]
+    )
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -37,8 +44,11 @@ def test_hand_framed_chunks_are_what_protobuf_parses(payload, chunk_bytes):
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(2, 1000), st.sampled_from([0, 1, 2, 5]), st.binary(max_size=20)), max_size=4),
-       st.binary(max_size=300), st.booleans())
+@given(
+    st.lists(st.tuples(st.integers(2, 1000), st.sampled_from([0, 1, 2, 5]), st.binary(max_size=20)), max_size=4),
+    st.binary(max_size=300),
+    st.booleans(),
+)
 def test_hand_parsed_chunk_field_matches_protobuf_with_fields_it_does_not_know(extra, chunk, chunk_first):
     known = leader_pb2.ModelChunk(chunk=chunk).SerializeToString()
     unknown = b"".join(unknown_field(*field) for field in extra)
@@ -56,7 +66,9 @@ def test_hand_parsed_chunk_field_accepts_only_what_protobuf_accepts(message):
     assert leader_pb2.ModelChunk.FromString(message).chunk == chunk
 
 
-@pytest.mark.parametrize("message", [b"\x0a\x05abc", b"\x0a", b"\x09abc", b"\x08\xff", b"\x00\x01", b"\x0b", b"\x08" + b"\xff" * 11])
+@pytest.mark.parametrize(
+    "message", [b"\x0a\x05abc", b"\x0a", b"\x09abc", b"\x08\xff", b"\x00\x01", b"\x0b", b"\x08" + b"\xff" * 11]
+)
 def test_hand_parsed_chunk_field_refuses_malformed_messages(message):
     with pytest.raises(ValueError, match="protobuf"):
         framing.chunk_field(message)

@@ -41,15 +41,30 @@ class Peer:
         self.peer = lambda: peer
 
 
-@pytest.mark.parametrize("peer, host", [("ipv4:10.0.0.2:5000", "10.0.0.2"), ("ipv6:%5B::1%5D:39414", "::1"),
-                                        ("ipv6:[fe80::1]:1", "fe80::1"), ("unix:/tmp/socket", None)])
+@pytest.mark.parametrize(
+    "peer, host",
+    [
+        ("ipv4:10.0.0.2:5000", "10.0.0.2"),
+        ("ipv6:%5B::1%5D:39414", "::1"),
+        ("ipv6:[fe80::1]:1", "fe80::1"),
+        ("unix:/tmp/socket", None),
+    ],
+)
 def test_the_callers_ip_is_read_from_grpcs_peer_string(peer, host):
     assert guard.peer_host(Peer(peer)) == host
 
 
-@pytest.mark.parametrize("address, peer, same", [("127.0.0.1:7001", "127.0.0.1", True), ("[::1]:7001", "::1", True),
-                                                 ("10.0.0.2:1", "::ffff:10.0.0.2", True), ("10.0.0.2:1", "10.0.0.3", False),
-                                                 ("localhost:7001", "127.0.0.1", False), ("10.0.0.2:1", None, False)])
+@pytest.mark.parametrize(
+    "address, peer, same",
+    [
+        ("127.0.0.1:7001", "127.0.0.1", True),
+        ("[::1]:7001", "::1", True),
+        ("10.0.0.2:1", "::ffff:10.0.0.2", True),
+        ("10.0.0.2:1", "10.0.0.3", False),
+        ("localhost:7001", "127.0.0.1", False),
+        ("10.0.0.2:1", None, False),
+    ],
+)
 def test_a_registered_address_matches_only_its_own_ip(address, peer, same):
     assert servicer.same_host(address, peer) == same
 

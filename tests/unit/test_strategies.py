@@ -56,12 +56,19 @@ def configure(flags: list[str]) -> LeaderConfig:
     return config.configure(config.command_line(flags))
 
 
-def fedavg_plan(lr: float, steps: int = 1, momentum: float = 0.0, weight_decay: float = 5e-4, **changes) -> TrainingPlan:
+def fedavg_plan(
+    lr: float, steps: int = 1, momentum: float = 0.0, weight_decay: float = 5e-4, **changes
+) -> TrainingPlan:
     return TrainingPlan(changes.pop("strategy", "fedavg"), steps, lr, momentum, weight_decay, **changes)
 
 
-def run_round(model: nn.Module, batches: list[list[tuple]], plan: TrainingPlan, strategy: strategies.Strategy,
-              optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+def run_round(
+    model: nn.Module,
+    batches: list[list[tuple]],
+    plan: TrainingPlan,
+    strategy: strategies.Strategy,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> torch.optim.Optimizer:
     """One round of a local-training strategy through the leader's arithmetic: each learner's local_update on a
     copy of model, RoundUpdates, then the server optimizer on model."""
     layout = GradientLayout(model)
@@ -74,9 +81,10 @@ def run_round(model: nn.Module, batches: list[list[tuple]], plan: TrainingPlan, 
         learner_layout = GradientLayout(learner)
         flat = torch.zeros(learner_layout.size)
         learner_layout.bind_gradients(flat)
-        loss = strategies.named(plan.strategy).local_update(learner, learner_layout, flat,
-                                                            lambda step: learner_batches[step], plan)
-        updates.add([flat], sum(len(labels) for _, labels in learner_batches[:plan.local_steps]), loss)
+        loss = strategies.named(plan.strategy).local_update(
+            learner, learner_layout, flat, learner_batches.__getitem__, plan
+        )
+        updates.add([flat], sum(len(labels) for _, labels in learner_batches[: plan.local_steps]), loss)
     updates.combine_into(mean)
     apply_mean_gradient(layout, optimizer, mean, strategy.server_lr, plan.local_steps)
     return optimizer
@@ -93,7 +101,7 @@ def test_fedavg_with_one_local_step_and_server_lr_1_is_fedsgd():
     mean = torch.zeros(layout.size)
     layout.bind_gradients(mean)
     updates = RoundUpdates(layout.size, layout.size, Mean())
-    for (images, labels), in batches:
+    for ((images, labels),) in batches:
         learner = copy.deepcopy(model)
         learner_layout = GradientLayout(learner)
         flat = torch.zeros(learner_layout.size)
@@ -125,20 +133,21 @@ def test_learners_on_identical_data_equal_one_process_doing_the_same_local_steps
     assert_same_parameters(federated, alone)
 
 
-def by_hand(rule: str, grads: list[torch.Tensor], x: torch.Tensor, lr: float, beta1: float, beta2: float,
-            tau: float) -> torch.Tensor:
+def by_hand(
+    rule: str, grads: list[torch.Tensor], x: torch.Tensor, lr: float, beta1: float, beta2: float, tau: float
+) -> torch.Tensor:
     """Reddi et al. 2021, Algorithm 2, written out: Delta = -g; m = b1 m + (1-b1) Delta; v per rule;
     x = x + lr m / (sqrt(v) + tau); v starts at tau^2."""
-    m, v = torch.zeros_like(x), torch.full_like(x, tau ** 2)
+    m, v = torch.zeros_like(x), torch.full_like(x, tau**2)
     for g in grads:
         delta = -g
         m = beta1 * m + (1 - beta1) * delta
         if rule == "fedadagrad":
-            v = v + delta ** 2
+            v = v + delta**2
         elif rule == "fedadam":
-            v = beta2 * v + (1 - beta2) * delta ** 2
+            v = beta2 * v + (1 - beta2) * delta**2
         else:
-            v = v - (1 - beta2) * delta ** 2 * torch.sign(v - delta ** 2)
+            v = v - (1 - beta2) * delta**2 * torch.sign(v - delta**2)
         x = x + lr * m / (torch.sqrt(v) + tau)
     return x
 
@@ -149,7 +158,9 @@ def test_adaptive_server_steps_follow_reddi_et_al_algorithm_2(rule):
     x = torch.randn(5)
     grads = [torch.randn(5) for _ in range(3)]
     parameter = nn.Parameter(x.clone())
-    optimizer = ServerOptimizer([parameter], strategy_of(strategy=rule, server_lr=0.03, beta1=0.8, beta2=0.95, tau=0.01))
+    optimizer = ServerOptimizer(
+        [parameter], strategy_of(strategy=rule, server_lr=0.03, beta1=0.8, beta2=0.95, tau=0.01)
+    )
     for g in grads:
         parameter.grad = g.clone()
         optimizer.step()
@@ -185,8 +196,9 @@ def manual_steps(model: nn.Module, steps: list[tuple], lr: float, extra) -> torc
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def local_pseudo_gradient(model: nn.Module, steps: list[tuple], plan: TrainingPlan,
-                          controls: Controls | None = None) -> tuple[torch.Tensor, GradientLayout]:
+def local_pseudo_gradient(
+    model: nn.Module, steps: list[tuple], plan: TrainingPlan, controls: Controls | None = None
+) -> tuple[torch.Tensor, GradientLayout]:
     learner = copy.deepcopy(model)
     layout = GradientLayout(learner, controls=controls is not None)
     flat = torch.zeros(layout.size)
@@ -198,11 +210,12 @@ def local_pseudo_gradient(model: nn.Module, steps: list[tuple], plan: TrainingPl
 def test_fedprox_adds_mu_times_the_distance_from_the_global_weights_to_each_gradient():
     model = small_net()
     steps = [batch(8, seed) for seed in range(3)]
-    flat, layout = local_pseudo_gradient(model, steps, fedavg_plan(0.1, steps=3, weight_decay=0.0,
-                                                                   strategy="fedprox", mu=0.5))
+    flat, layout = local_pseudo_gradient(
+        model, steps, fedavg_plan(0.1, steps=3, weight_decay=0.0, strategy="fedprox", mu=0.5)
+    )
     start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     expected = manual_steps(model, steps, 0.1, lambda index, p, origin: 0.5 * (p - origin))
-    torch.testing.assert_close(flat[:layout.parameter_count], start - expected)
+    torch.testing.assert_close(flat[: layout.parameter_count], start - expected)
     without_mu = manual_steps(model, steps, 0.1, lambda *_: 0.0)
     assert not torch.allclose(expected, without_mu)  # the proximal term made a difference
 
@@ -216,13 +229,14 @@ def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2(
     controls.server.copy_(torch.randn(count) * 0.1)
     controls.own.copy_(torch.randn(count) * 0.1)
     own_before = controls.own.clone()
-    flat, layout = local_pseudo_gradient(model, steps, fedavg_plan(0.1, steps=3, weight_decay=0.0, strategy="scaffold"),
-                                         controls)
+    flat, layout = local_pseudo_gradient(
+        model, steps, fedavg_plan(0.1, steps=3, weight_decay=0.0, strategy="scaffold"), controls
+    )
     sizes = [p.numel() for p in model.parameters()]
     correction = (controls.server - own_before).split(sizes)
     expected_end = manual_steps(model, steps, 0.1, lambda index, p, origin: correction[index].view_as(p))
     start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(flat[:layout.parameter_count], start - expected_end)
+    torch.testing.assert_close(flat[: layout.parameter_count], start - expected_end)
     # option II: c_i+ = c_i - c + (x - y) / (K lr); the update carries c_i+ - c_i, committed once accepted
     expected_own = own_before - controls.server + (start - expected_end) / (3 * 0.1)
     torch.testing.assert_close(flat[layout.controls], expected_own - own_before, rtol=1e-3, atol=1e-4)
@@ -233,8 +247,13 @@ def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2(
 
 # --- aggregation rules as pure functions ----------------------------------------------------------------
 
-updates_strategy = st.integers(3, 7).flatmap(lambda count: st.lists(
-    st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=4, max_size=4), min_size=count, max_size=count))
+updates_strategy = st.integers(3, 7).flatmap(
+    lambda count: st.lists(
+        st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=4, max_size=4),
+        min_size=count,
+        max_size=count,
+    )
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -254,8 +273,7 @@ def test_trimmed_mean_without_trimming_is_the_mean_and_median_of_identical_updat
     torch.testing.assert_close(trimmed_mean(updates, 0.0), updates.mean(dim=0))
     same = torch.randn(7).repeat(4, 1)
     torch.testing.assert_close(coordinate_median(same), same[0])
-    torch.testing.assert_close(coordinate_median(torch.tensor([[1.0], [5.0], [2.0], [9.0]])),
-                               torch.tensor([3.5]))
+    torch.testing.assert_close(coordinate_median(torch.tensor([[1.0], [5.0], [2.0], [9.0]])), torch.tensor([3.5]))
 
 
 @pytest.mark.parametrize("rule", ["krum", "multi-krum"])
@@ -325,6 +343,7 @@ def test_sampling_is_seeded_and_without_replacement():
 
 # --- Byzantine learners: one of five sends its update sign-flipped and scaled by 10 --------------------
 
+
 def blobs(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ten well separated Gaussian classes in 16 dimensions."""
     centres = torch.randn(10, 16, generator=torch.Generator().manual_seed(99)) * 3
@@ -351,7 +370,7 @@ def byzantine_accuracy(aggregator: str, attacked: bool, clip_norm: float = 0.0) 
             flat = torch.zeros(learner_layout.size)
             learner_layout.bind_gradients(flat)
             data = [blobs(1000 * round_index + 10 * learner_id + step, 32) for step in range(2)]
-            loss = strategy.local_update(learner, learner_layout, flat, lambda step: data[step], plan)
+            loss = strategy.local_update(learner, learner_layout, flat, data.__getitem__, plan)
             if attacked and learner_id == 4:
                 flat.mul_(-10)
             updates.add([flat], 64, loss)
@@ -372,18 +391,22 @@ def test_a_sign_flipping_learner_wrecks_the_mean_but_not_the_robust_rules():
 
 # --- the leader's flags, schedule and claims for local strategies ---------------------------------------
 
-@pytest.mark.parametrize("flags, message", [
-    (["--mu", "0.1"], "--mu is only with --strategy fedprox, not --strategy fedsgd"),
-    (["--strategy", "fedavg", "--lr", "0.1"], "--lr is only with --strategy fedsgd, not --strategy fedavg"),
-    (["--strategy", "fedavg", "--beta1", "0.5"], "--beta1 is only with --strategy fedadagrad, fedadam or fedyogi"),
-    (["--aggregator", "median", "--byzantine", "2"], "--byzantine is only with --aggregator krum or multi-krum"),
-    (["--strategy", "fedavg", "--local-epochs", "1", "--local-steps", "5"], "not both"),
-    (["--strategy", "fedavg", "--client-lr", "5000"], "--client-lr: must be in (0, 1000]"),
-    (["--aggregator", "krum", "--learners", "4"], "at least 5 updates in a round; the run has 4 learners a round"),
-    (["--aggregator", "median", "--learners", "5", "--min-learners", "2"], "--min-learners 2"),
-    (["--aggregator", "trimmed-mean", "--trim", "0"], "--trim 0 trims nothing"),
-    (["--learners", "4", "--learners-per-round", "5"], "--learners-per-round exceeds --learners"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mu", "0.1"], "--mu is only with --strategy fedprox, not --strategy fedsgd"),
+        (["--strategy", "fedavg", "--lr", "0.1"], "--lr is only with --strategy fedsgd, not --strategy fedavg"),
+        (["--strategy", "fedavg", "--beta1", "0.5"], "--beta1 is only with --strategy fedadagrad, fedadam or fedyogi"),
+        (["--aggregator", "median", "--byzantine", "2"], "--byzantine is only with --aggregator krum or multi-krum"),
+        (["--strategy", "fedavg", "--local-epochs", "1", "--local-steps", "5"], "not both"),
+        (["--strategy", "fedavg", "--client-lr", "5000"], "--client-lr: must be in (0, 1000]"),
+        (["--aggregator", "krum", "--learners", "4"], "at least 5 updates in a round; the run has 4 learners a round"),
+        (["--aggregator", "median", "--learners", "5", "--min-learners", "2"], "--min-learners 2"),
+        (["--aggregator", "trimmed-mean", "--trim", "0"], "--trim 0 trims nothing"),
+        (["--learners", "4", "--learners-per-round", "5"], "--learners-per-round exceeds --learners"),
+    ],
+)
 def test_flags_a_run_would_ignore_or_learners_would_refuse_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         configure(flags)
@@ -420,12 +443,15 @@ def claims_checker(**flags) -> LeaderServicer:
     return LeaderServicer(None, None, SimpleNamespace(strategy=strategy), None, planner, None, None)
 
 
-@pytest.mark.parametrize("claims, message", [
-    (UpdateInfo(0, 0, 32, 1.0), "takes a pseudo-gradient, not a gradient"),
-    (UpdateInfo(0, 0, 32, 1.0, "pseudo-gradient", steps=11), "steps 11 exceeds the 10 local steps"),
-    (UpdateInfo(0, 0, 321, 1.0, "pseudo-gradient", steps=10), "samples 321 exceeds the batch of 32"),
-    (UpdateInfo(1, 0, 32, 1.0, "pseudo-gradient", steps=10), "not the caller's slot"),
-])
+@pytest.mark.parametrize(
+    "claims, message",
+    [
+        (UpdateInfo(0, 0, 32, 1.0), "takes a pseudo-gradient, not a gradient"),
+        (UpdateInfo(0, 0, 32, 1.0, "pseudo-gradient", steps=11), "steps 11 exceeds the 10 local steps"),
+        (UpdateInfo(0, 0, 321, 1.0, "pseudo-gradient", steps=10), "samples 321 exceeds the batch of 32"),
+        (UpdateInfo(1, 0, 32, 1.0, "pseudo-gradient", steps=10), "not the caller's slot"),
+    ],
+)
 def test_the_leader_refuses_updates_of_the_wrong_kind_or_claiming_more_than_it_asked_for(claims, message):
     checker = claims_checker(strategy="fedavg", local_steps=10, batch_size=32)
     payload = codec.decode(codec.encode({}, claims.to_metadata()))
@@ -437,18 +463,40 @@ def test_the_leader_refuses_updates_of_the_wrong_kind_or_claiming_more_than_it_a
 
 def test_fedsgd_metadata_is_what_the_articles_peers_send_and_expect():
     state = StateInfo("resnet20", 10, 64, 0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "float32", round=3)
-    assert list(state.to_metadata()) == ["architecture", "num_classes", "batch_size", "seed", "mean", "std",
-                                         "wire_dtype", "round", "finished", "stopped"]
+    assert list(state.to_metadata()) == [
+        "architecture",
+        "num_classes",
+        "batch_size",
+        "seed",
+        "mean",
+        "std",
+        "wire_dtype",
+        "round",
+        "finished",
+        "stopped",
+    ]
     assert UpdateInfo(0, 3, 64, 0.5).to_metadata() == {"learner_id": "0", "round": "3", "samples": "64", "loss": "0.5"}
 
 
 def test_a_plan_round_trips_through_metadata_even_with_nobody_sampled():
-    for plan in (TrainingPlan(), TrainingPlan(participants=()), TrainingPlan(participants=(0, 4)),
-                 TrainingPlan("scaffold", 7, 0.0, 0.9, 5e-4, 0.0, (2,))):
+    for plan in (
+        TrainingPlan(),
+        TrainingPlan(participants=()),
+        TrainingPlan(participants=(0, 4)),
+        TrainingPlan("scaffold", 7, 0.0, 0.9, 5e-4, 0.0, (2,)),
+    ):
         assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
     with pytest.raises(codec.PayloadError):
-        messages.plan_from_metadata({"strategy": "fedavg", "local_steps": "1", "client_lr": "nan",
-                                     "client_momentum": "0", "weight_decay": "0", "mu": "0"})
+        messages.plan_from_metadata(
+            {
+                "strategy": "fedavg",
+                "local_steps": "1",
+                "client_lr": "nan",
+                "client_momentum": "0",
+                "weight_decay": "0",
+                "mu": "0",
+            }
+        )
     with pytest.raises(codec.PayloadError):
         messages.plan_from_metadata({"participants": "1,,2"})
 
@@ -505,4 +553,4 @@ def test_a_new_strategy_is_its_class_alone_flags_plan_learner_and_server_step_fo
         parameter.grad = torch.ones(3)
         optimizer.step()
     torch.testing.assert_close(parameter.detach(), torch.full((3,), 1 - (1 + 0.5) - (1 + 0.5 * 1.5)))
-    assert flat[:layout.parameter_count].abs().sum() > 0
+    assert flat[: layout.parameter_count].abs().sum() > 0

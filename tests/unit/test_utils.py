@@ -94,8 +94,10 @@ def write_fake_cifar(root: Path, per_batch: int) -> None:
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, per_batch).tolist()}
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, per_batch).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
 
@@ -149,5 +151,7 @@ def test_image_folders_written_for_a_skewed_share_keep_every_class(tmp_path: Pat
     utils.write_image_folder(tmp_path, "train", share)
     loaded = utils.load_dataset("imagefolder", tmp_path, train=True, image_size=8)
     assert loaded.num_classes == 10
-    as_set = lambda data: sorted((label, image.numpy().tobytes()) for label, image in zip(data.labels.tolist(), data.images))
+    as_set = lambda data: sorted(
+        (label, image.numpy().tobytes()) for label, image in zip(data.labels.tolist(), data.images)
+    )
     assert as_set(loaded) == as_set(share)  # the same images under the same labels

@@ -68,38 +68,53 @@ def test_safetensors_output_decodes():
 
 
 def test_flat_runs_span_all_tensors_in_order_one_run_per_dtype():
-    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.arange(6.0, 10.0), "c": torch.arange(3).half(),
-               "d": torch.ones(2)}
+    tensors = {
+        "a": torch.arange(6.0).view(2, 3),
+        "b": torch.arange(6.0, 10.0),
+        "c": torch.arange(3).half(),
+        "d": torch.ones(2),
+    }
     runs = codec.flat_runs(codec.decode(codec.encode(tensors)))
     assert [run.dtype for run in runs] == [torch.float32, torch.float16, torch.float32]
     assert torch.equal(runs[0], torch.arange(10.0)) and torch.equal(runs[1], torch.arange(3).half())
     assert torch.equal(runs[2], torch.ones(2))
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "ends inside its length prefix"),
-    (struct.pack("<Q", 100) + b"{}", "ends inside its length prefix or header"),
-    (struct.pack("<Q", 1 << 40), "exceeds the 16777216-byte limit"),
-    (struct.pack("<Q", 2) + b"{x", "not valid JSON"),
-    (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
-    (build({"__metadata__": {"a": 1}}, b""), "must map strings to strings"),
-    (build({"t": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "exactly dtype, shape and data_offsets"),
-    (build({"t": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype"),
-    (build({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "non-negative integers"),
-    (build({"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4), "non-negative integers"),
-    (build({"t": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4), "at most 8"),
-    (build({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), "0 <= begin <= end"),
-    (build({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not tile"),
-    (build({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "describe 4"),
-    (build({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "describe 8"),
-    (build({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "do not tile"),
-    (build({"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}, b""), "more than"),
-    (build({"t": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}, b""), "more than"),
-    (struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
-    (struct.pack("<Q", 5007) + b'{"t": ' + b"9" * 5000 + b"}", "not valid JSON"),
-    (build({"t" * 100_000: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not tile"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "ends inside its length prefix"),
+        (struct.pack("<Q", 100) + b"{}", "ends inside its length prefix or header"),
+        (struct.pack("<Q", 1 << 40), "exceeds the 16777216-byte limit"),
+        (struct.pack("<Q", 2) + b"{x", "not valid JSON"),
+        (struct.pack("<Q", 2) + b"[]", "must be a JSON object"),
+        (build({"__metadata__": {"a": 1}}, b""), "must map strings to strings"),
+        (build({"t": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "exactly dtype, shape and data_offsets"),
+        (build({"t": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype"),
+        (build({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "non-negative integers"),
+        (build({"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4), "non-negative integers"),
+        (build({"t": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4), "at most 8"),
+        (build({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), "0 <= begin <= end"),
+        (build({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not tile"),
+        (build({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "describe 4"),
+        (build({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "describe 8"),
+        (
+            build(
+                {
+                    "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                b"\0" * 8,
+            ),
+            "do not tile",
+        ),
+        (build({"t": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}}, b""), "more than"),
+        (build({"t": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}, b""), "more than"),
+        (struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (struct.pack("<Q", 5007) + b'{"t": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (build({"t" * 100_000: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "do not tile"),
+    ],
+)
 def test_malformed_payloads_are_rejected_with_a_short_reason(data, message):
     with pytest.raises(codec.PayloadError, match=message) as error:
         codec.decode(data)
@@ -116,15 +131,18 @@ def test_truncated_payloads_are_rejected():
 SPEC = {"w": (torch.float32, (2, 2)), "b": (torch.float32, (2,))}
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({"w": torch.zeros(2, 2)}, r"missing \['b'\]"),
-    ({"w": torch.zeros(2, 2), "b": torch.zeros(2), "x": torch.zeros(1)}, r"unexpected \['x'\]"),
-    ({"b": torch.zeros(2), "w": torch.zeros(2, 2)}, "order"),
-    ({"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "F32 \\[2, 3\\], expected F32 \\[2, 2\\]"),
-    ({"w": torch.zeros(2, 2).double(), "b": torch.zeros(2)}, "F64 \\[2, 2\\], expected F32"),
-    ({"w": torch.tensor([[0.0, float("nan")], [0.0, 0.0]]), "b": torch.zeros(2)}, "NaN or Inf"),
-    ({"w": torch.zeros(2, 2), "b": torch.tensor([float("inf"), 0.0])}, "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"w": torch.zeros(2, 2)}, r"missing \['b'\]"),
+        ({"w": torch.zeros(2, 2), "b": torch.zeros(2), "x": torch.zeros(1)}, r"unexpected \['x'\]"),
+        ({"b": torch.zeros(2), "w": torch.zeros(2, 2)}, "order"),
+        ({"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "F32 \\[2, 3\\], expected F32 \\[2, 2\\]"),
+        ({"w": torch.zeros(2, 2).double(), "b": torch.zeros(2)}, "F64 \\[2, 2\\], expected F32"),
+        ({"w": torch.tensor([[0.0, float("nan")], [0.0, 0.0]]), "b": torch.zeros(2)}, "NaN or Inf"),
+        ({"w": torch.zeros(2, 2), "b": torch.tensor([float("inf"), 0.0])}, "NaN or Inf"),
+    ],
+)
 def test_check_matches_names_every_mismatch(tensors, message):
     with pytest.raises(codec.PayloadError, match=message):
         codec.check_matches(codec.decode(codec.encode(tensors)), SPEC)
@@ -169,12 +187,15 @@ def test_received_tensors_are_writable_and_own_their_buffer():
     assert payload.tensors["w"].tolist() == [2.0, 2.0, 2.0]
 
 
-@pytest.mark.parametrize("cut, extra, message", [
-    (0, b"", "ends inside its length prefix or header"),
-    (20, b"", "ends inside its length prefix or header"),
-    (-4, b"", "stream ended after"),
-    (None, b"\0", "more than the"),
-])
+@pytest.mark.parametrize(
+    "cut, extra, message",
+    [
+        (0, b"", "ends inside its length prefix or header"),
+        (20, b"", "ends inside its length prefix or header"),
+        (-4, b"", "stream ended after"),
+        (None, b"\0", "more than the"),
+    ],
+)
 def test_receive_refuses_short_and_long_streams(cut, extra, message):
     data = codec.encode({"w": torch.ones(3), "b": torch.ones(2)})
     with pytest.raises(codec.PayloadError, match=message):
@@ -211,8 +232,10 @@ VALID = codec.encode({"w": torch.ones(3, 4), "b": torch.arange(5), "u": torch.ze
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
-       st.integers(0, len(VALID)))
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(0, len(VALID)),
+)
 def test_mutated_payloads_decode_consistently_or_raise_payload_error(mutations, length):
     data = bytearray(VALID)
     for position, value in mutations:
@@ -229,12 +252,18 @@ def test_huge_finite_values_are_not_mistaken_for_overflow():
     codec.check_matches(codec.decode(codec.encode({"w": torch.full((2, 2), 3e38), "b": torch.ones(2)})), SPEC)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
-ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from([*codec.DTYPES, "X"]) | JSON,
-                               "shape": st.lists(st.integers(-1, 2**64), max_size=9) | JSON,
-                               "data_offsets": st.lists(st.integers(-1, 2**64), max_size=3) | JSON})
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*codec.DTYPES, "X"]) | JSON,
+        "shape": st.lists(st.integers(-1, 2**64), max_size=9) | JSON,
+        "data_offsets": st.lists(st.integers(-1, 2**64), max_size=3) | JSON,
+    }
+)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])

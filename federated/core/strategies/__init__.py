@@ -5,6 +5,7 @@ and FedProx, the adaptive server optimizers, SCAFFOLD. A new algorithm is a clas
 # Each module registers its classes as it is imported, in this order: the order --help lists strategies in.
 # isort: off
 from federated.core.strategies import fedsgd, fedavg, adaptive, scaffold  # noqa: F401
+
 # isort: on
 from federated.core.strategies.base import LocalTraining, Strategy, registry
 

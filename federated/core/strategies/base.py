@@ -8,7 +8,8 @@ gradient, or the pseudo-gradient w0 - w of local training), then the BatchNorm s
 change of the learner's control variate; statistics are averaged and copied, never passed through an optimizer.
 """
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,8 +66,9 @@ class Strategy:
     def bind(self, layout: GradientLayout) -> None:
         """Make what the strategy keeps beside the model, for the model of this layout (nothing, here)."""
 
-    def apply(self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int,
-              learners: int) -> str | None:
+    def apply(
+        self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int, learners: int
+    ) -> str | None:
         """Apply the round's aggregate update (mean) with the guarded step; None, or why the model was left as
         it was. The round had steps local steps at learning rate lr; participants of the run's learners sent
         updates."""
@@ -84,8 +86,15 @@ class Strategy:
         raise NotImplementedError
 
     @classmethod
-    def local_update(cls, model: nn.Module, layout: GradientLayout, flat: torch.Tensor,
-                     batch_at: Callable[[int], Batch], plan: TrainingPlan, controls: Any = None) -> float:
+    def local_update(
+        cls,
+        model: nn.Module,
+        layout: GradientLayout,
+        flat: torch.Tensor,
+        batch_at: Callable[[int], Batch],
+        plan: TrainingPlan,
+        controls: Any = None,
+    ) -> float:
         """A learner's round: fill flat (bound with layout.bind_gradients) with its update; return the mean
         training loss. batch_at(k) is the round's k-th batch."""
         raise NotImplementedError
@@ -109,8 +118,11 @@ class LocalTraining(Strategy):
 
     @classmethod
     def problems(cls, config: Any) -> list[str]:
-        return ["give --local-epochs or --local-steps, not both"] if (
-            config.local_epochs is not None and config.local_steps is not None) else []
+        return (
+            ["give --local-epochs or --local-steps, not both"]
+            if (config.local_epochs is not None and config.local_steps is not None)
+            else []
+        )
 
     @classmethod
     def steps_per_round(cls, config: Any, steps_per_epoch: int) -> int:
@@ -122,8 +134,9 @@ class LocalTraining(Strategy):
         return config.client_lr if config.client_lr is not None else 0.1 * config.batch_size / REFERENCE_BATCH
 
     def plan(self, steps: int, lr: float, participants: tuple[int, ...] | None, evaluate: bool) -> TrainingPlan:
-        return TrainingPlan(self.name, steps, lr, self.client_momentum, self.weight_decay, self.mu, participants,
-                            evaluate)
+        return TrainingPlan(
+            self.name, steps, lr, self.client_momentum, self.weight_decay, self.mu, participants, evaluate
+        )
 
     def optimizer_settings(self) -> dict[str, float]:
         """The server optimizer's hyper-parameters (its param_groups' keys)."""
@@ -137,8 +150,9 @@ class LocalTraining(Strategy):
         the hyper-parameters of its group; state is the optimizer's for the parameter. FedAvg: x -= lr g."""
         parameter.add_(grad, alpha=-group["lr"])
 
-    def apply(self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int,
-              learners: int) -> str | None:
+    def apply(
+        self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int, learners: int
+    ) -> str | None:
         return step(mean, self.server_lr, steps)
 
     def describe(self, base_lr: float) -> str:
@@ -150,8 +164,15 @@ class LocalTraining(Strategy):
         return LocalHooks()
 
     @classmethod
-    def local_update(cls, model: nn.Module, layout: GradientLayout, flat: torch.Tensor,
-                     batch_at: Callable[[int], Batch], plan: TrainingPlan, controls: Any = None) -> float:
+    def local_update(
+        cls,
+        model: nn.Module,
+        layout: GradientLayout,
+        flat: torch.Tensor,
+        batch_at: Callable[[int], Batch],
+        plan: TrainingPlan,
+        controls: Any = None,
+    ) -> float:
         return train_locally(model, layout, flat, batch_at, plan, cls.hooks(layout, plan, controls))
 
 

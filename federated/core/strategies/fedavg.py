@@ -2,7 +2,8 @@
 2017); with server momentum (FedAvgM, Hsu et al. 2019); with a proximal term on the learners (FedProx, Li et al.
 2020)."""
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,8 +62,13 @@ class Proximal(LocalHooks):
     def __init__(self, mu: float) -> None:
         self.mu = mu
 
-    def after_backward(self, gradient: torch.Tensor, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                       start: Sequence[torch.Tensor]) -> None:
+    def after_backward(
+        self,
+        gradient: torch.Tensor,
+        grads: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        start: Sequence[torch.Tensor],
+    ) -> None:
         for grad, weight, origin in zip(grads, weights, start):
             grad.add_(weight - origin, alpha=self.mu)
 

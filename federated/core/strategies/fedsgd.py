@@ -1,7 +1,8 @@
 """FedSGD, the original article's algorithm: each learner sends the gradient of one batch; the leader steps with
 SGD and momentum on their sample-weighted mean, as one large-batch step would."""
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,14 +41,22 @@ class FedSGD(Strategy):
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return make_optimizer(model, 0.0, self.momentum, self.weight_decay)
 
-    def apply(self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int,
-              learners: int) -> str | None:
+    def apply(
+        self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int, learners: int
+    ) -> str | None:
         return step(mean, lr)
 
     def describe(self, base_lr: float) -> str:
         return f"peak lr {base_lr:.3g}"
 
     @classmethod
-    def local_update(cls, model: nn.Module, layout: GradientLayout, flat: torch.Tensor,
-                     batch_at: Callable[[int], Batch], plan: TrainingPlan, controls: Any = None) -> float:
+    def local_update(
+        cls,
+        model: nn.Module,
+        layout: GradientLayout,
+        flat: torch.Tensor,
+        batch_at: Callable[[int], Batch],
+        plan: TrainingPlan,
+        controls: Any = None,
+    ) -> float:
         return compute_gradient(model, layout, flat, *batch_at(0))

@@ -3,7 +3,8 @@ control c, sent with every state; each learner keeps its own c_i, adds c - c_i t
 the change of c_i with its update; the leader moves c by |S| / N times the participants' mean change."""
 
 import math
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,8 +41,13 @@ class Correction(LocalHooks):
         self.correction = controls.server - controls.own
         self.gradient_sum = torch.zeros(layout.parameter_count, device=controls.own.device)
 
-    def after_backward(self, gradient: torch.Tensor, grads: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                       start: Sequence[torch.Tensor]) -> None:
+    def after_backward(
+        self,
+        gradient: torch.Tensor,
+        grads: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        start: Sequence[torch.Tensor],
+    ) -> None:
         self.gradient_sum.add_(gradient)
         gradient.add_(self.correction)
 
@@ -63,8 +69,9 @@ class Scaffold(FedAvg):
     def bind(self, layout: GradientLayout) -> None:
         self.control = torch.zeros(layout.parameter_count)
 
-    def apply(self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int,
-              learners: int) -> str | None:
+    def apply(
+        self, step: GuardedStep, mean: torch.Tensor, lr: float, steps: int, participants: int, learners: int
+    ) -> str | None:
         """The server step, then Karimireddy et al.'s c += |S| / N * the mean change of the participants' controls;
         the control's change is checked before the step and applied after it."""
         layout = step.layout

@@ -32,8 +32,10 @@ def plain_step_seconds(batch: int, threads: int, steps: int, with_optimizer: boo
 
 def coscheduled_step_seconds(processes: int, threads: int, steps: int, batch: int = 64) -> list[float]:
     """Step times of `processes` plain processes running at once, as learners sharing a machine do."""
-    runs = [child("_plain-steps", str(threads), str(steps), str(batch), stdout=subprocess.PIPE, text=True)
-            for _ in range(processes)]
+    runs = [
+        child("_plain-steps", str(threads), str(steps), str(batch), stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
     return [seconds for run in runs for seconds in json.loads(run.communicate(timeout=600)[0])]
 
 

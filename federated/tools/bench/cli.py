@@ -22,7 +22,9 @@ from federated.tools.bench.registry import (
     headline,
 )
 
-DESCRIPTION = "Benchmarks: every figure a ratio against a baseline measured in the same run (make bench: the headline figures)."
+DESCRIPTION = (
+    "Benchmarks: every figure a ratio against a baseline measured in the same run (make bench: the headline figures)."
+)
 PAGE = ROOT / "docs" / "performance" / "results.md"
 
 
@@ -47,17 +49,24 @@ def parser() -> argparse.ArgumentParser:
     """bench.py's flags: each registry setting once, then what to run and where to write."""
     made = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=runtime.HelpFormatter)
     for setting in SETTINGS:
-        made.add_argument(setting.flag, type=setting.type, default=setting.default, help=setting.help,
-                          choices=setting.choices)
+        made.add_argument(
+            setting.flag, type=setting.type, default=setting.default, help=setting.help, choices=setting.choices
+        )
     made.add_argument("--out", default="bench", help="directory for results.json and the runs' logs")
     chosen = made.add_mutually_exclusive_group()
-    chosen.add_argument("--only", nargs="*", help="run only these figures (results.json keeps the earlier values "
-                                                  "of the others); --list names them")
+    chosen.add_argument(
+        "--only",
+        nargs="*",
+        help="run only these figures (results.json keeps the earlier values of the others); --list names them",
+    )
     chosen.add_argument("--headline", action="store_true", help="run only the headline figures (make bench)")
     made.add_argument("--list", action="store_true", help="list the figures, their groups and settings, and exit")
-    made.add_argument("--page", help="the results page to write from this run's figures and the earlier ones in the "
-                                     ".json beside it ('none': write none; unset: the repository's "
-                                     "docs/performance/results.md)")
+    made.add_argument(
+        "--page",
+        help="the results page to write from this run's figures and the earlier ones in the "
+        ".json beside it ('none': write none; unset: the repository's "
+        "docs/performance/results.md)",
+    )
     return made
 
 

@@ -20,28 +20,43 @@ def print_table(results: dict) -> None:
 
 def _scale_rows(result: dict) -> None:
     for count, row in result["value"].items():
-        print(f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s; leader peak RSS {row['leader_peak_rss_mb']:7.1f} MB,"
-              f" peak anonymous {row['leader_peak_anon_mb']:7.1f} MB, of which the rounds added {row['anon_growth_in_rounds_mb']:5.1f} MB")
+        print(
+            f"  {count:>3} learners: {row['rounds_per_s']:7.2f} rounds/s; leader peak RSS "
+            f"{row['leader_peak_rss_mb']:7.1f} MB,"
+            f" peak anonymous {row['leader_peak_anon_mb']:7.1f} MB, of which the rounds added "
+            f"{row['anon_growth_in_rounds_mb']:5.1f} MB"
+        )
 
 
 def _strategy_rows(result: dict) -> None:
-    print(f"  {'strategy':10} {'rounds':>6} {'MB':>9} {'seconds':>8} to {result['target']:.0%}; "
-          "final accuracy; bytes and time against FedSGD")
+    print(
+        f"  {'strategy':10} {'rounds':>6} {'MB':>9} {'seconds':>8} to {result['target']:.0%}; "
+        "final accuracy; bytes and time against FedSGD"
+    )
     for name, row in result["value"].items():
         shown = lambda value, form: format(value, form) if value is not None else "-"
-        print(f"  {name:10} {shown(row['rounds_to_target'], '6d'):>6} {shown(row['mb_to_target'], '9.1f'):>9} "
-              f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
-              f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}")
+        print(
+            f"  {name:10} {shown(row['rounds_to_target'], '6d'):>6} {shown(row['mb_to_target'], '9.1f'):>9} "
+            f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
+            f"{shown(row['bytes_vs_fedsgd'], '.3f')} {shown(row['seconds_vs_fedsgd'], '.3f')}"
+        )
 
 
 def _non_iid_rows(result: dict) -> None:
     strategies = list(next(iter(result["value"].values())))
-    print(f"  non_iid: final accuracy (rounds to {result['target']:.0%}), {result['learners']} learners, "
-          f"{result['epochs']:g} epochs of {result['dataset']}")
+    print(
+        f"  non_iid: final accuracy (rounds to {result['target']:.0%}), {result['learners']} learners, "
+        f"{result['epochs']:g} epochs of {result['dataset']}"
+    )
     print(f"  {'partition':16}" + "".join(f"{name:>16}" for name in strategies))
     for partition, row in result["value"].items():
-        print(f"  {partition:16}" + "".join(f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
-                                            for name in strategies))
+        print(
+            f"  {partition:16}"
+            + "".join(
+                f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
+                for name in strategies
+            )
+        )
 
 
 def _serialization_rows(result: dict) -> None:
@@ -50,6 +65,8 @@ def _serialization_rows(result: dict) -> None:
 
 
 ROWS: dict[str, Callable[[dict], None]] = {  # in the order they print
-    "leader_scale": _scale_rows, "strategies": _strategy_rows, "non_iid": _non_iid_rows,
+    "leader_scale": _scale_rows,
+    "strategies": _strategy_rows,
+    "non_iid": _non_iid_rows,
     "serialization_gbps": _serialization_rows,
 }

@@ -13,14 +13,16 @@ from federated.tools import launch
 from federated.tools.bench.common import empty_dir
 
 
-def federation_run(out: Path, learners: int, leader_args: list[str], learner_args: Sequence[str] = (),
-                   until: float | None = None) -> tuple[list[dict], list[tuple[int, int]]]:
+def federation_run(
+    out: Path, learners: int, leader_args: list[str], learner_args: Sequence[str] = (), until: float | None = None
+) -> tuple[list[dict], list[tuple[int, int]]]:
     """Run a local federation to the end, or only until its test accuracy first reaches `until`: the figures that
     ask so read nothing after that, and the rest of such a run is minutes of rounds and evaluations for nothing on
     a busy machine. Return its metrics and (rounds done, loopback bytes) samples."""
     empty_dir(out)
-    leader_process, learner_processes = launch.start_federation(learners, leader_args, launch.free_port(), out,
-                                                                list(learner_args))
+    leader_process, learner_processes = launch.start_federation(
+        learners, leader_args, launch.free_port(), out, list(learner_args)
+    )
     processes, metrics, samples = [leader_process, *learner_processes], out / "metrics.jsonl", []
     while leader_process.poll() is None:
         samples.append((rounds_done(metrics), loopback_bytes()))
@@ -71,8 +73,10 @@ class Progress(NamedTuple):
 def learner_progress(learner_log: Path) -> list[Progress]:
     """A learner's progress lines ('round N: loss L, R images/s computing, W ms a round sending and waiting')."""
     fields = [line.split(", ") for line in learner_log.read_text().splitlines() if "images/s computing" in line]
-    return [Progress(int(_round_number(head)), float(rate.split()[0]), float(waiting.split()[0]) / 1000)
-            for head, rate, waiting in fields]
+    return [
+        Progress(int(_round_number(head)), float(rate.split()[0]), float(waiting.split()[0]) / 1000)
+        for head, rate, waiting in fields
+    ]
 
 
 def _round_number(head: str) -> str:

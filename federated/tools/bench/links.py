@@ -35,13 +35,25 @@ class LinkRun:
 
     def leader_args(self) -> list[str]:
         local = ["--strategy", "fedavg", "--local-steps", str(self.local_steps)] if self.local_steps else []
-        return ["--dataset", "synthetic", "--model", self.model, "--batch-size", str(self.batch),
-                "--wire-dtype", self.wire_dtype, *local]
+        return [
+            "--dataset",
+            "synthetic",
+            "--model",
+            self.model,
+            "--batch-size",
+            str(self.batch),
+            "--wire-dtype",
+            self.wire_dtype,
+            *local,
+        ]
 
 
-LINK_RUNS = (LinkRun("resnet20", 64, 10, 2), LinkRun("resnet20", 64, 10, 2, wire_dtype="float16"),
-             LinkRun("resnet18", 32, 4, 1),  # 45 MB a state: a round at 100 Mbit/s takes seconds
-             LinkRun("resnet20", 64, 4, 1, ("100mbit",), local_steps=10))
+LINK_RUNS = (
+    LinkRun("resnet20", 64, 10, 2),
+    LinkRun("resnet20", 64, 10, 2, wire_dtype="float16"),
+    LinkRun("resnet18", 32, 4, 1),  # 45 MB a state: a round at 100 Mbit/s takes seconds
+    LinkRun("resnet20", 64, 4, 1, ("100mbit",), local_steps=10),
+)
 
 
 def links(work: Path, runs: tuple[LinkRun, ...] = LINK_RUNS) -> dict:
@@ -60,7 +72,7 @@ def links(work: Path, runs: tuple[LinkRun, ...] = LINK_RUNS) -> dict:
     for run in runs:
         for rate in run.rates:
             records, compute = link_rounds(work / f"links-{run.name.replace(' ', '-')}-{rate}", rate, run)
-            table[f"{run.name} @ {rate}"] = link_row(records[run.skip:], compute, hosts.rate_bits(rate))
+            table[f"{run.name} @ {rate}"] = link_row(records[run.skip :], compute, hosts.rate_bits(rate))
     return {"value": table}
 
 
@@ -78,8 +90,13 @@ def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tup
     empty_dir(out)
     with hosts.Hosts(1 + LINK_LEARNERS, rate) as net:
         leader_process, learner_processes = launch.start_federation(
-            LINK_LEARNERS, [*run.leader_args(), "--rounds", str(run.rounds + 1)], LINK_PORT, out,
-            ["--log-every", "1"], hosts=net.hosts)
+            LINK_LEARNERS,
+            [*run.leader_args(), "--rounds", str(run.rounds + 1)],
+            LINK_PORT,
+            out,
+            ["--log-every", "1"],
+            hosts=net.hosts,
+        )
         processes = [leader_process, *learner_processes]
         deadline = time.monotonic() + timeout
         while min(rounds_done(out / "metrics.jsonl"), logged_rounds(out)) < run.rounds:  # logged: once its state is in
@@ -87,7 +104,7 @@ def link_rounds(out: Path, rate: str, run: LinkRun, timeout: float = 600) -> tup
                 raise RuntimeError(f"{run.name} at {rate}: {run.rounds} rounds not done in {timeout:.0f} s; see {out}")
             time.sleep(0.2)
     launch.wait_all(processes, 10)  # reap them: leaving the hosts killed them
-    records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][:run.rounds]
+    records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][: run.rounds]
     return records, slowest_compute(out, run)
 
 
@@ -120,6 +137,14 @@ def link_row(records: list[dict], compute: dict[int, float], rate_bits: int) -> 
     transfer = (max(0.0, update - burst) + max(0.0, states - burst)) * 8 / rate_bits
     measured, computed = spread([record["seconds"] for record in timed]), spread([compute[r["round"]] for r in timed])
     bound = computed["median"] + transfer
-    return {"round_s": measured, "bound_s": bound, "ratio": measured["median"] / bound, "compute_s": computed,
-            "transfer_s": transfer, "update_bytes": update, "states_bytes": states, "burst_bytes": burst,
-            "leader_step_s": statistics.median(record["step_s"] for record in timed)}
+    return {
+        "round_s": measured,
+        "bound_s": bound,
+        "ratio": measured["median"] / bound,
+        "compute_s": computed,
+        "transfer_s": transfer,
+        "update_bytes": update,
+        "states_bytes": states,
+        "burst_bytes": burst,
+        "leader_step_s": statistics.median(record["step_s"] for record in timed),
+    }

@@ -20,8 +20,13 @@ class Table(NamedTuple):
 
 def render(results: dict) -> str:
     """The whole page for results.json's contents."""
-    parts = [INTRO, "## Headline figures (`make bench`)", headline_table(results),
-             "## Every figure (`make bench-full`)", figures_table()]
+    parts = [
+        INTRO,
+        "## Headline figures (`make bench`)",
+        headline_table(results),
+        "## Every figure (`make bench-full`)",
+        figures_table(),
+    ]
     parts += [section(figure, results) for figure in FIGURES]
     return "\n\n".join(parts) + "\n"
 
@@ -53,8 +58,17 @@ def summary(key: str, result: dict) -> str:
 
 
 def figures_table() -> str:
-    rows = [[f"`{figure.name}`", figure.group, "yes" if figure.headline else "", figure.measures, figure.target,
-             f"`{rerun(figure)}`"] for figure in FIGURES]
+    rows = [
+        [
+            f"`{figure.name}`",
+            figure.group,
+            "yes" if figure.headline else "",
+            figure.measures,
+            figure.target,
+            f"`{rerun(figure)}`",
+        ]
+        for figure in FIGURES
+    ]
     return markdown(["figure", "group", "in `make bench`", "what it compares", "target", "rerun"], rows)
 
 
@@ -90,11 +104,17 @@ def provenance(measured: dict | None) -> str:
     if not measured:
         return "When and where this was measured was not recorded (a results.json from before the bench recorded it)."
     host = measured["machine"]
-    cores = f"{host['cores']} cores" if host["available_cores"] == host["cores"] else \
-        f"{host['available_cores']} of {host['cores']} cores"
-    return (f"Measured {when(measured)} in {measured['seconds']:.0f} s by `{measured['command']}` on {cores} "
-            f"({host['cpu']}), Python {host['python']}, torch {host['torch']}, grpcio {host['grpcio']}; load average "
-            f"(1, 5, 15 minutes) {loads(measured['load_at_start'])} at the start, {loads(measured['load_at_end'])} at the end.")
+    cores = (
+        f"{host['cores']} cores"
+        if host["available_cores"] == host["cores"]
+        else f"{host['available_cores']} of {host['cores']} cores"
+    )
+    return (
+        f"Measured {when(measured)} in {measured['seconds']:.0f} s by `{measured['command']}` on {cores} "
+        f"({host['cpu']}), Python {host['python']}, torch {host['torch']}, grpcio {host['grpcio']}; load average "
+        f"(1, 5, 15 minutes) {loads(measured['load_at_start'])} at the start, {loads(measured['load_at_end'])} "
+        "at the end."
+    )
 
 
 def loads(averages: list[float]) -> str:
@@ -113,15 +133,27 @@ def markdown(headers: list[str], rows: list[list[str]]) -> str:
 
 # ---- each figure's rows -----------------------------------------------------------------------
 
+
 def transfer_rows(results: dict) -> Table:
     result = results["model_transfer_ratio"]
     steps = result["steps_median_s"]
-    added = [steps["our_stream"] - steps["raw_grpc"], steps["plus_copy_into_place"] - steps["our_stream"],
-             steps["plus_finite_check_and_load"] - steps["plus_copy_into_place"]]
-    row = [number(result["value"], ".3f"), number(result["ours_gbps"], ".2f"), number(result["raw_grpc_gbps"], ".2f"),
-           chunk_size(result["raw_best_chunk"]), number(result["raw_tcp_gbps"], ".2f"),
-           f"{result['bytes'] / 1e6:.1f}", " / ".join(f"{seconds * 1000:.1f}" for seconds in added)]
-    by_chunk = ", ".join(f"{chunk_size(int(size))} {gbps:.2f}" for size, gbps in result["raw_grpc_by_chunk_gbps"].items())
+    added = [
+        steps["our_stream"] - steps["raw_grpc"],
+        steps["plus_copy_into_place"] - steps["our_stream"],
+        steps["plus_finite_check_and_load"] - steps["plus_copy_into_place"],
+    ]
+    row = [
+        number(result["value"], ".3f"),
+        number(result["ours_gbps"], ".2f"),
+        number(result["raw_grpc_gbps"], ".2f"),
+        chunk_size(result["raw_best_chunk"]),
+        number(result["raw_tcp_gbps"], ".2f"),
+        f"{result['bytes'] / 1e6:.1f}",
+        " / ".join(f"{seconds * 1000:.1f}" for seconds in added),
+    ]
+    by_chunk = ", ".join(
+        f"{chunk_size(int(size))} {gbps:.2f}" for size, gbps in result["raw_grpc_by_chunk_gbps"].items()
+    )
     return Table([row], [f"Raw gRPC by chunk size (GB/s): {by_chunk}."])
 
 
@@ -136,42 +168,59 @@ def round_rows(results: dict) -> Table:
 
 def _overhead_details(result: dict) -> str:
     where, rounds = result["where_the_round_goes"], result["round_s"]
-    return (f"median round {rounds['median']:.3f} s ({rounds['min']:.3f}-{rounds['max']:.3f}, {rounds['n']} rounds of "
-            f"{result['runs']} runs) against a plain step of {result['plain_step_s']['median']:.3f} s "
-            f"({result['threads_per_learner']} thread); against two plain processes at once: "
-            f"{result['vs_two_plain_processes_at_once']:.3f}. The leader waited {where['leader_gradients_s'] * 1000:.0f} ms "
-            f"for the gradients, stepped in {where['leader_step_s'] * 1000:.1f} ms and pushed in "
-            f"{where['leader_push_s'] * 1000:.1f} ms; a learner spent {where['learner_sending_and_waiting_s'] * 1000:.0f} ms "
-            "a round sending and waiting")
+    return (
+        f"median round {rounds['median']:.3f} s ({rounds['min']:.3f}-{rounds['max']:.3f}, {rounds['n']} rounds of "
+        f"{result['runs']} runs) against a plain step of {result['plain_step_s']['median']:.3f} s "
+        f"({result['threads_per_learner']} thread); against two plain processes at once: "
+        f"{result['vs_two_plain_processes_at_once']:.3f}. The leader waited "
+        f"{where['leader_gradients_s'] * 1000:.0f} ms for the gradients, stepped in "
+        f"{where['leader_step_s'] * 1000:.1f} ms and pushed in {where['leader_push_s'] * 1000:.1f} ms; a learner "
+        f"spent {where['learner_sending_and_waiting_s'] * 1000:.0f} ms a round sending and waiting"
+    )
 
 
 def _wire_details(result: dict) -> str:
-    return (f"{result['bytes_per_learner_round']:,.0f} bytes per learner-round (the kernel's loopback counter: "
-            f"{result['os_loopback_bytes_per_learner_round']:,.0f}) against twice the {result['parameter_bytes']:,} "
-            "fp32 parameter bytes")
+    return (
+        f"{result['bytes_per_learner_round']:,.0f} bytes per learner-round (the kernel's loopback counter: "
+        f"{result['os_loopback_bytes_per_learner_round']:,.0f}) against twice the {result['parameter_bytes']:,} "
+        "fp32 parameter bytes"
+    )
 
 
 def _throughput_details(result: dict) -> str:
     rates = result["federated_images_per_s"]
-    return (f"a learner computed {rates['median']:.0f} images/s ({rates['min']:.0f}-{rates['max']:.0f}) against "
-            f"{result['plain_images_per_s']:.0f} in a plain process; against two plain processes at once: "
-            f"{result['vs_two_plain_processes_at_once']:.3f}")
+    return (
+        f"a learner computed {rates['median']:.0f} images/s ({rates['min']:.0f}-{rates['max']:.0f}) against "
+        f"{result['plain_images_per_s']:.0f} in a plain process; against two plain processes at once: "
+        f"{result['vs_two_plain_processes_at_once']:.3f}"
+    )
 
 
 ROUND_DETAILS: dict[str, Callable[[dict], str]] = {
-    "round_overhead_ratio": _overhead_details, "wire_bytes_ratio": _wire_details,
+    "round_overhead_ratio": _overhead_details,
+    "wire_bytes_ratio": _wire_details,
     "learner_throughput_ratio": _throughput_details,
 }
 
 
 def scale_rows(results: dict) -> Table:
     result = results["leader_scale"]
-    rows = [[count, f"{row['rounds_per_s']:.2f}", f"{row['round_s']['median']:.3f}", f"{row['leader_peak_rss_mb']:.0f}",
-             f"{row['leader_peak_anon_mb']:.0f}", f"{row['anon_growth_in_rounds_mb']:.1f}"]
-            for count, row in result["value"].items()]
-    note = (f"Peak RSS growth from the fewest to the most learners: {result['rss_growth_mb']:.0f} MB (limit "
-            f"{result['rss_growth_limit_mb']:.0f} MB); peak anonymous growth {result['anon_growth_mb']:.0f} MB; round time "
-            f"×{result['round_time_growth']:.1f} for ×{result['learner_growth']:.0f} learners.")
+    rows = [
+        [
+            count,
+            f"{row['rounds_per_s']:.2f}",
+            f"{row['round_s']['median']:.3f}",
+            f"{row['leader_peak_rss_mb']:.0f}",
+            f"{row['leader_peak_anon_mb']:.0f}",
+            f"{row['anon_growth_in_rounds_mb']:.1f}",
+        ]
+        for count, row in result["value"].items()
+    ]
+    note = (
+        f"Peak RSS growth from the fewest to the most learners: {result['rss_growth_mb']:.0f} MB (limit "
+        f"{result['rss_growth_limit_mb']:.0f} MB); peak anonymous growth {result['anon_growth_mb']:.0f} MB; round time "
+        f"×{result['round_time_growth']:.1f} for ×{result['learner_growth']:.0f} learners."
+    )
     return Table(rows, [note])
 
 
@@ -183,28 +232,55 @@ def serialization_rows(results: dict) -> Table:
 
 def accuracy_rows(results: dict) -> Table:
     result = results["time_to_accuracy"]
-    return Table([[number(result["value"], ".3f"), number(result["federated_s"], ".1f"),
-                   number(result["centralised_s"], ".1f"), f"{result['target']:.0%}"]], [])
+    return Table(
+        [
+            [
+                number(result["value"], ".3f"),
+                number(result["federated_s"], ".1f"),
+                number(result["centralised_s"], ".1f"),
+                f"{result['target']:.0%}",
+            ]
+        ],
+        [],
+    )
 
 
 def strategy_rows(results: dict) -> Table:
     result = results["strategies"]
-    rows = [[name, number(row["rounds_to_target"], "d"), number(row["mb_to_target"], ".1f"),
-             number(row["seconds_to_target"], ".1f"), f"{row['final_accuracy']:.4f}", number(row["bytes_vs_fedsgd"], ".3f"),
-             number(row["seconds_vs_fedsgd"], ".3f")] for name, row in result["value"].items()]
-    note = (f"Target {result['target']:.0%}, {result['epochs']:g} epochs for every strategy. A FedAvg round took "
-            f"{result['fedavg_round_s']:.1f} s against {result['local_epoch_compute_s']:.1f} s for its local epoch in two "
-            f"bare processes stepping at once (`fedavg_round_vs_compute` {result['fedavg_round_vs_compute']:.3f}).")
+    rows = [
+        [
+            name,
+            number(row["rounds_to_target"], "d"),
+            number(row["mb_to_target"], ".1f"),
+            number(row["seconds_to_target"], ".1f"),
+            f"{row['final_accuracy']:.4f}",
+            number(row["bytes_vs_fedsgd"], ".3f"),
+            number(row["seconds_vs_fedsgd"], ".3f"),
+        ]
+        for name, row in result["value"].items()
+    ]
+    note = (
+        f"Target {result['target']:.0%}, {result['epochs']:g} epochs for every strategy. A FedAvg round took "
+        f"{result['fedavg_round_s']:.1f} s against {result['local_epoch_compute_s']:.1f} s for its local epoch in two "
+        f"bare processes stepping at once (`fedavg_round_vs_compute` {result['fedavg_round_vs_compute']:.3f})."
+    )
     return Table(rows, [note])
 
 
 def non_iid_rows(results: dict) -> Table:
     result = results["non_iid"]
     strategies = HEADERS["non_iid"][1:]
-    rows = [[partition, *(f"{row[name]['final_accuracy']:.4f} ({row[name]['rounds_to_target'] or '-'})" for name in strategies)]
-            for partition, row in result["value"].items()]
-    note = (f"Final test accuracy, and in brackets the round it first reached {result['target']:.0%} (-: never); "
-            f"{result['learners']} learners, {result['epochs']:g} epochs of {result['dataset']}.")
+    rows = [
+        [
+            partition,
+            *(f"{row[name]['final_accuracy']:.4f} ({row[name]['rounds_to_target'] or '-'})" for name in strategies),
+        ]
+        for partition, row in result["value"].items()
+    ]
+    note = (
+        f"Final test accuracy, and in brackets the round it first reached {result['target']:.0%} (-: never); "
+        f"{result['learners']} learners, {result['epochs']:g} epochs of {result['dataset']}."
+    )
     return Table(rows, [note])
 
 
@@ -212,28 +288,71 @@ def link_rows(results: dict) -> Table:
     result = results["links"]
     if result["value"] is None:
         return Table([], [f"Skipped: {result.get('skipped')}."])
-    rows = [[run, f"{row['round_s']['median']:.3f}", f"{row['bound_s']:.3f}", f"{row['ratio']:.3f}",
-             f"{row['compute_s']['median']:.3f}", f"{row['transfer_s']:.3f}", f"{row['update_bytes'] / 1e6:.2f}",
-             f"{row['states_bytes'] / 1e6:.2f}"] for run, row in result["value"].items()]
+    rows = [
+        [
+            run,
+            f"{row['round_s']['median']:.3f}",
+            f"{row['bound_s']:.3f}",
+            f"{row['ratio']:.3f}",
+            f"{row['compute_s']['median']:.3f}",
+            f"{row['transfer_s']:.3f}",
+            f"{row['update_bytes'] / 1e6:.2f}",
+            f"{row['states_bytes'] / 1e6:.2f}",
+        ]
+        for run, row in result["value"].items()
+    ]
     return Table(rows, [])
 
 
 RENDER: dict[str, Callable[[dict], Table]] = {
-    "model_transfer_ratio": transfer_rows, "round_overhead": round_rows, "leader_scale": scale_rows,
-    "serialization_gbps": serialization_rows, "time_to_accuracy": accuracy_rows, "strategies": strategy_rows,
-    "non_iid": non_iid_rows, "links": link_rows,
+    "model_transfer_ratio": transfer_rows,
+    "round_overhead": round_rows,
+    "leader_scale": scale_rows,
+    "serialization_gbps": serialization_rows,
+    "time_to_accuracy": accuracy_rows,
+    "strategies": strategy_rows,
+    "non_iid": non_iid_rows,
+    "links": link_rows,
 }
 HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow them
-    "model_transfer_ratio": ["ratio", "ours (GB/s)", "raw gRPC (GB/s)", "raw gRPC's best chunk", "raw TCP (GB/s)", "MB",
-                             "added by our stream / copy into place / check and load (ms)"],
+    "model_transfer_ratio": [
+        "ratio",
+        "ours (GB/s)",
+        "raw gRPC (GB/s)",
+        "raw gRPC's best chunk",
+        "raw TCP (GB/s)",
+        "MB",
+        "added by our stream / copy into place / check and load (ms)",
+    ],
     "round_overhead": ["figure", "value", "details"],
-    "leader_scale": ["learners", "rounds/s", "round (s)", "leader peak RSS (MB)", "peak anonymous (MB)",
-                     "added by the rounds (MB)"],
+    "leader_scale": [
+        "learners",
+        "rounds/s",
+        "round (s)",
+        "leader peak RSS (MB)",
+        "peak anonymous (MB)",
+        "added by the rounds (MB)",
+    ],
     "serialization_gbps": ["format", "encode (GB/s)", "decode (GB/s)"],
     "time_to_accuracy": ["ratio", "federated (s)", "centralised (s)", "target"],
-    "strategies": ["strategy", "rounds to target", "MB to target", "seconds to target", "final accuracy",
-                   "bytes / FedSGD's", "time / FedSGD's"],
+    "strategies": [
+        "strategy",
+        "rounds to target",
+        "MB to target",
+        "seconds to target",
+        "final accuracy",
+        "bytes / FedSGD's",
+        "time / FedSGD's",
+    ],
     "non_iid": ["partition", "fedsgd", "fedavg", "fedprox", "scaffold"],
-    "links": ["run", "round (s)", "bound (s)", "round / bound", "compute (s)", "transfer (s)", "update (MB)",
-              "states to the learners (MB)"],
+    "links": [
+        "run",
+        "round (s)",
+        "bound (s)",
+        "round / bound",
+        "compute (s)",
+        "transfer (s)",
+        "update (MB)",
+        "states to the learners (MB)",
+    ],
 }

@@ -16,16 +16,24 @@ def command_line(argv: list[str]) -> str:
 
 def machine() -> dict:
     """This machine: its CPU, cores (all, and those this process may use), and the versions that set the figures."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "available_cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "torch": _version("torch"), "grpcio": _version("grpcio")}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "available_cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "grpcio": _version("grpcio"),
+    }
 
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, or what platform says where there is none."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                        platform.processor() or platform.machine())
+            return next(
+                (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                platform.processor() or platform.machine(),
+            )
     except OSError:
         return platform.processor() or platform.machine()
 
@@ -49,6 +57,11 @@ class Stopwatch:
         self.load_at_start = list(os.getloadavg())
 
     def record(self, command: str, host: dict) -> dict:
-        return {"date": self.started_at.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - self.started, 1),
-                "command": command, "machine": host, "load_at_start": self.load_at_start,
-                "load_at_end": list(os.getloadavg())}
+        return {
+            "date": self.started_at.isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "command": command,
+            "machine": host,
+            "load_at_start": self.load_at_start,
+            "load_at_end": list(os.getloadavg()),
+        }

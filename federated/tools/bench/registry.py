@@ -37,9 +37,13 @@ ROUNDS = Setting("--rounds", int, 20, "FedSGD rounds of each of the round-overhe
 SCALE = Setting("--scale", learner_counts, "1,4,16,64", "learner counts for leader_scale")
 STRATEGY_EPOCHS = Setting("--strategy-epochs", float, 3, "epochs of each run of the strategies table")
 NON_IID_EPOCHS = Setting("--non-iid-epochs", float, 3, "epochs of each run of the non_iid table")
-NON_IID_DATASET = Setting("--non-iid-dataset", str, "synthetic",
-                          "dataset of the non_iid table (cifar10 needs data/cifar-10-batches-py and hours on a CPU)",
-                          choices=("synthetic", "cifar10"))
+NON_IID_DATASET = Setting(
+    "--non-iid-dataset",
+    str,
+    "synthetic",
+    "dataset of the non_iid table (cifar10 needs data/cifar-10-batches-py and hours on a CPU)",
+    choices=("synthetic", "cifar10"),
+)
 SETTINGS = (REPEATS, ROUNDS, SCALE, STRATEGY_EPOCHS, NON_IID_EPOCHS, NON_IID_DATASET)  # in --help's order
 
 WORK = object()  # a parameter that receives the figures' work folder (OUT/work: the runs' logs)
@@ -73,8 +77,10 @@ class Figure:
     def measure(self, chosen: Mapping[str, Any], work: Path) -> dict[str, dict]:
         """Run the figure with the chosen settings (by Setting.dest); its results by results.json key. A figure
         with several keys returns them so; a figure of one key returns that key's value."""
-        kwargs = {name: work if value is WORK else chosen[value.dest] if isinstance(value, Setting) else value
-                  for name, value in self.params.items()}
+        kwargs = {
+            name: work if value is WORK else chosen[value.dest] if isinstance(value, Setting) else value
+            for name, value in self.params.items()
+        }
         measured = self.callable()(**kwargs)
         return measured if self.keys else {self.name: measured}
 
@@ -91,48 +97,98 @@ class Figure:
 
 
 FIGURES = (
-    Figure("model_transfer_ratio", "transfers", "model_transfer", headline=True, target="≥ 0.85",
-           measures="a learner's GetModel of ResNet-18 (about 45 MB), streamed into place, checked and loaded into its "
-                    "model, against a bare grpcio server stream of the same bytes between two processes (the best of "
-                    "256 KiB, 1 MiB and 4 MiB chunks), the two taking turns; raw TCP on loopback is reported beside them",
-           params={"repeats": REPEATS}),
-    Figure("round_overhead", "rounds", "round_overhead", headline=True,
-           target="round ≤ 1.10; wire bytes ≤ 1.05; learner throughput ≥ 0.95",
-           measures="a FedSGD round (ResNet-20, 2 local learners of batch 64, one thread each, 3 runs) against one plain "
-                    "process's forward, backward and optimizer step of the same batch, the two taking turns; from the "
-                    "same runs, the bytes per learner-round against twice the fp32 parameter bytes, and a learner's "
-                    "compute rate against the plain process's",
-           params={"work": WORK, "rounds": ROUNDS},
-           keys=("round_overhead_ratio", "wire_bytes_ratio", "learner_throughput_ratio"),
-           key_targets={"round_overhead_ratio": "≤ 1.10", "wire_bytes_ratio": "≤ 1.05", "learner_throughput_ratio": "≥ 0.95"}),
-    Figure("leader_scale", "scale", "leader_scale", headline=False,
-           target="round time at most linear in the learners; RSS growth < 1.5 × the model per learner",
-           measures="rounds per second and the leader's peak memory with 1 to 64 fake learners (16 to a process) that "
-                    "send valid ResNet-20 gradients without training",
-           params={"work": WORK, "counts": SCALE, "rounds": 20}),
-    Figure("serialization_gbps", "transfers", "serialization", headline=True, target="faster than the alternatives",
-           measures="encode and decode of a ResNet-18 state_dict in one process: our payload codec, safetensors and "
-                    "torch.save / torch.load",
-           params={"repeats": REPEATS}),
-    Figure("time_to_accuracy", "rounds", "time_to_accuracy", headline=True, target="reported",
-           measures="wall time (evaluation excluded) to 90 % test accuracy on the synthetic set: 2 learners of batch 32 "
-                    "against one process of batch 64 on all cores, with the same schedule",
-           params={"work": WORK, "rounds": 250}),
-    Figure("strategies", "strategies", "strategy_runs", headline=False, target="reported",
-           measures="each strategy with its defaults on the synthetic set, 2 learners of batch 32, the same compute for "
-                    "all: rounds, MB on the wire and seconds to 90 % test accuracy, the final accuracy; and a FedAvg "
-                    "round against the bare compute of its local epoch",
-           params={"work": WORK, "epochs": STRATEGY_EPOCHS}),
-    Figure("non_iid", "non_iid", "non_iid_runs", headline=False, target="reported",
-           measures="FedSGD, FedAvg, FedProx and SCAFFOLD on each partition (IID, Dirichlet 0.5 and 0.1, 2 classes per "
-                    "learner) among 10 learners, the same compute for all: the final test accuracy and the round it "
-                    "first reached 80 %",
-           params={"work": WORK, "dataset": NON_IID_DATASET, "epochs": NON_IID_EPOCHS}),
-    Figure("links", "links", "links", headline=False, target="round / bound near 1",
-           measures="rounds with the leader and 2 learners on network-namespace hosts of their own, every host's "
-                    "outgoing link limited to 100 Mbit/s or 1 Gbit/s, against the bound of the same rounds: their "
-                    "compute plus their measured bytes at the link's rate",
-           params={"work": WORK}),
+    Figure(
+        "model_transfer_ratio",
+        "transfers",
+        "model_transfer",
+        headline=True,
+        target="≥ 0.85",
+        measures="a learner's GetModel of ResNet-18 (about 45 MB), streamed into place, checked and loaded into its "
+        "model, against a bare grpcio server stream of the same bytes between two processes (the best of "
+        "256 KiB, 1 MiB and 4 MiB chunks), the two taking turns; raw TCP on loopback is reported beside them",
+        params={"repeats": REPEATS},
+    ),
+    Figure(
+        "round_overhead",
+        "rounds",
+        "round_overhead",
+        headline=True,
+        target="round ≤ 1.10; wire bytes ≤ 1.05; learner throughput ≥ 0.95",
+        measures="a FedSGD round (ResNet-20, 2 local learners of batch 64, one thread each, 3 runs) against one plain "
+        "process's forward, backward and optimizer step of the same batch, the two taking turns; from the "
+        "same runs, the bytes per learner-round against twice the fp32 parameter bytes, and a learner's "
+        "compute rate against the plain process's",
+        params={"work": WORK, "rounds": ROUNDS},
+        keys=("round_overhead_ratio", "wire_bytes_ratio", "learner_throughput_ratio"),
+        key_targets={
+            "round_overhead_ratio": "≤ 1.10",
+            "wire_bytes_ratio": "≤ 1.05",
+            "learner_throughput_ratio": "≥ 0.95",
+        },
+    ),
+    Figure(
+        "leader_scale",
+        "scale",
+        "leader_scale",
+        headline=False,
+        target="round time at most linear in the learners; RSS growth < 1.5 × the model per learner",
+        measures="rounds per second and the leader's peak memory with 1 to 64 fake learners (16 to a process) that "
+        "send valid ResNet-20 gradients without training",
+        params={"work": WORK, "counts": SCALE, "rounds": 20},
+    ),
+    Figure(
+        "serialization_gbps",
+        "transfers",
+        "serialization",
+        headline=True,
+        target="faster than the alternatives",
+        measures="encode and decode of a ResNet-18 state_dict in one process: our payload codec, safetensors and "
+        "torch.save / torch.load",
+        params={"repeats": REPEATS},
+    ),
+    Figure(
+        "time_to_accuracy",
+        "rounds",
+        "time_to_accuracy",
+        headline=True,
+        target="reported",
+        measures="wall time (evaluation excluded) to 90 % test accuracy on the synthetic set: 2 learners of batch 32 "
+        "against one process of batch 64 on all cores, with the same schedule",
+        params={"work": WORK, "rounds": 250},
+    ),
+    Figure(
+        "strategies",
+        "strategies",
+        "strategy_runs",
+        headline=False,
+        target="reported",
+        measures="each strategy with its defaults on the synthetic set, 2 learners of batch 32, the same compute for "
+        "all: rounds, MB on the wire and seconds to 90 % test accuracy, the final accuracy; and a FedAvg "
+        "round against the bare compute of its local epoch",
+        params={"work": WORK, "epochs": STRATEGY_EPOCHS},
+    ),
+    Figure(
+        "non_iid",
+        "non_iid",
+        "non_iid_runs",
+        headline=False,
+        target="reported",
+        measures="FedSGD, FedAvg, FedProx and SCAFFOLD on each partition (IID, Dirichlet 0.5 and 0.1, 2 classes per "
+        "learner) among 10 learners, the same compute for all: the final test accuracy and the round it "
+        "first reached 80 %",
+        params={"work": WORK, "dataset": NON_IID_DATASET, "epochs": NON_IID_EPOCHS},
+    ),
+    Figure(
+        "links",
+        "links",
+        "links",
+        headline=False,
+        target="round / bound near 1",
+        measures="rounds with the leader and 2 learners on network-namespace hosts of their own, every host's "
+        "outgoing link limited to 100 Mbit/s or 1 Gbit/s, against the bound of the same rounds: their "
+        "compute plus their measured bytes at the link's rate",
+        params={"work": WORK},
+    ),
 )
 
 

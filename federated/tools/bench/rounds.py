@@ -45,15 +45,21 @@ def round_overhead(work: Path, rounds: int, runs: int = 3) -> dict:
         add_federation_run(taken, work / f"rounds{run}", rounds)
         taken.plain_s += plain_step_seconds(64, threads, 10)
     coscheduled = spread(coscheduled_step_seconds(2, threads, 20))
-    return {"round_overhead_ratio": overhead_ratio(taken, coscheduled, threads, runs),
-            "wire_bytes_ratio": wire_bytes_ratio(taken, rounds),
-            "learner_throughput_ratio": throughput_ratio(taken, coscheduled)}
+    return {
+        "round_overhead_ratio": overhead_ratio(taken, coscheduled, threads, runs),
+        "wire_bytes_ratio": wire_bytes_ratio(taken, rounds),
+        "learner_throughput_ratio": throughput_ratio(taken, coscheduled),
+    }
 
 
 def add_federation_run(taken: RoundRuns, out: Path, rounds: int) -> None:
     """Run one 2-learner FedSGD federation of `rounds` rounds in out and add what it measured to taken."""
-    records, taken.samples = federation_run(out, 2, ["--dataset", "synthetic", "--rounds", str(rounds),
-                                                     "--batch-size", "64", "--eval-every", "0"], ["--log-every", "5"])
+    records, taken.samples = federation_run(
+        out,
+        2,
+        ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "64", "--eval-every", "0"],
+        ["--log-every", "5"],
+    )
     trained = [r for r in records if "train_loss" in r][WARM_ROUNDS:]
     taken.round_s += [r["seconds"] for r in trained]
     taken.trained += trained
@@ -63,30 +69,44 @@ def add_federation_run(taken: RoundRuns, out: Path, rounds: int) -> None:
 def overhead_ratio(taken: RoundRuns, coscheduled: dict, threads: int, runs: int) -> dict:
     """round_overhead_ratio: the median round over the median plain step, and where the round's time goes."""
     plain_s, round_s = spread(taken.plain_s), spread(taken.round_s)
-    where = {f"leader_{key}": statistics.median(r[key] for r in taken.trained) for key in ("gradients_s", "step_s", "push_s")}
+    where = {
+        f"leader_{key}": statistics.median(r[key] for r in taken.trained) for key in ("gradients_s", "step_s", "push_s")
+    }
     where["learner_sending_and_waiting_s"] = statistics.median(entry.waiting_s for entry in taken.progress)
-    return {"value": round_s["median"] / plain_s["median"], "round_s": round_s, "plain_step_s": plain_s,
-            "threads_per_learner": threads, "runs": runs, "vs_two_plain_processes_at_once": round_s["median"] / coscheduled["median"],
-            "two_plain_processes_step_s": coscheduled, "where_the_round_goes": where}
+    return {
+        "value": round_s["median"] / plain_s["median"],
+        "round_s": round_s,
+        "plain_step_s": plain_s,
+        "threads_per_learner": threads,
+        "runs": runs,
+        "vs_two_plain_processes_at_once": round_s["median"] / coscheduled["median"],
+        "two_plain_processes_step_s": coscheduled,
+        "where_the_round_goes": where,
+    }
 
 
 def wire_bytes_ratio(taken: RoundRuns, rounds: int) -> dict:
     """wire_bytes_ratio: bytes per learner and round, from metrics.jsonl, over twice the fp32 parameter bytes."""
     per_learner = [(r["bytes_in"] + r["bytes_out"]) / r["learners"] for r in taken.trained]
     parameter_bytes = sum(p.numel() * 4 for p in build_model("resnet20").parameters())
-    return {"value": statistics.median(per_learner) / (2 * parameter_bytes),
-            "bytes_per_learner_round": statistics.median(per_learner),
-            "os_loopback_bytes_per_learner_round": os_bytes_per_round(taken.samples, 5, rounds - 5) / 2,
-            "parameter_bytes": parameter_bytes}
+    return {
+        "value": statistics.median(per_learner) / (2 * parameter_bytes),
+        "bytes_per_learner_round": statistics.median(per_learner),
+        "os_loopback_bytes_per_learner_round": os_bytes_per_round(taken.samples, 5, rounds - 5) / 2,
+        "parameter_bytes": parameter_bytes,
+    }
 
 
 def throughput_ratio(taken: RoundRuns, coscheduled: dict) -> dict:
     """learner_throughput_ratio: a learner's images/s computing, from its progress lines, over a plain step's."""
     plain_rate = 64 / spread(taken.plain_s)["median"]
     learner_rates = [entry.images_per_s for entry in taken.progress]
-    return {"value": statistics.median(learner_rates) / plain_rate,
-            "federated_images_per_s": spread(learner_rates), "plain_images_per_s": plain_rate,
-            "vs_two_plain_processes_at_once": statistics.median(learner_rates) * coscheduled["median"] / 64}
+    return {
+        "value": statistics.median(learner_rates) / plain_rate,
+        "federated_images_per_s": spread(learner_rates),
+        "plain_images_per_s": plain_rate,
+        "vs_two_plain_processes_at_once": statistics.median(learner_rates) * coscheduled["median"] / 64,
+    }
 
 
 def os_bytes_per_round(samples: list[tuple[int, int]], first: int, last: int) -> float:
@@ -98,12 +118,20 @@ def os_bytes_per_round(samples: list[tuple[int, int]], first: int, last: int) ->
 
 def time_to_accuracy(work: Path, rounds: int, target: float = 0.90) -> dict:
     """Wall time to `target` test accuracy: 2 learners of batch 32 against one process of batch 64."""
-    records, _ = federation_run(work / "tta", 2, ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "32",
-                                                "--eval-every", "10"], until=target)
+    records, _ = federation_run(
+        work / "tta",
+        2,
+        ["--dataset", "synthetic", "--rounds", str(rounds), "--batch-size", "32", "--eval-every", "10"],
+        until=target,
+    )
     federated = seconds_to(records, target)
     central = seconds_to(centralised_records(rounds, 64, target), target)
-    return {"value": federated / central if federated and central else None, "federated_s": federated,
-            "centralised_s": central, "target": target}
+    return {
+        "value": federated / central if federated and central else None,
+        "federated_s": federated,
+        "centralised_s": central,
+        "target": target,
+    }
 
 
 def seconds_to(records: list[dict], target: float) -> float | None:

@@ -41,7 +41,9 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
     def __init__(self, leader_address: str) -> None:
         channel = rpc.channel(leader_address)
         self.stub = leader_pb2_grpc.LeaderServiceStub(channel)
-        state = learner_session.retried(time.monotonic() + SERVER_LIFETIME_S, lambda: learner_session.fetch_model(channel), "GetModel")
+        state = learner_session.retried(
+            time.monotonic() + SERVER_LIFETIME_S, lambda: learner_session.fetch_model(channel), "GetModel"
+        )
         model = build_model(messages.StateInfo.from_payload(state).architecture)
         self.layout = GradientLayout(model)
         flat = torch.randn(self.layout.size) * 1e-3
@@ -50,10 +52,17 @@ class FakeLearner(learner_pb2_grpc.LearnerServiceServicer):
         self.round = messages.round_of(state)
         self.inbox, self.started = learner_service.StateInbox(), threading.Event()
         self.session = ""  # its registration, which the leader's health checks ask about
-        self.server, port = rpc.start_server("127.0.0.1:0", [(learner_service.ADD_LEARNER_SERVICE, self)],
-                                             [rpc.LEARNER_SERVICE], 64 << 20, limits=learner_service.method_limits(60),
-                                             sessions=lambda session: SERVING if session == self.session else None)
-        register = lambda: self.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60)
+        self.server, port = rpc.start_server(
+            "127.0.0.1:0",
+            [(learner_service.ADD_LEARNER_SERVICE, self)],
+            [rpc.LEARNER_SERVICE],
+            64 << 20,
+            limits=learner_service.method_limits(60),
+            sessions=lambda session: SERVING if session == self.session else None,
+        )
+        register = lambda: self.stub.RegisterLearner(
+            leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{port}"), timeout=60
+        )
         reply = learner_session.retried(time.monotonic() + SERVER_LIFETIME_S, register, "RegisterLearner")
         self.learner_id, self.credential = reply.learner_id, rpc.with_credential(reply.credential)
         self.session = rpc.session_id(reply.credential)
@@ -99,13 +108,16 @@ def leader_scale(work: Path, counts: list[int], rounds: int) -> dict:
     results = {str(count): scale_run(work / f"scale{count}", count, rounds) for count in counts}
     model_mb = sum(p.numel() * 4 for p in build_model("resnet20").parameters()) / 2**20
     first, last = results[str(counts[0])], results[str(counts[-1])]
-    return {"value": results, "model_mb": model_mb,
-            "rss_growth_mb": last["leader_peak_rss_mb"] - first["leader_peak_rss_mb"],
-            "anon_growth_mb": last["leader_peak_anon_mb"] - first["leader_peak_anon_mb"],
-            "anon_growth_in_rounds_mb": last["anon_growth_in_rounds_mb"] - first["anon_growth_in_rounds_mb"],
-            "rss_growth_limit_mb": counts[-1] * 1.5 * model_mb,
-            "round_time_growth": last["round_s"]["median"] / first["round_s"]["median"],
-            "learner_growth": counts[-1] / counts[0]}
+    return {
+        "value": results,
+        "model_mb": model_mb,
+        "rss_growth_mb": last["leader_peak_rss_mb"] - first["leader_peak_rss_mb"],
+        "anon_growth_mb": last["leader_peak_anon_mb"] - first["leader_peak_anon_mb"],
+        "anon_growth_in_rounds_mb": last["anon_growth_in_rounds_mb"] - first["anon_growth_in_rounds_mb"],
+        "rss_growth_limit_mb": counts[-1] * 1.5 * model_mb,
+        "round_time_growth": last["round_s"]["median"] / first["round_s"]["median"],
+        "learner_growth": counts[-1] / counts[0],
+    }
 
 
 def scale_run(out: Path, count: int, rounds: int) -> dict:
@@ -114,10 +126,32 @@ def scale_run(out: Path, count: int, rounds: int) -> dict:
     empty_dir(out)
     with open(out / "leader.log", "w") as log:  # the process keeps its own copy of the file
         leader_process = subprocess.Popen(
-            [sys.executable, str(ROOT / "leader.py"), "--learners", str(count), "--dataset", "synthetic",
-             "--rounds", str(rounds), "--batch-size", "1", "--host", "127.0.0.1", "--port", str(port),
-             "--out", str(out), "--threads", "1", "--register-timeout", "120"], env=ENV,
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(ROOT / "leader.py"),
+                "--learners",
+                str(count),
+                "--dataset",
+                "synthetic",
+                "--rounds",
+                str(rounds),
+                "--batch-size",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+                "--register-timeout",
+                "120",
+            ],
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     wait_for_port(port)
     groups = [min(FAKES_PER_PROCESS, count - first) for first in range(0, count, FAKES_PER_PROCESS)]
     fakes = [start_fakes(f"127.0.0.1:{port}", size, out / f"fakes{i}.log") for i, size in enumerate(groups)]
@@ -158,5 +192,9 @@ def watch_memory(process: subprocess.Popen, out: Path, rounds: int) -> dict:
         if before and rounds_done(out / "metrics.jsonl") < rounds:
             during = max(during, anon)
         time.sleep(0.05)
-    return {"leader_peak_rss_mb": peak, "leader_peak_anon_mb": peak_anon, "anon_before_rounds_mb": before,
-            "anon_growth_in_rounds_mb": during - before}
+    return {
+        "leader_peak_rss_mb": peak,
+        "leader_peak_anon_mb": peak_anon,
+        "anon_before_rounds_mb": before,
+        "anon_growth_in_rounds_mb": during - before,
+    }

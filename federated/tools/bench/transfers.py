@@ -49,6 +49,7 @@ RAW_CHUNKS = (256 << 10, 1 << 20, 4 << 20)  # the raw baseline takes its best of
 
 # ---- helper processes -------------------------------------------------------------------------
 
+
 def serve_raw(port: int, total: int, chunk: int) -> None:
     """A bare grpcio server-stream of `total` bytes in `chunk`-byte messages, without protobuf. The chunks are
     distinct, prepared once: like a model's bytes, and unlike one block sent again, they are not in cache."""
@@ -73,10 +74,16 @@ def serve_model(port: int, architecture: str) -> None:
     global_model = GlobalModel(config, 10, strategy, ([0.5] * 3, [0.25] * 3))
     planner = Planner(config, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
     # GetModel is all this server is asked for: no learner registers, so no federation to tell
-    servicer = LeaderServicer(Registry(1, keep_s=30), RoundCollector(1, 1), global_model, None, planner,
-                              None, Evaluations())  # type: ignore[arg-type]
-    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(ADD_LEADER_SERVICE, servicer)],
-                                 [rpc.LEADER_SERVICE], 1 << 20)
+    servicer = LeaderServicer(
+        Registry(1, keep_s=30),
+        RoundCollector(1, 1),
+        global_model,
+        None,
+        planner,
+        None,  # type: ignore[arg-type]
+        Evaluations(),
+    )
+    server, _ = rpc.start_server(f"127.0.0.1:{port}", [(ADD_LEADER_SERVICE, servicer)], [rpc.LEADER_SERVICE], 1 << 20)
     server.wait_for_termination(SERVER_LIFETIME_S)
 
 
@@ -89,6 +96,7 @@ def tcp_source(port: int, total: int) -> None:
 
 
 # ---- the receiving side -----------------------------------------------------------------------
+
 
 def receive_raw(channel: grpc.Channel) -> int:
     """Bytes of one whole bare stream from a _serve-raw server."""
@@ -122,6 +130,7 @@ def tcp_seconds(total: int) -> float:
 
 # ---- the figures ------------------------------------------------------------------------------
 
+
 def model_transfer(repeats: int) -> dict:
     """GetModel of ResNet-18 into a learner's model, against a bare gRPC stream of the same bytes
     (its best chunk size), the two taking turns."""
@@ -129,7 +138,9 @@ def model_transfer(repeats: int) -> dict:
     total = len(codec.encode(model.state_dict()))
     servers, raw_channels, channel = start_servers(total)
     spec = codec.spec_of(model.state_dict())
-    by_chunk = {chunk: statistics.median(timed(partial(receive_raw, raw), repeats)) for chunk, raw in raw_channels.items()}
+    by_chunk = {
+        chunk: statistics.median(timed(partial(receive_raw, raw), repeats)) for chunk, raw in raw_channels.items()
+    }
     best_chunk = min(by_chunk, key=by_chunk.__getitem__)
     get_model = framing.chunk_stream(channel, rpc.LEADER_SERVICE, "GetModel")
     steps = {  # each step adds one piece of the learner's work to the one before
@@ -143,11 +154,18 @@ def model_transfer(repeats: int) -> dict:
         server.kill()
     tcp = spread([tcp_seconds(total) for _ in range(repeats)])
     raw, ours = spread(times["raw_grpc"]), spread(times["plus_finite_check_and_load"])
-    return {"value": raw["median"] / ours["median"], "bytes": total, "ours_s": ours, "raw_grpc_s": raw,
-            "steps_median_s": {name: statistics.median(seconds) for name, seconds in times.items()},
-            "raw_best_chunk": best_chunk, "ours_gbps": total / ours["median"] / 1e9,
-            "raw_grpc_gbps": total / raw["median"] / 1e9, "raw_tcp_gbps": total / tcp["median"] / 1e9,
-            "raw_grpc_by_chunk_gbps": {str(size): total / seconds / 1e9 for size, seconds in by_chunk.items()}}
+    return {
+        "value": raw["median"] / ours["median"],
+        "bytes": total,
+        "ours_s": ours,
+        "raw_grpc_s": raw,
+        "steps_median_s": {name: statistics.median(seconds) for name, seconds in times.items()},
+        "raw_best_chunk": best_chunk,
+        "ours_gbps": total / ours["median"] / 1e9,
+        "raw_grpc_gbps": total / raw["median"] / 1e9,
+        "raw_tcp_gbps": total / tcp["median"] / 1e9,
+        "raw_grpc_by_chunk_gbps": {str(size): total / seconds / 1e9 for size, seconds in by_chunk.items()},
+    }
 
 
 def start_servers(total: int) -> tuple[list[subprocess.Popen], dict[int, grpc.Channel], grpc.Channel]:
@@ -185,6 +203,8 @@ def serialization(repeats: int) -> dict:
     results = {}
     for name, (encode, decode) in codecs.items():
         data = encode()
-        results[name] = {"encode_gbps": size / spread(timed(encode, repeats))["median"] / 1e9,
-                         "decode_gbps": size / spread(timed(partial(decode, data), repeats))["median"] / 1e9}
+        results[name] = {
+            "encode_gbps": size / spread(timed(encode, repeats))["median"] / 1e9,
+            "decode_gbps": size / spread(timed(partial(decode, data), repeats))["median"] / 1e9,
+        }
     return {"value": results, "bytes": size}
