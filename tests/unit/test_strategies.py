@@ -220,6 +220,20 @@ def test_fedprox_adds_mu_times_the_distance_from_the_global_weights_to_each_grad
     assert not torch.allclose(expected, without_mu)  # the proximal term made a difference
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_a_learner_follows_the_plans_proximal_term_whatever_its_strategy(strategy):
+    # Every local strategy's plan carries mu on the wire, and a learner has always applied it when it is not 0
+    # (FedProx's leader is the one that sends it; this one's SCAFFOLD controls are zero, so only mu acts).
+    model = small_net()
+    steps = [batch(8, seed) for seed in range(3)]
+    controls = Controls(sum(p.numel() for p in model.parameters())) if strategy == "scaffold" else None
+    plan = fedavg_plan(0.1, steps=3, weight_decay=0.0, strategy=strategy, mu=0.5)
+    flat, layout = local_pseudo_gradient(model, steps, plan, controls)
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = manual_steps(model, steps, 0.1, lambda index, p, origin: 0.5 * (p - origin))
+    torch.testing.assert_close(flat[: layout.parameter_count], start - expected)
+
+
 def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2():
     model = small_net()
     steps = [batch(8, seed) for seed in range(3)]

@@ -8,7 +8,7 @@ gradient, or the pseudo-gradient w0 - w of local training), then the BatchNorm s
 change of the learner's control variate; statistics are averaged and copied, never passed through an optimizer.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -160,8 +160,9 @@ class LocalTraining(Strategy):
 
     @classmethod
     def hooks(cls, layout: GradientLayout, plan: TrainingPlan, controls: Any) -> LocalHooks:
-        """What this strategy adds to the local steps (nothing: plain local SGD)."""
-        return LocalHooks()
+        """What this strategy adds to the local steps: the plan's proximal term, if it has one (FedProx's; a plan
+        of any local strategy may carry mu, and a learner follows it)."""
+        return Proximal(plan.mu)
 
     @classmethod
     def local_update(
@@ -174,6 +175,25 @@ class LocalTraining(Strategy):
         controls: Any = None,
     ) -> float:
         return train_locally(model, layout, flat, batch_at, plan, cls.hooks(layout, plan, controls))
+
+
+class Proximal(LocalHooks):
+    """The plan's proximal term (FedProx, Li et al. 2020): the gradient of mu/2 ||w - w0||^2 added to each local
+    step's; nothing when mu is 0."""
+
+    def __init__(self, mu: float) -> None:
+        self.mu = mu
+
+    def after_backward(
+        self,
+        gradient: torch.Tensor,
+        grads: Sequence[torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        start: Sequence[torch.Tensor],
+    ) -> None:
+        if self.mu:
+            for grad, weight, origin in zip(grads, weights, start):
+                grad.add_(weight - origin, alpha=self.mu)
 
 
 class ServerOptimizer(torch.optim.Optimizer):

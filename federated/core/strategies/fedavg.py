@@ -2,15 +2,11 @@
 2017); with server momentum (FedAvgM, Hsu et al. 2019); with a proximal term on the learners (FedProx, Li et al.
 2020)."""
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from federated.core.layout import GradientLayout
-from federated.core.plan import TrainingPlan
 from federated.core.strategies.base import LocalTraining, registry
-from federated.core.training import LocalHooks
 
 DEFAULT_SERVER_MOMENTUM = 0.9
 DEFAULT_MU = 0.01
@@ -56,23 +52,6 @@ class FedAvgM(FedAvg):
         return f"{super().describe(base_lr)}, server momentum {self.server_momentum:g}"
 
 
-class Proximal(LocalHooks):
-    """FedProx's term: the gradient of mu/2 ||w - w0||^2 added to each local step's."""
-
-    def __init__(self, mu: float) -> None:
-        self.mu = mu
-
-    def after_backward(
-        self,
-        gradient: torch.Tensor,
-        grads: Sequence[torch.Tensor],
-        weights: Sequence[torch.Tensor],
-        start: Sequence[torch.Tensor],
-    ) -> None:
-        for grad, weight, origin in zip(grads, weights, start):
-            grad.add_(weight - origin, alpha=self.mu)
-
-
 @registry.register("fedprox")
 class FedProx(FedAvg):
     """A proximal term mu on the learners keeps local training near the round's global weights."""
@@ -85,7 +64,3 @@ class FedProx(FedAvg):
 
     def describe(self, base_lr: float) -> str:
         return f"{super().describe(base_lr)}, mu {self.mu:g}"
-
-    @classmethod
-    def hooks(cls, layout: GradientLayout, plan: TrainingPlan, controls: Any) -> LocalHooks:
-        return Proximal(plan.mu) if plan.mu else LocalHooks()

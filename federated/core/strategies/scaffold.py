@@ -11,7 +11,7 @@ import torch
 from federated.core.layout import GradientLayout
 from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep
-from federated.core.strategies.base import registry
+from federated.core.strategies.base import Proximal, registry
 from federated.core.strategies.fedavg import FedAvg
 from federated.core.training import LocalHooks
 
@@ -31,12 +31,14 @@ class Controls:
         self.own.add_(change)
 
 
-class Correction(LocalHooks):
-    """c - c_i added to each local gradient; the raw gradients summed, so that the new c_i is their mean: what
-    option II's (w0 - w) / (K lr) - c + c_i equals under plain SGD, and still right with client momentum, weight
-    decay or a learning rate of zero. The update's control part carries c_i+ - c_i."""
+class Correction(Proximal):
+    """c - c_i added to each local gradient (after the plan's proximal term, if any); the raw gradients summed, so
+    that the new c_i is their mean: what option II's (w0 - w) / (K lr) - c + c_i equals under plain SGD, and still
+    right with client momentum, weight decay or a learning rate of zero. The update's control part carries
+    c_i+ - c_i."""
 
-    def __init__(self, layout: GradientLayout, controls: Controls) -> None:
+    def __init__(self, layout: GradientLayout, controls: Controls, mu: float = 0.0) -> None:
+        super().__init__(mu)
         self.layout, self.controls = layout, controls
         self.correction = controls.server - controls.own
         self.gradient_sum = torch.zeros(layout.parameter_count, device=controls.own.device)
@@ -49,6 +51,7 @@ class Correction(LocalHooks):
         start: Sequence[torch.Tensor],
     ) -> None:
         self.gradient_sum.add_(gradient)
+        super().after_backward(gradient, grads, weights, start)
         gradient.add_(self.correction)
 
     def finish(self, flat: torch.Tensor, steps: int) -> None:
@@ -92,7 +95,7 @@ class Scaffold(FedAvg):
 
     @classmethod
     def hooks(cls, layout: GradientLayout, plan: TrainingPlan, controls: Any) -> LocalHooks:
-        return Correction(layout, controls)
+        return Correction(layout, controls, plan.mu)
 
 
 def control_problem(control: torch.Tensor, change: torch.Tensor, weights_norm: float) -> str | None:
