@@ -342,10 +342,10 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
     return CommandLine(vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv))))
 
 
-def refuse(prog: str, problems: list[str]) -> typing.NoReturn:
-    """Exit as argparse does on a bad flag (status 2), saying every problem and where help is."""
+def refuse(prog: str, problems: list[str], status: int = 2) -> typing.NoReturn:
+    """Exit as argparse does on a bad flag (status 2 unless told), saying every problem and where help is."""
     sys.stderr.write(f"{prog}: error: {'; '.join(problems)}\n{prog}: see {prog} --help\n")
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def choice_problems(config: Any) -> list[str]:
@@ -370,7 +370,8 @@ def bounds_problems(config: Any) -> list[str]:
 
 
 def scope_problems(config: Any, given: Iterable[str]) -> list[str]:
-    """Flags named on the command line that mean nothing under the chosen values of their choosers."""
+    """Flags named on the command line that mean nothing under the chosen values of their choosers (a resume
+    passes only those given with a value other than its checkpoint's: repeating one changes nothing)."""
     by_name = {field.name: field for field in fields(type(config))}
     problems = []
     for name in given:
@@ -390,17 +391,16 @@ def trajectory(config: Any) -> dict[str, Any]:
 
 
 def resume_values(config_type: type, given: dict[str, Any], saved: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The flag values of a resumed run: the checkpoint's trajectory flags (a flag a checkpoint predates takes
-    its default, which is what runs before it did), then what the command line gave; and every trajectory flag
-    given with a value other than the checkpoint's, described."""
+    """The flag values of a resumed run: the checkpoint's trajectory flags, then what the command line gave; and
+    every trajectory flag given with a value other than the checkpoint's, described. A flag a checkpoint predates
+    takes its default, which is what runs before it existed did: a flag whose default changes must keep its old
+    value for such checkpoints."""
     values, conflicts = {}, []
     for field in fields(config_type):
         if not field.flag.trajectory:
             continue
-        if field.name in saved:
-            values[field.name] = saved[field.name]
-        if field.name in given and given[field.name] != values.get(field.name, field.default):
-            conflicts.append(
-                f"{field.option} {given[field.name]} (the checkpoint has {values.get(field.name, field.default)})"
-            )
+        recorded = saved[field.name] if field.name in saved else field.default_value()
+        values[field.name] = recorded
+        if field.name in given and given[field.name] != recorded:
+            conflicts.append(f"{field.option} {given[field.name]} (the checkpoint has {recorded})")
     return {**values, **given}, conflicts

@@ -185,7 +185,7 @@ class Leader:
         """Serve and train to the end; return the exit status (1: stalled for lack of learners)."""
         server = self.serve()
         metrics = MetricsLog(
-            self.out / "metrics.jsonl", append=self.config.resume is not None, tensorboard=self.config.tensorboard
+            self.out / "metrics.jsonl", append=bool(self.config.resume), tensorboard=self.config.tensorboard
         )
         status, total = 0, self.planner.schedule.total_rounds
         try:

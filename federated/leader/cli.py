@@ -22,7 +22,7 @@ def build(given: CommandLine) -> "Leader":
         checkpoint,
     )
 
-    saved = checkpoint.load(given.values["resume"]) if "resume" in given.values else None
+    saved = checkpoint.load(given.values["resume"]) if given.values.get("resume") else None
     return app.Leader(flags.configure(given, saved["config"] if saved else None), saved)
 
 

@@ -541,8 +541,8 @@ def command_line(argv: Sequence[str] | None = None) -> CommandLine:
 def configure(given: CommandLine, saved: dict[str, Any] | None = None) -> LeaderConfig:
     """The run's configuration: over the defaults, a resumed run's checkpoint flags (saved), then what the
     command line gave; SystemExit saying what to change when the result makes no sense."""
-    values = dict(given.values)
-    if saved is not None:
+    values, changed = dict(given.values), given.given
+    if saved is not None:  # (refusals of a resume exit 1, as they always did; those of a new run 2, as argparse's)
         values, conflicts = resume_values(LeaderConfig, values, saved)
         if conflicts:
             refuse(
@@ -551,14 +551,14 @@ def configure(given: CommandLine, saved: dict[str, Any] | None = None) -> Leader
                     f"--resume {given.values['resume']}: {', '.join(conflicts)}; a resumed run keeps the "
                     "flags it was started with: leave these out, or start a new run with another --out"
                 ],
+                status=1,
             )
+        changed = frozenset(name for name in changed if name not in saved or saved[name] != values[name])
     config = LeaderConfig(**values)
-    problems = choice_problems(config) or [*scope_problems(config, given.given), *run_problems(config, saved)]
+    problems = choice_problems(config) or [*scope_problems(config, changed), *run_problems(config, saved)]
     if problems:
-        refuse(
-            "leader.py",
-            [f"--resume {config.resume}: {problem}" if saved is not None else problem for problem in problems],
-        )
+        where = f"--resume {config.resume}: " if saved is not None else ""
+        refuse("leader.py", [where + problem for problem in problems], status=1 if saved is not None else 2)
     return config
 
 
@@ -595,7 +595,7 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
     if config.dataset == "none" and config.num_classes is None:
         problems.append("--dataset none needs --num-classes (the leader has no data to count them in)")
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
-        problems.append(f"--resume {config.resume} continues in {config.resume}: leave out --out")
+        problems.append(f"a resumed run continues in {config.resume}: leave out --out")
     return problems + model_problems(config)
 
 

@@ -59,7 +59,7 @@ class Settings:
             config.register_timeout,
             config.sync_timeout,
             config.rejoin_grace,
-            config.resume is not None,
+            bool(config.resume),
             config.output_dir,
             config.dataset == "none",
         )

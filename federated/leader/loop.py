@@ -195,7 +195,9 @@ class RoundLoop:
             self.registry.records(),
             self.sampler,
             self.federation.participants,
-            flags.trajectory(self.config),
+            # the classes the model tells apart: the dataset's where --num-classes was left out, as checkpoints
+            # have always recorded, so that a resume may repeat the number
+            {**flags.trajectory(self.config), "num_classes": model.info.num_classes},
             facts.record() if facts else None,
         )
         checkpoint.save_atomically(state, self.out / "checkpoint.pt")

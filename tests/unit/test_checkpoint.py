@@ -158,3 +158,24 @@ def test_a_robust_run_resumes_with_resume_alone_its_min_learners_derived_from_th
     leader.rounds.save_checkpoint(0)
     resumed = leader_from(["--resume", str(tmp_path)])
     assert resumed.config.aggregator == "median" and resumed.federation.settings.min_learners == 3
+
+
+def test_a_resume_may_repeat_the_checkpoints_values_even_of_flags_its_choices_leave_unread(tmp_path):
+    leader = leader_from(["--dataset", "synthetic", "--out", str(tmp_path)])
+    leader.rounds.save_checkpoint(0)
+    # an iid run reads no --alpha, and --num-classes was the dataset's: repeating either changes nothing
+    resumed = leader_from(["--resume", str(tmp_path), "--alpha", "0.5", "--num-classes", "10"])
+    assert (resumed.config.num_classes, resumed.config.alpha) == (10, 0.5)
+
+
+def test_a_resume_refused_exits_1_as_it_always_did_and_a_bad_new_run_2(capsys):
+    with pytest.raises(SystemExit) as resumed:
+        leader_config(["--resume", "runs/x", "--lr", "0.2"], saved_config(lr=0.3))
+    with pytest.raises(SystemExit) as new:
+        leader_config(["--strategy", "fedavg", "--lr", "0.2"])
+    assert (resumed.value.code, new.value.code) == (1, 2)
+
+
+def test_a_checkpoint_that_predates_a_flag_resumes_with_its_default_even_a_lazy_one(capsys):
+    older = {key: value for key, value in saved_config().items() if key != "image_size"}
+    assert leader_config(["--resume", "runs/x", "--image-size", "32"], older).image_size == 32
