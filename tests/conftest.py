@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from federated.tools import launch
 from tests.support.certs import make_certs
 
 TESTS = Path(__file__).resolve().parent
@@ -30,6 +31,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(TIERS)}}}/, by tier")
         item.add_marker(tier)
+
+
+@pytest.fixture
+def port() -> int:
+    """A free port on localhost for the test's server or leader."""
+    return launch.free_port()
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,9 @@ that starts one fails, saying so; the session's certificates are made before, by
 
 import pytest
 
-from federated.tools import launch
 from tests.support.tiers import forbid_processes
 
 
 @pytest.fixture(autouse=True)
 def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     forbid_processes(monkeypatch)
-
-
-@pytest.fixture
-def port() -> int:
-    """A free port on localhost for the test's server."""
-    return launch.free_port()
