@@ -204,7 +204,7 @@ class Learner:
 
     def __init__(self, config: LearnerConfig, member_type: Callable[..., Member] = Member) -> None:
         """Raises DatasetError at once when --data-dir does not hold --dataset. member_type makes the Member that
-        joins (tests/hostile_learner.py's attackers are Members of their own)."""
+        joins (tests/peers/hostile_learner.py's attackers are Members of their own)."""
         self.config, self.member_type = config, member_type
         self.local = LocalData(config) if config.dataset else None  # before any connection: a mistake fails fast
         self.session = LeaderSession(config)

@@ -263,7 +263,8 @@ class LeaderSession:
             raise LeaderUnreachable(
                 f"no answer from the leader at {self.config.leader} within --connect-timeout "
                 f"{self.config.connect_timeout:.0f} s ({reason_of(error)}). Is leader.py running there, and does "
-                "--leader give its address? Start it first, or give a longer --connect-timeout."
+                "--leader give its address? Start it (again, with --resume to continue a stopped run), or give a "
+                "longer --connect-timeout."
             ) from None
 
     def register(

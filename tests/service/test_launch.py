@@ -1,5 +1,5 @@
-"""launch.py as `make demo` uses it: the learners start once the leader listens, everything on loopback, and
-servers say the port they got."""
+"""A server that listens beyond loopback says the port it really got (launch.py's demo binds loopback; the rest of
+launch.py is tested with processes, in tests/e2e/test_launch.py)."""
 
 import logging
 

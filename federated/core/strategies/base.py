@@ -1,6 +1,6 @@
 """What every strategy is: the registry, the base class, local training's base class and its server optimizer.
 
-A strategy class is what both sides know of an algorithm. The leader builds one from its flags (from_config):
+A strategy class is what both sides know of an algorithm. The leader builds one from its flags (`Strategy(config)`):
 it owns the defaults and checks of the flags it reads, the plan it sends learners each round, the optimizer
 that applies the round's aggregate, and what it adds to a checkpoint. A learner looks the class up by the name
 in its plan and calls local_update. Updates are flat vectors in a layout.GradientLayout: the model part (a
