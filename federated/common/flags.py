@@ -86,7 +86,9 @@ class Flag:
     metavar: str | None = None
     trajectory: bool = False  # shapes the training trajectory: recorded in checkpoints, must match on resume
     scope: Scope | None = None
-    default_text: str | None = None  # what an unset optional flag means, for help ("default: ...")
+    # what an unset optional flag means, for help ("default: ..."); a function where the text lives in a module
+    # importing torch (a strategy's own default)
+    default_text: str | Callable[[], str] | None = None
     secret: bool = False  # never echoed (a token)
 
 
@@ -119,6 +121,15 @@ class Field:
 
     def default_value(self) -> Any:
         return self.default.resolve() if isinstance(self.default, Lazy) else self.default
+
+    def default_description(self) -> str | None:
+        """What --help and the reference say the default is; None where there is nothing to say (no default)."""
+        text = self.flag.default_text
+        if text is not None:
+            return text() if callable(text) else text
+        if self.default is None or self.type is bool or self.flag.secret:
+            return None
+        return str(self.default_value())
 
 
 def fields(config_type: type) -> list[Field]:
@@ -187,6 +198,9 @@ class _Help(argparse.Action):
             if action.help and "%(choices_text)s" in action.help:
                 action.help = action.help.replace("%(choices_text)s", ", ".join(action.choices or ()))
             field = getattr(action, "field", None)
+            if field is not None and action.help and "%(default_text)s" in action.help:
+                said = (field.default_description() or "").replace("%", "%%")
+                action.help = action.help.replace("%(default_text)s", said)
             if field is not None and field.flag.scope is not None:
                 action.help = f"{action.help} [{scope_text(field, parser.fields)}]"  # type: ignore[attr-defined]
         parser.print_help()
@@ -275,12 +289,13 @@ def scope_text(field: Field, others: list[Field]) -> str:
 
 def _argument(field: Field, role: str) -> dict[str, Any]:
     """add_argument's keywords for a field."""
-    help_text = field.flag.help.replace("{role}", role) + _default_text(field)
+    # argparse formats help with %: the texts are escaped, the placeholders --help fills in are not
+    help_text = field.flag.help.replace("{role}", role).replace("%", "%%") + _default_text(field)
     if field.type is bool:
         return {"action": "store_true", "help": help_text}
     keywords: dict[str, Any] = {
         "type": _converter(field),
-        "help": help_text.replace("%", "%%"),
+        "help": help_text,
         "metavar": field.flag.metavar or metavar(field),
     }
     choices = field.flag.choices
@@ -298,13 +313,11 @@ def metavar(field: Field) -> str:
 
 
 def _default_text(field: Field) -> str:
-    if field.flag.default_text:
-        return f" (default: {field.flag.default_text})"
-    if isinstance(field.default, Lazy):
-        return ""
-    if field.default is None or field.type is bool or field.flag.secret:
-        return ""
-    return f" (default: {field.default})"
+    """The help's default note: said now, or (lazy, from a module importing torch) when --help prints."""
+    if callable(field.flag.default_text) or isinstance(field.default, Lazy):
+        return " (default: %(default_text)s)"
+    text = field.default_description()
+    return f" (default: {text.replace('%', '%%')})" if text is not None else ""
 
 
 def _converter(field: Field) -> Callable[[str], Any]:

@@ -113,6 +113,51 @@ def _aggregator_reads(name: str) -> tuple[str, ...]:
     return aggregation.rules.named(name).flags
 
 
+def _image_size_text() -> str:
+    return f"{_image_size()}, CIFAR-10's"
+
+
+def _lr_text() -> str:
+    from federated.core.strategies.base import BASE_LR, REFERENCE_BATCH
+
+    return f"{BASE_LR:g} x total batch / {REFERENCE_BATCH}, the linear scaling rule"
+
+
+def _client_lr_text() -> str:
+    from federated.core.strategies.base import BASE_LR, REFERENCE_BATCH
+
+    return f"{BASE_LR:g} x --batch-size / {REFERENCE_BATCH}"
+
+
+def _local_epochs_text() -> str:
+    from federated.core.strategies.base import DEFAULT_LOCAL_EPOCHS
+
+    return f"{DEFAULT_LOCAL_EPOCHS:g}"
+
+
+def _server_lr_text() -> str:
+    """Each local strategy's default server learning rate, those alike together."""
+    from federated.core import strategies
+
+    by_text: dict[str, list[str]] = {}
+    for name in strategies.names():
+        if issubclass(strategy := strategies.named(name), strategies.LocalTraining):
+            by_text.setdefault(strategy.default_server_lr_text(), []).append(name)
+    return "; ".join(f"{text} for {', '.join(names)}" for text, names in by_text.items())
+
+
+def _server_momentum_text() -> str:
+    from federated.core.strategies.fedavg import DEFAULT_SERVER_MOMENTUM
+
+    return f"{DEFAULT_SERVER_MOMENTUM:g}"
+
+
+def _mu_text() -> str:
+    from federated.core.strategies.fedavg import DEFAULT_MU
+
+    return f"{DEFAULT_MU:g}"
+
+
 STRATEGY = Scope("strategy", _strategy_reads)
 AGGREGATOR = Scope("aggregator", _aggregator_reads)
 PARTITION = Scope("partition", _partition_reads)
@@ -194,7 +239,7 @@ class LeaderConfig(SecurityFlags, Config):
         group="data",
         bounds=_image_sizes,
         trajectory=True,
-        default_text="32, CIFAR-10's",
+        default_text=_image_size_text,
     )
     partition: str = option(
         "iid",
@@ -270,7 +315,7 @@ class LeaderConfig(SecurityFlags, Config):
         bounds=POSITIVE,
         scope=STRATEGY,
         trajectory=True,
-        default_text="0.1 x total batch / 128, the linear scaling rule",
+        default_text=_lr_text,
     )
     momentum: float = option(
         0.9, "FedSGD's momentum on the leader", group="strategy", bounds=FRACTION, scope=STRATEGY, trajectory=True
@@ -290,7 +335,7 @@ class LeaderConfig(SecurityFlags, Config):
         bounds=POSITIVE,
         scope=STRATEGY,
         trajectory=True,
-        default_text="1",
+        default_text=_local_epochs_text,
     )
     local_steps: int | None = option(
         None,
@@ -307,7 +352,7 @@ class LeaderConfig(SecurityFlags, Config):
         bounds=Bounds(0, MAX_CLIENT_LR, low_open=True),
         scope=STRATEGY,
         trajectory=True,
-        default_text="0.1 x --batch-size / 128",
+        default_text=_client_lr_text,
     )
     client_momentum: float = option(
         0.9,
@@ -324,11 +369,16 @@ class LeaderConfig(SecurityFlags, Config):
         bounds=POSITIVE,
         scope=STRATEGY,
         trajectory=True,
-        default_text="1; fedavgm 1 - momentum; 0.1 for fedadagrad and "
-        "0.01 for fedadam and fedyogi, as Reddi et al. tuned for CIFAR-10",
+        default_text=_server_lr_text,
     )
     server_momentum: float | None = option(
-        None, "server momentum", group="strategy", bounds=FRACTION, scope=STRATEGY, trajectory=True, default_text="0.9"
+        None,
+        "server momentum",
+        group="strategy",
+        bounds=FRACTION,
+        scope=STRATEGY,
+        trajectory=True,
+        default_text=_server_momentum_text,
     )
     beta1: float = option(
         0.9,
@@ -356,7 +406,7 @@ class LeaderConfig(SecurityFlags, Config):
         bounds=Bounds(0, MAX_MU),
         scope=STRATEGY,
         trajectory=True,
-        default_text="0.01",
+        default_text=_mu_text,
     )
     aggregator: str = option(
         "mean",

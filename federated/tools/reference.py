@@ -84,9 +84,11 @@ def flag_tables(
 
 
 def _reference_row(field: Field, others: list[Field], role: str) -> str:
-    default = field.flag.default_text or (
-        "off" if field.type is bool else "unset" if field.default is None else f"`{field.default_value()}`"
-    )
+    said = field.default_description()
+    if field.flag.default_text is not None:
+        default = said or ""
+    else:
+        default = "off" if field.type is bool else f"`{said}`" if said else "unset"
     notes = []
     choices = field.choices()
     if choices:

@@ -20,7 +20,10 @@ from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep
 from federated.core.training import Batch, LocalHooks, train_locally
 
-REFERENCE_BATCH = 128  # the learning rates the papers give hold at this batch; scaled linearly from it
+# The default learning rate, BASE_LR at a batch of REFERENCE_BATCH images, scaled linearly with the batch (Goyal et
+# al. 2017's rule): FedSGD's batch is every learner's together, a local step's one learner's.
+BASE_LR, REFERENCE_BATCH = 0.1, 128
+DEFAULT_LOCAL_EPOCHS = 1.0
 
 registry: Registry[type["Strategy"]] = Registry("strategy")
 
@@ -117,6 +120,11 @@ class LocalTraining(Strategy):
         return cls.default_server_lr
 
     @classmethod
+    def default_server_lr_text(cls) -> str:
+        """The default server learning rate, as --help says it."""
+        return f"{cls.default_server_lr:g}"
+
+    @classmethod
     def problems(cls, config: Any) -> list[str]:
         return (
             ["give --local-epochs or --local-steps, not both"]
@@ -126,12 +134,12 @@ class LocalTraining(Strategy):
 
     @classmethod
     def steps_per_round(cls, config: Any, steps_per_epoch: int) -> int:
-        return config.local_steps or max(1, round((config.local_epochs or 1.0) * steps_per_epoch))
+        return config.local_steps or max(1, round((config.local_epochs or DEFAULT_LOCAL_EPOCHS) * steps_per_epoch))
 
     @classmethod
     def peak_lr(cls, config: Any) -> float:
         # each learner steps on its own batch: the linear scaling rule for one learner's batch
-        return config.client_lr if config.client_lr is not None else 0.1 * config.batch_size / REFERENCE_BATCH
+        return config.client_lr if config.client_lr is not None else BASE_LR * config.batch_size / REFERENCE_BATCH
 
     def plan(self, steps: int, lr: float, participants: tuple[int, ...] | None, evaluate: bool) -> TrainingPlan:
         return TrainingPlan(

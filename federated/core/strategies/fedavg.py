@@ -37,6 +37,10 @@ class FedAvgM(FedAvg):
         1 with momentum 0.9 diverged on the synthetic set)."""
         return 1.0 - cls.momentum_of(config)
 
+    @classmethod
+    def default_server_lr_text(cls) -> str:
+        return "1 - the server momentum"
+
     def optimizer_settings(self) -> dict[str, float]:
         return {"lr": self.server_lr, "momentum": self.server_momentum}
 

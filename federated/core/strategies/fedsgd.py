@@ -10,7 +10,7 @@ from torch import nn
 from federated.core.layout import GradientLayout
 from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep, make_optimizer
-from federated.core.strategies.base import REFERENCE_BATCH, Strategy, registry
+from federated.core.strategies.base import BASE_LR, REFERENCE_BATCH, Strategy, registry
 from federated.core.training import Batch, compute_gradient
 
 
@@ -33,7 +33,9 @@ class FedSGD(Strategy):
     @classmethod
     def peak_lr(cls, config: Any) -> float:
         # the round's batch is every learner's together: the linear scaling rule for the total batch
-        return config.lr if config.lr is not None else 0.1 * config.learners * config.batch_size / REFERENCE_BATCH
+        if config.lr is not None:
+            return config.lr
+        return BASE_LR * config.learners * config.batch_size / REFERENCE_BATCH
 
     def plan(self, steps: int, lr: float, participants: tuple[int, ...] | None, evaluate: bool) -> TrainingPlan:
         return TrainingPlan(participants=participants, evaluate=evaluate)
