@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from federated.common.flags import CommandLine
-from federated.leader import config as flags
+from federated.leader import config as leader_flags
 
 if TYPE_CHECKING:
     from federated.leader.app import Leader
@@ -23,11 +23,11 @@ def build(given: CommandLine) -> "Leader":
     )
 
     saved = checkpoint.load(given.values["resume"]) if given.values.get("resume") else None
-    return app.Leader(flags.configure(given, saved["config"] if saved else None), saved)
+    return app.Leader(leader_flags.configure(given, saved["config"] if saved else None), saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    given = flags.command_line(argv)  # a wrong flag is refused before torch is imported
+    given = leader_flags.command_line(argv)  # a wrong flag is refused before torch is imported
     import torch
 
     import utils

@@ -10,6 +10,7 @@ import torch
 
 import utils
 from federated.core import partition
+from federated.leader.config import LeaderConfig
 from federated.wire import codec, framing
 from federated.wire.messages import DataSummary, ShardInfo
 
@@ -58,7 +59,7 @@ class LeaderData:
     facts: DataFacts
 
 
-def load(config, out: Path) -> LeaderData:
+def load(config: LeaderConfig, out: Path) -> LeaderData:
     """Load --dataset and split it among the learners (partition.json and .png in out show how); the facts'
     shard size is the mean shard (sizes the leader knows, not claims: an epoch is as many images as the dataset
     holds). Raises utils.DatasetError saying what to change."""

@@ -9,6 +9,7 @@ from federated.core.layout import GradientLayout, wire_state
 from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep
 from federated.core.strategies import Strategy
+from federated.leader.config import LeaderConfig
 from federated.wire import codec, framing
 from federated.wire.messages import StateInfo
 from model import build_model, load_initial_weights
@@ -19,7 +20,11 @@ class GlobalModel:
     applies (mean_gradient, which backs the parameters' .grad) and the encoded state learners take."""
 
     def __init__(
-        self, config, num_classes: int, strategy: Strategy, normalisation: tuple[list[float], list[float]] = ([], [])
+        self,
+        config: LeaderConfig,
+        num_classes: int,
+        strategy: Strategy,
+        normalisation: tuple[list[float], list[float]] = ([], []),
     ) -> None:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, num_classes, config.norm)

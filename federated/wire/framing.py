@@ -70,6 +70,10 @@ def without_protobuf_copies(
 class _HandlerCapture:
     """Stands in for a server to catch the method handlers a generated add_XServicer_to_server registers."""
 
+    def __init__(self) -> None:
+        self.service: str = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
     def add_generic_rpc_handlers(self, handlers) -> None:
         pass
 

@@ -1,5 +1,5 @@
-"""Objects are complete when built: no class of the learner first sets an attribute outside __init__ (what
-exists only later, such as the model after the leader's first state, lives in an object built from it)."""
+"""Objects are complete when built: no class of the package first sets an attribute outside __init__ (what exists
+only later, such as the learner's model after the leader's first state, lives in an object built from it)."""
 
 import ast
 
@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.processes import ROOT
 
-CHECKED = sorted((ROOT / "federated" / "learner").glob("*.py"))
+CHECKED = sorted((ROOT / "federated").rglob("*.py"))
 
 
 def self_attributes(function: ast.FunctionDef) -> set[str]:
@@ -40,8 +40,8 @@ def attributes_set_late(source: str) -> dict[str, set[str]]:
     return late
 
 
-@pytest.mark.parametrize("path", CHECKED, ids=lambda path: path.name)
-def test_the_learners_objects_are_complete_when_built(path):
+@pytest.mark.parametrize("path", CHECKED, ids=lambda path: str(path.relative_to(ROOT)))
+def test_objects_are_complete_when_built(path):
     assert attributes_set_late(path.read_text()) == {}
 
 
