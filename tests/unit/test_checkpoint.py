@@ -179,3 +179,24 @@ def test_a_resume_refused_exits_1_as_it_always_did_and_a_bad_new_run_2(capsys):
 def test_a_checkpoint_that_predates_a_flag_resumes_with_its_default_even_a_lazy_one(capsys):
     older = {key: value for key, value in saved_config().items() if key != "image_size"}
     assert leader_config(["--resume", "runs/x", "--image-size", "32"], older).image_size == 32
+
+
+@pytest.mark.parametrize(
+    "name, strategy, rounds_done",
+    [("checkpoint-fedadam-round7.pt", "fedadam", 7), ("checkpoint-scaffold-round5.pt", "scaffold", 5)],
+)
+def test_a_server_optimizers_moments_and_scaffolds_control_written_before_the_layout_resume(
+    tmp_path, name, strategy, rounds_done
+):
+    shutil.copy(DATA / name, tmp_path / "checkpoint.pt")
+    resumed = leader_from(["--resume", str(tmp_path)])
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert resumed.collector.round == rounds_done and resumed.config.strategy == strategy
+    state = resumed.global_model.optimizer.state_dict()["state"]
+    if strategy == "fedadam":  # a first and a second moment of every trainable parameter
+        assert all(set(moments) == {"momentum_buffer", "variance"} for moments in saved["optimizer"]["state"].values())
+        assert len(state) == len(list(resumed.global_model.model.parameters()))
+    for index, moments in saved["optimizer"]["state"].items():
+        assert all(torch.equal(state[index][key], tensor) for key, tensor in moments.items())
+    if strategy == "scaffold":
+        assert resumed.strategy.control.abs().sum() > 0 and torch.equal(resumed.strategy.control, saved["control"])
