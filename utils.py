@@ -131,14 +131,33 @@ def cifar10(data_dir: Path, train: bool) -> ImageSet:
     return ImageSet(images, torch.tensor(dataset.targets, dtype=torch.int64), len(dataset.classes))
 
 
+def check_dataset(name: str, data_dir: str | Path) -> None:
+    """Raise DatasetError, saying what is missing, unless dataset name's training images are under data_dir. Only
+    looks, so that a process can check its data before anything else; CIFAR-10, when absent, is downloaded now
+    (or the error says where to get it)."""
+    root = Path(data_dir)
+    if name == "imagefolder":
+        train = _split_folder(root, "train")
+        if not any(entry.is_dir() and any(entry.iterdir()) for entry in train.iterdir()):
+            raise DatasetError(f"no images in class folders under {train}: imagefolder expects {train}/<class>/<image>")
+    elif name == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
+        cifar10(root, train=True)
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """root/split of an image folder tree; DatasetError if there is none."""
+    folder = root / split
+    if not folder.is_dir():
+        raise DatasetError(f"no folder {folder}: imagefolder expects {root}/train/<class>/* and {root}/test/<class>/*")
+    return folder
+
+
 def image_folder(root: Path, train: bool, image_size: int = IMAGE_SIZE) -> ImageSet:
     """An ImageFolder tree root/{train,test}/<class>/<image>; images of any size and mode (grayscale, RGBA,
     palette) become image_size x image_size RGB."""
     from torchvision.datasets import ImageFolder
 
-    split = root / ("train" if train else "test")
-    if not split.is_dir():
-        raise DatasetError(f"no folder {split}: imagefolder expects {root}/train/<class>/* and {root}/test/<class>/*")
+    split = _split_folder(root, "train" if train else "test")
     try:
         folder = ImageFolder(str(split), allow_empty=True)  # a skewed share may lack a class, not its folder
     except (FileNotFoundError, OSError) as error:

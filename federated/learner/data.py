@@ -2,7 +2,6 @@
 from the leader and their checks; the batches it trains on."""
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -18,23 +17,13 @@ TRY_SOME = "python launch.py --write-digits DIR writes such folders to try"
 
 
 def check_data_dir(dataset: str, data_dir: str) -> None:
-    """Raise DatasetError, saying what to give, unless dataset's files are where the learner will read them.
-    Only looks (loading waits for the leader's image size), except that CIFAR-10, when absent, is downloaded now."""
-    root = Path(data_dir)
-    if dataset == "imagefolder":
-        train = root / "train"
-        if not train.is_dir():
-            raise utils.DatasetError(
-                f"--dataset imagefolder: no folder {train}. Give --data-dir the folder that holds "
-                f"train/<class>/<image> (and test/<class>/<image> to evaluate on); {TRY_SOME}"
-            )
-        if not any(entry.is_dir() and any(entry.iterdir()) for entry in train.iterdir()):
-            raise utils.DatasetError(
-                f"--dataset imagefolder: no images in class folders under {train}: it must hold "
-                f"one folder of images per class, {train}/<class>/<image>; {TRY_SOME}"
-            )
-    elif dataset == "cifar10" and not (root / "cifar-10-batches-py").is_dir():
-        utils.cifar10(root, train=True)  # downloads it, or says where to get it
+    """Raise DatasetError, saying what to give, unless dataset's files are where the learner will read them (only
+    looks: loading waits for the leader's image size; CIFAR-10, when absent, is downloaded now)."""
+    try:
+        utils.check_dataset(dataset, data_dir)
+    except utils.DatasetError as error:
+        hint = f"; give --data-dir the folder that holds it ({TRY_SOME})" if dataset == "imagefolder" else ""
+        raise utils.DatasetError(f"--dataset {dataset}: {error}{hint}") from None
 
 
 class LocalData:

@@ -33,7 +33,7 @@ def test_a_wait_says_what_it_waits_for_once_then_how_it_goes_at_most_every_inter
 def test_an_image_folder_needs_a_folder_of_images_per_class_to_pass_the_check(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "cat.png").write_bytes(b"")  # images straight in train/, no class folders
-    with pytest.raises(utils.DatasetError, match="one folder of images per class"):
+    with pytest.raises(utils.DatasetError, match="no images in class folders"):
         data.check_data_dir("imagefolder", str(tmp_path))
     utils.write_image_folder(tmp_path, "train", utils.digits().subset(torch.arange(20)))
     data.check_data_dir("imagefolder", str(tmp_path))
