@@ -25,6 +25,9 @@ WAIT_LOG_INTERVAL_S = 10.0
 # A wait that retries says what it waits for once, then how it goes at most this often: logging each retry
 # wrote 60 identical lines in the first 5 minutes of a learner started without its leader.
 PROGRESS_INTERVAL_S = 30.0
+# A leader that answers "busy, retry shortly" (two learners of one address asking for the model at once) is no
+# news until it has gone on this long
+BUSY_QUIET_S = 5.0
 RPC_TIMEOUT_S = 60.0
 HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whether it still counts this learner
 # Calls from the leader may arrive before this learner has read the reply to its registration: they wait
@@ -145,9 +148,11 @@ class Progress:
         self.started = clock()
         self.logged: float | None = None  # when it last said something
 
-    def failed(self, reason: str) -> None:
-        """One more attempt failed for reason."""
+    def failed(self, reason: str, busy: bool = False) -> None:
+        """One more attempt failed for reason (busy: the leader answered, asking to retry shortly)."""
         now = self.clock()
+        if self.logged is None and busy and now - self.started < BUSY_QUIET_S:
+            return
         if self.logged is None:
             limit = f"for up to {self.deadline - now:.0f} s" + (f" ({self.flag})" if self.flag else "")
             log.info("waiting for %s %s: %s", self.waiting_for, limit, reason)
@@ -186,7 +191,8 @@ def retry_until(
         except (grpc.RpcError, LeaderLost) as error:
             if (isinstance(error, grpc.RpcError) and error.code() not in codes) or time.monotonic() + delay > deadline:
                 raise
-            progress.failed(reason_of(error))
+            busy = isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            progress.failed(reason_of(error), busy)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
     return None

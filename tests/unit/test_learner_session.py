@@ -30,6 +30,23 @@ def test_a_wait_says_what_it_waits_for_once_then_how_it_goes_at_most_every_inter
     ]
 
 
+def test_a_busy_leader_is_no_news_for_a_few_seconds_but_a_refused_connection_is_said_at_once(caplog):
+    now = [100.0]
+    progress = session.Progress("the leader at 127.0.0.1:50051", deadline=400.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="learner"):
+        progress.failed("GetModel calls from this caller are already in progress; retry shortly", busy=True)
+        now[0] += session.BUSY_QUIET_S - 1
+        progress.failed("GetModel calls from this caller are already in progress; retry shortly", busy=True)
+        assert caplog.records == []  # a learner beside another, both fetching the model
+        now[0] += 1
+        progress.failed("GetModel calls from this caller are already in progress; retry shortly", busy=True)
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == ["waiting for the leader at 127.0.0.1"]
+    refused = session.Progress("the leader at 127.0.0.1:50051", deadline=400.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="learner"):
+        refused.failed("connection refused")
+    assert len(caplog.records) == 2
+
+
 def test_an_image_folder_needs_a_folder_of_images_per_class_to_pass_the_check(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "cat.png").write_bytes(b"")  # images straight in train/, no class folders
