@@ -13,6 +13,7 @@ fills in no defaults) over the fields' defaults, and never written to afterwards
 import argparse
 import dataclasses
 import difflib
+import shutil
 import sys
 import types
 import typing
@@ -102,8 +103,7 @@ class Field:
     """One flag of a configuration: its name (the field's), type, default and Flag."""
 
     name: str
-    type: type
-    optional: bool  # None is a valid value: the flag may be left unset
+    type: type  # the value's type (int for int | None: an optional flag may also be left unset)
     default: Any
     flag: Flag
 
@@ -137,17 +137,15 @@ def fields(config_type: type) -> list[Field]:
     hints = typing.get_type_hints(config_type)
     found = []
     for field in dataclasses.fields(config_type):
-        kind, optional = _base_type(hints[field.name])
-        found.append(Field(field.name, kind, optional, field.default, field.metadata["flag"]))
+        found.append(Field(field.name, _base_type(hints[field.name]), field.default, field.metadata["flag"]))
     return found
 
 
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """int for int, (int, optional) for int | None."""
+def _base_type(hint: Any) -> type:
+    """int for int, and for int | None."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        members = [member for member in typing.get_args(hint) if member is not type(None)]
-        return members[0], True
-    return hint, False
+        return next(member for member in typing.get_args(hint) if member is not type(None))
+    return hint
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -163,8 +161,6 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def _terminal_width() -> int:
-    import shutil
-
     return shutil.get_terminal_size((100, 24)).columns
 
 
@@ -213,7 +209,7 @@ class _LazyChoices:
     def __init__(self, choices: Callable[[], Sequence[str]]) -> None:
         self.resolve = lambda: tuple(choices())
 
-    def __contains__(self, value: object) -> bool:  # checked after parsing instead (see check_choices)
+    def __contains__(self, value: object) -> bool:  # checked after parsing instead (see choice_problems)
         return True
 
     def __iter__(self) -> Iterator[str]:  # argparse's usage line iterates choices: show a placeholder, not an import
