@@ -636,11 +636,11 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
         and config.min_learners > config.learners_per_round
     ):
         problems.append("--min-learners exceeds --learners-per-round")
-    needed = rule.from_config(config).minimum_updates()
-    if min(per_round, min_learners(config)) < needed:
+    needed, least = minimum_updates(config), min_learners(config)
+    if min(per_round, least) < needed:
         problems.append(
             f"{config.aggregator} outvotes a hostile learner with at least {needed} updates in a round; "
-            f"the run has {per_round} learners a round and --min-learners {min_learners(config)}"
+            f"the run has {per_round} learners a round and --min-learners {least}"
         )
     if config.dataset == "none" and config.num_classes is None:
         problems.append("--dataset none needs --num-classes (the leader has no data to count them in)")
@@ -665,7 +665,12 @@ def min_learners(config: LeaderConfig) -> int:
     hostile one (at most a round's learners)."""
     if config.min_learners is not None:
         return config.min_learners
+    needed = minimum_updates(config)
+    return 1 if needed == math.inf else int(min(needed, config.learners_per_round or config.learners))
+
+
+def minimum_updates(config: LeaderConfig) -> float:
+    """The fewest updates with which the run's aggregation rule outvotes a hostile one."""
     from federated.core import aggregation
 
-    needed = aggregation.rules.named(config.aggregator).from_config(config).minimum_updates()
-    return 1 if needed == math.inf else int(min(needed, config.learners_per_round or config.learners))
+    return aggregation.rules.named(config.aggregator).from_config(config).minimum_updates()
