@@ -199,7 +199,7 @@ def probe_verdict(call: grpc.Future) -> tuple[str, str]:
     whose health service knows no sessions (a peer of the article's protos) are there: something answered."""
     error = call.exception()
     if error is None:
-        if call.result().status == health_pb2.HealthCheckResponse.SERVING:
+        if call.result(timeout=0).status == health_pb2.HealthCheckResponse.SERVING:  # (done: called back after it)
             return THERE, "serving"
         return GONE, "its health service says it no longer holds this registration"
     code = error.code()

@@ -73,7 +73,7 @@ WATCHDOG = Watchdog()
 
 def idle_bounded(items: Iterator, seconds: float, cancel: Callable[[], None]) -> Iterator:
     """The items, calling cancel if waiting for the next one takes more than seconds (a stalled stream)."""
-    while True:
+    while True:  # each wait is bounded by the watchdog's deadline; the stream's end returns
         with WATCHDOG.deadline(seconds, cancel):
             try:
                 item = next(items)

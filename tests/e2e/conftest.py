@@ -7,10 +7,9 @@ import pytest
 
 from federated.net import guard
 from federated.tools import launch
-from tests.support.certs import tls_flags
+from tests.support.certs import TOKEN, tls_flags
 from tests.support.processes import SYNTHETIC_RUN, run_federation
 
-TOKEN = "s3cret-token"
 # A run over mutual TLS with the token from the environment; float16 on the wire, whose bytes a test compares
 # with the synthetic run's float32 ones
 TLS_RUN = ["--dataset", "synthetic", "--rounds", "20", "--batch-size", "16", "--wire-dtype", "float16"]

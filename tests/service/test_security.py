@@ -8,10 +8,8 @@ from federated.learner import app as learner_module
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from federated.wire import codec
-from tests.support.certs import tls_flags
+from tests.support.certs import TOKEN, tls_flags
 from tests.support.live import leader_from, learner_config
-
-TOKEN = "s3cret-token"
 
 
 def security(certs, name: str | None, token: str | None = None) -> rpc.Security:

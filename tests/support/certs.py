@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tests.support.processes import ROOT
 
+TOKEN = "s3cret-token"  # the shared secret of the tests that require one
+
 
 def make_certs(directory: Path, sans: str = "") -> Path:
     """Throw-away certificates in directory, as `make certs SANS=...` makes them (certs.sh), also naming sans
