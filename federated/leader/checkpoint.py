@@ -29,10 +29,11 @@ def snapshot(
     data: dict | None = None,
 ) -> dict:
     """Everything a resume needs after rounds_done: the model, the optimizer's state (momentum, or a server
-    optimizer's moments), the strategy's own (SCAFFOLD's control), each slot's address and credential (its
-    learner takes it back), the random states and the open round's sampled participants, the trajectory flags,
-    and the data's normalisation and typical shard size (a leader without data learned them from its learners).
-    Learners' positions in their shards are a function of the round and the seed, so the round restores them."""
+    optimizer's moments), the strategy's own (SCAFFOLD's control), each slot's address, credential and data
+    summary (its learner takes it back, with the images it declared), the random states and the open round's
+    sampled participants, the trajectory flags, and the data's normalisation and typical shard size (a leader
+    without data learned them from its learners). Learners' positions in their shards are a function of the
+    round and the seed, so the round restores them."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

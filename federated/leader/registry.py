@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
@@ -96,7 +96,7 @@ class Registry:
     on it; rounds count on starting and active learners. Only the holder's credential re-registers a slot
     (it may then change address); a newcomer gets a slot never taken, or a dropped one whose holder the
     leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
-    checkpoint start dropped and kept for their holders."""
+    checkpoint start dropped and kept for their holders, with the data summaries they were taken with."""
 
     def __init__(
         self, capacity: int, keep_s: float, restored: Sequence[dict] = (), reregister_s: float = REREGISTER_INTERVAL_S
@@ -112,6 +112,7 @@ class Registry:
                 record.get("certificate"),
                 state=DROPPED,
                 kept_until=kept_until,
+                data=DataSummary(**record["data"]) if record.get("data") else None,  # (older checkpoints: none)
                 reached_at=record["address"],
             )
             for index, record in enumerate(restored)
@@ -250,10 +251,16 @@ class Registry:
             return None if slot is None else NOT_SERVING if slot.state == DROPPED else SERVING
 
     def records(self) -> list[dict]:
-        """Every slot's address, credential and certificate, for a checkpoint."""
+        """Every slot's address, credential, certificate and data summary (as a dict), for a checkpoint: a
+        resumed leader keeps the summary each slot was taken with, as a running one does."""
         with self._changed:
             return [
-                {"address": slot.address, "credential": slot.credential, "certificate": slot.certificate}
+                {
+                    "address": slot.address,
+                    "credential": slot.credential,
+                    "certificate": slot.certificate,
+                    "data": asdict(slot.data) if slot.data else None,
+                }
                 for slot in self._slots
             ]
 

@@ -1,5 +1,6 @@
 """The leader's files: checkpoints checked on resume and flushed to disk, earlier runs kept, flags checked."""
 
+import dataclasses
 import os
 import shutil
 
@@ -9,6 +10,7 @@ import torch
 from federated.common import flags
 from federated.leader import checkpoint
 from federated.learner import config as learner_config
+from federated.wire.messages import DataSummary
 from tests.support.live import leader_config, leader_from
 from tests.support.processes import ROOT
 
@@ -149,15 +151,37 @@ def test_a_checkpoint_written_before_the_package_layout_resumes_where_it_stopped
     )
 
 
-def test_a_robust_run_resumes_with_resume_alone_its_min_learners_derived_from_the_checkpoints_flags(tmp_path):
-    # The default of --min-learners depends on --aggregator: derived before the checkpoint's aggregator was
-    # adopted, it was mean's 1, and the resume was refused unless --min-learners was given again.
-    leader = leader_from(
-        ["--dataset", "synthetic", "--learners", "5", "--aggregator", "median", "--out", str(tmp_path)]
-    )
+@pytest.mark.parametrize(
+    "run, least",
+    [
+        (["--aggregator", "median"], 3),
+        (["--aggregator", "trimmed-mean", "--trim", "0.2"], 5),
+        (["--aggregator", "krum", "--byzantine", "1"], 5),
+        (["--strategy", "fedavg", "--aggregator", "median", "--learners-per-round", "4"], 3),
+        (["--strategy", "scaffold", "--learners-per-round", "2"], 1),
+    ],
+)
+def test_a_robust_sampled_or_scaffold_run_resumes_with_resume_alone(tmp_path, run, least):
+    # The default of --min-learners depends on --aggregator (and --learners-per-round): derived before the
+    # checkpoint's flags were adopted, it was mean's 1, and the resume was refused unless --min-learners was given
+    # again.
+    leader = leader_from(["--dataset", "synthetic", "--learners", "5", *run, "--out", str(tmp_path)])
     leader.rounds.save_checkpoint(0)
     resumed = leader_from(["--resume", str(tmp_path)])
-    assert resumed.config.aggregator == "median" and resumed.federation.settings.min_learners == 3
+    assert flags.trajectory(resumed.config) == torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert resumed.federation.settings.min_learners == leader.federation.settings.min_learners == least
+    assert resumed.collector.rule.minimum_updates() == leader.collector.rule.minimum_updates()
+
+
+def test_a_resumed_leader_keeps_the_data_summary_each_slot_was_taken_with(tmp_path):
+    leader = leader_from(["--dataset", "none", "--num-classes", "10", "--out", str(tmp_path)])
+    declared = DataSummary(100, 40, (50.0,) * 3, (30.0,) * 3)
+    member, _ = leader.registry.register("127.0.0.1:7040", data=declared)
+    leader.rounds.save_checkpoint(0)
+    resumed = leader_from(["--resume", str(tmp_path)])  # (the checkpoint is read with weights_only)
+    more = dataclasses.replace(declared, eval_samples=10**9)  # to weigh more in the learners' evaluation
+    resumed.registry.register("127.0.0.1:7040", member.credential, data=more)
+    assert resumed.registry.summaries() == {0: declared}
 
 
 def test_a_resume_may_repeat_the_checkpoints_values_even_of_flags_its_choices_leave_unread(tmp_path):
