@@ -163,6 +163,46 @@ def test_a_killed_and_resumed_run_follows_the_uninterrupted_one(killed_leader_ru
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
 
+# FedAvg with the median over 3 of 4 learners sampled each round: the median needs 3 updates to outvote a hostile
+# one, so --min-learners defaults to 3, a default the resume derives again from the checkpoint's flags
+ROBUST_SAMPLED_RUN = [
+    "--learners",
+    "4",
+    "--learners-per-round",
+    "3",
+    "--strategy",
+    "fedavg",
+    "--aggregator",
+    "median",
+    "--local-steps",
+    "4",
+    "--rounds",
+    "16",
+    "--batch-size",
+    "16",
+    "--image-size",
+    "16",
+    "--checkpoint-every",
+    "4",
+]
+
+
+def test_a_killed_fedavg_median_sampled_run_resumes_with_resume_alone_and_finishes(tmp_path):
+    port = launch.free_port()
+    leader = start_leader(tmp_path, port, *ROBUST_SAMPLED_RUN)
+    learners = [start_learner(tmp_path, f"learner{index}", port) for index in range(4)]
+    leader = kill_and_resume(leader, tmp_path, port, 5)  # no training flag: they come from the checkpoint
+    codes = launch.wait_all([leader, *learners], 300)
+    assert codes == [0] * 5, logs(tmp_path)
+    rounds = [record for record in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in record]
+    assert [record["round"] for record in rounds] == list(range(1, 17)), logs(tmp_path)
+    assert all(record["learners"] >= 3 and "discarded" not in record for record in rounds), rounds
+    resumed_at = re.search(r"resuming from the checkpoint at round (\d+)", (tmp_path / "leader.log").read_text())
+    assert resumed_at and 4 <= int(resumed_at.group(1)) < 16, logs(tmp_path)
+    for index in range(4):  # each takes its slot back, sampled or not
+        assert f"rejoined at round {resumed_at.group(1)}" in (tmp_path / f"learner{index}.log").read_text()
+
+
 def test_resuming_a_finished_run_trains_nothing_and_releases_its_learner(synthetic_run, tmp_path):
     finished, codes = synthetic_run
     assert codes == [0, 0, 0], logs(finished)
