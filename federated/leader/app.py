@@ -97,7 +97,8 @@ class Leader:
 
     @property
     def stopping(self) -> threading.Event:
-        """Set it to finish the round, checkpoint, tell the learners and exit."""
+        """Set it to stop: a round still waiting for updates is given up (a resume does it again); then checkpoint
+        the rounds done, tell the learners and exit."""
         return self.federation.stopping
 
     def restore(self, saved: dict) -> int:

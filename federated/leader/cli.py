@@ -42,6 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (utils.DatasetError, rpc.SecurityError) as error:
         log.error("%s", error)
         return 2
-    for signum in (signal.SIGINT, signal.SIGTERM):  # finish the round, checkpoint, tell the learners, exit 0
+    for signum in (signal.SIGINT, signal.SIGTERM):  # give up the open round, checkpoint, tell the learners, exit 0
         signal.signal(signum, lambda *_: leader.stopping.set())
     return leader.run()

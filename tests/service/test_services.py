@@ -9,6 +9,7 @@ import re
 import socket
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import grpc
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from federated.leader.metrics import MetricsLog
 from federated.learner import app as learner_module
 from federated.learner import data as learner_data
 from federated.learner import session as learner_session
@@ -27,6 +29,7 @@ from federated.net import rpc
 from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
 from federated.wire import codec, framing
+from federated.wire.messages import StateInfo
 from tests.support.live import LR, LiveLeader, learner_config, model_hash
 
 
@@ -272,6 +275,29 @@ def test_a_finite_but_absurd_update_is_discarded_before_it_wrecks_the_run(live, 
     summary, refused = live.close_round()
     assert summary.learners == 2 and "the step would change" in refused, refused
     assert model_hash(live.leader.global_model.model) == before
+
+
+def test_a_stop_request_gives_up_the_open_round_and_checkpoints_the_rounds_done(live):
+    # SIGINT and SIGTERM set leader.stopping (federated/leader/cli.py); the round loop looks at it while it waits
+    # for a round's updates, as Leader.run then stops: an update already in is not applied, a resume redoes the round
+    credentials = live.enrol(2)
+    assert live.accumulate(live.gradient(0), credentials[0]).success  # learner 1's never comes
+    before, leader = model_hash(live.leader.global_model.model), live.leader
+    with ThreadPoolExecutor(1) as pool:
+        rounds = pool.submit(leader.rounds.train, MetricsLog(leader.out / "metrics.jsonl"))
+        deadline = time.monotonic() + 10
+        while leader.collector.missing() != [1] and time.monotonic() < deadline:  # round 0 waits for learner 1
+            time.sleep(0.05)
+        leader.stopping.set()
+        assert rounds.result(timeout=10) == 0
+    leader.stop(0)
+    saved = torch.load(leader.out / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 0 and model_hash(leader.global_model.model) == before
+    assert all(
+        torch.equal(saved["model"][name], value) for name, value in leader.global_model.model.state_dict().items()
+    )
+    assert StateInfo.from_payload(codec.decode(leader.global_model.encoded_state)).stopped
+    assert (leader.out / "metrics.jsonl").read_text() == ""  # no round was recorded
 
 
 def test_starting_a_learner_never_holds_up_the_round_loop(tmp_path, port):
