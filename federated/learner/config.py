@@ -4,7 +4,6 @@ Choices from modules that import torch (datasets) are functions, called after pa
 flag is refused before torch loads.
 """
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +13,6 @@ from federated.common.flags import (
     Bounds,
     CommandLine,
     Config,
-    Lazy,
     Parser,
     build_parser,
     choice_problems,
@@ -30,11 +28,6 @@ def _datasets() -> tuple[str, ...]:
     import utils
 
     return utils.DATASETS
-
-
-def _memory_gib() -> float:
-    """This machine's physical memory, in GiB."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / (1 << 30)
 
 
 GROUPS = {
@@ -136,15 +129,15 @@ class LearnerConfig(SecurityFlags, Config):
     max_local_steps: int = option(
         100_000, "the most local steps a round this learner takes for its leader", group="limits", bounds=Bounds(1)
     )
-    max_memory: float = option(
-        Lazy(_memory_gib),
+    max_memory: float | None = option(
+        None,
         "GiB this learner may spend on the leader's model, a batch's activations and the images at the leader's "
         "size (at least what they take, estimated from the model's shapes); also the most it buffers of a model "
         "state or shard",
         group="limits",
         bounds=POSITIVE,
         metavar="GIB",
-        default_text="this machine's memory",
+        default_text="this machine's memory, and its GPU's when it trains on one",
     )
 
     leader_name: str = option(

@@ -4,11 +4,13 @@ and before a model is built or an image resized, so that a hostile leader's plan
 instead of exhausting the learner."""
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from federated.common import runtime
 from federated.core.checks import TensorSpec
 from federated.core.plan import TrainingPlan
 from federated.learner.config import LearnerConfig
@@ -76,6 +78,13 @@ def training_need(info: messages.StateInfo, described: TensorSpec) -> Need:
     return Need(parameters, info.batch_size * activation_bytes(model, info.image_size))
 
 
+def machine_memory(device: torch.device) -> int:
+    """This machine's physical memory, and the GPU's when device is one (activations live there): --max-memory's
+    default, which refuses only what cannot fit at all."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return ram + (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0)
+
+
 def payload_bytes(described: TensorSpec) -> int:
     """The bytes of the tensors a payload's header describes."""
     return sum(math.prod(shape) * dtype.itemsize for dtype, shape in described.values())
@@ -103,7 +112,7 @@ class Limits:
             config.max_image_size,
             config.max_batch_size,
             config.max_local_steps,
-            int(config.max_memory * GIB),
+            int(config.max_memory * GIB) if config.max_memory else machine_memory(runtime.pick_device(config.device)),
             local_images,
         )
 
