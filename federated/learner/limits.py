@@ -141,10 +141,11 @@ class Limits:
         beyond(info.batch_size, self.batch_size, f"batches of {info.batch_size} images", "--max-batch-size")
         self.check_plan(info.plan)
         need = training_need(info, described)
+        own = f" on its {self.local_images} images" if self.local_images else ""
         self.check_memory(
             Need(need.parameters, need.activations, image_bytes(self.local_images, size)),
-            f"training the leader's {info.architecture[:64]} in batches of {info.batch_size} on "
-            f"{self.local_images} images of {size}x{size} pixels",
+            f"training the leader's {info.architecture[:64]} in batches of {info.batch_size} at {size}x{size} "
+            f"pixels{own}",
         )
 
     def shard_admission(self, info: messages.StateInfo, state: TensorSpec) -> codec.Admit:
