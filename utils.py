@@ -5,10 +5,14 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +20,7 @@ DATASETS = ("cifar10", "synthetic", "imagefolder")
 IMAGE_SIZE = 32  # CIFAR-10's and the synthetic set's; --image-size resizes any dataset to another
 MAX_IMAGE_SIZE = 1024
 SYNTHETIC_SIZES = {True: 10_000, False: 2_000}  # train, test
+DATASET_SIZES = {"cifar10": {True: 50_000, False: 10_000}, "synthetic": SYNTHETIC_SIZES}  # all but image folders
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -155,21 +160,37 @@ def _split_folder(root: Path, split: str) -> Path:
 def image_folder(root: Path, train: bool, image_size: int = IMAGE_SIZE) -> ImageSet:
     """An ImageFolder tree root/{train,test}/<class>/<image>; images of any size and mode (grayscale, RGBA,
     palette) become image_size x image_size RGB."""
-    from torchvision.datasets import ImageFolder
-
     split = _split_folder(root, "train" if train else "test")
-    try:
-        folder = ImageFolder(str(split), allow_empty=True)  # a skewed share may lack a class, not its folder
-    except (FileNotFoundError, OSError) as error:
-        raise DatasetError(f"cannot read images under {split}: {error}") from None
-    if not folder.samples:
-        raise DatasetError(f"no images under {split}")
+    folder = _listed(split)
     train_classes = sorted(entry.name for entry in (root / "train").iterdir() if entry.is_dir())
     if folder.classes != train_classes:
         raise DatasetError(f"{split} has classes {folder.classes}, but {root / 'train'} has {train_classes}")
     images = np.stack([_load_rgb(path, image_size) for path, _ in folder.samples]).transpose(0, 3, 1, 2)
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), labels, len(folder.classes))
+
+
+def _listed(split: Path) -> "ImageFolder":
+    """The images of an image folder's split, listed (not read); DatasetError if there are none."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(str(split), allow_empty=True)  # a skewed share may lack a class, not its folder
+    except (FileNotFoundError, OSError) as error:
+        raise DatasetError(f"cannot read images under {split}: {error}") from None
+    if not folder.samples:
+        raise DatasetError(f"no images under {split}")
+    return folder
+
+
+def dataset_size(name: str, data_dir: str | Path, train: bool) -> int:
+    """How many images load_dataset(name, data_dir, train) gives, without reading them (so that what they cost at
+    another size can be known before they are resized); DatasetError where load_dataset would raise it."""
+    if name == "imagefolder":
+        return len(_listed(_split_folder(Path(data_dir), "train" if train else "test")).samples)
+    if name not in DATASET_SIZES:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return DATASET_SIZES[name][train]
 
 
 def _load_rgb(path: str, size: int) -> np.ndarray:
@@ -279,6 +300,12 @@ def _take(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch
     return images[batch, channel, rows.view(count, 1, -1, 1), cols.view(count, 1, 1, -1)]
 
 
+def seeded(seed: int) -> torch.Generator:
+    """A generator seeded with seed modulo 2**64, the seeds torch takes: seeds mixed from a run's seed, a learner
+    and a round (which a leader names) may go beyond them, and a seed below them is itself."""
+    return torch.Generator().manual_seed(seed % 2**64)
+
+
 class BatchSchedule:
     """Which samples of a shard make up round r's batch: a fresh seeded shuffle every epoch.
 
@@ -296,13 +323,13 @@ class BatchSchedule:
         """The shard indices of the batch for round_index."""
         epoch, step = divmod(round_index, self.batches_per_epoch)
         if epoch != self._epoch:
-            rng = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            rng = seeded(self.seed * 1_000_003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.shard_size, generator=rng)
         return self._order[step * self.batch_size : (step + 1) * self.batch_size]
 
     def augmentation_rng(self, round_index: int) -> torch.Generator:
         """A generator seeded for round_index's crops and flips."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + 7_919 * round_index + 1)
+        return seeded(self.seed * 1_000_003 + 7_919 * round_index + 1)
 
 
 def training_batch(

@@ -40,10 +40,16 @@ class Bounds:
 
     def __str__(self) -> str:
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        low, high = _number(self.low), _number(self.high)
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value: float | None) -> str:
+    """A bound as help shows it: integers in full (a seed's 4294967295), other numbers short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 POSITIVE = Bounds(0, low_open=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
+MAX_SEED = 2**32 - 1  # a run's --seed, as a state carries it: 32 bits, like numpy's seeds
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from federated.core.plan import (
     MAX_CLIENT_MOMENTUM,
     MAX_LEARNERS,
     MAX_MU,
+    MAX_SEED,
     MAX_WEIGHT_DECAY,
 )
 from federated.net.guard import IDLE_TIMEOUT_S
@@ -473,7 +474,11 @@ class LeaderConfig(SecurityFlags, Config):
         trajectory=True,
     )
     seed: int = option(
-        0, "seed for the model, the shards, sampling and the learners' batches", group="schedule", trajectory=True
+        0,
+        "seed for the model, the shards, sampling and the learners' batches",
+        group="schedule",
+        bounds=Bounds(0, MAX_SEED),
+        trajectory=True,
     )
     eval_every: int = option(
         0,

@@ -10,6 +10,7 @@ import utils
 from federated.core.training import Batch
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
+from federated.learner.limits import Limits
 from federated.learner.servicer import LearnerServer
 from federated.learner.session import LeaderLost, LeaderSession
 from federated.learner.state import Replica
@@ -60,7 +61,10 @@ class Member:
     def fetch_shard(self) -> utils.ImageSet:
         """This slot's shard of the leader's data."""
         info = self.replica.info
-        data = shard_from_payload(self.session.fetch_shard(self.server.address), info.num_classes, info.image_size)
+        admit = self.session.limits.shard_admission(info, self.replica.spec)
+        data = shard_from_payload(
+            self.session.fetch_shard(self.server.address, admit), info.num_classes, info.image_size
+        )
         log.info("received a shard of %d images from the leader", len(data))
         return data
 
@@ -207,7 +211,7 @@ class Learner:
         joins (tests/peers/hostile_learner.py's attackers are Members of their own)."""
         self.config, self.member_type = config, member_type
         self.local = LocalData(config) if config.dataset else None  # before any connection: a mistake fails fast
-        self.session = LeaderSession(config)
+        self.session = LeaderSession(config, Limits.of(config, self.local.images if self.local else 0))
 
     def connect(self) -> Member | codec.Payload:
         """Take the leader's model, start serving, register and get the data: this learner as a Member; the
@@ -224,6 +228,7 @@ class Learner:
             self.session.credential,
             replica.spec,
             len(state.buffer) + rpc.ENVELOPE_BYTES,
+            self.session.limits,
         )
         try:
             return self.member_type(self.config, self.session, server, replica, self.local, deadline)

@@ -35,6 +35,8 @@ GROUPS = {
     "data": "A learner trains on a shard the leader sends, or with --dataset on images of its own that never leave it.",
     "process": "",
     "timeouts": "Every wait is bounded; these say how long.",
+    "limits": "What this learner takes on for its leader, checked on each model state and shard before anything "
+    "is allocated: a leader that asks for more is refused (exit 2) with the flag that would allow it.",
     "security": "",
 }
 
@@ -116,6 +118,26 @@ class LearnerConfig(SecurityFlags, Config):
         group="timeouts",
         bounds=POSITIVE,
         metavar="S",
+    )
+
+    max_image_size: int = option(
+        512, "the largest --image-size of a leader this learner trains for", group="limits", bounds=Bounds(1)
+    )
+    max_batch_size: int = option(
+        4096, "the largest --batch-size of a leader this learner trains for", group="limits", bounds=Bounds(1)
+    )
+    max_local_steps: int = option(
+        100_000, "the most local steps a round this learner takes for its leader", group="limits", bounds=Bounds(1)
+    )
+    max_memory: float | None = option(
+        None,
+        "GiB this learner may spend on the leader's model, a batch's activations and the images at the leader's "
+        "size (at least what they take, estimated from the model's shapes); also the most it buffers of a model "
+        "state or shard",
+        group="limits",
+        bounds=POSITIVE,
+        metavar="GIB",
+        default_text="this machine's memory, and its GPU's when it trains on one",
     )
 
     leader_name: str = option(

@@ -27,7 +27,7 @@ def check_data_dir(dataset: str, data_dir: str) -> None:
 
 
 class LocalData:
-    """This learner's own images (--dataset): their folder checked at construction, before the leader is
+    """This learner's own images (--dataset): their folder checked and counted at construction, before the leader is
     contacted; loaded once the leader's model says the image size and classes."""
 
     def __init__(self, config: LearnerConfig) -> None:
@@ -35,6 +35,17 @@ class LocalData:
         assert config.dataset is not None
         self.dataset, self.data_dir, self.eval_fraction = config.dataset, config.data_dir, config.eval_fraction
         check_data_dir(self.dataset, self.data_dir)
+        self.images = utils.dataset_size(self.dataset, self.data_dir, train=True) + self.held_out_split()
+
+    def held_out_split(self) -> int:
+        """How many images of the dataset's test split load will hold out (none with --eval-fraction, or without
+        one): with the training images, what the leader's image size multiplies."""
+        if self.eval_fraction:
+            return 0
+        try:
+            return utils.dataset_size(self.dataset, self.data_dir, train=False)
+        except utils.DatasetError:
+            return 0
 
     def load(self, info: messages.StateInfo) -> tuple[utils.ImageSet, utils.ImageSet | None]:
         """The local training images at the leader's image size, and those held out for evaluation: a

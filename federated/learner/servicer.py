@@ -9,6 +9,7 @@ import grpc
 
 from federated.core.checks import TensorSpec
 from federated.learner.config import LearnerConfig
+from federated.learner.limits import Limits
 from federated.learner.session import LeaderCredential
 from federated.net import guard, rpc
 from federated.net.rpc import learner_pb2, learner_pb2_grpc
@@ -88,9 +89,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         started: threading.Event,
         credential: LeaderCredential,
         leader_name: str | None,
+        limits: Limits,
     ) -> None:
+        """limits: what this learner takes on; a pushed state whose plan asks for more is refused."""
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
-        self.credential, self.leader_name = credential, leader_name
+        self.credential, self.leader_name, self.limits = credential, leader_name, limits
 
     def check_caller(self, context: grpc.ServicerContext) -> None:
         """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
@@ -116,7 +119,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             codec.check_matches(payload, self.state_spec)
             round_index = messages.round_of(payload)
             if not messages.is_final(payload):  # a final state carries no plan
-                messages.plan_from_metadata(payload.metadata)
+                self.limits.check_plan(messages.plan_from_metadata(payload.metadata))
         except codec.PayloadError as error:
             log.warning("rejected a model state: %s", error)
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
@@ -146,11 +149,13 @@ class LearnerServer:
         credential: LeaderCredential,
         state_spec: TensorSpec,
         max_message_bytes: int,
+        limits: Limits,
     ) -> None:
-        """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes."""
+        """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes; limits:
+        what this learner takes on for its leader."""
         self.inbox, self.started = StateInbox(), threading.Event()
         servicer = LearnerServicer(
-            state_spec, self.inbox, self.started, credential, config.leader_name if security.ca else None
+            state_spec, self.inbox, self.started, credential, config.leader_name if security.ca else None, limits
         )
         self.server, self.port = rpc.start_server(
             f"{config.host}:{config.port}",

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federated.learner.config import LearnerConfig
+from federated.learner.limits import Limits
 from federated.net import guard, rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc
 from federated.wire import codec, framing, messages
@@ -20,7 +21,9 @@ from federated.wire import codec, framing, messages
 log = logging.getLogger("learner")
 T = TypeVar("T")
 
-MAX_STREAM_BYTES = 4 << 30  # largest model or data shard a learner will buffer from GetModel/GetData
+# The most receive_stream buffers when its caller names no limit (tools); a learner's own limit is --max-memory,
+# and what it admits of a model state or shard before buffering it (learner/limits.py) is less.
+MAX_STREAM_BYTES = 4 << 30
 WAIT_LOG_INTERVAL_S = 10.0
 # A wait that retries says what it waits for once, then how it goes at most this often: logging each retry
 # wrote 60 identical lines in the first 5 minutes of a learner started without its leader.
@@ -107,11 +110,13 @@ class LeaderCredential:
         return None
 
     def matches(self, given: str | None) -> bool:
-        """Whether given is this learner's credential (any caller matches while it has none)."""
-        return self.value is None or hmac.compare_digest((given or "").encode(), self.value.encode())
+        """Whether given is this learner's credential. Nobody matches while it has none: before it registers, or
+        with a leader built from the article's protos (which refusal lets call it, as any caller could)."""
+        return self.value is not None and hmac.compare_digest((given or "").encode(), self.value.encode())
 
     def caller(self, headers: guard.Headers) -> str | None:
-        """'leader' for a call that carries this credential (its admission turns are the leader's own), else None."""
+        """'leader' for a call that carries this credential (its admission turns are the leader's own), else None:
+        without a credential to tell the leader apart, its calls take the turns of callers without one."""
         return "leader" if self.matches(headers.get(rpc.CREDENTIAL_HEADER)) else None
 
     def session(self) -> str:
@@ -222,13 +227,15 @@ def receive_stream(
     idle_timeout: float,
     check_finite: bool = False,
     credential: str | None = None,
+    max_bytes: int = MAX_STREAM_BYTES,
+    admit: codec.Admit | None = None,
 ) -> codec.Payload:
-    """The payload a LeaderService method streams in chunks, decoded as they arrive. There is no limit on
-    the whole transfer (a slow link may take long), only on idle time: a stream that delivers nothing for
-    idle_timeout seconds is abandoned with LeaderLost."""
+    """The payload a LeaderService method streams in chunks, decoded as they arrive: at most max_bytes, and its
+    header shown to admit before it is buffered. There is no limit on the whole transfer (a slow link may take
+    long), only on idle time: a stream that delivers nothing for idle_timeout seconds is abandoned with LeaderLost."""
     call = framing.chunk_stream(channel, rpc.LEADER_SERVICE, method)(request, metadata=rpc.with_credential(credential))
     try:
-        return codec.receive(guard.idle_bounded(call, idle_timeout, call.cancel), MAX_STREAM_BYTES, check_finite)
+        return codec.receive(guard.idle_bounded(call, idle_timeout, call.cancel), max_bytes, check_finite, admit)
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.CANCELLED:  # only the idle watchdog cancels this call
             raise LeaderLost(f"{method}: nothing arrived for {idle_timeout:.0f} s") from None
@@ -238,18 +245,23 @@ def receive_stream(
 
 
 def fetch_model(
-    channel: grpc.Channel, idle_timeout: float = guard.IDLE_TIMEOUT_S, credential: str | None = None
+    channel: grpc.Channel,
+    idle_timeout: float = guard.IDLE_TIMEOUT_S,
+    credential: str | None = None,
+    max_bytes: int = MAX_STREAM_BYTES,
+    admit: codec.Admit | None = None,
 ) -> codec.Payload:
-    """The leader's current model state from GetModel, checked finite as it streams in."""
-    return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, True, credential)
+    """The leader's current model state from GetModel, checked finite as it streams in (and by admit first)."""
+    return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, True, credential, max_bytes, admit)
 
 
 class LeaderSession:
     """This learner's calls to its leader, each with the credential of its registration: retried while the
     leader asks for patience, bounded by the timeouts of the configuration, and logged."""
 
-    def __init__(self, config: LearnerConfig) -> None:
-        self.config = config
+    def __init__(self, config: LearnerConfig, limits: Limits) -> None:
+        """limits: what this learner takes on for the leader, checked on every state and shard it fetches."""
+        self.config, self.limits = config, limits
         self.security = rpc.Security.of(config)
         self.channel = rpc.channel(config.leader, self.security)
         self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
@@ -257,10 +269,12 @@ class LeaderSession:
         self.credential = LeaderCredential()
 
     def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
-        """The leader's current model state, checked finite as it streams in (retried until the deadline);
-        None if stop() says there is no point any more. LeaderUnreachable if the leader never answers (a busy
-        one's last RESOURCE_EXHAUSTED is raised as it is)."""
-        fetch = lambda: fetch_model(self.channel, self.config.idle_timeout, self.credential.value)
+        """The leader's current model state, checked against this learner's limits before it is buffered and finite
+        as it streams in (retried until the deadline); None if stop() says there is no point any more.
+        LeaderUnreachable if the leader never answers (a busy one's last RESOURCE_EXHAUSTED is raised as it is)."""
+        fetch = lambda: fetch_model(
+            self.channel, self.config.idle_timeout, self.credential.value, self.limits.memory, self.limits.admit_state
+        )
         try:
             return retry_until(deadline, fetch, f"the leader at {self.config.leader}", stop, flag="--connect-timeout")
         except (grpc.RpcError, LeaderLost) as error:
@@ -299,11 +313,18 @@ class LeaderSession:
             raise SystemExit(f"the leader refused registration: {reply.message}")
         return reply
 
-    def fetch_shard(self, address: str) -> codec.Payload:
-        """The shard of the leader's data that the slot of the learner at address trains on."""
+    def fetch_shard(self, address: str, admit: codec.Admit) -> codec.Payload:
+        """The shard of the leader's data that the slot of the learner at address trains on; admit checks its
+        header before it is buffered."""
         request = leader_pb2.LearnerDataRequest(network_addr=address)
         fetch = lambda: receive_stream(
-            self.channel, "GetData", request, self.config.idle_timeout, credential=self.credential.value
+            self.channel,
+            "GetData",
+            request,
+            self.config.idle_timeout,
+            credential=self.credential.value,
+            max_bytes=self.limits.memory,
+            admit=admit,
         )
         return retried(
             time.monotonic() + self.config.connect_timeout,

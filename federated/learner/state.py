@@ -50,13 +50,23 @@ def training_setup(
     return model, layout, Controls(layout.parameter_count, device) if controls else None
 
 
-def check_fits(state: codec.Payload, info: messages.StateInfo, wire_dtype: torch.dtype) -> None:
-    """Raise PayloadError unless the state holds exactly the tensors of the model it names. Checked on the meta
-    device (shapes without memory) before the model is built for real: a state that names a huge model but
-    does not hold its weights costs this learner nothing."""
+def wire_dtype_of(info: messages.StateInfo) -> torch.dtype:
+    """The dtype a state's floating-point tensors travel in; PayloadError for one this learner does not know."""
+    wire_dtype = codec.WIRE_DTYPES.get(info.wire_dtype)
+    if wire_dtype is None:
+        raise codec.PayloadError(f"unknown wire_dtype {info.wire_dtype[:32]!r}")
+    return wire_dtype
+
+
+def check_fits(described: TensorSpec, info: messages.StateInfo, wire_dtype: torch.dtype) -> torch.nn.Module:
+    """Raise PayloadError unless a state's tensors (described: their names, dtypes and shapes) are exactly those of
+    the model it names; that model, on the meta device. Checked there (shapes without memory) before the model is
+    built for real, and before the state's bytes are buffered: a state that names a huge model but does not hold
+    its weights costs this learner nothing."""
     with torch.device("meta"):
         model, _, controls = training_setup(info, wire_dtype, "meta")
-    codec.check_layout(state, state_spec(model, wire_dtype, controls is not None))
+    codec.check_described(described, state_spec(model, wire_dtype, controls is not None))
+    return model
 
 
 def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool = False) -> TensorSpec:
@@ -73,11 +83,9 @@ class Replica:
     def __init__(self, state: codec.Payload, device: str) -> None:
         """Raises PayloadError when the state does not hold the model it names. device: --device."""
         self.info = messages.StateInfo.from_payload(state)  # the run's model, batch size and seed
-        wire_dtype = codec.WIRE_DTYPES.get(self.info.wire_dtype)
-        if wire_dtype is None:
-            raise codec.PayloadError(f"unknown wire_dtype {self.info.wire_dtype[:32]!r}")
+        wire_dtype = wire_dtype_of(self.info)
         self.device = runtime.pick_device(device)
-        check_fits(state, self.info, wire_dtype)
+        check_fits(codec.spec_of(state.tensors), self.info, wire_dtype)
         self.model, self.layout, self.controls = training_setup(self.info, wire_dtype, self.device)
         self.spec = state_spec(self.model, wire_dtype, self.controls is not None)
         self.round, self.plan = self.info.round, self.info.plan

@@ -21,7 +21,7 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +52,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # What payloads are read from: received bytes (or a view of them), or receive's own buffer
 Received = bytes | bytearray | memoryview
 Buffer = Received | np.ndarray
+# What a receiver checks a streamed payload's header against before its bytes are buffered: the metadata and
+# every tensor's dtype and shape; it raises PayloadError to refuse the payload.
+Admit = Callable[[dict[str, str], TensorSpec], None]
 # Precisions offered for floating-point tensors on the wire (leader.py --wire-dtype).
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -146,12 +149,16 @@ def _parse_layout(head: Received) -> _Layout | None:
     return _Layout(metadata, entries, 8 + header_length, 8 + header_length + expected_begin)
 
 
-def receive(chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: bool = False) -> Payload:
+def receive(
+    chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: bool = False, admit: Admit | None = None
+) -> Payload:
     """Decode a payload streamed in chunks, copying each chunk into place as it arrives.
 
-    The header is checked as soon as it is in; with check_finite, each run of consecutive floating-point
-    tensors is checked for NaN and Inf as soon as its bytes are, so little is left when the stream ends.
-    Unlike decode's, the tensors are writable: they view a buffer that belongs to this payload alone."""
+    The header is checked as soon as it is in, and shown to admit (if given) before the buffer is allocated:
+    what the receiver knows can refuse a payload before it costs memory. With check_finite, each run of
+    consecutive floating-point tensors is checked for NaN and Inf as soon as its bytes are, so little is left
+    when the stream ends. Unlike decode's, the tensors are writable: they view a buffer that belongs to this
+    payload alone."""
     chunks, head, layout = iter(chunks), bytearray(), None
     for chunk in chunks:
         head += chunk
@@ -161,6 +168,8 @@ def receive(chunks: Iterable[bytes | memoryview], max_bytes: int, check_finite: 
             break
     if layout is None:
         return decode(bytes(head))  # raises: the stream ended inside the header
+    if admit is not None:  # first: the receiver's own words say best why it refuses
+        admit(layout.metadata, {name: (dtype, shape) for name, dtype, shape, _, _ in layout.entries})
     if layout.size > max_bytes:
         raise PayloadError(f"payload of {layout.size} bytes exceeds the {max_bytes}-byte limit")
     buffer = torch.empty(layout.size, dtype=torch.uint8).numpy()  # not zero-filled: every byte is overwritten
@@ -281,20 +290,26 @@ def check_matches(payload: Payload, spec: TensorSpec) -> None:
 
 def check_layout(payload: Payload, spec: TensorSpec) -> None:
     """Raise PayloadError unless the payload holds exactly the spec's tensors, in order (values unchecked)."""
-    missing = [name for name in spec if name not in payload.tensors]
-    unexpected = [name for name in payload.tensors if name not in spec]
+    check_described(spec_of(payload.tensors), spec)
+
+
+def check_described(described: TensorSpec, spec: TensorSpec) -> None:
+    """Raise PayloadError unless the tensors a payload describes (names, dtypes and shapes, in order: spec_of
+    its tensors, or its header as receive shows it to admit) are exactly the spec's."""
+    missing = [name for name in spec if name not in described]
+    unexpected = [name for name in described if name not in spec]
     if missing or unexpected:
         raise PayloadError(
             f"tensor names do not match the model: missing {missing[:3]}, unexpected {_brief(unexpected[:3])}"
         )
-    if list(payload.tensors) != list(spec):
+    if list(described) != list(spec):
         raise PayloadError("tensors are not in the model's order")
-    for name, tensor in payload.tensors.items():
-        dtype, shape = spec[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+    for name, (dtype, shape) in described.items():
+        expected_dtype, expected_shape = spec[name]
+        if dtype != expected_dtype or shape != expected_shape:
             raise PayloadError(
-                f"tensor {name!r} is {DTYPE_NAMES[tensor.dtype]} {list(tensor.shape)}, "
-                f"expected {DTYPE_NAMES[dtype]} {list(shape)}"
+                f"tensor {name!r} is {DTYPE_NAMES[dtype]} {list(shape)}, "
+                f"expected {DTYPE_NAMES[expected_dtype]} {list(expected_shape)}"
             )
 
 

@@ -18,6 +18,7 @@ from federated.core.plan import (
     MAX_CLIENT_MOMENTUM,
     MAX_LEARNERS,
     MAX_MU,
+    MAX_SEED,
     MAX_WEIGHT_DECAY,
     TrainingPlan,
 )
@@ -56,10 +57,15 @@ def _float(
     return value
 
 
-def _int(metadata: dict[str, str], key: str, default: int | None = None, minimum: int = 0) -> int:
+def _int(
+    metadata: dict[str, str], key: str, default: int | None = None, minimum: int = 0, maximum: int | None = None
+) -> int:
     if key not in metadata and default is not None:
         return default
-    return codec.metadata_int(metadata, key, minimum)
+    value = codec.metadata_int(metadata, key, minimum)
+    if maximum is not None and value > maximum:
+        raise codec.PayloadError(f"metadata {key!r} must be at most {maximum}, got {value}")
+    return value
 
 
 def _floats(metadata: dict[str, str], key: str) -> list[float]:
@@ -155,7 +161,12 @@ class StateInfo:
     @classmethod
     def from_payload(cls, payload: codec.Payload) -> "StateInfo":
         """The state's metadata, checked; raises PayloadError."""
-        metadata = payload.metadata
+        return cls.from_metadata(payload.metadata)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "StateInfo":
+        """A state's metadata (from its payload, or its header before the payload is buffered), checked; raises
+        PayloadError."""
         mean, std = (tuple(_floats(metadata, key)) if key in metadata else () for key in ("mean", "std"))
         if (
             (len(mean), len(std)) not in ((0, 0), (3, 3))
@@ -179,7 +190,7 @@ class StateInfo:
             metadata.get("architecture", ""),
             num_classes,
             _int(metadata, "batch_size", minimum=1),
-            _int(metadata, "seed"),
+            _int(metadata, "seed", maximum=MAX_SEED),
             mean,
             std,
             metadata.get("wire_dtype", "float32"),

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from federated.core.plan import TrainingPlan
 from federated.leader.metrics import MetricsLog
 from federated.learner import app as learner_module
 from federated.learner import data as learner_data
@@ -28,7 +29,7 @@ from federated.learner import state as learner_state
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
-from federated.wire import codec, framing
+from federated.wire import codec, framing, messages
 from federated.wire.messages import StateInfo
 from tests.support.live import LR, LiveLeader, learner_config, model_hash
 
@@ -379,6 +380,9 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         "nan": codec.encode(dict(state, **{name: torch.full_like(state[name], float("inf"))}), {"round": "1"}),
         "shape": codec.encode(dict(state, **{name: torch.zeros(1)}), {"round": "1"}),
         "no round": codec.encode(state, {}),
+        "a plan beyond --max-local-steps": codec.encode(
+            state, {"round": "1", **messages.plan_to_metadata(TrainingPlan("fedavg", 10**17, 0.1))}
+        ),
     }
     before = [t.clone() for t in learner.replica.model.state_dict().values()]
     for case, chunk in bad.items():

@@ -85,6 +85,8 @@ def test_repeating_the_checkpoints_own_values_is_fine():
         (["--epochs", "0"], "--epochs: must be > 0"),
         (["--round-timeout", "0"], "--round-timeout: must be > 0"),
         (["--momentum", "1.5"], "--momentum"),
+        (["--seed", "-1"], "--seed: must be in [0, 4294967295]"),  # what its learners take (32 bits)
+        (["--seed", str(2**32)], "--seed: must be in [0, 4294967295]"),
     ],
 )
 def test_the_leader_refuses_senseless_flags(given, message, capsys):
@@ -93,7 +95,7 @@ def test_the_leader_refuses_senseless_flags(given, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("given", [["--log-every", "0"], ["--idle-timeout", "0"]])
+@pytest.mark.parametrize("given", [["--log-every", "0"], ["--idle-timeout", "0"], ["--max-memory", "0"]])
 def test_the_learner_refuses_senseless_flags(given):
     with pytest.raises(SystemExit):
         learner_config.configure(learner_config.command_line(given))

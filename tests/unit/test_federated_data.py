@@ -66,7 +66,7 @@ def test_a_state_that_does_not_hold_the_model_it_names_is_refused_before_it_is_b
     }
     state = codec.decode(codec.encode({"x": torch.zeros(1)}, metadata))
     with pytest.raises(codec.PayloadError, match="do not match the model"):
-        learner_state.check_fits(state, messages.StateInfo.from_payload(state), torch.float32)
+        learner_state.check_fits(codec.spec_of(state.tensors), messages.StateInfo.from_payload(state), torch.float32)
     for bad in (
         {"mean": "0.5,0.5", "std": "0.2,0.2"},
         {"mean": "inf,0,0", "std": "1,1,1"},

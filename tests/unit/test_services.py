@@ -1,5 +1,6 @@
 """The pure parts of the leader's and learner's services: a fetched state adopted in place, the caller's IP
-read from grpcio's peer string, a registered address matched against it, and a learner's session status."""
+read from grpcio's peer string, a registered address matched against it, a learner's session status, and whom a
+learner gives its leader's turns."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from federated.core.layout import GradientLayout
 from federated.leader import servicer
 from federated.learner import session as learner_session
 from federated.learner import state as learner_state
-from federated.net import guard
+from federated.net import guard, rpc
 from federated.wire import codec
 from model import build_model
 
@@ -75,3 +76,23 @@ def test_a_learner_registering_does_not_look_gone_to_the_leaders_health_check():
     with credential.registering():  # the leader may check on it before the reply is here
         assert credential.session_status("0" * 32) == health_pb2.HealthCheckResponse.SERVING
     assert credential.session_status("0" * 32) is None
+
+
+def test_a_learner_gives_the_leaders_turns_only_to_the_credential_it_registered_with():
+    credential = learner_session.LeaderCredential()
+    anyone = ({}, {rpc.CREDENTIAL_HEADER: ""}, {rpc.CREDENTIAL_HEADER: "forged"})
+    assert all(credential.caller(headers) is None for headers in anyone)  # not registered: nobody is its leader
+    credential.registered("secret")
+    assert credential.caller({rpc.CREDENTIAL_HEADER: "secret"}) == "leader"
+    assert all(credential.caller(headers) is None for headers in anyone)
+    article = learner_session.LeaderCredential()
+    article.registered("")  # a leader built from the article's protos gives no credential
+    assert all(article.caller(headers) is None for headers in anyone)  # its calls take the turns of callers without
+    assert article.refusal(NoCredential()) is None  # ... and are served
+
+
+class NoCredential:
+    """The call context of a caller that sends no credential (all refusal reads of it)."""
+
+    def invocation_metadata(self) -> tuple:
+        return ()

@@ -1,0 +1,105 @@
+"""A learner's own bounds on what its leader asks of it (a hostile leader's state, plan or shard refused from its
+header, naming the flag that would allow it, before anything is buffered or built), and seeds and rounds that no
+longer overflow torch's generators."""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+import utils
+from federated.core.layout import wire_state
+from federated.core.plan import MAX_SEED, TrainingPlan
+from federated.learner.limits import GIB, Limits
+from federated.wire import codec, messages
+from model import build_model
+from tests.support.live import learner_config
+
+RESNET20 = codec.spec_of(wire_state(build_model("resnet20"), torch.float32))
+CIFAR10_TRAIN = utils.dataset_size("cifar10", "unused", train=True)  # 50 000: known without the files
+
+
+def state_metadata(**changes) -> dict[str, str]:
+    """The metadata of an honest leader's resnet20 state, with changes."""
+    info = messages.StateInfo("resnet20", 10, 64, 0, (0.5,) * 3, (0.25,) * 3, "float32")
+    return {**info.to_metadata(), **{key: str(value) for key, value in changes.items()}}
+
+
+def header_only(metadata: dict[str, str], described: codec.TensorSpec):
+    """A stream that delivers a payload's header (its metadata, and tensors of these dtypes and shapes) and fails
+    the test if anything after it is asked for: what a learner has of a payload before it buffers it."""
+    entries: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, (dtype, shape) in described.items():
+        size = math.prod(shape) * dtype.itemsize
+        entries[name] = {
+            "dtype": codec.DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(entries).encode()
+    yield struct.pack("<Q", len(text)) + text
+    raise AssertionError("the payload's bytes were asked for: its header was admitted")
+
+
+def limits(*flags: str, local_images: int = 0) -> Limits:
+    return Limits.of(learner_config(list(flags)), local_images)
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        ({"image_size": 1024}, "--max-image-size"),
+        ({"batch_size": 10**17}, "--max-batch-size"),
+        (messages.plan_to_metadata(TrainingPlan("fedavg", 10**17, 0.1)), "--max-local-steps"),
+    ],
+)
+def test_a_state_asking_beyond_the_learners_bounds_is_refused_from_its_header_naming_the_flag(changes, flag):
+    learner = limits("--max-memory", "64")
+    with pytest.raises(codec.PayloadError, match=f"the leader asks for .*; this learner takes at most .*{flag}"):
+        codec.receive(header_only(state_metadata(**changes), RESNET20), learner.memory, True, learner.admit_state)
+
+
+def test_a_state_whose_training_would_need_146_gib_is_refused_before_anything_is_allocated():
+    # CIFAR-10 resized to 1024 px is 146 GiB of images alone: refused from the header, before a byte of the state
+    # is buffered, a model built or an image resized
+    learner = limits("--max-image-size", "1024", "--max-memory", "64", local_images=CIFAR10_TRAIN)
+    state = header_only(state_metadata(image_size=1024), RESNET20)
+    with pytest.raises(
+        codec.PayloadError, match=r"needs at least 2\d\d\.\d GiB \(.*, 146\.\d GiB images\).*--max-memory"
+    ):
+        codec.receive(state, learner.memory, True, learner.admit_state)
+
+
+def test_a_shard_beyond_max_memory_is_refused_from_its_header():
+    learner = limits("--max-image-size", "1024", "--max-memory", "64")
+    info = messages.StateInfo.from_metadata(state_metadata(image_size=1024))
+    shard = {"labels": (torch.int64, (CIFAR10_TRAIN,)), "images": (torch.uint8, (CIFAR10_TRAIN, 3, 1024, 1024))}
+    with pytest.raises(codec.PayloadError, match=r"on its shard needs at least .* 146\.\d GiB images.*--max-memory"):
+        codec.receive(header_only({}, shard), learner.memory, admit=learner.shard_admission(info, RESNET20))
+
+
+def test_the_default_bounds_take_resnet18_at_224_pixels_in_batches_of_256_on_cifar10():
+    learner = limits("--max-memory", "32", local_images=CIFAR10_TRAIN + 10_000)
+    model = build_model("torchvision:resnet18", 10)
+    metadata = state_metadata(architecture="torchvision:resnet18", image_size=224, batch_size=256)
+    learner.admit_state(metadata, codec.spec_of(wire_state(model, torch.float32)))  # 15.7 GiB: admitted
+
+
+def test_a_state_that_holds_another_model_than_it_names_is_refused_from_its_header():
+    learner = limits("--max-memory", "64")
+    with pytest.raises(codec.PayloadError, match="do not match the model"):
+        codec.receive(header_only(state_metadata(architecture="resnet18"), RESNET20), GIB, True, learner.admit_state)
+
+
+def test_a_seed_beyond_32_bits_is_refused_as_a_payload_error():
+    with pytest.raises(codec.PayloadError, match="'seed' must be at most 4294967295"):
+        messages.StateInfo.from_metadata(state_metadata(seed=10**17))
+
+
+def test_the_largest_seed_with_the_largest_rounds_still_gives_batches():
+    schedule = utils.BatchSchedule(100, 10, MAX_SEED * 10_007 + 4095)  # how a learner mixes the seed with its id
+    assert len(schedule.indices(10**18)) == 10 and schedule.augmentation_rng(10**18) is not None
