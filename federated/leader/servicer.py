@@ -191,7 +191,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 f"learner_id {request.learner_id} is not the caller's slot, {member.learner_id}",
             )
         declared = self.registry.summaries().get(member.learner_id)
-        report = evaluation.Report(member.learner_id, request.samples, request.correct, request.loss)
+        facts = self.planner.facts  # (none only before a leader without data settled: no evaluation is open)
+        weight = evaluation.weight(declared, facts.shard_size if facts else 1) if declared else 0
+        report = evaluation.Report(member.learner_id, request.samples, request.correct, request.loss, weight)
         try:
             ignored = self.evaluations.submit(request.round, report, declared.eval_samples if declared else 0)
         except codec.PayloadError as error:
