@@ -650,8 +650,8 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
     if config.dataset == "none" and config.num_classes is None:
         problems.append("--dataset none needs --num-classes (the leader has no data to count them in)")
     if config.dataset == "none" and saved is None and config.learners < LEAST_TO_OUTVOTE:
-        needed = [("--rounds", config.rounds), *([("--local-steps", config.local_steps)] if strategy.local else [])]
-        if missing := [flag for flag, value in needed if value is None]:
+        schedule = {"--rounds": config.rounds, **({"--local-steps": config.local_steps} if strategy.local else {})}
+        if missing := [flag for flag, value in schedule.items() if value is None]:
             problems.append(
                 f"--dataset none with fewer than {LEAST_TO_OUTVOTE} learners needs {' and '.join(missing)}: the "
                 "leader would take the epoch from its learners' claims, and of two the smaller claim, a liar's, "
