@@ -137,7 +137,8 @@ def bad_gradients(live) -> dict:
     wrong_dtype = dict(views, **{name: views[name].double()})
     renamed = {("x" + key if key == name else key): value for key, value in views.items()}
     negative = dict(views, **{variance: -torch.ones_like(views[variance])})
-    deep = b"[" * 100_000 + b"]" * 100_000
+    deep = b"[" * 3_000 + b"]" * 3_000  # deeper than Python's recursion limit, shorter than a gradient's header
+    huge = b"\xff" * (512 << 10)  # not even JSON: refused for its length alone, before anything parses it
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     return {
         "garbage": (b"\x00garbage", invalid, "ends inside|exceeds"),
@@ -165,6 +166,7 @@ def bad_gradients(live) -> dict:
             "more than",
         ),
         "deep JSON": (struct.pack("<Q", len(deep)) + deep, invalid, "not valid JSON"),
+        "huge header": (struct.pack("<Q", len(huge)) + huge, invalid, f"header length {len(huge)} exceeds the"),
         "huge integer": (
             header_only({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).replace(
                 b"[1]", b"[" + b"9" * 5000 + b"]"
@@ -353,11 +355,13 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         "nan": codec.encode(dict(state, **{name: torch.full_like(state[name], float("inf"))}), {"round": "1"}),
         "shape": codec.encode(dict(state, **{name: torch.zeros(1)}), {"round": "1"}),
         "no round": codec.encode(state, {}),
+        "huge header": codec.encode(state, {"round": "1", "padding": " " * (1 << 20)}),  # refused unparsed
     }
     before = [t.clone() for t in learner.replica.model.state_dict().values()]
     for case, chunk in bad.items():
         reply = stub.SyncModelState(learner_pb2.ModelState(chunk=chunk), timeout=10, metadata=leader_call(learner))
         assert not reply.success and "rejected" in reply.message, case
+        assert case != "huge header" or "exceeds the" in reply.message, reply.message
     assert all(torch.equal(a, b) for a, b in zip(before, learner.replica.model.state_dict().values()))
     assert learner.server.inbox.take(0, timeout=0) is None
     good = codec.encode(state, {"round": "1"})
