@@ -268,7 +268,8 @@ def same_host(address: str, peer: str | None) -> bool:
 def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
     """How the leader admits calls. A learner, named by its credential, has turns of its own that nobody
     else can take: 2 gradients and 2 shard streams at once, and 1 call of each other kind. Callers without
-    a credential (newcomers, peers of the article's protos) have 1 turn per IP address, and a few in all."""
+    a credential (newcomers, peers of the article's protos) have 1 turn per network (guard.caller_network), and
+    a few in all."""
     leader_method = lambda name: f"/{rpc.LEADER_SERVICE}/{name}"
     return {
         leader_method("RegisterLearner"): guard.Limit(1, anonymous=8),
