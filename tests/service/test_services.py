@@ -27,7 +27,7 @@ from federated.net import rpc
 from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
 from federated.wire import codec, framing
-from tests.support.live import LR, LiveLeader, learner_config, model_hash
+from tests.support.live import LR, LiveLeader, leader_from, learner_config, model_hash
 
 
 @pytest.fixture
@@ -339,6 +339,23 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
     assert torch.equal(
         learner.data.labels, leader.data.shards.train.labels[leader.data.shards.indices[learner.learner_id]]
     )
+
+
+def test_a_second_leader_or_learner_on_a_taken_port_is_refused(live, live_learner, tmp_path):
+    # gRPC's servers share a port by default (SO_REUSEPORT): the second would start and split the callers
+    leader_port = live.address.rsplit(":", 1)[1]
+    dataless = ["--dataset", "none", "--num-classes", "10", "--learners", "3", "--out", str(tmp_path / "second")]
+    second = leader_from([*dataless, "--host", "127.0.0.1", "--port", leader_port])
+    with pytest.raises(rpc.ListenError, match=f"^port {leader_port} is already in use$") as taken:
+        second.serve()
+    assert taken.value.in_use
+    learner, _ = live_learner
+    again = learner_config(["--leader", live.address, "--host", "127.0.0.1", "--port", str(learner.server.port)])
+    with pytest.raises(rpc.ListenError, match=f"^port {learner.server.port} is already in use$"):
+        learner_module.Learner(again).connect()
+    with pytest.raises(rpc.ListenError, match=re.escape("cannot listen on 192.0.2.1:0")) as elsewhere:
+        rpc.start_server("192.0.2.1:0", [], [], 1 << 20)  # an address that is not this machine's
+    assert not elsewhere.value.in_use
 
 
 def leader_call(learner) -> list[tuple[str, str]]:
