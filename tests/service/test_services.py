@@ -528,9 +528,12 @@ def test_a_learner_the_leader_cannot_dial_is_dropped_and_told_why_when_it_regist
         time.sleep(0.1)
     assert not registry.is_active(0)
     assert "cannot reach learner 0 at " + address in caplog.text and "--advertise" in caplog.text
+    [why] = re.findall(r"the address it registered \((StartTraining failed: UNAVAILABLE[^)]*)\)", caplog.text)
     reply = live.register(address, credential)  # from there it would only be dropped again
     assert not reply.success and f"cannot reach this learner at {address}" in reply.message, reply.message
-    assert "UNAVAILABLE" in reply.message and "--advertise" in reply.message
+    # what a dial of any HOST:PORT found (refused, no route, no handshake) stays in the leader's log: no port scans
+    assert "UNAVAILABLE" not in reply.message and why.split(": ", 1)[1][:40] not in reply.message
+    assert "--advertise" in reply.message and "the leader's log says why" in reply.message
     newcomers = [live.register(f"127.0.0.1:{port}").learner_id for port in (7998, 7999)]
     assert sorted(newcomers) == [0, 1]  # its slot is free at once
 
