@@ -42,7 +42,7 @@ TICK_S = 0.25
 # (GetModel before registering): 512 kbit/s, so a 45 MB model (resnet18) may take 12 minutes, not days of a
 # chunk a minute.
 MIN_ANONYMOUS_RATE = 64 << 10
-IPV4_NETWORK, IPV6_NETWORK = 24, 64  # prefix lengths: whom one party commonly holds many addresses of
+IPV4_NETWORK, IPV6_NETWORK = 24, 64  # prefix lengths of the networks whose addresses one party commonly holds
 
 
 class Watchdog:
