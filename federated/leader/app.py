@@ -125,7 +125,7 @@ class Leader:
         summaries = list(self.registry.summaries().values())
         if not summaries:  # all dropped since they registered
             return False
-        facts = data.settle(summaries, self.config.image_size)
+        facts = data.settle(summaries, self.config.image_size, self.config.batch_size)
         self.planner.settle(facts)
         self.global_model.adopt_normalisation(facts.mean, facts.std)
         self.publish_first_state()

@@ -44,4 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for signum in (signal.SIGINT, signal.SIGTERM):  # give up the open round, checkpoint, tell the learners, exit 0
         signal.signal(signum, lambda *_: leader.stopping.set())
-    return leader.run()
+    try:
+        return leader.run()
+    except rpc.ListenError as error:
+        log.error("%s%s", error, " (another leader?): stop it, or choose another --port" if error.in_use else "")
+        return 2

@@ -40,6 +40,11 @@ from federated.core.plan import (
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
 
+# A leader without data takes an epoch's length from its learners' claims, as the median claim (data.py): from 3
+# learners on, one liar is outvoted; of 2, the median is the smaller claim, which a liar sets. Below 3 the
+# schedule comes from flags (--rounds, and --local-steps for strategies with local steps), never from a claim.
+LEAST_TO_OUTVOTE = 3
+
 
 def _datasets() -> tuple[str, ...]:
     import utils
@@ -649,6 +654,14 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
         )
     if config.dataset == "none" and config.num_classes is None:
         problems.append("--dataset none needs --num-classes (the leader has no data to count them in)")
+    if config.dataset == "none" and saved is None and config.learners < LEAST_TO_OUTVOTE:
+        schedule = {"--rounds": config.rounds, **({"--local-steps": config.local_steps} if strategy.local else {})}
+        if missing := [flag for flag, value in schedule.items() if value is None]:
+            problems.append(
+                f"--dataset none with fewer than {LEAST_TO_OUTVOTE} learners needs {' and '.join(missing)}: the "
+                "leader would take the epoch from its learners' claims, and of two the smaller claim, a liar's, "
+                "would set it"
+            )
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
         problems.append(f"a resumed run continues in {config.resume}: leave out --out")
     return problems + model_problems(config)

@@ -99,7 +99,9 @@ def load(config: LeaderConfig, out: Path) -> LeaderData:
 
 def typical_shard_size(sizes: list[int]) -> int:
     """The median learner's number of training images, the lower one of an even count: an epoch is a pass
-    over it, so that no single learner's claim of a huge dataset can stretch the run (of two, the smaller)."""
+    over it, so that no single learner's claim of a huge dataset can stretch the run (of two, the smaller:
+    which is why config.py asks a leader without data for the schedule's flags below LEAST_TO_OUTVOTE
+    learners)."""
     return sorted(sizes)[(len(sizes) - 1) // 2]
 
 
@@ -116,15 +118,26 @@ def combined_normalisation(summaries: list[DataSummary], image_size: int) -> tup
     return utils.stats_from_sums(total("channel_sums"), total("channel_square_sums"), counted * image_size**2)
 
 
-def settle(summaries: list[DataSummary], image_size: int) -> DataFacts:
-    """A leader without data: the facts its learners' summaries give (see combined_normalisation and
+def counted(summaries: list[DataSummary], batch_size: int) -> list[DataSummary]:
+    """The summaries that settle the facts: those of learners with at least a batch of training images (all
+    when none has). A learner with fewer trains one smaller batch a round; its claim must not shrink everyone's
+    epoch to that batch nor, with one black image, pull the median, and so the normalisation's cap, down to it."""
+    return [summary for summary in summaries if summary.train_samples >= batch_size] or summaries
+
+
+def settle(summaries: list[DataSummary], image_size: int, batch_size: int) -> DataFacts:
+    """A leader without data: the facts its learners' summaries give (see counted, combined_normalisation and
     typical_shard_size)."""
     sizes = [summary.train_samples for summary in summaries]
-    mean, std = combined_normalisation(summaries, image_size)
+    settling = counted(summaries, batch_size)
+    mean, std = combined_normalisation(settling, image_size)
     log.info(
-        "learners hold %s training images; normalisation mean %s, std %s",
+        "learners hold %s training images%s; normalisation mean %s, std %s",
         " + ".join(map(str, sizes)),
+        f" ({len(sizes) - len(settling)} with fewer than --batch-size {batch_size} not counted)"
+        if len(settling) < len(sizes)
+        else "",
         [round(m, 4) for m in mean],
         [round(d, 4) for d in std],
     )
-    return DataFacts(mean, std, typical_shard_size(sizes))
+    return DataFacts(mean, std, typical_shard_size([summary.train_samples for summary in settling]))

@@ -4,8 +4,9 @@ The leader opens a round's evaluation before it pushes the state that asks for i
 the state is on its way (reports from anyone else are dropped), and writes a round's record when every
 expected learner has reported, when a later evaluation has begun, or at the end. A learner can only report for
 itself, once per round, on exactly as many held-out images as it declared when it took its slot: it weighs what
-it declared then, and cannot change that later. What it says of its own accuracy cannot be checked; each
-learner's values are in the record for that reason.
+it declared then, and cannot change that later, but at most as many images as it trains on and as the typical
+learner trains on (weight): a claim of billions of held-out images buys no more. What it says of its own accuracy
+cannot be checked; each learner's values are in the record for that reason.
 """
 
 import math
@@ -13,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from federated.wire import codec
-from federated.wire.messages import MAX_LOSS
+from federated.wire.messages import MAX_LOSS, DataSummary
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Report:
     samples: int
     correct: int
     loss: float
+    weight: int  # the images it counts for in the combined figures (see weight)
 
     def check(self, declared_samples: int) -> None:
         """Raise PayloadError unless the report is possible for a learner that declared declared_samples."""
@@ -39,17 +41,30 @@ class Report:
             raise codec.PayloadError(f"loss {self.loss!r} must be a number from 0 to {MAX_LOSS:g}")
 
 
+def weight(declared: DataSummary, typical_shard: int) -> int:
+    """The images a learner's evaluation counts for: its held-out images, but at most as many as it trains on
+    and as the typical learner trains on (DataFacts.shard_size, which no single claim sets): a learner that says
+    it holds one training image and 2**32 held-out ones weighs one image, and no claim weighs more than an epoch."""
+    return min(declared.eval_samples, declared.train_samples, typical_shard)
+
+
 def combine(round_index: int, reports: dict[int, Report], missing: list[int]) -> dict:
-    """The metrics record of a round's evaluation: sample-weighted loss and accuracy, and each learner's."""
-    samples = sum(report.samples for report in reports.values())
+    """The metrics record of a round's evaluation: loss and accuracy weighted by each report's weight (its
+    samples unless capped, then in the learner's values as weighed_as), and each learner's values."""
+    weights = sum(report.weight for report in reports.values())
     return {
         "round": round_index,
         "source": "learners",
-        "test_loss": sum(report.loss * report.samples for report in reports.values()) / samples,
-        "test_accuracy": sum(report.correct for report in reports.values()) / samples,
-        "test_samples": samples,
+        "test_loss": sum(report.loss * report.weight for report in reports.values()) / weights,
+        "test_accuracy": sum(report.correct / report.samples * report.weight for report in reports.values()) / weights,
+        "test_samples": sum(report.samples for report in reports.values()),
         "per_learner": {
-            str(learner): {"loss": report.loss, "accuracy": report.correct / report.samples, "samples": report.samples}
+            str(learner): {
+                "loss": report.loss,
+                "accuracy": report.correct / report.samples,
+                "samples": report.samples,
+                **({"weighed_as": report.weight} if report.weight < report.samples else {}),
+            }
             for learner, report in sorted(reports.items())
         },
         **({"missing": missing} if missing else {}),

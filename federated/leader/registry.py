@@ -32,13 +32,15 @@ def check_address(address: str) -> str | None:
     return None
 
 
-def unreachable_message(address: str, why: str) -> str:
-    """What a learner is told when the leader cannot dial the address it registered."""
+def unreachable_message(address: str) -> str:
+    """What a learner is told when the leader cannot dial the address it registered: what to do, never why the
+    dial failed (refused, no route, no TLS handshake: whoever registers any HOST:PORT would learn what answers
+    there, from the leader's network). The leader's log has the reason."""
     return (
-        f"the leader cannot reach this learner at {address}, the address it registered ({why[:300]}); start it "
-        "with --advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or "
-        "the forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
-        "certificate), then start it again"
+        f"the leader cannot reach this learner at {address}, the address it registered; start it with "
+        "--advertise HOST:PORT that the leader can dial (this machine's address as the leader sees it, or the "
+        "forwarded one behind NAT), with that port open to the leader (and, under TLS, named by its "
+        "certificate), then start it again (the leader's log says why it could not)"
     )
 
 
@@ -139,7 +141,7 @@ class Registry:
             slot, holder = self._holding(credential, certificate), self._at(address)
             if slot is not None:
                 if slot.unreachable and address == slot.address:  # it would only be dropped again: tell it why
-                    raise Refusal(unreachable_message(address, slot.unreachable))
+                    raise Refusal(unreachable_message(address))
                 if slot.state == STARTING:  # one start at a time: re-registering is no lever on the round loop
                     raise Refusal(f"learner {slot.learner_id} is being started; retry shortly", retry=True)
                 if now - slot.registered_at < self.reregister_s:  # each start costs the leader a state push

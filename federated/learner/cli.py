@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = f"{error.code().name} {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
         log.error("gave up on the leader at %s: %s", config.leader, reason)
         return 1
+    except rpc.ListenError as error:
+        log.error(
+            "%s%s", error, " (another learner?): choose another --port, or 0 for any free one" if error.in_use else ""
+        )
+        return 2
     except (codec.PayloadError, utils.DatasetError, rpc.SecurityError) as error:
         log.error("%s", error)
         return 2

@@ -8,6 +8,7 @@ import threading
 import grpc
 
 from federated.core.checks import TensorSpec
+from federated.core.plan import MAX_LEARNERS
 from federated.learner.config import LearnerConfig
 from federated.learner.limits import Limits
 from federated.learner.session import LeaderCredential
@@ -16,6 +17,10 @@ from federated.net.rpc import learner_pb2, learner_pb2_grpc
 from federated.wire import codec, framing, messages
 
 log = logging.getLogger("learner")
+
+# What a model state's metadata may take: a few short facts, and a round's participants (up to MAX_LEARNERS ids,
+# each with its comma).
+STATE_METADATA_BYTES = codec.HEADER_SLACK_BYTES + MAX_LEARNERS * len(f"{MAX_LEARNERS - 1},")
 
 # A pushed model state reaches SyncModelState as a framing.ChunkRequest (no protobuf copies of it).
 ADD_LEARNER_SERVICE = framing.without_protobuf_copies(
@@ -94,6 +99,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         """limits: what this learner takes on; a pushed state whose plan asks for more is refused."""
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
         self.credential, self.leader_name, self.limits = credential, leader_name, limits
+        # A state's header names the model's tensors, its facts and the round's participants: a longer one is
+        # refused unparsed (STATE_METADATA_BYTES).
+        self.state_header_bytes = codec.header_limit(state_spec, STATE_METADATA_BYTES)
 
     def check_caller(self, context: grpc.ServicerContext) -> None:
         """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
@@ -115,7 +123,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     def SyncModelState(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> learner_pb2.Ack:
         self.check_caller(context)
         try:
-            payload = codec.decode(request.chunk)
+            payload = codec.decode(request.chunk, self.state_header_bytes)
             codec.check_matches(payload, self.state_spec)
             round_index = messages.round_of(payload)
             if not messages.is_final(payload):  # a final state carries no plan

@@ -9,9 +9,15 @@ RESOURCE_EXHAUSTED, before reading anything; it reads even unary requests inside
 a deadline ends the wait, and cancels any call whose peer sends or reads nothing for too long. The
 pool holds a thread for every permit, so an admitted call never queues. A request that does not
 parse is refused with INVALID_ARGUMENT.
+
+Callers without a credential count by network (caller_network: an IPv4 /24, an IPv6 /64), not by address,
+and their reply streams must keep up a minimal rate (MIN_ANONYMOUS_RATE) once their first idle timeout is
+over: four addresses of one network hold one caller's turns, and four networks hold their turns only for as
+long as a stream of that size takes at that rate, not for as long as they read a chunk per idle timeout.
 """
 
 import hmac
+import ipaddress
 import itertools
 import threading
 import time
@@ -19,6 +25,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -31,6 +38,11 @@ SPARE_THREADS = 4  # for refusals, which take a thread for an instant
 UNAUTHENTICATED_SERVICES = (health.SERVICE_NAME,)  # probes need no token; they reveal nothing
 TOKEN_VARIABLE = "FL_TOKEN"  # where both entry points look for the token when --token is not given
 TICK_S = 0.25
+# Bytes a second a reply stream to a caller without a credential must average after its first idle timeout
+# (GetModel before registering): 512 kbit/s, so a 45 MB model (resnet18) may take 12 minutes, not days of a
+# chunk a minute.
+MIN_ANONYMOUS_RATE = 64 << 10
+IPV4_NETWORK, IPV6_NETWORK = 24, 64  # prefix lengths of the networks whose addresses one party commonly holds
 
 
 class Watchdog:
@@ -114,15 +126,19 @@ class Gate(grpc.ServerInterceptor):
         token: str | None = None,
         identify: Callable[[Headers], str | None] = lambda headers: None,
         named_callers: int = 0,
+        min_anonymous_rate: float = MIN_ANONYMOUS_RATE,
     ) -> None:
         """limits: by full method name ("/package.Service/Method"); other methods get Limit() and take no names.
-        identify names the caller from its call headers (None: anonymous), among named_callers names at most."""
+        identify names the caller from its call headers (None: anonymous), among named_callers names at most;
+        a reply stream to an anonymous caller is cancelled once it falls below min_anonymous_rate bytes a second
+        after its first idle_timeout."""
         self.limits, self.idle_timeout, self.identify, self.named_callers = (
             dict(limits),
             idle_timeout,
             identify,
             named_callers,
         )
+        self.min_anonymous_rate = min_anonymous_rate
         self.expected = f"Bearer {token}".encode() if token else None
         self._held: dict[tuple[str, ...], int] = {}  # calls in progress by (method, caller); none kept at zero
         self._lock = threading.Lock()
@@ -154,7 +170,7 @@ class Gate(grpc.ServerInterceptor):
 
     def _take(self, method: str, limit: Limit, name: str | None, context: grpc.ServicerContext) -> str | None:
         """Take the call's permits, to be returned when it ends; or say why there are none."""
-        caller = (method, "learner", name) if name else (method, "address", peer_host(context) or "?")
+        caller = (method, "learner", name) if name else (method, "network", caller_network(peer_host(context)))
         wanted = [(caller, limit.per_caller)] + ([] if name else [((method, "anonymous"), limit.anonymous)])
         with self._lock:
             full = [key for key, most in wanted if self._held.get(key, 0) >= most]
@@ -203,8 +219,21 @@ class Gate(grpc.ServerInterceptor):
         if handler.response_streaming:
 
             def serve_stream(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+                # an anonymous caller's stream must be over by then: its first idle timeout, and the time its
+                # bytes take at the minimal rate (each reply's size added as it goes)
+                over = None if name else time.monotonic() + self.idle_timeout
                 for response in behaviour(arguments(requests, context), context):
-                    with WATCHDOG.deadline(self.idle_timeout, context.cancel):
+                    wait = self.idle_timeout
+                    if over is not None:
+                        over += _size(response) / self.min_anonymous_rate
+                        wait = min(wait, over - time.monotonic())
+                        if wait <= 0:
+                            context.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this stream fell below {self.min_anonymous_rate / 1024:g} KiB/s, the least a "
+                                "caller without a credential must read at",
+                            )
+                    with WATCHDOG.deadline(wait, context.cancel):
                         yield response  # resumes once gRPC has sent it: a peer that reads nothing stalls here
 
             return grpc.stream_stream_rpc_method_handler(
@@ -224,6 +253,26 @@ def peer_host(context: grpc.ServicerContext) -> str | None:
     'ipv6:%5B::1%5D:5000' gives '::1'), if it has one."""
     kind, _, rest = context.peer().partition(":")
     return urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else None
+
+
+def caller_network(host: str | None) -> str:
+    """Whom a caller without a credential counts as: the IPv4 /24 or IPv6 /64 network of its address (an
+    IPv4-mapped IPv6 address counts as IPv4), for an IPv6 host commonly holds a whole /64 and a party many
+    neighbouring IPv4 addresses: four addresses of one network hold the turns of one caller, not four. So
+    127.0.0.1 and 127.0.0.2 are one caller, as they are one machine. '?' for a peer without an IP address."""
+    try:
+        ip = ipaddress.ip_address(host or "")
+    except ValueError:
+        return "?"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    prefix = IPV4_NETWORK if ip.version == 4 else IPV6_NETWORK
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def _size(response: Any) -> int:
+    """Bytes of a reply: serialised chunk messages are bytes already, others are protobuf messages."""
+    return len(response) if isinstance(response, bytes | bytearray | memoryview) else response.ByteSize()
 
 
 def _tolerant(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:

@@ -1,10 +1,12 @@
 """gRPC plumbing shared by leader and learner: generated stubs, TLS and tokens, servers, channels, credentials."""
 
+import errno
 import hashlib
 import ipaddress
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -44,6 +46,15 @@ SESSIONS_HEADER = "fl-sessions"
 
 class SecurityError(ValueError):
     """Unusable TLS or token settings."""
+
+
+class ListenError(OSError):
+    """A server cannot listen where it was asked to: its port is taken (in_use), or its address is not this
+    machine's."""
+
+    def __init__(self, message: str, in_use: bool) -> None:
+        super().__init__(message)
+        self.in_use = in_use
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,11 @@ def _limits(max_receive_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# gRPC's servers set SO_REUSEPORT by default: a second leader (or learner) on a taken port would start
+# without a word and share the callers with the first. Without it, binding a taken port fails.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
 def start_server(
     bind: str,
     register: list,
@@ -142,7 +158,7 @@ def start_server(
     workers = gate.threads_needed()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        options=_limits(max_receive_bytes),
+        options=_limits(max_receive_bytes) + SERVER_OPTIONS,
         interceptors=[gate],
         maximum_concurrent_rpcs=workers,
     )
@@ -153,22 +169,41 @@ def start_server(
     for name in service_names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if security.certificate:
-        credentials = grpc.ssl_server_credentials(
-            [(security.key, security.certificate)],
-            root_certificates=security.ca,
-            require_client_auth=security.ca is not None,
-        )
-        port = server.add_secure_port(bind, credentials)
-    else:
-        port = server.add_insecure_port(bind)
+    try:
+        if security.certificate:
+            credentials = grpc.ssl_server_credentials(
+                [(security.key, security.certificate)],
+                root_certificates=security.ca,
+                require_client_auth=security.ca is not None,
+            )
+            port = server.add_secure_port(bind, credentials)
+        else:
+            port = server.add_insecure_port(bind)
+    except RuntimeError:  # (grpcio returns 0 or raises, by version)
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {bind}: the port is taken or the address is not local")
+        raise listen_error(bind)
     server.start()
     host = bind.rsplit(":", 1)[0]
     if not _is_loopback(host):
         warn_if_open(f"{host}:{port}", port, security)  # the port it got: port 0 in bind asks for any free one
     return server, port
+
+
+def listen_error(bind: str) -> ListenError:
+    """Why a server could not listen on bind (HOST:PORT), which gRPC does not say: the system's answer to a
+    socket bound there."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
+            probe.bind((host, int(port)))
+    except (OSError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            return ListenError(f"port {port} is already in use", in_use=True)
+        return ListenError(f"cannot listen on {bind}: {getattr(error, 'strerror', None) or error}", in_use=False)
+    return ListenError(f"cannot listen on {bind}", in_use=False)
 
 
 def warn_if_open(bind: str, port: int, security: Security) -> None:

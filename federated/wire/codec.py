@@ -29,7 +29,10 @@ import torch
 
 from federated.core.checks import TensorSpec, all_finite
 
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 16 << 20  # the most a receiver that knows nothing yet of the tensors parses
+# Beyond the header encode writes for the tensors a receiver expects: room for the metadata, whose values the
+# sender chooses (a few short fields), so that nobody can make the receiver parse megabytes of JSON (header_limit).
+HEADER_SLACK_BYTES = 4 << 10
 MAX_DIMS = 8
 # Elements a tensor may describe, counting empty dimensions as 1: shapes such as [0, 10**30] hold no data,
 # yet torch cannot even represent them.
@@ -78,29 +81,38 @@ class Payload:
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise CPU tensors (in the given order) and string metadata into one payload."""
-    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
-    blobs: list[memoryview] = []
-    offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise PayloadError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
-        flat = tensor.detach().reshape(-1).contiguous().view(torch.uint8)
-        header[name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + flat.numel()],
-        }
-        blobs.append(flat.numpy().data)
-        offset += flat.numel()
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = _header_text(spec_of(tensors), metadata or {})
     padded_length = -(-(8 + len(text)) // ALIGNMENT) * ALIGNMENT - 8
     text = text.ljust(padded_length, b" ")
+    blobs = [tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data for tensor in tensors.values()]
     return b"".join([struct.pack("<Q", len(text)), text, *blobs])
 
 
-def decode(buffer: Received) -> Payload:
-    """Parse and check a payload; raise PayloadError saying what is wrong."""
-    layout = _parse_layout(buffer)
+def _header_text(spec: TensorSpec, metadata: Mapping[str, str]) -> bytes:
+    """The JSON header of a payload of spec's tensors, in order, and these metadata (unpadded)."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, (dtype, shape) in spec.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def header_limit(spec: TensorSpec, metadata_bytes: int = HEADER_SLACK_BYTES) -> int:
+    """The most header bytes to accept in a payload that must hold spec's tensors (decode's max_header_bytes):
+    the header encode writes for them, its padding, and metadata_bytes for the metadata. Checked before the
+    header is parsed, a longer one is refused at the cost of reading 8 bytes, not of parsing it."""
+    return len(_header_text(spec, {})) + ALIGNMENT + metadata_bytes
+
+
+def decode(buffer: Received, max_header_bytes: int = MAX_HEADER_BYTES) -> Payload:
+    """Parse and check a payload whose header takes at most max_header_bytes (see header_limit); raise
+    PayloadError saying what is wrong."""
+    layout = _parse_layout(buffer, max_header_bytes)
     if layout is None:
         raise PayloadError(f"payload of {len(buffer)} bytes ends inside its length prefix or header")
     if layout.size != len(buffer):
@@ -125,13 +137,13 @@ def _views(buffer: Buffer, layout: _Layout) -> dict[str, torch.Tensor]:
     }
 
 
-def _parse_layout(head: Received) -> _Layout | None:
+def _parse_layout(head: Received, max_header_bytes: int = MAX_HEADER_BYTES) -> _Layout | None:
     """The checked layout from a payload's first bytes, or None while its header is incomplete."""
     if len(head) < 8:
         return None
     (header_length,) = struct.unpack_from("<Q", head)
-    if header_length > MAX_HEADER_BYTES:
-        raise PayloadError(f"header length {header_length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if header_length > max_header_bytes:  # before a byte of it is parsed
+        raise PayloadError(f"header length {header_length} exceeds the {max_header_bytes}-byte limit")
     if len(head) < 8 + header_length:
         return None
     header = _parse_header(bytes(head[8 : 8 + header_length]))

@@ -9,7 +9,7 @@ import pytest
 from federated.leader import evaluation
 from federated.net.rpc import leader_pb2, with_credential
 from federated.wire import codec, messages
-from tests.support.live import LiveLeader, leader_from
+from tests.support.live import LiveLeader, leader_config, leader_from
 
 
 def summary(train: int = 100, held_out: int = 40, size: int = 32) -> leader_pb2.DataSummary:
@@ -88,8 +88,8 @@ def test_a_leader_without_data_settles_on_its_learners_summaries_and_a_resume_ke
         "10",
         "--learners",
         "2",
-        "--epochs",
-        "2",
+        "--rounds",
+        "20",  # (below 3 learners the schedule's flags are required; the epoch still comes from the claims)
         "--batch-size",
         "10",
     )
@@ -142,8 +142,41 @@ def test_an_evaluation_nobody_completed_is_recorded_once_a_later_one_begins(data
     evaluations.open(2)
     evaluations.expect(2, [0, 1])
     assert evaluations.records() == []  # still open: learner 1 may report
-    evaluations.submit(2, evaluation.Report(0, 40, 20, 1.0), declared_samples=40)
+    evaluations.submit(2, evaluation.Report(0, 40, 20, 1.0, 40), declared_samples=40)
     evaluations.open(4)
     [record] = evaluations.records()
     assert (record["round"], record["missing"], record["test_accuracy"]) == (2, [1], 0.5)
     assert evaluations.records(final=True) == []  # round 4: nobody reported, no record
+
+
+def test_one_liar_of_two_sets_neither_the_schedule_nor_the_normalisation_nor_the_evaluation(tmp_path, port, capsys):
+    # of two learners the median claim is the smaller one: without the schedule's flags the liar's would set it
+    for given in (["--strategy", "fedsgd"], ["--strategy", "fedavg", "--rounds", "510"]):
+        with pytest.raises(SystemExit):
+            leader_config(["--dataset", "none", "--num-classes", "10", "--learners", "2", *given])
+        assert "fewer than 3 learners needs" in capsys.readouterr().err
+    assert leader_config(["--dataset", "none", "--num-classes", "10", "--learners", "3"]).rounds is None
+    flags = ["--dataset", "none", "--num-classes", "10", "--learners", "2", "--batch-size", "32", "--rounds", "510"]
+    live = LiveLeader.start(tmp_path, port, *flags)
+    liar = leader_pb2.DataSummary(
+        train_samples=1, eval_samples=2**32, channel_sums=[0.0] * 3, channel_square_sums=[0.0] * 3
+    )  # one black image, and billions held out
+    credentials = [
+        live.stub.RegisterLearner(leader_pb2.LearnerInfo(network_addr=f"127.0.0.1:{7040 + index}", data=data))
+        for index, data in enumerate((summary(train=544, held_out=136), liar))
+    ]
+    assert all(reply.success for reply in credentials)
+    assert live.leader.settle()
+    schedule = live.leader.planner.schedule
+    assert (schedule.total_rounds, schedule.steps_per_epoch, schedule.warmup_rounds) == (510, 17, 17)
+    info = messages.StateInfo.from_payload(codec.decode(live.leader.global_model.encoded_state))
+    assert info.mean == pytest.approx((0.5,) * 3)  # the honest learner's alone: the black image is not counted
+    live.leader.evaluations.open(17)
+    for learner_id, (samples, correct) in enumerate(((136, 102), (2**32, 0))):
+        report = leader_pb2.EvaluationReport(learner_id=learner_id, round=17, samples=samples, correct=correct, loss=1)
+        assert live.stub.ReportEvaluation(report, metadata=with_credential(credentials[learner_id].credential)).success
+    [record] = live.leader.evaluations.records(final=True)
+    # the liar's 2**32 held-out images weigh as its one training image: 102 of 137
+    assert record["test_accuracy"] == pytest.approx(102 / 137)
+    assert record["per_learner"]["1"]["weighed_as"] == 1
+    live.stop()

@@ -1,8 +1,12 @@
 """Callers that hold on: unread streams, requests never finished, streams that stall, on live servers."""
 
+import contextlib
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -10,7 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federated.learner import session as learner_session
-from federated.net import rpc
+from federated.net import guard, rpc
 from federated.net.rpc import leader_pb2
 from federated.tools import launch
 from federated.wire import codec, framing
@@ -215,3 +219,113 @@ def test_callers_without_a_credential_cannot_take_a_learners_turns(live):
         blocked.set()
         for call in calls:
             call.cancel()
+
+
+class GatedStreams:
+    """A server on 127.0.0.1 whose one method streams count messages of 1 MiB (after each, it waits for
+    release), behind a Gate admitting 1 stream per caller and 4 in all from callers without a credential; a
+    caller sending the header "name" is named by it."""
+
+    METHOD = "/test.Streams/Read"
+
+    def __init__(self, count: int, min_anonymous_rate: float = guard.MIN_ANONYMOUS_RATE) -> None:
+        self.count, self.release = count, threading.Event()
+        self.release.set()
+
+        def read(request, context):
+            for _ in range(self.count):
+                yield b"x" * (1 << 20)
+                self.release.wait(10)
+
+        gate = guard.Gate(
+            {self.METHOD: guard.Limit(1, anonymous=4)},
+            idle_timeout=IDLE_S,
+            identify=lambda headers: headers.get("name"),
+            named_callers=2,
+            min_anonymous_rate=min_anonymous_rate,
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(gate.threads_needed()), interceptors=[gate])
+        handler = grpc.unary_stream_rpc_method_handler(read)
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Streams", {"Read": handler})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def call(self, port: int | None = None, name: str | None = None):
+        """A stream through port (the server's by default); the client lets the server send only as fast as it
+        reads (no window probing)."""
+        channel = grpc.insecure_channel(f"127.0.0.1:{port or self.port}", options=[("grpc.http2.bdp_probe", 0)])
+        return channel.unary_stream(self.METHOD)(b"", timeout=30, metadata=[("name", name)] if name else None)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(0)
+
+
+@contextmanager
+def relay_from(source: str, port: int) -> Iterator[int]:
+    """A port on 127.0.0.1 whose connections reach 127.0.0.1:port from the address source (of 127.0.0.0/8, all
+    this machine's), byte for byte: a caller at another address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(reader: socket.socket, writer: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := reader.recv(1 << 16):
+                writer.sendall(data)
+        for end in (reader, writer):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the relay is over
+            while True:
+                caller, _ = listener.accept()
+                server = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+                for ends in ((caller, server), (server, caller)):
+                    threading.Thread(target=pipe, args=ends, daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def test_callers_without_a_credential_count_by_network_not_by_address():
+    streams = GatedStreams(2)
+    streams.release.clear()  # every stream admitted holds its turn
+    try:
+        with relay_from("127.0.0.2", streams.port) as neighbour, relay_from("127.0.1.1", streams.port) as other:
+            held = [streams.call()]  # from 127.0.0.1 (kept: a call nobody refers to any more is cancelled)
+            assert first_code(held[0]) is None
+            refused = streams.call(neighbour)  # another address of the same /24: the same caller
+            assert first_code(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "from this caller" in refused.details()
+            held.append(streams.call(other))
+            assert first_code(held[1]) is None  # another /24 has a turn of its own
+    finally:
+        streams.stop()
+
+
+def test_an_anonymous_stream_read_too_slowly_is_cut_though_it_never_stalls():
+    # 8 MiB/s at least, after the first second; the readers take 1 MiB every 0.25 s, never stalling for IDLE_S
+    streams = GatedStreams(16, min_anonymous_rate=8 << 20)
+
+    def read_slowly(call) -> int:
+        read = 0
+        for _ in call:
+            read += 1
+            time.sleep(0.25)
+        return read
+
+    try:
+        assert sum(1 for _ in streams.call()) == 16  # read at once: well within the bound
+        with futures.ThreadPoolExecutor(2) as pool:
+            anonymous = pool.submit(read_slowly, streams.call())
+            named = pool.submit(read_slowly, streams.call(name="learner 1"))
+            with pytest.raises(grpc.RpcError) as cut:
+                anonymous.result()
+            # refused as it asks for the next chunk, or cancelled while it does not read the one it was sent
+            assert cut.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+            assert named.result() == 16  # a learner named by its credential holds only its own turn: no bound
+    finally:
+        streams.stop()

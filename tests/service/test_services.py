@@ -31,7 +31,7 @@ from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
 from federated.wire import codec, framing, messages
 from federated.wire.messages import StateInfo
-from tests.support.live import LR, LiveLeader, learner_config, model_hash
+from tests.support.live import LR, LiveLeader, leader_from, learner_config, model_hash
 
 
 @pytest.fixture
@@ -141,7 +141,8 @@ def bad_gradients(live) -> dict:
     wrong_dtype = dict(views, **{name: views[name].double()})
     renamed = {("x" + key if key == name else key): value for key, value in views.items()}
     negative = dict(views, **{variance: -torch.ones_like(views[variance])})
-    deep = b"[" * 100_000 + b"]" * 100_000
+    deep = b"[" * 3_000 + b"]" * 3_000  # deeper than Python's recursion limit, shorter than a gradient's header
+    huge = b"\xff" * (512 << 10)  # not even JSON: refused for its length alone, before anything parses it
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     return {
         "garbage": (b"\x00garbage", invalid, "ends inside|exceeds"),
@@ -169,6 +170,7 @@ def bad_gradients(live) -> dict:
             "more than",
         ),
         "deep JSON": (struct.pack("<Q", len(deep)) + deep, invalid, "not valid JSON"),
+        "huge header": (struct.pack("<Q", len(huge)) + huge, invalid, f"header length {len(huge)} exceeds the"),
         "huge integer": (
             header_only({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).replace(
                 b"[1]", b"[" + b"9" * 5000 + b"]"
@@ -366,6 +368,23 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
     )
 
 
+def test_a_second_leader_or_learner_on_a_taken_port_is_refused(live, live_learner, tmp_path):
+    # gRPC's servers share a port by default (SO_REUSEPORT): the second would start and split the callers
+    leader_port = live.address.rsplit(":", 1)[1]
+    dataless = ["--dataset", "none", "--num-classes", "10", "--learners", "3", "--out", str(tmp_path / "second")]
+    second = leader_from([*dataless, "--host", "127.0.0.1", "--port", leader_port])
+    with pytest.raises(rpc.ListenError, match=f"^port {leader_port} is already in use$") as taken:
+        second.serve()
+    assert taken.value.in_use
+    learner, _ = live_learner
+    again = learner_config(["--leader", live.address, "--host", "127.0.0.1", "--port", str(learner.server.port)])
+    with pytest.raises(rpc.ListenError, match=f"^port {learner.server.port} is already in use$"):
+        learner_module.Learner(again).connect()
+    with pytest.raises(rpc.ListenError, match=re.escape("cannot listen on 192.0.2.1:0")) as elsewhere:
+        rpc.start_server("192.0.2.1:0", [], [], 1 << 20)  # an address that is not this machine's
+    assert not elsewhere.value.in_use
+
+
 def leader_call(learner) -> list[tuple[str, str]]:
     """Call metadata as the learner's leader sends it."""
     return rpc.with_credential(learner.session.credential.value)
@@ -383,11 +402,13 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         "a plan beyond --max-local-steps": codec.encode(
             state, {"round": "1", **messages.plan_to_metadata(TrainingPlan("fedavg", 10**17, 0.1))}
         ),
+        "huge header": codec.encode(state, {"round": "1", "padding": " " * (1 << 20)}),  # refused unparsed
     }
     before = [t.clone() for t in learner.replica.model.state_dict().values()]
     for case, chunk in bad.items():
         reply = stub.SyncModelState(learner_pb2.ModelState(chunk=chunk), timeout=10, metadata=leader_call(learner))
         assert not reply.success and "rejected" in reply.message, case
+        assert case != "huge header" or "exceeds the" in reply.message, reply.message
     assert all(torch.equal(a, b) for a, b in zip(before, learner.replica.model.state_dict().values()))
     assert learner.server.inbox.take(0, timeout=0) is None
     good = codec.encode(state, {"round": "1"})
@@ -537,9 +558,12 @@ def test_a_learner_the_leader_cannot_dial_is_dropped_and_told_why_when_it_regist
         time.sleep(0.1)
     assert not registry.is_active(0)
     assert "cannot reach learner 0 at " + address in caplog.text and "--advertise" in caplog.text
+    [why] = re.findall(r"the address it registered \((StartTraining failed: UNAVAILABLE[^)]*)\)", caplog.text)
     reply = live.register(address, credential)  # from there it would only be dropped again
     assert not reply.success and f"cannot reach this learner at {address}" in reply.message, reply.message
-    assert "UNAVAILABLE" in reply.message and "--advertise" in reply.message
+    # what a dial of any HOST:PORT found (refused, no route, no handshake) stays in the leader's log: no port scans
+    assert "UNAVAILABLE" not in reply.message and why.split(": ", 1)[1][:40] not in reply.message
+    assert "--advertise" in reply.message and "the leader's log says why" in reply.message
     newcomers = [live.register(f"127.0.0.1:{port}").learner_id for port in (7998, 7999)]
     assert sorted(newcomers) == [0, 1]  # its slot is free at once
 

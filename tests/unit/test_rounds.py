@@ -138,9 +138,8 @@ def test_a_learner_the_leader_never_reached_at_its_address_is_told_so_when_it_re
     with pytest.raises(Refusal) as refusal:
         register(registry, "10.0.0.9:7001", member.credential)
     assert not refusal.value.retry  # final: from there it would only be dropped again
-    assert "cannot reach this learner at 10.0.0.9:7001" in str(refusal.value) and "No route to host" in str(
-        refusal.value
-    )
+    assert "cannot reach this learner at 10.0.0.9:7001" in str(refusal.value)
+    assert "No route" not in str(refusal.value)  # why is the leader's to know: no port scans through it
     assert "--advertise" in str(refusal.value)
     assert register(registry, "10.0.0.9:7002", member.credential).learner_id == 0  # a new address is tried
     assert register(registry, "b:1").learner_id == 1

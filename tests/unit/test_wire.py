@@ -121,6 +121,16 @@ def test_malformed_payloads_are_rejected_with_a_short_reason(data, message):
     assert len(str(error.value)) < 400
 
 
+def test_a_header_longer_than_the_expected_tensors_need_is_refused_before_it_is_parsed():
+    tensors = sample_tensors()
+    limit = codec.header_limit(codec.spec_of(tensors))
+    metadata = {"learner_id": "4095", "round": "123456789", "samples": "1000000", "loss": repr(1 / 3)}
+    assert codec.decode(codec.encode(tensors, metadata), limit).metadata == metadata
+    not_json = struct.pack("<Q", limit + 1) + b"\xff" * (limit + 1)
+    with pytest.raises(codec.PayloadError, match=f"header length {limit + 1} exceeds the {limit}-byte limit"):
+        codec.decode(not_json, limit)
+
+
 def test_truncated_payloads_are_rejected():
     data = codec.encode(sample_tensors())
     for length in range(0, len(data), 7):
