@@ -27,7 +27,7 @@ from model import MAX_CLASSES
 if TYPE_CHECKING:
     from protos import leader_pb2
 
-MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
+MAX_LOSS = 1e6  # a batch loss beyond this is no cross-entropy of a sane model: an update's claim is clamped to it
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
@@ -45,15 +45,29 @@ def _float(
     text = metadata.get(key)
     if text is None and default is not None:
         return default
-    try:
-        value = float(text) if text is not None and len(text) <= 40 else math.nan
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # false for NaN
+    value = _number(text)
+    if value is None or not low <= value <= high:  # false for NaN
         raise codec.PayloadError(
             f"metadata {key!r} must be a number from {low:g} to {high:g}, got {(text or '')[:32]!r}"
         )
     return value
+
+
+def _number(text: str | None) -> float | None:
+    """A metadata value as a float (NaN and the infinities included); None if it is no number."""
+    try:
+        return float(text) if text is not None and len(text) <= 40 else None
+    except ValueError:
+        return None
+
+
+def _loss(metadata: dict[str, str]) -> float:
+    """An update's claimed training loss, which only informs (the round's train_loss): clamped into 0..MAX_LOSS (a
+    poisoned model gives honest learners huge losses), NaN kept as unknown; PayloadError only if it is no number."""
+    loss = _number(metadata.get("loss"))
+    if loss is None:
+        raise codec.PayloadError(f"metadata 'loss' must be a number, got {metadata.get('loss', '')[:32]!r}")
+    return loss if math.isnan(loss) else min(max(loss, 0.0), MAX_LOSS)
 
 
 def _int(metadata: dict[str, str], key: str, default: int | None = None, minimum: int = 0) -> int:
@@ -232,7 +246,7 @@ class UpdateInfo:
             _int(metadata, "learner_id"),
             _int(metadata, "round"),
             _int(metadata, "samples", minimum=1),
-            _float(metadata, "loss", high=MAX_LOSS),
+            _loss(metadata),
             kind,
             _int(metadata, "steps", 1, minimum=1),
         )
