@@ -146,10 +146,17 @@ class StateInfo:
     plan: TrainingPlan = TrainingPlan()
     image_size: int = utils.IMAGE_SIZE
     norm: str = "batch"
+    discarded: int = 0  # rounds the leader discarded so far (SCAFFOLD: a learner's control moves only if applied)
+    control_resets: int = 0  # times the leader reset SCAFFOLD's controls (its learners reset theirs)
 
     def to_metadata(self) -> dict[str, str]:
         normalisation = (
             {"mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))} if self.mean else {}
+        )
+        controls = (
+            {"discarded_rounds": str(self.discarded), "control_resets": str(self.control_resets)}
+            if strategies.named(self.plan.strategy).controls
+            else {}
         )
         return {
             "architecture": self.architecture,
@@ -164,6 +171,7 @@ class StateInfo:
             **plan_to_metadata(self.plan),
             **({"image_size": str(self.image_size)} if self.image_size != utils.IMAGE_SIZE else {}),
             **({"norm": self.norm} if self.norm != "batch" else {}),
+            **controls,
         }
 
     @classmethod
@@ -203,6 +211,8 @@ class StateInfo:
             plan_from_metadata(metadata),
             image_size,
             metadata.get("norm", "batch")[:16],
+            _int(metadata, "discarded_rounds", 0),
+            _int(metadata, "control_resets", 0),
         )
 
 

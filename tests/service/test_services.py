@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from federated.core.plan import TrainingPlan
 from federated.learner import app as learner_module
 from federated.learner import data as learner_data
 from federated.learner import session as learner_session
@@ -394,7 +395,7 @@ def test_a_dropped_learner_learns_it_from_the_leaders_health_service(live, live_
 def test_a_learner_whose_gradient_is_refused_says_so(live, live_learner):
     learner, _ = live_learner
     live.leader.registry.take_joiners()
-    learner.replica.gradient.fill_(float("nan"))
+    learner.replica.plan = TrainingPlan(local_steps=2)  # more than the leader asked for: this learner's own bug
     with pytest.raises(
         learner_session.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"
     ):
