@@ -31,13 +31,15 @@ from federated.core.training import compute_gradient, evaluate
 from federated.leader import config
 from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
-from federated.leader.global_model import MAX_DISCARDED_ROUNDS, GlobalModel
+from federated.leader.global_model import MAX_DISCARDED_ROUNDS, Diverged, GlobalModel
+from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
 from federated.leader.registry import Member
 from federated.leader.servicer import LeaderServicer
 from federated.learner import state as learner_state
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo, UpdateInfo
+from tests.support.live import leader_from
 from tests.support.nets import assert_same_parameters, batch, small_net
 
 ADAPTIVE = [name for name in strategies.names() if issubclass(strategies.named(name), Adaptive)]
@@ -339,6 +341,32 @@ def test_after_five_refused_steps_in_a_row_the_leader_resets_the_scaffold_contro
     for _ in range(MAX_DISCARDED_ROUNDS):
         recovery = fedavg.count_round("NaN or Inf in fc.bias", stepped=True)
     assert recovery and recovery.stops and "NaN or Inf in fc.bias" in recovery.message
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fedavg"])
+def test_the_round_loop_records_a_reset_and_stops_after_the_rounds_record_when_nothing_can_be_reset(tmp_path, strategy):
+    flags = ["--strategy", strategy, "--learners", "1", "--local-steps", "1", "--batch-size", "8", "--rounds", "20"]
+    leader = leader_from(["--dataset", "synthetic", "--eval-every", "0", "--out", str(tmp_path), *flags])
+    if strategy == "scaffold":
+        leader.strategy.control.fill_(1.0)  # a control that passed its bounds, yet every round fails with it
+    absurd = torch.full((leader.global_model.layout.size,), 1e30)  # every round refused by the guarded step
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    for round_index in range(MAX_DISCARDED_ROUNDS):
+        leader.collector.submit(0, round_index, [absurd], 8, 1.0, 0)  # (no learner: the round waits for nobody)
+        if strategy == "fedavg" and round_index == MAX_DISCARDED_ROUNDS - 1:
+            with pytest.raises(Diverged, match="rounds in a row were discarded"):
+                leader.rounds.run_round(round_index, 0.0, metrics)
+        else:
+            assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+    metrics.close()
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert last["round"] == MAX_DISCARDED_ROUNDS and "discarded" in last, last
+    assert ("reset to zero" if strategy == "scaffold" else "stopping") in last["recovery"], last
+    if strategy == "scaffold":
+        assert not leader.strategy.control.any()
+        leader.rounds.save_checkpoint(MAX_DISCARDED_ROUNDS)
+        resumed = leader_from(["--resume", str(tmp_path)]).global_model
+        assert (resumed.discarded, resumed.refused, resumed.control_resets) == (MAX_DISCARDED_ROUNDS, 0, 1)
 
 
 # --- aggregation rules as pure functions ----------------------------------------------------------------
