@@ -49,8 +49,8 @@ class GuardedStep:
     """apply_mean_gradient, refused or undone when it would leave a NaN, an Inf or a negative BatchNorm
     variance in the model or its momentum, weights beyond the wire dtype's range, or change the weights (or a
     statistic) by far more than any sane step does: a hostile or broken round never reaches the model, nor a
-    checkpoint, nor the learners. Works on two flat
-    copies of the model and its momentum (before and after), reused every round: a few passes over memory."""
+    checkpoint, nor the learners. Works on two flat copies of the model and its momentum (before and after),
+    reused every round: a few passes over memory."""
 
     def __init__(self, model: nn.Module, layout: GradientLayout, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.layout, self.optimizer = model, layout, optimizer
