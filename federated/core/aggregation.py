@@ -194,7 +194,7 @@ class RoundUpdates:
         self.total = torch.zeros(size if not rule.keeps_updates else 0)
         self.kept: list[torch.Tensor] = []
         self.sample_counts: list[int] = []
-        self.loss_sum = 0.0
+        self.loss_sum, self.loss_samples = 0.0, 0  # of the updates that gave a loss (NaN: none)
 
     def add(self, pieces: list[torch.Tensor], samples: int, loss: float) -> None:
         """Add one learner's update, given as consecutive 1-D pieces of any floating-point dtype that together
@@ -211,7 +211,9 @@ class RoundUpdates:
             for piece, part in zip(pieces, self.total.split([piece.numel() for piece in pieces])):
                 part.add_(piece, alpha=samples)
         self.sample_counts.append(samples)
-        self.loss_sum += loss * samples
+        if not math.isnan(loss):
+            self.loss_sum += loss * samples
+            self.loss_samples += samples
 
     @property
     def samples(self) -> int:
@@ -219,7 +221,8 @@ class RoundUpdates:
 
     @property
     def mean_loss(self) -> float:
-        return self.loss_sum / self.samples
+        """The sample-weighted mean of the losses the updates gave (NaN if none did)."""
+        return self.loss_sum / self.loss_samples if self.loss_samples else math.nan
 
     def combine_into(self, out: torch.Tensor) -> None:
         """Write the round's aggregate into out."""
@@ -231,4 +234,4 @@ class RoundUpdates:
 
     def reset(self) -> None:
         self.total.zero_()
-        self.kept, self.sample_counts, self.loss_sum = [], [], 0.0
+        self.kept, self.sample_counts, self.loss_sum, self.loss_samples = [], [], 0.0, 0

@@ -47,9 +47,10 @@ OPTIMIZER_STATE = ("momentum_buffer", "variance")  # what SGD and strategies.Ser
 
 class GuardedStep:
     """apply_mean_gradient, refused or undone when it would leave a NaN, an Inf or a negative BatchNorm
-    variance in the model or its momentum, or change the weights (or a statistic) by far more than any sane
-    step does: a hostile or broken round never reaches the model, nor a checkpoint. Works on two flat
-    copies of the model and its momentum (before and after), reused every round: a few passes over memory."""
+    variance in the model or its momentum, weights beyond the wire dtype's range, or change the weights (or a
+    statistic) by far more than any sane step does: a hostile or broken round never reaches the model, nor a
+    checkpoint, nor the learners. Works on two flat copies of the model and its momentum (before and after),
+    reused every round: a few passes over memory."""
 
     def __init__(self, model: nn.Module, layout: GradientLayout, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.layout, self.optimizer = model, layout, optimizer
@@ -67,7 +68,11 @@ class GuardedStep:
         floats = self._floats()
         after = self._flatten("after", floats.values())
         problem = problem_in(floats, after)
-        problem = f"the step would leave {problem}" if problem else self._change_problem(before, after, lr)
+        problem = (
+            f"the step would leave {problem}"
+            if problem
+            else self._wire_problem(after) or self._change_problem(before, after, lr)
+        )
         if problem:
             self._restore(saved, before, counters)
         return problem
@@ -89,6 +94,22 @@ class GuardedStep:
         if self._flat[which].numel() != sum(tensor.numel() for tensor in tensors):
             self._flat[which] = torch.empty(sum(tensor.numel() for tensor in tensors))
         return torch.cat(tensors, out=self._flat[which])
+
+    def _wire_problem(self, after: torch.Tensor) -> str | None:
+        """Why the weights after the step could not travel in the wire dtype (a value beyond its range would arrive
+        as Inf, and learners refuse such a state), or None. One pass over the weights, and none for float32: the
+        statistics and SCAFFOLD's control travel in float32, already known finite."""
+        limit = torch.finfo(self.layout.wire_dtype).max
+        if limit >= torch.finfo(torch.float32).max:
+            return None
+        low, high = torch.aminmax(after[: self.layout.parameter_count])
+        if max(-low.item(), high.item()) <= limit:
+            return None
+        name, largest = next(
+            (name, value) for name, p in self.layout.parameters if (value := p.detach().abs().max().item()) > limit
+        )
+        dtype = str(self.layout.wire_dtype).removeprefix("torch.")
+        return f"the step would leave {name} beyond {dtype}'s range ({largest:.3g}): its state could not travel"
 
     def _change_problem(self, before: torch.Tensor, after: torch.Tensor, lr: float) -> str | None:
         """Why the step just taken is too large to be a sane one, or None; overwrites after with the change."""

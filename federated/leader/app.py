@@ -16,7 +16,7 @@ from federated.leader.collector import RoundCollector
 from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
 from federated.leader.federation import Federation, Settings, Stalled
-from federated.leader.global_model import GlobalModel
+from federated.leader.global_model import Diverged, GlobalModel
 from federated.leader.loop import RoundLoop
 from federated.leader.metrics import MetricsLog, plot_metrics, read_metrics
 from federated.leader.planner import Planner
@@ -105,7 +105,7 @@ class Leader:
         """Continue from a checkpoint: its model, optimizer, strategy and random states; return its round."""
         model = self.global_model
         rounds_done = checkpoint.restore(saved, model.model, model.optimizer, self.sampler)
-        model.strategy.restore(saved)
+        model.restore(saved)
         checkpoint.keep_metrics_until(self.out / "metrics.jsonl", rounds_done)
         log.info("resuming from the checkpoint at round %d", rounds_done)
         return rounds_done
@@ -183,7 +183,8 @@ class Leader:
         self.federation.release()
 
     def run(self) -> int:
-        """Serve and train to the end; return the exit status (1: stalled for lack of learners)."""
+        """Serve and train to the end; return the exit status (1: stalled for lack of learners, or every round
+        discarded)."""
         server = self.serve()
         metrics = MetricsLog(
             self.out / "metrics.jsonl", append=bool(self.config.resume), tensorboard=self.config.tensorboard
@@ -197,7 +198,7 @@ class Leader:
                 if done < self.planner.schedule.total_rounds:
                     log.info("stopping on request after round %d", done)
                     self.stop(done)
-        except Stalled as stalled:
+        except (Stalled, Diverged) as stalled:
             log.error("%s", stalled)
             self.stop(self.collector.round)
             status = 1

@@ -2,6 +2,7 @@
 learners fetch (GetModel) or are pushed (SyncModelState)."""
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,24 @@ from federated.leader.config import LeaderConfig
 from federated.wire import codec, framing
 from federated.wire.messages import StateInfo
 from model import build_model, load_initial_weights
+
+# Step refusals in a row after which the leader acts: it resets what the strategy keeps beside the model (SCAFFOLD's
+# control, which a hostile round may have poisoned so that every honest update is refused), or stops when there is
+# nothing to reset. Honest runs discard no round at all; 5 in a row lose little of a run and are no accident.
+MAX_DISCARDED_ROUNDS = 5
+
+
+class Diverged(Exception):
+    """Rounds keep being discarded and nothing can be reset: the leader checkpoints and stops, to be resumed later."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the leader does after MAX_DISCARDED_ROUNDS refused steps in a row: what it reset, or (stops) why it
+    stops."""
+
+    message: str
+    stops: bool = False
 
 
 class GlobalModel:
@@ -53,6 +72,9 @@ class GlobalModel:
             image_size=config.image_size,
             norm=config.norm,
         )
+        self.discarded = 0  # rounds discarded so far: a SCAFFOLD learner commits its control change only if applied
+        self.refused = 0  # steps refused in a row
+        self.control_resets = 0
         self.encoded_state = b""
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
         self.publish(round_index=0, finished=False)
@@ -67,7 +89,15 @@ class GlobalModel:
         """Encode the state after round_index with everything a learner needs to train the next round (plan);
         GetModel serves it from now on. `finished` tells learners to exit, `stopped` that the leader was stopped
         early (it can be resumed). Returns the state as one serialised ModelState, ready to push to learners."""
-        info = dataclasses.replace(self.info, round=round_index, finished=finished, stopped=stopped, plan=plan)
+        info = dataclasses.replace(
+            self.info,
+            round=round_index,
+            finished=finished,
+            stopped=stopped,
+            plan=plan,
+            discarded=self.discarded,
+            control_resets=self.control_resets,
+        )
         tensors = wire_state(self.model, self.wire_dtype, self.strategy.control)
         self.encoded_state = codec.encode(tensors, info.to_metadata())
         return framing.chunk_message(self.encoded_state)
@@ -90,3 +120,38 @@ class GlobalModel:
         steps at learning rate lr, from participants of the run's learners. None, or why the model was left as it
         was (non-finite or absurd: steps.GuardedStep)."""
         return self.strategy.apply(self.step_safely, self.mean_gradient, lr, steps, participants, learners)
+
+    def count_round(self, discarded: str | None, stepped: bool) -> Recovery | None:
+        """Count a closed round: discarded (why, or None if applied), stepped (False: too few updates to try a step).
+        After MAX_DISCARDED_ROUNDS refused steps in a row, reset the strategy's state (Strategy.recover), or say why
+        the run must stop when nothing could be reset."""
+        if discarded:
+            self.discarded += 1
+        if not stepped:  # a round too small to step says nothing about the updates
+            return None
+        self.refused = self.refused + 1 if discarded else 0
+        if self.refused < MAX_DISCARDED_ROUNDS:
+            return None
+        self.refused = 0  # the reset, or a resume, gets MAX_DISCARDED_ROUNDS more
+        why = f"{MAX_DISCARDED_ROUNDS} rounds in a row were discarded, the last because {discarded}"
+        reset = self.strategy.recover()
+        if reset is None:
+            return Recovery(
+                f"{why}: the learners' updates make no sane step from this model (a hostile or broken learner? "
+                "against hostile ones use a robust --aggregator); stopping",
+                stops=True,
+            )
+        self.control_resets += 1
+        return Recovery(f"{why}: {reset}")
+
+    def checkpoint(self) -> dict:
+        """What a checkpoint holds beside the model and optimizer: the strategy's own state and the discard counts."""
+        counts = {"total": self.discarded, "in_a_row": self.refused, "control_resets": self.control_resets}
+        return {**self.strategy.checkpoint(), "discards": counts}
+
+    def restore(self, saved: dict) -> None:
+        """Take back what checkpoint() saved (an older checkpoint has no discard counts)."""
+        self.strategy.restore(saved)
+        counts = saved.get("discards", {})
+        self.discarded, self.refused = counts.get("total", 0), counts.get("in_a_row", 0)
+        self.control_resets = counts.get("control_resets", 0)

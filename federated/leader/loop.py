@@ -17,7 +17,7 @@ from federated.leader.config import LeaderConfig
 from federated.leader.data import LeaderData
 from federated.leader.evaluation import Evaluations
 from federated.leader.federation import Federation
-from federated.leader.global_model import GlobalModel
+from federated.leader.global_model import Diverged, GlobalModel
 from federated.leader.metrics import MetricsLog
 from federated.leader.planner import Planner
 from federated.leader.registry import Registry
@@ -75,13 +75,17 @@ class RoundLoop:
                 list(summary.given_up),
                 MAX_MISSED_ROUNDS,
             )
-        discarded = self.collector.rule.too_few(summary.learners) or self.global_model.step(
+        too_few = self.collector.rule.too_few(summary.learners)
+        discarded = too_few or self.global_model.step(
             lr, schedule.steps_per_round, summary.learners, self.config.learners
         )
         if discarded:
             log.warning(
                 "round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners
             )
+        recovery = self.global_model.count_round(discarded, stepped=too_few is None)
+        if recovery and not recovery.stops:
+            log.warning("round %d: %s", done, recovery.message)
         stepped = time.perf_counter()
         eval_seconds = self.evaluate(done, metrics) if self.planner.evaluation_due(done) else 0.0
         if done == schedule.total_rounds:
@@ -108,6 +112,7 @@ class RoundLoop:
                 "push_s": pushed - pushing,
                 **({"participants": sampled} if sampled is not None else {}),
                 **({"discarded": discarded} if discarded else {}),
+                **({"recovery": recovery.message} if recovery else {}),
                 "per_learner": {
                     str(learner): {"samples": samples, "loss": loss}
                     for learner, (samples, loss) in sorted(summary.per_learner.items())
@@ -124,6 +129,8 @@ class RoundLoop:
                 summary.loss,
                 summary.learners,
             )
+        if recovery and recovery.stops:  # after the round's record: app.Leader.run checkpoints and stops
+            raise Diverged(recovery.message)
         return now
 
     def push_state(self, rounds_done: int) -> int:
@@ -190,7 +197,7 @@ class RoundLoop:
         state = checkpoint.snapshot(
             model.model,
             model.optimizer,
-            model.strategy.checkpoint(),
+            model.checkpoint(),
             rounds_done,
             self.registry.records(),
             self.sampler,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import partial
 
 import utils
+from federated.core.checks import first_problem
 from federated.core.training import Batch
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
@@ -78,19 +79,30 @@ class Member:
                 self.data = self.fetch_shard()
 
     def send_update(self, round_index: int, loss: float) -> None:
-        """Send the round's update (the replica's update vector) with what it claims: samples, loss, kind, steps."""
+        """Send the round's update (the replica's update vector) with what it claims: samples, loss, kind, steps.
+        An update that holds NaN or Inf (as it travels) is not sent: only the leader's state, trained on this
+        learner's data, makes one, and the leader would refuse it; the learner sits the round out."""
         replica, plan = self.replica, self.replica.plan
+        self.sent_round = round_index
+        tensors = replica.update_tensors()
+        if problem := first_problem(tensors.items()):
+            log.warning(
+                "round %d: this learner's update holds %s (the leader's model gives that on this learner's data); "
+                "it sits this round out",
+                round_index,
+                problem,
+            )
+            return
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
         claims = messages.UpdateInfo(
             self.learner_id, round_index, batch * plan.local_steps, loss, replica.strategy.update_kind, plan.local_steps
         )
-        request = leader_pb2.GradientData(chunk=codec.encode(replica.update_tensors(), claims.to_metadata()))
+        request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
-        self.sent_round = round_index
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
         elif reply is not None:
-            replica.commit_controls()
+            replica.update_taken(round_index)
 
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader."""

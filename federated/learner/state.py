@@ -1,6 +1,7 @@
 """What a learner has once it knows the leader's first model state: the model on its device, its update layout
 and vector, the strategy's control variates, what a state must hold, and the adoption of later states."""
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,8 @@ from federated.core.strategies.scaffold import Controls
 from federated.core.training import Batch, Evaluation, evaluate
 from federated.wire import codec, messages
 from model import build_model
+
+log = logging.getLogger("learner")
 
 
 def load_state(model: torch.nn.Module, payload: codec.Payload, take_over: bool = False) -> None:
@@ -90,12 +93,15 @@ class Replica:
         self.spec = state_spec(self.model, wire_dtype, self.controls is not None)
         self.round, self.plan = self.info.round, self.info.plan
         self.mean, self.std = list(self.info.mean), list(self.info.std)
-        self.adopt(state)
+        # The update vector keeps the last update until the next local update, which comes after the state that
+        # settles its SCAFFOLD control change (adopt).
         self.gradient = torch.zeros(self.layout.size, device=self.device)
+        self.adopt(state)
         self.layout.bind_gradients(self.gradient)  # after adopting: it took the state's tensors over
 
     def adopt(self, state: codec.Payload, fetched: bool = True) -> None:
-        """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there)."""
+        """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there).
+        SCAFFOLD: its server control, and the leader's word on the control change of this learner's last update."""
         if fetched:
             adopt_state(self.model, state, self.spec)
         else:
@@ -106,9 +112,15 @@ class Replica:
         if strategies.named(self.plan.strategy).controls != (self.controls is not None):
             raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
         if self.controls is not None:
-            self.controls.server.copy_(
-                torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters])
+            committed = self.controls.adopt(
+                torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters]),
+                info.round,
+                (info.discarded, info.control_resets),
+                self.gradient[self.layout.controls],
+                fetched,
             )
+            if committed is False:
+                log.info("round %d: the leader did not apply this learner's control change; it is dropped", info.round)
 
     def take_final(self, state: codec.Payload) -> None:
         """The leader's last state: its weights and normalisation (a learner sampling never drew may not have had
@@ -135,10 +147,11 @@ class Replica:
         """The update vector as it travels."""
         return self.layout.wire_tensors(self.gradient)
 
-    def commit_controls(self) -> None:
-        """SCAFFOLD: the learner's control moves only with an update the leader accepted."""
+    def update_taken(self, round_index: int) -> None:
+        """SCAFFOLD: the leader took this round's update; its control change waits for a later state's word on
+        whether the round was applied."""
         if self.controls is not None:
-            self.controls.commit(self.gradient[self.layout.controls])
+            self.controls.taken(round_index)
 
     def forget_own_controls(self) -> None:
         """SCAFFOLD: a learner's control belongs to its slot's data; a new slot starts from zero."""

@@ -28,7 +28,7 @@ from model import MAX_CLASSES
 if TYPE_CHECKING:
     from protos import leader_pb2
 
-MAX_LOSS = 1e6  # a claimed batch loss beyond this is not a cross-entropy of a real batch
+MAX_LOSS = 1e6  # a batch loss beyond this is no cross-entropy of a sane model: an update's claim is clamped to it
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
@@ -46,15 +46,29 @@ def _float(
     text = metadata.get(key)
     if text is None and default is not None:
         return default
-    try:
-        value = float(text) if text is not None and len(text) <= 40 else math.nan
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:  # false for NaN
+    value = _number(text)
+    if value is None or not low <= value <= high:  # false for NaN
         raise codec.PayloadError(
             f"metadata {key!r} must be a number from {low:g} to {high:g}, got {(text or '')[:32]!r}"
         )
     return value
+
+
+def _number(text: str | None) -> float | None:
+    """A metadata value as a float (NaN and the infinities included); None if it is no number."""
+    try:
+        return float(text) if text is not None and len(text) <= 40 else None
+    except ValueError:
+        return None
+
+
+def _loss(metadata: dict[str, str]) -> float:
+    """An update's claimed training loss, which only informs (the round's train_loss): clamped into 0..MAX_LOSS (a
+    poisoned model gives honest learners huge losses), NaN kept as unknown; PayloadError only if it is no number."""
+    loss = _number(metadata.get("loss"))
+    if loss is None:
+        raise codec.PayloadError(f"metadata 'loss' must be a number, got {metadata.get('loss', '')[:32]!r}")
+    return loss if math.isnan(loss) else min(max(loss, 0.0), MAX_LOSS)
 
 
 def _int(
@@ -138,10 +152,17 @@ class StateInfo:
     plan: TrainingPlan = TrainingPlan()
     image_size: int = utils.IMAGE_SIZE
     norm: str = "batch"
+    discarded: int = 0  # rounds the leader discarded so far (SCAFFOLD: a learner's control moves only if applied)
+    control_resets: int = 0  # times the leader reset SCAFFOLD's controls (its learners reset theirs)
 
     def to_metadata(self) -> dict[str, str]:
         normalisation = (
             {"mean": ",".join(map(str, self.mean)), "std": ",".join(map(str, self.std))} if self.mean else {}
+        )
+        controls = (
+            {"discarded_rounds": str(self.discarded), "control_resets": str(self.control_resets)}
+            if strategies.named(self.plan.strategy).controls
+            else {}
         )
         return {
             "architecture": self.architecture,
@@ -156,6 +177,7 @@ class StateInfo:
             **plan_to_metadata(self.plan),
             **({"image_size": str(self.image_size)} if self.image_size != utils.IMAGE_SIZE else {}),
             **({"norm": self.norm} if self.norm != "batch" else {}),
+            **controls,
         }
 
     @classmethod
@@ -200,6 +222,8 @@ class StateInfo:
             plan_from_metadata(metadata),
             image_size,
             metadata.get("norm", "batch")[:16],
+            _int(metadata, "discarded_rounds", 0),
+            _int(metadata, "control_resets", 0),
         )
 
 
@@ -243,7 +267,7 @@ class UpdateInfo:
             _int(metadata, "learner_id"),
             _int(metadata, "round"),
             _int(metadata, "samples", minimum=1),
-            _float(metadata, "loss", high=MAX_LOSS),
+            _loss(metadata),
             kind,
             _int(metadata, "steps", 1, minimum=1),
         )

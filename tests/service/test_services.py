@@ -155,8 +155,7 @@ def bad_gradients(live) -> dict:
         "zero samples": (live.gradient(1, samples=0), invalid, "samples"),
         "negative samples": (live.gradient(1, samples=-4), invalid, "samples"),
         "samples beyond the batch": (live.gradient(1, samples=10**17), invalid, "exceeds the batch of 8"),
-        "nan loss": (live.gradient(1, loss="nan"), invalid, "loss"),
-        "negative loss": (live.gradient(1, loss="-3"), invalid, "loss"),
+        "a loss that is no number": (live.gradient(1, loss="much"), invalid, "loss"),
         "no learner id": (codec.encode(views, {"round": "0"}), invalid, "learner_id"),
         "another learner's id": (live.gradient(0), invalid, "not the caller's slot, 1"),
         "shape overflowing torch": (
@@ -446,7 +445,7 @@ def test_a_dropped_learner_learns_it_from_the_leaders_health_service(live, live_
 def test_a_learner_whose_gradient_is_refused_says_so(live, live_learner):
     learner, _ = live_learner
     live.leader.registry.take_joiners()
-    learner.replica.gradient.fill_(float("nan"))
+    learner.replica.plan = TrainingPlan(local_steps=2)  # more than the leader asked for: this learner's own bug
     with pytest.raises(
         learner_session.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"
     ):

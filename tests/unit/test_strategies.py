@@ -26,17 +26,20 @@ from federated.core.schedule import Schedule
 from federated.core.steps import apply_mean_gradient, make_optimizer
 from federated.core.strategies.adaptive import Adaptive
 from federated.core.strategies.base import ServerOptimizer
-from federated.core.strategies.scaffold import Controls, control_problem
+from federated.core.strategies.scaffold import ControlCheck, Controls
 from federated.core.training import compute_gradient, evaluate
 from federated.leader import config
 from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
+from federated.leader.global_model import MAX_DISCARDED_ROUNDS, Diverged, GlobalModel
+from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
 from federated.leader.registry import Member
 from federated.leader.servicer import LeaderServicer
 from federated.learner import state as learner_state
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo, UpdateInfo
+from tests.support.live import leader_from
 from tests.support.nets import assert_same_parameters, batch, small_net
 
 ADAPTIVE = [name for name in strategies.names() if issubclass(strategies.named(name), Adaptive)]
@@ -259,6 +262,113 @@ def test_scaffold_corrects_each_step_by_c_minus_c_i_and_updates_c_i_by_option_2(
     torch.testing.assert_close(controls.own, expected_own, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_an_honest_scaffold_control_change_is_within_its_pseudo_gradient_per_step_plus_c(momentum):
+    # The control bound's argument: c_i+ - c_i = pseudo-gradient / (K lr gain) - c, exact under plain SGD
+    model = small_net()
+    count = sum(p.numel() for p in model.parameters())
+    controls = Controls(count)
+    torch.manual_seed(2)
+    controls.server.copy_(torch.randn(count) * 0.1)
+    controls.own.copy_(torch.randn(count) * 0.1)
+    plan = fedavg_plan(0.1, steps=4, momentum=momentum, weight_decay=0.0, strategy="scaffold")
+    flat, layout = local_pseudo_gradient(model, [batch(8, seed) for seed in range(4)], plan, controls)
+    scaffold = strategy_of(strategy="scaffold", client_momentum=momentum)
+    scaffold.bind(layout)
+    scaffold.control.copy_(controls.server)
+    if not momentum:
+        expected = flat[: layout.parameter_count] / (4 * 0.1) - controls.server
+        torch.testing.assert_close(flat[layout.controls], expected, rtol=1e-3, atol=1e-4)
+    check = scaffold.check_control(layout, flat, 0.1, 4, participants=1, learners=1)
+    assert check.change <= 1.0 and check.problem() is None
+
+
+def test_a_learner_commits_its_control_change_only_when_a_later_state_says_its_round_was_applied():
+    controls, change = Controls(3), torch.tensor([1.0, 2.0, 3.0])
+    server = torch.zeros(3)
+
+    def sent(round_index: int) -> None:  # a state of round_index trained on, then its update taken
+        controls.adopt(server, round_index, controls.counts, change, fetched=False)
+        controls.taken(round_index)
+
+    sent(0)
+    assert controls.adopt(server, 0, (0, 0), change, fetched=False) is None  # the same state again: no word yet
+    assert controls.adopt(server, 1, (0, 0), change, fetched=False) is True  # round 0 applied
+    torch.testing.assert_close(controls.own, change)
+    sent(1)
+    assert controls.adopt(server, 2, (1, 0), change, fetched=False) is False  # round 1 discarded
+    torch.testing.assert_close(controls.own, change)
+    sent(2)
+    assert controls.adopt(server, 7, (1, 0), change, fetched=False) is True  # states missed: nothing discarded since
+    sent(7)
+    assert controls.adopt(server, 9, (2, 0), change, fetched=False) is False  # states missed, one round discarded
+    sent(9)
+    assert controls.adopt(server, 10, (2, 0), change, fetched=True) is False  # fetched after losing the leader
+    torch.testing.assert_close(controls.own, 2 * change)
+    sent(10)
+    assert controls.adopt(server, 11, (3, 1), change, fetched=False) is False  # the leader reset the controls
+    assert not controls.own.any()
+
+
+def global_model_of(strategy: str) -> GlobalModel:
+    return GlobalModel(LeaderConfig(strategy=strategy), 10, strategy_of(strategy=strategy))
+
+
+def test_after_five_refused_steps_in_a_row_the_leader_resets_the_scaffold_control_or_stops():
+    model = global_model_of("scaffold")
+    model.strategy.control.fill_(9.0)  # a control that passed its bounds, yet every honest round fails with it
+    assert model.count_round("too few", stepped=False) is None  # no step tried: the streak neither grows nor ends
+    for _ in range(MAX_DISCARDED_ROUNDS - 1):
+        assert model.count_round("the step would change ...", stepped=True) is None
+    assert model.count_round(None, stepped=True) is None  # an applied round ends the streak
+    for _ in range(MAX_DISCARDED_ROUNDS - 1):
+        assert model.count_round("the step would change ...", stepped=True) is None
+    recovery = model.count_round("the step would change ...", stepped=True)
+    assert recovery and not recovery.stops and "reset to zero" in recovery.message, recovery
+    assert not model.strategy.control.any()
+    model.publish(11, finished=False, plan=TrainingPlan("scaffold", 1, 0.1))
+    metadata = codec.decode(model.encoded_state).metadata
+    assert (metadata["discarded_rounds"], metadata["control_resets"]) == ("10", "1")
+    resumed = global_model_of("scaffold")
+    resumed.restore(model.checkpoint())
+    assert (resumed.discarded, resumed.refused, resumed.control_resets) == (10, 0, 1)
+
+    for _ in range(MAX_DISCARDED_ROUNDS - 1):  # nothing left to reset: the leader stops, saying why
+        assert model.count_round("the step would change ...", stepped=True) is None
+    recovery = model.count_round("the step would change ...", stepped=True)
+    assert recovery and recovery.stops and "no sane step" in recovery.message
+    fedavg = global_model_of("fedavg")
+    for _ in range(MAX_DISCARDED_ROUNDS):
+        recovery = fedavg.count_round("NaN or Inf in fc.bias", stepped=True)
+    assert recovery and recovery.stops and "NaN or Inf in fc.bias" in recovery.message
+
+
+@pytest.mark.parametrize("strategy", ["scaffold", "fedavg"])
+def test_the_round_loop_records_a_reset_and_stops_after_the_rounds_record_when_nothing_can_be_reset(tmp_path, strategy):
+    flags = ["--strategy", strategy, "--learners", "1", "--local-steps", "1", "--batch-size", "8", "--rounds", "20"]
+    leader = leader_from(["--dataset", "synthetic", "--eval-every", "0", "--out", str(tmp_path), *flags])
+    if strategy == "scaffold":
+        leader.strategy.control.fill_(1.0)  # a control that passed its bounds, yet every round fails with it
+    absurd = torch.full((leader.global_model.layout.size,), 1e30)  # every round refused by the guarded step
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    for round_index in range(MAX_DISCARDED_ROUNDS):
+        leader.collector.submit(0, round_index, [absurd], 8, 1.0, 0)  # (no learner: the round waits for nobody)
+        if strategy == "fedavg" and round_index == MAX_DISCARDED_ROUNDS - 1:
+            with pytest.raises(Diverged, match="rounds in a row were discarded"):
+                leader.rounds.run_round(round_index, 0.0, metrics)
+        else:
+            assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+    metrics.close()
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert last["round"] == MAX_DISCARDED_ROUNDS and "discarded" in last, last
+    assert ("reset to zero" if strategy == "scaffold" else "stopping") in last["recovery"], last
+    if strategy == "scaffold":
+        assert not leader.strategy.control.any()
+        leader.rounds.save_checkpoint(MAX_DISCARDED_ROUNDS)
+        resumed = leader_from(["--resume", str(tmp_path)]).global_model
+        assert (resumed.discarded, resumed.refused, resumed.control_resets) == (MAX_DISCARDED_ROUNDS, 0, 1)
+
+
 # --- aggregation rules as pure functions ----------------------------------------------------------------
 
 updates_strategy = st.integers(3, 7).flatmap(
@@ -339,10 +449,10 @@ def test_rounds_too_small_for_a_robust_rule_are_named():
 
 
 def test_a_scaffold_control_change_that_would_blow_up_is_named():
-    control = torch.zeros(4)
-    assert control_problem(control, torch.full((4,), 2e38), weights_norm=40.0) is not None
-    assert control_problem(control, torch.full((4,), 1e4), weights_norm=40.0) is not None
-    assert control_problem(control, torch.full((4,), 0.5), weights_norm=40.0) is None
+    assert "reach norm inf" in ControlCheck(float("inf"), 0.5, 0.5).problem()
+    assert "change is 4 times" in ControlCheck(10.0, 4.0, 0.5).problem()
+    assert "reach 11 times" in ControlCheck(10.0, 0.5, 11.0).problem()
+    assert ControlCheck(10.0, 2.9, 9.9).problem() is None
 
 
 def test_sampling_is_seeded_and_without_replacement():

@@ -77,6 +77,11 @@ class Strategy:
         updates."""
         raise NotImplementedError
 
+    def recover(self) -> str | None:
+        """Rounds keep being discarded: reset what the strategy keeps beside the model that could make every round
+        fail (SCAFFOLD's control); what was reset, or None when nothing could be (no reset can help)."""
+        return None
+
     def checkpoint(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold beyond the model and optimizer to resume this strategy exactly."""
         return {}

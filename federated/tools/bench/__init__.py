@@ -15,6 +15,7 @@ scale        the leader's rounds per second and memory with 1 to 64 fake learner
 strategies   each strategy to a test accuracy: rounds, bytes, seconds
 non_iid      each strategy on each partition of the data
 links        rounds on network-namespace hosts with limited links against their physical bound
+poisoning    not a timed figure: how far one hostile learner moves the model, SCAFFOLD's honest control ratios
 provenance   when, by which command, on which machine and under what load a figure was measured
 console      the printed table
 page         the results page (docs/performance/results.md), a function of results.json
