@@ -215,8 +215,8 @@ class Federation:
             if self.stopping.is_set():
                 return False
             waited = time.monotonic() - started
-            while waited >= (deadlines + 1) * self.settings.round_timeout:
-                deadlines += 1
+            if waited // self.settings.round_timeout > deadlines:  # (deadlines closer than a slice count once)
+                deadlines = int(waited // self.settings.round_timeout)
                 self.missed(self.collector.overdue())
             missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
             enough = arrived >= self.settings.min_learners
