@@ -327,9 +327,9 @@ class Registry:
         newcomer that took a slot since is not charged with its predecessor's round); returns those now given up on
         (rounds no longer wait for them, and a newcomer may take their slots)."""
         with self._changed:
-            charged = [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
+            slots = [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
             given_up = []
-            for slot in charged:
+            for slot in slots:
                 if slot.held_since <= since:
                     slot.missed += 1
                     if slot.missed == MAX_MISSED_ROUNDS:

@@ -22,8 +22,8 @@ from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry
 from federated.net import rpc
 
 ROUND_S = 0.2  # --round-timeout
-REGISTER_S = 0.5  # --register-timeout
-PATIENCE_S = 10.0  # how long a test waits for what must happen within a few deadlines
+PATIENCE_S = 10.0  # how long a test waits for what must happen within a few deadlines (and --register-timeout)
+STALL_S = 0.5  # --register-timeout where a test waits for the round to stall
 
 
 class AnsweringLearners(dispatch.LearnerClient):
@@ -72,14 +72,14 @@ def background():
         yield pool
 
 
-def rounds_of(tmp_path, *flags: str) -> Rounds:
+def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S) -> Rounds:
     """The round state machine of a leader with these flags, --round-timeout ROUND_S and --register-timeout
-    REGISTER_S; updates are one number (the machine never looks at them)."""
+    register_s; updates are one number (the machine never looks at them)."""
     run = config.configure(
         config.command_line(["--dataset", "none", "--num-classes", "10", "--out", str(tmp_path), *flags])
     )
     strategy = strategies.named(run.strategy)(run)
-    settings = dataclasses.replace(Settings.of(run), round_timeout=ROUND_S, register_timeout=REGISTER_S)
+    settings = dataclasses.replace(Settings.of(run), round_timeout=ROUND_S, register_timeout=register_s)
     registry = Registry(run.learners, run.rejoin_grace, reregister_s=0)
     collector = RoundCollector(1, rule=aggregation.rules.named(run.aggregator).from_config(run))
     learners = AnsweringLearners()
@@ -187,7 +187,7 @@ def test_an_unmet_quorum_gives_up_on_the_learner_that_delivers_nothing_and_a_new
 
 
 def test_an_unmet_quorum_nobody_makes_up_stalls_naming_the_learners_given_up_on(tmp_path):
-    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median")
+    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median", register_s=STALL_S)
     _, *others = join(rounds, 1, 2, 3)
     rounds.federation.open()
     for member in others:
@@ -201,7 +201,7 @@ def test_an_unmet_quorum_nobody_makes_up_stalls_naming_the_learners_given_up_on(
 
 
 def test_a_robust_round_below_its_rules_minimum_waits_though_everyone_expected_has_reported(tmp_path):
-    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median")
+    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median", register_s=STALL_S)
     members = join(rounds, 1, 2)  # the third never registers
     rounds.federation.open()
     for member in members:
