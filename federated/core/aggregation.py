@@ -28,10 +28,16 @@ def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
     return (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
 
 
+def trimmed_per_end(trim: float, count: int) -> int:
+    """How many of count values the trimmed mean drops at each end: floor(trim * count), as the float product
+    gives it (1/161 * 161 is just below 1), leaving at least one value. TrimmedMean.minimum_updates asks the same."""
+    return min(math.floor(trim * count), (count - 1) // 2)
+
+
 def trimmed_mean(updates: torch.Tensor, trim: float) -> torch.Tensor:
-    """Each coordinate's mean after dropping its floor(trim * K) largest and smallest values (Yin et al. 2018)."""
+    """Each coordinate's mean after dropping its trimmed_per_end largest and smallest values (Yin et al. 2018)."""
     count = len(updates)
-    cut = min(math.floor(trim * count), (count - 1) // 2)
+    cut = trimmed_per_end(trim, count)
     return updates.sort(dim=0).values[cut : count - cut].mean(dim=0)
 
 
@@ -140,8 +146,13 @@ class TrimmedMean(Aggregator):
         return ["--trim 0 trims nothing: use --aggregator mean"] if config.trim == 0 else []
 
     def minimum_updates(self) -> float:
-        """As many as make the rule drop one value at each end."""
-        return max(3, math.ceil(1 / self.trim)) if self.trim > 0 else math.inf
+        """The fewest updates of which the rule drops one at each end (more drop at least as many): the count near
+        1 / trim at which trimmed_per_end, the cut trimmed_mean makes, reaches 1 (for 1/161: 162, not 161)."""
+        if self.trim <= 0 or math.isinf(1 / self.trim):
+            return math.inf
+        near = max(3, math.ceil(1 / self.trim))
+        cuts = (count for count in range(near - 1, near + 2) if count >= 3 and trimmed_per_end(self.trim, count) >= 1)
+        return next(cuts, math.inf)
 
     def combine(self, updates: torch.Tensor, samples: torch.Tensor, model_size: int | None = None) -> torch.Tensor:
         return trimmed_mean(updates, self.trim)

@@ -1,4 +1,4 @@
-"""The open round's updates, combined as they arrive: who has reported, who is missing, who keeps missing rounds.
+"""The open round's updates, combined as they arrive: who has reported, who is missing, who missed a deadline.
 
 Thread-safe: gRPC handler threads submit, the leader's main loop waits. Every wait takes a timeout.
 """
@@ -11,8 +11,6 @@ import torch
 
 from federated.core.aggregation import Aggregator, Mean, RoundUpdates
 
-MAX_MISSED_ROUNDS = 3
-
 
 @dataclass(frozen=True)
 class RoundSummary:
@@ -21,14 +19,14 @@ class RoundSummary:
     samples: int
     loss: float
     bytes_in: int
-    given_up: tuple[int, ...] = ()  # learners that have now missed MAX_MISSED_ROUNDS rounds in a row
+    missed: tuple[int, ...] = ()  # learners expected that did not report, and were not charged at a deadline
     per_learner: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)  # samples, loss
 
 
 class RoundCollector:
-    """Updates of the open round, combined as they arrive; each learner counts once per round. A learner that
-    misses MAX_MISSED_ROUNDS rounds in a row is not waited for until the leader hears from it again: a
-    learner that answers everything but never sends a gradient cannot hold every round to its deadline."""
+    """Updates of the open round, combined as they arrive; each learner counts once per round. The round is
+    complete when every expected learner has reported and there are as many updates as the rule needs; at each
+    deadline the missing are named once (overdue), and close() names the others that never reported."""
 
     def __init__(
         self,
@@ -43,7 +41,7 @@ class RoundCollector:
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
         self._reported: dict[int, tuple[int, float]] = {}  # by learner: the samples and loss it claimed
-        self._missed: dict[int, int] = {}  # rounds missed in a row, by learner
+        self._overdue: set[int] = set()  # expected learners named missing at a deadline of the open round
         self._round = first_round
         self._bytes_in = 0
         self._changed = threading.Condition()
@@ -54,27 +52,28 @@ class RoundCollector:
             return self._round
 
     def expect(self, learner_ids: list[int], sampled: list[int] | None = None, widen: bool = False) -> None:
-        """The learners whose updates complete the open round (but those that keep missing rounds); with
-        sampled participation, only the sampled learners' updates count (those of them ready are expected).
-        widen: a second draw for the same round, whose earlier participants' updates still count."""
+        """The learners whose updates complete the open round; with sampled participation, only the sampled
+        learners' updates count (those of them in learner_ids are expected). widen: a second draw for the same
+        round, whose earlier participants' updates still count."""
         with self._changed:
             earlier = self._sampled if widen and self._sampled is not None else set()
             self._sampled = None if sampled is None else earlier | set(sampled)
             self._expected = {
-                learner
-                for learner in learner_ids
-                if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS and (sampled is None or learner in sampled)
+                learner for learner in learner_ids if sampled is None or learner in sampled
             }  # the round waits for the new draw
 
-    def reliable(self, learner_ids: list[int]) -> list[int]:
-        """Those of learner_ids that rounds still wait for (not given up on for missing rounds)."""
+    def stop_waiting_for(self, learner_ids: list[int]) -> None:
+        """The open round no longer waits for these learners (given up on); their updates still count."""
         with self._changed:
-            return [learner for learner in learner_ids if self._missed.get(learner, 0) < MAX_MISSED_ROUNDS]
+            self._expected -= set(learner_ids)
 
-    def heard_from(self, learner_id: int) -> None:
-        """The learner sent something (or registered again): wait for it again."""
+    def overdue(self) -> list[int]:
+        """A deadline of the open round passed: the expected learners that have not reported, each of which has
+        missed it (close() does not name them again)."""
         with self._changed:
-            self._missed.pop(learner_id, None)
+            missing = self._expected - self._reported.keys()
+            self._overdue |= missing
+            return sorted(missing)
 
     def submit(
         self,
@@ -101,10 +100,13 @@ class RoundCollector:
             return None
 
     def wait_complete(self, timeout: float) -> bool:
-        """Whether every expected learner has reported (and at least one has), waiting at most timeout seconds."""
+        """Whether every expected learner has reported, and at least as many updates as the rule needs to
+        outvote a hostile one (one for the mean) are in, waiting at most timeout seconds. Short of that the
+        round is not complete, whoever is expected: a round closed with it would only be discarded."""
         with self._changed:
             return self._changed.wait_for(
-                lambda: bool(self._reported) and self._expected <= self._reported.keys(), timeout
+                lambda: len(self._reported) >= self.rule.minimum_updates() and self._expected <= self._reported.keys(),
+                timeout,
             )
 
     def missing(self) -> list[int]:
@@ -121,26 +123,18 @@ class RoundCollector:
             if not self._reported:
                 raise RuntimeError(f"round {self._round} has no gradient to average")
             self._updates.combine_into(mean_out)
-            for learner in self._expected - self._reported.keys():
-                self._missed[learner] = self._missed.get(learner, 0) + 1
-            given_up = tuple(
-                sorted(
-                    learner
-                    for learner in self._expected - self._reported.keys()
-                    if self._missed[learner] == MAX_MISSED_ROUNDS
-                )
-            )
             summary = RoundSummary(
                 self._round,
                 len(self._reported),
                 self._updates.samples,
                 self._updates.mean_loss,
                 self._bytes_in,
-                given_up,
+                tuple(sorted(self._expected - self._reported.keys() - self._overdue)),
                 dict(self._reported),
             )
             self._updates.reset()
             self._reported.clear()
+            self._overdue.clear()
             self._round += 1
             self._bytes_in = 0
             return summary

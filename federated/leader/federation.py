@@ -1,8 +1,8 @@
 """The learners as a group through the rounds: who takes part, starting joiners, pushing states, waiting
 for updates (deadline, quorum, liveness) and dropping the learners found gone.
 
-The leader's round loop calls start() once, then for each round open(), wait_for_round(), the collector's
-close() and push_state(); the servicer calls probe() and heard_from(). Every wait is bounded and logged.
+The leader's round loop calls start() once, then for each round open(), wait_for_round(), close() and
+push_state(); the servicer calls probe() and received(). Every wait is bounded and logged.
 """
 
 import logging
@@ -16,11 +16,11 @@ import torch
 from federated.core.plan import TrainingPlan
 from federated.core.sampling import sample_participants
 from federated.leader import dispatch
-from federated.leader.collector import RoundCollector
+from federated.leader.collector import RoundCollector, RoundSummary
 from federated.leader.config import LeaderConfig, min_learners
 from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
-from federated.leader.registry import Member, Registry
+from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry
 from federated.wire import framing
 
 log = logging.getLogger("leader")
@@ -85,6 +85,8 @@ class Federation:
         self.client, self.sampler, self.stopping = client, sampler, stopping
         self.participants = participants  # the open round's, with --learners-per-round (a resume's: restored)
         self.sampled_at = 0.0  # when they were drawn
+        self.opened_at = time.monotonic()  # when the open round opened: its missing learners held their slots then
+        self.freed_at = 0.0  # when a learner was last given up on, its slot opened to newcomers
         if settings.learners_per_round:  # until the first draw, nobody's update counts
             collector.expect([], participants or [])
 
@@ -102,16 +104,41 @@ class Federation:
         updates of the learners ready (not those still being started: they may add theirs in time)."""
         self.admit_joiners()
         self.client.keep_only({member.address for member in self.registry.members().values()})
+        self.opened_at = time.monotonic()
         self.collector.expect(self.registry.ready(), self.participants)
 
     def probe(self, learner_ids: tuple[int, ...] | list[int]) -> None:
         """Check on these learners' registrations; drop those found gone or silent for --sync-timeout."""
         self.client.probe(self.registry.members(list(learner_ids)), self.drop, self.settings.sync_timeout)
 
-    def heard_from(self, member: Member) -> None:
-        """The learner sent a gradient (or accepted a start): it is there, and rounds wait for it again."""
+    def received(self, member: Member, counted: bool) -> None:
+        """An update of the learner arrived: a sign of life (it is there, whatever its health checks said). Only
+        one that counted is a sign of taking part, after which rounds wait for it again: one that came late, twice
+        or unasked for leaves the rounds it missed counted."""
         self.client.heard_from(member)
-        self.collector.heard_from(member.learner_id)
+        if counted:
+            self.registry.participated(member.learner_id, member.generation)
+
+    def missed(self, learner_ids: list[int] | tuple[int, ...]) -> None:
+        """These learners missed the open round (a deadline passed, or it closed, without their update); after
+        MAX_MISSED_ROUNDS in a row, rounds no longer wait for one and a newcomer may take its slot."""
+        given_up = self.registry.missed(list(learner_ids), self.opened_at)
+        if given_up:
+            self.freed_at = time.monotonic()
+            self.collector.stop_waiting_for(given_up)
+            log.warning(
+                "learners %s missed %d rounds in a row: rounds no longer wait for them until an update of theirs "
+                "counts, and a new learner may take their slots",
+                given_up,
+                MAX_MISSED_ROUNDS,
+            )
+
+    def close(self, mean_out: torch.Tensor) -> RoundSummary:
+        """Close the open round into mean_out (see RoundCollector.close); the learners it waited for in vain
+        since its last deadline miss it."""
+        summary = self.collector.close(mean_out)
+        self.missed(summary.missed)
+        return summary
 
     def drop(self, member: Member, reason: str, verdict: str) -> None:
         """Stop counting on a learner a call or health check failed with (verdict: see dispatch.OnFailure). One the
@@ -170,22 +197,28 @@ class Federation:
         self.client.start(joiners, state, self.started, self.drop, self.settings.sync_timeout)
 
     def started(self, member: Member) -> None:
-        """The learner accepted StartTraining: rounds count on it."""
+        """The learner accepted StartTraining: rounds count on it (one given up on for missing rounds that
+        registered again, only once an update of its counts: re-registering is no way to be waited for again)."""
         self.registry.started(member.learner_id, member.generation)
-        self.heard_from(member)
+        self.client.heard_from(member)
 
     def wait_for_round(self, round_index: int) -> bool:
         """Wait for the expected updates, or after --round-timeout for --min-learners of them; a round
         whose missing learners were all dropped closes at once. Learners the round waits for are checked on
-        and dropped when gone; newcomers join; with sampling, silent or gone participants are replaced.
-        False if stopped first; raises Stalled when fewer than --min-learners updates came within
-        --round-timeout plus --register-timeout."""
-        started, last_log, was_alone = time.monotonic(), 0.0, False
+        and dropped when gone; each --round-timeout deadline counts a missed round for those still missing
+        (after MAX_MISSED_ROUNDS the round stops waiting for them, and their slots are open to newcomers);
+        newcomers join; with sampling, silent or gone participants are replaced. False if stopped first;
+        raises Stalled when fewer than --min-learners updates came and nobody made up the number within
+        --register-timeout of the first deadline (or of the last learner given up on, if later)."""
+        started, last_log, was_alone, deadlines = time.monotonic(), 0.0, False, 0
         while not self.collector.wait_complete(WAIT_SLICE_S):
             if self.stopping.is_set():
                 return False
-            missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
             waited = time.monotonic() - started
+            if waited // self.settings.round_timeout > deadlines:  # (deadlines closer than a slice count once)
+                deadlines = int(waited // self.settings.round_timeout)
+                self.missed(self.collector.overdue())
+            missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
             enough = arrived >= self.settings.min_learners
             if enough and not set(missing) & set(active):
                 return True
@@ -198,12 +231,7 @@ class Federation:
                     missing,
                 )
                 return True
-            if waited > self.settings.round_timeout + self.settings.register_timeout:
-                raise Stalled(
-                    f"round {round_index}: {arrived} gradients after {waited:.0f} s, fewer than --min-learners "
-                    f"{self.settings.min_learners} within --round-timeout plus --register-timeout; resume with "
-                    f"--resume {self.settings.out} when learners can take part"
-                )
+            self.check_stalled(round_index, started, arrived)
             self.probe(sorted(set(missing) & set(active)))
             self.sample_again(round_index, active, arrived)
             alone = self.registry.count() == 0
@@ -213,6 +241,27 @@ class Federation:
             was_alone = alone
             self.admit_joiners()
         return True
+
+    def check_stalled(self, round_index: int, started: float, arrived: int) -> None:
+        """Raise Stalled when the round, short of --min-learners updates, has waited --register-timeout past its
+        first deadline (and past the last time a learner was given up on, freeing a slot) for learners to make
+        up the number."""
+        now = time.monotonic()
+        if now - max(started + self.settings.round_timeout, self.freed_at) <= self.settings.register_timeout:
+            return
+        short = f"round {round_index}: {arrived} gradients after {now - started:.0f} s, fewer than --min-learners "
+        short += str(self.settings.min_learners)
+        if given_up := self.registry.given_up():
+            raise Stalled(
+                f"{short}; learners {given_up} were given up on for missing {MAX_MISSED_ROUNDS} rounds in a row (no "
+                "update of theirs counted: see their logs), and no new learner took their slots within "
+                f"--register-timeout {self.settings.register_timeout:.0f} s; fix or replace them, then resume with "
+                f"--resume {self.settings.out}"
+            )
+        raise Stalled(
+            f"{short} within --round-timeout plus --register-timeout; resume with --resume {self.settings.out} when "
+            "learners can take part"
+        )
 
     def log_waiting(self, round_index: int, waited: float, arrived: int, missing: list[int], alone: bool) -> None:
         if alone:
@@ -256,7 +305,7 @@ class Federation:
 
     def candidates(self) -> list[int]:
         """The learners a round may sample: ready, and not given up on for missing rounds."""
-        return self.collector.reliable(self.registry.ready())
+        return self.registry.ready()
 
     def open_round(self, round_index: int, participants: list[int] | None = None, widen: bool = False) -> bytes:
         """Sample who trains round_index (with --learners-per-round: these participants, or a draw among the

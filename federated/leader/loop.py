@@ -12,7 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from federated.common import flags, runtime
 from federated.core.training import evaluate
 from federated.leader import checkpoint
-from federated.leader.collector import MAX_MISSED_ROUNDS, RoundCollector
+from federated.leader.collector import RoundCollector
 from federated.leader.config import LeaderConfig
 from federated.leader.data import LeaderData
 from federated.leader.evaluation import Evaluations
@@ -68,13 +68,7 @@ class RoundLoop:
             return None
         schedule, sampled = self.planner.schedule, self.federation.participants
         updates_in, lr, done = time.perf_counter(), schedule.lr(round_index), round_index + 1
-        summary = self.collector.close(self.global_model.mean_gradient)
-        if summary.given_up:
-            log.warning(
-                "learners %s missed %d rounds in a row: rounds no longer wait for them until they send an update",
-                list(summary.given_up),
-                MAX_MISSED_ROUNDS,
-            )
+        summary = self.federation.close(self.global_model.mean_gradient)
         too_few = self.collector.rule.too_few(summary.learners)
         discarded = too_few or self.global_model.step(
             lr, schedule.steps_per_round, summary.learners, self.config.learners

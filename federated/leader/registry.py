@@ -47,6 +47,9 @@ def unreachable_message(address: str) -> str:
 JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
 COUNTED_ON = (STARTING, ACTIVE)  # the learners whose gradients count and who are sent each state
 REREGISTER_INTERVAL_S = 3.0  # a slot's holder registers again at most this often
+# Rounds in a row a holder may miss (each --round-timeout deadline, or a round closed without its update, is one)
+# before rounds stop waiting for it and a newcomer may take its slot; only an update that counts resets them.
+MAX_MISSED_ROUNDS = 3
 SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
@@ -65,10 +68,17 @@ class Slot:
     data: DataSummary | None = None  # what its holder said of its own images when it took the slot
     reached_at: str = ""  # the address at which its learner last accepted a start: the leader can dial it there
     unreachable: str = ""  # why the leader could not dial its address, where it never reached it; "" otherwise
+    missed: int = 0  # rounds its holder missed in a row (a re-registration keeps them: it proves nothing)
+    held_since: float = -math.inf  # when its holder took it (a restored slot: before the leader started)
 
     @property
     def session(self) -> str:
         return session_id(self.credential)
+
+    @property
+    def given_up(self) -> bool:
+        """Its holder missed MAX_MISSED_ROUNDS rounds in a row: rounds do not wait for it, a newcomer may take it."""
+        return self.missed >= MAX_MISSED_ROUNDS
 
 
 @dataclass(frozen=True)
@@ -97,8 +107,10 @@ class Registry:
     the state and StartTraining, active once it accepted them, and dropped once the leader stops counting
     on it; rounds count on starting and active learners. Only the holder's credential re-registers a slot
     (it may then change address); a newcomer gets a slot never taken, or a dropped one whose holder the
-    leader found gone or which its holder did not reclaim within keep_s seconds. Slots restored from a
-    checkpoint start dropped and kept for their holders, with the data summaries they were taken with."""
+    leader found gone or which its holder did not reclaim within keep_s seconds, or the slot of a holder given
+    up on for missing rounds (which keeps it, and may re-register, until a newcomer takes it or an update of its
+    counts). Slots restored from a checkpoint start dropped and kept for their holders, with the data summaries
+    they were taken with."""
 
     def __init__(
         self, capacity: int, keep_s: float, restored: Sequence[dict] = (), reregister_s: float = REREGISTER_INTERVAL_S
@@ -154,19 +166,20 @@ class Registry:
                     self._vacate(holder, now)
                 verb = "re-registered"
             elif holder is not None:
-                if not self._free(holder, now):
+                if not self._open(holder, now):
                     raise Refusal(
                         f"{address} is the address of learner {holder.learner_id}, which the leader still "
                         "counts on; register with its credential, or retry once it is gone",
                         retry=True,
                         probe=(holder.learner_id,),
                     )
-                slot, verb = self._take(holder, certificate), "took back the slot of"
+                slot, verb = self._take(holder, certificate, now), "took back the slot of"
             elif len(self._slots) < self.capacity:
-                slot, verb = self._take(Slot(len(self._slots), address, "", None), certificate), "registered as"
+                slot, verb = self._take(Slot(len(self._slots), address, "", None), certificate, now), "registered as"
                 self._slots.append(slot)
             else:
-                free = [slot for slot in self._slots if self._free(slot, now)]
+                # slots nobody is counted on first, then those of holders given up on
+                free = sorted((slot for slot in self._slots if self._open(slot, now)), key=lambda slot: slot.given_up)
                 if not free:
                     kept = tuple(slot.learner_id for slot in self._slots if slot.state == DROPPED)
                     raise Refusal(
@@ -176,7 +189,7 @@ class Registry:
                         probe=kept,
                     )
                 previous = free[0].address
-                slot = self._take(free[0], certificate)
+                slot = self._take(free[0], certificate, now)
                 verb = f"took over from {previous or 'nobody'} the slot of"
             slot.address, slot.state, slot.kept_until, slot.registered_at = address, JOINING, 0.0, now
             slot.data = slot.data if verb == "re-registered" and slot.data else data
@@ -204,6 +217,11 @@ class Registry:
     def _free(slot: Slot, now: float) -> bool:
         return slot.state == DROPPED and slot.kept_until <= now
 
+    @classmethod
+    def _open(cls, slot: Slot, now: float) -> bool:
+        """Whether a newcomer may take the slot: free, or held by a learner given up on for missing rounds."""
+        return cls._free(slot, now) or slot.given_up
+
     def _vacate(self, slot: Slot, now: float) -> None:
         """Give up a slot's address to its holder's own slot; refused while the slot is still held."""
         if not self._free(slot, now):
@@ -212,10 +230,11 @@ class Registry:
             )
         slot.address = ""
 
-    def _take(self, slot: Slot, certificate: str | None) -> Slot:
-        """A slot for a newcomer, under a new credential: its previous holder's no longer works."""
+    def _take(self, slot: Slot, certificate: str | None, now: float) -> Slot:
+        """A slot for a newcomer, under a new credential: its previous holder's no longer works, nor its misses."""
         self._by_session.pop(slot.session, None)
         slot.credential, slot.certificate = new_credential(), certificate
+        slot.missed, slot.held_since = 0, now
         self._by_session[slot.session] = slot
         return slot
 
@@ -308,9 +327,36 @@ class Registry:
                 self._changed.notify_all()
 
     def ready(self) -> list[int]:
-        """The learners started and training: those a round waits for."""
+        """The learners started and training, but those given up on for missing rounds: those a round waits for
+        (and, with sampling, draws from)."""
         with self._changed:
-            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE]
+            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE and not slot.given_up]
+
+    def missed(self, learner_ids: list[int], since: float) -> list[int]:
+        """Count a round missed by the holders of these slots that held them at `since` (when the round opened: a
+        newcomer that took a slot since is not charged with its predecessor's round); returns those now given up on
+        (rounds no longer wait for them, and a newcomer may take their slots)."""
+        with self._changed:
+            slots = [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
+            given_up = []
+            for slot in slots:
+                if slot.held_since <= since:
+                    slot.missed += 1
+                    if slot.missed == MAX_MISSED_ROUNDS:
+                        given_up.append(slot.learner_id)
+            return given_up
+
+    def participated(self, learner_id: int, generation: int) -> None:
+        """An update of this registration counted: its holder takes part, and rounds wait for it again."""
+        with self._changed:
+            slot = self._slots[learner_id]
+            if slot.generation == generation:
+                slot.missed = 0
+
+    def given_up(self) -> list[int]:
+        """The slots whose holders were given up on for missing rounds (a newcomer may take them)."""
+        with self._changed:
+            return [slot.learner_id for slot in self._slots if slot.given_up]
 
     def wait_started(self, timeout: float) -> bool:
         """Whether no learner is being started any more, waiting at most timeout seconds."""

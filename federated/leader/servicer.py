@@ -221,7 +221,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         reason = self.collector.submit(
             member.learner_id, round_index, codec.flat_runs(payload), claims.samples, claims.loss, len(chunk)
         )
-        self.federation.heard_from(member)
+        self.federation.received(member, counted=reason is None)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
             return leader_pb2.Ack(success=False, message=reason)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from federated.leader import dispatch
 from federated.learner import session as learner_session
 from federated.net import guard, rpc
 from federated.net.rpc import leader_pb2
@@ -135,7 +136,7 @@ def test_a_held_health_service_is_no_reason_to_drop_anyone(live):
     time.sleep(0.5)
     dropped = []
     live.leader.federation.client.probe({learner: member}, lambda *failure: dropped.append(failure), silent_limit_s=0.0)
-    time.sleep(1.5)
+    time.sleep(dispatch.PROBE_TIMEOUT_S + 1.0)  # past the check's deadline: a queued check would have timed out
     assert dropped == [] and live.leader.registry.is_active(learner)  # RESOURCE_EXHAUSTED: something answers there
     blocked.set()
     for call in held:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from federated.core.plan import TrainingPlan
 from federated.leader.metrics import MetricsLog
+from federated.leader.registry import MAX_MISSED_ROUNDS
 from federated.learner import app as learner_module
 from federated.learner import data as learner_data
 from federated.learner import session as learner_session
@@ -124,6 +125,30 @@ def test_a_valid_gradient_is_counted_once_per_round(live):
     assert (summary.learners, summary.samples, refused) == (1, 8, None)
     live.send_counted(live.gradient(1, samples=3), second)
     assert live.close_round()[0].learners == 1
+
+
+@pytest.mark.parametrize("answer", ["late", "never"])
+def test_a_learner_that_answers_every_round_late_is_given_up_on_like_a_silent_one(live, answer):
+    prompt, laggard = live.enrol(2)
+    federation, collector, registry = live.leader.federation, live.leader.collector, live.leader.registry
+    federation.open()
+    live.send_counted(live.gradient(0), prompt)
+    live.send_counted(live.gradient(1), laggard)
+    live.close_round()
+    for _ in range(MAX_MISSED_ROUNDS):
+        federation.open()
+        assert collector.missing() == [0, 1]
+        live.send_counted(live.gradient(0), prompt)
+        if answer == "late":  # a well-formed update for the round just closed: a sign of life, not of taking part
+            reply = live.accumulate(live.gradient(1, round_index=collector.round - 1), laggard)
+            assert not reply.success and f"round {collector.round} is open" in reply.message
+        live.close_round()
+    federation.open()
+    assert collector.missing() == [0] and registry.given_up() == [1]  # the rounds wait for learner 1 no more
+    live.send_counted(live.gradient(1), laggard)  # until an update of its counts
+    live.close_round()
+    federation.open()
+    assert collector.missing() == [0, 1] and registry.given_up() == []
 
 
 def header_only(header: dict) -> bytes:

@@ -131,7 +131,7 @@ class LiveLeader:
         """Close the open round and step both models; assert they agree; return the leader's summary and
         why its step was refused (None if it was applied)."""
         leader_model = self.leader.global_model
-        summary = self.leader.collector.close(leader_model.mean_gradient)
+        summary = self.leader.federation.close(leader_model.mean_gradient)  # as the round loop does
         refused = leader_model.step(LR)
         self.counted.combine_into(self.reference.mean_gradient)
         assert summary.samples == self.counted.samples, "the leader counted other gradients"

@@ -5,11 +5,13 @@ import time
 import pytest
 import torch
 
-from federated.leader.collector import MAX_MISSED_ROUNDS, RoundCollector
+from federated.core.aggregation import Median
+from federated.leader.collector import RoundCollector
 from federated.leader.registry import (
     ACTIVE,
     DROPPED,
     JOINING,
+    MAX_MISSED_ROUNDS,
     NOT_SERVING,
     SERVING,
     STARTING,
@@ -264,21 +266,85 @@ def test_a_holder_registers_again_at_most_every_few_seconds():
     assert register(registry, "a:1", holder.credential).learner_id == 0
 
 
-def test_a_learner_that_misses_round_after_round_is_not_waited_for_until_it_is_heard_from():
+def miss(registry: Registry, learner_id: int, rounds: int) -> None:
+    """The learner misses this many rounds in a row (rounds it held its slot for)."""
+    for _ in range(rounds):
+        registry.missed([learner_id], since=time.monotonic())
+
+
+def test_a_holder_missing_round_after_round_is_given_up_on_until_an_update_of_its_counts():
+    registry = Registry(2, keep_s=30, reregister_s=0)
+    holder, other = register(registry, "a:1"), register(registry, "b:1")
+    start(registry)
+    miss(registry, 0, MAX_MISSED_ROUNDS - 1)
+    assert registry.ready() == [0, 1]
+    assert registry.missed([0], since=time.monotonic()) == [0]  # given up on: announced once
+    assert registry.missed([0], since=time.monotonic()) == []
+    assert registry.ready() == [1] and registry.given_up() == [0] and registry.active() == [0, 1]
+    again = register(registry, "a:1", holder.credential)  # re-registering proves nothing: still given up on
+    start(registry)
+    assert registry.ready() == [1] and registry.given_up() == [0]
+    registry.participated(0, holder.generation)  # news about an earlier registration changes nothing
+    assert registry.given_up() == [0]
+    registry.participated(0, again.generation)
+    assert registry.ready() == [0, 1] and registry.given_up() == []
+    miss(registry, 0, MAX_MISSED_ROUNDS - 1)
+    registry.participated(1, other.generation)  # an update of another learner changes nothing for it
+    assert registry.missed([0], since=time.monotonic()) == [0]
+
+
+def test_a_newcomer_may_take_the_slot_of_a_holder_given_up_on_and_starts_with_no_misses():
+    registry = Registry(2, keep_s=30, reregister_s=0)
+    given_up, _ = register(registry, "a:1"), register(registry, "b:1")
+    start(registry)
+    opened = time.monotonic()
+    miss(registry, 0, MAX_MISSED_ROUNDS)
+    newcomer, message = registry.register("c:1")
+    assert newcomer.learner_id == 0 and "took over from a:1 the slot of learner 0" in message
+    assert registry.given_up() == [] and registry.authenticate(given_up.credential, None) is None
+    assert registry.missed([0], since=opened) == []  # the round it joined in is not held against it...
+    start(registry)
+    assert registry.ready() == [0, 1]
+    miss(registry, 1, MAX_MISSED_ROUNDS - 1)
+    with pytest.raises(Refusal, match="all 2 learner slots are held"):  # ...and a holder short of it keeps its slot
+        register(registry, "d:1")
+    with pytest.raises(Refusal):  # the old holder's credential holds nothing now
+        register(registry, "a:1", given_up.credential)
+
+
+def test_a_free_slot_goes_to_a_newcomer_before_that_of_a_holder_given_up_on():
+    registry = Registry(2, keep_s=0, reregister_s=0)
+    register(registry, "a:1"), register(registry, "b:1")
+    joined = start(registry)
+    miss(registry, 0, MAX_MISSED_ROUNDS)
+    registry.drop(1, joined[1].generation, gone=True)
+    assert register(registry, "c:1").learner_id == 1 and registry.given_up() == [0]
+
+
+def test_a_deadline_names_the_missing_once_and_closing_names_only_the_others():
     collector = RoundCollector(1)
-    for round_index in range(MAX_MISSED_ROUNDS):
-        collector.expect([0, 1])
-        collector.submit(0, round_index, [torch.ones(1)], 1, 0.0, 1)
-        assert collector.missing() == [1]
-        summary = collector.close(torch.empty(1))
-    assert summary.given_up == (1,)
+    collector.expect([0, 1, 2])
+    collector.submit(0, 0, [torch.ones(1)], 1, 0.0, 1)
+    assert collector.overdue() == [1, 2]
+    assert collector.overdue() == [1, 2]  # a second deadline of the same round: missed again
+    collector.expect([0, 1, 2, 3])  # (a draw again, say) 3 is expected from now on
+    collector.stop_waiting_for([2])  # given up on
+    assert collector.missing() == [1, 3]
+    assert collector.submit(2, 0, [torch.ones(1)], 1, 0.0, 1) is None  # its update still counts
+    assert collector.close(torch.empty(1)).missed == (3,)
+    collector.expect([0])
+    collector.submit(0, 1, [torch.ones(1)], 1, 0.0, 1)
+    assert collector.close(torch.empty(1)).missed == ()
+
+
+def test_a_round_short_of_what_its_rule_needs_is_not_complete_whoever_is_expected():
+    collector = RoundCollector(1, rule=Median())
     collector.expect([0, 1])
-    collector.submit(0, MAX_MISSED_ROUNDS, [torch.ones(1)], 1, 0.0, 1)
-    assert collector.missing() == [] and collector.wait_complete(0)  # learner 1 is no longer waited for...
-    collector.close(torch.empty(1))
-    collector.heard_from(1)
-    collector.expect([0, 1])
-    assert collector.missing() == [0, 1]  # ...until it sends something again
+    for learner in (0, 1):
+        collector.submit(learner, 0, [torch.ones(1)], 1, 0.0, 1)
+    assert not collector.wait_complete(0)  # closed, the round would only be discarded
+    collector.submit(2, 0, [torch.ones(1)], 1, 0.0, 1)  # a newcomer's update counts in the open round
+    assert collector.wait_complete(0)
 
 
 def test_with_sampling_only_the_drawn_count_and_a_second_draw_keeps_the_first_ones():

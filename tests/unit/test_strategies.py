@@ -544,6 +544,16 @@ def test_a_robust_rule_waits_for_enough_updates_unless_told_otherwise():
     assert trimmed_mean(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]]), 0.2).item() == 2.0
 
 
+@pytest.mark.parametrize("trim", [0.2, 0.1, 1 / 3, 1 / 161, 1 / 187, 1 / 322])
+def test_at_its_own_minimum_the_trimmed_mean_trims_a_hostile_update_away(trim):
+    rule = TrimmedMean(trim)
+    count = rule.minimum_updates()
+    updates = torch.zeros(count, 1)
+    updates[0] = 1e6  # 1/161 * 161 is 0.999... in floating point: a cut taken from it alone trims nothing
+    assert rule.too_few(count) is None and rule.too_few(count - 1) is not None
+    assert rule.combine(updates, torch.ones(count)).item() == 0.0
+
+
 def test_local_epochs_set_the_steps_per_round_and_epochs_keep_meaning_passes_over_the_shard():
     schedule = schedule_of(["--strategy", "fedavg", "--epochs", "3", "--batch-size", "32", "--learners", "2"], 5000)
     assert (schedule.steps_per_round, schedule.total_rounds) == (156, 3)

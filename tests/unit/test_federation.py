@@ -1,0 +1,283 @@
+"""The leader's round state machine without processes or sockets: a real Federation, Registry and RoundCollector
+with short timeouts, learners that answer every call, and updates taken as the servicer takes them. Sampling,
+draws again, deadlines, the quorum, and learners given up on for missing rounds."""
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+
+import pytest
+import torch
+
+from federated.core import aggregation, strategies
+from federated.leader import config, dispatch
+from federated.leader import federation as federation_module
+from federated.leader.collector import RoundCollector
+from federated.leader.federation import Federation, Settings, Stalled
+from federated.leader.global_model import GlobalModel
+from federated.leader.planner import Planner
+from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry
+from federated.net import rpc
+
+ROUND_S = 0.2  # --round-timeout
+PATIENCE_S = 10.0  # how long a test waits for what must happen within a few deadlines (and --register-timeout)
+STALL_S = 0.5  # --register-timeout where a test waits for the round to stall
+
+
+class AnsweringLearners(dispatch.LearnerClient):
+    """The leader's calls to its learners, answered here: every learner is there when checked on and accepts
+    every state and StartTraining. Only the calling methods are replaced (channels, silence bookkeeping are the
+    real ones): a real LearnerClient drops a learner that nothing answers for at its address (a push refused, or
+    two health checks), so keeping learners without sockets takes a stand-in for what they answer."""
+
+    def __init__(self) -> None:
+        super().__init__(rpc.Security())
+        self.pushed: list[list[int]] = []  # to whom each SyncModelState went
+
+    def send(self, members, method, request, on_failure, timeout, then=lambda member: None) -> dispatch.Broadcast:
+        if method == "SyncModelState":
+            self.pushed.append(sorted(members))
+        broadcast = dispatch.Broadcast(list(members.values()))
+        for member in members.values():
+            then(member)
+            broadcast.ended(True)
+        return broadcast
+
+    def start(self, members, state, on_started, on_failure, timeout) -> None:
+        for member in members.values():
+            on_started(member)
+
+    def probe(self, members, on_failure, silent_limit_s) -> None:
+        """Every learner checked on is there."""
+
+
+@dataclasses.dataclass
+class Rounds:
+    federation: Federation
+    registry: Registry
+    collector: RoundCollector
+    learners: AnsweringLearners
+
+
+@pytest.fixture(autouse=True)
+def short_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(federation_module, "WAIT_SLICE_S", 0.01)
+
+
+@pytest.fixture
+def background():
+    with futures.ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S) -> Rounds:
+    """The round state machine of a leader with these flags, --round-timeout ROUND_S and --register-timeout
+    register_s; updates are one number (the machine never looks at them)."""
+    run = config.configure(
+        config.command_line(["--dataset", "none", "--num-classes", "10", "--out", str(tmp_path), *flags])
+    )
+    strategy = strategies.named(run.strategy)(run)
+    settings = dataclasses.replace(Settings.of(run), round_timeout=ROUND_S, register_timeout=register_s)
+    registry = Registry(run.learners, run.rejoin_grace, reregister_s=0)
+    collector = RoundCollector(1, rule=aggregation.rules.named(run.aggregator).from_config(run))
+    learners = AnsweringLearners()
+    federation = Federation(
+        settings,
+        registry,
+        collector,
+        GlobalModel(run, 10, strategy, ([0.5] * 3, [0.25] * 3)),
+        Planner(run, strategy, None),
+        learners,
+        torch.Generator().manual_seed(run.seed),
+        threading.Event(),
+    )
+    return Rounds(federation, registry, collector, learners)
+
+
+def join(rounds: Rounds, *hosts: int) -> list[Member]:
+    """Learners register (at addresses nobody dials) and are started, as the round loop starts joiners."""
+    members = [rounds.registry.register(f"10.0.0.{host}:7000")[0] for host in hosts]
+    rounds.federation.admit_joiners()
+    return members
+
+
+def deliver(rounds: Rounds, member: Member, round_index: int | None = None) -> str | None:
+    """An update of the learner (for the open round, unless round_index says otherwise), taken as the servicer
+    takes it; why it was ignored, or None if it counted."""
+    collector = rounds.collector
+    claimed = collector.round if round_index is None else round_index
+    reason = collector.submit(member.learner_id, claimed, [torch.ones(1)], 1, 0.0, 1)
+    rounds.federation.received(member, counted=reason is None)
+    return reason
+
+
+def play(rounds: Rounds, *members: Member) -> tuple[bool, tuple[int, ...]]:
+    """One round as the round loop plays it, in which these learners deliver: whether it closed, and who missed it."""
+    rounds.federation.open()
+    for member in members:
+        assert deliver(rounds, member) is None
+    closed = rounds.federation.wait_for_round(rounds.collector.round)
+    return closed, rounds.federation.close(torch.empty(1)).missed
+
+
+def eventually(condition: Callable[[], object]) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    while not condition():
+        assert time.monotonic() < deadline, "it did not happen within a few deadlines"
+        time.sleep(0.01)
+
+
+def misses_left(registry: Registry, learner_id: int) -> int:
+    """How many more rounds the learner may miss before it is given up on (charging them)."""
+    for left in range(1, MAX_MISSED_ROUNDS + 1):
+        if registry.missed([learner_id], since=time.monotonic()):
+            return left
+    raise AssertionError(f"learner {learner_id} was given up on already")
+
+
+def test_a_round_closes_as_soon_as_every_expected_update_is_in(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "3")
+    members = join(rounds, 1, 2, 3)
+    assert play(rounds, *members) == (True, ())
+    assert misses_left(rounds.registry, 0) == MAX_MISSED_ROUNDS
+
+
+def test_past_its_deadline_a_round_closes_with_min_learners_and_the_missing_one_misses_it_once(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--min-learners", "2")
+    first, second, _ = join(rounds, 1, 2, 3)
+    assert play(rounds, first, second) == (True, ())  # named at the deadline, not again when it closed
+    assert misses_left(rounds.registry, 2) == MAX_MISSED_ROUNDS - 1
+
+
+@pytest.mark.parametrize("answer", ["late", "never"])
+def test_a_learner_missing_every_deadline_is_given_up_on_and_rounds_stop_waiting_for_it(tmp_path, answer):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--min-learners", "2")
+    first, second, laggard = join(rounds, 1, 2, 3)
+    for _ in range(MAX_MISSED_ROUNDS):
+        rounds.federation.open()
+        if answer == "late":  # every round, a well-formed update for the round just closed
+            assert "ignored" in deliver(rounds, laggard, rounds.collector.round - 1)
+        for member in (first, second):
+            deliver(rounds, member)
+        assert rounds.federation.wait_for_round(rounds.collector.round)  # at the deadline
+        rounds.federation.close(torch.empty(1))
+    assert rounds.registry.given_up() == [2]
+    rounds.federation.open()
+    assert rounds.collector.missing() == [0, 1]  # the next round does not wait for it
+
+
+def test_an_unmet_quorum_gives_up_on_the_learner_that_delivers_nothing_and_a_newcomer_makes_it_up(tmp_path, background):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median")  # --min-learners 3
+    silent, *others = join(rounds, 1, 2, 3)
+    rounds.federation.open()
+    for member in others:
+        deliver(rounds, member)
+    waiting = background.submit(rounds.federation.wait_for_round, 0)
+    eventually(lambda: rounds.registry.given_up() == [0])  # after MAX_MISSED_ROUNDS deadlines of this round
+    newcomer, message = rounds.registry.register("10.0.0.9:7000")
+    assert newcomer.learner_id == 0 and "took over" in message
+    assert rounds.registry.authenticate(silent.credential, None) is None
+    eventually(lambda: 0 in rounds.registry.ready())  # started by the waiting round
+    assert deliver(rounds, newcomer) is None
+    assert waiting.result(PATIENCE_S)
+    summary = rounds.federation.close(torch.empty(1))
+    assert summary.learners == 3 and rounds.collector.rule.too_few(summary.learners) is None
+
+
+def test_an_unmet_quorum_nobody_makes_up_stalls_naming_the_learners_given_up_on(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median", register_s=STALL_S)
+    _, *others = join(rounds, 1, 2, 3)
+    rounds.federation.open()
+    for member in others:
+        deliver(rounds, member)
+    with pytest.raises(Stalled) as stalled:
+        rounds.federation.wait_for_round(0)
+    message = str(stalled.value)
+    assert "2 gradients" in message and "fewer than --min-learners 3" in message
+    assert f"learners [0] were given up on for missing {MAX_MISSED_ROUNDS} rounds in a row" in message
+    assert "no new learner took their slots" in message and f"--resume {tmp_path}" in message
+
+
+def test_a_robust_round_below_its_rules_minimum_waits_though_everyone_expected_has_reported(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--aggregator", "median", register_s=STALL_S)
+    members = join(rounds, 1, 2)  # the third never registers
+    rounds.federation.open()
+    for member in members:
+        deliver(rounds, member)
+    with pytest.raises(Stalled, match="2 gradients"):  # closed, the round would only be discarded
+        rounds.federation.wait_for_round(0)
+
+
+def test_a_newcomer_taking_a_slot_mid_round_is_not_charged_with_the_round_its_predecessor_missed(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "2")
+    prompt, gone = join(rounds, 1, 2)
+    rounds.federation.open()
+    deliver(rounds, prompt)
+    rounds.registry.drop(1, gone.generation, gone=True)
+    newcomer, _ = rounds.registry.register("10.0.0.9:7000")
+    assert newcomer.learner_id == 1
+    assert rounds.federation.wait_for_round(0)  # at once: the learner it waited for is gone
+    rounds.federation.close(torch.empty(1))
+    assert misses_left(rounds.registry, 1) == MAX_MISSED_ROUNDS
+
+
+def test_with_sampling_only_the_drawn_learners_get_the_state_and_count(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "4", "--learners-per-round", "2")
+    members = join(rounds, 1, 2, 3, 4)
+    rounds.federation.start()  # the first draw
+    drawn = rounds.federation.participants
+    assert len(drawn) == 2 and rounds.learners.pushed == [drawn]
+    rounds.federation.open()
+    assert rounds.collector.missing() == drawn
+    idle = next(member for member in members if member.learner_id not in drawn)
+    assert "not sampled" in deliver(rounds, idle)
+    for learner_id in drawn:
+        deliver(rounds, members[learner_id])
+    assert rounds.federation.wait_for_round(0)
+
+
+def test_a_draw_short_of_min_learners_at_the_deadline_is_drawn_again_and_the_first_draws_updates_still_count(
+    tmp_path, background
+):
+    rounds = rounds_of(tmp_path, "--learners", "4", "--learners-per-round", "2", "--min-learners", "2")
+    members = join(rounds, 1, 2, 3, 4)
+    rounds.federation.start()
+    first = rounds.federation.participants
+    rounds.federation.open()
+    waiting = background.submit(rounds.federation.wait_for_round, 0)
+    eventually(lambda: len(rounds.learners.pushed) == 2)  # nothing came by the deadline: drawn again
+    second = rounds.federation.participants
+    assert rounds.learners.pushed[1] == second
+    assert deliver(rounds, members[first[0]]) is None  # a learner of the first draw delivers late: it counts
+    for learner_id in sorted(set(second) - {first[0]}):
+        deliver(rounds, members[learner_id])
+    assert waiting.result(PATIENCE_S)
+
+
+def test_when_none_of_the_drawn_learners_is_left_the_round_draws_among_the_others(tmp_path, background):
+    rounds = rounds_of(tmp_path, "--learners", "4", "--learners-per-round", "2")
+    members = join(rounds, 1, 2, 3, 4)
+    rounds.federation.start()
+    first = rounds.federation.participants
+    rounds.federation.open()
+    for learner_id in first:
+        rounds.registry.drop(learner_id, members[learner_id].generation, gone=True)
+    waiting = background.submit(rounds.federation.wait_for_round, 0)
+    eventually(lambda: len(rounds.learners.pushed) == 2)
+    second = rounds.federation.participants
+    assert not set(second) & set(first) and len(second) == 2
+    for learner_id in second:
+        deliver(rounds, members[learner_id])
+    assert waiting.result(PATIENCE_S)
+
+
+def test_learners_given_up_on_are_not_drawn(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--learners-per-round", "2")
+    join(rounds, 1, 2, 3)
+    for _ in range(MAX_MISSED_ROUNDS):
+        rounds.registry.missed([0], since=time.monotonic())
+    for _ in range(8):
+        rounds.federation.open_round(0)
+        assert rounds.federation.participants == [1, 2]
