@@ -177,7 +177,7 @@ def test_a_robust_sampled_or_scaffold_run_resumes_with_resume_alone(tmp_path, ru
 
 
 def test_a_resumed_leader_keeps_the_data_summary_each_slot_was_taken_with(tmp_path):
-    leader = leader_from(["--dataset", "none", "--num-classes", "10", "--out", str(tmp_path)])
+    leader = leader_from(["--dataset", "none", "--num-classes", "10", "--rounds", "10", "--out", str(tmp_path)])
     declared = DataSummary(100, 40, (50.0,) * 3, (30.0,) * 3)
     member, _ = leader.registry.register("127.0.0.1:7040", data=declared)
     leader.rounds.save_checkpoint(0)

@@ -211,7 +211,7 @@ def test_a_robust_round_below_its_rules_minimum_waits_though_everyone_expected_h
 
 
 def test_a_newcomer_taking_a_slot_mid_round_is_not_charged_with_the_round_its_predecessor_missed(tmp_path):
-    rounds = rounds_of(tmp_path, "--learners", "2")
+    rounds = rounds_of(tmp_path, "--learners", "2", "--rounds", "10")
     prompt, gone = join(rounds, 1, 2)
     rounds.federation.open()
     deliver(rounds, prompt)

@@ -574,7 +574,8 @@ def claims_checker(**flags) -> LeaderServicer:
     run = LeaderConfig(**flags)
     strategy = strategy_of(**flags)
     planner = Planner(run, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
-    return LeaderServicer(None, None, SimpleNamespace(strategy=strategy), None, planner, None, None)
+    global_model = SimpleNamespace(strategy=strategy, layout=SimpleNamespace(spec={}))  # what the claims' check reads
+    return LeaderServicer(None, None, global_model, None, planner, None, None)
 
 
 @pytest.mark.parametrize(
