@@ -232,7 +232,9 @@ class Federation:
                 )
                 return True
             self.check_stalled(round_index, started, arrived)
-            self.probe(sorted(set(missing) & set(active)))
+            # those given up on too: rounds no longer wait for them, but one found gone frees its slot and no longer
+            # counts as present (a round of nobody but a dead learner says so, and stalls for want of learners)
+            self.probe(sorted((set(missing) | set(self.registry.given_up())) & set(active)))
             self.sample_again(round_index, active, arrived)
             alone = self.registry.count() == 0
             if waited - last_log >= WAIT_LOG_INTERVAL_S or (alone and not was_alone):

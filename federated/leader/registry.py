@@ -354,9 +354,9 @@ class Registry:
                 slot.missed = 0
 
     def given_up(self) -> list[int]:
-        """The slots whose holders were given up on for missing rounds (a newcomer may take them)."""
+        """The learners counted on but given up on for missing rounds (a newcomer may take their slots)."""
         with self._changed:
-            return [slot.learner_id for slot in self._slots if slot.given_up]
+            return [slot.learner_id for slot in self._slots if slot.given_up and slot.state in COUNTED_ON]
 
     def wait_started(self, timeout: float) -> bool:
         """Whether no learner is being started any more, waiting at most timeout seconds."""

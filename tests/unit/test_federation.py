@@ -281,3 +281,24 @@ def test_learners_given_up_on_are_not_drawn(tmp_path):
     for _ in range(8):
         rounds.federation.open_round(0)
         assert rounds.federation.participants == [1, 2]
+
+
+def test_a_learner_given_up_on_is_still_checked_on_and_dropped_once_gone(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "1", "--rounds", "10", register_s=STALL_S)
+    (only,) = join(rounds, 1)
+    found_gone: list[int] = []
+
+    def probe(members, on_failure, silent_limit_s) -> None:  # it answers until the round gave up on it, then is gone
+        for member in members.values():
+            if rounds.registry.given_up():
+                found_gone.append(member.learner_id)
+                on_failure(member, "health check: UNAVAILABLE", dispatch.GONE)
+
+    rounds.learners.probe = probe  # type: ignore[method-assign]
+    rounds.federation.open()
+    with pytest.raises(Stalled, match="fewer than --min-learners 1") as stalled:
+        rounds.federation.wait_for_round(0)
+    # the round no longer waits for it, but a dead learner is still found dead: its slot is free, and the leader
+    # says nobody is left rather than blaming rounds it could not have sent
+    assert found_gone == [only.learner_id] and rounds.registry.count() == 0
+    assert "were given up on" not in str(stalled.value)
