@@ -208,6 +208,9 @@ def test_a_learner_that_never_sends_a_gradient_holds_up_only_a_few_rounds(tmp_pa
     codes = launch.wait_all([leader, *honest, freeloader], 150)  # 40 rounds at the deadline would take 160 s
     assert codes == [0, 0, 0, 0], logs(tmp_path)
     leader_log = (tmp_path / "leader.log").read_text()
-    assert "missed 3 rounds in a row" in leader_log and "dropped" not in leader_log
-    assert leader_log.count("closing after") <= 4, leader_log
+    assert "missed 3 rounds in a row: rounds leave them out for the next 2 rounds" in leader_log
+    assert "dropped" not in leader_log
+    # held to the deadline: the first 3 rounds, then one on probation after each bench (2, 4, 8, 16 rounds): 7
+    # of 40 (one more allowed for an honest learner late under load)
+    assert leader_log.count("closing after") <= 8, leader_log
     assert time.monotonic() - started < 120

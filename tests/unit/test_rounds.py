@@ -322,7 +322,6 @@ def test_a_free_slot_goes_to_a_newcomer_before_that_of_a_holder_given_up_on():
     assert register(registry, "c:1").learner_id == 1 and registry.given_up() == [0]
 
 
-
 def sit_out(registry: Registry, learner_id: int) -> int:
     """Close rounds until the learner's bench ends (each round opened after it was given up on): how many it sat
     out, left out of every one of them."""
@@ -372,6 +371,7 @@ def test_a_newcomer_may_take_the_slot_of_a_holder_on_probation_and_starts_with_a
     miss(registry, 0, MAX_MISSED_ROUNDS - 1)  # not given up on at its first miss, as its predecessor would be
     assert registry.missed([0], since=time.monotonic()) == {0: 1}
     assert sit_out(registry, 0) == 2
+
 
 def test_a_deadline_names_the_missing_once_and_closing_names_only_the_others():
     collector = RoundCollector(1)
