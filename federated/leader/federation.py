@@ -134,7 +134,7 @@ class Federation:
             why = (
                 f"missed {MAX_MISSED_ROUNDS} rounds in a row"
                 if strikes == 1
-                else f"missed the round they were waited for once more ({strikes} times given up on in a row)"
+                else f"missed their round on probation (given up on {strikes} times in a row)"
             )
             log.warning(
                 "learners %s %s: rounds leave them out for the next %d rounds, then wait for them once more (an "

@@ -300,7 +300,7 @@ def test_a_learner_always_late_holds_only_about_log2_of_the_rounds_to_their_dead
     # the first 3, then one on probation after each bench of 2, 4, 8 and 16 rounds (the next would be after 32)
     assert held == [0, 1, 2, 5, 10, 19, 36]
     assert "learners [2] missed 3 rounds in a row: rounds leave them out for the next 2 rounds" in caplog.text
-    assert "(4 times given up on in a row): rounds leave them out for the next 16 rounds" in caplog.text
+    assert "on probation (given up on 4 times in a row): rounds leave them out for the next 16 rounds" in caplog.text
 
 
 def test_an_honest_learner_given_up_on_after_a_pause_is_drawn_and_waited_for_again_after_its_bench(tmp_path):
