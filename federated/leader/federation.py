@@ -20,7 +20,7 @@ from federated.leader.collector import RoundCollector, RoundSummary
 from federated.leader.config import LeaderConfig, min_learners
 from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
-from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry
+from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry, bench_rounds
 from federated.wire import framing
 
 log = logging.getLogger("leader")
@@ -116,28 +116,46 @@ class Federation:
         one that counted is a sign of taking part, after which rounds wait for it again: one that came late, twice
         or unasked for leaves the rounds it missed counted."""
         self.client.heard_from(member)
-        if counted:
-            self.registry.participated(member.learner_id, member.generation)
+        if counted and self.registry.participated(member.learner_id, member.generation):
+            log.info("learner %d takes part again (an update of its counted): rounds wait for it", member.learner_id)
 
     def missed(self, learner_ids: list[int] | tuple[int, ...]) -> None:
         """These learners missed the open round (a deadline passed, or it closed, without their update); after
-        MAX_MISSED_ROUNDS in a row, rounds no longer wait for one and a newcomer may take its slot."""
+        MAX_MISSED_ROUNDS in a row, or the one round of their probation, they are given up on: the open round waits
+        for them no more, the next rounds leave them out for a while (Registry.missed), and a newcomer may take
+        their slots."""
         given_up = self.registry.missed(list(learner_ids), self.opened_at)
-        if given_up:
-            self.freed_at = time.monotonic()
-            self.collector.stop_waiting_for(given_up)
+        if not given_up:
+            return
+        self.freed_at = time.monotonic()
+        self.collector.stop_waiting_for(sorted(given_up))
+        for strikes in sorted(set(given_up.values())):
+            learners = sorted(learner for learner, times in given_up.items() if times == strikes)
+            why = (
+                f"missed {MAX_MISSED_ROUNDS} rounds in a row"
+                if strikes == 1
+                else f"missed their round on probation (given up on {strikes} times in a row)"
+            )
             log.warning(
-                "learners %s missed %d rounds in a row: rounds no longer wait for them until an update of theirs "
-                "counts, and a new learner may take their slots",
-                given_up,
-                MAX_MISSED_ROUNDS,
+                "learners %s %s: rounds leave them out for the next %d rounds, then wait for them once more (an "
+                "update of theirs that counts ends this; a miss then, and they are left out twice as long), and a "
+                "new learner may take their slots",
+                learners,
+                why,
+                bench_rounds(strikes),
             )
 
     def close(self, mean_out: torch.Tensor) -> RoundSummary:
         """Close the open round into mean_out (see RoundCollector.close); the learners it waited for in vain
-        since its last deadline miss it."""
+        since its last deadline miss it, and those given up on before it opened have sat out one more round."""
         summary = self.collector.close(mean_out)
         self.missed(summary.missed)
+        if back := self.registry.round_closed(self.opened_at):
+            log.info(
+                "learners %s sat out their rounds: the next round waits for them once more (given up on again at "
+                "once if they miss it)",
+                back,
+            )
         return summary
 
     def drop(self, member: Member, reason: str, verdict: str) -> None:
@@ -198,7 +216,8 @@ class Federation:
 
     def started(self, member: Member) -> None:
         """The learner accepted StartTraining: rounds count on it (one given up on for missing rounds that
-        registered again, only once an update of its counts: re-registering is no way to be waited for again)."""
+        registered again, only once an update of its counts or its probation comes: re-registering is no way to be
+        waited for again)."""
         self.registry.started(member.learner_id, member.generation)
         self.client.heard_from(member)
 
@@ -206,7 +225,7 @@ class Federation:
         """Wait for the expected updates, or after --round-timeout for --min-learners of them; a round
         whose missing learners were all dropped closes at once. Learners the round waits for are checked on
         and dropped when gone; each --round-timeout deadline counts a missed round for those still missing
-        (after MAX_MISSED_ROUNDS the round stops waiting for them, and their slots are open to newcomers);
+        (after MAX_MISSED_ROUNDS, or one on probation, the round stops waiting for them: see missed);
         newcomers join; with sampling, silent or gone participants are replaced. False if stopped first;
         raises Stalled when fewer than --min-learners updates came and nobody made up the number within
         --register-timeout of the first deadline (or of the last learner given up on, if later)."""
@@ -306,7 +325,7 @@ class Federation:
         self.send_state(self.open_round(round_index, widen=True))
 
     def candidates(self) -> list[int]:
-        """The learners a round may sample: ready, and not given up on for missing rounds."""
+        """The learners a round may sample: ready, not sitting out rounds after being given up on."""
         return self.registry.ready()
 
     def open_round(self, round_index: int, participants: list[int] | None = None, widen: bool = False) -> bytes:

@@ -48,8 +48,15 @@ JOINING, STARTING, ACTIVE, DROPPED = "joining", "starting", "active", "dropped"
 COUNTED_ON = (STARTING, ACTIVE)  # the learners whose gradients count and who are sent each state
 REREGISTER_INTERVAL_S = 3.0  # a slot's holder registers again at most this often
 # Rounds in a row a holder may miss (each --round-timeout deadline, or a round closed without its update, is one)
-# before rounds stop waiting for it and a newcomer may take its slot; only an update that counts resets them.
+# before it is given up on: rounds leave it out for a while and a newcomer may take its slot; only an update that
+# counts resets them.
 MAX_MISSED_ROUNDS = 3
+# Given up on for the k-th time in a row, a holder sits out the next 2**k rounds closed, then is waited for in one
+# round (on probation): missing that one gives it up again at once. So a holder that never delivers holds about
+# log2(rounds) rounds to their deadline, not all of them. The exponent stops at 6 (64 rounds): against that
+# holder, one deadline in 65 rounds costs little more than none, while a longer bench would keep an honest learner
+# that had a few bad spells out of most of a run (FedSGD runs are a few hundred rounds).
+MAX_BACKOFF_EXPONENT = 6
 SERVING, NOT_SERVING = HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING
 
 
@@ -70,6 +77,9 @@ class Slot:
     unreachable: str = ""  # why the leader could not dial its address, where it never reached it; "" otherwise
     missed: int = 0  # rounds its holder missed in a row (a re-registration keeps them: it proves nothing)
     held_since: float = -math.inf  # when its holder took it (a restored slot: before the leader started)
+    strikes: int = 0  # times in a row its holder was given up on (0: it is not)
+    benched: int = 0  # rounds closed it still sits out (then it is on probation: waited for in one round)
+    benched_at: float = -math.inf  # when it was last given up on: the round open then does not count down its bench
 
     @property
     def session(self) -> str:
@@ -77,8 +87,14 @@ class Slot:
 
     @property
     def given_up(self) -> bool:
-        """Its holder missed MAX_MISSED_ROUNDS rounds in a row: rounds do not wait for it, a newcomer may take it."""
-        return self.missed >= MAX_MISSED_ROUNDS
+        """Its holder missed MAX_MISSED_ROUNDS rounds in a row (no update of its counted since): it sits out rounds,
+        or is on probation, and a newcomer may take it."""
+        return self.strikes > 0
+
+
+def bench_rounds(strikes: int) -> int:
+    """The rounds closed a holder given up on strikes times in a row sits out before it is waited for again."""
+    return 2 ** min(strikes, MAX_BACKOFF_EXPONENT)
 
 
 @dataclass(frozen=True)
@@ -109,7 +125,8 @@ class Registry:
     (it may then change address); a newcomer gets a slot never taken, or a dropped one whose holder the
     leader found gone or which its holder did not reclaim within keep_s seconds, or the slot of a holder given
     up on for missing rounds (which keeps it, and may re-register, until a newcomer takes it or an update of its
-    counts). Slots restored from a checkpoint start dropped and kept for their holders, with the data summaries
+    counts). A holder given up on sits out rounds (bench_rounds), then is waited for in one round on probation.
+    Slots restored from a checkpoint start dropped and kept for their holders, with the data summaries
     they were taken with."""
 
     def __init__(
@@ -234,7 +251,8 @@ class Registry:
         """A slot for a newcomer, under a new credential: its previous holder's no longer works, nor its misses."""
         self._by_session.pop(slot.session, None)
         slot.credential, slot.certificate = new_credential(), certificate
-        slot.missed, slot.held_since = 0, now
+        slot.held_since = now
+        self._clear_record(slot)
         self._by_session[slot.session] = slot
         return slot
 
@@ -327,34 +345,61 @@ class Registry:
                 self._changed.notify_all()
 
     def ready(self) -> list[int]:
-        """The learners started and training, but those given up on for missing rounds: those a round waits for
-        (and, with sampling, draws from)."""
+        """The learners started and training, but those given up on that sit out rounds: those a round waits for
+        (and, with sampling, draws from). A holder on probation is among them."""
         with self._changed:
-            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE and not slot.given_up]
+            return [slot.learner_id for slot in self._slots if slot.state == ACTIVE and not slot.benched]
 
-    def missed(self, learner_ids: list[int], since: float) -> list[int]:
+    def missed(self, learner_ids: list[int], since: float) -> dict[int, int]:
         """Count a round missed by the holders of these slots that held them at `since` (when the round opened: a
-        newcomer that took a slot since is not charged with its predecessor's round); returns those now given up on
-        (rounds no longer wait for them, and a newcomer may take their slots)."""
+        newcomer that took a slot since is not charged with its predecessor's round; one that sits out rounds is not
+        charged either). Returns those now given up on, each with the times in a row it was (1: it missed
+        MAX_MISSED_ROUNDS rounds; more: it missed its round on probation): each sits out the next
+        bench_rounds(times) rounds closed, and a newcomer may take its slot."""
         with self._changed:
-            slots = [self._slots[learner_id] for learner_id in learner_ids if learner_id < len(self._slots)]
-            given_up = []
-            for slot in slots:
-                if slot.held_since <= since:
-                    slot.missed += 1
-                    if slot.missed == MAX_MISSED_ROUNDS:
-                        given_up.append(slot.learner_id)
+            given_up = {}
+            for learner_id in learner_ids:
+                slot = self._slots[learner_id] if learner_id < len(self._slots) else None
+                if slot is None or slot.held_since > since or slot.benched:
+                    continue
+                slot.missed += 1
+                if slot.missed >= MAX_MISSED_ROUNDS:
+                    slot.strikes += 1
+                    slot.benched, slot.benched_at = bench_rounds(slot.strikes), time.monotonic()
+                    given_up[slot.learner_id] = slot.strikes
             return given_up
 
-    def participated(self, learner_id: int, generation: int) -> None:
-        """An update of this registration counted: its holder takes part, and rounds wait for it again."""
+    def round_closed(self, since: float) -> list[int]:
+        """A round closed that opened at `since`: the holders that sat it out (given up on before it opened) have one
+        round fewer to sit out. Returns those whose bench ended: the next round waits for them (on probation)."""
+        with self._changed:
+            ended = []
+            for slot in self._slots:
+                if slot.benched and slot.benched_at <= since:
+                    slot.benched -= 1
+                    if not slot.benched:
+                        ended.append(slot.learner_id)
+            return ended
+
+    def participated(self, learner_id: int, generation: int) -> bool:
+        """An update of this registration counted: its holder takes part, and rounds wait for it again (its misses,
+        strikes and bench are forgotten). Returns whether it had been given up on."""
         with self._changed:
             slot = self._slots[learner_id]
-            if slot.generation == generation:
-                slot.missed = 0
+            if slot.generation != generation:
+                return False
+            was_given_up = slot.given_up
+            self._clear_record(slot)
+            return was_given_up
+
+    @staticmethod
+    def _clear_record(slot: Slot) -> None:
+        """Forget the rounds a slot's holder missed: it takes part (or is new)."""
+        slot.missed, slot.strikes, slot.benched = 0, 0, 0
 
     def given_up(self) -> list[int]:
-        """The learners counted on but given up on for missing rounds (a newcomer may take their slots)."""
+        """The learners counted on but given up on for missing rounds, sitting out or on probation (a newcomer may
+        take their slots)."""
         with self._changed:
             return [slot.learner_id for slot in self._slots if slot.given_up and slot.state in COUNTED_ON]
 

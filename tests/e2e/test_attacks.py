@@ -208,6 +208,9 @@ def test_a_learner_that_never_sends_a_gradient_holds_up_only_a_few_rounds(tmp_pa
     codes = launch.wait_all([leader, *honest, freeloader], 150)  # 40 rounds at the deadline would take 160 s
     assert codes == [0, 0, 0, 0], logs(tmp_path)
     leader_log = (tmp_path / "leader.log").read_text()
-    assert "missed 3 rounds in a row" in leader_log and "dropped" not in leader_log
-    assert leader_log.count("closing after") <= 4, leader_log
+    assert "missed 3 rounds in a row: rounds leave them out for the next 2 rounds" in leader_log
+    assert "dropped" not in leader_log
+    # Rounds held to a deadline (closed there, or given up on there and then closed at once): the first 3, then one
+    # on probation after each bench of 2, 4, 8 and 16 rounds, 7 of 40 (2 more allowed for honest learners under load)
+    assert leader_log.count("closing after") + leader_log.count("rounds leave them out") <= 9, leader_log
     assert time.monotonic() - started < 120

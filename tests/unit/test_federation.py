@@ -302,3 +302,56 @@ def test_a_learner_given_up_on_is_still_checked_on_and_dropped_once_gone(tmp_pat
     # says nobody is left rather than blaming rounds it could not have sent
     assert found_gone == [only.learner_id] and rounds.registry.count() == 0
     assert "were given up on" not in str(stalled.value)
+
+
+def test_a_learner_always_late_holds_only_about_log2_of_the_rounds_to_their_deadline(tmp_path, caplog):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--min-learners", "2")
+    *prompt, laggard = join(rounds, 1, 2, 3)
+    held = []
+    for round_index in range(40):
+        rounds.federation.open()
+        if round_index:  # every round, a well-formed update for the round just closed
+            assert "ignored" in deliver(rounds, laggard, round_index - 1)
+        for member in prompt:
+            assert deliver(rounds, member) is None
+        if rounds.collector.missing():  # the round waits for the laggard: to its deadline
+            held.append(round_index)
+        assert rounds.federation.wait_for_round(round_index)
+        rounds.federation.close(torch.empty(1))
+    # the first 3, then one on probation after each bench of 2, 4, 8 and 16 rounds (the next would be after 32)
+    assert held == [0, 1, 2, 5, 10, 19, 36]
+    assert "learners [2] missed 3 rounds in a row: rounds leave them out for the next 2 rounds" in caplog.text
+    assert "on probation (given up on 4 times in a row): rounds leave them out for the next 16 rounds" in caplog.text
+
+
+def test_an_honest_learner_given_up_on_after_a_pause_is_drawn_and_waited_for_again_after_its_bench(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--min-learners", "2", "--learners-per-round", "3")
+    members = join(rounds, 1, 2, 3)
+    paused = members[2]
+    rounds.federation.start()
+
+    def play_drawn(paused_in_time: bool) -> list[int]:
+        """A round as the round loop plays it, its state then pushed to the next draw: the learners deliver, the
+        paused one in time or once the others closed the round. Returns whom the round waited for."""
+        rounds.federation.open()
+        waited_for = rounds.collector.missing()
+        for member in members:
+            if member is not paused or paused_in_time:  # only the drawn learners' updates count
+                assert (deliver(rounds, member) is None) == (member.learner_id in rounds.federation.participants)
+        assert rounds.federation.wait_for_round(rounds.collector.round)
+        rounds.federation.close(torch.empty(1))
+        if not paused_in_time:
+            assert "ignored" in deliver(rounds, paused, rounds.collector.round - 1)
+        rounds.federation.push_state(rounds.collector.round, finished=False)
+        return waited_for
+
+    for _ in range(MAX_MISSED_ROUNDS):  # a pause, then a little slower than the others
+        assert play_drawn(paused_in_time=False) == [0, 1, 2]
+    assert rounds.registry.given_up() == [2]
+    for _ in range(2):  # its bench: not drawn, so nothing of its counts, however fast it is
+        assert rounds.learners.pushed[-1] == [0, 1]
+        assert play_drawn(paused_in_time=True) == [0, 1]
+    assert rounds.learners.pushed[-1] == [0, 1, 2]  # drawn again, on probation
+    assert play_drawn(paused_in_time=True) == [0, 1, 2]  # and waited for: its update counts
+    assert rounds.registry.given_up() == [] and rounds.learners.pushed[-1] == [0, 1, 2]
+    assert misses_left(rounds.registry, 2) == MAX_MISSED_ROUNDS  # its record is clear

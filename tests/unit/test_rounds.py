@@ -11,6 +11,7 @@ from federated.leader.registry import (
     ACTIVE,
     DROPPED,
     JOINING,
+    MAX_BACKOFF_EXPONENT,
     MAX_MISSED_ROUNDS,
     NOT_SERVING,
     SERVING,
@@ -278,8 +279,8 @@ def test_a_holder_missing_round_after_round_is_given_up_on_until_an_update_of_it
     start(registry)
     miss(registry, 0, MAX_MISSED_ROUNDS - 1)
     assert registry.ready() == [0, 1]
-    assert registry.missed([0], since=time.monotonic()) == [0]  # given up on: announced once
-    assert registry.missed([0], since=time.monotonic()) == []
+    assert registry.missed([0], since=time.monotonic()) == {0: 1}  # given up on (once): announced once
+    assert registry.missed([0], since=time.monotonic()) == {}
     assert registry.ready() == [1] and registry.given_up() == [0] and registry.active() == [0, 1]
     again = register(registry, "a:1", holder.credential)  # re-registering proves nothing: still given up on
     start(registry)
@@ -290,7 +291,7 @@ def test_a_holder_missing_round_after_round_is_given_up_on_until_an_update_of_it
     assert registry.ready() == [0, 1] and registry.given_up() == []
     miss(registry, 0, MAX_MISSED_ROUNDS - 1)
     registry.participated(1, other.generation)  # an update of another learner changes nothing for it
-    assert registry.missed([0], since=time.monotonic()) == [0]
+    assert registry.missed([0], since=time.monotonic()) == {0: 1}
 
 
 def test_a_newcomer_may_take_the_slot_of_a_holder_given_up_on_and_starts_with_no_misses():
@@ -302,7 +303,7 @@ def test_a_newcomer_may_take_the_slot_of_a_holder_given_up_on_and_starts_with_no
     newcomer, message = registry.register("c:1")
     assert newcomer.learner_id == 0 and "took over from a:1 the slot of learner 0" in message
     assert registry.given_up() == [] and registry.authenticate(given_up.credential, None) is None
-    assert registry.missed([0], since=opened) == []  # the round it joined in is not held against it...
+    assert registry.missed([0], since=opened) == {}  # the round it joined in is not held against it...
     start(registry)
     assert registry.ready() == [0, 1]
     miss(registry, 1, MAX_MISSED_ROUNDS - 1)
@@ -319,6 +320,57 @@ def test_a_free_slot_goes_to_a_newcomer_before_that_of_a_holder_given_up_on():
     miss(registry, 0, MAX_MISSED_ROUNDS)
     registry.drop(1, joined[1].generation, gone=True)
     assert register(registry, "c:1").learner_id == 1 and registry.given_up() == [0]
+
+
+def sit_out(registry: Registry, learner_id: int) -> int:
+    """Close rounds until the learner's bench ends (each round opened after it was given up on): how many it sat
+    out, left out of every one of them."""
+    for closed in range(1, 2 * 2**MAX_BACKOFF_EXPONENT):
+        assert learner_id not in registry.ready()
+        if learner_id in registry.round_closed(since=time.monotonic()):
+            return closed
+    raise AssertionError(f"learner {learner_id} sat out rounds without end")
+
+
+def test_a_holder_given_up_on_sits_out_twice_as_many_rounds_each_time_in_a_row_then_one_round_waits_for_it():
+    registry = Registry(2, keep_s=30, reregister_s=0)
+    holder, _ = register(registry, "a:1"), register(registry, "b:1")
+    start(registry)
+    opened = time.monotonic()
+    miss(registry, 0, MAX_MISSED_ROUNDS - 1)
+    assert registry.missed([0], since=opened) == {0: 1}
+    assert registry.round_closed(since=opened) == []  # the round it was given up in is not one it sat out
+    assert registry.missed([0], since=time.monotonic()) == {}  # nor is a round that leaves it out held against it
+    benches = [sit_out(registry, 0)]
+    for times in range(2, MAX_BACKOFF_EXPONENT + 3):
+        assert registry.ready() == [0, 1] and registry.given_up() == [0]  # on probation: waited for, drawn
+        assert registry.missed([0], since=time.monotonic()) == {0: times}  # one miss, and it is out again
+        benches.append(sit_out(registry, 0))
+    assert benches == [2, 4, 8, 16, 32, 64, 64, 64]  # 2**k, at most 2**MAX_BACKOFF_EXPONENT
+    assert registry.participated(0, holder.generation)  # its update counted on probation: it had been given up on
+    assert registry.given_up() == [] and registry.ready() == [0, 1]
+    assert not registry.participated(0, holder.generation)
+    miss(registry, 0, MAX_MISSED_ROUNDS - 1)  # its record is clear: 3 misses again, then the shortest bench
+    assert registry.missed([0], since=time.monotonic()) == {0: 1}
+    assert sit_out(registry, 0) == 2
+
+
+def test_a_newcomer_may_take_the_slot_of_a_holder_on_probation_and_starts_with_a_clear_record():
+    registry = Registry(1, keep_s=30, reregister_s=0)
+    holder = register(registry, "a:1")
+    start(registry)
+    miss(registry, 0, MAX_MISSED_ROUNDS)
+    sit_out(registry, 0)
+    assert registry.missed([0], since=time.monotonic()) == {0: 2}
+    sit_out(registry, 0)  # on probation again, given up on twice in a row
+    newcomer, message = registry.register("c:1")
+    assert newcomer.learner_id == 0 and "took over from a:1" in message
+    assert registry.authenticate(holder.credential, None) is None and registry.given_up() == []
+    start(registry)
+    assert registry.ready() == [0]
+    miss(registry, 0, MAX_MISSED_ROUNDS - 1)  # not given up on at its first miss, as its predecessor would be
+    assert registry.missed([0], since=time.monotonic()) == {0: 1}
+    assert sit_out(registry, 0) == 2
 
 
 def test_a_deadline_names_the_missing_once_and_closing_names_only_the_others():
