@@ -77,7 +77,7 @@ class Slot:
     unreachable: str = ""  # why the leader could not dial its address, where it never reached it; "" otherwise
     missed: int = 0  # rounds its holder missed in a row (a re-registration keeps them: it proves nothing)
     held_since: float = -math.inf  # when its holder took it (a restored slot: before the leader started)
-    strikes: int = 0  # times in a row its holder was given up on (0: it is not)
+    strikes: int = 0  # times in a row its holders were given up on (kept by a new holder; a counted update clears them)
     benched: int = 0  # rounds closed it still sits out (then it is on probation: waited for in one round)
     benched_at: float = -math.inf  # when it was last given up on: the round open then does not count down its bench
 
@@ -89,7 +89,7 @@ class Slot:
     def given_up(self) -> bool:
         """Its holder missed MAX_MISSED_ROUNDS rounds in a row (no update of its counted since): it sits out rounds,
         or is on probation, and a newcomer may take it."""
-        return self.strikes > 0
+        return self.missed >= MAX_MISSED_ROUNDS
 
 
 def bench_rounds(strikes: int) -> int:
@@ -252,7 +252,10 @@ class Registry:
         self._by_session.pop(slot.session, None)
         slot.credential, slot.certificate = new_credential(), certificate
         slot.held_since = now
-        self._clear_record(slot)
+        # No misses, but a slot whose holder was given up on keeps its strikes, one miss short of the next: the
+        # newcomer may be that holder, registering again without its credential to start afresh; an update of
+        # its that counts clears them
+        slot.missed, slot.benched = (MAX_MISSED_ROUNDS - 1 if slot.strikes else 0), 0
         self._by_session[slot.session] = slot
         return slot
 

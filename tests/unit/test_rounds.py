@@ -294,7 +294,7 @@ def test_a_holder_missing_round_after_round_is_given_up_on_until_an_update_of_it
     assert registry.missed([0], since=time.monotonic()) == {0: 1}
 
 
-def test_a_newcomer_may_take_the_slot_of_a_holder_given_up_on_and_starts_with_no_misses():
+def test_a_newcomer_may_take_the_slot_of_a_holder_given_up_on_and_is_one_miss_from_its_next_bench():
     registry = Registry(2, keep_s=30, reregister_s=0)
     given_up, _ = register(registry, "a:1"), register(registry, "b:1")
     start(registry)
@@ -305,12 +305,30 @@ def test_a_newcomer_may_take_the_slot_of_a_holder_given_up_on_and_starts_with_no
     assert registry.given_up() == [] and registry.authenticate(given_up.credential, None) is None
     assert registry.missed([0], since=opened) == {}  # the round it joined in is not held against it...
     start(registry)
-    assert registry.ready() == [0, 1]
+    assert registry.ready() == [0, 1]  # ...the next waits for it...
     miss(registry, 1, MAX_MISSED_ROUNDS - 1)
     with pytest.raises(Refusal, match="all 2 learner slots are held"):  # ...and a holder short of it keeps its slot
         register(registry, "d:1")
     with pytest.raises(Refusal):  # the old holder's credential holds nothing now
         register(registry, "a:1", given_up.credential)
+    # the slot's strikes stay until an update counts: one miss and the newcomer sits out the next, longer bench
+    assert registry.missed([0], since=time.monotonic()) == {0: 2}
+    assert sit_out(registry, 0) == 4
+
+
+def test_a_holder_given_up_on_gains_nothing_by_registering_again_as_a_newcomer():
+    registry = Registry(1, keep_s=30, reregister_s=0)
+    register(registry, "a:1")
+    start(registry)
+    miss(registry, 0, MAX_MISSED_ROUNDS)
+    for strikes in range(1, 5):  # each time it comes back without its credential, from its address or another
+        assert registry.given_up() == [0]
+        again, message = registry.register("a:1" if strikes % 2 else "a:2")
+        assert again.learner_id == 0 and "learner 0" in message
+        start(registry)
+        assert registry.ready() == [0] and registry.given_up() == []  # waited for once...
+        assert registry.missed([0], since=time.monotonic()) == {0: strikes + 1}  # ...and benched longer at once
+        assert sit_out(registry, 0) == 2 ** (strikes + 1)
 
 
 def test_a_free_slot_goes_to_a_newcomer_before_that_of_a_holder_given_up_on():
@@ -355,7 +373,7 @@ def test_a_holder_given_up_on_sits_out_twice_as_many_rounds_each_time_in_a_row_t
     assert sit_out(registry, 0) == 2
 
 
-def test_a_newcomer_may_take_the_slot_of_a_holder_on_probation_and_starts_with_a_clear_record():
+def test_a_newcomer_may_take_the_slot_of_a_holder_on_probation_and_keeps_its_strikes_until_it_takes_part():
     registry = Registry(1, keep_s=30, reregister_s=0)
     holder = register(registry, "a:1")
     start(registry)
@@ -366,8 +384,9 @@ def test_a_newcomer_may_take_the_slot_of_a_holder_on_probation_and_starts_with_a
     newcomer, message = registry.register("c:1")
     assert newcomer.learner_id == 0 and "took over from a:1" in message
     assert registry.authenticate(holder.credential, None) is None and registry.given_up() == []
-    start(registry)
+    joined = start(registry)
     assert registry.ready() == [0]
+    registry.participated(0, joined[0].generation)  # an update of its counts: a clear record
     miss(registry, 0, MAX_MISSED_ROUNDS - 1)  # not given up on at its first miss, as its predecessor would be
     assert registry.missed([0], since=time.monotonic()) == {0: 1}
     assert sit_out(registry, 0) == 2
