@@ -198,10 +198,13 @@ class MultiKrum(Krum):
 class RoundUpdates:
     """The updates of one round as they arrive: a running weighted sum for the mean (memory of one update,
     whatever the learner count), or every update kept for a robust rule (memory K updates). With clip_norm,
-    each update's model part is clipped as it arrives."""
+    each update's model part is clipped as it arrives, and its control part (SCAFFOLD's: the last model_size values,
+    with controls) by the same factor."""
 
-    def __init__(self, size: int, model_size: int, rule: Aggregator = Mean(), clip_norm: float = 0.0) -> None:
-        self.model_size, self.rule, self.clip_norm = model_size, rule, clip_norm
+    def __init__(
+        self, size: int, model_size: int, rule: Aggregator = Mean(), clip_norm: float = 0.0, controls: bool = False
+    ) -> None:
+        self.model_size, self.rule, self.clip_norm, self.controls = model_size, rule, clip_norm, controls
         self.total = torch.zeros(size if not rule.keeps_updates else 0)
         self.kept: list[torch.Tensor] = []
         self.sample_counts: list[int] = []
@@ -214,7 +217,11 @@ class RoundUpdates:
         if clip or keep:
             update = torch.cat([piece.float() for piece in pieces])
             if clip:
-                clip_to_norm(update[: self.model_size], self.clip_norm)
+                norm = clip_to_norm(update[: self.model_size], self.clip_norm)
+                if self.controls and norm > self.clip_norm:
+                    # a control change estimates the pseudo-gradient per step: scaled alike, it keeps the ratio that
+                    # SCAFFOLD's bound checks (the model part clipped alone, an honest change looks too large)
+                    update[-self.model_size :].mul_(self.clip_norm / norm)
             pieces = [update]
         if keep:
             self.kept.append(pieces[0])

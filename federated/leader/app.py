@@ -58,6 +58,7 @@ class Leader:
             aggregation.rules.named(config.aggregator).from_config(config),
             config.clip_norm,
             layout.parameter_count,
+            self.global_model.strategy.controls,
         )
         # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
         # until the first round draws its participants and pushes it to them.

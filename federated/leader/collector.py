@@ -35,9 +35,10 @@ class RoundCollector:
         rule: Aggregator = Mean(),
         clip_norm: float = 0.0,
         model_size: int | None = None,
+        controls: bool = False,
     ) -> None:
         self.rule = rule
-        self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm)
+        self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm, controls)
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
         self._reported: dict[int, tuple[int, float]] = {}  # by learner: the samples and loss it claimed

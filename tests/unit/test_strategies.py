@@ -283,6 +283,23 @@ def test_an_honest_scaffold_control_change_is_within_its_pseudo_gradient_per_ste
     assert check.change <= 1.0 and check.problem() is None
 
 
+def test_a_clipped_honest_scaffold_update_keeps_its_control_within_the_bound():
+    # --clip-norm shrinks the model part of an update; its control change must shrink alike, or an honest round
+    # clipped to a quarter looks like a control change 4 times too large, and SCAFFOLD refuses every round
+    model = small_net()
+    controls = Controls(sum(p.numel() for p in model.parameters()))
+    plan = fedavg_plan(0.1, steps=4, momentum=0.0, weight_decay=0.0, strategy="scaffold")
+    flat, layout = local_pseudo_gradient(model, [batch(8, seed) for seed in range(4)], plan, controls)
+    quarter = torch.linalg.vector_norm(flat[: layout.parameter_count]).item() / 4
+    updates = RoundUpdates(layout.size, layout.parameter_count, clip_norm=quarter, controls=True)
+    updates.add([flat], 8, 1.0)
+    mean = torch.empty(layout.size)
+    updates.combine_into(mean)
+    scaffold = strategy_of(strategy="scaffold", client_momentum=0.0)
+    scaffold.bind(layout)
+    assert scaffold.check_control(layout, mean, 0.1, 4, participants=1, learners=1).problem() is None
+
+
 def test_a_learner_commits_its_control_change_only_when_a_later_state_says_its_round_was_applied():
     controls, change = Controls(3), torch.tensor([1.0, 2.0, 3.0])
     server = torch.zeros(3)
