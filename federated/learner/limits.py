@@ -18,6 +18,10 @@ from federated.learner.state import check_fits, wire_dtype_of
 from federated.wire import codec, messages
 
 GIB = 1 << 30
+# The most a learner buffers of one model state or shard, whatever --max-memory allows: a payload lives in host
+# memory, which --max-memory's default (the machine's, plus a GPU's) overstates, and a final state's tensors are
+# not checked against its model (learner/session.py's receive_stream).
+MAX_BUFFER_BYTES = 4 * GIB
 # Float32 copies of the parameters a learner holds while it trains: the weights, the update vector their gradients
 # are views of, the round's starting point and the client optimizer's momentum (SCAFFOLD's controls come on top).
 PARAMETER_COPIES = 4
@@ -115,6 +119,11 @@ class Limits:
             int(config.max_memory * GIB) if config.max_memory else machine_memory(runtime.pick_device(config.device)),
             local_images,
         )
+
+    @property
+    def buffer(self) -> int:
+        """The most bytes to buffer of one model state or shard."""
+        return min(self.memory, MAX_BUFFER_BYTES)
 
     def check_plan(self, plan: TrainingPlan) -> None:
         """PayloadError when a round's plan asks for more local steps than this learner takes."""

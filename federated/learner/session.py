@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from federated.learner.config import LearnerConfig
-from federated.learner.limits import Limits
+from federated.learner.limits import MAX_BUFFER_BYTES, Limits
 from federated.net import guard, rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc
 from federated.wire import codec, framing, messages
@@ -21,9 +21,6 @@ from federated.wire import codec, framing, messages
 log = logging.getLogger("learner")
 T = TypeVar("T")
 
-# The most receive_stream buffers when its caller names no limit (tools); a learner's own limit is --max-memory,
-# and what it admits of a model state or shard before buffering it (learner/limits.py) is less.
-MAX_STREAM_BYTES = 4 << 30
 WAIT_LOG_INTERVAL_S = 10.0
 # A wait that retries says what it waits for once, then how it goes at most this often: logging each retry
 # wrote 60 identical lines in the first 5 minutes of a learner started without its leader.
@@ -227,7 +224,7 @@ def receive_stream(
     idle_timeout: float,
     check_finite: bool = False,
     credential: str | None = None,
-    max_bytes: int = MAX_STREAM_BYTES,
+    max_bytes: int = MAX_BUFFER_BYTES,
     admit: codec.Admit | None = None,
 ) -> codec.Payload:
     """The payload a LeaderService method streams in chunks, decoded as they arrive: at most max_bytes, and its
@@ -248,7 +245,7 @@ def fetch_model(
     channel: grpc.Channel,
     idle_timeout: float = guard.IDLE_TIMEOUT_S,
     credential: str | None = None,
-    max_bytes: int = MAX_STREAM_BYTES,
+    max_bytes: int = MAX_BUFFER_BYTES,
     admit: codec.Admit | None = None,
 ) -> codec.Payload:
     """The leader's current model state from GetModel, checked finite as it streams in (and by admit first)."""
@@ -273,7 +270,7 @@ class LeaderSession:
         as it streams in (retried until the deadline); None if stop() says there is no point any more.
         LeaderUnreachable if the leader never answers (a busy one's last RESOURCE_EXHAUSTED is raised as it is)."""
         fetch = lambda: fetch_model(
-            self.channel, self.config.idle_timeout, self.credential.value, self.limits.memory, self.limits.admit_state
+            self.channel, self.config.idle_timeout, self.credential.value, self.limits.buffer, self.limits.admit_state
         )
         try:
             return retry_until(deadline, fetch, f"the leader at {self.config.leader}", stop, flag="--connect-timeout")
@@ -323,7 +320,7 @@ class LeaderSession:
             request,
             self.config.idle_timeout,
             credential=self.credential.value,
-            max_bytes=self.limits.memory,
+            max_bytes=self.limits.buffer,
             admit=admit,
         )
         return retried(

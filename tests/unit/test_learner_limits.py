@@ -103,3 +103,15 @@ def test_a_seed_beyond_32_bits_is_refused_as_a_payload_error():
 def test_the_largest_seed_with_the_largest_rounds_still_gives_batches():
     schedule = utils.BatchSchedule(100, 10, MAX_SEED * 10_007 + 4095)  # how a learner mixes the seed with its id
     assert len(schedule.indices(10**18)) == 10 and schedule.augmentation_rng(10**18) is not None
+
+
+def test_a_final_state_of_gigabytes_is_refused_from_its_header_whatever_max_memory_allows():
+    # a last state is only evaluated, so its tensors are not checked against its model: what bounds it is the
+    # most a learner buffers of one payload, however much memory --max-memory (or the machine) grants
+    learner = limits("--max-memory", "64")
+    huge = {"weight": (torch.float32, (5 * GIB // 4,))}
+    final = state_metadata(round=3, finished=1)
+    learner.admit_state(final, huge)  # its header alone is admitted...
+    assert learner.buffer < 5 * GIB < learner.memory
+    with pytest.raises(codec.PayloadError, match="exceeds"):  # ...but not its 5 GiB of bytes
+        codec.receive(header_only(final, huge), learner.buffer, True, learner.admit_state)
