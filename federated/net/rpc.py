@@ -193,6 +193,18 @@ def start_server(
 def listen_error(bind: str) -> ListenError:
     """Why a server could not listen on bind (HOST:PORT), which gRPC does not say: the system's answer to a
     socket bound there."""
+    return bind_problem(bind) or ListenError(f"cannot listen on {bind}", in_use=False)
+
+
+def check_can_listen(bind: str) -> None:
+    """Raise ListenError at once when a server could not listen on bind (HOST:PORT): a program asks before it
+    touches anything (a second leader on a taken port would set aside the first one's run folder)."""
+    if problem := bind_problem(bind):
+        raise problem
+
+
+def bind_problem(bind: str) -> ListenError | None:
+    """Why a socket cannot be bound at bind (HOST:PORT; port 0, any free one), or None."""
     host, _, port = bind.rpartition(":")
     host = host.strip("[]")
     try:
@@ -203,7 +215,7 @@ def listen_error(bind: str) -> ListenError:
         if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
             return ListenError(f"port {port} is already in use", in_use=True)
         return ListenError(f"cannot listen on {bind}: {getattr(error, 'strerror', None) or error}", in_use=False)
-    return ListenError(f"cannot listen on {bind}", in_use=False)
+    return None
 
 
 def warn_if_open(bind: str, port: int, security: Security) -> None:

@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federated.core.plan import TrainingPlan
+from federated.leader import cli as leader_cli
+from federated.leader import config as leader_flags
 from federated.leader.metrics import MetricsLog
 from federated.leader.registry import MAX_MISSED_ROUNDS
 from federated.learner import app as learner_module
@@ -32,7 +34,7 @@ from federated.net.rpc import leader_pb2, learner_pb2, learner_pb2_grpc
 from federated.tools import launch
 from federated.wire import codec, framing, messages
 from federated.wire.messages import StateInfo
-from tests.support.live import LR, LiveLeader, leader_from, learner_config, model_hash
+from tests.support.live import LR, LiveLeader, learner_config, model_hash
 
 
 @pytest.fixture
@@ -394,12 +396,13 @@ def test_learner_registers_and_gets_its_shard(live, live_learner):
 
 def test_a_second_leader_or_learner_on_a_taken_port_is_refused(live, live_learner, tmp_path):
     # gRPC's servers share a port by default (SO_REUSEPORT): the second would start and split the callers
-    leader_port = live.address.rsplit(":", 1)[1]
-    dataless = ["--dataset", "none", "--num-classes", "10", "--learners", "3", "--out", str(tmp_path / "second")]
-    second = leader_from([*dataless, "--host", "127.0.0.1", "--port", leader_port])
+    # The second leader is refused before it touches the first one's folder (a new run sets an earlier one aside)
+    leader_port, out = live.address.rsplit(":", 1)[1], live.leader.out
+    before = sorted(path.name for path in out.iterdir())
+    dataless = ["--dataset", "none", "--num-classes", "10", "--learners", "3", "--out", str(out)]
     with pytest.raises(rpc.ListenError, match=f"^port {leader_port} is already in use$") as taken:
-        second.serve()
-    assert taken.value.in_use
+        leader_cli.build(leader_flags.command_line([*dataless, "--host", "127.0.0.1", "--port", leader_port]), True)
+    assert taken.value.in_use and sorted(path.name for path in out.iterdir()) == before
     learner, _ = live_learner
     again = learner_config(["--leader", live.address, "--host", "127.0.0.1", "--port", str(learner.server.port)])
     with pytest.raises(rpc.ListenError, match=f"^port {learner.server.port} is already in use$"):
