@@ -1,6 +1,7 @@
 """The run's record: metrics.jsonl (one JSON object per line), its plot metrics.png, and TensorBoard events."""
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,8 @@ class MetricsLog:
             self._events = SummaryWriter(str(tensorboard))
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        """Append a record; a NaN (a loss no learner gave) is written as null: bare NaN is not JSON."""
+        self._file.write(json.dumps(without_nan(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._events is not None:
             for tag, value in scalars(record):
@@ -35,6 +37,17 @@ class MetricsLog:
         self._file.close()
         if self._events is not None:
             self._events.close()
+
+
+def without_nan(value: object) -> object:
+    """value with every NaN float in it (in dicts and lists, at any depth) replaced by None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(item) for item in value]
+    return value
 
 
 def scalars(record: dict) -> list[tuple[str, float]]:
@@ -70,7 +83,7 @@ def plot_metrics(records: list[dict], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if "train_loss" in r]
+    train = [r for r in records if r.get("train_loss") is not None]  # (null: no learner gave a loss)
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     loss_axis.plot([r["round"] for r in train], [r["train_loss"] for r in train], label="train (learners' batches)")
     for source, label in EVALUATION_LABELS.items():
