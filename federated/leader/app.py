@@ -199,8 +199,8 @@ class Leader:
                 if done < self.planner.schedule.total_rounds:
                     log.info("stopping on request after round %d", done)
                     self.stop(done)
-        except (Stalled, Diverged) as stalled:
-            log.error("%s", stalled)
+        except (Stalled, Diverged) as ended:  # checkpointed and resumable: say why, and exit 1
+            log.error("%s", ended)
             self.stop(self.collector.round)
             status = 1
         finally:

@@ -100,7 +100,7 @@ Headers = Mapping[str, str]
 @dataclass(frozen=True)
 class Limit:
     """How many calls of a method may run at once: for each caller (a learner named by its credential, or
-    else an IP address), and in all from callers without a credential."""
+    else its network: caller_network), and in all from callers without a credential."""
 
     per_caller: int = 1
     anonymous: int = DEFAULT_LIMIT  # 0: a credential is required (UNAUTHENTICATED without one)
