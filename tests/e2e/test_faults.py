@@ -209,7 +209,7 @@ def test_resuming_a_finished_run_trains_nothing_and_releases_its_learner(synthet
     out = shutil.copytree(finished, tmp_path / "finished")  # the shared run's folder stays as it ended
     port = launch.free_port()
     started = time.monotonic()
-    leader = start_leader(out, port, "--resume", str(out), "--rejoin-grace", "20")
+    leader = start_leader(out, port, "--resume", str(out), "--rejoin-grace", "12")
     learner = start_learner(out, "late-learner", port)
     assert launch.wait_all([leader, learner], 120) == [0, 0], logs(out)
     assert "the leader finished training at round 200" in (out / "late-learner.log").read_text()
