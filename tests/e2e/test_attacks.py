@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from federated.tools import launch
-from tests.support.processes import start_hostile, start_leader, start_learner
+from tests.support.processes import SMALL_IMAGES, start_hostile, start_leader, start_learner
 from tests.support.runs import logs, records, wait_for_log, wait_for_round
 
 
@@ -24,6 +24,7 @@ def attacked_run(tmp_path_factory):
     leader = start_leader(
         out,
         port,
+        *SMALL_IMAGES,
         "--learners",
         "3",
         "--min-learners",
@@ -131,6 +132,7 @@ def test_a_lone_learner_killed_mid_round_is_replaced_and_the_run_finishes(tmp_pa
     leader = start_leader(
         tmp_path,
         port,
+        *SMALL_IMAGES,
         "--learners",
         "1",
         "--rounds",
@@ -161,6 +163,7 @@ def test_with_no_learner_left_the_leader_waits_a_bounded_time_then_checkpoints_a
     leader = start_leader(
         tmp_path,
         port,
+        *SMALL_IMAGES,
         "--learners",
         "1",
         "--rounds",
@@ -192,6 +195,7 @@ def test_a_learner_that_never_sends_a_gradient_holds_up_only_a_few_rounds(tmp_pa
     leader = start_leader(
         tmp_path,
         port,
+        *SMALL_IMAGES,
         "--learners",
         "3",
         "--min-learners",

@@ -14,7 +14,7 @@ import pytest
 
 from federated.leader.metrics import read_metrics
 from federated.tools import launch
-from tests.support.processes import SYNTHETIC_RUN, start_leader, start_learner
+from tests.support.processes import SMALL_IMAGES, SYNTHETIC_RUN, start_leader, start_learner
 from tests.support.runs import logs, wait_for_log, wait_for_round
 
 
@@ -29,6 +29,7 @@ def test_a_killed_learner_is_dropped_and_a_restarted_one_takes_its_slot(tmp_path
     leader = start_leader(
         tmp_path,
         port,
+        *SMALL_IMAGES,
         "--learners",
         "3",
         "--min-learners",
@@ -64,6 +65,7 @@ def test_a_stalled_learner_does_not_hold_back_the_round_and_its_late_gradient_is
     leader = start_leader(
         tmp_path,
         port,
+        *SMALL_IMAGES,
         "--learners",
         "2",
         "--round-timeout",
