@@ -114,13 +114,6 @@ def test_a_float16_step_that_would_overflow_the_wire_is_discarded_and_the_model_
         live.stop()
 
 
-@pytest.fixture
-def live(tmp_path, port):
-    live = LiveLeader.start(tmp_path, port, "--learners", "2", "--batch-size", "8")
-    yield live
-    live.stop()
-
-
 def test_a_loss_is_advisory_clamped_or_left_out_never_a_reason_to_refuse_an_update(live):
     credentials = live.enrol(2)
     for losses, train_loss, recorded in (

@@ -37,14 +37,6 @@ from federated.wire.messages import StateInfo
 from tests.support.live import LR, LiveLeader, learner_config, model_hash
 
 
-@pytest.fixture
-def live(tmp_path, port):
-    """A real leader (capacity 2, synthetic data) serving on localhost; the test plays its round loop."""
-    live = LiveLeader.start(tmp_path, port, "--learners", "2", "--batch-size", "8")
-    yield live
-    live.stop()
-
-
 def test_registration_assigns_ids_and_credentials_and_refuses_past_the_limit(live):
     first, second = live.register("127.0.0.1:7001"), live.register("127.0.0.1:7002")
     assert (first.success, first.learner_id, first.max_learners) == (True, 0, 2)
