@@ -68,11 +68,11 @@ class RoundCollector:
         with self._changed:
             self._expected -= set(learner_ids)
 
-    def overdue(self) -> list[int]:
-        """A deadline of the open round passed: the expected learners that have not reported, each of which has
-        missed it (close() does not name them again)."""
+    def overdue(self, spared: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """A deadline of the open round passed: the expected learners that have not reported, but the spared, each
+        of which has missed it (close() does not name them again)."""
         with self._changed:
-            missing = self._expected - self._reported.keys()
+            missing = self._expected - self._reported.keys() - spared
             self._overdue |= missing
             return sorted(missing)
 

@@ -236,7 +236,7 @@ class Federation:
             waited = time.monotonic() - started
             if waited // self.settings.round_timeout > deadlines:  # (deadlines closer than a slice count once)
                 deadlines = int(waited // self.settings.round_timeout)
-                self.missed(self.collector.overdue())
+                self.missed(self.collector.overdue(self.drawn_lately()))
             missing, arrived, active = self.collector.missing(), self.collector.reported(), self.registry.active()
             enough = arrived >= self.settings.min_learners
             if enough and not set(missing) & set(active):
@@ -262,6 +262,12 @@ class Federation:
             was_alone = alone
             self.admit_joiners()
         return True
+
+    def drawn_lately(self) -> set[int]:
+        """The open round's participants when they were drawn less than --round-timeout ago (drawn again mid-round):
+        a deadline soon after a draw is no deadline of theirs, and they miss none at it."""
+        recent = time.monotonic() - self.sampled_at < self.settings.round_timeout
+        return set(self.participants) if self.participants is not None and recent else set()
 
     def check_stalled(self, round_index: int, started: float, arrived: int) -> None:
         """Raise Stalled when the round, short of --min-learners updates, has waited --register-timeout past its

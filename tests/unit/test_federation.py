@@ -72,14 +72,14 @@ def background():
         yield pool
 
 
-def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S) -> Rounds:
-    """The round state machine of a leader with these flags, --round-timeout ROUND_S and --register-timeout
+def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S, round_s: float = ROUND_S) -> Rounds:
+    """The round state machine of a leader with these flags, --round-timeout round_s and --register-timeout
     register_s; updates are one number (the machine never looks at them)."""
     run = config.configure(
         config.command_line(["--dataset", "none", "--num-classes", "10", "--out", str(tmp_path), *flags])
     )
     strategy = strategies.named(run.strategy)(run)
-    settings = dataclasses.replace(Settings.of(run), round_timeout=ROUND_S, register_timeout=register_s)
+    settings = dataclasses.replace(Settings.of(run), round_timeout=round_s, register_timeout=register_s)
     registry = Registry(run.learners, run.rejoin_grace, reregister_s=0)
     collector = RoundCollector(1, rule=aggregation.rules.named(run.aggregator).from_config(run))
     learners = AnsweringLearners()
@@ -269,6 +269,26 @@ def test_when_none_of_the_drawn_learners_is_left_the_round_draws_among_the_other
     second = rounds.federation.participants
     assert not set(second) & set(first) and len(second) == 2
     for learner_id in second:
+        deliver(rounds, members[learner_id])
+    assert waiting.result(PATIENCE_S)
+
+
+def test_learners_drawn_again_mid_round_get_a_whole_deadline_before_a_miss_counts(tmp_path, background):
+    round_s = 1.0  # (long enough to place the draw again and the deliveries between deadlines)
+    rounds = rounds_of(tmp_path, "--learners", "4", "--learners-per-round", "2", round_s=round_s)
+    members = join(rounds, 1, 2, 3, 4)
+    rounds.federation.start()
+    first = rounds.federation.participants
+    rounds.federation.open()
+    waiting = background.submit(rounds.federation.wait_for_round, 0)
+    time.sleep(0.5 * round_s)
+    for learner_id in first:  # found gone late in the round: the round draws again, a moment before its deadline
+        rounds.registry.drop(learner_id, members[learner_id].generation, gone=True)
+    eventually(lambda: len(rounds.learners.pushed) == 2)
+    second = rounds.federation.participants
+    time.sleep(0.8 * round_s)  # past the first deadline, before the second: not charged at it
+    assert [misses_left(rounds.registry, learner_id) for learner_id in second] == [MAX_MISSED_ROUNDS] * 2
+    for learner_id in second:  # (an update that counts clears what misses_left charged)
         deliver(rounds, members[learner_id])
     assert waiting.result(PATIENCE_S)
 
