@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "synthetic", "imagefolder")
+DATASETS = ("cifar10", "synthetic", "digits", "imagefolder")
 IMAGE_SIZE = 32  # CIFAR-10's and the synthetic set's; --image-size resizes any dataset to another
 MAX_IMAGE_SIZE = 1024
 SYNTHETIC_SIZES = {True: 10_000, False: 2_000}  # train, test
-DATASET_SIZES = {"cifar10": {True: 50_000, False: 10_000}, "synthetic": SYNTHETIC_SIZES}  # all but image folders
+DIGITS_TEST_FRACTION, DIGITS_SIZES = 0.2, {True: 1_438, False: 359}  # of scikit-learn's 1,797
+DATASET_SIZES = {"cifar10": {True: 50_000, False: 10_000}, "synthetic": SYNTHETIC_SIZES, "digits": DIGITS_SIZES}
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -54,6 +55,8 @@ def load_dataset(name: str, data_dir: str | Path, train: bool, image_size: int =
         return image_folder(Path(data_dir), train, image_size)
     if name == "synthetic":
         data = synthetic(train)
+    elif name == "digits":
+        data = digits_split(train)
     elif name == "cifar10":
         data = cifar10(Path(data_dir), train)
     else:
@@ -207,6 +210,12 @@ def digits() -> ImageSet:
     bunch = load_digits()
     gray = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)  # pixel values 0..16
     return ImageSet(gray.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(bunch.target).long(), 10)
+
+
+def digits_split(train: bool) -> ImageSet:
+    """The digits' fixed train (1,438 images) or test (359) split: real images small enough for whole runs in tests."""
+    training, test = held_out(digits(), DIGITS_TEST_FRACTION, seed=0)
+    return training if train else test
 
 
 def write_image_folder(root: Path, split: str, data: ImageSet) -> None:

@@ -155,3 +155,16 @@ def test_image_folders_written_for_a_skewed_share_keep_every_class(tmp_path: Pat
         (label, image.numpy().tobytes()) for label, image in zip(data.labels.tolist(), data.images)
     )
     assert as_set(loaded) == as_set(share)  # the same images under the same labels
+
+
+def test_the_digits_split_is_fixed_disjoint_and_as_large_as_dataset_size_says():
+    train, test = (utils.load_dataset("digits", "unused", train=split, image_size=8) for split in (True, False))
+    assert (len(train), len(test)) == (
+        utils.dataset_size("digits", "unused", True),
+        utils.dataset_size("digits", "unused", False),
+    )
+    everything = utils.digits()
+    assert len(train) + len(test) == len(everything)
+    as_keys = lambda data: {(label, image.numpy().tobytes()) for label, image in zip(data.labels.tolist(), data.images)}
+    assert as_keys(train) | as_keys(test) == as_keys(everything) and not as_keys(train) & as_keys(test)
+    assert set(train.labels.tolist()) == set(test.labels.tolist()) == set(range(10))
