@@ -225,13 +225,15 @@ class Leader:
             )
         if self.collector.round < self.planner.schedule.total_rounds:
             return
+        warned = [r["round"] for r in records if "not_learning" in r]
         for source in ("leader", "learners"):
             evaluations = [r for r in records if r.get("source", "leader") == source and "test_accuracy" in r]
             if evaluations:
                 log.info(
-                    "final test accuracy %.4f (%s); model.pt, metrics.jsonl and metrics.png are in %s",
+                    "final test accuracy %.4f (%s)%s; model.pt, metrics.jsonl and metrics.png are in %s",
                     evaluations[-1]["test_accuracy"],
                     "the leader's test split" if source == "leader" else "the learners' held-out images",
+                    f", after a warning at round {warned[0]} that the model was not learning" if warned else "",
                     self.out,
                 )
 

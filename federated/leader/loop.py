@@ -11,14 +11,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from federated.common import flags, runtime
 from federated.core.training import evaluate
-from federated.leader import checkpoint
+from federated.leader import checkpoint, progress
 from federated.leader.collector import RoundCollector
 from federated.leader.config import LeaderConfig
 from federated.leader.data import LeaderData
 from federated.leader.evaluation import Evaluations
 from federated.leader.federation import Federation
 from federated.leader.global_model import Diverged, GlobalModel
-from federated.leader.metrics import MetricsLog
+from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
 from federated.leader.registry import Registry
 
@@ -90,29 +90,30 @@ class RoundLoop:
         if done == schedule.total_rounds or self.planner.due(done, self.config.checkpoint_every):
             self.save_checkpoint(done)
         now = time.perf_counter()
-        metrics.write(
-            {
-                "round": done,
-                "epoch": schedule.epoch_of(round_index),
-                "train_loss": summary.loss,
-                "learners": summary.learners,
-                "samples": summary.samples,
-                "lr": lr,
-                "seconds": now - round_started - eval_seconds,
-                "bytes_in": summary.bytes_in,
-                "bytes_out": bytes_out,
-                "gradients_s": updates_in - round_started,
-                "step_s": stepped - updates_in,
-                "push_s": pushed - pushing,
-                **({"participants": sampled} if sampled is not None else {}),
-                **({"discarded": discarded} if discarded else {}),
-                **({"recovery": recovery.message} if recovery else {}),
-                "per_learner": {
-                    str(learner): {"samples": samples, "loss": loss}
-                    for learner, (samples, loss) in sorted(summary.per_learner.items())
-                },
-            }
-        )
+        record = {
+            "round": done,
+            "epoch": schedule.epoch_of(round_index),
+            "train_loss": summary.loss,
+            "learners": summary.learners,
+            "samples": summary.samples,
+            "lr": lr,
+            "seconds": now - round_started - eval_seconds,
+            "bytes_in": summary.bytes_in,
+            "bytes_out": bytes_out,
+            "gradients_s": updates_in - round_started,
+            "step_s": stepped - updates_in,
+            "push_s": pushed - pushing,
+            **({"participants": sampled} if sampled is not None else {}),
+            **({"discarded": discarded} if discarded else {}),
+            **({"recovery": recovery.message} if recovery else {}),
+            "per_learner": {
+                str(learner): {"samples": samples, "loss": loss}
+                for learner, (samples, loss) in sorted(summary.per_learner.items())
+            },
+        }
+        if done == progress.check_round(schedule.total_rounds, schedule.warmup_rounds):
+            self.check_learning(record, metrics)
+        metrics.write(record)
         self.write_evaluations(metrics, final=done == schedule.total_rounds)
         if done % max(1, schedule.total_rounds // 10) == 0:
             log.info(
@@ -126,6 +127,15 @@ class RoundLoop:
         if recovery and recovery.stops:  # after the round's record: app.Leader.run checkpoints and stops
             raise Diverged(recovery.message)
         return now
+
+    def check_learning(self, record: dict, metrics: MetricsLog) -> None:
+        """A tenth of the way in: warn once, in the log and in the round's record, when neither the test loss nor
+        the train loss has fallen (progress.not_learning) since the run began (read back from metrics.jsonl, which
+        a resumed run keeps)."""
+        suspects = self.global_model.strategy.suspects(self.planner.schedule.base_lr)
+        if warning := progress.not_learning([*read_metrics(metrics.path), record], record["round"], suspects):
+            log.warning("%s", warning)
+            record["not_learning"] = warning
 
     def push_state(self, rounds_done: int) -> int:
         """Push the state after rounds_done (opening the learners' evaluation of it when due); returns bytes sent."""

@@ -10,7 +10,7 @@ from PIL import Image
 from federated.leader.metrics import read_metrics
 from federated.net import guard
 from model import build_model
-from tests.support.processes import ROOT, run_federation
+from tests.support.processes import ROOT, SMALL_IMAGES, run_federation
 from tests.support.runs import logs
 
 
@@ -32,9 +32,24 @@ def test_two_learners_reach_90_percent_on_the_synthetic_set(synthetic_run):
     )
     assert [r["round"] for r in evaluations] == [100, 156, 200]  # --eval-every, the epoch end (156), the end
     assert evaluations[-1]["test_accuracy"] >= 0.90, logs(out)
+    assert not any("not_learning" in r for r in records)  # a run that learns is not warned
+    assert "not learning" not in (out / "leader.log").read_text()
     model = build_model("resnet20")
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     assert (out / "metrics.png").stat().st_size > 10_000
+
+
+def test_a_run_that_does_not_learn_is_warned_once_naming_the_learning_rates(tmp_path):
+    # a server learning rate of 1e-6 leaves the model where it started
+    flags = ["--dataset", "synthetic", "--strategy", "fedavg", "--server-lr", "1e-6", "--rounds", "2"]
+    codes = run_federation(tmp_path, 2, [*SMALL_IMAGES, *flags, "--local-steps", "4"])
+    assert codes == [0, 0, 0], logs(tmp_path)
+    log = (tmp_path / "leader.log").read_text()
+    assert log.count("the model is not learning") == 1, log
+    assert "--server-lr (now 1e-06) and --client-lr (now 0.05)" in log
+    assert "after a warning at round 2 that the model was not learning" in log  # in the final summary too
+    warned = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "not_learning" in r]
+    assert [r["round"] for r in warned] == [2] and "--server-lr (now 1e-06)" in warned[0]["not_learning"]
 
 
 def make_image_folder(root, train_per_class: int, test_per_class: int) -> None:

@@ -93,6 +93,10 @@ class Strategy:
         """The strategy's peak learning rate and hyper-parameters, for the log."""
         raise NotImplementedError
 
+    def suspects(self, base_lr: float) -> str:
+        """The flags most likely at fault when the model does not learn, with their values (for the warning)."""
+        raise NotImplementedError
+
     @classmethod
     def local_update(
         cls,
@@ -170,6 +174,9 @@ class LocalTraining(Strategy):
 
     def describe(self, base_lr: float) -> str:
         return f"peak client lr {base_lr:.3g}, server lr {self.server_lr:g}"
+
+    def suspects(self, base_lr: float) -> str:
+        return f"--server-lr (now {self.server_lr:g}) and --client-lr (now {base_lr:.3g})"
 
     @classmethod
     def hooks(cls, layout: GradientLayout, plan: TrainingPlan, controls: Any) -> LocalHooks:

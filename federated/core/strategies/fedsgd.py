@@ -51,6 +51,9 @@ class FedSGD(Strategy):
     def describe(self, base_lr: float) -> str:
         return f"peak lr {base_lr:.3g}"
 
+    def suspects(self, base_lr: float) -> str:
+        return f"--lr (now {base_lr:.3g})"
+
     @classmethod
     def local_update(
         cls,
