@@ -2,17 +2,19 @@
 the bounds a learner holds a plan to (the leader's flags are held to the same ones). No torch: the flag table
 reads these bounds before anything heavy is imported."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
 MAX_SEED = 2**32 - 1  # a run's --seed, as a state carries it: 32 bits, like numpy's seeds
+LOCAL_STEPS_PER = ("federation", "learner")  # --local-steps-per: the same steps for all, or each its own shard's
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
     """How learners train in the coming round. FedSGD: one gradient on one batch. Any other strategy:
-    local_steps SGD steps with the client optimizer, then the pseudo-gradient."""
+    local_steps SGD steps with the client optimizer, then the pseudo-gradient; with local_epochs, each learner
+    takes as many as that many passes over its own shard make instead (McMahan et al. 2017), see for_shard."""
 
     strategy: str = "fedsgd"
     local_steps: int = 1
@@ -22,6 +24,25 @@ class TrainingPlan:
     mu: float = 0.0  # FedProx's proximal weight
     participants: tuple[int, ...] | None = None  # None: every learner trains this round
     evaluate: bool = False  # learners with held-out images evaluate this state first and report it
+    local_epochs: float = 0.0  # > 0: passes over each learner's own shard, which replace local_steps (for_shard)
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants
+
+    def for_shard(self, shard_size: int, batch_size: int) -> "TrainingPlan":
+        """The plan as a learner holding shard_size training images follows it: with local_epochs, its own
+        local_steps (local_epochs passes over its shard); otherwise the plan as it is."""
+        if not self.local_epochs:
+            return self
+        return replace(self, local_steps=steps_for_epochs(self.local_epochs, steps_per_epoch(shard_size, batch_size)))
+
+
+def steps_per_epoch(shard_size: int, batch_size: int) -> int:
+    """The batches of one pass over a shard (the last partial batch dropped; a shard smaller than a batch: one
+    smaller batch)."""
+    return max(1, shard_size // batch_size)
+
+
+def steps_for_epochs(epochs: float, epoch_steps: int) -> int:
+    """Local steps for `epochs` passes of epoch_steps batches each (at least one)."""
+    return max(1, round(epochs * epoch_steps))

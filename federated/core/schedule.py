@@ -4,6 +4,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from federated.core.plan import steps_per_epoch as epoch_steps
+
 
 def learning_rate(round_index: int, base_lr: float, warmup_rounds: int, total_rounds: int) -> float:
     """Linear warm-up to base_lr over warmup_rounds, then cosine decay towards zero."""
@@ -29,7 +31,7 @@ class Schedule:
         """The schedule of a run with these flags (the leader's configuration) and strategy (class), for learners
         holding shard_size images each (when sizes differ: the mean of the leader's shards, or the median of the
         sizes learners claim)."""
-        steps_per_epoch = max(1, shard_size // config.batch_size)  # a shard smaller than a batch: one smaller batch
+        steps_per_epoch = epoch_steps(shard_size, config.batch_size)
         steps_per_round = strategy.steps_per_round(config, steps_per_epoch)
         rounds_per_epoch = steps_per_epoch / steps_per_round
         total = config.rounds if config.rounds is not None else max(1, math.ceil(config.epochs * rounds_per_epoch))

@@ -30,6 +30,7 @@ from federated.common.flags import (
     scope_problems,
 )
 from federated.core.plan import (
+    LOCAL_STEPS_PER,
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
     MAX_LEARNERS,
@@ -348,6 +349,17 @@ class LeaderConfig(SecurityFlags, Config):
         "SGD steps each learner takes per round (instead of --local-epochs)",
         group="strategy",
         bounds=Bounds(1),
+        scope=STRATEGY,
+        trajectory=True,
+    )
+    local_steps_per: str = option(
+        "federation",
+        "federation: every learner takes the same local steps, --local-epochs passes over the typical shard "
+        "(the mean of the leader's shards, or the median learner's), and updates weigh alike; learner: "
+        "--local-epochs passes over each learner's own shard (n_k / --batch-size steps for n_k images) and its "
+        "update weighs n_k, as in McMahan et al. 2017 (the round waits for the largest shard)",
+        group="strategy",
+        choices=LOCAL_STEPS_PER,
         scope=STRATEGY,
         trajectory=True,
     )

@@ -33,6 +33,14 @@ class Planner:
             self.schedule.steps_per_round, self.schedule.lr(round_index), chosen, self.evaluation_due(round_index)
         )
 
+    def steps_of(self, shard_size: int | None) -> int:
+        """The local steps a round asks of a learner holding shard_size training images: the schedule's, or with
+        learners' own epochs as many as they make on its shard (the schedule's where its size is unknown)."""
+        if shard_size is None:
+            return self.schedule.steps_per_round
+        uniform = TrainingPlan(local_steps=self.schedule.steps_per_round, local_epochs=self.strategy.own_epochs)
+        return uniform.for_shard(shard_size, self.config.batch_size).local_steps
+
     def evaluation_due(self, rounds_done: int) -> bool:
         """Whether the state after rounds_done gets evaluated (at the end, each epoch's end, every --eval-every)."""
         return rounds_done > 0 and (

@@ -232,6 +232,8 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         for; raises PayloadError."""
         claims = messages.UpdateInfo.from_payload(payload)
         strategy, steps = self.global_model.strategy, self.planner.schedule.steps_per_round
+        if strategy.own_epochs:  # each learner's steps are its own shard's, as this leader knows its size
+            steps = self.planner.steps_of(self.shard_size(member.learner_id))
         batch_size = self.planner.config.batch_size
         if claims.learner_id != member.learner_id:
             raise codec.PayloadError(
@@ -242,7 +244,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             raise codec.PayloadError(f"this leader runs {strategy.name} and takes a {expected}, not a {claims.kind}")
         if claims.steps > steps:
             raise codec.PayloadError(
-                f"metadata steps {claims.steps} exceeds the {steps} local steps this leader asks for"
+                f"metadata steps {claims.steps} exceeds the {steps} local steps this leader asks of this learner"
             )
         if claims.samples > batch_size * claims.steps:
             raise codec.PayloadError(
@@ -250,6 +252,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 f"asks for{'' if claims.steps == 1 else f' times {claims.steps} steps'}"
             )
         return claims
+
+    def shard_size(self, learner_id: int) -> int | None:
+        """The training images a learner holds as this leader knows it: the shard it sent, or the number the
+        learner registered with (a leader without data); None when neither is known."""
+        if self.shards is not None:
+            return len(self.shards.indices[learner_id])
+        summary = self.registry.summaries().get(learner_id)
+        return summary.train_samples if summary else None
 
 
 def same_host(address: str, peer: str | None) -> bool:

@@ -8,6 +8,7 @@ from functools import partial
 
 import utils
 from federated.core.checks import first_problem
+from federated.core.plan import TrainingPlan
 from federated.core.training import Batch
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
@@ -22,9 +23,10 @@ from federated.wire import codec, messages
 log = logging.getLogger("learner")
 
 
-def round_batch(batches: Batches, replica: Replica, step: int) -> Batch:
-    """The step-th batch of the replica's round: the round's steps follow each other through the shard's order."""
-    return batches.at(replica.round * replica.plan.local_steps + step, replica.mean, replica.std)
+def round_batch(batches: Batches, replica: Replica, steps: int, step: int) -> Batch:
+    """The step-th batch of the replica's round of steps local steps: the rounds' steps follow each other through
+    the shard's order."""
+    return batches.at(replica.round * steps + step, replica.mean, replica.std)
 
 
 class Member:
@@ -78,11 +80,18 @@ class Member:
             if not self.config.dataset:
                 self.data = self.fetch_shard()
 
+    def round_plan(self) -> TrainingPlan:
+        """The replica's plan as this learner follows it: with the leader's local epochs, as many steps as they
+        make on its own data; PayloadError when that is more than it takes (--max-local-steps)."""
+        plan = self.replica.plan.for_shard(len(self.data), self.replica.info.batch_size)
+        self.session.limits.check_plan(plan)
+        return plan
+
     def send_update(self, round_index: int, loss: float) -> None:
         """Send the round's update (the replica's update vector) with what it claims: samples, loss, kind, steps.
         An update that holds NaN or Inf (as it travels) is not sent: only the leader's state, trained on this
         learner's data, makes one, and the leader would refuse it; the learner sits the round out."""
-        replica, plan = self.replica, self.replica.plan
+        replica, plan = self.replica, self.round_plan()
         self.sent_round = round_index
         tensors = replica.update_tensors()
         if problem := first_problem(tensors.items()):
@@ -149,11 +158,12 @@ class Member:
             # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news;
             # nobody trains before a leader without data has settled the normalisation
             if replica.plan.takes_part(self.learner_id) and replica.round != self.sent_round and replica.normalised:
-                loss = replica.local_update(partial(round_batch, batches, replica))
+                plan = self.round_plan()
+                loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
                 compute_seconds += time.perf_counter() - round_started
                 self.send_update(replica.round, loss)
                 started = time.perf_counter()  # the next batch does not depend on the new weights
-                batches.at((replica.round + 1) * replica.plan.local_steps, replica.mean, replica.std)
+                batches.at((replica.round + 1) * plan.local_steps, replica.mean, replica.std)
                 compute_seconds += time.perf_counter() - started
                 computed_rounds += 1
             # With sampling, a learner gets a state only when it is drawn: it waits as long as the leader counts it in.
@@ -162,7 +172,7 @@ class Member:
             pushed = self.session.wait_until(partial(inbox.take, version), awaited, bounded=not sampled)
             round_seconds += time.perf_counter() - round_started
             if computed_rounds and messages.round_of(pushed[1]) % self.config.log_every == 0:
-                images = computed_rounds * replica.info.batch_size * replica.plan.local_steps
+                images = computed_rounds * replica.info.batch_size * self.round_plan().local_steps
                 log.info(
                     "round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
                     messages.round_of(pushed[1]),

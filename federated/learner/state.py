@@ -11,6 +11,7 @@ from federated.common import runtime
 from federated.core import strategies
 from federated.core.checks import TensorSpec
 from federated.core.layout import GradientLayout, control_name, wire_state
+from federated.core.plan import TrainingPlan
 from federated.core.strategies.scaffold import Controls
 from federated.core.training import Batch, Evaluation, evaluate
 from federated.wire import codec, messages
@@ -138,10 +139,11 @@ class Replica:
     def strategy(self) -> type[strategies.Strategy]:
         return strategies.named(self.plan.strategy)
 
-    def local_update(self, batch_at: Callable[[int], Batch]) -> float:
-        """Fill the update vector with this round's update (the plan's strategy's local_update from the model);
-        the mean training loss. batch_at(k) is the round's k-th batch."""
-        return self.strategy.local_update(self.model, self.layout, self.gradient, batch_at, self.plan, self.controls)
+    def local_update(self, batch_at: Callable[[int], Batch], plan: TrainingPlan) -> float:
+        """Fill the update vector with this round's update (the strategy's local_update from the model, following
+        plan: the round's, as this learner's data makes it); the mean training loss. batch_at(k) is the round's
+        k-th batch."""
+        return self.strategy.local_update(self.model, self.layout, self.gradient, batch_at, plan, self.controls)
 
     def update_tensors(self) -> dict[str, torch.Tensor]:
         """The update vector as it travels."""

@@ -103,6 +103,7 @@ def plan_to_metadata(plan: TrainingPlan) -> dict[str, str]:
         "client_momentum": repr(plan.client_momentum),
         "weight_decay": repr(plan.weight_decay),
         "mu": repr(plan.mu),
+        **({"local_epochs": repr(plan.local_epochs)} if plan.local_epochs else {}),
     }
 
 
@@ -130,6 +131,7 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         _float(metadata, "mu", high=MAX_MU),
         chosen,
         evaluate,
+        _float(metadata, "local_epochs", 0.0),
     )
 
 

@@ -5,6 +5,7 @@ longer overflow torch's generators."""
 import json
 import math
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import utils
 from federated.core.layout import wire_state
 from federated.core.plan import MAX_SEED, TrainingPlan
+from federated.learner.app import Member
 from federated.learner.limits import GIB, Limits
 from federated.wire import codec, messages
 from model import build_model
@@ -115,3 +117,16 @@ def test_a_final_state_of_gigabytes_is_refused_from_its_header_whatever_max_memo
     assert learner.buffer < 5 * GIB < learner.memory
     with pytest.raises(codec.PayloadError, match="exceeds"):  # ...but not its 5 GiB of bytes
         codec.receive(header_only(final, huge), learner.buffer, True, learner.admit_state)
+
+
+def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps_within_its_max_local_steps():
+    plan = TrainingPlan("fedavg", 10, 0.1, local_epochs=2.0)  # 10: the typical shard's steps
+    member = lambda images, most: SimpleNamespace(
+        replica=SimpleNamespace(plan=plan, info=SimpleNamespace(batch_size=8)),
+        data=range(images),
+        session=SimpleNamespace(limits=Limits(32, 64, most, GIB)),
+    )
+    assert Member.round_plan(member(48, 100)).local_steps == 12  # 2 passes of 48 / 8 batches
+    assert Member.round_plan(member(20, 100)).local_steps == 4  # the last partial batch is dropped
+    with pytest.raises(codec.PayloadError, match=r"12 local steps a round.*--max-local-steps"):
+        Member.round_plan(member(48, 11))

@@ -613,6 +613,79 @@ def test_the_leader_refuses_updates_of_the_wrong_kind_or_claiming_more_than_it_a
     assert checker.check_claims(codec.decode(codec.encode({}, honest.to_metadata())), Member(0, "", "", 1)) == honest
 
 
+def own_epochs_checker(knows_by: str) -> LeaderServicer:
+    """A servicer of a leader whose learners take 2 passes over their own shards of 16 and 48 images, in batches
+    of 8, which it knows from the shards it sent or from the learners' registrations (a leader without data)."""
+    checker = claims_checker(strategy="fedavg", local_steps_per="learner", local_epochs=2.0, batch_size=8)
+    sizes = [16, 48]
+    if knows_by == "shards":
+        checker.shards = SimpleNamespace(indices=[torch.arange(size) for size in sizes])
+    else:
+        summaries = {learner: SimpleNamespace(train_samples=size) for learner, size in enumerate(sizes)}
+        checker.registry = SimpleNamespace(summaries=lambda: summaries)
+    return checker
+
+
+@pytest.mark.parametrize("knows_by", ["shards", "registrations"])
+def test_with_own_epochs_the_leader_holds_each_learner_to_its_own_shards_steps_and_samples(knows_by):
+    checker = own_epochs_checker(knows_by)
+    check = lambda learner, claims: checker.check_claims(
+        codec.decode(codec.encode({}, claims.to_metadata())), Member(learner, "", "", 1)
+    )
+    small, large = (
+        UpdateInfo(0, 0, 32, 1.0, "pseudo-gradient", steps=4),
+        UpdateInfo(1, 0, 96, 1.0, "pseudo-gradient", steps=12),
+    )
+    assert check(0, small) == small and check(1, large) == large  # 2 x 16 / 8 and 2 x 48 / 8 steps
+    # the small learner cannot weigh like the large one: neither by claiming its steps nor more samples
+    with pytest.raises(codec.PayloadError, match="steps 12 exceeds the 4 local steps this leader asks of this"):
+        check(0, UpdateInfo(0, 0, 96, 1.0, "pseudo-gradient", steps=12))
+    with pytest.raises(codec.PayloadError, match="samples 33 exceeds the batch of 8 this leader asks for times 4"):
+        check(0, UpdateInfo(0, 0, 33, 1.0, "pseudo-gradient", steps=4))
+
+
+def test_with_own_epochs_each_learner_takes_n_k_over_b_steps_and_the_mean_weighs_its_update_by_n_k():
+    run = configure(
+        [
+            "--strategy",
+            "fedavg",
+            "--local-steps-per",
+            "learner",
+            "--local-epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--client-momentum",
+            "0",
+        ]
+    )
+    strategy = strategies.named("fedavg")(run)
+    plan = strategy.plan(10, 0.1, None, False)  # 10: the steps of the typical shard, which own epochs replace
+    shards = {0: [batch(8, seed) for seed in (1, 2)], 1: [batch(8, seed) for seed in (3, 4, 5, 6, 7, 8)]}
+    plans = {learner: plan.for_shard(8 * len(batches), 8) for learner, batches in shards.items()}
+    assert [plans[0].local_steps, plans[1].local_steps] == [4, 12]  # 2 epochs x n_k / B: 2 x 16 / 8, 2 x 48 / 8
+
+    model = small_net()
+    layout = GradientLayout(model)
+    updates, mean = RoundUpdates(layout.size, layout.parameter_count), torch.zeros(layout.size)
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    by_hand = torch.zeros(layout.size)
+    for learner, batches in shards.items():
+        passes = batches * 2  # each learner goes through its own shard twice
+        flat, _ = local_pseudo_gradient(model, passes, plans[learner])
+        updates.add([flat], 8 * plans[learner].local_steps, 0.0)  # the samples a learner claims (Member.send_update)
+        decayed = lambda index, p, origin: 5e-4 * p if p.dim() > 1 else 0.0  # weight decay on weights, not biases
+        by_hand += 8 * len(batches) * (w0 - manual_steps(model, passes, 0.1, decayed))
+    updates.combine_into(mean)
+    torch.testing.assert_close(mean, by_hand / (16 + 48))  # (16 pseudo-gradient_0 + 48 pseudo-gradient_1) / 64
+
+
+def test_the_uniform_steps_stay_the_default_and_own_epochs_need_local_epochs():
+    assert strategy_of(strategy="fedavg").plan(10, 0.1, None, False).for_shard(48, 8).local_steps == 10
+    with pytest.raises(SystemExit):
+        configure(["--strategy", "fedavg", "--local-steps-per", "learner", "--local-steps", "4"])
+
+
 def test_fedsgd_metadata_is_what_the_articles_peers_send_and_expect():
     state = StateInfo("resnet20", 10, 64, 0, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "float32", round=3)
     assert list(state.to_metadata()) == [
@@ -636,6 +709,7 @@ def test_a_plan_round_trips_through_metadata_even_with_nobody_sampled():
         TrainingPlan(participants=()),
         TrainingPlan(participants=(0, 4)),
         TrainingPlan("scaffold", 7, 0.0, 0.9, 5e-4, 0.0, (2,)),
+        TrainingPlan("fedavg", 7, 0.1, 0.9, 5e-4, 0.0, None, False, 2.0),
     ):
         assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
     with pytest.raises(codec.PayloadError):

@@ -16,7 +16,7 @@ from torch import nn
 
 from federated.common.registry import Registry
 from federated.core.layout import GradientLayout
-from federated.core.plan import TrainingPlan
+from federated.core.plan import TrainingPlan, steps_for_epochs
 from federated.core.steps import GuardedStep
 from federated.core.training import Batch, LocalHooks, train_locally
 
@@ -38,6 +38,7 @@ class Strategy:
     update_kind: ClassVar[str] = "pseudo-gradient"
     controls: ClassVar[bool] = False  # updates and states carry control variates (SCAFFOLD)
     control: torch.Tensor | None = None  # the leader's control variate, with controls
+    own_epochs: float = 0.0  # > 0: the passes each learner makes over its own shard a round (--local-steps-per)
 
     def __init__(self, config: Any) -> None:
         """The strategy of a run with these flags (the leader's configuration)."""
@@ -115,7 +116,14 @@ class Strategy:
 class LocalTraining(Strategy):
     """Local SGD on each learner, then a server optimizer on the mean pseudo-gradient (server_update)."""
 
-    flags: ClassVar[tuple[str, ...]] = ("local_epochs", "local_steps", "client_lr", "client_momentum", "server_lr")
+    flags: ClassVar[tuple[str, ...]] = (
+        "local_epochs",
+        "local_steps",
+        "local_steps_per",
+        "client_lr",
+        "client_momentum",
+        "server_lr",
+    )
     default_server_lr: ClassVar[float] = 1.0
     mu: float = 0.0  # FedProx's proximal weight, in every plan (0: none)
 
@@ -123,6 +131,8 @@ class LocalTraining(Strategy):
         super().__init__(config)
         self.client_momentum = config.client_momentum
         self.server_lr = config.server_lr or self.default_server_lr_of(config)
+        # learners' own epochs (McMahan et al.): the passes each learner makes over its own shard; 0: the same steps
+        self.own_epochs = (config.local_epochs or DEFAULT_LOCAL_EPOCHS) if config.local_steps_per == "learner" else 0.0
 
     @classmethod
     def default_server_lr_of(cls, config: Any) -> float:
@@ -135,15 +145,18 @@ class LocalTraining(Strategy):
 
     @classmethod
     def problems(cls, config: Any) -> list[str]:
-        return (
-            ["give --local-epochs or --local-steps, not both"]
-            if (config.local_epochs is not None and config.local_steps is not None)
-            else []
-        )
+        problems = []
+        if config.local_epochs is not None and config.local_steps is not None:
+            problems.append("give --local-epochs or --local-steps, not both")
+        if config.local_steps_per == "learner" and config.local_steps is not None:
+            problems.append(
+                "--local-steps-per learner counts --local-epochs on each learner's shard: not --local-steps"
+            )
+        return problems
 
     @classmethod
     def steps_per_round(cls, config: Any, steps_per_epoch: int) -> int:
-        return config.local_steps or max(1, round((config.local_epochs or DEFAULT_LOCAL_EPOCHS) * steps_per_epoch))
+        return config.local_steps or steps_for_epochs(config.local_epochs or DEFAULT_LOCAL_EPOCHS, steps_per_epoch)
 
     @classmethod
     def peak_lr(cls, config: Any) -> float:
@@ -152,7 +165,15 @@ class LocalTraining(Strategy):
 
     def plan(self, steps: int, lr: float, participants: tuple[int, ...] | None, evaluate: bool) -> TrainingPlan:
         return TrainingPlan(
-            self.name, steps, lr, self.client_momentum, self.weight_decay, self.mu, participants, evaluate
+            self.name,
+            steps,
+            lr,
+            self.client_momentum,
+            self.weight_decay,
+            self.mu,
+            participants,
+            evaluate,
+            self.own_epochs,
         )
 
     def optimizer_settings(self) -> dict[str, float]:
