@@ -52,12 +52,12 @@ class Planner:
         return (every > 0 and rounds_done % every == 0) or self.schedule.ends_epoch(rounds_done)
 
     def log(self) -> None:
-        schedule = self.schedule
+        schedule, own = self.schedule, self.strategy.own_epochs
         log.info(
-            "%s: %d rounds of %d local steps (%.3g per epoch of %d images per learner), %s",
+            "%s: %d rounds of %s (%.3g per epoch of %d images per learner), %s",
             self.strategy.name,
             schedule.total_rounds,
-            schedule.steps_per_round,
+            f"{own:g} epochs of each learner's own shard" if own else f"{schedule.steps_per_round} local steps",
             schedule.rounds_per_epoch,
             self.facts.shard_size if self.facts else 0,
             self.strategy.describe(schedule.base_lr),
