@@ -9,13 +9,14 @@ import pytest
 from federated.tools.bench import cli, page, recorded, registry
 from federated.tools.bench.federations import Progress
 from federated.tools.bench.links import link_row
+from federated.tools.bench.non_iid import partition_table
 from federated.tools.bench.rounds import (
     RoundRuns,
     overhead_ratio,
     throughput_ratio,
     wire_bytes_ratio,
 )
-from federated.tools.bench.strategies import strategy_table
+from federated.tools.bench.strategies import accuracy_by_bytes, strategy_table
 
 KEYS = [
     "model_transfer_ratio",
@@ -85,7 +86,7 @@ def test_the_settings_keep_their_flags_and_defaults():
         args.non_iid_epochs,
         args.non_iid_dataset,
         args.out,
-    ) == (5, 20, [1, 4, 16, 64], 3, 3, "synthetic", "bench")
+    ) == (5, 20, [1, 4, 16, 64], 3, 50, "digits", "bench")
 
 
 def spread(*values: float) -> dict:
@@ -159,6 +160,63 @@ def strategy_results(tmp_path: Path) -> dict:
     }
 
 
+def non_iid_curves() -> dict[str, list]:
+    """Four rounds of each strategy as metrics records make them: (MB a round, test accuracy after each round)."""
+    made_up = {
+        "fedsgd": (3, (0.4, 0.6, 0.9, 0.97)),
+        "fedavg": (1, (0.5, 0.7, 0.82, 0.85)),
+        "fedprox": (1, (0.5, 0.7, 0.75, 0.79)),
+        "scaffold": (2, (0.6, 0.81, 0.9, 0.95)),
+    }
+    return {
+        name: accuracy_by_bytes(
+            [
+                record
+                for round_index, accuracy in enumerate(accuracies, 1)
+                for record in (
+                    {"round": round_index, "test_accuracy": accuracy},
+                    {
+                        "round": round_index,
+                        "train_loss": 1.0,
+                        "seconds": 1.0,
+                        "bytes_in": mb / 2 * 1e6,
+                        "bytes_out": mb / 2 * 1e6,
+                    },
+                )
+            ]
+        )
+        for name, (mb, accuracies) in made_up.items()
+    }
+
+
+def test_the_non_iid_table_reads_each_run_at_its_end_and_at_the_cheapest_runs_megabytes():
+    row = partition_table(non_iid_curves(), 0.8)
+    assert row["budget_mb"] == 4.0  # FedAvg's and FedProx's 4 rounds of 1 MB
+    at_end = {name: row[name]["at_end"] for name in ("fedsgd", "fedavg", "fedprox", "scaffold")}
+    assert [(cell["accuracy"], cell["rounds_to_target"], cell["mb_to_target"]) for cell in at_end.values()] == [
+        (0.97, 3, 9.0),
+        (0.85, 3, 3.0),
+        (0.79, None, None),
+        (0.95, 2, 4.0),
+    ]
+    at_budget = {name: row[name]["at_budget"] for name in at_end}
+    assert at_budget["fedavg"] == at_end["fedavg"]  # the cheapest run is read whole
+    assert at_budget["scaffold"] == {
+        "accuracy": 0.81,
+        "rounds": 2,
+        "mb": 4.0,
+        "rounds_to_target": 2,
+        "mb_to_target": 4.0,
+    }
+    assert at_budget["fedsgd"] == {
+        "accuracy": 0.4,
+        "rounds": 1,
+        "mb": 3.0,
+        "rounds_to_target": None,
+        "mb_to_target": None,
+    }
+
+
 def every_figure(tmp_path: Path) -> dict:
     """A results.json with every key, in the shapes the figures write."""
     transfer_steps = {
@@ -175,7 +233,6 @@ def every_figure(tmp_path: Path) -> dict:
         "anon_before_rounds_mb": 899.0,
         "anon_growth_in_rounds_mb": 1.0,
     }
-    cell = {"final_accuracy": 0.8, "rounds_to_target": None, "rounds": 3}
     records = [
         {"round": r, "seconds": 0.8, "bytes_in": 2_180_000, "bytes_out": 2_190_000, "learners": 2, "step_s": 0.005}
         for r in range(2, 10)
@@ -211,11 +268,13 @@ def every_figure(tmp_path: Path) -> dict:
         "time_to_accuracy": {"value": None, "federated_s": None, "centralised_s": 17.2, "target": 0.9},
         "strategies": strategy_results(tmp_path),
         "non_iid": {
-            "value": {"iid": dict.fromkeys(("fedsgd", "fedavg", "fedprox", "scaffold"), cell)},
+            "value": {"iid": partition_table(non_iid_curves(), 0.8)},
             "target": 0.8,
             "learners": 10,
-            "epochs": 3,
-            "dataset": "synthetic",
+            "epochs": 4,
+            "dataset": "digits",
+            "flags": "--norm batch",
+            "plot": str(tmp_path / "non_iid.png"),
         },
         "links": {
             "value": {

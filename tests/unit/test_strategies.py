@@ -23,7 +23,7 @@ from federated.core.layout import GradientLayout
 from federated.core.plan import TrainingPlan
 from federated.core.sampling import sample_participants
 from federated.core.schedule import Schedule
-from federated.core.steps import apply_mean_gradient, make_optimizer
+from federated.core.steps import GuardedStep, apply_mean_gradient, make_optimizer
 from federated.core.strategies.adaptive import Adaptive
 from federated.core.strategies.base import ServerOptimizer
 from federated.core.strategies.scaffold import ControlCheck, Controls
@@ -780,3 +780,67 @@ def test_a_new_strategy_is_its_class_alone_flags_plan_learner_and_server_step_fo
         optimizer.step()
     torch.testing.assert_close(parameter.detach(), torch.full((3,), 1 - (1 + 0.5) - (1 + 0.5 * 1.5)))
     assert flat[: layout.parameter_count].abs().sum() > 0
+
+
+def skewed_batch(learner: int, round_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of learner's own labels only (learner 0: 0 and 1, learner 1: 2 and 3, learner 2: 4 to 9)."""
+    rng = torch.Generator().manual_seed(1000 * round_index + 10 * learner + step)
+    low, high = ((0, 2), (2, 4), (4, 10))[learner]
+    return torch.randn(8, 3, 8, 8, generator=rng), torch.randint(low, high, (8,), generator=rng)
+
+
+def gradient_at(model: nn.Module, weights: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss's gradient at these flat weights, by plain autograd."""
+    probe = copy.deepcopy(model)
+    nn.utils.vector_to_parameters(weights, probe.parameters())
+    nn.functional.cross_entropy(probe(images), labels).backward()
+    return torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+
+
+def test_scaffold_over_rounds_of_skewed_shards_and_sampling_is_option_2_by_hand():
+    # Karimireddy et al. 2020, option II, server step size eta_g: c_i+ = c_i - c + (x - y_i) / (K lr);
+    # c += (1/N) sum over S of (c_i+ - c_i); x += eta_g mean over S of (y_i - x). The code under test is the real
+    # learner side (Controls, local_update, the update vector kept until a later state settles its control
+    # change) and the real leader side (RoundUpdates, Scaffold.apply on a GuardedStep), round after round.
+    steps, lr, server_lr, learners = 3, 0.05, 0.5, 3
+    model = small_net()
+    scaffold = strategy_of(strategy="scaffold", client_momentum=0.0, weight_decay=0.0, server_lr=server_lr)
+    layout = GradientLayout(model, controls=True)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    scaffold.bind(layout)
+    step = GuardedStep(model, layout, scaffold.make_optimizer(model))
+    plan = fedavg_plan(lr, steps=steps, weight_decay=0.0, strategy="scaffold")
+    own = [Controls(layout.parameter_count) for _ in range(learners)]
+    vectors = [torch.zeros(layout.size) for _ in range(learners)]  # each learner's update, kept as Replica does
+    x = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    c, c_i = torch.zeros_like(x), [torch.zeros_like(x) for _ in range(learners)]
+    for round_index, chosen in enumerate([(0, 1, 2), (0, 2), (1, 2), (0, 1, 2), (2,)]):
+        for learner in range(learners):  # the state of this round reaches every learner
+            own[learner].adopt(scaffold.control, round_index, (0, 0), vectors[learner][layout.controls], False)
+            torch.testing.assert_close(own[learner].own, c_i[learner], rtol=1e-4, atol=1e-6)
+        updates = RoundUpdates(layout.size, layout.parameter_count, controls=True)
+        y = {}
+        for learner in chosen:
+            local = copy.deepcopy(model)
+            local_layout = GradientLayout(local, controls=True)
+            local_layout.bind_gradients(vectors[learner])
+            batch_at = lambda k, learner=learner, round_index=round_index: skewed_batch(learner, round_index, k)
+            loss = scaffold.local_update(local, local_layout, vectors[learner], batch_at, plan, own[learner])
+            updates.add([vectors[learner]], 8 * steps, loss)
+            own[learner].taken(round_index)
+            y[learner] = x.clone()
+            for k in range(steps):
+                y[learner] -= lr * (gradient_at(model, y[learner], *batch_at(k)) + c - c_i[learner])
+        updates.combine_into(mean)
+        assert scaffold.apply(step, mean, lr, steps, len(chosen), learners) is None
+        new_c_i = {i: c_i[i] - c + (x - y[i]) / (steps * lr) for i in chosen}
+        c = c + sum(new_c_i[i] - c_i[i] for i in chosen) / learners
+        x = x + server_lr * sum(y[i] - x for i in chosen) / len(chosen)
+        c_i = [new_c_i.get(i, c_i[i]) for i in range(learners)]
+        torch.testing.assert_close(scaffold.control, c, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(nn.utils.parameters_to_vector(model.parameters()), x, rtol=1e-4, atol=1e-6)
+    for learner in range(learners):  # the last round's changes, committed once a later state says it was applied
+        own[learner].adopt(scaffold.control, 5, (0, 0), vectors[learner][layout.controls], False)
+        torch.testing.assert_close(own[learner].own, c_i[learner], rtol=1e-4, atol=1e-6)
+    assert torch.linalg.vector_norm(c) > 0.1 and all(torch.linalg.vector_norm(ci) > 0.1 for ci in c_i)

@@ -18,6 +18,11 @@ def print_table(results: dict) -> None:
             print_rows(results[name])
 
 
+def shown(value: float | None, form: str) -> str:
+    """A figure that may be missing (None: "-")."""
+    return format(value, form) if value is not None else "-"
+
+
 def _scale_rows(result: dict) -> None:
     for count, row in result["value"].items():
         print(
@@ -34,7 +39,6 @@ def _strategy_rows(result: dict) -> None:
         "final accuracy; bytes and time against FedSGD"
     )
     for name, row in result["value"].items():
-        shown = lambda value, form: format(value, form) if value is not None else "-"
         print(
             f"  {name:10} {shown(row['rounds_to_target'], '6d'):>6} {shown(row['mb_to_target'], '9.1f'):>9} "
             f"{shown(row['seconds_to_target'], '8.1f'):>8}    {row['final_accuracy']:.4f}   "
@@ -43,20 +47,22 @@ def _strategy_rows(result: dict) -> None:
 
 
 def _non_iid_rows(result: dict) -> None:
-    strategies = list(next(iter(result["value"].values())))
+    strategies = [name for name in next(iter(result["value"].values())) if name != "budget_mb"]
     print(
-        f"  non_iid: final accuracy (rounds to {result['target']:.0%}), {result['learners']} learners, "
-        f"{result['epochs']:g} epochs of {result['dataset']}"
+        f"  non_iid: test accuracy (round to {result['target']:.0%}), {result['learners']} learners, "
+        f"{result['epochs']:g} epochs of {result['dataset']}, then at the MB of each partition's cheapest run"
     )
-    print(f"  {'partition':16}" + "".join(f"{name:>16}" for name in strategies))
+    print(f"  {'partition':27}" + "".join(f"{name:>16}" for name in strategies))
     for partition, row in result["value"].items():
-        print(
-            f"  {partition:16}"
-            + "".join(
-                f"{row[name]['final_accuracy']:>9.4f} ({row[name]['rounds_to_target'] or '-':>4})"
-                for name in strategies
+        for label, reading in ((f"{result['epochs']:g} epochs", "at_end"), (f"{row['budget_mb']:.1f} MB", "at_budget")):
+            cells = [row[name][reading] for name in strategies]
+            print(
+                f"  {partition + ', ' + label:27}"
+                + "".join(
+                    f"{shown(cell['accuracy'], '9.4f'):>9} ({shown(cell['rounds_to_target'], '4'):>4})"
+                    for cell in cells
+                )
             )
-        )
 
 
 def _serialization_rows(result: dict) -> None:

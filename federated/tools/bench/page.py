@@ -270,18 +270,28 @@ def strategy_rows(results: dict) -> Table:
 def non_iid_rows(results: dict) -> Table:
     result = results["non_iid"]
     strategies = HEADERS["non_iid"][1:]
-    rows = [
-        [
-            partition,
-            *(f"{row[name]['final_accuracy']:.4f} ({row[name]['rounds_to_target'] or '-'})" for name in strategies),
-        ]
-        for partition, row in result["value"].items()
-    ]
+    rows = []
+    for partition, row in result["value"].items():
+        rows.append(
+            [f"{partition}: {result['epochs']:g} epochs", *(reading(row[name]["at_end"]) for name in strategies)]
+        )
+        budget = f"{partition}: at {row['budget_mb']:.1f} MB"
+        rows.append([budget, *(reading(row[name]["at_budget"]) for name in strategies)])
     note = (
-        f"Final test accuracy, and in brackets the round it first reached {result['target']:.0%} (-: never); "
-        f"{result['learners']} learners, {result['epochs']:g} epochs of {result['dataset']}."
+        f"Test accuracy at the end of the run ({result['epochs']:g} epochs: the local strategies as many rounds of one "
+        f"local epoch), then at the MB on the wire of the partition's cheapest run; in brackets the round and the MB "
+        f"at which it first reached {result['target']:.0%} (-: never). {result['learners']} learners, "
+        f"{result['dataset']}, `{result['flags']}`."
     )
     return Table(rows, [note])
+
+
+def reading(cell: dict) -> str:
+    """One cell of the non_iid table: accuracy (round and MB to the target)."""
+    if cell["accuracy"] is None:
+        return "-"
+    reached = f"{cell['rounds_to_target']}, {cell['mb_to_target']:.1f} MB" if cell["rounds_to_target"] else "-"
+    return f"{cell['accuracy']:.4f} ({reached})"
 
 
 def link_rows(results: dict) -> Table:
