@@ -42,15 +42,16 @@ class BatchRenorm2d(nn.BatchNorm2d):
         mean_so_far, variance_so_far, batches = self.running_mean, self.running_var, self.num_batches_tracked
         # (built with BatchNorm's defaults: running statistics tracked, momentum 0.1)
         assert mean_so_far is not None and variance_so_far is not None and batches is not None and self.momentum
-        if not self.training or batches < RENORM_WARMUP:
+        if not self.training:
             return super().forward(x)
         mean = x.mean((0, 2, 3))
         variance = x.var((0, 2, 3), unbiased=False)
         std = (variance + self.eps).sqrt()
-        with torch.no_grad():
+        with torch.no_grad():  # r and d as tensors, never Python numbers: a check on the meta device has no values
             running_std = (variance_so_far + self.eps).sqrt()
-            r = (std / running_std).clamp(1 / RENORM_R_MAX, RENORM_R_MAX)
-            d = ((mean - mean_so_far) / running_std).clamp(-RENORM_D_MAX, RENORM_D_MAX)
+            warm = batches >= RENORM_WARMUP  # before, r = 1 and d = 0: BatchNorm
+            r = torch.where(warm, (std / running_std).clamp(1 / RENORM_R_MAX, RENORM_R_MAX), 1.0)
+            d = torch.where(warm, ((mean - mean_so_far) / running_std).clamp(-RENORM_D_MAX, RENORM_D_MAX), 0.0)
             count = x.numel() / x.shape[1]
             mean_so_far.lerp_(mean, self.momentum)  # as BatchNorm updates them: with the unbiased variance
             variance_so_far.lerp_(variance * count / max(count - 1, 1), self.momentum)
@@ -81,7 +82,7 @@ class Norm:
     conv: type[nn.Conv2d] = nn.Conv2d
 
 
-# The CIFAR ResNets' normalisations (docs/strategies.md, "Normalisation under label skew", measures them). Group
+# The CIFAR ResNets' normalisations (docs/data.md, "Normalisation under label skew", measures them). Group
 # norms keep no running statistics: each image is normalised by itself, so learners with skewed labels no longer
 # train on, and average, statistics of unlike batches (Hsieh et al. 2020); batch renorm keeps BatchNorm's.
 NORM_LAYERS: dict[str, Norm] = {
@@ -92,7 +93,7 @@ NORM_LAYERS: dict[str, Norm] = {
     "renorm": Norm(BatchRenorm2d),
 }
 NORMS = tuple(NORM_LAYERS)
-# The leader's --norm auto for a partition with label skew (docs/strategies.md, "Normalisation under label skew").
+# The leader's --norm auto for a partition with label skew (docs/data.md, "Normalisation under label skew").
 SKEWED_NORM = "renorm"
 
 

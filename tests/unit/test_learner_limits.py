@@ -14,7 +14,7 @@ from federated.core.layout import wire_state
 from federated.core.plan import MAX_SEED, TrainingPlan
 from federated.learner.limits import GIB, Limits
 from federated.wire import codec, messages
-from model import build_model
+from model import NORMS, build_model
 from tests.support.live import learner_config
 
 RESNET20 = codec.spec_of(wire_state(build_model("resnet20"), torch.float32))
@@ -115,3 +115,10 @@ def test_a_final_state_of_gigabytes_is_refused_from_its_header_whatever_max_memo
     assert learner.buffer < 5 * GIB < learner.memory
     with pytest.raises(codec.PayloadError, match="exceeds"):  # ...but not its 5 GiB of bytes
         codec.receive(header_only(final, huge), learner.buffer, True, learner.admit_state)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_learner_admits_a_state_of_every_norm_at_8_pixels(norm):
+    # (its check is a forward pass on the meta device: a layer that asks its tensors' values fails there)
+    model = build_model("resnet20", 10, norm)
+    limits().admit_state(state_metadata(norm=norm, image_size=8), codec.spec_of(wire_state(model, torch.float32)))
