@@ -27,6 +27,7 @@ KEYS = [
     "time_to_accuracy",
     "strategies",
     "non_iid",
+    "norms",
     "links",
 ]  # results.json's keys, as ever
 
@@ -41,6 +42,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "time_to_accuracy",
         "strategies",
         "non_iid",
+        "norms",
         "links",
     ]
 
@@ -84,8 +86,10 @@ def test_the_settings_keep_their_flags_and_defaults():
         args.strategy_epochs,
         args.non_iid_epochs,
         args.non_iid_dataset,
+        args.norm_epochs,
+        args.norm_image_size,
         args.out,
-    ) == (5, 20, [1, 4, 16, 64], 3, 3, "synthetic", "bench")
+    ) == (5, 20, [1, 4, 16, 64], 3, 3, "synthetic", 20, 8, "bench")
 
 
 def spread(*values: float) -> dict:
@@ -216,6 +220,13 @@ def every_figure(tmp_path: Path) -> dict:
             "learners": 10,
             "epochs": 3,
             "dataset": "synthetic",
+        },
+        "norms": {
+            "value": {"batch": {"iid": 0.96, "dirichlet 0.1": 0.88, "skew_cost": 0.08}},
+            "learners": 4,
+            "epochs": 20,
+            "image_size": 8,
+            "dataset": "digits",
         },
         "links": {
             "value": {
