@@ -66,7 +66,8 @@ def _channels(values: torch.Tensor) -> torch.Tensor:
 
 class StandardisedConv2d(nn.Conv2d):
     """A convolution whose filters are standardised (zero mean, unit variance over each output channel's inputs)
-    before use: weight standardisation (Qiao et al. 2019), which lets GroupNorm train about as fast as BatchNorm."""
+    before use: weight standardisation (Qiao et al. 2019, who found that it lets GroupNorm train about as fast as
+    BatchNorm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight

@@ -292,8 +292,8 @@ class LeaderConfig(SecurityFlags, Config):
     norm: str = option(
         AUTO_NORM,
         "normalisation layers of resnet20 and resnet18: batch (BatchNorm); renorm (batch renormalisation, "
-        "Ioffe 2017: the batch's statistics corrected towards the federation's running ones, which keeps "
-        "label skew from costing FedSGD accuracy); group (GroupNorm, 2 groups); group-ws and layer-ws "
+        "Ioffe 2017: the batch's statistics corrected towards the federation's running ones, which a "
+        "learner with skewed labels trains with); group (GroupNorm, 2 groups); group-ws and layer-ws "
         "(GroupNorm of 8 and 1 groups, convolutions with weight standardisation, Qiao et al. 2019); auto "
         "picks by --partition (docs/data.md measures them all); torchvision's models keep their own",
         group="model",
