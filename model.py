@@ -5,6 +5,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,17 +14,88 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# GroupNorm's groups in the CIFAR ResNets. Two, as federated work on CIFAR ResNets following Hsieh et al. (2020)
-# commonly uses: it divides every width here (16 to 512), and ResNet-20's 16-channel layers keep 8 channels a
-# group, where GroupNorm's ImageNet default of 32 groups would not even divide them.
+# GroupNorm's groups in the CIFAR ResNets' "group" norm. Two, as federated work on CIFAR ResNets following Hsieh
+# et al. (2020) commonly uses: it divides every width here (16 to 512), and ResNet-20's 16-channel layers keep 8
+# channels a group, where GroupNorm's ImageNet default of 32 groups would not even divide them.
 GROUPS = 2
-# The CIFAR ResNets' normalisation. Group norm keeps no running statistics: each image is normalised by itself, so
-# learners with skewed labels no longer train on, and average, statistics of unlike batches (Hsieh et al. 2020).
-NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
-    "batch": nn.BatchNorm2d,
-    "group": functools.partial(nn.GroupNorm, GROUPS),
+# "group-ws": more groups, which with weight standardisation train closer to BatchNorm (Qiao et al. 2019); 8
+# divides every width here and leaves ResNet-20's first stage 2 channels a group.
+WS_GROUPS = 8
+# Batch renormalisation (Ioffe 2017): the batch's statistics, corrected towards the running ones by r (their
+# standard deviations' ratio) and d (their means' distance), clipped to these bounds. Ioffe's values after warm-up.
+RENORM_R_MAX = 3.0
+RENORM_D_MAX = 5.0
+# Batches, as the running statistics count them (num_batches_tracked: in FedSGD one per round), before batch
+# renormalisation corrects: before that the running statistics are still near their initial 0 and 1, and the
+# layer is plain BatchNorm. Momentum 0.1 forgets the initial values to 1 % in 44 batches.
+RENORM_WARMUP = 50
+WS_EPSILON = 1e-5
+
+
+class BatchRenorm2d(nn.BatchNorm2d):
+    """Batch renormalisation (Ioffe 2017): in training, the batch's normalisation times r plus d, constants that
+    make it the running statistics' normalisation within RENORM_R_MAX and RENORM_D_MAX. A learner whose batch holds
+    a few classes thus trains with nearly the statistics the model is evaluated with (the federation's, averaged);
+    where they agree it is BatchNorm. The same buffers as BatchNorm: its statistics travel and average alike."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_so_far, variance_so_far, batches = self.running_mean, self.running_var, self.num_batches_tracked
+        # (built with BatchNorm's defaults: running statistics tracked, momentum 0.1)
+        assert mean_so_far is not None and variance_so_far is not None and batches is not None and self.momentum
+        if not self.training:
+            return super().forward(x)
+        mean = x.mean((0, 2, 3))
+        variance = x.var((0, 2, 3), unbiased=False)
+        std = (variance + self.eps).sqrt()
+        with torch.no_grad():  # r and d as tensors, never Python numbers: a check on the meta device has no values
+            running_std = (variance_so_far + self.eps).sqrt()
+            warm = batches >= RENORM_WARMUP  # before, r = 1 and d = 0: BatchNorm
+            r = torch.where(warm, (std / running_std).clamp(1 / RENORM_R_MAX, RENORM_R_MAX), 1.0)
+            d = torch.where(warm, ((mean - mean_so_far) / running_std).clamp(-RENORM_D_MAX, RENORM_D_MAX), 0.0)
+            count = x.numel() / x.shape[1]
+            mean_so_far.lerp_(mean, self.momentum)  # as BatchNorm updates them: with the unbiased variance
+            variance_so_far.lerp_(variance * count / max(count - 1, 1), self.momentum)
+            batches += 1
+        scale, shift = r / std, d - r * mean / std
+        return x * _channels(scale * self.weight) + _channels(shift * self.weight + self.bias)
+
+
+def _channels(values: torch.Tensor) -> torch.Tensor:
+    return values[None, :, None, None]
+
+
+class StandardisedConv2d(nn.Conv2d):
+    """A convolution whose filters are standardised (zero mean, unit variance over each output channel's inputs)
+    before use: weight standardisation (Qiao et al. 2019, who found that it lets GroupNorm train about as fast as
+    BatchNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        mean, variance = weight.mean((1, 2, 3), keepdim=True), weight.var((1, 2, 3), keepdim=True, unbiased=False)
+        return self._conv_forward(x, (weight - mean) / (variance + WS_EPSILON).sqrt(), self.bias)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One normalisation of the CIFAR ResNets: its layer (given the channel count) and the convolutions it needs."""
+
+    layer: Callable[[int], nn.Module]
+    conv: type[nn.Conv2d] = nn.Conv2d
+
+
+# The CIFAR ResNets' normalisations (docs/data.md, "Normalisation under label skew", measures them). Group
+# norms keep no running statistics: each image is normalised by itself, so learners with skewed labels no longer
+# train on, and average, statistics of unlike batches (Hsieh et al. 2020); batch renorm keeps BatchNorm's.
+NORM_LAYERS: dict[str, Norm] = {
+    "batch": Norm(nn.BatchNorm2d),
+    "group": Norm(functools.partial(nn.GroupNorm, GROUPS)),
+    "group-ws": Norm(functools.partial(nn.GroupNorm, WS_GROUPS), StandardisedConv2d),
+    "layer-ws": Norm(functools.partial(nn.GroupNorm, 1), StandardisedConv2d),
+    "renorm": Norm(BatchRenorm2d),
 }
 NORMS = tuple(NORM_LAYERS)
+# The leader's --norm auto for a partition with label skew (docs/data.md, "Normalisation under label skew").
+SKEWED_NORM = "renorm"
 
 
 class ShortcutA(nn.Module):
@@ -47,17 +119,17 @@ class BasicBlock(nn.Module):
         planes: int,
         stride: int,
         projection_shortcut: bool,
-        norm_layer: Callable[[int], nn.Module],
+        norm: Norm,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = norm_layer(planes)
+        self.conv1 = norm.conv(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm.layer(planes)
+        self.conv2 = norm.conv(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm.layer(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             if projection_shortcut:
-                self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), norm_layer(planes))
+                self.shortcut = nn.Sequential(norm.conv(in_planes, planes, 1, stride, bias=False), norm.layer(planes))
             else:
                 self.shortcut = ShortcutA(planes - in_planes)
 
@@ -74,16 +146,17 @@ class CifarResNet(nn.Module):
         self, widths: list[int], blocks: list[int], num_classes: int, projection_shortcut: bool, norm: str = "batch"
     ) -> None:
         super().__init__()
-        # The modules keep their names (bn1, bn2) with group norm: the weights are named alike, and files of the
-        # two norms still tell apart by the running statistics only batch norm has.
-        norm_layer = NORM_LAYERS[norm]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = norm_layer(widths[0])
+        # The modules keep their names (bn1, bn2) with every norm: the weights are named alike, and files of the
+        # batch norms (batch, renorm) and the group norms tell apart by the running statistics only the former have
+        # (files of norms of one kind load into each other: they differ in how they compute, not in what they hold).
+        chosen = NORM_LAYERS[norm]
+        self.conv1 = chosen.conv(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = chosen.layer(widths[0])
         stages, in_planes = [], widths[0]
         for index, (planes, count) in enumerate(zip(widths, blocks)):
             for block in range(count):
                 stride = 2 if index > 0 and block == 0 else 1
-                stages.append(BasicBlock(in_planes, planes, stride, projection_shortcut, norm_layer))
+                stages.append(BasicBlock(in_planes, planes, stride, projection_shortcut, chosen))
                 in_planes = planes
         self.layers = nn.Sequential(*stages)
         self.fc = nn.Linear(in_planes, num_classes)
@@ -144,7 +217,7 @@ def architectures() -> list[str]:
 
 def build_model(architecture: str, num_classes: int = 10, norm: str = "batch") -> nn.Module:
     """The named architecture, freshly initialised, whose forward pass returns [N, num_classes] logits in
-    training and evaluation mode: "resnet20" or "resnet18" (with batch or group norm), or "torchvision:NAME" for
+    training and evaluation mode: "resnet20" or "resnet18" (with one of NORMS), or "torchvision:NAME" for
     one of torchvision's classifiers (its own normalisation only, no pretrained weights). The name may come from
     the network: it is only ever looked up in these lists. Raises ValueError."""
     if not 1 <= num_classes <= MAX_CLASSES:

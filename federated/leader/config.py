@@ -45,6 +45,10 @@ from federated.net.rpc import SecurityFlags
 # learners on, one liar is outvoted; of 2, the median is the smaller claim, which a liar sets. Below 3 the
 # schedule comes from flags (--rounds, and --local-steps for strategies with local steps), never from a claim.
 LEAST_TO_OUTVOTE = 3
+# --norm's default: batch norm, unless the leader's partition skews the labels, where each learner's batch holds
+# few classes and batch norm's statistics are the learner's, not the federation's (docs/data.md measures it).
+AUTO_NORM = "auto"
+LABEL_SKEWED = ("dirichlet", "classes")
 
 
 def _datasets() -> tuple[str, ...]:
@@ -56,7 +60,13 @@ def _datasets() -> tuple[str, ...]:
 def _norms() -> tuple[str, ...]:
     import model
 
-    return model.NORMS
+    return (AUTO_NORM, *model.NORMS)
+
+
+def _norm_text() -> str:
+    import model
+
+    return f"{AUTO_NORM}: {model.SKEWED_NORM} where --partition is {' or '.join(LABEL_SKEWED)}, else batch"
 
 
 def _image_size() -> int:
@@ -281,12 +291,17 @@ class LeaderConfig(SecurityFlags, Config):
         trajectory=True,
     )
     norm: str = option(
-        "batch",
-        "normalisation layers of resnet20 and resnet18: group (GroupNorm) copes better with "
-        "skewed data than batch (Hsieh et al. 2020)",
+        AUTO_NORM,
+        "normalisation layers of resnet20 and resnet18: batch (BatchNorm); renorm (batch renormalisation, "
+        "Ioffe 2017: the batch's statistics corrected towards the federation's running ones, which a "
+        "learner with skewed labels trains with); group (GroupNorm, 2 groups); group-ws and layer-ws "
+        "(GroupNorm of 8 and 1 groups, convolutions with weight standardisation, Qiao et al. 2019); auto "
+        "picks by --partition (docs/data.md measures them all); torchvision's models keep their own",
         group="model",
         choices=_norms,
         trajectory=True,
+        default_text=_norm_text,
+        predated="batch",  # runs before --norm existed had batch norm
     )
     init: str | None = option(
         None,
@@ -579,6 +594,16 @@ class LeaderConfig(SecurityFlags, Config):
     @property
     def output_dir(self) -> Path:
         return Path(self.out or self.resume or "runs/latest")
+
+    @property
+    def model_norm(self) -> str:
+        """The norm the model is built with: --norm, with auto resolved (_norm_text says how)."""
+        import model
+
+        if self.norm != AUTO_NORM:
+            return self.norm
+        skewed = self.dataset != "none" and self.partition in LABEL_SKEWED and self.model in model.ARCHITECTURES
+        return model.SKEWED_NORM if skewed else "batch"
 
 
 def _list_models() -> str:

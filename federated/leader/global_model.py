@@ -46,7 +46,7 @@ class GlobalModel:
         normalisation: tuple[list[float], list[float]] = ([], []),
     ) -> None:
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, num_classes, config.norm)
+        self.model = build_model(config.model, num_classes, config.model_norm)
         if config.init and not config.resume:  # a resume starts from its checkpoint's weights
             try:
                 load_initial_weights(self.model, config.init)
@@ -70,7 +70,7 @@ class GlobalModel:
             tuple(std),
             config.wire_dtype,
             image_size=config.image_size,
-            norm=config.norm,
+            norm=config.model_norm,
         )
         self.discarded = 0  # rounds discarded so far: a SCAFFOLD learner commits its control change only if applied
         self.refused = 0  # steps refused in a row

@@ -28,6 +28,7 @@ KEYS = [
     "time_to_accuracy",
     "strategies",
     "non_iid",
+    "norms",
     "links",
 ]  # results.json's keys, as ever
 
@@ -42,6 +43,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "time_to_accuracy",
         "strategies",
         "non_iid",
+        "norms",
         "links",
     ]
 
@@ -85,8 +87,10 @@ def test_the_settings_keep_their_flags_and_defaults():
         args.strategy_epochs,
         args.non_iid_epochs,
         args.non_iid_dataset,
+        args.norm_epochs,
+        args.norm_image_size,
         args.out,
-    ) == (5, 20, [1, 4, 16, 64], 3, 50, "digits", "bench")
+    ) == (5, 20, [1, 4, 16, 64], 3, 50, "digits", 20, 8, "bench")
 
 
 def spread(*values: float) -> dict:
@@ -275,6 +279,13 @@ def every_figure(tmp_path: Path) -> dict:
             "dataset": "digits",
             "flags": "--norm batch",
             "plot": str(tmp_path / "non_iid.png"),
+        },
+        "norms": {
+            "value": {"batch": {"iid": 0.96, "dirichlet 0.1": 0.88, "skew_cost": 0.08}},
+            "learners": 4,
+            "epochs": 20,
+            "image_size": 8,
+            "dataset": "digits",
         },
         "links": {
             "value": {

@@ -11,6 +11,7 @@ from federated.common import flags
 from federated.leader import checkpoint
 from federated.learner import config as learner_config
 from federated.wire.messages import DataSummary
+from model import SKEWED_NORM
 from tests.support.live import leader_config, leader_from
 from tests.support.processes import ROOT
 
@@ -227,3 +228,32 @@ def test_a_server_optimizers_moments_and_scaffolds_control_written_before_the_la
         assert all(torch.equal(state[index][key], tensor) for key, tensor in moments.items())
     if strategy == "scaffold":
         assert resumed.strategy.control.abs().sum() > 0 and torch.equal(resumed.strategy.control, saved["control"])
+
+
+@pytest.mark.parametrize(
+    "given, norm",
+    [
+        ([], "batch"),
+        (["--partition", "quantity"], "batch"),  # balanced labels
+        (["--partition", "dirichlet", "--alpha", "0.1"], SKEWED_NORM),
+        (["--partition", "classes"], SKEWED_NORM),
+        (["--partition", "classes", "--model", "torchvision:resnet18"], "batch"),  # keeps its own
+        (["--partition", "classes", "--norm", "group"], "group"),
+    ],
+)
+def test_norm_auto_is_batch_norm_unless_the_partition_skews_the_labels(given, norm):
+    assert leader_config(["--dataset", "synthetic", *given]).model_norm == norm
+
+
+def test_a_checkpoint_that_predates_norm_resumes_with_batch_norm_even_on_a_skewed_partition(tmp_path):
+    older = {key: value for key, value in saved_config(partition="dirichlet", alpha=0.1).items() if key != "norm"}
+    assert leader_config(["--resume", "runs/x"], older).model_norm == "batch"
+    saved = torch.load(DATA / "checkpoint-fedavg-round6.pt", weights_only=True)
+    del saved["config"]["norm"]
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    resumed = leader_from(["--resume", str(tmp_path)])
+    norms = {type(module) for module in resumed.global_model.model.modules() if "Norm" in type(module).__name__}
+    assert norms == {torch.nn.BatchNorm2d} and resumed.global_model.info.norm == "batch"
+    assert all(
+        torch.equal(value, saved["model"][name]) for name, value in resumed.global_model.model.state_dict().items()
+    )

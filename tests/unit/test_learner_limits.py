@@ -16,7 +16,7 @@ from federated.core.plan import MAX_SEED, TrainingPlan
 from federated.learner.app import Member
 from federated.learner.limits import GIB, Limits
 from federated.wire import codec, messages
-from model import build_model
+from model import NORMS, build_model
 from tests.support.live import learner_config
 
 RESNET20 = codec.spec_of(wire_state(build_model("resnet20"), torch.float32))
@@ -130,3 +130,8 @@ def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps_within_its
     assert Member.round_plan(member(20, 100)).local_steps == 4  # the last partial batch is dropped
     with pytest.raises(codec.PayloadError, match=r"12 local steps a round.*--max-local-steps"):
         Member.round_plan(member(48, 11))
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_learner_admits_a_state_of_every_norm_at_8_pixels(norm):
+    # (its check is a forward pass on the meta device: a layer that asks its tensors' values fails there)
+    model = build_model("resnet20", 10, norm)
+    limits().admit_state(state_metadata(norm=norm, image_size=8), codec.spec_of(wire_state(model, torch.float32)))

@@ -1,5 +1,5 @@
-"""Models by name: the CIFAR ResNets (batch or group norm), torchvision's classifiers, hostile names refused, and
-initial weights from a file."""
+"""Models by name: the CIFAR ResNets (each norm: batch, batch renormalisation, group norms with weight
+standardisation), torchvision's classifiers, hostile names refused, and initial weights from a file."""
 
 import functools
 import logging
@@ -13,7 +13,13 @@ from federated.leader import checkpoint
 from model import (
     ARCHITECTURES,
     GROUPS,
+    NORMS,
+    RENORM_D_MAX,
+    RENORM_WARMUP,
     TOO_SMALL_INPUTS,
+    WS_GROUPS,
+    BatchRenorm2d,
+    StandardisedConv2d,
     architectures,
     build_model,
     load_initial_weights,
@@ -27,7 +33,7 @@ def test_parameter_counts_match_the_published_architectures(name, parameters):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_logits_have_one_column_per_class(name, norm):
     model = build_model(name, num_classes=7, norm=norm).eval()
     with torch.no_grad():
@@ -161,6 +167,82 @@ def test_a_group_norm_resnet_trains():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("norm, groups", [("group-ws", WS_GROUPS), ("layer-ws", 1)])
+def test_weight_standardised_resnets_standardise_every_convolution_and_keep_no_statistics(norm, groups):
+    model = build_model("resnet18", norm=norm)
+    convolutions = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    assert convolutions and all(isinstance(module, StandardisedConv2d) for module in convolutions)
+    assert {module.num_groups for module in model.modules() if isinstance(module, nn.GroupNorm)} == {groups}
+    assert list(model.buffers()) == []
+
+
+def test_weight_standardisation_convolves_with_filters_of_zero_mean_and_unit_variance():
+    torch.manual_seed(0)
+    conv = StandardisedConv2d(4, 6, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(7).add_(3)  # far from standardised
+    standardised = conv.weight.detach().flatten(1)
+    standardised = (standardised - standardised.mean(1, keepdim=True)) / standardised.std(
+        1, unbiased=False, keepdim=True
+    )
+    assert torch.allclose(standardised.mean(1), torch.zeros(6), atol=1e-6)
+    assert torch.allclose(standardised.var(1, unbiased=False), torch.ones(6), atol=1e-4)
+    images = torch.randn(2, 4, 5, 5)
+    expected = nn.functional.conv2d(images, standardised.view_as(conv.weight), padding=1)
+    assert torch.allclose(conv(images), expected, atol=1e-4)
+    conv.weight.data.mul_(100)  # the filters' scale does not matter
+    assert torch.allclose(conv(images), expected, atol=1e-3)
+
+
+def renorm_beside_batchnorm(running_mean: torch.Tensor, running_var: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    """A BatchRenorm2d past its warm-up with these running statistics, and a BatchNorm2d with the same state."""
+    torch.manual_seed(0)
+    batchnorm, renorm = nn.BatchNorm2d(3), BatchRenorm2d(3)
+    with torch.no_grad():
+        batchnorm.weight.uniform_(0.5, 2)
+        batchnorm.bias.uniform_(-1, 1)
+        batchnorm.running_mean.copy_(running_mean)
+        batchnorm.running_var.copy_(running_var)
+        batchnorm.num_batches_tracked.fill_(RENORM_WARMUP)
+    renorm.load_state_dict(batchnorm.state_dict())
+    return batchnorm, renorm
+
+
+def test_batch_renorm_is_batchnorm_where_the_running_statistics_are_the_batchs():
+    images = torch.randn(16, 3, 4, 4) * torch.tensor([1.0, 2, 3]).view(1, 3, 1, 1) + 5
+    batchnorm, renorm = renorm_beside_batchnorm(images.mean((0, 2, 3)), images.var((0, 2, 3), unbiased=False))
+    ours, theirs = images.clone().requires_grad_(), images.clone().requires_grad_()
+    out, expected = renorm(ours), batchnorm(theirs)
+    assert torch.allclose(out, expected, atol=1e-4)
+    weights = torch.randn_like(out)  # a loss that weighs every output differently
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-4)
+    assert torch.allclose(renorm.weight.grad, batchnorm.weight.grad, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):  # the statistics move as BatchNorm's do
+        assert torch.allclose(getattr(renorm, name).float(), getattr(batchnorm, name).float(), atol=1e-5), name
+
+
+def test_batch_renorm_normalises_a_skewed_batch_with_the_running_statistics_within_its_bounds():
+    # a learner's batch of few classes: its mean and spread are off the federation's (running) ones
+    images = torch.randn(16, 3, 4, 4) * 1.5 + 0.5
+    batchnorm, renorm = renorm_beside_batchnorm(torch.zeros(3), torch.ones(3))
+    evaluated = batchnorm.eval()(images)  # what the model is evaluated with: the running statistics
+    assert torch.allclose(renorm.train()(images), evaluated, atol=1e-4)
+    assert not torch.allclose(batchnorm.train()(images), evaluated, atol=0.1)  # plain BatchNorm: the batch's
+    far = torch.randn(16, 3, 4, 4) + 100  # beyond d's bound: normalised as far as RENORM_D_MAX allows
+    shifted = (renorm(far) - renorm.bias.view(1, 3, 1, 1)) / renorm.weight.view(1, 3, 1, 1)
+    assert torch.allclose(shifted.mean((0, 2, 3)), torch.full((3,), RENORM_D_MAX), atol=1e-3)
+
+
+def test_batch_renorm_is_batchnorm_during_its_warm_up():
+    images = torch.randn(16, 3, 4, 4) * 2 + 1
+    batchnorm, renorm = renorm_beside_batchnorm(torch.zeros(3), torch.ones(3))
+    renorm.num_batches_tracked.fill_(RENORM_WARMUP - 1)
+    batchnorm.num_batches_tracked.fill_(RENORM_WARMUP - 1)
+    assert torch.allclose(renorm(images), batchnorm(images), atol=1e-5)
 
 
 # --- initial weights ---------------------------------------------------------------------------------------

@@ -292,6 +292,17 @@ def reading(cell: dict) -> str:
         return "-"
     reached = f"{cell['rounds_to_target']}, {cell['mb_to_target']:.1f} MB" if cell["rounds_to_target"] else "-"
     return f"{cell['accuracy']:.4f} ({reached})"
+def norm_rows(results: dict) -> Table:
+    result = results["norms"]
+    rows = [
+        [f"`{norm}`", f"{row['iid']:.4f}", f"{row['dirichlet 0.1']:.4f}", f"{row['skew_cost']:+.4f}"]
+        for norm, row in result["value"].items()
+    ]
+    note = (
+        f"FedSGD, {result['learners']} learners, {result['epochs']:g} epochs of the {result['dataset']} at "
+        f"{result['image_size']} px: final test accuracy; the skew's cost is IID minus Dirichlet 0.1."
+    )
+    return Table(rows, [note])
 
 
 def link_rows(results: dict) -> Table:
@@ -322,6 +333,7 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "time_to_accuracy": accuracy_rows,
     "strategies": strategy_rows,
     "non_iid": non_iid_rows,
+    "norms": norm_rows,
     "links": link_rows,
 }
 HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow them
@@ -355,6 +367,7 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
         "time / FedSGD's",
     ],
     "non_iid": ["partition", "fedsgd", "fedavg", "fedprox", "scaffold"],
+    "norms": ["--norm", "iid", "dirichlet 0.1", "skew's cost"],
     "links": [
         "run",
         "round (s)",

@@ -126,6 +126,22 @@ RECORDED = {
             )
         ],
     ),
+    "norms": Recorded(
+        "2026-12-05",
+        "python bench.py --only norms",
+        "a 2-core machine (Intel Xeon, no GPU) shared with other work, load average 13-16",
+        [
+            ["`batch`", "0.9638", "0.8830", "+0.0808"],
+            ["`group`", "0.5014", "0.3705", "+0.1309"],
+            ["`group-ws`", "0.9248", "0.7632", "+0.1616"],
+            ["`layer-ws`", "0.8635", "0.8440", "+0.0195"],
+            ["`renorm`", "0.9666", "0.9415", "+0.0251"],
+        ],
+        [
+            "FedSGD, 4 learners, 20 epochs of the digits at 8 px: final test accuracy; the skew's cost is IID minus "
+            "Dirichlet 0.1."
+        ],
+    ),
     "links": Recorded(
         "2026-11-30",
         "python bench.py --only links --out /tmp/bench-links",
