@@ -130,6 +130,8 @@ def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps_within_its
     assert Member.round_plan(member(20, 100)).local_steps == 4  # the last partial batch is dropped
     with pytest.raises(codec.PayloadError, match=r"12 local steps a round.*--max-local-steps"):
         Member.round_plan(member(48, 11))
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_a_learner_admits_a_state_of_every_norm_at_8_pixels(norm):
     # (its check is a forward pass on the meta device: a layer that asks its tensors' values fails there)

@@ -292,6 +292,8 @@ def reading(cell: dict) -> str:
         return "-"
     reached = f"{cell['rounds_to_target']}, {cell['mb_to_target']:.1f} MB" if cell["rounds_to_target"] else "-"
     return f"{cell['accuracy']:.4f} ({reached})"
+
+
 def norm_rows(results: dict) -> Table:
     result = results["norms"]
     rows = [
