@@ -97,6 +97,9 @@ class Flag:
     # importing torch (a strategy's own default)
     default_text: str | Callable[[], str] | None = None
     secret: bool = False  # never echoed (a token)
+    # a trajectory flag's value for checkpoints that predate it, where that is not its default (the flag
+    # changed what runs did before it existed)
+    predated: Any = None
 
 
 def option(default: Any, help: str, *, group: str, **flag: Any) -> Any:
@@ -127,6 +130,10 @@ class Field:
 
     def default_value(self) -> Any:
         return self.default.resolve() if isinstance(self.default, Lazy) else self.default
+
+    def predated_value(self) -> Any:
+        """The value of a checkpoint that predates the flag."""
+        return self.default_value() if self.flag.predated is None else self.flag.predated
 
     def default_description(self) -> str | None:
         """What --help and the reference say the default is; None where there is nothing to say (no default)."""
@@ -408,13 +415,13 @@ def trajectory(config: Any) -> dict[str, Any]:
 def resume_values(config_type: type, given: dict[str, Any], saved: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The flag values of a resumed run: the checkpoint's trajectory flags, then what the command line gave; and
     every trajectory flag given with a value other than the checkpoint's, described. A flag a checkpoint predates
-    takes its default, which is what runs before it existed did: a flag whose default changes must keep its old
-    value for such checkpoints."""
+    takes its predated value, or else its default: what runs before it existed did. A flag whose default changes
+    must keep its old value for such checkpoints."""
     values, conflicts = {}, []
     for field in fields(config_type):
         if not field.flag.trajectory:
             continue
-        recorded = saved[field.name] if field.name in saved else field.default_value()
+        recorded = saved[field.name] if field.name in saved else field.predated_value()
         values[field.name] = recorded
         if field.name in given and given[field.name] != recorded:
             conflicts.append(f"{field.option} {given[field.name]} (the checkpoint has {recorded})")
