@@ -27,6 +27,7 @@ KEYS = [
     "time_to_accuracy",
     "strategies",
     "non_iid",
+    "defaults",
     "links",
 ]  # results.json's keys, as ever
 
@@ -41,6 +42,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "time_to_accuracy",
         "strategies",
         "non_iid",
+        "defaults",
         "links",
     ]
 
@@ -216,6 +218,12 @@ def every_figure(tmp_path: Path) -> dict:
             "learners": 10,
             "epochs": 3,
             "dataset": "synthetic",
+        },
+        "defaults": {
+            "value": [{"setting": "synthetic", "strategy": "fedadam", "flags": "", "final_accuracy": 0.97}],
+            "synthetic_flags": "--dataset synthetic",
+            "digits_flags": "--dataset digits",
+            "learners": 2,
         },
         "links": {
             "value": {

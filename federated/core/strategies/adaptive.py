@@ -76,7 +76,7 @@ class Adaptive(LocalTraining):
 @registry.register("fedadagrad")
 class FedAdagrad(Adaptive):
     published_server_lr = 0.1
-    default_server_lr = 0.1
+    default_server_lr = 0.03  # 0.1, bias-corrected, stepped 0.1 per coordinate at first and never learned here
     corrects_second = False
 
     def second_moment(self, second: torch.Tensor, squared: torch.Tensor, beta2: float) -> None:
