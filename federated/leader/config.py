@@ -406,8 +406,9 @@ class LeaderConfig(SecurityFlags, Config):
     )
     no_bias_correction: bool = option(
         False,
-        "server optimizers with memory step without Adam's bias correction (Kingma and Ba 2015) of their moments, "
-        "as Reddi et al. 2021 and Hsu et al. 2019 wrote them: the first rounds' steps are then smaller",
+        "adaptive server optimizers step without Adam's bias correction (Kingma and Ba 2015) of their moments, as "
+        "Reddi et al. 2021 wrote them: the first steps are then (1 - beta1) / sqrt(1 - beta2) times the corrected "
+        "ones (FedAdam's and FedYogi's: 5 at the defaults)",
         group="strategy",
         scope=STRATEGY,
         trajectory=True,

@@ -1,6 +1,7 @@
-"""Adaptive server optimizers (Reddi et al. 2021, Algorithm 2, no bias correction, v starting at tau^2) on the mean
-pseudo-gradient g: m = beta1 m + (1 - beta1) g; then FedAdagrad v += g^2, FedAdam v = beta2 v + (1 - beta2) g^2,
-or FedYogi v -= (1 - beta2) g^2 sign(v - g^2); x -= lr m / (sqrt(v) + tau)."""
+"""Adaptive server optimizers (Reddi et al. 2021, Algorithm 2, v starting at tau^2) on the mean pseudo-gradient g:
+m = beta1 m + (1 - beta1) g; then FedAdagrad v += g^2, FedAdam v = beta2 v + (1 - beta2) g^2, or FedYogi
+v -= (1 - beta2) g^2 sign(v - g^2); x -= lr m / (sqrt(v) + tau), with Adam's bias correction of m and (FedAdam,
+FedYogi) v unless --no-bias-correction (the paper leaves it out)."""
 
 from typing import Any, ClassVar
 
