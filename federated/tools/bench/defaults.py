@@ -19,6 +19,7 @@ SWEEP: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fedadagrad", ("--server-lr", "0.1")),
     ("fedavgm", ()),
     ("fedadagrad", ()),
+    ("fedavg", ()),  # the reference
 )
 # The digits (real 8x8 images, at their own 8 pixels: faster, and nothing lost), 2 learners, 30 rounds
 DIGITS = ["--dataset", "digits", "--image-size", "8", "--local-steps", "8", "--rounds", "30"]

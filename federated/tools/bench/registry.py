@@ -185,9 +185,9 @@ FIGURES = (
         headline=False,
         target="every strategy ≥ 0.85 on the synthetic set; none below FedAvg by more than 0.02 on the digits",
         measures="the server optimizers' defaults: FedAvgM, FedAdagrad, FedAdam and FedYogi over server learning "
-        "rates, momenta and bias correction on the synthetic set (2 learners, 20 rounds of 8 local steps); then "
-        "each at its defaults against FedAvg on the digits, IID and Dirichlet 0.5 (2 learners, 30 rounds of 8 "
-        "local steps)",
+        "rates, momenta and bias correction on the synthetic set (2 learners, 20 rounds of 8 local steps), FedAvg "
+        "beside them; then each at its defaults against FedAvg on the digits, IID and Dirichlet 0.5 (2 learners, "
+        "30 rounds of 8 local steps)",
         params={"work": WORK},
     ),
     Figure(
