@@ -164,9 +164,15 @@ def _server_lr_text() -> str:
 
 
 def _server_momentum_text() -> str:
-    from federated.core.strategies.fedavg import DEFAULT_SERVER_MOMENTUM
+    from federated.core.strategies.fedavg import DEFAULT_SERVER_MOMENTUM, PUBLISHED_SERVER_MOMENTUM
 
-    return f"{DEFAULT_SERVER_MOMENTUM:g}"
+    return f"{DEFAULT_SERVER_MOMENTUM:g} ({PUBLISHED_SERVER_MOMENTUM:g} with --as-published)"
+
+
+def _beta1_text() -> str:
+    from federated.core.strategies.adaptive import DEFAULT_BETA1, PUBLISHED_BETA1
+
+    return f"{DEFAULT_BETA1:g} ({PUBLISHED_BETA1:g} with --as-published)"
 
 
 def _mu_text() -> str:
@@ -413,16 +419,38 @@ class LeaderConfig(SecurityFlags, Config):
         trajectory=True,
         default_text=_server_momentum_text,
     )
-    beta1: float = option(
-        0.9,
+    beta1: float | None = option(
+        None,
         "adaptive server optimizers' first-moment decay",
         group="strategy",
         bounds=FRACTION,
         scope=STRATEGY,
         trajectory=True,
+        default_text=_beta1_text,
     )
     beta2: float = option(
         0.99, "second-moment decay", group="strategy", bounds=FRACTION, scope=STRATEGY, trajectory=True
+    )
+    no_bias_correction: bool = option(
+        False,
+        "adaptive server optimizers step without Adam's bias correction (Kingma and Ba 2015) of their moments, as "
+        "Reddi et al. 2021 wrote them: the first steps are then (1 - beta1) / sqrt(1 - beta2) times the corrected "
+        "ones (FedAdam's and FedYogi's: 5 at the defaults)",
+        group="strategy",
+        scope=STRATEGY,
+        trajectory=True,
+        predated=True,
+    )
+    as_published: bool = option(
+        False,
+        "the server optimizers' defaults as their papers published them, tuned over hundreds of rounds: FedAvgM's "
+        "server momentum 0.9 (Hsu et al. 2019); FedAdagrad's, FedAdam's and FedYogi's --beta1 0.9 and server "
+        "learning rate 0.1, 0.01 and 0.01 (Reddi et al. 2021). Without it, defaults measured to train in 20 "
+        "rounds (docs/strategies.md)",
+        group="strategy",
+        scope=STRATEGY,
+        trajectory=True,
+        predated=True,
     )
     tau: float = option(
         1e-3,

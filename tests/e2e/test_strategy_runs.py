@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from federated.core import strategies
+from federated.leader.config import LeaderConfig
 from federated.tools import launch
 from tests.support.processes import (
+    SMALL_IMAGES,
     run_federation,
     start_hostile,
     start_leader,
@@ -12,20 +15,15 @@ from tests.support.processes import (
 )
 from tests.support.runs import logs, records
 
-# Each strategy with flags that reach 90 % within about 250 local steps of batch 32 on the synthetic set. The
-# papers' defaults for the server optimizers with memory (fedavgm, fedadam, fedyogi) need more rounds than a test
-# can afford. Only fedavg runs in `make test` (CI's time: the suite must stay well under 15 minutes on 2 cores);
-# the others are marked `long`, and `make test-long` runs them.
-RUNS = {
-    "fedavg": ["--local-steps", "40", "--rounds", "6"],
-    "fedprox": ["--local-steps", "40", "--rounds", "6"],
-    "scaffold": ["--local-steps", "40", "--rounds", "6"],
-    "fedavgm": ["--local-steps", "10", "--rounds", "24", "--server-momentum", "0.5"],
-    "fedadagrad": ["--local-steps", "10", "--rounds", "24"],
-    "fedadam": ["--local-steps", "10", "--rounds", "30", "--server-lr", "0.03"],
-    "fedyogi": ["--local-steps", "10", "--rounds", "30", "--server-lr", "0.03"],
-}
-LONG = {"fedprox", "scaffold", "fedavgm", "fedadagrad", "fedadam", "fedyogi"}
+# Each strategy at its defaults, as a user who names it and nothing else gets it (issue 17): 2 learners, 20 rounds
+# of 8 local steps of the default batch, must reach 85 %. FedAvgM and FedAdam, the server optimizers with memory
+# whose published defaults failed this (0.47 and 0.70), run in `make test` on 16-pixel images (SMALL_IMAGES: about
+# 4 times faster; 0.953 and 0.933 there, 62 and 80 s under a load average near 15); the others are marked `long`
+# and run at the synthetic set's 32 pixels (`make test-long`; `python bench.py --only defaults` measured 0.94-0.99
+# for the server optimizers there).
+DEFAULTS_RUN = ["--local-steps", "8", "--rounds", "20"]
+MAKE_TEST = {"fedavgm", "fedadam"}
+LOCAL_STRATEGIES = [name for name in strategies.names() if name != "fedsgd"]
 
 
 def final_accuracy(out) -> float:
@@ -33,17 +31,17 @@ def final_accuracy(out) -> float:
 
 
 @pytest.mark.parametrize(
-    "strategy", [pytest.param(name, marks=[pytest.mark.long] if name in LONG else []) for name in RUNS]
+    "strategy", [pytest.param(name, marks=[] if name in MAKE_TEST else [pytest.mark.long]) for name in LOCAL_STRATEGIES]
 )
-def test_every_strategy_trains_to_90_percent(tmp_path, strategy):
-    flags = RUNS[strategy]
-    codes = run_federation(tmp_path, 2, ["--strategy", strategy, *flags, "--batch-size", "32", "--warmup-epochs", "0"])
+def test_every_strategy_at_its_defaults_trains_to_85_percent_in_20_rounds_of_8_local_steps(tmp_path, strategy):
+    images = SMALL_IMAGES if strategy in MAKE_TEST else []
+    codes = run_federation(tmp_path, 2, ["--strategy", strategy, *DEFAULTS_RUN, *images])
     assert codes == [0, 0, 0], logs(tmp_path)
     rounds = [record for record in records(tmp_path) if "train_loss" in record]
-    steps, count = int(flags[1]), int(flags[3])
-    assert [record["samples"] for record in rounds] == [2 * steps * 32] * count  # both learners, every local step
+    batch = LeaderConfig().batch_size
+    assert [record["samples"] for record in rounds] == [2 * 8 * batch] * 20  # both learners, every local step
     assert not any("discarded" in record for record in rounds), logs(tmp_path)
-    assert final_accuracy(tmp_path) >= 0.90, logs(tmp_path)
+    assert final_accuracy(tmp_path) >= 0.85, logs(tmp_path)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["config"]["strategy"] == strategy
     assert ("control" in saved) == (strategy == "scaffold")

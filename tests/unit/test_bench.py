@@ -29,6 +29,7 @@ KEYS = [
     "strategies",
     "non_iid",
     "norms",
+    "defaults",
     "links",
 ]  # results.json's keys, as ever
 
@@ -44,6 +45,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "strategies",
         "non_iid",
         "norms",
+        "defaults",
         "links",
     ]
 
@@ -286,6 +288,12 @@ def every_figure(tmp_path: Path) -> dict:
             "epochs": 20,
             "image_size": 8,
             "dataset": "digits",
+        },
+        "defaults": {
+            "value": [{"setting": "synthetic", "strategy": "fedadam", "flags": "", "final_accuracy": 0.97}],
+            "synthetic_flags": "--dataset synthetic",
+            "digits_flags": "--dataset digits",
+            "learners": 2,
         },
         "links": {
             "value": {

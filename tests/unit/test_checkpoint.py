@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from federated.common import flags
+from federated.core import strategies
 from federated.leader import checkpoint
 from federated.learner import config as learner_config
 from federated.wire.messages import DataSummary
@@ -257,3 +258,25 @@ def test_a_checkpoint_that_predates_norm_resumes_with_batch_norm_even_on_a_skewe
     assert all(
         torch.equal(value, saved["model"][name]) for name, value in resumed.global_model.model.state_dict().items()
     )
+
+
+def test_a_fedadam_checkpoint_from_before_the_measured_defaults_resumes_with_the_papers_server_step(tmp_path):
+    # its trajectory: Reddi et al.'s Algorithm 2 as written (no bias correction) at their server lr; its beta1 0.9
+    # is recorded (issue 17 changed all three defaults)
+    shutil.copy(DATA / "checkpoint-fedadam-round7.pt", tmp_path / "checkpoint.pt")
+    resumed = leader_from(["--resume", str(tmp_path)]).strategy
+    assert (resumed.server_lr, resumed.bias_correction, resumed.beta1) == (0.01, False, 0.9)
+    new = strategies.named("fedadam")(leader_config(["--strategy", "fedadam"]))
+    assert (new.server_lr, new.bias_correction, new.beta1) == (0.03, True, 0.5)
+
+
+def test_a_fedavgm_checkpoint_from_before_the_measured_defaults_resumes_with_server_momentum_0_9():
+    older = {
+        key: value
+        for key, value in saved_config(strategy="fedavgm").items()
+        if key not in ("as_published", "no_bias_correction")
+    }
+    resumed = strategies.named("fedavgm")(leader_config(["--resume", "runs/x"], older))
+    new = strategies.named("fedavgm")(leader_config(["--strategy", "fedavgm"]))
+    assert (resumed.server_momentum, resumed.server_lr) == (0.9, pytest.approx(0.1))
+    assert (new.server_momentum, new.server_lr) == (0.5, 0.5)

@@ -137,12 +137,20 @@ def test_learners_on_identical_data_equal_one_process_doing_the_same_local_steps
 
 
 def by_hand(
-    rule: str, grads: list[torch.Tensor], x: torch.Tensor, lr: float, beta1: float, beta2: float, tau: float
+    rule: str,
+    grads: list[torch.Tensor],
+    x: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+    corrected: bool,
 ) -> torch.Tensor:
     """Reddi et al. 2021, Algorithm 2, written out: Delta = -g; m = b1 m + (1-b1) Delta; v per rule;
-    x = x + lr m / (sqrt(v) + tau); v starts at tau^2."""
+    x = x + lr m / (sqrt(v) + tau); v starts at tau^2. Corrected (Kingma and Ba 2015): m / (1 - b1^t) for m, and
+    v / (1 - b2^t) for v where v is a decaying mean (FedAdam's, FedYogi's; FedAdagrad's is a sum)."""
     m, v = torch.zeros_like(x), torch.full_like(x, tau**2)
-    for g in grads:
+    for t, g in enumerate(grads, start=1):
         delta = -g
         m = beta1 * m + (1 - beta1) * delta
         if rule == "fedadagrad":
@@ -151,23 +159,36 @@ def by_hand(
             v = beta2 * v + (1 - beta2) * delta**2
         else:
             v = v - (1 - beta2) * delta**2 * torch.sign(v - delta**2)
-        x = x + lr * m / (torch.sqrt(v) + tau)
+        if not corrected:
+            x = x + lr * m / (torch.sqrt(v) + tau)
+        else:
+            unbiased_v = v if rule == "fedadagrad" else v / (1 - beta2**t)
+            x = x + lr * (m / (1 - beta1**t)) / (torch.sqrt(unbiased_v) + tau)
     return x
 
 
+@pytest.mark.parametrize("corrected", [True, False], ids=["bias-corrected", "as-written"])
 @pytest.mark.parametrize("rule", ADAPTIVE)
-def test_adaptive_server_steps_follow_reddi_et_al_algorithm_2(rule):
+def test_adaptive_server_steps_follow_reddi_et_al_algorithm_2(rule, corrected):
     torch.manual_seed(0)
     x = torch.randn(5)
     grads = [torch.randn(5) for _ in range(3)]
     parameter = nn.Parameter(x.clone())
-    optimizer = ServerOptimizer(
-        [parameter], strategy_of(strategy=rule, server_lr=0.03, beta1=0.8, beta2=0.95, tau=0.01)
-    )
+    flags = {"server_lr": 0.03, "beta1": 0.8, "beta2": 0.95, "tau": 0.01, "no_bias_correction": not corrected}
+    optimizer = ServerOptimizer([parameter], strategy_of(strategy=rule, **flags))
     for g in grads:
         parameter.grad = g.clone()
         optimizer.step()
-    torch.testing.assert_close(parameter.detach(), by_hand(rule, grads, x, 0.03, 0.8, 0.95, 0.01))
+    torch.testing.assert_close(parameter.detach(), by_hand(rule, grads, x, 0.03, 0.8, 0.95, 0.01, corrected))
+
+
+def test_bias_corrected_fedadams_first_step_is_the_server_lr_times_the_sign_of_the_pseudo_gradient():
+    # m = 0.1 g and v = 0.001 g^2 + 0.99 tau^2, divided by 0.1 and 0.001: nearly g / |g|
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = ServerOptimizer([parameter], strategy_of(strategy="fedadam", server_lr=0.1, beta2=0.999))
+    parameter.grad = torch.tensor([4.0, -0.5, 0.3])
+    optimizer.step()
+    torch.testing.assert_close(parameter.detach(), torch.tensor([-0.1, 0.1, -0.1]), atol=0.1 * 0.01, rtol=0)
 
 
 def test_fedavgm_is_heavy_ball_on_pseudo_gradients_and_fedavg_a_plain_step():

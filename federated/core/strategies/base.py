@@ -237,6 +237,13 @@ class Proximal(LocalHooks):
                 grad.add_(weight - origin, alpha=self.mu)
 
 
+def bias_corrections(state: dict, *decays: float) -> list[float]:
+    """Count a server step in a parameter's optimizer state; 1 - decay^t for each decay at that step t (Kingma and
+    Ba 2015): a moment that started at zero and decays at that rate, divided by this, is unbiased."""
+    state["step"] = state.get("step", 0) + 1
+    return [1 - decay ** state["step"] for decay in decays]
+
+
 class ServerOptimizer(torch.optim.Optimizer):
     """A local-training strategy's server step, parameter by parameter (LocalTraining.server_update), on the
     round's mean pseudo-gradient held in each parameter's .grad."""

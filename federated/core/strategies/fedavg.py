@@ -8,7 +8,10 @@ import torch
 
 from federated.core.strategies.base import LocalTraining, registry
 
-DEFAULT_SERVER_MOMENTUM = 0.9
+# Hsu et al. 2019's server momentum, and the one measured to train in 20 rounds of 8 local steps (`python bench.py
+# --only defaults`: with 0.9 the test loss stayed far above the training loss, 1.70 against 0.81, and the
+# accuracy at 0.47, with or without a bias-corrected velocity)
+PUBLISHED_SERVER_MOMENTUM, DEFAULT_SERVER_MOMENTUM = 0.9, 0.5
 DEFAULT_MU = 0.01
 
 
@@ -21,7 +24,7 @@ class FedAvg(LocalTraining):
 class FedAvgM(FedAvg):
     """Server momentum: v = momentum v + g; x -= lr v."""
 
-    flags: ClassVar[tuple[str, ...]] = (*FedAvg.flags, "server_momentum")
+    flags: ClassVar[tuple[str, ...]] = (*FedAvg.flags, "server_momentum", "as_published")
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -29,7 +32,9 @@ class FedAvgM(FedAvg):
 
     @staticmethod
     def momentum_of(config: Any) -> float:
-        return DEFAULT_SERVER_MOMENTUM if config.server_momentum is None else config.server_momentum
+        if config.server_momentum is not None:
+            return config.server_momentum
+        return PUBLISHED_SERVER_MOMENTUM if config.as_published else DEFAULT_SERVER_MOMENTUM
 
     @classmethod
     def default_server_lr_of(cls, config: Any) -> float:

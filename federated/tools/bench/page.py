@@ -307,6 +307,24 @@ def norm_rows(results: dict) -> Table:
     return Table(rows, [note])
 
 
+def defaults_rows(results: dict) -> Table:
+    result = results["defaults"]
+    rows = [
+        [
+            row["setting"],
+            row["strategy"],
+            f"`{row['flags']}`" if row["flags"] else "its defaults",
+            f"{row['final_accuracy']:.4f}",
+        ]
+        for row in result["value"]
+    ]
+    note = (
+        f"Final test accuracy, {result['learners']} learners; every synthetic run with `{result['synthetic_flags']}`, "
+        f"every digits run with `{result['digits_flags']}`, each beside the row's flags."
+    )
+    return Table(rows, [note])
+
+
 def link_rows(results: dict) -> Table:
     result = results["links"]
     if result["value"] is None:
@@ -336,6 +354,7 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "strategies": strategy_rows,
     "non_iid": non_iid_rows,
     "norms": norm_rows,
+    "defaults": defaults_rows,
     "links": link_rows,
 }
 HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow them
@@ -370,6 +389,7 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
     ],
     "non_iid": ["partition", "fedsgd", "fedavg", "fedprox", "scaffold"],
     "norms": ["--norm", "iid", "dirichlet 0.1", "skew's cost"],
+    "defaults": ["setting", "strategy", "flags beside the setting's", "final accuracy"],
     "links": [
         "run",
         "round (s)",

@@ -142,6 +142,13 @@ RECORDED = {
             "Dirichlet 0.1."
         ],
     ),
+    "defaults": Recorded(
+        "2026-12-05",
+        "python bench.py --only defaults",
+        DEV,
+        [],
+        ["Never recorded by hand: the bench measured it first (issue 17)."],
+    ),
     "links": Recorded(
         "2026-11-30",
         "python bench.py --only links --out /tmp/bench-links",
