@@ -39,7 +39,8 @@ def test_help_groups_the_flags_says_defaults_one_way_and_which_strategies_read_t
     assert done.returncode == 0
     for group in ("data:", "model:", "strategy:", "schedule:", "timeouts:", "output:", "security:", "examples:"):
         assert f"\n{group}" in text, group
-    assert "server momentum (default: 0.5 (0.9 with" in " ".join(text.split())  # --server-momentum
+    unwrapped = "".join(text.split())  # (help wraps lines at spaces and after hyphens)
+    assert "servermomentum(default:0.5(0.9with--as-published))[onlywith--strategyfedavgm]" in unwrapped
     assert "one of fedsgd, fedavg, fedavgm, fedprox, fedadagrad, fedadam, fedyogi, scaffold" in " ".join(text.split())
     assert "default: None" not in text
 
