@@ -29,11 +29,16 @@ def losses(records: list[dict], through_round: int) -> tuple[list[float], list[f
     """The train losses of the rounds and the test losses of the global model's evaluations (the leader's where
     it has a test split, else the learners'), in order, up to through_round."""
     known = [r for r in records if r["round"] <= through_round]
-    train = [r["train_loss"] for r in known if r.get("train_loss") is not None and not math.isnan(r["train_loss"])]
-    evaluations = [r for r in known if "test_loss" in r]
+    train = [r["train_loss"] for r in known if given(r.get("train_loss"))]
+    evaluations = [r for r in known if given(r.get("test_loss"))]
     sources = {r.get("source", "leader") for r in evaluations}
     source = "leader" if "leader" in sources else "learners"
     return train, [r["test_loss"] for r in evaluations if r.get("source", "leader") == source]
+
+
+def given(loss: float | None) -> bool:
+    """Whether a recorded loss is a number: metrics.jsonl writes a NaN loss as null (None when read back)."""
+    return loss is not None and not math.isnan(loss)
 
 
 def not_learning(records: list[dict], through_round: int, suspects: str) -> str | None:

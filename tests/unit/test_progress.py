@@ -44,3 +44,11 @@ def test_the_check_reads_only_the_rounds_so_far_and_skips_losses_nobody_gave():
     later_fall = rounds(2.3, math.nan, 2.3, 2.3, 1.0)
     assert progress.not_learning([*later_fall[:1], {"round": 2, "train_loss": None}, *later_fall[2:]], 4, "x")
     assert progress.not_learning(later_fall, 5, "x") is None
+
+
+def test_a_test_loss_written_as_null_or_nan_is_skipped_like_a_train_loss():
+    # a NaN loss is written to metrics.jsonl as null: read back, it is None
+    null = lambda round_index: {**evaluation(round_index, 0.0), "test_loss": None}
+    flat = [*rounds(2.3, 2.3, 2.3, 2.3), null(1), evaluation(2, 2.3), evaluation(3, math.nan)]
+    assert progress.not_learning([*flat, null(4)], 4, "x") is not None
+    assert progress.not_learning([*flat, evaluation(4, 1.0)], 4, "x") is None
