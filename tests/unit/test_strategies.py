@@ -191,6 +191,34 @@ def test_bias_corrected_fedadams_first_step_is_the_server_lr_times_the_sign_of_t
     torch.testing.assert_close(parameter.detach(), torch.tensor([-0.1, 0.1, -0.1]), atol=0.1 * 0.01, rtol=0)
 
 
+def guarded_server_step(rule: str) -> tuple[nn.Module, torch.Tensor, torch.optim.Optimizer, GuardedStep]:
+    """A small model, its flat mean gradient and its server optimizer's guarded step, as the leader holds them."""
+    model = small_net()
+    layout = GradientLayout(model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    optimizer = strategy_of(strategy=rule, server_lr=0.03).make_optimizer(model)
+    return model, mean, optimizer, GuardedStep(model, layout, optimizer)
+
+
+@pytest.mark.parametrize("rule", ADAPTIVE)
+def test_a_refused_server_step_leaves_the_optimizer_as_it_was_its_step_counter_too(rule):
+    refused, plain = guarded_server_step(rule), guarded_server_step(rule)
+    size = refused[1].numel()
+    honest = [torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 0.01 for seed in (1, 2)]
+    overflowing = torch.full((size,), 1e30)  # g^2 overflows: Inf in the second moment, refused
+    for updates, (model, mean, optimizer, step) in [
+        ([overflowing, honest[0], overflowing, overflowing, honest[1]], refused),
+        (honest, plain),
+    ]:
+        for update in updates:
+            mean.copy_(update)
+            outcome = step(mean, lr=0.03)
+            assert (outcome is None) == (update is not overflowing), outcome
+    assert str(refused[2].state_dict()) == str(plain[2].state_dict())
+    assert_same_parameters(refused[0], plain[0])
+
+
 def test_fedavgm_is_heavy_ball_on_pseudo_gradients_and_fedavg_a_plain_step():
     x, grads = torch.tensor([1.0, -2.0]), [torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 2.0])]
     momentum = nn.Parameter(x.clone())
