@@ -234,6 +234,19 @@ def test_a_refused_server_step_leaves_the_optimizer_as_it_was_its_step_counter_t
     assert_same_parameters(model, unrefused_model)
 
 
+@pytest.mark.parametrize(
+    ("rule", "at_tau", "at_ten_tau"), [("fedadam", 1 / 11, 0.662), ("fedadagrad", 1 / 2.414, 0.906)]
+)
+def test_the_bias_corrected_first_step_is_the_server_lr_only_well_above_ten_tau(rule, at_tau, at_ten_tau):
+    # v starts at tau^2 and FedAdam's correction divides that too: lr g / (sqrt(g^2 + 99 tau^2) + tau) (docs)
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = ServerOptimizer([parameter], strategy_of(strategy=rule))
+    tau, lr = LeaderConfig().tau, optimizer.strategy.server_lr
+    parameter.grad = torch.tensor([tau, 10 * tau, 1.0])
+    optimizer.step()
+    torch.testing.assert_close(-parameter.detach() / lr, torch.tensor([at_tau, at_ten_tau, 1.0]), atol=2e-3, rtol=0)
+
+
 def test_fedavgm_is_heavy_ball_on_pseudo_gradients_and_fedavg_a_plain_step():
     x, grads = torch.tensor([1.0, -2.0]), [torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 2.0])]
     momentum = nn.Parameter(x.clone())
