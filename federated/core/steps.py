@@ -64,6 +64,7 @@ class GuardedStep:
         saved = self._floats()
         before = self._flatten("before", saved.values())
         counters = [counter.clone() for counter in self.layout.counters]
+        entries = {p: dict(state) for p, state in self.optimizer.state.items()}  # its tensors restored with saved
         apply_mean_gradient(self.layout, self.optimizer, mean, lr, batches)
         floats = self._floats()
         after = self._flatten("after", floats.values())
@@ -74,7 +75,7 @@ class GuardedStep:
             else self._wire_problem(after) or self._change_problem(before, after, lr)
         )
         if problem:
-            self._restore(saved, before, counters)
+            self._restore(saved, before, counters, entries)
         return problem
 
     def _floats(self) -> dict[str, torch.Tensor]:
@@ -136,12 +137,22 @@ class GuardedStep:
         return None
 
     @torch.no_grad()
-    def _restore(self, saved: dict[str, torch.Tensor], before: torch.Tensor, counters: list[torch.Tensor]) -> None:
+    def _restore(
+        self,
+        saved: dict[str, torch.Tensor],
+        before: torch.Tensor,
+        counters: list[torch.Tensor],
+        entries: dict[torch.Tensor, dict],
+    ) -> None:
+        """Leave the model and the optimizer exactly as before the step: tensors copied back, and the optimizer's
+        entries as they were (the moments a step created dropped, and a step counter, which bias correction reads,
+        not advanced by a step never taken)."""
         for tensor, copy in zip(saved.values(), before.split([t.numel() for t in saved.values()])):
             tensor.copy_(copy.view_as(tensor))
         for counter, count in zip(self.layout.counters, counters):
             counter.copy_(count)
-        for state in self.optimizer.state.values():  # optimizer state the step created goes again
-            for key in OPTIMIZER_STATE:
-                if key in state and not any(state[key] is tensor for tensor in saved.values()):
-                    del state[key]
+        for parameter in list(self.optimizer.state):
+            if parameter in entries:
+                self.optimizer.state[parameter] = entries[parameter]
+            else:
+                del self.optimizer.state[parameter]

@@ -435,7 +435,9 @@ class LeaderConfig(SecurityFlags, Config):
         False,
         "adaptive server optimizers step without Adam's bias correction (Kingma and Ba 2015) of their moments, as "
         "Reddi et al. 2021 wrote them: the first steps are then (1 - beta1) / sqrt(1 - beta2) times the corrected "
-        "ones (FedAdam's and FedYogi's: 5 at the defaults)",
+        "ones (FedAdam's and FedYogi's: 5 at the defaults). Implied by --as-published. Corrected, the first step is "
+        "lr g / (sqrt(g^2 + 99 tau^2) + tau) per coordinate for FedAdam (FedYogi's about the same, FedAdagrad's "
+        "g^2 + tau^2): the server lr only where |g| is well above 10 tau",
         group="strategy",
         scope=STRATEGY,
         trajectory=True,
@@ -445,8 +447,9 @@ class LeaderConfig(SecurityFlags, Config):
         False,
         "the server optimizers' defaults as their papers published them, tuned over hundreds of rounds: FedAvgM's "
         "server momentum 0.9 (Hsu et al. 2019); FedAdagrad's, FedAdam's and FedYogi's --beta1 0.9 and server "
-        "learning rate 0.1, 0.01 and 0.01 (Reddi et al. 2021). Without it, defaults measured to train in 20 "
-        "rounds (docs/strategies.md)",
+        "learning rate 0.1, 0.01 and 0.01, and no bias correction (their Algorithm 2, Reddi et al. 2021); for the "
+        "bias-corrected step at those values, give --beta1 and --server-lr without --as-published. Without it, "
+        "defaults measured to train in 20 rounds (docs/strategies.md)",
         group="strategy",
         scope=STRATEGY,
         trajectory=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from federated.tools.bench import cli, page, recorded, registry
+from federated.tools.bench import cli, defaults, page, recorded, registry
 from federated.tools.bench.federations import Progress
 from federated.tools.bench.links import link_row
 from federated.tools.bench.non_iid import partition_table
@@ -193,6 +193,19 @@ def non_iid_curves() -> dict[str, list]:
         )
         for name, (mb, accuracies) in made_up.items()
     }
+
+
+def test_the_defaults_sweep_reruns_its_rows_with_the_batch_norm_they_were_measured_with(tmp_path, monkeypatch):
+    runs = []
+
+    def federation_run(out, learners, leader_flags):
+        runs.append(leader_flags)
+        return [{"test_accuracy": 0.9}], None
+
+    monkeypatch.setattr(defaults, "federation_run", federation_run)
+    rows = defaults.defaults_sweep(tmp_path)["value"]
+    assert len(runs) == len(rows) == len(defaults.SWEEP) + len(defaults.CONFIRMED) * len(defaults.DIGITS_PARTITIONS)
+    assert all(flags[flags.index("--norm") + 1] == "batch" for flags in runs)  # not auto's renorm under skew
 
 
 def test_the_non_iid_table_reads_each_run_at_its_end_and_at_the_cheapest_runs_megabytes():

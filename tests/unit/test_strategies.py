@@ -182,6 +182,22 @@ def test_adaptive_server_steps_follow_reddi_et_al_algorithm_2(rule, corrected):
     torch.testing.assert_close(parameter.detach(), by_hand(rule, grads, x, 0.03, 0.8, 0.95, 0.01, corrected))
 
 
+@pytest.mark.parametrize("rule", ADAPTIVE)
+def test_as_published_steps_as_the_paper_wrote_without_bias_correction_at_its_values(rule):
+    torch.manual_seed(0)
+    x = torch.randn(5)
+    grads = [torch.randn(5) for _ in range(3)]
+    parameter = nn.Parameter(x.clone())
+    strategy = strategy_of(strategy=rule, as_published=True)
+    optimizer = ServerOptimizer([parameter], strategy)
+    for g in grads:
+        parameter.grad = g.clone()
+        optimizer.step()
+    lr = strategy.published_server_lr
+    torch.testing.assert_close(parameter.detach(), by_hand(rule, grads, x, lr, 0.9, 0.99, 1e-3, corrected=False))
+    assert "no bias correction" in strategy.describe(0.1)
+
+
 def test_bias_corrected_fedadams_first_step_is_the_server_lr_times_the_sign_of_the_pseudo_gradient():
     # m = 0.1 g and v = 0.001 g^2 + 0.99 tau^2, divided by 0.1 and 0.001: nearly g / |g|
     parameter = nn.Parameter(torch.zeros(3))
@@ -189,6 +205,46 @@ def test_bias_corrected_fedadams_first_step_is_the_server_lr_times_the_sign_of_t
     parameter.grad = torch.tensor([4.0, -0.5, 0.3])
     optimizer.step()
     torch.testing.assert_close(parameter.detach(), torch.tensor([-0.1, 0.1, -0.1]), atol=0.1 * 0.01, rtol=0)
+
+
+def guarded_server_steps(rule: str, updates: list[torch.Tensor]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small model and its server optimizer after the leader's guarded steps on these mean updates; each
+    update of 1e30 is refused, the others applied."""
+    model = small_net()
+    layout = GradientLayout(model)
+    mean = torch.zeros(layout.size)
+    layout.bind_gradients(mean)
+    optimizer = strategy_of(strategy=rule, server_lr=0.03).make_optimizer(model)
+    step = GuardedStep(model, layout, optimizer)
+    for update in updates:
+        mean.copy_(update)
+        outcome = step(mean, lr=0.03)
+        assert (outcome is None) == (update[0] < 1e30), outcome
+    return model, optimizer
+
+
+@pytest.mark.parametrize("rule", ADAPTIVE)
+def test_a_refused_server_step_leaves_the_optimizer_as_it_was_its_step_counter_too(rule):
+    size = GradientLayout(small_net()).size
+    honest = [torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 0.01 for seed in (1, 2)]
+    overflowing = torch.full((size,), 1e30)  # g^2 overflows: Inf in the second moment, refused
+    model, optimizer = guarded_server_steps(rule, [overflowing, honest[0], overflowing, overflowing, honest[1]])
+    unrefused_model, unrefused_optimizer = guarded_server_steps(rule, honest)
+    assert str(optimizer.state_dict()) == str(unrefused_optimizer.state_dict())  # no step counted for a refusal
+    assert_same_parameters(model, unrefused_model)
+
+
+@pytest.mark.parametrize(
+    ("rule", "at_tau", "at_ten_tau"), [("fedadam", 1 / 11, 0.662), ("fedadagrad", 1 / 2.414, 0.906)]
+)
+def test_the_bias_corrected_first_step_is_the_server_lr_only_well_above_ten_tau(rule, at_tau, at_ten_tau):
+    # v starts at tau^2 and FedAdam's correction divides that too: lr g / (sqrt(g^2 + 99 tau^2) + tau) (docs)
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = ServerOptimizer([parameter], strategy_of(strategy=rule))
+    tau, lr = LeaderConfig().tau, optimizer.strategy.server_lr
+    parameter.grad = torch.tensor([tau, 10 * tau, 1.0])
+    optimizer.step()
+    torch.testing.assert_close(-parameter.detach() / lr, torch.tensor([at_tau, at_ten_tau, 1.0]), atol=2e-3, rtol=0)
 
 
 def test_fedavgm_is_heavy_ball_on_pseudo_gradients_and_fedavg_a_plain_step():

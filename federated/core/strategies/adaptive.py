@@ -1,7 +1,13 @@
 """Adaptive server optimizers (Reddi et al. 2021, Algorithm 2, v starting at tau^2) on the mean pseudo-gradient g:
 m = beta1 m + (1 - beta1) g; then FedAdagrad v += g^2, FedAdam v = beta2 v + (1 - beta2) g^2, or FedYogi
 v -= (1 - beta2) g^2 sign(v - g^2); x -= lr m / (sqrt(v) + tau), with Adam's bias correction of m and (FedAdam,
-FedYogi) v unless --no-bias-correction (the paper leaves it out)."""
+FedYogi) v unless --no-bias-correction or --as-published (the paper leaves it out).
+
+Bias-corrected, the first step moves a coordinate by lr g / (sqrt(v_hat) + tau), where v_hat is g^2 + tau^2
+(FedAdagrad), g^2 + beta2 / (1 - beta2) tau^2 (FedAdam: g^2 + 99 tau^2 at beta2 0.99) or, for |g| > tau, g^2 +
+tau^2 / (1 - beta2) (FedYogi: g^2 + 100 tau^2): the correction divides the tau^2 that v starts at too. So the step
+is the server lr only where |g| is well above 10 tau (0.01 at the defaults; tau for FedAdagrad): at |g| = tau it is
+lr / 11 for FedAdam and FedYogi and lr / 2.4 for FedAdagrad."""
 
 from typing import Any, ClassVar
 
@@ -44,7 +50,7 @@ class Adaptive(LocalTraining):
         super().__init__(config)
         self.beta1 = config.beta1 if config.beta1 is not None else self.default_beta1_of(config)
         self.beta2, self.tau = config.beta2, config.tau
-        self.bias_correction = not config.no_bias_correction
+        self.bias_correction = not (config.no_bias_correction or config.as_published)  # the papers ran none
 
     def optimizer_settings(self) -> dict[str, float]:
         return {"lr": self.server_lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
