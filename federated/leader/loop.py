@@ -207,8 +207,9 @@ class RoundLoop:
             self.sampler,
             self.federation.participants,
             # the classes the model tells apart: the dataset's where --num-classes was left out, as checkpoints
-            # have always recorded, so that a resume may repeat the number
-            {**flags.trajectory(self.config), "num_classes": model.info.num_classes},
+            # have always recorded, so that a resume may repeat the number; and the norm the model was built with,
+            # --norm auto resolved, so that a resume builds that layer class whatever auto picks by then
+            {**flags.trajectory(self.config), "num_classes": model.info.num_classes, "norm": model.info.norm},
             facts.record() if facts else None,
         )
         checkpoint.save_atomically(state, self.out / "checkpoint.pt")

@@ -102,12 +102,16 @@ class Replica:
 
     def adopt(self, state: codec.Payload, fetched: bool = True) -> None:
         """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there).
-        SCAFFOLD: its server control, and the leader's word on the control change of this learner's last update."""
+        SCAFFOLD: its server control, and the leader's word on the control change of this learner's last update.
+        PayloadError for a state of another norm: batch and renorm (and the group norms) hold the same tensors,
+        so the spec passes it, but this model would go on training its own layer class."""
+        info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
+        if info.norm != self.info.norm:
+            raise codec.PayloadError(f"the leader changed its norm from {self.info.norm} to {info.norm} during the run")
         if fetched:
             adopt_state(self.model, state, self.spec)
         else:
             load_state(self.model, state)
-        info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
         self.round, self.plan = info.round, info.plan
         self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
         if strategies.named(self.plan.strategy).controls != (self.controls is not None):

@@ -10,9 +10,10 @@ import torch
 from federated.common import flags
 from federated.core import strategies
 from federated.leader import checkpoint
+from federated.leader import config as leader_flags
 from federated.learner import config as learner_config
 from federated.wire.messages import DataSummary
-from model import SKEWED_NORM
+from model import SKEWED_NORM, BatchRenorm2d
 from tests.support.live import leader_config, leader_from
 from tests.support.processes import ROOT
 
@@ -244,6 +245,18 @@ def test_a_server_optimizers_moments_and_scaffolds_control_written_before_the_la
 )
 def test_norm_auto_is_batch_norm_unless_the_partition_skews_the_labels(given, norm):
     assert leader_config(["--dataset", "synthetic", *given]).model_norm == norm
+
+
+def test_a_checkpoint_records_the_norm_auto_resolved_to_and_a_resume_builds_that_whatever_auto_picks_now(
+    tmp_path, monkeypatch
+):
+    skewed = ["--dataset", "synthetic", "--partition", "dirichlet", "--alpha", "0.1", "--out", str(tmp_path)]
+    leader_from(skewed).rounds.save_checkpoint(0)
+    assert checkpoint.load(tmp_path)["config"]["norm"] == SKEWED_NORM
+    monkeypatch.setattr(leader_flags, "LABEL_SKEWED", ())  # auto would now pick batch norm for this partition
+    resumed = leader_from(["--resume", str(tmp_path)])
+    assert resumed.config.model_norm == resumed.global_model.info.norm == SKEWED_NORM
+    assert any(isinstance(module, BatchRenorm2d) for module in resumed.global_model.model.modules())
 
 
 def test_a_checkpoint_that_predates_norm_resumes_with_batch_norm_even_on_a_skewed_partition(tmp_path):

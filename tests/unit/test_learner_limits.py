@@ -1,6 +1,6 @@
 """A learner's own bounds on what its leader asks of it (a hostile leader's state, plan or shard refused from its
-header, naming the flag that would allow it, before anything is buffered or built), and seeds and rounds that no
-longer overflow torch's generators."""
+header, naming the flag that would allow it, before anything is buffered or built), a state of another norm than
+its model's, and seeds and rounds that no longer overflow torch's generators."""
 
 import json
 import math
@@ -15,8 +15,9 @@ from federated.core.layout import wire_state
 from federated.core.plan import MAX_SEED, TrainingPlan
 from federated.learner.app import Member
 from federated.learner.limits import GIB, Limits
+from federated.learner.state import Replica
 from federated.wire import codec, messages
-from model import NORMS, build_model
+from model import NORMS, SKEWED_NORM, build_model
 from tests.support.live import learner_config
 
 RESNET20 = codec.spec_of(wire_state(build_model("resnet20"), torch.float32))
@@ -137,3 +138,17 @@ def test_a_learner_admits_a_state_of_every_norm_at_8_pixels(norm):
     # (its check is a forward pass on the meta device: a layer that asks its tensors' values fails there)
     model = build_model("resnet20", 10, norm)
     limits().admit_state(state_metadata(norm=norm, image_size=8), codec.spec_of(wire_state(model, torch.float32)))
+
+
+@pytest.mark.parametrize("first, then", [("batch", SKEWED_NORM), ("group", "layer-ws")])
+def test_a_learner_refuses_a_state_of_another_norm_than_its_models_though_the_tensors_are_the_same(first, then):
+    # a leader resumed with another --norm: the same tensor names and shapes, another layer class to train
+    model = build_model("resnet20", 10, first)
+    state = lambda norm: codec.decode(
+        codec.encode(wire_state(model, torch.float32), {**state_metadata(norm=norm), "round": "1"})
+    )
+    replica = Replica(state(first), "cpu")
+    replica.adopt(state(first), fetched=False)
+    for fetched in (True, False):
+        with pytest.raises(codec.PayloadError, match=f"changed its norm from {first} to {then}"):
+            replica.adopt(state(then), fetched)

@@ -15,6 +15,7 @@ from model import (
     GROUPS,
     NORMS,
     RENORM_D_MAX,
+    RENORM_R_MAX,
     RENORM_WARMUP,
     TOO_SMALL_INPUTS,
     WS_GROUPS,
@@ -235,6 +236,29 @@ def test_batch_renorm_normalises_a_skewed_batch_with_the_running_statistics_with
     far = torch.randn(16, 3, 4, 4) + 100  # beyond d's bound: normalised as far as RENORM_D_MAX allows
     shifted = (renorm(far) - renorm.bias.view(1, 3, 1, 1)) / renorm.weight.view(1, 3, 1, 1)
     assert torch.allclose(shifted.mean((0, 2, 3)), torch.full((3,), RENORM_D_MAX), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "running_mean, running_var, spread, centre",
+    [
+        (0.0, 1e12, 1 / RENORM_R_MAX, 0.0),  # a variance grown 1000 times a round, for a few rounds
+        (0.0, 1e-12, RENORM_R_MAX, RENORM_D_MAX),  # the batch's mean, 0.5, is 5e5 running deviations off
+        (1e6, 1.0, 1.0, -RENORM_D_MAX),
+        (-1e6, 1.0, 1.0, RENORM_D_MAX),
+    ],
+)
+def test_hostile_running_statistics_bend_a_renorm_learners_training_only_as_far_as_r_and_d_allow(
+    running_mean, running_var, spread, centre
+):
+    # Under renorm the running statistics (a hostile learner's, averaged in) shape every learner's training, not
+    # only evaluation: each channel's normalised batch is scaled by r and shifted by d, no further.
+    images = torch.randn(64, 3, 4, 4) + 0.5
+    _, renorm = renorm_beside_batchnorm(torch.full((3,), running_mean), torch.full((3,), running_var))
+    normalised = (renorm.train()(images) - renorm.bias.view(1, 3, 1, 1)) / renorm.weight.view(1, 3, 1, 1)
+    batch_std = images.std((0, 2, 3), unbiased=False)
+    expected_spread = torch.full((3,), spread) if spread != 1.0 else batch_std  # r = the batch's std / 1
+    assert torch.allclose(normalised.std((0, 2, 3), unbiased=False), expected_spread, atol=1e-3)
+    assert torch.allclose(normalised.mean((0, 2, 3)), torch.full((3,), centre), atol=1e-3)
 
 
 def test_batch_renorm_is_batchnorm_during_its_warm_up():
