@@ -7,6 +7,9 @@ from dataclasses import dataclass, replace
 MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
 MAX_SEED = 2**32 - 1  # a run's --seed, as a state carries it: 32 bits, like numpy's seeds
+# --local-epochs, and a state's local_epochs: passes over a shard a round (McMahan et al. tried up to 20); with
+# shards of at most 2^32 images, steps_for_epochs stays a finite number of steps below 2^42
+MAX_LOCAL_EPOCHS = 1e3
 LOCAL_STEPS_PER = ("federation", "learner")  # --local-steps-per: the same steps for all, or each its own shard's
 
 
@@ -44,5 +47,6 @@ def steps_per_epoch(shard_size: int, batch_size: int) -> int:
 
 
 def steps_for_epochs(epochs: float, epoch_steps: int) -> int:
-    """Local steps for `epochs` passes of epoch_steps batches each (at least one)."""
-    return max(1, round(epochs * epoch_steps))
+    """Local steps for `epochs` passes of epoch_steps batches each (at least one; epochs saturate at
+    MAX_LOCAL_EPOCHS, so that no value makes the count infinite)."""
+    return max(1, round(min(epochs, MAX_LOCAL_EPOCHS) * epoch_steps))

@@ -34,6 +34,7 @@ from federated.core.plan import (
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
     MAX_LEARNERS,
+    MAX_LOCAL_EPOCHS,
     MAX_MU,
     MAX_SEED,
     MAX_WEIGHT_DECAY,
@@ -358,9 +359,10 @@ class LeaderConfig(SecurityFlags, Config):
     )
     local_epochs: float | None = option(
         None,
-        "passes over its data each learner makes per round",
+        "passes over the data a round: over the typical shard, the same local steps for every learner (or, "
+        "with --local-steps-per learner, over each learner's own shard)",
         group="strategy",
-        bounds=POSITIVE,
+        bounds=Bounds(0, MAX_LOCAL_EPOCHS, low_open=True),
         scope=STRATEGY,
         trajectory=True,
         default_text=_local_epochs_text,

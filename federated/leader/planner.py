@@ -3,7 +3,7 @@ the global model is evaluated and checkpointed."""
 
 import logging
 
-from federated.core.plan import TrainingPlan
+from federated.core.plan import TrainingPlan, steps_for_epochs, steps_per_epoch
 from federated.core.schedule import Schedule
 from federated.core.strategies import Strategy
 from federated.leader.config import LeaderConfig
@@ -38,8 +38,9 @@ class Planner:
         learners' own epochs as many as they make on its shard (the schedule's where its size is unknown)."""
         if shard_size is None:
             return self.schedule.steps_per_round
-        uniform = TrainingPlan(local_steps=self.schedule.steps_per_round, local_epochs=self.strategy.own_epochs)
-        return uniform.for_shard(shard_size, self.config.batch_size).local_steps
+        if not self.strategy.own_epochs:
+            return self.schedule.steps_per_round
+        return steps_for_epochs(self.strategy.own_epochs, steps_per_epoch(shard_size, self.config.batch_size))
 
     def evaluation_due(self, rounds_done: int) -> bool:
         """Whether the state after rounds_done gets evaluated (at the end, each epoch's end, every --eval-every)."""

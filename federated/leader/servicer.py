@@ -12,7 +12,7 @@ import grpc
 
 from federated.leader import evaluation
 from federated.leader.collector import RoundCollector
-from federated.leader.data import Shards
+from federated.leader.data import Shards, believed_shard_size
 from federated.leader.federation import Federation
 from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
@@ -232,9 +232,12 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         for; raises PayloadError."""
         claims = messages.UpdateInfo.from_payload(payload)
         strategy, steps = self.global_model.strategy, self.planner.schedule.steps_per_round
+        shard_size = self.shard_size(member.learner_id)
         if strategy.own_epochs:  # each learner's steps are its own shard's, as this leader knows its size
-            steps = self.planner.steps_of(self.shard_size(member.learner_id))
+            steps = self.planner.steps_of(shard_size)
         batch_size = self.planner.config.batch_size
+        if shard_size is not None:  # a shard smaller than a batch is one smaller batch
+            batch_size = min(batch_size, shard_size)
         if claims.learner_id != member.learner_id:
             raise codec.PayloadError(
                 f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}"
@@ -255,11 +258,14 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def shard_size(self, learner_id: int) -> int | None:
         """The training images a learner holds as this leader knows it: the shard it sent, or the number the
-        learner registered with (a leader without data); None when neither is known."""
+        learner registered with, believed up to a few typical shards (a leader without data, data.py's
+        believed_shard_size); None when neither is known."""
         if self.shards is not None:
             return len(self.shards.indices[learner_id])
-        summary = self.registry.summaries().get(learner_id)
-        return summary.train_samples if summary else None
+        summary, facts = self.registry.summaries().get(learner_id), self.planner.facts
+        if summary is None or facts is None:  # (no facts: not settled, nobody trains yet)
+            return None
+        return believed_shard_size(summary.train_samples, facts.shard_size)
 
 
 def same_host(address: str, peer: str | None) -> bool:

@@ -52,8 +52,15 @@ class Member:
         # local data first: the registration summarises it (the leader never sees the images)
         self.summary = None if own is None else messages.DataSummary.of(own, len(self.held_out) if self.held_out else 0)
         self.learner_id = self.register(deadline)
-        self.data = self.fetch_shard() if own is None else own
+        self.hold(self.fetch_shard() if own is None else own)
         self.sent_round = -1  # the round of the last update sent
+
+    def hold(self, data: utils.ImageSet) -> None:
+        """Train on data from now on: the states this learner admits are checked on its size, the one it holds
+        already too (PayloadError: more local steps on it than --max-local-steps allows)."""
+        self.data = data
+        self.session.limits.held(len(data))
+        self.session.limits.check_plan(self.replica.plan, self.replica.info.batch_size)
 
     def register(self, deadline: float) -> int:
         """Register (again, with the credential of the last registration to take its slot back); its id."""
@@ -78,20 +85,19 @@ class Member:
         if self.learner_id != previous:
             self.replica.forget_own_controls()
             if not self.config.dataset:
-                self.data = self.fetch_shard()
+                self.hold(self.fetch_shard())
 
     def round_plan(self) -> TrainingPlan:
         """The replica's plan as this learner follows it: with the leader's local epochs, as many steps as they
-        make on its own data; PayloadError when that is more than it takes (--max-local-steps)."""
-        plan = self.replica.plan.for_shard(len(self.data), self.replica.info.batch_size)
-        self.session.limits.check_plan(plan)
-        return plan
+        make on its own data (within --max-local-steps: each state was checked on it when admitted)."""
+        return self.replica.plan.for_shard(len(self.data), self.replica.info.batch_size)
 
-    def send_update(self, round_index: int, loss: float) -> None:
-        """Send the round's update (the replica's update vector) with what it claims: samples, loss, kind, steps.
-        An update that holds NaN or Inf (as it travels) is not sent: only the leader's state, trained on this
-        learner's data, makes one, and the leader would refuse it; the learner sits the round out."""
-        replica, plan = self.replica, self.round_plan()
+    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
+        """Send the round's update (the replica's update vector, trained by plan: round_plan's) with what it claims:
+        samples, loss, kind, steps. An update that holds NaN or Inf (as it travels) is not sent: only the leader's
+        state, trained on this learner's data, makes one, and the leader would refuse it; the learner sits the
+        round out."""
+        replica = self.replica
         self.sent_round = round_index
         tensors = replica.update_tensors()
         if problem := first_problem(tensors.items()):
@@ -143,7 +149,7 @@ class Member:
         update (the strategy's local_update), then the next state."""
         replica, inbox = self.replica, self.server.inbox
         batches = Batches(self.data, replica.info.batch_size, replica.info.seed, self.learner_id, replica.device)
-        version, compute_seconds, round_seconds, computed_rounds = 0, 0.0, 0.0, 0
+        version, compute_seconds, round_seconds, computed_rounds, images = 0, 0.0, 0.0, 0, 0
         pushed = inbox.take(version, timeout=0)  # a state pushed since the one fetched, on joining
         while True:  # every wait inside is bounded (--wait-timeout); the leader's final state ends it
             if pushed is not None:
@@ -161,18 +167,18 @@ class Member:
                 plan = self.round_plan()
                 loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
                 compute_seconds += time.perf_counter() - round_started
-                self.send_update(replica.round, loss)
+                self.send_update(replica.round, loss, plan)
                 started = time.perf_counter()  # the next batch does not depend on the new weights
                 batches.at((replica.round + 1) * plan.local_steps, replica.mean, replica.std)
                 compute_seconds += time.perf_counter() - started
                 computed_rounds += 1
+                images += replica.info.batch_size * plan.local_steps
             # With sampling, a learner gets a state only when it is drawn: it waits as long as the leader counts it in.
             sampled = replica.plan.participants is not None
             awaited = "a round to take part in" if sampled else f"the state of round {replica.round + 1}"
             pushed = self.session.wait_until(partial(inbox.take, version), awaited, bounded=not sampled)
             round_seconds += time.perf_counter() - round_started
             if computed_rounds and messages.round_of(pushed[1]) % self.config.log_every == 0:
-                images = computed_rounds * replica.info.batch_size * self.round_plan().local_steps
                 log.info(
                     "round %d: loss %.4f, %.0f images/s computing, %.1f ms a round sending and waiting",
                     messages.round_of(pushed[1]),
@@ -180,7 +186,7 @@ class Member:
                     images / compute_seconds,
                     (round_seconds - compute_seconds) / computed_rounds * 1000,
                 )
-                compute_seconds, round_seconds, computed_rounds = 0.0, 0.0, 0
+                compute_seconds, round_seconds, computed_rounds, images = 0.0, 0.0, 0, 0
 
     def evaluate_final(self, state: codec.Payload) -> None:
         """The leader's last state, when it asks to be evaluated: take it, evaluate and report."""

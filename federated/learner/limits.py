@@ -99,16 +99,17 @@ def image_bytes(count: int, image_size: int) -> int:
     return count * (3 * image_size * image_size + 8)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Limits:
-    """This learner's bounds on what its leader asks of it (its --max-* flags), and the images of its own it will
-    load at the leader's size."""
+    """This learner's bounds on what its leader asks of it (its --max-* flags), the images of its own it will
+    load at the leader's size, and the training images it holds once it knows them (held)."""
 
     image_size: int
     batch_size: int
     local_steps: int
     memory: int  # bytes
     local_images: int = 0
+    training_images: int = 0  # its own training images or its shard's (0: not known yet), set by held
 
     @classmethod
     def of(cls, config: LearnerConfig, local_images: int = 0) -> "Limits":
@@ -125,9 +126,17 @@ class Limits:
         """The most bytes to buffer of one model state or shard."""
         return min(self.memory, MAX_BUFFER_BYTES)
 
-    def check_plan(self, plan: TrainingPlan) -> None:
-        """PayloadError when a round's plan asks for more local steps than this learner takes."""
-        beyond(plan.local_steps, self.local_steps, f"{plan.local_steps} local steps a round", "--max-local-steps")
+    def held(self, training_images: int) -> None:
+        """The training images this learner holds are known: plans are checked on them from now on."""
+        self.training_images = training_images
+
+    def check_plan(self, plan: TrainingPlan, batch_size: int) -> None:
+        """PayloadError when a round's plan asks for more local steps than this learner takes: with the leader's
+        local epochs, as many as they make on the training images it holds (once it knows them)."""
+        unknown = plan.local_epochs and not self.training_images  # checked once held
+        steps = 0 if unknown else plan.for_shard(self.training_images, batch_size).local_steps
+        epochs = f" ({plan.local_epochs:g} passes over its {self.training_images} images)" if plan.local_epochs else ""
+        beyond(steps, self.local_steps, f"{steps} local steps a round{epochs}", "--max-local-steps")
 
     def check_memory(self, need: Need, what: str) -> None:
         """PayloadError when what the leader asks (what) needs more memory than this learner may use."""
@@ -148,7 +157,7 @@ class Limits:
         size = info.image_size
         beyond(size, self.image_size, f"images of {size}x{size} pixels", "--max-image-size")
         beyond(info.batch_size, self.batch_size, f"batches of {info.batch_size} images", "--max-batch-size")
-        self.check_plan(info.plan)
+        self.check_plan(info.plan, info.batch_size)
         need = training_need(info, described)
         own = f" on its {self.local_images} images" if self.local_images else ""
         self.check_memory(

@@ -127,7 +127,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
             codec.check_matches(payload, self.state_spec)
             round_index = messages.round_of(payload)
             if not messages.is_final(payload):  # a final state carries no plan
-                self.limits.check_plan(messages.plan_from_metadata(payload.metadata))
+                plan = messages.plan_from_metadata(payload.metadata)
+                # (the batch counts only with local epochs: what the article's leader pushes need not name it)
+                batch_size = codec.metadata_int(payload.metadata, "batch_size", 1) if plan.local_epochs else 1
+                self.limits.check_plan(plan, batch_size)
         except codec.PayloadError as error:
             log.warning("rejected a model state: %s", error)
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")

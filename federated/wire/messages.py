@@ -17,6 +17,7 @@ from federated.core.plan import (
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
     MAX_LEARNERS,
+    MAX_LOCAL_EPOCHS,
     MAX_MU,
     MAX_SEED,
     MAX_WEIGHT_DECAY,
@@ -131,7 +132,7 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         _float(metadata, "mu", high=MAX_MU),
         chosen,
         evaluate,
-        _float(metadata, "local_epochs", 0.0),
+        _float(metadata, "local_epochs", 0.0, high=MAX_LOCAL_EPOCHS),
     )
 
 

@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from federated.common import runtime
+from federated.core.plan import TrainingPlan
 from federated.learner import app as learner
 from federated.learner import config as learner_flags
 from federated.learner.config import LearnerConfig
@@ -29,14 +30,14 @@ STREAMS = 20
 
 
 class Freeloader(learner.Member):
-    def send_update(self, round_index: int, loss: float) -> None:
+    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         pass
 
 
 class Flipper(learner.Member):
-    def send_update(self, round_index: int, loss: float) -> None:
+    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         self.replica.gradient[: self.replica.layout.parameter_count].mul_(-10)
-        super().send_update(round_index, loss)
+        super().send_update(round_index, loss, plan)
 
 
 class HostileLearner(learner.Member):
@@ -60,11 +61,11 @@ class HostileLearner(learner.Member):
             self.stalled_gradient_calls,
         ]
 
-    def send_update(self, round_index: int, loss: float) -> None:
+    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         if self.attacks:
             attack = self.attacks.pop(0)
             print(f"ATTACK {attack.__name__}: {attack(round_index)}", flush=True)
-        super().send_update(round_index, loss)
+        super().send_update(round_index, loss, plan)
 
     def send(self, chunk: bytes, credential: str | None) -> str:
         try:

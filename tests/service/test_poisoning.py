@@ -71,7 +71,8 @@ def test_a_learner_commits_its_control_change_only_for_an_applied_round(scaffold
             replica.gradient[:] = 1e-3
             replica.gradient[replica.layout.controls] = 1e-3 / LR - model.strategy.control
             change = replica.gradient[replica.layout.controls].clone()
-            learner.send_update(round_index, loss=1.0)  # taken: its control change awaits the leader's word
+            # taken: its control change awaits the leader's word
+            learner.send_update(round_index, 1.0, learner.round_plan())
             live.accumulate(live.gradient(1, tensors=scaffold_update(live, poison), **PSEUDO), hostile)
             live.leader.collector.close(model.mean_gradient)
             discarded = model.step(LR)
@@ -134,7 +135,7 @@ def test_a_learner_whose_update_the_global_model_makes_non_finite_sits_the_round
         live.leader.registry.take_joiners()
         learner.replica.gradient.fill_(float("nan"))  # what a poisoned state gives on this learner's data
         with caplog.at_level(logging.WARNING, logger="learner"):
-            learner.send_update(0, loss=float("nan"))  # no GradientRefused: it goes on
+            learner.send_update(0, float("nan"), learner.round_plan())  # no GradientRefused: it goes on
         assert "sits this round out" in caplog.text and live.leader.collector.reported() == 0
         assert learner.sent_round == 0  # the same state pushed again is no new round for it
     finally:

@@ -421,6 +421,14 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         "a plan beyond --max-local-steps": codec.encode(
             state, {"round": "1", **messages.plan_to_metadata(TrainingPlan("fedavg", 10**17, 0.1))}
         ),
+        "own epochs beyond --max-local-steps on its shard": codec.encode(
+            state,
+            {
+                "round": "1",
+                "batch_size": "1",
+                **messages.plan_to_metadata(TrainingPlan("fedavg", 1, 0.1, local_epochs=1000.0)),
+            },
+        ),
         "huge header": codec.encode(state, {"round": "1", "padding": " " * (1 << 20)}),  # refused unparsed
     }
     before = [t.clone() for t in learner.replica.model.state_dict().values()]
@@ -428,6 +436,7 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         reply = stub.SyncModelState(learner_pb2.ModelState(chunk=chunk), timeout=10, metadata=leader_call(learner))
         assert not reply.success and "rejected" in reply.message, case
         assert case != "huge header" or "exceeds the" in reply.message, reply.message
+        assert not case.startswith("own epochs") or "passes over its" in reply.message, reply.message
     assert all(torch.equal(a, b) for a, b in zip(before, learner.replica.model.state_dict().values()))
     assert learner.server.inbox.take(0, timeout=0) is None
     good = codec.encode(state, {"round": "1"})
@@ -469,7 +478,7 @@ def test_a_learner_whose_gradient_is_refused_says_so(live, live_learner):
     with pytest.raises(
         learner_session.GradientRefused, match="refused this learner's update for round 0: INVALID_ARGUMENT"
     ):
-        learner.send_update(0, loss=1.0)
+        learner.send_update(0, 1.0, learner.round_plan())
 
 
 def test_learner_serves_health_checks_and_its_session(live_learner):

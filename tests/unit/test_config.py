@@ -20,3 +20,10 @@ def test_every_flag_has_help_a_group_and_a_default_that_satisfies_its_bounds(con
         assert field.flag.help and field.flag.group, field.name
         bounds, default = field.bounds(), field.default_value()
         assert default is None or bounds is None or bounds.holds(default), field.name
+
+
+def test_local_epochs_says_which_shard_it_counts_passes_over_and_is_bounded():
+    # (it once said "passes over its data each learner makes", false in the default federation mode)
+    (field,) = [field for field in flags.fields(LeaderConfig) if field.name == "local_epochs"]
+    assert "over the typical shard" in field.flag.help and "each learner's own shard" in field.flag.help
+    assert not field.bounds().holds(1001)  # MAX_LOCAL_EPOCHS: what a learner takes

@@ -12,7 +12,7 @@ import torch
 
 import utils
 from federated.core.layout import wire_state
-from federated.core.plan import MAX_SEED, TrainingPlan
+from federated.core.plan import MAX_SEED, TrainingPlan, steps_for_epochs
 from federated.learner.app import Member
 from federated.learner.limits import GIB, Limits
 from federated.learner.state import Replica
@@ -120,17 +120,41 @@ def test_a_final_state_of_gigabytes_is_refused_from_its_header_whatever_max_memo
         codec.receive(header_only(final, huge), learner.buffer, True, learner.admit_state)
 
 
-def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps_within_its_max_local_steps():
+def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps():
     plan = TrainingPlan("fedavg", 10, 0.1, local_epochs=2.0)  # 10: the typical shard's steps
-    member = lambda images, most: SimpleNamespace(
-        replica=SimpleNamespace(plan=plan, info=SimpleNamespace(batch_size=8)),
-        data=range(images),
-        session=SimpleNamespace(limits=Limits(32, 64, most, GIB)),
+    member = lambda images: SimpleNamespace(
+        replica=SimpleNamespace(plan=plan, info=SimpleNamespace(batch_size=8)), data=range(images)
     )
-    assert Member.round_plan(member(48, 100)).local_steps == 12  # 2 passes of 48 / 8 batches
-    assert Member.round_plan(member(20, 100)).local_steps == 4  # the last partial batch is dropped
-    with pytest.raises(codec.PayloadError, match=r"12 local steps a round.*--max-local-steps"):
-        Member.round_plan(member(48, 11))
+    assert Member.round_plan(member(48)).local_steps == 12  # 2 passes of 48 / 8 batches
+    assert Member.round_plan(member(20)).local_steps == 4  # the last partial batch is dropped
+
+
+def own_epochs_state(epochs: str) -> dict[str, str]:
+    return state_metadata(**messages.plan_to_metadata(TrainingPlan("fedavg", 10, 0.1)), local_epochs=epochs)
+
+
+@pytest.mark.parametrize("epochs", ["inf", "1e309", "1001"])
+def test_a_state_asking_for_infinite_or_absurd_local_epochs_is_refused_from_its_header(epochs):
+    with pytest.raises(codec.PayloadError, match="'local_epochs' must be a number from 0 to 1000"):
+        limits().admit_state(own_epochs_state(epochs), RESNET20)
+    assert steps_for_epochs(math.inf, 10) == 10_000  # saturates at MAX_LOCAL_EPOCHS passes: no OverflowError
+
+
+def test_own_epochs_beyond_max_local_steps_on_the_learners_shard_refuse_the_state_when_admitted():
+    learner = limits("--max-local-steps", "11", "--max-memory", "64")
+    learner.admit_state(own_epochs_state("2.0"), RESNET20)  # its shard not known yet: checked once held
+    learner.held(48 * 64)  # 2 passes over 48 batches of 64: 96 steps
+    with pytest.raises(codec.PayloadError, match=r"96 local steps a round \(2 passes over its 3072 images\).*--max"):
+        learner.admit_state(own_epochs_state("2.0"), RESNET20)
+    # the state a learner holds when it gets its data (a shard from the leader) is checked then, not mid-run
+    member = SimpleNamespace(
+        replica=SimpleNamespace(
+            plan=messages.plan_from_metadata(own_epochs_state("2.0")), info=SimpleNamespace(batch_size=64)
+        ),
+        session=SimpleNamespace(limits=limits("--max-local-steps", "11")),
+    )
+    with pytest.raises(codec.PayloadError, match=r"96 local steps a round.*--max-local-steps"):
+        Member.hold(member, range(48 * 64))
 
 
 @pytest.mark.parametrize("norm", NORMS)

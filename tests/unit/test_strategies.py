@@ -37,6 +37,7 @@ from federated.leader.planner import Planner
 from federated.leader.registry import Member
 from federated.leader.servicer import LeaderServicer
 from federated.learner import state as learner_state
+from federated.learner.app import Member as LearnerMember
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo, UpdateInfo
 from tests.support.live import leader_from
@@ -669,7 +670,8 @@ def claims_checker(**flags) -> LeaderServicer:
     strategy = strategy_of(**flags)
     planner = Planner(run, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
     global_model = SimpleNamespace(strategy=strategy, layout=SimpleNamespace(spec={}))  # what the claims' check reads
-    return LeaderServicer(None, None, global_model, None, planner, None, None)
+    registry = SimpleNamespace(summaries=dict)  # nobody registered data of its own: a leader with data
+    return LeaderServicer(registry, None, global_model, None, planner, None, None)
 
 
 @pytest.mark.parametrize(
@@ -721,6 +723,61 @@ def test_with_own_epochs_the_leader_holds_each_learner_to_its_own_shards_steps_a
         check(0, UpdateInfo(0, 0, 33, 1.0, "pseudo-gradient", steps=4))
 
 
+def check_of(checker: LeaderServicer):
+    return lambda learner, claims: checker.check_claims(
+        codec.decode(codec.encode({}, claims.to_metadata())), Member(learner, "", "", 1)
+    )
+
+
+def test_a_leader_without_data_believes_a_registered_shard_up_to_4_typical_shards():
+    checker = own_epochs_checker("registrations")
+    checker.planner.settle(DataFacts([0.5] * 3, [0.25] * 3, 16))  # the typical learner holds 16 images
+    summaries = {0: SimpleNamespace(train_samples=16), 1: SimpleNamespace(train_samples=2**32)}
+    checker.registry = SimpleNamespace(summaries=lambda: summaries)
+    check, liar = check_of(checker), UpdateInfo(1, 0, 8 * 2**30, 1.0, "pseudo-gradient", steps=2**30)
+    # 2^32 images claimed at registration: believed up to 4 x 16, so 2 passes of 64 / 8 batches, 16 steps
+    with pytest.raises(codec.PayloadError, match="steps 1073741824 exceeds the 16 local steps this leader asks"):
+        check(1, liar)
+    most = UpdateInfo(1, 0, 128, 1.0, "pseudo-gradient", steps=16)
+    assert check(1, most) == most  # weighs 128 samples: 4 typical learners' 32
+
+
+def test_a_learner_whose_shard_is_smaller_than_a_batch_claims_at_most_its_shard_a_step():
+    checker = claims_checker(strategy="fedavg", local_steps=10, batch_size=8)
+    checker.shards = SimpleNamespace(indices=[torch.arange(4)])  # the leader sent it 4 images
+    with pytest.raises(codec.PayloadError, match="samples 80 exceeds the batch of 4 this leader asks for times 10"):
+        check_of(checker)(0, UpdateInfo(0, 0, 80, 1.0, "pseudo-gradient", steps=10))
+    honest = UpdateInfo(0, 0, 40, 1.0, "pseudo-gradient", steps=10)
+    assert check_of(checker)(0, honest) == honest
+
+
+def test_scaffold_and_infinite_local_epochs_are_refused_as_flags(capsys):
+    with pytest.raises(SystemExit):
+        configure(["--strategy", "scaffold", "--local-steps-per", "learner", "--local-epochs", "2"])
+    assert "scaffold checks its control against the same local steps for every learner" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        configure(["--strategy", "fedavg", "--local-epochs", "1001"])
+
+
+def claimed_samples(shard_size: int, plan: TrainingPlan) -> int:
+    """The samples the update of a learner holding shard_size images claims (Member.send_update), as sent."""
+    sent = []
+    member = SimpleNamespace(
+        learner_id=0,
+        data=range(shard_size),
+        replica=SimpleNamespace(
+            info=SimpleNamespace(batch_size=8),
+            strategy=strategies.named(plan.strategy),
+            update_tensors=lambda: {"w": torch.zeros(2)},
+            update_taken=lambda round_index: None,
+        ),
+        session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),
+        server=SimpleNamespace(inbox=SimpleNamespace(has_final=lambda: False)),
+    )
+    LearnerMember.send_update(member, 0, 1.0, plan)
+    return UpdateInfo.from_payload(codec.decode(sent[0].chunk)).samples
+
+
 def test_with_own_epochs_each_learner_takes_n_k_over_b_steps_and_the_mean_weighs_its_update_by_n_k():
     run = configure(
         [
@@ -750,7 +807,7 @@ def test_with_own_epochs_each_learner_takes_n_k_over_b_steps_and_the_mean_weighs
     for learner, batches in shards.items():
         passes = batches * 2  # each learner goes through its own shard twice
         flat, _ = local_pseudo_gradient(model, passes, plans[learner])
-        updates.add([flat], 8 * plans[learner].local_steps, 0.0)  # the samples a learner claims (Member.send_update)
+        updates.add([flat], claimed_samples(8 * len(batches), plans[learner]), 0.0)  # as the learner claims
         decayed = lambda index, p, origin: 5e-4 * p if p.dim() > 1 else 0.0  # weight decay on weights, not biases
         by_hand += 8 * len(batches) * (w0 - manual_steps(model, passes, 0.1, decayed))
     updates.combine_into(mean)

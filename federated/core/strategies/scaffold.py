@@ -138,6 +138,16 @@ class Scaffold(FedAvg):
     controls: ClassVar[bool] = True
     control: torch.Tensor
 
+    @classmethod
+    def problems(cls, config: Any) -> list[str]:
+        problems = super().problems(config)
+        if config.local_steps_per == "learner":  # check_control's bound is per step of the round's one K
+            problems.append(
+                "scaffold checks its control against the same local steps for every learner: not "
+                "--local-steps-per learner"
+            )
+        return problems
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.control = torch.zeros(0)  # sized for the model by bind
