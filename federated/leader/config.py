@@ -673,6 +673,8 @@ def configure(given: CommandLine, saved: dict[str, Any] | None = None) -> Leader
     command line gave; SystemExit saying what to change when the result makes no sense."""
     values, changed = dict(given.values), given.given
     if saved is not None:  # (refusals of a resume exit 1, as they always did; those of a new run 2, as argparse's)
+        if values.get("norm") == AUTO_NORM:  # a checkpoint records the norm auto picked: repeating auto keeps it
+            del values["norm"]
         values, conflicts = resume_values(LeaderConfig, values, saved)
         if conflicts:
             refuse(

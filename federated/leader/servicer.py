@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 
@@ -229,7 +230,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def check_claims(self, payload: codec.Payload, member: Member) -> messages.UpdateInfo:
         """What an update claims (its slot, kind, samples and steps), checked against what this leader asked
-        for; raises PayloadError."""
+        for, its samples held to what it believes the learner holds (weighed_samples); raises PayloadError."""
         claims = messages.UpdateInfo.from_payload(payload)
         strategy, steps = self.global_model.strategy, self.planner.schedule.steps_per_round
         shard_size = self.shard_size(member.learner_id)
@@ -254,18 +255,29 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 f"metadata samples {claims.samples} exceeds the batch of {batch_size} this leader "
                 f"asks for{'' if claims.steps == 1 else f' times {claims.steps} steps'}"
             )
-        return claims
+        return replace(claims, samples=self.weighed_samples(member.learner_id, claims.samples))
 
     def shard_size(self, learner_id: int) -> int | None:
         """The training images a learner holds as this leader knows it: the shard it sent, or the number the
-        learner registered with, believed up to a few typical shards (a leader without data, data.py's
-        believed_shard_size); None when neither is known."""
+        learner registered with (a leader without data); None when neither is known."""
         if self.shards is not None:
             return len(self.shards.indices[learner_id])
-        summary, facts = self.registry.summaries().get(learner_id), self.planner.facts
-        if summary is None or facts is None:  # (no facts: not settled, nobody trains yet)
+        summary = self.registry.summaries().get(learner_id)
+        if summary is None or self.planner.facts is None:  # (no facts: not settled, nobody trains yet)
             return None
-        return believed_shard_size(summary.train_samples, facts.shard_size)
+        return summary.train_samples
+
+    def weighed_samples(self, learner_id: int, claimed: int) -> int:
+        """The most samples a learner's update weighs: what it claimed, except that with each learner's own
+        epochs a leader without data, which cannot check the size a learner registered, weighs the update of a
+        learner registered with more than MAX_SHARD_FACTOR typical shards as if it held that many (data.py's
+        believed_shard_size). Its steps are still its own: an honest large learner takes part, weighed less."""
+        shard_size = self.shard_size(learner_id)
+        facts = self.planner.facts
+        if not self.global_model.strategy.own_epochs or self.shards is not None or shard_size is None or not facts:
+            return claimed
+        believed = believed_shard_size(shard_size, facts.shard_size)
+        return min(claimed, min(self.planner.config.batch_size, believed) * self.planner.steps_of(believed))
 
 
 def same_host(address: str, peer: str | None) -> bool:

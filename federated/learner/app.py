@@ -89,8 +89,13 @@ class Member:
 
     def round_plan(self) -> TrainingPlan:
         """The replica's plan as this learner follows it: with the leader's local epochs, as many steps as they
-        make on its own data (within --max-local-steps: each state was checked on it when admitted)."""
-        return self.replica.plan.for_shard(len(self.data), self.replica.info.batch_size)
+        make on its own data; PayloadError when that is more than --max-local-steps allows. States are checked when
+        admitted, but on the batch size and data known then (a state pushed before the shard came, or naming
+        another batch size than the one this learner trains with, was checked on less): this is the check on what
+        the round will really do."""
+        batch_size = self.replica.info.batch_size
+        self.session.limits.check_plan(self.replica.plan, batch_size)
+        return self.replica.plan.for_shard(len(self.data), batch_size)
 
     def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         """Send the round's update (the replica's update vector, trained by plan: round_plan's) with what it claims:

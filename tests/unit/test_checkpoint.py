@@ -257,6 +257,8 @@ def test_a_checkpoint_records_the_norm_auto_resolved_to_and_a_resume_builds_that
     resumed = leader_from(["--resume", str(tmp_path)])
     assert resumed.config.model_norm == resumed.global_model.info.norm == SKEWED_NORM
     assert any(isinstance(module, BatchRenorm2d) for module in resumed.global_model.model.modules())
+    # repeating --norm auto on the resume is no change: it keeps what auto picked when the run started
+    assert leader_from(["--resume", str(tmp_path), "--norm", "auto"]).config.model_norm == SKEWED_NORM
 
 
 def test_a_checkpoint_that_predates_norm_resumes_with_batch_norm_even_on_a_skewed_partition(tmp_path):

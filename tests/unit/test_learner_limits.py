@@ -120,13 +120,24 @@ def test_a_final_state_of_gigabytes_is_refused_from_its_header_whatever_max_memo
         codec.receive(header_only(final, huge), learner.buffer, True, learner.admit_state)
 
 
-def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps():
+def test_with_the_leaders_own_epochs_a_learner_takes_its_shards_steps_within_its_max_local_steps():
     plan = TrainingPlan("fedavg", 10, 0.1, local_epochs=2.0)  # 10: the typical shard's steps
-    member = lambda images: SimpleNamespace(
-        replica=SimpleNamespace(plan=plan, info=SimpleNamespace(batch_size=8)), data=range(images)
+    member = lambda images, most: SimpleNamespace(
+        replica=SimpleNamespace(plan=plan, info=SimpleNamespace(batch_size=8)),
+        data=range(images),
+        session=SimpleNamespace(limits=held(limits("--max-local-steps", str(most)), images)),
     )
-    assert Member.round_plan(member(48)).local_steps == 12  # 2 passes of 48 / 8 batches
-    assert Member.round_plan(member(20)).local_steps == 4  # the last partial batch is dropped
+    assert Member.round_plan(member(48, 100)).local_steps == 12  # 2 passes of 48 / 8 batches
+    assert Member.round_plan(member(20, 100)).local_steps == 4  # the last partial batch is dropped
+    # whatever a state was admitted on (a push before the shard came, or naming a larger batch size), the round
+    # is checked on the batch size and data it trains with
+    with pytest.raises(codec.PayloadError, match=r"12 local steps a round.*--max-local-steps"):
+        Member.round_plan(member(48, 11))
+
+
+def held(learner: Limits, images: int) -> Limits:
+    learner.held(images)
+    return learner
 
 
 def own_epochs_state(epochs: str) -> dict[str, str]:

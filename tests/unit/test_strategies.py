@@ -729,17 +729,23 @@ def check_of(checker: LeaderServicer):
     )
 
 
-def test_a_leader_without_data_believes_a_registered_shard_up_to_4_typical_shards():
+def test_a_leader_without_data_weighs_a_registered_shard_up_to_4_typical_shards_and_keeps_large_learners():
     checker = own_epochs_checker("registrations")
     checker.planner.settle(DataFacts([0.5] * 3, [0.25] * 3, 16))  # the typical learner holds 16 images
     summaries = {0: SimpleNamespace(train_samples=16), 1: SimpleNamespace(train_samples=2**32)}
+    summaries[2] = SimpleNamespace(train_samples=80)  # an honest learner of 5 typical shards
     checker.registry = SimpleNamespace(summaries=lambda: summaries)
-    check, liar = check_of(checker), UpdateInfo(1, 0, 8 * 2**30, 1.0, "pseudo-gradient", steps=2**30)
-    # 2^32 images claimed at registration: believed up to 4 x 16, so 2 passes of 64 / 8 batches, 16 steps
-    with pytest.raises(codec.PayloadError, match="steps 1073741824 exceeds the 16 local steps this leader asks"):
-        check(1, liar)
-    most = UpdateInfo(1, 0, 128, 1.0, "pseudo-gradient", steps=16)
-    assert check(1, most) == most  # weighs 128 samples: 4 typical learners' 32
+    check = check_of(checker)
+    # 2^32 images claimed at registration: its steps are its own (2 passes of 2^32 / 8 batches), but it weighs
+    # as 4 typical learners: 2 passes of 4 x 16 images
+    liar = check(1, UpdateInfo(1, 0, 8 * 2**30, 1.0, "pseudo-gradient", steps=2**30))
+    assert (liar.steps, liar.samples) == (2**30, 128)
+    with pytest.raises(codec.PayloadError, match="steps 1073741825 exceeds the 1073741824 local steps"):
+        check(1, UpdateInfo(1, 0, 8 * 2**30, 1.0, "pseudo-gradient", steps=2**30 + 1))
+    large = check(2, UpdateInfo(2, 0, 160, 1.0, "pseudo-gradient", steps=20))  # honest: 2 passes of 80 / 8
+    assert (large.steps, large.samples) == (20, 128)  # taken, weighed as 4 typical learners
+    typical = UpdateInfo(0, 0, 32, 1.0, "pseudo-gradient", steps=4)
+    assert check(0, typical) == typical
 
 
 def test_a_learner_whose_shard_is_smaller_than_a_batch_claims_at_most_its_shard_a_step():
