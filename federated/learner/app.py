@@ -52,15 +52,15 @@ class Member:
         # local data first: the registration summarises it (the leader never sees the images)
         self.summary = None if own is None else messages.DataSummary.of(own, len(self.held_out) if self.held_out else 0)
         self.learner_id = self.register(deadline)
-        self.hold(self.fetch_shard() if own is None else own)
+        self.data = self.hold(self.fetch_shard() if own is None else own)
         self.sent_round = -1  # the round of the last update sent
 
-    def hold(self, data: utils.ImageSet) -> None:
-        """Train on data from now on: the states this learner admits are checked on its size, the one it holds
+    def hold(self, data: utils.ImageSet) -> utils.ImageSet:
+        """data, to train on from now on: the states this learner admits are checked on its size, the one it holds
         already too (PayloadError: more local steps on it than --max-local-steps allows)."""
-        self.data = data
         self.session.limits.held(len(data))
         self.session.limits.check_plan(self.replica.plan, self.replica.info.batch_size)
+        return data
 
     def register(self, deadline: float) -> int:
         """Register (again, with the credential of the last registration to take its slot back); its id."""
@@ -85,7 +85,7 @@ class Member:
         if self.learner_id != previous:
             self.replica.forget_own_controls()
             if not self.config.dataset:
-                self.hold(self.fetch_shard())
+                self.data = self.hold(self.fetch_shard())
 
     def round_plan(self) -> TrainingPlan:
         """The replica's plan as this learner follows it: with the leader's local epochs, as many steps as they

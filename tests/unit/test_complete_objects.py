@@ -28,12 +28,23 @@ def self_attributes(function: ast.FunctionDef) -> set[str]:
     return assigned
 
 
+def dataclass_fields(cls: ast.ClassDef) -> set[str]:
+    """The fields a dataclass's generated __init__ sets (its annotated class attributes); none for other classes."""
+    decorators = {ast.unparse(decorator).split("(")[0] for decorator in cls.decorator_list}
+    if not decorators & {"dataclass", "dataclasses.dataclass"}:
+        return set()
+    return {
+        node.target.id for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+
+
 def attributes_set_late(source: str) -> dict[str, set[str]]:
-    """For each class of source, the attributes its methods other than __init__ set and __init__ does not."""
+    """For each class of source, the attributes its methods other than __init__ set and __init__ does not (a
+    dataclass's __init__ sets its fields)."""
     late = {}
     for cls in (node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)):
         methods = [node for node in cls.body if isinstance(node, ast.FunctionDef)]
-        at_init = set().union(*(self_attributes(m) for m in methods if m.name == "__init__"))
+        at_init = dataclass_fields(cls).union(*(self_attributes(m) for m in methods if m.name == "__init__"))
         later = set().union(*(self_attributes(m) for m in methods if m.name != "__init__")) - at_init
         if later:
             late[cls.name] = later
@@ -50,3 +61,16 @@ def test_the_check_sees_an_attribute_first_set_after_construction():
         "class Half:\n    def __init__(self):\n        self.a = 1\n    def connect(self):\n        self.model = 2\n"
     )
     assert attributes_set_late(source) == {"Half": {"model"}}
+
+
+def test_a_dataclass_field_set_later_is_complete_and_an_undeclared_attribute_is_not():
+    source = """
+@dataclass
+class Counted:
+    count: int = 0
+
+    def add(self):
+        self.count += 1
+        self.extra = 1
+"""
+    assert attributes_set_late(source) == {"Counted": {"extra"}}
