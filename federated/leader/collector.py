@@ -41,7 +41,9 @@ class RoundCollector:
         self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm, controls)
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
-        self._reported: dict[int, tuple[int, float]] = {}  # by learner: the samples and loss it claimed
+        self._reported: dict[
+            int, tuple[int, float]
+        ] = {}  # by learner: the samples it weighs (its claim, as checked) and its loss
         self._overdue: set[int] = set()  # expected learners named missing at a deadline of the open round
         self._round = first_round
         self._bytes_in = 0

@@ -16,9 +16,9 @@ from federated.wire.messages import DataSummary, ShardInfo
 
 log = logging.getLogger("leader")
 
-# A leader without data believes a learner's registered shard size up to this many typical shards (the median
-# learner's): an honest learner of up to 4 typical shards (uneven partitions) still weighs its n_k, and one that
-# lies about its size weighs at most as much as 4 typical learners, not as much as 2^32 images would.
+# With each learner's own epochs, a leader without data weighs an update at most as much as this many typical
+# learners' (the median shard's): an honest learner of up to 4 typical shards (uneven partitions) still weighs its
+# n_k, and one that lies about its size weighs at most as much as 4 typical learners, not as much as 2^32 images.
 MAX_SHARD_FACTOR = 4
 
 
@@ -108,13 +108,6 @@ def typical_shard_size(sizes: list[int]) -> int:
     which is why config.py asks a leader without data for the schedule's flags below LEAST_TO_OUTVOTE
     learners)."""
     return sorted(sizes)[(len(sizes) - 1) // 2]
-
-
-def believed_shard_size(claimed: int, typical: int) -> int:
-    """The training images a leader without data takes a learner to hold, for its local steps and the weight of its
-    update (--local-steps-per learner): its claim, but at most MAX_SHARD_FACTOR typical shards. The leader cannot
-    check a claim; so capped, a learner that lies weighs at most as much as MAX_SHARD_FACTOR typical learners."""
-    return min(claimed, MAX_SHARD_FACTOR * typical)
 
 
 def combined_normalisation(summaries: list[DataSummary], image_size: int) -> tuple[list[float], list[float]]:

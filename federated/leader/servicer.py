@@ -13,7 +13,7 @@ import grpc
 
 from federated.leader import evaluation
 from federated.leader.collector import RoundCollector
-from federated.leader.data import Shards, believed_shard_size
+from federated.leader.data import MAX_SHARD_FACTOR, Shards
 from federated.leader.federation import Federation
 from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
@@ -269,15 +269,16 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
 
     def weighed_samples(self, learner_id: int, claimed: int) -> int:
         """The most samples a learner's update weighs: what it claimed, except that with each learner's own
-        epochs a leader without data, which cannot check the size a learner registered, weighs the update of a
-        learner registered with more than MAX_SHARD_FACTOR typical shards as if it held that many (data.py's
-        believed_shard_size). Its steps are still its own: an honest large learner takes part, weighed less."""
-        shard_size = self.shard_size(learner_id)
+        epochs a leader without data, which cannot check the size a learner registered, weighs an update at most
+        as much as MAX_SHARD_FACTOR typical learners' (the median shard's batches times its steps). Its steps are
+        still its own: an honest large learner takes part, weighed less."""
         facts = self.planner.facts
-        if not self.global_model.strategy.own_epochs or self.shards is not None or shard_size is None or not facts:
+        if not self.global_model.strategy.own_epochs or self.shards is not None or facts is None:
             return claimed
-        believed = believed_shard_size(shard_size, facts.shard_size)
-        return min(claimed, min(self.planner.config.batch_size, believed) * self.planner.steps_of(believed))
+        typical = facts.shard_size
+        return min(
+            claimed, MAX_SHARD_FACTOR * min(self.planner.config.batch_size, typical) * self.planner.steps_of(typical)
+        )
 
 
 def same_host(address: str, peer: str | None) -> bool:

@@ -259,6 +259,8 @@ def test_a_checkpoint_records_the_norm_auto_resolved_to_and_a_resume_builds_that
     assert any(isinstance(module, BatchRenorm2d) for module in resumed.global_model.model.modules())
     # repeating --norm auto on the resume is no change: it keeps what auto picked when the run started
     assert leader_from(["--resume", str(tmp_path), "--norm", "auto"]).config.model_norm == SKEWED_NORM
+    with pytest.raises(SystemExit):  # another norm named is a change, refused like any other training flag's
+        leader_from(["--resume", str(tmp_path), "--norm", "batch"])
 
 
 def test_a_checkpoint_that_predates_norm_resumes_with_batch_norm_even_on_a_skewed_partition(tmp_path):

@@ -746,6 +746,10 @@ def test_a_leader_without_data_weighs_a_registered_shard_up_to_4_typical_shards_
     assert (large.steps, large.samples) == (20, 128)  # taken, weighed as 4 typical learners
     typical = UpdateInfo(0, 0, 32, 1.0, "pseudo-gradient", steps=4)
     assert check(0, typical) == typical
+    # a typical shard of 15 images weighs what its whole batches cover, 2 passes of one batch of 8: 16 samples,
+    # so 4 typical learners weigh 64 (4 typical shards of images, 60, would make 2 x 7 batches: 112, 7 learners)
+    checker.planner.settle(DataFacts([0.5] * 3, [0.25] * 3, 15))
+    assert check(1, UpdateInfo(1, 0, 8 * 2**30, 1.0, "pseudo-gradient", steps=2**30)).samples == 64
 
 
 def test_a_learner_whose_shard_is_smaller_than_a_batch_claims_at_most_its_shard_a_step():
