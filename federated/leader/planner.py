@@ -36,9 +36,7 @@ class Planner:
     def steps_of(self, shard_size: int | None) -> int:
         """The local steps a round asks of a learner holding shard_size training images: the schedule's, or with
         learners' own epochs as many as they make on its shard (the schedule's where its size is unknown)."""
-        if shard_size is None:
-            return self.schedule.steps_per_round
-        if not self.strategy.own_epochs:
+        if shard_size is None or not self.strategy.own_epochs:
             return self.schedule.steps_per_round
         return steps_for_epochs(self.strategy.own_epochs, steps_per_epoch(shard_size, self.config.batch_size))
 

@@ -311,6 +311,13 @@ class Registry:
         with self._changed:
             return {slot.learner_id: slot.data for slot in self._slots if slot.state != DROPPED and slot.data}
 
+    def summary(self, learner_id: int) -> DataSummary | None:
+        """The data summary of one learner registered and not dropped (None: no such learner, or no summary): what
+        a check of one update reads, without summaries()' copy of every slot's."""
+        with self._changed:
+            slot = self._slots[learner_id] if 0 <= learner_id < len(self._slots) else None
+            return slot.data if slot is not None and slot.state != DROPPED and slot.data else None
+
     def is_active(self, learner_id: int) -> bool:
         """Whether the leader counts on this learner (it is starting or active)."""
         with self._changed:

@@ -194,7 +194,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"learner_id {request.learner_id} is not the caller's slot, {member.learner_id}",
             )
-        declared = self.registry.summaries().get(member.learner_id)
+        declared = self.registry.summary(member.learner_id)
         facts = self.planner.facts  # (none only before a leader without data settled: no evaluation is open)
         weight = evaluation.weight(declared, facts.shard_size if facts else 1) if declared else 0
         report = evaluation.Report(member.learner_id, request.samples, request.correct, request.loss, weight)
@@ -262,7 +262,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         learner registered with (a leader without data); None when neither is known."""
         if self.shards is not None:
             return len(self.shards.indices[learner_id])
-        summary = self.registry.summaries().get(learner_id)
+        summary = self.registry.summary(learner_id)
         if summary is None or self.planner.facts is None:  # (no facts: not settled, nobody trains yet)
             return None
         return summary.train_samples

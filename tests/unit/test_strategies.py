@@ -670,7 +670,7 @@ def claims_checker(**flags) -> LeaderServicer:
     strategy = strategy_of(**flags)
     planner = Planner(run, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000))
     global_model = SimpleNamespace(strategy=strategy, layout=SimpleNamespace(spec={}))  # what the claims' check reads
-    registry = SimpleNamespace(summaries=dict)  # nobody registered data of its own: a leader with data
+    registry = SimpleNamespace(summary=lambda learner_id: None)  # nobody registered data of its own: a leader with data
     return LeaderServicer(registry, None, global_model, None, planner, None, None)
 
 
@@ -701,7 +701,7 @@ def own_epochs_checker(knows_by: str) -> LeaderServicer:
         checker.shards = SimpleNamespace(indices=[torch.arange(size) for size in sizes])
     else:
         summaries = {learner: SimpleNamespace(train_samples=size) for learner, size in enumerate(sizes)}
-        checker.registry = SimpleNamespace(summaries=lambda: summaries)
+        checker.registry = SimpleNamespace(summary=summaries.get)
     return checker
 
 
@@ -734,7 +734,7 @@ def test_a_leader_without_data_weighs_a_registered_shard_up_to_4_typical_shards_
     checker.planner.settle(DataFacts([0.5] * 3, [0.25] * 3, 16))  # the typical learner holds 16 images
     summaries = {0: SimpleNamespace(train_samples=16), 1: SimpleNamespace(train_samples=2**32)}
     summaries[2] = SimpleNamespace(train_samples=80)  # an honest learner of 5 typical shards
-    checker.registry = SimpleNamespace(summaries=lambda: summaries)
+    checker.registry = SimpleNamespace(summary=summaries.get)
     check = check_of(checker)
     # 2^32 images claimed at registration: its steps are its own (2 passes of 2^32 / 8 batches), but it weighs
     # as 4 typical learners: 2 passes of 4 x 16 images
