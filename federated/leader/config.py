@@ -196,6 +196,9 @@ GROUPS = {
     "--weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
     "--local-steps with the client flags, and the leader applies the aggregate change with a server "
     "optimizer. Flags of another strategy or aggregator than the chosen one are refused.",
+    "privacy": "What the leader may learn from learners' updates: with --secure-aggregation only each round's sum "
+    "(docs/secure-aggregation.md); with --dp, a differential-privacy guarantee whose spent epsilon every round "
+    "records (docs/differential-privacy.md).",
     "schedule": "",
     "timeouts": "Every wait is bounded; these say how long.",
     "output": "",
@@ -505,6 +508,74 @@ class LeaderConfig(SecurityFlags, Config):
         group="strategy",
         bounds=NOT_NEGATIVE,
         trajectory=True,
+    )
+
+    secure_aggregation: bool = option(
+        False,
+        "the leader learns only each round's sum of updates, never one learner's (SecAgg: pairwise and self "
+        "masks, Shamir-shared secrets, learners that drop mid-round recovered); needs 3 or more learners a round",
+        group="privacy",
+        trajectory=True,
+    )
+    secagg_threshold: float = option(
+        0.5,
+        "a secure round's secrets are reconstructed from the shares of more than this fraction of its learners; "
+        "a round with fewer survivors is discarded, never leaked",
+        group="privacy",
+        bounds=Bounds(0.5, 1, high_open=True),
+        trajectory=True,
+    )
+    secagg_clip_range: float = option(
+        8.0,
+        "a secure round clips each value of an update to [-R, R] and quantises it to 32 bits",
+        group="privacy",
+        bounds=Bounds(0, 1e6, low_open=True),
+        trajectory=True,
+    )
+    dp: str = option(
+        "none",
+        "differential privacy: central (the leader clips each update and adds Gaussian noise to their mean), "
+        "distributed (with --secure-aggregation: each learner clips and adds its share of the noise, so the "
+        "leader never sees an un-noised sum), local (DP-SGD on each learner with Opacus: each example's gradient "
+        "clipped and noised), or none",
+        group="privacy",
+        choices=("none", "central", "distributed", "local"),
+        trajectory=True,
+    )
+    dp_noise_multiplier: float = option(
+        1.0,
+        "the noise's standard deviation as a multiple of --dp-clip",
+        group="privacy",
+        bounds=Bounds(0, 1e3, low_open=True),
+        trajectory=True,
+    )
+    dp_clip: float = option(
+        1.0,
+        "the L2 norm each update (central, distributed) or each example's gradient (local) is clipped to",
+        group="privacy",
+        bounds=Bounds(0, 1e6, low_open=True),
+        trajectory=True,
+    )
+    dp_clip_quantile: float = option(
+        0.0,
+        "central: adapt --dp-clip each round towards this quantile of the updates' norms (Andrew et al. 2021; "
+        "0: the clip stays fixed)",
+        group="privacy",
+        bounds=Bounds(0, 1, high_open=True),
+        trajectory=True,
+    )
+    dp_delta: float = option(
+        1e-5,
+        "the delta at which the spent epsilon is reported",
+        group="privacy",
+        bounds=Bounds(0, 1, low_open=True, high_open=True),
+        trajectory=True,
+    )
+    dp_target_epsilon: float = option(
+        0.0,
+        "end the run, checkpointed, before the spent epsilon would exceed this (0: no limit)",
+        group="privacy",
+        bounds=NOT_NEGATIVE,
     )
 
     epochs: float = option(
