@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from federated.core.aggregation import Aggregator, Mean, RoundUpdates
+from federated.privacy.dp import CentralMechanism
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,12 @@ class RoundCollector:
         clip_norm: float = 0.0,
         model_size: int | None = None,
         controls: bool = False,
+        privacy: CentralMechanism | None = None,
     ) -> None:
         self.rule = rule
-        self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm, controls)
+        self._updates = RoundUpdates(
+            size, size if model_size is None else model_size, rule, clip_norm, controls, privacy
+        )
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
         self._reported: dict[

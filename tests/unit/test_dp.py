@@ -8,9 +8,14 @@ from federated.core.aggregation import RoundUpdates
 from federated.core.plan import TrainingPlan
 from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
+from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
+from federated.leader.privacy import LeaderPrivacy
 from federated.privacy.dp import CentralMechanism, adjusted_noise_multiplier, gaussian, noise_share_std
 from federated.wire import codec, messages
+from federated.wire.messages import StateInfo
+from tests.support.live import leader_from
+from tests.support.privacy import independent_epsilon
 
 
 def planned(**flags) -> TrainingPlan:
@@ -117,3 +122,69 @@ def test_adaptive_clipping_charges_the_paper_s_adjusted_noise_multiplier():
     assert mechanism.update_noise_multiplier == pytest.approx((sigma**-2 - (2 * count_std) ** -2) ** -0.5)
     assert mechanism.update_noise_multiplier > sigma
     assert adjusted_noise_multiplier(2.0, 1e12) == pytest.approx(2.0)
+
+
+DP_RUN = ["--dataset", "digits", "--image-size", "8", "--norm", "group", "--strategy", "fedavg", "--learners", "1"]
+DP_RUN += ["--server-lr", "0.001", "--local-steps", "1", "--batch-size", "8", "--rounds", "8", "--eval-every", "0"]
+DP_RUN += ["--dp", "central", "--dp-noise-multiplier", "1.5", "--dp-clip", "0.1", "--dp-clip-quantile", "0.5"]
+
+
+def play_rounds(leader, rounds: range) -> MetricsLog:
+    """Rounds of the leader's real round loop, each with one update (nobody to wait for: no learner started),
+    recorded in its metrics.jsonl (appended to on a resume); returns the log, open."""
+    metrics = MetricsLog(leader.out / "metrics.jsonl", append=bool(leader.config.resume))
+    update = torch.full((leader.global_model.layout.size,), 1e-3)
+    for round_index in rounds:
+        assert leader.rounds.budget_spent is None and leader.privacy.exhausted() is None
+        leader.collector.submit(0, round_index, [update], 8, 1.0, 0)
+        assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+    metrics.close()
+    return metrics
+
+
+def round_records(path) -> list[dict]:
+    return [record for record in read_metrics(path) if "train_loss" in record]
+
+
+def test_a_resumed_run_reports_the_epsilon_and_clip_of_an_uninterrupted_one(tmp_path):
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    play_rounds(leader_from([*DP_RUN, "--out", str(uninterrupted)]), range(5))
+    leader = leader_from([*DP_RUN, "--out", str(interrupted)])
+    play_rounds(leader, range(2))
+    leader.rounds.save_checkpoint(2)
+    resumed = leader_from(["--resume", str(interrupted)])
+    assert resumed.privacy.mechanism.clip == leader.privacy.mechanism.clip  # the adaptive clip goes on from there
+    play_rounds(resumed, range(2, 5))
+    expected = round_records(uninterrupted / "metrics.jsonl")
+    got = round_records(interrupted / "metrics.jsonl")
+    assert [record["round"] for record in got] == [1, 2, 3, 4, 5]
+    assert [record["epsilon"] for record in got] == [record["epsilon"] for record in expected]
+    assert got[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.5, 1.0, 5)], 1e-5), rel=1e-12)
+    assert all(record["dp_clip"] > 0 for record in got)
+
+
+def test_the_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it_checkpointed(tmp_path):
+    target = independent_epsilon([(1.5, 1.0, 3)], 1e-5) * 1.001  # three rounds fit, a fourth would not
+    leader = leader_from([*DP_RUN, "--out", str(tmp_path), "--dp-target-epsilon", str(target)])
+    play_rounds(leader, range(3))
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", append=True)
+    assert leader.rounds.train(metrics) == 3  # (it would wait for round 4's update, were it to open it)
+    assert leader.rounds.budget_spent and "--dp-target-epsilon" in leader.rounds.budget_spent
+    leader.end_within_budget(3, leader.rounds.budget_spent, metrics)
+    metrics.close()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 3 and saved["privacy"]["accountant"] == [(1.5, 1.0, 3)]
+    assert (tmp_path / "model.pt").exists()
+    assert StateInfo.from_payload(codec.decode(leader.global_model.encoded_state)).finished
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1]["round"] == 3 and "test_accuracy" in records[-1]  # the final evaluation
+    assert round_records(tmp_path / "metrics.jsonl")[-1]["epsilon"] <= target
+
+
+@pytest.mark.parametrize(("learners", "per_round", "rate"), [(10, 0, 1.0), (10, 3, 0.3)])
+def test_the_leader_charges_each_round_at_the_sampling_rate_of_its_learners(learners, per_round, rate):
+    run = LeaderConfig(learners=learners, learners_per_round=per_round, dp="central", norm="group")
+    privacy = LeaderPrivacy(run)
+    records = [privacy.charge_round() for _ in range(4)]
+    assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.0, rate, 4)], 1e-5), rel=1e-12)
+    assert records[0]["epsilon"] < records[-1]["epsilon"]
