@@ -24,6 +24,7 @@ from federated.leader.registry import Registry
 from federated.leader.secure import SecureRounds
 from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer, method_limits
 from federated.net import rpc
+from federated.wire import codec
 
 log = logging.getLogger("leader")
 
@@ -154,6 +155,8 @@ class Leader:
             self.evaluations,
         )
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
+        if config.secure_aggregation:  # a masked input takes 4 bytes a value, whatever the wire dtype
+            limit = max(limit, 4 * (self.global_model.layout.size + 2) + codec.HEADER_SLACK_BYTES + rpc.ENVELOPE_BYTES)
         server, port = rpc.start_server(
             f"{config.host}:{config.port}",
             [(ADD_LEADER_SERVICE, servicer)],
