@@ -158,7 +158,8 @@ def _share_key(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: in
 
 
 class LearnerRound:
-    """One learner's side of secure aggregation: one round at a time; a new phase 1 starts a new round."""
+    """One learner's side of secure aggregation: one round at a time; a new phase 1 starts a new round.
+    Not thread-safe: a caller answering on several threads holds a lock around each call."""
 
     def __init__(self, learner_id: int) -> None:
         self.learner_id = learner_id
@@ -218,11 +219,9 @@ class LearnerRound:
         return self._round
 
     def _advertise(self, round_index: int) -> learner_pb2.SecAggReply:
-        """Phase 1: fresh key pairs; a leader going back to an earlier round, or restarting an unmasked one, is
-        refused (the earlier round's state is gone; a restarted round before unmask starts afresh, with new
-        secrets, so nothing revealed for one masked input ever meets another)."""
-        if self._round is not None and (round_index < self._round or (round_index == self._round and self._phase == 4)):
-            raise Refused(f"round {round_index} after round {self._round} was unmasked or passed")
+        """Phase 1: fresh key pairs, and the previous round's secrets forgotten. Any round may start (a resumed
+        leader counts from its checkpoint): a masked input already sent under the forgotten secrets can never be
+        unmasked, and nothing revealed under the new ones meets it."""
         self._round, self._phase, self._masked_sent = round_index, 1, False
         self._cipher_key, self._mask_key = masks.new_private_key(), masks.new_private_key()
         self._own_keys = learner_pb2.SecAggKeys(
@@ -317,6 +316,7 @@ class LearnerRound:
 
 class LeaderRound:
     """The leader's side of one secure round: collects keys, shares, masked inputs' sum and reveals; unmasks.
+    Not thread-safe: a caller taking replies on several threads holds a lock around each call.
 
     Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, U2 (shares taken) by
     phase 3's, U3 (masked inputs arrived) by phase 4's; a reply or input arriving later is refused."""

@@ -39,7 +39,7 @@ class Round:
         for learner in learners:
             self.leader.add_masked(learner, self.masked(learner))
 
-    def until_masked(self, dropped_after_sharing: list[int] = ()) -> list[int]:  # type: ignore[assignment]
+    def until_masked(self, dropped_after_sharing: tuple[int, ...] = ()) -> list[int]:
         """Phases 1 to 3 and the masked inputs of all but those dropped after sharing; returns who sent."""
         everyone = list(self.learners)
         self.phase(1, everyone)
@@ -59,7 +59,7 @@ class Round:
 
 @pytest.mark.parametrize(
     ("learners", "threshold", "dropped_after_sharing", "dropped_after_input"),
-    [(3, 2, [], [2]), (5, 3, [1], [3]), (10, 6, [0, 4], [7])],
+    [(3, 2, (), [2]), (5, 3, (1,), [3]), (10, 6, (0, 4), [7])],
 )
 def test_the_unmasked_sum_is_the_weighted_mean_of_the_survivors(
     learners, threshold, dropped_after_sharing, dropped_after_input
@@ -81,7 +81,7 @@ def test_below_the_threshold_the_round_is_discarded_and_nothing_reconstructed(mo
     combined = []
     monkeypatch.setattr(shamir, "combine", lambda *args: combined.append(args))
     too_few = Round(5, 3)
-    too_few.until_masked(dropped_after_sharing=[0, 1, 2])
+    too_few.until_masked(dropped_after_sharing=(0, 1, 2))
     with pytest.raises(BelowThreshold):
         too_few.leader.request(4, 3)
     silent = Round(5, 3)
