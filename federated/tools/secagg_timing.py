@@ -18,14 +18,17 @@ def _phase(leader: LeaderRound, learners: dict[int, LearnerRound], phase: int, i
 
 
 def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict[str, float]:
-    """Milliseconds of one round's steps: per learner (median) quantising and masking, the leader's addition of
-    one masked input (median), its unmask and its dequantisation."""
+    """Milliseconds of one round's steps: the key phases (every learner's and the leader's work, one after
+    another), per learner (median) quantising and masking, the leader's addition of one masked input (median),
+    the reveals, the unmask and the dequantisation."""
     threshold = learners // 2 + 1
     leader = LeaderRound(1, list(range(learners)), threshold, size + 2)
     sides = {learner: LearnerRound(learner) for learner in range(learners)}
     everyone = list(sides)
+    start = time.perf_counter()
     for phase in (1, 2, 3):
         _phase(leader, sides, phase, everyone)
+    key_phases = time.perf_counter() - start
     quantisation = Quantisation(clip_range=8.0, weight_unit=100.0, summands=learners, noise_std=noise_std)
     update = torch.randn(size)
     masking, adding, quantising = [], [], []
@@ -39,7 +42,9 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
         start = time.perf_counter()
         quantisation.quantise(update, 50.0, 2.0, torch.Generator())
         quantising.append(time.perf_counter() - start)
+    start = time.perf_counter()
     _phase(leader, sides, 4, everyone[dropped:])
+    reveals = time.perf_counter() - start
     start = time.perf_counter()
     total = leader.unmask()
     unmasking = time.perf_counter() - start
@@ -47,9 +52,11 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
     quantisation.dequantise(total)
     dequantising = time.perf_counter() - start
     return {
+        "phases 1-3, all sides": key_phases * 1e3,
         "quantise (of masking)": statistics.median(quantising) * 1e3,
         "mask one learner": statistics.median(masking) * 1e3,
         "leader adds one": statistics.median(adding) * 1e3,
+        "phase 4, all sides": reveals * 1e3,
         "leader unmasks": unmasking * 1e3,
         "leader dequantises": dequantising * 1e3,
     }
