@@ -87,7 +87,7 @@ class Quantisation:
         The noise goes into the update's values only: the weight and loss sums are exact."""
         if not 0 <= weight <= self.weight_unit:
             raise ValueError(f"a weight of {weight} is beyond 0..{self.weight_unit}")
-        values = update.detach().flatten().to(torch.float64).numpy()  # numpy: one thread, no waits on a busy CPU
+        values = update.detach().cpu().flatten().to(torch.float64).numpy()  # numpy: one thread, no waits on a busy CPU
         if not math.isfinite(loss) or not np.isfinite(values).all():
             raise ValueError("a non-finite update or loss cannot be quantised")
         factor = weight / self.weight_unit * self.scale
@@ -104,7 +104,7 @@ class Quantisation:
         """From the unmasked sum modulo 2^32 (int64 or int32 tensor of update size + 2): the weighted mean of the
         updates, the total weight (in samples) and the weighted mean loss. Refused if the sum is beyond what
         `summands` clipped inputs can make (an input beyond the clip range)."""
-        signed = total.numpy().astype(np.uint32).view(np.int32)  # modulo 2^32, then two's complement
+        signed = total.cpu().numpy().astype(np.uint32).view(np.int32)  # modulo 2^32, then two's complement
         values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
         most = self.summands * (self.scale + 1)
         bound = most + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma
@@ -204,8 +204,8 @@ class LearnerRound:
             raise Refused("a masked input is made once per round, after commit and before unmask")
         if quantisation.summands < len(self._shared):
             raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
-        self._masked_sent = True
         quantised = quantisation.quantise(update, weight, loss, _secret_generator())
+        self._masked_sent = True
         size = quantised.numel()
         total = quantised.numpy().astype(np.uint32)  # modulo 2^32: numpy's integer casts wrap
         total += _self_mask(self._seed, self._round_index, self.learner_id, size)
