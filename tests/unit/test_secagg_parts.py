@@ -93,3 +93,18 @@ def test_the_noise_is_the_discrete_gaussian_not_a_rounded_continuous_one():
     wide = discrete_gaussian.sample(300.0, 40000, torch.Generator().manual_seed(2)).double()
     assert wide.std().item() == pytest.approx(300.0, rel=0.03)
     assert wide.mean().abs().item() < 5 * 300 / math.sqrt(40000)
+
+
+@pytest.mark.parametrize(
+    ("update", "weight", "loss"),
+    [
+        (torch.tensor([0.0, float("nan")]), 1.0, 0.0),
+        (torch.tensor([0.0, float("inf")]), 1.0, 0.0),
+        (torch.zeros(2), 1.0, float("nan")),
+        (torch.zeros(2), 10.5, 0.0),
+        (torch.zeros(2), -1.0, 0.0),
+    ],
+)
+def test_a_non_finite_update_or_a_weight_beyond_the_unit_is_not_quantised(update, weight, loss):
+    with pytest.raises(ValueError, match=r"non-finite|beyond"):
+        Quantisation(clip_range=1.0, weight_unit=10.0, summands=3).quantise(update, weight, loss, torch.Generator())
