@@ -26,10 +26,11 @@ class LeaderPrivacy:
             else None
         )
 
-    def charge_round(self) -> dict:
-        """A round released a noised aggregate: charge it; returns the round record's privacy fields (the epsilon
-        spent so far, and an adaptive clip's value for the next round)."""
-        self.accountant.step(self.config.dp_noise_multiplier, self.sample_rate)
+    def charge_round(self, released: bool = True) -> dict:
+        """A round closed: charge it if it released a noised aggregate; returns the round record's privacy fields
+        (the epsilon spent so far, and an adaptive clip's value for the next round)."""
+        if released:
+            self.accountant.step(self.config.dp_noise_multiplier, self.sample_rate)
         adaptive = self.mechanism.clip if self.mechanism is not None and self.mechanism.adaptive else None
         return {"epsilon": self.accountant.epsilon(), **({"dp_clip": adaptive} if adaptive is not None else {})}
 
