@@ -30,6 +30,13 @@ def gaussian(size: int, std: float, generator: torch.Generator) -> torch.Tensor:
     return (torch.randn(size, generator=generator, dtype=torch.float64) * std).float()
 
 
+def clipped(update: torch.Tensor, clip: float) -> torch.Tensor:
+    """A copy of update scaled to L2 norm clip if it is longer."""
+    copy = update.clone()
+    clip_to_norm(copy, clip)
+    return copy
+
+
 def noise_share_std(noise_multiplier: float, clip: float, threshold: int) -> float:
     """Distributed DP: the standard deviation each learner adds so that the noise of any `threshold` of them
     (the fewest a secure round unmasks: below it the round is discarded) already sums to sigma * C. More
