@@ -218,7 +218,7 @@ class Leader:
             elif self.wait_for_learners():
                 done = self.rounds.train(metrics)
                 if self.rounds.budget_spent:
-                    self.end_within_budget(done, self.rounds.budget_spent, metrics)
+                    log.info("the run ended after round %d: %s", done, self.rounds.budget_spent)
                 elif done < self.planner.schedule.total_rounds:
                     log.info("stopping on request after round %d", done)
                     self.stop(done)
@@ -236,16 +236,6 @@ class Leader:
         """Checkpoint and tell the learners the leader stopped (it can be resumed)."""
         self.rounds.save_checkpoint(rounds_done)
         self.federation.push_state(rounds_done, finished=True, stopped=True)
-
-    def end_within_budget(self, rounds_done: int, why: str, metrics: MetricsLog) -> None:
-        """--dp-target-epsilon: the next round would exceed it, so the run ends here as at its last round (an
-        evaluation, model.pt, a checkpoint, and the final state to the learners)."""
-        log.info("ending the run after round %d: %s", rounds_done, why)
-        if not self.planner.evaluation_due(rounds_done):
-            self.rounds.evaluate(rounds_done, metrics)
-        self.rounds.save_model()
-        self.rounds.save_checkpoint(rounds_done)
-        self.federation.push_state(rounds_done, finished=True)
 
     def report(self, records: list[dict]) -> None:
         """Plot the run and, when it is complete, log its final accuracies and where its files are."""

@@ -581,7 +581,8 @@ class LeaderConfig(SecurityFlags, Config):
     )
     dp_target_epsilon: float = option(
         0.0,
-        "end the run, checkpointed, before the spent epsilon would exceed this (0: no limit)",
+        "end the run, checkpointed, before the spent epsilon would exceed this (0: no limit; a resume keeps its "
+        "checkpoint's unless given another)",
         group="privacy",
         bounds=NOT_NEGATIVE,
     )

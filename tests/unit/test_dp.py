@@ -163,22 +163,26 @@ def test_a_resumed_run_reports_the_epsilon_and_clip_of_an_uninterrupted_one(tmp_
     assert all(record["dp_clip"] > 0 for record in got)
 
 
-def test_the_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it_checkpointed(tmp_path):
+def test_the_target_epsilon_makes_the_last_round_the_one_before_it_would_be_exceeded_and_a_resume_ends_at_once(
+    tmp_path,
+):
     target = independent_epsilon([(1.5, 1.0, 3)], 1e-5) * 1.001  # three rounds fit, a fourth would not
     leader = leader_from([*DP_RUN, "--out", str(tmp_path), "--dp-target-epsilon", str(target)])
     play_rounds(leader, range(3))
-    metrics = MetricsLog(tmp_path / "metrics.jsonl", append=True)
-    assert leader.rounds.train(metrics) == 3  # (it would wait for round 4's update, were it to open it)
     assert leader.rounds.budget_spent and "--dp-target-epsilon" in leader.rounds.budget_spent
-    leader.end_within_budget(3, leader.rounds.budget_spent, metrics)
-    metrics.close()
+    # round 3 ended the run as a last round ends: evaluated, model.pt, checkpointed, the final state pushed
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["round"] == 3 and saved["privacy"]["accountant"] == [(1.5, 1.0, 3)]
     assert (tmp_path / "model.pt").exists()
     assert StateInfo.from_payload(codec.decode(leader.global_model.encoded_state)).finished
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert records[-1]["round"] == 3 and "test_accuracy" in records[-1]  # the final evaluation
+    assert [record["round"] for record in records if "test_accuracy" in record][-1] == 3
     assert round_records(tmp_path / "metrics.jsonl")[-1]["epsilon"] <= target
+    resumed = leader_from(["--resume", str(tmp_path)])
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", append=True)
+    assert resumed.rounds.train(metrics) == 3 and resumed.rounds.budget_spent  # no round opened: none waited for
+    metrics.close()
+    assert StateInfo.from_payload(codec.decode(resumed.global_model.encoded_state)).finished
 
 
 @pytest.mark.parametrize(("learners", "per_round", "rate"), [(10, 0, 1.0), (10, 3, 0.3)])
