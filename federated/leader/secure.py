@@ -165,4 +165,5 @@ class SecureRounds:
         except secagg.Refused as refused:
             return SecureOutcome(discarded=f"secure aggregation: the sum is beyond the clip range ({refused})")
         mean_out.copy_(mean)
-        return SecureOutcome(round(samples), loss)
+        # under distributed DP learners give no loss (an un-noised sum of losses would reveal what the noise hides)
+        return SecureOutcome(round(samples), math.nan if noise is not None else loss)
