@@ -55,7 +55,8 @@ class Leader:
         first_round = self.restore(saved) if saved else 0
         self.registry = Registry(config.learners, config.rejoin_grace, restored_slots(saved))
         layout = self.global_model.layout
-        self.privacy = LeaderPrivacy(config, saved) if config.dp != "none" else None
+        # (under --dp local each learner accounts for its own DP-SGD steps: the leader adds no noise to charge)
+        self.privacy = LeaderPrivacy(config, saved) if config.dp in ("central", "distributed") else None
         if self.privacy and layout.size != layout.parameter_count:
             raise SystemExit(
                 f"--dp {config.dp}: {config.model} keeps running statistics (BatchNorm), which would reach the "

@@ -825,8 +825,13 @@ def dp_problems(config: LeaderConfig) -> list[str]:
     import model
     from federated.core import strategies
 
+    if config.dp in ("none", "local") and config.dp_target_epsilon:
+        return [
+            "--dp-target-epsilon needs --dp central or distributed"
+            + (": under --dp local each learner stops at its own --max-epsilon" if config.dp == "local" else "")
+        ]
     if config.dp == "none":
-        return ["--dp-target-epsilon needs --dp"] if config.dp_target_epsilon else []
+        return []
     problems = []
     if config.aggregator != "mean":
         problems.append(

@@ -14,7 +14,7 @@ from federated.leader.privacy import LeaderPrivacy
 from federated.privacy.dp import CentralMechanism, adjusted_noise_multiplier, gaussian, noise_share_std
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo
-from tests.support.live import leader_from
+from tests.support.live import leader_config, leader_from
 from tests.support.privacy import independent_epsilon
 
 
@@ -192,3 +192,23 @@ def test_the_leader_charges_each_round_at_the_sampling_rate_of_its_learners(lear
     records = [privacy.charge_round() for _ in range(4)]
     assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.0, rate, 4)], 1e-5), rel=1e-12)
     assert records[0]["epsilon"] < records[-1]["epsilon"]
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--dp", "central", "--aggregator", "median", "--learners", "3"], "--dp needs --aggregator mean"),
+        (["--dp", "central", "--clip-norm", "1"], "leave out --clip-norm"),
+        (["--dp", "central", "--secure-aggregation", "--learners", "3"], "use --dp distributed"),
+        (["--dp", "distributed"], "--dp distributed needs --secure-aggregation"),
+        (["--dp", "distributed", "--secure-aggregation", "--learners", "3", "--dp-clip-quantile", "0.5"], "only with"),
+        (["--dp", "central", "--strategy", "scaffold"], "control variates would reach the leader"),
+        (["--dp", "central", "--norm", "batch"], "keeps running statistics"),
+        (["--dp-target-epsilon", "3"], "--dp-target-epsilon needs --dp central or distributed"),
+        (["--dp", "local", "--dp-target-epsilon", "3"], "each learner stops at its own"),
+    ],
+)
+def test_what_dp_cannot_be_combined_with_is_refused_saying_why(flags, refused, capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--dataset", "synthetic", "--norm", "group", *flags])
+    assert refused in capsys.readouterr().err
