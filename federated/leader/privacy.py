@@ -1,5 +1,6 @@
-"""The leader's differential privacy: its central mechanism (--dp central), its accountant (every --dp mode, one
-step a round) and the budget (--dp-target-epsilon) that ends a run before a round would exceed it."""
+"""The leader's differential privacy: its central mechanism (--dp central), its accountant (--dp central and
+distributed, one step a round) and the budget (--dp-target-epsilon) that ends a run before a round would exceed
+it."""
 
 from federated.leader.config import LeaderConfig
 from federated.privacy.accountant import Accountant
