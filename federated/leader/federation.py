@@ -360,6 +360,15 @@ class Federation:
         overdue = time.monotonic() - self.sampled_at >= self.settings.round_timeout
         if set(self.participants) & set(active) and (arrived >= self.settings.min_learners or not overdue):
             return
+        if self.secure is not None:  # a secure round's learners were fixed at its commit: no newcomer can join it
+            log.warning(
+                "round %d: %d masked inputs of the sampled learners %s; closing it",
+                round_index,
+                arrived,
+                self.participants,
+            )
+            self.collector.commit([])  # (unmasked if enough inputs arrived, else discarded; the next round draws)
+            return
         log.warning(
             "round %d: %s of the sampled learners %s; sampling again",
             round_index,
