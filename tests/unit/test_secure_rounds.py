@@ -290,11 +290,11 @@ def test_every_byte_the_leader_receives_from_one_learner_looks_uniform_and_plain
     )
     assert ciphertexts, "the learner's encrypted shares were captured"
     captured = payload.tensors[messages.MASKED_TENSOR].numpy().tobytes() + ciphertexts
-    assert chi_square_p(captured) > 1e-4
+    assert chi_square_p(captured) > 1e-6  # (uniform bytes fail it once in a million runs)
     assert largest_correlation(captured, update) < 5 / update.numel() ** 0.5
     plain = codec.encode({"update": update}, {"learner_id": "0", "round": "0", "samples": "8", "loss": "1"})
     plain_bytes = b"".join(tensor.numpy().tobytes() for tensor in codec.decode(plain).tensors.values())
-    assert chi_square_p(plain_bytes) < 1e-4
+    assert chi_square_p(plain_bytes) < 1e-6
     assert largest_correlation(plain_bytes, update) > 0.99
 
 
