@@ -138,7 +138,8 @@ class RoundCollector:
 
     def commit(self, learner_ids: list[int]) -> None:
         """A secure round's setup committed these learners: only their masked inputs can count, so the round waits
-        for no other; none (too few committed) completes the round at once, to be discarded."""
+        for no other; none (too few committed, or the round given up) completes the round at once, to be unmasked
+        from what arrived or discarded."""
         with self._changed:
             self._expected &= set(learner_ids)
             self._void = not learner_ids

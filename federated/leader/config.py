@@ -534,8 +534,10 @@ class LeaderConfig(SecurityFlags, Config):
         trajectory=True,
     )
     secagg_clip_range: float = option(
-        8.0,
-        "a secure round clips each value of an update to [-R, R] and quantises it to 32 bits",
+        64.0,
+        "a secure round clips each value of an update (gradients, BatchNorm statistics, SCAFFOLD's controls) to "
+        "[-R, R] and quantises it to 32 bits; the default covers the running variances FedAvg sends (docs/"
+        "secure-aggregation.md measures them: python -m federated.tools.update_range)",
         group="privacy",
         bounds=Bounds(0, 1e6, low_open=True),
         trajectory=True,

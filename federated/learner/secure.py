@@ -23,16 +23,15 @@ class SecureParty:
 
     def __init__(self) -> None:
         self._round: secagg.LearnerRound | None = None  # none before registering
-        self._learner_id = -1
         self._committed = -1  # the round whose commit this learner answered
         self._latest = -1  # the newest round the leader started with it
         self._changed = threading.Condition()
 
     def bind(self, learner_id: int) -> None:
-        """Registered (again) in this slot: rounds are this slot's from now on (a new slot starts afresh)."""
+        """Registered (again) in this slot: its rounds start afresh (a resumed leader may go back in rounds, which
+        a learner's protocol state would refuse)."""
         with self._changed:
-            if learner_id != self._learner_id:
-                self._round, self._learner_id, self._committed = secagg.LearnerRound(learner_id), learner_id, -1
+            self._round, self._committed, self._latest = secagg.LearnerRound(learner_id), -1, -1
 
     def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
         """The reply to one of the leader's phases; raises secagg.Refused (before registering, too)."""
