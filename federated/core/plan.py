@@ -11,6 +11,8 @@ MAX_SEED = 2**32 - 1  # a run's --seed, as a state carries it: 32 bits, like num
 # shards of at most 2^32 images, steps_for_epochs stays a finite number of steps below 2^42
 MAX_LOCAL_EPOCHS = 1e3
 LOCAL_STEPS_PER = ("federation", "learner")  # --local-steps-per: the same steps for all, or each its own shard's
+DP_MODES = ("none", "central", "distributed", "local")  # --dp
+MAX_DP_CLIP, MAX_DP_NOISE_MULTIPLIER = 1e6, 1e3  # --dp-clip, --dp-noise-multiplier
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class TrainingPlan:
     participants: tuple[int, ...] | None = None  # None: every learner trains this round
     evaluate: bool = False  # learners with held-out images evaluate this state first and report it
     local_epochs: float = 0.0  # > 0: passes over each learner's own shard, which replace local_steps (for_shard)
+    # --dp: distributed, each learner clips its update to dp_clip and adds its share of noise dp_noise_multiplier
+    # * dp_clip; local, each example's gradient is clipped and noised so (DP-SGD); central, learners do nothing
+    dp: str = "none"
+    dp_clip: float = 0.0
+    dp_noise_multiplier: float = 0.0
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants

@@ -30,9 +30,12 @@ from federated.common.flags import (
     scope_problems,
 )
 from federated.core.plan import (
+    DP_MODES,
     LOCAL_STEPS_PER,
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
+    MAX_DP_CLIP,
+    MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
     MAX_LOCAL_EPOCHS,
     MAX_MU,
@@ -539,21 +542,21 @@ class LeaderConfig(SecurityFlags, Config):
         "leader never sees an un-noised sum), local (DP-SGD on each learner with Opacus: each example's gradient "
         "clipped and noised), or none",
         group="privacy",
-        choices=("none", "central", "distributed", "local"),
+        choices=DP_MODES,
         trajectory=True,
     )
     dp_noise_multiplier: float = option(
         1.0,
         "the noise's standard deviation as a multiple of --dp-clip",
         group="privacy",
-        bounds=Bounds(0, 1e3, low_open=True),
+        bounds=Bounds(0, MAX_DP_NOISE_MULTIPLIER, low_open=True),
         trajectory=True,
     )
     dp_clip: float = option(
         1.0,
         "the L2 norm each update (central, distributed) or each example's gradient (local) is clipped to",
         group="privacy",
-        bounds=Bounds(0, 1e6, low_open=True),
+        bounds=Bounds(0, MAX_DP_CLIP, low_open=True),
         trajectory=True,
     )
     dp_clip_quantile: float = option(

@@ -1,6 +1,7 @@
 """What each round asks of learners: the schedule, the strategy's plan at the schedule's learning rate, and when
 the global model is evaluated and checkpointed."""
 
+import dataclasses
 import logging
 
 from federated.core.plan import TrainingPlan, steps_for_epochs, steps_per_epoch
@@ -29,8 +30,13 @@ class Planner:
         """How learners train round_index: the strategy's local training at the schedule's learning rate, after
         evaluating the state on their held-out images when an evaluation is due."""
         chosen = None if participants is None else tuple(participants)
-        return self.strategy.plan(
+        plan = self.strategy.plan(
             self.schedule.steps_per_round, self.schedule.lr(round_index), chosen, self.evaluation_due(round_index)
+        )
+        if self.config.dp == "none":
+            return plan
+        return dataclasses.replace(
+            plan, dp=self.config.dp, dp_clip=self.config.dp_clip, dp_noise_multiplier=self.config.dp_noise_multiplier
         )
 
     def steps_of(self, shard_size: int | None) -> int:
