@@ -83,7 +83,8 @@ def train_locally(
     backward: Backward = Backward(),
 ) -> float:
     """plan.local_steps SGD steps from the model's weights w0 with a fresh client optimizer, the hooks adjusting
-    each step's gradients (backward's: the hooks see a private gradient only, so what they derive stays private); then fill flat (bound with layout.bind_gradients) with the pseudo-gradient w0 - w and the
+    each step's gradients (backward's: under local DP the hooks see only the noised gradient, so what they derive
+    stays private); then fill flat (bound with layout.bind_gradients) with the pseudo-gradient w0 - w and the
     statistics the learner ended with. batch_at(k) is the round's k-th batch. Returns the mean training loss."""
     model.train()
     start = flat_parameters(layout)

@@ -53,6 +53,9 @@ LEAST_TO_OUTVOTE = 3
 # few classes and batch norm's statistics are the learner's, not the federation's (docs/data.md measures it).
 AUTO_NORM = "auto"
 LABEL_SKEWED = ("dirichlet", "classes")
+# --norm auto under --dp local: group norm, which normalises each image by itself (DP-SGD needs per-example
+# gradients, which batch norm's shared statistics would mix); group-ws and layer-ws are allowed when asked for.
+LOCAL_DP_NORM = "group"
 
 
 def _datasets() -> tuple[str, ...]:
@@ -70,7 +73,10 @@ def _norms() -> tuple[str, ...]:
 def _norm_text() -> str:
     import model
 
-    return f"{AUTO_NORM}: {model.SKEWED_NORM} where --partition is {' or '.join(LABEL_SKEWED)}, else batch"
+    return (
+        f"{AUTO_NORM}: {LOCAL_DP_NORM} with --dp local, {model.SKEWED_NORM} where --partition is "
+        f"{' or '.join(LABEL_SKEWED)}, else batch"
+    )
 
 
 def _image_size() -> int:
@@ -709,6 +715,8 @@ class LeaderConfig(SecurityFlags, Config):
 
         if self.norm != AUTO_NORM:
             return self.norm
+        if self.dp == "local" and self.model in model.ARCHITECTURES:
+            return LOCAL_DP_NORM
         skewed = self.dataset != "none" and self.partition in LABEL_SKEWED and self.model in model.ARCHITECTURES
         return model.SKEWED_NORM if skewed else "batch"
 
@@ -810,7 +818,7 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
             )
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
         problems.append(f"a resumed run continues in {config.resume}: leave out --out")
-    return problems + model_problems(config)
+    return problems + model_problems(config) + local_dp_problems(config)
 
 
 def model_problems(config: LeaderConfig) -> list[str]:
@@ -822,6 +830,28 @@ def model_problems(config: LeaderConfig) -> list[str]:
             "(leader.py --list-models lists them)"
         ]
     return []
+
+
+def local_dp_problems(config: LeaderConfig) -> list[str]:
+    """--dp local trains with per-example gradients: a model that mixes a batch's examples (BatchNorm) cannot."""
+    import torch
+
+    import model
+    from federated.privacy.local import model_problem
+
+    if config.dp != "local" or model_problems(config):
+        return []
+    try:
+        with torch.device("meta"):  # (its layers, without memory)
+            problem = model_problem(model.build_model(config.model, config.num_classes or 1, config.model_norm))
+    except ValueError:  # (the model cannot be built with this --norm: said where it is built)
+        return []
+    if problem is None:
+        return []
+    advice = (
+        f"--norm {LOCAL_DP_NORM}" if config.model in model.ARCHITECTURES else f"resnet20 with --norm {LOCAL_DP_NORM}"
+    )
+    return [f"--dp local cannot train --model {config.model} with --norm {config.model_norm}: {problem}; use {advice}"]
 
 
 def min_learners(config: LeaderConfig) -> int:

@@ -18,8 +18,8 @@ from federated.learner.servicer import LearnerServer
 from federated.learner.session import LeaderLost, LeaderSession
 from federated.learner.state import Replica
 from federated.net import rpc
-from federated.privacy import local
 from federated.net.rpc import leader_pb2
+from federated.privacy.local import Budget
 from federated.wire import codec, messages
 
 log = logging.getLogger("learner")
@@ -56,7 +56,7 @@ class Member:
         self.learner_id = self.register(deadline)
         self.data = self.hold(self.fetch_shard() if own is None else own)
         self.sent_round = -1  # the round of the last update sent
-        self.budget = local.Budget(config.max_epsilon)  # local DP: what it has spent, and may
+        self.budget = Budget(config.max_epsilon)  # local DP: what it has spent, and may
         self.refusal: str | None = None  # why it sat the last round out, for the budget
 
     def hold(self, data: utils.ImageSet) -> utils.ImageSet:
@@ -115,11 +115,12 @@ class Member:
 
     def charge(self, round_index: int, plan: TrainingPlan) -> None:
         """Under local differential privacy, charge the round's DP-SGD steps to this learner's own accountant."""
-        if local.local_privacy(plan) is None:
+        if plan.dp != "local":
             return
         epsilon = self.budget.charge(plan, len(self.data), self.replica.info.batch_size)
         if round_index % self.config.log_every == 0:
-            log.info("round %d: spent epsilon %.3f at delta %.3g (local DP-SGD)", round_index, epsilon, self.budget.delta)
+            delta = self.budget.delta
+            log.info("round %d: spent epsilon %.3f at delta %.3g (local DP-SGD)", round_index, epsilon, delta)
 
     def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         """Send the round's update (the replica's update vector, trained by plan: round_plan's) with what it claims:
@@ -138,7 +139,7 @@ class Member:
             )
             return
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
-        if local.local_privacy(plan) is not None:
+        if plan.dp == "local":
             loss = math.nan  # (unknown to the leader: the loss is no DP-SGD output, and would tell of the data)
         claims = messages.UpdateInfo(
             self.learner_id, round_index, batch * plan.local_steps, loss, replica.strategy.update_kind, plan.local_steps

@@ -38,7 +38,8 @@ GROUPS = {
     "timeouts": "Every wait is bounded; these say how long.",
     "limits": "What this learner takes on for its leader, checked on each model state and shard before anything "
     "is allocated: a leader that asks for more is refused (exit 2) with the flag that would allow it.",
-    "privacy": "What this learner spends of its data's privacy, whatever the leader asks (docs/differential-privacy.md).",
+    "privacy": "What this learner spends of its data's privacy, whatever the leader asks "
+    "(docs/differential-privacy.md).",
     "security": "",
 }
 

@@ -13,8 +13,8 @@ from federated.core.checks import TensorSpec
 from federated.core.layout import GradientLayout, control_name, wire_state
 from federated.core.plan import TrainingPlan
 from federated.core.strategies.scaffold import Controls
-from federated.privacy import local
 from federated.core.training import Backward, Batch, Evaluation, evaluate
+from federated.privacy import local
 from federated.wire import codec, messages
 from model import build_model
 
@@ -119,7 +119,7 @@ class Replica:
         self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
         if strategies.named(self.plan.strategy).controls != (self.controls is not None):
             raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
-        if local.local_privacy(self.plan) is not None:  # refused at once for a model that cannot give it
+        if self.plan.dp == "local":  # refused at once for a model that cannot give it
             self.hook_examples()
         if self.controls is not None:
             committed = self.controls.adopt(
@@ -144,13 +144,12 @@ class Replica:
     def backward(self, plan: TrainingPlan) -> Backward:
         """How the round's steps compute their gradients: DP-SGD's when the plan asks for local differential
         privacy (the noise from a generator of this learner's own), else the mean loss's."""
-        private = local.local_privacy(plan)
-        if private is None:
+        if plan.dp != "local":
             return Backward()
         self.hook_examples()
         if self.noise is None:
             self.noise = local.fresh_generator(self.device)
-        return local.ExampleGradients(private.dp_clip, private.dp_noise_multiplier, self.noise)
+        return local.ExampleGradients(plan.dp_clip, plan.dp_noise_multiplier, self.noise)
 
     def take_final(self, state: codec.Payload) -> None:
         """The leader's last state: its weights and normalisation (a learner sampling never drew may not have had

@@ -8,10 +8,9 @@ everything computed from the noised gradients (the local steps, the pseudo-gradi
 post-processing: it costs no further privacy.
 """
 
-import logging
 import secrets
+import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,8 @@ from federated.core.plan import TrainingPlan
 from federated.core.training import Backward
 from federated.privacy.accountant import Accountant
 
-log = logging.getLogger("learner")
+# Opacus' hooks on the first layer, whose input (the images) needs no gradient, make torch warn at every backward
+warnings.filterwarnings("ignore", "Full backward hook is firing when gradients are computed with respect to module")
 
 NORM_OFFSET = 1e-6  # Opacus' clip factor is C / (|g_i| + 1e-6), at most 1: a zero gradient divides by no zero
 
@@ -32,7 +32,8 @@ def model_problem(model: nn.Module) -> str | None:
     example's output depend on the others in its batch, so no per-example gradient bounds one example's influence."""
     from opacus.validators import ModuleValidator
 
-    mixing = sorted({type(module).__name__ for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)})
+    batch_norms = (module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm))
+    mixing = sorted({type(module).__name__ for module in batch_norms})
     if mixing:
         return f"its {', '.join(mixing)} layers mix the examples of a batch"
     if errors := ModuleValidator.validate(model, strict=False):
@@ -71,7 +72,7 @@ class ExampleGradients(Backward):
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
         parameters = [p for p in model.parameters() if p.requires_grad]
-        examples = [p.grad_sample for p in parameters]
+        examples = [p.grad_sample for p in parameters]  # type: ignore[attr-defined]  # (set by the hooks)
         norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in examples], dim=1).norm(dim=1)
         factors = (self.clip / (norms + NORM_OFFSET)).clamp(max=1.0)
         std = self.noise_multiplier * self.clip
@@ -80,14 +81,8 @@ class ExampleGradients(Backward):
                 total = torch.einsum("i,i...->...", factors, per_example)
                 noise = torch.normal(0.0, std, total.shape, generator=self.generator, device=total.device)
                 parameter.grad.copy_(total.add_(noise).div_(len(labels)))  # type: ignore[union-attr]
-                parameter.grad_sample = None  # Opacus adds to it otherwise
+                parameter.grad_sample = None  # type: ignore[attr-defined]  # (Opacus adds to it otherwise)
         return loss.item()
-
-
-def local_privacy(plan: TrainingPlan) -> Any:
-    """STAND-IN until i18-dp-central's plan fields: the plan's local DP settings (clip, noise multiplier, delta),
-    or None when it asks for none."""
-    return plan if getattr(plan, "dp", "none") == "local" else None
 
 
 class Budget:
@@ -109,13 +104,13 @@ class Budget:
 
     def refusal(self, plan: TrainingPlan, shard_size: int, batch_size: int) -> str | None:
         """Why this learner must sit out a round of this plan (as it follows it on its shard), or None."""
-        private = local_privacy(plan)
         if not self.max_epsilon:
             return None
-        if private is None:
+        if plan.dp != "local":
             return "the leader's plan asks for no local differential privacy, and --max-epsilon trains only with it"
-        accountant = self.at(delta_for(private.dp_delta, shard_size))
-        after = accountant.epsilon_after(private.dp_noise_multiplier, sample_rate(shard_size, batch_size), plan.local_steps)
+        accountant = self.at(delta_for(plan.dp_delta, shard_size))
+        rate = sample_rate(shard_size, batch_size)
+        after = accountant.epsilon_after(plan.dp_noise_multiplier, rate, plan.local_steps)
         if after > self.max_epsilon:
             return (
                 f"its {plan.local_steps} DP-SGD steps would take the spent epsilon from {accountant.epsilon():.3g} to "
@@ -125,9 +120,8 @@ class Budget:
 
     def charge(self, plan: TrainingPlan, shard_size: int, batch_size: int) -> float:
         """Charge a round trained under the plan's local DP; the epsilon spent so far."""
-        private = local_privacy(plan)
-        accountant = self.at(delta_for(private.dp_delta, shard_size))
-        accountant.step(private.dp_noise_multiplier, sample_rate(shard_size, batch_size), plan.local_steps)
+        accountant = self.at(delta_for(plan.dp_delta, shard_size))
+        accountant.step(plan.dp_noise_multiplier, sample_rate(shard_size, batch_size), plan.local_steps)
         return accountant.epsilon()
 
 
