@@ -76,9 +76,7 @@ class LearnerRound:
         a ciphertext that does not decrypt for (round, sender, this learner)."""
         raise NotImplementedError
 
-    def masked_input(
-        self, update: torch.Tensor, weight: float, loss: float, quantisation: Quantisation
-    ) -> torch.Tensor:
+    def masked_input(self, update: torch.Tensor, weight: float, loss: float, quantisation: Quantisation) -> torch.Tensor:
         """After commit: the quantised update plus its masks, as an int32 tensor (two's complement of the values
         modulo 2^32). Refused before commit."""
         raise NotImplementedError
