@@ -10,7 +10,7 @@ from federated.core.plan import TrainingPlan
 from federated.leader.config import LOCAL_DP_NORM, command_line, configure
 from federated.learner.state import Replica
 from federated.privacy.accountant import Accountant
-from federated.privacy.local import Budget, ExampleGradients, delta_for, sample_rate
+from federated.privacy.local import Budget, ExampleGradients, delta_for, hook_examples, sample_rate
 from federated.wire import codec, messages
 from model import build_model
 
@@ -156,13 +156,30 @@ def test_the_learner_reports_at_most_at_delta_one_over_its_shard_whatever_delta_
 
 
 def test_max_epsilon_sits_out_the_round_that_would_exceed_it_whatever_the_leader_asks():
-    budget, trained = Budget(8.0), 0
+    budget, trained = Budget(4.0), 0
     while budget.refusal(local_plan(18, sigma=2.0), SHARD, 32) is None and trained < 50:
         budget.charge(local_plan(18, sigma=2.0), SHARD, 32)
         trained += 1
-    assert 1 < trained < 50 and budget.accountant.epsilon() <= 8.0 < budget.accountant.epsilon_after(2.0, 32 / 144, 18)
-    assert "past --max-epsilon 8" in (budget.refusal(local_plan(18, sigma=2.0), SHARD, 32) or "")
+    assert 1 < trained < 50 and budget.accountant.epsilon() <= 4.0 < budget.accountant.epsilon_after(2.0, 32 / 144, 18)
+    assert "past --max-epsilon 4" in (budget.refusal(local_plan(18, sigma=2.0), SHARD, 32) or "")
     # a hostile leader: less noise and a huge delta, or no local DP at all
     assert Budget(8.0).refusal(local_plan(18, sigma=0.3, delta=0.9), SHARD, 32) is not None
     assert "no local differential privacy" in (Budget(8.0).refusal(TrainingPlan("fedavg", 18), SHARD, 32) or "")
     assert Budget(0.0).refusal(TrainingPlan("fedavg", 18), SHARD, 32) is None  # (0: it trains as the leader asks)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer-ws"])  # (layer-ws: Opacus' fallback for standardised convolutions)
+def test_the_hooked_models_per_example_gradients_are_each_images_own_gradient(norm):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, norm)
+    hook_examples(model)
+    images, labels = batch(False)
+    torch.nn.functional.cross_entropy(model(images[:4]), labels[:4]).backward()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    examples = [p.grad_sample.clone() for p in parameters]
+    for index in range(4):
+        alone = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(model(images[index : index + 1]), labels[index : index + 1]), parameters
+        )
+        for per_example, gradient in zip(examples, alone):
+            torch.testing.assert_close(per_example[index], gradient, rtol=1e-4, atol=1e-5)
