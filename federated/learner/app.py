@@ -309,6 +309,8 @@ class Learner:
                 final = joined.train_until_final()
             finally:
                 joined.stop()
+            if spent := joined.budget.summary():
+                log.info("%s (local differential privacy)", spent)
         else:
             final = joined
         how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"

@@ -118,6 +118,13 @@ class Budget:
             )
         return None
 
+    def summary(self) -> str | None:
+        """What this learner spent, for its last log line; None if it never trained under local DP."""
+        steps = sum(entry[2] for entry in self.accountant.state())
+        if not steps:
+            return None
+        return f"spent epsilon {self.accountant.epsilon():.3f} at delta {self.delta:.3g} in {steps} DP-SGD steps"
+
     def charge(self, plan: TrainingPlan, shard_size: int, batch_size: int) -> float:
         """Charge a round trained under the plan's local DP; the epsilon spent so far."""
         accountant = self.at(delta_for(plan.dp_delta, shard_size))

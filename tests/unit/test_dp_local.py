@@ -183,3 +183,11 @@ def test_the_hooked_models_per_example_gradients_are_each_images_own_gradient(no
         )
         for per_example, gradient in zip(examples, alone):
             torch.testing.assert_close(per_example[index], gradient, rtol=1e-4, atol=1e-5)
+
+
+def test_the_budgets_summary_says_what_it_spent_in_how_many_steps():
+    budget = Budget(0.0)
+    assert budget.summary() is None
+    budget.charge(local_plan(18), SHARD, 32)
+    budget.charge(local_plan(9), SHARD, 32)
+    assert budget.summary() == f"spent epsilon {budget.accountant.epsilon():.3f} at delta 1e-05 in 27 DP-SGD steps"
