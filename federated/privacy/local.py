@@ -94,7 +94,8 @@ class Budget:
     def __init__(self, max_epsilon: float) -> None:
         """max_epsilon: --max-epsilon (0: no limit)."""
         self.max_epsilon = max_epsilon
-        self.delta, self.accountant = 0.0, Accountant(1.0)  # (no step charged yet: any delta will do)
+        self.delta = 0.0  # the first round charged sets it (at: before any step, the delta does not matter)
+        self.accountant = Accountant(self.delta)
 
     def at(self, delta: float) -> Accountant:
         """The accountant, reporting at delta (its history kept)."""
