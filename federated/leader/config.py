@@ -834,13 +834,13 @@ def model_problems(config: LeaderConfig) -> list[str]:
 
 def local_dp_problems(config: LeaderConfig) -> list[str]:
     """--dp local trains with per-example gradients: a model that mixes a batch's examples (BatchNorm) cannot."""
+    if config.dp != "local" or model_problems(config):
+        return []
     import torch
 
     import model
-    from federated.privacy.local import model_problem
+    from federated.privacy.local import model_problem  # (Opacus: imported only for --dp local)
 
-    if config.dp != "local" or model_problems(config):
-        return []
     try:
         with torch.device("meta"):  # (its layers, without memory)
             problem = model_problem(model.build_model(config.model, config.num_classes or 1, config.model_norm))
