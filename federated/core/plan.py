@@ -13,6 +13,20 @@ MAX_LOCAL_EPOCHS = 1e3
 LOCAL_STEPS_PER = ("federation", "learner")  # --local-steps-per: the same steps for all, or each its own shard's
 DP_MODES = ("none", "central", "distributed", "local")  # --dp
 MAX_DP_CLIP, MAX_DP_NOISE_MULTIPLIER = 1e6, 1e3  # --dp-clip, --dp-noise-multiplier
+MAX_CLIP_RANGE = 1e6  # --secagg-clip-range, and a state's: beyond it the quantisation's steps exceed any update
+MAX_WEIGHT_UNIT = float(1 << 42)  # a secure round's weight unit: the samples of one learner's round, at most
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What a secure round asks of its learners' masked inputs (privacy/secagg.py's Quantisation): values clipped
+    to [-clip_range, clip_range], weights in units of weight_unit (the most samples one update may weigh: a
+    learner clamps its own), and room in 32 bits for the sum of `summands` inputs. Its fields are Quantisation's,
+    named alike: Quantisation(**asdict(secure))."""
+
+    clip_range: float
+    weight_unit: float
+    summands: int
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,7 @@ class TrainingPlan:
     participants: tuple[int, ...] | None = None  # None: every learner trains this round
     evaluate: bool = False  # learners with held-out images evaluate this state first and report it
     local_epochs: float = 0.0  # > 0: passes over each learner's own shard, which replace local_steps (for_shard)
+    secure: SecureRound | None = None  # secure aggregation: learners send masked inputs, never a plain update
     # --dp: distributed, each learner clips its update to dp_clip and adds its share of noise dp_noise_multiplier
     # * dp_clip; local, each example's gradient is clipped and noised so (DP-SGD); central, learners do nothing
     dp: str = "none"

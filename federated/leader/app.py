@@ -20,9 +20,12 @@ from federated.leader.global_model import Diverged, GlobalModel
 from federated.leader.loop import RoundLoop
 from federated.leader.metrics import MetricsLog, plot_metrics, read_metrics
 from federated.leader.planner import Planner
+from federated.leader.privacy import LeaderPrivacy
 from federated.leader.registry import Registry
+from federated.leader.secure import SecureRounds
 from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer, method_limits
 from federated.net import rpc
+from federated.wire import codec
 
 log = logging.getLogger("leader")
 
@@ -52,6 +55,18 @@ class Leader:
         first_round = self.restore(saved) if saved else 0
         self.registry = Registry(config.learners, config.rejoin_grace, restored_slots(saved))
         layout = self.global_model.layout
+        self.privacy = LeaderPrivacy(config, saved) if config.dp != "none" else None
+        if self.privacy and layout.size != layout.parameter_count:
+            raise SystemExit(
+                f"--dp {config.dp}: {config.model} keeps running statistics (BatchNorm), which would reach the "
+                "leader without noise; choose a model without them (resnet20 or resnet18 with --norm group)"
+            )
+        client = dispatch.LearnerClient(self.security)
+        secure = (
+            SecureRounds(client, config.secagg_threshold, layout.size, config.sync_timeout)
+            if config.secure_aggregation
+            else None
+        )
         self.collector = RoundCollector(
             layout.size,
             first_round,
@@ -59,6 +74,8 @@ class Leader:
             config.clip_norm,
             layout.parameter_count,
             self.global_model.strategy.controls,
+            self.privacy.mechanism if self.privacy else None,
+            secure.add_masked if secure else None,
         )
         # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
         # until the first round draws its participants and pushes it to them.
@@ -71,10 +88,11 @@ class Leader:
             self.collector,
             self.global_model,
             self.planner,
-            dispatch.LearnerClient(self.security),
+            client,
             self.sampler,
             threading.Event(),
             self.participants or None,
+            secure,
         )
         self.rounds = RoundLoop(
             config,
@@ -86,6 +104,7 @@ class Leader:
             self.evaluations,
             self.sampler,
             self.data,
+            self.privacy,
         )
         log.info(
             "%s with %d parameters%s",
@@ -145,6 +164,8 @@ class Leader:
             self.evaluations,
         )
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
+        if config.secure_aggregation:  # a masked input takes 4 bytes a value, whatever the wire dtype
+            limit = max(limit, 4 * (self.global_model.layout.size + 2) + codec.HEADER_SLACK_BYTES + rpc.ENVELOPE_BYTES)
         server, port = rpc.start_server(
             f"{config.host}:{config.port}",
             [(ADD_LEADER_SERVICE, servicer)],
@@ -196,7 +217,9 @@ class Leader:
                 self.release_learners()
             elif self.wait_for_learners():
                 done = self.rounds.train(metrics)
-                if done < self.planner.schedule.total_rounds:
+                if self.rounds.budget_spent:
+                    log.info("the run ended after round %d: %s", done, self.rounds.budget_spent)
+                elif done < self.planner.schedule.total_rounds:
                     log.info("stopping on request after round %d", done)
                     self.stop(done)
         except (Stalled, Diverged) as ended:  # checkpointed and resumable: say why, and exit 1
@@ -223,8 +246,16 @@ class Leader:
                 self.out / "metrics.png",
                 f"{config.strategy} on {config.dataset}, {config.model}, {config.learners} learners",
             )
-        if self.collector.round < self.planner.schedule.total_rounds:
+        if self.collector.round < self.planner.schedule.total_rounds and not self.rounds.budget_spent:
             return
+        if self.privacy:
+            log.info(
+                "privacy spent: epsilon %.4g at delta %g (--dp %s, noise multiplier %g)",
+                self.privacy.accountant.epsilon(),
+                config.dp_delta,
+                config.dp,
+                config.dp_noise_multiplier,
+            )
         warned = [r["round"] for r in records if "not_learning" in r]
         for source in ("leader", "learners"):
             evaluations = [r for r in records if r.get("source", "leader") == source and "test_accuracy" in r]

@@ -4,12 +4,13 @@ report evaluations, and rejoin after losing the leader, until the leader's final
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable
 from functools import partial
 
 import utils
 from federated.core.checks import first_problem
-from federated.core.plan import TrainingPlan
+from federated.core.plan import SecureRound, TrainingPlan
 from federated.core.training import Batch
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
@@ -19,6 +20,7 @@ from federated.learner.session import LeaderLost, LeaderSession
 from federated.learner.state import Replica
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
+from federated.privacy import dp
 from federated.privacy.local import Budget
 from federated.wire import codec, messages
 
@@ -69,6 +71,7 @@ class Member:
     def register(self, deadline: float) -> int:
         """Register (again, with the credential of the last registration to take its slot back); its id."""
         reply = self.session.register(self.server.address, self.summary, deadline)
+        self.server.secure.bind(reply.learner_id)
         log.info("%s; LearnerService %s (%s)", reply.message, self.server.where(), self.session.security.describe())
         return reply.learner_id
 
@@ -139,17 +142,55 @@ class Member:
             )
             return
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
-        if plan.dp == "local":
-            loss = math.nan  # (unknown to the leader: the loss is no DP-SGD output, and would tell of the data)
-        claims = messages.UpdateInfo(
-            self.learner_id, round_index, batch * plan.local_steps, loss, replica.strategy.update_kind, plan.local_steps
-        )
-        request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
+        if plan.dp == "local":  # the loss is no DP-SGD output, and would tell of the data: the leader gets none
+            loss = 0.0 if plan.secure is not None else math.nan  # (a secure round sums it: 0, as distributed DP's)
+        if plan.secure is not None:  # never a plain update in a secure round
+            request = self.masked_input(round_index, batch * plan.local_steps, loss, plan)
+            if request is None:
+                return
+        else:
+            claims = messages.UpdateInfo(
+                self.learner_id,
+                round_index,
+                batch * plan.local_steps,
+                loss,
+                replica.strategy.update_kind,
+                plan.local_steps,
+            )
+            request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
         elif reply is not None:
             replica.update_taken(round_index)
+
+    def masked_input(
+        self, round_index: int, samples: int, loss: float, plan: TrainingPlan
+    ) -> leader_pb2.GradientData | None:
+        """A secure round's update: once the leader has committed this learner to the round (waiting at most
+        --wait-timeout), the update vector masked, with its samples and loss folded in; in the clear only its
+        slot and round. None (it sits the round out) when no commit came in time. Under distributed DP the
+        update is clipped to the plan's L2 bound and carries this learner's share of the noise; it weighs as
+        much as any other and gives no loss, so that the sum reveals nothing un-noised but the count of its
+        learners, which the leader knows anyway (DP-FedAvg's equal weights: the sum's sensitivity is the clip)."""
+        secure = typing.cast(SecureRound, plan.secure)
+        if not self.server.secure.wait_committed(round_index, self.config.wait_timeout):
+            log.warning(
+                "round %d: the leader did not commit this learner to the secure round in time; it sits the round "
+                "out (a plain update would show the leader its update)",
+                round_index,
+            )
+            return None
+        update, noise = self.replica.gradient.cpu(), None
+        if plan.dp == "distributed":
+            update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)
+            samples, loss = int(secure.weight_unit), 0.0
+        masked = self.server.secure.masked_input(round_index, update, samples, loss, secure, noise)
+        if masked is None:
+            log.warning("round %d: the leader started the next secure round; this learner sits it out", round_index)
+            return None
+        info = messages.MaskedInfo(self.learner_id, round_index)
+        return leader_pb2.GradientData(chunk=codec.encode({messages.MASKED_TENSOR: masked}, info.to_metadata()))
 
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader."""

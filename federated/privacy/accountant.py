@@ -5,8 +5,6 @@ steps). The history is Opacus' own: (noise_multiplier, sample_rate, steps) entri
 merged, so a checkpoint of it resumes to exactly the epsilon an uninterrupted run reports.
 """
 
-from opacus.accountants import RDPAccountant
-
 History = list[tuple[float, float, int]]
 
 
@@ -49,6 +47,8 @@ def _epsilon(history: History, delta: float) -> float:
     """Opacus' RDP analysis of this history at delta (0 without steps, inf for a step without noise)."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant  # here: importing opacus takes seconds, which runs without --dp skip
+
     opacus_accountant = RDPAccountant()
     opacus_accountant.history = list(history)
     return float(opacus_accountant.get_epsilon(delta=delta))

@@ -2,18 +2,8 @@
 
 import math
 
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
 from federated.privacy.accountant import Accountant
-
-ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-
-
-def independent_epsilon(schedule: list[tuple[float, float, int]], delta: float) -> float:
-    """Opacus' analysis functions, called directly over the schedule's (sigma, q, steps) phases."""
-    rdp = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS) for sigma, q, steps in schedule)
-    epsilon, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
-    return float(epsilon)
+from tests.support.privacy import independent_epsilon
 
 
 def test_no_step_spends_nothing() -> None:
