@@ -20,8 +20,10 @@ def test_fedavg_with_local_dp_trains_the_digits_above_chance_and_each_learner_lo
     assert [r for r in rounds if "test_accuracy" in r][-1]["test_accuracy"] >= 0.3  # chance: 0.1
     assert all(r["train_loss"] is None for r in rounds if "train_loss" in r)  # (the loss is no DP-SGD output)
     for index in range(4):
-        spent = [float(e) for e in re.findall(r"spent epsilon ([0-9.]+) at delta 1e-05", logs_of(tmp_path, index))]
+        log = logs_of(tmp_path, index)
+        spent = [float(e) for e in re.findall(r"round \d+: spent epsilon ([0-9.]+) at delta 1e-05", log)]
         assert len(spent) == 10 and spent == sorted(spent) and spent[0] > 0
+        assert f"spent epsilon {spent[-1]:.3f} at delta 1e-05 in 50 DP-SGD steps" in log  # (its last line)
 
 
 def logs_of(out, index: int) -> str:
