@@ -27,6 +27,7 @@ class RoundSummary:
     per_learner: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)  # samples, loss
     discarded: str | None = None  # a secure round that gave no sum: why (the model stays as it was)
     bytes_out: int = 0  # the round's own calls to its learners (a secure round's phases), not the state pushed
+    released: bool = True  # whether the leader saw an aggregate (a secure round discarded after unmasking did)
 
 
 class RoundCollector:
@@ -190,6 +191,7 @@ class RoundCollector:
                 tuple(sorted(self._expected - self._reported.keys() - self._overdue)),
                 dict(self._reported) if secure is None else {},
                 None if secure is None else secure.discarded,
+                released=secure is None or secure.revealed,
             )
             self._updates.reset()
             self._reported.clear()

@@ -587,6 +587,14 @@ class LeaderConfig(SecurityFlags, Config):
         bounds=Bounds(0, 1, low_open=True, high_open=True),
         trajectory=True,
     )
+    dp_secret_sampling: bool = option(
+        False,
+        "central with --learners-per-round: charge each round at the rate it drew its learners from the "
+        "candidates (privacy amplification by sampling), claiming that whoever sees the released models learns "
+        "nothing of the draw; left out, every round is charged as if every learner took part (learners receive "
+        "the participant list, and --seed seeds the draw)",
+        group="privacy",
+    )
     dp_target_epsilon: float = option(
         0.0,
         "end the run, checkpointed, before the spent epsilon would exceed this (0: no limit; a resume keeps its "
@@ -839,6 +847,11 @@ def dp_problems(config: LeaderConfig) -> list[str]:
         return [
             "--dp-target-epsilon needs --dp central or distributed"
             + (": under --dp local each learner stops at its own --max-epsilon" if config.dp == "local" else "")
+        ]
+    if config.dp_secret_sampling and (config.dp != "central" or not config.learners_per_round):
+        return [
+            "--dp-secret-sampling needs --dp central and --learners-per-round: under --dp distributed the leader, "
+            "the adversary, draws the sample itself"
         ]
     if config.dp == "none":
         return []

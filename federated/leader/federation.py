@@ -90,6 +90,8 @@ class Federation:
         self.client, self.sampler, self.stopping = client, sampler, stopping
         self.participants = participants  # the open round's, with --learners-per-round (a resume's: restored)
         self.sampled_at = 0.0  # when they were drawn
+        # how many candidates this process drew them from, in one draw (None: a resume's restored or a second draw)
+        self.drawn_from: int | None = None
         self.opened_at = time.monotonic()  # when the open round opened: its missing learners held their slots then
         self.freed_at = 0.0  # when a learner was last given up on, its slot opened to newcomers
         if settings.learners_per_round:  # until the first draw, nobody's update counts
@@ -408,17 +410,27 @@ class Federation:
         candidates), count only their updates from now on (widen: and still those of the round's earlier draw),
         and publish the state for it; returns it as one serialised ModelState."""
         if self.settings.learners_per_round:
+            candidates = self.candidates()
             self.participants = (
                 participants
                 if participants is not None
-                else sample_participants(self.candidates(), self.settings.learners_per_round, self.sampler)
+                else sample_participants(candidates, self.settings.learners_per_round, self.sampler)
             )
+            self.drawn_from = len(candidates) if participants is None and not widen else None
             self.collector.expect(self.registry.ready(), self.participants, widen)
             self.sampled_at = time.monotonic()
             log.debug("round %d: learners %s take part", round_index, self.participants)
         return self.global_model.publish(
             round_index, finished=False, plan=self.planner.plan(round_index, self.participants)
         )
+
+    def sample_rate(self) -> float:
+        """The fraction of the candidates the open round's participants were drawn from, which a secret draw
+        amplifies privacy by; 1 where no such fraction holds (everyone took part, a resume's restored draw, or a
+        second draw mid-round, whose updates count beside the first's)."""
+        if self.participants is None or not self.drawn_from:
+            return 1.0
+        return min(1.0, len(self.participants) / self.drawn_from)
 
     def send_state(self, request: bytes, everyone: bool = False) -> int:
         """Send a serialised state to the open round's participants (everyone: to every learner counted on);

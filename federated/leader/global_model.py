@@ -121,10 +121,11 @@ class GlobalModel:
         was (non-finite or absurd: steps.GuardedStep)."""
         return self.strategy.apply(self.step_safely, self.mean_gradient, lr, steps, participants, learners)
 
-    def count_round(self, discarded: str | None, stepped: bool) -> Recovery | None:
-        """Count a closed round: discarded (why, or None if applied), stepped (False: too few updates to try a step).
-        After MAX_DISCARDED_ROUNDS refused steps in a row, reset the strategy's state (Strategy.recover), or say why
-        the run must stop when nothing could be reset."""
+    def count_round(self, discarded: str | None, stepped: bool, secure: bool = False) -> Recovery | None:
+        """Count a closed round: discarded (why, or None if applied), stepped (False: too few updates to try a step),
+        secure (a secure round discarded: it gave no sum). After MAX_DISCARDED_ROUNDS refused steps in a row, reset
+        the strategy's state (Strategy.recover), or say why the run must stop when nothing could be reset (nor
+        can anything mend secure rounds that give no sum)."""
         if discarded:
             self.discarded += 1
         if not stepped:  # a round too small to step says nothing about the updates
@@ -134,6 +135,12 @@ class GlobalModel:
             return None
         self.refused = 0  # the reset, or a resume, gets MAX_DISCARDED_ROUNDS more
         why = f"{MAX_DISCARDED_ROUNDS} rounds in a row were discarded, the last because {discarded}"
+        if secure:
+            return Recovery(
+                f"{why}: secure aggregation gives no sum (a hostile or broken learner? see the leader's and the "
+                "learners' secure aggregation warnings); stopping",
+                stops=True,
+            )
         reset = self.strategy.recover()
         if reset is None:
             return Recovery(

@@ -76,8 +76,9 @@ class RoundLoop:
         schedule, sampled = self.planner.schedule, self.federation.participants
         updates_in, lr, done = time.perf_counter(), schedule.lr(round_index), round_index + 1
         summary = self.federation.close(self.global_model.mean_gradient)
-        # a round released its noised aggregate unless secure aggregation discarded it (nothing revealed)
-        privacy = self.privacy.charge_round(released=not summary.discarded) if self.privacy else {}
+        # a round released its noised aggregate unless secure aggregation discarded it before unmasking
+        rate = self.federation.sample_rate()
+        privacy = self.privacy.charge_round(summary.released, rate) if self.privacy else {}
         self.budget_spent = self.privacy.exhausted() if self.privacy else None
         final = done == schedule.total_rounds or self.budget_spent is not None  # the learners are told to exit
         too_few = summary.discarded or self.collector.rule.too_few(summary.learners)
@@ -88,7 +89,10 @@ class RoundLoop:
             log.warning(
                 "round %d discarded, the model is unchanged: %s (%d learners)", done, discarded, summary.learners
             )
-        recovery = self.global_model.count_round(discarded, stepped=too_few is None)
+        # a secure round discarded counts like a refused step: five in a row stop the run (a hostile learner?)
+        recovery = self.global_model.count_round(
+            discarded, stepped=too_few is None or summary.discarded is not None, secure=summary.discarded is not None
+        )
         if recovery and not recovery.stops:
             log.warning("round %d: %s", done, recovery.message)
         stepped = time.perf_counter()

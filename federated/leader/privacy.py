@@ -18,9 +18,12 @@ class LeaderPrivacy:
         self.target = config.dp_target_epsilon or recorded.get("target_epsilon", 0.0)
         self.accountant = Accountant(config.dp_delta, recorded.get("accountant"))
         per_round = config.learners_per_round or config.learners
-        # Sampling picks a fixed number of learners a round; it is charged as Poisson sampling at that rate, as
-        # Opacus charges its fixed-size batches (docs/differential-privacy.md)
-        self.sample_rate = per_round / config.learners
+        # Amplification by sampling needs a draw the adversary cannot see: never under distributed DP (the leader
+        # draws), under central only when claimed (learners receive the participant list; --seed seeds the draw).
+        # A claimed draw of a fixed number is charged as Poisson sampling at that rate, as Opacus charges its
+        # fixed-size batches (docs/differential-privacy.md); the next round is predicted at the last one's rate.
+        self.claims_sampling = config.dp == "central" and config.dp_secret_sampling
+        self.sample_rate = per_round / config.learners if self.claims_sampling else 1.0
         self.mechanism = (
             CentralMechanism(
                 recorded.get("clip", config.dp_clip), config.dp_noise_multiplier, config.dp_clip_quantile, per_round
@@ -29,9 +32,12 @@ class LeaderPrivacy:
             else None
         )
 
-    def charge_round(self, released: bool = True) -> dict:
-        """A round closed: charge it if it released a noised aggregate; returns the round record's privacy fields
-        (the epsilon spent so far, and an adaptive clip's value for the next round)."""
+    def charge_round(self, released: bool = True, sample_rate: float = 1.0) -> dict:
+        """A round closed: charge it if it released a noised aggregate, at sample_rate (the fraction of the
+        candidates its learners were drawn from) where secret sampling is claimed, else at 1; returns the round
+        record's privacy fields (the epsilon spent so far, and an adaptive clip's value for the next round)."""
+        if self.claims_sampling:
+            self.sample_rate = sample_rate
         if released:
             self.accountant.step(self.config.dp_noise_multiplier, self.sample_rate)
         adaptive = self.mechanism.clip if self.mechanism is not None and self.mechanism.adaptive else None

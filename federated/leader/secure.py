@@ -36,6 +36,7 @@ class SecureOutcome:
     samples: int = 0
     loss: float = math.nan
     discarded: str | None = None
+    revealed: bool = True  # whether the leader saw the round's noised sum (False: discarded before unmasking)
 
 
 def threshold_of(fraction: float, learners: int) -> int:
@@ -155,7 +156,8 @@ class SecureRounds:
         if leader_round is None or len(survivors) < secagg.MIN_LEARNERS:
             return SecureOutcome(
                 discarded=f"secure aggregation: fewer than {secagg.MIN_LEARNERS} learners committed and sent a "
-                f"masked input ({len(survivors)})"
+                f"masked input ({len(survivors)})",
+                revealed=False,
             )
         alive, started = {learner: members[learner] for learner in survivors if learner in members}, time.perf_counter()
         try:
@@ -163,7 +165,9 @@ class SecureRounds:
             total = leader_round.unmask()
             mean, samples, loss = quantisation.dequantise(total)
         except secagg.BelowThreshold as below:
-            return SecureOutcome(discarded=f"secure aggregation: below the threshold, nothing unmasked ({below})")
+            return SecureOutcome(
+                discarded=f"secure aggregation: below the threshold, nothing unmasked ({below})", revealed=False
+            )
         except secagg.Refused as refused:
             return SecureOutcome(discarded=f"secure aggregation: the sum is beyond the clip range ({refused})")
         mean_out.copy_(mean)

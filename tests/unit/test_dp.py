@@ -1,5 +1,7 @@
 """Differential privacy: the plan's DP fields on the wire, clipping, calibrated noise, adaptive clipping."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from federated.core.aggregation import RoundUpdates
 from federated.core.plan import TrainingPlan
 from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
+from federated.leader.global_model import MAX_DISCARDED_ROUNDS, Diverged
 from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
 from federated.leader.privacy import LeaderPrivacy
@@ -185,13 +188,59 @@ def test_the_target_epsilon_makes_the_last_round_the_one_before_it_would_be_exce
     assert StateInfo.from_payload(codec.decode(resumed.global_model.encoded_state)).finished
 
 
-@pytest.mark.parametrize(("learners", "per_round", "rate"), [(10, 0, 1.0), (10, 3, 0.3)])
-def test_the_leader_charges_each_round_at_the_sampling_rate_of_its_learners(learners, per_round, rate):
-    run = LeaderConfig(learners=learners, learners_per_round=per_round, dp="central", norm="group")
+@pytest.mark.parametrize(
+    ("mode", "per_round", "claimed", "drawn_at", "rate"),
+    [
+        ("central", 0, False, 1.0, 1.0),  # everyone takes part
+        ("central", 3, False, 0.5, 1.0),  # learners see who was drawn, --seed seeds it: no amplification claimed
+        ("central", 3, True, 0.5, 0.5),  # claimed: the rate it drew at (3 of the 6 candidates left)
+        ("central", 3, True, 1.0, 1.0),  # claimed, but drawn again mid-round (Federation.sample_rate gives 1)
+        ("distributed", 3, False, 0.3, 1.0),  # the leader, the adversary, draws the sample
+    ],
+)
+def test_the_leader_charges_each_round_at_a_sampling_rate_its_adversary_cannot_see_through(
+    mode, per_round, claimed, drawn_at, rate
+):
+    run = LeaderConfig(learners=10, learners_per_round=per_round, dp=mode, dp_secret_sampling=claimed)
     privacy = LeaderPrivacy(run)
-    records = [privacy.charge_round() for _ in range(4)]
+    records = [privacy.charge_round(sample_rate=drawn_at) for _ in range(4)]
     assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.0, rate, 4)], 1e-5), rel=1e-12)
     assert records[0]["epsilon"] < records[-1]["epsilon"]
+
+
+def test_a_round_s_sampling_rate_is_its_draw_among_the_candidates_left_and_1_when_drawn_again(monkeypatch):
+    leader = leader_from([*DP_RUN[:6], "--learners", "10", "--learners-per-round", "3"])
+    assert leader.federation.sample_rate() == 1.0  # nothing drawn yet
+    monkeypatch.setattr(leader.federation, "candidates", lambda: list(range(6)))  # 4 of the 10 are gone
+    leader.federation.open_round(0)
+    assert leader.federation.sample_rate() == 0.5
+    leader.federation.open_round(0, widen=True)  # the first draw's updates still count: no secret fraction holds
+    assert leader.federation.sample_rate() == 1.0
+
+
+def test_secure_rounds_discarded_are_charged_once_unmasked_and_five_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    leader = leader_from([*DP_RUN, "--out", str(tmp_path), "--dp-clip-quantile", "0"])
+    close = leader.federation.close
+    unmasked = [False, True, True, False, True]  # below the threshold, or refused after unmasking (sum seen)
+
+    def discarded(mean_out):
+        summary = close(mean_out)
+        return dataclasses.replace(summary, discarded="secure aggregation: ...", released=unmasked[summary.round])
+
+    monkeypatch.setattr(leader.federation, "close", discarded)
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    update = torch.full((leader.global_model.layout.size,), 1e-3)
+    for round_index in range(MAX_DISCARDED_ROUNDS):
+        leader.collector.submit(0, round_index, [update], 8, 1.0, 0)
+        if round_index < MAX_DISCARDED_ROUNDS - 1:
+            assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+            continue
+        with pytest.raises(Diverged, match="secure aggregation gives no sum"):
+            leader.rounds.run_round(round_index, 0.0, metrics)
+    metrics.close()
+    records = round_records(tmp_path / "metrics.jsonl")
+    assert records[0]["epsilon"] == 0.0 and "stopping" in records[-1]["recovery"]
+    assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.5, 1.0, 3)], 1e-5), rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -206,6 +255,7 @@ def test_the_leader_charges_each_round_at_the_sampling_rate_of_its_learners(lear
         (["--dp", "central", "--norm", "batch"], "keeps running statistics"),
         (["--dp-target-epsilon", "3"], "--dp-target-epsilon needs --dp central or distributed"),
         (["--dp", "local", "--dp-target-epsilon", "3"], "each learner stops at its own"),
+        (["--dp", "central", "--dp-secret-sampling"], "needs --dp central and --learners-per-round"),
     ],
 )
 def test_what_dp_cannot_be_combined_with_is_refused_saying_why(flags, refused, capsys):
