@@ -12,6 +12,7 @@ import utils
 from federated.core.checks import first_problem
 from federated.core.plan import SecureRound, TrainingPlan
 from federated.core.training import Batch
+from federated.learner import floors
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
 from federated.learner.limits import Limits
@@ -105,10 +106,14 @@ class Member:
         return self.replica.plan.for_shard(len(self.data), batch_size)
 
     def within_budget(self, round_index: int) -> bool:
-        """Whether this learner trains the round: under local differential privacy, only if its own accountant
-        stays within --max-epsilon (whatever the leader asks). A round sat out is not tried again; the leader
-        waits for it as for any missing update (--round-timeout), and goes on without it."""
-        refusal = self.budget.refusal(self.round_plan(), len(self.data), self.replica.info.batch_size)
+        """Whether this learner trains the round: only if its plan keeps this learner's privacy floors (floors.py)
+        and, under local differential privacy, its own accountant stays within --max-epsilon (whatever the leader
+        asks). A round sat out is not tried again; the leader waits for it as for any missing update
+        (--round-timeout), and goes on without it."""
+        plan = self.round_plan()
+        refusal = floors.refusal(self.config, plan) or self.budget.refusal(
+            plan, len(self.data), self.replica.info.batch_size
+        )
         if refusal is not None:
             if refusal != self.refusal:
                 log.warning("round %d: this learner sits the round out: %s", round_index, refusal)

@@ -151,6 +151,20 @@ class LearnerConfig(SecurityFlags, Config):
         bounds=NOT_NEGATIVE,
         metavar="EPSILON",
     )
+    require_secure_aggregation: bool = option(
+        False,
+        "never send a plain update: sit out every round the leader's plan does not make a secure round (the "
+        "leader would see this learner's update)",
+        group="privacy",
+    )
+    min_noise_multiplier: float = option(
+        0.0,
+        "sit out every round whose plan is not distributed or local DP (the noise this learner adds itself) with "
+        "a noise multiplier of at least this (0: no floor, and it trains as the leader asks)",
+        group="privacy",
+        bounds=NOT_NEGATIVE,
+        metavar="SIGMA",
+    )
 
     leader_name: str = option(
         "leader", "with --tls-ca: the common name the leader's certificate must carry", group="security", metavar="NAME"
