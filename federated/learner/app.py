@@ -7,6 +7,7 @@ import time
 import typing
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import utils
 from federated.core.checks import first_problem
@@ -59,7 +60,8 @@ class Member:
         self.learner_id = self.register(deadline)
         self.data = self.hold(self.fetch_shard() if own is None else own)
         self.sent_round = -1  # the round of the last update sent
-        self.budget = Budget(config.max_epsilon)  # local DP: what it has spent, and may
+        # local DP: what it has spent (here, or kept in --budget-file), and may
+        self.budget = Budget(config.max_epsilon, Path(config.budget_file) if config.budget_file else None)
         self.refusal: str | None = None  # why it sat the last round out, for the budget
 
     def hold(self, data: utils.ImageSet) -> utils.ImageSet:

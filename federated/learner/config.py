@@ -6,6 +6,7 @@ flag is refused before torch loads.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from federated.common.flags import (
     FRACTION,
@@ -23,6 +24,7 @@ from federated.common.flags import (
 )
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
+from federated.privacy.accountant import read_history
 
 
 def _datasets() -> tuple[str, ...]:
@@ -151,6 +153,14 @@ class LearnerConfig(SecurityFlags, Config):
         bounds=NOT_NEGATIVE,
         metavar="EPSILON",
     )
+    budget_file: str | None = option(
+        None,
+        "keep the epsilon this learner spends under --dp local (its DP-SGD steps) in this file, so that "
+        "--max-epsilon holds across restarts",
+        group="privacy",
+        metavar="PATH",
+        default_text="in this process only: a restarted learner starts again from 0",
+    )
     require_secure_aggregation: bool = option(
         False,
         "never send a plain update: sit out every round the leader's plan does not make a secure round (the "
@@ -197,6 +207,11 @@ def configure(given: CommandLine) -> LearnerConfig:
     problems = choice_problems(config)
     if config.eval_fraction and not config.dataset:
         problems.append("--eval-fraction needs a local --dataset")
+    if config.budget_file and Path(config.budget_file).exists():
+        try:
+            read_history(Path(config.budget_file))
+        except ValueError as error:
+            problems.append(str(error))
     if problems:
         refuse("learner.py", problems)
     return config

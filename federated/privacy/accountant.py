@@ -1,9 +1,14 @@
 """The privacy a run has spent: Opacus' RDP accountant over its noised steps, as epsilon at a delta.
 
-Used by the leader (every --dp mode: one step per round) and by a learner under --dp local (its own DP-SGD
-steps). The history is Opacus' own: (noise_multiplier, sample_rate, steps) entries, consecutive equal steps
-merged, so a checkpoint of it resumes to exactly the epsilon an uninterrupted run reports.
+Used by the leader under --dp central and distributed (one step per round that released an aggregate) and by
+each learner under --dp local (its own DP-SGD steps; the leader then keeps none). The history is Opacus' own:
+(noise_multiplier, sample_rate, steps) entries, consecutive equal steps merged, so a checkpoint of it (or a
+learner's --budget-file) resumes to exactly the epsilon an uninterrupted run reports.
 """
+
+import json
+import os
+from pathlib import Path
 
 History = list[tuple[float, float, int]]
 
@@ -52,3 +57,21 @@ def _epsilon(history: History, delta: float) -> float:
     opacus_accountant = RDPAccountant()
     opacus_accountant.history = list(history)
     return float(opacus_accountant.get_epsilon(delta=delta))
+
+
+def read_history(path: Path) -> History:
+    """The accountant's history that write_history kept in path; ValueError if it holds none."""
+    try:
+        return [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in json.loads(path.read_text())]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--budget-file {path} holds no budget of this learner's ({error})") from error
+
+
+def write_history(history: History, path: Path) -> None:
+    """The history into path, whole or not at all (a temporary file, flushed to disk, renamed over it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as file:
+        json.dump(history, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)

@@ -11,6 +11,7 @@ post-processing: it costs no further privacy.
 import secrets
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 
 from federated.core.plan import TrainingPlan
 from federated.core.training import Backward
-from federated.privacy.accountant import Accountant
+from federated.privacy.accountant import Accountant, read_history, write_history
 
 # Opacus' hooks on the first layer, whose input (the images) needs no gradient, make torch warn at every backward
 warnings.filterwarnings("ignore", "Full backward hook is firing when gradients are computed with respect to module")
@@ -89,13 +90,15 @@ class Budget:
     """This learner's own accountant of its DP-SGD steps (Opacus' RDP accountant), at the plan's delta held to at
     most 1 / its shard's size (a larger delta would let the leader shrink the epsilon it reports), and --max-epsilon:
     a round that would take the spent epsilon past it is sat out, whatever the leader asks. With --max-epsilon, a
-    plan without local DP is sat out too: its updates would spend without bound."""
+    plan without local DP is sat out too: its updates would spend without bound. With a file (--budget-file) the
+    steps spent outlive the process: a restarted learner goes on from them, rather than from 0."""
 
-    def __init__(self, max_epsilon: float) -> None:
-        """max_epsilon: --max-epsilon (0: no limit)."""
-        self.max_epsilon = max_epsilon
+    def __init__(self, max_epsilon: float, path: Path | None = None) -> None:
+        """max_epsilon: --max-epsilon (0: no limit); path: where the steps spent are kept (None: in this process
+        only). Raises ValueError for a file that holds no budget."""
+        self.max_epsilon, self.path = max_epsilon, path
         self.delta = 0.0  # the first round charged sets it (at: before any step, the delta does not matter)
-        self.accountant = Accountant(self.delta)
+        self.accountant = Accountant(self.delta, read_history(path) if path is not None and path.exists() else None)
 
     def at(self, delta: float) -> Accountant:
         """The accountant, reporting at delta (its history kept)."""
@@ -130,6 +133,8 @@ class Budget:
         """Charge a round trained under the plan's local DP; the epsilon spent so far."""
         accountant = self.at(delta_for(plan.dp_delta, shard_size))
         accountant.step(plan.dp_noise_multiplier, sample_rate(shard_size, batch_size), plan.local_steps)
+        if self.path is not None:
+            write_history(accountant.state(), self.path)
         return accountant.epsilon()
 
 

@@ -13,6 +13,7 @@ from federated.privacy.accountant import Accountant
 from federated.privacy.local import Budget, ExampleGradients, delta_for, hook_examples, sample_rate
 from federated.wire import codec, messages
 from model import build_model
+from tests.support.live import learner_config
 
 CLIP, BATCH, SHARD = 0.5, 8, 144
 DP = {"dp": "local", "dp_clip": repr(CLIP), "dp_noise_multiplier": "1.0", "dp_delta": "1e-05"}
@@ -191,3 +192,20 @@ def test_the_budgets_summary_says_what_it_spent_in_how_many_steps():
     budget.charge(local_plan(18), SHARD, 32)
     budget.charge(local_plan(9), SHARD, 32)
     assert budget.summary() == f"spent epsilon {budget.accountant.epsilon():.3f} at delta 1e-05 in 27 DP-SGD steps"
+
+
+def test_a_budget_file_keeps_the_spent_epsilon_across_restarts_and_a_foreign_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "budget.json"
+    budget = Budget(4.0, path)
+    for _ in range(3):
+        budget.charge(local_plan(18, sigma=2.0), SHARD, 32)
+    restarted = Budget(4.0, path)  # a new process: it goes on from the steps spent, not from 0
+    assert restarted.at(budget.delta).epsilon() == budget.accountant.epsilon() > 0
+    assert restarted.refusal(local_plan(18, sigma=2.0), SHARD, 32) == budget.refusal(
+        local_plan(18, sigma=2.0), SHARD, 32
+    )
+    (tmp_path / "foreign.json").write_text('{"not": "a budget"}')
+    with pytest.raises(SystemExit):
+        learner_config(["--budget-file", str(tmp_path / "foreign.json")])
+    assert "holds no budget" in capsys.readouterr().err
+    assert learner_config(["--budget-file", str(path)]).budget_file == str(path)
