@@ -14,7 +14,8 @@ from federated.leader.global_model import MAX_DISCARDED_ROUNDS, Diverged
 from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
 from federated.leader.privacy import LeaderPrivacy
-from federated.privacy.dp import CentralMechanism, adjusted_noise_multiplier, gaussian, noise_share_std
+from federated.privacy.dp import CentralMechanism, adjusted_noise_multiplier, noise_share_std
+from federated.privacy.secagg import Quantisation
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo
 from tests.support.live import leader_config, leader_from
@@ -98,10 +99,13 @@ def test_central_dp_with_noise_near_zero_is_the_unweighted_mean_of_clipped_updat
 
 def test_each_learners_noise_share_sums_over_the_threshold_to_the_calibrated_noise():
     sigma, clip, threshold = 1.1, 2.0, 7
-    share = noise_share_std(sigma, clip, threshold)
+    # the learners' real path: zero updates quantised with their discrete Gaussian shares, summed modulo 2^32 and
+    # dequantised by the leader into the mean of `threshold` equal weights: its noise times threshold is the sum's
+    quantisation = Quantisation(clip, 1.0, threshold, noise_std=noise_share_std(sigma, clip, threshold))
     generator = torch.Generator().manual_seed(3)
-    summed = sum(gaussian(20000, share, generator) for _ in range(threshold))
-    assert summed.std().item() == pytest.approx(sigma * clip, rel=0.05)
+    inputs = [quantisation.quantise(torch.zeros(20000), 1.0, 0.0, generator) for _ in range(threshold)]
+    mean, _, _ = quantisation.dequantise(torch.stack(inputs).sum(0) % 2**32)
+    assert (mean * threshold).std().item() == pytest.approx(sigma * clip, rel=0.05)
 
 
 @pytest.mark.parametrize("quantile", [0.2, 0.8])
