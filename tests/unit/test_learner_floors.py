@@ -1,10 +1,15 @@
 """A learner's privacy floors (--require-secure-aggregation, --min-noise-multiplier) sit out the rounds whose plan
 would break them, whatever the leader asks."""
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 
 from federated.core.plan import SecureRound, TrainingPlan
 from federated.learner import floors
+from federated.learner.app import Member
+from federated.privacy.local import Budget
 from tests.support.live import learner_config
 
 SECURE = SecureRound(clip_range=64.0, weight_unit=32.0, summands=5)
@@ -47,3 +52,29 @@ def test_a_negative_noise_floor_is_refused(capsys):
     with pytest.raises(SystemExit):
         learner_config(["--min-noise-multiplier", "-1"])
     assert "--min-noise-multiplier" in capsys.readouterr().err
+
+
+def test_a_member_sits_out_the_round_its_floors_refuse_saying_so_once(caplog):
+    def member(flags: list[str], asked: TrainingPlan) -> SimpleNamespace:
+        """What Member.within_budget reads of a member whose replica holds a state with this plan."""
+        replica = SimpleNamespace(info=SimpleNamespace(batch_size=8))
+        return SimpleNamespace(
+            config=learner_config(flags),
+            round_plan=lambda: asked,
+            budget=Budget(0.0),
+            data=[0] * 64,
+            replica=replica,
+            refusal=None,
+            sent_round=-1,
+        )
+
+    plain = member(["--require-secure-aggregation"], plan(secure=None))
+    with caplog.at_level(logging.WARNING, "learner"):
+        assert not Member.within_budget(plain, 3) and not Member.within_budget(plain, 4)
+    assert plain.sent_round == 4 and "plain update" in (plain.refusal or "")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"round 3: this learner sits the round out: {plain.refusal}"
+    ]
+    assert Member.within_budget(
+        member(["--require-secure-aggregation", "--min-noise-multiplier", "1"], plan("distributed", 1.0)), 5
+    )
