@@ -366,3 +366,19 @@ def test_distributed_dp_the_noise_shares_of_the_threshold_survivors_sum_to_the_c
     noise_sum = out * 3  # the mean of 3 equally weighted inputs, each of zeros plus its share of the noise
     assert noise_sum.std().item() == pytest.approx(sigma * clip, rel=0.05)
     assert abs(noise_sum.mean().item()) < 0.05 * sigma * clip
+
+
+def test_a_round_discarded_after_unmasking_was_revealed_one_discarded_before_was_not(fedsgd):
+    participants = parties(5)
+    rounds, collector, _ = secure_round(fedsgd, participants, FakeClient(participants))
+    send_masked(fedsgd, participants, collector, range(5))
+    out = torch.zeros(fedsgd.updates[0].numel())
+    # the leader expects distributed DP's noise, whose room shrinks the scale: the learners' sum (quantised without
+    # it) weighs more than honest inputs at that scale can, and is refused once unmasked
+    quantisation = secagg.Quantisation(**dataclasses.asdict(fedsgd.secure))
+    outcome = rounds.finish(collector.seal(), members(5), quantisation, out, noise=(100.0, 1.0))
+    summary = collector.close(out, outcome)
+    assert summary.discarded and summary.released  # refused after unmasking: the leader saw the sum
+    rounds, collector, _ = secure_round(fedsgd, participants, FakeClient(participants))
+    outcome = rounds.finish([], members(5), quantisation, out)
+    assert not collector.close(out, outcome).released  # nothing unmasked: nothing to charge
