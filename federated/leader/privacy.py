@@ -21,9 +21,10 @@ class LeaderPrivacy:
         # Amplification by sampling needs a draw the adversary cannot see: never under distributed DP (the leader
         # draws), under central only when claimed (learners receive the participant list; --seed seeds the draw).
         # A claimed draw of a fixed number is charged as Poisson sampling at that rate, as Opacus charges its
-        # fixed-size batches (docs/differential-privacy.md); the next round is predicted at the last one's rate.
+        # fixed-size batches (docs/differential-privacy.md). The next round is predicted at the last one's rate (at
+        # 1 before this process charged any: a resume's first round, whose draw was restored, is charged at 1).
         self.claims_sampling = config.dp == "central" and config.dp_secret_sampling
-        self.sample_rate = per_round / config.learners if self.claims_sampling else 1.0
+        self.sample_rate = 1.0
         self.mechanism = (
             CentralMechanism(
                 recorded.get("clip", config.dp_clip), config.dp_noise_multiplier, config.dp_clip_quantile, per_round
