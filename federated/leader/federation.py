@@ -115,7 +115,7 @@ class Federation:
             self.begin_secure()
 
     def begin_secure(self) -> None:
-        """A secure round's phases 1-3 with the learners it expects (they were sent its state, and train
+        """A secure round's phases 1-4 with the learners it expects (they were sent its state, and train
         meanwhile): it waits only for those committed. A learner that joins mid-round takes part from the next."""
         assert self.secure is not None
         round_index = self.collector.round
