@@ -203,7 +203,7 @@ class Federation:
         return summary
 
     def close_secure(self, mean_out: torch.Tensor) -> RoundSummary:
-        """Close a secure round: phase 4 with the learners whose masked inputs arrived, the mean unmasked into
+        """Close a secure round: phase 5 with the learners whose masked inputs arrived, the mean unmasked into
         mean_out (or the round discarded); its bytes in count the phases' replies too."""
         assert self.secure is not None
         secure = self.planner.secure_round()

@@ -562,13 +562,15 @@ class LeaderRound:
         its dealing was false (or more holders than a random subset avoids revealed false shares)."""
         shares = self._reveals[owner]
         for _ in range(MAX_COMBINATIONS):
-            basis = {holder: shares[holder] for holder in _RANDOM.sample(sorted(shares), self.threshold)}
+            polynomial = shamir.Polynomial(
+                {holder: shares[holder] for holder in _RANDOM.sample(sorted(shares), self.threshold)}
+            )
             try:
-                secret = shamir.combine(basis)
+                secret = polynomial.secret()
             except shamir.MalformedShare:
                 continue
             if matches(owner, secret):
-                for holder in shamir.off_polynomial(basis, shares):
+                for holder in polynomial.off(shares):
                     self.blamed[holder] = f"revealed a false share of learner {owner}'s secret"
                 return secret
         self.blamed[owner] = f"no {self.threshold} of its {len(shares)} revealed shares give its committed secret"

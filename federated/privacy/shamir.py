@@ -36,17 +36,7 @@ def split(secret: bytes, threshold: int, holders: list[int], prime: int = PRIME)
 def combine(shares: dict[int, bytes], prime: int = PRIME) -> bytes:
     """The secret whose polynomial passes through these shares (by holder id); MalformedShare if a share is not a
     field element or the result is not a 32-byte secret (then the shares were not of one secret)."""
-    secret = Polynomial(shares, prime).at(0)
-    if secret >= 2 ** (8 * SECRET_BYTES):
-        raise MalformedShare("the shares do not combine into a 32-byte secret")
-    return secret.to_bytes(SECRET_BYTES, "big")
-
-
-def off_polynomial(basis: dict[int, bytes], shares: dict[int, bytes], prime: int = PRIME) -> list[int]:
-    """The holders among `shares` whose share is not on the polynomial through the `basis` shares (those of a
-    reconstructed and checked secret): their shares are false, or their dealer's were."""
-    polynomial = Polynomial(basis, prime)
-    return sorted(holder for holder, share in shares.items() if decode(share, prime) != polynomial.at(x_of(holder)))
+    return Polynomial(shares, prime).secret()
 
 
 class Polynomial:
@@ -64,9 +54,23 @@ class Polynomial:
                     denominator = denominator * (x_i - x_j) % prime
             self.weights[x_i] = pow(denominator, -1, prime)
 
+    def secret(self) -> bytes:
+        """The value at 0; MalformedShare if it is not a 32-byte secret (the shares were not of one secret)."""
+        secret = self.at(0)
+        if secret >= 2 ** (8 * SECRET_BYTES):
+            raise MalformedShare("the shares do not combine into a 32-byte secret")
+        return secret.to_bytes(SECRET_BYTES, "big")
+
+    def off(self, shares: dict[int, bytes]) -> list[int]:
+        """The holders among `shares` whose share is not on this polynomial (when it is a reconstructed and checked
+        secret's: their shares are false, or their dealer's were)."""
+        return sorted(holder for holder, share in shares.items() if decode(share, self.prime) != self.at(x_of(holder)))
+
     def at(self, x: int) -> int:
         """The polynomial's value at x: the sum of y_i * w_i * prod over j != i of (x - x_j) (the products from
         running products from both ends: no inverse)."""
+        if x in self.points:
+            return self.points[x]
         xs = list(self.points)
         before = [1]
         for x_j in xs:
