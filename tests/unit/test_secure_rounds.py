@@ -294,6 +294,15 @@ def test_a_false_revealer_is_outvoted_left_out_of_the_next_rounds_and_a_replayed
     assert_within_bound(out, fedsgd, committed)
 
 
+def test_a_masked_input_the_protocol_refuses_is_refused_with_its_cause_not_taken_for_a_later_round(fedsgd):
+    """The learner logs the cause (learner/app.py); a None would read as "the leader started the next round"."""
+    participants = parties(4)
+    _, collector, committed = secure_round(fedsgd, participants, FakeClient(participants))
+    send_masked(fedsgd, participants, collector, committed)
+    with pytest.raises(secagg.Refused, match="once per round"):
+        participants[0].masked_input(0, fedsgd.updates[0], fedsgd.samples[0], fedsgd.losses[0], fedsgd.secure)
+
+
 def cut_short(reply: learner_pb2.SecAggReply) -> None:
     """A phase-2 reply whose first encrypted share is cut short (other phases' replies have none)."""
     for share in reply.shares[:1]:
