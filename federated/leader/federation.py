@@ -117,7 +117,7 @@ class Federation:
             self.begin_secure()
 
     def begin_secure(self) -> None:
-        """A secure round's phases 1-3 with the learners it expects (they were sent its state, and train
+        """A secure round's phases 1-4 with the learners it expects (they were sent its state, and train
         meanwhile): it waits only for those committed. A learner that joins mid-round takes part from the next."""
         assert self.secure is not None
         round_index = self.collector.round
@@ -205,7 +205,7 @@ class Federation:
         return summary
 
     def close_secure(self, mean_out: torch.Tensor) -> RoundSummary:
-        """Close a secure round: phase 4 with the learners whose masked inputs arrived, the mean unmasked into
+        """Close a secure round: phase 5 with the learners whose masked inputs arrived, the mean unmasked into
         mean_out (or the round discarded); its bytes in count the phases' replies too."""
         assert self.secure is not None
         secure = self.planner.secure_round()

@@ -1,5 +1,5 @@
-"""The leader's side of secure aggregation through the rounds: phases 1-3 fanned out to a round's learners as it
-opens (they train meanwhile), their masked inputs summed as they arrive, and phase 4, the unmasking and the
+"""The leader's side of secure aggregation through the rounds: phases 1-4 fanned out to a round's learners as it
+opens (they train meanwhile), their masked inputs summed as they arrive, and phase 5, the unmasking and the
 dequantised mean as it closes (privacy/secagg.py holds the protocol; this module only drives it).
 
 Thread-safe: the round loop begins and finishes rounds, gRPC handler threads add masked inputs; the open
@@ -23,7 +23,10 @@ from federated.privacy import dp, secagg
 
 log = logging.getLogger("leader")
 
-PHASES = (1, 2, 3)  # before the masked inputs; phase 4 closes the round
+PHASES = (1, 2, 3, 4)  # before the masked inputs; phase 5 closes the round
+UNMASK = 5
+BLAMED_ROUNDS = 10  # a learner the protocol proves hostile (LeaderRound.blamed) sits out this many secure rounds,
+# so that one learner cannot discard every round (none is blamed for ever: an honest one may be framed)
 Unable = Callable[[Member, str], None]  # a learner that cannot take part in secure rounds, and why
 UNIMPLEMENTED_WHY = "does not speak secure aggregation: built from the article's protos?"
 
@@ -45,7 +48,7 @@ def threshold_of(fraction: float, learners: int) -> int:
 
 
 class SecureRounds:
-    """One secure round at a time: begin (phases 1-3), add_masked (as inputs arrive), finish (phase 4, unmask)."""
+    """One secure round at a time: begin (phases 1-4), add_masked (as inputs arrive), finish (phase 5, unmask)."""
 
     def __init__(
         self,
@@ -59,15 +62,16 @@ class SecureRounds:
         self.client, self.threshold, self.size, self.timeout = client, threshold, size, timeout
         self._round: secagg.LeaderRound | None = None
         self._lock = threading.Lock()
+        self._blamed_until: dict[int, int] = {}  # a blamed learner: the first round it may join again
         self.bytes_in = self.bytes_out = 0  # of the phases' replies and requests this round (not the masked inputs)
 
     def begin(
         self, round_index: int, members: dict[int, Member], unable: Unable = lambda member, why: None
     ) -> list[int]:
-        """Run phases 1-3 with these learners: those committed (U2), whose masked inputs the round takes; fewer
-        than secagg.MIN_LEARNERS leave it without any. unable(member, why): one that cannot take part in secure
-        rounds at all (it answered UNIMPLEMENTED)."""
-        participants = sorted(members)
+        """Run phases 1-4 with these learners but the blamed: those committed (U2), whose masked inputs the round
+        takes; fewer than secagg.MIN_LEARNERS leave it without any. unable(member, why): one that cannot take part
+        in secure rounds at all (it answered UNIMPLEMENTED)."""
+        participants = sorted(learner for learner in members if self._blamed_until.get(learner, 0) <= round_index)
         self.bytes_in = self.bytes_out = 0
         with self._lock:
             self._round = None
@@ -87,7 +91,7 @@ class SecureRounds:
         except secagg.BelowThreshold as below:  # fewer answered than the threshold
             log.warning("secure round %d: %s", round_index + 1, below)
             return []
-        log.debug("secure round %d: phases 1-3 took %.3f s", round_index + 1, time.perf_counter() - started)
+        log.debug("secure round %d: phases 1-4 took %.3f s", round_index + 1, time.perf_counter() - started)
         return answered if len(answered) >= secagg.MIN_LEARNERS else []
 
     def run_phase(
@@ -146,7 +150,7 @@ class SecureRounds:
         mean_out: torch.Tensor,
         noise: tuple[float, float] | None = None,
     ) -> SecureOutcome:
-        """Phase 4 to the survivors (whose masked inputs arrived), unmask, and dequantise the weighted mean into
+        """Phase 5 to the survivors (whose masked inputs arrived), unmask, and dequantise the weighted mean into
         mean_out; or why the round is discarded (mean_out then untouched). noise: distributed DP's (noise
         multiplier, clip), whose share at the round's threshold each learner added (and quantised with)."""
         with self._lock:
@@ -161,16 +165,30 @@ class SecureRounds:
             )
         alive, started = {learner: members[learner] for learner in survivors if learner in members}, time.perf_counter()
         try:
-            self.run_phase(leader_round, 4, alive, lambda member, why: None)
+            self.run_phase(leader_round, UNMASK, alive, lambda member, why: None)
             total = leader_round.unmask()
-            mean, samples, loss = quantisation.dequantise(total)
+            mean, samples, loss = quantisation.dequantise(total, len(leader_round.survivors or ()), noise is not None)
         except secagg.BelowThreshold as below:
             return SecureOutcome(
                 discarded=f"secure aggregation: below the threshold, nothing unmasked ({below})", revealed=False
             )
         except secagg.Refused as refused:
-            return SecureOutcome(discarded=f"secure aggregation: the sum is beyond the clip range ({refused})")
+            return SecureOutcome(discarded=f"secure aggregation: the sum is not what honest inputs make ({refused})")
+        finally:
+            self._blame(leader_round)
         mean_out.copy_(mean)
-        log.debug("secure round: phase 4 and the unmasking took %.3f s", time.perf_counter() - started)
+        log.debug("secure round: phase 5 and the unmasking took %.3f s", time.perf_counter() - started)
         # under distributed DP learners give no loss (an un-noised sum of losses would reveal what the noise hides)
         return SecureOutcome(round(samples), math.nan if noise is not None else loss)
+
+    def _blame(self, leader_round: secagg.LeaderRound) -> None:
+        """Leave the learners the round blamed out of the next BLAMED_ROUNDS secure rounds."""
+        for learner, why in sorted(leader_round.blamed.items()):
+            self._blamed_until[learner] = leader_round.round_index + 1 + BLAMED_ROUNDS
+            log.warning(
+                "secure aggregation: learner %d left out of secure rounds %d to %d: it %s",
+                learner,
+                leader_round.round_index + 2,
+                leader_round.round_index + 1 + BLAMED_ROUNDS,
+                why,
+            )

@@ -22,7 +22,7 @@ from federated.learner.session import LeaderLost, LeaderSession
 from federated.learner.state import Replica
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
-from federated.privacy import dp
+from federated.privacy import dp, secagg
 from federated.privacy.local import Budget
 from federated.wire import codec, messages
 
@@ -192,7 +192,11 @@ class Member:
         if plan.dp == "distributed":
             update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)
             samples, loss = int(secure.weight_unit), 0.0
-        masked = self.server.secure.masked_input(round_index, update, samples, loss, secure, noise)
+        try:
+            masked = self.server.secure.masked_input(round_index, update, samples, loss, secure, noise)
+        except secagg.Refused as refused:  # the unmasking began first, or a quantisation for fewer inputs
+            log.warning("round %d: no masked input (%s); this learner sits the round out", round_index, refused)
+            return None
         if masked is None:
             log.warning("round %d: the leader started the next secure round; this learner sits it out", round_index)
             return None

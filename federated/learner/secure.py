@@ -15,7 +15,7 @@ from federated.core.plan import SecureRound
 from federated.net.rpc import learner_pb2
 from federated.privacy import dp, secagg
 
-COMMIT = 3  # the phase after which masked inputs may be sent
+COMMIT = 4  # the phase after which masked inputs may be sent
 
 
 class SecureParty:
@@ -64,7 +64,9 @@ class SecureParty:
     ) -> torch.Tensor | None:
         """The round's masked input (int32): the update (flat, float) clipped and quantised as the round asks,
         weighing `weight` samples (clamped to the round's unit: the leader cannot cap a folded weight) with its
-        mean loss, masked; None when the round is no longer committed (the leader started the next). noise:
+        mean loss, masked; None when the round is no longer committed (the leader started the next); raises
+        secagg.Refused when the protocol refuses it (the unmasking already began, a quantisation for fewer inputs
+        than committed). noise:
         distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that the
         `threshold` survivors the sum needs at least already add up to the whole."""
         with self._changed:
@@ -73,9 +75,6 @@ class SecureParty:
             share = dp.noise_share_std(*noise, self._round.threshold) if noise else 0.0
             quantisation = secagg.Quantisation(**dataclasses.asdict(secure), noise_std=share)
             # (an unknown loss, NaN, counts as 0: a sum cannot carry a NaN without losing every other value)
-            try:
-                return self._round.masked_input(
-                    update, min(weight, secure.weight_unit), 0.0 if math.isnan(loss) else loss, quantisation
-                )
-            except secagg.Refused:  # the leader asked for the unmasking before this learner's input
-                return None
+            return self._round.masked_input(
+                update, min(weight, secure.weight_unit), 0.0 if math.isnan(loss) else loss, quantisation
+            )

@@ -6,11 +6,13 @@ One round, driven by the leader with LearnerService.SecureAggregation (protos/le
                     Shamir-shares b_u and its mask private key among U1 (threshold t), encrypts each recipient's
                     two shares with AES-GCM (key: HKDF of X25519(cipher keys); associated data: round, sender,
                     recipient) -> one SecAggShare per other learner, plus SHA-256(b_u)
-  phase 3  commit:  the leader names U2 (those whose shares it relays); masks are agreed with U2 only
+  phase 3  verify:  the leader relays each learner the ciphertexts addressed to it from those whose shares it took;
+                    the learner decrypts and parses every one, and complains of the senders whose shares fail
+  phase 4  commit:  the leader names U2: those whose shares it relayed, less every sender complained of; masks are
+                    agreed with U2 only (a learner refuses a U2 holding a sender whose shares to it failed)
   masked input:     sent with AccumulateGradients as an I32 tensor (LearnerRound.masked_input)
-  phase 4  unmask:  the leader names U3 (survivors: masked input arrived) and relays the ciphertexts addressed to
-                    the learner; it reveals b_u shares of survivors and mask-key shares of U2 \\ U3, never both for
-                    one learner, once per round.
+  phase 5  unmask:  the leader names U3 (survivors: masked input arrived); the learner reveals b_u shares of
+                    survivors and mask-key shares of U2 \\ U3, never both for one learner, once per round.
 Values: the update x (float) is clipped elementwise to [-clip_range, clip_range], weighted by w/weight_unit
 (w: the samples it covers, weight_unit: the most a learner may weigh, so the factor is in [0, 1]), scaled by
 `scale` and stochastically rounded (unbiased); two more elements carry w/weight_unit and w/weight_unit*loss/LOSS_RANGE,
@@ -23,15 +25,16 @@ t revealers (one told that u survived, one that it dropped) exist.
 """
 
 import hashlib
-import itertools
 import math
 import os
+import random
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from federated.core.plan import MAX_LEARNERS
 from federated.privacy import discrete_gaussian, masks, shamir
 from protos import learner_pb2
 
@@ -43,7 +46,9 @@ EXTRAS = 2  # the weight and loss elements after the update's values
 SHARE_PLAINTEXT = 2 * shamir.SHARE_BYTES  # a recipient's share of the self-mask seed, then of the mask key
 LOSS_RANGE = 100.0  # a loss beyond counts as this (it only informs; far above a sane model's cross-entropy): the
 # wire's MAX_LOSS (1e6) would leave the loss sum a resolution of 1e6 / scale, about 0.01 at 10 learners
-MAX_COMBINATIONS = 256  # where revealed shares disagree, at most this many subsets of t are tried per secret
+MAX_COMBINATIONS = 32  # where revealed shares disagree, at most this many random subsets of t are tried per secret
+# (with one false share in 12 at t = 7, all 32 hold it with probability (7/12)^32 < 1e-7), about 0.4 ms each at t = 31
+_RANDOM = random.SystemRandom()  # the subsets tried: unpredictable to a learner choosing which shares to falsify
 
 
 class Refused(ValueError):
@@ -100,18 +105,27 @@ class Quantisation:
             rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
         return rounded
 
-    def dequantise(self, total: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """From the unmasked sum modulo 2^32 (int64 or int32 tensor of update size + 2): the weighted mean of the
-        updates, the total weight (in samples) and the weighted mean loss. Refused if the sum is beyond what
-        `summands` clipped inputs can make (an input beyond the clip range)."""
+    def dequantise(
+        self, total: torch.Tensor, survivors: int, whole_weights: bool = False
+    ) -> tuple[torch.Tensor, float, float]:
+        """From the unmasked sum modulo 2^32 (int64 or int32 tensor of update size + 2) of `survivors` inputs: the
+        weighted mean of the updates, the total weight (in samples) and the weighted mean loss. Refused if the sum
+        is beyond what that many clipped inputs can make: a value or weighted mean beyond the clip range, a loss
+        mean beyond LOSS_RANGE (each by more than the rounding, one integer an input, and the noise's tails), and
+        with whole_weights (distributed DP: every learner weighs the whole unit) a total weight other than
+        survivors * scale within the rounding. An honest input's weight element is at least 0, so a mean beyond
+        the range is what a negative weight (a hostile learner shrinking the total) makes."""
         signed = total.cpu().numpy().astype(np.uint32).view(np.int32)  # modulo 2^32, then two's complement
         values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
-        most = self.summands * (self.scale + 1)
-        bound = most + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma
+        most = survivors * (self.scale + 1)
+        if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.scale) > survivors):
+            raise Refused(f"the sum's weight ({weight}) is not what {survivors} honest inputs make")
+        # |values| <= the inputs' factors (sum: at most weight + survivors) + survivors (rounding) + the noise
+        bound = weight + 2 * survivors + NOISE_TAILS * math.sqrt(survivors) * self.noise_sigma
         if values.max(initial=0) > bound or values.min(initial=0) < -bound:
-            raise Refused("the sum is beyond what clipped inputs make: an input beyond the clip range")
-        if not 0 < weight <= most or not 0 <= loss <= weight + self.summands:
-            raise Refused(f"the sum's weight ({weight}) or loss ({loss}) is not what honest inputs make")
+            raise Refused("the sum is beyond what clipped inputs make: beyond the clip range, or a negative weight")
+        if not 0 <= loss <= weight + 2 * survivors:
+            raise Refused(f"the sum's loss ({loss}) is not what {survivors} honest inputs of weight {weight} make")
         mean = torch.from_numpy((values * (self.clip_range / weight)).astype(np.float32))
         return mean, weight / self.scale * self.weight_unit, loss / weight * LOSS_RANGE
 
@@ -134,9 +148,13 @@ def _unique(ids: list[int], what: str) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _check_key_lengths(keys: learner_pb2.SecAggKeys) -> None:
+def _check_keys(keys: learner_pb2.SecAggKeys, own_private: bytes) -> None:
+    """Refused unless both public keys are 32 bytes and agree on a secret with own_private (a low-order point, such
+    as 32 zero bytes, agrees on none: every peer would refuse to share with, or mask against, its owner)."""
     if len(keys.cipher_key) != masks.KEY_BYTES or len(keys.mask_key) != masks.KEY_BYTES:
         raise Refused(f"learner {keys.learner_id}'s public keys are not {masks.KEY_BYTES} bytes each")
+    _agree(own_private, keys, "cipher_key")
+    _agree(own_private, keys, "mask_key")
 
 
 def _agree(own_private: bytes, peer: learner_pb2.SecAggKeys, which: str) -> bytes:
@@ -175,7 +193,7 @@ class LearnerRound:
         self._own_keys = learner_pb2.SecAggKeys()
         self._keys: dict[int, learner_pb2.SecAggKeys] = {}
         self._threshold = 0
-        self._plaintexts: dict[int, bytes] = {}
+        self._plaintexts: dict[int, bytes] = {}  # by sender: its shares to this learner, decrypted and parsed
         self._shared: frozenset[int] = frozenset()
 
     @property
@@ -186,15 +204,16 @@ class LearnerRound:
         return self._threshold
 
     def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """The reply to a phase (any of 1-4); raises Refused on anything a hostile leader could use: a request for
+        """The reply to a phase (any of 1-5); raises Refused on anything a hostile leader could use: a request for
         another round, phases out of order, its own keys changed, duplicated or fewer than threshold learners,
-        threshold at or below half of U1, a second unmask for the round, U3 not within U2 or below threshold,
-        a ciphertext that does not decrypt for (round, sender, this learner)."""
+        threshold at or below half of U1, a second unmask for the round, U2 holding a sender whose shares failed,
+        U3 not within U2 or below threshold. A ciphertext that does not decrypt for (round, sender, this learner)
+        or does not parse is complained of in phase 3 (its sender is then left out of U2), not refused."""
         if request.phase == 1:
             return self._advertise(request.round)
         if request.round != self._round:
             raise Refused(f"a request for round {request.round} during round {self._round}")
-        if request.phase == 4 and self._phase == 4:
+        if request.phase == 5 and self._phase == 5:
             raise Refused(f"a second unmask for round {request.round}")
         if request.phase != self._phase + 1:
             raise Refused(f"phase {request.phase} after phase {self._phase}")
@@ -203,8 +222,10 @@ class LearnerRound:
         if request.phase == 2:
             return self._share(request)
         if request.phase == 3:
-            return self._commit(request)
+            return self._verify(request)
         if request.phase == 4:
+            return self._commit(request)
+        if request.phase == 5:
             return self._unmask(request)
         raise Refused(f"no phase {request.phase}")
 
@@ -214,7 +235,7 @@ class LearnerRound:
         """After commit: the quantised update plus its masks, as an int32 tensor (two's complement of the values
         modulo 2^32). Refused before commit, after unmask, or a second time in a round (two inputs under the
         same masks would give away their difference)."""
-        if self._phase != 3 or self._masked_sent:
+        if self._phase != 4 or self._masked_sent:
             raise Refused("a masked input is made once per round, after commit and before unmask")
         if quantisation.summands < len(self._shared):
             raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
@@ -251,10 +272,12 @@ class LearnerRound:
 
     def _share(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
         """Phase 2: the self-mask seed and the mask key, Shamir-shared among U1, each recipient's shares encrypted."""
+        if not MIN_LEARNERS <= len(request.keys) <= MAX_LEARNERS:  # before any work: each key costs an agreement
+            raise Refused(f"{len(request.keys)} learners' keys: a secure round needs {MIN_LEARNERS} to {MAX_LEARNERS}")
         keys = {keys.learner_id: keys for keys in request.keys}
         _unique([keys.learner_id for keys in request.keys], "the advertised keys")
         for peer_keys in keys.values():
-            _check_key_lengths(peer_keys)
+            _check_keys(peer_keys, self._cipher_key)  # the leader checked them; a second line against a hostile one
         if min(keys) < 0:
             raise Refused("a learner id below 0 (its share would be evaluated at the secret's point)")
         if keys.get(self.learner_id) != self._own_keys:
@@ -287,18 +310,41 @@ class LearnerRound:
         commitment = hashlib.sha256(self._seed).digest()
         return learner_pb2.SecAggReply(shares=shares, self_mask_commitment=commitment)
 
+    def _verify(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
+        """Phase 3: the shares addressed to this learner by those the leader names, decrypted and parsed before
+        anything is committed; complaints: the senders whose shares fail (or are missing)."""
+        dealt = _unique(list(request.shared), "the dealt set")
+        if not dealt <= set(self._keys) or self.learner_id not in dealt:
+            raise Refused("the dealt set is not within the advertised learners, or leaves this learner out")
+        if len(dealt) < self._threshold:
+            raise Refused(f"{len(dealt)} dealt learners, below the threshold {self._threshold}")
+        plaintexts = dict(self._plaintexts)
+        for share in request.shares:
+            if share.recipient != self.learner_id or share.sender not in dealt or share.sender in plaintexts:
+                raise Refused(f"a share from {share.sender} to {share.recipient} is not one this learner expects")
+            key = _share_key(self._cipher_key, self._keys[share.sender], self._round_index, self.learner_id)
+            try:
+                plaintext = masks.decrypt(key, self._round_index, share.sender, self.learner_id, share.ciphertext)
+                _parse_shares(plaintext)
+            except (masks.Undecryptable, shamir.MalformedShare):
+                continue
+            plaintexts[share.sender] = plaintext
+        self._plaintexts, self._phase = plaintexts, 3
+        return learner_pb2.SecAggReply(complaints=sorted(dealt - set(plaintexts)))
+
     def _commit(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """Phase 3: U2, the learners whose shares the leader relays: the masks are agreed with them only."""
+        """Phase 4: U2, the learners whose shares to this learner it holds, parsed: the masks are agreed with them
+        only."""
         shared = _unique(list(request.shared), "the committed set")
-        if not shared <= set(self._keys) or self.learner_id not in shared:
-            raise Refused("the committed set is not within the advertised learners, or leaves this learner out")
+        if not shared <= set(self._plaintexts) or self.learner_id not in shared:
+            raise Refused("the committed set holds learners whose shares this learner lacks, or leaves it out")
         if len(shared) < self._threshold:
             raise Refused(f"{len(shared)} committed learners, below the threshold {self._threshold}")
-        self._shared, self._phase = shared, 3
+        self._shared, self._phase = shared, 4
         return learner_pb2.SecAggReply()
 
     def _unmask(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """Phase 4: the shares of survivors' self-mask seeds and of the dropped learners' mask keys; the dropped
+        """Phase 5: the shares of survivors' self-mask seeds and of the dropped learners' mask keys; the dropped
         are U2 minus U3, so one request never gets both shares of one learner."""
         if _unique(list(request.shared), "the committed set") != self._shared:
             raise Refused("the committed set differs from the one committed to")
@@ -307,37 +353,36 @@ class LearnerRound:
             raise Refused("the survivors are not within the committed set, or leave this learner out")
         if len(survivors) < self._threshold:
             raise Refused(f"{len(survivors)} survivors, below the threshold {self._threshold}: nothing is revealed")
-        plaintexts = dict(self._plaintexts)
-        for share in request.shares:
-            if share.recipient != self.learner_id or share.sender not in self._shared or share.sender in plaintexts:
-                raise Refused(f"a share from {share.sender} to {share.recipient} is not one this learner expects")
-            key = _share_key(self._cipher_key, self._keys[share.sender], self._round_index, self.learner_id)
-            try:
-                plaintexts[share.sender] = masks.decrypt(
-                    key, self._round_index, share.sender, self.learner_id, share.ciphertext
-                )
-            except masks.Undecryptable as error:
-                raise Refused(str(error)) from error
-        if set(plaintexts) != self._shared:
-            raise Refused("the shares of some committed learners are missing")
         reveals = []
         for owner in sorted(self._shared):
-            plaintext = plaintexts[owner]
-            if len(plaintext) != SHARE_PLAINTEXT:
-                raise Refused(f"learner {owner}'s shares are {len(plaintext)} bytes, not {SHARE_PLAINTEXT}")
+            seed_share, key_share = _parse_shares(self._plaintexts[owner])
             dropped = owner not in survivors
-            share = plaintext[shamir.SHARE_BYTES :] if dropped else plaintext[: shamir.SHARE_BYTES]
+            share = key_share if dropped else seed_share
             reveals.append(learner_pb2.SecAggReveal(owner=owner, mask_key=dropped, share=share))
-        self._phase = 4
+        self._phase = 5
         return learner_pb2.SecAggReply(reveals=reveals)
+
+
+def _parse_shares(plaintext: bytes) -> tuple[bytes, bytes]:
+    """A recipient's plaintext: its share of the sender's self-mask seed, then of its mask key; MalformedShare
+    unless both are field elements of the fixed length."""
+    if len(plaintext) != SHARE_PLAINTEXT:
+        raise shamir.MalformedShare(f"{len(plaintext)} bytes of shares, not {SHARE_PLAINTEXT}")
+    seed_share, key_share = plaintext[: shamir.SHARE_BYTES], plaintext[shamir.SHARE_BYTES :]
+    shamir.decode(seed_share)
+    shamir.decode(key_share)
+    return seed_share, key_share
 
 
 class LeaderRound:
     """The leader's side of one secure round: collects keys, shares, masked inputs' sum and reveals; unmasks.
     Not thread-safe: a caller taking replies on several threads holds a lock around each call.
 
-    Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, U2 (shares taken) by
-    phase 3's, U3 (masked inputs arrived) by phase 4's; a reply or input arriving later is refused."""
+    Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, the dealt (shares
+    taken) by phase 3's, U2 (verified: the dealt that answered phase 3, less those complained of) by phase 4's, U3
+    (masked inputs arrived) by phase 5's; a reply or input arriving later is refused. `blamed`: the learners that
+    broke the protocol in a way the round proves (a share off its secret's polynomial, a secret that cannot be
+    reconstructed from enough shares), and why: a caller leaves them out of later rounds."""
 
     def __init__(self, round_index: int, participants: list[int], threshold: int, size: int) -> None:
         """size: the masked input's length (update size + 2)."""
@@ -349,17 +394,20 @@ class LeaderRound:
         self._keys: dict[int, learner_pb2.SecAggKeys] = {}
         self._ciphertexts: dict[int, dict[int, learner_pb2.SecAggShare]] = {}  # by recipient, then sender
         self._commitments: dict[int, bytes] = {}
+        self._complaints: dict[int, set[int]] = {}  # by complainer: the senders whose shares to it failed
         self._reveals: dict[int, dict[int, bytes]] = {}  # by owner, then holder
         self._revealed: set[int] = set()
         self._arrived: set[int] = set()
         self._sum = np.zeros(size, dtype=np.uint32)
         self._unmasked = False
+        self.blamed: dict[int, str] = {}
         self.advertised: tuple[int, ...] | None = None  # U1
+        self.dealt: tuple[int, ...] | None = None
         self.shared: tuple[int, ...] | None = None  # U2
         self.survivors: tuple[int, ...] | None = None  # U3
 
     def request(self, phase: int, learner_id: int) -> learner_pb2.SecAggRequest:
-        """The request of a phase for one learner (phase 4: with the ciphertexts addressed to it); BelowThreshold
+        """The request of a phase for one learner (phase 3: with the ciphertexts addressed to it); BelowThreshold
         if the set the phase names is smaller than the threshold (the round is then discarded)."""
         request = learner_pb2.SecAggRequest(round=self.round_index, phase=phase, threshold=self.threshold)
         if phase == 1:
@@ -368,15 +416,20 @@ class LeaderRound:
             self.advertised = self.advertised or self._fixed(self._keys, "advertised keys")
             request.keys.extend(self._keys[learner] for learner in self.advertised)
             return self._for(request, learner_id, self.advertised)
-        self.shared = self.shared or self._fixed(self._commitments, "shared")
-        request.shared.extend(self.shared)
+        self.dealt = self.dealt or self._fixed(self._commitments, "shared")
         if phase == 3:
+            request.shared.extend(self.dealt)
+            request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
+            return self._for(request, learner_id, self.dealt)
+        accused = {sender for senders in self._complaints.values() for sender in senders}
+        self.shared = self.shared or self._fixed(set(self._complaints) - accused, "verified their shares")
+        request.shared.extend(self.shared)
+        if phase == 4:
             return self._for(request, learner_id, self.shared)
-        if phase != 4:
+        if phase != 5:
             raise ValueError(f"no phase {phase}")
         self.survivors = self.survivors or self._fixed(self._arrived, "sent their masked input")
         request.survivors.extend(self.survivors)
-        request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
         return self._for(request, learner_id, self.survivors)
 
     def take(self, phase: int, learner_id: int, reply: learner_pb2.SecAggReply) -> None:
@@ -388,9 +441,11 @@ class LeaderRound:
             self._take_keys(learner_id, reply.keys)
         elif phase == 2:
             self._take_shares(learner_id, reply)
-        elif phase == 4:
+        elif phase == 3:
+            self._take_complaints(learner_id, reply.complaints)
+        elif phase == 5:
             self._take_reveals(learner_id, reply.reveals)
-        elif phase != 3:  # phase 3's reply is empty: the commit is acknowledged
+        elif phase != 4:  # phase 4's reply is empty: the commit is acknowledged
             raise Refused(f"no phase {phase}")
 
     def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
@@ -406,12 +461,12 @@ class LeaderRound:
         self._arrived.add(learner_id)
 
     def unmask(self) -> torch.Tensor:
-        """After phase 4: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
+        """After phase 5: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
         BelowThreshold when a secret cannot be reconstructed from threshold consistent shares (a reconstructed
         mask key must match its public key; a self-mask seed its commitment). Every share count is checked before
         anything is reconstructed."""
         if self.shared is None or self.survivors is None or self._unmasked:
-            raise ValueError("unmask comes once, after phase 4")
+            raise ValueError("unmask comes once, after phase 5")
         short = [owner for owner in self.shared if len(self._reveals.get(owner, {})) < self.threshold]
         if short:
             raise BelowThreshold(f"fewer than {self.threshold} shares of learners {short}: the round is discarded")
@@ -446,7 +501,7 @@ class LeaderRound:
             raise Refused(f"learner {learner_id}'s keys come late or twice")
         if keys.learner_id != learner_id:
             raise Refused(f"learner {learner_id} answered with learner {keys.learner_id}'s keys")
-        _check_key_lengths(keys)
+        _check_keys(keys, masks.new_private_key())
         taken = {key for other in self._keys.values() for key in (other.cipher_key, other.mask_key)}
         if keys.cipher_key in taken or keys.mask_key in taken or keys.cipher_key == keys.mask_key:
             raise Refused(f"learner {learner_id}'s keys repeat keys already advertised")
@@ -469,6 +524,13 @@ class LeaderRound:
         for share in reply.shares:
             self._ciphertexts.setdefault(share.recipient, {})[learner_id] = share
         self._commitments[learner_id] = reply.self_mask_commitment
+
+    def _take_complaints(self, learner_id: int, complaints: Sequence[int]) -> None:
+        if self.dealt is None or self.shared is not None or learner_id in self._complaints:
+            raise Refused(f"learner {learner_id}'s complaints come out of turn or twice")
+        if learner_id not in self.dealt or not set(complaints) <= set(self.dealt) - {learner_id}:
+            raise Refused(f"learner {learner_id} was dealt no shares, or complains of learners that dealt none")
+        self._complaints[learner_id] = set(complaints)
 
     def _take_reveals(self, learner_id: int, reveals: Sequence[learner_pb2.SecAggReveal]) -> None:
         if self.survivors is None or learner_id not in self.survivors or learner_id in self._revealed:
@@ -494,15 +556,22 @@ class LeaderRound:
         return masks.public_of(mask_key) == self._keys[owner].mask_key
 
     def _reconstruct(self, owner: int, matches: Callable[[int, bytes], bool]) -> bytes:
-        """The owner's secret from `threshold` of its revealed shares that pass the check: the first `threshold`
-        holders, else up to MAX_COMBINATIONS subsets (a few hostile shares are outvoted); BelowThreshold if none."""
+        """The owner's secret from `threshold` of its revealed shares that pass the check: up to MAX_COMBINATIONS
+        random subsets (random: no holder can sit in every subset tried); the holders whose shares are off the
+        secret's polynomial are blamed. BelowThreshold if none passes, and the owner is blamed: its commitment or
+        its dealing was false (or more holders than a random subset avoids revealed false shares)."""
         shares = self._reveals[owner]
-        subsets = itertools.combinations(sorted(shares), self.threshold)
-        for holders in itertools.islice(subsets, MAX_COMBINATIONS):
+        for _ in range(MAX_COMBINATIONS):
+            polynomial = shamir.Polynomial(
+                {holder: shares[holder] for holder in _RANDOM.sample(sorted(shares), self.threshold)}
+            )
             try:
-                secret = shamir.combine({holder: shares[holder] for holder in holders})
+                secret = polynomial.secret()
             except shamir.MalformedShare:
                 continue
             if matches(owner, secret):
+                for holder in polynomial.off(shares):
+                    self.blamed[holder] = f"revealed a false share of learner {owner}'s secret"
                 return secret
+        self.blamed[owner] = f"no {self.threshold} of its {len(shares)} revealed shares give its committed secret"
         raise BelowThreshold(f"no {self.threshold} of learner {owner}'s shares agree: the round is discarded")

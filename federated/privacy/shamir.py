@@ -36,11 +36,50 @@ def split(secret: bytes, threshold: int, holders: list[int], prime: int = PRIME)
 def combine(shares: dict[int, bytes], prime: int = PRIME) -> bytes:
     """The secret whose polynomial passes through these shares (by holder id); MalformedShare if a share is not a
     field element or the result is not a 32-byte secret (then the shares were not of one secret)."""
-    points = {x_of(holder): decode(share, prime) for holder, share in shares.items()}
-    secret = _interpolate_at_zero(points, prime)
-    if secret >= 2 ** (8 * SECRET_BYTES):
-        raise MalformedShare("the shares do not combine into a 32-byte secret")
-    return secret.to_bytes(SECRET_BYTES, "big")
+    return Polynomial(shares, prime).secret()
+
+
+class Polynomial:
+    """The polynomial through some shares, in Lagrange's barycentric form: its weights cost one inverse a share,
+    once; each value then costs a few multiplications a share (checking every holder's share stays cheap)."""
+
+    def __init__(self, shares: dict[int, bytes], prime: int = PRIME) -> None:
+        self.prime = prime
+        self.points = {x_of(holder): decode(share, prime) for holder, share in shares.items()}
+        self.weights = {}
+        for x_i in self.points:
+            denominator = 1
+            for x_j in self.points:
+                if x_j != x_i:
+                    denominator = denominator * (x_i - x_j) % prime
+            self.weights[x_i] = pow(denominator, -1, prime)
+
+    def secret(self) -> bytes:
+        """The value at 0; MalformedShare if it is not a 32-byte secret (the shares were not of one secret)."""
+        secret = self.at(0)
+        if secret >= 2 ** (8 * SECRET_BYTES):
+            raise MalformedShare("the shares do not combine into a 32-byte secret")
+        return secret.to_bytes(SECRET_BYTES, "big")
+
+    def off(self, shares: dict[int, bytes]) -> list[int]:
+        """The holders among `shares` whose share is not on this polynomial (when it is a reconstructed and checked
+        secret's: their shares are false, or their dealer's were)."""
+        return sorted(holder for holder, share in shares.items() if decode(share, self.prime) != self.at(x_of(holder)))
+
+    def at(self, x: int) -> int:
+        """The polynomial's value at x: the sum of y_i * w_i * prod over j != i of (x - x_j) (the products from
+        running products from both ends: no inverse)."""
+        if x in self.points:
+            return self.points[x]
+        xs = list(self.points)
+        before = [1]
+        for x_j in xs:
+            before.append(before[-1] * (x - x_j) % self.prime)
+        total, after = 0, 1
+        for i in reversed(range(len(xs))):
+            total += self.points[xs[i]] * self.weights[xs[i]] * before[i] * after
+            after = after * (x - xs[i]) % self.prime
+        return total % self.prime
 
 
 def decode(share: bytes, prime: int = PRIME) -> int:
@@ -66,16 +105,3 @@ def _evaluate(coefficients: list[int], x: int, prime: int) -> int:
     for coefficient in reversed(coefficients):  # Horner
         value = (value * x + coefficient) % prime
     return value
-
-
-def _interpolate_at_zero(points: dict[int, int], prime: int) -> int:
-    """Lagrange interpolation of the polynomial through the points, at x = 0."""
-    total = 0
-    for x_i, y_i in points.items():
-        numerator, denominator = 1, 1
-        for x_j in points:
-            if x_j != x_i:
-                numerator = numerator * x_j % prime
-                denominator = denominator * (x_j - x_i) % prime
-        total = (total + y_i * numerator * pow(denominator, -1, prime)) % prime
-    return total

@@ -26,7 +26,7 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
     sides = {learner: LearnerRound(learner) for learner in range(learners)}
     everyone = list(sides)
     start = time.perf_counter()
-    for phase in (1, 2, 3):
+    for phase in (1, 2, 3, 4):
         _phase(leader, sides, phase, everyone)
     key_phases = time.perf_counter() - start
     quantisation = Quantisation(clip_range=8.0, weight_unit=100.0, summands=learners, noise_std=noise_std)
@@ -43,20 +43,20 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
         quantisation.quantise(update, 50.0, 2.0, torch.Generator())
         quantising.append(time.perf_counter() - start)
     start = time.perf_counter()
-    _phase(leader, sides, 4, everyone[dropped:])
+    _phase(leader, sides, 5, everyone[dropped:])
     reveals = time.perf_counter() - start
     start = time.perf_counter()
     total = leader.unmask()
     unmasking = time.perf_counter() - start
     start = time.perf_counter()
-    quantisation.dequantise(total)
+    quantisation.dequantise(total, learners - dropped)
     dequantising = time.perf_counter() - start
     return {
-        "phases 1-3, all sides": key_phases * 1e3,
+        "phases 1-4, all sides": key_phases * 1e3,
         "quantise (of masking)": statistics.median(quantising) * 1e3,
         "mask one learner": statistics.median(masking) * 1e3,
         "leader adds one": statistics.median(adding) * 1e3,
-        "phase 4, all sides": reveals * 1e3,
+        "phase 5, all sides": reveals * 1e3,
         "leader unmasks": unmasking * 1e3,
         "leader dequantises": dequantising * 1e3,
     }

@@ -79,11 +79,11 @@ def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(lear
     assert leader_round is not None
     for learner in committed:
         leader_round.add_masked(learner, torch.full((SIZE + 2,), learner, dtype=torch.int32))  # (values: any)
-    survived = leader_round.request(4, 0)
+    survived = leader_round.request(5, 0)
     reveals = call(honest[0], survived).reveals
     assert [reveal.mask_key for reveal in reveals if reveal.owner == 2] == [False]  # a share of 2's self-mask seed
     dropped = learner_pb2.SecAggRequest()
-    dropped.CopyFrom(leader_round.request(4, 1))
+    dropped.CopyFrom(leader_round.request(5, 1))
     del dropped.survivors[:]
     dropped.survivors.extend([0, 1])
     assert [r.mask_key for r in call(honest[1], dropped).reveals if r.owner == 2] == [True]  # one of its mask key

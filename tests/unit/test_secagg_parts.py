@@ -76,9 +76,51 @@ def test_an_input_beyond_the_clip_range_is_refused_when_dequantised():
     dishonest[0] = 2**31 - 5  # an input beyond its clip range, within 32 bits
     total = honest * 2 + dishonest
     with pytest.raises(Refused, match="beyond"):
-        quantisation.dequantise(total % 2**32)
-    mean, weight, loss = quantisation.dequantise(honest * 3 % 2**32)
+        quantisation.dequantise(total % 2**32, 3)
+    mean, weight, loss = quantisation.dequantise(honest * 3 % 2**32, 3)
     assert (mean.tolist(), weight, loss) == (pytest.approx([1.0] * 5), pytest.approx(30.0), pytest.approx(1.0))
+
+
+def _negative_weight_attack(quantisation: Quantisation, honest_inputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of honest inputs of 0.01, and the same sum with a hostile input of zero values whose weight and loss
+    elements cancel the honest sums but for 1 (the review's negw.py): its weighted mean would be 1e7 times more."""
+    generator = torch.Generator().manual_seed(0)
+    honest = sum(quantisation.quantise(torch.full((4,), 0.01), 100.0, 1.0, generator) for _ in range(honest_inputs))
+    assert isinstance(honest, torch.Tensor)
+    hostile = torch.zeros(6, dtype=torch.int64)
+    hostile[-2], hostile[-1] = -(int(honest[-2]) - 1), -int(honest[-1])
+    return honest, honest + hostile
+
+
+def test_a_negative_weight_that_would_inflate_the_mean_is_refused():
+    quantisation = Quantisation(clip_range=64.0, weight_unit=100.0, summands=5)
+    honest, attacked = _negative_weight_attack(quantisation, 4)
+    with pytest.raises(Refused, match="negative weight"):
+        quantisation.dequantise(attacked % 2**32, 5)
+    mean, weight, _ = quantisation.dequantise(
+        (honest + quantisation.quantise(torch.zeros(4), 100.0, 1.0, torch.Generator())) % 2**32, 5
+    )
+    assert mean.tolist() == pytest.approx([0.008] * 4, abs=1e-6) and weight == pytest.approx(500.0)
+
+
+def test_under_distributed_dp_a_total_weight_other_than_the_survivors_units_is_refused():
+    quantisation = Quantisation(clip_range=64.0, weight_unit=100.0, summands=5)
+    honest, _ = _negative_weight_attack(quantisation, 4)
+    quantisation.dequantise(honest % 2**32, 4, whole_weights=True)
+    lighter = honest.clone()
+    lighter[-2] -= int(quantisation.scale) // 2  # a learner weighing half the unit: within any range, not whole
+    quantisation.dequantise(lighter % 2**32, 4)
+    with pytest.raises(Refused, match="weight"):
+        quantisation.dequantise(lighter % 2**32, 4, whole_weights=True)
+
+
+def test_a_loss_beyond_its_range_is_refused():
+    quantisation = Quantisation(clip_range=1.0, weight_unit=10.0, summands=3)
+    honest = quantisation.quantise(torch.zeros(5), 10.0, 1.0, torch.Generator()) * 3
+    inflated = honest.clone()
+    inflated[-1] = honest[-2] * 2  # a mean loss of twice LOSS_RANGE
+    with pytest.raises(Refused, match="loss"):
+        quantisation.dequantise(inflated % 2**32, 3)
 
 
 def test_the_noise_is_the_discrete_gaussian_not_a_rounded_continuous_one():

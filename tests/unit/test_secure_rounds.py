@@ -259,6 +259,50 @@ def test_wrong_length_foreign_and_replayed_masked_inputs_are_refused_and_the_rou
     assert "round 1 is open" in replayed
 
 
+def falsify_reveals(reply: learner_pb2.SecAggReply) -> None:
+    """A phase-5 reply whose shares are well-formed but false (other phases' replies have no reveals)."""
+    for reveal in reply.reveals:
+        reveal.share = (int.from_bytes(reveal.share, "big") ^ 1).to_bytes(len(reveal.share), "big")
+
+
+def test_a_false_revealer_is_outvoted_left_out_of_the_next_rounds_and_a_replayed_real_input_is_refused(fedsgd):
+    participants = parties(5)
+    client = FakeClient(participants)
+    client.tamper[4] = falsify_reveals
+    rounds, collector, committed = secure_round(fedsgd, participants, client)
+    captured = participants[0].masked_input(0, fedsgd.updates[0], fedsgd.samples[0], fedsgd.losses[0], fedsgd.secure)
+    assert captured is not None and collector.submit_masked(0, 0, captured, captured.numel() * 4) is None
+    send_masked(fedsgd, participants, collector, [1, 2, 3, 4])
+    quantisation = secagg.Quantisation(**dataclasses.asdict(fedsgd.secure))
+    out = torch.zeros(fedsgd.updates[0].numel())
+    outcome = rounds.finish(collector.seal(), members(5), quantisation, out)
+    collector.close(out, outcome)
+    assert outcome.discarded is None
+    assert_within_bound(out, fedsgd, range(5))
+    collector.expect(list(range(5)))
+    committed = rounds.begin(1, members(5))  # learner 4 sits out the secure rounds that follow
+    assert committed == [0, 1, 2, 3]
+    collector.commit(committed)
+    assert "round 1 is open" in collector.submit_masked(0, 0, captured, captured.numel() * 4)  # round 0's, replayed
+    for learner in committed:
+        masked = participants[learner].masked_input(
+            1, fedsgd.updates[learner], fedsgd.samples[learner], fedsgd.losses[learner], fedsgd.secure
+        )
+        assert masked is not None and collector.submit_masked(learner, 1, masked, masked.numel() * 4) is None
+    outcome = rounds.finish(collector.seal(), members(5), quantisation, out)
+    assert outcome.discarded is None
+    assert_within_bound(out, fedsgd, committed)
+
+
+def test_a_masked_input_the_protocol_refuses_is_refused_with_its_cause_not_taken_for_a_later_round(fedsgd):
+    """The learner logs the cause (learner/app.py); a None would read as "the leader started the next round"."""
+    participants = parties(4)
+    _, collector, committed = secure_round(fedsgd, participants, FakeClient(participants))
+    send_masked(fedsgd, participants, collector, committed)
+    with pytest.raises(secagg.Refused, match="once per round"):
+        participants[0].masked_input(0, fedsgd.updates[0], fedsgd.samples[0], fedsgd.losses[0], fedsgd.secure)
+
+
 def cut_short(reply: learner_pb2.SecAggReply) -> None:
     """A phase-2 reply whose first encrypted share is cut short (other phases' replies have none)."""
     for share in reply.shares[:1]:
