@@ -104,7 +104,7 @@ def test_each_learners_noise_share_sums_over_the_threshold_to_the_calibrated_noi
     quantisation = Quantisation(clip, 1.0, threshold, noise_std=noise_share_std(sigma, clip, threshold))
     generator = torch.Generator().manual_seed(3)
     inputs = [quantisation.quantise(torch.zeros(20000), 1.0, 0.0, generator) for _ in range(threshold)]
-    mean, _, _ = quantisation.dequantise(torch.stack(inputs).sum(0) % 2**32)
+    mean, _, _ = quantisation.dequantise(torch.stack(inputs).sum(0) % 2**32, threshold, whole_weights=True)
     assert (mean * threshold).std().item() == pytest.approx(sigma * clip, rel=0.05)
 
 
