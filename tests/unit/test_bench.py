@@ -31,6 +31,9 @@ KEYS = [
     "norms",
     "defaults",
     "links",
+    "secagg_overhead",
+    "secagg_accuracy",
+    "dp_accuracy",
 ]  # results.json's keys, as ever
 
 
@@ -47,6 +50,9 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "norms",
         "defaults",
         "links",
+        "secagg_overhead",
+        "secagg_accuracy",
+        "dp_accuracy",
     ]
 
 
@@ -312,6 +318,41 @@ def every_figure(tmp_path: Path) -> dict:
             "value": {
                 "resnet20 fedsgd float32 @ 100mbit": link_row(records, dict.fromkeys(range(2, 10), 0.5), 100_000_000)
             }
+        },
+        "secagg_overhead": {
+            "value": {"bytes_ratio": 1.01, "seconds_ratio": 1.2},
+            "by_learners": {
+                "3": {
+                    "plain": {"bytes_per_round": 6_500_000, "round_s": spread(0.5)},
+                    "secure": {"bytes_per_round": 6_600_000, "round_s": spread(0.6)},
+                    "bytes_ratio": 1.01,
+                    "seconds_ratio": 1.2,
+                }
+            },
+            "rounds": 10,
+            "image_size": 16,
+        },
+        "secagg_accuracy": {
+            "value": 0.004,
+            "plain": 0.95,
+            "secure": 0.946,
+            "learners": 5,
+            "epochs": 10,
+            "image_size": 16,
+        },
+        "dp_accuracy": {
+            "value": {
+                "digits": {
+                    "central": {
+                        "1.0": {"accuracy": 0.5, "epsilon_spent": 0.98},
+                        "none": {"accuracy": 0.9, "epsilon_spent": None},
+                    }
+                }
+            },
+            "learners": 10,
+            "epochs": 10,
+            "image_size": 16,
+            "delta": 1e-5,
         },
     }
     assert list(results) == KEYS

@@ -1,0 +1,122 @@
+"""Privacy: what secure aggregation costs a round (bytes and seconds against the plain round, ResNet-20, 3 to 10
+learner processes) and its accuracy against the plain run's (FedAvg); and FedAvg's accuracy against epsilon with
+each --dp mode among 10 learners, on the synthetic set and the digits."""
+
+import statistics
+from pathlib import Path
+
+from federated.tools.bench.common import spread
+from federated.tools.bench.federations import federation_run
+
+WARM_ROUNDS = 2  # the first rounds connect, and under secure aggregation agree keys: left out of the medians
+DP_MODES = ("central", "distributed", "local")
+EPSILONS = (1.0, 3.0, 8.0, None)  # None: no DP
+DP_DELTA = 1e-5
+DP_LEARNERS = 10
+
+
+def secagg_overhead(work: Path, counts: list[int], rounds: int, image_size: int) -> dict:
+    """FedSGD rounds with ResNet-20 on the synthetic set, plain and under secure aggregation, with each count of
+    learner processes: median bytes (both ways, as the leader's records count them) and seconds per round, and
+    their ratios; the figure's value is the ratios at the largest count."""
+    table = {}
+    for count in counts:
+        runs = {
+            name: round_costs(work / f"secagg-{name}-{count}", count, rounds, image_size, flags)
+            for name, flags in (("plain", []), ("secure", ["--secure-aggregation"]))
+        }
+        table[count] = {
+            **runs,
+            "bytes_ratio": runs["secure"]["bytes_per_round"] / runs["plain"]["bytes_per_round"],
+            "seconds_ratio": runs["secure"]["round_s"]["median"] / runs["plain"]["round_s"]["median"],
+        }
+        print(
+            f"  {count} learners: bytes x{table[count]['bytes_ratio']:.3f}, time x{table[count]['seconds_ratio']:.3f}"
+        )
+    largest = table[max(counts)]
+    return {
+        "value": {"bytes_ratio": largest["bytes_ratio"], "seconds_ratio": largest["seconds_ratio"]},
+        "by_learners": table,
+        "rounds": rounds,
+        "image_size": image_size,
+    }
+
+
+def round_costs(out: Path, learners: int, rounds: int, image_size: int, flags: list[str]) -> dict:
+    """Median bytes and seconds per round of one FedSGD run, warm-up rounds left out."""
+    records, _ = federation_run(
+        out,
+        learners,
+        [*synthetic(image_size), "--rounds", str(rounds), "--eval-every", "0", *flags],
+    )
+    trained = [record for record in records if "train_loss" in record][WARM_ROUNDS:]
+    return {
+        "bytes_per_round": statistics.median(record["bytes_in"] + record["bytes_out"] for record in trained),
+        "round_s": spread([record["seconds"] for record in trained]),
+    }
+
+
+def secagg_accuracy(work: Path, learners: int, epochs: float, image_size: int) -> dict:
+    """FedAvg on the digits, plain and under secure aggregation, the same schedule: the final test accuracies and
+    the secure run's shortfall (the figure's value)."""
+    accuracies = {
+        name: final_accuracy(
+            work / f"secagg-fedavg-{name}",
+            learners,
+            [*digits(image_size), "--strategy", "fedavg", "--epochs", str(epochs), *flags],
+        )[0]
+        for name, flags in (("plain", []), ("secure", ["--secure-aggregation"]))
+    }
+    return {
+        "value": accuracies["plain"] - accuracies["secure"],
+        **accuracies,
+        "learners": learners,
+        "epochs": epochs,
+        "image_size": image_size,
+    }
+
+
+def dp_accuracy(work: Path, epochs: float, image_size: int, datasets: list[str], modes: list[str]) -> dict:
+    """FedAvg among DP_LEARNERS learners with each --dp mode at each target epsilon (the run ends, checkpointed,
+    before it would spend more), and without DP: the final test accuracy and the epsilon each run reports."""
+    table: dict[str, dict] = {}
+    for dataset in datasets:
+        data = digits(image_size) if dataset == "digits" else synthetic(image_size)
+        for mode in modes:
+            for epsilon in EPSILONS:
+                name = f"{dataset}-{mode}-{epsilon or 'none'}"
+                accuracy, spent = final_accuracy(
+                    work / f"dp-{name}",
+                    DP_LEARNERS,
+                    [*data, "--strategy", "fedavg", "--epochs", str(epochs), *dp_flags(mode, epsilon)],
+                )
+                table.setdefault(dataset, {}).setdefault(mode, {})[str(epsilon or "none")] = {
+                    "accuracy": accuracy,
+                    "epsilon_spent": spent,
+                }
+                print(f"  {name}: accuracy {accuracy:.4f}, epsilon {spent}", flush=True)
+    return {"value": table, "learners": DP_LEARNERS, "epochs": epochs, "image_size": image_size, "delta": DP_DELTA}
+
+
+def dp_flags(mode: str, epsilon: float | None) -> list[str]:
+    """The leader's flags of one DP run (none without an epsilon); distributed noise needs secure aggregation."""
+    if epsilon is None:
+        return []
+    secure = ["--secure-aggregation"] if mode == "distributed" else []
+    return ["--dp", mode, "--dp-target-epsilon", str(epsilon), "--dp-delta", str(DP_DELTA), *secure]
+
+
+def final_accuracy(out: Path, learners: int, flags: list[str]) -> tuple[float, float | None]:
+    """The last test accuracy of a run, and the last epsilon its records report (None: none reported)."""
+    records, _ = federation_run(out, learners, flags)
+    accuracy = [record for record in records if "test_accuracy" in record][-1]["test_accuracy"]
+    spent = [record["epsilon"] for record in records if "epsilon" in record]
+    return accuracy, spent[-1] if spent else None
+
+
+def synthetic(image_size: int) -> list[str]:
+    return ["--dataset", "synthetic", "--image-size", str(image_size)]
+
+
+def digits(image_size: int) -> list[str]:
+    return ["--dataset", "digits", "--image-size", str(image_size)]
