@@ -379,9 +379,15 @@ def secagg_accuracy_rows(results: dict) -> Table:
 def dp_accuracy_rows(results: dict) -> Table:
     result = results["dp_accuracy"]
     rows = [
-        [dataset, f"`{mode}`", *(dp_cell(cells.get(epsilon)) for epsilon in ("1.0", "3.0", "8.0", "none"))]
-        for dataset, modes in result["value"].items()
-        for mode, cells in modes.items()
+        [
+            dataset,
+            f"`{mode}`",
+            *(dp_cell(cells.get(epsilon)) for epsilon in ("1.0", "3.0", "8.0")),
+            dp_cell(runs["none"]),
+        ]
+        for dataset, runs in result["value"].items()
+        for mode, cells in runs.items()
+        if mode != "none"
     ]
     note = (
         f"FedAvg, {result['learners']} learners, {result['epochs']:g} epochs at {result['image_size']} px, delta "

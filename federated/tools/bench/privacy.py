@@ -10,7 +10,7 @@ from federated.tools.bench.federations import federation_run
 
 WARM_ROUNDS = 2  # the first rounds connect, and under secure aggregation agree keys: left out of the medians
 DP_MODES = ("central", "distributed", "local")
-EPSILONS = (1.0, 3.0, 8.0, None)  # None: no DP
+EPSILONS = (1.0, 3.0, 8.0)
 DP_DELTA = 1e-5
 DP_LEARNERS = 10
 
@@ -77,30 +77,32 @@ def secagg_accuracy(work: Path, learners: int, epochs: float, image_size: int) -
 
 
 def dp_accuracy(work: Path, epochs: float, image_size: int, datasets: list[str], modes: list[str]) -> dict:
-    """FedAvg among DP_LEARNERS learners with each --dp mode at each target epsilon (the run ends, checkpointed,
-    before it would spend more), and without DP: the final test accuracy and the epsilon each run reports."""
+    """FedAvg among DP_LEARNERS learners without DP, and with each --dp mode at each target epsilon (the run ends,
+    checkpointed, before it would spend more): the final test accuracy and the epsilon each run reports."""
     table: dict[str, dict] = {}
     for dataset in datasets:
         data = digits(image_size) if dataset == "digits" else synthetic(image_size)
-        for mode in modes:
-            for epsilon in EPSILONS:
-                name = f"{dataset}-{mode}-{epsilon or 'none'}"
-                accuracy, spent = final_accuracy(
-                    work / f"dp-{name}",
-                    DP_LEARNERS,
-                    [*data, "--strategy", "fedavg", "--epochs", str(epochs), *dp_flags(mode, epsilon)],
-                )
-                table.setdefault(dataset, {}).setdefault(mode, {})[str(epsilon or "none")] = {
-                    "accuracy": accuracy,
-                    "epsilon_spent": spent,
-                }
-                print(f"  {name}: accuracy {accuracy:.4f}, epsilon {spent}", flush=True)
+        runs = [("none", None)] + [(mode, epsilon) for mode in modes for epsilon in EPSILONS]
+        for mode, epsilon in runs:
+            name = f"{dataset}-{mode}-{epsilon}"
+            accuracy, spent = final_accuracy(
+                work / f"dp-{name}",
+                DP_LEARNERS,
+                [*data, "--strategy", "fedavg", "--epochs", str(epochs), *dp_flags(mode, epsilon)],
+            )
+            cell = {"accuracy": accuracy, "epsilon_spent": spent}
+            if mode == "none":  # the row every mode's row is read against
+                table.setdefault(dataset, {})["none"] = cell
+            else:
+                table[dataset].setdefault(mode, {})[str(epsilon)] = cell
+            print(f"  {name}: accuracy {accuracy:.4f}, epsilon {spent}", flush=True)
     return {"value": table, "learners": DP_LEARNERS, "epochs": epochs, "image_size": image_size, "delta": DP_DELTA}
 
 
 def dp_flags(mode: str, epsilon: float | None) -> list[str]:
-    """The leader's flags of one DP run (none without an epsilon); distributed noise needs secure aggregation."""
-    if epsilon is None:
+    """The leader's flags of one run of dp_accuracy (mode "none": none); distributed noise needs secure
+    aggregation."""
+    if mode == "none":
         return []
     secure = ["--secure-aggregation"] if mode == "distributed" else []
     return ["--dp", mode, "--dp-target-epsilon", str(epsilon), "--dp-delta", str(DP_DELTA), *secure]
