@@ -1,32 +1,49 @@
 """Secure aggregation (Bonawitz et al. 2017), both sides of one round, as pure state machines: no gRPC, no threads.
 
-CONTRACT (written by the lead before the work was split; the implementer replaces this paragraph and the stubs).
 One round, driven by the leader with LearnerService.SecureAggregation (protos/learner.proto):
   phase 1  keys:    each participant makes two fresh X25519 key pairs (cipher, mask) -> SecAggKeys
   phase 2  shares:  given every advertised SecAggKeys (U1), a learner makes a fresh 32-byte self-mask seed b_u,
                     Shamir-shares b_u and its mask private key among U1 (threshold t), encrypts each recipient's
-                    two shares with AEAD (key: HKDF of X25519(cipher keys); associated data: round, sender,
+                    two shares with AES-GCM (key: HKDF of X25519(cipher keys); associated data: round, sender,
                     recipient) -> one SecAggShare per other learner, plus SHA-256(b_u)
   phase 3  commit:  the leader names U2 (those whose shares it relays); masks are agreed with U2 only
-  masked input:     sent with AccumulateGradients as an I32 tensor (see LearnerRound.masked_input)
+  masked input:     sent with AccumulateGradients as an I32 tensor (LearnerRound.masked_input)
   phase 4  unmask:  the leader names U3 (survivors: masked input arrived) and relays the ciphertexts addressed to
                     the learner; it reveals b_u shares of survivors and mask-key shares of U2 \\ U3, never both for
                     one learner, once per round.
 Values: the update x (float) is clipped elementwise to [-clip_range, clip_range], weighted by w/weight_unit
 (w: the samples it covers, weight_unit: the most a learner may weigh, so the factor is in [0, 1]), scaled by
-`scale` and stochastically rounded (unbiased); two more elements carry w/weight_unit and w/weight_unit*loss/MAX_LOSS,
+`scale` and stochastically rounded (unbiased); two more elements carry w/weight_unit and w/weight_unit*loss/LOSS_RANGE,
 so that the leader learns no learner's samples or loss, only the sums. Masks: + PRG(b_u) + sum over v in U2 of
-+-PRG(KA(s_u, s_v)) (+ if u < v), all modulo 2^32. PRG: AES-CTR keyed by HKDF.
++-PRG(KA(s_u, s_v)) (+ if u < v), all modulo 2^32. PRG: AES-CTR keyed by HKDF (federated/privacy/masks.py);
+shares: federated/privacy/shamir.py; distributed noise: federated/privacy/discrete_gaussian.py.
+Why a hostile leader cannot get both secrets of one learner: each honest learner reveals only for the U2 it
+committed to and a U3 of at least t within it, itself among them, once; and t > |U1|/2, so no two disjoint sets of
+t revealers (one told that u survived, one that it dropped) exist.
 """
 
+import hashlib
+import itertools
+import math
+import os
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from federated.privacy import discrete_gaussian, masks, shamir
 from protos import learner_pb2
 
 BITS = 32  # masked values live modulo 2^32: the masked input is as many bytes as a float32 update
 MIN_LEARNERS = 3  # with two, each learns the other's update from the sum
+HEADROOM = 2**30  # the sum's values stay within +-2^30: a sum beyond (an input beyond its clip range) is refused
+NOISE_TAILS = 10.0  # the summed noise stays within this many standard deviations (beyond: probability < 1e-22)
+EXTRAS = 2  # the weight and loss elements after the update's values
+SHARE_PLAINTEXT = 2 * shamir.SHARE_BYTES  # a recipient's share of the self-mask seed, then of the mask key
+LOSS_RANGE = 100.0  # a loss beyond counts as this (it only informs; far above a sane model's cross-entropy): the
+# wire's MAX_LOSS (1e6) would leave the loss sum a resolution of 1e6 / scale, about 0.01 at 10 learners
+MAX_COMBINATIONS = 256  # where revealed shares disagree, at most this many subsets of t are tried per secret
 
 
 class Refused(ValueError):
@@ -46,65 +63,428 @@ class Quantisation:
     summands: int  # the most inputs the sum may have (|U2|): scale leaves room for their sum, and noise
     noise_std: float = 0.0  # distributed DP: each learner's discrete Gaussian noise, in float units of x
 
+    def __post_init__(self) -> None:
+        if not (self.clip_range > 0 and self.weight_unit > 0 and self.summands >= 1 and self.noise_std >= 0):
+            raise ValueError(f"no quantisation: {self}")
+        if self.scale < 1:
+            raise ValueError(f"noise {self.noise_std} leaves no room for {self.summands} inputs in {BITS} bits")
+
     @property
     def scale(self) -> float:
-        """Integers per unit of x/clip_range, such that the sum of `summands` inputs (and its noise) never wraps."""
-        raise NotImplementedError
+        """Integers per unit of x/clip_range, such that the sum of `summands` inputs (and its noise) never wraps:
+        summands * (scale + 1) + NOISE_TAILS * sqrt(summands) * (noise in integers) <= HEADROOM."""
+        noise_per_scale = NOISE_TAILS * math.sqrt(self.summands) * self.noise_std / self.clip_range
+        return (HEADROOM - self.summands - 1) / (self.summands + noise_per_scale)  # 1: float rounding
+
+    @property
+    def noise_sigma(self) -> float:
+        """Each learner's noise's standard deviation in integers."""
+        return self.noise_std / self.clip_range * self.scale
 
     def quantise(self, update: torch.Tensor, weight: float, loss: float, generator: torch.Generator) -> torch.Tensor:
         """The update (1-D float), clipped, weighted, scaled, stochastically rounded, plus the two weight/loss
-        elements and this learner's share of the noise: an int64 tensor of update.numel() + 2 values (unmasked)."""
-        raise NotImplementedError
+        elements and this learner's share of the noise: an int64 tensor of update.numel() + 2 values (unmasked).
+        The noise goes into the update's values only: the weight and loss sums are exact."""
+        if not 0 <= weight <= self.weight_unit:
+            raise ValueError(f"a weight of {weight} is beyond 0..{self.weight_unit}")
+        if not math.isfinite(loss) or not bool(torch.isfinite(update).all()):
+            raise ValueError("a non-finite update or loss cannot be quantised")
+        factor = weight / self.weight_unit * self.scale
+        values = update.detach().flatten().to(torch.float64).clamp(-self.clip_range, self.clip_range)
+        extras = torch.tensor([factor, factor * min(max(loss, 0.0), LOSS_RANGE) / LOSS_RANGE], dtype=torch.float64)
+        scaled = torch.cat([values * (factor / self.clip_range), extras])
+        rounded = _stochastic_round(scaled, generator)
+        rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
+        return rounded
 
     def dequantise(self, total: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         """From the unmasked sum modulo 2^32 (int64 or int32 tensor of update size + 2): the weighted mean of the
         updates, the total weight (in samples) and the weighted mean loss. Refused if the sum is beyond what
         `summands` clipped inputs can make (an input beyond the clip range)."""
-        raise NotImplementedError
+        signed = (total.to(torch.int64) + 2 ** (BITS - 1)) % 2**BITS - 2 ** (BITS - 1)
+        values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
+        most = self.summands * (self.scale + 1)
+        if bool((values.abs() > most + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma).any()):
+            raise Refused("the sum is beyond what clipped inputs make: an input beyond the clip range")
+        if not 0 < weight <= most or not 0 <= loss <= weight + self.summands:
+            raise Refused(f"the sum's weight ({weight}) or loss ({loss}) is not what honest inputs make")
+        mean = (values.to(torch.float64) * (self.clip_range / weight)).to(torch.float32)
+        return mean, weight / self.scale * self.weight_unit, loss / weight * LOSS_RANGE
+
+
+def _stochastic_round(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each value rounded up with probability its fractional part (unbiased), as int64."""
+    floor = torch.floor(values)
+    up = torch.rand(values.shape, dtype=torch.float64, generator=generator) < values - floor
+    return floor.to(torch.int64) + up
+
+
+def _secret_generator() -> torch.Generator:
+    """A generator seeded from the OS's randomness: the leader cannot predict a learner's rounding or noise."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _unique(ids: list[int], what: str) -> frozenset[int]:
+    if len(set(ids)) != len(ids):
+        raise Refused(f"{what} names a learner twice")
+    return frozenset(ids)
+
+
+def _check_key_lengths(keys: learner_pb2.SecAggKeys) -> None:
+    if len(keys.cipher_key) != masks.KEY_BYTES or len(keys.mask_key) != masks.KEY_BYTES:
+        raise Refused(f"learner {keys.learner_id}'s public keys are not {masks.KEY_BYTES} bytes each")
+
+
+def _agree(own_private: bytes, peer: learner_pb2.SecAggKeys, which: str) -> bytes:
+    try:
+        return masks.agree(own_private, getattr(peer, which))
+    except ValueError as error:  # a low-order point: no secret to agree on
+        raise Refused(f"learner {peer.learner_id}'s {which} agrees on no secret") from error
+
+
+def _self_mask(seed: bytes, round_index: int, owner: int, size: int) -> np.ndarray:
+    return masks.expand(masks.derive(seed, round_index, "self mask", owner), size)
+
+
+def _pair_mask(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: int, own: int, size: int) -> np.ndarray:
+    """The mask both learners of a pair derive from their agreement (added by the lower id, subtracted by the
+    higher, so that it cancels in the sum)."""
+    agreed = _agree(own_private, peer, "mask_key")
+    return masks.expand(masks.derive(agreed, round_index, "pair mask", own, peer.learner_id), size)
+
+
+def _share_key(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: int, own: int) -> bytes:
+    return masks.derive(_agree(own_private, peer, "cipher_key"), round_index, "shares", own, peer.learner_id)
 
 
 class LearnerRound:
-    """One learner's side of secure aggregation: one round at a time; a new phase 1 starts a new round."""
+    """One learner's side of secure aggregation: one round at a time; a new phase 1 starts a new round.
+    Not thread-safe: a caller answering on several threads holds a lock around each call."""
 
     def __init__(self, learner_id: int) -> None:
-        raise NotImplementedError
+        self.learner_id = learner_id
+        self._round: int | None = None
+        self._phase = 0  # the last phase answered in this round
+        self._masked_sent = False
 
     def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
         """The reply to a phase (any of 1-4); raises Refused on anything a hostile leader could use: a request for
         another round, phases out of order, its own keys changed, duplicated or fewer than threshold learners,
         threshold at or below half of U1, a second unmask for the round, U3 not within U2 or below threshold,
         a ciphertext that does not decrypt for (round, sender, this learner)."""
-        raise NotImplementedError
+        if request.phase == 1:
+            return self._advertise(request.round)
+        if request.round != self._round:
+            raise Refused(f"a request for round {request.round} during round {self._round}")
+        if request.phase == 4 and self._phase == 4:
+            raise Refused(f"a second unmask for round {request.round}")
+        if request.phase != self._phase + 1:
+            raise Refused(f"phase {request.phase} after phase {self._phase}")
+        if request.phase > 2 and request.threshold != self._threshold:
+            raise Refused(f"threshold {request.threshold}, not the {self._threshold} shared under")
+        if request.phase == 2:
+            return self._share(request)
+        if request.phase == 3:
+            return self._commit(request)
+        if request.phase == 4:
+            return self._unmask(request)
+        raise Refused(f"no phase {request.phase}")
 
-    def masked_input(self, update: torch.Tensor, weight: float, loss: float, quantisation: Quantisation) -> torch.Tensor:
+    def masked_input(
+        self, update: torch.Tensor, weight: float, loss: float, quantisation: Quantisation
+    ) -> torch.Tensor:
         """After commit: the quantised update plus its masks, as an int32 tensor (two's complement of the values
-        modulo 2^32). Refused before commit."""
-        raise NotImplementedError
+        modulo 2^32). Refused before commit, after unmask, or a second time in a round (two inputs under the
+        same masks would give away their difference)."""
+        if self._phase != 3 or self._masked_sent:
+            raise Refused("a masked input is made once per round, after commit and before unmask")
+        if quantisation.summands < len(self._shared):
+            raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
+        self._masked_sent = True
+        quantised = quantisation.quantise(update, weight, loss, _secret_generator())
+        size = quantised.numel()
+        total = (quantised & 0xFFFFFFFF).numpy().astype(np.uint32)
+        total += _self_mask(self._seed, self._round_index, self.learner_id, size)
+        for peer in sorted(self._shared - {self.learner_id}):
+            mask = _pair_mask(self._mask_key, self._keys[peer], self._round_index, self.learner_id, size)
+            if self.learner_id < peer:
+                total += mask
+            else:
+                total -= mask
+        return torch.from_numpy(total.view(np.int32))
+
+    @property
+    def _round_index(self) -> int:
+        assert self._round is not None
+        return self._round
+
+    def _advertise(self, round_index: int) -> learner_pb2.SecAggReply:
+        """Phase 1: fresh key pairs, and the previous round's secrets forgotten. Any round may start (a resumed
+        leader counts from its checkpoint): a masked input already sent under the forgotten secrets can never be
+        unmasked, and nothing revealed under the new ones meets it."""
+        self._round, self._phase, self._masked_sent = round_index, 1, False
+        self._cipher_key, self._mask_key = masks.new_private_key(), masks.new_private_key()
+        self._own_keys = learner_pb2.SecAggKeys(
+            learner_id=self.learner_id,
+            cipher_key=masks.public_of(self._cipher_key),
+            mask_key=masks.public_of(self._mask_key),
+        )
+        return learner_pb2.SecAggReply(keys=self._own_keys)
+
+    def _share(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
+        """Phase 2: the self-mask seed and the mask key, Shamir-shared among U1, each recipient's shares encrypted."""
+        keys = {keys.learner_id: keys for keys in request.keys}
+        _unique([keys.learner_id for keys in request.keys], "the advertised keys")
+        for peer_keys in keys.values():
+            _check_key_lengths(peer_keys)
+        if min(keys) < 0:
+            raise Refused("a learner id below 0 (its share would be evaluated at the secret's point)")
+        if keys.get(self.learner_id) != self._own_keys:
+            raise Refused("the advertised keys do not hold this learner's own keys unchanged")
+        if len(keys) < MIN_LEARNERS:
+            raise Refused(f"{len(keys)} learners: a secure round needs {MIN_LEARNERS} or more")
+        if not len(keys) / 2 < request.threshold <= len(keys):
+            raise Refused(f"threshold {request.threshold} is not above half of {len(keys)} learners and at most all")
+        self._keys, self._threshold, self._phase = keys, request.threshold, 2
+        self._seed = os.urandom(shamir.SECRET_BYTES)
+        holders = sorted(keys)
+        seed_shares = shamir.split(self._seed, request.threshold, holders)
+        key_shares = shamir.split(self._mask_key, request.threshold, holders)
+        self._plaintexts = {self.learner_id: seed_shares[self.learner_id] + key_shares[self.learner_id]}
+        shares = [
+            learner_pb2.SecAggShare(
+                sender=self.learner_id,
+                recipient=peer,
+                ciphertext=masks.encrypt(
+                    _share_key(self._cipher_key, keys[peer], request.round, self.learner_id),
+                    request.round,
+                    self.learner_id,
+                    peer,
+                    seed_shares[peer] + key_shares[peer],
+                ),
+            )
+            for peer in holders
+            if peer != self.learner_id
+        ]
+        commitment = hashlib.sha256(self._seed).digest()
+        return learner_pb2.SecAggReply(shares=shares, self_mask_commitment=commitment)
+
+    def _commit(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
+        """Phase 3: U2, the learners whose shares the leader relays: the masks are agreed with them only."""
+        shared = _unique(list(request.shared), "the committed set")
+        if not shared <= set(self._keys) or self.learner_id not in shared:
+            raise Refused("the committed set is not within the advertised learners, or leaves this learner out")
+        if len(shared) < self._threshold:
+            raise Refused(f"{len(shared)} committed learners, below the threshold {self._threshold}")
+        self._shared, self._phase = shared, 3
+        return learner_pb2.SecAggReply()
+
+    def _unmask(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
+        """Phase 4: the shares of survivors' self-mask seeds and of the dropped learners' mask keys; the dropped
+        are U2 minus U3, so one request never gets both shares of one learner."""
+        if _unique(list(request.shared), "the committed set") != self._shared:
+            raise Refused("the committed set differs from the one committed to")
+        survivors = _unique(list(request.survivors), "the survivors")
+        if not survivors <= self._shared or self.learner_id not in survivors:
+            raise Refused("the survivors are not within the committed set, or leave this learner out")
+        if len(survivors) < self._threshold:
+            raise Refused(f"{len(survivors)} survivors, below the threshold {self._threshold}: nothing is revealed")
+        plaintexts = dict(self._plaintexts)
+        for share in request.shares:
+            if share.recipient != self.learner_id or share.sender not in self._shared or share.sender in plaintexts:
+                raise Refused(f"a share from {share.sender} to {share.recipient} is not one this learner expects")
+            key = _share_key(self._cipher_key, self._keys[share.sender], self._round_index, self.learner_id)
+            try:
+                plaintexts[share.sender] = masks.decrypt(
+                    key, self._round_index, share.sender, self.learner_id, share.ciphertext
+                )
+            except masks.Undecryptable as error:
+                raise Refused(str(error)) from error
+        if set(plaintexts) != self._shared:
+            raise Refused("the shares of some committed learners are missing")
+        reveals = []
+        for owner in sorted(self._shared):
+            plaintext = plaintexts[owner]
+            if len(plaintext) != SHARE_PLAINTEXT:
+                raise Refused(f"learner {owner}'s shares are {len(plaintext)} bytes, not {SHARE_PLAINTEXT}")
+            dropped = owner not in survivors
+            share = plaintext[shamir.SHARE_BYTES :] if dropped else plaintext[: shamir.SHARE_BYTES]
+            reveals.append(learner_pb2.SecAggReveal(owner=owner, mask_key=dropped, share=share))
+        self._phase = 4
+        return learner_pb2.SecAggReply(reveals=reveals)
 
 
 class LeaderRound:
-    """The leader's side of one secure round: collects keys, shares, masked inputs' sum and reveals; unmasks."""
+    """The leader's side of one secure round: collects keys, shares, masked inputs' sum and reveals; unmasks.
+    Not thread-safe: a caller taking replies on several threads holds a lock around each call.
+
+    Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, U2 (shares taken) by
+    phase 3's, U3 (masked inputs arrived) by phase 4's; a reply or input arriving later is refused."""
 
     def __init__(self, round_index: int, participants: list[int], threshold: int, size: int) -> None:
         """size: the masked input's length (update size + 2)."""
-        raise NotImplementedError
+        if len(set(participants)) != len(participants) or len(participants) < MIN_LEARNERS:
+            raise ValueError(f"a secure round needs {MIN_LEARNERS} or more distinct learners, not {participants}")
+        if not len(participants) / 2 < threshold <= len(participants):
+            raise ValueError(f"threshold {threshold} is not above half of {len(participants)} learners")
+        self.round_index, self.participants, self.threshold, self.size = round_index, set(participants), threshold, size
+        self._keys: dict[int, learner_pb2.SecAggKeys] = {}
+        self._ciphertexts: dict[int, dict[int, learner_pb2.SecAggShare]] = {}  # by recipient, then sender
+        self._commitments: dict[int, bytes] = {}
+        self._reveals: dict[int, dict[int, bytes]] = {}  # by owner, then holder
+        self._revealed: set[int] = set()
+        self._arrived: set[int] = set()
+        self._sum = np.zeros(size, dtype=np.uint32)
+        self._unmasked = False
+        self.advertised: tuple[int, ...] | None = None  # U1
+        self.shared: tuple[int, ...] | None = None  # U2
+        self.survivors: tuple[int, ...] | None = None  # U3
 
     def request(self, phase: int, learner_id: int) -> learner_pb2.SecAggRequest:
-        """The request of a phase for one learner (phase 4: with the ciphertexts addressed to it)."""
-        raise NotImplementedError
+        """The request of a phase for one learner (phase 4: with the ciphertexts addressed to it); BelowThreshold
+        if the set the phase names is smaller than the threshold (the round is then discarded)."""
+        request = learner_pb2.SecAggRequest(round=self.round_index, phase=phase, threshold=self.threshold)
+        if phase == 1:
+            return request
+        if phase == 2:
+            self.advertised = self.advertised or self._fixed(self._keys, "advertised keys")
+            request.keys.extend(self._keys[learner] for learner in self.advertised)
+            return self._for(request, learner_id, self.advertised)
+        self.shared = self.shared or self._fixed(self._commitments, "shared")
+        request.shared.extend(self.shared)
+        if phase == 3:
+            return self._for(request, learner_id, self.shared)
+        if phase != 4:
+            raise ValueError(f"no phase {phase}")
+        self.survivors = self.survivors or self._fixed(self._arrived, "sent their masked input")
+        request.survivors.extend(self.survivors)
+        request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
+        return self._for(request, learner_id, self.survivors)
 
     def take(self, phase: int, learner_id: int, reply: learner_pb2.SecAggReply) -> None:
         """A learner's reply to a phase; raises Refused (it is then left out of the round) if malformed or if it
         answers for another learner."""
-        raise NotImplementedError
+        if learner_id not in self.participants:
+            raise Refused(f"learner {learner_id} is not in round {self.round_index}")
+        if phase == 1:
+            self._take_keys(learner_id, reply.keys)
+        elif phase == 2:
+            self._take_shares(learner_id, reply)
+        elif phase == 4:
+            self._take_reveals(learner_id, reply.reveals)
+        elif phase != 3:  # phase 3's reply is empty: the commit is acknowledged
+            raise Refused(f"no phase {phase}")
 
     def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
         """Add a committed learner's masked input (int32, `size` values) to the running sum; Refused if its length
         is wrong, it is not in U2, or it already sent one."""
-        raise NotImplementedError
+        if self.shared is None or learner_id not in self.shared or self.survivors is not None:
+            raise Refused(f"learner {learner_id}'s masked input is not expected now")
+        if learner_id in self._arrived:
+            raise Refused(f"learner {learner_id} already sent its masked input")
+        if masked.dtype != torch.int32 or masked.shape != (self.size,):
+            raise Refused(f"a masked input must be {self.size} int32 values, not {tuple(masked.shape)} {masked.dtype}")
+        self._sum += masked.contiguous().numpy().view(np.uint32)
+        self._arrived.add(learner_id)
 
     def unmask(self) -> torch.Tensor:
         """After phase 4: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
         BelowThreshold when a secret cannot be reconstructed from threshold consistent shares (a reconstructed
-        mask key must match its public key; a self-mask seed its commitment)."""
-        raise NotImplementedError
+        mask key must match its public key; a self-mask seed its commitment). Every share count is checked before
+        anything is reconstructed."""
+        if self.shared is None or self.survivors is None or self._unmasked:
+            raise ValueError("unmask comes once, after phase 4")
+        short = [owner for owner in self.shared if len(self._reveals.get(owner, {})) < self.threshold]
+        if short:
+            raise BelowThreshold(f"fewer than {self.threshold} shares of learners {short}: the round is discarded")
+        survivors, dropped = set(self.survivors), sorted(set(self.shared) - set(self.survivors))
+        seeds = {owner: self._reconstruct(owner, self._seed_matches) for owner in self.survivors}
+        mask_keys = {owner: self._reconstruct(owner, self._mask_key_matches) for owner in dropped}
+        self._unmasked, total = True, self._sum  # unmasked in place: one vector's memory
+        for owner, seed in seeds.items():
+            total -= _self_mask(seed, self.round_index, owner, self.size)
+        for owner, mask_key in mask_keys.items():
+            for survivor in sorted(survivors):
+                mask = _pair_mask(mask_key, self._keys[survivor], self.round_index, owner, self.size)
+                if survivor < owner:  # the survivor added it
+                    total -= mask
+                else:
+                    total += mask
+        return torch.from_numpy(total.astype(np.int64))
+
+    def _fixed(self, learners: Collection[int], what: str) -> tuple[int, ...]:
+        if len(learners) < self.threshold:
+            raise BelowThreshold(f"{len(learners)} learners {what}, below the threshold {self.threshold}")
+        return tuple(sorted(learners))
+
+    @staticmethod
+    def _for(request: learner_pb2.SecAggRequest, learner: int, members: tuple[int, ...]) -> learner_pb2.SecAggRequest:
+        if learner not in members:
+            raise ValueError(f"learner {learner} is not among {members}: it gets no phase {request.phase}")
+        return request
+
+    def _take_keys(self, learner_id: int, keys: learner_pb2.SecAggKeys) -> None:
+        if self.advertised is not None or learner_id in self._keys:
+            raise Refused(f"learner {learner_id}'s keys come late or twice")
+        if keys.learner_id != learner_id:
+            raise Refused(f"learner {learner_id} answered with learner {keys.learner_id}'s keys")
+        _check_key_lengths(keys)
+        taken = {key for other in self._keys.values() for key in (other.cipher_key, other.mask_key)}
+        if keys.cipher_key in taken or keys.mask_key in taken or keys.cipher_key == keys.mask_key:
+            raise Refused(f"learner {learner_id}'s keys repeat keys already advertised")
+        self._keys[learner_id] = keys
+
+    def _take_shares(self, learner_id: int, reply: learner_pb2.SecAggReply) -> None:
+        if self.advertised is None or self.shared is not None or learner_id in self._commitments:
+            raise Refused(f"learner {learner_id}'s shares come out of turn or twice")
+        if learner_id not in self.advertised:
+            raise Refused(f"learner {learner_id} advertised no keys")
+        recipients = [share.recipient for share in reply.shares]
+        if any(share.sender != learner_id for share in reply.shares):
+            raise Refused(f"learner {learner_id} sent shares in another learner's name")
+        if sorted(recipients) != [peer for peer in self.advertised if peer != learner_id]:
+            raise Refused(f"learner {learner_id}'s shares are not one for each other advertised learner")
+        if any(len(share.ciphertext) != masks.ciphertext_bytes(SHARE_PLAINTEXT) for share in reply.shares):
+            raise Refused(f"learner {learner_id}'s shares are not {masks.ciphertext_bytes(SHARE_PLAINTEXT)} bytes")
+        if len(reply.self_mask_commitment) != hashlib.sha256().digest_size:
+            raise Refused(f"learner {learner_id}'s self-mask commitment is not a SHA-256 digest")
+        for share in reply.shares:
+            self._ciphertexts.setdefault(share.recipient, {})[learner_id] = share
+        self._commitments[learner_id] = reply.self_mask_commitment
+
+    def _take_reveals(self, learner_id: int, reveals: Sequence[learner_pb2.SecAggReveal]) -> None:
+        if self.survivors is None or learner_id not in self.survivors or learner_id in self._revealed:
+            raise Refused(f"learner {learner_id}'s reveals come out of turn or twice")
+        assert self.shared is not None
+        if sorted(reveal.owner for reveal in reveals) != list(self.shared):
+            raise Refused(f"learner {learner_id}'s reveals are not one for each committed learner")
+        for reveal in reveals:
+            if reveal.mask_key != (reveal.owner not in self.survivors):
+                raise Refused(f"learner {learner_id} revealed the wrong secret of learner {reveal.owner}")
+            try:
+                shamir.decode(reveal.share)
+            except shamir.MalformedShare as error:
+                raise Refused(f"learner {learner_id}'s share of learner {reveal.owner}: {error}") from error
+        for reveal in reveals:
+            self._reveals.setdefault(reveal.owner, {})[learner_id] = reveal.share
+        self._revealed.add(learner_id)
+
+    def _seed_matches(self, owner: int, seed: bytes) -> bool:
+        return hashlib.sha256(seed).digest() == self._commitments[owner]
+
+    def _mask_key_matches(self, owner: int, mask_key: bytes) -> bool:
+        return masks.public_of(mask_key) == self._keys[owner].mask_key
+
+    def _reconstruct(self, owner: int, matches: Callable[[int, bytes], bool]) -> bytes:
+        """The owner's secret from `threshold` of its revealed shares that pass the check: the first `threshold`
+        holders, else up to MAX_COMBINATIONS subsets (a few hostile shares are outvoted); BelowThreshold if none."""
+        shares = self._reveals[owner]
+        subsets = itertools.combinations(sorted(shares), self.threshold)
+        for holders in itertools.islice(subsets, MAX_COMBINATIONS):
+            try:
+                secret = shamir.combine({holder: shares[holder] for holder in holders})
+            except shamir.MalformedShare:
+                continue
+            if matches(owner, secret):
+                return secret
+        raise BelowThreshold(f"no {self.threshold} of learner {owner}'s shares agree: the round is discarded")

@@ -1,0 +1,264 @@
+"""Secure aggregation's two sides driven in-process: the unmasked sum, dropouts, refusals, a hostile leader."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from federated.privacy import shamir
+from federated.privacy.secagg import BelowThreshold, LeaderRound, LearnerRound, Quantisation, Refused
+from protos import learner_pb2
+
+SIZE = 1000
+WEIGHT_UNIT = 100.0
+CLIP = 8.0
+
+
+class Round:
+    """A leader and its learners, every message relayed honestly unless a test steps in."""
+
+    def __init__(self, learners: int, threshold: int, round_index: int = 1) -> None:
+        self.leader = LeaderRound(round_index, list(range(learners)), threshold, SIZE + 2)
+        self.learners = {learner: LearnerRound(learner) for learner in range(learners)}
+        self.quantisation = Quantisation(CLIP, WEIGHT_UNIT, learners)
+        generator = torch.Generator().manual_seed(learners)
+        self.updates = {learner: torch.randn(SIZE, generator=generator) * 4 for learner in range(learners)}
+        self.weights = {learner: float(10 + 7 * learner) for learner in range(learners)}
+        self.losses = {learner: 1.0 + learner / 10 for learner in range(learners)}
+
+    def phase(self, number: int, learners: list[int]) -> None:
+        for learner in learners:
+            self.leader.take(number, learner, self.learners[learner].answer(self.leader.request(number, learner)))
+
+    def masked(self, learner: int) -> torch.Tensor:
+        return self.learners[learner].masked_input(
+            self.updates[learner], self.weights[learner], self.losses[learner], self.quantisation
+        )
+
+    def send_masked(self, learners: list[int]) -> None:
+        for learner in learners:
+            self.leader.add_masked(learner, self.masked(learner))
+
+    def until_masked(self, dropped_after_sharing: tuple[int, ...] = ()) -> list[int]:
+        """Phases 1 to 3 and the masked inputs of all but those dropped after sharing; returns who sent."""
+        everyone = list(self.learners)
+        self.phase(1, everyone)
+        self.phase(2, everyone)
+        self.phase(3, everyone)
+        sent = [learner for learner in everyone if learner not in dropped_after_sharing]
+        self.send_masked(sent)
+        return sent
+
+    def expected(self, learners: list[int]) -> tuple[torch.Tensor, float, float]:
+        weights = torch.tensor([self.weights[learner] for learner in learners], dtype=torch.float64)
+        updates = torch.stack([self.updates[learner].clamp(-CLIP, CLIP) for learner in learners]).double()
+        losses = torch.tensor([self.losses[learner] for learner in learners], dtype=torch.float64)
+        total = float(weights.sum())
+        return (weights @ updates / total).float(), total, float(weights @ losses / total)
+
+
+@pytest.mark.parametrize(
+    ("learners", "threshold", "dropped_after_sharing", "dropped_after_input"),
+    [(3, 2, (), [2]), (5, 3, (1,), [3]), (10, 6, (0, 4), [7])],
+)
+def test_the_unmasked_sum_is_the_weighted_mean_of_the_survivors(
+    learners, threshold, dropped_after_sharing, dropped_after_input
+):
+    round_ = Round(learners, threshold)
+    survivors = round_.until_masked(dropped_after_sharing)
+    round_.phase(4, [learner for learner in survivors if learner not in dropped_after_input])
+    mean, weight, loss = round_.quantisation.dequantise(round_.leader.unmask())
+    expected_mean, expected_weight, expected_loss = round_.expected(survivors)
+    # each input's rounding errs by less than 1 integer per value, its weight by less than 1 too
+    weight_integers = expected_weight / WEIGHT_UNIT * round_.quantisation.scale
+    bound = CLIP * 2 * learners / weight_integers
+    assert (mean - expected_mean).abs().max() <= bound + 1e-6 * CLIP
+    assert weight == pytest.approx(expected_weight, rel=1e-6)
+    assert loss == pytest.approx(expected_loss, abs=2e-3)
+
+
+def test_below_the_threshold_the_round_is_discarded_and_nothing_reconstructed(monkeypatch):
+    combined = []
+    monkeypatch.setattr(shamir, "combine", lambda *args: combined.append(args))
+    too_few = Round(5, 3)
+    too_few.until_masked(dropped_after_sharing=(0, 1, 2))
+    with pytest.raises(BelowThreshold):
+        too_few.leader.request(4, 3)
+    silent = Round(5, 3)
+    silent.until_masked()
+    silent.phase(4, [0, 1])  # three survivors never reveal
+    with pytest.raises(BelowThreshold):
+        silent.leader.unmask()
+    assert combined == []
+
+
+def test_an_honest_learner_reveals_nothing_below_the_threshold():
+    round_ = Round(5, 3)
+    round_.until_masked()
+    request = round_.leader.request(4, 0)
+    del request.survivors[2:]
+    with pytest.raises(Refused, match="below the threshold"):
+        round_.learners[0].answer(request)
+
+
+def _hostile_requests(request: learner_pb2.SecAggRequest) -> dict[str, learner_pb2.SecAggRequest]:
+    """Phase 4 requests by which a leader could learn both secrets of learner 1 (or leave the protocol)."""
+    cases = {}
+    for name, change in {
+        "learner 1 dropped, though committed and told so": lambda r: r.survivors.remove(1),
+        "learner 1 never committed": lambda r: (r.shared.remove(1), r.survivors.remove(1)),
+        "a survivor beyond the committed set": lambda r: r.survivors.append(9),
+        "a survivor twice": lambda r: r.survivors.append(2),
+        "another round": lambda r: setattr(r, "round", r.round + 1),
+        "another threshold": lambda r: setattr(r, "threshold", 2),
+    }.items():
+        hostile = learner_pb2.SecAggRequest()
+        hostile.CopyFrom(request)
+        change(hostile)
+        cases[name] = hostile
+    return cases
+
+
+def test_a_hostile_leader_gets_no_second_secret_of_one_learner():
+    round_ = Round(5, 3)
+    round_.until_masked()
+    honest = round_.leader.request(4, 0)
+    refused = []
+    for name, hostile in _hostile_requests(honest).items():
+        if name == "learner 1 dropped, though committed and told so":
+            continue  # a legitimate view of the round: refused only as a second unmask, below
+        with pytest.raises(Refused):
+            round_.learners[0].answer(hostile)
+        refused.append(name)
+    reply = round_.learners[0].answer(honest)  # the seed share of learner 1: it survived
+    assert [reveal.mask_key for reveal in reply.reveals if reveal.owner == 1] == [False]
+    with pytest.raises(Refused, match="second unmask"):
+        round_.learners[0].answer(_hostile_requests(honest)["learner 1 dropped, though committed and told so"])
+    assert len(refused) == 5
+
+
+@pytest.mark.parametrize(("advertised", "threshold", "reason"), [(4, 2, "threshold 2"), (2, 2, "needs 3")])
+def test_a_threshold_at_half_or_fewer_than_three_learners_are_refused(advertised, threshold, reason):
+    """t > |U1|/2: no two disjoint sets of t honest learners can be told different survivors."""
+    round_ = Round(4, 3)
+    round_.phase(1, list(range(advertised)))
+    request = round_.leader.request(2, 0) if advertised >= 3 else _keys_of(round_, advertised)
+    request.threshold = threshold
+    with pytest.raises(Refused, match=reason):
+        round_.learners[0].answer(request)
+
+
+def _keys_of(round_: Round, advertised: int) -> learner_pb2.SecAggRequest:
+    """A phase 2 request naming fewer learners than the leader's own checks allow (a hostile leader's)."""
+    request = learner_pb2.SecAggRequest(round=1, phase=2)
+    request.keys.extend(round_.leader._keys[learner] for learner in range(advertised))
+    return request
+
+
+@pytest.mark.parametrize("tamper", ["own keys altered", "duplicated id", "short key", "negative id"])
+def test_a_learner_refuses_a_malformed_key_list(tamper):
+    round_ = Round(4, 3)
+    round_.phase(1, [0, 1, 2, 3])
+    request = round_.leader.request(2, 0)
+    if tamper == "own keys altered":
+        request.keys[0].mask_key = request.keys[1].mask_key
+    elif tamper == "duplicated id":
+        request.keys[2].learner_id = 1
+    elif tamper == "short key":
+        request.keys[3].cipher_key = request.keys[3].cipher_key[:31]
+    else:
+        request.keys[3].learner_id = -1
+    with pytest.raises(Refused):
+        round_.learners[0].answer(request)
+
+
+def test_a_learner_answering_for_another_is_refused_and_the_round_goes_on():
+    round_ = Round(5, 3)
+    impostor = round_.learners[4].answer(round_.leader.request(1, 4))
+    with pytest.raises(Refused, match="answered with"):
+        round_.leader.take(1, 3, impostor)
+    round_.phase(1, [0, 1, 2, 3, 4])
+    round_.phase(2, [0, 1, 2])
+    forged = round_.learners[3].answer(round_.leader.request(2, 3))
+    forged.shares[0].sender = 4
+    with pytest.raises(Refused, match="another learner's name"):
+        round_.leader.take(2, 3, forged)
+    round_.phase(2, [4])
+    round_.phase(3, [0, 1, 2, 4])
+    round_.send_masked([0, 1, 2, 4])
+    round_.phase(4, [0, 1, 2, 4])
+    mean, _, _ = round_.quantisation.dequantise(round_.leader.unmask())
+    assert torch.allclose(mean, round_.expected([0, 1, 2, 4])[0], atol=1e-5)
+
+
+def test_malformed_shares_and_masked_inputs_are_refused_and_the_round_goes_on():
+    round_ = Round(5, 3)
+    round_.phase(1, list(range(5)))
+    round_.phase(2, [0, 1, 2, 3])
+    truncated = round_.learners[4].answer(round_.leader.request(2, 4))
+    truncated.shares[1].ciphertext = truncated.shares[1].ciphertext[:-1]
+    with pytest.raises(Refused, match="bytes"):
+        round_.leader.take(2, 4, truncated)
+    round_.phase(3, [0, 1, 2, 3])
+    for wrong in [torch.zeros(SIZE + 1, dtype=torch.int32), torch.zeros(SIZE + 2, dtype=torch.int64)]:
+        with pytest.raises(Refused, match="int32 values"):
+            round_.leader.add_masked(0, wrong)
+    round_.send_masked([0, 1, 2, 3])
+    with pytest.raises(Refused, match="already sent"):
+        round_.leader.add_masked(0, torch.zeros(SIZE + 2, dtype=torch.int32))
+    reply = round_.learners[0].answer(round_.leader.request(4, 0))
+    short = learner_pb2.SecAggReply()
+    short.CopyFrom(reply)
+    short.reveals[2].share = short.reveals[2].share[1:]
+    with pytest.raises(Refused, match="share"):
+        round_.leader.take(4, 0, short)
+    round_.leader.take(4, 0, reply)  # the same reply, as sent: taken
+    flipped = round_.learners[1].answer(round_.leader.request(4, 1))
+    for reveal in flipped.reveals:  # well-formed, but wrong: outvoted by consistent shares
+        reveal.share = bytes([reveal.share[0], reveal.share[1] ^ 1]) + reveal.share[2:]
+    round_.leader.take(4, 1, flipped)
+    round_.phase(4, [2, 3])
+    mean, _, _ = round_.quantisation.dequantise(round_.leader.unmask())
+    assert torch.allclose(mean, round_.expected([0, 1, 2, 3])[0], atol=1e-5)
+
+
+def test_ciphertexts_replayed_from_an_earlier_round_or_to_another_learner_are_refused():
+    earlier = Round(4, 3, round_index=1)
+    earlier.until_masked()
+    replayed = list(earlier.leader.request(4, 0).shares)
+    later = Round(4, 3, round_index=2)
+    later.learners = earlier.learners  # the same learners, one round on
+    later.until_masked()
+    request = later.leader.request(4, 0)
+    stale = learner_pb2.SecAggRequest()
+    stale.CopyFrom(request)
+    stale.shares[0].CopyFrom(replayed[0])
+    with pytest.raises(Refused, match="does not decrypt"):
+        later.learners[0].answer(stale)
+    misaddressed = learner_pb2.SecAggRequest()
+    misaddressed.CopyFrom(request)
+    to_another = later.leader.request(4, 1).shares[-1]  # from learner 3 to learner 1
+    misaddressed.shares[-1].ciphertext = to_another.ciphertext
+    with pytest.raises(Refused, match="does not decrypt"):
+        later.learners[0].answer(misaddressed)
+
+
+def test_a_masked_input_looks_uniform_and_uncorrelated_while_the_quantised_one_does_not():
+    fresh = Round(3, 2)
+    fresh.phase(1, [0, 1, 2])
+    fresh.phase(2, [0, 1, 2])
+    fresh.phase(3, [0, 1, 2])
+    masked = fresh.masked(0)
+    with pytest.raises(Refused, match="once per round"):  # a second input under the same masks
+        fresh.masked(0)
+    quantised = fresh.quantisation.quantise(fresh.updates[0], fresh.weights[0], 1.0, torch.Generator())
+
+    def uniformity(values: torch.Tensor) -> float:
+        counts = np.bincount(values.to(torch.int32).numpy().view(np.uint8), minlength=256)
+        return float(scipy.stats.chisquare(counts).pvalue)
+
+    assert uniformity(masked) > 1e-6
+    assert uniformity(quantised) < 1e-6
+    correlation = np.corrcoef(masked.numpy()[:SIZE].astype(np.float64), fresh.updates[0].numpy())[0, 1]
+    assert abs(correlation) < 5 / SIZE**0.5
+    assert np.corrcoef(quantised.numpy()[:SIZE], fresh.updates[0].numpy())[0, 1] > 0.9
