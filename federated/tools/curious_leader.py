@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import utils
+from federated.common import runtime
 from federated.tools.curious.figure import draw
 from federated.tools.curious.inversion import Inversion
 from federated.tools.curious.observed import Learners
@@ -37,12 +38,14 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=1000, help="Adam steps of each reconstruction")
     parser.add_argument("--tv-weight", type=float, default=0.01, help="the weight of the total-variation prior")
     parser.add_argument("--per-round", type=int, default=3, help="learners in each secure-aggregation round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: one per available core)")
     parser.add_argument("--out", default="docs/images/curious-leader.png", help="where the picture goes")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    runtime.set_threads(args.threads)
     data = utils.load_dataset(args.dataset, "", True, args.image_size)
     learners = Learners(data, args.norm)
     indices = list(range(max(args.labels, args.images)))
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "from its plain update": list(images_of(learners, plain[: args.images], settings)),
         "from its masked input": list(images_of(learners, masked[: args.images], settings)),
     }
-    draw(rows, args.out)
+    draw(rows, args.out, gray=args.dataset == "digits")  # the digits are grayscale: shown as such
     print(f"wrote {args.out}")
     return 0
 

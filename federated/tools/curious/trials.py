@@ -1,6 +1,7 @@
 """What a curious leader makes of what it receives, learner by learner: each one's label (iDLG) and image
 (gradient inversion), from plain updates or from masked inputs under secure aggregation."""
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -16,9 +17,11 @@ def plain_updates(learners: Learners, indices: list[int]) -> list[torch.Tensor]:
 
 
 def masked_updates(plain: list[torch.Tensor], per_round: int) -> list[torch.Tensor]:
-    """The masked input the leader receives instead of each of these plain updates under secure aggregation,
-    per_round learners a secure round."""
-    return [masked for start in range(0, len(plain), per_round) for masked in _round(plain[start : start + per_round])]
+    """The masked input the leader receives instead of each of these plain updates under secure aggregation, in
+    secure rounds of per_round learners (a few rounds one more, so that none is left with fewer)."""
+    rounds = max(1, len(plain) // per_round)
+    bounds = [len(plain) * k // rounds for k in range(rounds + 1)]
+    return [masked for start, end in itertools.pairwise(bounds) for masked in _round(plain[start:end])]
 
 
 def _round(updates: list[torch.Tensor]) -> list[torch.Tensor]:
