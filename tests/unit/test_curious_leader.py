@@ -9,7 +9,7 @@ import torch
 
 import utils
 from federated.tools.curious.labels import OUTPUT_WEIGHT, labels_present
-from federated.tools.curious.observed import Learners
+from federated.tools.curious.observed import CLIP_RANGE, Learners, masked_inputs, quantisation
 from federated.tools.curious.trials import labels_of, masked_updates, plain_updates
 
 TRIALS = 50
@@ -61,10 +61,12 @@ def test_from_a_sum_of_three_learners_updates_the_leader_cannot_tell_whose_label
     images = [labels.index(label) for label in (3, 5, 8)]  # one image of each of three labels
     moved = images[1:] + images[:1]  # the same images, each held by another learner
     one, other = plain_updates(learners, images), plain_updates(learners, moved)
-    total = torch.stack(one).double().sum(0)
     # what each learner sent tells its label: the leader knows learner 1's is 3, not 5
     assert labels_of(learners, one)[0] == 3 and labels_of(learners, other)[0] == 5
-    # their sum, all the leader learns under secure aggregation, is the same whoever held which image: it says
-    # which labels the round had, and nothing of whose they were
-    assert torch.allclose(torch.stack(other).double().sum(0), total, rtol=1e-6, atol=1e-9)
-    assert labels_present(learners.views(total)[OUTPUT_WEIGHT]) == {3, 5, 8}
+    # the mean a secure round unmasks, all the leader learns of it, is the same whoever held which image (within
+    # each learner's rounding to integers, and float32's): it says which labels the round had, and nothing of whose they were
+    (_, mean), (_, mean_moved) = masked_inputs(one), masked_inputs(other)
+    rounding = CLIP_RANGE / quantisation(3).scale  # each learner's, in the mean of three
+    assert torch.allclose(mean, mean_moved, rtol=1e-6, atol=2 * rounding)
+    assert torch.allclose(mean, torch.stack(one).mean(0), rtol=1e-6, atol=rounding)
+    assert labels_present(learners.views(mean)[OUTPUT_WEIGHT]) == {3, 5, 8}

@@ -14,6 +14,7 @@ from model import build_model
 
 ARCHITECTURE = "resnet20"
 SEED = 0
+CLIP_RANGE = 8.0  # --secagg-clip-range's default
 
 
 class Learners:
@@ -70,25 +71,27 @@ class Learners:
         return self.replica.layout.views(flat[: self.replica.layout.size])
 
 
-def masked_inputs(
-    updates: list[torch.Tensor], clip_range: float = 8.0, round_index: int = 0
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+def quantisation(learners: int, clip_range: float = CLIP_RANGE) -> secagg.Quantisation:
+    """How a secure round of this many learners of one sample each quantises their updates."""
+    return secagg.Quantisation(clip_range, weight_unit=1.0, summands=learners)
+
+
+def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """What a leader receives from learners under secure aggregation, one learner per update (flat float vectors,
     one sample each): every learner's masked input (int32) from an honest round of the protocol (phases 1 to 3,
-    then the masked inputs, then phase 4), and the unmasked sum the leader ends with (int64, modulo 2^32)."""
+    then the masked inputs, then phase 4), and the mean of the updates the leader unmasks (float32)."""
     ids = list(range(1, len(updates) + 1))
-    size = updates[0].numel() + 2
-    leader = secagg.LeaderRound(round_index, ids, threshold=len(ids) // 2 + 1, size=size)
+    leader = secagg.LeaderRound(round_index, ids, threshold=len(ids) // 2 + 1, size=updates[0].numel() + 2)
     learners = {learner_id: secagg.LearnerRound(learner_id) for learner_id in ids}
     for phase in (1, 2, 3):
         for learner_id, learner in learners.items():
             leader.take(phase, learner_id, learner.answer(leader.request(phase, learner_id)))
-    quantisation = secagg.Quantisation(clip_range, weight_unit=1.0, summands=len(ids))
+    quantised = quantisation(len(ids))
     masked = [
-        learners[learner_id].masked_input(update, 1.0, 0.0, quantisation) for learner_id, update in zip(ids, updates)
+        learners[learner_id].masked_input(update, 1.0, 0.0, quantised) for learner_id, update in zip(ids, updates)
     ]
     for learner_id, vector in zip(ids, masked):
         leader.add_masked(learner_id, vector)
     for learner_id, learner in learners.items():
         leader.take(4, learner_id, learner.answer(leader.request(4, learner_id)))
-    return masked, leader.unmask()
+    return masked, quantised.dequantise(leader.unmask())[0]
