@@ -11,6 +11,20 @@ MAX_SEED = 2**32 - 1  # a run's --seed, as a state carries it: 32 bits, like num
 # shards of at most 2^32 images, steps_for_epochs stays a finite number of steps below 2^42
 MAX_LOCAL_EPOCHS = 1e3
 LOCAL_STEPS_PER = ("federation", "learner")  # --local-steps-per: the same steps for all, or each its own shard's
+MAX_CLIP_RANGE = 1e6  # --secagg-clip-range, and a state's: beyond it the quantisation's steps exceed any update
+MAX_WEIGHT_UNIT = float(1 << 42)  # a secure round's weight unit: the samples of one learner's round, at most
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What a secure round asks of its learners' masked inputs (privacy/secagg.py's Quantisation): values clipped
+    to [-clip_range, clip_range], weights in units of weight_unit (the most samples one update may weigh: a
+    learner clamps its own), and room in 32 bits for the sum of `summands` inputs. Its fields are Quantisation's,
+    named alike: Quantisation(**asdict(secure))."""
+
+    clip_range: float
+    weight_unit: float
+    summands: int
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,7 @@ class TrainingPlan:
     participants: tuple[int, ...] | None = None  # None: every learner trains this round
     evaluate: bool = False  # learners with held-out images evaluate this state first and report it
     local_epochs: float = 0.0  # > 0: passes over each learner's own shard, which replace local_steps (for_shard)
+    secure: SecureRound | None = None  # secure aggregation: learners send masked inputs, never a plain update
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants

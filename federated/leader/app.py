@@ -21,8 +21,10 @@ from federated.leader.loop import RoundLoop
 from federated.leader.metrics import MetricsLog, plot_metrics, read_metrics
 from federated.leader.planner import Planner
 from federated.leader.registry import Registry
+from federated.leader.secure import SecureRounds
 from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer, method_limits
 from federated.net import rpc
+from federated.wire import codec
 
 log = logging.getLogger("leader")
 
@@ -52,6 +54,12 @@ class Leader:
         first_round = self.restore(saved) if saved else 0
         self.registry = Registry(config.learners, config.rejoin_grace, restored_slots(saved))
         layout = self.global_model.layout
+        client = dispatch.LearnerClient(self.security)
+        secure = (
+            SecureRounds(client, config.secagg_threshold, layout.size, config.sync_timeout)
+            if config.secure_aggregation
+            else None
+        )
         self.collector = RoundCollector(
             layout.size,
             first_round,
@@ -59,6 +67,7 @@ class Leader:
             config.clip_norm,
             layout.parameter_count,
             self.global_model.strategy.controls,
+            secure.add_masked if secure else None,
         )
         # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
         # until the first round draws its participants and pushes it to them.
@@ -71,10 +80,11 @@ class Leader:
             self.collector,
             self.global_model,
             self.planner,
-            dispatch.LearnerClient(self.security),
+            client,
             self.sampler,
             threading.Event(),
             self.participants or None,
+            secure,
         )
         self.rounds = RoundLoop(
             config,
@@ -145,6 +155,8 @@ class Leader:
             self.evaluations,
         )
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
+        if config.secure_aggregation:  # a masked input takes 4 bytes a value, whatever the wire dtype
+            limit = max(limit, 4 * (self.global_model.layout.size + 2) + codec.HEADER_SLACK_BYTES + rpc.ENVELOPE_BYTES)
         server, port = rpc.start_server(
             f"{config.host}:{config.port}",
             [(ADD_LEADER_SERVICE, servicer)],

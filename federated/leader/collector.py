@@ -5,11 +5,14 @@ Thread-safe: gRPC handler threads submit, the leader's main loop waits. Every wa
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from federated.core.aggregation import Aggregator, Mean, RoundUpdates
+from federated.leader.secure import SecureOutcome
+from federated.privacy.secagg import Refused
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,8 @@ class RoundSummary:
     bytes_in: int
     missed: tuple[int, ...] = ()  # learners expected that did not report, and were not charged at a deadline
     per_learner: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)  # samples, loss
+    discarded: str | None = None  # a secure round that gave no sum: why (the model stays as it was)
+    bytes_out: int = 0  # the round's own calls to its learners (a secure round's phases), not the state pushed
 
 
 class RoundCollector:
@@ -36,8 +41,11 @@ class RoundCollector:
         clip_norm: float = 0.0,
         model_size: int | None = None,
         controls: bool = False,
+        add_masked: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
-        self.rule = rule
+        """add_masked: with secure aggregation, where a committed learner's masked input goes (SecureRounds);
+        raises Refused."""
+        self.rule, self.add_masked = rule, add_masked
         self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm, controls)
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
@@ -47,6 +55,8 @@ class RoundCollector:
         self._overdue: set[int] = set()  # expected learners named missing at a deadline of the open round
         self._round = first_round
         self._bytes_in = 0
+        self._sealed = False  # a secure round closing: its survivors are fixed, no masked input counts any more
+        self._void = False  # a secure round whose setup committed too few learners: nothing to wait for
         self._changed = threading.Condition()
 
     @property
@@ -102,13 +112,51 @@ class RoundCollector:
             self._changed.notify_all()
             return None
 
+    def submit_masked(self, learner_id: int, round_index: int, masked: torch.Tensor, wire_bytes: int) -> str | None:
+        """Add a secure round's masked input to the open round's sum (add_masked); the reason it was ignored, or
+        None if counted. Its samples and loss are in it, masked: the collector never knows them."""
+        with self._changed:
+            if round_index != self._round or self._sealed:
+                return f"masked input for round {round_index} ignored: round {self._round} is open" + (
+                    " and closing" if self._sealed else ""
+                )
+            if learner_id in self._reported:
+                return f"learner {learner_id} already sent its masked input for round {round_index}; ignored"
+            assert self.add_masked is not None  # (the servicer takes masked inputs only with secure aggregation)
+            try:
+                self.add_masked(learner_id, masked)
+            except Refused as refused:
+                return f"masked input of learner {learner_id} refused: {refused}"
+            self._reported[learner_id] = (0, 0.0)  # (nobody's samples or loss: they are in the sum)
+            self._bytes_in += wire_bytes
+            self._changed.notify_all()
+            return None
+
+    def commit(self, learner_ids: list[int]) -> None:
+        """A secure round's setup committed these learners: only their masked inputs can count, so the round waits
+        for no other; none (too few committed, or the round given up) completes the round at once, to be unmasked
+        from what arrived or discarded."""
+        with self._changed:
+            self._expected &= set(learner_ids)
+            self._void = not learner_ids
+            self._changed.notify_all()
+
+    def seal(self) -> list[int]:
+        """A secure round closes: the learners whose masked inputs arrived (its survivors); no more count."""
+        with self._changed:
+            self._sealed = True
+            return sorted(self._reported)
+
     def wait_complete(self, timeout: float) -> bool:
         """Whether every expected learner has reported, and at least as many updates as the rule needs to
         outvote a hostile one (one for the mean) are in, waiting at most timeout seconds. Short of that the
         round is not complete, whoever is expected: a round closed with it would only be discarded."""
         with self._changed:
             return self._changed.wait_for(
-                lambda: len(self._reported) >= self.rule.minimum_updates() and self._expected <= self._reported.keys(),
+                lambda: (
+                    self._void
+                    or (len(self._reported) >= self.rule.minimum_updates() and self._expected <= self._reported.keys())
+                ),
                 timeout,
             )
 
@@ -120,24 +168,29 @@ class RoundCollector:
         with self._changed:
             return len(self._reported)
 
-    def close(self, mean_out: torch.Tensor) -> RoundSummary:
-        """Write the round's aggregate update into mean_out, then open the next round; needs an update."""
+    def close(self, mean_out: torch.Tensor, secure: SecureOutcome | None = None) -> RoundSummary:
+        """Write the round's aggregate update into mean_out, then open the next round; needs an update. A secure
+        round's aggregate is already there (secure: what its unmasked sum gave), and nobody's own samples or loss
+        are known."""
         with self._changed:
-            if not self._reported:
+            if not self._reported and secure is None:
                 raise RuntimeError(f"round {self._round} has no gradient to average")
-            self._updates.combine_into(mean_out)
+            if secure is None:
+                self._updates.combine_into(mean_out)
             summary = RoundSummary(
                 self._round,
                 len(self._reported),
-                self._updates.samples,
-                self._updates.mean_loss,
+                self._updates.samples if secure is None else secure.samples,
+                self._updates.mean_loss if secure is None else secure.loss,
                 self._bytes_in,
                 tuple(sorted(self._expected - self._reported.keys() - self._overdue)),
-                dict(self._reported),
+                dict(self._reported) if secure is None else {},
+                None if secure is None else secure.discarded,
             )
             self._updates.reset()
             self._reported.clear()
             self._overdue.clear()
             self._round += 1
             self._bytes_in = 0
+            self._sealed = self._void = False
             return summary

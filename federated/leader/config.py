@@ -46,6 +46,7 @@ from federated.net.rpc import SecurityFlags
 # learners on, one liar is outvoted; of 2, the median is the smaller claim, which a liar sets. Below 3 the
 # schedule comes from flags (--rounds, and --local-steps for strategies with local steps), never from a claim.
 LEAST_TO_OUTVOTE = 3
+LEAST_SECURE = 3  # privacy/secagg.py's MIN_LEARNERS (that module loads torch; the flag table must not)
 # --norm's default: batch norm, unless the leader's partition skews the labels, where each learner's batch holds
 # few classes and batch norm's statistics are the learner's, not the federation's (docs/data.md measures it).
 AUTO_NORM = "auto"
@@ -227,7 +228,8 @@ class LeaderConfig(SecurityFlags, Config):
         "updates needed to close a round after --round-timeout",
         group="learners",
         bounds=Bounds(1),
-        default_text="1; for a robust --aggregator, as many as it needs to outvote a hostile update",
+        default_text="1; for a robust --aggregator, as many as it needs to outvote a hostile update; 3 under "
+        "--secure-aggregation",
     )
     learners_per_round: int = option(
         0,
@@ -795,6 +797,7 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
             f"{config.aggregator} outvotes a hostile learner with at least {needed} updates in a round; "
             f"the run has {per_round} learners a round and --min-learners {least}"
         )
+    problems += secure_problems(config, rule.keeps_updates, per_round)
     if config.dataset == "none" and config.num_classes is None:
         problems.append("--dataset none needs --num-classes (the leader has no data to count them in)")
     if config.dataset == "none" and saved is None and config.learners < LEAST_TO_OUTVOTE:
@@ -810,6 +813,36 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
     return problems + model_problems(config)
 
 
+def secure_problems(config: LeaderConfig, robust: bool, per_round: int) -> list[str]:
+    """What --secure-aggregation rules out: the leader sees only each round's sum, never one update."""
+    if not config.secure_aggregation:
+        return []
+    problems = []
+    if robust:
+        problems.append(
+            f"--aggregator {config.aggregator} weighs each update against the others, and under "
+            "--secure-aggregation the leader never sees a single update, only the round's sum: use --aggregator "
+            "mean (learners' values are clipped to --secagg-clip-range instead)"
+        )
+    if config.clip_norm:
+        problems.append(
+            "--clip-norm clips each update at the leader, which under --secure-aggregation never sees one, only the "
+            "round's sum: leave it out (learners' values are clipped to --secagg-clip-range instead)"
+        )
+    if per_round < LEAST_SECURE:
+        problems.append(
+            f"--secure-aggregation needs at least {LEAST_SECURE} learners a round (with two, each learns the "
+            f"other's update from the sum); the run has {per_round}"
+        )
+    if config.min_learners is not None and config.min_learners < LEAST_SECURE:
+        problems.append(
+            f"--min-learners {config.min_learners} under --secure-aggregation: a round with fewer than "
+            f"{LEAST_SECURE} masked inputs is discarded (its sum would tell one learner's update), so rounds wait "
+            f"for at least {LEAST_SECURE}"
+        )
+    return problems
+
+
 def model_problems(config: LeaderConfig) -> list[str]:
     import model
 
@@ -823,10 +856,12 @@ def model_problems(config: LeaderConfig) -> list[str]:
 
 def min_learners(config: LeaderConfig) -> int:
     """--min-learners, or its default: 1, or for a robust aggregator as many updates as it needs to outvote a
-    hostile one (at most a round's learners)."""
+    hostile one, or under --secure-aggregation the 3 a secure round needs (at most a round's learners)."""
     if config.min_learners is not None:
         return config.min_learners
     needed = minimum_updates(config)
+    if config.secure_aggregation:  # fewer masked inputs than a secure round needs would only be discarded
+        needed = LEAST_SECURE
     return 1 if needed == math.inf else int(min(needed, config.learners_per_round or config.learners))
 
 

@@ -4,9 +4,10 @@ health checks of their registrations, which tell the leader who is still there."
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ PROBE_TIMEOUT_S = 2.0
 # What a failed call or health check says of a learner: see probe_verdict.
 THERE, GONE, UNREACHABLE, SILENT = "there", "gone", "unreachable", "silent"
 OnFailure = Callable[[Member, str, str], None]  # (the registration, why, the verdict)
+Reply = TypeVar("Reply")
 
 
 @dataclass
@@ -94,6 +96,31 @@ class LearnerClient:
         for _ in range(MAX_IN_FLIGHT):
             launch()
         return broadcast
+
+    def ask(
+        self,
+        members: dict[int, Member],
+        method: str,
+        requests: Mapping[int, object],
+        reply_type: type[Reply],
+        timeout: float,
+    ) -> dict[int, Reply | grpc.RpcError]:
+        """Call <method> on every member at once, each with its own request, and wait for them all (at most
+        timeout: every call has it as its deadline): each member's reply, or the grpc.RpcError its call ended in."""
+        calls = {
+            learner: framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, reply_type).future(
+                requests[learner], timeout=timeout, metadata=rpc.with_credential(member.credential)
+            )
+            for learner, member in members.items()
+        }
+        replies: dict[int, Reply | grpc.RpcError] = {}
+        for learner, call in calls.items():
+            try:
+                replies[learner] = call.result()
+                self.heard_from(members[learner])
+            except grpc.RpcError as error:
+                replies[learner] = error
+        return replies
 
     def start(
         self,

@@ -5,6 +5,7 @@ The leader's round loop calls start() once, then for each round open(), wait_for
 push_state(); the servicer calls probe() and received(). Every wait is bounded and logged.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,6 +22,8 @@ from federated.leader.config import LeaderConfig, min_learners
 from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
 from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry, bench_rounds
+from federated.leader.secure import SecureRounds
+from federated.privacy.secagg import Quantisation
 from federated.wire import framing
 
 log = logging.getLogger("leader")
@@ -79,8 +82,10 @@ class Federation:
         sampler: torch.Generator,
         stopping: threading.Event,
         participants: list[int] | None = None,
+        secure: SecureRounds | None = None,
     ) -> None:
         self.settings, self.registry, self.collector = settings, registry, collector
+        self.secure = secure  # with --secure-aggregation
         self.global_model, self.planner = global_model, planner
         self.client, self.sampler, self.stopping = client, sampler, stopping
         self.participants = participants  # the open round's, with --learners-per-round (a resume's: restored)
@@ -106,6 +111,24 @@ class Federation:
         self.client.keep_only({member.address for member in self.registry.members().values()})
         self.opened_at = time.monotonic()
         self.collector.expect(self.registry.ready(), self.participants)
+        if self.secure is not None:
+            self.begin_secure()
+
+    def begin_secure(self) -> None:
+        """A secure round's phases 1-3 with the learners it expects (they were sent its state, and train
+        meanwhile): it waits only for those committed. A learner that joins mid-round takes part from the next."""
+        assert self.secure is not None
+        round_index = self.collector.round
+        committed = self.secure.begin(round_index, self.registry.members(self.collector.missing()), self.unable)
+        self.collector.commit(committed)
+        if not committed:
+            log.warning(
+                "round %d: secure aggregation committed too few learners; the round will be discarded", round_index + 1
+            )
+
+    def unable(self, member: Member, why: str) -> None:
+        """A learner that cannot take part in secure rounds: not counted on (its slot is free)."""
+        self.drop(member, why, dispatch.GONE)
 
     def probe(self, learner_ids: tuple[int, ...] | list[int]) -> None:
         """Check on these learners' registrations; drop those found gone or silent for --sync-timeout."""
@@ -148,7 +171,7 @@ class Federation:
     def close(self, mean_out: torch.Tensor) -> RoundSummary:
         """Close the open round into mean_out (see RoundCollector.close); the learners it waited for in vain
         since its last deadline miss it, and those given up on before it opened have sat out one more round."""
-        summary = self.collector.close(mean_out)
+        summary = self.close_secure(mean_out) if self.secure is not None else self.collector.close(mean_out)
         self.missed(summary.missed)
         if back := self.registry.round_closed(self.opened_at):
             log.info(
@@ -157,6 +180,21 @@ class Federation:
                 back,
             )
         return summary
+
+    def close_secure(self, mean_out: torch.Tensor) -> RoundSummary:
+        """Close a secure round: phase 4 with the learners whose masked inputs arrived, the mean unmasked into
+        mean_out (or the round discarded); its bytes in count the phases' replies too."""
+        assert self.secure is not None
+        secure = self.planner.secure_round()
+        assert secure is not None  # (the planner plans secure rounds whenever the federation runs them)
+        survivors = self.collector.seal()
+        outcome = self.secure.finish(
+            survivors, self.registry.members(survivors), Quantisation(**dataclasses.asdict(secure)), mean_out
+        )
+        summary = self.collector.close(mean_out, outcome)
+        return dataclasses.replace(
+            summary, bytes_in=summary.bytes_in + self.secure.bytes_in, bytes_out=self.secure.bytes_out
+        )
 
     def drop(self, member: Member, reason: str, verdict: str) -> None:
         """Stop counting on a learner a call or health check failed with (verdict: see dispatch.OnFailure). One the
@@ -321,6 +359,15 @@ class Federation:
             return
         overdue = time.monotonic() - self.sampled_at >= self.settings.round_timeout
         if set(self.participants) & set(active) and (arrived >= self.settings.min_learners or not overdue):
+            return
+        if self.secure is not None:  # a secure round's learners were fixed at its commit: no newcomer can join it
+            log.warning(
+                "round %d: %d masked inputs of the sampled learners %s; closing it",
+                round_index,
+                arrived,
+                self.participants,
+            )
+            self.collector.commit([])  # (unmasked if enough inputs arrived, else discarded; the next round draws)
             return
         log.warning(
             "round %d: %s of the sampled learners %s; sampling again",

@@ -69,7 +69,7 @@ class RoundLoop:
         schedule, sampled = self.planner.schedule, self.federation.participants
         updates_in, lr, done = time.perf_counter(), schedule.lr(round_index), round_index + 1
         summary = self.federation.close(self.global_model.mean_gradient)
-        too_few = self.collector.rule.too_few(summary.learners)
+        too_few = summary.discarded or self.collector.rule.too_few(summary.learners)
         discarded = too_few or self.global_model.step(
             lr, schedule.steps_per_round, summary.learners, self.config.learners
         )
@@ -99,18 +99,19 @@ class RoundLoop:
             "lr": lr,
             "seconds": now - round_started - eval_seconds,
             "bytes_in": summary.bytes_in,
-            "bytes_out": bytes_out,
+            "bytes_out": bytes_out + summary.bytes_out,
             "gradients_s": updates_in - round_started,
             "step_s": stepped - updates_in,
             "push_s": pushed - pushing,
             **({"participants": sampled} if sampled is not None else {}),
             **({"discarded": discarded} if discarded else {}),
             **({"recovery": recovery.message} if recovery else {}),
-            "per_learner": {
+        }
+        if not self.config.secure_aggregation:  # a secure round's leader knows nobody's samples or loss
+            record["per_learner"] = {
                 str(learner): {"samples": samples, "loss": loss}
                 for learner, (samples, loss) in sorted(summary.per_learner.items())
-            },
-        }
+            }
         if done == progress.check_round(schedule.total_rounds, schedule.warmup_rounds):
             self.check_learning(record, metrics)
         metrics.write(record)

@@ -1,13 +1,14 @@
 """What each round asks of learners: the schedule, the strategy's plan at the schedule's learning rate, and when
 the global model is evaluated and checkpointed."""
 
+import dataclasses
 import logging
 
-from federated.core.plan import TrainingPlan, steps_for_epochs, steps_per_epoch
+from federated.core.plan import SecureRound, TrainingPlan, steps_for_epochs, steps_per_epoch
 from federated.core.schedule import Schedule
 from federated.core.strategies import Strategy
 from federated.leader.config import LeaderConfig
-from federated.leader.data import DataFacts
+from federated.leader.data import MAX_SHARD_FACTOR, DataFacts
 
 log = logging.getLogger("leader")
 
@@ -29,9 +30,27 @@ class Planner:
         """How learners train round_index: the strategy's local training at the schedule's learning rate, after
         evaluating the state on their held-out images when an evaluation is due."""
         chosen = None if participants is None else tuple(participants)
-        return self.strategy.plan(
+        plan = self.strategy.plan(
             self.schedule.steps_per_round, self.schedule.lr(round_index), chosen, self.evaluation_due(round_index)
         )
+        return dataclasses.replace(plan, secure=self.secure_round())
+
+    def secure_round(self) -> SecureRound | None:
+        """With --secure-aggregation, the quantisation every round's masked inputs follow: the clip range, the
+        weight unit (the most samples one update may weigh: a batch times the round's steps, or with each
+        learner's own epochs MAX_SHARD_FACTOR typical learners' steps, as a leader without data caps plain
+        updates; the leader cannot cap a folded weight, so learners clamp their own) and room for the sum of as
+        many inputs as a round may have."""
+        config = self.config
+        if not config.secure_aggregation:
+            return None
+        batch = config.batch_size
+        if self.strategy.own_epochs:
+            typical = self.facts.shard_size if self.facts else batch
+            unit = MAX_SHARD_FACTOR * min(batch, typical) * self.steps_of(typical)
+        else:
+            unit = batch * self.schedule.steps_per_round
+        return SecureRound(config.secagg_clip_range, float(unit), config.learners_per_round or config.learners)
 
     def steps_of(self, shard_size: int | None) -> int:
         """The local steps a round asks of a learner holding shard_size training images: the schedule's, or with

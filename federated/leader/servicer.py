@@ -212,21 +212,46 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         """Check a learner's gradient and add it to the open round."""
         try:
             payload = codec.decode(chunk, self.gradient_header_bytes)
-            claims = self.check_claims(payload, member)
-            codec.check_matches(payload, self.global_model.layout.spec)
-            if problem := self.global_model.layout.update_problem(payload.tensors):
-                raise codec.PayloadError(problem)
+            if self.federation.secure is not None:
+                masked = self.check_masked(payload, member)
+            else:
+                claims = self.check_claims(payload, member)
+                codec.check_matches(payload, self.global_model.layout.spec)
+                if problem := self.global_model.layout.update_problem(payload.tensors):
+                    raise codec.PayloadError(problem)
         except (codec.PayloadError, ValueError) as error:
             rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
-        round_index = claims.round
-        reason = self.collector.submit(
-            member.learner_id, round_index, codec.flat_runs(payload), claims.samples, claims.loss, len(chunk)
-        )
+        if self.federation.secure is not None:
+            round_index = masked.round
+            reason = self.collector.submit_masked(
+                member.learner_id, round_index, payload.tensors[messages.MASKED_TENSOR], len(chunk)
+            )
+        else:
+            round_index = claims.round
+            reason = self.collector.submit(
+                member.learner_id, round_index, codec.flat_runs(payload), claims.samples, claims.loss, len(chunk)
+            )
         self.federation.received(member, counted=reason is None)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
             return leader_pb2.Ack(success=False, message=reason)
         return leader_pb2.Ack(success=True, message=f"gradient for round {round_index} accepted")
+
+    def check_masked(self, payload: codec.Payload, member: Member) -> messages.MaskedInfo:
+        """What a secure round's masked input claims (its slot and round), checked; raises PayloadError. A plain
+        update is refused: it would show this leader one learner's update."""
+        if not messages.is_masked(payload):
+            raise codec.PayloadError(
+                "this leader runs secure aggregation (--secure-aggregation) and takes only masked inputs (kind "
+                "'masked'), never a plain update: it would show the leader one learner's update; the learner must "
+                "follow the state's secure round (a learner of this version does)"
+            )
+        claims = messages.MaskedInfo.from_payload(payload)
+        if claims.learner_id != member.learner_id:
+            raise codec.PayloadError(
+                f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}"
+            )
+        return claims
 
     def check_claims(self, payload: codec.Payload, member: Member) -> messages.UpdateInfo:
         """What an update claims (its slot, kind, samples and steps), checked against what this leader asked

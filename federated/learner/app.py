@@ -8,7 +8,7 @@ from functools import partial
 
 import utils
 from federated.core.checks import first_problem
-from federated.core.plan import TrainingPlan
+from federated.core.plan import SecureRound, TrainingPlan
 from federated.core.training import Batch
 from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, shard_from_payload
@@ -65,6 +65,7 @@ class Member:
     def register(self, deadline: float) -> int:
         """Register (again, with the credential of the last registration to take its slot back); its id."""
         reply = self.session.register(self.server.address, self.summary, deadline)
+        self.server.secure.bind(reply.learner_id)
         log.info("%s; LearnerService %s (%s)", reply.message, self.server.where(), self.session.security.describe())
         return reply.learner_id
 
@@ -114,15 +115,45 @@ class Member:
             )
             return
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
-        claims = messages.UpdateInfo(
-            self.learner_id, round_index, batch * plan.local_steps, loss, replica.strategy.update_kind, plan.local_steps
-        )
-        request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
+        if plan.secure is not None:  # never a plain update in a secure round
+            request = self.masked_input(round_index, batch * plan.local_steps, loss, plan.secure)
+            if request is None:
+                return
+        else:
+            claims = messages.UpdateInfo(
+                self.learner_id,
+                round_index,
+                batch * plan.local_steps,
+                loss,
+                replica.strategy.update_kind,
+                plan.local_steps,
+            )
+            request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
         elif reply is not None:
             replica.update_taken(round_index)
+
+    def masked_input(
+        self, round_index: int, samples: int, loss: float, secure: SecureRound
+    ) -> leader_pb2.GradientData | None:
+        """A secure round's update: once the leader has committed this learner to the round (waiting at most
+        --wait-timeout), the update vector masked, with its samples and loss folded in; in the clear only its
+        slot and round. None (it sits the round out) when no commit came in time."""
+        if not self.server.secure.wait_committed(round_index, self.config.wait_timeout):
+            log.warning(
+                "round %d: the leader did not commit this learner to the secure round in time; it sits the round "
+                "out (a plain update would show the leader its update)",
+                round_index,
+            )
+            return None
+        masked = self.server.secure.masked_input(round_index, self.replica.gradient.cpu(), samples, loss, secure)
+        if masked is None:
+            log.warning("round %d: the leader started the next secure round; this learner sits it out", round_index)
+            return None
+        info = messages.MaskedInfo(self.learner_id, round_index)
+        return leader_pb2.GradientData(chunk=codec.encode({messages.MASKED_TENSOR: masked}, info.to_metadata()))
 
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader."""

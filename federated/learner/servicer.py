@@ -11,9 +11,11 @@ from federated.core.checks import TensorSpec
 from federated.core.plan import MAX_LEARNERS
 from federated.learner.config import LearnerConfig
 from federated.learner.limits import Limits
+from federated.learner.secure import SecureParty
 from federated.learner.session import LeaderCredential
 from federated.net import guard, rpc
 from federated.net.rpc import learner_pb2, learner_pb2_grpc
+from federated.privacy import secagg
 from federated.wire import codec, framing, messages
 
 log = logging.getLogger("learner")
@@ -95,9 +97,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         credential: LeaderCredential,
         leader_name: str | None,
         limits: Limits,
+        secure: SecureParty | None = None,
     ) -> None:
-        """limits: what this learner takes on; a pushed state whose plan asks for more is refused."""
+        """limits: what this learner takes on; a pushed state whose plan asks for more is refused. secure: its side
+        of secure aggregation (a fresh one if not given)."""
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
+        self.secure = secure or SecureParty()
         self.credential, self.leader_name, self.limits = credential, leader_name, limits
         # A state's header names the model's tensors, its facts and the round's participants: a longer one is
         # refused unparsed (STATE_METADATA_BYTES).
@@ -137,6 +142,21 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self.inbox.put(round_index, payload)
         return learner_pb2.Ack(success=True, message=f"model state for round {round_index} received")
 
+    def SecureAggregation(
+        self, request: learner_pb2.SecAggRequest, context: grpc.ServicerContext
+    ) -> learner_pb2.SecAggReply:
+        self.check_caller(context)
+        try:
+            return self.secure.answer(request)
+        except secagg.Refused as refused:
+            log.warning(
+                "refused the leader's secure aggregation phase %d of round %d: %s",
+                request.phase,
+                request.round,
+                refused,
+            )
+            rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"secure aggregation refused: {refused}")
+
 
 def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
     """How a learner admits calls: its leader's (those with its credential) have turns of their own, which
@@ -145,6 +165,7 @@ def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
     return {
         learner_method("StartTraining"): guard.Limit(2, anonymous=2),
         learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
+        learner_method("SecureAggregation"): guard.Limit(1, anonymous=0),
         "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4),
     }
 
@@ -164,9 +185,15 @@ class LearnerServer:
     ) -> None:
         """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes; limits:
         what this learner takes on for its leader."""
-        self.inbox, self.started = StateInbox(), threading.Event()
+        self.inbox, self.started, self.secure = StateInbox(), threading.Event(), SecureParty()
         servicer = LearnerServicer(
-            state_spec, self.inbox, self.started, credential, config.leader_name if security.ca else None, limits
+            state_spec,
+            self.inbox,
+            self.started,
+            credential,
+            config.leader_name if security.ca else None,
+            limits,
+            self.secure,
         )
         self.server, self.port = rpc.start_server(
             f"{config.host}:{config.port}",

@@ -13,27 +13,26 @@ import numpy as np
 import torch
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)
-_U, _W = torch.tensor(_NODES / 2), torch.tensor(_WEIGHTS / 2)  # Gauss-Legendre on [-1/2, 1/2]
+_U, _W = _NODES / 2, _WEIGHTS / 2  # Gauss-Legendre on [-1/2, 1/2]
 
 
 def sample(sigma: float, size: int, generator: torch.Generator) -> torch.Tensor:
-    """`size` independent draws of N_Z(0, sigma^2), int64; zeros when sigma is 0."""
-    result = torch.zeros(size, dtype=torch.int64)
-    if sigma <= 0:
-        return result
-    pending = torch.arange(size)
-    while pending.numel():
-        draws = torch.round(torch.randn(pending.numel(), dtype=torch.float64, generator=generator) * sigma)
-        uniform = torch.rand(pending.numel(), dtype=torch.float64, generator=generator)
-        accepted = uniform < 1 / torch.cosh(draws / (2 * sigma**2))  # a lower bound of the acceptance: sure
+    """`size` independent draws of N_Z(0, sigma^2), int64; zeros when sigma is 0. The randomness is the
+    generator's; the arithmetic numpy's (one thread: torch's two wait on each other on a busy CPU)."""
+    result = np.zeros(size, dtype=np.int64)
+    pending = np.arange(size) if sigma > 0 else np.arange(0)
+    while len(pending):
+        draws = np.round(torch.randn(len(pending), dtype=torch.float64, generator=generator).numpy() * sigma)
+        uniform = torch.rand(len(pending), dtype=torch.float64, generator=generator).numpy()
+        accepted = uniform < 1 / np.cosh(draws / (2 * sigma**2))  # a lower bound of the acceptance: sure
         unsure = ~accepted
         accepted[unsure] = uniform[unsure] < _acceptance(draws[unsure], sigma)
-        result[pending[accepted]] = draws[accepted].to(torch.int64)
+        result[pending[accepted]] = draws[accepted]
         pending = pending[~accepted]
-    return result
+    return torch.from_numpy(result)
 
 
-def _acceptance(k: torch.Tensor, sigma: float) -> torch.Tensor:
+def _acceptance(k: np.ndarray, sigma: float) -> np.ndarray:
     """D(0)/D(k): the probability of keeping a rounded-Gaussian draw k."""
-    envelope = torch.exp(-(_U**2) / (2 * sigma**2)) * _W
-    return (envelope.sum() / (torch.cosh(torch.outer(k, _U) / sigma**2) @ envelope)).clamp(max=1.0)
+    envelope = np.exp(-(_U**2) / (2 * sigma**2)) * _W
+    return np.minimum(envelope.sum() / (np.cosh(np.outer(k, _U) / sigma**2) @ envelope), 1.0)

@@ -87,36 +87,40 @@ class Quantisation:
         The noise goes into the update's values only: the weight and loss sums are exact."""
         if not 0 <= weight <= self.weight_unit:
             raise ValueError(f"a weight of {weight} is beyond 0..{self.weight_unit}")
-        if not math.isfinite(loss) or not bool(torch.isfinite(update).all()):
+        values = update.detach().cpu().flatten().to(torch.float64).numpy()  # numpy: one thread, no waits on a busy CPU
+        if not math.isfinite(loss) or not np.isfinite(values).all():
             raise ValueError("a non-finite update or loss cannot be quantised")
         factor = weight / self.weight_unit * self.scale
-        values = update.detach().flatten().to(torch.float64).clamp(-self.clip_range, self.clip_range)
-        extras = torch.tensor([factor, factor * min(max(loss, 0.0), LOSS_RANGE) / LOSS_RANGE], dtype=torch.float64)
-        scaled = torch.cat([values * (factor / self.clip_range), extras])
-        rounded = _stochastic_round(scaled, generator)
-        rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
+        extras = [factor, factor * min(max(loss, 0.0), LOSS_RANGE) / LOSS_RANGE]
+        scaled = np.concatenate(
+            [np.clip(values, -self.clip_range, self.clip_range) * (factor / self.clip_range), extras]
+        )
+        rounded = torch.from_numpy(_stochastic_round(scaled, generator))
+        if self.noise_sigma > 0:
+            rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
         return rounded
 
     def dequantise(self, total: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         """From the unmasked sum modulo 2^32 (int64 or int32 tensor of update size + 2): the weighted mean of the
         updates, the total weight (in samples) and the weighted mean loss. Refused if the sum is beyond what
         `summands` clipped inputs can make (an input beyond the clip range)."""
-        signed = (total.to(torch.int64) + 2 ** (BITS - 1)) % 2**BITS - 2 ** (BITS - 1)
+        signed = total.cpu().numpy().astype(np.uint32).view(np.int32)  # modulo 2^32, then two's complement
         values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
         most = self.summands * (self.scale + 1)
-        if bool((values.abs() > most + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma).any()):
+        bound = most + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma
+        if values.max(initial=0) > bound or values.min(initial=0) < -bound:
             raise Refused("the sum is beyond what clipped inputs make: an input beyond the clip range")
         if not 0 < weight <= most or not 0 <= loss <= weight + self.summands:
             raise Refused(f"the sum's weight ({weight}) or loss ({loss}) is not what honest inputs make")
-        mean = (values.to(torch.float64) * (self.clip_range / weight)).to(torch.float32)
+        mean = torch.from_numpy((values * (self.clip_range / weight)).astype(np.float32))
         return mean, weight / self.scale * self.weight_unit, loss / weight * LOSS_RANGE
 
 
-def _stochastic_round(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _stochastic_round(values: np.ndarray, generator: torch.Generator) -> np.ndarray:
     """Each value rounded up with probability its fractional part (unbiased), as int64."""
-    floor = torch.floor(values)
-    up = torch.rand(values.shape, dtype=torch.float64, generator=generator) < values - floor
-    return floor.to(torch.int64) + up
+    floor = np.floor(values)
+    up = torch.rand(len(values), dtype=torch.float64, generator=generator).numpy() < values - floor
+    return floor.astype(np.int64) + up
 
 
 def _secret_generator() -> torch.Generator:
@@ -200,10 +204,10 @@ class LearnerRound:
             raise Refused("a masked input is made once per round, after commit and before unmask")
         if quantisation.summands < len(self._shared):
             raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
-        self._masked_sent = True
         quantised = quantisation.quantise(update, weight, loss, _secret_generator())
+        self._masked_sent = True
         size = quantised.numel()
-        total = (quantised & 0xFFFFFFFF).numpy().astype(np.uint32)
+        total = quantised.numpy().astype(np.uint32)  # modulo 2^32: numpy's integer casts wrap
         total += _self_mask(self._seed, self._round_index, self.learner_id, size)
         for peer in sorted(self._shared - {self.learner_id}):
             mask = _pair_mask(self._mask_key, self._keys[peer], self._round_index, self.learner_id, size)

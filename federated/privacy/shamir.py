@@ -1,4 +1,4 @@
-"""Shamir's t-of-n secret sharing of 32-byte secrets over the prime field of p = 2^521 - 1, shares of fixed length.
+"""Shamir's t-of-n secret sharing of 32-byte secrets over the prime field of p = 2^264 - 275, shares of fixed length.
 
 A share is the polynomial's value at x = holder's learner id + 1 (never 0, where the secret lies), serialised as
 SHARE_BYTES big-endian bytes; the holder's x is known from who holds it, so it is not serialised. Any `threshold`
@@ -7,9 +7,11 @@ shares give the secret; fewer are consistent with every secret (the polynomial's
 
 import secrets
 
-PRIME = 2**521 - 1  # a Mersenne prime above 2^256: every 32-byte secret is a field element
+PRIME = 2**264 - 275  # the largest prime below 2^264: every 32-byte secret is a field element, and a share's 33
+# bytes are uniform but for 275 / 2^264 (with 2^521 - 1, 66 bytes whose first is 0 or 1: a leader capturing the
+# bytes of the reveals would see a pattern, though no information)
 SECRET_BYTES = 32
-SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
+SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 33
 
 
 class MalformedShare(ValueError):

@@ -16,11 +16,14 @@ from federated.core import strategies
 from federated.core.plan import (
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
+    MAX_CLIP_RANGE,
     MAX_LEARNERS,
     MAX_LOCAL_EPOCHS,
     MAX_MU,
     MAX_SEED,
     MAX_WEIGHT_DECAY,
+    MAX_WEIGHT_UNIT,
+    SecureRound,
     TrainingPlan,
 )
 from federated.wire import codec
@@ -33,6 +36,8 @@ MAX_LOSS = 1e6  # a batch loss beyond this is no cross-entropy of a sane model: 
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
+MASKED = "masked"  # the kind of a secure round's update: one I32 tensor, its values masked (privacy/secagg.py)
+MASKED_TENSOR = "masked"
 PARTICIPANTS = re.compile(rf"([0-9]{{1,9}}(,[0-9]{{1,9}}){{0,{MAX_LEARNERS - 1}}})?")  # learner ids, comma-separated
 
 
@@ -94,6 +99,7 @@ def plan_to_metadata(plan: TrainingPlan) -> dict[str, str]:
     """A training plan as a state's metadata: FedSGD's carries only who takes part and whether to evaluate."""
     metadata = {} if plan.participants is None else {"participants": ",".join(map(str, plan.participants))}
     metadata |= {"evaluate": "1"} if plan.evaluate else {}
+    metadata |= secure_to_metadata(plan.secure) if plan.secure else {}
     if not strategies.named(plan.strategy).local:
         return metadata
     return {
@@ -121,8 +127,9 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         raise codec.PayloadError(
             f"unknown strategy {name[:32]!r}; this learner knows {', '.join(strategies.names())}"
         ) from None
+    secure = secure_from_metadata(metadata)
     if not strategy.local:
-        return TrainingPlan(participants=chosen, evaluate=evaluate)
+        return TrainingPlan(participants=chosen, evaluate=evaluate, secure=secure)
     return TrainingPlan(
         name,
         _int(metadata, "local_steps", minimum=1),
@@ -133,7 +140,27 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         chosen,
         evaluate,
         _float(metadata, "local_epochs", 0.0, high=MAX_LOCAL_EPOCHS),
+        secure,
     )
+
+
+def secure_to_metadata(secure: SecureRound) -> dict[str, str]:
+    return {
+        "secagg_clip_range": repr(secure.clip_range),
+        "secagg_weight_unit": repr(secure.weight_unit),
+        "secagg_summands": str(secure.summands),
+    }
+
+
+def secure_from_metadata(metadata: dict[str, str]) -> SecureRound | None:
+    """A secure round's quantisation (None for a plain round), within the bounds a learner accepts."""
+    if "secagg_clip_range" not in metadata:
+        return None
+    clip_range = _float(metadata, "secagg_clip_range", high=MAX_CLIP_RANGE)
+    weight_unit = _float(metadata, "secagg_weight_unit", high=MAX_WEIGHT_UNIT)
+    if clip_range <= 0 or weight_unit < 1:
+        raise codec.PayloadError("metadata 'secagg_clip_range' must be positive and 'secagg_weight_unit' at least 1")
+    return SecureRound(clip_range, weight_unit, _int(metadata, "secagg_summands", minimum=3, maximum=MAX_LEARNERS))
 
 
 @dataclass(frozen=True)
@@ -274,6 +301,34 @@ class UpdateInfo:
             kind,
             _int(metadata, "steps", 1, minimum=1),
         )
+
+
+@dataclass(frozen=True)
+class MaskedInfo:
+    """What a secure round's masked input says in the clear: its slot and round, nothing else (its samples and loss
+    are folded into the masked vector)."""
+
+    learner_id: int
+    round: int
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"learner_id": str(self.learner_id), "round": str(self.round), "kind": MASKED}
+
+    @classmethod
+    def from_payload(cls, payload: codec.Payload) -> "MaskedInfo":
+        """The masked input's claims, well formed: only learner_id, round and kind, one I32 tensor; PayloadError."""
+        metadata = payload.metadata
+        if set(metadata) != {"learner_id", "round", "kind"} or metadata["kind"] != MASKED:
+            raise codec.PayloadError("a masked input's metadata is learner_id, round and kind 'masked', nothing else")
+        tensor = payload.tensors.get(MASKED_TENSOR)
+        if len(payload.tensors) != 1 or tensor is None or tensor.dtype != codec.DTYPES["I32"] or tensor.dim() != 1:
+            raise codec.PayloadError(f"a masked input is one 1-D I32 tensor named {MASKED_TENSOR!r}")
+        return cls(_int(metadata, "learner_id"), _int(metadata, "round"))
+
+
+def is_masked(payload: codec.Payload) -> bool:
+    """Whether an update is a secure round's masked input (its kind says so)."""
+    return payload.metadata.get("kind") == MASKED
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,16 @@
 like any other, whose first sends are attacks on the leader. It prints each attack's outcome as
 "ATTACK <name>: <status code> <details>" ("ATTACK <name>: OK ..." when the leader accepted the call).
 `hostile_learner.py --freeload [learner.py flags]`: a learner that answers everything and never sends a gradient.
+`hostile_learner.py --die-before-masked ROUND [learner.py flags]` (or --die-after-masked ROUND): a learner of a secure
+run that exits in round ROUND once the leader committed it to the round, before sending its masked input (or right
+after sending it): the leader must recover the round without it (tests/e2e/test_secure_aggregation.py).
 `hostile_learner.py --flip [learner.py flags]`: a Byzantine learner that sends its honest update's model part
 sign-flipped and ten times as large (its BatchNorm statistics as they are: the leader refuses negative variances).
 """
 
 import functools
 import json
+import os
 import struct
 import sys
 import time
@@ -38,6 +42,24 @@ class Flipper(learner.Member):
     def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         self.replica.gradient[: self.replica.layout.parameter_count].mul_(-10)
         super().send_update(round_index, loss, plan)
+
+
+class DiesInASecureRound(learner.Member):
+    """Exits in its round `dies_in`: before sending its masked input (once committed) or right after it."""
+
+    def __init__(self, *args, dies_in: int, after: bool) -> None:
+        super().__init__(*args)
+        self.dies_in, self.after = dies_in, after
+
+    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
+        if round_index == self.dies_in and not self.after:
+            self.server.secure.wait_committed(round_index, 60)
+            print(f"DIES in round {round_index}, committed, before its masked input", flush=True)
+            os._exit(3)
+        super().send_update(round_index, loss, plan)
+        if round_index == self.dies_in:
+            print(f"DIES in round {round_index}, after its masked input", flush=True)
+            os._exit(3)
 
 
 class HostileLearner(learner.Member):
@@ -166,7 +188,12 @@ def learner_config(argv: list[str]) -> LearnerConfig:
 if __name__ == "__main__":
     runtime.configure_logging("learner")
     runtime.set_threads(1)
-    if sys.argv[1] in ("--freeload", "--flip"):
+    if sys.argv[1] in ("--die-before-masked", "--die-after-masked"):
+        dies = functools.partial(
+            DiesInASecureRound, dies_in=int(sys.argv[2]), after=sys.argv[1] == "--die-after-masked"
+        )
+        learner.Learner(learner_config(sys.argv[3:]), dies).run()
+    elif sys.argv[1] in ("--freeload", "--flip"):
         learner.Learner(learner_config(sys.argv[2:]), {"--freeload": Freeloader, "--flip": Flipper}[sys.argv[1]]).run()
     else:
         victim = sys.argv[sys.argv.index("--victim") + 1]

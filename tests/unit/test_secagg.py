@@ -5,7 +5,6 @@ import pytest
 import scipy.stats
 import torch
 
-from federated.privacy import shamir
 from federated.privacy.secagg import BelowThreshold, LeaderRound, LearnerRound, Quantisation, Refused
 from protos import learner_pb2
 
@@ -77,19 +76,16 @@ def test_the_unmasked_sum_is_the_weighted_mean_of_the_survivors(
     assert loss == pytest.approx(expected_loss, abs=2e-3)
 
 
-def test_below_the_threshold_the_round_is_discarded_and_nothing_reconstructed(monkeypatch):
-    combined = []
-    monkeypatch.setattr(shamir, "combine", lambda *args: combined.append(args))
+def test_below_the_threshold_the_round_is_discarded():
     too_few = Round(5, 3)
     too_few.until_masked(dropped_after_sharing=(0, 1, 2))
-    with pytest.raises(BelowThreshold):
+    with pytest.raises(BelowThreshold):  # before any unmask request leaves the leader
         too_few.leader.request(4, 3)
     silent = Round(5, 3)
     silent.until_masked()
     silent.phase(4, [0, 1])  # three survivors never reveal
     with pytest.raises(BelowThreshold):
         silent.leader.unmask()
-    assert combined == []
 
 
 def test_an_honest_learner_reveals_nothing_below_the_threshold():
@@ -137,6 +133,27 @@ def test_a_hostile_leader_gets_no_second_secret_of_one_learner():
     assert len(refused) == 5
 
 
+def test_a_hostile_leader_telling_learners_different_survivors_gets_fewer_than_threshold_shares():
+    """Learners 0, 2, 3 are told that learner 1 survived (its seed's shares), then every learner that it dropped
+    (its mask key's shares): the seed is reconstructable, the mask key is not."""
+    round_ = Round(5, 3)
+    round_.until_masked()
+    seed_shares, mask_key_shares = 0, 0
+    for learner in (0, 2, 3):
+        reply = round_.learners[learner].answer(round_.leader.request(4, learner))
+        seed_shares += sum(not reveal.mask_key for reveal in reply.reveals if reveal.owner == 1)
+    for learner in range(5):
+        hostile = _hostile_requests(round_.leader.request(4, learner))[
+            "learner 1 dropped, though committed and told so"
+        ]
+        try:
+            reply = round_.learners[learner].answer(hostile)
+        except Refused:
+            continue
+        mask_key_shares += sum(reveal.mask_key for reveal in reply.reveals if reveal.owner == 1)
+    assert (seed_shares, mask_key_shares) == (3, 1)
+
+
 @pytest.mark.parametrize(("advertised", "threshold", "reason"), [(4, 2, "threshold 2"), (2, 2, "needs 3")])
 def test_a_threshold_at_half_or_fewer_than_three_learners_are_refused(advertised, threshold, reason):
     """t > |U1|/2: no two disjoint sets of t honest learners can be told different survivors."""
@@ -180,6 +197,11 @@ def test_a_learner_answering_for_another_is_refused_and_the_round_goes_on():
     round_.phase(1, [0, 1, 2, 3, 4])
     round_.phase(2, [0, 1, 2])
     forged = round_.learners[3].answer(round_.leader.request(2, 3))
+    misaddressed = learner_pb2.SecAggReply()
+    misaddressed.CopyFrom(forged)
+    misaddressed.shares[0].recipient = 9
+    with pytest.raises(Refused, match="one for each other advertised learner"):
+        round_.leader.take(2, 3, misaddressed)
     forged.shares[0].sender = 4
     with pytest.raises(Refused, match="another learner's name"):
         round_.leader.take(2, 3, forged)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import scipy.stats
+import sympy
 import torch
 
 from federated.privacy import discrete_gaussian, masks, shamir
@@ -19,8 +20,15 @@ def test_any_threshold_shares_reconstruct_the_secret_and_fewer_do_not():
     for holders in itertools.combinations(shares, 3):
         assert shamir.combine({holder: shares[holder] for holder in holders}) == secret
     for holders in itertools.combinations(shares, 2):
-        with pytest.raises(shamir.MalformedShare):  # a random field element: beyond 32 bytes but for 2^-265
-            shamir.combine({holder: shares[holder] for holder in holders})
+        try:  # a random field element: beyond 32 bytes but for 1 / 256
+            assert shamir.combine({holder: shares[holder] for holder in holders}) != secret
+        except shamir.MalformedShare:
+            pass
+
+
+def test_the_field_is_prime_and_holds_every_secret():
+    assert sympy.isprime(shamir.PRIME)
+    assert 2 ** (8 * shamir.SECRET_BYTES) < shamir.PRIME < 2 ** (8 * shamir.SHARE_BYTES)
 
 
 def test_fewer_than_threshold_shares_are_uniform_whatever_the_secret():
@@ -35,7 +43,7 @@ def test_fewer_than_threshold_shares_are_uniform_whatever_the_secret():
         assert scipy.stats.chisquare(np.bincount(pairs, minlength=prime**2)).pvalue > 1e-6
 
 
-@pytest.mark.parametrize("share", [bytes(65), bytes(67), b"\xff" * 66])
+@pytest.mark.parametrize("share", [bytes(32), bytes(34), b"\xff" * 33])
 def test_a_share_is_parsed_strictly(share):
     with pytest.raises(shamir.MalformedShare):
         shamir.decode(share)
@@ -85,3 +93,18 @@ def test_the_noise_is_the_discrete_gaussian_not_a_rounded_continuous_one():
     wide = discrete_gaussian.sample(300.0, 40000, torch.Generator().manual_seed(2)).double()
     assert wide.std().item() == pytest.approx(300.0, rel=0.03)
     assert wide.mean().abs().item() < 5 * 300 / math.sqrt(40000)
+
+
+@pytest.mark.parametrize(
+    ("update", "weight", "loss"),
+    [
+        (torch.tensor([0.0, float("nan")]), 1.0, 0.0),
+        (torch.tensor([0.0, float("inf")]), 1.0, 0.0),
+        (torch.zeros(2), 1.0, float("nan")),
+        (torch.zeros(2), 10.5, 0.0),
+        (torch.zeros(2), -1.0, 0.0),
+    ],
+)
+def test_a_non_finite_update_or_a_weight_beyond_the_unit_is_not_quantised(update, weight, loss):
+    with pytest.raises(ValueError, match=r"non-finite|beyond"):
+        Quantisation(clip_range=1.0, weight_unit=10.0, summands=3).quantise(update, weight, loss, torch.Generator())

@@ -1,0 +1,164 @@
+"""The leader's side of secure aggregation through the rounds: phases 1-3 fanned out to a round's learners as it
+opens (they train meanwhile), their masked inputs summed as they arrive, and phase 4, the unmasking and the
+dequantised mean as it closes (privacy/secagg.py holds the protocol; this module only drives it).
+
+Thread-safe: the round loop begins and finishes rounds, gRPC handler threads add masked inputs; the open
+round's LeaderRound is touched only under one lock, never across a call to a learner.
+"""
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from federated.leader.dispatch import LearnerClient
+from federated.leader.registry import Member
+from federated.net.rpc import learner_pb2
+from federated.privacy import secagg
+
+log = logging.getLogger("leader")
+
+PHASES = (1, 2, 3)  # before the masked inputs; phase 4 closes the round
+Unable = Callable[[Member, str], None]  # a learner that cannot take part in secure rounds, and why
+UNIMPLEMENTED_WHY = "does not speak secure aggregation: built from the article's protos?"
+
+
+@dataclass(frozen=True)
+class SecureOutcome:
+    """What the unmasked sum of a round gives: its total weight in samples, the weighted mean loss, or why the
+    round is discarded (the model unchanged)."""
+
+    samples: int = 0
+    loss: float = math.nan
+    discarded: str | None = None
+
+
+def threshold_of(fraction: float, learners: int) -> int:
+    """Shares that reconstruct a secret among `learners`: more than `fraction` (at least half) of them."""
+    return math.floor(fraction * learners) + 1
+
+
+class SecureRounds:
+    """One secure round at a time: begin (phases 1-3), add_masked (as inputs arrive), finish (phase 4, unmask)."""
+
+    def __init__(
+        self,
+        client: LearnerClient,
+        threshold: float,
+        size: int,
+        timeout: float,
+    ) -> None:
+        """threshold: --secagg-threshold (a fraction); size: the update's; timeout: of each phase's calls (--sync-
+        timeout)."""
+        self.client, self.threshold, self.size, self.timeout = client, threshold, size, timeout
+        self._round: secagg.LeaderRound | None = None
+        self._lock = threading.Lock()
+        self.bytes_in = self.bytes_out = 0  # of the phases' replies and requests this round (not the masked inputs)
+
+    def begin(
+        self, round_index: int, members: dict[int, Member], unable: Unable = lambda member, why: None
+    ) -> list[int]:
+        """Run phases 1-3 with these learners: those committed (U2), whose masked inputs the round takes; fewer
+        than secagg.MIN_LEARNERS leave it without any. unable(member, why): one that cannot take part in secure
+        rounds at all (it answered UNIMPLEMENTED)."""
+        participants = sorted(members)
+        self.bytes_in = self.bytes_out = 0
+        with self._lock:
+            self._round = None
+        if len(participants) < secagg.MIN_LEARNERS:
+            return []
+        leader_round = secagg.LeaderRound(
+            round_index, participants, threshold_of(self.threshold, len(participants)), self.size + 2
+        )
+        with self._lock:
+            self._round = leader_round
+        answered = participants
+        try:
+            for phase in PHASES:
+                answered = self.run_phase(
+                    leader_round, phase, {learner: members[learner] for learner in answered}, unable
+                )
+        except secagg.BelowThreshold as below:  # fewer answered than the threshold
+            log.warning("secure round %d: %s", round_index + 1, below)
+            return []
+        return answered if len(answered) >= secagg.MIN_LEARNERS else []
+
+    def run_phase(
+        self, leader_round: secagg.LeaderRound, phase: int, members: dict[int, Member], unable: Unable
+    ) -> list[int]:
+        """One phase's calls to these learners at once: those whose reply the round took; raises
+        secagg.BelowThreshold when the set of learners the phase names is below the threshold."""
+        with self._lock:
+            requests = {learner: leader_round.request(phase, learner) for learner in members}
+        self.bytes_out += sum(request.ByteSize() for request in requests.values())
+        replies = self.client.ask(members, "SecureAggregation", requests, learner_pb2.SecAggReply, self.timeout)
+        answered = []
+        for learner, reply in sorted(replies.items()):
+            if isinstance(reply, grpc.RpcError):
+                self.failed(members[learner], phase, reply, unable)
+                continue
+            try:
+                with self._lock:
+                    leader_round.take(phase, learner, reply)
+            except secagg.Refused as refused:
+                log.warning(
+                    "secure aggregation, phase %d: learner %d left out of the round: %s", phase, learner, refused
+                )
+                continue
+            self.bytes_in += reply.ByteSize()
+            answered.append(learner)
+        return answered
+
+    def failed(self, member: Member, phase: int, error: grpc.RpcError, unable: Unable) -> None:
+        """A phase's call failed: the learner is left out of the round; one that does not know the call, of every
+        secure round."""
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            unable(member, f"learner {member.learner_id} {UNIMPLEMENTED_WHY}")
+            return
+        log.warning(
+            "secure aggregation, phase %d: learner %d left out of the round (%s %s)",
+            phase,
+            member.learner_id,
+            error.code().name,
+            error.details(),
+        )
+
+    def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
+        """A committed learner's masked input, into the round's sum; raises secagg.Refused (no secure round open,
+        a wrong length, not committed, a second one)."""
+        with self._lock:
+            if self._round is None:
+                raise secagg.Refused("no secure round is open: the round's setup did not commit enough learners")
+            self._round.add_masked(learner_id, masked)
+
+    def finish(
+        self,
+        survivors: list[int],
+        members: dict[int, Member],
+        quantisation: secagg.Quantisation,
+        mean_out: torch.Tensor,
+    ) -> SecureOutcome:
+        """Phase 4 to the survivors (whose masked inputs arrived), unmask, and dequantise the weighted mean into
+        mean_out; or why the round is discarded (mean_out then untouched)."""
+        with self._lock:
+            leader_round, self._round = self._round, None
+        if leader_round is None or len(survivors) < secagg.MIN_LEARNERS:
+            return SecureOutcome(
+                discarded=f"secure aggregation: fewer than {secagg.MIN_LEARNERS} learners committed and sent a "
+                f"masked input ({len(survivors)})"
+            )
+        alive = {learner: members[learner] for learner in survivors if learner in members}
+        try:
+            self.run_phase(leader_round, 4, alive, lambda member, why: None)
+            total = leader_round.unmask()
+            mean, samples, loss = quantisation.dequantise(total)
+        except secagg.BelowThreshold as below:
+            return SecureOutcome(discarded=f"secure aggregation: below the threshold, nothing unmasked ({below})")
+        except secagg.Refused as refused:
+            return SecureOutcome(discarded=f"secure aggregation: the sum is beyond the clip range ({refused})")
+        mean_out.copy_(mean)
+        return SecureOutcome(round(samples), loss)

@@ -1,0 +1,72 @@
+"""A learner's side of secure aggregation through the rounds: the leader's phases answered on gRPC's threads, and
+the masked input made on the training thread once the round is committed (privacy/secagg.py holds the protocol;
+this module only hands it between the threads).
+
+Thread-safe: one lock around the protocol's state, one condition for the commit the training thread waits for.
+"""
+
+import dataclasses
+import math
+import threading
+
+import torch
+
+from federated.core.plan import SecureRound
+from federated.net.rpc import learner_pb2
+from federated.privacy import secagg
+
+COMMIT = 3  # the phase after which masked inputs may be sent
+
+
+class SecureParty:
+    """This learner's LearnerRound (one round at a time; a phase 1 starts the next), bound to its slot."""
+
+    def __init__(self) -> None:
+        self._round: secagg.LearnerRound | None = None  # none before registering
+        self._committed = -1  # the round whose commit this learner answered
+        self._latest = -1  # the newest round the leader started with it
+        self._changed = threading.Condition()
+
+    def bind(self, learner_id: int) -> None:
+        """Registered (again) in this slot: its rounds start afresh (a resumed leader may go back in rounds, which
+        a learner's protocol state would refuse)."""
+        with self._changed:
+            self._round, self._committed, self._latest = secagg.LearnerRound(learner_id), -1, -1
+
+    def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
+        """The reply to one of the leader's phases; raises secagg.Refused (before registering, too)."""
+        with self._changed:
+            if self._round is None:
+                raise secagg.Refused("this learner has not registered yet")
+            if request.phase == 1:  # a new round: the last one's commit is over, answered or not
+                self._committed, self._latest = -1, max(self._latest, request.round)
+            reply = self._round.answer(request)
+            if request.phase == COMMIT:
+                self._committed = request.round
+            self._changed.notify_all()
+            return reply
+
+    def wait_committed(self, round_index: int, timeout: float) -> bool:
+        """Whether the leader committed this learner to round_index, waiting at most timeout seconds (no longer
+        once the leader started a later round with it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._committed == round_index or self._latest > round_index, timeout)
+            return self._committed == round_index
+
+    def masked_input(
+        self, round_index: int, update: torch.Tensor, weight: float, loss: float, secure: SecureRound
+    ) -> torch.Tensor | None:
+        """The round's masked input (int32): the update (flat, float) clipped and quantised as the round asks,
+        weighing `weight` samples (clamped to the round's unit: the leader cannot cap a folded weight) with its
+        mean loss, masked; None when the round is no longer committed (the leader started the next)."""
+        quantisation = secagg.Quantisation(**dataclasses.asdict(secure))
+        with self._changed:
+            if self._round is None or self._committed != round_index:
+                return None
+            # (an unknown loss, NaN, counts as 0: a sum cannot carry a NaN without losing every other value)
+            try:
+                return self._round.masked_input(
+                    update, min(weight, secure.weight_unit), 0.0 if math.isnan(loss) else loss, quantisation
+                )
+            except secagg.Refused:  # the leader asked for the unmasking before this learner's input
+                return None

@@ -1,0 +1,322 @@
+"""Secure aggregation through the rounds, without sockets: the leader's SecureRounds driving learners' SecureParty
+objects (a fake client hands each phase's request to them), masked inputs counted by the RoundCollector, and the
+unmasked mean against the plain one; the flags it refuses; what the leader receives from one learner, captured."""
+
+import dataclasses
+
+import grpc
+import pytest
+import torch
+from scipy import stats
+
+from federated.core import strategies
+from federated.core.plan import SecureRound
+from federated.leader import config as leader_flags
+from federated.leader.collector import RoundCollector
+from federated.leader.data import DataFacts
+from federated.leader.global_model import GlobalModel
+from federated.leader.planner import Planner
+from federated.leader.registry import Member
+from federated.leader.secure import UNIMPLEMENTED_WHY, SecureRounds
+from federated.learner.secure import SecureParty
+from federated.learner.state import Replica
+from federated.privacy import secagg
+from federated.wire import codec, messages
+from tests.support.live import leader_config
+
+MEAN, STD = [0.5] * 3, [0.25] * 3
+IMAGE_SIZE, BATCH = 8, 8
+
+
+class Failed(grpc.RpcError):
+    """A call that ended in an error, as a grpc future's result() raises it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class FakeClient:
+    """The leader's calls to learners, handed straight to their SecureParty objects; `failing` learners' calls end
+    in that status code; every reply is kept (what the leader receives)."""
+
+    def __init__(self, parties: dict[int, SecureParty], failing: dict[int, grpc.StatusCode] | None = None) -> None:
+        self.parties, self.failing, self.received = parties, failing or {}, []
+
+    def ask(self, members, method, requests, reply_type, timeout):
+        replies = {}
+        for learner in members:
+            if learner in self.failing:
+                replies[learner] = Failed(self.failing[learner], "no such method")
+                continue
+            try:
+                replies[learner] = self.parties[learner].answer(requests[learner])
+                self.received.append((learner, replies[learner]))
+            except secagg.Refused as refused:
+                replies[learner] = Failed(grpc.StatusCode.INVALID_ARGUMENT, str(refused))
+        return replies
+
+
+def members(count: int) -> dict[int, Member]:
+    return {
+        learner: Member(learner, f"127.0.0.1:{50100 + learner}", f"credential-{learner}", 1) for learner in range(count)
+    }
+
+
+def parties(count: int) -> dict[int, SecureParty]:
+    made = {learner: SecureParty() for learner in range(count)}
+    for learner, party in made.items():
+        party.bind(learner)
+    return made
+
+
+@dataclasses.dataclass
+class Trained:
+    """One round's honest updates of `count` learners of a real run's first state, as the learners make them."""
+
+    config: leader_flags.LeaderConfig
+    secure: SecureRound
+    updates: list[torch.Tensor]
+    samples: list[int]
+    losses: list[float]
+
+
+def train(strategy: str, count: int = 4, *flags: str) -> Trained:
+    config = leader_config(
+        [
+            *("--dataset", "synthetic", "--strategy", strategy, "--secure-aggregation", "--learners", str(count)),
+            *("--image-size", str(IMAGE_SIZE), "--batch-size", str(BATCH), "--rounds", "2", *flags),
+        ]
+    )
+    rule = strategies.named(strategy)(config)
+    planner = Planner(config, rule, DataFacts(MEAN, STD, 4 * BATCH))
+    plan = planner.plan(0, None)
+    model = GlobalModel(config, 10, rule, (MEAN, STD))
+    model.publish(0, False, plan=plan)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(count * 4 * BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    labels_all = torch.randint(10, (count * 4 * BATCH,), generator=generator)
+    updates, samples, losses = [], [], []
+    for learner in range(count):
+        replica = Replica(codec.decode(model.encoded_state), "cpu")
+        shard = slice(learner * 4 * BATCH, (learner + 1) * 4 * BATCH)
+        pixels, labels = (images[shard] - 0.5) / 0.25, labels_all[shard]
+        own = plan.for_shard(4 * BATCH, BATCH)
+        batch_at = lambda step, pixels=pixels, labels=labels: (
+            pixels[step % 4 * BATCH :][:BATCH],
+            labels[step % 4 * BATCH :][:BATCH],
+        )
+        losses.append(replica.local_update(batch_at, own))
+        updates.append(replica.gradient.clone())
+        assert plan.secure is not None
+        samples.append(int(plan.secure.weight_unit) * (learner + 1) // count)  # unequal weights, within the unit
+    return Trained(config, plan.secure, updates, samples, losses)
+
+
+def secure_round(trained: Trained, participants: dict[int, SecureParty], client: FakeClient, threshold: float = 0.5):
+    """Phases 1-3 with every learner, each committed learner's masked input into a collector; returns the
+    SecureRounds, the collector and who committed."""
+    size = trained.updates[0].numel()
+    rounds = SecureRounds(client, threshold, size, timeout=5)
+    collector = RoundCollector(size, add_masked=rounds.add_masked)
+    collector.expect(sorted(participants))
+    committed = rounds.begin(0, members(len(participants)))
+    collector.commit(committed)
+    return rounds, collector, committed
+
+
+def send_masked(trained, participants, collector, learners) -> None:
+    for learner in learners:
+        masked = participants[learner].masked_input(
+            0, trained.updates[learner], trained.samples[learner], trained.losses[learner], trained.secure
+        )
+        assert collector.submit_masked(learner, 0, masked, masked.numel() * 4) is None
+
+
+def plain_mean(trained: Trained, learners) -> tuple[torch.Tensor, int, float]:
+    size = trained.updates[0].numel()
+    collector = RoundCollector(size)
+    collector.expect(list(learners))
+    for learner in learners:
+        collector.submit(learner, 0, [trained.updates[learner]], trained.samples[learner], trained.losses[learner], 0)
+    out = torch.zeros(size)
+    summary = collector.close(out)
+    return out, summary.samples, summary.loss
+
+
+def quantisation_bound(trained: Trained, learners) -> float:
+    """How far a dequantised mean may lie from the exact one: each input's stochastic rounding moves each value by
+    less than one integer step, and the weight's sum alike."""
+    quantisation = secagg.Quantisation(**dataclasses.asdict(trained.secure))
+    weight = sum(trained.samples[learner] for learner in learners) / trained.secure.weight_unit * quantisation.scale
+    return 2 * len(learners) * trained.secure.clip_range / weight
+
+
+def assert_within_bound(mean: torch.Tensor, trained: Trained, learners) -> None:
+    """The secure mean is the plain one within the quantisation bound (and float32's rounding of either)."""
+    expected = plain_mean(trained, learners)[0]
+    bound = quantisation_bound(trained, learners) + 4 * torch.finfo(torch.float32).eps * expected.abs()
+    assert bool(((mean - expected).abs() <= bound).all()), (mean - expected).abs().max()
+    assert expected.abs().max() > 1000 * quantisation_bound(trained, learners)  # (a bound that says something)
+
+
+STRATEGIES = ["fedsgd", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_unmasked_mean_is_the_plain_mean_within_the_quantisation_bound(strategy):
+    trained = train(strategy, 3)
+    participants = parties(3)
+    rounds, collector, committed = secure_round(trained, participants, FakeClient(participants))
+    assert committed == [0, 1, 2]
+    send_masked(trained, participants, collector, committed)
+    out = torch.zeros(trained.updates[0].numel())
+    outcome = rounds.finish(
+        collector.seal(), members(3), secagg.Quantisation(**dataclasses.asdict(trained.secure)), out
+    )
+    summary = collector.close(out, outcome)
+    _, samples, loss = plain_mean(trained, range(3))
+    assert summary.discarded is None and summary.per_learner == {}
+    assert summary.samples == samples and summary.loss == pytest.approx(loss, rel=1e-3)
+    assert_within_bound(out, trained, range(3))
+
+
+@pytest.fixture(scope="module")
+def fedsgd() -> Trained:
+    return train("fedsgd", 5)
+
+
+def test_learners_that_drop_before_or_after_their_masked_input_are_recovered(fedsgd):
+    participants = parties(5)
+    client = FakeClient(participants)
+    rounds, collector, _ = secure_round(fedsgd, participants, client)
+    send_masked(fedsgd, participants, collector, [0, 1, 2, 3])  # 4 never sends: its pairwise masks are undone
+    client.failing[3] = grpc.StatusCode.UNAVAILABLE  # 3 died after sending: its self-mask is undone
+    out = torch.zeros(fedsgd.updates[0].numel())
+    outcome = rounds.finish(collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(fedsgd.secure)), out)
+    assert outcome.discarded is None and outcome.samples == plain_mean(fedsgd, [0, 1, 2, 3])[1]
+    assert_within_bound(out, fedsgd, [0, 1, 2, 3])
+
+
+def test_below_the_threshold_the_round_is_discarded_and_nothing_is_unmasked(fedsgd):
+    participants = parties(5)
+    client = FakeClient(participants)
+    rounds, collector, _ = secure_round(fedsgd, participants, client)  # threshold 3 of 5
+    send_masked(fedsgd, participants, collector, [0, 1, 2])
+    client.failing.update({1: grpc.StatusCode.UNAVAILABLE, 2: grpc.StatusCode.UNAVAILABLE})  # one reveals, not 3
+    out = torch.full((fedsgd.updates[0].numel(),), 7.0)
+    outcome = rounds.finish(collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(fedsgd.secure)), out)
+    summary = collector.close(out, outcome)
+    assert "below the threshold" in summary.discarded
+    assert bool((out == 7.0).all()), "the mean is left untouched"
+    assert collector.round == 1, "the next round opens"
+
+
+def test_fewer_than_three_committed_completes_the_round_at_once_to_be_discarded(fedsgd):
+    participants = parties(3)
+    client = FakeClient(participants, {2: grpc.StatusCode.UNAVAILABLE})
+    rounds, collector, committed = secure_round(fedsgd, participants, client)
+    assert committed == [] and collector.wait_complete(0)
+    outcome = rounds.finish(
+        collector.seal(), members(3), secagg.Quantisation(**dataclasses.asdict(fedsgd.secure)), torch.zeros(1)
+    )
+    assert "fewer than 3" in collector.close(torch.zeros(1), outcome).discarded
+
+
+def test_a_learner_of_the_seed_protos_is_told_apart_and_left_out(fedsgd):
+    participants = parties(4)
+    client = FakeClient(participants, {3: grpc.StatusCode.UNIMPLEMENTED})
+    rounds = SecureRounds(client, 0.5, fedsgd.updates[0].numel(), timeout=5)
+    unable = []
+    committed = rounds.begin(0, members(4), lambda member, why: unable.append((member.learner_id, why)))
+    assert committed == [0, 1, 2]
+    assert unable == [(3, f"learner 3 {UNIMPLEMENTED_WHY}")]
+
+
+def test_wrong_length_foreign_and_replayed_masked_inputs_are_refused_and_the_round_goes_on(fedsgd):
+    participants = parties(5)
+    rounds, collector, _ = secure_round(fedsgd, participants, FakeClient(participants))
+    size = fedsgd.updates[0].numel() + 2
+    assert "refused" in collector.submit_masked(0, 0, torch.zeros(size - 1, dtype=torch.int32), 0)
+    assert "refused" in collector.submit_masked(7, 0, torch.zeros(size, dtype=torch.int32), 0)  # not committed
+    send_masked(fedsgd, participants, collector, [0, 1, 2, 3, 4])
+    assert "already sent" in collector.submit_masked(0, 0, torch.zeros(size, dtype=torch.int32), 0)
+    out = torch.zeros(size - 2)
+    outcome = rounds.finish(collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(fedsgd.secure)), out)
+    collector.close(out, outcome)
+    assert outcome.discarded is None
+    assert_within_bound(out, fedsgd, range(5))
+    replayed = collector.submit_masked(1, 0, torch.zeros(size, dtype=torch.int32), 0)
+    assert "round 1 is open" in replayed
+
+
+def test_a_learner_answering_for_another_is_left_out(fedsgd):
+    participants = parties(4)
+    participants[3].bind(2)  # learner 3's replies speak for learner 2
+    assert secure_round(fedsgd, participants, FakeClient(participants))[2] == [0, 1, 2]
+
+
+def chi_square_p(data: bytes) -> float:
+    """The p-value of the bytes' counts against the uniform distribution over 256 values."""
+    counts = torch.bincount(torch.frombuffer(bytearray(data), dtype=torch.uint8), minlength=256)
+    return float(stats.chisquare(counts.numpy()).pvalue)
+
+
+def largest_correlation(data: bytes, update: torch.Tensor) -> float:
+    """The largest rank correlation of the bytes, read as int32 or as float32 words, with the update's values."""
+    words = torch.frombuffer(bytearray(data[: update.numel() * 4]), dtype=torch.int32)
+    found = 0.0
+    for view in (words.double(), words.view(torch.float32).double()):
+        finite = torch.isfinite(view)
+        rho = stats.spearmanr(view[finite].numpy(), update[finite].numpy()).statistic
+        found = max(found, abs(float(rho)))
+    return found
+
+
+def test_every_byte_the_leader_receives_from_one_learner_looks_uniform_and_plain_bytes_do_not(fedsgd):
+    participants = parties(5)
+    client = FakeClient(participants)
+    secure_round(fedsgd, participants, client)
+    learner, update = 0, fedsgd.updates[0]
+    masked = participants[learner].masked_input(0, update, fedsgd.samples[0], fedsgd.losses[0], fedsgd.secure)
+    payload = codec.decode(codec.encode({messages.MASKED_TENSOR: masked}, messages.MaskedInfo(0, 0).to_metadata()))
+    ciphertexts = b"".join(
+        share.ciphertext for sender, reply in client.received if sender == learner for share in reply.shares
+    )
+    assert ciphertexts, "the learner's encrypted shares were captured"
+    captured = payload.tensors[messages.MASKED_TENSOR].numpy().tobytes() + ciphertexts
+    assert chi_square_p(captured) > 1e-4
+    assert largest_correlation(captured, update) < 5 / update.numel() ** 0.5
+    plain = codec.encode({"update": update}, {"learner_id": "0", "round": "0", "samples": "8", "loss": "1"})
+    plain_bytes = b"".join(tensor.numpy().tobytes() for tensor in codec.decode(plain).tensors.values())
+    assert chi_square_p(plain_bytes) < 1e-4
+    assert largest_correlation(plain_bytes, update) > 0.99
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--aggregator", "median"], "--aggregator median weighs each update"),
+        (["--clip-norm", "1"], "--clip-norm clips each update at the leader"),
+        (["--learners", "2"], "needs at least 3 learners a round"),
+        (["--learners", "5", "--learners-per-round", "2"], "needs at least 3 learners a round"),
+        (["--min-learners", "2"], "--min-learners 2 under --secure-aggregation"),
+    ],
+)
+def test_what_the_leader_cannot_do_without_seeing_single_updates_is_refused(flags, refused, capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--dataset", "synthetic", "--learners", "4", "--secure-aggregation", *flags])
+    assert refused in capsys.readouterr().err
+
+
+def test_secure_rounds_wait_for_three_and_the_flag_table_knows_the_protocols_minimum():
+    assert leader_flags.LEAST_SECURE == secagg.MIN_LEARNERS
+    assert (
+        leader_flags.min_learners(leader_config(["--dataset", "synthetic", "--learners", "5", "--secure-aggregation"]))
+        == 3
+    )
