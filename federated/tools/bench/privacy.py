@@ -2,9 +2,11 @@
 learner processes) and its accuracy against the plain run's (FedAvg); and FedAvg's accuracy against epsilon with
 each --dp mode among 10 learners, on the synthetic set and the digits."""
 
+import re
 import statistics
 from pathlib import Path
 
+import utils
 from federated.tools.bench.common import spread
 from federated.tools.bench.federations import federation_run
 
@@ -13,6 +15,7 @@ DP_MODES = ("central", "distributed", "local")
 EPSILONS = (1.0, 3.0, 8.0)
 DP_DELTA = 1e-5
 DP_LEARNERS = 10
+DP_BATCH = 64  # the leader's --batch-size default, which the runs keep
 
 
 def secagg_overhead(work: Path, counts: list[int], rounds: int, image_size: int) -> dict:
@@ -77,43 +80,66 @@ def secagg_accuracy(work: Path, learners: int, epochs: float, image_size: int) -
 
 
 def dp_accuracy(work: Path, epochs: float, image_size: int, datasets: list[str], modes: list[str]) -> dict:
-    """FedAvg among DP_LEARNERS learners without DP, and with each --dp mode at each target epsilon (the run ends,
-    checkpointed, before it would spend more): the final test accuracy and the epsilon each run reports."""
+    """FedAvg among DP_LEARNERS learners without DP, and with each --dp mode at each epsilon: the noise multiplier
+    that makes the whole schedule spend that epsilon (noise_for), the same schedule for all; the final test
+    accuracy and the epsilon each run reports spent."""
     table: dict[str, dict] = {}
     for dataset in datasets:
         data = digits(image_size) if dataset == "digits" else synthetic(image_size)
         runs = [("none", None)] + [(mode, epsilon) for mode in modes for epsilon in EPSILONS]
         for mode, epsilon in runs:
             name = f"{dataset}-{mode}-{epsilon}"
-            accuracy, spent = final_accuracy(
-                work / f"dp-{name}",
-                DP_LEARNERS,
-                [*data, "--strategy", "fedavg", "--epochs", str(epochs), *dp_flags(mode, epsilon)],
-            )
+            flags = [*data, "--strategy", "fedavg", "--epochs", str(epochs), *dp_flags(mode, epsilon, epochs, dataset)]
+            accuracy, spent = final_accuracy(work / f"dp-{name}", DP_LEARNERS, flags)
             cell = {"accuracy": accuracy, "epsilon_spent": spent}
             if mode == "none":  # the row every mode's row is read against
                 table.setdefault(dataset, {})["none"] = cell
             else:
-                table[dataset].setdefault(mode, {})[str(epsilon)] = cell
+                table[dataset].setdefault(mode, {})[str(epsilon)] = {**cell, "noise_multiplier": float(flags[-1])}
             print(f"  {name}: accuracy {accuracy:.4f}, epsilon {spent}", flush=True)
     return {"value": table, "learners": DP_LEARNERS, "epochs": epochs, "image_size": image_size, "delta": DP_DELTA}
 
 
-def dp_flags(mode: str, epsilon: float | None) -> list[str]:
-    """The leader's flags of one run of dp_accuracy (mode "none": none); distributed noise needs secure
-    aggregation."""
-    if mode == "none":
+def dp_flags(mode: str, epsilon: float | None, epochs: float, dataset: str) -> list[str]:
+    """The leader's flags of one run of dp_accuracy (mode "none": none), the noise multiplier last; distributed
+    noise needs secure aggregation."""
+    if mode == "none" or epsilon is None:
         return []
     secure = ["--secure-aggregation"] if mode == "distributed" else []
-    return ["--dp", mode, "--dp-target-epsilon", str(epsilon), "--dp-delta", str(DP_DELTA), *secure]
+    sigma = noise_for(mode, epsilon, epochs, dataset)
+    return ["--dp", mode, "--dp-delta", str(DP_DELTA), *secure, "--dp-noise-multiplier", f"{sigma:.4f}"]
+
+
+def noise_for(mode: str, epsilon: float, epochs: float, dataset: str) -> float:
+    """The noise multiplier that spends epsilon (at DP_DELTA) over the run, by Opacus' RDP accountant: central
+    and distributed, one Gaussian step a round (FedAvg: one local epoch a round), every learner each round; local,
+    each learner's DP-SGD steps over its shard, sampling a batch of its images."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    rate, steps = 1.0, round(epochs)
+    if mode == "local":
+        shard = utils.DATASET_SIZES[dataset][True] // DP_LEARNERS
+        rate, steps = min(1.0, DP_BATCH / shard), round(epochs * max(1, shard // DP_BATCH))
+    return get_noise_multiplier(target_epsilon=epsilon, target_delta=DP_DELTA, sample_rate=rate, steps=steps)
 
 
 def final_accuracy(out: Path, learners: int, flags: list[str]) -> tuple[float, float | None]:
-    """The last test accuracy of a run, and the last epsilon its records report (None: none reported)."""
+    """The last test accuracy of a run, and the epsilon it spent: the leader's last record's (central,
+    distributed), or the most any learner logs (local DP: each learner counts its own); None without DP."""
     records, _ = federation_run(out, learners, flags)
     accuracy = [record for record in records if "test_accuracy" in record][-1]["test_accuracy"]
-    spent = [record["epsilon"] for record in records if "epsilon" in record]
+    spent = [record["epsilon"] for record in records if "epsilon" in record] or learners_epsilon(out)
     return accuracy, spent[-1] if spent else None
+
+
+def learners_epsilon(out: Path) -> list[float]:
+    """The largest epsilon any learner's log says it spent (local DP), as a list of none or one."""
+    logged = [
+        float(found.group(1))
+        for path in out.glob("learner*.log")
+        for found in re.finditer(r"spent epsilon ([0-9.e+-]+)", path.read_text())
+    ]
+    return [max(logged)] if logged else []
 
 
 def synthetic(image_size: int) -> list[str]:
