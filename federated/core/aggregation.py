@@ -6,11 +6,14 @@ Rules see whole updates (model part, statistics and controls; see strategies.bas
 
 import hashlib
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from federated.common.registry import Registry
+
+if TYPE_CHECKING:
+    from federated.privacy.dp import CentralMechanism
 
 # --- aggregation rules: each takes the round's updates stacked as rows [K, D] ------------------------------
 
@@ -199,12 +202,20 @@ class RoundUpdates:
     """The updates of one round as they arrive: a running weighted sum for the mean (memory of one update,
     whatever the learner count), or every update kept for a robust rule (memory K updates). With clip_norm,
     each update's model part is clipped as it arrives, and its control part (SCAFFOLD's: the last model_size values,
-    with controls) by the same factor."""
+    with controls) by the same factor. With privacy (--dp central, whose flags leave only the mean and updates of
+    a model part alone), each update is clipped by it and weighs the same, and the mean is released noised."""
 
     def __init__(
-        self, size: int, model_size: int, rule: Aggregator = Mean(), clip_norm: float = 0.0, controls: bool = False
+        self,
+        size: int,
+        model_size: int,
+        rule: Aggregator = Mean(),
+        clip_norm: float = 0.0,
+        controls: bool = False,
+        privacy: "CentralMechanism | None" = None,
     ) -> None:
         self.model_size, self.rule, self.clip_norm, self.controls = model_size, rule, clip_norm, controls
+        self.privacy = privacy
         self.total = torch.zeros(size if not rule.keeps_updates else 0)
         self.kept: list[torch.Tensor] = []
         self.sample_counts: list[int] = []
@@ -213,9 +224,11 @@ class RoundUpdates:
     def add(self, pieces: list[torch.Tensor], samples: int, loss: float) -> None:
         """Add one learner's update, given as consecutive 1-D pieces of any floating-point dtype that together
         cover the vector (codec.flat_runs), the mean over its `samples` examples."""
-        clip, keep = self.clip_norm > 0, self.rule.keeps_updates
-        if clip or keep:
+        clip, keep, private = self.clip_norm > 0, self.rule.keeps_updates, self.privacy is not None
+        if clip or keep or private:
             update = torch.cat([piece.float() for piece in pieces])
+            if self.privacy is not None:
+                self.privacy.clip_update(update[: self.model_size])
             if clip:
                 norm = clip_to_norm(update[: self.model_size], self.clip_norm)
                 if self.controls and norm > self.clip_norm:
@@ -226,8 +239,9 @@ class RoundUpdates:
         if keep:
             self.kept.append(pieces[0])
         else:
+            weight = 1 if private else samples  # DP-FedAvg: equal weights keep the sum's sensitivity at the clip
             for piece, part in zip(pieces, self.total.split([piece.numel() for piece in pieces])):
-                part.add_(piece, alpha=samples)
+                part.add_(piece, alpha=weight)
         self.sample_counts.append(samples)
         if not math.isnan(loss):
             self.loss_sum += loss * samples
@@ -244,6 +258,9 @@ class RoundUpdates:
 
     def combine_into(self, out: torch.Tensor) -> None:
         """Write the round's aggregate into out."""
+        if self.privacy is not None:
+            self.privacy.release(self.total, len(self.sample_counts), out)
+            return
         if not self.rule.keeps_updates:
             torch.div(self.total, self.samples, out=out)
             return

@@ -11,6 +11,8 @@ MAX_SEED = 2**32 - 1  # a run's --seed, as a state carries it: 32 bits, like num
 # shards of at most 2^32 images, steps_for_epochs stays a finite number of steps below 2^42
 MAX_LOCAL_EPOCHS = 1e3
 LOCAL_STEPS_PER = ("federation", "learner")  # --local-steps-per: the same steps for all, or each its own shard's
+DP_MODES = ("none", "central", "distributed", "local")  # --dp
+MAX_DP_CLIP, MAX_DP_NOISE_MULTIPLIER = 1e6, 1e3  # --dp-clip, --dp-noise-multiplier
 MAX_CLIP_RANGE = 1e6  # --secagg-clip-range, and a state's: beyond it the quantisation's steps exceed any update
 MAX_WEIGHT_UNIT = float(1 << 42)  # a secure round's weight unit: the samples of one learner's round, at most
 
@@ -43,6 +45,11 @@ class TrainingPlan:
     evaluate: bool = False  # learners with held-out images evaluate this state first and report it
     local_epochs: float = 0.0  # > 0: passes over each learner's own shard, which replace local_steps (for_shard)
     secure: SecureRound | None = None  # secure aggregation: learners send masked inputs, never a plain update
+    # --dp: distributed, each learner clips its update to dp_clip and adds its share of noise dp_noise_multiplier
+    # * dp_clip; local, each example's gradient is clipped and noised so (DP-SGD); central, learners do nothing
+    dp: str = "none"
+    dp_clip: float = 0.0
+    dp_noise_multiplier: float = 0.0
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants

@@ -20,6 +20,7 @@ from federated.leader.global_model import Diverged, GlobalModel
 from federated.leader.loop import RoundLoop
 from federated.leader.metrics import MetricsLog, plot_metrics, read_metrics
 from federated.leader.planner import Planner
+from federated.leader.privacy import LeaderPrivacy
 from federated.leader.registry import Registry
 from federated.leader.secure import SecureRounds
 from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer, method_limits
@@ -54,6 +55,12 @@ class Leader:
         first_round = self.restore(saved) if saved else 0
         self.registry = Registry(config.learners, config.rejoin_grace, restored_slots(saved))
         layout = self.global_model.layout
+        self.privacy = LeaderPrivacy(config, saved) if config.dp != "none" else None
+        if self.privacy and layout.size != layout.parameter_count:
+            raise SystemExit(
+                f"--dp {config.dp}: {config.model} keeps running statistics (BatchNorm), which would reach the "
+                "leader without noise; choose a model without them (resnet20 or resnet18 with --norm group)"
+            )
         client = dispatch.LearnerClient(self.security)
         secure = (
             SecureRounds(client, config.secagg_threshold, layout.size, config.sync_timeout)
@@ -67,6 +74,7 @@ class Leader:
             config.clip_norm,
             layout.parameter_count,
             self.global_model.strategy.controls,
+            self.privacy.mechanism if self.privacy else None,
             secure.add_masked if secure else None,
         )
         # With sampling, those the checkpoint drew for this round train on this state; in a new run nobody does
@@ -96,6 +104,7 @@ class Leader:
             self.evaluations,
             self.sampler,
             self.data,
+            self.privacy,
         )
         log.info(
             "%s with %d parameters%s",
@@ -208,7 +217,9 @@ class Leader:
                 self.release_learners()
             elif self.wait_for_learners():
                 done = self.rounds.train(metrics)
-                if done < self.planner.schedule.total_rounds:
+                if self.rounds.budget_spent:
+                    self.end_within_budget(done, self.rounds.budget_spent, metrics)
+                elif done < self.planner.schedule.total_rounds:
                     log.info("stopping on request after round %d", done)
                     self.stop(done)
         except (Stalled, Diverged) as ended:  # checkpointed and resumable: say why, and exit 1
@@ -226,6 +237,16 @@ class Leader:
         self.rounds.save_checkpoint(rounds_done)
         self.federation.push_state(rounds_done, finished=True, stopped=True)
 
+    def end_within_budget(self, rounds_done: int, why: str, metrics: MetricsLog) -> None:
+        """--dp-target-epsilon: the next round would exceed it, so the run ends here as at its last round (an
+        evaluation, model.pt, a checkpoint, and the final state to the learners)."""
+        log.info("ending the run after round %d: %s", rounds_done, why)
+        if not self.planner.evaluation_due(rounds_done):
+            self.rounds.evaluate(rounds_done, metrics)
+        self.rounds.save_model()
+        self.rounds.save_checkpoint(rounds_done)
+        self.federation.push_state(rounds_done, finished=True)
+
     def report(self, records: list[dict]) -> None:
         """Plot the run and, when it is complete, log its final accuracies and where its files are."""
         config = self.config
@@ -235,8 +256,16 @@ class Leader:
                 self.out / "metrics.png",
                 f"{config.strategy} on {config.dataset}, {config.model}, {config.learners} learners",
             )
-        if self.collector.round < self.planner.schedule.total_rounds:
+        if self.collector.round < self.planner.schedule.total_rounds and not self.rounds.budget_spent:
             return
+        if self.privacy:
+            log.info(
+                "privacy spent: epsilon %.4g at delta %g (--dp %s, noise multiplier %g)",
+                self.privacy.accountant.epsilon(),
+                config.dp_delta,
+                config.dp,
+                config.dp_noise_multiplier,
+            )
         warned = [r["round"] for r in records if "not_learning" in r]
         for source in ("leader", "learners"):
             evaluations = [r for r in records if r.get("source", "leader") == source and "test_accuracy" in r]

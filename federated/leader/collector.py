@@ -12,6 +12,7 @@ import torch
 
 from federated.core.aggregation import Aggregator, Mean, RoundUpdates
 from federated.leader.secure import SecureOutcome
+from federated.privacy.dp import CentralMechanism
 from federated.privacy.secagg import Refused
 
 
@@ -41,12 +42,15 @@ class RoundCollector:
         clip_norm: float = 0.0,
         model_size: int | None = None,
         controls: bool = False,
+        privacy: CentralMechanism | None = None,
         add_masked: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
-        """add_masked: with secure aggregation, where a committed learner's masked input goes (SecureRounds);
-        raises Refused."""
+        """privacy: --dp central's clip and noise; add_masked: with secure aggregation, where a committed learner's
+        masked input goes (SecureRounds); raises Refused."""
         self.rule, self.add_masked = rule, add_masked
-        self._updates = RoundUpdates(size, size if model_size is None else model_size, rule, clip_norm, controls)
+        self._updates = RoundUpdates(
+            size, size if model_size is None else model_size, rule, clip_norm, controls, privacy
+        )
         self._sampled: set[int] | None = None  # with sampled participation, only they may send
         self._expected: set[int] = set()
         self._reported: dict[

@@ -30,9 +30,12 @@ from federated.common.flags import (
     scope_problems,
 )
 from federated.core.plan import (
+    DP_MODES,
     LOCAL_STEPS_PER,
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
+    MAX_DP_CLIP,
+    MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
     MAX_LOCAL_EPOCHS,
     MAX_MU,
@@ -57,6 +60,9 @@ def _datasets() -> tuple[str, ...]:
     import utils
 
     return (*utils.DATASETS, "none")
+
+
+BATCH_NORMS = ("batch", "renorm")  # the norms of the ResNets that keep running statistics
 
 
 def _norms() -> tuple[str, ...]:
@@ -541,21 +547,21 @@ class LeaderConfig(SecurityFlags, Config):
         "leader never sees an un-noised sum), local (DP-SGD on each learner with Opacus: each example's gradient "
         "clipped and noised), or none",
         group="privacy",
-        choices=("none", "central", "distributed", "local"),
+        choices=DP_MODES,
         trajectory=True,
     )
     dp_noise_multiplier: float = option(
         1.0,
         "the noise's standard deviation as a multiple of --dp-clip",
         group="privacy",
-        bounds=Bounds(0, 1e3, low_open=True),
+        bounds=Bounds(0, MAX_DP_NOISE_MULTIPLIER, low_open=True),
         trajectory=True,
     )
     dp_clip: float = option(
         1.0,
         "the L2 norm each update (central, distributed) or each example's gradient (local) is clipped to",
         group="privacy",
-        bounds=Bounds(0, 1e6, low_open=True),
+        bounds=Bounds(0, MAX_DP_CLIP, low_open=True),
         trajectory=True,
     )
     dp_clip_quantile: float = option(
@@ -810,7 +816,47 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
             )
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
         problems.append(f"a resumed run continues in {config.resume}: leave out --out")
-    return problems + model_problems(config)
+    return problems + model_problems(config) + dp_problems(config)
+
+
+def dp_problems(config: LeaderConfig) -> list[str]:
+    """What --dp cannot be combined with, and why (docs/differential-privacy.md)."""
+    import model
+    from federated.core import strategies
+
+    if config.dp == "none":
+        return ["--dp-target-epsilon needs --dp"] if config.dp_target_epsilon else []
+    problems = []
+    if config.aggregator != "mean":
+        problems.append(
+            f"--dp needs --aggregator mean: the noise is calibrated to a sum of clipped updates, and "
+            f"{config.aggregator}'s result is none (it can follow one learner's update)"
+        )
+    if config.clip_norm:
+        problems.append("--dp clips each update to --dp-clip: leave out --clip-norm")
+    if config.dp == "central" and config.secure_aggregation:
+        problems.append(
+            "--dp central clips single updates on the leader, which --secure-aggregation hides from it: use "
+            "--dp distributed (each learner clips and adds its share of the noise)"
+        )
+    if config.dp == "distributed" and not config.secure_aggregation:
+        problems.append(
+            "--dp distributed needs --secure-aggregation: without it the leader sees each update with only its "
+            "learner's share of the noise; use --dp central for a leader you trust"
+        )
+    if config.dp_clip_quantile and config.dp != "central":
+        problems.append("--dp-clip-quantile adapts the clip the leader applies: only with --dp central")
+    if config.dp != "local" and strategies.named(config.strategy).controls:
+        problems.append(
+            f"--dp {config.dp} noises the model part: {config.strategy}'s control variates would reach the leader "
+            "without noise"
+        )
+    if config.dp != "local" and config.model in model.ARCHITECTURES and config.model_norm in BATCH_NORMS:
+        problems.append(
+            f"--dp {config.dp}: --norm {config.model_norm} keeps running statistics, which would reach the leader "
+            "without noise; use --norm group"
+        )
+    return problems
 
 
 def secure_problems(config: LeaderConfig, robust: bool, per_round: int) -> list[str]:

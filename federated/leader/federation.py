@@ -187,9 +187,10 @@ class Federation:
         assert self.secure is not None
         secure = self.planner.secure_round()
         assert secure is not None  # (the planner plans secure rounds whenever the federation runs them)
-        survivors = self.collector.seal()
+        survivors, config = self.collector.seal(), self.planner.config
+        noise = (config.dp_noise_multiplier, config.dp_clip) if config.dp == "distributed" else None
         outcome = self.secure.finish(
-            survivors, self.registry.members(survivors), Quantisation(**dataclasses.asdict(secure)), mean_out
+            survivors, self.registry.members(survivors), Quantisation(**dataclasses.asdict(secure)), mean_out, noise
         )
         summary = self.collector.close(mean_out, outcome)
         return dataclasses.replace(

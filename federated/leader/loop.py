@@ -20,6 +20,7 @@ from federated.leader.federation import Federation
 from federated.leader.global_model import Diverged, GlobalModel
 from federated.leader.metrics import MetricsLog, read_metrics
 from federated.leader.planner import Planner
+from federated.leader.privacy import LeaderPrivacy
 from federated.leader.registry import Registry
 
 log = logging.getLogger("leader")
@@ -39,10 +40,12 @@ class RoundLoop:
         evaluations: Evaluations,
         sampler: torch.Generator,
         data: LeaderData | None,
+        privacy: LeaderPrivacy | None = None,
     ) -> None:
         self.config, self.out, self.planner, self.global_model = config, config.output_dir, planner, global_model
         self.collector, self.federation, self.registry = collector, federation, registry
-        self.evaluations, self.sampler, self.data = evaluations, sampler, data
+        self.evaluations, self.sampler, self.data, self.privacy = evaluations, sampler, data, privacy
+        self.budget_spent: str | None = None  # why --dp-target-epsilon ended the run before its schedule's end
 
     def train(self, metrics: MetricsLog) -> int:
         """Run rounds until the schedule ends or a stop is requested; return the rounds done."""
@@ -52,6 +55,9 @@ class RoundLoop:
             self.federation.start()
             round_started = time.perf_counter()
             while self.collector.round < total and not self.federation.stopping.is_set():
+                if self.privacy and (spent := self.privacy.exhausted()):
+                    self.budget_spent = spent
+                    break
                 ended = self.run_round(self.collector.round, round_started, metrics)
                 if ended is None:
                     break
@@ -69,6 +75,8 @@ class RoundLoop:
         schedule, sampled = self.planner.schedule, self.federation.participants
         updates_in, lr, done = time.perf_counter(), schedule.lr(round_index), round_index + 1
         summary = self.federation.close(self.global_model.mean_gradient)
+        # a round released its noised aggregate unless secure aggregation discarded it (nothing revealed)
+        privacy = self.privacy.charge_round(released=not summary.discarded) if self.privacy else {}
         too_few = summary.discarded or self.collector.rule.too_few(summary.learners)
         discarded = too_few or self.global_model.step(
             lr, schedule.steps_per_round, summary.learners, self.config.learners
@@ -103,6 +111,7 @@ class RoundLoop:
             "gradients_s": updates_in - round_started,
             "step_s": stepped - updates_in,
             "push_s": pushed - pushing,
+            **privacy,
             **({"participants": sampled} if sampled is not None else {}),
             **({"discarded": discarded} if discarded else {}),
             **({"recovery": recovery.message} if recovery else {}),
@@ -118,12 +127,13 @@ class RoundLoop:
         self.write_evaluations(metrics, final=done == schedule.total_rounds)
         if done % max(1, schedule.total_rounds // 10) == 0:
             log.info(
-                "round %d/%d (epoch %d): train loss %.4f from %d learners",
+                "round %d/%d (epoch %d): train loss %.4f from %d learners%s",
                 done,
                 schedule.total_rounds,
                 schedule.epoch_of(round_index),
                 summary.loss,
                 summary.learners,
+                f", epsilon {privacy['epsilon']:.4g}" if privacy else "",
             )
         if recovery and recovery.stops:  # after the round's record: app.Leader.run checkpoints and stops
             raise Diverged(recovery.message)
@@ -202,7 +212,7 @@ class RoundLoop:
         state = checkpoint.snapshot(
             model.model,
             model.optimizer,
-            model.checkpoint(),
+            {**model.checkpoint(), **(self.privacy.checkpoint() if self.privacy else {})},
             rounds_done,
             self.registry.records(),
             self.sampler,

@@ -33,7 +33,12 @@ class Planner:
         plan = self.strategy.plan(
             self.schedule.steps_per_round, self.schedule.lr(round_index), chosen, self.evaluation_due(round_index)
         )
-        return dataclasses.replace(plan, secure=self.secure_round())
+        plan = dataclasses.replace(plan, secure=self.secure_round())
+        if self.config.dp == "none":
+            return plan
+        return dataclasses.replace(
+            plan, dp=self.config.dp, dp_clip=self.config.dp_clip, dp_noise_multiplier=self.config.dp_noise_multiplier
+        )
 
     def secure_round(self) -> SecureRound | None:
         """With --secure-aggregation, the quantisation every round's masked inputs follow: the clip range, the

@@ -10,7 +10,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -18,7 +18,7 @@ import torch
 from federated.leader.dispatch import LearnerClient
 from federated.leader.registry import Member
 from federated.net.rpc import learner_pb2
-from federated.privacy import secagg
+from federated.privacy import dp, secagg
 
 log = logging.getLogger("leader")
 
@@ -141,11 +141,15 @@ class SecureRounds:
         members: dict[int, Member],
         quantisation: secagg.Quantisation,
         mean_out: torch.Tensor,
+        noise: tuple[float, float] | None = None,
     ) -> SecureOutcome:
         """Phase 4 to the survivors (whose masked inputs arrived), unmask, and dequantise the weighted mean into
-        mean_out; or why the round is discarded (mean_out then untouched)."""
+        mean_out; or why the round is discarded (mean_out then untouched). noise: distributed DP's (noise
+        multiplier, clip), whose share at the round's threshold each learner added (and quantised with)."""
         with self._lock:
             leader_round, self._round = self._round, None
+        if leader_round is not None and noise is not None:
+            quantisation = replace(quantisation, noise_std=dp.noise_share_std(*noise, leader_round.threshold))
         if leader_round is None or len(survivors) < secagg.MIN_LEARNERS:
             return SecureOutcome(
                 discarded=f"secure aggregation: fewer than {secagg.MIN_LEARNERS} learners committed and sent a "

@@ -3,6 +3,7 @@ report evaluations, and rejoin after losing the leader, until the leader's final
 
 import logging
 import time
+import typing
 from collections.abc import Callable
 from functools import partial
 
@@ -18,6 +19,7 @@ from federated.learner.session import LeaderLost, LeaderSession
 from federated.learner.state import Replica
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
+from federated.privacy import dp
 from federated.wire import codec, messages
 
 log = logging.getLogger("learner")
@@ -116,7 +118,7 @@ class Member:
             return
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
         if plan.secure is not None:  # never a plain update in a secure round
-            request = self.masked_input(round_index, batch * plan.local_steps, loss, plan.secure)
+            request = self.masked_input(round_index, batch * plan.local_steps, loss, plan)
             if request is None:
                 return
         else:
@@ -136,11 +138,15 @@ class Member:
             replica.update_taken(round_index)
 
     def masked_input(
-        self, round_index: int, samples: int, loss: float, secure: SecureRound
+        self, round_index: int, samples: int, loss: float, plan: TrainingPlan
     ) -> leader_pb2.GradientData | None:
         """A secure round's update: once the leader has committed this learner to the round (waiting at most
         --wait-timeout), the update vector masked, with its samples and loss folded in; in the clear only its
-        slot and round. None (it sits the round out) when no commit came in time."""
+        slot and round. None (it sits the round out) when no commit came in time. Under distributed DP the
+        update is clipped to the plan's L2 bound and carries this learner's share of the noise; it weighs as
+        much as any other and gives no loss, so that the sum reveals nothing un-noised but the count of its
+        learners, which the leader knows anyway (DP-FedAvg's equal weights: the sum's sensitivity is the clip)."""
+        secure = typing.cast(SecureRound, plan.secure)
         if not self.server.secure.wait_committed(round_index, self.config.wait_timeout):
             log.warning(
                 "round %d: the leader did not commit this learner to the secure round in time; it sits the round "
@@ -148,7 +154,11 @@ class Member:
                 round_index,
             )
             return None
-        masked = self.server.secure.masked_input(round_index, self.replica.gradient.cpu(), samples, loss, secure)
+        update, noise = self.replica.gradient.cpu(), None
+        if plan.dp == "distributed":
+            update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)
+            samples, loss = int(secure.weight_unit), 0.0
+        masked = self.server.secure.masked_input(round_index, update, samples, loss, secure, noise)
         if masked is None:
             log.warning("round %d: the leader started the next secure round; this learner sits it out", round_index)
             return None

@@ -13,7 +13,7 @@ import torch
 
 from federated.core.plan import SecureRound
 from federated.net.rpc import learner_pb2
-from federated.privacy import secagg
+from federated.privacy import dp, secagg
 
 COMMIT = 3  # the phase after which masked inputs may be sent
 
@@ -54,15 +54,24 @@ class SecureParty:
             return self._committed == round_index
 
     def masked_input(
-        self, round_index: int, update: torch.Tensor, weight: float, loss: float, secure: SecureRound
+        self,
+        round_index: int,
+        update: torch.Tensor,
+        weight: float,
+        loss: float,
+        secure: SecureRound,
+        noise: tuple[float, float] | None = None,
     ) -> torch.Tensor | None:
         """The round's masked input (int32): the update (flat, float) clipped and quantised as the round asks,
         weighing `weight` samples (clamped to the round's unit: the leader cannot cap a folded weight) with its
-        mean loss, masked; None when the round is no longer committed (the leader started the next)."""
-        quantisation = secagg.Quantisation(**dataclasses.asdict(secure))
+        mean loss, masked; None when the round is no longer committed (the leader started the next). noise:
+        distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that the
+        `threshold` survivors the sum needs at least already add up to the whole."""
         with self._changed:
             if self._round is None or self._committed != round_index:
                 return None
+            share = dp.noise_share_std(*noise, self._round.threshold) if noise else 0.0
+            quantisation = secagg.Quantisation(**dataclasses.asdict(secure), noise_std=share)
             # (an unknown loss, NaN, counts as 0: a sum cannot carry a NaN without losing every other value)
             try:
                 return self._round.masked_input(

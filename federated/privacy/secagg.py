@@ -171,6 +171,13 @@ class LearnerRound:
         self._phase = 0  # the last phase answered in this round
         self._masked_sent = False
 
+    @property
+    def threshold(self) -> int:
+        """The shares that unmask this round (the fewest survivors of a sum the leader learns); after phase 2."""
+        if self._phase < 2:
+            raise Refused("no threshold before the shares")
+        return self._threshold
+
     def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
         """The reply to a phase (any of 1-4); raises Refused on anything a hostile leader could use: a request for
         another round, phases out of order, its own keys changed, duplicated or fewer than threshold learners,

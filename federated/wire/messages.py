@@ -9,14 +9,17 @@ peers send and expect; a missing field reads as its FedSGD value.
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import utils
 from federated.core import strategies
 from federated.core.plan import (
+    DP_MODES,
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
     MAX_CLIP_RANGE,
+    MAX_DP_CLIP,
+    MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
     MAX_LOCAL_EPOCHS,
     MAX_MU,
@@ -96,9 +99,11 @@ def _floats(metadata: dict[str, str], key: str) -> list[float]:
 
 
 def plan_to_metadata(plan: TrainingPlan) -> dict[str, str]:
-    """A training plan as a state's metadata: FedSGD's carries only who takes part and whether to evaluate."""
+    """A training plan as a state's metadata: FedSGD's carries only who takes part, whether to evaluate and
+    (with --dp) the differential privacy learners apply."""
     metadata = {} if plan.participants is None else {"participants": ",".join(map(str, plan.participants))}
     metadata |= {"evaluate": "1"} if plan.evaluate else {}
+    metadata |= _dp_to_metadata(plan)
     metadata |= secure_to_metadata(plan.secure) if plan.secure else {}
     if not strategies.named(plan.strategy).local:
         return metadata
@@ -127,9 +132,10 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         raise codec.PayloadError(
             f"unknown strategy {name[:32]!r}; this learner knows {', '.join(strategies.names())}"
         ) from None
+    dp = _dp_from_metadata(metadata)
     secure = secure_from_metadata(metadata)
     if not strategy.local:
-        return TrainingPlan(participants=chosen, evaluate=evaluate, secure=secure)
+        return TrainingPlan(participants=chosen, evaluate=evaluate, secure=secure, **dp)
     return TrainingPlan(
         name,
         _int(metadata, "local_steps", minimum=1),
@@ -141,7 +147,37 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         evaluate,
         _float(metadata, "local_epochs", 0.0, high=MAX_LOCAL_EPOCHS),
         secure,
+        **dp,
     )
+
+
+def _dp_to_metadata(plan: TrainingPlan) -> dict[str, str]:
+    """A plan's differential privacy fields: none without --dp, so that other runs' states stay byte for byte."""
+    if plan.dp == "none":
+        return {}
+    return {"dp": plan.dp, "dp_clip": repr(plan.dp_clip), "dp_noise_multiplier": repr(plan.dp_noise_multiplier)}
+
+
+def _dp_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """A state's differential privacy fields as TrainingPlan's keyword arguments (none: absent)."""
+    mode = metadata.get("dp", "none")
+    if mode not in DP_MODES:
+        raise codec.PayloadError(f"metadata 'dp' must be one of {', '.join(DP_MODES)}, got {mode[:32]!r}")
+    if mode == "none":
+        return {}
+    return {
+        "dp": mode,
+        "dp_clip": _positive(metadata, "dp_clip", MAX_DP_CLIP),
+        "dp_noise_multiplier": _positive(metadata, "dp_noise_multiplier", MAX_DP_NOISE_MULTIPLIER),
+    }
+
+
+def _positive(metadata: dict[str, str], key: str, high: float) -> float:
+    """A number field in (0, high]; PayloadError if malformed, absent or 0."""
+    value = _float(metadata, key, high=high)
+    if value == 0:
+        raise codec.PayloadError(f"metadata {key!r} must be above 0")
+    return value
 
 
 def secure_to_metadata(secure: SecureRound) -> dict[str, str]:

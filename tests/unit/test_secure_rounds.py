@@ -320,3 +320,26 @@ def test_secure_rounds_wait_for_three_and_the_flag_table_knows_the_protocols_min
         leader_flags.min_learners(leader_config(["--dataset", "synthetic", "--learners", "5", "--secure-aggregation"]))
         == 3
     )
+
+
+def test_distributed_dp_the_noise_shares_of_the_threshold_survivors_sum_to_the_calibrated_deviation():
+    # --dp distributed: each learner adds sigma C / sqrt(t) (t: the round's threshold, 3 of 5), so that the fewest
+    # survivors whose sum the leader can unmask already carry N(0, (sigma C)^2); the leader dequantises alike
+    sigma, clip, size = 1.2, 0.5, 20000
+    secure = SecureRound(clip_range=8.0, weight_unit=1.0, summands=5)
+    participants = parties(5)
+    rounds = SecureRounds(FakeClient(participants), 0.5, size, timeout=5)
+    collector = RoundCollector(size, add_masked=rounds.add_masked)
+    collector.expect(sorted(participants))
+    collector.commit(rounds.begin(0, members(5)))
+    for learner in (0, 1, 2):  # 3 and 4 never send: the sum has the threshold's 3 noise shares, no more
+        masked = participants[learner].masked_input(0, torch.zeros(size), 1.0, 0.0, secure, (sigma, clip))
+        assert collector.submit_masked(learner, 0, masked, masked.numel() * 4) is None
+    out = torch.zeros(size)
+    outcome = rounds.finish(
+        collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(secure)), out, (sigma, clip)
+    )
+    assert outcome.discarded is None and outcome.samples == 3
+    noise_sum = out * 3  # the mean of 3 equally weighted inputs, each of zeros plus its share of the noise
+    assert noise_sum.std().item() == pytest.approx(sigma * clip, rel=0.05)
+    assert abs(noise_sum.mean().item()) < 0.05 * sigma * clip

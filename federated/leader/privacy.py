@@ -1,0 +1,53 @@
+"""The leader's differential privacy: its central mechanism (--dp central), its accountant (every --dp mode, one
+step a round) and the budget (--dp-target-epsilon) that ends a run before a round would exceed it."""
+
+from federated.leader.config import LeaderConfig
+from federated.privacy.accountant import Accountant
+from federated.privacy.dp import CentralMechanism
+
+
+class LeaderPrivacy:
+    """What a --dp run's leader spends, round by round, and keeps in its checkpoints."""
+
+    def __init__(self, config: LeaderConfig, saved: dict | None = None) -> None:
+        """saved: the checkpoint a resume continues from (its accountant's history and the adapted clip)."""
+        recorded = (saved or {}).get("privacy", {})
+        self.config = config
+        self.accountant = Accountant(config.dp_delta, recorded.get("accountant"))
+        per_round = config.learners_per_round or config.learners
+        # Sampling picks a fixed number of learners a round; it is charged as Poisson sampling at that rate, as
+        # Opacus charges its fixed-size batches (docs/differential-privacy.md)
+        self.sample_rate = per_round / config.learners
+        self.mechanism = (
+            CentralMechanism(
+                recorded.get("clip", config.dp_clip), config.dp_noise_multiplier, config.dp_clip_quantile, per_round
+            )
+            if config.dp == "central"
+            else None
+        )
+
+    def charge_round(self, released: bool = True) -> dict:
+        """A round closed: charge it if it released a noised aggregate; returns the round record's privacy fields
+        (the epsilon spent so far, and an adaptive clip's value for the next round)."""
+        if released:
+            self.accountant.step(self.config.dp_noise_multiplier, self.sample_rate)
+        adaptive = self.mechanism.clip if self.mechanism is not None and self.mechanism.adaptive else None
+        return {"epsilon": self.accountant.epsilon(), **({"dp_clip": adaptive} if adaptive is not None else {})}
+
+    def exhausted(self) -> str | None:
+        """Why the next round may not run (it would spend more than --dp-target-epsilon), or None."""
+        target = self.config.dp_target_epsilon
+        if not target:
+            return None
+        after = self.accountant.epsilon_after(self.config.dp_noise_multiplier, self.sample_rate)
+        if after <= target:
+            return None
+        return (
+            f"the privacy budget is spent: epsilon {self.accountant.epsilon():.4g} so far, another round would make "
+            f"it {after:.4g}, above --dp-target-epsilon {target:g} (delta {self.config.dp_delta:g})"
+        )
+
+    def checkpoint(self) -> dict:
+        """What a resume needs to report the same epsilon and clip as an uninterrupted run."""
+        clip = {"clip": self.mechanism.clip} if self.mechanism is not None else {}
+        return {"privacy": {"accountant": self.accountant.state(), **clip}}

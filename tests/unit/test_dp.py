@@ -1,0 +1,190 @@
+"""Differential privacy: the plan's DP fields on the wire, clipping, calibrated noise, adaptive clipping."""
+
+import pytest
+import torch
+
+from federated.core import strategies
+from federated.core.aggregation import RoundUpdates
+from federated.core.plan import TrainingPlan
+from federated.leader.config import LeaderConfig
+from federated.leader.data import DataFacts
+from federated.leader.metrics import MetricsLog, read_metrics
+from federated.leader.planner import Planner
+from federated.leader.privacy import LeaderPrivacy
+from federated.privacy.dp import CentralMechanism, adjusted_noise_multiplier, gaussian, noise_share_std
+from federated.wire import codec, messages
+from federated.wire.messages import StateInfo
+from tests.support.live import leader_from
+from tests.support.privacy import independent_epsilon
+
+
+def planned(**flags) -> TrainingPlan:
+    """Round 0's plan of a leader with these flags."""
+    run = LeaderConfig(**flags)
+    strategy = strategies.named(run.strategy)(run)
+    return Planner(run, strategy, DataFacts([0.5] * 3, [0.25] * 3, 5000)).plan(0, None)
+
+
+@pytest.mark.parametrize("strategy", ["fedsgd", "fedavg"])
+def test_a_plan_without_dp_carries_no_dp_field(strategy):
+    metadata = messages.plan_to_metadata(planned(strategy=strategy))
+    assert not [key for key in metadata if key.startswith("dp")]
+
+
+@pytest.mark.parametrize("strategy", ["fedsgd", "fedavg"])
+@pytest.mark.parametrize("mode", ["central", "distributed", "local"])
+def test_a_dp_plan_tells_learners_the_mode_clip_and_noise(strategy, mode):
+    plan = planned(strategy=strategy, dp=mode, dp_clip=0.5, dp_noise_multiplier=1.3)
+    assert (plan.dp, plan.dp_clip, plan.dp_noise_multiplier) == (mode, 0.5, 1.3)
+    assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"dp": "global"},
+        {"dp": "local", "dp_clip": "1.0"},
+        {"dp": "local", "dp_clip": "0", "dp_noise_multiplier": "1.0"},
+        {"dp": "local", "dp_clip": "1.0", "dp_noise_multiplier": "nan"},
+        {"dp": "local", "dp_clip": "1.0", "dp_noise_multiplier": "1e9"},
+    ],
+)
+def test_malformed_dp_fields_are_refused(fields):
+    with pytest.raises(codec.PayloadError):
+        messages.plan_from_metadata(fields)
+
+
+def clipped_sum_round(mechanism: CentralMechanism, updates: list[torch.Tensor]) -> torch.Tensor:
+    """One round of the leader's central DP: the updates through RoundUpdates, the noised mean out."""
+    round_updates = RoundUpdates(updates[0].numel(), updates[0].numel(), privacy=mechanism)
+    for samples, update in enumerate(updates, start=1):  # unequal claims: central DP weighs them alike
+        round_updates.add([update.clone()], samples * 10, 0.5)
+    out = torch.empty(updates[0].numel())
+    round_updates.combine_into(out)
+    return out
+
+
+def test_the_noise_on_the_mean_has_the_calibrated_standard_deviation():
+    sigma, clip, count, rounds = 1.3, 0.5, 4, 64
+    generator = torch.Generator().manual_seed(7)
+    updates = [torch.randn(1000, generator=generator) * 3 for _ in range(count)]
+    mechanism = CentralMechanism(clip, sigma, generator=generator)
+    noiseless = sum(update * (clip / update.norm()) for update in updates) / count
+    noise = torch.stack([clipped_sum_round(mechanism, updates) - noiseless for _ in range(rounds)])
+    # the noise on the sum is N(0, (sigma C)^2) per coordinate: times count, the mean's
+    assert (noise * count).std().item() == pytest.approx(sigma * clip, rel=0.05)
+    assert (noise * count).mean().item() == pytest.approx(0.0, abs=0.05 * sigma * clip)
+
+
+def test_no_clipped_update_exceeds_the_bound():
+    mechanism = CentralMechanism(0.7, 1.0, generator=torch.Generator().manual_seed(1))
+    for scale in (1e-3, 0.7, 1.0, 1e4):
+        update = torch.randn(500, generator=torch.Generator().manual_seed(2)) * scale
+        before = update.clone()
+        mechanism.clip_update(update)
+        assert update.norm().item() <= 0.7 * (1 + 1e-6)
+        if before.norm() <= 0.7:  # within the bound: left as it was
+            assert torch.equal(update, before)
+
+
+def test_central_dp_with_noise_near_zero_is_the_unweighted_mean_of_clipped_updates():
+    updates = [torch.full((4,), 1.0), torch.full((4,), -3.0)]
+    out = clipped_sum_round(CentralMechanism(1.0, 1e-9, generator=torch.Generator().manual_seed(0)), updates)
+    assert torch.allclose(out, torch.zeros(4), atol=1e-6)  # (0.5 - 0.5) / 2 per coordinate, samples ignored
+
+
+def test_each_learners_noise_share_sums_over_the_threshold_to_the_calibrated_noise():
+    sigma, clip, threshold = 1.1, 2.0, 7
+    share = noise_share_std(sigma, clip, threshold)
+    generator = torch.Generator().manual_seed(3)
+    summed = sum(gaussian(20000, share, generator) for _ in range(threshold))
+    assert summed.std().item() == pytest.approx(sigma * clip, rel=0.05)
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.8])
+def test_adaptive_clipping_moves_the_clip_towards_the_quantile_of_the_norms(quantile):
+    generator = torch.Generator().manual_seed(4)
+    norms = torch.linspace(0.1, 10.0, 50)  # 50 updates a round, their norms spread evenly
+    updates = [torch.randn(100, generator=generator) for _ in norms]
+    updates = [update * (norm / update.norm()) for update, norm in zip(updates, norms)]
+    target = torch.quantile(norms, quantile).item()
+    for start in (target / 4, target * 4):  # at most exp(0.2 * 0.2) a round from below towards the 0.2 quantile
+        mechanism = CentralMechanism(start, 1.0, quantile, len(updates), generator)
+        for _ in range(100):
+            clipped_sum_round(mechanism, updates)
+        assert mechanism.clip == pytest.approx(target, rel=0.25)
+
+
+def test_adaptive_clipping_charges_the_paper_s_adjusted_noise_multiplier():
+    sigma, expected = 1.0, 100
+    mechanism = CentralMechanism(1.0, sigma, 0.5, expected)
+    count_std = max(expected / 20, sigma)
+    assert mechanism.update_noise_multiplier == pytest.approx((sigma**-2 - (2 * count_std) ** -2) ** -0.5)
+    assert mechanism.update_noise_multiplier > sigma
+    assert adjusted_noise_multiplier(2.0, 1e12) == pytest.approx(2.0)
+
+
+DP_RUN = ["--dataset", "digits", "--image-size", "8", "--norm", "group", "--strategy", "fedavg", "--learners", "1"]
+DP_RUN += ["--server-lr", "0.001", "--local-steps", "1", "--batch-size", "8", "--rounds", "8", "--eval-every", "0"]
+DP_RUN += ["--dp", "central", "--dp-noise-multiplier", "1.5", "--dp-clip", "0.1", "--dp-clip-quantile", "0.5"]
+
+
+def play_rounds(leader, rounds: range) -> MetricsLog:
+    """Rounds of the leader's real round loop, each with one update (nobody to wait for: no learner started),
+    recorded in its metrics.jsonl (appended to on a resume); returns the log, open."""
+    metrics = MetricsLog(leader.out / "metrics.jsonl", append=bool(leader.config.resume))
+    update = torch.full((leader.global_model.layout.size,), 1e-3)
+    for round_index in rounds:
+        assert leader.rounds.budget_spent is None and leader.privacy.exhausted() is None
+        leader.collector.submit(0, round_index, [update], 8, 1.0, 0)
+        assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+    metrics.close()
+    return metrics
+
+
+def round_records(path) -> list[dict]:
+    return [record for record in read_metrics(path) if "train_loss" in record]
+
+
+def test_a_resumed_run_reports_the_epsilon_and_clip_of_an_uninterrupted_one(tmp_path):
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    play_rounds(leader_from([*DP_RUN, "--out", str(uninterrupted)]), range(5))
+    leader = leader_from([*DP_RUN, "--out", str(interrupted)])
+    play_rounds(leader, range(2))
+    leader.rounds.save_checkpoint(2)
+    resumed = leader_from(["--resume", str(interrupted)])
+    assert resumed.privacy.mechanism.clip == leader.privacy.mechanism.clip  # the adaptive clip goes on from there
+    play_rounds(resumed, range(2, 5))
+    expected = round_records(uninterrupted / "metrics.jsonl")
+    got = round_records(interrupted / "metrics.jsonl")
+    assert [record["round"] for record in got] == [1, 2, 3, 4, 5]
+    assert [record["epsilon"] for record in got] == [record["epsilon"] for record in expected]
+    assert got[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.5, 1.0, 5)], 1e-5), rel=1e-12)
+    assert all(record["dp_clip"] > 0 for record in got)
+
+
+def test_the_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it_checkpointed(tmp_path):
+    target = independent_epsilon([(1.5, 1.0, 3)], 1e-5) * 1.001  # three rounds fit, a fourth would not
+    leader = leader_from([*DP_RUN, "--out", str(tmp_path), "--dp-target-epsilon", str(target)])
+    play_rounds(leader, range(3))
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", append=True)
+    assert leader.rounds.train(metrics) == 3  # (it would wait for round 4's update, were it to open it)
+    assert leader.rounds.budget_spent and "--dp-target-epsilon" in leader.rounds.budget_spent
+    leader.end_within_budget(3, leader.rounds.budget_spent, metrics)
+    metrics.close()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["round"] == 3 and saved["privacy"]["accountant"] == [(1.5, 1.0, 3)]
+    assert (tmp_path / "model.pt").exists()
+    assert StateInfo.from_payload(codec.decode(leader.global_model.encoded_state)).finished
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1]["round"] == 3 and "test_accuracy" in records[-1]  # the final evaluation
+    assert round_records(tmp_path / "metrics.jsonl")[-1]["epsilon"] <= target
+
+
+@pytest.mark.parametrize(("learners", "per_round", "rate"), [(10, 0, 1.0), (10, 3, 0.3)])
+def test_the_leader_charges_each_round_at_the_sampling_rate_of_its_learners(learners, per_round, rate):
+    run = LeaderConfig(learners=learners, learners_per_round=per_round, dp="central", norm="group")
+    privacy = LeaderPrivacy(run)
+    records = [privacy.charge_round() for _ in range(4)]
+    assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.0, rate, 4)], 1e-5), rel=1e-12)
+    assert records[0]["epsilon"] < records[-1]["epsilon"]
