@@ -390,8 +390,9 @@ def dp_accuracy_rows(results: dict) -> Table:
         if mode != "none"
     ]
     note = (
-        f"FedAvg, {result['learners']} learners, {result['epochs']:g} epochs at {result['image_size']} px, delta "
-        f"{result['delta']:g}: final test accuracy (the epsilon the run reports spent)."
+        f"FedAvg with --norm group, {result['learners']} learners, {result['epochs']:g} epochs at "
+        f"{result['image_size']} px, delta {result['delta']:g}, the noise multiplier that spends each epsilon over "
+        "the run: final test accuracy (the epsilon the run reports spent; local: the most any learner logs)."
     )
     return Table(rows, [note])
 

@@ -274,8 +274,9 @@ FIGURES = (
         "dp_accuracy",
         headline=False,
         target="reported",
-        measures="FedAvg among 10 learners with each --dp mode at target epsilons 1, 3 and 8 (delta 1e-5) and "
-        "without DP, on the synthetic set and the digits: final test accuracy and the epsilon spent",
+        measures="FedAvg (--norm group) among 10 learners with each --dp mode at epsilons 1, 3 and 8 (delta 1e-5: "
+        "the noise multiplier that spends it over the run) and without DP, on the synthetic set and the digits: "
+        "final test accuracy and the epsilon the run reports spent",
         params={
             "work": WORK,
             "epochs": PRIVACY_EPOCHS,
