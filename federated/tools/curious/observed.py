@@ -22,9 +22,9 @@ class Learners:
 
     def __init__(self, data: utils.ImageSet, norm: str, seed: int = SEED) -> None:
         torch.manual_seed(seed)
-        model = build_model(ARCHITECTURE, data.num_classes, norm)
+        self.global_model = build_model(ARCHITECTURE, data.num_classes, norm)  # the leader's, for its attacks
         mean, std = utils.channel_stats(data.images)
-        self.info = messages.StateInfo(
+        info = messages.StateInfo(
             ARCHITECTURE,
             data.num_classes,
             1,
@@ -35,16 +35,14 @@ class Learners:
             image_size=data.image_size,
             norm=norm,
         )
-        self.state = codec.encode(wire_state(model, torch.float32), self.info.to_metadata())
+        self.state = codec.encode(wire_state(self.global_model, torch.float32), info.to_metadata())
         self.replica = Replica(codec.decode(bytearray(self.state)), "cpu")  # every learner's copy of the same state
-        self.global_model = build_model(ARCHITECTURE, data.num_classes, norm)  # the leader's, for its attacks
-        self.global_model.load_state_dict(dict(codec.decode(self.state).tensors))
-        self.data = data
+        self.data, self.seed = data, seed
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch the learner holding only image `index` trains on in round 0 (cropped, flipped, normalised)."""
         shard = self.data.subset(torch.tensor([index]))
-        return utils.training_batch(shard, utils.BatchSchedule(1, 1, SEED), 0, self.replica.mean, self.replica.std)
+        return utils.training_batch(shard, utils.BatchSchedule(1, 1, self.seed), 0, self.replica.mean, self.replica.std)
 
     def update(self, index: int, learner_id: int = 0) -> codec.Payload:
         """The payload of the FedSGD update the learner holding image `index` sends, as the leader decodes it."""
