@@ -344,7 +344,10 @@ def every_figure(tmp_path: Path) -> dict:
             "value": {
                 "digits": {
                     "none": {"accuracy": 0.9, "epsilon_spent": None},
-                    "central": {"1.0": {"accuracy": 0.5, "epsilon_spent": 0.98}},
+                    "central": {
+                        "1.0": {"accuracy": 0.5, "epsilon_spent": 0.98},
+                        "3.0": {"accuracy": None, "epsilon_spent": None, "stopped": "5 rounds in a row were discarded"},
+                    },
                 }
             },
             "learners": 10,
@@ -362,7 +365,8 @@ def test_the_page_dates_every_figure_measured_and_marks_the_others_hand_recorded
     written = page.render(results)
     assert page.HAND not in written and written.count("2026-12-05 04:50 UTC") > len(registry.FIGURES)
     assert "`python bench.py --headline`" in written and "1.50 / 1.20 / 1.00" in written
-    assert "| digits | `central` | 0.5000 (0.98) | - | - | 0.9000 (-) |" in written
+    assert "| digits | `central` | 0.5000 (0.98) | stopped | - | 0.9000 (-) |" in written
+    assert "Stopped: 5 rounds in a row were discarded" in written
     earlier = page.render({key: results[key] for key in ("serialization_gbps",)})
     assert earlier.count("## `") == len(registry.FIGURES)
     assert f"2026-11-30 {page.HAND}" in earlier and f"2026-11-28 {page.HAND}" in earlier

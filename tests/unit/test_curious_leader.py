@@ -64,7 +64,7 @@ def test_from_a_sum_of_three_learners_updates_the_leader_cannot_tell_whose_label
     # what each learner sent tells its label: the leader knows learner 1's is 3, not 5
     assert labels_of(learners, one)[0] == 3 and labels_of(learners, other)[0] == 5
     # the mean a secure round unmasks, all the leader learns of it, is the same whoever held which image (within
-    # each learner's rounding to integers, and float32's): it says which labels the round had, and nothing of whose they were
+    # each learner's rounding to integers, and float32's): it says which labels the round had, not whose they were
     (_, mean), (_, mean_moved) = masked_inputs(one), masked_inputs(other)
     rounding = CLIP_RANGE / quantisation(3).scale  # each learner's, in the mean of three
     assert torch.allclose(mean, mean_moved, rtol=1e-6, atol=2 * rounding)

@@ -394,13 +394,25 @@ def dp_accuracy_rows(results: dict) -> Table:
         f"{result['image_size']} px, delta {result['delta']:g}, the noise multiplier that spends each epsilon over "
         "the run: final test accuracy (the epsilon the run reports spent; local: the most any learner logs)."
     )
-    return Table(rows, [note])
+    stopped = sorted(
+        {
+            cell["stopped"]
+            for runs in result["value"].values()
+            for mode, cells in runs.items()
+            if mode != "none"
+            for cell in cells.values()
+            if "stopped" in cell
+        }
+    )
+    return Table(rows, [note, *(f"Stopped: {reason}" for reason in stopped)])
 
 
 def dp_cell(cell: dict | None) -> str:
     """One cell of the dp_accuracy table: accuracy (epsilon spent)."""
     if cell is None:
         return "-"
+    if cell["accuracy"] is None:
+        return "stopped"
     spent = "-" if cell["epsilon_spent"] is None else f"{cell['epsilon_spent']:.2f}"
     return f"{cell['accuracy']:.4f} ({spent})"
 

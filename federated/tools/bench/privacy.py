@@ -70,7 +70,7 @@ def secagg_accuracy(work: Path, learners: int, epochs: float, image_size: int) -
             work / f"secagg-fedavg-{name}",
             learners,
             [*digits(image_size), "--strategy", "fedavg", "--epochs", str(epochs), *flags],
-        )[0]
+        )["accuracy"]
         for name, flags in (("plain", []), ("secure", ["--secure-aggregation"]))
     }
     return {
@@ -93,13 +93,12 @@ def dp_accuracy(work: Path, epochs: float, image_size: int, datasets: list[str],
         for mode, epsilon in runs:
             name = f"{dataset}-{mode}-{epsilon}"
             flags = [*data, *DP_RUN, "--epochs", str(epochs), *dp_flags(mode, epsilon, epochs, dataset)]
-            accuracy, spent = final_accuracy(work / f"dp-{name}", DP_LEARNERS, flags)
-            cell = {"accuracy": accuracy, "epsilon_spent": spent}
+            cell = final_accuracy(work / f"dp-{name}", DP_LEARNERS, flags)
             if mode == "none":  # the row every mode's row is read against
                 table.setdefault(dataset, {})["none"] = cell
             else:
                 table[dataset].setdefault(mode, {})[str(epsilon)] = {**cell, "noise_multiplier": float(flags[-1])}
-            print(f"  {name}: accuracy {accuracy:.4f}, epsilon {spent}", flush=True)
+            print(f"  {name}: {cell}", flush=True)
     return {"value": table, "learners": DP_LEARNERS, "epochs": epochs, "image_size": image_size, "delta": DP_DELTA}
 
 
@@ -126,13 +125,23 @@ def noise_for(mode: str, epsilon: float, epochs: float, dataset: str) -> float:
     return get_noise_multiplier(target_epsilon=epsilon, target_delta=DP_DELTA, sample_rate=rate, steps=steps)
 
 
-def final_accuracy(out: Path, learners: int, flags: list[str]) -> tuple[float, float | None]:
-    """The last test accuracy of a run, and the epsilon it spent: the leader's last record's (central,
-    distributed), or the most any learner logs (local DP: each learner counts its own); None without DP."""
-    records, _ = federation_run(out, learners, flags)
+def final_accuracy(out: Path, learners: int, flags: list[str]) -> dict:
+    """The last test accuracy of a run and the epsilon it spent: the leader's last record's (central,
+    distributed), or the most any learner logs (local DP: each learner counts its own); None without DP. A run
+    the leader stopped (noise that makes no sane step, round after round) has no accuracy: why it stopped."""
+    try:
+        records, _ = federation_run(out, learners, flags)
+    except RuntimeError:
+        return {"accuracy": None, "epsilon_spent": None, "stopped": leader_error(out)}
     accuracy = [record for record in records if "test_accuracy" in record][-1]["test_accuracy"]
     spent = [record["epsilon"] for record in records if "epsilon" in record] or learners_epsilon(out)
-    return accuracy, spent[-1] if spent else None
+    return {"accuracy": accuracy, "epsilon_spent": spent[-1] if spent else None}
+
+
+def leader_error(out: Path) -> str:
+    """The leader's last error line, without its time and level."""
+    errors = [line for line in (out / "leader.log").read_text().splitlines() if " ERROR " in line]
+    return errors[-1].split(" ERROR ", 1)[1] if errors else "the leader failed; see its log"
 
 
 def learners_epsilon(out: Path) -> list[float]:
