@@ -23,6 +23,7 @@ def configure_logging(name: str, verbose: bool = False) -> logging.Logger:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # Opacus configures the root logger when imported (at WARNING): this process's logging wins
     )
     return logging.getLogger(name)
 

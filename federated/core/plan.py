@@ -50,6 +50,7 @@ class TrainingPlan:
     dp: str = "none"
     dp_clip: float = 0.0
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 0.0  # --dp-delta: local, each learner's own accountant reports its epsilon at it
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants

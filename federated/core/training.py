@@ -4,7 +4,8 @@ their pseudo-gradient, with the hooks through which strategies change those step
 FedSGD sends the gradient of one batch (compute_gradient). Every other strategy takes plan.local_steps SGD steps
 from the round's global weights w0 with a fresh client optimizer and sends the pseudo-gradient w0 - w
 (train_locally). The update vector (a layout.GradientLayout) ends with the BatchNorm statistics the learner
-ended with and, for SCAFFOLD, the change of its control variate.
+ended with and, for SCAFFOLD, the change of its control variate. Both compute each step's gradient with a Backward:
+the mean loss's, or under local differential privacy DP-SGD's (federated/privacy/local.py).
 """
 
 from collections.abc import Callable, Sequence
@@ -21,17 +22,31 @@ from federated.core.steps import make_optimizer
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class Backward:
+    """How a step's gradient comes from its batch: here the mean cross-entropy's, added to the parameters' .grad."""
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Add the batch's gradient to the parameters' .grad (zeroed by the caller); return the batch's loss."""
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        return loss.item()
+
+
 def compute_gradient(
-    model: nn.Module, layout: GradientLayout, flat: torch.Tensor, images: torch.Tensor, labels: torch.Tensor
+    model: nn.Module,
+    layout: GradientLayout,
+    flat: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    backward: Backward = Backward(),
 ) -> float:
-    """Fill flat (bound with layout.bind_gradients) with the mean-loss gradient and the updated
+    """Fill flat (bound with layout.bind_gradients) with the gradient (backward's) and the updated
     BatchNorm statistics of one training batch; return the loss."""
     model.train()
     flat[: layout.parameter_count].zero_()
-    loss = F.cross_entropy(model(images), labels)
-    loss.backward()
+    loss = backward(model, images, labels)
     layout.read_buffers(flat)
-    return loss.item()
+    return loss
 
 
 class LocalHooks:
@@ -65,9 +80,11 @@ def train_locally(
     batch_at: Callable[[int], Batch],
     plan: TrainingPlan,
     hooks: LocalHooks = LocalHooks(),
+    backward: Backward = Backward(),
 ) -> float:
     """plan.local_steps SGD steps from the model's weights w0 with a fresh client optimizer, the hooks adjusting
-    each step's gradients; then fill flat (bound with layout.bind_gradients) with the pseudo-gradient w0 - w and the
+    each step's gradients (backward's: under local DP the hooks see only the noised gradient, so what they derive
+    stays private); then fill flat (bound with layout.bind_gradients) with the pseudo-gradient w0 - w and the
     statistics the learner ended with. batch_at(k) is the round's k-th batch. Returns the mean training loss."""
     model.train()
     start = flat_parameters(layout)
@@ -78,10 +95,7 @@ def train_locally(
     gradient, loss_sum = flat[: layout.parameter_count], 0.0
     for step in range(plan.local_steps):
         gradient.zero_()
-        images, labels = batch_at(step)
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        loss_sum += loss.item()
+        loss_sum += backward(model, *batch_at(step))
         with torch.no_grad():
             hooks.after_backward(gradient, grads, weights, start_pieces)
         optimizer.step()

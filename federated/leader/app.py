@@ -55,7 +55,8 @@ class Leader:
         first_round = self.restore(saved) if saved else 0
         self.registry = Registry(config.learners, config.rejoin_grace, restored_slots(saved))
         layout = self.global_model.layout
-        self.privacy = LeaderPrivacy(config, saved) if config.dp != "none" else None
+        # (under --dp local each learner accounts for its own DP-SGD steps: the leader adds no noise to charge)
+        self.privacy = LeaderPrivacy(config, saved) if config.dp in ("central", "distributed") else None
         if self.privacy and layout.size != layout.parameter_count:
             raise SystemExit(
                 f"--dp {config.dp}: {config.model} keeps running statistics (BatchNorm), which would reach the "
@@ -218,7 +219,7 @@ class Leader:
             elif self.wait_for_learners():
                 done = self.rounds.train(metrics)
                 if self.rounds.budget_spent:
-                    self.end_within_budget(done, self.rounds.budget_spent, metrics)
+                    log.info("the run ended after round %d: %s", done, self.rounds.budget_spent)
                 elif done < self.planner.schedule.total_rounds:
                     log.info("stopping on request after round %d", done)
                     self.stop(done)
@@ -236,16 +237,6 @@ class Leader:
         """Checkpoint and tell the learners the leader stopped (it can be resumed)."""
         self.rounds.save_checkpoint(rounds_done)
         self.federation.push_state(rounds_done, finished=True, stopped=True)
-
-    def end_within_budget(self, rounds_done: int, why: str, metrics: MetricsLog) -> None:
-        """--dp-target-epsilon: the next round would exceed it, so the run ends here as at its last round (an
-        evaluation, model.pt, a checkpoint, and the final state to the learners)."""
-        log.info("ending the run after round %d: %s", rounds_done, why)
-        if not self.planner.evaluation_due(rounds_done):
-            self.rounds.evaluate(rounds_done, metrics)
-        self.rounds.save_model()
-        self.rounds.save_checkpoint(rounds_done)
-        self.federation.push_state(rounds_done, finished=True)
 
     def report(self, records: list[dict]) -> None:
         """Plot the run and, when it is complete, log its final accuracies and where its files are."""

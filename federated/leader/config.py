@@ -54,6 +54,9 @@ LEAST_SECURE = 3  # privacy/secagg.py's MIN_LEARNERS (that module loads torch; t
 # few classes and batch norm's statistics are the learner's, not the federation's (docs/data.md measures it).
 AUTO_NORM = "auto"
 LABEL_SKEWED = ("dirichlet", "classes")
+# --norm auto under --dp local: group norm, which normalises each image by itself (DP-SGD needs per-example
+# gradients, which batch norm's shared statistics would mix); group-ws and layer-ws are allowed when asked for.
+LOCAL_DP_NORM = "group"
 
 
 def _datasets() -> tuple[str, ...]:
@@ -74,7 +77,10 @@ def _norms() -> tuple[str, ...]:
 def _norm_text() -> str:
     import model
 
-    return f"{AUTO_NORM}: {model.SKEWED_NORM} where --partition is {' or '.join(LABEL_SKEWED)}, else batch"
+    return (
+        f"{AUTO_NORM}: {LOCAL_DP_NORM} with --dp local, {model.SKEWED_NORM} where --partition is "
+        f"{' or '.join(LABEL_SKEWED)}, else batch"
+    )
 
 
 def _image_size() -> int:
@@ -534,8 +540,10 @@ class LeaderConfig(SecurityFlags, Config):
         trajectory=True,
     )
     secagg_clip_range: float = option(
-        8.0,
-        "a secure round clips each value of an update to [-R, R] and quantises it to 32 bits",
+        64.0,
+        "a secure round clips each value of an update (gradients, BatchNorm statistics, SCAFFOLD's controls) to "
+        "[-R, R] and quantises it to 32 bits; the default covers the running variances FedAvg sends (docs/"
+        "secure-aggregation.md measures them: python -m federated.tools.update_range)",
         group="privacy",
         bounds=Bounds(0, 1e6, low_open=True),
         trajectory=True,
@@ -581,7 +589,8 @@ class LeaderConfig(SecurityFlags, Config):
     )
     dp_target_epsilon: float = option(
         0.0,
-        "end the run, checkpointed, before the spent epsilon would exceed this (0: no limit)",
+        "end the run, checkpointed, before the spent epsilon would exceed this (0: no limit; a resume keeps its "
+        "checkpoint's unless given another)",
         group="privacy",
         bounds=NOT_NEGATIVE,
     )
@@ -714,6 +723,8 @@ class LeaderConfig(SecurityFlags, Config):
 
         if self.norm != AUTO_NORM:
             return self.norm
+        if self.dp == "local" and self.model in model.ARCHITECTURES:
+            return LOCAL_DP_NORM
         skewed = self.dataset != "none" and self.partition in LABEL_SKEWED and self.model in model.ARCHITECTURES
         return model.SKEWED_NORM if skewed else "batch"
 
@@ -816,7 +827,7 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
             )
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
         problems.append(f"a resumed run continues in {config.resume}: leave out --out")
-    return problems + model_problems(config) + dp_problems(config)
+    return problems + model_problems(config) + dp_problems(config) + local_dp_problems(config)
 
 
 def dp_problems(config: LeaderConfig) -> list[str]:
@@ -824,8 +835,13 @@ def dp_problems(config: LeaderConfig) -> list[str]:
     import model
     from federated.core import strategies
 
+    if config.dp in ("none", "local") and config.dp_target_epsilon:
+        return [
+            "--dp-target-epsilon needs --dp central or distributed"
+            + (": under --dp local each learner stops at its own --max-epsilon" if config.dp == "local" else "")
+        ]
     if config.dp == "none":
-        return ["--dp-target-epsilon needs --dp"] if config.dp_target_epsilon else []
+        return []
     problems = []
     if config.aggregator != "mean":
         problems.append(
@@ -898,6 +914,28 @@ def model_problems(config: LeaderConfig) -> list[str]:
             "(leader.py --list-models lists them)"
         ]
     return []
+
+
+def local_dp_problems(config: LeaderConfig) -> list[str]:
+    """--dp local trains with per-example gradients: a model that mixes a batch's examples (BatchNorm) cannot."""
+    if config.dp != "local" or model_problems(config):
+        return []
+    import torch
+
+    import model
+    from federated.privacy.local import model_problem  # (Opacus: imported only for --dp local)
+
+    try:
+        with torch.device("meta"):  # (its layers, without memory)
+            problem = model_problem(model.build_model(config.model, config.num_classes or 1, config.model_norm))
+    except ValueError:  # (the model cannot be built with this --norm: said where it is built)
+        return []
+    if problem is None:
+        return []
+    advice = (
+        f"--norm {LOCAL_DP_NORM}" if config.model in model.ARCHITECTURES else f"resnet20 with --norm {LOCAL_DP_NORM}"
+    )
+    return [f"--dp local cannot train --model {config.model} with --norm {config.model_norm}: {problem}; use {advice}"]
 
 
 def min_learners(config: LeaderConfig) -> int:

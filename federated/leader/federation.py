@@ -23,7 +23,7 @@ from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
 from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry, bench_rounds
 from federated.leader.secure import SecureRounds
-from federated.privacy.secagg import Quantisation
+from federated.privacy.secagg import MIN_LEARNERS, Quantisation
 from federated.wire import framing
 
 log = logging.getLogger("leader")
@@ -119,12 +119,33 @@ class Federation:
         meanwhile): it waits only for those committed. A learner that joins mid-round takes part from the next."""
         assert self.secure is not None
         round_index = self.collector.round
+        self.wait_for_secure_quorum(round_index)
+        if self.stopping.is_set():  # (wait_for_round gives the round up)
+            return
         committed = self.secure.begin(round_index, self.registry.members(self.collector.missing()), self.unable)
         self.collector.commit(committed)
         if not committed:
             log.warning(
                 "round %d: secure aggregation committed too few learners; the round will be discarded", round_index + 1
             )
+
+    def wait_for_secure_quorum(self, round_index: int) -> None:
+        """Before a secure round's phases, wait until it expects at least secagg.MIN_LEARNERS learners (joiners
+        admitted meanwhile take part): with fewer, the round could only be discarded, and the next at once too.
+        Raises Stalled after --register-timeout; returns at once if stopped."""
+        started, last_log = time.monotonic(), 0.0
+        while len(self.collector.missing()) < MIN_LEARNERS and not self.stopping.wait(WAIT_SLICE_S):
+            waited = time.monotonic() - started
+            if waited > self.settings.register_timeout:
+                raise Stalled(
+                    f"round {round_index + 1}: fewer than {MIN_LEARNERS} learners for a secure round within "
+                    f"--register-timeout {self.settings.register_timeout:.0f} s; start more learners"
+                )
+            if waited - last_log >= WAIT_LOG_INTERVAL_S:
+                last_log = waited
+                log.info("round %d: a secure round needs %d learners; waiting", round_index + 1, MIN_LEARNERS)
+            self.admit_joiners()
+            self.collector.expect(self.registry.ready(), self.participants)
 
     def unable(self, member: Member, why: str) -> None:
         """A learner that cannot take part in secure rounds: not counted on (its slot is free)."""

@@ -45,7 +45,8 @@ class RoundLoop:
         self.config, self.out, self.planner, self.global_model = config, config.output_dir, planner, global_model
         self.collector, self.federation, self.registry = collector, federation, registry
         self.evaluations, self.sampler, self.data, self.privacy = evaluations, sampler, data, privacy
-        self.budget_spent: str | None = None  # why --dp-target-epsilon ended the run before its schedule's end
+        # why --dp-target-epsilon ended the run before its schedule's end: the round that spent it was its last
+        self.budget_spent: str | None = None
 
     def train(self, metrics: MetricsLog) -> int:
         """Run rounds until the schedule ends or a stop is requested; return the rounds done."""
@@ -54,10 +55,10 @@ class RoundLoop:
             progress = tqdm(total=total, initial=self.collector.round, desc="rounds", unit="round", disable=None)
             self.federation.start()
             round_started = time.perf_counter()
-            while self.collector.round < total and not self.federation.stopping.is_set():
-                if self.privacy and (spent := self.privacy.exhausted()):
-                    self.budget_spent = spent
-                    break
+            self.budget_spent = self.privacy.exhausted() if self.privacy else None
+            if self.budget_spent:  # (a resume of a run that ended so, or a first round beyond the target)
+                self.end_early(self.collector.round)
+            while self.collector.round < total and not self.federation.stopping.is_set() and not self.budget_spent:
                 ended = self.run_round(self.collector.round, round_started, metrics)
                 if ended is None:
                     break
@@ -77,6 +78,8 @@ class RoundLoop:
         summary = self.federation.close(self.global_model.mean_gradient)
         # a round released its noised aggregate unless secure aggregation discarded it (nothing revealed)
         privacy = self.privacy.charge_round(released=not summary.discarded) if self.privacy else {}
+        self.budget_spent = self.privacy.exhausted() if self.privacy else None
+        final = done == schedule.total_rounds or self.budget_spent is not None  # the learners are told to exit
         too_few = summary.discarded or self.collector.rule.too_few(summary.learners)
         discarded = too_few or self.global_model.step(
             lr, schedule.steps_per_round, summary.learners, self.config.learners
@@ -89,13 +92,13 @@ class RoundLoop:
         if recovery and not recovery.stops:
             log.warning("round %d: %s", done, recovery.message)
         stepped = time.perf_counter()
-        eval_seconds = self.evaluate(done, metrics) if self.planner.evaluation_due(done) else 0.0
-        if done == schedule.total_rounds:
+        eval_seconds = self.evaluate(done, metrics) if self.planner.evaluation_due(done) or final else 0.0
+        if final:
             self.save_model()
         pushing = time.perf_counter()
-        bytes_out = self.push_state(done)
+        bytes_out = self.push_state(done, final)
         pushed = time.perf_counter()
-        if done == schedule.total_rounds or self.planner.due(done, self.config.checkpoint_every):
+        if final or self.planner.due(done, self.config.checkpoint_every):
             self.save_checkpoint(done)
         now = time.perf_counter()
         record = {
@@ -124,7 +127,7 @@ class RoundLoop:
         if done == progress.check_round(schedule.total_rounds, schedule.warmup_rounds):
             self.check_learning(record, metrics)
         metrics.write(record)
-        self.write_evaluations(metrics, final=done == schedule.total_rounds)
+        self.write_evaluations(metrics, final=final)
         if done % max(1, schedule.total_rounds // 10) == 0:
             log.info(
                 "round %d/%d (epoch %d): train loss %.4f from %d learners%s",
@@ -139,6 +142,13 @@ class RoundLoop:
             raise Diverged(recovery.message)
         return now
 
+    def end_early(self, rounds_done: int) -> None:
+        """The privacy budget was spent before this process ran a round: end as a last round ends (model.pt, a
+        checkpoint, the final state to the learners)."""
+        self.save_model()
+        self.save_checkpoint(rounds_done)
+        self.federation.push_state(rounds_done, finished=True)
+
     def check_learning(self, record: dict, metrics: MetricsLog) -> None:
         """A tenth of the way in: warn once, in the log and in the round's record, when neither the test loss nor
         the train loss has fallen (progress.not_learning) since the run began (read back from metrics.jsonl, which
@@ -148,12 +158,12 @@ class RoundLoop:
             log.warning("%s", warning)
             record["not_learning"] = warning
 
-    def push_state(self, rounds_done: int) -> int:
-        """Push the state after rounds_done (opening the learners' evaluation of it when due); returns bytes sent."""
+    def push_state(self, rounds_done: int, finished: bool) -> int:
+        """Push the state after rounds_done, the last one if finished (opening the learners' evaluation of it when
+        due); returns bytes sent."""
         evaluated = self.planner.evaluation_due(rounds_done)
         if evaluated:
             self.evaluations.open(rounds_done)
-        finished = rounds_done == self.planner.schedule.total_rounds
         bytes_out = self.federation.push_state(rounds_done, finished)
         if evaluated:
             held_out = {learner for learner, summary in self.registry.summaries().items() if summary.eval_samples}

@@ -37,7 +37,11 @@ class Planner:
         if self.config.dp == "none":
             return plan
         return dataclasses.replace(
-            plan, dp=self.config.dp, dp_clip=self.config.dp_clip, dp_noise_multiplier=self.config.dp_noise_multiplier
+            plan,
+            dp=self.config.dp,
+            dp_clip=self.config.dp_clip,
+            dp_noise_multiplier=self.config.dp_noise_multiplier,
+            dp_delta=self.config.dp_delta,
         )
 
     def secure_round(self) -> SecureRound | None:

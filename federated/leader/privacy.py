@@ -1,5 +1,6 @@
-"""The leader's differential privacy: its central mechanism (--dp central), its accountant (every --dp mode, one
-step a round) and the budget (--dp-target-epsilon) that ends a run before a round would exceed it."""
+"""The leader's differential privacy: its central mechanism (--dp central), its accountant (--dp central and
+distributed, one step a round) and the budget (--dp-target-epsilon) that ends a run before a round would exceed
+it."""
 
 from federated.leader.config import LeaderConfig
 from federated.privacy.accountant import Accountant
@@ -10,9 +11,11 @@ class LeaderPrivacy:
     """What a --dp run's leader spends, round by round, and keeps in its checkpoints."""
 
     def __init__(self, config: LeaderConfig, saved: dict | None = None) -> None:
-        """saved: the checkpoint a resume continues from (its accountant's history and the adapted clip)."""
+        """saved: the checkpoint a resume continues from (its accountant's history, target and adapted clip)."""
         recorded = (saved or {}).get("privacy", {})
         self.config = config
+        # a resume keeps the target its checkpoint ran under unless given one: left out, the budget stays spent
+        self.target = config.dp_target_epsilon or recorded.get("target_epsilon", 0.0)
         self.accountant = Accountant(config.dp_delta, recorded.get("accountant"))
         per_round = config.learners_per_round or config.learners
         # Sampling picks a fixed number of learners a round; it is charged as Poisson sampling at that rate, as
@@ -36,7 +39,7 @@ class LeaderPrivacy:
 
     def exhausted(self) -> str | None:
         """Why the next round may not run (it would spend more than --dp-target-epsilon), or None."""
-        target = self.config.dp_target_epsilon
+        target = self.target
         if not target:
             return None
         after = self.accountant.epsilon_after(self.config.dp_noise_multiplier, self.sample_rate)
@@ -50,4 +53,4 @@ class LeaderPrivacy:
     def checkpoint(self) -> dict:
         """What a resume needs to report the same epsilon and clip as an uninterrupted run."""
         clip = {"clip": self.mechanism.clip} if self.mechanism is not None else {}
-        return {"privacy": {"accountant": self.accountant.state(), **clip}}
+        return {"privacy": {"accountant": self.accountant.state(), "target_epsilon": self.target, **clip}}

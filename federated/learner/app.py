@@ -2,6 +2,7 @@
 report evaluations, and rejoin after losing the leader, until the leader's final state."""
 
 import logging
+import math
 import time
 import typing
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from federated.learner.state import Replica
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
 from federated.privacy import dp
+from federated.privacy.local import Budget
 from federated.wire import codec, messages
 
 log = logging.getLogger("learner")
@@ -56,6 +58,8 @@ class Member:
         self.learner_id = self.register(deadline)
         self.data = self.hold(self.fetch_shard() if own is None else own)
         self.sent_round = -1  # the round of the last update sent
+        self.budget = Budget(config.max_epsilon)  # local DP: what it has spent, and may
+        self.refusal: str | None = None  # why it sat the last round out, for the budget
 
     def hold(self, data: utils.ImageSet) -> utils.ImageSet:
         """data, to train on from now on: the states this learner admits are checked on its size, the one it holds
@@ -100,6 +104,27 @@ class Member:
         self.session.limits.check_plan(self.replica.plan, batch_size)
         return self.replica.plan.for_shard(len(self.data), batch_size)
 
+    def within_budget(self, round_index: int) -> bool:
+        """Whether this learner trains the round: under local differential privacy, only if its own accountant
+        stays within --max-epsilon (whatever the leader asks). A round sat out is not tried again; the leader
+        waits for it as for any missing update (--round-timeout), and goes on without it."""
+        refusal = self.budget.refusal(self.round_plan(), len(self.data), self.replica.info.batch_size)
+        if refusal is not None:
+            if refusal != self.refusal:
+                log.warning("round %d: this learner sits the round out: %s", round_index, refusal)
+            self.sent_round = round_index
+        self.refusal = refusal
+        return refusal is None
+
+    def charge(self, round_index: int, plan: TrainingPlan) -> None:
+        """Under local differential privacy, charge the round's DP-SGD steps to this learner's own accountant."""
+        if plan.dp != "local":
+            return
+        epsilon = self.budget.charge(plan, len(self.data), self.replica.info.batch_size)
+        if round_index % self.config.log_every == 0:
+            delta = self.budget.delta
+            log.info("round %d: spent epsilon %.3f at delta %.3g (local DP-SGD)", round_index, epsilon, delta)
+
     def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
         """Send the round's update (the replica's update vector, trained by plan: round_plan's) with what it claims:
         samples, loss, kind, steps. An update that holds NaN or Inf (as it travels) is not sent: only the leader's
@@ -117,6 +142,8 @@ class Member:
             )
             return
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
+        if plan.dp == "local":  # the loss is no DP-SGD output, and would tell of the data: the leader gets none
+            loss = 0.0 if plan.secure is not None else math.nan  # (a secure round sums it: 0, as distributed DP's)
         if plan.secure is not None:  # never a plain update in a secure round
             request = self.masked_input(round_index, batch * plan.local_steps, loss, plan)
             if request is None:
@@ -209,9 +236,15 @@ class Member:
             round_started = time.perf_counter()
             # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news;
             # nobody trains before a leader without data has settled the normalisation
-            if replica.plan.takes_part(self.learner_id) and replica.round != self.sent_round and replica.normalised:
+            if (
+                replica.plan.takes_part(self.learner_id)
+                and replica.round != self.sent_round
+                and replica.normalised
+                and self.within_budget(replica.round)
+            ):
                 plan = self.round_plan()
                 loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
+                self.charge(replica.round, plan)
                 compute_seconds += time.perf_counter() - round_started
                 self.send_update(replica.round, loss, plan)
                 started = time.perf_counter()  # the next batch does not depend on the new weights
@@ -317,6 +350,8 @@ class Learner:
                 final = joined.train_until_final()
             finally:
                 joined.stop()
+            if spent := joined.budget.summary():
+                log.info("%s (local differential privacy)", spent)
         else:
             final = joined
         how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from federated.common.flags import (
     FRACTION,
+    NOT_NEGATIVE,
     POSITIVE,
     Bounds,
     CommandLine,
@@ -37,6 +38,8 @@ GROUPS = {
     "timeouts": "Every wait is bounded; these say how long.",
     "limits": "What this learner takes on for its leader, checked on each model state and shard before anything "
     "is allocated: a leader that asks for more is refused (exit 2) with the flag that would allow it.",
+    "privacy": "What this learner spends of its data's privacy, whatever the leader asks "
+    "(docs/differential-privacy.md).",
     "security": "",
 }
 
@@ -138,6 +141,15 @@ class LearnerConfig(SecurityFlags, Config):
         bounds=POSITIVE,
         metavar="GIB",
         default_text="this machine's memory, and its GPU's when it trains on one",
+    )
+    max_epsilon: float = option(
+        0.0,
+        "under the leader's --dp local: sit out every round that would take this learner's own spent epsilon "
+        "(its DP-SGD steps, at the leader's --dp-delta or 1 / its shard's size if smaller) past this, and every "
+        "round without local differential privacy (0: no limit, and it trains as the leader asks)",
+        group="privacy",
+        bounds=NOT_NEGATIVE,
+        metavar="EPSILON",
     )
 
     leader_name: str = option(

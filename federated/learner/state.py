@@ -13,7 +13,8 @@ from federated.core.checks import TensorSpec
 from federated.core.layout import GradientLayout, control_name, wire_state
 from federated.core.plan import TrainingPlan
 from federated.core.strategies.scaffold import Controls
-from federated.core.training import Batch, Evaluation, evaluate
+from federated.core.training import Backward, Batch, Evaluation, evaluate
+from federated.privacy import local
 from federated.wire import codec, messages
 from model import build_model
 
@@ -97,6 +98,8 @@ class Replica:
         # The update vector keeps the last update until the next local update, which comes after the state that
         # settles its SCAFFOLD control change (adopt).
         self.gradient = torch.zeros(self.layout.size, device=self.device)
+        self.examples: torch.nn.Module | None = None  # the model hooked for per-example gradients (local DP)
+        self.noise: torch.Generator | None = None  # local DP's noise, seeded by this learner alone
         self.adopt(state)
         self.layout.bind_gradients(self.gradient)  # after adopting: it took the state's tensors over
 
@@ -116,6 +119,8 @@ class Replica:
         self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
         if strategies.named(self.plan.strategy).controls != (self.controls is not None):
             raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
+        if self.plan.dp == "local":  # refused at once for a model that cannot give it
+            self.hook_examples()
         if self.controls is not None:
             committed = self.controls.adopt(
                 torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters]),
@@ -126,6 +131,25 @@ class Replica:
             )
             if committed is False:
                 log.info("round %d: the leader did not apply this learner's control change; it is dropped", info.round)
+
+    def hook_examples(self) -> None:
+        """Hook the model for DP-SGD's per-example gradients, once; PayloadError for a model that cannot give them."""
+        if self.examples is not None:
+            return
+        try:
+            self.examples = local.hook_examples(self.model)
+        except ValueError as error:
+            raise codec.PayloadError(f"the leader asks for local differential privacy: {error}") from None
+
+    def backward(self, plan: TrainingPlan) -> Backward:
+        """How the round's steps compute their gradients: DP-SGD's when the plan asks for local differential
+        privacy (the noise from a generator of this learner's own), else the mean loss's."""
+        if plan.dp != "local":
+            return Backward()
+        self.hook_examples()
+        if self.noise is None:
+            self.noise = local.fresh_generator(self.device)
+        return local.ExampleGradients(plan.dp_clip, plan.dp_noise_multiplier, self.noise)
 
     def take_final(self, state: codec.Payload) -> None:
         """The leader's last state: its weights and normalisation (a learner sampling never drew may not have had
@@ -147,7 +171,9 @@ class Replica:
         """Fill the update vector with this round's update (the strategy's local_update from the model, following
         plan: the round's, as this learner's data makes it); the mean training loss. batch_at(k) is the round's
         k-th batch."""
-        return self.strategy.local_update(self.model, self.layout, self.gradient, batch_at, plan, self.controls)
+        return self.strategy.local_update(
+            self.model, self.layout, self.gradient, batch_at, plan, self.controls, self.backward(plan)
+        )
 
     def update_tensors(self) -> dict[str, torch.Tensor]:
         """The update vector as it travels."""

@@ -170,6 +170,13 @@ class LearnerRound:
         self._round: int | None = None
         self._phase = 0  # the last phase answered in this round
         self._masked_sent = False
+        # the round's secrets and what the leader named, set phase by phase (empty before it)
+        self._cipher_key, self._mask_key, self._seed = b"", b"", b""
+        self._own_keys = learner_pb2.SecAggKeys()
+        self._keys: dict[int, learner_pb2.SecAggKeys] = {}
+        self._threshold = 0
+        self._plaintexts: dict[int, bytes] = {}
+        self._shared: frozenset[int] = frozenset()
 
     @property
     def threshold(self) -> int:

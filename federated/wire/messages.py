@@ -155,7 +155,12 @@ def _dp_to_metadata(plan: TrainingPlan) -> dict[str, str]:
     """A plan's differential privacy fields: none without --dp, so that other runs' states stay byte for byte."""
     if plan.dp == "none":
         return {}
-    return {"dp": plan.dp, "dp_clip": repr(plan.dp_clip), "dp_noise_multiplier": repr(plan.dp_noise_multiplier)}
+    return {
+        "dp": plan.dp,
+        "dp_clip": repr(plan.dp_clip),
+        "dp_noise_multiplier": repr(plan.dp_noise_multiplier),
+        "dp_delta": repr(plan.dp_delta),
+    }
 
 
 def _dp_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
@@ -169,6 +174,7 @@ def _dp_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
         "dp": mode,
         "dp_clip": _positive(metadata, "dp_clip", MAX_DP_CLIP),
         "dp_noise_multiplier": _positive(metadata, "dp_noise_multiplier", MAX_DP_NOISE_MULTIPLIER),
+        "dp_delta": _positive(metadata, "dp_delta", math.nextafter(1.0, 0.0)),  # --dp-delta's bounds: (0, 1)
     }
 
 

@@ -14,7 +14,7 @@ from federated.leader.privacy import LeaderPrivacy
 from federated.privacy.dp import CentralMechanism, adjusted_noise_multiplier, gaussian, noise_share_std
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo
-from tests.support.live import leader_from
+from tests.support.live import leader_config, leader_from
 from tests.support.privacy import independent_epsilon
 
 
@@ -163,22 +163,26 @@ def test_a_resumed_run_reports_the_epsilon_and_clip_of_an_uninterrupted_one(tmp_
     assert all(record["dp_clip"] > 0 for record in got)
 
 
-def test_the_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it_checkpointed(tmp_path):
+def test_the_target_epsilon_makes_the_last_round_the_one_before_it_would_be_exceeded_and_a_resume_ends_at_once(
+    tmp_path,
+):
     target = independent_epsilon([(1.5, 1.0, 3)], 1e-5) * 1.001  # three rounds fit, a fourth would not
     leader = leader_from([*DP_RUN, "--out", str(tmp_path), "--dp-target-epsilon", str(target)])
     play_rounds(leader, range(3))
-    metrics = MetricsLog(tmp_path / "metrics.jsonl", append=True)
-    assert leader.rounds.train(metrics) == 3  # (it would wait for round 4's update, were it to open it)
     assert leader.rounds.budget_spent and "--dp-target-epsilon" in leader.rounds.budget_spent
-    leader.end_within_budget(3, leader.rounds.budget_spent, metrics)
-    metrics.close()
+    # round 3 ended the run as a last round ends: evaluated, model.pt, checkpointed, the final state pushed
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["round"] == 3 and saved["privacy"]["accountant"] == [(1.5, 1.0, 3)]
     assert (tmp_path / "model.pt").exists()
     assert StateInfo.from_payload(codec.decode(leader.global_model.encoded_state)).finished
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert records[-1]["round"] == 3 and "test_accuracy" in records[-1]  # the final evaluation
+    assert [record["round"] for record in records if "test_accuracy" in record][-1] == 3
     assert round_records(tmp_path / "metrics.jsonl")[-1]["epsilon"] <= target
+    resumed = leader_from(["--resume", str(tmp_path)])
+    metrics = MetricsLog(tmp_path / "metrics.jsonl", append=True)
+    assert resumed.rounds.train(metrics) == 3 and resumed.rounds.budget_spent  # no round opened: none waited for
+    metrics.close()
+    assert StateInfo.from_payload(codec.decode(resumed.global_model.encoded_state)).finished
 
 
 @pytest.mark.parametrize(("learners", "per_round", "rate"), [(10, 0, 1.0), (10, 3, 0.3)])
@@ -188,3 +192,23 @@ def test_the_leader_charges_each_round_at_the_sampling_rate_of_its_learners(lear
     records = [privacy.charge_round() for _ in range(4)]
     assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.0, rate, 4)], 1e-5), rel=1e-12)
     assert records[0]["epsilon"] < records[-1]["epsilon"]
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--dp", "central", "--aggregator", "median", "--learners", "3"], "--dp needs --aggregator mean"),
+        (["--dp", "central", "--clip-norm", "1"], "leave out --clip-norm"),
+        (["--dp", "central", "--secure-aggregation", "--learners", "3"], "use --dp distributed"),
+        (["--dp", "distributed"], "--dp distributed needs --secure-aggregation"),
+        (["--dp", "distributed", "--secure-aggregation", "--learners", "3", "--dp-clip-quantile", "0.5"], "only with"),
+        (["--dp", "central", "--strategy", "scaffold"], "control variates would reach the leader"),
+        (["--dp", "central", "--norm", "batch"], "keeps running statistics"),
+        (["--dp-target-epsilon", "3"], "--dp-target-epsilon needs --dp central or distributed"),
+        (["--dp", "local", "--dp-target-epsilon", "3"], "each learner stops at its own"),
+    ],
+)
+def test_what_dp_cannot_be_combined_with_is_refused_saying_why(flags, refused, capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--dataset", "synthetic", "--norm", "group", *flags])
+    assert refused in capsys.readouterr().err

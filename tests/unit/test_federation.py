@@ -375,3 +375,31 @@ def test_an_honest_learner_given_up_on_after_a_pause_is_drawn_and_waited_for_aga
     assert play_drawn(paused_in_time=True) == [0, 1, 2]  # and waited for: its update counts
     assert rounds.registry.given_up() == [] and rounds.learners.pushed[-1] == [0, 1, 2]
     assert misses_left(rounds.registry, 2) == MAX_MISSED_ROUNDS  # its record is clear
+
+
+class CommitsAll:
+    """A secure round's setup that commits every learner it is given (the protocol itself: test_secure_rounds)."""
+
+    def __init__(self) -> None:
+        self.begun: list[list[int]] = []
+
+    def begin(self, round_index, members, unable):
+        self.begun.append(sorted(members))
+        return sorted(members)
+
+
+def test_a_secure_round_waits_for_three_learners_taking_joiners_and_stalls_without_them(tmp_path, background):
+    rounds = rounds_of(tmp_path, "--learners", "3", "--secure-aggregation")
+    rounds.federation.secure = secure = CommitsAll()  # type: ignore[assignment]
+    join(rounds, 1, 2)
+    opening = background.submit(rounds.federation.open)
+    time.sleep(0.1)
+    assert not opening.done() and secure.begun == [], "two learners: the phases wait"
+    join(rounds, 3)
+    opening.result(timeout=PATIENCE_S)
+    assert secure.begun == [[0, 1, 2]], "the joiner takes part"
+    stalling = rounds_of(tmp_path / "stall", "--learners", "3", "--secure-aggregation", register_s=STALL_S)
+    stalling.federation.secure = CommitsAll()  # type: ignore[assignment]
+    join(stalling, 1, 2)
+    with pytest.raises(Stalled, match="fewer than 3 learners for a secure round"):
+        stalling.federation.open()

@@ -8,8 +8,9 @@ import pytest
 from tests.support.processes import ROOT
 
 PACKAGE = ROOT / "federated"
-# Bottom to top. leader and learner are one level: both sit on net, neither imports the other.
-LAYERS = ["common", "core", "wire", "net", "leader|learner", "tools"]
+# Bottom to top. leader and learner are one level: both sit on net, neither imports the other. privacy is
+# arithmetic like core, on its level: each uses the other (DP-SGD builds on training, aggregation on DP noise).
+LAYERS = ["common", "core|privacy", "wire", "net", "leader|learner", "tools"]
 BASE = ("model", "utils")  # the design card's modules at the top, which users edit: they import nothing of ours
 
 

@@ -18,7 +18,7 @@ from federated.common.registry import Registry
 from federated.core.layout import GradientLayout
 from federated.core.plan import TrainingPlan, steps_for_epochs
 from federated.core.steps import GuardedStep
-from federated.core.training import Batch, LocalHooks, train_locally
+from federated.core.training import Backward, Batch, LocalHooks, train_locally
 
 # The default learning rate, BASE_LR at a batch of REFERENCE_BATCH images, scaled linearly with the batch (Goyal et
 # al. 2017's rule): FedSGD's batch is every learner's together, a local step's one learner's.
@@ -107,9 +107,10 @@ class Strategy:
         batch_at: Callable[[int], Batch],
         plan: TrainingPlan,
         controls: Any = None,
+        backward: Backward = Backward(),
     ) -> float:
         """A learner's round: fill flat (bound with layout.bind_gradients) with its update; return the mean
-        training loss. batch_at(k) is the round's k-th batch."""
+        training loss. batch_at(k) is the round's k-th batch; backward computes each step's gradient."""
         raise NotImplementedError
 
 
@@ -214,8 +215,9 @@ class LocalTraining(Strategy):
         batch_at: Callable[[int], Batch],
         plan: TrainingPlan,
         controls: Any = None,
+        backward: Backward = Backward(),
     ) -> float:
-        return train_locally(model, layout, flat, batch_at, plan, cls.hooks(layout, plan, controls))
+        return train_locally(model, layout, flat, batch_at, plan, cls.hooks(layout, plan, controls), backward)
 
 
 class Proximal(LocalHooks):

@@ -11,7 +11,7 @@ from federated.core.layout import GradientLayout
 from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep, make_optimizer
 from federated.core.strategies.base import BASE_LR, REFERENCE_BATCH, Strategy, registry
-from federated.core.training import Batch, compute_gradient
+from federated.core.training import Backward, Batch, compute_gradient
 
 
 @registry.register("fedsgd")
@@ -63,5 +63,6 @@ class FedSGD(Strategy):
         batch_at: Callable[[int], Batch],
         plan: TrainingPlan,
         controls: Any = None,
+        backward: Backward = Backward(),
     ) -> float:
-        return compute_gradient(model, layout, flat, *batch_at(0))
+        return compute_gradient(model, layout, flat, *batch_at(0), backward)
