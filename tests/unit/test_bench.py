@@ -31,6 +31,9 @@ KEYS = [
     "norms",
     "defaults",
     "links",
+    "secagg_overhead",
+    "secagg_accuracy",
+    "dp_accuracy",
 ]  # results.json's keys, as ever
 
 
@@ -47,6 +50,9 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "norms",
         "defaults",
         "links",
+        "secagg_overhead",
+        "secagg_accuracy",
+        "dp_accuracy",
     ]
 
 
@@ -313,6 +319,42 @@ def every_figure(tmp_path: Path) -> dict:
                 "resnet20 fedsgd float32 @ 100mbit": link_row(records, dict.fromkeys(range(2, 10), 0.5), 100_000_000)
             }
         },
+        "secagg_overhead": {
+            "value": {"bytes_ratio": 1.01, "seconds_ratio": 1.2},
+            "by_learners": {
+                "3": {
+                    "plain": {"bytes_per_round": 6_500_000, "round_s": spread(0.5)},
+                    "secure": {"bytes_per_round": 6_600_000, "round_s": spread(0.6)},
+                    "bytes_ratio": 1.01,
+                    "seconds_ratio": 1.2,
+                }
+            },
+            "rounds": 10,
+            "image_size": 16,
+        },
+        "secagg_accuracy": {
+            "value": 0.004,
+            "plain": 0.95,
+            "secure": 0.946,
+            "learners": 5,
+            "epochs": 10,
+            "image_size": 16,
+        },
+        "dp_accuracy": {
+            "value": {
+                "digits": {
+                    "none": {"accuracy": 0.9, "epsilon_spent": None},
+                    "central": {
+                        "1.0": {"accuracy": 0.5, "epsilon_spent": 0.98},
+                        "3.0": {"accuracy": None, "epsilon_spent": None, "stopped": "5 rounds in a row were discarded"},
+                    },
+                }
+            },
+            "learners": 10,
+            "epochs": 10,
+            "image_size": 16,
+            "delta": 1e-5,
+        },
     }
     assert list(results) == KEYS
     return {key: {**value, "measured": measured()} for key, value in results.items()}
@@ -323,6 +365,8 @@ def test_the_page_dates_every_figure_measured_and_marks_the_others_hand_recorded
     written = page.render(results)
     assert page.HAND not in written and written.count("2026-12-05 04:50 UTC") > len(registry.FIGURES)
     assert "`python bench.py --headline`" in written and "1.50 / 1.20 / 1.00" in written
+    assert "| digits | `central` | 0.5000 (0.98) | stopped | - | 0.9000 (-) |" in written
+    assert "Stopped: 5 rounds in a row were discarded" in written
     earlier = page.render({key: results[key] for key in ("serialization_gbps",)})
     assert earlier.count("## `") == len(registry.FIGURES)
     assert f"2026-11-30 {page.HAND}" in earlier and f"2026-11-28 {page.HAND}" in earlier

@@ -345,6 +345,78 @@ def link_rows(results: dict) -> Table:
     return Table(rows, [])
 
 
+def secagg_overhead_rows(results: dict) -> Table:
+    result = results["secagg_overhead"]
+    rows = [
+        [
+            str(count),
+            f"{row['plain']['bytes_per_round'] / 1e6:.2f}",
+            f"{row['secure']['bytes_per_round'] / 1e6:.2f}",
+            f"{row['bytes_ratio']:.3f}",
+            f"{row['plain']['round_s']['median']:.3f}",
+            f"{row['secure']['round_s']['median']:.3f}",
+            f"{row['seconds_ratio']:.3f}",
+        ]
+        for count, row in result["by_learners"].items()
+    ]
+    note = (
+        f"FedSGD, ResNet-20, synthetic set at {result['image_size']} px, {result['rounds']} rounds a run: medians "
+        "per round, the first rounds (connections, and key agreement) left out."
+    )
+    return Table(rows, [note])
+
+
+def secagg_accuracy_rows(results: dict) -> Table:
+    result = results["secagg_accuracy"]
+    rows = [[f"{result['plain']:.4f}", f"{result['secure']:.4f}", f"{result['value']:+.4f}"]]
+    note = (
+        f"FedAvg, {result['learners']} learners, {result['epochs']:g} epochs of the digits at {result['image_size']} "
+        "px: final test accuracy."
+    )
+    return Table(rows, [note])
+
+
+def dp_accuracy_rows(results: dict) -> Table:
+    result = results["dp_accuracy"]
+    rows = [
+        [
+            dataset,
+            f"`{mode}`",
+            *(dp_cell(cells.get(epsilon)) for epsilon in ("1.0", "3.0", "8.0")),
+            dp_cell(runs["none"]),
+        ]
+        for dataset, runs in result["value"].items()
+        for mode, cells in runs.items()
+        if mode != "none"
+    ]
+    note = (
+        f"FedAvg with --norm group, {result['learners']} learners, {result['epochs']:g} epochs at "
+        f"{result['image_size']} px, delta {result['delta']:g}, the noise multiplier that spends each epsilon over "
+        "the run: final test accuracy (the epsilon the run reports spent; local: the most any learner logs)."
+    )
+    stopped = sorted(
+        {
+            cell["stopped"]
+            for runs in result["value"].values()
+            for mode, cells in runs.items()
+            if mode != "none"
+            for cell in cells.values()
+            if "stopped" in cell
+        }
+    )
+    return Table(rows, [note, *(f"Stopped: {reason}" for reason in stopped)])
+
+
+def dp_cell(cell: dict | None) -> str:
+    """One cell of the dp_accuracy table: accuracy (epsilon spent)."""
+    if cell is None:
+        return "-"
+    if cell["accuracy"] is None:
+        return "stopped"
+    spent = "-" if cell["epsilon_spent"] is None else f"{cell['epsilon_spent']:.2f}"
+    return f"{cell['accuracy']:.4f} ({spent})"
+
+
 RENDER: dict[str, Callable[[dict], Table]] = {
     "model_transfer_ratio": transfer_rows,
     "round_overhead": round_rows,
@@ -356,6 +428,9 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "norms": norm_rows,
     "defaults": defaults_rows,
     "links": link_rows,
+    "secagg_overhead": secagg_overhead_rows,
+    "secagg_accuracy": secagg_accuracy_rows,
+    "dp_accuracy": dp_accuracy_rows,
 }
 HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow them
     "model_transfer_ratio": [
@@ -400,4 +475,15 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
         "update (MB)",
         "states to the learners (MB)",
     ],
+    "secagg_overhead": [
+        "learners",
+        "plain (MB a round)",
+        "secure (MB a round)",
+        "bytes ratio",
+        "plain round (s)",
+        "secure round (s)",
+        "time ratio",
+    ],
+    "secagg_accuracy": ["plain", "secure aggregation", "plain minus secure"],
+    "dp_accuracy": ["dataset", "--dp", "ε 1", "ε 3", "ε 8", "no DP"],
 }

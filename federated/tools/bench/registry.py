@@ -17,6 +17,11 @@ def learner_counts(text: str) -> list[int]:
     return [int(count) for count in text.split(",")]
 
 
+def names(text: str) -> list[str]:
+    """A list of names separated by commas (--dp-modes, --dp-datasets)."""
+    return text.split(",")
+
+
 @dataclass(frozen=True)
 class Setting:
     """A command-line flag that sets a parameter of one or more figures."""
@@ -49,6 +54,12 @@ NON_IID_DATASET = Setting(
 )
 NORM_EPOCHS = Setting("--norm-epochs", float, 20, "epochs of each run of the norms table")
 NORM_IMAGE_SIZE = Setting("--norm-image-size", int, 8, "image size of the norms table (8: the digits' own)")
+SECAGG_LEARNERS = Setting("--secagg-learners", learner_counts, "3,5,10", "learner counts of secagg_overhead")
+SECAGG_ROUNDS = Setting("--secagg-rounds", int, 10, "FedSGD rounds of each secagg_overhead run")
+PRIVACY_EPOCHS = Setting("--privacy-epochs", float, 10, "epochs of each run of secagg_accuracy and dp_accuracy")
+PRIVACY_IMAGE_SIZE = Setting("--privacy-image-size", int, 16, "image size of the privacy figures' runs")
+DP_MODES = Setting("--dp-modes", names, "central,distributed,local", "the --dp modes of dp_accuracy")
+DP_DATASETS = Setting("--dp-datasets", names, "synthetic,digits", "the datasets of dp_accuracy")
 SETTINGS = (
     REPEATS,
     ROUNDS,
@@ -58,6 +69,12 @@ SETTINGS = (
     NON_IID_DATASET,
     NORM_EPOCHS,
     NORM_IMAGE_SIZE,
+    SECAGG_LEARNERS,
+    SECAGG_ROUNDS,
+    PRIVACY_EPOCHS,
+    PRIVACY_IMAGE_SIZE,
+    DP_MODES,
+    DP_DATASETS,
 )  # in --help's order
 
 WORK = object()  # a parameter that receives the figures' work folder (OUT/work: the runs' logs)
@@ -224,6 +241,49 @@ FIGURES = (
         "outgoing link limited to 100 Mbit/s or 1 Gbit/s, against the bound of the same rounds: their "
         "compute plus their measured bytes at the link's rate",
         params={"work": WORK},
+    ),
+    Figure(
+        "secagg_overhead",
+        "privacy",
+        "secagg_overhead",
+        headline=False,
+        target="≤ 1.15 × bytes and ≤ 1.25 × time at 10 learners",
+        measures="FedSGD rounds with ResNet-20 on the synthetic set and 3, 5 and 10 learner processes under "
+        "--secure-aggregation against plain rounds: bytes (both ways, as the leader records them) and seconds per "
+        "round",
+        params={
+            "work": WORK,
+            "counts": SECAGG_LEARNERS,
+            "rounds": SECAGG_ROUNDS,
+            "image_size": PRIVACY_IMAGE_SIZE,
+        },
+    ),
+    Figure(
+        "secagg_accuracy",
+        "privacy",
+        "secagg_accuracy",
+        headline=False,
+        target="≤ 0.01 below the plain run",
+        measures="FedAvg on the digits among 5 learners under --secure-aggregation against the plain run of the "
+        "same schedule: final test accuracy",
+        params={"work": WORK, "learners": 5, "epochs": PRIVACY_EPOCHS, "image_size": PRIVACY_IMAGE_SIZE},
+    ),
+    Figure(
+        "dp_accuracy",
+        "privacy",
+        "dp_accuracy",
+        headline=False,
+        target="reported",
+        measures="FedAvg (--norm group) among 10 learners with each --dp mode at epsilons 1, 3 and 8 (delta 1e-5: "
+        "the noise multiplier that spends it over the run) and without DP, on the synthetic set and the digits: "
+        "final test accuracy and the epsilon the run reports spent",
+        params={
+            "work": WORK,
+            "epochs": PRIVACY_EPOCHS,
+            "image_size": PRIVACY_IMAGE_SIZE,
+            "datasets": DP_DATASETS,
+            "modes": DP_MODES,
+        },
     ),
 )
 
