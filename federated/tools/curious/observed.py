@@ -7,6 +7,7 @@ import torch
 
 import utils
 from federated.core.layout import wire_state
+from federated.leader.secure import PHASES, UNMASK
 from federated.learner.state import Replica
 from federated.privacy import secagg
 from federated.wire import codec, messages
@@ -76,12 +77,12 @@ def quantisation(learners: int, clip_range: float = CLIP_RANGE) -> secagg.Quanti
 
 def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """What a leader receives from learners under secure aggregation, one learner per update (flat float vectors,
-    one sample each): every learner's masked input (int32) from an honest round of the protocol (phases 1 to 3,
-    then the masked inputs, then phase 4), and the mean of the updates the leader unmasks (float32)."""
+    one sample each): every learner's masked input (int32) from an honest round of the protocol (phases 1 to 4,
+    then the masked inputs, then phase 5), and the mean of the updates the leader unmasks (float32)."""
     ids = list(range(1, len(updates) + 1))
     leader = secagg.LeaderRound(round_index, ids, threshold=len(ids) // 2 + 1, size=updates[0].numel() + 2)
     learners = {learner_id: secagg.LearnerRound(learner_id) for learner_id in ids}
-    for phase in (1, 2, 3):
+    for phase in PHASES:
         for learner_id, learner in learners.items():
             leader.take(phase, learner_id, learner.answer(leader.request(phase, learner_id)))
     quantised = quantisation(len(ids))
@@ -91,5 +92,5 @@ def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[li
     for learner_id, vector in zip(ids, masked):
         leader.add_masked(learner_id, vector)
     for learner_id, learner in learners.items():
-        leader.take(4, learner_id, learner.answer(leader.request(4, learner_id)))
-    return masked, quantised.dequantise(leader.unmask())[0]
+        leader.take(UNMASK, learner_id, learner.answer(leader.request(UNMASK, learner_id)))
+    return masked, quantised.dequantise(leader.unmask(), len(ids))[0]
