@@ -181,7 +181,14 @@ class Member:
         much as any other and gives no loss, so that the sum reveals nothing un-noised but the count of its
         learners, which the leader knows anyway (DP-FedAvg's equal weights: the sum's sensitivity is the clip)."""
         secure = typing.cast(SecureRound, plan.secure)
-        if not self.server.secure.wait_committed(round_index, self.config.wait_timeout):
+        if not self.server.secure.wait_committed(
+            round_index, self.config.wait_timeout, stop=self.server.inbox.has_final
+        ):
+            if self.server.inbox.has_final():
+                log.info(
+                    "round %d: the leader ended the run before this learner's secure round was committed", round_index
+                )
+                return None
             log.warning(
                 "round %d: the leader did not commit this learner to the secure round in time; it sits the round "
                 "out (a plain update would show the leader its update)",

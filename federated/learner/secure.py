@@ -8,6 +8,8 @@ Thread-safe: one lock around the protocol's state, one condition for the commit 
 import dataclasses
 import math
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +18,7 @@ from federated.net.rpc import learner_pb2
 from federated.privacy import dp, secagg
 
 COMMIT = 4  # the phase after which masked inputs may be sent
+STOP_CHECK_S = 0.5  # how often a wait for the commit looks whether the run ended
 
 
 class SecureParty:
@@ -46,11 +49,17 @@ class SecureParty:
             self._changed.notify_all()
             return reply
 
-    def wait_committed(self, round_index: int, timeout: float) -> bool:
+    def wait_committed(self, round_index: int, timeout: float, stop: Callable[[], bool] = lambda: False) -> bool:
         """Whether the leader committed this learner to round_index, waiting at most timeout seconds (no longer
-        once the leader started a later round with it)."""
+        once the leader started a later round with it, or stop() says there is no point: the leader ended the run
+        mid-round, and no commit will come)."""
+        deadline = time.monotonic() + timeout
         with self._changed:
-            self._changed.wait_for(lambda: self._committed == round_index or self._latest > round_index, timeout)
+            while not (self._committed == round_index or self._latest > round_index or stop()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(min(left, STOP_CHECK_S))
             return self._committed == round_index
 
     def masked_input(

@@ -3,6 +3,7 @@ objects (a fake client hands each phase's request to them), masked inputs counte
 unmasked mean against the plain one; the flags it refuses; what the leader receives from one learner, captured."""
 
 import dataclasses
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -426,3 +427,15 @@ def test_a_round_discarded_after_unmasking_was_revealed_one_discarded_before_was
     rounds, collector, _ = secure_round(fedsgd, participants, FakeClient(participants))
     outcome = rounds.finish([], members(5), quantisation, out)
     assert not collector.close(out, outcome).released  # nothing unmasked: nothing to charge
+
+
+def test_a_learner_waiting_for_its_commit_stops_waiting_when_the_run_ends():
+    # a leader that stops mid-round (or at --dp-target-epsilon) commits nobody: the learner's wait ends with the run,
+    # not after --wait-timeout (it had waited the whole 10 minutes)
+    party, ended, result = SecureParty(), threading.Event(), []
+    party.bind(0)
+    waiting = threading.Thread(target=lambda: result.append(party.wait_committed(3, 600.0, stop=ended.is_set)))
+    waiting.start()
+    ended.set()
+    waiting.join(30)
+    assert not waiting.is_alive() and result == [False]
