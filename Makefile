@@ -32,11 +32,14 @@ demo: install
 	$(PY) launch.py --demo
 
 # Tiers are folders of tests/ (unit, service, e2e), marked by tests/conftest.py; pyproject.toml configures pytest.
+# Unit and service tests run on two workers (pytest-xdist: each test owns its ports and files), end-to-end tests one
+# at a time (their processes share the cores, and their deadlines assume they have them).
 test: install
-	$(PY) -m pytest -q -m "not long"
+	$(PY) -m pytest -q -n 2 -m "(unit or service) and not long"
+	$(PY) -m pytest -q -m "e2e and not long"
 
 test-fast: install
-	$(PY) -m pytest -q -m "(unit or service) and not long"
+	$(PY) -m pytest -q -n 2 -m "(unit or service) and not long"
 
 test-long: install
 	$(PY) -m pytest -q -m long
