@@ -134,6 +134,11 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         ) from None
     dp = _dp_from_metadata(metadata)
     secure = secure_from_metadata(metadata)
+    if dp.get("dp") == "distributed" and secure is None:  # its noise is only ever added to a masked input
+        raise codec.PayloadError(
+            "metadata 'dp' is distributed without a secure round: the update would go to the leader in the clear, "
+            "without noise"
+        )
     if not strategy.local:
         return TrainingPlan(participants=chosen, evaluate=evaluate, secure=secure, **dp)
     return TrainingPlan(

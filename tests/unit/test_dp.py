@@ -38,7 +38,8 @@ def test_a_plan_without_dp_carries_no_dp_field(strategy):
 @pytest.mark.parametrize("strategy", ["fedsgd", "fedavg"])
 @pytest.mark.parametrize("mode", ["central", "distributed", "local"])
 def test_a_dp_plan_tells_learners_the_mode_clip_and_noise(strategy, mode):
-    plan = planned(strategy=strategy, dp=mode, dp_clip=0.5, dp_noise_multiplier=1.3)
+    secure = {"secure_aggregation": True, "learners": 3} if mode == "distributed" else {}
+    plan = planned(strategy=strategy, dp=mode, dp_clip=0.5, dp_noise_multiplier=1.3, **secure)
     assert (plan.dp, plan.dp_clip, plan.dp_noise_multiplier) == (mode, 0.5, 1.3)
     assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
 
@@ -51,6 +52,9 @@ def test_a_dp_plan_tells_learners_the_mode_clip_and_noise(strategy, mode):
         {"dp": "local", "dp_clip": "0", "dp_noise_multiplier": "1.0"},
         {"dp": "local", "dp_clip": "1.0", "dp_noise_multiplier": "nan"},
         {"dp": "local", "dp_clip": "1.0", "dp_noise_multiplier": "1e9"},
+        # distributed noise is only ever added to a masked input: without a secure round the update would go in
+        # the clear, un-noised, whatever the learner's --min-noise-multiplier (review)
+        {"dp": "distributed", "dp_clip": "1.0", "dp_noise_multiplier": "5.0", "dp_delta": "1e-05"},
     ],
 )
 def test_malformed_dp_fields_are_refused(fields):
