@@ -7,6 +7,7 @@ learner's --budget-file) resumes to exactly the epsilon an uninterrupted run rep
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -60,16 +61,25 @@ def _epsilon(history: History, delta: float) -> float:
 
 
 def read_history(path: Path) -> History:
-    """The accountant's history that write_history kept in path; ValueError if it holds none."""
+    """The accountant's history that write_history kept in path; ValueError if it holds none: every entry a
+    finite noise multiplier above 0, a sample rate in (0, 1] and a whole number of steps of at least 1 (a negative
+    count, or a NaN that Opacus' analysis never finishes on, would make the budget spend less than it did)."""
     try:
-        return [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in json.loads(path.read_text())]
+        history = [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in json.loads(path.read_text())]
     except (ValueError, TypeError) as error:
         raise ValueError(f"--budget-file {path} holds no budget of this learner's ({error})") from error
+    for sigma, rate, steps in history:
+        if not (math.isfinite(sigma) and sigma > 0 and 0 < rate <= 1 and steps >= 1):
+            raise ValueError(
+                f"--budget-file {path} holds no budget of this learner's: an entry of noise multiplier {sigma}, "
+                f"sample rate {rate} and {steps} steps"
+            )
+    return history
 
 
 def write_history(history: History, path: Path) -> None:
     """The history into path, whole or not at all (a temporary file, flushed to disk, renamed over it)."""
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two learners given one path never share it
     with open(temporary, "w") as file:
         json.dump(history, file)
         file.flush()

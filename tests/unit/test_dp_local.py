@@ -209,3 +209,14 @@ def test_a_budget_file_keeps_the_spent_epsilon_across_restarts_and_a_foreign_fil
         learner_config(["--budget-file", str(tmp_path / "foreign.json")])
     assert "holds no budget" in capsys.readouterr().err
     assert learner_config(["--budget-file", str(path)]).budget_file == str(path)
+
+
+@pytest.mark.parametrize(
+    "entries", ["[[1.0, 1.0, -100000]]", "[[NaN, 0.5, 1]]", "[[1.0, 1.5, 3]]", "[[0.0, 0.5, 3]]", "[[1.0, 0.0, 3]]"]
+)
+def test_a_budget_file_whose_entries_would_spend_less_than_they_did_is_refused(tmp_path, entries):
+    # (review: a negative step count passed the budget check where 100 steps were refused; a NaN hung the check)
+    path = tmp_path / "budget.json"
+    path.write_text(entries)
+    with pytest.raises(ValueError, match="holds no budget"):
+        Budget(1.0, path)
