@@ -380,9 +380,9 @@ class LeaderRound:
 
     Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, the dealt (shares
     taken) by phase 3's, U2 (verified: the dealt that answered phase 3, less those complained of) by phase 4's, U3
-    (masked inputs arrived) by phase 5's; a reply or input arriving later is refused. `blamed`: the learners that
-    broke the protocol in a way the round proves (a share off its secret's polynomial, a secret that cannot be
-    reconstructed from enough shares), and why: a caller leaves them out of later rounds."""
+    (masked inputs arrived) by phase 5's; a reply or input arriving later is refused. Nobody is blamed beyond its
+    round: without verifiable secret sharing a share off its secret's polynomial may be a false reveal or a false
+    dealing, so false shares are only outvoted, and a secret they leave unreconstructable discards the round."""
 
     def __init__(self, round_index: int, participants: list[int], threshold: int, size: int) -> None:
         """size: the masked input's length (update size + 2)."""
@@ -400,7 +400,6 @@ class LeaderRound:
         self._arrived: set[int] = set()
         self._sum = np.zeros(size, dtype=np.uint32)
         self._unmasked = False
-        self.blamed: dict[int, str] = {}
         self.advertised: tuple[int, ...] | None = None  # U1
         self.dealt: tuple[int, ...] | None = None
         self.shared: tuple[int, ...] | None = None  # U2
@@ -557,9 +556,9 @@ class LeaderRound:
 
     def _reconstruct(self, owner: int, matches: Callable[[int, bytes], bool]) -> bytes:
         """The owner's secret from `threshold` of its revealed shares that pass the check: up to MAX_COMBINATIONS
-        random subsets (random: no holder can sit in every subset tried); the holders whose shares are off the
-        secret's polynomial are blamed. BelowThreshold if none passes, and the owner is blamed: its commitment or
-        its dealing was false (or more holders than a random subset avoids revealed false shares)."""
+        random subsets (random: no holder can sit in every subset tried), so false shares are outvoted. BelowThreshold
+        (naming the owner) if none passes: its commitment or its dealing was false, or holders revealed false shares;
+        the leader cannot tell which, so nobody is blamed."""
         shares = self._reveals[owner]
         for _ in range(MAX_COMBINATIONS):
             polynomial = shamir.Polynomial(
@@ -570,8 +569,5 @@ class LeaderRound:
             except shamir.MalformedShare:
                 continue
             if matches(owner, secret):
-                for holder in polynomial.off(shares):
-                    self.blamed[holder] = f"revealed a false share of learner {owner}'s secret"
                 return secret
-        self.blamed[owner] = f"no {self.threshold} of its {len(shares)} revealed shares give its committed secret"
         raise BelowThreshold(f"no {self.threshold} of learner {owner}'s shares agree: the round is discarded")
