@@ -25,8 +25,6 @@ log = logging.getLogger("leader")
 
 PHASES = (1, 2, 3, 4)  # before the masked inputs; phase 5 closes the round
 UNMASK = 5
-BLAMED_ROUNDS = 10  # a learner the protocol proves hostile (LeaderRound.blamed) sits out this many secure rounds,
-# so that one learner cannot discard every round (none is blamed for ever: an honest one may be framed)
 Unable = Callable[[Member, str], None]  # a learner that cannot take part in secure rounds, and why
 UNIMPLEMENTED_WHY = "does not speak secure aggregation: built from the article's protos?"
 
@@ -62,16 +60,15 @@ class SecureRounds:
         self.client, self.threshold, self.size, self.timeout = client, threshold, size, timeout
         self._round: secagg.LeaderRound | None = None
         self._lock = threading.Lock()
-        self._blamed_until: dict[int, int] = {}  # a blamed learner: the first round it may join again
         self.bytes_in = self.bytes_out = 0  # of the phases' replies and requests this round (not the masked inputs)
 
     def begin(
         self, round_index: int, members: dict[int, Member], unable: Unable = lambda member, why: None
     ) -> list[int]:
-        """Run phases 1-4 with these learners but the blamed: those committed (U2), whose masked inputs the round
+        """Run phases 1-4 with these learners: those committed (U2), whose masked inputs the round
         takes; fewer than secagg.MIN_LEARNERS leave it without any. unable(member, why): one that cannot take part
         in secure rounds at all (it answered UNIMPLEMENTED)."""
-        participants = sorted(learner for learner in members if self._blamed_until.get(learner, 0) <= round_index)
+        participants = sorted(members)
         self.bytes_in = self.bytes_out = 0
         with self._lock:
             self._round = None
@@ -174,21 +171,7 @@ class SecureRounds:
             )
         except secagg.Refused as refused:
             return SecureOutcome(discarded=f"secure aggregation: the sum is not what honest inputs make ({refused})")
-        finally:
-            self._blame(leader_round)
         mean_out.copy_(mean)
         log.debug("secure round: phase 5 and the unmasking took %.3f s", time.perf_counter() - started)
         # under distributed DP learners give no loss (an un-noised sum of losses would reveal what the noise hides)
         return SecureOutcome(round(samples), math.nan if noise is not None else loss)
-
-    def _blame(self, leader_round: secagg.LeaderRound) -> None:
-        """Leave the learners the round blamed out of the next BLAMED_ROUNDS secure rounds."""
-        for learner, why in sorted(leader_round.blamed.items()):
-            self._blamed_until[learner] = leader_round.round_index + 1 + BLAMED_ROUNDS
-            log.warning(
-                "secure aggregation: learner %d left out of secure rounds %d to %d: it %s",
-                learner,
-                leader_round.round_index + 2,
-                leader_round.round_index + 1 + BLAMED_ROUNDS,
-                why,
-            )

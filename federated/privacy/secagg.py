@@ -8,8 +8,9 @@ One round, driven by the leader with LearnerService.SecureAggregation (protos/le
                     recipient) -> one SecAggShare per other learner, plus SHA-256(b_u)
   phase 3  verify:  the leader relays each learner the ciphertexts addressed to it from those whose shares it took;
                     the learner decrypts and parses every one, and complains of the senders whose shares fail
-  phase 4  commit:  the leader names U2: those whose shares it relayed, less every sender complained of; masks are
-                    agreed with U2 only (a learner refuses a U2 holding a sender whose shares to it failed)
+  phase 4  commit:  the leader names U2: those whose shares it relayed, less every sender complained of (or, when
+                    that is below the threshold, less the complainers instead); masks are agreed with U2
+                    only (a learner refuses a U2 holding a sender whose shares to it failed)
   masked input:     sent with AccumulateGradients as an I32 tensor (LearnerRound.masked_input)
   phase 5  unmask:  the leader names U3 (survivors: masked input arrived); the learner reveals b_u shares of
                     survivors and mask-key shares of U2 \\ U3, never both for one learner, once per round.
@@ -25,6 +26,7 @@ t revealers (one told that u survived, one that it dropped) exist.
 """
 
 import hashlib
+import logging
 import math
 import os
 import random
@@ -37,6 +39,8 @@ import torch
 from federated.core.plan import MAX_LEARNERS
 from federated.privacy import discrete_gaussian, masks, shamir
 from protos import learner_pb2
+
+log = logging.getLogger("leader")  # LeaderRound's own log lines (the learner's side logs nothing)
 
 BITS = 32  # masked values live modulo 2^32: the masked input is as many bytes as a float32 update
 MIN_LEARNERS = 3  # with two, each learns the other's update from the sum
@@ -379,10 +383,11 @@ class LeaderRound:
     Not thread-safe: a caller taking replies on several threads holds a lock around each call.
 
     Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, the dealt (shares
-    taken) by phase 3's, U2 (verified: the dealt that answered phase 3, less those complained of) by phase 4's, U3
-    (masked inputs arrived) by phase 5's; a reply or input arriving later is refused. `blamed`: the learners that
-    broke the protocol in a way the round proves (a share off its secret's polynomial, a secret that cannot be
-    reconstructed from enough shares), and why: a caller leaves them out of later rounds."""
+    taken) by phase 3's, U2 (verified: the dealt that answered phase 3, less those complained of or, below the
+    threshold, less the complainers) by phase 4's, U3
+    (masked inputs arrived) by phase 5's; a reply or input arriving later is refused. Nobody is blamed beyond its
+    round: without verifiable secret sharing a share off its secret's polynomial may be a false reveal or a false
+    dealing, so false shares are only outvoted, and a secret they leave unreconstructable discards the round."""
 
     def __init__(self, round_index: int, participants: list[int], threshold: int, size: int) -> None:
         """size: the masked input's length (update size + 2)."""
@@ -400,7 +405,6 @@ class LeaderRound:
         self._arrived: set[int] = set()
         self._sum = np.zeros(size, dtype=np.uint32)
         self._unmasked = False
-        self.blamed: dict[int, str] = {}
         self.advertised: tuple[int, ...] | None = None  # U1
         self.dealt: tuple[int, ...] | None = None
         self.shared: tuple[int, ...] | None = None  # U2
@@ -421,8 +425,7 @@ class LeaderRound:
             request.shared.extend(self.dealt)
             request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
             return self._for(request, learner_id, self.dealt)
-        accused = {sender for senders in self._complaints.values() for sender in senders}
-        self.shared = self.shared or self._fixed(set(self._complaints) - accused, "verified their shares")
+        self.shared = self.shared or self._verified()
         request.shared.extend(self.shared)
         if phase == 4:
             return self._for(request, learner_id, self.shared)
@@ -484,6 +487,24 @@ class LeaderRound:
                 else:
                     total += mask
         return torch.from_numpy(total.astype(np.int64))
+
+    def _verified(self) -> tuple[int, ...]:
+        """U2: the dealt that answered phase 3, less every sender complained of; unless that is below the threshold:
+        then less the complainers instead (this round only), so that one learner complaining of every other cannot
+        discard every round. Those left hold well-formed shares of every dealt learner, so of each other."""
+        accused = {sender for senders in self._complaints.values() for sender in senders}
+        if len(set(self._complaints) - accused) >= self.threshold:
+            return self._fixed(set(self._complaints) - accused, "verified their shares")
+        complainers = sorted(learner for learner, senders in self._complaints.items() if senders)
+        log.warning(
+            "secure round %d: the learners complained of (%s) would leave fewer than the threshold %d: the "
+            "complainers (%s) are left out of this round instead",
+            self.round_index + 1,
+            ", ".join(map(str, sorted(accused))),
+            self.threshold,
+            ", ".join(map(str, complainers)),
+        )
+        return self._fixed(set(self._complaints) - set(complainers), "verified their shares without complaining")
 
     def _fixed(self, learners: Collection[int], what: str) -> tuple[int, ...]:
         if len(learners) < self.threshold:
@@ -557,9 +578,9 @@ class LeaderRound:
 
     def _reconstruct(self, owner: int, matches: Callable[[int, bytes], bool]) -> bytes:
         """The owner's secret from `threshold` of its revealed shares that pass the check: up to MAX_COMBINATIONS
-        random subsets (random: no holder can sit in every subset tried); the holders whose shares are off the
-        secret's polynomial are blamed. BelowThreshold if none passes, and the owner is blamed: its commitment or
-        its dealing was false (or more holders than a random subset avoids revealed false shares)."""
+        random subsets (random: no holder can sit in every subset tried), so false shares are outvoted. BelowThreshold
+        (naming the owner) if none passes: its commitment or its dealing was false, or holders revealed false shares;
+        the leader cannot tell which, so nobody is blamed."""
         shares = self._reveals[owner]
         for _ in range(MAX_COMBINATIONS):
             polynomial = shamir.Polynomial(
@@ -570,8 +591,5 @@ class LeaderRound:
             except shamir.MalformedShare:
                 continue
             if matches(owner, secret):
-                for holder in polynomial.off(shares):
-                    self.blamed[holder] = f"revealed a false share of learner {owner}'s secret"
                 return secret
-        self.blamed[owner] = f"no {self.threshold} of its {len(shares)} revealed shares give its committed secret"
         raise BelowThreshold(f"no {self.threshold} of learner {owner}'s shares agree: the round is discarded")

@@ -41,7 +41,7 @@ def combine(shares: dict[int, bytes], prime: int = PRIME) -> bytes:
 
 class Polynomial:
     """The polynomial through some shares, in Lagrange's barycentric form: its weights cost one inverse a share,
-    once; each value then costs a few multiplications a share (checking every holder's share stays cheap)."""
+    once; each value then costs a few multiplications a share."""
 
     def __init__(self, shares: dict[int, bytes], prime: int = PRIME) -> None:
         self.prime = prime
@@ -60,11 +60,6 @@ class Polynomial:
         if secret >= 2 ** (8 * SECRET_BYTES):
             raise MalformedShare("the shares do not combine into a 32-byte secret")
         return secret.to_bytes(SECRET_BYTES, "big")
-
-    def off(self, shares: dict[int, bytes]) -> list[int]:
-        """The holders among `shares` whose share is not on this polynomial (when it is a reconstructed and checked
-        secret's: their shares are false, or their dealer's were)."""
-        return sorted(holder for holder, share in shares.items() if decode(share, self.prime) != self.at(x_of(holder)))
 
     def at(self, x: int) -> int:
         """The polynomial's value at x: the sum of y_i * w_i * prod over j != i of (x - x_j) (the products from
