@@ -116,7 +116,7 @@ class LearnerClient:
         replies: dict[int, Reply | grpc.RpcError] = {}
         for learner, call in calls.items():
             try:
-                replies[learner] = call.result()
+                replies[learner] = call.result()  # bounded: every call carries the deadline timeout
                 self.heard_from(members[learner])
             except grpc.RpcError as error:
                 replies[learner] = error
