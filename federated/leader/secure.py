@@ -23,8 +23,6 @@ from federated.privacy import dp, secagg
 
 log = logging.getLogger("leader")
 
-PHASES = (1, 2, 3, 4)  # before the masked inputs; phase 5 closes the round
-UNMASK = 5
 Unable = Callable[[Member, str], None]  # a learner that cannot take part in secure rounds, and why
 UNIMPLEMENTED_WHY = "does not speak secure aggregation: built from the article's protos?"
 
@@ -81,7 +79,7 @@ class SecureRounds:
             self._round = leader_round
         answered, started = participants, time.perf_counter()
         try:
-            for phase in PHASES:
+            for phase in secagg.BEFORE_INPUTS:
                 answered = self.run_phase(
                     leader_round, phase, {learner: members[learner] for learner in answered}, unable
                 )
@@ -162,7 +160,7 @@ class SecureRounds:
             )
         alive, started = {learner: members[learner] for learner in survivors if learner in members}, time.perf_counter()
         try:
-            self.run_phase(leader_round, UNMASK, alive, lambda member, why: None)
+            self.run_phase(leader_round, secagg.UNMASK, alive, lambda member, why: None)
             total = leader_round.unmask()
             mean, samples, loss = quantisation.dequantise(total, len(leader_round.survivors or ()), noise is not None)
         except secagg.BelowThreshold as below:

@@ -17,7 +17,6 @@ from federated.core.plan import SecureRound
 from federated.net.rpc import learner_pb2
 from federated.privacy import dp, secagg
 
-COMMIT = 4  # the phase after which masked inputs may be sent
 STOP_CHECK_S = 0.5  # how often a wait for the commit looks whether the run ended
 
 
@@ -44,7 +43,7 @@ class SecureParty:
             if request.phase == 1:  # a new round: the last one's commit is over, answered or not
                 self._committed, self._latest = -1, max(self._latest, request.round)
             reply = self._round.answer(request)
-            if request.phase == COMMIT:
+            if request.phase == secagg.COMMIT:
                 self._committed = request.round
             self._changed.notify_all()
             return reply

@@ -42,6 +42,9 @@ from protos import learner_pb2
 
 log = logging.getLogger("leader")  # LeaderRound's own log lines (the learner's side logs nothing)
 
+# The phases of a round, in order (LearnerService.SecureAggregation's `phase`); the masked inputs come after COMMIT
+KEYS, SHARES, VERIFY, COMMIT, UNMASK = 1, 2, 3, 4, 5
+BEFORE_INPUTS = (KEYS, SHARES, VERIFY, COMMIT)
 BITS = 32  # masked values live modulo 2^32: the masked input is as many bytes as a float32 update
 MIN_LEARNERS = 3  # with two, each learns the other's update from the sum
 HEADROOM = 2**30  # the sum's values stay within +-2^30: a sum beyond (an input beyond its clip range) is refused
@@ -203,7 +206,7 @@ class LearnerRound:
     @property
     def threshold(self) -> int:
         """The shares that unmask this round (the fewest survivors of a sum the leader learns); after phase 2."""
-        if self._phase < 2:
+        if self._phase < SHARES:
             raise Refused("no threshold before the shares")
         return self._threshold
 
@@ -213,23 +216,23 @@ class LearnerRound:
         threshold at or below half of U1, a second unmask for the round, U2 holding a sender whose shares failed,
         U3 not within U2 or below threshold. A ciphertext that does not decrypt for (round, sender, this learner)
         or does not parse is complained of in phase 3 (its sender is then left out of U2), not refused."""
-        if request.phase == 1:
+        if request.phase == KEYS:
             return self._advertise(request.round)
         if request.round != self._round:
             raise Refused(f"a request for round {request.round} during round {self._round}")
-        if request.phase == 5 and self._phase == 5:
+        if request.phase == UNMASK and self._phase == UNMASK:
             raise Refused(f"a second unmask for round {request.round}")
         if request.phase != self._phase + 1:
             raise Refused(f"phase {request.phase} after phase {self._phase}")
-        if request.phase > 2 and request.threshold != self._threshold:
+        if request.phase > SHARES and request.threshold != self._threshold:
             raise Refused(f"threshold {request.threshold}, not the {self._threshold} shared under")
-        if request.phase == 2:
+        if request.phase == SHARES:
             return self._share(request)
-        if request.phase == 3:
+        if request.phase == VERIFY:
             return self._verify(request)
-        if request.phase == 4:
+        if request.phase == COMMIT:
             return self._commit(request)
-        if request.phase == 5:
+        if request.phase == UNMASK:
             return self._unmask(request)
         raise Refused(f"no phase {request.phase}")
 
@@ -239,7 +242,7 @@ class LearnerRound:
         """After commit: the quantised update plus its masks, as an int32 tensor (two's complement of the values
         modulo 2^32). Refused before commit, after unmask, or a second time in a round (two inputs under the
         same masks would give away their difference)."""
-        if self._phase != 4 or self._masked_sent:
+        if self._phase != COMMIT or self._masked_sent:
             raise Refused("a masked input is made once per round, after commit and before unmask")
         if quantisation.summands < len(self._shared):
             raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
@@ -414,22 +417,22 @@ class LeaderRound:
         """The request of a phase for one learner (phase 3: with the ciphertexts addressed to it); BelowThreshold
         if the set the phase names is smaller than the threshold (the round is then discarded)."""
         request = learner_pb2.SecAggRequest(round=self.round_index, phase=phase, threshold=self.threshold)
-        if phase == 1:
+        if phase == KEYS:
             return request
-        if phase == 2:
+        if phase == SHARES:
             self.advertised = self.advertised or self._fixed(self._keys, "advertised keys")
             request.keys.extend(self._keys[learner] for learner in self.advertised)
             return self._for(request, learner_id, self.advertised)
         self.dealt = self.dealt or self._fixed(self._commitments, "shared")
-        if phase == 3:
+        if phase == VERIFY:
             request.shared.extend(self.dealt)
             request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
             return self._for(request, learner_id, self.dealt)
         self.shared = self.shared or self._verified()
         request.shared.extend(self.shared)
-        if phase == 4:
+        if phase == COMMIT:
             return self._for(request, learner_id, self.shared)
-        if phase != 5:
+        if phase != UNMASK:
             raise ValueError(f"no phase {phase}")
         self.survivors = self.survivors or self._fixed(self._arrived, "sent their masked input")
         request.survivors.extend(self.survivors)
@@ -440,15 +443,15 @@ class LeaderRound:
         answers for another learner."""
         if learner_id not in self.participants:
             raise Refused(f"learner {learner_id} is not in round {self.round_index}")
-        if phase == 1:
+        if phase == KEYS:
             self._take_keys(learner_id, reply.keys)
-        elif phase == 2:
+        elif phase == SHARES:
             self._take_shares(learner_id, reply)
-        elif phase == 3:
+        elif phase == VERIFY:
             self._take_complaints(learner_id, reply.complaints)
-        elif phase == 5:
+        elif phase == UNMASK:
             self._take_reveals(learner_id, reply.reveals)
-        elif phase != 4:  # phase 4's reply is empty: the commit is acknowledged
+        elif phase != COMMIT:  # phase 4's reply is empty: the commit is acknowledged
             raise Refused(f"no phase {phase}")
 
     def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from federated.privacy.secagg import LeaderRound, LearnerRound, Quantisation
+from federated.privacy.secagg import BEFORE_INPUTS, UNMASK, LeaderRound, LearnerRound, Quantisation
 
 RESNET20_VALUES = 272_474  # the ResNet-20 of model.py at 10 classes
 
@@ -26,7 +26,7 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
     sides = {learner: LearnerRound(learner) for learner in range(learners)}
     everyone = list(sides)
     start = time.perf_counter()
-    for phase in (1, 2, 3, 4):
+    for phase in BEFORE_INPUTS:
         _phase(leader, sides, phase, everyone)
     key_phases = time.perf_counter() - start
     quantisation = Quantisation(clip_range=8.0, weight_unit=100.0, summands=learners, noise_std=noise_std)
@@ -43,7 +43,7 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
         quantisation.quantise(update, 50.0, 2.0, torch.Generator())
         quantising.append(time.perf_counter() - start)
     start = time.perf_counter()
-    _phase(leader, sides, 5, everyone[dropped:])
+    _phase(leader, sides, UNMASK, everyone[dropped:])
     reveals = time.perf_counter() - start
     start = time.perf_counter()
     total = leader.unmask()

@@ -7,7 +7,6 @@ import torch
 
 import utils
 from federated.core.layout import wire_state
-from federated.leader.secure import PHASES, UNMASK
 from federated.learner.state import Replica
 from federated.privacy import secagg
 from federated.wire import codec, messages
@@ -82,7 +81,7 @@ def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[li
     ids = list(range(1, len(updates) + 1))
     leader = secagg.LeaderRound(round_index, ids, threshold=len(ids) // 2 + 1, size=updates[0].numel() + 2)
     learners = {learner_id: secagg.LearnerRound(learner_id) for learner_id in ids}
-    for phase in PHASES:
+    for phase in secagg.BEFORE_INPUTS:
         for learner_id, learner in learners.items():
             leader.take(phase, learner_id, learner.answer(leader.request(phase, learner_id)))
     quantised = quantisation(len(ids))
@@ -92,5 +91,5 @@ def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[li
     for learner_id, vector in zip(ids, masked):
         leader.add_masked(learner_id, vector)
     for learner_id, learner in learners.items():
-        leader.take(UNMASK, learner_id, learner.answer(leader.request(UNMASK, learner_id)))
+        leader.take(secagg.UNMASK, learner_id, learner.answer(leader.request(secagg.UNMASK, learner_id)))
     return masked, quantised.dequantise(leader.unmask(), len(ids))[0]
