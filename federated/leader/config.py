@@ -34,6 +34,7 @@ from federated.core.plan import (
     LOCAL_STEPS_PER,
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
+    MAX_CLIP_RANGE,
     MAX_DP_CLIP,
     MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
@@ -545,7 +546,7 @@ class LeaderConfig(SecurityFlags, Config):
         "[-R, R] and quantises it to 32 bits; the default covers the running variances FedAvg sends (docs/"
         "secure-aggregation.md measures them: python -m federated.tools.update_range)",
         group="privacy",
-        bounds=Bounds(0, 1e6, low_open=True),
+        bounds=Bounds(0, MAX_CLIP_RANGE, low_open=True),
         trajectory=True,
     )
     dp: str = option(
