@@ -1,6 +1,7 @@
 """Run a leader and N learners as local processes, e.g. for the demo; print the final test accuracy."""
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -179,6 +180,12 @@ class LaunchConfig(Config):
         group="launch",
         metavar="DIR",
     )
+    learner_flags: str = option(
+        "",
+        'flags for every learner.py, in one quoted string (e.g. "--max-epsilon 8 --require-secure-aggregation")',
+        group="launch",
+        metavar="FLAGS",
+    )
 
 
 GROUPS = {"launch": ""}
@@ -186,6 +193,8 @@ EXAMPLES = """examples:
   python launch.py --demo                                     what make demo runs
   python launch.py --learners 4 -- --dataset synthetic --strategy fedavg --rounds 20
                                                               leader.py's flags after --
+  python launch.py --learners 5 --learner-flags "--max-epsilon 8" -- --secure-aggregation --dp distributed
+                                                              learner.py's flags in one string
   python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own"""
 
 
@@ -230,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     print(f"starting a leader and {args.learners} learners; the leader logs here, the learners in {out}/", flush=True)
     started = time.monotonic()
-    leader, learners = start_federation(args.learners, leader_args, free_port(), out, leader_to_console=True)
+    leader, learners = start_federation(
+        args.learners, leader_args, free_port(), out, shlex.split(args.learner_flags), leader_to_console=True
+    )
     codes = wait_all([leader, *learners], args.timeout)
     print(f"exit codes: leader {codes[0]}, learners {codes[1:]}; {time.monotonic() - started:.0f} s")
     if any(code != 0 for code in codes):
