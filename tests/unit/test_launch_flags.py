@@ -10,7 +10,7 @@ class Started(Exception):
 
 
 def test_learner_flags_go_to_every_learner_split_as_a_shell_would_and_the_rest_to_the_leader(monkeypatch, tmp_path):
-    started = {}
+    started: dict[str, object] = {}
 
     def record(learners, leader_args, port, out, learner_args=(), **kwargs):
         started.update(learners=learners, leader_args=leader_args, learner_args=list(learner_args))
