@@ -20,6 +20,8 @@ from federated.core.compression import (
     make_codec,
 )
 from federated.core.compression.codecs import BUCKET
+from federated.core.layout import GradientLayout
+from model import build_model
 
 SETTINGS = Settings(ratio=0.05, rank=2)
 BIASED = [name for name in CODECS if make_codec(name, SETTINGS).biased]
@@ -234,52 +236,62 @@ def without(part: str) -> Callable[[dict], dict]:
     return lambda entries: {name: tensor for name, tensor in entries.items() if name != part}
 
 
+def with_entry(name: str, tensor: torch.Tensor) -> Callable[[dict], dict]:
+    return lambda entries: {**entries, name: tensor}
+
+
+def or_last(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Set bits in the last byte (where the padding is)."""
+    return lambda tensor: torch.cat([tensor[:-1], tensor[-1:] | bits])
+
+
 def repeat_first_index(tensor: torch.Tensor) -> torch.Tensor:
     tensor[1] = tensor[0]
     return tensor
 
 
-HOSTILE = {
-    "topk index out of range": ("topk", replaced("conv.weight:indices", set_first(32 * 16 * 9))),
-    "topk negative index": ("topk", replaced("conv.weight:indices", set_first(-1))),
-    "topk repeated index": ("topk", replaced("odd.weight:indices", repeat_first_index)),
-    "topk NaN value": ("topk", replaced("odd.weight:values", set_first(math.nan))),
-    "topk indices as int64": ("topk", replaced("conv.weight:indices", lambda t: t.long())),
-    "topk one value short": ("topk", replaced("conv.weight:values", lambda t: t[:-1])),
-    "int8 NaN scale": ("int8", replaced("conv.weight:scales", set_first(math.nan))),
-    "int8 infinite scale": ("int8", replaced("odd.weight:scales", set_first(math.inf))),
-    "int8 negative scale": ("int8", replaced("odd.weight:scales", set_first(-1.0))),
-    "int8 level -128": ("int8", replaced("conv.weight:levels", set_first(-128))),
-    "int8 levels one short": ("int8", replaced("conv.weight:levels", lambda t: t[:-1])),
-    "int8 levels as uint8": ("int8", replaced("conv.weight:levels", lambda t: t.to(torch.uint8))),
-    "int4 level -8": ("int4", replaced("conv.weight:packed", set_first(0x88 & 0xF0))),
-    "int4 padding nibble": ("int4", replaced("odd.weight:packed", lambda t: torch.cat([t[:-1], t[-1:] | 0xF0]))),
-    "int4 packed one long": ("int4", replaced("odd.weight:packed", lambda t: torch.cat([t, t[:1]]))),
-    "sign infinite scale": ("sign", replaced("conv.weight:scale", set_first(math.inf))),
-    "sign padding bit": ("sign", replaced("odd.weight:bits", lambda t: torch.cat([t[:-1], t[-1:] | 0x80]))),
-    "randk infinite value": ("randk", replaced("conv.weight:values", set_first(-math.inf))),
-    "fp16 infinite value": ("fp16", replaced("conv.weight:values", set_first(math.inf))),
-    "bf16 as fp16": ("bf16", replaced("conv.weight:values", lambda t: t.to(torch.float16))),
-    "powersgd rank larger than the tensor": ("powersgd", replaced("odd.weight:P", lambda t: torch.randn(37, 38))),
-    "powersgd rank 3 for 2": ("powersgd", replaced("conv.weight:Q", lambda t: torch.randn(144, 3))),
-    "powersgd NaN factor": ("powersgd", replaced("conv.weight:Q", set_first(math.nan))),
-    "powersgd overflowing product": ("powersgd", replaced("conv.weight:P", set_first(3e38))),
-    "raw NaN bias": ("int8", replaced("conv.bias", set_first(math.nan))),
-    "raw bias as float16": ("none", replaced("conv.bias", lambda t: t.half())),
-    "a missing part": ("powersgd", without("conv.weight:P")),
-    "a missing raw entry": ("topk", without("fc.weight")),
-    "an extra entry": ("int8", lambda entries: {**entries, "conv.weight:extra": torch.zeros(1)}),
+HOSTILE = {  # case: (codec, the change, what the refusal says)
+    "topk index out of range": ("topk", replaced("conv.weight:indices", set_first(32 * 16 * 9)), "an index outside"),
+    "topk negative index": ("topk", replaced("conv.weight:indices", set_first(-1)), "an index outside"),
+    "topk repeated index": ("topk", replaced("odd.weight:indices", repeat_first_index), "a repeated index"),
+    "topk NaN value": ("topk", replaced("odd.weight:values", set_first(math.nan)), "NaN or Inf in values"),
+    "topk indices as int64": ("topk", replaced("conv.weight:indices", lambda t: t.long()), "torch.int64"),
+    "topk one value short": ("topk", replaced("conv.weight:values", lambda t: t[:-1]), r"\(230,\)"),
+    "int8 NaN scale": ("int8", replaced("conv.weight:scales", set_first(math.nan)), "NaN or Inf in scales"),
+    "int8 infinite scale": ("int8", replaced("odd.weight:scales", set_first(math.inf)), "NaN or Inf in scales"),
+    "int8 negative scale": ("int8", replaced("odd.weight:scales", set_first(-1.0)), "a negative scale"),
+    "int8 level -128": ("int8", replaced("conv.weight:levels", set_first(-128)), "a level below -127"),
+    "int8 levels one short": ("int8", replaced("conv.weight:levels", lambda t: t[:-1]), r"\(4607,\)"),
+    "int8 levels as uint8": ("int8", replaced("conv.weight:levels", lambda t: t.to(torch.uint8)), "torch.uint8"),
+    "int4 level -8": ("int4", replaced("conv.weight:packed", set_first(0x80)), "a level of -8"),
+    "int4 padding nibble": ("int4", replaced("odd.weight:packed", or_last(0xF0)), "a padding nibble"),
+    "int4 packed one long": ("int4", replaced("odd.weight:packed", lambda t: torch.cat([t, t[:1]])), r"\(760,\)"),
+    "sign infinite scale": ("sign", replaced("conv.weight:scale", set_first(math.inf)), "a scale of inf"),
+    "sign padding bit": ("sign", replaced("odd.weight:bits", or_last(0x80)), "a padding bit"),
+    "randk infinite value": ("randk", replaced("conv.weight:values", set_first(-math.inf)), "NaN or Inf in values"),
+    "fp16 infinite value": ("fp16", replaced("conv.weight:values", set_first(math.inf)), "NaN or Inf in values"),
+    "bf16 as fp16": ("bf16", replaced("conv.weight:values", lambda t: t.to(torch.float16)), "torch.float16"),
+    "powersgd rank beyond the tensor": ("powersgd", replaced("odd.weight:P", lambda t: torch.randn(37, 38)), "37, 38"),
+    "powersgd rank 3 for 2": ("powersgd", replaced("conv.weight:Q", lambda t: torch.randn(144, 3)), "144, 3"),
+    "powersgd NaN factor": ("powersgd", replaced("conv.weight:Q", set_first(math.nan)), "NaN or Inf in Q"),
+    "powersgd overflowing product": ("powersgd", replaced("conv.weight:P", set_first(3e38)), "overflows"),
+    "raw NaN bias": ("int8", replaced("conv.bias", set_first(math.nan)), "conv.bias: NaN or Inf"),
+    "raw bias as float16": ("none", replaced("conv.bias", lambda t: t.half()), "torch.float16"),
+    "a missing part": ("powersgd", without("conv.weight:P"), "missing .'conv.weight:P'."),
+    "a missing raw entry": ("topk", without("fc.weight"), "missing .'fc.weight'."),
+    "an extra entry": ("int8", with_entry("conv.weight:extra", torch.zeros(1)), "unexpected .'conv.weight:extra'."),
     "a raw entry for a compressed tensor": (
         "topk",
-        lambda entries: {**entries, "conv.weight": torch.zeros(32, 16, 3, 3)},
+        with_entry("conv.weight", torch.zeros(32, 16, 3, 3)),
+        "unexpected .'conv.weight'.",
     ),
-    "a sparse tensor": ("none", replaced("fc.weight", lambda t: t.to_sparse())),
+    "a sparse tensor": ("none", replaced("fc.weight", lambda t: t.to_sparse()), "sparse"),
 }
 
 
 @pytest.mark.parametrize("case", HOSTILE)
 def test_every_hostile_payload_is_refused_without_touching_the_sum(case):
-    name, hostile = HOSTILE[case]
+    name, hostile, message = HOSTILE[case]
     entries = Compressor(name, SETTINGS.ratio, SETTINGS.rank, SHAPES, seed=0).compress(random_updates(1, seed=11)[0])
     flat, views = flat_views(SHAPES)
     flat.copy_(torch.randn(flat.shape, generator=generator()))
@@ -287,6 +299,21 @@ def test_every_hostile_payload_is_refused_without_touching_the_sum(case):
     decode_add(entries, views, 1.0, name, SETTINGS.ratio, SETTINGS.rank)  # the unchanged payload is accepted
     assert not torch.equal(flat, before)
     flat.copy_(before)
-    with pytest.raises(CompressionError):
+    with pytest.raises(CompressionError, match=message):
         decode_add(hostile(entries), views, 1.0, name, SETTINGS.ratio, SETTINGS.rank)
     assert torch.equal(flat, before)
+
+
+def test_a_resnet20_update_uploads_at_least_30_times_fewer_bytes_at_top_1_percent():
+    layout = GradientLayout(build_model("resnet20"))
+    shapes = {name: shape for name, (_, shape) in layout.spec.items()}
+    payload = {codec: payload_bytes(expected(shapes, codec, 0.01, 2)) for codec in CODECS}
+    assert payload["none"] == 4 * layout.size  # nothing compressed: the float32 update
+    assert payload["fp16"] < payload["none"] / 1.95 and payload["int8"] < payload["none"] / 3.8
+    assert payload["int4"] < payload["none"] / 7 and payload["sign"] < payload["none"] / 20
+    assert payload["topk"] < payload["none"] / 30 and payload["randk"] < payload["topk"]
+    assert payload["powersgd"] < payload["none"] / 15  # rank 2: ResNet-20's matrices are small (16 x 144 ...)
+
+
+def payload_bytes(spec: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in spec.values())

@@ -23,7 +23,7 @@ from federated.core.compression.codecs import CompressionError, Settings, make_c
 
 # Tensors with fewer values travel raw: their bytes are few, and compressing them (a bias, a norm's weight)
 # costs accuracy for next to nothing.
-SMALL = 1024
+SMALL = 256
 
 SEPARATOR = ":"
 
