@@ -317,3 +317,14 @@ def test_a_resnet20_update_uploads_at_least_30_times_fewer_bytes_at_top_1_percen
 
 def payload_bytes(spec: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in spec.values())
+
+
+def test_a_non_finite_update_is_refused_before_any_residual_takes_it_in():
+    compressor = Compressor("topk", 0.01, 2, SHAPES, seed=0)
+    first, second = random_updates(2, seed=12)
+    compressor.compress(first)
+    residuals = {name: residual.clone() for name, residual in compressor.residuals.items()}
+    second["odd.weight"][3, 4] = math.inf
+    with pytest.raises(ValueError, match=r"NaN or Inf in odd\.weight"):
+        compressor.compress(second)
+    assert all(torch.equal(compressor.residuals[name], residual) for name, residual in residuals.items())

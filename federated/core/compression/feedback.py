@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from federated.core.checks import TensorSpec
+from federated.core.checks import TensorSpec, first_problem
 from federated.core.compression.codecs import CompressionError, Settings, make_codec, nonfinite, spec_problem
 
 # Tensors with fewer values travel raw: their bytes are few, and compressing them (a bias, a norm's weight)
@@ -138,9 +138,13 @@ class Compressor:
     def compress(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The wire entries of one round's update tensors (all of those the compressor was made for, by name):
         raw float32 under NAME (the caller's own tensor when it is float32 on the CPU: no copy), compressed as
-        "NAME:PART"; the residuals take in what is left out."""
+        "NAME:PART"; the residuals take in what is left out. ValueError, changing nothing, on a NaN or Inf (or
+        a negative running variance)."""
         if set(named) != set(self.shapes):
             raise ValueError(f"compress() takes exactly the tensors {sorted(self.shapes)[:3]}...")
+        problem = first_problem(named.items())
+        if problem is not None:  # checked before any residual takes it in: one NaN would poison every later round
+            raise ValueError(f"cannot compress {problem}")
         entries: dict[str, torch.Tensor] = {}
         for name, tensor in named.items():
             values = tensor.detach().to("cpu", torch.float32)
