@@ -328,3 +328,17 @@ def test_a_non_finite_update_is_refused_before_any_residual_takes_it_in():
     with pytest.raises(ValueError, match=r"NaN or Inf in odd\.weight"):
         compressor.compress(second)
     assert all(torch.equal(compressor.residuals[name], residual) for name, residual in residuals.items())
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("zip", SETTINGS, "unknown codec 'zip'"),
+        ("topk", Settings(ratio=0.0), "a ratio of 0.0"),
+        ("randk", Settings(ratio=1.5), "a ratio of 1.5"),
+        ("powersgd", Settings(rank=0), "a rank of 0"),
+    ],
+)
+def test_an_unknown_codec_or_settings_out_of_range_are_refused(name, settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_codec(name, settings)
