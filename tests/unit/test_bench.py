@@ -34,6 +34,7 @@ KEYS = [
     "secagg_overhead",
     "secagg_accuracy",
     "dp_accuracy",
+    "codec_costs",
 ]  # results.json's keys, as ever
 
 
@@ -53,6 +54,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "secagg_overhead",
         "secagg_accuracy",
         "dp_accuracy",
+        "codec_costs",
     ]
 
 
@@ -354,6 +356,12 @@ def every_figure(tmp_path: Path) -> dict:
             "epochs": 10,
             "image_size": 16,
             "delta": 1e-5,
+        },
+        "codec_costs": {
+            "value": {"topk": {"bytes": 32_632, "ratio": 33.2, "encode_ms": 8.7, "decode_ms": 1.0}},
+            "values": 271_098,
+            "ratio": 0.01,
+            "threads": 1,
         },
     }
     assert list(results) == KEYS

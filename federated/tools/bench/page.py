@@ -417,6 +417,19 @@ def dp_cell(cell: dict | None) -> str:
     return f"{cell['accuracy']:.4f} ({spent})"
 
 
+def codec_cost_rows(results: dict) -> Table:
+    result = results["codec_costs"]
+    rows = [
+        [codec, f"{row['bytes']:,}", f"{row['ratio']:.1f}", f"{row['encode_ms']:.1f}", f"{row['decode_ms']:.1f}"]
+        for codec, row in result["value"].items()
+    ]
+    note = (
+        f"One ResNet-20 update of {result['values']:,} float32 values ({4 * result['values']:,} bytes); top-k and "
+        f"random-k send {result['ratio']:.0%} of each compressed tensor; {result['threads']} thread."
+    )
+    return Table(rows, [note])
+
+
 RENDER: dict[str, Callable[[dict], Table]] = {
     "model_transfer_ratio": transfer_rows,
     "round_overhead": round_rows,
@@ -431,6 +444,7 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "secagg_overhead": secagg_overhead_rows,
     "secagg_accuracy": secagg_accuracy_rows,
     "dp_accuracy": dp_accuracy_rows,
+    "codec_costs": codec_cost_rows,
 }
 HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow them
     "model_transfer_ratio": [
@@ -486,4 +500,5 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
     ],
     "secagg_accuracy": ["plain", "secure aggregation", "plain minus secure"],
     "dp_accuracy": ["dataset", "--dp", "ε 1", "ε 3", "ε 8", "no DP"],
+    "codec_costs": ["codec", "upload (bytes)", "float32 / codec", "compress (ms)", "decode and add (ms)"],
 }

@@ -159,6 +159,13 @@ RECORDED = {
         )
         for name in ("secagg_overhead", "secagg_accuracy", "dp_accuracy")
     },
+    "codec_costs": Recorded(
+        "2026-12-05",
+        "python bench.py --only codec_costs",
+        DEV,
+        [],
+        ["Never recorded by hand: the bench measures it first (issue 19)."],
+    ),
     "links": Recorded(
         "2026-11-30",
         "python bench.py --only links --out /tmp/bench-links",

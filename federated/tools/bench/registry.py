@@ -285,6 +285,17 @@ FIGURES = (
             "modes": DP_MODES,
         },
     ),
+    Figure(
+        "codec_costs",
+        "compression",
+        "codec_costs",
+        headline=False,
+        target="reported",
+        measures="each compression codec on one ResNet-20 update (top-k and random-k at 1 %, PowerSGD at rank 2 "
+        "and 4): the bytes it uploads against float32, and on one thread the median of --repeats timings of a "
+        "learner's compression with error feedback and of the leader's checked decoding into its running sum",
+        params={"repeats": REPEATS},
+    ),
 )
 
 

@@ -1,0 +1,26 @@
+"""Compressed updates: codecs for one tensor (codecs.py) and a learner's compression of its update with error
+feedback, the entries a payload must carry and their checked decoding into a sum (feedback.py)."""
+
+from federated.core.compression.codecs import (
+    BUCKET,
+    CODECS,
+    Codec,
+    CompressionError,
+    Settings,
+    make_codec,
+)
+from federated.core.compression.feedback import SMALL, Compressor, compressed_names, decode_add, expected
+
+__all__ = [
+    "BUCKET",
+    "CODECS",
+    "SMALL",
+    "Codec",
+    "CompressionError",
+    "Compressor",
+    "Settings",
+    "compressed_names",
+    "decode_add",
+    "expected",
+    "make_codec",
+]

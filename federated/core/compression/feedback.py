@@ -1,0 +1,163 @@
+"""A learner's compression of its named update tensors, with error feedback for biased codecs, and the wire
+entries it makes: what a payload must carry (`expected`) and its checked decoding into a running sum
+(`decode_add`), both without any sender's state.
+
+Which tensors are compressed: those of two or more dimensions and at least SMALL values (convolution and
+linear weights); biases, norms' weights, BatchNorm's running statistics and anything small travel as raw
+float32 under their own name. A compressed tensor NAME travels as entries "NAME:PART" (":" never appears in
+a torch parameter name). With the codec "none" nothing is compressed: every entry is the raw tensor.
+
+Error feedback (Karimireddy et al. 2019, EF-SGD): for a biased codec the sender keeps a residual per tensor,
+corrected = x + residual, sends encode(corrected), and keeps residual = corrected - decode(sent): nothing the
+message leaves out is lost, only sent later, so the sum of what was sent over rounds plus the final residual
+is the sum of the raw updates.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from federated.core.checks import TensorSpec, first_problem
+from federated.core.compression.codecs import CompressionError, Settings, make_codec, nonfinite, spec_problem
+
+# Tensors with fewer values travel raw: their bytes are few, and compressing them (a bias, a norm's weight)
+# costs accuracy for next to nothing.
+SMALL = 256
+
+SEPARATOR = ":"
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def compressed_names(names_and_shapes: Shapes, codec_name: str, small: int = SMALL) -> set[str]:
+    """The tensors a codec compresses: two or more dimensions and at least small values (none for "none")."""
+    if codec_name == "none":
+        return set()
+    return {name for name, shape in names_and_shapes.items() if len(shape) >= 2 and torch.Size(shape).numel() >= small}
+
+
+def entry_name(name: str, part: str) -> str:
+    """The wire entry of one part of a compressed tensor."""
+    return f"{name}{SEPARATOR}{part}"
+
+
+def expected(names_and_shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int = SMALL) -> TensorSpec:
+    """Every entry a payload of these tensors must carry, exactly, with its dtype and shape, in order: the
+    receiver's admission check before it buffers a byte."""
+    codec = make_codec(codec_name, Settings(ratio, rank))
+    compressed = compressed_names(names_and_shapes, codec_name, small)
+    spec: TensorSpec = {}
+    for name, shape in names_and_shapes.items():
+        if name in compressed:
+            spec.update({entry_name(name, part): part_spec for part, part_spec in codec.parts(tuple(shape)).items()})
+        else:
+            spec[name] = (torch.float32, tuple(shape))
+    return spec
+
+
+def decode_add(
+    entries: Mapping[str, torch.Tensor],
+    out_views: Mapping[str, torch.Tensor],
+    weight: float,
+    codec_name: str,
+    ratio: float,
+    rank: int,
+    small: int = SMALL,
+) -> None:
+    """out_views[NAME] += weight * decode(NAME's entries) for every tensor, in place (top-k and random-k
+    scatter-add, PowerSGD adds P Q^T, none copies nothing). Every entry is checked first (names, dtypes,
+    shapes, values); on anything wrong it raises CompressionError, saying what, and writes nothing."""
+    shapes = {name: tuple(view.shape) for name, view in out_views.items()}
+    problem = entries_problem(entries, shapes, codec_name, ratio, rank, small)
+    if problem is not None:
+        raise CompressionError(problem)
+    codec = make_codec(codec_name, Settings(ratio, rank))
+    compressed = compressed_names(shapes, codec_name, small)
+    for name, view in out_views.items():
+        if name in compressed:
+            codec.add(tensor_parts(entries, name), view, weight)
+        else:
+            view.add_(entries[name].to(view.device, view.dtype), alpha=weight)
+
+
+def entries_problem(
+    entries: Mapping[str, torch.Tensor], shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int
+) -> str | None:
+    """What is wrong with a payload's entries for tensors of these shapes (names, then every entry's dtype and
+    shape, then values), or None."""
+    problem = spec_problem(entries, expected(shapes, codec_name, ratio, rank, small))
+    if problem is not None:
+        return f"entries: {problem}"
+    codec = make_codec(codec_name, Settings(ratio, rank))
+    compressed = compressed_names(shapes, codec_name, small)
+    for name, shape in shapes.items():
+        if name in compressed:
+            problem = codec.value_problem(tensor_parts(entries, name), math.prod(shape))
+        else:
+            problem = nonfinite(entries[name], "values")
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
+
+
+def tensor_parts(entries: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """A compressed tensor's parts, by part name, from its "NAME:PART" entries."""
+    prefix = entry_name(name, "")
+    return {key[len(prefix) :]: tensor for key, tensor in entries.items() if key.startswith(prefix)}
+
+
+class Compressor:
+    """A learner's compression of its update tensors, round after round, with an error-feedback residual per
+    compressed tensor for a biased codec and PowerSGD's warm-start factors."""
+
+    def __init__(
+        self,
+        codec_name: str,
+        ratio: float,
+        rank: int,
+        names_and_shapes: Shapes,
+        small: int = SMALL,
+        seed: int | None = None,
+    ) -> None:
+        self.codec = make_codec(codec_name, Settings(ratio, rank))
+        self.shapes = {name: tuple(shape) for name, shape in names_and_shapes.items()}
+        self.compressed = compressed_names(self.shapes, codec_name, small)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every residual and warm start (a restarted learner starts from zero)."""
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.compressed}
+
+    def compress(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The wire entries of one round's update tensors (all of those the compressor was made for, by name):
+        raw float32 under NAME (the caller's own tensor when it is float32 on the CPU: no copy), compressed as
+        "NAME:PART"; the residuals take in what is left out. ValueError, changing nothing, on a NaN or Inf (or
+        a negative running variance)."""
+        if set(named) != set(self.shapes):
+            raise ValueError(f"compress() takes exactly the tensors {sorted(self.shapes)[:3]}...")
+        problem = first_problem(named.items())
+        if problem is not None:  # checked before any residual takes it in: one NaN would poison every later round
+            raise ValueError(f"cannot compress {problem}")
+        entries: dict[str, torch.Tensor] = {}
+        for name, tensor in named.items():
+            values = tensor.detach().to("cpu", torch.float32)
+            if name not in self.compressed:
+                entries[name] = values
+                continue
+            if self.codec.biased:
+                residual = self.residuals.get(name)
+                values = values + residual if residual is not None else values
+            parts = self.codec.encode(values, self.states[name], self.generator)
+            if self.codec.biased:
+                residual = values.clone()
+                self.codec.add(parts, residual, -1.0)
+                self.residuals[name] = residual
+            entries.update({entry_name(name, part): tensor for part, tensor in parts.items()})
+        return entries
