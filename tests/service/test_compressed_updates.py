@@ -16,7 +16,7 @@ from tests.support.live import LiveLeader
 REASONS = {
     "a missing entry": r"missing \['",
     "an extra entry": r"unexpected \['fc.weight:extra",
-    "a part longer than the header's codec says": r"is \w+ \[(117|17, 2|2305)\], expected",
+    "a part longer than the header's codec says": r"is \w+ \[[0-9, ]+\], expected",
     "a length that disagrees with the header": "data bytes but its tensors describe",
     "another codec than the leader's": "compressed with sign, but this leader asks for",
     "an index out of range": "an index outside",

@@ -91,8 +91,8 @@ def test_a_compressed_update_is_summed_in_place_as_a_robust_rule_sees_it_whole(n
     layout = update_layout()
     settings = (name, 0.1, 2)
     assert compression.compressed_names(layout.shapes, name)  # (something is compressed)
-    sent = [compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.randn(layout.size)))]
-    sent.append(compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.randn(layout.size))))
+    sent = [compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size)))]
+    sent.append(compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size))))
     decoded = []
     for entries in sent:
         dense = torch.zeros(layout.size)
@@ -111,7 +111,7 @@ def test_a_compressed_update_is_summed_in_place_as_a_robust_rule_sees_it_whole(n
 
 def test_a_malformed_compressed_update_leaves_the_running_sum_as_it_was():
     layout, settings = update_layout(), ("topk", 0.1, 2)
-    entries = compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.randn(layout.size)))
+    entries = compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size)))
     updates = RoundUpdates(layout.size, layout.size)
     updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
     before = updates.total.clone()
