@@ -1,6 +1,8 @@
 """Compressed updates learner -> leader, without sockets: the plan's codec on the wire, the update's claim, the
 flags that combine, and the running sum a compressed update is decoded into."""
 
+import dataclasses
+import logging
 from functools import partial
 
 import pytest
@@ -8,14 +10,16 @@ import torch
 
 from federated.core import compression, strategies
 from federated.core.aggregation import Median, RoundUpdates
-from federated.core.layout import GradientLayout
+from federated.core.layout import GradientLayout, wire_state
 from federated.core.plan import TrainingPlan
 from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
 from federated.leader.planner import Planner
 from federated.leader.servicer import decode_update
+from federated.learner.state import Replica
 from federated.wire import codec, messages
-from federated.wire.messages import UpdateInfo
+from federated.wire.messages import StateInfo, UpdateInfo
+from model import build_model
 from tests.support.live import leader_config
 
 
@@ -121,3 +125,23 @@ def test_a_malformed_compressed_update_leaves_the_running_sum_as_it_was():
     with pytest.raises(compression.CompressionError, match="repeated"):
         updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
     assert torch.equal(updates.total, before) and updates.samples == 1
+
+
+def test_a_learner_keeps_its_residuals_from_round_to_round_and_starts_from_zero_when_the_codec_changes(caplog):
+    plan = TrainingPlan(compress="topk")
+    info = StateInfo("resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", image_size=8, plan=plan)
+    state = codec.encode(wire_state(build_model("resnet20"), torch.float32), info.to_metadata())
+    replica = Replica(codec.decode(state), "cpu")
+    assert replica.plan == plan
+    replica.gradient.copy_(torch.rand(replica.layout.size))
+    with caplog.at_level(logging.INFO, logger="learner"):
+        sent = replica.compressed(replica.layout.views(replica.gradient), plan)
+        compressor = replica.compressor
+        assert compressor is not None and compressor.residuals
+        replica.compressed(replica.layout.views(replica.gradient), plan)
+        assert replica.compressor is compressor  # the residuals carry over
+        replica.compressed(replica.layout.views(replica.gradient), dataclasses.replace(plan, compress_ratio=0.05))
+        assert replica.compressor is not compressor
+    assert caplog.text.count("error feedback starts from zero residuals") == 2
+    # what the learner sends is what the leader admits: every entry, in order, of its dtype and shape
+    assert codec.spec_of(sent) == compression.expected(replica.layout.shapes, "topk", 0.01, 2)
