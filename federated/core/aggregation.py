@@ -6,6 +6,7 @@ Rules see whole updates (model part, statistics and controls; see strategies.bas
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -14,6 +15,10 @@ from federated.common.registry import Registry
 
 if TYPE_CHECKING:
     from federated.privacy.dp import CentralMechanism
+
+# A compressed update, as the sum takes it: adds weight times the decoded update into a flat vector in place, or
+# raises before it writes a value (core/compression's decode_add validates first).
+DecodeAdd = Callable[[torch.Tensor, float], None]
 
 # --- aggregation rules: each takes the round's updates stacked as rows [K, D] ------------------------------
 
@@ -215,7 +220,7 @@ class RoundUpdates:
         privacy: "CentralMechanism | None" = None,
     ) -> None:
         self.model_size, self.rule, self.clip_norm, self.controls = model_size, rule, clip_norm, controls
-        self.privacy = privacy
+        self.privacy, self.size = privacy, size
         self.total = torch.zeros(size if not rule.keeps_updates else 0)
         self.kept: list[torch.Tensor] = []
         self.sample_counts: list[int] = []
@@ -225,7 +230,7 @@ class RoundUpdates:
         """Add one learner's update, given as consecutive 1-D pieces of any floating-point dtype that together
         cover the vector (codec.flat_runs), the mean over its `samples` examples."""
         clip, keep, private = self.clip_norm > 0, self.rule.keeps_updates, self.privacy is not None
-        if clip or keep or private:
+        if self.needs_whole:
             update = torch.cat([piece.float() for piece in pieces])
             if self.privacy is not None:
                 self.privacy.clip_update(update[: self.model_size])
@@ -242,6 +247,28 @@ class RoundUpdates:
             weight = 1 if private else samples  # DP-FedAvg: equal weights keep the sum's sensitivity at the clip
             for piece, part in zip(pieces, self.total.split([piece.numel() for piece in pieces])):
                 part.add_(piece, alpha=weight)
+        self.count(samples, loss)
+
+    @property
+    def needs_whole(self) -> bool:
+        """Whether each update is needed whole, as a dense vector: to clip it, or for a robust rule."""
+        return self.clip_norm > 0 or self.rule.keeps_updates or self.privacy is not None
+
+    def add_decoded(self, decode_add: DecodeAdd, samples: int, loss: float) -> None:
+        """Add one learner's compressed update (see DecodeAdd). With the mean it is decoded straight into the
+        running sum, weighted by its samples: no dense copy of it (top-k scatters, PowerSGD adds its factors'
+        product). Clipping, privacy and a robust rule need it whole: decoded into a vector first, as dense as a
+        plain update. A malformed one raises and leaves the sum as it was."""
+        if not self.needs_whole:
+            decode_add(self.total, samples)
+            self.count(samples, loss)
+            return
+        update = torch.zeros(self.size)
+        decode_add(update, 1.0)
+        self.add([update], samples, loss)
+
+    def count(self, samples: int, loss: float) -> None:
+        """Count an added update's samples and loss."""
         self.sample_counts.append(samples)
         if not math.isnan(loss):
             self.loss_sum += loss * samples

@@ -57,6 +57,11 @@ class GradientLayout:
         """Where SCAFFOLD's control variates sit (an empty slice without them)."""
         return slice(self.parameter_count + self.statistics_count, self.size)
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of an update by name, with its shape, in layout order (what core/compression codes)."""
+        return {name: shape for name, (_, shape) in self.spec.items()}
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views into a flat vector, in layout order."""
         shapes = [shape for _, shape in self.spec.values()]

@@ -15,6 +15,7 @@ DP_MODES = ("none", "central", "distributed", "local")  # --dp
 MAX_DP_CLIP, MAX_DP_NOISE_MULTIPLIER = 1e6, 1e3  # --dp-clip, --dp-noise-multiplier
 MAX_CLIP_RANGE = 1e6  # --secagg-clip-range, and a state's: beyond it the quantisation's steps exceed any update
 MAX_WEIGHT_UNIT = float(1 << 42)  # a secure round's weight unit: the samples of one learner's round, at most
+MAX_COMPRESS_RANK = 64  # --compress-rank, and a state's: PowerSGD's factors beyond it save little over the tensor
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class TrainingPlan:
     dp_clip: float = 0.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 0.0  # --dp-delta: local, each learner's own accountant reports its epsilon at it
+    # --compress: the codec of learners' updates (core/compression), its top-k/random-k ratio and PowerSGD rank
+    compress: str = "none"
+    compress_ratio: float = 0.01
+    compress_rank: int = 2
 
     def takes_part(self, learner_id: int) -> bool:
         return self.participants is None or learner_id in self.participants

@@ -167,6 +167,8 @@ class Leader:
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
         if config.secure_aggregation:  # a masked input takes 4 bytes a value, whatever the wire dtype
             limit = max(limit, 4 * (self.global_model.layout.size + 2) + codec.HEADER_SLACK_BYTES + rpc.ENVELOPE_BYTES)
+        # a compressed update may take more than a plain one (top-k of over half the values: 8 bytes a value)
+        limit = max(limit, codec.payload_limit(servicer.compressed_spec) + rpc.ENVELOPE_BYTES)
         server, port = rpc.start_server(
             f"{config.host}:{config.port}",
             [(ADD_LEADER_SERVICE, servicer)],

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from federated.core.aggregation import Aggregator, Mean, RoundUpdates
+from federated.core.aggregation import Aggregator, DecodeAdd, Mean, RoundUpdates
 from federated.leader.secure import SecureOutcome
 from federated.privacy.dp import CentralMechanism
 from federated.privacy.secagg import Refused
@@ -97,13 +97,14 @@ class RoundCollector:
         self,
         learner_id: int,
         round_index: int,
-        gradient: list[torch.Tensor],
+        gradient: list[torch.Tensor] | DecodeAdd,
         samples: int,
         loss: float,
         wire_bytes: int,
     ) -> str | None:
-        """Add a learner's gradient (pieces as codec.flat_runs gives them) to the open round; the reason it
-        was ignored, or None if counted."""
+        """Add a learner's gradient (pieces as codec.flat_runs gives them, or a compressed one's DecodeAdd) to the
+        open round; the reason it was ignored, or None if counted. A compressed update that proves malformed as it
+        is decoded raises CompressionError, and the round is as it was."""
         with self._changed:
             if round_index != self._round:
                 return f"gradient for round {round_index} ignored: round {self._round} is open"
@@ -111,7 +112,10 @@ class RoundCollector:
                 return f"learner {learner_id} already reported for round {round_index}; duplicate ignored"
             if self._sampled is not None and learner_id not in self._sampled:
                 return f"learner {learner_id} was not sampled for round {round_index}; update ignored"
-            self._updates.add(gradient, samples, loss)
+            if callable(gradient):
+                self._updates.add_decoded(gradient, samples, loss)
+            else:
+                self._updates.add(gradient, samples, loss)
             self._reported[learner_id] = (samples, loss)
             self._bytes_in += wire_bytes
             self._changed.notify_all()

@@ -35,6 +35,7 @@ from federated.core.plan import (
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
     MAX_CLIP_RANGE,
+    MAX_COMPRESS_RANK,
     MAX_DP_CLIP,
     MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
@@ -119,6 +120,12 @@ def _wire_dtypes() -> tuple[str, ...]:
     from federated.wire import codec
 
     return tuple(codec.WIRE_DTYPES)
+
+
+def _codecs() -> tuple[str, ...]:
+    from federated.core import compression
+
+    return tuple(compression.CODECS)
 
 
 def _strategies() -> tuple[str, ...]:
@@ -206,6 +213,9 @@ GROUPS = {
     "data": "What the leader trains on: a --dataset it splits among learners (partition.json and partition.png in "
     "--out show each learner's labels), or none: learners bring their own.",
     "model": "",
+    "compression": "What learners' updates travel as (docs/compression.md): with error feedback for the biased "
+    "codecs (what a round's message leaves out joins the next round's update); BatchNorm statistics and small "
+    "tensors travel uncompressed. The leader's states travel as --wire-dtype says.",
     "strategy": "FedSGD (the default) takes one gradient per learner per round and steps with --lr, --momentum and "
     "--weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
     "--local-steps with the client flags, and the leader applies the aggregate change with a server "
@@ -342,6 +352,29 @@ class LeaderConfig(SecurityFlags, Config):
         "the bytes; BatchNorm statistics always travel in float32)",
         group="model",
         choices=_wire_dtypes,
+        trajectory=True,
+    )
+    compress: str = option(
+        "none",
+        "the codec of learners' updates: fp16/bf16 (casts), int8/int4 (unbiased stochastic quantisation), topk/"
+        "randk (the --compress-ratio largest or random values), sign (scaled signs), powersgd (rank "
+        "--compress-rank factors), or none",
+        group="compression",
+        choices=_codecs,
+        trajectory=True,
+    )
+    compress_ratio: float = option(
+        0.01,
+        "the fraction of each compressed tensor's values that topk and randk send",
+        group="compression",
+        bounds=Bounds(0, 1, low_open=True),
+        trajectory=True,
+    )
+    compress_rank: int = option(
+        2,
+        "the rank of powersgd's factors",
+        group="compression",
+        bounds=Bounds(1, MAX_COMPRESS_RANK),
         trajectory=True,
     )
 
@@ -836,7 +869,21 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
             )
     if saved is not None and config.out and Path(config.out).resolve() != Path(config.resume or "").resolve():
         problems.append(f"a resumed run continues in {config.resume}: leave out --out")
+    problems += compression_problems(config)
     return problems + model_problems(config) + dp_problems(config) + local_dp_problems(config)
+
+
+def compression_problems(config: LeaderConfig) -> list[str]:
+    """What --compress cannot be combined with, and why (docs/compression.md): robust aggregators decode each
+    update first, and --dp local or central compress what is already private; secure aggregation sums masked
+    vectors the same length for every learner, and takes none of the codecs yet."""
+    if config.compress == "none" or not config.secure_aggregation:
+        return []
+    return [
+        f"--compress {config.compress} under --secure-aggregation: topk, randk and powersgd send per-learner "
+        "indices or factors that masks cannot sum, and quantised integers under masks need a clip range shared "
+        "by all learners (issue 19, item 4), not built yet; leave out --compress"
+    ]
 
 
 def dp_problems(config: LeaderConfig) -> list[str]:

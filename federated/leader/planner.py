@@ -33,7 +33,13 @@ class Planner:
         plan = self.strategy.plan(
             self.schedule.steps_per_round, self.schedule.lr(round_index), chosen, self.evaluation_due(round_index)
         )
-        plan = dataclasses.replace(plan, secure=self.secure_round())
+        plan = dataclasses.replace(
+            plan,
+            secure=self.secure_round(),
+            compress=self.config.compress,
+            compress_ratio=self.config.compress_ratio,
+            compress_rank=self.config.compress_rank,
+        )
         if self.config.dp == "none":
             return plan
         return dataclasses.replace(

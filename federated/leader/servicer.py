@@ -8,9 +8,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 
 import grpc
+import torch
 
+from federated.core import compression
+from federated.core.aggregation import DecodeAdd
+from federated.core.checks import TensorSpec
+from federated.core.layout import GradientLayout
 from federated.leader import evaluation
 from federated.leader.collector import RoundCollector
 from federated.leader.data import MAX_SHARD_FACTOR, Shards
@@ -77,7 +83,15 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         self.working = threading.BoundedSemaphore(GRADIENT_WORKERS)
         # An update's header names the model's tensors and a few metadata: a longer one is refused unparsed (11.6
         # MiB of JSON took 1.6 s of CPU, holding the GIL, and 149 MiB to parse; the check, 42 microseconds).
-        self.gradient_header_bytes = codec.header_limit(global_model.layout.spec)
+        # With --compress, updates in the plan's codec (and plain ones, from peers that know no codec): exactly
+        # the entries compression.expected names, checked before a value is read.
+        config, layout = planner.config, global_model.layout
+        self.compressed_spec: TensorSpec = (
+            {}
+            if config.compress == "none"
+            else compression.expected(layout.shapes, config.compress, config.compress_ratio, config.compress_rank)
+        )
+        self.gradient_header_bytes = max(map(codec.header_limit, (layout.spec, self.compressed_spec)))
         # Callers choose how often these happen: one line per LOG_INTERVAL_S each, with a count of the rest.
         self.logged = {kind: Throttle(LOG_INTERVAL_S) for kind in ("refused", "data", "ignored")}
 
@@ -216,9 +230,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 masked = self.check_masked(payload, member)
             else:
                 claims = self.check_claims(payload, member)
-                codec.check_matches(payload, self.global_model.layout.spec)
-                if problem := self.global_model.layout.update_problem(payload.tensors):
-                    raise codec.PayloadError(problem)
+                update = self.checked_update(payload, claims)
         except (codec.PayloadError, ValueError) as error:
             rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
         if self.federation.secure is not None:
@@ -228,14 +240,38 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             )
         else:
             round_index = claims.round
-            reason = self.collector.submit(
-                member.learner_id, round_index, codec.flat_runs(payload), claims.samples, claims.loss, len(chunk)
-            )
+            try:  # a compressed update's indices and lengths are validated as it is decoded, before a value is added
+                reason = self.collector.submit(
+                    member.learner_id, round_index, update, claims.samples, claims.loss, len(chunk)
+                )
+            except compression.CompressionError as error:
+                rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
         self.federation.received(member, counted=reason is None)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
             return leader_pb2.Ack(success=False, message=reason)
         return leader_pb2.Ack(success=True, message=f"gradient for round {round_index} accepted")
+
+    def checked_update(self, payload: codec.Payload, claims: messages.UpdateInfo) -> list[torch.Tensor] | DecodeAdd:
+        """A plain update's tensors, checked against the model, as the collector adds them (codec.flat_runs); or a
+        compressed one's entries, checked against what the plan's codec sends (compression.expected: every name,
+        dtype and shape, every value finite), as a DecodeAdd whose decode validates the rest (indices, lengths)
+        before it writes. Raises PayloadError."""
+        layout = self.global_model.layout
+        if claims.compress != "none" and claims.compress != self.planner.config.compress:
+            raise codec.PayloadError(
+                f"update compressed with {claims.compress}, but this leader asks for "
+                f"{self.planner.config.compress} (or a plain update)"
+            )
+        codec.check_matches(payload, self.compressed_spec if claims.compress != "none" else layout.spec)
+        if problem := layout.update_problem(payload.tensors):  # (statistics travel raw, under their own names)
+            raise codec.PayloadError(problem)
+        if claims.compress == "none":
+            return codec.flat_runs(payload)
+        config = self.planner.config
+        return partial(
+            decode_update, layout, payload.tensors, (config.compress, config.compress_ratio, config.compress_rank)
+        )
 
     def check_masked(self, payload: codec.Payload, member: Member) -> messages.MaskedInfo:
         """What a secure round's masked input claims (its slot and round), checked; raises PayloadError. A plain
@@ -304,6 +340,18 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         return min(
             claimed, MAX_SHARD_FACTOR * min(self.planner.config.batch_size, typical) * self.planner.steps_of(typical)
         )
+
+
+def decode_update(
+    layout: GradientLayout,
+    entries: dict[str, torch.Tensor],
+    settings: tuple[str, float, int],
+    out: torch.Tensor,
+    weight: float,
+) -> None:
+    """Add weight times a compressed update (its checked entries; settings: the codec, ratio and rank) into a flat
+    update vector (DecodeAdd)."""
+    compression.decode_add(entries, layout.views(out), weight, *settings)
 
 
 def same_host(address: str, peer: str | None) -> bool:

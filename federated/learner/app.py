@@ -139,7 +139,8 @@ class Member:
         round out."""
         replica = self.replica
         self.sent_round = round_index
-        tensors = replica.update_tensors()
+        compressed = plan.compress != "none" and plan.secure is None  # (the leader allows neither with the other)
+        tensors = replica.layout.views(replica.gradient.cpu()) if compressed else replica.update_tensors()
         if problem := first_problem(tensors.items()):
             log.warning(
                 "round %d: this learner's update holds %s (the leader's model gives that on this learner's data); "
@@ -163,7 +164,10 @@ class Member:
                 loss,
                 replica.strategy.update_kind,
                 plan.local_steps,
+                plan.compress if compressed else "none",
             )
+            if compressed:  # after the check above: a NaN would stay in the residuals for good
+                tensors = replica.compressed(tensors, plan)
             request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         if reply is not None and not reply.success:

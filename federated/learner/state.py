@@ -8,7 +8,7 @@ import torch
 
 import utils
 from federated.common import runtime
-from federated.core import strategies
+from federated.core import compression, strategies
 from federated.core.checks import TensorSpec
 from federated.core.layout import GradientLayout, control_name, wire_state
 from federated.core.plan import TrainingPlan
@@ -100,6 +100,9 @@ class Replica:
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.examples: torch.nn.Module | None = None  # the model hooked for per-example gradients (local DP)
         self.noise: torch.Generator | None = None  # local DP's noise, seeded by this learner alone
+        # --compress: the codec's error-feedback residuals and PowerSGD's warm start, for the plan's settings
+        self.compressor: compression.Compressor | None = None
+        self.compressed_as: tuple[str, float, int] | None = None
         self.adopt(state)
         self.layout.bind_gradients(self.gradient)  # after adopting: it took the state's tensors over
 
@@ -179,6 +182,21 @@ class Replica:
         """The update vector as it travels."""
         return self.layout.wire_tensors(self.gradient)
 
+    def compressed(self, update: dict[str, torch.Tensor], plan: TrainingPlan) -> dict[str, torch.Tensor]:
+        """An update's tensors (the update vector's float32 views) as the plan's codec sends them. The residuals
+        live in this process: a learner starts from zero (restarted, its earlier ones are lost) and again when
+        the leader changes the codec or its settings."""
+        settings = (plan.compress, plan.compress_ratio, plan.compress_rank)
+        if self.compressor is None or settings != self.compressed_as:
+            log.info(
+                "round %d: updates travel compressed (%s); error feedback starts from zero residuals",
+                self.round,
+                _settings_text(*settings),
+            )
+            self.compressor = compression.Compressor(*settings, self.layout.shapes)
+            self.compressed_as = settings
+        return self.compressor.compress(update)
+
     def update_taken(self, round_index: int) -> None:
         """SCAFFOLD: the leader took this round's update; its control change waits for a later state's word on
         whether the round was applied."""
@@ -194,3 +212,10 @@ class Replica:
         """The model's loss and accuracy on held-out images."""
         with torch.no_grad():
             return evaluate(self.model, utils.normalize(held_out.images, self.mean, self.std), held_out.labels)
+
+
+def _settings_text(codec_name: str, ratio: float, rank: int) -> str:
+    """A codec with the setting it reads, as the log says it."""
+    if codec_name in ("topk", "randk"):
+        return f"{codec_name}, ratio {ratio:g}"
+    return f"{codec_name}, rank {rank}" if codec_name == "powersgd" else codec_name

@@ -109,6 +109,11 @@ def header_limit(spec: TensorSpec, metadata_bytes: int = HEADER_SLACK_BYTES) -> 
     return len(_header_text(spec, {})) + ALIGNMENT + metadata_bytes
 
 
+def payload_limit(spec: TensorSpec) -> int:
+    """The most bytes a payload that must hold spec's tensors takes: header_limit's header, and their data."""
+    return header_limit(spec) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in spec.values())
+
+
 def decode(buffer: Received, max_header_bytes: int = MAX_HEADER_BYTES) -> Payload:
     """Parse and check a payload whose header takes at most max_header_bytes (see header_limit); raise
     PayloadError saying what is wrong."""

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import utils
-from federated.core import strategies
+from federated.core import compression, strategies
 from federated.core.plan import (
     DP_MODES,
     MAX_CLIENT_LR,
     MAX_CLIENT_MOMENTUM,
     MAX_CLIP_RANGE,
+    MAX_COMPRESS_RANK,
     MAX_DP_CLIP,
     MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
@@ -105,6 +106,7 @@ def plan_to_metadata(plan: TrainingPlan) -> dict[str, str]:
     metadata |= {"evaluate": "1"} if plan.evaluate else {}
     metadata |= _dp_to_metadata(plan)
     metadata |= secure_to_metadata(plan.secure) if plan.secure else {}
+    metadata |= _compress_to_metadata(plan)
     if not strategies.named(plan.strategy).local:
         return metadata
     return {
@@ -132,7 +134,7 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         raise codec.PayloadError(
             f"unknown strategy {name[:32]!r}; this learner knows {', '.join(strategies.names())}"
         ) from None
-    dp = _dp_from_metadata(metadata)
+    dp, compressed = _dp_from_metadata(metadata), _compress_from_metadata(metadata)
     secure = secure_from_metadata(metadata)
     if dp.get("dp") == "distributed" and secure is None:  # its noise is only ever added to a masked input
         raise codec.PayloadError(
@@ -140,7 +142,7 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
             "without noise"
         )
     if not strategy.local:
-        return TrainingPlan(participants=chosen, evaluate=evaluate, secure=secure, **dp)
+        return TrainingPlan(participants=chosen, evaluate=evaluate, secure=secure, **dp, **compressed)
     return TrainingPlan(
         name,
         _int(metadata, "local_steps", minimum=1),
@@ -153,6 +155,7 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         _float(metadata, "local_epochs", 0.0, high=MAX_LOCAL_EPOCHS),
         secure,
         **dp,
+        **compressed,
     )
 
 
@@ -180,6 +183,34 @@ def _dp_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
         "dp_clip": _positive(metadata, "dp_clip", MAX_DP_CLIP),
         "dp_noise_multiplier": _positive(metadata, "dp_noise_multiplier", MAX_DP_NOISE_MULTIPLIER),
         "dp_delta": _positive(metadata, "dp_delta", math.nextafter(1.0, 0.0)),  # --dp-delta's bounds: (0, 1)
+    }
+
+
+def _compress_to_metadata(plan: TrainingPlan) -> dict[str, str]:
+    """A plan's update compression: none without --compress, so that other runs' states stay byte for byte."""
+    if plan.compress == "none":
+        return {}
+    return {
+        "compress": plan.compress,
+        "compress_ratio": repr(plan.compress_ratio),
+        "compress_rank": str(plan.compress_rank),
+    }
+
+
+def _compress_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """A state's update compression as TrainingPlan's keyword arguments (none: absent); PayloadError for a codec
+    this learner does not know, so that it refuses the plan rather than send what the leader cannot read."""
+    name = metadata.get("compress", "none")
+    if name == "none":
+        return {}
+    if name not in compression.CODECS:
+        raise codec.PayloadError(
+            f"unknown codec {name[:32]!r} in metadata 'compress'; this learner knows {', '.join(compression.CODECS)}"
+        )
+    return {
+        "compress": name,
+        "compress_ratio": _positive(metadata, "compress_ratio", 1.0),
+        "compress_rank": _int(metadata, "compress_rank", minimum=1, maximum=MAX_COMPRESS_RANK),
     }
 
 
@@ -323,6 +354,7 @@ class UpdateInfo:
     loss: float
     kind: str = "gradient"  # or "pseudo-gradient": start weights minus weights after local training
     steps: int = 1
+    compress: str = "none"  # the codec its tensors travel in (core/compression: entries "NAME:PART"), or none
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {
@@ -331,7 +363,9 @@ class UpdateInfo:
             "samples": str(self.samples),
             "loss": repr(self.loss),
         }
-        return metadata if self.kind == "gradient" else {**metadata, "kind": self.kind, "steps": str(self.steps)}
+        if self.kind != "gradient":
+            metadata |= {"kind": self.kind, "steps": str(self.steps)}
+        return metadata if self.compress == "none" else {**metadata, "compress": self.compress}
 
     @classmethod
     def from_payload(cls, payload: codec.Payload) -> "UpdateInfo":
@@ -340,6 +374,9 @@ class UpdateInfo:
         kind = metadata.get("kind", "gradient")
         if kind not in UPDATE_KINDS:
             raise codec.PayloadError(f"metadata 'kind' must be 'gradient' or 'pseudo-gradient', got {kind[:32]!r}")
+        compress = metadata.get("compress", "none")
+        if compress not in compression.CODECS:
+            raise codec.PayloadError(f"metadata 'compress' must name a codec, got {compress[:32]!r}")
         return cls(
             _int(metadata, "learner_id"),
             _int(metadata, "round"),
@@ -347,6 +384,7 @@ class UpdateInfo:
             _loss(metadata),
             kind,
             _int(metadata, "steps", 1, minimum=1),
+            compress,
         )
 
 

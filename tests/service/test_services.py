@@ -430,6 +430,7 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
             },
         ),
         "huge header": codec.encode(state, {"round": "1", "padding": " " * (1 << 20)}),  # refused unparsed
+        "a codec it does not know": codec.encode(state, {"round": "1", "compress": "zstd"}),
     }
     before = [t.clone() for t in learner.replica.model.state_dict().values()]
     for case, chunk in bad.items():
@@ -437,6 +438,7 @@ def test_learner_refuses_bad_model_states_and_keeps_its_model(live, live_learner
         assert not reply.success and "rejected" in reply.message, case
         assert case != "huge header" or "exceeds the" in reply.message, reply.message
         assert not case.startswith("own epochs") or "passes over its" in reply.message, reply.message
+        assert not case.startswith("a codec") or "unknown codec 'zstd'" in reply.message, reply.message
     assert all(torch.equal(a, b) for a, b in zip(before, learner.replica.model.state_dict().values()))
     assert learner.server.inbox.take(0, timeout=0) is None
     good = codec.encode(state, {"round": "1"})

@@ -1,0 +1,147 @@
+"""Compressed updates learner -> leader, without sockets: the plan's codec on the wire, the update's claim, the
+flags that combine, and the running sum a compressed update is decoded into."""
+
+import dataclasses
+import logging
+from functools import partial
+
+import pytest
+import torch
+
+from federated.core import compression, strategies
+from federated.core.aggregation import Median, RoundUpdates
+from federated.core.layout import GradientLayout, wire_state
+from federated.core.plan import TrainingPlan
+from federated.leader.config import LeaderConfig
+from federated.leader.data import DataFacts
+from federated.leader.planner import Planner
+from federated.leader.servicer import decode_update
+from federated.learner.state import Replica
+from federated.wire import codec, messages
+from federated.wire.messages import StateInfo, UpdateInfo
+from model import build_model
+from tests.support.live import leader_config
+
+
+def planned(**flags) -> TrainingPlan:
+    """Round 0's plan of a leader with these flags."""
+    run = LeaderConfig(**flags)
+    return Planner(run, strategies.named(run.strategy)(run), DataFacts([0.5] * 3, [0.25] * 3, 5000)).plan(0, None)
+
+
+@pytest.mark.parametrize("strategy", ["fedsgd", "fedavg"])
+def test_a_plan_without_compression_carries_the_metadata_it_carried_before(strategy):
+    metadata = messages.plan_to_metadata(planned(strategy=strategy))
+    assert not [key for key in metadata if key.startswith("compress")]
+    assert messages.plan_to_metadata(planned(strategy=strategy, compress="none")) == metadata
+
+
+@pytest.mark.parametrize("strategy", ["fedsgd", "scaffold"])
+@pytest.mark.parametrize(
+    "flags",
+    [{"compress": "topk", "compress_ratio": 0.05}, {"compress": "powersgd", "compress_rank": 4}, {"compress": "int4"}],
+)
+def test_a_compressed_plan_tells_learners_its_codec_and_round_trips(strategy, flags):
+    plan = planned(strategy=strategy, **flags)
+    assert plan.compress == flags["compress"]
+    assert messages.plan_to_metadata(plan)["compress"] == flags["compress"]
+    assert messages.plan_from_metadata(messages.plan_to_metadata(plan)) == plan
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"compress": "zstd"}, "unknown codec 'zstd'"),
+        ({"compress": "topk", "compress_ratio": "0", "compress_rank": "2"}, "compress_ratio"),
+        ({"compress": "topk", "compress_ratio": "nan", "compress_rank": "2"}, "compress_ratio"),
+        ({"compress": "powersgd", "compress_ratio": "0.01", "compress_rank": "65"}, "compress_rank"),
+        ({"compress": "powersgd", "compress_ratio": "0.01"}, "compress_rank"),
+    ],
+)
+def test_a_learner_refuses_a_plan_whose_codec_it_does_not_know_or_whose_settings_are_out_of_bounds(fields, says):
+    with pytest.raises(codec.PayloadError, match=says):
+        messages.plan_from_metadata(fields)
+
+
+def test_an_update_names_its_codec_only_when_compressed():
+    plain = UpdateInfo(0, 3, 64, 0.5)
+    assert plain.to_metadata() == {"learner_id": "0", "round": "3", "samples": "64", "loss": "0.5"}
+    compressed = UpdateInfo(0, 3, 64, 0.5, "pseudo-gradient", 2, "topk")
+    payload = codec.decode(codec.encode({}, compressed.to_metadata()))
+    assert UpdateInfo.from_payload(payload) == compressed
+    with pytest.raises(codec.PayloadError, match="must name a codec"):
+        UpdateInfo.from_payload(codec.decode(codec.encode({}, {**plain.to_metadata(), "compress": "zip"})))
+
+
+def test_compression_is_refused_under_secure_aggregation_and_combines_with_robust_rules_and_dp():
+    with pytest.raises(SystemExit):
+        leader_config(["--compress", "topk", "--secure-aggregation", "--learners", "3"])
+    for flags in (
+        ["--aggregator", "median", "--learners", "3"],
+        ["--dp", "central", "--norm", "group"],
+        ["--strategy", "scaffold"],
+    ):
+        assert leader_config(["--compress", "powersgd", *flags]).compress == "powersgd"
+
+
+def update_layout() -> GradientLayout:
+    """A layout with a tensor large enough to be compressed (a 32x64 linear weight) beside small ones."""
+    return GradientLayout(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32)))
+
+
+@pytest.mark.parametrize("name", ["topk", "powersgd", "int8"])
+def test_a_compressed_update_is_summed_in_place_as_a_robust_rule_sees_it_whole(name):
+    torch.manual_seed(0)
+    layout = update_layout()
+    settings = (name, 0.1, 2)
+    assert compression.compressed_names(layout.shapes, name)  # (something is compressed)
+    sent = [compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size)))]
+    sent.append(compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size))))
+    decoded = []
+    for entries in sent:
+        dense = torch.zeros(layout.size)
+        compression.decode_add(entries, layout.views(dense), 1.0, *settings)
+        decoded.append(dense)
+    streamed, robust = RoundUpdates(layout.size, layout.size), RoundUpdates(layout.size, layout.size, Median())
+    for samples, entries in zip((3, 5), sent):
+        streamed.add_decoded(partial(decode_update, layout, entries, settings), samples, 0.5)
+        robust.add_decoded(partial(decode_update, layout, entries, settings), samples, 0.5)
+    mean, kept = torch.empty(layout.size), torch.stack(robust.kept)
+    streamed.combine_into(mean)
+    torch.testing.assert_close(mean, (3 * decoded[0] + 5 * decoded[1]) / 8)
+    torch.testing.assert_close(kept, torch.stack(decoded))
+    assert streamed.samples == robust.samples == 8
+
+
+def test_a_malformed_compressed_update_leaves_the_running_sum_as_it_was():
+    layout, settings = update_layout(), ("topk", 0.1, 2)
+    entries = compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size)))
+    updates = RoundUpdates(layout.size, layout.size)
+    updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
+    before = updates.total.clone()
+    name = next(key for key in entries if key.endswith(":indices"))
+    entries[name] = entries[name].clone()
+    entries[name][0] = entries[name][1]  # a repeated index
+    with pytest.raises(compression.CompressionError, match="repeated"):
+        updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
+    assert torch.equal(updates.total, before) and updates.samples == 1
+
+
+def test_a_learner_keeps_its_residuals_from_round_to_round_and_starts_from_zero_when_the_codec_changes(caplog):
+    plan = TrainingPlan(compress="topk")
+    info = StateInfo("resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", image_size=8, plan=plan)
+    state = codec.encode(wire_state(build_model("resnet20"), torch.float32), info.to_metadata())
+    replica = Replica(codec.decode(state), "cpu")
+    assert replica.plan == plan
+    replica.gradient.copy_(torch.rand(replica.layout.size))
+    with caplog.at_level(logging.INFO, logger="learner"):
+        sent = replica.compressed(replica.layout.views(replica.gradient), plan)
+        compressor = replica.compressor
+        assert compressor is not None and compressor.residuals
+        replica.compressed(replica.layout.views(replica.gradient), plan)
+        assert replica.compressor is compressor  # the residuals carry over
+        replica.compressed(replica.layout.views(replica.gradient), dataclasses.replace(plan, compress_ratio=0.05))
+        assert replica.compressor is not compressor
+    assert caplog.text.count("error feedback starts from zero residuals") == 2
+    # what the learner sends is what the leader admits: every entry, in order, of its dtype and shape
+    assert codec.spec_of(sent) == compression.expected(replica.layout.shapes, "topk", 0.01, 2)
