@@ -18,7 +18,9 @@ def codec_costs(repeats: int) -> dict:
     """Per codec (PowerSGD at each of RANKS): payload bytes, their ratio to float32, and the median of `repeats`
     timings (after a warm-up) of one update's compress() and decode_add(), on one thread."""
     layout = GradientLayout(build_model("resnet20"))
-    update = layout.views(torch.randn(layout.size, generator=torch.Generator().manual_seed(0)))
+    flat = torch.randn(layout.size, generator=torch.Generator().manual_seed(0))
+    flat[layout.parameter_count :].abs_()  # BatchNorm statistics: a running variance is never negative
+    update = layout.views(flat)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one learner's core, or the leader's per-learner work, costs
     try:
