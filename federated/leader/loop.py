@@ -1,6 +1,7 @@
 """The round loop: open a round, wait for its updates, aggregate and step, evaluate, push the next state, and
 record it all (metrics, evaluations, model.pt, checkpoints)."""
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -95,6 +96,11 @@ class RoundLoop:
         )
         if recovery and not recovery.stops:
             log.warning("round %d: %s", done, recovery.message)
+        if recovery and recovery.stops and self.privacy and not summary.discarded:  # the noise may be why
+            size = self.global_model.layout.parameter_count
+            recovery = dataclasses.replace(
+                recovery, message=f"{recovery.message} ({self.privacy.swamped(summary.learners, size)})"
+            )
         stepped = time.perf_counter()
         eval_seconds = self.evaluate(done, metrics) if self.planner.evaluation_due(done) or final else 0.0
         if final:

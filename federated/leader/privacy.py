@@ -2,6 +2,8 @@
 distributed, one step a round) and the budget (--dp-target-epsilon) that ends a run before a round would exceed
 it."""
 
+import math
+
 from federated.leader.config import LeaderConfig
 from federated.privacy.accountant import Accountant
 from federated.privacy.dp import CentralMechanism
@@ -55,6 +57,19 @@ class LeaderPrivacy:
         return (
             f"the privacy budget is spent: epsilon {self.accountant.epsilon():.4g} so far, another round would make "
             f"it {after:.4g}, above --dp-target-epsilon {target:g} (delta {self.config.dp_delta:g})"
+        )
+
+    def swamped(self, learners: int, size: int) -> str:
+        """Why a run under learner-level DP may make no sane step: how large the noise on a round's mean of
+        `learners` updates of `size` values is (sigma C sqrt(size) / learners, for every learner's update at most
+        C), and what shrinks it. Said when refused steps stop the run."""
+        sigma, clip = self.config.dp_noise_multiplier, self.config.dp_clip
+        ratio = sigma * math.sqrt(size) / max(learners, 1)
+        return (
+            f"under --dp {self.config.dp} the noise on the mean of the round's {learners} updates has a norm near "
+            f"{ratio * clip:.3g}, {ratio:.3g} times the --dp-clip {clip:g} that bounds each update: learner-level DP "
+            "needs many more learners a round (the noise falls as 1/learners), a larger --dp-target-epsilon or "
+            "a smaller model"
         )
 
     def checkpoint(self) -> dict:

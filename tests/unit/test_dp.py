@@ -1,6 +1,7 @@
 """Differential privacy: the plan's DP fields on the wire, clipping, calibrated noise, adaptive clipping."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -249,6 +250,22 @@ def test_secure_rounds_discarded_are_charged_once_unmasked_and_five_in_a_row_sto
     records = round_records(tmp_path / "metrics.jsonl")
     assert records[0]["epsilon"] == 0.0 and "stopping" in records[-1]["recovery"]
     assert records[-1]["epsilon"] == pytest.approx(independent_epsilon([(1.5, 1.0, 3)], 1e-5), rel=1e-12)
+
+
+def test_a_run_whose_noise_swamps_the_model_stops_saying_how_large_the_noise_is(tmp_path):
+    flags = ["--dp-noise-multiplier", "1000", "--dp-clip-quantile", "0", "--server-lr", "1"]
+    leader = leader_from([*DP_RUN, *flags, "--out", str(tmp_path)])
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    update = torch.full((leader.global_model.layout.size,), 1e-3)
+    for round_index in range(MAX_DISCARDED_ROUNDS - 1):
+        leader.collector.submit(0, round_index, [update], 8, 1.0, 0)
+        assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+    leader.collector.submit(0, MAX_DISCARDED_ROUNDS - 1, [update], 8, 1.0, 0)
+    size = leader.global_model.layout.parameter_count
+    noise = re.escape(f"norm near {1000 * 0.1 * size**0.5:.3g}, ")
+    with pytest.raises(Diverged, match=f"make no sane step.*{noise}.* 1/learners"):
+        leader.rounds.run_round(MAX_DISCARDED_ROUNDS - 1, 0.0, metrics)
+    metrics.close()
 
 
 @pytest.mark.parametrize(
