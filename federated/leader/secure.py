@@ -80,10 +80,9 @@ class SecureRounds:
             self._troubled()
             return []
         try:
-            if not self._serves(round_index, participants):
-                participants = self._open_epoch(round_index, members, unable)
-            assert self._epoch is not None
-            leader_round = self._epoch.open_round(round_index, participants, self.size + 2)
+            epoch = self._serving(round_index, participants) or self._open_epoch(round_index, members, unable)
+            verified = [learner for learner in participants if learner in epoch.verified]
+            leader_round = epoch.open_round(round_index, verified, self.size + 2)
             with self._lock:
                 self._round = leader_round
             started = time.perf_counter()
@@ -96,27 +95,28 @@ class SecureRounds:
             return []
         return answered if len(answered) >= secagg.MIN_LEARNERS else []
 
-    def _serves(self, round_index: int, participants: list[int]) -> bool:
-        """Whether the open epoch serves this round: it has a slot left, and the round's learners are all verified
-        in it and more than its threshold (the last round went cleanly, else there is no open epoch)."""
+    def _serving(self, round_index: int, participants: list[int]) -> secagg.LeaderEpoch | None:
+        """The last round's epoch if it serves this round: the last round went cleanly, a slot is left, and the
+        round's learners are all verified in it and more than its threshold; else None."""
         epoch = self._epoch
-        return (
+        serves = (
             self._clean
             and epoch is not None
             and epoch.has_slot(round_index)
             and set(participants) <= set(epoch.verified)
             and len(participants) > epoch.threshold
         )
+        return epoch if serves else None
 
-    def _open_epoch(self, round_index: int, members: dict[int, Member], unable: Unable) -> list[int]:
-        """Phases 1-3 with these learners: an epoch named round_index; returns V, those verified (BelowThreshold
-        if too few). Any learner left out makes this the epoch's only round."""
+    def _open_epoch(self, round_index: int, members: dict[int, Member], unable: Unable) -> secagg.LeaderEpoch:
+        """Phases 1-3 with these learners: an epoch named round_index, its V fixed (BelowThreshold if too few).
+        Any learner left out makes this the epoch's only round."""
         participants = sorted(members)
         epoch = secagg.LeaderEpoch(round_index, participants, threshold_of(self.threshold, len(participants)))
         self._epoch, self._clean, answered, started = epoch, True, participants, time.perf_counter()
         for phase in secagg.SETUP:
             answered = self.run_phase(epoch, phase, {learner: members[learner] for learner in answered}, unable)
-        verified = list(epoch.verified)
+        verified = epoch.verified
         self.epochs_opened += 1
         log.debug("secure round %d: phases 1-3 took %.3f s", round_index + 1, time.perf_counter() - started)
         log.info(
@@ -128,7 +128,7 @@ class SecureRounds:
         )
         if len(verified) < len(participants):
             self._troubled()
-        return verified
+        return epoch
 
     def _troubled(self) -> None:
         """The round had trouble: the next one opens a new epoch (a clean slate)."""

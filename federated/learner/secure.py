@@ -76,8 +76,8 @@ class SecureParty:
         mean loss, masked; None when the round is no longer committed (the leader started the next); raises
         secagg.Refused when the protocol refuses it (the unmasking already began, a quantisation for fewer inputs
         than committed). noise:
-        distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that the
-        `threshold` survivors the sum needs at least already add up to the whole."""
+        distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that
+        `threshold` survivors already add up to the whole (a sum the leader unmasks has more)."""
         with self._changed:
             if self._round is None or self._committed != round_index:
                 return None

@@ -237,8 +237,8 @@ class LearnerRound:
 
     @property
     def threshold(self) -> int:
-        """The shares that unmask a secret this epoch (the fewest survivors of a sum the leader learns); after
-        phase 2."""
+        """The shares that reconstruct a seed this epoch, from holders other than its owner (so a sum the leader
+        learns has more survivors than this); after phase 2."""
         if self._setup < SHARES:
             raise Refused("no threshold before the shares")
         return self._threshold
