@@ -71,7 +71,8 @@ DIGEST_BYTES = hashlib.sha256().digest_size
 LOSS_RANGE = 100.0  # a loss beyond counts as this (it only informs; far above a sane model's cross-entropy): the
 # wire's MAX_LOSS (1e6) would leave the loss sum a resolution of 1e6 / scale, about 0.01 at 10 learners
 MAX_COMBINATIONS = 32  # where revealed shares disagree, at most this many random subsets of t are tried per secret
-# (with one false share in 12 at t = 7, all 32 hold it with probability (7/12)^32 < 1e-7), about 0.4 ms each at t = 31
+# (one false share among the owner's 11 other holders at t = 7: all 32 hold it with probability (7/11)^32 < 1e-6),
+# about 0.4 ms each at t = 31
 _RANDOM = random.SystemRandom()  # the subsets tried: unpredictable to a learner choosing which shares to falsify
 
 
