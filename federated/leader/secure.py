@@ -120,11 +120,11 @@ class SecureRounds:
         self.epochs_opened += 1
         log.debug("secure round %d: phases 1-3 took %.3f s", round_index + 1, time.perf_counter() - started)
         log.info(
-            "secure aggregation: epoch %d opened with %d learners (threshold %d), for up to %d rounds",
-            self.epochs_opened,
+            "secure aggregation: keys agreed with %d learners (threshold %d) for up to %d rounds (secure epoch %d)",
             len(verified),
             epoch.threshold,
             secagg.EPOCH_ROUNDS,
+            self.epochs_opened,
         )
         if len(verified) < len(participants):
             self._troubled()
