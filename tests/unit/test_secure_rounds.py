@@ -504,3 +504,16 @@ def test_a_learner_waiting_for_its_commit_stops_waiting_when_the_run_ends():
     ended.set()
     waiting.join(30)
     assert not waiting.is_alive() and result == [False]
+
+
+def test_a_learner_waiting_for_a_commit_stops_waiting_when_a_commit_of_a_later_round_comes():
+    # within an epoch no phase 1 marks a new round: a commit of a later round ends the wait for an earlier one
+    participants = parties(4)
+    rounds = SecureRounds(FakeClient(participants), 0.5, 64, timeout=5)
+    run_rounds(rounds, participants, 0, 0)
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(participants[3].wait_committed(1, 600.0)))
+    waiting.start()
+    run_rounds(rounds, participants, 2, 2)  # round 1 never committed it: the leader went on to round 2
+    waiting.join(30)
+    assert not waiting.is_alive() and result == [False]
