@@ -1,6 +1,7 @@
-"""The leader's side of secure aggregation through the rounds: phases 1-4 fanned out to a round's learners as it
-opens (they train meanwhile), their masked inputs summed as they arrive, and phase 5, the unmasking and the
-dequantised mean as it closes (privacy/secagg.py holds the protocol; this module only drives it).
+"""The leader's side of secure aggregation through the rounds: phase 4 (after phases 1-3 when the round opens an
+epoch) fanned out to a round's learners as it opens (they train meanwhile), their masked inputs summed as they
+arrive, and phase 5, the unmasking and the dequantised mean as it closes (privacy/secagg.py holds the protocol;
+this module only drives it).
 
 Thread-safe: the round loop begins and finishes rounds, gRPC handler threads add masked inputs; the open
 round's LeaderRound is touched only under one lock, never across a call to a learner.
@@ -44,7 +45,9 @@ def threshold_of(fraction: float, learners: int) -> int:
 
 
 class SecureRounds:
-    """One secure round at a time: begin (phases 1-4), add_masked (as inputs arrive), finish (phase 5, unmask)."""
+    """One secure round at a time: begin (phases 1-3 when an epoch opens, then 4), add_masked (as inputs arrive),
+    finish (phase 5, unmask). An epoch's keys and seeds serve its rounds while they go cleanly; any trouble (a
+    learner failing or refused in any phase, one whose input did not arrive, a discarded round) opens a new one."""
 
     def __init__(
         self,
@@ -57,43 +60,90 @@ class SecureRounds:
         timeout)."""
         self.client, self.threshold, self.size, self.timeout = client, threshold, size, timeout
         self._round: secagg.LeaderRound | None = None
+        self._epoch: secagg.LeaderEpoch | None = None  # the last round's
+        self._clean = False  # whether it went without trouble: else the next round opens a new epoch
         self._lock = threading.Lock()
         self.bytes_in = self.bytes_out = 0  # of the phases' replies and requests this round (not the masked inputs)
+        self.epochs_opened = 0
 
     def begin(
         self, round_index: int, members: dict[int, Member], unable: Unable = lambda member, why: None
     ) -> list[int]:
-        """Run phases 1-4 with these learners: those committed (U2), whose masked inputs the round
-        takes; fewer than secagg.MIN_LEARNERS leave it without any. unable(member, why): one that cannot take part
-        in secure rounds at all (it answered UNIMPLEMENTED)."""
+        """Run phase 4 with these learners, after phases 1-3 if the round opens an epoch: those committed (U2),
+        whose masked inputs the round takes; fewer than secagg.MIN_LEARNERS leave it without any. unable(member,
+        why): one that cannot take part in secure rounds at all (it answered UNIMPLEMENTED)."""
         participants = sorted(members)
         self.bytes_in = self.bytes_out = 0
         with self._lock:
             self._round = None
         if len(participants) < secagg.MIN_LEARNERS:
+            self._troubled()
             return []
-        leader_round = secagg.LeaderRound(
-            round_index, participants, threshold_of(self.threshold, len(participants)), self.size + 2
-        )
-        with self._lock:
-            self._round = leader_round
-        answered, started = participants, time.perf_counter()
         try:
-            for phase in secagg.BEFORE_INPUTS:
-                answered = self.run_phase(
-                    leader_round, phase, {learner: members[learner] for learner in answered}, unable
-                )
+            epoch = self._serving(round_index, participants) or self._open_epoch(round_index, members, unable)
+            verified = [learner for learner in participants if learner in epoch.verified]
+            leader_round = epoch.open_round(round_index, verified, self.size + 2)
+            with self._lock:
+                self._round = leader_round
+            started = time.perf_counter()
+            committed = {learner: members[learner] for learner in leader_round.shared}
+            answered = self.run_phase(leader_round, secagg.COMMIT, committed, unable)
+            log.debug("secure round %d: phase 4 took %.3f s", round_index + 1, time.perf_counter() - started)
         except secagg.BelowThreshold as below:  # fewer answered than the threshold
             log.warning("secure round %d: %s", round_index + 1, below)
+            self._troubled()
             return []
-        log.debug("secure round %d: phases 1-4 took %.3f s", round_index + 1, time.perf_counter() - started)
         return answered if len(answered) >= secagg.MIN_LEARNERS else []
 
+    def _serving(self, round_index: int, participants: list[int]) -> secagg.LeaderEpoch | None:
+        """The last round's epoch if it serves this round: the last round went cleanly, a slot is left, and the
+        round's learners are all verified in it and more than its threshold; else None."""
+        epoch = self._epoch
+        serves = (
+            self._clean
+            and epoch is not None
+            and epoch.has_slot(round_index)
+            and set(participants) <= set(epoch.verified)
+            and len(participants) > epoch.threshold
+        )
+        return epoch if serves else None
+
+    def _open_epoch(self, round_index: int, members: dict[int, Member], unable: Unable) -> secagg.LeaderEpoch:
+        """Phases 1-3 with these learners: an epoch named round_index, its V fixed (BelowThreshold if too few).
+        Any learner left out makes this the epoch's only round."""
+        participants = sorted(members)
+        epoch = secagg.LeaderEpoch(round_index, participants, threshold_of(self.threshold, len(participants)))
+        self._epoch, self._clean, answered, started = epoch, True, participants, time.perf_counter()
+        for phase in secagg.SETUP:
+            answered = self.run_phase(epoch, phase, {learner: members[learner] for learner in answered}, unable)
+        verified = epoch.verified
+        self.epochs_opened += 1
+        log.debug("secure round %d: phases 1-3 took %.3f s", round_index + 1, time.perf_counter() - started)
+        log.info(
+            "secure aggregation: keys agreed with %d learners (threshold %d) for up to %d rounds (secure epoch %d)",
+            len(verified),
+            epoch.threshold,
+            secagg.EPOCH_ROUNDS,
+            self.epochs_opened,
+        )
+        if len(verified) < len(participants):
+            self._troubled()
+        return epoch
+
+    def _troubled(self) -> None:
+        """The round had trouble: the next one opens a new epoch (a clean slate)."""
+        self._clean = False
+
     def run_phase(
-        self, leader_round: secagg.LeaderRound, phase: int, members: dict[int, Member], unable: Unable
+        self,
+        leader_round: secagg.LeaderEpoch | secagg.LeaderRound,
+        phase: int,
+        members: dict[int, Member],
+        unable: Unable,
     ) -> list[int]:
-        """One phase's calls to these learners at once: those whose reply the round took; raises
-        secagg.BelowThreshold when the set of learners the phase names is below the threshold."""
+        """One phase's calls to these learners at once: those whose reply the epoch or round took (any other makes
+        the next round open a new epoch); raises secagg.BelowThreshold when the set of learners the phase names is
+        below the threshold."""
         with self._lock:
             requests = {learner: leader_round.request(phase, learner) for learner in members}
         self.bytes_out += sum(request.ByteSize() for request in requests.values())
@@ -113,6 +163,8 @@ class SecureRounds:
                 continue
             self.bytes_in += reply.ByteSize()
             answered.append(learner)
+        if len(answered) < len(members):
+            self._troubled()
         return answered
 
     def failed(self, member: Member, phase: int, error: grpc.RpcError, unable: Unable) -> None:
@@ -153,21 +205,26 @@ class SecureRounds:
         if leader_round is not None and noise is not None:
             quantisation = replace(quantisation, noise_std=dp.noise_share_std(*noise, leader_round.threshold))
         if leader_round is None or len(survivors) < secagg.MIN_LEARNERS:
+            self._troubled()
             return SecureOutcome(
                 discarded=f"secure aggregation: fewer than {secagg.MIN_LEARNERS} learners committed and sent a "
                 f"masked input ({len(survivors)})",
                 revealed=False,
             )
         alive, started = {learner: members[learner] for learner in survivors if learner in members}, time.perf_counter()
+        if len(alive) < len(leader_round.shared):  # a committed learner dropped: its epoch serves no more rounds
+            self._troubled()
         try:
             self.run_phase(leader_round, secagg.UNMASK, alive, lambda member, why: None)
             total = leader_round.unmask()
             mean, samples, loss = quantisation.dequantise(total, len(leader_round.survivors or ()), noise is not None)
         except secagg.BelowThreshold as below:
+            self._troubled()
             return SecureOutcome(
                 discarded=f"secure aggregation: below the threshold, nothing unmasked ({below})", revealed=False
             )
         except secagg.Refused as refused:
+            self._troubled()
             return SecureOutcome(discarded=f"secure aggregation: the sum is not what honest inputs make ({refused})")
         mean_out.copy_(mean)
         log.debug("secure round: phase 5 and the unmasking took %.3f s", time.perf_counter() - started)

@@ -21,17 +21,19 @@ STOP_CHECK_S = 0.5  # how often a wait for the commit looks whether the run ende
 
 
 class SecureParty:
-    """This learner's LearnerRound (one round at a time; a phase 1 starts the next), bound to its slot."""
+    """This learner's LearnerRound (one epoch at a time, a phase 1 opens the next; one round of it at a time, a
+    commit opens it), bound to its slot."""
 
     def __init__(self) -> None:
         self._round: secagg.LearnerRound | None = None  # none before registering
         self._committed = -1  # the round whose commit this learner answered
-        self._latest = -1  # the newest round the leader started with it
+        self._latest = -1  # the newest round the leader started with it (phase 1 or a commit)
         self._changed = threading.Condition()
 
     def bind(self, learner_id: int) -> None:
-        """Registered (again) in this slot: its rounds start afresh (a resumed leader may go back in rounds, which
-        a learner's protocol state would refuse)."""
+        """Registered (again) in this slot: its rounds start afresh, its epoch forgotten (a resumed leader may go
+        back in rounds, which a learner's protocol state would refuse; a leader still in the old epoch is refused
+        at commit, and opens a new one)."""
         with self._changed:
             self._round, self._committed, self._latest = secagg.LearnerRound(learner_id), -1, -1
 
@@ -40,11 +42,10 @@ class SecureParty:
         with self._changed:
             if self._round is None:
                 raise secagg.Refused("this learner has not registered yet")
-            if request.phase == 1:  # a new round: the last one's commit is over, answered or not
-                self._committed, self._latest = -1, max(self._latest, request.round)
             reply = self._round.answer(request)
-            if request.phase == secagg.COMMIT:
-                self._committed = request.round
+            if request.phase in (secagg.KEYS, secagg.COMMIT):  # a later round started: the last one's commit is over
+                self._latest = max(self._latest, request.round)
+                self._committed = request.round if request.phase == secagg.COMMIT else -1
             self._changed.notify_all()
             return reply
 
@@ -75,8 +76,8 @@ class SecureParty:
         mean loss, masked; None when the round is no longer committed (the leader started the next); raises
         secagg.Refused when the protocol refuses it (the unmasking already began, a quantisation for fewer inputs
         than committed). noise:
-        distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that the
-        `threshold` survivors the sum needs at least already add up to the whole."""
+        distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that
+        `threshold` survivors already add up to the whole (a sum the leader unmasks has more)."""
         with self._changed:
             if self._round is None or self._committed != round_index:
                 return None

@@ -25,7 +25,7 @@ class Undecryptable(ValueError):
 
 
 def new_private_key() -> bytes:
-    """A fresh raw X25519 private key (32 bytes: what is Shamir-shared)."""
+    """A fresh raw X25519 private key (32 bytes)."""
     return X25519PrivateKey.generate().private_bytes_raw()
 
 

@@ -1,28 +1,43 @@
-"""Secure aggregation (Bonawitz et al. 2017), both sides of one round, as pure state machines: no gRPC, no threads.
+"""Secure aggregation (Bonawitz et al. 2017), both sides, as pure state machines: no gRPC, no threads; the key
+agreement amortised over an epoch of up to EPOCH_ROUNDS rounds.
 
-One round, driven by the leader with LearnerService.SecureAggregation (protos/learner.proto):
+An epoch, opened and driven by the leader with LearnerService.SecureAggregation (protos/learner.proto), is named by
+the round of its phase 1:
   phase 1  keys:    each participant makes two fresh X25519 key pairs (cipher, mask) -> SecAggKeys
-  phase 2  shares:  given every advertised SecAggKeys (U1), a learner makes a fresh 32-byte self-mask seed b_u,
-                    Shamir-shares b_u and its mask private key among U1 (threshold t), encrypts each recipient's
-                    two shares with AES-GCM (key: HKDF of X25519(cipher keys); associated data: round, sender,
-                    recipient) -> one SecAggShare per other learner, plus SHA-256(b_u)
+  phase 2  shares:  given every advertised SecAggKeys (U1), a learner makes EPOCH_ROUNDS fresh 32-byte self-mask
+                    seeds b_u^0..b_u^{K-1} (one per slot), Shamir-shares each among U1 (threshold t), encrypts each
+                    recipient's K shares with AES-GCM (key: HKDF of X25519(cipher keys); associated data: epoch,
+                    sender, recipient) -> one SecAggShare per other learner, plus the K SHA-256(b_u^k). Its mask
+                    private key is never shared: nothing revealed ever exposes masks beyond one round.
   phase 3  verify:  the leader relays each learner the ciphertexts addressed to it from those whose shares it took;
-                    the learner decrypts and parses every one, and complains of the senders whose shares fail
-  phase 4  commit:  the leader names U2: those whose shares it relayed, less every sender complained of (or, when
-                    that is below the threshold, less the complainers instead); masks are agreed with U2
-                    only (a learner refuses a U2 holding a sender whose shares to it failed)
+                    the learner decrypts and parses every one, and complains of the senders whose shares fail.
+                    V, the verified: those whose shares it relayed, less every sender complained of (or, when that
+                    is below the threshold, less the complainers instead); fixed for the epoch.
+Then each round r of the epoch, at slot k = r - epoch (0 <= k < K), each slot at most once:
+  phase 4  commit:  the leader names the round, the epoch and U2 within V (at least t); a learner refuses a slot at
+                    or below the last it committed to (two inputs under the same masks would give away their
+                    difference), beyond K - 1, or a U2 holding a sender whose shares to it it lacks
   masked input:     sent with AccumulateGradients as an I32 tensor (LearnerRound.masked_input)
-  phase 5  unmask:  the leader names U3 (survivors: masked input arrived); the learner reveals b_u shares of
-                    survivors and mask-key shares of U2 \\ U3, never both for one learner, once per round.
+  phase 5  unmask:  the leader names U3 (survivors: masked input arrived); learner v reveals, for each survivor u
+                    other than itself, its share of b_u^k, and for each dropped u (U2 \\ U3) its own pairwise mask
+                    seed with u for round r only; never its own seed's share, never both for one owner, once per
+                    round. A survivor that sent its input and reveals nothing while a learner dropped leaves a pair
+                    mask nobody can remove: the round is discarded (BelowThreshold), never leaked.
 Values: the update x (float) is clipped elementwise to [-clip_range, clip_range], weighted by w/weight_unit
 (w: the samples it covers, weight_unit: the most a learner may weigh, so the factor is in [0, 1]), scaled by
 `scale` and stochastically rounded (unbiased); two more elements carry w/weight_unit and w/weight_unit*loss/LOSS_RANGE,
-so that the leader learns no learner's samples or loss, only the sums. Masks: + PRG(b_u) + sum over v in U2 of
-+-PRG(KA(s_u, s_v)) (+ if u < v), all modulo 2^32. PRG: AES-CTR keyed by HKDF (federated/privacy/masks.py);
-shares: federated/privacy/shamir.py; distributed noise: federated/privacy/discrete_gaussian.py.
-Why a hostile leader cannot get both secrets of one learner: each honest learner reveals only for the U2 it
-committed to and a U3 of at least t within it, itself among them, once; and t > |U1|/2, so no two disjoint sets of
-t revealers (one told that u survived, one that it dropped) exist.
+so that the leader learns no learner's samples or loss, only the sums. Masks of round r: + PRG(b_u^k) + sum over v
+in U2 of +-PRG(HKDF(KA(s_u, s_v), r, "pair mask", u, v)) (+ if u < v), all modulo 2^32. PRG: AES-CTR keyed by
+HKDF (federated/privacy/masks.py); shares: federated/privacy/shamir.py; distributed noise:
+federated/privacy/discrete_gaussian.py.
+Why a hostile leader cannot get both masks of one honest learner u in one round r: its self mask needs b_u^k,
+i.e. t shares revealed by holders other than u (u never reveals its own), each told that u survived (set A). Its
+pair masks with the U2 committed to u need, for each other v of that U2, the seed of (u, v) for round r, which
+only u and v know: u reveals it only for the learners its own U3 leaves out, and that U3 holds at least t of U2
+(u refuses fewer), so at least t - 1 of the others must each reveal theirs, each told that u dropped (set B).
+An honest learner answers phase 5 once per round and gives one kind per owner, so A and B are disjoint, neither
+holds u, and |A| + |B| >= 2t - 1 > |U1| - 1 since t > |U1|/2: more learners than there are. The seeds of round r
+are HKDF outputs of round r, and the slots are committed once, so no round's reveals serve another's masks.
 """
 
 import hashlib
@@ -30,7 +45,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,17 +59,20 @@ log = logging.getLogger("leader")  # LeaderRound's own log lines (the learner's 
 
 # The phases of a round, in order (LearnerService.SecureAggregation's `phase`); the masked inputs come after COMMIT
 KEYS, SHARES, VERIFY, COMMIT, UNMASK = 1, 2, 3, 4, 5
-BEFORE_INPUTS = (KEYS, SHARES, VERIFY, COMMIT)
+SETUP = (KEYS, SHARES, VERIFY)  # once per epoch; then each round runs COMMIT, the masked inputs and UNMASK
+EPOCH_ROUNDS = 16  # K: the rounds (slots) one epoch's keys and seeds serve
 BITS = 32  # masked values live modulo 2^32: the masked input is as many bytes as a float32 update
 MIN_LEARNERS = 3  # with two, each learns the other's update from the sum
 HEADROOM = 2**30  # the sum's values stay within +-2^30: a sum beyond (an input beyond its clip range) is refused
 NOISE_TAILS = 10.0  # the summed noise stays within this many standard deviations (beyond: probability < 1e-22)
 EXTRAS = 2  # the weight and loss elements after the update's values
-SHARE_PLAINTEXT = 2 * shamir.SHARE_BYTES  # a recipient's share of the self-mask seed, then of the mask key
+SHARE_PLAINTEXT = EPOCH_ROUNDS * shamir.SHARE_BYTES  # a recipient's shares of the sender's seeds, slot by slot
+DIGEST_BYTES = hashlib.sha256().digest_size
 LOSS_RANGE = 100.0  # a loss beyond counts as this (it only informs; far above a sane model's cross-entropy): the
 # wire's MAX_LOSS (1e6) would leave the loss sum a resolution of 1e6 / scale, about 0.01 at 10 learners
 MAX_COMBINATIONS = 32  # where revealed shares disagree, at most this many random subsets of t are tried per secret
-# (with one false share in 12 at t = 7, all 32 hold it with probability (7/12)^32 < 1e-7), about 0.4 ms each at t = 31
+# (one false share among the owner's 11 other holders at t = 7: all 32 hold it with probability (7/11)^32 < 1e-6),
+# about 0.4 ms each at t = 31
 _RANDOM = random.SystemRandom()  # the subsets tried: unpredictable to a learner choosing which shares to falsify
 
 
@@ -175,11 +193,15 @@ def _self_mask(seed: bytes, round_index: int, owner: int, size: int) -> np.ndarr
     return masks.expand(masks.derive(seed, round_index, "self mask", owner), size)
 
 
-def _pair_mask(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: int, own: int, size: int) -> np.ndarray:
-    """The mask both learners of a pair derive from their agreement (added by the lower id, subtracted by the
-    higher, so that it cancels in the sum)."""
-    agreed = _agree(own_private, peer, "mask_key")
-    return masks.expand(masks.derive(agreed, round_index, "pair mask", own, peer.learner_id), size)
+def _add_pair_mask(total: np.ndarray, seed: bytes, holder: int, peer: int) -> None:
+    """Add into total the pair mask of (holder, peer) from its seed as the holder's input carries it: added by the
+    lower id, subtracted by the higher, so that it cancels in the sum (and the leader adds a dropped holder's
+    part to cancel a survivor's)."""
+    mask = masks.expand(seed, len(total))
+    if holder < peer:
+        total += mask
+    else:
+        total -= mask
 
 
 def _share_key(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: int, own: int) -> bytes:
@@ -187,49 +209,58 @@ def _share_key(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: in
 
 
 class LearnerRound:
-    """One learner's side of secure aggregation: one round at a time; a new phase 1 starts a new round.
-    Not thread-safe: a caller answering on several threads holds a lock around each call."""
+    """One learner's side of secure aggregation: one epoch at a time (a new phase 1 opens the next), one round of it
+    at a time (a commit opens it). Not thread-safe: a caller answering on several threads holds a lock around each
+    call."""
 
     def __init__(self, learner_id: int) -> None:
         self.learner_id = learner_id
-        self._round: int | None = None
-        self._phase = 0  # the last phase answered in this round
-        self._masked_sent = False
-        # the round's secrets and what the leader named, set phase by phase (empty before it)
-        self._cipher_key, self._mask_key, self._seed = b"", b"", b""
+        self._forget()
+
+    def _forget(self) -> None:
+        """No epoch: its secrets, what the leader named, its round, all unset."""
+        self._epoch: int | None = None
+        self._setup = 0  # the last of phases 1-3 answered in this epoch
+        # the epoch's secrets and what the leader named, set phase by phase (empty before it)
+        self._cipher_key, self._mask_key = b"", b""
+        self._seeds: list[bytes] = []  # b^0..b^{K-1}
         self._own_keys = learner_pb2.SecAggKeys()
         self._keys: dict[int, learner_pb2.SecAggKeys] = {}
+        self._agreed: dict[int, bytes] = {}  # by peer: the X25519 agreement of the mask keys, once per epoch
         self._threshold = 0
-        self._plaintexts: dict[int, bytes] = {}  # by sender: its shares to this learner, decrypted and parsed
+        self._plaintexts: dict[int, bytes] = {}  # by other sender: its shares to this learner, decrypted and parsed
+        # the round: committed to by phase 4 (slot -1: none yet in this epoch)
+        self._round: int | None = None
+        self._slot = -1
+        self._phase = 0  # COMMIT or UNMASK: the last phase answered in the round
+        self._masked_sent = False
         self._shared: frozenset[int] = frozenset()
 
     @property
     def threshold(self) -> int:
-        """The shares that unmask this round (the fewest survivors of a sum the leader learns); after phase 2."""
-        if self._phase < SHARES:
+        """The shares that reconstruct a seed this epoch, from holders other than its owner (so a sum the leader
+        learns has more survivors than this); after phase 2."""
+        if self._setup < SHARES:
             raise Refused("no threshold before the shares")
         return self._threshold
 
     def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
         """The reply to a phase (any of 1-5); raises Refused on anything a hostile leader could use: a request for
-        another round, phases out of order, its own keys changed, duplicated or fewer than threshold learners,
-        threshold at or below half of U1, a second unmask for the round, U2 holding a sender whose shares failed,
-        U3 not within U2 or below threshold. A ciphertext that does not decrypt for (round, sender, this learner)
-        or does not parse is complained of in phase 3 (its sender is then left out of U2), not refused."""
+        another epoch or round, phases out of order, its own keys changed, duplicated or fewer than threshold
+        learners, threshold at or below half of U1, a slot used already or beyond the epoch, a second unmask for
+        the round, U2 holding a sender whose shares failed, U3 not within U2 or below threshold. A ciphertext that
+        does not decrypt for (epoch, sender, this learner) or does not parse is complained of in phase 3 (its
+        sender is then left out of V), not refused."""
         if request.phase == KEYS:
             return self._advertise(request.round)
-        if request.round != self._round:
-            raise Refused(f"a request for round {request.round} during round {self._round}")
-        if request.phase == UNMASK and self._phase == UNMASK:
-            raise Refused(f"a second unmask for round {request.round}")
-        if request.phase != self._phase + 1:
-            raise Refused(f"phase {request.phase} after phase {self._phase}")
+        if self._epoch is None or request.epoch != self._epoch:
+            raise Refused(f"a request for epoch {request.epoch} during epoch {self._epoch}")
         if request.phase > SHARES and request.threshold != self._threshold:
             raise Refused(f"threshold {request.threshold}, not the {self._threshold} shared under")
-        if request.phase == SHARES:
-            return self._share(request)
-        if request.phase == VERIFY:
-            return self._verify(request)
+        if request.phase in (SHARES, VERIFY):
+            if request.round != self._epoch or request.phase != self._setup + 1:
+                raise Refused(f"phase {request.phase} of round {request.round} after phase {self._setup}")
+            return self._share(request) if request.phase == SHARES else self._verify(request)
         if request.phase == COMMIT:
             return self._commit(request)
         if request.phase == UNMASK:
@@ -248,15 +279,10 @@ class LearnerRound:
             raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
         quantised = quantisation.quantise(update, weight, loss, _secret_generator())
         self._masked_sent = True
-        size = quantised.numel()
         total = quantised.numpy().astype(np.uint32)  # modulo 2^32: numpy's integer casts wrap
-        total += _self_mask(self._seed, self._round_index, self.learner_id, size)
+        total += _self_mask(self._seeds[self._slot], self._round_index, self.learner_id, len(total))
         for peer in sorted(self._shared - {self.learner_id}):
-            mask = _pair_mask(self._mask_key, self._keys[peer], self._round_index, self.learner_id, size)
-            if self.learner_id < peer:
-                total += mask
-            else:
-                total -= mask
+            _add_pair_mask(total, self._pair_seed(peer), self.learner_id, peer)
         return torch.from_numpy(total.view(np.int32))
 
     @property
@@ -264,11 +290,18 @@ class LearnerRound:
         assert self._round is not None
         return self._round
 
-    def _advertise(self, round_index: int) -> learner_pb2.SecAggReply:
-        """Phase 1: fresh key pairs, and the previous round's secrets forgotten. Any round may start (a resumed
+    def _pair_seed(self, peer: int) -> bytes:
+        """The seed of this round's pair mask with peer: HKDF of the epoch's agreement, for this round only."""
+        if peer not in self._agreed:
+            self._agreed[peer] = _agree(self._mask_key, self._keys[peer], "mask_key")
+        return masks.derive(self._agreed[peer], self._round_index, "pair mask", self.learner_id, peer)
+
+    def _advertise(self, epoch: int) -> learner_pb2.SecAggReply:
+        """Phase 1: fresh key pairs, and the previous epoch's secrets forgotten. Any round may open one (a resumed
         leader counts from its checkpoint): a masked input already sent under the forgotten secrets can never be
         unmasked, and nothing revealed under the new ones meets it."""
-        self._round, self._phase, self._masked_sent = round_index, 1, False
+        self._forget()
+        self._epoch, self._setup = epoch, KEYS
         self._cipher_key, self._mask_key = masks.new_private_key(), masks.new_private_key()
         self._own_keys = learner_pb2.SecAggKeys(
             learner_id=self.learner_id,
@@ -278,7 +311,7 @@ class LearnerRound:
         return learner_pb2.SecAggReply(keys=self._own_keys)
 
     def _share(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """Phase 2: the self-mask seed and the mask key, Shamir-shared among U1, each recipient's shares encrypted."""
+        """Phase 2: the epoch's self-mask seeds, each Shamir-shared among U1, each recipient's shares encrypted."""
         if not MIN_LEARNERS <= len(request.keys) <= MAX_LEARNERS:  # before any work: each key costs an agreement
             raise Refused(f"{len(request.keys)} learners' keys: a secure round needs {MIN_LEARNERS} to {MAX_LEARNERS}")
         keys = {keys.learner_id: keys for keys in request.keys}
@@ -293,12 +326,10 @@ class LearnerRound:
             raise Refused(f"{len(keys)} learners: a secure round needs {MIN_LEARNERS} or more")
         if not len(keys) / 2 < request.threshold <= len(keys):
             raise Refused(f"threshold {request.threshold} is not above half of {len(keys)} learners and at most all")
-        self._keys, self._threshold, self._phase = keys, request.threshold, 2
-        self._seed = os.urandom(shamir.SECRET_BYTES)
+        self._keys, self._threshold, self._setup = keys, request.threshold, SHARES
+        self._seeds = [os.urandom(shamir.SECRET_BYTES) for _ in range(EPOCH_ROUNDS)]
         holders = sorted(keys)
-        seed_shares = shamir.split(self._seed, request.threshold, holders)
-        key_shares = shamir.split(self._mask_key, request.threshold, holders)
-        self._plaintexts = {self.learner_id: seed_shares[self.learner_id] + key_shares[self.learner_id]}
+        splits = [shamir.split(seed, request.threshold, holders) for seed in self._seeds]
         shares = [
             learner_pb2.SecAggShare(
                 sender=self.learner_id,
@@ -308,13 +339,13 @@ class LearnerRound:
                     request.round,
                     self.learner_id,
                     peer,
-                    seed_shares[peer] + key_shares[peer],
+                    b"".join(split[peer] for split in splits),
                 ),
             )
             for peer in holders
             if peer != self.learner_id
         ]
-        commitment = hashlib.sha256(self._seed).digest()
+        commitment = b"".join(hashlib.sha256(seed).digest() for seed in self._seeds)
         return learner_pb2.SecAggReply(shares=shares, self_mask_commitment=commitment)
 
     def _verify(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
@@ -325,34 +356,55 @@ class LearnerRound:
             raise Refused("the dealt set is not within the advertised learners, or leaves this learner out")
         if len(dealt) < self._threshold:
             raise Refused(f"{len(dealt)} dealt learners, below the threshold {self._threshold}")
-        plaintexts = dict(self._plaintexts)
+        plaintexts: dict[int, bytes] = {}
         for share in request.shares:
-            if share.recipient != self.learner_id or share.sender not in dealt or share.sender in plaintexts:
+            expected = share.recipient == self.learner_id and share.sender in dealt - {self.learner_id}
+            if not expected or share.sender in plaintexts:  # (a second one from a sender too)
                 raise Refused(f"a share from {share.sender} to {share.recipient} is not one this learner expects")
-            key = _share_key(self._cipher_key, self._keys[share.sender], self._round_index, self.learner_id)
+            key = _share_key(self._cipher_key, self._keys[share.sender], self._epoch_index, self.learner_id)
             try:
-                plaintext = masks.decrypt(key, self._round_index, share.sender, self.learner_id, share.ciphertext)
+                plaintext = masks.decrypt(key, self._epoch_index, share.sender, self.learner_id, share.ciphertext)
                 _parse_shares(plaintext)
             except (masks.Undecryptable, shamir.MalformedShare):
                 continue
             plaintexts[share.sender] = plaintext
-        self._plaintexts, self._phase = plaintexts, 3
-        return learner_pb2.SecAggReply(complaints=sorted(dealt - set(plaintexts)))
+        self._plaintexts, self._setup = plaintexts, VERIFY
+        return learner_pb2.SecAggReply(complaints=sorted(dealt - set(plaintexts) - {self.learner_id}))
+
+    @property
+    def _epoch_index(self) -> int:
+        assert self._epoch is not None
+        return self._epoch
 
     def _commit(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """Phase 4: U2, the learners whose shares to this learner it holds, parsed: the masks are agreed with them
-        only."""
+        """Phase 4: round r at slot r - epoch, later than any slot committed to this epoch; U2, the learners whose
+        shares to this learner it holds, parsed: this round's masks are agreed with them only."""
+        if self._setup != VERIFY:
+            raise Refused(f"a commit before the shares of epoch {self._epoch} were verified")
+        slot = request.round - self._epoch_index
+        if not 0 <= slot < EPOCH_ROUNDS:
+            raise Refused(f"round {request.round} is beyond epoch {self._epoch}'s {EPOCH_ROUNDS} slots")
+        if slot <= self._slot:
+            raise Refused(f"round {request.round}'s slot {slot} is at or below slot {self._slot}, committed to already")
         shared = _unique(list(request.shared), "the committed set")
-        if not shared <= set(self._plaintexts) or self.learner_id not in shared:
+        if not shared - {self.learner_id} <= set(self._plaintexts) or self.learner_id not in shared:
             raise Refused("the committed set holds learners whose shares this learner lacks, or leaves it out")
         if len(shared) < self._threshold:
             raise Refused(f"{len(shared)} committed learners, below the threshold {self._threshold}")
-        self._shared, self._phase = shared, 4
+        self._round, self._slot, self._shared, self._phase, self._masked_sent = (
+            request.round,
+            slot,
+            shared,
+            COMMIT,
+            False,
+        )
         return learner_pb2.SecAggReply()
 
     def _unmask(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """Phase 5: the shares of survivors' self-mask seeds and of the dropped learners' mask keys; the dropped
-        are U2 minus U3, so one request never gets both shares of one learner."""
+        """Phase 5: for each other survivor, this learner's share of its seed for the round's slot; for each
+        dropped learner (U2 minus U3), this learner's pair seed with it for this round: one kind per owner, once."""
+        if request.round != self._round or self._phase != COMMIT:
+            raise Refused(f"an unmask for round {request.round}: not the round committed to, or a second unmask")
         if _unique(list(request.shared), "the committed set") != self._shared:
             raise Refused("the committed set differs from the one committed to")
         survivors = _unique(list(request.survivors), "the survivors")
@@ -361,164 +413,128 @@ class LearnerRound:
         if len(survivors) < self._threshold:
             raise Refused(f"{len(survivors)} survivors, below the threshold {self._threshold}: nothing is revealed")
         reveals = []
-        for owner in sorted(self._shared):
-            seed_share, key_share = _parse_shares(self._plaintexts[owner])
+        for owner in sorted(self._shared - {self.learner_id}):
             dropped = owner not in survivors
-            share = key_share if dropped else seed_share
+            share = self._pair_seed(owner) if dropped else _parse_shares(self._plaintexts[owner])[self._slot]
             reveals.append(learner_pb2.SecAggReveal(owner=owner, mask_key=dropped, share=share))
-        self._phase = 5
+        self._phase = UNMASK
         return learner_pb2.SecAggReply(reveals=reveals)
 
 
-def _parse_shares(plaintext: bytes) -> tuple[bytes, bytes]:
-    """A recipient's plaintext: its share of the sender's self-mask seed, then of its mask key; MalformedShare
-    unless both are field elements of the fixed length."""
+def _parse_shares(plaintext: bytes) -> list[bytes]:
+    """A recipient's plaintext: its shares of the sender's EPOCH_ROUNDS seeds, slot by slot; MalformedShare unless
+    each is a field element of the fixed length."""
     if len(plaintext) != SHARE_PLAINTEXT:
         raise shamir.MalformedShare(f"{len(plaintext)} bytes of shares, not {SHARE_PLAINTEXT}")
-    seed_share, key_share = plaintext[: shamir.SHARE_BYTES], plaintext[shamir.SHARE_BYTES :]
-    shamir.decode(seed_share)
-    shamir.decode(key_share)
-    return seed_share, key_share
+    shares = [plaintext[start : start + shamir.SHARE_BYTES] for start in range(0, SHARE_PLAINTEXT, shamir.SHARE_BYTES)]
+    for share in shares:
+        shamir.decode(share)
+    return shares
 
 
-class LeaderRound:
-    """The leader's side of one secure round: collects keys, shares, masked inputs' sum and reveals; unmasks.
-    Not thread-safe: a caller taking replies on several threads holds a lock around each call.
+class LeaderEpoch:
+    """The leader's side of one epoch's setup (phases 1-3): collects keys, shares and complaints, fixes V, and opens
+    the epoch's rounds, each at its own slot. Not thread-safe: a caller taking replies on several threads holds a
+    lock around each call.
 
     Each set is fixed by the first request that names it: U1 (advertised keys) by phase 2's, the dealt (shares
-    taken) by phase 3's, U2 (verified: the dealt that answered phase 3, less those complained of or, below the
-    threshold, less the complainers) by phase 4's, U3
-    (masked inputs arrived) by phase 5's; a reply or input arriving later is refused. Nobody is blamed beyond its
-    round: without verifiable secret sharing a share off its secret's polynomial may be a false reveal or a false
-    dealing, so false shares are only outvoted, and a secret they leave unreconstructable discards the round."""
+    taken) by phase 3's, V (verified: the dealt that answered phase 3, less those complained of or, below the
+    threshold, less the complainers) by the first round's; a reply arriving later is refused. Nobody is blamed
+    beyond its epoch: without verifiable secret sharing a share off its secret's polynomial may be a false reveal
+    or a false dealing, so false shares are only outvoted, and a secret they leave unreconstructable discards the
+    round."""
 
-    def __init__(self, round_index: int, participants: list[int], threshold: int, size: int) -> None:
-        """size: the masked input's length (update size + 2)."""
+    def __init__(self, epoch: int, participants: list[int], threshold: int) -> None:
         if len(set(participants)) != len(participants) or len(participants) < MIN_LEARNERS:
             raise ValueError(f"a secure round needs {MIN_LEARNERS} or more distinct learners, not {participants}")
         if not len(participants) / 2 < threshold <= len(participants):
             raise ValueError(f"threshold {threshold} is not above half of {len(participants)} learners")
-        self.round_index, self.participants, self.threshold, self.size = round_index, set(participants), threshold, size
+        self.epoch, self.participants, self.threshold = epoch, set(participants), threshold
         self._keys: dict[int, learner_pb2.SecAggKeys] = {}
         self._ciphertexts: dict[int, dict[int, learner_pb2.SecAggShare]] = {}  # by recipient, then sender
         self._commitments: dict[int, bytes] = {}
         self._complaints: dict[int, set[int]] = {}  # by complainer: the senders whose shares to it failed
-        self._reveals: dict[int, dict[int, bytes]] = {}  # by owner, then holder
-        self._revealed: set[int] = set()
-        self._arrived: set[int] = set()
-        self._sum = np.zeros(size, dtype=np.uint32)
-        self._unmasked = False
+        self._slot = -1  # the last slot a round was opened at
         self.advertised: tuple[int, ...] | None = None  # U1
         self.dealt: tuple[int, ...] | None = None
-        self.shared: tuple[int, ...] | None = None  # U2
-        self.survivors: tuple[int, ...] | None = None  # U3
+        self._verified: tuple[int, ...] | None = None  # V
 
     def request(self, phase: int, learner_id: int) -> learner_pb2.SecAggRequest:
-        """The request of a phase for one learner (phase 3: with the ciphertexts addressed to it); BelowThreshold
-        if the set the phase names is smaller than the threshold (the round is then discarded)."""
-        request = learner_pb2.SecAggRequest(round=self.round_index, phase=phase, threshold=self.threshold)
+        """The request of a setup phase for one learner (phase 3: with the ciphertexts addressed to it);
+        BelowThreshold if the set the phase names is smaller than the threshold (the epoch is then not opened)."""
+        request = learner_pb2.SecAggRequest(round=self.epoch, phase=phase, threshold=self.threshold, epoch=self.epoch)
         if phase == KEYS:
             return request
         if phase == SHARES:
-            self.advertised = self.advertised or self._fixed(self._keys, "advertised keys")
+            self.advertised = self.advertised or _fixed(self._keys, "advertised keys", self.threshold)
             request.keys.extend(self._keys[learner] for learner in self.advertised)
-            return self._for(request, learner_id, self.advertised)
-        self.dealt = self.dealt or self._fixed(self._commitments, "shared")
-        if phase == VERIFY:
-            request.shared.extend(self.dealt)
-            request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
-            return self._for(request, learner_id, self.dealt)
-        self.shared = self.shared or self._verified()
-        request.shared.extend(self.shared)
-        if phase == COMMIT:
-            return self._for(request, learner_id, self.shared)
-        if phase != UNMASK:
-            raise ValueError(f"no phase {phase}")
-        self.survivors = self.survivors or self._fixed(self._arrived, "sent their masked input")
-        request.survivors.extend(self.survivors)
-        return self._for(request, learner_id, self.survivors)
+            return _for(request, learner_id, self.advertised)
+        if phase != VERIFY:
+            raise ValueError(f"no setup phase {phase}")
+        self.dealt = self.dealt or _fixed(self._commitments, "shared", self.threshold)
+        request.shared.extend(self.dealt)
+        request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
+        return _for(request, learner_id, self.dealt)
 
     def take(self, phase: int, learner_id: int, reply: learner_pb2.SecAggReply) -> None:
-        """A learner's reply to a phase; raises Refused (it is then left out of the round) if malformed or if it
-        answers for another learner."""
+        """A learner's reply to a setup phase; raises Refused (it is then left out of the epoch) if malformed or if
+        it answers for another learner."""
         if learner_id not in self.participants:
-            raise Refused(f"learner {learner_id} is not in round {self.round_index}")
+            raise Refused(f"learner {learner_id} is not in epoch {self.epoch}")
         if phase == KEYS:
             self._take_keys(learner_id, reply.keys)
         elif phase == SHARES:
             self._take_shares(learner_id, reply)
         elif phase == VERIFY:
             self._take_complaints(learner_id, reply.complaints)
-        elif phase == UNMASK:
-            self._take_reveals(learner_id, reply.reveals)
-        elif phase != COMMIT:  # phase 4's reply is empty: the commit is acknowledged
-            raise Refused(f"no phase {phase}")
+        else:
+            raise Refused(f"no setup phase {phase}")
 
-    def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
-        """Add a committed learner's masked input (int32, `size` values) to the running sum; Refused if its length
-        is wrong, it is not in U2, or it already sent one."""
-        if self.shared is None or learner_id not in self.shared or self.survivors is not None:
-            raise Refused(f"learner {learner_id}'s masked input is not expected now")
-        if learner_id in self._arrived:
-            raise Refused(f"learner {learner_id} already sent its masked input")
-        if masked.dtype != torch.int32 or masked.shape != (self.size,):
-            raise Refused(f"a masked input must be {self.size} int32 values, not {tuple(masked.shape)} {masked.dtype}")
-        self._sum += masked.contiguous().numpy().view(np.uint32)
-        self._arrived.add(learner_id)
+    @property
+    def verified(self) -> tuple[int, ...]:
+        """V: fixed once (after phase 3's replies); BelowThreshold if fewer than the threshold."""
+        self._verified = self._verified or self._verify()
+        return self._verified
 
-    def unmask(self) -> torch.Tensor:
-        """After phase 5: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
-        BelowThreshold when a secret cannot be reconstructed from threshold consistent shares (a reconstructed
-        mask key must match its public key; a self-mask seed its commitment). Every share count is checked before
-        anything is reconstructed."""
-        if self.shared is None or self.survivors is None or self._unmasked:
-            raise ValueError("unmask comes once, after phase 5")
-        short = [owner for owner in self.shared if len(self._reveals.get(owner, {})) < self.threshold]
-        if short:
-            raise BelowThreshold(f"fewer than {self.threshold} shares of learners {short}: the round is discarded")
-        survivors, dropped = set(self.survivors), sorted(set(self.shared) - set(self.survivors))
-        seeds = {owner: self._reconstruct(owner, self._seed_matches) for owner in self.survivors}
-        mask_keys = {owner: self._reconstruct(owner, self._mask_key_matches) for owner in dropped}
-        self._unmasked, total = True, self._sum  # unmasked in place: one vector's memory
-        for owner, seed in seeds.items():
-            total -= _self_mask(seed, self.round_index, owner, self.size)
-        for owner, mask_key in mask_keys.items():
-            for survivor in sorted(survivors):
-                mask = _pair_mask(mask_key, self._keys[survivor], self.round_index, owner, self.size)
-                if survivor < owner:  # the survivor added it
-                    total -= mask
-                else:
-                    total += mask
-        return torch.from_numpy(total.astype(np.int64))
+    def has_slot(self, round_index: int) -> bool:
+        """Whether round_index may still be opened in this epoch: a slot within it, after the last one opened."""
+        return self._slot < round_index - self.epoch < EPOCH_ROUNDS
 
-    def _verified(self) -> tuple[int, ...]:
-        """U2: the dealt that answered phase 3, less every sender complained of; unless that is below the threshold:
-        then less the complainers instead (this round only), so that one learner complaining of every other cannot
+    def open_round(self, round_index: int, learners: Collection[int], size: int) -> "LeaderRound":
+        """Round round_index of this epoch with these learners as U2 (all within V); size: the masked input's
+        length (update size + 2). BelowThreshold if fewer than the threshold + 1: each seed needs the threshold's
+        shares revealed by holders other than its owner, so fewer could never be unmasked."""
+        if not self.has_slot(round_index):
+            raise ValueError(f"round {round_index} has no free slot in epoch {self.epoch}")
+        if not set(learners) <= set(self.verified):
+            raise ValueError(f"learners {sorted(set(learners) - set(self.verified))} are not verified this epoch")
+        self._slot = round_index - self.epoch
+        if len(learners) <= self.threshold:
+            raise BelowThreshold(f"{len(learners)} learners to commit: a round unmasks with the threshold + 1 or more")
+        return LeaderRound(self, round_index, tuple(sorted(learners)), size)
+
+    def commitment(self, owner: int, slot: int) -> bytes:
+        return self._commitments[owner][slot * DIGEST_BYTES : (slot + 1) * DIGEST_BYTES]
+
+    def _verify(self) -> tuple[int, ...]:
+        """V: the dealt that answered phase 3, less every sender complained of; unless that is below the threshold:
+        then less the complainers instead (this epoch only), so that one learner complaining of every other cannot
         discard every round. Those left hold well-formed shares of every dealt learner, so of each other."""
         accused = {sender for senders in self._complaints.values() for sender in senders}
         if len(set(self._complaints) - accused) >= self.threshold:
-            return self._fixed(set(self._complaints) - accused, "verified their shares")
+            return _fixed(set(self._complaints) - accused, "verified their shares", self.threshold)
         complainers = sorted(learner for learner, senders in self._complaints.items() if senders)
         log.warning(
-            "secure round %d: the learners complained of (%s) would leave fewer than the threshold %d: the "
-            "complainers (%s) are left out of this round instead",
-            self.round_index + 1,
+            "secure epoch of round %d: the learners complained of (%s) would leave fewer than the threshold %d: the "
+            "complainers (%s) are left out of this epoch instead",
+            self.epoch + 1,
             ", ".join(map(str, sorted(accused))),
             self.threshold,
             ", ".join(map(str, complainers)),
         )
-        return self._fixed(set(self._complaints) - set(complainers), "verified their shares without complaining")
-
-    def _fixed(self, learners: Collection[int], what: str) -> tuple[int, ...]:
-        if len(learners) < self.threshold:
-            raise BelowThreshold(f"{len(learners)} learners {what}, below the threshold {self.threshold}")
-        return tuple(sorted(learners))
-
-    @staticmethod
-    def _for(request: learner_pb2.SecAggRequest, learner: int, members: tuple[int, ...]) -> learner_pb2.SecAggRequest:
-        if learner not in members:
-            raise ValueError(f"learner {learner} is not among {members}: it gets no phase {request.phase}")
-        return request
+        return _fixed(
+            set(self._complaints) - set(complainers), "verified their shares without complaining", self.threshold
+        )
 
     def _take_keys(self, learner_id: int, keys: learner_pb2.SecAggKeys) -> None:
         if self.advertised is not None or learner_id in self._keys:
@@ -532,7 +548,7 @@ class LeaderRound:
         self._keys[learner_id] = keys
 
     def _take_shares(self, learner_id: int, reply: learner_pb2.SecAggReply) -> None:
-        if self.advertised is None or self.shared is not None or learner_id in self._commitments:
+        if self.advertised is None or self.dealt is not None or learner_id in self._commitments:
             raise Refused(f"learner {learner_id}'s shares come out of turn or twice")
         if learner_id not in self.advertised:
             raise Refused(f"learner {learner_id} advertised no keys")
@@ -543,48 +559,129 @@ class LeaderRound:
             raise Refused(f"learner {learner_id}'s shares are not one for each other advertised learner")
         if any(len(share.ciphertext) != masks.ciphertext_bytes(SHARE_PLAINTEXT) for share in reply.shares):
             raise Refused(f"learner {learner_id}'s shares are not {masks.ciphertext_bytes(SHARE_PLAINTEXT)} bytes")
-        if len(reply.self_mask_commitment) != hashlib.sha256().digest_size:
-            raise Refused(f"learner {learner_id}'s self-mask commitment is not a SHA-256 digest")
+        if len(reply.self_mask_commitment) != EPOCH_ROUNDS * DIGEST_BYTES:
+            raise Refused(f"learner {learner_id}'s self-mask commitment is not {EPOCH_ROUNDS} SHA-256 digests")
         for share in reply.shares:
             self._ciphertexts.setdefault(share.recipient, {})[learner_id] = share
         self._commitments[learner_id] = reply.self_mask_commitment
 
     def _take_complaints(self, learner_id: int, complaints: Sequence[int]) -> None:
-        if self.dealt is None or self.shared is not None or learner_id in self._complaints:
+        if self.dealt is None or self._verified is not None or learner_id in self._complaints:
             raise Refused(f"learner {learner_id}'s complaints come out of turn or twice")
         if learner_id not in self.dealt or not set(complaints) <= set(self.dealt) - {learner_id}:
             raise Refused(f"learner {learner_id} was dealt no shares, or complains of learners that dealt none")
         self._complaints[learner_id] = set(complaints)
 
+
+class LeaderRound:
+    """The leader's side of one round of an epoch (phases 4 and 5): U2 named, the masked inputs' sum, the reveals,
+    the unmasking. Not thread-safe: a caller taking replies on several threads holds a lock around each call.
+    U3 (masked inputs arrived) is fixed by phase 5's first request; an input arriving later is refused."""
+
+    def __init__(self, epoch: LeaderEpoch, round_index: int, shared: tuple[int, ...], size: int) -> None:
+        """Made by LeaderEpoch.open_round."""
+        self.epoch, self.round_index, self.shared, self.size = epoch, round_index, shared, size
+        self.threshold = epoch.threshold
+        self.slot = round_index - epoch.epoch
+        self._seed_shares: dict[int, dict[int, bytes]] = {}  # by survivor, then holder: shares of its slot's seed
+        self._pair_seeds: dict[int, dict[int, bytes]] = {}  # by dropped learner, then survivor: their pair seed
+        self._revealed: set[int] = set()
+        self._arrived: set[int] = set()
+        self._sum = np.zeros(size, dtype=np.uint32)
+        self._unmasked = False
+        self.survivors: tuple[int, ...] | None = None  # U3
+
+    def request(self, phase: int, learner_id: int) -> learner_pb2.SecAggRequest:
+        """The request of phase 4 or 5 for one learner; BelowThreshold if fewer than the threshold survived (the
+        round is then discarded)."""
+        request = learner_pb2.SecAggRequest(
+            round=self.round_index, phase=phase, threshold=self.threshold, epoch=self.epoch.epoch, shared=self.shared
+        )
+        if phase == COMMIT:
+            return _for(request, learner_id, self.shared)
+        if phase != UNMASK:
+            raise ValueError(f"no round phase {phase}")
+        self.survivors = self.survivors or _fixed(self._arrived, "sent their masked input", self.threshold)
+        request.survivors.extend(self.survivors)
+        return _for(request, learner_id, self.survivors)
+
+    def take(self, phase: int, learner_id: int, reply: learner_pb2.SecAggReply) -> None:
+        """A learner's reply to phase 4 (empty: the commit is acknowledged) or 5; raises Refused (it is then left
+        out of the round) if malformed or if it answers for another learner."""
+        if learner_id not in self.shared:
+            raise Refused(f"learner {learner_id} is not committed to round {self.round_index}")
+        if phase == UNMASK:
+            self._take_reveals(learner_id, reply.reveals)
+        elif phase != COMMIT:
+            raise Refused(f"no round phase {phase}")
+
+    def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
+        """Add a committed learner's masked input (int32, `size` values) to the running sum; Refused if its length
+        is wrong, it is not in U2, or it already sent one."""
+        if learner_id not in self.shared or self.survivors is not None:
+            raise Refused(f"learner {learner_id}'s masked input is not expected now")
+        if learner_id in self._arrived:
+            raise Refused(f"learner {learner_id} already sent its masked input")
+        if masked.dtype != torch.int32 or masked.shape != (self.size,):
+            raise Refused(f"a masked input must be {self.size} int32 values, not {tuple(masked.shape)} {masked.dtype}")
+        self._sum += masked.contiguous().numpy().view(np.uint32)
+        self._arrived.add(learner_id)
+
+    def unmask(self) -> torch.Tensor:
+        """After phase 5: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
+        BelowThreshold when a survivor's seed cannot be reconstructed from threshold consistent shares of holders
+        other than itself (matching its commitment for the slot), or a learner dropped while a survivor revealed
+        nothing (its pair mask with the dropped one is then in the sum for good). Every count is checked before
+        anything is reconstructed."""
+        if self.survivors is None or self._unmasked:
+            raise ValueError("unmask comes once, after phase 5")
+        survivors, dropped = sorted(self.survivors), sorted(set(self.shared) - set(self.survivors))
+        silent = sorted(set(survivors) - self._revealed) if dropped else []
+        if silent:
+            raise BelowThreshold(
+                f"learners {silent} sent their masked input but revealed nothing, while learners {dropped} dropped: "
+                "their pair masks cannot be removed, the round is discarded"
+            )
+        short = [owner for owner in survivors if len(self._seed_shares.get(owner, {})) < self.threshold]
+        if short:
+            raise BelowThreshold(
+                f"fewer than {self.threshold} shares of the seeds of learners {short}: the round is discarded"
+            )
+        seeds = {owner: self._reconstruct(owner) for owner in survivors}
+        self._unmasked, total = True, self._sum  # unmasked in place: one vector's memory
+        for owner, seed in seeds.items():
+            total -= _self_mask(seed, self.round_index, owner, self.size)
+        for owner in dropped:
+            for survivor, seed in self._pair_seeds[owner].items():
+                _add_pair_mask(total, seed, owner, survivor)  # what the dropped one's input would have carried
+        return torch.from_numpy(total.astype(np.int64))
+
     def _take_reveals(self, learner_id: int, reveals: Sequence[learner_pb2.SecAggReveal]) -> None:
         if self.survivors is None or learner_id not in self.survivors or learner_id in self._revealed:
             raise Refused(f"learner {learner_id}'s reveals come out of turn or twice")
-        assert self.shared is not None
-        if sorted(reveal.owner for reveal in reveals) != list(self.shared):
-            raise Refused(f"learner {learner_id}'s reveals are not one for each committed learner")
+        if sorted(reveal.owner for reveal in reveals) != [owner for owner in self.shared if owner != learner_id]:
+            raise Refused(f"learner {learner_id}'s reveals are not one for each other committed learner")
         for reveal in reveals:
             if reveal.mask_key != (reveal.owner not in self.survivors):
                 raise Refused(f"learner {learner_id} revealed the wrong secret of learner {reveal.owner}")
+            if reveal.mask_key and len(reveal.share) != masks.KEY_BYTES:
+                raise Refused(f"learner {learner_id}'s pair seed with learner {reveal.owner} is not {masks.KEY_BYTES}")
             try:
-                shamir.decode(reveal.share)
+                if not reveal.mask_key:
+                    shamir.decode(reveal.share)
             except shamir.MalformedShare as error:
                 raise Refused(f"learner {learner_id}'s share of learner {reveal.owner}: {error}") from error
         for reveal in reveals:
-            self._reveals.setdefault(reveal.owner, {})[learner_id] = reveal.share
+            revealed = self._pair_seeds if reveal.mask_key else self._seed_shares
+            revealed.setdefault(reveal.owner, {})[learner_id] = reveal.share
         self._revealed.add(learner_id)
 
-    def _seed_matches(self, owner: int, seed: bytes) -> bool:
-        return hashlib.sha256(seed).digest() == self._commitments[owner]
-
-    def _mask_key_matches(self, owner: int, mask_key: bytes) -> bool:
-        return masks.public_of(mask_key) == self._keys[owner].mask_key
-
-    def _reconstruct(self, owner: int, matches: Callable[[int, bytes], bool]) -> bytes:
-        """The owner's secret from `threshold` of its revealed shares that pass the check: up to MAX_COMBINATIONS
-        random subsets (random: no holder can sit in every subset tried), so false shares are outvoted. BelowThreshold
-        (naming the owner) if none passes: its commitment or its dealing was false, or holders revealed false shares;
-        the leader cannot tell which, so nobody is blamed."""
-        shares = self._reveals[owner]
+    def _reconstruct(self, owner: int) -> bytes:
+        """The owner's seed for this round's slot from `threshold` of its revealed shares that match its commitment:
+        up to MAX_COMBINATIONS random subsets (random: no holder can sit in every subset tried), so false shares are
+        outvoted. BelowThreshold (naming the owner) if none passes: its commitment or its dealing was false, or
+        holders revealed false shares; the leader cannot tell which, so nobody is blamed."""
+        shares, commitment = self._seed_shares[owner], self.epoch.commitment(owner, self.slot)
         for _ in range(MAX_COMBINATIONS):
             polynomial = shamir.Polynomial(
                 {holder: shares[holder] for holder in _RANDOM.sample(sorted(shares), self.threshold)}
@@ -593,6 +690,18 @@ class LeaderRound:
                 secret = polynomial.secret()
             except shamir.MalformedShare:
                 continue
-            if matches(owner, secret):
+            if hashlib.sha256(secret).digest() == commitment:
                 return secret
         raise BelowThreshold(f"no {self.threshold} of learner {owner}'s shares agree: the round is discarded")
+
+
+def _fixed(learners: Collection[int], what: str, threshold: int) -> tuple[int, ...]:
+    if len(learners) < threshold:
+        raise BelowThreshold(f"{len(learners)} learners {what}, below the threshold {threshold}")
+    return tuple(sorted(learners))
+
+
+def _for(request: learner_pb2.SecAggRequest, learner: int, members: tuple[int, ...]) -> learner_pb2.SecAggRequest:
+    if learner not in members:
+        raise ValueError(f"learner {learner} is not among {members}: it gets no phase {request.phase}")
+    return request

@@ -22,10 +22,11 @@ SIZE = 64  # a small update: the protocol's messages do not depend on it
 
 @pytest.fixture
 def learners():
-    """Three live learner servicers (ids 0..2), each taking calls only with its own credential; then one server
-    that knows no SecureAggregation, as a learner built from the seed protos (id 3)."""
+    """Four live learner servicers (ids 0..3: a round of t = 3 unmasks with t + 1), each taking calls only with its
+    own credential; then one server that knows no SecureAggregation, as a learner built from the seed protos (id
+    4)."""
     servers, found = [], {}
-    for learner in range(3):
+    for learner in range(4):
         credential = LeaderCredential()
         credential.registered(f"credential-{learner}")
         servicer = LearnerServicer({}, StateInbox(), threading.Event(), credential, None, None)  # type: ignore[arg-type]
@@ -43,7 +44,7 @@ def learners():
         found[learner] = Member(learner, f"127.0.0.1:{port}", f"credential-{learner}", 1)
     seed, port = rpc.start_server("127.0.0.1:0", [], [], 1 << 20)
     servers.append(seed)
-    found[3] = Member(3, f"127.0.0.1:{port}", "credential-3", 1)
+    found[4] = Member(4, f"127.0.0.1:{port}", "credential-4", 1)
     yield found
     for server in servers:
         server.stop(0)
@@ -62,19 +63,20 @@ def test_phases_over_grpc_commit_the_learners_and_tell_apart_one_of_the_seed_pro
     unable = []
     rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, SIZE, timeout=5)
     committed = rounds.begin(0, learners, lambda member, why: unable.append((member.learner_id, why)))
-    assert committed == [0, 1, 2]
-    assert unable == [(3, f"learner 3 {UNIMPLEMENTED_WHY}")]
+    assert committed == [0, 1, 2, 3]
+    assert unable == [(4, f"learner 4 {UNIMPLEMENTED_WHY}")]
 
 
 def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(learners):
-    """Learner 2's masked input would be unmasked by its self-mask seed (if it survived) and its mask key (if it
-    dropped): the leader tells learner 0 that 2 survived and learner 1 that it dropped, and then asks learner 0
-    again, saying 2 dropped. Each learner unmasks once a round: 0 refuses, so the leader holds one share of each
-    secret, below the threshold of 2."""
-    honest = {learner: learners[learner] for learner in range(3)}
+    """Learner 2's masked input would be unmasked by its self-mask seed for the round (if it survived) and every
+    other learner's pair seed with it for the round (if it dropped): the leader tells learner 0 that 2 survived
+    and learner 1 that it dropped, then asks learner 0 again, saying 2 dropped, and names 2 both survived and
+    dropped. Each learner unmasks once a round, one kind a learner: refused, so the leader holds one share of the
+    seed (of the threshold 3) and one of the three pair seeds."""
+    honest = {learner: learners[learner] for learner in range(4)}
     rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, SIZE, timeout=5)
     committed = rounds.begin(0, honest)
-    assert committed == [0, 1, 2]
+    assert committed == [0, 1, 2, 3]
     leader_round = rounds._round  # the round's own requests, relayed shares and all
     assert leader_round is not None
     for learner in committed:
@@ -82,19 +84,24 @@ def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(lear
     survived = leader_round.request(5, 0)
     reveals = call(honest[0], survived).reveals
     assert [reveal.mask_key for reveal in reveals if reveal.owner == 2] == [False]  # a share of 2's self-mask seed
+    assert 0 not in [reveal.owner for reveal in reveals], "never a share of its own seed"
     dropped = learner_pb2.SecAggRequest()
     dropped.CopyFrom(leader_round.request(5, 1))
     del dropped.survivors[:]
-    dropped.survivors.extend([0, 1])
-    assert [r.mask_key for r in call(honest[1], dropped).reveals if r.owner == 2] == [True]  # one of its mask key
+    dropped.survivors.extend([0, 1, 3])
+    assert [r.mask_key for r in call(honest[1], dropped).reveals if r.owner == 2] == [True]  # its pair seed with 2
     again = learner_pb2.SecAggRequest()
     again.CopyFrom(survived)
     del again.survivors[:]
-    again.survivors.extend([0, 1])
-    with pytest.raises(grpc.RpcError) as refused:
-        call(honest[0], again)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "second unmask" in refused.value.details()
+    again.survivors.extend([0, 1, 3])
+    both = learner_pb2.SecAggRequest()
+    both.CopyFrom(leader_round.request(5, 3))
+    both.survivors.append(2)  # 2 survived (named) and dropped (named again: a second entry)
+    for learner, request, why in [(0, again, "second unmask"), (3, both, "names a learner twice")]:
+        with pytest.raises(grpc.RpcError) as refused:
+            call(honest[learner], request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert why in refused.value.details()
 
 
 def test_phases_from_anyone_but_the_leader_are_refused(learners):

@@ -7,8 +7,17 @@ import pytest
 import scipy.stats
 import torch
 
-from federated.privacy import shamir
-from federated.privacy.secagg import BelowThreshold, LeaderRound, LearnerRound, Quantisation, Refused
+from federated.privacy import secagg, shamir
+from federated.privacy.secagg import (
+    EPOCH_ROUNDS,
+    SETUP,
+    BelowThreshold,
+    LeaderEpoch,
+    LeaderRound,
+    LearnerRound,
+    Quantisation,
+    Refused,
+)
 from protos import learner_pb2
 
 SIZE = 1000
@@ -16,11 +25,39 @@ WEIGHT_UNIT = 100.0
 CLIP = 8.0
 
 
+class Leader:
+    """A leader's epoch and its rounds behind one request and take, as leader/secure.py drives them: phases 1-3 go
+    to the epoch, 4 and 5 to its round, which opens (with every verified learner) at the first of them."""
+
+    def __init__(self, epoch: LeaderEpoch) -> None:
+        self.epoch = epoch
+        self.round: LeaderRound | None = None
+
+    def open(self, round_index: int, learners: list[int] | None = None) -> LeaderRound:
+        self.round = self.epoch.open_round(round_index, self.epoch.verified if learners is None else learners, SIZE + 2)
+        return self.round
+
+    def current(self) -> LeaderRound:
+        return self.round or self.open(self.epoch.epoch)
+
+    def request(self, phase: int, learner: int) -> learner_pb2.SecAggRequest:
+        return (self.epoch if phase in SETUP else self.current()).request(phase, learner)
+
+    def take(self, phase: int, learner: int, reply: learner_pb2.SecAggReply) -> None:
+        (self.epoch if phase in SETUP else self.current()).take(phase, learner, reply)
+
+    def add_masked(self, learner: int, masked: torch.Tensor) -> None:
+        self.current().add_masked(learner, masked)
+
+    def unmask(self) -> torch.Tensor:
+        return self.current().unmask()
+
+
 class Round:
     """A leader and its learners, every message relayed honestly unless a test steps in."""
 
     def __init__(self, learners: int, threshold: int, round_index: int = 1) -> None:
-        self.leader = LeaderRound(round_index, list(range(learners)), threshold, SIZE + 2)
+        self.leader = Leader(LeaderEpoch(round_index, list(range(learners)), threshold))
         self.learners = {learner: LearnerRound(learner) for learner in range(learners)}
         self.quantisation = Quantisation(CLIP, WEIGHT_UNIT, learners)
         generator = torch.Generator().manual_seed(learners)
@@ -62,7 +99,7 @@ class Round:
 
 @pytest.mark.parametrize(
     ("learners", "threshold", "dropped_after_sharing", "dropped_after_input"),
-    [(3, 2, (), [2]), (5, 3, (1,), [3]), (10, 6, (0, 4), [7])],
+    [(3, 2, (), []), (5, 3, (1,), []), (5, 3, (), [3]), (10, 6, (0, 4), []), (10, 6, (), [7, 8])],
 )
 def test_the_unmasked_sum_is_the_weighted_mean_of_the_survivors(
     learners, threshold, dropped_after_sharing, dropped_after_input
@@ -139,25 +176,115 @@ def test_a_hostile_leader_gets_no_second_secret_of_one_learner():
     assert len(refused) == 5
 
 
-def test_a_hostile_leader_telling_learners_different_survivors_gets_fewer_than_threshold_shares():
-    """Learners 0, 2, 3 are told that learner 1 survived (its seed's shares), then every learner that it dropped
-    (its mask key's shares): the seed is reconstructable, the mask key is not."""
+def _unmask_as(round_: Round, learner: int, survivors: list[int]) -> learner_pb2.SecAggReply:
+    """Learner's answer to phase 5 naming these survivors (a hostile leader's choice, or the honest one)."""
+    request = round_.leader.request(5, learner)
+    request.ClearField("survivors")
+    request.survivors.extend(survivors)
+    return round_.learners[learner].answer(request)
+
+
+@pytest.mark.parametrize(
+    ("told_survived", "told_dropped", "owner_told"),
+    [
+        ([0, 2], [3, 4], [0, 1, 2]),
+        ([0, 2, 3], [4], [0, 1, 2]),
+        ([0], [2, 3, 4], [1, 3, 4]),
+        ([0, 2, 3], [4], [1, 3, 4]),
+    ],
+)
+def test_a_hostile_leader_telling_learners_different_survivors_cannot_remove_both_masks_of_one(
+    told_survived, told_dropped, owner_told
+):
+    """Five learners, t = 3, every input in: the leader tells some that learner 1 survived (each gives a share of
+    its seed), the others that it dropped (each gives its pair seed with 1), and learner 1 itself a U3 of its
+    choosing (1 gives its pair seeds with those left out). Removing 1's self mask needs t shares; removing its pair
+    masks needs the seed of (1, v) for every other v: 2t - 1 = 5 other learners, of 4. A second unmask is refused."""
     round_ = Round(5, 3)
     round_.until_masked()
-    seed_shares, mask_key_shares = 0, 0
-    for learner in (0, 2, 3):
-        reply = round_.learners[learner].answer(round_.leader.request(5, learner))
-        seed_shares += sum(not reveal.mask_key for reveal in reply.reveals if reveal.owner == 1)
+    seed_shares = sum(
+        not reveal.mask_key
+        for learner in told_survived
+        for reveal in _unmask_as(round_, learner, list(range(5))).reveals
+        if reveal.owner == 1
+    )
+    paired = {
+        learner
+        for learner in told_dropped
+        for reveal in _unmask_as(round_, learner, [v for v in range(5) if v != 1]).reveals
+        if reveal.owner == 1 and reveal.mask_key
+    }
+    paired |= {reveal.owner for reveal in _unmask_as(round_, 1, owner_told).reveals if reveal.mask_key}
+    assert seed_shares < 3 or paired != {0, 2, 3, 4}
     for learner in range(5):
-        hostile = _hostile_requests(round_.leader.request(5, learner))[
-            "learner 1 dropped, though committed and told so"
-        ]
-        try:
-            reply = round_.learners[learner].answer(hostile)
-        except Refused:
-            continue
-        mask_key_shares += sum(reveal.mask_key for reveal in reply.reveals if reveal.owner == 1)
-    assert (seed_shares, mask_key_shares) == (3, 1)
+        with pytest.raises(Refused, match="second unmask"):
+            _unmask_as(round_, learner, list(range(5)))
+
+
+def test_a_survivor_that_revealed_nothing_while_another_dropped_discards_the_round():
+    """Seven learners, t = 4: 6 never sends its input, 5 sends it and then dies; the others hold enough shares of
+    every seed, but 5's pair mask with 6 is known only to 5 and 6: discarded, never leaked."""
+    round_ = Round(7, 4)
+    round_.until_masked(dropped_after_sharing=(6,))
+    round_.phase(5, [0, 1, 2, 3, 4])
+    with pytest.raises(BelowThreshold, match=r"learners \[5\] sent their masked input but revealed nothing"):
+        round_.leader.unmask()
+
+
+def test_a_dropped_learners_pair_seeds_revealed_in_one_round_do_not_unmask_its_input_in_the_next():
+    """Round 1 of an epoch: learner 4 drops before its input, the survivors reveal their pair seeds with it and the
+    round unmasks right. Round 2: 4 sends its input; even given its self mask, the leader's round-1 seeds leave it
+    masked, while the round-2 seeds (known only to the learners) would unmask it."""
+    round_ = Round(5, 3)
+    survivors = round_.until_masked(dropped_after_sharing=(4,))
+    round_.phase(5, survivors)
+    old_seeds = dict(round_.leader.current()._pair_seeds[4])
+    mean, _, _ = round_.quantisation.dequantise(round_.leader.unmask(), 4)
+    assert torch.allclose(mean, round_.expected(survivors)[0], atol=1e-5)
+    round_.leader.open(2)
+    round_.phase(4, list(range(5)))
+    masked = round_.masked(4)
+    self_mask = secagg._self_mask(round_.learners[4]._seeds[1], 2, 4, SIZE + 2)
+
+    def unmasked_with(seeds: dict[int, bytes]) -> np.ndarray:
+        total = masked.numpy().view(np.uint32) - self_mask
+        for peer, seed in seeds.items():
+            secagg._add_pair_mask(total, seed, peer, 4)
+        return total.view(np.int32)[:SIZE].astype(np.float64)
+
+    new_seeds = {peer: round_.learners[peer]._pair_seed(4) for peer in survivors}
+    assert sorted(old_seeds) == sorted(new_seeds) == survivors
+    assert np.corrcoef(unmasked_with(new_seeds), round_.updates[4].numpy())[0, 1] > 0.9  # the method is right
+    with_old = unmasked_with(old_seeds)
+    assert abs(np.corrcoef(with_old, round_.updates[4].numpy())[0, 1]) < 5 / SIZE**0.5
+    assert np.abs(with_old).max() > round_.quantisation.scale  # beyond any quantised input: still masked
+
+
+def test_a_commit_for_a_used_slot_another_epoch_or_beyond_the_epoch_is_refused():
+    round_ = Round(4, 3)
+    round_.until_masked()  # round 1: slot 0 of epoch 1
+    learner = round_.learners[0]
+    replay = round_.leader.request(4, 0)
+    with pytest.raises(Refused, match="committed to already"):
+        learner.answer(replay)
+    later = learner_pb2.SecAggRequest()
+    later.CopyFrom(replay)
+    later.round = 4  # slot 3: slots 1 and 2 are skipped, never to be used
+    learner.answer(later)
+    for round_index, epoch, refused in [
+        (3, 1, "committed to already"),  # an older round
+        (4, 1, "committed to already"),  # the same round again
+        (5, 2, "epoch 2 during epoch 1"),
+        (1 + EPOCH_ROUNDS, 1, "beyond epoch 1's 16 slots"),
+        (0, 1, "beyond epoch 1's 16 slots"),  # before the epoch
+    ]:
+        hostile = learner_pb2.SecAggRequest()
+        hostile.CopyFrom(replay)
+        hostile.round, hostile.epoch = round_index, epoch
+        with pytest.raises(Refused, match=refused):
+            learner.answer(hostile)
+    hostile.round = EPOCH_ROUNDS  # the last slot: taken
+    learner.answer(hostile)
 
 
 @pytest.mark.parametrize(("advertised", "threshold", "reason"), [(4, 2, "threshold 2"), (2, 2, "needs 3")])
@@ -173,8 +300,8 @@ def test_a_threshold_at_half_or_fewer_than_three_learners_are_refused(advertised
 
 def _keys_of(round_: Round, advertised: int) -> learner_pb2.SecAggRequest:
     """A phase 2 request naming fewer learners than the leader's own checks allow (a hostile leader's)."""
-    request = learner_pb2.SecAggRequest(round=1, phase=2)
-    request.keys.extend(round_.leader._keys[learner] for learner in range(advertised))
+    request = learner_pb2.SecAggRequest(round=1, phase=2, epoch=1)
+    request.keys.extend(round_.leader.epoch._keys[learner] for learner in range(advertised))
     return request
 
 
@@ -214,7 +341,7 @@ def test_a_low_order_public_key_is_refused_by_the_leader_and_by_learners(which):
 def test_a_phase_2_request_with_no_keys_or_too_many_is_refused_before_any_work(count):
     learner = LearnerRound(0)
     own = learner.answer(learner_pb2.SecAggRequest(round=1, phase=1)).keys
-    request = learner_pb2.SecAggRequest(round=1, phase=2, threshold=3)
+    request = learner_pb2.SecAggRequest(round=1, phase=2, threshold=3, epoch=1)
     request.keys.extend([own] * count)
     with pytest.raises(Refused, match="a secure round needs 3 to 4096"):
         learner.answer(request)
@@ -236,20 +363,21 @@ def test_false_shares_of_the_lowest_holder_are_outvoted():
 
 
 def test_a_dealer_dealing_off_polynomial_shares_to_honest_holders_is_outvoted_and_gets_nobody_blamed(monkeypatch):
-    """The review's frame.py (a): learner 0 deals well-formed shares off its polynomial to honest 5 and 7; they
-    decrypt and parse, so nobody complains, and phase 5's reveals by 5 and 7 are off the polynomial: outvoted,
-    and no learner is blamed for them (the leader cannot tell them from false reveals)."""
+    """The review's frame.py (a): learner 0 deals well-formed shares off its polynomial to honest 5; they decrypt
+    and parse, so nobody complains, and phase 5's reveals by 5 are off the polynomial: outvoted, and no learner
+    is blamed for them (the leader cannot tell them from false reveals). One false holder of 0's 9 others at
+    t = 6: all 32 random subsets hold it with probability (2/3)^32 < 3e-6 (with two, as the review had, 6 %:
+    the owner's own share no longer counts)."""
     round_ = Round(10, 6)
     round_.phase(1, list(range(10)))
     real_split = shamir.split
 
-    def false_to_5_and_7(secret, threshold, holders, prime=shamir.PRIME):
+    def false_to_5(secret, threshold, holders, prime=shamir.PRIME):
         shares = real_split(secret, threshold, holders, prime)
-        for holder in (5, 7):
-            shares[holder] = (int.from_bytes(shares[holder], "big") ^ 1).to_bytes(len(shares[holder]), "big")
+        shares[5] = (int.from_bytes(shares[5], "big") ^ 1).to_bytes(len(shares[5]), "big")
         return shares
 
-    monkeypatch.setattr(shamir, "split", false_to_5_and_7)
+    monkeypatch.setattr(shamir, "split", false_to_5)
     round_.phase(2, [0])
     monkeypatch.setattr(shamir, "split", real_split)
     round_.phase(2, list(range(1, 10)))
@@ -259,7 +387,7 @@ def test_a_dealer_dealing_off_polynomial_shares_to_honest_holders_is_outvoted_an
     round_.phase(5, list(range(10)))
     mean, _, _ = round_.quantisation.dequantise(round_.leader.unmask(), 10)
     assert torch.allclose(mean, round_.expected(list(range(10)))[0], atol=1e-5)
-    assert not hasattr(round_.leader, "blamed")
+    assert not hasattr(round_.leader.epoch, "blamed") and not hasattr(round_.leader.current(), "blamed")
 
 
 def test_a_false_commitment_discards_the_round_naming_its_learner():
@@ -267,7 +395,7 @@ def test_a_false_commitment_discards_the_round_naming_its_learner():
     round_.phase(1, list(range(4)))
     round_.phase(2, [0, 1, 2])
     lying = round_.learners[3].answer(round_.leader.request(2, 3))
-    lying.self_mask_commitment = bytes(32)  # no seed's digest: the seed, reconstructed, never matches it
+    lying.self_mask_commitment = bytes(32 * EPOCH_ROUNDS)  # no seed's digest: the seed, reconstructed, never matches it
     round_.leader.take(2, 3, lying)
     for phase in (3, 4):
         round_.phase(phase, list(range(4)))
@@ -325,39 +453,36 @@ def test_malformed_shares_and_masked_inputs_are_refused_and_the_round_goes_on():
     with pytest.raises(Refused, match="share"):
         round_.leader.take(5, 0, short)
     round_.leader.take(5, 0, reply)  # the same reply, as sent: taken
-    flipped = round_.learners[1].answer(round_.leader.request(5, 1))
-    for reveal in flipped.reveals:  # well-formed, but wrong: outvoted by consistent shares
-        reveal.share = bytes([reveal.share[0], reveal.share[1] ^ 1]) + reveal.share[2:]
-    round_.leader.take(5, 1, flipped)
-    round_.phase(5, [2, 3])
+    round_.phase(5, [1, 2, 3])
     mean, _, _ = round_.quantisation.dequantise(round_.leader.unmask(), 4)
     assert torch.allclose(mean, round_.expected([0, 1, 2, 3])[0], atol=1e-5)
 
 
 def test_ciphertexts_replayed_from_an_earlier_round_or_to_another_learner_are_complained_of_and_the_round_goes_on():
-    earlier = Round(5, 3, round_index=1)
+    earlier = Round(7, 4, round_index=1)
     earlier.until_masked()
-    replayed = earlier.leader.request(3, 0).shares[0]  # from learner 1 to learner 0, in round 1
-    later = Round(5, 3, round_index=2)
-    later.learners = earlier.learners  # the same learners, one round on
-    later.phase(1, list(range(5)))
-    later.phase(2, list(range(5)))
+    replayed = earlier.leader.request(3, 0).shares[0]  # from learner 1 to learner 0, in epoch 1
+    later = Round(7, 4, round_index=2)
+    later.learners = earlier.learners  # the same learners, an epoch on
+    later.phase(1, list(range(7)))
+    later.phase(2, list(range(7)))
     stale = later.leader.request(3, 0)
     stale.shares[0].CopyFrom(replayed)
     misaddressed = later.leader.request(3, 2)
-    misaddressed.shares[-1].ciphertext = later.leader.request(3, 1).shares[-1].ciphertext  # from 4, to learner 1
-    for learner, request, accused in [(0, stale, [1]), (2, misaddressed, [4])]:
+    misaddressed.shares[-1].ciphertext = later.leader.request(3, 1).shares[-1].ciphertext  # from 6, to learner 1
+    for learner, request, accused in [(0, stale, [1]), (2, misaddressed, [6])]:
         reply = later.learners[learner].answer(request)
         assert list(reply.complaints) == accused
         later.leader.take(3, learner, reply)
-    later.phase(3, [1, 3])
-    later.phase(4, [0, 2, 3])
+    later.phase(3, [1, 3, 4, 5, 6])
+    kept = [0, 2, 3, 4, 5]
+    later.phase(4, kept)
     with pytest.raises(ValueError, match="no phase 4"):  # left out of U2
         later.leader.request(4, 1)
-    later.send_masked([0, 2, 3])
-    later.phase(5, [0, 2, 3])
-    mean, _, _ = later.quantisation.dequantise(later.leader.unmask(), 3)
-    assert torch.allclose(mean, later.expected([0, 2, 3])[0], atol=1e-5)
+    later.send_masked(kept)
+    later.phase(5, kept)
+    mean, _, _ = later.quantisation.dequantise(later.leader.unmask(), 5)
+    assert torch.allclose(mean, later.expected(kept)[0], atol=1e-5)
 
 
 def test_a_learner_sending_garbage_shares_of_the_right_length_is_left_out_and_the_sum_is_right():
@@ -385,7 +510,9 @@ def test_a_leader_committing_a_sender_complained_of_is_refused():
     request.shares[0].ciphertext = bytes(len(request.shares[0].ciphertext))
     assert list(round_.learners[0].answer(request).complaints) == [1]
     with pytest.raises(Refused, match="lacks"):
-        round_.learners[0].answer(learner_pb2.SecAggRequest(round=1, phase=4, threshold=3, shared=[0, 1, 2, 3]))
+        round_.learners[0].answer(
+            learner_pb2.SecAggRequest(round=1, phase=4, threshold=3, epoch=1, shared=[0, 1, 2, 3])
+        )
 
 
 def test_a_masked_input_looks_uniform_and_uncorrelated_while_the_quantised_one_does_not():
@@ -420,8 +547,8 @@ def test_one_learner_complaining_of_every_other_is_left_out_and_the_round_sums_t
     round_.learners[4].answer(round_.leader.request(3, 4))
     round_.leader.take(3, 4, learner_pb2.SecAggReply(complaints=[0, 1, 2, 3]))
     round_.phase(4, [0, 1, 2, 3])
-    assert round_.leader.shared == (0, 1, 2, 3)
-    assert "complainers (4) are left out of this round instead" in caplog.text
+    assert round_.leader.current().shared == (0, 1, 2, 3)
+    assert "complainers (4) are left out of this epoch instead" in caplog.text
     with pytest.raises(ValueError, match="no phase 4"):
         round_.leader.request(4, 4)
     round_.send_masked([0, 1, 2, 3])
@@ -466,8 +593,8 @@ def test_the_leader_refuses_complaints_out_of_turn_or_twice():
     round_.phase(3, [0, 1, 2])
     with pytest.raises(Refused, match="out of turn or twice"):  # a second time
         round_.leader.take(3, 0, learner_pb2.SecAggReply(complaints=[1]))
-    round_.leader.request(4, 0)  # U2 fixed
-    with pytest.raises(Refused, match="out of turn or twice"):  # after U2
+    assert round_.leader.epoch.verified == (0, 1, 2)  # V fixed
+    with pytest.raises(Refused, match="out of turn or twice"):  # after V
         round_.leader.take(3, 3, learner_pb2.SecAggReply())
 
 

@@ -2,6 +2,7 @@
 objects (a fake client hands each phase's request to them), masked inputs counted by the RoundCollector, and the
 unmasked mean against the plain one; the flags it refuses; what the leader receives from one learner, captured."""
 
+import collections
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -51,10 +52,12 @@ class FakeClient:
     def __init__(self, parties: dict[int, SecureParty], failing: dict[int, grpc.StatusCode] | None = None) -> None:
         self.parties, self.failing, self.received = parties, failing or {}, []
         self.tamper: dict[int, Callable[[learner_pb2.SecAggReply], None]] = {}  # a learner's replies, changed
+        self.calls: collections.Counter[int] = collections.Counter()  # by phase
 
     def ask(self, members, method, requests, reply_type, timeout):
         replies = {}
         for learner in members:
+            self.calls[requests[learner].phase] += 1
             if learner in self.failing:
                 replies[learner] = Failed(self.failing[learner], "no such method")
                 continue
@@ -196,16 +199,76 @@ def fedsgd() -> Trained:
     return train("fedsgd", 5)
 
 
-def test_learners_that_drop_before_or_after_their_masked_input_are_recovered(fedsgd):
+@pytest.mark.parametrize(("never_sends", "dies_after_sending"), [([4], []), ([], [3]), ([4], [3])])
+def test_learners_that_drop_before_or_after_their_masked_input_are_recovered_but_not_both_in_one_round(
+    fedsgd, never_sends, dies_after_sending
+):
+    """One that never sends: its pair masks are undone with the survivors' pair seeds with it; one that dies after
+    sending: its self mask is undone with the others' shares. Both in one round: the dead survivor's pair mask
+    with the one that never sent is known to nobody else, so the round is discarded, never leaked."""
     participants = parties(5)
     client = FakeClient(participants)
     rounds, collector, _ = secure_round(fedsgd, participants, client)
-    send_masked(fedsgd, participants, collector, [0, 1, 2, 3])  # 4 never sends: its pairwise masks are undone
-    client.failing[3] = grpc.StatusCode.UNAVAILABLE  # 3 died after sending: its self-mask is undone
+    sent = [learner for learner in range(5) if learner not in never_sends]
+    send_masked(fedsgd, participants, collector, sent)
+    client.failing.update(dict.fromkeys(dies_after_sending, grpc.StatusCode.UNAVAILABLE))
     out = torch.zeros(fedsgd.updates[0].numel())
     outcome = rounds.finish(collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(fedsgd.secure)), out)
-    assert outcome.discarded is None and outcome.samples == plain_mean(fedsgd, [0, 1, 2, 3])[1]
-    assert_within_bound(out, fedsgd, [0, 1, 2, 3])
+    if never_sends and dies_after_sending:
+        assert "learners [3] sent their masked input but revealed nothing" in outcome.discarded
+        assert not outcome.revealed and bool((out == 0).all())
+        return
+    assert outcome.discarded is None and outcome.samples == plain_mean(fedsgd, sent)[1]
+    assert_within_bound(out, fedsgd, sent)
+
+
+def run_rounds(rounds: SecureRounds, participants: dict[int, SecureParty], first: int, last: int) -> list[list[int]]:
+    """Rounds first..last of small random updates (64 values) of every participant, each unmasked mean checked
+    against the plain one within the quantisation bound; returns who committed."""
+    size, secure = rounds.size, SecureRound(clip_range=8.0, weight_unit=10.0, summands=len(participants))
+    quantisation, generator = secagg.Quantisation(**dataclasses.asdict(secure)), torch.Generator().manual_seed(first)
+    committed_by_round = []
+    for round_index in range(first, last + 1):
+        committed = rounds.begin(round_index, members(len(participants)))
+        updates = {learner: torch.randn(size, generator=generator) * 6 for learner in committed}
+        weights = {learner: 1.0 + learner for learner in committed}
+        for learner in committed:
+            masked = participants[learner].masked_input(round_index, updates[learner], weights[learner], 1.0, secure)
+            assert masked is not None
+            rounds.add_masked(learner, masked)
+        out = torch.zeros(size)
+        outcome = rounds.finish(committed, members(len(participants)), quantisation, out)
+        assert outcome.discarded is None
+        total = sum(weights.values())
+        expected = sum(weights[learner] * updates[learner].clamp(-8.0, 8.0) for learner in committed) / total
+        bound = 2 * len(committed) * 8.0 / (total / secure.weight_unit * quantisation.scale)
+        assert float((out - expected).abs().max()) <= bound + 1e-6
+        committed_by_round.append(committed)
+    return committed_by_round
+
+
+def test_an_epoch_runs_phases_1_to_3_once_for_its_rounds_each_unmasked_right_then_a_new_one_opens():
+    participants = parties(4)
+    client = FakeClient(participants)
+    rounds = SecureRounds(client, 0.5, 64, timeout=5)
+    committed = run_rounds(rounds, participants, 0, secagg.EPOCH_ROUNDS)  # K rounds, and one more
+    assert committed == [[0, 1, 2, 3]] * (secagg.EPOCH_ROUNDS + 1)
+    setup = {phase: client.calls[phase] for phase in secagg.SETUP}
+    assert setup == dict.fromkeys(secagg.SETUP, 2 * 4), "phases 1-3 once for the K rounds, then for the next epoch"
+    assert client.calls[secagg.COMMIT] == client.calls[secagg.UNMASK] == 4 * (secagg.EPOCH_ROUNDS + 1)
+    assert rounds.epochs_opened == 2
+
+
+def test_a_learner_that_registered_again_is_refused_at_commit_left_out_and_the_next_round_opens_an_epoch():
+    participants = parties(5)
+    client = FakeClient(participants)
+    rounds = SecureRounds(client, 0.5, 64, timeout=5)
+    assert run_rounds(rounds, participants, 0, 0) == [[0, 1, 2, 3, 4]]
+    participants[2].bind(2)  # it forgot its epoch: a commit of it is refused
+    assert run_rounds(rounds, participants, 1, 1) == [[0, 1, 3, 4]]  # 2's pair masks undone as a dropout's
+    assert client.calls[secagg.KEYS] == 5
+    assert run_rounds(rounds, participants, 2, 2) == [[0, 1, 2, 3, 4]]
+    assert client.calls[secagg.KEYS] == 10 and rounds.epochs_opened == 2
 
 
 def test_below_the_threshold_the_round_is_discarded_and_nothing_is_unmasked(fedsgd):
@@ -234,13 +297,13 @@ def test_fewer_than_three_committed_completes_the_round_at_once_to_be_discarded(
 
 
 def test_a_learner_of_the_seed_protos_is_told_apart_and_left_out(fedsgd):
-    participants = parties(4)
-    client = FakeClient(participants, {3: grpc.StatusCode.UNIMPLEMENTED})
+    participants = parties(5)
+    client = FakeClient(participants, {4: grpc.StatusCode.UNIMPLEMENTED})
     rounds = SecureRounds(client, 0.5, fedsgd.updates[0].numel(), timeout=5)
     unable = []
-    committed = rounds.begin(0, members(4), lambda member, why: unable.append((member.learner_id, why)))
-    assert committed == [0, 1, 2]
-    assert unable == [(3, f"learner 3 {UNIMPLEMENTED_WHY}")]
+    committed = rounds.begin(0, members(5), lambda member, why: unable.append((member.learner_id, why)))
+    assert committed == [0, 1, 2, 3]
+    assert unable == [(4, f"learner 4 {UNIMPLEMENTED_WHY}")]
 
 
 def test_wrong_length_foreign_and_replayed_masked_inputs_are_refused_and_the_round_goes_on(fedsgd):
@@ -325,9 +388,9 @@ def test_malformed_shares_leave_their_sender_out_and_the_round_goes_on(fedsgd):
 
 
 def test_a_learner_answering_for_another_is_left_out(fedsgd):
-    participants = parties(4)
-    participants[3].bind(2)  # learner 3's replies speak for learner 2
-    assert secure_round(fedsgd, participants, FakeClient(participants))[2] == [0, 1, 2]
+    participants = parties(5)
+    participants[4].bind(3)  # learner 4's replies speak for learner 3
+    assert secure_round(fedsgd, participants, FakeClient(participants))[2] == [0, 1, 2, 3]
 
 
 def chi_square_p(data: bytes) -> float:
@@ -391,9 +454,10 @@ def test_secure_rounds_wait_for_three_and_the_flag_table_knows_the_protocols_min
     )
 
 
-def test_distributed_dp_the_noise_shares_of_the_threshold_survivors_sum_to_the_calibrated_deviation():
-    # --dp distributed: each learner adds sigma C / sqrt(t) (t: the round's threshold, 3 of 5), so that the fewest
-    # survivors whose sum the leader can unmask already carry N(0, (sigma C)^2); the leader dequantises alike
+def test_distributed_dp_the_noise_shares_of_the_fewest_survivors_sum_to_at_least_the_calibrated_deviation():
+    # --dp distributed: each learner adds sigma C / sqrt(t) (t: the round's threshold, 3 of 5), so that any sum the
+    # leader can unmask (of t + 1 survivors or more: each seed needs t holders besides its owner) carries at least
+    # N(0, (sigma C)^2); the leader dequantises alike
     sigma, clip, size = 1.2, 0.5, 20000
     secure = SecureRound(clip_range=8.0, weight_unit=1.0, summands=5)
     participants = parties(5)
@@ -401,16 +465,16 @@ def test_distributed_dp_the_noise_shares_of_the_threshold_survivors_sum_to_the_c
     collector = RoundCollector(size, add_masked=rounds.add_masked)
     collector.expect(sorted(participants))
     collector.commit(rounds.begin(0, members(5)))
-    for learner in (0, 1, 2):  # 3 and 4 never send: the sum has the threshold's 3 noise shares, no more
+    for learner in (0, 1, 2, 3):  # 4 never sends: the sum has t + 1 = 4 noise shares, the fewest it can have
         masked = participants[learner].masked_input(0, torch.zeros(size), 1.0, 0.0, secure, (sigma, clip))
         assert collector.submit_masked(learner, 0, masked, masked.numel() * 4) is None
     out = torch.zeros(size)
     outcome = rounds.finish(
         collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(secure)), out, (sigma, clip)
     )
-    assert outcome.discarded is None and outcome.samples == 3
-    noise_sum = out * 3  # the mean of 3 equally weighted inputs, each of zeros plus its share of the noise
-    assert noise_sum.std().item() == pytest.approx(sigma * clip, rel=0.05)
+    assert outcome.discarded is None and outcome.samples == 4
+    noise_sum = out * 4  # the mean of 4 equally weighted inputs, each of zeros plus its share of the noise
+    assert noise_sum.std().item() == pytest.approx(sigma * clip * (4 / 3) ** 0.5, rel=0.05)
     assert abs(noise_sum.mean().item()) < 0.05 * sigma * clip
 
 
@@ -438,5 +502,18 @@ def test_a_learner_waiting_for_its_commit_stops_waiting_when_the_run_ends():
     waiting = threading.Thread(target=lambda: result.append(party.wait_committed(3, 600.0, stop=ended.is_set)))
     waiting.start()
     ended.set()
+    waiting.join(30)
+    assert not waiting.is_alive() and result == [False]
+
+
+def test_a_learner_waiting_for_a_commit_stops_waiting_when_a_commit_of_a_later_round_comes():
+    # within an epoch no phase 1 marks a new round: a commit of a later round ends the wait for an earlier one
+    participants = parties(4)
+    rounds = SecureRounds(FakeClient(participants), 0.5, 64, timeout=5)
+    run_rounds(rounds, participants, 0, 0)
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(participants[3].wait_committed(1, 600.0)))
+    waiting.start()
+    run_rounds(rounds, participants, 2, 2)  # round 1 never committed it: the leader went on to round 2
     waiting.join(30)
     assert not waiting.is_alive() and result == [False]

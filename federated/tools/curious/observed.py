@@ -76,14 +76,18 @@ def quantisation(learners: int, clip_range: float = CLIP_RANGE) -> secagg.Quanti
 
 def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """What a leader receives from learners under secure aggregation, one learner per update (flat float vectors,
-    one sample each): every learner's masked input (int32) from an honest round of the protocol (phases 1 to 4,
-    then the masked inputs, then phase 5), and the mean of the updates the leader unmasks (float32)."""
+    one sample each): every learner's masked input (int32) from an honest round of the protocol (an epoch's phases
+    1 to 3, the round's phase 4, then the masked inputs, then phase 5), and the mean of the updates the leader
+    unmasks (float32)."""
     ids = list(range(1, len(updates) + 1))
-    leader = secagg.LeaderRound(round_index, ids, threshold=len(ids) // 2 + 1, size=updates[0].numel() + 2)
+    epoch = secagg.LeaderEpoch(round_index, ids, threshold=len(ids) // 2 + 1)
     learners = {learner_id: secagg.LearnerRound(learner_id) for learner_id in ids}
-    for phase in secagg.BEFORE_INPUTS:
+    for phase in secagg.SETUP:
         for learner_id, learner in learners.items():
-            leader.take(phase, learner_id, learner.answer(leader.request(phase, learner_id)))
+            epoch.take(phase, learner_id, learner.answer(epoch.request(phase, learner_id)))
+    leader = epoch.open_round(round_index, ids, size=updates[0].numel() + 2)
+    for learner_id, learner in learners.items():
+        leader.take(secagg.COMMIT, learner_id, learner.answer(leader.request(secagg.COMMIT, learner_id)))
     quantised = quantisation(len(ids))
     masked = [
         learners[learner_id].masked_input(update, 1.0, 0.0, quantised) for learner_id, update in zip(ids, updates)
