@@ -567,8 +567,8 @@ class LeaderConfig(SecurityFlags, Config):
     )
     secagg_threshold: float = option(
         0.5,
-        "a secure epoch's seeds are reconstructed from the shares of more than this fraction of its learners "
-        "(each seed's other than its owner's); a round with too few survivors is discarded, never leaked",
+        "a secure epoch's seeds are reconstructed from the shares of more than this fraction of its learners; a "
+        "round needs more survivors than that (fewer: discarded, never leaked)",
         group="privacy",
         bounds=Bounds(0.5, 1, high_open=True),
         trajectory=True,

@@ -14,15 +14,15 @@ the round of its phase 1:
                     V, the verified: those whose shares it relayed, less every sender complained of (or, when that
                     is below the threshold, less the complainers instead); fixed for the epoch.
 Then each round r of the epoch, at slot k = r - epoch (0 <= k < K), each slot at most once:
-  phase 4  commit:  the leader names the round, the epoch and U2 within V (at least t); a learner refuses a slot at
+  phase 4  commit:  the leader names the round, the epoch and U2 within V (more than t); a learner refuses a slot at
                     or below the last it committed to (two inputs under the same masks would give away their
                     difference), beyond K - 1, or a U2 holding a sender whose shares to it it lacks
   masked input:     sent with AccumulateGradients as an I32 tensor (LearnerRound.masked_input)
-  phase 5  unmask:  the leader names U3 (survivors: masked input arrived); learner v reveals, for each survivor u
-                    other than itself, its share of b_u^k, and for each dropped u (U2 \\ U3) its own pairwise mask
-                    seed with u for round r only; never its own seed's share, never both for one owner, once per
-                    round. A survivor that sent its input and reveals nothing while a learner dropped leaves a pair
-                    mask nobody can remove: the round is discarded (BelowThreshold), never leaked.
+  phase 5  unmask:  the leader names U3 (survivors: masked input arrived, more than t); learner v reveals, for each
+                    survivor u (itself too), its share of b_u^k, and for each dropped u (U2 \\ U3) its own
+                    pairwise mask seed with u for round r only; never both for one owner, once per round. A
+                    survivor that sent its input and reveals nothing while a learner dropped leaves a pair mask
+                    nobody can remove: the round is discarded (BelowThreshold), never leaked.
 Values: the update x (float) is clipped elementwise to [-clip_range, clip_range], weighted by w/weight_unit
 (w: the samples it covers, weight_unit: the most a learner may weigh, so the factor is in [0, 1]), scaled by
 `scale` and stochastically rounded (unbiased); two more elements carry w/weight_unit and w/weight_unit*loss/LOSS_RANGE,
@@ -31,13 +31,14 @@ in U2 of +-PRG(HKDF(KA(s_u, s_v), r, "pair mask", u, v)) (+ if u < v), all modul
 HKDF (federated/privacy/masks.py); shares: federated/privacy/shamir.py; distributed noise:
 federated/privacy/discrete_gaussian.py.
 Why a hostile leader cannot get both masks of one honest learner u in one round r: its self mask needs b_u^k,
-i.e. t shares revealed by holders other than u (u never reveals its own), each told that u survived (set A). Its
-pair masks with the U2 committed to u need, for each other v of that U2, the seed of (u, v) for round r, which
-only u and v know: u reveals it only for the learners its own U3 leaves out, and that U3 holds at least t of U2
-(u refuses fewer), so at least t - 1 of the others must each reveal theirs, each told that u dropped (set B).
-An honest learner answers phase 5 once per round and gives one kind per owner, so A and B are disjoint, neither
-holds u, and |A| + |B| >= 2t - 1 > |U1| - 1 since t > |U1|/2: more learners than there are. The seeds of round r
-are HKDF outputs of round r, and the slots are committed once, so no round's reveals serve another's masks.
+i.e. t shares, each revealed by a holder told that u survived: u's own and at least t - 1 of other learners
+(set A). Its pair masks with the U2 committed to u need, for each other v of that U2, the seed of (u, v) for
+round r, which only u and v know: u reveals it only for the learners its own U3 leaves out, and u answers only a
+U3 of more than t (it refuses fewer), so at least t others of its U3 must each reveal theirs, each told that u
+dropped (set B). An honest learner answers phase 5 once per round and gives one kind per owner, so A and B are
+disjoint, neither holds u, and |A| + |B| >= 2t - 1 > |U1| - 1 since t > |U1|/2: more learners than there are.
+(So a round unmasks with more than t survivors, of which t reveal.) The seeds of round r are HKDF outputs of
+round r, and the slots are committed once, so no round's reveals serve another's masks.
 """
 
 import hashlib
@@ -229,6 +230,7 @@ class LearnerRound:
         self._agreed: dict[int, bytes] = {}  # by peer: the X25519 agreement of the mask keys, once per epoch
         self._threshold = 0
         self._plaintexts: dict[int, bytes] = {}  # by other sender: its shares to this learner, decrypted and parsed
+        self._own_shares = b""  # its own shares of its seeds (revealed only while it survives)
         # the round: committed to by phase 4 (slot -1: none yet in this epoch)
         self._round: int | None = None
         self._slot = -1
@@ -238,8 +240,8 @@ class LearnerRound:
 
     @property
     def threshold(self) -> int:
-        """The shares that reconstruct a seed this epoch, from holders other than its owner (so a sum the leader
-        learns has more survivors than this); after phase 2."""
+        """The shares that reconstruct a seed this epoch (a sum the leader learns has more survivors than this);
+        after phase 2."""
         if self._setup < SHARES:
             raise Refused("no threshold before the shares")
         return self._threshold
@@ -345,6 +347,7 @@ class LearnerRound:
             for peer in holders
             if peer != self.learner_id
         ]
+        self._own_shares = b"".join(split[self.learner_id] for split in splits)
         commitment = b"".join(hashlib.sha256(seed).digest() for seed in self._seeds)
         return learner_pb2.SecAggReply(shares=shares, self_mask_commitment=commitment)
 
@@ -389,8 +392,10 @@ class LearnerRound:
         shared = _unique(list(request.shared), "the committed set")
         if not shared - {self.learner_id} <= set(self._plaintexts) or self.learner_id not in shared:
             raise Refused("the committed set holds learners whose shares this learner lacks, or leaves it out")
-        if len(shared) < self._threshold:
-            raise Refused(f"{len(shared)} committed learners, below the threshold {self._threshold}")
+        if len(shared) <= self._threshold:
+            raise Refused(
+                f"{len(shared)} committed learners: a round unmasks with more than the threshold {self._threshold}"
+            )
         self._round, self._slot, self._shared, self._phase, self._masked_sent = (
             request.round,
             slot,
@@ -401,8 +406,9 @@ class LearnerRound:
         return learner_pb2.SecAggReply()
 
     def _unmask(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
-        """Phase 5: for each other survivor, this learner's share of its seed for the round's slot; for each
-        dropped learner (U2 minus U3), this learner's pair seed with it for this round: one kind per owner, once."""
+        """Phase 5: for each survivor (itself too), this learner's share of its seed for the round's slot; for each
+        dropped learner (U2 minus U3), this learner's pair seed with it for this round: one kind per owner, once;
+        only for a U3 of more than the threshold."""
         if request.round != self._round or self._phase != COMMIT:
             raise Refused(f"an unmask for round {request.round}: not the round committed to, or a second unmask")
         if _unique(list(request.shared), "the committed set") != self._shared:
@@ -410,12 +416,15 @@ class LearnerRound:
         survivors = _unique(list(request.survivors), "the survivors")
         if not survivors <= self._shared or self.learner_id not in survivors:
             raise Refused("the survivors are not within the committed set, or leave this learner out")
-        if len(survivors) < self._threshold:
-            raise Refused(f"{len(survivors)} survivors, below the threshold {self._threshold}: nothing is revealed")
+        if len(survivors) <= self._threshold:  # (the argument in the module's docstring needs t others in U3)
+            raise Refused(
+                f"{len(survivors)} survivors, not more than the threshold {self._threshold}: nothing revealed"
+            )
         reveals = []
-        for owner in sorted(self._shared - {self.learner_id}):
+        for owner in sorted(self._shared):
             dropped = owner not in survivors
-            share = self._pair_seed(owner) if dropped else _parse_shares(self._plaintexts[owner])[self._slot]
+            shares = self._own_shares if owner == self.learner_id else self._plaintexts.get(owner, b"")
+            share = self._pair_seed(owner) if dropped else _parse_shares(shares)[self._slot]
             reveals.append(learner_pb2.SecAggReveal(owner=owner, mask_key=dropped, share=share))
         self._phase = UNMASK
         return learner_pb2.SecAggReply(reveals=reveals)
@@ -502,8 +511,8 @@ class LeaderEpoch:
 
     def open_round(self, round_index: int, learners: Collection[int], size: int) -> "LeaderRound":
         """Round round_index of this epoch with these learners as U2 (all within V); size: the masked input's
-        length (update size + 2). BelowThreshold if fewer than the threshold + 1: each seed needs the threshold's
-        shares revealed by holders other than its owner, so fewer could never be unmasked."""
+        length (update size + 2). BelowThreshold if fewer than the threshold + 1: learners reveal nothing for fewer
+        survivors (the argument in the module's docstring), so fewer could never be unmasked."""
         if not self.has_slot(round_index):
             raise ValueError(f"round {round_index} has no free slot in epoch {self.epoch}")
         if not set(learners) <= set(self.verified):
@@ -592,8 +601,8 @@ class LeaderRound:
         self.survivors: tuple[int, ...] | None = None  # U3
 
     def request(self, phase: int, learner_id: int) -> learner_pb2.SecAggRequest:
-        """The request of phase 4 or 5 for one learner; BelowThreshold if fewer than the threshold survived (the
-        round is then discarded)."""
+        """The request of phase 4 or 5 for one learner; BelowThreshold if no more than the threshold survived (the
+        learners would refuse to reveal: the round is then discarded)."""
         request = learner_pb2.SecAggRequest(
             round=self.round_index, phase=phase, threshold=self.threshold, epoch=self.epoch.epoch, shared=self.shared
         )
@@ -601,7 +610,7 @@ class LeaderRound:
             return _for(request, learner_id, self.shared)
         if phase != UNMASK:
             raise ValueError(f"no round phase {phase}")
-        self.survivors = self.survivors or _fixed(self._arrived, "sent their masked input", self.threshold)
+        self.survivors = self.survivors or _fixed(self._arrived, "sent their masked input", self.threshold + 1)
         request.survivors.extend(self.survivors)
         return _for(request, learner_id, self.survivors)
 
@@ -629,8 +638,8 @@ class LeaderRound:
 
     def unmask(self) -> torch.Tensor:
         """After phase 5: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
-        BelowThreshold when a survivor's seed cannot be reconstructed from threshold consistent shares of holders
-        other than itself (matching its commitment for the slot), or a learner dropped while a survivor revealed
+        BelowThreshold when a survivor's seed cannot be reconstructed from threshold consistent shares (matching its
+        commitment for the slot), or a learner dropped while a survivor revealed
         nothing (its pair mask with the dropped one is then in the sum for good). Every count is checked before
         anything is reconstructed."""
         if self.survivors is None or self._unmasked:
@@ -659,8 +668,8 @@ class LeaderRound:
     def _take_reveals(self, learner_id: int, reveals: Sequence[learner_pb2.SecAggReveal]) -> None:
         if self.survivors is None or learner_id not in self.survivors or learner_id in self._revealed:
             raise Refused(f"learner {learner_id}'s reveals come out of turn or twice")
-        if sorted(reveal.owner for reveal in reveals) != [owner for owner in self.shared if owner != learner_id]:
-            raise Refused(f"learner {learner_id}'s reveals are not one for each other committed learner")
+        if sorted(reveal.owner for reveal in reveals) != list(self.shared):
+            raise Refused(f"learner {learner_id}'s reveals are not one for each committed learner")
         for reveal in reveals:
             if reveal.mask_key != (reveal.owner not in self.survivors):
                 raise Refused(f"learner {learner_id} revealed the wrong secret of learner {reveal.owner}")
@@ -695,9 +704,9 @@ class LeaderRound:
         raise BelowThreshold(f"no {self.threshold} of learner {owner}'s shares agree: the round is discarded")
 
 
-def _fixed(learners: Collection[int], what: str, threshold: int) -> tuple[int, ...]:
-    if len(learners) < threshold:
-        raise BelowThreshold(f"{len(learners)} learners {what}, below the threshold {threshold}")
+def _fixed(learners: Collection[int], what: str, least: int) -> tuple[int, ...]:
+    if len(learners) < least:
+        raise BelowThreshold(f"{len(learners)} learners {what}, fewer than the {least} needed")
     return tuple(sorted(learners))
 
 

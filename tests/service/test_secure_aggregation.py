@@ -22,11 +22,11 @@ SIZE = 64  # a small update: the protocol's messages do not depend on it
 
 @pytest.fixture
 def learners():
-    """Four live learner servicers (ids 0..3: a round of t = 3 unmasks with t + 1), each taking calls only with its
-    own credential; then one server that knows no SecureAggregation, as a learner built from the seed protos (id
-    4)."""
+    """Five live learner servicers (ids 0..4: t = 3, and a round unmasks with more than t survivors), each taking
+    calls only with its own credential; then one server that knows no SecureAggregation, as a learner built from
+    the seed protos (id 5)."""
     servers, found = [], {}
-    for learner in range(4):
+    for learner in range(5):
         credential = LeaderCredential()
         credential.registered(f"credential-{learner}")
         servicer = LearnerServicer({}, StateInbox(), threading.Event(), credential, None, None)  # type: ignore[arg-type]
@@ -44,7 +44,7 @@ def learners():
         found[learner] = Member(learner, f"127.0.0.1:{port}", f"credential-{learner}", 1)
     seed, port = rpc.start_server("127.0.0.1:0", [], [], 1 << 20)
     servers.append(seed)
-    found[4] = Member(4, f"127.0.0.1:{port}", "credential-4", 1)
+    found[5] = Member(5, f"127.0.0.1:{port}", "credential-5", 1)
     yield found
     for server in servers:
         server.stop(0)
@@ -63,20 +63,20 @@ def test_phases_over_grpc_commit_the_learners_and_tell_apart_one_of_the_seed_pro
     unable = []
     rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, SIZE, timeout=5)
     committed = rounds.begin(0, learners, lambda member, why: unable.append((member.learner_id, why)))
-    assert committed == [0, 1, 2, 3]
-    assert unable == [(4, f"learner 4 {UNIMPLEMENTED_WHY}")]
+    assert committed == [0, 1, 2, 3, 4]
+    assert unable == [(5, f"learner 5 {UNIMPLEMENTED_WHY}")]
 
 
 def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(learners):
     """Learner 2's masked input would be unmasked by its self-mask seed for the round (if it survived) and every
     other learner's pair seed with it for the round (if it dropped): the leader tells learner 0 that 2 survived
     and learner 1 that it dropped, then asks learner 0 again, saying 2 dropped, and names 2 both survived and
-    dropped. Each learner unmasks once a round, one kind a learner: refused, so the leader holds one share of the
-    seed (of the threshold 3) and one of the three pair seeds."""
-    honest = {learner: learners[learner] for learner in range(4)}
+    dropped. Each learner unmasks once a round, one kind a learner: refused, so the leader holds one other
+    learner's share of the seed (of the threshold 3) and one of the four pair seeds."""
+    honest = {learner: learners[learner] for learner in range(5)}
     rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, SIZE, timeout=5)
     committed = rounds.begin(0, honest)
-    assert committed == [0, 1, 2, 3]
+    assert committed == [0, 1, 2, 3, 4]
     leader_round = rounds._round  # the round's own requests, relayed shares and all
     assert leader_round is not None
     for learner in committed:
@@ -84,16 +84,16 @@ def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(lear
     survived = leader_round.request(5, 0)
     reveals = call(honest[0], survived).reveals
     assert [reveal.mask_key for reveal in reveals if reveal.owner == 2] == [False]  # a share of 2's self-mask seed
-    assert 0 not in [reveal.owner for reveal in reveals], "never a share of its own seed"
+    assert [reveal.mask_key for reveal in reveals if reveal.owner == 0] == [False]  # its own seed's share too
     dropped = learner_pb2.SecAggRequest()
     dropped.CopyFrom(leader_round.request(5, 1))
     del dropped.survivors[:]
-    dropped.survivors.extend([0, 1, 3])
+    dropped.survivors.extend([0, 1, 3, 4])
     assert [r.mask_key for r in call(honest[1], dropped).reveals if r.owner == 2] == [True]  # its pair seed with 2
     again = learner_pb2.SecAggRequest()
     again.CopyFrom(survived)
     del again.survivors[:]
-    again.survivors.extend([0, 1, 3])
+    again.survivors.extend([0, 1, 3, 4])
     both = learner_pb2.SecAggRequest()
     both.CopyFrom(leader_round.request(5, 3))
     both.survivors.append(2)  # 2 survived (named) and dropped (named again: a second entry)

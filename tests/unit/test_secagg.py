@@ -131,12 +131,14 @@ def test_below_the_threshold_the_round_is_discarded():
         silent.leader.unmask()
 
 
-def test_an_honest_learner_reveals_nothing_below_the_threshold():
+def test_an_honest_learner_reveals_nothing_for_the_threshold_of_survivors_or_fewer():
+    """t survivors would let the leader collect the pair seeds of a learner from t - 1 others (it reveals those of
+    the rest itself) and its seed from t - 1 others and itself: 2t - 2 others, as many as there are at n = 5."""
     round_ = Round(5, 3)
     round_.until_masked()
     request = round_.leader.request(5, 0)
-    del request.survivors[2:]
-    with pytest.raises(Refused, match="below the threshold"):
+    del request.survivors[3:]
+    with pytest.raises(Refused, match="not more than the threshold"):
         round_.learners[0].answer(request)
 
 
@@ -187,19 +189,20 @@ def _unmask_as(round_: Round, learner: int, survivors: list[int]) -> learner_pb2
 @pytest.mark.parametrize(
     ("told_survived", "told_dropped", "owner_told"),
     [
-        ([0, 2], [3, 4], [0, 1, 2]),
-        ([0, 2, 3], [4], [0, 1, 2]),
-        ([0], [2, 3, 4], [1, 3, 4]),
-        ([0, 2, 3], [4], [1, 3, 4]),
+        ([0, 2], [3, 4], [0, 1, 2, 3]),
+        ([0], [2, 3, 4], [0, 1, 2, 4]),
+        ([0, 2], [3, 4], [1, 2, 3, 4]),
+        ([2], [0, 3, 4], [1, 2, 3, 4]),
     ],
 )
 def test_a_hostile_leader_telling_learners_different_survivors_cannot_remove_both_masks_of_one(
     told_survived, told_dropped, owner_told
 ):
     """Five learners, t = 3, every input in: the leader tells some that learner 1 survived (each gives a share of
-    its seed), the others that it dropped (each gives its pair seed with 1), and learner 1 itself a U3 of its
-    choosing (1 gives its pair seeds with those left out). Removing 1's self mask needs t shares; removing its pair
-    masks needs the seed of (1, v) for every other v: 2t - 1 = 5 other learners, of 4. A second unmask is refused."""
+    its seed), the others that it dropped (each gives its pair seed with 1), and learner 1 itself a U3 of four
+    of its choosing (1 gives its own share, and its pair seed with the one left out). Removing 1's self mask needs
+    t shares, its own and t - 1 others; removing its pair masks needs the seed of (1, v) for every other v, of
+    which 1 gives one: 2t - 1 = 5 other learners, of 4. A second unmask is refused."""
     round_ = Round(5, 3)
     round_.until_masked()
     seed_shares = sum(
@@ -214,7 +217,9 @@ def test_a_hostile_leader_telling_learners_different_survivors_cannot_remove_bot
         for reveal in _unmask_as(round_, learner, [v for v in range(5) if v != 1]).reveals
         if reveal.owner == 1 and reveal.mask_key
     }
-    paired |= {reveal.owner for reveal in _unmask_as(round_, 1, owner_told).reveals if reveal.mask_key}
+    owner_reveals = _unmask_as(round_, 1, owner_told).reveals
+    paired |= {reveal.owner for reveal in owner_reveals if reveal.mask_key}
+    seed_shares += sum(not reveal.mask_key for reveal in owner_reveals if reveal.owner == 1)
     assert seed_shares < 3 or paired != {0, 2, 3, 4}
     for learner in range(5):
         with pytest.raises(Refused, match="second unmask"):
