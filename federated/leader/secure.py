@@ -40,8 +40,9 @@ class SecureOutcome:
 
 
 def threshold_of(fraction: float, learners: int) -> int:
-    """Shares that reconstruct a secret among `learners`: more than `fraction` (at least half) of them."""
-    return math.floor(fraction * learners) + 1
+    """Shares that reconstruct a secret among `learners`: more than `fraction` (at least half) of them, and fewer
+    than all (a round unmasks only with more than this many survivors)."""
+    return min(math.floor(fraction * learners) + 1, learners - 1)
 
 
 class SecureRounds:
@@ -93,7 +94,8 @@ class SecureRounds:
             log.warning("secure round %d: %s", round_index + 1, below)
             self._troubled()
             return []
-        return answered if len(answered) >= secagg.MIN_LEARNERS else []
+        # a round unmasks only with more than the threshold: with fewer commits it would only make learners train
+        return answered if len(answered) > leader_round.threshold and len(answered) >= secagg.MIN_LEARNERS else []
 
     def _serving(self, round_index: int, participants: list[int]) -> secagg.LeaderEpoch | None:
         """The last round's epoch if it serves this round: the last round went cleanly, a slot is left, and the

@@ -34,7 +34,7 @@ Why a hostile leader cannot get both masks of one honest learner u in one round 
 i.e. t shares, each revealed by a holder told that u survived: u's own and at least t - 1 of other learners
 (set A). Its pair masks with the U2 committed to u need, for each other v of that U2, the seed of (u, v) for
 round r, which only u and v know: u reveals it only for the learners its own U3 leaves out, and u answers only a
-U3 of more than t (it refuses fewer), so at least t others of its U3 must each reveal theirs, each told that u
+U3 of more than t (it refuses t or fewer), so at least t others of its U3 must each reveal theirs, each told that u
 dropped (set B). An honest learner answers phase 5 once per round and gives one kind per owner, so A and B are
 disjoint, neither holds u, and |A| + |B| >= 2t - 1 > |U1| - 1 since t > |U1|/2: more learners than there are.
 (So a round unmasks with more than t survivors, of which t reveal.) The seeds of round r are HKDF outputs of
@@ -215,11 +215,8 @@ class LearnerRound:
     call."""
 
     def __init__(self, learner_id: int) -> None:
+        """No epoch yet: its secrets, what the leader named, its round, all unset (phase 1 comes back here)."""
         self.learner_id = learner_id
-        self._forget()
-
-    def _forget(self) -> None:
-        """No epoch: its secrets, what the leader named, its round, all unset."""
         self._epoch: int | None = None
         self._setup = 0  # the last of phases 1-3 answered in this epoch
         # the epoch's secrets and what the leader named, set phase by phase (empty before it)
@@ -302,7 +299,7 @@ class LearnerRound:
         """Phase 1: fresh key pairs, and the previous epoch's secrets forgotten. Any round may open one (a resumed
         leader counts from its checkpoint): a masked input already sent under the forgotten secrets can never be
         unmasked, and nothing revealed under the new ones meets it."""
-        self._forget()
+        self.__init__(self.learner_id)  # type: ignore[misc]  # (the last epoch forgotten: as built)
         self._epoch, self._setup = epoch, KEYS
         self._cipher_key, self._mask_key = masks.new_private_key(), masks.new_private_key()
         self._own_keys = learner_pb2.SecAggKeys(
@@ -470,17 +467,18 @@ class LeaderEpoch:
 
     def request(self, phase: int, learner_id: int) -> learner_pb2.SecAggRequest:
         """The request of a setup phase for one learner (phase 3: with the ciphertexts addressed to it);
-        BelowThreshold if the set the phase names is smaller than the threshold (the epoch is then not opened)."""
+        BelowThreshold if the set the phase names is no larger than the threshold (no round of it could unmask: the
+        epoch is then not opened)."""
         request = learner_pb2.SecAggRequest(round=self.epoch, phase=phase, threshold=self.threshold, epoch=self.epoch)
         if phase == KEYS:
             return request
         if phase == SHARES:
-            self.advertised = self.advertised or _fixed(self._keys, "advertised keys", self.threshold)
+            self.advertised = self.advertised or _fixed(self._keys, "advertised keys", self.threshold + 1)
             request.keys.extend(self._keys[learner] for learner in self.advertised)
             return _for(request, learner_id, self.advertised)
         if phase != VERIFY:
             raise ValueError(f"no setup phase {phase}")
-        self.dealt = self.dealt or _fixed(self._commitments, "shared", self.threshold)
+        self.dealt = self.dealt or _fixed(self._commitments, "shared", self.threshold + 1)
         request.shared.extend(self.dealt)
         request.shares.extend(self._ciphertexts.get(learner_id, {}).values())
         return _for(request, learner_id, self.dealt)
@@ -530,11 +528,11 @@ class LeaderEpoch:
         then less the complainers instead (this epoch only), so that one learner complaining of every other cannot
         discard every round. Those left hold well-formed shares of every dealt learner, so of each other."""
         accused = {sender for senders in self._complaints.values() for sender in senders}
-        if len(set(self._complaints) - accused) >= self.threshold:
-            return _fixed(set(self._complaints) - accused, "verified their shares", self.threshold)
+        if len(set(self._complaints) - accused) > self.threshold:  # a round needs more than t
+            return _fixed(set(self._complaints) - accused, "verified their shares", self.threshold + 1)
         complainers = sorted(learner for learner, senders in self._complaints.items() if senders)
         log.warning(
-            "secure epoch of round %d: the learners complained of (%s) would leave fewer than the threshold %d: the "
+            "secure epoch of round %d: the learners complained of (%s) would leave no more than the threshold %d: the "
             "complainers (%s) are left out of this epoch instead",
             self.epoch + 1,
             ", ".join(map(str, sorted(accused))),
@@ -542,7 +540,7 @@ class LeaderEpoch:
             ", ".join(map(str, complainers)),
         )
         return _fixed(
-            set(self._complaints) - set(complainers), "verified their shares without complaining", self.threshold
+            set(self._complaints) - set(complainers), "verified their shares without complaining", self.threshold + 1
         )
 
     def _take_keys(self, learner_id: int, keys: learner_pb2.SecAggKeys) -> None:

@@ -329,14 +329,14 @@ def test_a_learner_refuses_a_malformed_key_list(tamper):
 
 @pytest.mark.parametrize("which", ["cipher_key", "mask_key"])
 def test_a_low_order_public_key_is_refused_by_the_leader_and_by_learners(which):
-    round_ = Round(4, 3)
-    round_.phase(1, [0, 1, 2])
-    hostile = round_.learners[3].answer(round_.leader.request(1, 3))
+    round_ = Round(5, 3)
+    round_.phase(1, [0, 1, 2, 3])
+    hostile = round_.learners[4].answer(round_.leader.request(1, 4))
     setattr(hostile.keys, which, bytes(32))  # the all-zero point: every agreement with it is zero
     with pytest.raises(Refused, match="agrees on no secret"):
-        round_.leader.take(1, 3, hostile)
-    request = round_.leader.request(2, 0)  # the round goes on without learner 3
-    assert [keys.learner_id for keys in request.keys] == [0, 1, 2]
+        round_.leader.take(1, 4, hostile)
+    request = round_.leader.request(2, 0)  # the round goes on without learner 4
+    assert [keys.learner_id for keys in request.keys] == [0, 1, 2, 3]
     request.keys.append(hostile.keys)  # a hostile leader relaying it anyway
     with pytest.raises(Refused, match="agrees on no secret"):
         round_.learners[0].answer(request)
@@ -371,8 +371,7 @@ def test_a_dealer_dealing_off_polynomial_shares_to_honest_holders_is_outvoted_an
     """The review's frame.py (a): learner 0 deals well-formed shares off its polynomial to honest 5; they decrypt
     and parse, so nobody complains, and phase 5's reveals by 5 are off the polynomial: outvoted, and no learner
     is blamed for them (the leader cannot tell them from false reveals). One false holder of 0's 9 others at
-    t = 6: all 32 random subsets hold it with probability (2/3)^32 < 3e-6 (with two, as the review had, 6 %:
-    the owner's own share no longer counts)."""
+    t = 6: all 32 random subsets hold it with probability (2/3)^32 < 3e-6."""
     round_ = Round(10, 6)
     round_.phase(1, list(range(10)))
     real_split = shamir.split
@@ -542,15 +541,17 @@ def test_a_masked_input_looks_uniform_and_uncorrelated_while_the_quantised_one_d
     assert np.corrcoef(quantised.numpy()[:SIZE], fresh.updates[0].numpy())[0, 1] > 0.9
 
 
-def test_one_learner_complaining_of_every_other_is_left_out_and_the_round_sums_the_rest(caplog):
-    """The review's frame.py (c): learner 4's complaints would leave U2 below the threshold (every round
-    discarded); the round leaves out the complainer instead, and sums the others right."""
+@pytest.mark.parametrize("complaints", [[0, 1, 2, 3], [0, 1]])
+def test_one_learner_complaining_of_every_other_is_left_out_and_the_round_sums_the_rest(caplog, complaints):
+    """The review's frame.py (c): learner 4's complaints would leave U2 at or below the threshold (every round
+    discarded: a round unmasks with more than t; [0, 1] leaves exactly t = 3); the round leaves out the complainer
+    instead, and sums the others right."""
     round_ = Round(5, 3)
     round_.phase(1, list(range(5)))
     round_.phase(2, list(range(5)))
     round_.phase(3, [0, 1, 2, 3])
     round_.learners[4].answer(round_.leader.request(3, 4))
-    round_.leader.take(3, 4, learner_pb2.SecAggReply(complaints=[0, 1, 2, 3]))
+    round_.leader.take(3, 4, learner_pb2.SecAggReply(complaints=complaints))
     round_.phase(4, [0, 1, 2, 3])
     assert round_.leader.current().shared == (0, 1, 2, 3)
     assert "complainers (4) are left out of this epoch instead" in caplog.text
@@ -590,17 +591,17 @@ def test_the_leader_refuses_complaints_of_or_by_learners_not_dealt(complainer, c
 
 
 def test_the_leader_refuses_complaints_out_of_turn_or_twice():
-    round_ = Round(4, 3)
-    round_.phase(1, list(range(4)))
+    round_ = Round(5, 3)
+    round_.phase(1, list(range(5)))
     with pytest.raises(Refused, match="out of turn or twice"):  # before the dealt are fixed
         round_.leader.take(3, 0, learner_pb2.SecAggReply())
-    round_.phase(2, list(range(4)))
-    round_.phase(3, [0, 1, 2])
+    round_.phase(2, list(range(5)))
+    round_.phase(3, [0, 1, 2, 3])
     with pytest.raises(Refused, match="out of turn or twice"):  # a second time
         round_.leader.take(3, 0, learner_pb2.SecAggReply(complaints=[1]))
-    assert round_.leader.epoch.verified == (0, 1, 2)  # V fixed
+    assert round_.leader.epoch.verified == (0, 1, 2, 3)  # V fixed
     with pytest.raises(Refused, match="out of turn or twice"):  # after V
-        round_.leader.take(3, 3, learner_pb2.SecAggReply())
+        round_.leader.take(3, 4, learner_pb2.SecAggReply())
 
 
 def _phase_3_request(round_: Round, learner: int) -> learner_pb2.SecAggRequest:

@@ -259,6 +259,25 @@ def test_an_epoch_runs_phases_1_to_3_once_for_its_rounds_each_unmasked_right_the
     assert rounds.epochs_opened == 2
 
 
+@pytest.mark.parametrize(("fraction", "count"), [(0.8, 5), (0.75, 4), (0.67, 3), (0.99, 10)])
+def test_a_threshold_fraction_near_one_still_leaves_rounds_that_unmask(fraction, count):
+    """A round unmasks with more than t survivors, so t stops one short of all: floor(0.8 x 5) + 1 = 5 would have
+    discarded every round (and stopped the run)."""
+    participants = parties(count)
+    rounds = SecureRounds(FakeClient(participants), fraction, 64, timeout=5)
+    assert run_rounds(rounds, participants, 0, 1) == [list(range(count))] * 2
+
+
+def test_no_more_commits_than_the_threshold_leave_the_round_without_learners(fedsgd):
+    """4 learners (t = 3), one fails its commit: 3 committed could never unmask, so none train for it."""
+    participants = parties(4)
+    client = FakeClient(participants)
+    rounds = SecureRounds(client, 0.5, fedsgd.updates[0].numel(), timeout=5)
+    rounds.begin(0, members(4))  # the epoch, agreed by all four
+    client.failing[3] = grpc.StatusCode.UNAVAILABLE
+    assert rounds.begin(1, members(4)) == []
+
+
 def test_a_learner_that_registered_again_is_refused_at_commit_left_out_and_the_next_round_opens_an_epoch():
     participants = parties(5)
     client = FakeClient(participants)
@@ -456,7 +475,7 @@ def test_secure_rounds_wait_for_three_and_the_flag_table_knows_the_protocols_min
 
 def test_distributed_dp_the_noise_shares_of_the_fewest_survivors_sum_to_at_least_the_calibrated_deviation():
     # --dp distributed: each learner adds sigma C / sqrt(t) (t: the round's threshold, 3 of 5), so that any sum the
-    # leader can unmask (of t + 1 survivors or more: each seed needs t holders besides its owner) carries at least
+    # leader can unmask (of t + 1 survivors or more: learners reveal nothing for fewer) carries at least
     # N(0, (sigma C)^2); the leader dequantises alike
     sigma, clip, size = 1.2, 0.5, 20000
     secure = SecureRound(clip_range=8.0, weight_unit=1.0, summands=5)
