@@ -19,7 +19,7 @@ from federated.core.compression import (
     expected,
     make_codec,
 )
-from federated.core.compression.codecs import BUCKET
+from federated.core.compression.codecs import BUCKET, distinct_positions, hashed
 from federated.core.layout import GradientLayout
 from model import build_model
 
@@ -134,6 +134,30 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes():
     make_codec("topk", SETTINGS).decode_add(parts, out, 1.0)
     kept = out != 0
     assert int(kept.sum()) == k and torch.equal(out[kept], x[kept])
+
+
+def test_randk_sends_exactly_the_values_at_the_positions_its_seed_draws():
+    x = torch.randn(37, 41, generator=generator(4))
+    codec = make_codec("randk", SETTINGS)
+    parts = codec.encode(x, {}, generator())
+    positions = codec.positions(int(parts["seed"]), x.numel())
+    k = math.ceil(SETTINGS.ratio * x.numel())
+    assert positions.numel() == k and torch.unique(positions).numel() == k
+    out = torch.zeros_like(x)
+    codec.decode_add(parts, out, 1.0)
+    kept = torch.zeros(x.numel(), dtype=torch.bool)
+    kept[positions] = True
+    assert torch.equal(out.view(-1)[kept], x.view(-1)[kept]) and not out.view(-1)[~kept].any()
+
+
+def test_randk_positions_are_the_specified_draw():
+    """A test vector of the draw docs/compression.md specifies: a change of the draw fails here (a sender and a
+    receiver of different versions would disagree on every position)."""
+    assert (hashed(12345, 0), hashed(-1, 7)) == (12457476720137828715, 17750248655755693033)
+    assert distinct_positions(12345, 8, 1000).tolist() == [35, 189, 281, 529, 590, 630, 653, 683]
+    assert distinct_positions(-7, 5, 5).tolist() == [0, 1, 2, 3, 4]  # k = numel: every position
+    huge = distinct_positions(3, 4, 2**40)  # O(k): no permutation of 2^40 positions
+    assert huge.numel() == 4 and int(huge.max()) < 2**40
 
 
 def test_powersgd_of_rank_r_reproduces_a_rank_r_matrix_after_warm_started_rounds():

@@ -9,6 +9,7 @@ Each codec's docstring states its bound on decode(encode(x)) - x and whether it 
 needs error feedback on the sender: federated/core/compression/feedback.py).
 """
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -300,9 +301,28 @@ class TopK(Codec):
         out.view(-1).index_add_(0, indices, parts["values"].to(out.device, out.dtype), alpha=weight)
 
 
+def hashed(seed: int, counter: int) -> int:
+    """The uint64 a seed draws at a counter: BLAKE2b with an 8-byte digest of the seed (8 bytes, little-endian,
+    two's complement) then the counter (8 bytes, little-endian), read little-endian. Specified here, not by a
+    library's generator, so every sender and receiver draws the same whatever their versions."""
+    message = seed.to_bytes(8, "little", signed=True) + counter.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
+
+
+def distinct_positions(seed: int, k: int, numel: int) -> torch.Tensor:
+    """k distinct positions in [0, numel), ascending (int64), drawn from seed by Floyd's algorithm: for counter
+    c = 0 .. k-1 and j = numel - k + c, t = hashed(seed, c) mod (j + 1); take t, or j if t is taken already.
+    O(k) time and memory; every k-subset is equally likely up to the modulo's bias, below numel / 2^64."""
+    chosen: set[int] = set()
+    for counter, j in enumerate(range(numel - k, numel)):
+        t = hashed(seed, counter) % (j + 1)
+        chosen.add(j if t in chosen else t)
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
 class RandomK(Codec):
-    """random-k: k = max(1, ceil(ratio * numel)) values at positions drawn without replacement from a generator
-    seeded by the int64 seed it sends (the receiver draws the same ones), unscaled. Bound: the values not sent
+    """random-k: k = max(1, ceil(ratio * numel)) values at k distinct positions that the int64 seed it sends
+    draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled. Bound: the values not sent
     are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel) ||x||^2). Unscaled it is biased
     (E[decoded] = (k/numel) x): error feedback sends the rest later, without the numel/k-fold variance that
     scaling to unbiased would add. 4 bytes a value sent, and 8."""
@@ -318,7 +338,7 @@ class RandomK(Codec):
 
     def positions(self, seed: int, numel: int) -> torch.Tensor:
         """The k positions a seed draws."""
-        return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[: self.k(numel)]
+        return distinct_positions(seed, self.k(numel), numel)
 
     def encode(self, values: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator) -> Parts:
         flat = values.reshape(-1).to(torch.float32)
