@@ -145,3 +145,35 @@ def test_a_learner_keeps_its_residuals_from_round_to_round_and_starts_from_zero_
     assert caplog.text.count("error feedback starts from zero residuals") == 2
     # what the learner sends is what the leader admits: every entry, in order, of its dtype and shape
     assert codec.spec_of(sent) == compression.expected(replica.layout.shapes, "topk", 0.01, 2)
+
+
+def scaffold_state(round_index: int, plan: TrainingPlan, discarded: int = 0, resets: int = 0) -> codec.Payload:
+    """A SCAFFOLD state of round_index (zero server control) with the leader's counts of discarded rounds and
+    control resets."""
+    info = StateInfo(
+        "resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", round_index, image_size=8, plan=plan,
+        discarded=discarded, control_resets=resets,
+    )  # fmt: skip
+    model = build_model("resnet20")
+    control = torch.zeros(sum(p.numel() for p in model.parameters()))
+    return codec.decode(codec.encode(wire_state(model, torch.float32, control), info.to_metadata()))
+
+
+def control_residuals(replica: Replica) -> list[str]:
+    assert replica.compressor is not None
+    return [name for name in replica.compressor.residuals if name.startswith("control.")]
+
+
+def test_a_dropped_or_reset_scaffold_control_change_leaves_no_residual_to_send_later():
+    plan = TrainingPlan(strategy="scaffold", compress="topk")
+    replica = Replica(scaffold_state(0, plan), "cpu")
+    # a discarded round; the controls reset (no change pending: an earlier one's residual); fetched after a loss
+    for discarded, resets, fetched, taken in ((1, 0, False, True), (1, 1, False, False), (1, 1, True, True)):
+        replica.gradient.copy_(torch.rand(replica.layout.size))
+        replica.compressed(replica.layout.views(replica.gradient), plan)
+        if taken:
+            replica.update_taken(replica.round)
+        assert control_residuals(replica) and len(replica.compressor.residuals) > len(control_residuals(replica))
+        replica.adopt(scaffold_state(replica.round + 1, plan, discarded, resets), fetched=fetched)
+        assert not control_residuals(replica), (discarded, resets, fetched, taken)  # dropped (or reset) with the change
+        assert replica.compressor.residuals  # the model's own residuals stay

@@ -136,6 +136,12 @@ class Compressor:
         self.residuals: dict[str, torch.Tensor] = {}
         self.states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.compressed}
 
+    def forget_residuals(self, names: Sequence[str]) -> None:
+        """Forget these tensors' residuals (SCAFFOLD's control change, when the learner drops it): what they held
+        is never sent."""
+        for name in names:
+            self.residuals.pop(name, None)
+
     def compress(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The wire entries of one round's update tensors (all of those the compressor was made for, by name):
         raw float32 under NAME (the caller's own tensor when it is float32 on the CPU: no copy), compressed as
