@@ -322,10 +322,10 @@ def distinct_positions(seed: int, k: int, numel: int) -> torch.Tensor:
 
 class RandomK(Codec):
     """random-k: k = max(1, ceil(ratio * numel)) values at k distinct positions that the int64 seed it sends
-    draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled. Bound: the values not sent
-    are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel) ||x||^2). Unscaled it is biased
-    (E[decoded] = (k/numel) x): error feedback sends the rest later, without the numel/k-fold variance that
-    scaling to unbiased would add. 4 bytes a value sent, and 8."""
+    draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled.
+    Bound: the values not sent are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel)
+    ||x||^2). Unscaled it is biased (E[decoded] = (k/numel) x): error feedback sends the rest later, without the
+    numel/k-fold variance that scaling to unbiased would add. 4 bytes a value sent, and 8."""
 
     name = "randk"
     biased = True
