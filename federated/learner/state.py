@@ -206,6 +206,13 @@ class Replica:
             self.compressed_as = settings
         return self.compressor.compress(update)
 
+    def forget_compression(self, why: str) -> None:
+        """Forget the residuals and warm starts (saying why, once): they belong to the updates sent compressed
+        since the last reset, and the next compressed round starts from zero."""
+        if self.compressor is not None:
+            log.info("round %d: %s; error feedback's residuals are dropped", self.round, why)
+            self.compressor = self.compressed_as = None
+
     def update_taken(self, round_index: int) -> None:
         """SCAFFOLD: the leader took this round's update; its control change waits for a later state's word on
         whether the round was applied."""

@@ -4,6 +4,7 @@ flags that combine, and the running sum a compressed update is decoded into."""
 import dataclasses
 import logging
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from federated.leader.config import LeaderConfig
 from federated.leader.data import DataFacts
 from federated.leader.planner import Planner
 from federated.leader.servicer import decode_update
+from federated.learner.app import Member
 from federated.learner.state import Replica
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo, UpdateInfo
@@ -177,3 +179,34 @@ def test_a_dropped_or_reset_scaffold_control_change_leaves_no_residual_to_send_l
         replica.adopt(scaffold_state(replica.round + 1, plan, discarded, resets), fetched=fetched)
         assert not control_residuals(replica), (discarded, resets, fetched, taken)  # dropped (or reset) with the change
         assert replica.compressor.residuals  # the model's own residuals stay
+
+
+def test_a_learner_drops_its_residuals_after_an_uncompressed_round_and_when_it_rejoins_another_slot(caplog):
+    """Stale residuals never come back: not after a round sent uncompressed, nor in another slot's updates."""
+    plan = TrainingPlan(compress="topk")
+    info = StateInfo("resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", image_size=8, plan=plan)
+    replica = Replica(
+        codec.decode(codec.encode(wire_state(build_model("resnet20"), torch.float32), info.to_metadata())), "cpu"
+    )
+    replica.gradient.copy_(torch.rand(replica.layout.size))
+    sent: list = []
+    member = SimpleNamespace(
+        learner_id=0,
+        data=range(8),
+        replica=replica,
+        config=SimpleNamespace(dataset="synthetic"),
+        register=lambda deadline: 1,  # another slot
+        session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),
+        server=SimpleNamespace(inbox=SimpleNamespace(has_final=lambda: False)),
+    )
+    with caplog.at_level(logging.INFO, logger="learner"):
+        Member.send_update(member, 0, 1.0, plan)
+        assert replica.compressor is not None and replica.compressor.residuals
+        Member.send_update(member, 1, 1.0, TrainingPlan())  # uncompressed
+        Member.send_update(member, 2, 1.0, TrainingPlan())
+        assert replica.compressor is None
+        Member.send_update(member, 3, 1.0, plan)
+        Member.rejoin(member, 0.0)
+        assert replica.compressor is None and member.learner_id == 1
+    assert caplog.text.count("this round's update travels uncompressed; error feedback's residuals are dropped") == 1
+    assert "rejoined in another slot" in caplog.text and len(sent) == 4
