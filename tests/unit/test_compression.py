@@ -201,6 +201,16 @@ def test_error_feedback_conserves_mass_what_was_sent_plus_the_residual_is_every_
         torch.testing.assert_close(held, total, rtol=0, atol=1e-4 * float(total.abs().max()))
 
 
+def test_an_update_whose_residual_would_overflow_is_sent_alone_and_later_rounds_stay_finite(caplog):
+    compressor = Compressor("topk", SETTINGS.ratio, SETTINGS.rank, SHAPES)
+    huge = {name: torch.full(shape, 3e38) for name, shape in SHAPES.items()}  # twice it overflows float32
+    for _ in range(4):
+        entries = compressor.compress(huge)
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in entries.values() if tensor.is_floating_point())
+        assert all(bool(torch.isfinite(residual).all()) for residual in compressor.residuals.values())
+    assert "overflows float32; the residual is dropped" in caplog.text
+
+
 def test_unbiased_codecs_keep_no_residual_and_reset_forgets_everything():
     assert set(BIASED) == {"fp16", "bf16", "topk", "randk", "sign", "powersgd"}
     quantised = Compressor("int8", 0.01, 2, SHAPES, seed=0)

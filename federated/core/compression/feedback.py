@@ -13,6 +13,7 @@ message leaves out is lost, only sent later, so the sum of what was sent over ro
 is the sum of the raw updates.
 """
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -25,6 +26,8 @@ from federated.core.compression.codecs import CompressionError, Settings, make_c
 # nothing. At 256, ResNet-20's classifier (640 values) was compressed too, and top-k's error feedback under the
 # leader's momentum of 0.9 collapsed FedSGD to chance (0.089 after 100 rounds); at 1024 it learns (0.54 after 50).
 SMALL = 1024
+
+log = logging.getLogger("learner")  # (a learner compresses)
 
 SEPARATOR = ":"
 
@@ -142,6 +145,21 @@ class Compressor:
         for name in names:
             self.residuals.pop(name, None)
 
+    def corrected(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """values + the tensor's residual; values alone, the residual dropped, when the sum is not finite (two
+        finite float32s can overflow: sending Inf would get the update refused, round after round)."""
+        residual = self.residuals.get(name)
+        if residual is None:
+            return values
+        corrected = values + residual
+        if nonfinite(corrected, name) is not None:
+            log.warning(
+                "%s: the update plus its error-feedback residual overflows float32; the residual is dropped", name
+            )
+            del self.residuals[name]
+            return values
+        return corrected
+
     def compress(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The wire entries of one round's update tensors (all of those the compressor was made for, by name):
         raw float32 under NAME (the caller's own tensor when it is float32 on the CPU: no copy), compressed as
@@ -159,8 +177,7 @@ class Compressor:
                 entries[name] = values
                 continue
             if self.codec.biased:
-                residual = self.residuals.get(name)
-                values = values + residual if residual is not None else values
+                values = self.corrected(name, values)
             parts = self.codec.encode(values, self.states[name], self.generator)
             if self.codec.biased:
                 residual = values.clone()
