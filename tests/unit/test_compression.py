@@ -125,6 +125,18 @@ def test_quantisers_are_unbiased_over_2000_seeds(name):
     assert not make_codec(name, SETTINGS).biased
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantisers_scale_a_bucket_of_zeros_or_of_subnormals_without_nan(name):
+    codec = make_codec(name, SETTINGS)
+    buckets = torch.zeros(3, BUCKET)
+    buckets[1, :2] = torch.tensor([1e-40, -5e-41])  # a subnormal scale: L / 1e-40 overflows float32
+    magnitudes = codec.magnitudes(buckets, buckets.abs().amax(dim=1))
+    assert bool(torch.isfinite(magnitudes).all()) and not magnitudes[[0, 2]].any()
+    assert magnitudes[1, 0] == codec.levels and magnitudes[1, 1] == codec.levels / 2
+    out = round_trip(codec, buckets)
+    assert bool(torch.isfinite(out).all()) and not out[[0, 2]].any() and float(out[1, 0]) > 0
+
+
 def test_topk_keeps_exactly_the_k_largest_magnitudes():
     x = torch.randn(37, 41, generator=generator(4))
     parts = make_codec("topk", SETTINGS).encode(x, {}, generator())

@@ -194,11 +194,17 @@ class Quantised(Codec):
         numel = flat.numel()
         padded = torch.nn.functional.pad(flat, (0, self.buckets(numel) * BUCKET - numel)).view(-1, BUCKET)
         scales = padded.abs().amax(dim=1)
-        # |x| / s_b * L in [0, L]; a bucket of zeros has scale 0 and sends zeros
-        magnitude = padded.abs().mul_((self.levels / scales.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1))
+        magnitude = self.magnitudes(padded, scales)
         magnitude.add_(torch.rand(magnitude.shape, generator=generator)).floor_().clamp_(max=self.levels)
         levels = magnitude.mul_(padded.sign()).view(-1)[:numel].to(torch.int8)
         return {**self.pack(levels), "scales": scales}
+
+    def magnitudes(self, padded: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """|x| / s_b * L, in [0, L], for buckets (rows) of values and their scales. |x| / s_b is at most 1 even for
+        a subnormal s_b (whereas L / s_b overflows, and 0 times that is NaN); a bucket of zeros, scale 0, sends
+        zeros."""
+        ratios = padded.abs().div_(scales.unsqueeze(1))
+        return torch.where(scales.unsqueeze(1) > 0, ratios, 0.0).mul_(self.levels)
 
     def value_problem(self, parts: Parts, numel: int) -> str | None:
         scales = parts["scales"]
