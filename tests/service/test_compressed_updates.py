@@ -109,9 +109,14 @@ def hostile(live: LiveLeader, good: dict[str, torch.Tensor]) -> dict[str, dict[s
     return cases
 
 
-def test_hostile_compressed_updates_are_refused_and_leave_the_sum_and_model_as_they_were(compressed):
+def test_hostile_compressed_updates_are_refused_and_leave_the_sum_and_model_as_they_were(compressed, monkeypatch):
     live = compressed
     credentials = live.enrol(2)
+    submitted = []  # what reached the collector: a hostile update is refused before its lock (checked_update)
+    submit = live.leader.collector.submit
+    monkeypatch.setattr(
+        live.leader.collector, "submit", lambda learner, *rest: submitted.append(learner) or submit(learner, *rest)
+    )
     for case, payload in hostile(live, entries(live, 1)).items():
         send_counted(live, entries(live, 0), credentials[0], 0)
         chunk = payload if isinstance(payload, bytes) else live.gradient(1, tensors=payload, compress=settings(live)[0])
@@ -122,6 +127,7 @@ def test_hostile_compressed_updates_are_refused_and_leave_the_sum_and_model_as_t
         assert re.search(REASONS[case], error.value.details() or ""), (case, error.value.details())
         summary, refused = live.close_round()  # the reference counted learner 0's update alone
         assert (summary.learners, refused) == (1, None), case
+        assert 1 not in submitted, case
     send_counted(live, entries(live, 1), credentials[1], 1)  # the leader still counts the learner it refused
     send_counted(live, entries(live, 2), credentials[0], 0)
     summary, _ = live.close_round()

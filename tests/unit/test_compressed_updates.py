@@ -124,8 +124,10 @@ def test_a_malformed_compressed_update_leaves_the_running_sum_as_it_was():
     name = next(key for key in entries if key.endswith(":indices"))
     entries[name] = entries[name].clone()
     entries[name][0] = entries[name][1]  # a repeated index
-    with pytest.raises(compression.CompressionError, match="repeated"):
-        updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
+    with pytest.raises(compression.CompressionError, match="repeated"):  # (checked decoding, as tests use)
+        updates.add_decoded(
+            lambda out, weight: compression.decode_add(entries, layout.views(out), weight, *settings), 1, 0.5
+        )
     assert torch.equal(updates.total, before) and updates.samples == 1
 
 

@@ -76,8 +76,21 @@ def decode_add(
     problem = entries_problem(entries, shapes, codec_name, ratio, rank, small)
     if problem is not None:
         raise CompressionError(problem)
+    add_checked(entries, out_views, weight, codec_name, ratio, rank, small)
+
+
+def add_checked(
+    entries: Mapping[str, torch.Tensor],
+    out_views: Mapping[str, torch.Tensor],
+    weight: float,
+    codec_name: str,
+    ratio: float,
+    rank: int,
+    small: int = SMALL,
+) -> None:
+    """decode_add for entries already checked (entries_problem, or the spec then values_problem): no check."""
     codec = make_codec(codec_name, Settings(ratio, rank))
-    compressed = compressed_names(shapes, codec_name, small)
+    compressed = compressed_names({name: tuple(view.shape) for name, view in out_views.items()}, codec_name, small)
     for name, view in out_views.items():
         if name in compressed:
             codec.add(tensor_parts(entries, name), view, weight)
@@ -93,6 +106,14 @@ def entries_problem(
     problem = spec_problem(entries, expected(shapes, codec_name, ratio, rank, small))
     if problem is not None:
         return f"entries: {problem}"
+    return values_problem(entries, shapes, codec_name, ratio, rank, small)
+
+
+def values_problem(
+    entries: Mapping[str, torch.Tensor], shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int = SMALL
+) -> str | None:
+    """What is wrong with the values of entries whose names, dtypes and shapes are known right (every float
+    finite, indices, scales, packed levels), or None: one scan of every entry."""
     codec = make_codec(codec_name, Settings(ratio, rank))
     compressed = compressed_names(shapes, codec_name, small)
     for name, shape in shapes.items():
