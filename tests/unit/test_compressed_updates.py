@@ -13,7 +13,7 @@ from federated.core import compression, strategies
 from federated.core.aggregation import Median, RoundUpdates
 from federated.core.layout import GradientLayout, wire_state
 from federated.core.plan import TrainingPlan
-from federated.leader.config import LeaderConfig
+from federated.leader.config import LeaderConfig, compression_caveat
 from federated.leader.data import DataFacts
 from federated.leader.planner import Planner
 from federated.leader.servicer import decode_update
@@ -212,3 +212,12 @@ def test_a_learner_drops_its_residuals_after_an_uncompressed_round_and_when_it_r
         assert replica.compressor is None and member.learner_id == 1
     assert caplog.text.count("this round's update travels uncompressed; error feedback's residuals are dropped") == 1
     assert "rejoined in another slot" in caplog.text and len(sent) == 4
+
+
+def test_the_leader_warns_of_robust_aggregators_with_sparse_codecs_only():
+    def caveat(**flags) -> str | None:
+        return compression_caveat(LeaderConfig(**flags))
+
+    assert "zero wherever fewer than half" in (caveat(compress="topk", aggregator="median") or "")
+    assert "Krum's distances" in (caveat(compress="randk", aggregator="krum") or "")
+    assert caveat(compress="topk") is None and caveat(compress="int8", aggregator="median") is None

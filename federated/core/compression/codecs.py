@@ -3,8 +3,9 @@ and their checked decoding into a running sum.
 
 A codec is bound to its settings (`Settings`: top-k's and random-k's ratio, PowerSGD's rank) when it is made
 (`make_codec`); every part's dtype and shape then follows from the tensor's shape alone (`Codec.parts`), so a
-receiver checks a header before it buffers a byte. `Codec.decode_add` checks everything about the parts
-first and only then adds, in place, into the receiver's tensor: a refused payload leaves it untouched.
+receiver knows a payload's exact size and checks its header before it reads a value. `Codec.decode_add` checks
+everything about the parts first and only then adds, in place, into the receiver's tensor: a refused payload
+leaves it untouched.
 Each codec's docstring states its bound on decode(encode(x)) - x and whether it is biased (a biased codec
 needs error feedback on the sender: federated/core/compression/feedback.py).
 """

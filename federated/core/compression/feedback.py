@@ -48,7 +48,7 @@ def entry_name(name: str, part: str) -> str:
 
 def expected(names_and_shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int = SMALL) -> TensorSpec:
     """Every entry a payload of these tensors must carry, exactly, with its dtype and shape, in order: the
-    receiver's admission check before it buffers a byte."""
+    receiver's check of a payload's header before it reads a value (and the bound on its size)."""
     codec = make_codec(codec_name, Settings(ratio, rank))
     compressed = compressed_names(names_and_shapes, codec_name, small)
     spec: TensorSpec = {}
