@@ -13,7 +13,7 @@ from federated.core import aggregation, strategies
 from federated.core.plan import TrainingPlan
 from federated.leader import checkpoint, data, dispatch, evaluation
 from federated.leader.collector import RoundCollector
-from federated.leader.config import LeaderConfig
+from federated.leader.config import LeaderConfig, compression_caveat
 from federated.leader.data import DataFacts
 from federated.leader.federation import Federation, Settings, Stalled
 from federated.leader.global_model import Diverged, GlobalModel
@@ -115,6 +115,8 @@ class Leader:
         )
         if facts:
             self.planner.log()
+        if caveat := compression_caveat(config):
+            log.warning("%s", caveat)
 
     @property
     def stopping(self) -> threading.Event:

@@ -103,8 +103,8 @@ class RoundCollector:
         wire_bytes: int,
     ) -> str | None:
         """Add a learner's gradient (pieces as codec.flat_runs gives them, or a compressed one's DecodeAdd) to the
-        open round; the reason it was ignored, or None if counted. A compressed update that proves malformed as it
-        is decoded raises CompressionError, and the round is as it was."""
+        open round; the reason it was ignored, or None if counted. A compressed update's entries are checked
+        before (servicer.checked_update): decoding them under the lock only adds."""
         with self._changed:
             if round_index != self._round:
                 return f"gradient for round {round_index} ignored: round {self._round} is open"

@@ -214,7 +214,8 @@ GROUPS = {
     "--out show each learner's labels), or none: learners bring their own.",
     "model": "",
     "compression": "What learners' updates travel as (docs/compression.md): with error feedback for the biased "
-    "codecs (what a round's message leaves out joins the next round's update); BatchNorm statistics and small "
+    "codecs (what a round's message leaves out is kept and added to later rounds' updates until sent: over about "
+    "1/ratio rounds for topk and randk); BatchNorm statistics and small "
     "tensors travel uncompressed. The leader's states travel as --wire-dtype says.",
     "strategy": "FedSGD (the default) takes one gradient per learner per round and steps with --lr, --momentum and "
     "--weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
@@ -884,6 +885,19 @@ def compression_problems(config: LeaderConfig) -> list[str]:
         "indices or factors that masks cannot sum, and quantised integers under masks need a clip range shared "
         "by all learners (issue 19, item 4), not built yet; leave out --compress"
     ]
+
+
+def compression_caveat(config: LeaderConfig) -> str | None:
+    """What a robust aggregator does with a sparse codec's updates (docs/compression.md), for the leader to warn
+    of at its start; None when nothing is to say. Allowed, but rarely what one wants."""
+    if config.compress not in ("topk", "randk") or config.aggregator == "mean":
+        return None
+    return (
+        f"--aggregator {config.aggregator} with --compress {config.compress}: each learner sends its own "
+        f"{config.compress_ratio:g} of the positions, zero elsewhere, so a coordinate-wise median (or trimmed mean) "
+        "is zero wherever fewer than half the learners sent that index, and Krum's distances are dominated by which "
+        "indices each learner picked"
+    )
 
 
 def dp_problems(config: LeaderConfig) -> list[str]:

@@ -240,12 +240,9 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             )
         else:
             round_index = claims.round
-            try:  # a compressed update's indices and lengths are validated as it is decoded, before a value is added
-                reason = self.collector.submit(
-                    member.learner_id, round_index, update, claims.samples, claims.loss, len(chunk)
-                )
-            except compression.CompressionError as error:
-                rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
+            reason = self.collector.submit(
+                member.learner_id, round_index, update, claims.samples, claims.loss, len(chunk)
+            )
         self.federation.received(member, counted=reason is None)
         if reason:
             self.log("ignored", "learner %d: %s", member.learner_id, reason, level=logging.WARNING)
@@ -255,23 +252,27 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
     def checked_update(self, payload: codec.Payload, claims: messages.UpdateInfo) -> list[torch.Tensor] | DecodeAdd:
         """A plain update's tensors, checked against the model, as the collector adds them (codec.flat_runs); or a
         compressed one's entries, checked against what the plan's codec sends (compression.expected: every name,
-        dtype and shape, every value finite), as a DecodeAdd whose decode validates the rest (indices, lengths)
-        before it writes. Raises PayloadError."""
-        layout = self.global_model.layout
-        if claims.compress != "none" and claims.compress != self.planner.config.compress:
+        dtype and shape, in order) and then their values, once (every float finite, indices, scales, packed
+        levels: compression.values_problem), as a DecodeAdd that adds them without checking again. Here, outside
+        the collector's lock. Raises PayloadError."""
+        layout, config = self.global_model.layout, self.planner.config
+        if claims.compress != "none" and claims.compress != config.compress:
             raise codec.PayloadError(
-                f"update compressed with {claims.compress}, but this leader asks for "
-                f"{self.planner.config.compress} (or a plain update)"
+                f"update compressed with {claims.compress}, but this leader asks for {config.compress} (or a plain "
+                "update)"
             )
-        codec.check_matches(payload, self.compressed_spec if claims.compress != "none" else layout.spec)
+        settings = (config.compress, config.compress_ratio, config.compress_rank)
+        if claims.compress == "none":
+            codec.check_matches(payload, layout.spec)
+        else:
+            codec.check_layout(payload, self.compressed_spec)
+            if problem := compression.values_problem(payload.tensors, layout.shapes, *settings):
+                raise codec.PayloadError(problem)
         if problem := layout.update_problem(payload.tensors):  # (statistics travel raw, under their own names)
             raise codec.PayloadError(problem)
         if claims.compress == "none":
             return codec.flat_runs(payload)
-        config = self.planner.config
-        return partial(
-            decode_update, layout, payload.tensors, (config.compress, config.compress_ratio, config.compress_rank)
-        )
+        return partial(decode_update, layout, payload.tensors, settings)
 
     def check_masked(self, payload: codec.Payload, member: Member) -> messages.MaskedInfo:
         """What a secure round's masked input claims (its slot and round), checked; raises PayloadError. A plain
@@ -349,9 +350,9 @@ def decode_update(
     out: torch.Tensor,
     weight: float,
 ) -> None:
-    """Add weight times a compressed update (its checked entries; settings: the codec, ratio and rank) into a flat
-    update vector (DecodeAdd)."""
-    compression.decode_add(entries, layout.views(out), weight, *settings)
+    """Add weight times a compressed update (its entries, checked already: checked_update; settings: the codec,
+    ratio and rank) into a flat update vector (DecodeAdd)."""
+    compression.add_checked(entries, layout.views(out), weight, *settings)
 
 
 def same_host(address: str, peer: str | None) -> bool:

@@ -94,6 +94,7 @@ class Member:
         self.learner_id = self.register(deadline)
         if self.learner_id != previous:
             self.replica.forget_own_controls()
+            self.replica.forget_compression("this learner rejoined in another slot")
             if not self.config.dataset:
                 self.data = self.hold(self.fetch_shard())
 
@@ -141,6 +142,8 @@ class Member:
         self.sent_round = round_index
         compressed = plan.compress != "none" and plan.secure is None  # (the leader allows neither with the other)
         tensors = replica.layout.views(replica.gradient.cpu()) if compressed else replica.update_tensors()
+        if not compressed:  # stale residuals must not come back in a later compressed round
+            replica.forget_compression("this round's update travels uncompressed")
         if problem := first_problem(tensors.items()):
             log.warning(
                 "round %d: this learner's update holds %s (the leader's model gives that on this learner's data); "

@@ -125,6 +125,7 @@ class Replica:
         if self.plan.dp == "local":  # refused at once for a model that cannot give it
             self.hook_examples()
         if self.controls is not None:
+            resets = self.controls.counts[1]
             committed = self.controls.adopt(
                 torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters]),
                 info.round,
@@ -134,6 +135,14 @@ class Replica:
             )
             if committed is False:
                 log.info("round %d: the leader did not apply this learner's control change; it is dropped", info.round)
+            if committed is False or self.controls.counts[1] != resets:
+                self.forget_control_residuals()
+
+    def forget_control_residuals(self) -> None:
+        """Compressed SCAFFOLD: drop what error feedback still holds of the control changes (their residuals) when
+        the change is dropped or the controls reset; else the dropped change would reach the server's c later."""
+        if self.compressor is not None:
+            self.compressor.forget_residuals([control_name(name) for name, _ in self.layout.parameters])
 
     def hook_examples(self) -> None:
         """Hook the model for DP-SGD's per-example gradients, once; PayloadError for a model that cannot give them."""
@@ -196,6 +205,13 @@ class Replica:
             self.compressor = compression.Compressor(*settings, self.layout.shapes)
             self.compressed_as = settings
         return self.compressor.compress(update)
+
+    def forget_compression(self, why: str) -> None:
+        """Forget the residuals and warm starts (saying why, once): they belong to the updates sent compressed
+        since the last reset, and the next compressed round starts from zero."""
+        if self.compressor is not None:
+            log.info("round %d: %s; error feedback's residuals are dropped", self.round, why)
+            self.compressor = self.compressed_as = None
 
     def update_taken(self, round_index: int) -> None:
         """SCAFFOLD: the leader took this round's update; its control change waits for a later state's word on

@@ -18,7 +18,8 @@ REASONS = {
     "an extra entry": r"unexpected \['fc.weight:extra",
     "a part longer than the header's codec says": r"is \w+ \[[0-9, ]+\], expected",
     "a length that disagrees with the header": "data bytes but its tensors describe",
-    "another codec than the leader's": "compressed with sign, but this leader asks for",
+    "another codec than the leader's": r"compressed with \w+, but this leader asks for",
+    "an entry out of order": "not in the model's order",
     "an index out of range": "an index outside",
     "a negative index": "an index outside",
     "a repeated index": "a repeated index",
@@ -30,8 +31,19 @@ REASONS = {
     "an infinite scale": "NaN or Inf",
     "a negative scale": "a negative scale",
     "a level beyond the codec's": "a level below -127",
+    "a level of -8": r"a level of -8",
+    "a NaN sign scale": "a scale of nan",
+    "a negative sign scale": "a scale of -1.0",
+    "an infinite value": "NaN or Inf",
 }
-CODECS = {"topk": ["--compress-ratio", "0.05"], "powersgd": ["--compress-rank", "2"], "int8": []}
+CODECS = {
+    "topk": ["--compress-ratio", "0.05"],
+    "randk": ["--compress-ratio", "0.05"],
+    "powersgd": ["--compress-rank", "2"],
+    "int8": [],
+    "int4": [],
+    "sign": [],
+}
 
 
 @pytest.fixture(params=list(CODECS))
@@ -89,7 +101,10 @@ def hostile(live: LiveLeader, good: dict[str, torch.Tensor]) -> dict[str, dict[s
         "an extra entry": {**good, "fc.weight:extra": torch.zeros(4)},
         "a part longer than the header's codec says": {**good, first: torch.cat([good[first], good[first][:1]])},
         "a length that disagrees with the header": live.gradient(1, tensors=good, compress=name)[:-4],
-        "another codec than the leader's": live.gradient(1, tensors=good, compress="sign"),
+        "another codec than the leader's": live.gradient(
+            1, tensors=good, compress="int8" if name == "sign" else "sign"
+        ),
+        "an entry out of order": dict(reversed(list(good.items()))),
     }
     if name == "topk":
         cases["an index out of range"] = changed(good, ":indices", lambda t: set_at(t, 0, torch.Size(numel).numel()))
@@ -101,6 +116,16 @@ def hostile(live: LiveLeader, good: dict[str, torch.Tensor]) -> dict[str, dict[s
         cases["an infinite factor"] = changed(good, ":Q", lambda t: set_at(t, 0, float("inf")))
         overflowing = changed(good, ":P", lambda t: set_at(t, 0, 1e30))
         cases["factors whose product overflows"] = changed(overflowing, ":Q", lambda t: set_at(t, 0, 1e30))
+    if name == "randk":
+        cases["a NaN value"] = changed(good, ":values", lambda t: set_at(t, 0, float("nan")))
+        cases["an infinite value"] = changed(good, ":values", lambda t: set_at(t, 1, float("-inf")))
+    if name == "sign":
+        cases["a NaN sign scale"] = changed(good, ":scale", lambda t: set_at(t, 0, float("nan")))
+        cases["a negative sign scale"] = changed(good, ":scale", lambda t: set_at(t, 0, -1.0))
+    if name == "int4":
+        cases["a NaN scale"] = changed(good, ":scales", lambda t: set_at(t, 0, float("nan")))
+        cases["a negative scale"] = changed(good, ":scales", lambda t: set_at(t, 0, -1.0))
+        cases["a level of -8"] = changed(good, ":packed", lambda t: set_at(t, 0, 0x80))  # low nibble 0: -8
     if name == "int8":
         cases["a NaN scale"] = changed(good, ":scales", lambda t: set_at(t, 0, float("nan")))
         cases["an infinite scale"] = changed(good, ":scales", lambda t: set_at(t, 0, float("inf")))
@@ -109,9 +134,14 @@ def hostile(live: LiveLeader, good: dict[str, torch.Tensor]) -> dict[str, dict[s
     return cases
 
 
-def test_hostile_compressed_updates_are_refused_and_leave_the_sum_and_model_as_they_were(compressed):
+def test_hostile_compressed_updates_are_refused_and_leave_the_sum_and_model_as_they_were(compressed, monkeypatch):
     live = compressed
     credentials = live.enrol(2)
+    submitted = []  # what reached the collector: a hostile update is refused before its lock (checked_update)
+    submit = live.leader.collector.submit
+    monkeypatch.setattr(
+        live.leader.collector, "submit", lambda learner, *rest: submitted.append(learner) or submit(learner, *rest)
+    )
     for case, payload in hostile(live, entries(live, 1)).items():
         send_counted(live, entries(live, 0), credentials[0], 0)
         chunk = payload if isinstance(payload, bytes) else live.gradient(1, tensors=payload, compress=settings(live)[0])
@@ -122,6 +152,7 @@ def test_hostile_compressed_updates_are_refused_and_leave_the_sum_and_model_as_t
         assert re.search(REASONS[case], error.value.details() or ""), (case, error.value.details())
         summary, refused = live.close_round()  # the reference counted learner 0's update alone
         assert (summary.learners, refused) == (1, None), case
+        assert 1 not in submitted, case
     send_counted(live, entries(live, 1), credentials[1], 1)  # the leader still counts the learner it refused
     send_counted(live, entries(live, 2), credentials[0], 0)
     summary, _ = live.close_round()

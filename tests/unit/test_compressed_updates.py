@@ -4,6 +4,7 @@ flags that combine, and the running sum a compressed update is decoded into."""
 import dataclasses
 import logging
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ from federated.core import compression, strategies
 from federated.core.aggregation import Median, RoundUpdates
 from federated.core.layout import GradientLayout, wire_state
 from federated.core.plan import TrainingPlan
-from federated.leader.config import LeaderConfig
+from federated.leader.config import LeaderConfig, compression_caveat
 from federated.leader.data import DataFacts
 from federated.leader.planner import Planner
 from federated.leader.servicer import decode_update
+from federated.learner.app import Member
 from federated.learner.state import Replica
 from federated.wire import codec, messages
 from federated.wire.messages import StateInfo, UpdateInfo
@@ -122,8 +124,10 @@ def test_a_malformed_compressed_update_leaves_the_running_sum_as_it_was():
     name = next(key for key in entries if key.endswith(":indices"))
     entries[name] = entries[name].clone()
     entries[name][0] = entries[name][1]  # a repeated index
-    with pytest.raises(compression.CompressionError, match="repeated"):
-        updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
+    with pytest.raises(compression.CompressionError, match="repeated"):  # (checked decoding, as tests use)
+        updates.add_decoded(
+            lambda out, weight: compression.decode_add(entries, layout.views(out), weight, *settings), 1, 0.5
+        )
     assert torch.equal(updates.total, before) and updates.samples == 1
 
 
@@ -145,3 +149,75 @@ def test_a_learner_keeps_its_residuals_from_round_to_round_and_starts_from_zero_
     assert caplog.text.count("error feedback starts from zero residuals") == 2
     # what the learner sends is what the leader admits: every entry, in order, of its dtype and shape
     assert codec.spec_of(sent) == compression.expected(replica.layout.shapes, "topk", 0.01, 2)
+
+
+def scaffold_state(round_index: int, plan: TrainingPlan, discarded: int = 0, resets: int = 0) -> codec.Payload:
+    """A SCAFFOLD state of round_index (zero server control) with the leader's counts of discarded rounds and
+    control resets."""
+    info = StateInfo(
+        "resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", round_index, image_size=8, plan=plan,
+        discarded=discarded, control_resets=resets,
+    )  # fmt: skip
+    model = build_model("resnet20")
+    control = torch.zeros(sum(p.numel() for p in model.parameters()))
+    return codec.decode(codec.encode(wire_state(model, torch.float32, control), info.to_metadata()))
+
+
+def control_residuals(replica: Replica) -> list[str]:
+    assert replica.compressor is not None
+    return [name for name in replica.compressor.residuals if name.startswith("control.")]
+
+
+def test_a_dropped_or_reset_scaffold_control_change_leaves_no_residual_to_send_later():
+    plan = TrainingPlan(strategy="scaffold", compress="topk")
+    replica = Replica(scaffold_state(0, plan), "cpu")
+    # a discarded round; the controls reset (no change pending: an earlier one's residual); fetched after a loss
+    for discarded, resets, fetched, taken in ((1, 0, False, True), (1, 1, False, False), (1, 1, True, True)):
+        replica.gradient.copy_(torch.rand(replica.layout.size))
+        replica.compressed(replica.layout.views(replica.gradient), plan)
+        if taken:
+            replica.update_taken(replica.round)
+        assert control_residuals(replica) and len(replica.compressor.residuals) > len(control_residuals(replica))
+        replica.adopt(scaffold_state(replica.round + 1, plan, discarded, resets), fetched=fetched)
+        assert not control_residuals(replica), (discarded, resets, fetched, taken)  # dropped (or reset) with the change
+        assert replica.compressor.residuals  # the model's own residuals stay
+
+
+def test_a_learner_drops_its_residuals_after_an_uncompressed_round_and_when_it_rejoins_another_slot(caplog):
+    """Stale residuals never come back: not after a round sent uncompressed, nor in another slot's updates."""
+    plan = TrainingPlan(compress="topk")
+    info = StateInfo("resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", image_size=8, plan=plan)
+    replica = Replica(
+        codec.decode(codec.encode(wire_state(build_model("resnet20"), torch.float32), info.to_metadata())), "cpu"
+    )
+    replica.gradient.copy_(torch.rand(replica.layout.size))
+    sent: list = []
+    member = SimpleNamespace(
+        learner_id=0,
+        data=range(8),
+        replica=replica,
+        config=SimpleNamespace(dataset="synthetic"),
+        register=lambda deadline: 1,  # another slot
+        session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),
+        server=SimpleNamespace(inbox=SimpleNamespace(has_final=lambda: False)),
+    )
+    with caplog.at_level(logging.INFO, logger="learner"):
+        Member.send_update(member, 0, 1.0, plan)
+        assert replica.compressor is not None and replica.compressor.residuals
+        Member.send_update(member, 1, 1.0, TrainingPlan())  # uncompressed
+        Member.send_update(member, 2, 1.0, TrainingPlan())
+        assert replica.compressor is None
+        Member.send_update(member, 3, 1.0, plan)
+        Member.rejoin(member, 0.0)
+        assert replica.compressor is None and member.learner_id == 1
+    assert caplog.text.count("this round's update travels uncompressed; error feedback's residuals are dropped") == 1
+    assert "rejoined in another slot" in caplog.text and len(sent) == 4
+
+
+def test_the_leader_warns_of_robust_aggregators_with_sparse_codecs_only():
+    def caveat(**flags) -> str | None:
+        return compression_caveat(LeaderConfig(**flags))
+
+    assert "zero wherever fewer than half" in (caveat(compress="topk", aggregator="median") or "")
+    assert "Krum's distances" in (caveat(compress="randk", aggregator="krum") or "")
+    assert caveat(compress="topk") is None and caveat(compress="int8", aggregator="median") is None

@@ -19,7 +19,7 @@ from federated.core.compression import (
     expected,
     make_codec,
 )
-from federated.core.compression.codecs import BUCKET
+from federated.core.compression.codecs import BUCKET, distinct_positions, hashed
 from federated.core.layout import GradientLayout
 from model import build_model
 
@@ -125,6 +125,18 @@ def test_quantisers_are_unbiased_over_2000_seeds(name):
     assert not make_codec(name, SETTINGS).biased
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantisers_scale_a_bucket_of_zeros_or_of_subnormals_without_nan(name):
+    codec = make_codec(name, SETTINGS)
+    buckets = torch.zeros(3, BUCKET)
+    buckets[1, :2] = torch.tensor([1e-40, -5e-41])  # a subnormal scale: L / 1e-40 overflows float32
+    magnitudes = codec.magnitudes(buckets, buckets.abs().amax(dim=1))
+    assert bool(torch.isfinite(magnitudes).all()) and not magnitudes[[0, 2]].any()
+    assert magnitudes[1, 0] == codec.levels and magnitudes[1, 1] == codec.levels / 2
+    out = round_trip(codec, buckets)
+    assert bool(torch.isfinite(out).all()) and not out[[0, 2]].any() and float(out[1, 0]) > 0
+
+
 def test_topk_keeps_exactly_the_k_largest_magnitudes():
     x = torch.randn(37, 41, generator=generator(4))
     parts = make_codec("topk", SETTINGS).encode(x, {}, generator())
@@ -134,6 +146,30 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes():
     make_codec("topk", SETTINGS).decode_add(parts, out, 1.0)
     kept = out != 0
     assert int(kept.sum()) == k and torch.equal(out[kept], x[kept])
+
+
+def test_randk_sends_exactly_the_values_at_the_positions_its_seed_draws():
+    x = torch.randn(37, 41, generator=generator(4))
+    codec = make_codec("randk", SETTINGS)
+    parts = codec.encode(x, {}, generator())
+    positions = codec.positions(int(parts["seed"]), x.numel())
+    k = math.ceil(SETTINGS.ratio * x.numel())
+    assert positions.numel() == k and torch.unique(positions).numel() == k
+    out = torch.zeros_like(x)
+    codec.decode_add(parts, out, 1.0)
+    kept = torch.zeros(x.numel(), dtype=torch.bool)
+    kept[positions] = True
+    assert torch.equal(out.view(-1)[kept], x.view(-1)[kept]) and not out.view(-1)[~kept].any()
+
+
+def test_randk_positions_are_the_specified_draw():
+    """A test vector of the draw docs/compression.md specifies: a change of the draw fails here (a sender and a
+    receiver of different versions would disagree on every position)."""
+    assert (hashed(12345, 0), hashed(-1, 7)) == (12457476720137828715, 17750248655755693033)
+    assert distinct_positions(12345, 8, 1000).tolist() == [35, 189, 281, 529, 590, 630, 653, 683]
+    assert distinct_positions(-7, 5, 5).tolist() == [0, 1, 2, 3, 4]  # k = numel: every position
+    huge = distinct_positions(3, 4, 2**40)  # O(k): no permutation of 2^40 positions
+    assert huge.numel() == 4 and int(huge.max()) < 2**40
 
 
 def test_powersgd_of_rank_r_reproduces_a_rank_r_matrix_after_warm_started_rounds():
@@ -175,6 +211,16 @@ def test_error_feedback_conserves_mass_what_was_sent_plus_the_residual_is_every_
     for tensor, total in raw.items():
         held = sent[tensor].double() + compressor.residuals.get(tensor, torch.zeros(())).double()
         torch.testing.assert_close(held, total, rtol=0, atol=1e-4 * float(total.abs().max()))
+
+
+def test_an_update_whose_residual_would_overflow_is_sent_alone_and_later_rounds_stay_finite(caplog):
+    compressor = Compressor("topk", SETTINGS.ratio, SETTINGS.rank, SHAPES)
+    huge = {name: torch.full(shape, 3e38) for name, shape in SHAPES.items()}  # twice it overflows float32
+    for _ in range(4):
+        entries = compressor.compress(huge)
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in entries.values() if tensor.is_floating_point())
+        assert all(bool(torch.isfinite(residual).all()) for residual in compressor.residuals.values())
+    assert "overflows float32; the residual is dropped" in caplog.text
 
 
 def test_unbiased_codecs_keep_no_residual_and_reset_forgets_everything():

@@ -780,6 +780,7 @@ def claimed_samples(shard_size: int, plan: TrainingPlan) -> int:
             strategy=strategies.named(plan.strategy),
             update_tensors=lambda: {"w": torch.zeros(2)},
             update_taken=lambda round_index: None,
+            forget_compression=lambda why: None,
         ),
         session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),
         server=SimpleNamespace(inbox=SimpleNamespace(has_final=lambda: False)),

@@ -9,7 +9,15 @@ from federated.core.compression.codecs import (
     Settings,
     make_codec,
 )
-from federated.core.compression.feedback import SMALL, Compressor, compressed_names, decode_add, expected
+from federated.core.compression.feedback import (
+    SMALL,
+    Compressor,
+    add_checked,
+    compressed_names,
+    decode_add,
+    expected,
+    values_problem,
+)
 
 __all__ = [
     "BUCKET",
@@ -19,8 +27,10 @@ __all__ = [
     "CompressionError",
     "Compressor",
     "Settings",
+    "add_checked",
     "compressed_names",
     "decode_add",
     "expected",
     "make_codec",
+    "values_problem",
 ]

@@ -3,12 +3,14 @@ and their checked decoding into a running sum.
 
 A codec is bound to its settings (`Settings`: top-k's and random-k's ratio, PowerSGD's rank) when it is made
 (`make_codec`); every part's dtype and shape then follows from the tensor's shape alone (`Codec.parts`), so a
-receiver checks a header before it buffers a byte. `Codec.decode_add` checks everything about the parts
-first and only then adds, in place, into the receiver's tensor: a refused payload leaves it untouched.
+receiver knows a payload's exact size and checks its header before it reads a value. `Codec.decode_add` checks
+everything about the parts first and only then adds, in place, into the receiver's tensor: a refused payload
+leaves it untouched.
 Each codec's docstring states its bound on decode(encode(x)) - x and whether it is biased (a biased codec
 needs error feedback on the sender: federated/core/compression/feedback.py).
 """
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -193,11 +195,17 @@ class Quantised(Codec):
         numel = flat.numel()
         padded = torch.nn.functional.pad(flat, (0, self.buckets(numel) * BUCKET - numel)).view(-1, BUCKET)
         scales = padded.abs().amax(dim=1)
-        # |x| / s_b * L in [0, L]; a bucket of zeros has scale 0 and sends zeros
-        magnitude = padded.abs().mul_((self.levels / scales.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(1))
+        magnitude = self.magnitudes(padded, scales)
         magnitude.add_(torch.rand(magnitude.shape, generator=generator)).floor_().clamp_(max=self.levels)
         levels = magnitude.mul_(padded.sign()).view(-1)[:numel].to(torch.int8)
         return {**self.pack(levels), "scales": scales}
+
+    def magnitudes(self, padded: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """|x| / s_b * L, in [0, L], for buckets (rows) of values and their scales. |x| / s_b is at most 1 even for
+        a subnormal s_b (whereas L / s_b overflows, and 0 times that is NaN); a bucket of zeros, scale 0, sends
+        zeros."""
+        ratios = padded.abs().div_(scales.unsqueeze(1))
+        return torch.where(scales.unsqueeze(1) > 0, ratios, 0.0).mul_(self.levels)
 
     def value_problem(self, parts: Parts, numel: int) -> str | None:
         scales = parts["scales"]
@@ -300,12 +308,31 @@ class TopK(Codec):
         out.view(-1).index_add_(0, indices, parts["values"].to(out.device, out.dtype), alpha=weight)
 
 
+def hashed(seed: int, counter: int) -> int:
+    """The uint64 a seed draws at a counter: BLAKE2b with an 8-byte digest of the seed (8 bytes, little-endian,
+    two's complement) then the counter (8 bytes, little-endian), read little-endian. Specified here, not by a
+    library's generator, so every sender and receiver draws the same whatever their versions."""
+    message = seed.to_bytes(8, "little", signed=True) + counter.to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8).digest(), "little")
+
+
+def distinct_positions(seed: int, k: int, numel: int) -> torch.Tensor:
+    """k distinct positions in [0, numel), ascending (int64), drawn from seed by Floyd's algorithm: for counter
+    c = 0 .. k-1 and j = numel - k + c, t = hashed(seed, c) mod (j + 1); take t, or j if t is taken already.
+    O(k) time and memory; every k-subset is equally likely up to the modulo's bias, below numel / 2^64."""
+    chosen: set[int] = set()
+    for counter, j in enumerate(range(numel - k, numel)):
+        t = hashed(seed, counter) % (j + 1)
+        chosen.add(j if t in chosen else t)
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
 class RandomK(Codec):
-    """random-k: k = max(1, ceil(ratio * numel)) values at positions drawn without replacement from a generator
-    seeded by the int64 seed it sends (the receiver draws the same ones), unscaled. Bound: the values not sent
-    are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel) ||x||^2). Unscaled it is biased
-    (E[decoded] = (k/numel) x): error feedback sends the rest later, without the numel/k-fold variance that
-    scaling to unbiased would add. 4 bytes a value sent, and 8."""
+    """random-k: k = max(1, ceil(ratio * numel)) values at k distinct positions that the int64 seed it sends
+    draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled.
+    Bound: the values not sent are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel)
+    ||x||^2). Unscaled it is biased (E[decoded] = (k/numel) x): error feedback sends the rest later, without the
+    numel/k-fold variance that scaling to unbiased would add. 4 bytes a value sent, and 8."""
 
     name = "randk"
     biased = True
@@ -318,7 +345,7 @@ class RandomK(Codec):
 
     def positions(self, seed: int, numel: int) -> torch.Tensor:
         """The k positions a seed draws."""
-        return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[: self.k(numel)]
+        return distinct_positions(seed, self.k(numel), numel)
 
     def encode(self, values: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator) -> Parts:
         flat = values.reshape(-1).to(torch.float32)
