@@ -153,12 +153,14 @@ class Compressor:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        self.reset()
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.compressed}
 
     def reset(self) -> None:
         """Forget every residual and warm start (a restarted learner starts from zero)."""
-        self.residuals: dict[str, torch.Tensor] = {}
-        self.states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.compressed}
+        self.residuals.clear()
+        for state in self.states.values():
+            state.clear()
 
     def forget_residuals(self, names: Sequence[str]) -> None:
         """Forget these tensors' residuals (SCAFFOLD's control change, when the learner drops it): what they held
