@@ -61,15 +61,19 @@ class LeaderPrivacy:
 
     def swamped(self, learners: int, size: int) -> str:
         """Why a run under learner-level DP may make no sane step: how large the noise on a round's mean of
-        `learners` updates of `size` values is (sigma C sqrt(size) / learners, for every learner's update at most
-        C), and what shrinks it. Said when refused steps stop the run."""
-        sigma, clip = self.config.dp_noise_multiplier, self.config.dp_clip
+        `learners` updates of `size` values is (sigma C sqrt(size) / learners, each update at most C; under
+        distributed DP at least that: each survivor adds its share), and what shrinks it. Said when refused steps
+        stop the run."""
+        mechanism = self.mechanism  # central: the clip adapted so far, and the multiplier the update's noise has
+        sigma = mechanism.update_noise_multiplier if mechanism else self.config.dp_noise_multiplier
+        clip = mechanism.clip if mechanism else self.config.dp_clip
         ratio = sigma * math.sqrt(size) / max(learners, 1)
+        near = "near" if mechanism else "of at least"
         return (
-            f"under --dp {self.config.dp} the noise on the mean of the round's {learners} updates has a norm near "
-            f"{ratio * clip:.3g}, {ratio:.3g} times the --dp-clip {clip:g} that bounds each update: learner-level DP "
-            "needs many more learners a round (the noise falls as 1/learners), a larger --dp-target-epsilon or "
-            "a smaller model"
+            f"under --dp {self.config.dp} the noise on the mean of the round's {learners} updates has a norm {near} "
+            f"{ratio * clip:.3g}, {ratio:.3g} times the clip {clip:.3g} that bounds each update: learner-level DP "
+            "needs many more learners a round (the noise falls as 1/learners), a smaller --dp-noise-multiplier (it "
+            "spends epsilon faster: raise --dp-target-epsilon to allow it) or a smaller model"
         )
 
     def checkpoint(self) -> dict:

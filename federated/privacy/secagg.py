@@ -245,9 +245,10 @@ class LearnerRound:
 
     def answer(self, request: learner_pb2.SecAggRequest) -> learner_pb2.SecAggReply:
         """The reply to a phase (any of 1-5); raises Refused on anything a hostile leader could use: a request for
-        another epoch or round, phases out of order, its own keys changed, duplicated or fewer than threshold
-        learners, threshold at or below half of U1, a slot used already or beyond the epoch, a second unmask for
-        the round, U2 holding a sender whose shares failed, U3 not within U2 or below threshold. A ciphertext that
+        another epoch or round, phases out of order, its own keys changed, duplicated learners or no more than the
+        threshold, a threshold at or below half of U1 or at all of it, a slot used already or beyond the epoch, a
+        second unmask for the round, U2 holding a sender whose shares failed, U3 not within U2 or no more than the
+        threshold. A ciphertext that
         does not decrypt for (epoch, sender, this learner) or does not parse is complained of in phase 3 (its
         sender is then left out of V), not refused."""
         if request.phase == KEYS:
@@ -323,8 +324,8 @@ class LearnerRound:
             raise Refused("the advertised keys do not hold this learner's own keys unchanged")
         if len(keys) < MIN_LEARNERS:
             raise Refused(f"{len(keys)} learners: a secure round needs {MIN_LEARNERS} or more")
-        if not len(keys) / 2 < request.threshold <= len(keys):
-            raise Refused(f"threshold {request.threshold} is not above half of {len(keys)} learners and at most all")
+        if not len(keys) / 2 < request.threshold < len(keys):  # (t = all: no round could have more than t)
+            raise Refused(f"threshold {request.threshold} is not above half of {len(keys)} learners and below all")
         self._keys, self._threshold, self._setup = keys, request.threshold, SHARES
         self._seeds = [os.urandom(shamir.SECRET_BYTES) for _ in range(EPOCH_ROUNDS)]
         holders = sorted(keys)
@@ -354,8 +355,8 @@ class LearnerRound:
         dealt = _unique(list(request.shared), "the dealt set")
         if not dealt <= set(self._keys) or self.learner_id not in dealt:
             raise Refused("the dealt set is not within the advertised learners, or leaves this learner out")
-        if len(dealt) < self._threshold:
-            raise Refused(f"{len(dealt)} dealt learners, below the threshold {self._threshold}")
+        if len(dealt) <= self._threshold:
+            raise Refused(f"{len(dealt)} dealt learners, not more than the threshold {self._threshold}")
         plaintexts: dict[int, bytes] = {}
         for share in request.shares:
             expected = share.recipient == self.learner_id and share.sender in dealt - {self.learner_id}

@@ -210,8 +210,18 @@ def parser() -> Parser:
     )
 
 
+def joined_learner_flags(argv: list[str]) -> list[str]:
+    """argv with `--learner-flags X` written `--learner-flags=X`: argparse takes a lone value that looks like a
+    flag (`--learner-flags --require-secure-aggregation`) for a missing one, but never a value after `=`."""
+    joined, rest = [], list(argv)
+    while rest and rest[0] != "--":
+        arg = rest.pop(0)
+        joined.append(f"{arg}={rest.pop(0)}" if arg == "--learner-flags" and rest else arg)
+    return joined + rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    known, leader_args = parser().parse_known_args(argv)
+    known, leader_args = parser().parse_known_args(joined_learner_flags(sys.argv[1:] if argv is None else argv))
     args = LaunchConfig(**vars(known))
     leader_args = [a for a in leader_args if a != "--"]
     if args.write_digits:

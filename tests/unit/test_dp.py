@@ -253,16 +253,17 @@ def test_secure_rounds_discarded_are_charged_once_unmasked_and_five_in_a_row_sto
 
 
 def test_a_run_whose_noise_swamps_the_model_stops_saying_how_large_the_noise_is(tmp_path):
-    flags = ["--dp-noise-multiplier", "1000", "--dp-clip-quantile", "0", "--server-lr", "1"]
+    flags = ["--dp-noise-multiplier", "1000", "--dp-clip-quantile", "0", "--server-lr", "1", "--learners", "2"]
     leader = leader_from([*DP_RUN, *flags, "--out", str(tmp_path)])
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
     update = torch.full((leader.global_model.layout.size,), 1e-3)
-    for round_index in range(MAX_DISCARDED_ROUNDS - 1):
-        leader.collector.submit(0, round_index, [update], 8, 1.0, 0)
-        assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
-    leader.collector.submit(0, MAX_DISCARDED_ROUNDS - 1, [update], 8, 1.0, 0)
-    size = leader.global_model.layout.parameter_count
-    noise = re.escape(f"norm near {1000 * 0.1 * size**0.5:.3g}, ")
+    for round_index in range(MAX_DISCARDED_ROUNDS):
+        for learner in (0, 1):
+            leader.collector.submit(learner, round_index, [update], 8, 1.0, 0)
+        if round_index < MAX_DISCARDED_ROUNDS - 1:
+            assert leader.rounds.run_round(round_index, 0.0, metrics) is not None
+    size = leader.global_model.layout.parameter_count  # the mean of two updates: the noise over 2
+    noise = re.escape(f"norm near {1000 * 0.1 * size**0.5 / 2:.3g}, ")
     with pytest.raises(Diverged, match=f"make no sane step.*{noise}.* 1/learners"):
         leader.rounds.run_round(MAX_DISCARDED_ROUNDS - 1, 0.0, metrics)
     metrics.close()

@@ -25,3 +25,17 @@ def test_learner_flags_go_to_every_learner_split_as_a_shell_would_and_the_rest_t
         "leader_args": ["--dataset", "synthetic", "--secure-aggregation"],
         "learner_args": ["--max-epsilon", "8", "--budget-file", "a b.json"],
     }
+
+
+@pytest.mark.parametrize("flags", ["--require-secure-aggregation", "--max-epsilon=8"])
+def test_learner_flags_of_a_single_flag_are_taken_as_the_value(monkeypatch, tmp_path, flags):
+    started: dict[str, object] = {}
+
+    def record(learners, leader_args, port, out, learner_args=(), **kwargs):
+        started.update(learner_args=list(learner_args), leader_args=leader_args)
+        raise Started
+
+    monkeypatch.setattr(launch, "start_federation", record)
+    with pytest.raises(Started):
+        launch.main(["--out", str(tmp_path), "--learner-flags", flags, "--", "--learner-flags", "x"])
+    assert started == {"learner_args": [flags], "leader_args": ["--learner-flags", "x"]}

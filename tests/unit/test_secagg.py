@@ -292,9 +292,12 @@ def test_a_commit_for_a_used_slot_another_epoch_or_beyond_the_epoch_is_refused()
     learner.answer(hostile)
 
 
-@pytest.mark.parametrize(("advertised", "threshold", "reason"), [(4, 2, "threshold 2"), (2, 2, "needs 3")])
+@pytest.mark.parametrize(
+    ("advertised", "threshold", "reason"), [(4, 2, "threshold 2"), (4, 4, "below all"), (2, 2, "needs 3")]
+)
 def test_a_threshold_at_half_or_fewer_than_three_learners_are_refused(advertised, threshold, reason):
-    """t > |U1|/2: no two disjoint sets of t honest learners can be told different survivors."""
+    """t > |U1|/2: no two disjoint sets of t honest learners can be told different survivors; and t < |U1|: a
+    round unmasks only with more than t survivors."""
     round_ = Round(4, 3)
     round_.phase(1, list(range(advertised)))
     request = round_.leader.request(2, 0) if advertised >= 3 else _keys_of(round_, advertised)
@@ -605,8 +608,8 @@ def test_the_leader_refuses_complaints_out_of_turn_or_twice():
 
 
 def _phase_3_request(round_: Round, learner: int) -> learner_pb2.SecAggRequest:
-    round_.phase(1, list(range(4)))
-    round_.phase(2, list(range(4)))
+    round_.phase(1, list(range(5)))
+    round_.phase(2, list(range(5)))
     return round_.leader.request(3, learner)
 
 
@@ -616,17 +619,17 @@ def _phase_3_request(round_: Round, learner: int) -> learner_pb2.SecAggRequest:
         (lambda request: request.shared.append(1), "names a learner twice"),
         (lambda request: request.shared.append(7), "not within the advertised learners"),
         (lambda request: request.shared.remove(0), "leaves this learner out"),
-        (lambda request: request.ClearField("shared") or request.shared.extend([0, 1]), "below the threshold"),
+        (lambda request: request.ClearField("shared") or request.shared.extend([0, 1, 2]), "not more than the thr"),
         (lambda request: setattr(request.shares[0], "recipient", 2), "not one this learner expects"),
         (lambda request: request.shares.append(request.shares[0]), "not one this learner expects"),  # twice
         (
-            lambda request: request.ClearField("shared") or request.shared.extend([0, 1, 2]),
+            lambda request: request.ClearField("shared") or request.shared.extend([0, 1, 2, 3]),
             "not one this learner expects",
-        ),  # from 3, not dealt
+        ),  # from 4, not dealt
     ],
 )
 def test_a_learner_refuses_a_phase_3_request_with_a_false_dealt_set_or_shares_it_does_not_expect(change, refused):
-    round_ = Round(4, 3)
+    round_ = Round(5, 3)
     request = _phase_3_request(round_, 0)
     change(request)
     with pytest.raises(Refused, match=refused):
