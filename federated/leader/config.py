@@ -875,9 +875,9 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
 
 
 def compression_problems(config: LeaderConfig) -> list[str]:
-    """What --compress cannot be combined with, and why (docs/compression.md): robust aggregators decode each
-    update first, and --dp local or central compress what is already private; secure aggregation sums masked
-    vectors the same length for every learner, and takes none of the codecs yet."""
+    """What --compress cannot be combined with, and why (docs/compression.md): secure aggregation sums masked
+    vectors, and takes none of the codecs yet. (Robust aggregators, --clip-norm and --dp central decode each
+    update first; --dp local compresses what DP-SGD noised.)"""
     if config.compress == "none" or not config.secure_aggregation:
         return []
     return [
@@ -890,7 +890,9 @@ def compression_problems(config: LeaderConfig) -> list[str]:
 def compression_caveat(config: LeaderConfig) -> str | None:
     """What a robust aggregator does with a sparse codec's updates (docs/compression.md), for the leader to warn
     of at its start; None when nothing is to say. Allowed, but rarely what one wants."""
-    if config.compress not in ("topk", "randk") or config.aggregator == "mean":
+    from federated.core import compression
+
+    if config.compress not in compression.SPARSE or config.aggregator == "mean":
         return None
     return (
         f"--aggregator {config.aggregator} with --compress {config.compress}: each learner sends its own "

@@ -197,13 +197,13 @@ class Replica:
         the leader changes the codec or its settings."""
         settings = (plan.compress, plan.compress_ratio, plan.compress_rank)
         if self.compressor is None or settings != self.compressed_as:
+            self.compressor = compression.Compressor(*settings, self.layout.shapes)
+            self.compressed_as = settings
             log.info(
                 "round %d: updates travel compressed (%s); error feedback starts from zero residuals",
                 self.round,
-                _settings_text(*settings),
+                self.compressor.codec.label(),
             )
-            self.compressor = compression.Compressor(*settings, self.layout.shapes)
-            self.compressed_as = settings
         return self.compressor.compress(update)
 
     def forget_compression(self, why: str) -> None:
@@ -228,10 +228,3 @@ class Replica:
         """The model's loss and accuracy on held-out images."""
         with torch.no_grad():
             return evaluate(self.model, utils.normalize(held_out.images, self.mean, self.std), held_out.labels)
-
-
-def _settings_text(codec_name: str, ratio: float, rank: int) -> str:
-    """A codec with the setting it reads, as the log says it."""
-    if codec_name in ("topk", "randk"):
-        return f"{codec_name}, ratio {ratio:g}"
-    return f"{codec_name}, rank {rank}" if codec_name == "powersgd" else codec_name

@@ -4,6 +4,7 @@ feedback, the entries a payload must carry and their checked decoding into a sum
 from federated.core.compression.codecs import (
     BUCKET,
     CODECS,
+    SPARSE,
     Codec,
     CompressionError,
     Settings,
@@ -23,6 +24,7 @@ __all__ = [
     "BUCKET",
     "CODECS",
     "SMALL",
+    "SPARSE",
     "Codec",
     "CompressionError",
     "Compressor",

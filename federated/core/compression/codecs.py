@@ -49,6 +49,10 @@ class Codec(ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    def label(self) -> str:
+        """The codec with the setting it reads, as logs say it."""
+        return self.name
+
     @abstractmethod
     def parts(self, shape: tuple[int, ...]) -> PartSpec:
         """The exact dtype and shape of every part a tensor of this shape encodes to."""
@@ -274,7 +278,18 @@ class Int4(Quantised):
         return None
 
 
-class TopK(Codec):
+class Sparse(Codec):
+    """A codec that sends k = max(1, ceil(ratio * numel)) values at positions of each learner's own: learners'
+    messages add up only once decoded (no secure aggregation), and a coordinate-wise rule sees mostly zeros."""
+
+    def k(self, numel: int) -> int:
+        return max(1, math.ceil(self.settings.ratio * numel))
+
+    def label(self) -> str:
+        return f"{self.name}, ratio {self.settings.ratio:g}"
+
+
+class TopK(Sparse):
     """top-k (Stich et al. 2018): the k = max(1, ceil(ratio * numel)) values of largest |x| and their int32
     positions. Bound: the values not sent are the error, so |decoded - x| <= the k-th largest |x| per element
     and ||decoded - x||^2 <= (1 - k/numel) ||x||^2. Biased: error feedback sends the rest later. 8 bytes a value
@@ -282,9 +297,6 @@ class TopK(Codec):
 
     name = "topk"
     biased = True
-
-    def k(self, numel: int) -> int:
-        return max(1, math.ceil(self.settings.ratio * numel))
 
     def parts(self, shape: tuple[int, ...]) -> PartSpec:
         k = self.k(math.prod(shape))
@@ -327,7 +339,7 @@ def distinct_positions(seed: int, k: int, numel: int) -> torch.Tensor:
     return torch.tensor(sorted(chosen), dtype=torch.int64)
 
 
-class RandomK(Codec):
+class RandomK(Sparse):
     """random-k: k = max(1, ceil(ratio * numel)) values at k distinct positions that the int64 seed it sends
     draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled.
     Bound: the values not sent are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel)
@@ -336,9 +348,6 @@ class RandomK(Codec):
 
     name = "randk"
     biased = True
-
-    def k(self, numel: int) -> int:
-        return max(1, math.ceil(self.settings.ratio * numel))
 
     def parts(self, shape: tuple[int, ...]) -> PartSpec:
         return {"seed": (torch.int64, (1,)), "values": (torch.float32, (self.k(math.prod(shape)),))}
@@ -406,6 +415,9 @@ class PowerSGD(Codec):
     name = "powersgd"
     biased = True
 
+    def label(self) -> str:
+        return f"{self.name}, rank {self.settings.rank}"
+
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         rows = shape[0] if shape else 1
         return rows, math.prod(shape) // rows if rows else 0
@@ -445,6 +457,7 @@ CODEC_CLASSES: dict[str, type[Codec]] = {
     codec.name: codec for codec in (Raw, Float16, BFloat16, Int8, Int4, TopK, RandomK, Sign, PowerSGD)
 }
 CODECS = tuple(CODEC_CLASSES)
+SPARSE = tuple(name for name, codec in CODEC_CLASSES.items() if issubclass(codec, Sparse))  # own positions
 
 
 def make_codec(name: str, settings: Settings) -> Codec:
