@@ -71,7 +71,8 @@ class SecureRounds:
         self, round_index: int, members: dict[int, Member], unable: Unable = lambda member, why: None
     ) -> list[int]:
         """Run phase 4 with these learners, after phases 1-3 if the round opens an epoch: those committed (U2),
-        whose masked inputs the round takes; fewer than secagg.MIN_LEARNERS leave it without any. unable(member,
+        whose masked inputs the round takes; no more than the round's threshold (at least 2, so fewer than
+        secagg.MIN_LEARNERS among them) leave it without any. unable(member,
         why): one that cannot take part in secure rounds at all (it answered UNIMPLEMENTED)."""
         participants = sorted(members)
         self.bytes_in = self.bytes_out = 0
@@ -95,7 +96,7 @@ class SecureRounds:
             self._troubled()
             return []
         # a round unmasks only with more than the threshold: with fewer commits it would only make learners train
-        return answered if len(answered) > leader_round.threshold and len(answered) >= secagg.MIN_LEARNERS else []
+        return answered if len(answered) > leader_round.threshold else []
 
     def _serving(self, round_index: int, participants: list[int]) -> secagg.LeaderEpoch | None:
         """The last round's epoch if it serves this round: the last round went cleanly, a slot is left, and the
