@@ -182,7 +182,7 @@ class LaunchConfig(Config):
     )
     learner_flags: str = option(
         "",
-        'flags for every learner.py, in one quoted string (e.g. "--max-epsilon 8 --require-secure-aggregation")',
+        'flags for every learner.py, one quoted string (e.g. "--min-noise-multiplier 1 --require-secure-aggregation")',
         group="launch",
         metavar="FLAGS",
     )
@@ -193,7 +193,7 @@ EXAMPLES = """examples:
   python launch.py --demo                                     what make demo runs
   python launch.py --learners 4 -- --dataset synthetic --strategy fedavg --rounds 20
                                                               leader.py's flags after --
-  python launch.py --learners 5 --learner-flags "--max-epsilon 8" -- --secure-aggregation --dp distributed
+  python launch.py --learners 5 --learner-flags "--require-secure-aggregation" -- --secure-aggregation
                                                               learner.py's flags in one string
   python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own"""
 
