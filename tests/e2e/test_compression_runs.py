@@ -1,5 +1,6 @@
 """Each codec of --compress end to end: a leader and two learner processes, FedSGD on the synthetic set at 16
-pixels, every update compressed on its way up; the run learns, and the leader's records count the compressed bytes.
+pixels, every update compressed on its way up and every state after the first going down as an int8 delta
+(--compress-down); the run learns, and the leader's records count the compressed bytes both ways.
 top-k runs in `make test` (make test took 580 s of its 600 with PowerSGD too); the other codecs are `long`
 (PowerSGD's decoding is also checked against a live leader in tests/service/test_compressed_updates.py)."""
 
@@ -20,7 +21,7 @@ RATIO = 0.1  # top-k and random-k: at 0.01, error feedback needs more than this 
 # Every codec at the leader's defaults (momentum 0.9 included): with the classifier compressed (compression.SMALL
 # 256), top-k's error feedback collapsed this run to chance; docs/compression.md
 CODEC_FLAGS = {"topk": ["--compress-ratio", str(RATIO)], "randk": ["--compress-ratio", str(RATIO)]}
-RUN = ["--dataset", "synthetic", *SMALL_IMAGES, "--rounds", str(ROUNDS), "--eval-every", "0"]
+RUN = ["--dataset", "synthetic", *SMALL_IMAGES, "--rounds", str(ROUNDS), "--eval-every", "0", "--compress-down", "int8"]
 
 
 @pytest.mark.parametrize(
@@ -43,5 +44,9 @@ def test_fedsgd_learns_with_each_codec_and_sends_fewer_bytes(tmp_path, codec):
     assert last < 0.8 * first, (first, last)
     accuracy = [record for record in records(tmp_path) if "test_accuracy" in record][-1]["test_accuracy"]
     assert accuracy > 0.2, accuracy  # ten classes: chance is 0.1
+    # Down: the first push is the full state (the learners hold none yet), the last the model's own (whole); every
+    # push between is the int8 delta (about a quarter of the float32 state)
+    assert all(3 * record["bytes_out"] <= trained[0]["bytes_out"] for record in trained[1:-1]), logs(tmp_path)
     for learner in ("learner0", "learner1"):
-        assert (tmp_path / f"{learner}.log").read_text().count("starts from zero residuals") == 1
+        log = (tmp_path / f"{learner}.log").read_text()
+        assert log.count("starts from zero residuals") == 1 and "rejected a model state" not in log

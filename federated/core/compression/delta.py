@@ -107,7 +107,7 @@ def state_hash(state: Tensors) -> str:
     digest = hashlib.blake2b(digest_size=HASH_BYTES)
     for name, tensor in state.items():
         digest.update(name.encode() + b"\0")
-        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
