@@ -16,6 +16,7 @@ from federated.leader.registry import Member
 from federated.learner.reference import StateReference
 from federated.wire import codec, framing, messages
 from model import build_model
+from tests.support.live import leader_config, leader_from
 
 ROUNDS = 100
 AWAY = range(20, 90)  # the rounds learner 1 misses (sampled out, say): it gets the full state when back
@@ -63,8 +64,13 @@ def advance_and_push(
 
 def same(reference: StateReference, replica: dict[str, torch.Tensor]) -> bool:
     assert reference.tensors is not None
-    equal = all(torch.equal(reference.tensors[name], replica[name]) for name in replica)
-    return equal and list(reference.tensors) == list(replica) and state_hash(reference.tensors) == state_hash(replica)
+    return same_state(reference.tensors, replica)
+
+
+def same_state(state: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> bool:
+    """Bit for bit, name for name, in order; and the hashes agree."""
+    equal = list(state) == list(other) and all(torch.equal(state[name], other[name]) for name in other)
+    return equal and state_hash(state) == state_hash(other)
 
 
 @pytest.mark.parametrize("codec_name, ratio", [("int4", 0.01), ("topk", 0.1), ("powersgd", 0.01)])
@@ -164,3 +170,42 @@ def test_a_resumed_leader_makes_the_same_deltas():
         assert downlink.entries is not None and resumed.entries is not None
         assert all(torch.equal(downlink.entries[name], resumed.entries[name]) for name in downlink.entries)
         assert state_hash(replicas[0]) == state_hash(replicas[1])
+
+
+def test_compress_down_is_refused_with_a_wire_dtype_other_than_float32(capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--compress-down", "int8", "--wire-dtype", "float16"])
+    assert "--compress-down int8 with --wire-dtype float16" in capsys.readouterr().err
+    assert leader_config(["--compress-down", "int8", "--compress", "topk"]).compress_down == "int8"
+
+
+def test_a_resumed_leader_holds_the_checkpoints_replica_and_pushes_the_same_delta(tmp_path):
+    """R and its version travel in the leader's checkpoint (GlobalModel.checkpoint), and the learners'
+    acknowledged versions do not: after the resume, everyone gets the full state first."""
+    run = [
+        "--dataset",
+        "none",
+        "--num-classes",
+        "10",
+        "--rounds",
+        "10",
+        "--compress-down",
+        "powersgd",
+        "--out",
+        str(tmp_path),
+    ]
+    leader, generator = leader_from(run), torch.Generator().manual_seed(1)
+    for round_index in (1, 2):
+        random_step(leader.global_model.model, generator)
+        leader.global_model.publish(round_index, finished=False)
+    leader.rounds.save_checkpoint(2)
+    resumed = leader_from(["--resume", str(tmp_path)])
+    downlinks = leader.global_model.downlink, resumed.global_model.downlink
+    assert downlinks[0] is not None and downlinks[1] is not None and downlinks[1].version == 2
+    assert same_state(downlinks[0].replica, downlinks[1].replica)  # type: ignore[arg-type]
+    step = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for model, generator in zip((leader.global_model, resumed.global_model), step):
+        random_step(model.model, generator)
+        model.publish(3, finished=False)
+    assert downlinks[0].delta_message == downlinks[1].delta_message is not None
+    assert downlinks[1].requests({0: IN_STEP}, b"full") == {0: b"full"}
