@@ -132,9 +132,10 @@ class LearnerClient:
         on_started: Callable[[Member], None],
         on_failure: OnFailure,
         timeout: float,
+        took_state: Callable[[Member], None] = lambda member: None,
     ) -> None:
         """Send each member the current state (a serialised ModelState, if any), then StartTraining, without
-        waiting; on_started runs for each one that accepted."""
+        waiting; took_state runs for each one that accepted the state, on_started for each that accepted both."""
 
         def start_training(member: Member) -> None:
             self.send(
@@ -148,7 +149,7 @@ class LearnerClient:
             for member in members.values():
                 start_training(member)
         else:
-            self.send(members, "SyncModelState", state, on_failure, timeout, start_training)
+            self.send(members, "SyncModelState", state, on_failure, timeout, start_training, took_state)
 
     def heard_from(self, member: Member) -> None:
         """The learner answered (a gradient, an accepted push): whatever its health checks said, it is there."""

@@ -105,9 +105,12 @@ class Downlink:
         return chosen
 
     def acknowledged(self, member: Member, version: int) -> None:
-        """The member took a push of R at this version (a successful Ack)."""
+        """The member took a push of R at this version (a successful Ack). An Ack of an older push that arrives
+        late changes nothing: a learner's reference never goes back (StateReference.take_full)."""
         with self._lock:
-            self._acknowledged[member.learner_id] = (member.generation, version)
+            known = self._acknowledged.get(member.learner_id)
+            if known is None or known[0] != member.generation or known[1] < version:
+                self._acknowledged[member.learner_id] = (member.generation, version)
 
     def forget(self, member: Member) -> None:
         """A push to the member failed, or it was dropped: it gets the full state next."""

@@ -275,7 +275,13 @@ class Federation:
         unsampled = self.settings.learners_per_round and self.participants is None
         fetched_old = self.collector.round > 0 or self.settings.resend_first_state
         state = framing.chunk_message(self.global_model.encoded_state) if fetched_old and not unsampled else None
-        self.client.start(joiners, state, self.started, self.drop, self.settings.sync_timeout)
+        downlink = self.global_model.downlink
+        took_state = (  # --compress-down: the replica's full state, on which the next round's delta builds
+            partial(downlink.acknowledged, version=downlink.version)
+            if downlink is not None and downlink.sending_replica
+            else lambda member: None
+        )
+        self.client.start(joiners, state, self.started, self.drop, self.settings.sync_timeout, took_state)
 
     def started(self, member: Member) -> None:
         """The learner accepted StartTraining: rounds count on it (one given up on for missing rounds that

@@ -138,6 +138,7 @@ def test_a_push_unanswered_or_failed_or_to_a_new_registration_is_followed_by_the
     full, requests = push(1)
     assert requests[0] == requests[1] == downlink.delta_message and len(requests[0]) < len(full) / 3
     downlink.acknowledged(IN_STEP, 1)  # learner 1 never answers: no delta builds on it
+    downlink.acknowledged(IN_STEP, 0)  # a late answer to an older push changes nothing
     full, requests = push(2)
     assert requests == {0: downlink.delta_message, 1: full}
     downlink.forget(IN_STEP)  # its push failed

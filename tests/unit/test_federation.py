@@ -36,16 +36,19 @@ class AnsweringLearners(dispatch.LearnerClient):
         super().__init__(rpc.Security())
         self.pushed: list[list[int]] = []  # to whom each SyncModelState went
 
-    def send(self, members, method, request, on_failure, timeout, then=lambda member: None) -> dispatch.Broadcast:
+    def send(
+        self, members, method, request, on_failure, timeout, then=lambda member: None, succeeded=lambda member: None
+    ) -> dispatch.Broadcast:
         if method == "SyncModelState":
             self.pushed.append(sorted(members))
         broadcast = dispatch.Broadcast(list(members.values()))
         for member in members.values():
+            succeeded(member)
             then(member)
             broadcast.ended(True)
         return broadcast
 
-    def start(self, members, state, on_started, on_failure, timeout) -> None:
+    def start(self, members, state, on_started, on_failure, timeout, took_state=lambda member: None) -> None:
         for member in members.values():
             on_started(member)
 
