@@ -876,14 +876,42 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
 
 def compression_problems(config: LeaderConfig) -> list[str]:
     """What --compress cannot be combined with, and why (docs/compression.md): secure aggregation sums masked
-    vectors, and takes none of the codecs yet. (Robust aggregators, --clip-norm and --dp central decode each
-    update first; --dp local compresses what DP-SGD noised.)"""
+    integers, which only int8 and int4 send (levels of the shared clip range), each in the narrowest ring that
+    holds the round's sum; not with distributed DP, nor in a ring as wide as a finer codec's. (Robust
+    aggregators, --clip-norm and --dp central decode each update first; --dp local compresses what DP-SGD
+    noised.)"""
+    from federated.core import compression
+    from federated.privacy import secagg
+
     if config.compress == "none" or not config.secure_aggregation:
         return []
+    if config.compress not in compression.QUANTISED:
+        return [
+            f"--compress {config.compress} under --secure-aggregation: masks sum integers on a scale all learners "
+            "share, and topk, randk and powersgd send per-learner indices or factors, sign a per-learner scale, "
+            "fp16 and bf16 floats (which cannot be masked); use int8 or int4 (levels of --secagg-clip-range), or "
+            "leave out --compress"
+        ]
+    if config.dp == "distributed":
+        return [
+            f"--compress {config.compress} with --dp distributed: the noise is calibrated to the clipped update, "
+            "and rounding each value to a few levels adds up to one level per value to a learner's update, which it "
+            "is not calibrated for; leave out --compress"
+        ]
+    summands, levels = config.learners_per_round or config.learners, compression.QUANTISED[config.compress]
+    bits = {
+        name: secagg.Quantisation(1.0, 1.0, summands, levels=most).bits for name, most in compression.QUANTISED.items()
+    }
+    # the finer codecs (more levels, and none's full scale): the one in the narrowest ring
+    width, finer = min(
+        [(bits[name], name) for name, most in compression.QUANTISED.items() if most > levels] + [(secagg.BITS, "none")]
+    )
+    if bits[config.compress] < width:
+        return []
     return [
-        f"--compress {config.compress} under --secure-aggregation: topk, randk and powersgd send per-learner "
-        "indices or factors that masks cannot sum, and quantised integers under masks need a clip range shared "
-        "by all learners (issue 19, item 4), not built yet; leave out --compress"
+        f"--compress {config.compress} under --secure-aggregation with {summands} learners a round: their sum "
+        f"needs a {bits[config.compress]}-bit ring, as wide as --compress {finer}'s, which keeps more of each value "
+        f"for the same bytes; use --compress {finer}"
     ]
 
 

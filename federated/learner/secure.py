@@ -70,14 +70,14 @@ class SecureParty:
         loss: float,
         secure: SecureRound,
         noise: tuple[float, float] | None = None,
-    ) -> torch.Tensor | None:
-        """The round's masked input (int32): the update (flat, float) clipped and quantised as the round asks,
+    ) -> dict[str, torch.Tensor] | None:
+        """The round's masked input (its ring's tensors: secagg.Ring): the update (flat, float) clipped and
+        quantised as the round asks (with levels, --compress int8/int4's: unbiased, so no residual is kept),
         weighing `weight` samples (clamped to the round's unit: the leader cannot cap a folded weight) with its
         mean loss, masked; None when the round is no longer committed (the leader started the next); raises
         secagg.Refused when the protocol refuses it (the unmasking already began, a quantisation for fewer inputs
-        than committed). noise:
-        distributed DP's (noise multiplier, clip): this learner adds its share of the noise, such that
-        `threshold` survivors already add up to the whole (a sum the leader unmasks has more)."""
+        than committed). noise: distributed DP's (noise multiplier, clip): this learner adds its share of the
+        noise, such that `threshold` survivors already add up to the whole (a sum the leader unmasks has more)."""
         with self._changed:
             if self._round is None or self._committed != round_index:
                 return None
