@@ -71,7 +71,7 @@ class Leader:
                 config.secagg_threshold,
                 layout.size,
                 config.sync_timeout,
-                Quantisation(**dataclasses.asdict(secure_round)).bits,
+                Quantisation(**dataclasses.asdict(secure_round), wide=layout.statistics).ring(layout.size),
             )
             if secure_round
             else None

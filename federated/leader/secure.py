@@ -56,13 +56,13 @@ class SecureRounds:
         threshold: float,
         size: int,
         timeout: float,
-        bits: int = secagg.BITS,
+        ring: secagg.Ring | None = None,
     ) -> None:
         """threshold: --secagg-threshold (a fraction); size: the update's; timeout: of each phase's calls (--sync-
-        timeout); bits: the ring of the values (Quantisation.bits), the run's (it varies by round only with
-        distributed DP's noise under --compress int8/int4, which the leader's config refuses)."""
+        timeout); ring: the masked inputs' layout (Quantisation.ring; without, 32 bits), the run's (it varies by
+        round only with distributed DP's noise under --compress int8/int4, which the leader's config refuses)."""
         self.client, self.threshold, self.timeout = client, threshold, timeout
-        self.ring = secagg.Ring(bits, size)  # the masked inputs' layout
+        self.ring = ring or secagg.Ring(secagg.BITS, size)
         self._round: secagg.LeaderRound | None = None
         self._epoch: secagg.LeaderEpoch | None = None  # the last round's
         self._clean = False  # whether it went without trouble: else the next round opens a new epoch

@@ -208,7 +208,9 @@ class Member:
             update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)
             samples, loss = int(secure.weight_unit), 0.0
         try:
-            masked = self.server.secure.masked_input(round_index, update, samples, loss, secure, noise)
+            masked = self.server.secure.masked_input(
+                round_index, update, samples, loss, secure, noise, self.replica.layout.statistics
+            )
         except secagg.Refused as refused:  # the unmasking began first, or a quantisation for fewer inputs
             log.warning("round %d: no masked input (%s); this learner sits the round out", round_index, refused)
             return None

@@ -101,6 +101,9 @@ class Quantisation:
     summands: int  # the most inputs the sum may have (|U2|): scale leaves room for their sum, and noise
     noise_std: float = 0.0  # distributed DP: each learner's discrete Gaussian noise, in float units of x
     levels: int = 0  # 0: values fill the 32-bit ring (scale); else --compress int8/int4's levels (127, 7)
+    # with levels: the update's values [start, stop) that keep the full scale in the 32-bit part (BatchNorm's
+    # statistics: values, not changes, which a few levels of a range wide enough for them would blur)
+    wide: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if not (self.clip_range > 0 and self.weight_unit > 0 and self.summands >= 1 and self.noise_std >= 0):
@@ -123,11 +126,10 @@ class Quantisation:
         return (HEADROOM - self.summands - 1) / (self.summands + noise_per_scale)  # 1: float rounding
 
     @property
-    def extras_scale(self) -> float:
-        """Integers per unit of the weight and loss elements (w/weight_unit, and that times loss/LOSS_RANGE):
-        the values' scale; with levels, the noiseless full scale of their own 32-bit part (a few levels would
-        leave the weights, and so the mean's denominator, too coarse)."""
-        return replace(self, levels=0, noise_std=0.0).scale if self.levels else self.scale
+    def full_scale(self) -> float:
+        """The scale of the 32-bit part: the weight and loss elements (w/weight_unit, and that times
+        loss/LOSS_RANGE) and, with levels, the wide values; the values' scale without levels."""
+        return replace(self, levels=0).scale if self.levels else self.scale
 
     @property
     def extent(self) -> float:
@@ -143,12 +145,23 @@ class Quantisation:
 
     def ring(self, size: int) -> "Ring":
         """The masked input's layout for an update of `size` values."""
-        return Ring(self.bits, size)
+        return Ring(self.bits, size, self.wide)
 
     @property
     def noise_sigma(self) -> float:
-        """Each learner's noise's standard deviation in integers."""
+        """Each learner's noise's standard deviation in integers (of the values' scale)."""
         return self.noise_std / self.clip_range * self.scale
+
+    @property
+    def _wide(self) -> slice:
+        """The wide values (none without levels)."""
+        return slice(*self.wide) if self.levels else slice(0, 0)
+
+    def scales(self, size: int) -> np.ndarray:
+        """Each of `size` values' scale: the levels, or the full scale on the wide ones."""
+        scales = np.full(size, self.scale)
+        scales[self._wide] = self.full_scale
+        return scales
 
     def quantise(self, update: torch.Tensor, weight: float, loss: float, generator: torch.Generator) -> torch.Tensor:
         """The update (1-D float), clipped, weighted, scaled, stochastically rounded, plus the two weight/loss
@@ -159,14 +172,22 @@ class Quantisation:
         values = update.detach().cpu().flatten().to(torch.float64).numpy()  # numpy: one thread, no waits on a busy CPU
         if not math.isfinite(loss) or not np.isfinite(values).all():
             raise ValueError("a non-finite update or loss cannot be quantised")
-        factor, extra = weight / self.weight_unit * self.scale, weight / self.weight_unit * self.extras_scale
+        factor, extra = weight / self.weight_unit * self.scale, weight / self.weight_unit * self.full_scale
         extras = [extra, extra * min(max(loss, 0.0), LOSS_RANGE) / LOSS_RANGE]
-        most = self.levels or math.inf  # (levels: a float rounding beyond them would round up past them)
-        values = np.clip(np.clip(values, -self.clip_range, self.clip_range) * (factor / self.clip_range), -most, most)
-        scaled = np.concatenate([values, extras])
-        rounded = torch.from_numpy(_stochastic_round(scaled, generator))
+        clipped = np.clip(values, -self.clip_range, self.clip_range)
+        if self.levels:  # (a float rounding beyond the levels would round up past them)
+            scaled = np.clip(clipped * (factor / self.clip_range), -self.levels, self.levels)
+            scaled[self._wide] = clipped[self._wide] * (extra / self.clip_range)
+        else:
+            scaled = clipped * (factor / self.clip_range)
+        rounded = torch.from_numpy(_stochastic_round(np.concatenate([scaled, extras]), generator))
         if self.noise_sigma > 0:
-            rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
+            noise = discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
+            wide = self._wide
+            noise[wide] = discrete_gaussian.sample(
+                self.noise_std / self.clip_range * self.full_scale, len(noise[wide]), generator
+            )
+            rounded[:-EXTRAS] += noise
         return rounded
 
     def dequantise(
@@ -180,44 +201,56 @@ class Quantisation:
         with whole_weights (distributed DP: every learner weighs the whole unit) a total weight other than
         survivors * scale within the rounding. An honest input's weight element is at least 0, so a mean beyond
         the range is what a negative weight (a hostile learner shrinking the total) makes."""
-        residues = total.cpu().numpy()  # modulo 2^bits and 2^32, then two's complement
-        values = residues[:-EXTRAS].astype(f"<u{self.bits // 8}").view(f"<i{self.bits // 8}")
-        weight, loss = (int(extra) for extra in residues[-EXTRAS:].astype(np.uint32).view(np.int32))
-        most = survivors * (self.extras_scale + 1)
-        if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.extras_scale) > survivors):
+        signed = self.ring(len(total) - EXTRAS).signed(total.cpu().numpy())  # two's complement of each part
+        values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
+        most = survivors * (self.full_scale + 1)
+        if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.full_scale) > survivors):
             raise Refused(f"the sum's weight ({weight}) is not what {survivors} honest inputs make")
-        levels = weight * (self.scale / self.extras_scale)  # the inputs' factors' sum, in the values' integers
-        # |values| <= the inputs' factors (sum: at most levels + survivors) + survivors (rounding) + the noise
-        bound = levels + 2 * survivors + NOISE_TAILS * math.sqrt(survivors) * self.noise_sigma
-        if values.max(initial=0) > bound or values.min(initial=0) < -bound:
+        # the inputs' factors' sum, in each value's integers (the weight's, without levels)
+        factors = weight * (self.scales(len(values)) / self.full_scale) if self.levels else weight
+        # |values| <= the inputs' factors (sum: at most factors + survivors) + survivors (rounding) + the noise
+        noise = NOISE_TAILS * math.sqrt(survivors) * self.noise_std / self.clip_range
+        bound = factors + 2 * survivors + noise * (self.scales(len(values)) if self.levels else self.scale)
+        if (np.abs(values) > bound).any():
             raise Refused("the sum is beyond what clipped inputs make: beyond the clip range, or a negative weight")
         if not 0 <= loss <= weight + 2 * survivors:
             raise Refused(f"the sum's loss ({loss}) is not what {survivors} honest inputs of weight {weight} make")
-        mean = torch.from_numpy((values * (self.clip_range / levels)).astype(np.float32))
-        return mean, weight / self.extras_scale * self.weight_unit, loss / weight * LOSS_RANGE
+        mean = torch.from_numpy((values * (self.clip_range / factors)).astype(np.float32))
+        return mean, weight / self.full_scale * self.weight_unit, loss / weight * LOSS_RANGE
 
 
 @dataclass(frozen=True)
 class Ring:
-    """Where a masked input lives: the update's `size` values modulo 2^bits, then the EXTRAS weight and loss
-    elements modulo 2^32, as one uint8 buffer whose parts are viewed (and add, wrapping) at their own widths.
-    At BITS, exactly size + 2 uint32 words. On the wire (tensors): one I32 tensor at BITS; else the values as
-    U8 (8 bits) or I16 (16 bits), and the extras as I32."""
+    """Where a masked input lives, as one uint8 buffer whose parts are viewed (and add, wrapping) at their own
+    widths: the update's `size` values modulo 2^bits, then its wide values [start, stop) and the EXTRAS weight and
+    loss elements modulo 2^32. At BITS, nothing is wide: exactly size + 2 uint32 words, in the update's order. On
+    the wire (tensors): one I32 tensor at BITS; else the narrow values as U8 (8 bits) or I16 (16 bits), and the
+    32-bit part as I32."""
 
     bits: int
     size: int
+    wide: tuple[int, int] = (0, 0)
+
+    @property
+    def _wide(self) -> slice:
+        return slice(*self.wide) if self.bits < BITS else slice(0, 0)
+
+    @property
+    def narrow(self) -> int:
+        """The values at the ring's width."""
+        return self.size - len(range(self.size)[self._wide])
 
     @property
     def split(self) -> int:
-        """The values' bytes."""
-        return self.size * self.bits // 8
+        """The narrow values' bytes."""
+        return self.narrow * self.bits // 8
 
     @property
     def nbytes(self) -> int:
-        return self.split + 4 * EXTRAS
+        return self.split + 4 * (self.size - self.narrow + EXTRAS)
 
     def parts(self, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The values and the extras of a buffer, as unsigned views of it at their widths."""
+        """The narrow values and the 32-bit part of a buffer, as unsigned views of it at their widths."""
         return buffer[: self.split].view(f"<u{self.bits // 8}"), buffer[self.split :].view("<u4")
 
     def zeros(self) -> np.ndarray:
@@ -236,26 +269,41 @@ class Ring:
                 into -= part
 
     def residues(self, integers: np.ndarray) -> np.ndarray:
-        """A buffer holding the integers (int64, size + 2) modulo each part's width (numpy's casts wrap)."""
+        """A buffer holding the integers (size + 2, in the update's order) modulo each part's width (numpy's casts
+        wrap)."""
         buffer = self.zeros()
-        values, extras = self.parts(buffer)
-        values[:] = integers[: self.size].astype(values.dtype)
-        extras[:] = integers[self.size :].astype(np.uint32)
+        narrow, wide = self.parts(buffer)
+        start, stop = self._wide.start, self._wide.stop
+        narrow[:] = np.concatenate([integers[:start], integers[stop : self.size]]).astype(narrow.dtype)
+        wide[:] = np.concatenate([integers[start:stop], integers[self.size :]]).astype(np.uint32)
         return buffer
 
     def integers(self, buffer: np.ndarray) -> torch.Tensor:
-        """The residues a buffer holds, as int64 (size + 2): what Quantisation.dequantise reads."""
-        return torch.from_numpy(np.concatenate([part.astype(np.int64) for part in self.parts(buffer)]))
+        """The residues a buffer holds, as int64 (size + 2, in the update's order)."""
+        return torch.from_numpy(self._ordered(*self.parts(buffer)))
+
+    def signed(self, integers: np.ndarray) -> np.ndarray:
+        """Residues (size + 2, in the update's order) read as two's complement at their part's width, int64."""
+        narrow, wide = self.parts(self.residues(integers))
+        return self._ordered(narrow.view(f"<i{self.bits // 8}"), wide.view("<i4"))
+
+    def _ordered(self, narrow: np.ndarray, wide: np.ndarray) -> np.ndarray:
+        start, stop = self._wide.start, self._wide.stop
+        ordered = np.empty(self.size + EXTRAS, dtype=np.int64)
+        ordered[:start], ordered[stop : self.size] = narrow[:start], narrow[start:]
+        ordered[start:stop], ordered[self.size :] = wide[: stop - start], wide[stop - start :]
+        return ordered
 
     @property
     def spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The masked input's tensors on the wire (names, dtypes, shapes), as its receiver checks them."""
         if self.bits == BITS:
             return {MASKED_TENSOR: (torch.int32, (self.size + EXTRAS,))}
-        return {MASKED_TENSOR: (WIRE_DTYPES[self.bits], (self.size,)), MASKED_EXTRAS: (torch.int32, (EXTRAS,))}
+        wide = (self.size - self.narrow + EXTRAS,)
+        return {MASKED_TENSOR: (WIRE_DTYPES[self.bits], (self.narrow,)), MASKED_EXTRAS: (torch.int32, wide)}
 
     def tensors(self, buffer: np.ndarray) -> dict[str, torch.Tensor]:
-        """A buffer as the masked input's tensors (views of it)."""
+        """A buffer as the masked input's tensors (the narrow values a view of it; the 32-bit part a copy, aligned)."""
         if self.bits == BITS:
             return {MASKED_TENSOR: torch.from_numpy(buffer.view(np.int32))}
         values = torch.from_numpy(buffer[: self.split]).view(WIRE_DTYPES[self.bits])

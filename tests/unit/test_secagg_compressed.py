@@ -9,12 +9,13 @@ import torch
 
 from federated.core import compression
 from federated.privacy import secagg
-from federated.privacy.secagg import BITS, Quantisation, Refused, Ring
+from federated.privacy.secagg import BITS, Quantisation, Refused
 from tests.support.live import leader_config
 from tests.unit.test_secagg import Round
 
 INT8, INT4 = compression.QUANTISED["int8"], compression.QUANTISED["int4"]
 SIZE = 64
+WIDE = 8  # values kept at the full scale (BatchNorm's statistics, in a model's update)
 
 
 def largest_summands(levels: int, bits: int) -> int:
@@ -41,11 +42,16 @@ def test_the_ring_is_the_narrowest_whose_twos_complement_holds_the_sum_and_its_n
 @pytest.mark.parametrize(("levels", "bits"), [(INT4, 8), (INT8, 16)])
 def test_masked_sums_at_the_largest_summands_a_ring_allows_unmask_to_the_sum_of_the_quantised_values(levels, bits):
     """Every input at the clip range (and one at its negative), the extremes of the sum: each learner's
-    integers plus its mask modulo the ring, summed, the masks taken off, read back exactly."""
+    integers plus its mask modulo the ring, summed, the masks taken off, read back exactly; the last WIDE values
+    (BatchNorm's statistics) at the full scale in the 32-bit part."""
     summands = largest_summands(levels, bits)
-    quantisation = Quantisation(2.0, 10.0, summands, levels=levels)
+    quantisation = Quantisation(2.0, 10.0, summands, levels=levels, wide=(SIZE - WIDE, SIZE))
     ring = quantisation.ring(SIZE)
     assert ring.bits == bits
+    assert ring.spec == {
+        secagg.MASKED_TENSOR: (secagg.WIRE_DTYPES[bits], (SIZE - WIDE,)),
+        secagg.MASKED_EXTRAS: (torch.int32, (WIDE + 2,)),
+    }
     generator = torch.Generator().manual_seed(levels)
     updates = [torch.randn(SIZE, generator=generator) for _ in range(summands)]
     for update in updates:
@@ -62,11 +68,14 @@ def test_masked_sums_at_the_largest_summands_a_ring_allows_unmask_to_the_sum_of_
         ring.add(total, ring.mask(key), -1)
     unmasked = ring.integers(total)
     expected = torch.stack(quantised).sum(dim=0)
-    signed = unmasked[:SIZE].numpy().astype(f"<u{bits // 8}").view(f"<i{bits // 8}")
-    assert np.array_equal(signed, expected[:SIZE].numpy()) and unmasked[SIZE:].tolist() == expected[SIZE:].tolist()
+    signed = ring.signed(unmasked.numpy())
+    assert np.array_equal(signed, expected.numpy())
     assert signed[:2].tolist() == [summands * levels, -summands * levels]  # the extremes, exactly
+    assert np.abs(signed[SIZE - WIDE : SIZE]).max() > 2**bits  # the wide values: beyond the narrow ring
     mean, weight, loss = quantisation.dequantise(unmasked, summands)
     assert mean[:2].tolist() == pytest.approx([2.0, -2.0], rel=1e-6)
+    plain = torch.stack(updates)[:, SIZE - WIDE :].clamp(-2, 2).mean(dim=0)
+    assert torch.allclose(mean[SIZE - WIDE :], plain, atol=1e-6)  # the full scale's precision
     assert weight == pytest.approx(10.0 * summands) and loss == pytest.approx(0.5, abs=1e-6)
 
 
@@ -122,7 +131,7 @@ def test_a_sum_beyond_what_clipped_inputs_make_is_refused_at_the_narrow_width(va
     included: -128 is 128's residue) refused."""
     quantisation = Quantisation(1.0, 1.0, 5, levels=INT4)
     ring = quantisation.ring(4)
-    weight = round(5 * quantisation.extras_scale)
+    weight = round(5 * quantisation.full_scale)
     honest = ring.integers(ring.residues(np.array([45, -45, 0, 1, weight, 0])))
     quantisation.dequantise(honest, 5)
     beyond = ring.integers(ring.residues(np.array([value, 0, 0, 1, weight, 0])))
