@@ -72,6 +72,8 @@ MIN_LEARNERS = 3  # with two, each learns the other's update from the sum
 HEADROOM = 2**30  # the sum's values stay within +-2^30: a sum beyond (an input beyond its clip range) is refused
 NOISE_TAILS = 10.0  # the summed noise stays within this many standard deviations (beyond: probability < 1e-22)
 EXTRAS = 2  # the weight and loss elements after the update's values
+WIDE_RANGE = 64.0  # with levels, the least clip range of the wide values (BatchNorm's statistics): the one
+# --secagg-clip-range's default gives them (docs/secure-aggregation.md), wherever the levels' range is set
 SHARE_PLAINTEXT = EPOCH_ROUNDS * shamir.SHARE_BYTES  # a recipient's shares of the sender's seeds, slot by slot
 DIGEST_BYTES = hashlib.sha256().digest_size
 MASKED_TENSOR, MASKED_EXTRAS = "masked", "masked_extras"  # a masked input's tensors' names (Ring.spec)
@@ -101,8 +103,9 @@ class Quantisation:
     summands: int  # the most inputs the sum may have (|U2|): scale leaves room for their sum, and noise
     noise_std: float = 0.0  # distributed DP: each learner's discrete Gaussian noise, in float units of x
     levels: int = 0  # 0: values fill the 32-bit ring (scale); else --compress int8/int4's levels (127, 7)
-    # with levels: the update's values [start, stop) that keep the full scale in the 32-bit part (BatchNorm's
-    # statistics: values, not changes, which a few levels of a range wide enough for them would blur)
+    # with levels: the update's values [start, stop) that keep the full scale in the 32-bit part, clipped to
+    # wide_range (BatchNorm's statistics: values, not changes, which a few levels of a range wide enough for
+    # them would blur, and which a clip range fit for the levels, the gradients', would cut off)
     wide: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
@@ -157,11 +160,17 @@ class Quantisation:
         """The wide values (none without levels)."""
         return slice(*self.wide) if self.levels else slice(0, 0)
 
-    def scales(self, size: int) -> np.ndarray:
-        """Each of `size` values' scale: the levels, or the full scale on the wide ones."""
-        scales = np.full(size, self.scale)
-        scales[self._wide] = self.full_scale
-        return scales
+    @property
+    def wide_range(self) -> float:
+        """The wide values' clip range: the clip range, at least WIDE_RANGE."""
+        return max(self.clip_range, WIDE_RANGE)
+
+    def scales(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each of `size` values' scale and clip range: the levels and the clip range, or on the wide ones the
+        full scale and wide_range."""
+        scales, ranges = np.full(size, self.scale), np.full(size, self.clip_range)
+        scales[self._wide], ranges[self._wide] = self.full_scale, self.wide_range
+        return scales, ranges
 
     def quantise(self, update: torch.Tensor, weight: float, loss: float, generator: torch.Generator) -> torch.Tensor:
         """The update (1-D float), clipped, weighted, scaled, stochastically rounded, plus the two weight/loss
@@ -177,7 +186,8 @@ class Quantisation:
         clipped = np.clip(values, -self.clip_range, self.clip_range)
         if self.levels:  # (a float rounding beyond the levels would round up past them)
             scaled = np.clip(clipped * (factor / self.clip_range), -self.levels, self.levels)
-            scaled[self._wide] = clipped[self._wide] * (extra / self.clip_range)
+            wide = np.clip(values[self._wide], -self.wide_range, self.wide_range)
+            scaled[self._wide] = wide * (extra / self.wide_range)
         else:
             scaled = clipped * (factor / self.clip_range)
         rounded = torch.from_numpy(_stochastic_round(np.concatenate([scaled, extras]), generator))
@@ -185,7 +195,7 @@ class Quantisation:
             noise = discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
             wide = self._wide
             noise[wide] = discrete_gaussian.sample(
-                self.noise_std / self.clip_range * self.full_scale, len(noise[wide]), generator
+                self.noise_std / self.wide_range * self.full_scale, len(noise[wide]), generator
             )
             rounded[:-EXTRAS] += noise
         return rounded
@@ -206,16 +216,16 @@ class Quantisation:
         most = survivors * (self.full_scale + 1)
         if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.full_scale) > survivors):
             raise Refused(f"the sum's weight ({weight}) is not what {survivors} honest inputs make")
-        # the inputs' factors' sum, in each value's integers (the weight's, without levels)
-        factors = weight * (self.scales(len(values)) / self.full_scale) if self.levels else weight
+        # each value's scale and range; the inputs' factors' sum in its integers (the weight, without levels)
+        scales, ranges = self.scales(len(values)) if self.levels else (self.scale, self.clip_range)
+        factors = weight * (scales / self.full_scale) if self.levels else weight
         # |values| <= the inputs' factors (sum: at most factors + survivors) + survivors (rounding) + the noise
-        noise = NOISE_TAILS * math.sqrt(survivors) * self.noise_std / self.clip_range
-        bound = factors + 2 * survivors + noise * (self.scales(len(values)) if self.levels else self.scale)
+        bound = factors + 2 * survivors + NOISE_TAILS * math.sqrt(survivors) * self.noise_std / ranges * scales
         if (np.abs(values) > bound).any():
             raise Refused("the sum is beyond what clipped inputs make: beyond the clip range, or a negative weight")
         if not 0 <= loss <= weight + 2 * survivors:
             raise Refused(f"the sum's loss ({loss}) is not what {survivors} honest inputs of weight {weight} make")
-        mean = torch.from_numpy((values * (self.clip_range / factors)).astype(np.float32))
+        mean = torch.from_numpy((values * (ranges / factors)).astype(np.float32))
         return mean, weight / self.full_scale * self.weight_unit, loss / weight * LOSS_RANGE
 
 

@@ -156,9 +156,9 @@ def test_a_leader_running_secure_rounds_refuses_plain_updates_and_masked_inputs_
 
 
 def test_a_leader_asking_for_int8_takes_only_masked_inputs_of_its_ring_refusing_another_width(tmp_path, port):
-    """--compress int8 with 3 learners: a 16-bit ring (I16 values, I32 weight and loss); today's I32 vector, or
-    8-bit values, are INVALID_ARGUMENT before anything is summed; the ring's own layout passes to the round (none
-    is open: ignored)."""
+    """--compress int8 with 3 learners: a 16-bit ring (I16 values; I32 BatchNorm statistics, weight and loss);
+    today's I32 vector, 8-bit values or a wrong length are INVALID_ARGUMENT before anything is summed; the ring's
+    own layout passes to the round (none is open: ignored)."""
     live = LiveLeader.start(
         tmp_path,
         port,
@@ -167,19 +167,21 @@ def test_a_leader_asking_for_int8_takes_only_masked_inputs_of_its_ring_refusing_
     )
     try:
         credentials = live.enrol(3)
-        size = live.leader.global_model.layout.size
+        layout = live.leader.global_model.layout
+        size, narrow = layout.size, layout.parameter_count
         metadata = messages.MaskedInfo(0, 0).to_metadata()
-        extras = torch.zeros(2, dtype=torch.int32)
+        extras = torch.zeros(layout.statistics_count + 2, dtype=torch.int32)
         for wrong in (
             {secagg.MASKED_TENSOR: torch.zeros(size + 2, dtype=torch.int32)},
-            {secagg.MASKED_TENSOR: torch.zeros(size, dtype=torch.uint8), secagg.MASKED_EXTRAS: extras},
-            {secagg.MASKED_TENSOR: torch.zeros(size + 1, dtype=torch.int16), secagg.MASKED_EXTRAS: extras},
+            {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.uint8), secagg.MASKED_EXTRAS: extras},
+            {secagg.MASKED_TENSOR: torch.zeros(narrow + 1, dtype=torch.int16), secagg.MASKED_EXTRAS: extras},
+            {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.int16), secagg.MASKED_EXTRAS: extras[:2]},
         ):
             with pytest.raises(grpc.RpcError) as refused:
                 live.accumulate(codec.encode(wrong, metadata), credentials[0])
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not a masked input in this run's ring" in refused.value.details()
-        right = {secagg.MASKED_TENSOR: torch.zeros(size, dtype=torch.int16), secagg.MASKED_EXTRAS: extras}
+        right = {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.int16), secagg.MASKED_EXTRAS: extras}
         reply = live.accumulate(codec.encode(right, metadata), credentials[0])
         assert not reply.success and "no secure round is open" in reply.message
     finally:
