@@ -359,7 +359,8 @@ class LeaderConfig(SecurityFlags, Config):
         "none",
         "the codec of learners' updates: fp16/bf16 (casts), int8/int4 (unbiased stochastic quantisation), topk/"
         "randk (the --compress-ratio largest or random values), sign (scaled signs), powersgd (rank "
-        "--compress-rank factors), or none",
+        "--compress-rank factors), or none; with --secure-aggregation only int8 and int4 (the masked integers: "
+        "docs/compression.md)",
         group="compression",
         choices=_codecs,
         trajectory=True,
@@ -578,7 +579,8 @@ class LeaderConfig(SecurityFlags, Config):
         64.0,
         "a secure round clips each value of an update (gradients, BatchNorm statistics, SCAFFOLD's controls) to "
         "[-R, R] and quantises it to 32 bits; the default covers the running variances FedAvg sends (docs/"
-        "secure-aggregation.md measures them: python -m federated.tools.update_range)",
+        "secure-aggregation.md measures them: python -m federated.tools.update_range). With --compress int8 or "
+        "int4, to steps of R/127 or R/7 (BatchNorm statistics to at least 64, at 32 bits): fit R to the gradients",
         group="privacy",
         bounds=Bounds(0, MAX_CLIP_RANGE, low_open=True),
         trajectory=True,
