@@ -193,24 +193,25 @@ class Quantisation:
         rounded = torch.from_numpy(_stochastic_round(np.concatenate([scaled, extras]), generator))
         if self.noise_sigma > 0:
             noise = discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
-            wide = self._wide
-            noise[wide] = discrete_gaussian.sample(
-                self.noise_std / self.wide_range * self.full_scale, len(noise[wide]), generator
-            )
+            if self.levels:  # the wide values' noise, at their own scale
+                wide = noise[self._wide]
+                wide[:] = discrete_gaussian.sample(
+                    self.noise_std / self.wide_range * self.full_scale, len(wide), generator
+                )
             rounded[:-EXTRAS] += noise
         return rounded
 
     def dequantise(
         self, total: torch.Tensor, survivors: int, whole_weights: bool = False
     ) -> tuple[torch.Tensor, float, float]:
-        """From the unmasked sum (int64 or int32 tensor of update size + 2: the values modulo 2^bits, the extras
-        modulo 2^32) of `survivors` inputs: the weighted mean of the updates, the total weight (in samples) and the
-        weighted mean loss. Refused if the sum
-        is beyond what that many clipped inputs can make: a value or weighted mean beyond the clip range, a loss
-        mean beyond LOSS_RANGE (each by more than the rounding, one integer an input, and the noise's tails), and
-        with whole_weights (distributed DP: every learner weighs the whole unit) a total weight other than
-        survivors * scale within the rounding. An honest input's weight element is at least 0, so a mean beyond
-        the range is what a negative weight (a hostile learner shrinking the total) makes."""
+        """From the unmasked sum (int64 or int32 tensor of update size + 2, in the update's order: each value modulo
+        its part's width, Ring) of `survivors` inputs: the weighted mean of the updates, the total weight (in
+        samples) and the weighted mean loss. Refused if the sum is beyond what that many clipped inputs can make: a
+        value or weighted mean beyond its clip range, a loss mean beyond LOSS_RANGE (each by more than the
+        rounding, one integer an input, and the noise's tails), and with whole_weights (distributed DP: every
+        learner weighs the whole unit) a total weight other than survivors * full_scale within the rounding. An
+        honest input's weight element is at least 0, so a mean beyond the range is what a negative weight (a
+        hostile learner shrinking the total) makes."""
         signed = self.ring(len(total) - EXTRAS).signed(total.cpu().numpy())  # two's complement of each part
         values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
         most = survivors * (self.full_scale + 1)
