@@ -53,6 +53,11 @@ class GradientLayout:
         }
 
     @property
+    def statistics(self) -> tuple[int, int]:
+        """Where BatchNorm's running statistics sit: (start, stop)."""
+        return self.parameter_count, self.parameter_count + self.statistics_count
+
+    @property
     def controls(self) -> slice:
         """Where SCAFFOLD's control variates sit (an empty slice without them)."""
         return slice(self.parameter_count + self.statistics_count, self.size)

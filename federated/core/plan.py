@@ -22,12 +22,14 @@ MAX_COMPRESS_RANK = 64  # --compress-rank, and a state's: PowerSGD's factors bey
 class SecureRound:
     """What a secure round asks of its learners' masked inputs (privacy/secagg.py's Quantisation): values clipped
     to [-clip_range, clip_range], weights in units of weight_unit (the most samples one update may weigh: a
-    learner clamps its own), and room in 32 bits for the sum of `summands` inputs. Its fields are Quantisation's,
-    named alike: Quantisation(**asdict(secure))."""
+    learner clamps its own), and room in 32 bits for the sum of `summands` inputs; with levels (--compress
+    int8/int4, which the plan's compress carries), values rounded to [-levels, levels] in the narrowest ring
+    that holds that sum. Its fields are Quantisation's, named alike: Quantisation(**asdict(secure))."""
 
     clip_range: float
     weight_unit: float
     summands: int
+    levels: int = 0
 
 
 @dataclass(frozen=True)

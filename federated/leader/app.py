@@ -25,6 +25,7 @@ from federated.leader.registry import Registry
 from federated.leader.secure import SecureRounds
 from federated.leader.servicer import ADD_LEADER_SERVICE, LeaderServicer, method_limits
 from federated.net import rpc
+from federated.privacy.secagg import Quantisation
 from federated.wire import codec
 
 log = logging.getLogger("leader")
@@ -63,9 +64,16 @@ class Leader:
                 "leader without noise; choose a model without them (resnet20 or resnet18 with --norm group)"
             )
         client = dispatch.LearnerClient(self.security)
+        secure_round = self.planner.secure_round()
         secure = (
-            SecureRounds(client, config.secagg_threshold, layout.size, config.sync_timeout)
-            if config.secure_aggregation
+            SecureRounds(
+                client,
+                config.secagg_threshold,
+                layout.size,
+                config.sync_timeout,
+                Quantisation(**dataclasses.asdict(secure_round), wide=layout.statistics).ring(layout.size),
+            )
+            if secure_round
             else None
         )
         self.collector = RoundCollector(
@@ -167,7 +175,7 @@ class Leader:
             self.evaluations,
         )
         limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
-        if config.secure_aggregation:  # a masked input takes 4 bytes a value, whatever the wire dtype
+        if config.secure_aggregation:  # a masked input takes at most 4 bytes a value, whatever the wire dtype
             limit = max(limit, 4 * (self.global_model.layout.size + 2) + codec.HEADER_SLACK_BYTES + rpc.ENVELOPE_BYTES)
         # a compressed update may take more than a plain one (top-k of over half the values: 8 bytes a value)
         limit = max(limit, codec.payload_limit(servicer.compressed_spec) + rpc.ENVELOPE_BYTES)

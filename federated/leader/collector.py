@@ -44,7 +44,7 @@ class RoundCollector:
         model_size: int | None = None,
         controls: bool = False,
         privacy: CentralMechanism | None = None,
-        add_masked: Callable[[int, torch.Tensor], None] | None = None,
+        add_masked: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     ) -> None:
         """privacy: --dp central's clip and noise; add_masked: with secure aggregation, where a committed learner's
         masked input goes (SecureRounds); raises Refused."""
@@ -121,7 +121,9 @@ class RoundCollector:
             self._changed.notify_all()
             return None
 
-    def submit_masked(self, learner_id: int, round_index: int, masked: torch.Tensor, wire_bytes: int) -> str | None:
+    def submit_masked(
+        self, learner_id: int, round_index: int, masked: dict[str, torch.Tensor], wire_bytes: int
+    ) -> str | None:
         """Add a secure round's masked input to the open round's sum (add_masked); the reason it was ignored, or
         None if counted. Its samples and loss are in it, masked: the collector never knows them."""
         with self._changed:

@@ -360,7 +360,8 @@ class LeaderConfig(SecurityFlags, Config):
         "none",
         "the codec of learners' updates: fp16/bf16 (casts), int8/int4 (unbiased stochastic quantisation), topk/"
         "randk (the --compress-ratio largest or random values), sign (scaled signs), powersgd (rank "
-        "--compress-rank factors), or none",
+        "--compress-rank factors), or none; with --secure-aggregation only int8 and int4 (the masked integers: "
+        "docs/compression.md)",
         group="compression",
         choices=_codecs,
         trajectory=True,
@@ -588,7 +589,8 @@ class LeaderConfig(SecurityFlags, Config):
         64.0,
         "a secure round clips each value of an update (gradients, BatchNorm statistics, SCAFFOLD's controls) to "
         "[-R, R] and quantises it to 32 bits; the default covers the running variances FedAvg sends (docs/"
-        "secure-aggregation.md measures them: python -m federated.tools.update_range)",
+        "secure-aggregation.md measures them: python -m federated.tools.update_range). With --compress int8 or "
+        "int4, to steps of R/127 or R/7 (BatchNorm statistics to at least 64, at 32 bits): fit R to the gradients",
         group="privacy",
         bounds=Bounds(0, MAX_CLIP_RANGE, low_open=True),
         trajectory=True,
@@ -885,17 +887,11 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
 
 
 def compression_problems(config: LeaderConfig) -> list[str]:
-    """What --compress and --compress-down cannot be combined with, and why (docs/compression.md): secure
-    aggregation sums masked vectors, and takes none of the codecs yet; the downlink's replica is float32. (Robust
-    aggregators, --clip-norm and --dp central decode each update first; --dp local compresses what DP-SGD
-    noised.)"""
-    problems = []
-    if config.compress != "none" and config.secure_aggregation:
-        problems.append(
-            f"--compress {config.compress} under --secure-aggregation: topk, randk and powersgd send per-learner "
-            "indices or factors that masks cannot sum, and quantised integers under masks need a clip range shared "
-            "by all learners (issue 19, item 4), not built yet; leave out --compress"
-        )
+    """What --compress and --compress-down cannot be combined with, and why (docs/compression.md): the
+    downlink's replica is exact float32 on both sides, so no other --wire-dtype; and what secure aggregation takes
+    (secure_compression_problems). (Robust aggregators, --clip-norm and --dp central decode each update first;
+    --dp local compresses what DP-SGD noised.)"""
+    problems = secure_compression_problems(config)
     if config.compress_down != "none" and config.wire_dtype != "float32":
         problems.append(
             f"--compress-down {config.compress_down} with --wire-dtype {config.wire_dtype}: the codec sets the "
@@ -903,6 +899,45 @@ def compression_problems(config: LeaderConfig) -> list[str]:
             "leave out --wire-dtype (or --compress-down)"
         )
     return problems
+
+
+def secure_compression_problems(config: LeaderConfig) -> list[str]:
+    """What --compress cannot be under --secure-aggregation: masks sum integers, which only int8 and int4 send
+    (levels of the shared clip range), each in the narrowest ring that holds the round's sum; not with distributed
+    DP, nor in a ring as wide as a finer codec's."""
+    from federated.core import compression
+    from federated.privacy import secagg
+
+    if config.compress == "none" or not config.secure_aggregation:
+        return []
+    if config.compress not in compression.QUANTISED:
+        return [
+            f"--compress {config.compress} under --secure-aggregation: masks sum integers on a scale all learners "
+            "share, and topk, randk and powersgd send per-learner indices or factors, sign a per-learner scale, "
+            "fp16 and bf16 floats (which cannot be masked); use int8 or int4 (levels of --secagg-clip-range), or "
+            "leave out --compress"
+        ]
+    if config.dp == "distributed":
+        return [
+            f"--compress {config.compress} with --dp distributed: the noise is calibrated to the clipped update, "
+            "and rounding each value to a few levels adds up to one level per value to a learner's update, which it "
+            "is not calibrated for; leave out --compress"
+        ]
+    summands, levels = config.learners_per_round or config.learners, compression.QUANTISED[config.compress]
+    bits = {
+        name: secagg.Quantisation(1.0, 1.0, summands, levels=most).bits for name, most in compression.QUANTISED.items()
+    }
+    # the finer codecs (more levels, and none's full scale): the one in the narrowest ring
+    width, finer = min(
+        [(bits[name], name) for name, most in compression.QUANTISED.items() if most > levels] + [(secagg.BITS, "none")]
+    )
+    if bits[config.compress] < width:
+        return []
+    return [
+        f"--compress {config.compress} under --secure-aggregation with {summands} learners a round: their sum "
+        f"needs a {bits[config.compress]}-bit ring, as wide as --compress {finer}'s, which keeps more of each value "
+        f"for the same bytes; use --compress {finer}"
+    ]
 
 
 def compression_caveat(config: LeaderConfig) -> str | None:

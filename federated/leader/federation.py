@@ -214,7 +214,11 @@ class Federation:
         survivors, config = self.collector.seal(), self.planner.config
         noise = (config.dp_noise_multiplier, config.dp_clip) if config.dp == "distributed" else None
         outcome = self.secure.finish(
-            survivors, self.registry.members(survivors), Quantisation(**dataclasses.asdict(secure)), mean_out, noise
+            survivors,
+            self.registry.members(survivors),
+            Quantisation(**dataclasses.asdict(secure), wide=self.global_model.layout.statistics),
+            mean_out,
+            noise,
         )
         summary = self.collector.close(mean_out, outcome)
         return dataclasses.replace(

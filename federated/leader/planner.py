@@ -4,6 +4,7 @@ the global model is evaluated and checkpointed."""
 import dataclasses
 import logging
 
+from federated.core import compression
 from federated.core.plan import SecureRound, TrainingPlan, steps_for_epochs, steps_per_epoch
 from federated.core.schedule import Schedule
 from federated.core.strategies import Strategy
@@ -65,7 +66,12 @@ class Planner:
             unit = MAX_SHARD_FACTOR * min(batch, typical) * self.steps_of(typical)
         else:
             unit = batch * self.schedule.steps_per_round
-        return SecureRound(config.secagg_clip_range, float(unit), config.learners_per_round or config.learners)
+        return SecureRound(
+            config.secagg_clip_range,
+            float(unit),
+            config.learners_per_round or config.learners,
+            compression.QUANTISED.get(config.compress, 0),
+        )
 
     def steps_of(self, shard_size: int | None) -> int:
         """The local steps a round asks of a learner holding shard_size training images: the schedule's, or with

@@ -56,10 +56,13 @@ class SecureRounds:
         threshold: float,
         size: int,
         timeout: float,
+        ring: secagg.Ring | None = None,
     ) -> None:
         """threshold: --secagg-threshold (a fraction); size: the update's; timeout: of each phase's calls (--sync-
-        timeout)."""
-        self.client, self.threshold, self.size, self.timeout = client, threshold, size, timeout
+        timeout); ring: the masked inputs' layout (Quantisation.ring; without, 32 bits), the run's (it varies by
+        round only with distributed DP's noise under --compress int8/int4, which the leader's config refuses)."""
+        self.client, self.threshold, self.timeout = client, threshold, timeout
+        self.ring = ring or secagg.Ring(secagg.BITS, size)
         self._round: secagg.LeaderRound | None = None
         self._epoch: secagg.LeaderEpoch | None = None  # the last round's
         self._clean = False  # whether it went without trouble: else the next round opens a new epoch
@@ -84,7 +87,7 @@ class SecureRounds:
         try:
             epoch = self._serving(round_index, participants) or self._open_epoch(round_index, members, unable)
             verified = [learner for learner in participants if learner in epoch.verified]
-            leader_round = epoch.open_round(round_index, verified, self.size + 2)
+            leader_round = epoch.open_round(round_index, verified, self.ring)
             with self._lock:
                 self._round = leader_round
             started = time.perf_counter()
@@ -184,9 +187,9 @@ class SecureRounds:
             error.details(),
         )
 
-    def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
-        """A committed learner's masked input, into the round's sum; raises secagg.Refused (no secure round open,
-        a wrong length, not committed, a second one)."""
+    def add_masked(self, learner_id: int, masked: dict[str, torch.Tensor]) -> None:
+        """A committed learner's masked input (its tensors), into the round's sum; raises secagg.Refused (no
+        secure round open, not the ring's tensors, not committed, a second one)."""
         with self._lock:
             if self._round is None:
                 raise secagg.Refused("no secure round is open: the round's setup did not commit enough learners")

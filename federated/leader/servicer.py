@@ -235,9 +235,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"gradient rejected: {error}")
         if self.federation.secure is not None:
             round_index = masked.round
-            reason = self.collector.submit_masked(
-                member.learner_id, round_index, payload.tensors[messages.MASKED_TENSOR], len(chunk)
-            )
+            reason = self.collector.submit_masked(member.learner_id, round_index, payload.tensors, len(chunk))
         else:
             round_index = claims.round
             reason = self.collector.submit(
@@ -275,7 +273,8 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         return partial(decode_update, layout, payload.tensors, settings)
 
     def check_masked(self, payload: codec.Payload, member: Member) -> messages.MaskedInfo:
-        """What a secure round's masked input claims (its slot and round), checked; raises PayloadError. A plain
+        """What a secure round's masked input claims (its slot and round), checked, and its tensors exactly its
+        ring's (dtype and length: a wrong width is refused here, before the sum); raises PayloadError. A plain
         update is refused: it would show this leader one learner's update."""
         if not messages.is_masked(payload):
             raise codec.PayloadError(
@@ -283,7 +282,8 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 "'masked'), never a plain update: it would show the leader one learner's update; the learner must "
                 "follow the state's secure round (a learner of this version does)"
             )
-        claims = messages.MaskedInfo.from_payload(payload)
+        assert self.federation.secure is not None  # (called only under secure aggregation)
+        claims = messages.MaskedInfo.from_payload(payload, self.federation.secure.ring.spec)
         if claims.learner_id != member.learner_id:
             raise codec.PayloadError(
                 f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}"

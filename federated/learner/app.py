@@ -140,7 +140,8 @@ class Member:
         round out."""
         replica = self.replica
         self.sent_round = round_index
-        compressed = plan.compress != "none" and plan.secure is None  # (the leader allows neither with the other)
+        # (a secure round's int8/int4 levels are the masked input's own: secagg.Quantisation, unbiased, no residual)
+        compressed = plan.compress != "none" and plan.secure is None
         tensors = replica.layout.views(replica.gradient.cpu()) if compressed else replica.update_tensors()
         if not compressed:  # stale residuals must not come back in a later compressed round
             replica.forget_compression("this round's update travels uncompressed")
@@ -207,7 +208,9 @@ class Member:
             update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)
             samples, loss = int(secure.weight_unit), 0.0
         try:
-            masked = self.server.secure.masked_input(round_index, update, samples, loss, secure, noise)
+            masked = self.server.secure.masked_input(
+                round_index, update, samples, loss, secure, noise, self.replica.layout.statistics
+            )
         except secagg.Refused as refused:  # the unmasking began first, or a quantisation for fewer inputs
             log.warning("round %d: no masked input (%s); this learner sits the round out", round_index, refused)
             return None
@@ -215,7 +218,7 @@ class Member:
             log.warning("round %d: the leader started the next secure round; this learner sits it out", round_index)
             return None
         info = messages.MaskedInfo(self.learner_id, round_index)
-        return leader_pb2.GradientData(chunk=codec.encode({messages.MASKED_TENSOR: masked}, info.to_metadata()))
+        return leader_pb2.GradientData(chunk=codec.encode(masked, info.to_metadata()))
 
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader."""

@@ -1,7 +1,8 @@
 """The cryptography of secure aggregation: X25519 key agreement, HKDF-SHA256 keys, AES-GCM shares, AES-CTR masks.
 
 Every derived key names its round and purpose (and, for a pair, both learners) in HKDF's `info`, so that no key
-serves two purposes or two rounds. Masks are uint32 numpy vectors: their arithmetic wraps modulo 2^32 by itself.
+serves two purposes or two rounds. Masks are numpy vectors of unsigned words (uint32, or narrower for a narrow ring:
+secagg.Ring views the keystream's bytes at its widths): their arithmetic wraps modulo 2^bits by itself.
 """
 
 import os
@@ -71,8 +72,8 @@ def ciphertext_bytes(plaintext_bytes: int) -> int:
     return NONCE_BYTES + plaintext_bytes + TAG_BYTES
 
 
-def expand(key: bytes, size: int) -> np.ndarray:
-    """The PRG: `size` uint32 words (little-endian) of AES-256-CTR's keystream under key, from a zero counter
-    (each key is used for one mask only, so a fixed counter never repeats a keystream)."""
+def keystream(key: bytes, nbytes: int) -> np.ndarray:
+    """The PRG: `nbytes` bytes (uint8) of AES-256-CTR's keystream under key, from a zero counter (each key is
+    used for one mask only, so a fixed counter never repeats a keystream)."""
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(4 * size)), dtype="<u4")
+    return np.frombuffer(encryptor.update(bytes(nbytes)), dtype=np.uint8)

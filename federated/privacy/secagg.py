@@ -17,7 +17,8 @@ Then each round r of the epoch, at slot k = r - epoch (0 <= k < K), each slot at
   phase 4  commit:  the leader names the round, the epoch and U2 within V (more than t); a learner refuses a slot at
                     or below the last it committed to (two inputs under the same masks would give away their
                     difference), beyond K - 1, or a U2 holding a sender whose shares to it it lacks
-  masked input:     sent with AccumulateGradients as an I32 tensor (LearnerRound.masked_input)
+  masked input:     sent with AccumulateGradients in its Ring's tensors (LearnerRound.masked_input): one I32
+                    tensor, or with --compress int8/int4 a narrower one (U8, I16) and an I32 one for the extras
   phase 5  unmask:  the leader names U3 (survivors: masked input arrived, more than t); learner v reveals, for each
                     survivor u (itself too), its share of b_u^k, and for each dropped u (U2 \\ U3) its own
                     pairwise mask seed with u for round r only; never both for one owner, once per round. A
@@ -26,8 +27,11 @@ Then each round r of the epoch, at slot k = r - epoch (0 <= k < K), each slot at
 Values: the update x (float) is clipped elementwise to [-clip_range, clip_range], weighted by w/weight_unit
 (w: the samples it covers, weight_unit: the most a learner may weigh, so the factor is in [0, 1]), scaled by
 `scale` and stochastically rounded (unbiased); two more elements carry w/weight_unit and w/weight_unit*loss/LOSS_RANGE,
-so that the leader learns no learner's samples or loss, only the sums. Masks of round r: + PRG(b_u^k) + sum over v
-in U2 of +-PRG(HKDF(KA(s_u, s_v), r, "pair mask", u, v)) (+ if u < v), all modulo 2^32. PRG: AES-CTR keyed by
+so that the leader learns no learner's samples or loss, only the sums. With --compress int8/int4 (`levels`) the
+update's values are instead integers in [-levels, levels] (times the weight factor), in the narrowest ring of
+RING_BITS that holds the sum; the two extras keep their own 32-bit part (Ring). Masks of round r: + PRG(b_u^k) +
+sum over v in U2 of +-PRG(HKDF(KA(s_u, s_v), r, "pair mask", u, v)) (+ if u < v), the PRG's bytes viewed at the
+ring's widths and every sum modulo 2^bits of its part (2^32 without levels). PRG: AES-CTR keyed by
 HKDF (federated/privacy/masks.py); shares: federated/privacy/shamir.py; distributed noise:
 federated/privacy/discrete_gaussian.py.
 Why a hostile leader cannot get both masks of one honest learner u in one round r: its self mask needs b_u^k,
@@ -47,7 +51,7 @@ import math
 import os
 import random
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -63,12 +67,17 @@ KEYS, SHARES, VERIFY, COMMIT, UNMASK = 1, 2, 3, 4, 5
 SETUP = (KEYS, SHARES, VERIFY)  # once per epoch; then each round runs COMMIT, the masked inputs and UNMASK
 EPOCH_ROUNDS = 16  # K: the rounds (slots) one epoch's keys and seeds serve
 BITS = 32  # masked values live modulo 2^32: the masked input is as many bytes as a float32 update
+RING_BITS = (8, 16, BITS)  # with levels (--compress int8/int4): the narrowest of these whose signed range holds the sum
 MIN_LEARNERS = 3  # with two, each learns the other's update from the sum
 HEADROOM = 2**30  # the sum's values stay within +-2^30: a sum beyond (an input beyond its clip range) is refused
 NOISE_TAILS = 10.0  # the summed noise stays within this many standard deviations (beyond: probability < 1e-22)
 EXTRAS = 2  # the weight and loss elements after the update's values
+WIDE_RANGE = 64.0  # with levels, the least clip range of the wide values (BatchNorm's statistics): the one
+# --secagg-clip-range's default gives them (docs/secure-aggregation.md), wherever the levels' range is set
 SHARE_PLAINTEXT = EPOCH_ROUNDS * shamir.SHARE_BYTES  # a recipient's shares of the sender's seeds, slot by slot
 DIGEST_BYTES = hashlib.sha256().digest_size
+MASKED_TENSOR, MASKED_EXTRAS = "masked", "masked_extras"  # a masked input's tensors' names (Ring.spec)
+WIRE_DTYPES = {8: torch.uint8, 16: torch.int16, BITS: torch.int32}  # a ring's values on the wire, by its bits
 LOSS_RANGE = 100.0  # a loss beyond counts as this (it only informs; far above a sane model's cross-entropy): the
 # wire's MAX_LOSS (1e6) would leave the loss sum a resolution of 1e6 / scale, about 0.01 at 10 learners
 MAX_COMBINATIONS = 32  # where revealed shares disagree, at most this many random subsets of t are tried per secret
@@ -87,30 +96,81 @@ class BelowThreshold(Exception):
 
 @dataclass(frozen=True)
 class Quantisation:
-    """How a round's float updates become integers modulo 2^32 and back."""
+    """How a round's float updates become integers modulo 2^bits and back."""
 
     clip_range: float
     weight_unit: float
     summands: int  # the most inputs the sum may have (|U2|): scale leaves room for their sum, and noise
     noise_std: float = 0.0  # distributed DP: each learner's discrete Gaussian noise, in float units of x
+    levels: int = 0  # 0: values fill the 32-bit ring (scale); else --compress int8/int4's levels (127, 7)
+    # with levels: the update's values [start, stop) that keep the full scale in the 32-bit part, clipped to
+    # wide_range (BatchNorm's statistics: values, not changes, which a few levels of a range wide enough for
+    # them would blur, and which a clip range fit for the levels, the gradients', would cut off)
+    wide: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if not (self.clip_range > 0 and self.weight_unit > 0 and self.summands >= 1 and self.noise_std >= 0):
             raise ValueError(f"no quantisation: {self}")
-        if self.scale < 1:
-            raise ValueError(f"noise {self.noise_std} leaves no room for {self.summands} inputs in {BITS} bits")
+        if self.levels < 0 or (self.scale < 1 if not self.levels else self.extent >= 2 ** (BITS - 1)):
+            raise ValueError(
+                f"noise {self.noise_std} leaves no room for {self.summands} inputs"
+                + (f" of {self.levels} levels" if self.levels else "")
+                + f" in {BITS} bits: a smaller noise, fewer learners a round, or a wider codec (or --compress none)"
+            )
 
     @property
     def scale(self) -> float:
-        """Integers per unit of x/clip_range, such that the sum of `summands` inputs (and its noise) never wraps:
-        summands * (scale + 1) + NOISE_TAILS * sqrt(summands) * (noise in integers) <= HEADROOM."""
+        """Integers per unit of x/clip_range: with levels, the levels; else such that the sum of `summands` inputs
+        (and its noise) never wraps: summands * (scale + 1) + NOISE_TAILS * sqrt(summands) * (noise in integers)
+        <= HEADROOM."""
+        if self.levels:
+            return float(self.levels)
         noise_per_scale = NOISE_TAILS * math.sqrt(self.summands) * self.noise_std / self.clip_range
         return (HEADROOM - self.summands - 1) / (self.summands + noise_per_scale)  # 1: float rounding
 
     @property
+    def full_scale(self) -> float:
+        """The scale of the 32-bit part: the weight and loss elements (w/weight_unit, and that times
+        loss/LOSS_RANGE) and, with levels, the wide values; the values' scale without levels."""
+        return replace(self, levels=0).scale if self.levels else self.scale
+
+    @property
+    def extent(self) -> float:
+        """With levels: the most |sum| of `summands` inputs' values reaches (each at most `levels`; the noise's
+        tails), in integers."""
+        return self.summands * self.levels + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma
+
+    @property
+    def bits(self) -> int:
+        """The values' ring: BITS without levels; with them, the narrowest of RING_BITS whose two's complement
+        holds the extent."""
+        return next(bits for bits in RING_BITS if self.extent < 2 ** (bits - 1)) if self.levels else BITS
+
+    def ring(self, size: int) -> "Ring":
+        """The masked input's layout for an update of `size` values."""
+        return Ring(self.bits, size, self.wide)
+
+    @property
     def noise_sigma(self) -> float:
-        """Each learner's noise's standard deviation in integers."""
+        """Each learner's noise's standard deviation in integers (of the values' scale)."""
         return self.noise_std / self.clip_range * self.scale
+
+    @property
+    def _wide(self) -> slice:
+        """The wide values (none without levels)."""
+        return slice(*self.wide) if self.levels else slice(0, 0)
+
+    @property
+    def wide_range(self) -> float:
+        """The wide values' clip range: the clip range, at least WIDE_RANGE."""
+        return max(self.clip_range, WIDE_RANGE)
+
+    def scales(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each of `size` values' scale and clip range: the levels and the clip range, or on the wide ones the
+        full scale and wide_range."""
+        scales, ranges = np.full(size, self.scale), np.full(size, self.clip_range)
+        scales[self._wide], ranges[self._wide] = self.full_scale, self.wide_range
+        return scales, ranges
 
     def quantise(self, update: torch.Tensor, weight: float, loss: float, generator: torch.Generator) -> torch.Tensor:
         """The update (1-D float), clipped, weighted, scaled, stochastically rounded, plus the two weight/loss
@@ -121,39 +181,148 @@ class Quantisation:
         values = update.detach().cpu().flatten().to(torch.float64).numpy()  # numpy: one thread, no waits on a busy CPU
         if not math.isfinite(loss) or not np.isfinite(values).all():
             raise ValueError("a non-finite update or loss cannot be quantised")
-        factor = weight / self.weight_unit * self.scale
-        extras = [factor, factor * min(max(loss, 0.0), LOSS_RANGE) / LOSS_RANGE]
-        scaled = np.concatenate(
-            [np.clip(values, -self.clip_range, self.clip_range) * (factor / self.clip_range), extras]
-        )
-        rounded = torch.from_numpy(_stochastic_round(scaled, generator))
+        factor, extra = weight / self.weight_unit * self.scale, weight / self.weight_unit * self.full_scale
+        extras = [extra, extra * min(max(loss, 0.0), LOSS_RANGE) / LOSS_RANGE]
+        clipped = np.clip(values, -self.clip_range, self.clip_range)
+        if self.levels:  # (a float rounding beyond the levels would round up past them)
+            scaled = np.clip(clipped * (factor / self.clip_range), -self.levels, self.levels)
+            wide = np.clip(values[self._wide], -self.wide_range, self.wide_range)
+            scaled[self._wide] = wide * (extra / self.wide_range)
+        else:
+            scaled = clipped * (factor / self.clip_range)
+        rounded = torch.from_numpy(_stochastic_round(np.concatenate([scaled, extras]), generator))
         if self.noise_sigma > 0:
-            rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
+            noise = discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
+            if self.levels:  # the wide values' noise, at their own scale
+                wide = noise[self._wide]
+                wide[:] = discrete_gaussian.sample(
+                    self.noise_std / self.wide_range * self.full_scale, len(wide), generator
+                )
+            rounded[:-EXTRAS] += noise
         return rounded
 
     def dequantise(
         self, total: torch.Tensor, survivors: int, whole_weights: bool = False
     ) -> tuple[torch.Tensor, float, float]:
-        """From the unmasked sum modulo 2^32 (int64 or int32 tensor of update size + 2) of `survivors` inputs: the
-        weighted mean of the updates, the total weight (in samples) and the weighted mean loss. Refused if the sum
-        is beyond what that many clipped inputs can make: a value or weighted mean beyond the clip range, a loss
-        mean beyond LOSS_RANGE (each by more than the rounding, one integer an input, and the noise's tails), and
-        with whole_weights (distributed DP: every learner weighs the whole unit) a total weight other than
-        survivors * scale within the rounding. An honest input's weight element is at least 0, so a mean beyond
-        the range is what a negative weight (a hostile learner shrinking the total) makes."""
-        signed = total.cpu().numpy().astype(np.uint32).view(np.int32)  # modulo 2^32, then two's complement
+        """From the unmasked sum (int64 or int32 tensor of update size + 2, in the update's order: each value modulo
+        its part's width, Ring) of `survivors` inputs: the weighted mean of the updates, the total weight (in
+        samples) and the weighted mean loss. Refused if the sum is beyond what that many clipped inputs can make: a
+        value or weighted mean beyond its clip range, a loss mean beyond LOSS_RANGE (each by more than the
+        rounding, one integer an input, and the noise's tails), and with whole_weights (distributed DP: every
+        learner weighs the whole unit) a total weight other than survivors * full_scale within the rounding. An
+        honest input's weight element is at least 0, so a mean beyond the range is what a negative weight (a
+        hostile learner shrinking the total) makes."""
+        signed = self.ring(len(total) - EXTRAS).signed(total.cpu().numpy())  # two's complement of each part
         values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
-        most = survivors * (self.scale + 1)
-        if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.scale) > survivors):
+        most = survivors * (self.full_scale + 1)
+        if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.full_scale) > survivors):
             raise Refused(f"the sum's weight ({weight}) is not what {survivors} honest inputs make")
-        # |values| <= the inputs' factors (sum: at most weight + survivors) + survivors (rounding) + the noise
-        bound = weight + 2 * survivors + NOISE_TAILS * math.sqrt(survivors) * self.noise_sigma
-        if values.max(initial=0) > bound or values.min(initial=0) < -bound:
+        # each value's scale and range; the inputs' factors' sum in its integers (the weight, without levels)
+        scales, ranges = self.scales(len(values)) if self.levels else (self.scale, self.clip_range)
+        factors = weight * (scales / self.full_scale) if self.levels else weight
+        # |values| <= the inputs' factors (sum: at most factors + survivors) + survivors (rounding) + the noise
+        bound = factors + 2 * survivors + NOISE_TAILS * math.sqrt(survivors) * self.noise_std / ranges * scales
+        if (np.abs(values) > bound).any():
             raise Refused("the sum is beyond what clipped inputs make: beyond the clip range, or a negative weight")
         if not 0 <= loss <= weight + 2 * survivors:
             raise Refused(f"the sum's loss ({loss}) is not what {survivors} honest inputs of weight {weight} make")
-        mean = torch.from_numpy((values * (self.clip_range / weight)).astype(np.float32))
-        return mean, weight / self.scale * self.weight_unit, loss / weight * LOSS_RANGE
+        mean = torch.from_numpy((values * (ranges / factors)).astype(np.float32))
+        return mean, weight / self.full_scale * self.weight_unit, loss / weight * LOSS_RANGE
+
+
+@dataclass(frozen=True)
+class Ring:
+    """Where a masked input lives, as one uint8 buffer whose parts are viewed (and add, wrapping) at their own
+    widths: the update's `size` values modulo 2^bits, then its wide values [start, stop) and the EXTRAS weight and
+    loss elements modulo 2^32. At BITS, nothing is wide: exactly size + 2 uint32 words, in the update's order. On
+    the wire (tensors): one I32 tensor at BITS; else the narrow values as U8 (8 bits) or I16 (16 bits), and the
+    32-bit part as I32."""
+
+    bits: int
+    size: int
+    wide: tuple[int, int] = (0, 0)
+
+    @property
+    def _wide(self) -> slice:
+        return slice(*self.wide) if self.bits < BITS else slice(0, 0)
+
+    @property
+    def narrow(self) -> int:
+        """The values at the ring's width."""
+        return self.size - len(range(self.size)[self._wide])
+
+    @property
+    def split(self) -> int:
+        """The narrow values' bytes."""
+        return self.narrow * self.bits // 8
+
+    @property
+    def nbytes(self) -> int:
+        return self.split + 4 * (self.size - self.narrow + EXTRAS)
+
+    def parts(self, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The narrow values and the 32-bit part of a buffer, as unsigned views of it at their widths."""
+        return buffer[: self.split].view(f"<u{self.bits // 8}"), buffer[self.split :].view("<u4")
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.nbytes, dtype=np.uint8)
+
+    def mask(self, key: bytes) -> np.ndarray:
+        """The PRG's mask under key, at this layout."""
+        return masks.keystream(key, self.nbytes)
+
+    def add(self, total: np.ndarray, other: np.ndarray, sign: int = 1) -> None:
+        """total += sign * other (sign +-1), each part modulo its own width."""
+        for into, part in zip(self.parts(total), self.parts(other)):
+            if sign > 0:
+                into += part
+            else:
+                into -= part
+
+    def residues(self, integers: np.ndarray) -> np.ndarray:
+        """A buffer holding the integers (size + 2, in the update's order) modulo each part's width (numpy's casts
+        wrap)."""
+        buffer = self.zeros()
+        narrow, wide = self.parts(buffer)
+        start, stop = self._wide.start, self._wide.stop
+        narrow[:] = np.concatenate([integers[:start], integers[stop : self.size]]).astype(narrow.dtype)
+        wide[:] = np.concatenate([integers[start:stop], integers[self.size :]]).astype(np.uint32)
+        return buffer
+
+    def integers(self, buffer: np.ndarray) -> torch.Tensor:
+        """The residues a buffer holds, as int64 (size + 2, in the update's order)."""
+        return torch.from_numpy(self._ordered(*self.parts(buffer)))
+
+    def signed(self, integers: np.ndarray) -> np.ndarray:
+        """Residues (size + 2, in the update's order) read as two's complement at their part's width, int64."""
+        narrow, wide = self.parts(self.residues(integers))
+        return self._ordered(narrow.view(f"<i{self.bits // 8}"), wide.view("<i4"))
+
+    def _ordered(self, narrow: np.ndarray, wide: np.ndarray) -> np.ndarray:
+        start, stop = self._wide.start, self._wide.stop
+        ordered = np.empty(self.size + EXTRAS, dtype=np.int64)
+        ordered[:start], ordered[stop : self.size] = narrow[:start], narrow[start:]
+        ordered[start:stop], ordered[self.size :] = wide[: stop - start], wide[stop - start :]
+        return ordered
+
+    @property
+    def spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The masked input's tensors on the wire (names, dtypes, shapes), as its receiver checks them."""
+        if self.bits == BITS:
+            return {MASKED_TENSOR: (torch.int32, (self.size + EXTRAS,))}
+        wide = (self.size - self.narrow + EXTRAS,)
+        return {MASKED_TENSOR: (WIRE_DTYPES[self.bits], (self.narrow,)), MASKED_EXTRAS: (torch.int32, wide)}
+
+    def tensors(self, buffer: np.ndarray) -> dict[str, torch.Tensor]:
+        """A buffer as the masked input's tensors (the narrow values a view of it; the 32-bit part a copy, aligned)."""
+        if self.bits == BITS:
+            return {MASKED_TENSOR: torch.from_numpy(buffer.view(np.int32))}
+        values = torch.from_numpy(buffer[: self.split]).view(WIRE_DTYPES[self.bits])
+        return {MASKED_TENSOR: values, MASKED_EXTRAS: torch.from_numpy(buffer[self.split :].copy().view(np.int32))}
+
+    def buffer(self, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+        """The buffer of a masked input's tensors, in spec order (checked against the spec by the caller)."""
+        return np.concatenate([tensors[name].contiguous().view(torch.uint8).numpy() for name in self.spec])
 
 
 def _stochastic_round(values: np.ndarray, generator: torch.Generator) -> np.ndarray:
@@ -190,19 +359,15 @@ def _agree(own_private: bytes, peer: learner_pb2.SecAggKeys, which: str) -> byte
         raise Refused(f"learner {peer.learner_id}'s {which} agrees on no secret") from error
 
 
-def _self_mask(seed: bytes, round_index: int, owner: int, size: int) -> np.ndarray:
-    return masks.expand(masks.derive(seed, round_index, "self mask", owner), size)
+def _self_mask(seed: bytes, round_index: int, owner: int, ring: Ring) -> np.ndarray:
+    return ring.mask(masks.derive(seed, round_index, "self mask", owner))
 
 
-def _add_pair_mask(total: np.ndarray, seed: bytes, holder: int, peer: int) -> None:
+def _add_pair_mask(total: np.ndarray, ring: Ring, seed: bytes, holder: int, peer: int) -> None:
     """Add into total the pair mask of (holder, peer) from its seed as the holder's input carries it: added by the
     lower id, subtracted by the higher, so that it cancels in the sum (and the leader adds a dropped holder's
     part to cancel a survivor's)."""
-    mask = masks.expand(seed, len(total))
-    if holder < peer:
-        total += mask
-    else:
-        total -= mask
+    ring.add(total, ring.mask(seed), 1 if holder < peer else -1)
 
 
 def _share_key(own_private: bytes, peer: learner_pb2.SecAggKeys, round_index: int, own: int) -> bytes:
@@ -269,21 +434,22 @@ class LearnerRound:
 
     def masked_input(
         self, update: torch.Tensor, weight: float, loss: float, quantisation: Quantisation
-    ) -> torch.Tensor:
-        """After commit: the quantised update plus its masks, as an int32 tensor (two's complement of the values
-        modulo 2^32). Refused before commit, after unmask, or a second time in a round (two inputs under the
-        same masks would give away their difference)."""
+    ) -> dict[str, torch.Tensor]:
+        """After commit: the quantised update plus its masks, as its ring's tensors (Ring.tensors: two's complement
+        of the values modulo 2^bits, the extras modulo 2^32). Refused before commit, after unmask, or a second time
+        in a round (two inputs under the same masks would give away their difference)."""
         if self._phase != COMMIT or self._masked_sent:
             raise Refused("a masked input is made once per round, after commit and before unmask")
         if quantisation.summands < len(self._shared):
             raise Refused(f"a quantisation for {quantisation.summands} inputs, not the {len(self._shared)} committed")
         quantised = quantisation.quantise(update, weight, loss, _secret_generator())
         self._masked_sent = True
-        total = quantised.numpy().astype(np.uint32)  # modulo 2^32: numpy's integer casts wrap
-        total += _self_mask(self._seeds[self._slot], self._round_index, self.learner_id, len(total))
+        ring = quantisation.ring(update.numel())
+        total = ring.residues(quantised.numpy())
+        ring.add(total, _self_mask(self._seeds[self._slot], self._round_index, self.learner_id, ring))
         for peer in sorted(self._shared - {self.learner_id}):
-            _add_pair_mask(total, self._pair_seed(peer), self.learner_id, peer)
-        return torch.from_numpy(total.view(np.int32))
+            _add_pair_mask(total, ring, self._pair_seed(peer), self.learner_id, peer)
+        return ring.tensors(total)
 
     @property
     def _round_index(self) -> int:
@@ -508,9 +674,9 @@ class LeaderEpoch:
         """Whether round_index may still be opened in this epoch: a slot within it, after the last one opened."""
         return self._slot < round_index - self.epoch < EPOCH_ROUNDS
 
-    def open_round(self, round_index: int, learners: Collection[int], size: int) -> "LeaderRound":
-        """Round round_index of this epoch with these learners as U2 (all within V); size: the masked input's
-        length (update size + 2). BelowThreshold if fewer than the threshold + 1: learners reveal nothing for fewer
+    def open_round(self, round_index: int, learners: Collection[int], ring: Ring) -> "LeaderRound":
+        """Round round_index of this epoch with these learners as U2 (all within V); ring: the masked inputs'
+        layout. BelowThreshold if fewer than the threshold + 1: learners reveal nothing for fewer
         survivors (the argument in the module's docstring), so fewer could never be unmasked."""
         if not self.has_slot(round_index):
             raise ValueError(f"round {round_index} has no free slot in epoch {self.epoch}")
@@ -519,7 +685,7 @@ class LeaderEpoch:
         self._slot = round_index - self.epoch
         if len(learners) <= self.threshold:
             raise BelowThreshold(f"{len(learners)} learners to commit: a round unmasks with the threshold + 1 or more")
-        return LeaderRound(self, round_index, tuple(sorted(learners)), size)
+        return LeaderRound(self, round_index, tuple(sorted(learners)), ring)
 
     def commitment(self, owner: int, slot: int) -> bytes:
         return self._commitments[owner][slot * DIGEST_BYTES : (slot + 1) * DIGEST_BYTES]
@@ -586,16 +752,16 @@ class LeaderRound:
     the unmasking. Not thread-safe: a caller taking replies on several threads holds a lock around each call.
     U3 (masked inputs arrived) is fixed by phase 5's first request; an input arriving later is refused."""
 
-    def __init__(self, epoch: LeaderEpoch, round_index: int, shared: tuple[int, ...], size: int) -> None:
+    def __init__(self, epoch: LeaderEpoch, round_index: int, shared: tuple[int, ...], ring: Ring) -> None:
         """Made by LeaderEpoch.open_round."""
-        self.epoch, self.round_index, self.shared, self.size = epoch, round_index, shared, size
+        self.epoch, self.round_index, self.shared, self.ring = epoch, round_index, shared, ring
         self.threshold = epoch.threshold
         self.slot = round_index - epoch.epoch
         self._seed_shares: dict[int, dict[int, bytes]] = {}  # by survivor, then holder: shares of its slot's seed
         self._pair_seeds: dict[int, dict[int, bytes]] = {}  # by dropped learner, then survivor: their pair seed
         self._revealed: set[int] = set()
         self._arrived: set[int] = set()
-        self._sum = np.zeros(size, dtype=np.uint32)
+        self._sum = ring.zeros()
         self._unmasked = False
         self.survivors: tuple[int, ...] | None = None  # U3
 
@@ -623,20 +789,22 @@ class LeaderRound:
         elif phase != COMMIT:
             raise Refused(f"no round phase {phase}")
 
-    def add_masked(self, learner_id: int, masked: torch.Tensor) -> None:
-        """Add a committed learner's masked input (int32, `size` values) to the running sum; Refused if its length
-        is wrong, it is not in U2, or it already sent one."""
+    def add_masked(self, learner_id: int, masked: dict[str, torch.Tensor]) -> None:
+        """Add a committed learner's masked input (its tensors, as the ring's spec names them) to the running sum;
+        Refused if they are not the spec's, it is not in U2, or it already sent one."""
         if learner_id not in self.shared or self.survivors is not None:
             raise Refused(f"learner {learner_id}'s masked input is not expected now")
         if learner_id in self._arrived:
             raise Refused(f"learner {learner_id} already sent its masked input")
-        if masked.dtype != torch.int32 or masked.shape != (self.size,):
-            raise Refused(f"a masked input must be {self.size} int32 values, not {tuple(masked.shape)} {masked.dtype}")
-        self._sum += masked.contiguous().numpy().view(np.uint32)
+        described = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in masked.items()}
+        if described != self.ring.spec:
+            raise Refused(f"a masked input must be {self.ring.spec}, not {described}")
+        self.ring.add(self._sum, self.ring.buffer(masked))
         self._arrived.add(learner_id)
 
     def unmask(self) -> torch.Tensor:
-        """After phase 5: the sum of the survivors' quantised inputs modulo 2^32 (int64 in [0, 2^32)); raises
+        """After phase 5: the sum of the survivors' quantised inputs (Ring.integers: int64 residues modulo 2^bits,
+        the extras modulo 2^32); raises
         BelowThreshold when a survivor's seed cannot be reconstructed from threshold consistent shares (matching its
         commitment for the slot), or a learner dropped while a survivor revealed
         nothing (its pair mask with the dropped one is then in the sum for good). Every count is checked before
@@ -658,11 +826,11 @@ class LeaderRound:
         seeds = {owner: self._reconstruct(owner) for owner in survivors}
         self._unmasked, total = True, self._sum  # unmasked in place: one vector's memory
         for owner, seed in seeds.items():
-            total -= _self_mask(seed, self.round_index, owner, self.size)
+            self.ring.add(total, _self_mask(seed, self.round_index, owner, self.ring), -1)
         for owner in dropped:
             for survivor, seed in self._pair_seeds[owner].items():
-                _add_pair_mask(total, seed, owner, survivor)  # what the dropped one's input would have carried
-        return torch.from_numpy(total.astype(np.int64))
+                _add_pair_mask(total, self.ring, seed, owner, survivor)  # what the dropped one's input would carry
+        return self.ring.integers(total)
 
     def _take_reveals(self, learner_id: int, reveals: Sequence[learner_pb2.SecAggReveal]) -> None:
         if self.survivors is None or learner_id not in self.survivors or learner_id in self._revealed:

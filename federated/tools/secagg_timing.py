@@ -30,10 +30,10 @@ def time_round(learners: int, dropped: int, size: int, noise_std: float) -> dict
         _phase(epoch, sides, phase, everyone)
     setup = time.perf_counter() - start
     start = time.perf_counter()
-    leader = epoch.open_round(1, everyone, size + 2)
+    quantisation = Quantisation(clip_range=8.0, weight_unit=100.0, summands=learners, noise_std=noise_std)
+    leader = epoch.open_round(1, everyone, quantisation.ring(size))
     _phase(leader, sides, COMMIT, everyone)
     commit = time.perf_counter() - start
-    quantisation = Quantisation(clip_range=8.0, weight_unit=100.0, summands=learners, noise_std=noise_std)
     update = torch.randn(size)
     masking, adding, quantising = [], [], []
     for learner in everyone[dropped:]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import utils
 from federated.core import compression, strategies
+from federated.core.checks import TensorSpec
 from federated.core.plan import (
     DP_MODES,
     MAX_CLIENT_LR,
@@ -40,8 +41,7 @@ MAX_LOSS = 1e6  # a batch loss beyond this is no cross-entropy of a sane model: 
 MAX_SAMPLES = 1 << 32  # the most images a learner may claim to hold
 MIN_IMAGE_SIZE = 8  # smaller images do not survive a ResNet's downsampling
 UPDATE_KINDS = ("gradient", "pseudo-gradient")
-MASKED = "masked"  # the kind of a secure round's update: one I32 tensor, its values masked (privacy/secagg.py)
-MASKED_TENSOR = "masked"
+MASKED = "masked"  # the kind of a secure round's update: its ring's tensors, masked (privacy/secagg.py's Ring)
 PARTICIPANTS = re.compile(rf"([0-9]{{1,9}}(,[0-9]{{1,9}}){{0,{MAX_LEARNERS - 1}}})?")  # learner ids, comma-separated
 
 
@@ -231,14 +231,16 @@ def secure_to_metadata(secure: SecureRound) -> dict[str, str]:
 
 
 def secure_from_metadata(metadata: dict[str, str]) -> SecureRound | None:
-    """A secure round's quantisation (None for a plain round), within the bounds a learner accepts."""
+    """A secure round's quantisation (None for a plain round), within the bounds a learner accepts; its levels
+    those of the plan's codec (compress int8/int4; 0 for others, which a leader refuses under secure rounds)."""
     if "secagg_clip_range" not in metadata:
         return None
     clip_range = _float(metadata, "secagg_clip_range", high=MAX_CLIP_RANGE)
     weight_unit = _float(metadata, "secagg_weight_unit", high=MAX_WEIGHT_UNIT)
     if clip_range <= 0 or weight_unit < 1:
         raise codec.PayloadError("metadata 'secagg_clip_range' must be positive and 'secagg_weight_unit' at least 1")
-    return SecureRound(clip_range, weight_unit, _int(metadata, "secagg_summands", minimum=3, maximum=MAX_LEARNERS))
+    summands = _int(metadata, "secagg_summands", minimum=3, maximum=MAX_LEARNERS)
+    return SecureRound(clip_range, weight_unit, summands, compression.QUANTISED.get(metadata.get("compress", ""), 0))
 
 
 @dataclass(frozen=True)
@@ -449,14 +451,16 @@ class MaskedInfo:
         return {"learner_id": str(self.learner_id), "round": str(self.round), "kind": MASKED}
 
     @classmethod
-    def from_payload(cls, payload: codec.Payload) -> "MaskedInfo":
-        """The masked input's claims, well formed: only learner_id, round and kind, one I32 tensor; PayloadError."""
+    def from_payload(cls, payload: codec.Payload, ring: TensorSpec) -> "MaskedInfo":
+        """The masked input's claims, well formed: only learner_id, round and kind, and exactly the tensors of the
+        round's ring (secagg.Ring.spec: their names, dtypes and lengths); PayloadError."""
         metadata = payload.metadata
         if set(metadata) != {"learner_id", "round", "kind"} or metadata["kind"] != MASKED:
             raise codec.PayloadError("a masked input's metadata is learner_id, round and kind 'masked', nothing else")
-        tensor = payload.tensors.get(MASKED_TENSOR)
-        if len(payload.tensors) != 1 or tensor is None or tensor.dtype != codec.DTYPES["I32"] or tensor.dim() != 1:
-            raise codec.PayloadError(f"a masked input is one 1-D I32 tensor named {MASKED_TENSOR!r}")
+        try:
+            codec.check_layout(payload, ring)
+        except codec.PayloadError as error:
+            raise codec.PayloadError(f"not a masked input in this run's ring: {error}") from None
         return cls(_int(metadata, "learner_id"), _int(metadata, "round"))
 
 

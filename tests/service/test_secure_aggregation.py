@@ -14,6 +14,7 @@ from federated.learner.servicer import ADD_LEARNER_SERVICE, LearnerServicer, Sta
 from federated.learner.session import LeaderCredential
 from federated.net import rpc
 from federated.net.rpc import learner_pb2
+from federated.privacy import secagg
 from federated.wire import codec, messages
 from tests.support.live import LiveLeader
 
@@ -80,7 +81,9 @@ def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(lear
     leader_round = rounds._round  # the round's own requests, relayed shares and all
     assert leader_round is not None
     for learner in committed:
-        leader_round.add_masked(learner, torch.full((SIZE + 2,), learner, dtype=torch.int32))  # (values: any)
+        leader_round.add_masked(
+            learner, {secagg.MASKED_TENSOR: torch.full((SIZE + 2,), learner, dtype=torch.int32)}
+        )  # (values: any)
     survived = leader_round.request(5, 0)
     reveals = call(honest[0], survived).reveals
     assert [reveal.mask_key for reveal in reveals if reveal.owner == 2] == [False]  # a share of 2's self-mask seed
@@ -138,15 +141,48 @@ def test_a_leader_running_secure_rounds_refuses_plain_updates_and_masked_inputs_
     assert "secure aggregation" in plain.value.details() and "never a plain update" in plain.value.details()
     size = secure_leader.leader.global_model.layout.size + 2
     foreign = codec.encode(
-        {messages.MASKED_TENSOR: torch.zeros(size, dtype=torch.int32)}, messages.MaskedInfo(1, 0).to_metadata()
+        {secagg.MASKED_TENSOR: torch.zeros(size, dtype=torch.int32)}, messages.MaskedInfo(1, 0).to_metadata()
     )
     with pytest.raises(grpc.RpcError) as answered_for_another:
         secure_leader.accumulate(foreign, credentials[0])
     assert "is not the caller's slot" in answered_for_another.value.details()
     chatty = codec.encode(
-        {messages.MASKED_TENSOR: torch.zeros(size, dtype=torch.int32)},
+        {secagg.MASKED_TENSOR: torch.zeros(size, dtype=torch.int32)},
         {**messages.MaskedInfo(0, 0).to_metadata(), "samples": "8"},
     )
     with pytest.raises(grpc.RpcError) as in_the_clear:
         secure_leader.accumulate(chatty, credentials[0])
     assert "nothing else" in in_the_clear.value.details()
+
+
+def test_a_leader_asking_for_int8_takes_only_masked_inputs_of_its_ring_refusing_another_width(tmp_path, port):
+    """--compress int8 with 3 learners: a 16-bit ring (I16 values; I32 BatchNorm statistics, weight and loss);
+    today's I32 vector, 8-bit values or a wrong length are INVALID_ARGUMENT before anything is summed; the ring's
+    own layout passes to the round (none is open: ignored)."""
+    live = LiveLeader.start(
+        tmp_path,
+        port,
+        *("--learners", "3", "--batch-size", "8", "--secure-aggregation", "--compress", "int8"),
+        *("--dataset", "digits", "--image-size", "8"),
+    )
+    try:
+        credentials = live.enrol(3)
+        layout = live.leader.global_model.layout
+        size, narrow = layout.size, layout.parameter_count
+        metadata = messages.MaskedInfo(0, 0).to_metadata()
+        extras = torch.zeros(layout.statistics_count + 2, dtype=torch.int32)
+        for wrong in (
+            {secagg.MASKED_TENSOR: torch.zeros(size + 2, dtype=torch.int32)},
+            {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.uint8), secagg.MASKED_EXTRAS: extras},
+            {secagg.MASKED_TENSOR: torch.zeros(narrow + 1, dtype=torch.int16), secagg.MASKED_EXTRAS: extras},
+            {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.int16), secagg.MASKED_EXTRAS: extras[:2]},
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                live.accumulate(codec.encode(wrong, metadata), credentials[0])
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a masked input in this run's ring" in refused.value.details()
+        right = {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.int16), secagg.MASKED_EXTRAS: extras}
+        reply = live.accumulate(codec.encode(right, metadata), credentials[0])
+        assert not reply.success and "no secure round is open" in reply.message
+    finally:
+        live.stop()

@@ -29,12 +29,14 @@ class Leader:
     """A leader's epoch and its rounds behind one request and take, as leader/secure.py drives them: phases 1-3 go
     to the epoch, 4 and 5 to its round, which opens (with every verified learner) at the first of them."""
 
-    def __init__(self, epoch: LeaderEpoch) -> None:
-        self.epoch = epoch
+    def __init__(self, epoch: LeaderEpoch, ring: secagg.Ring) -> None:
+        self.epoch, self.ring = epoch, ring
         self.round: LeaderRound | None = None
 
     def open(self, round_index: int, learners: list[int] | None = None) -> LeaderRound:
-        self.round = self.epoch.open_round(round_index, self.epoch.verified if learners is None else learners, SIZE + 2)
+        self.round = self.epoch.open_round(
+            round_index, self.epoch.verified if learners is None else learners, self.ring
+        )
         return self.round
 
     def current(self) -> LeaderRound:
@@ -46,7 +48,7 @@ class Leader:
     def take(self, phase: int, learner: int, reply: learner_pb2.SecAggReply) -> None:
         (self.epoch if phase in SETUP else self.current()).take(phase, learner, reply)
 
-    def add_masked(self, learner: int, masked: torch.Tensor) -> None:
+    def add_masked(self, learner: int, masked: dict[str, torch.Tensor]) -> None:
         self.current().add_masked(learner, masked)
 
     def unmask(self) -> torch.Tensor:
@@ -56,10 +58,11 @@ class Leader:
 class Round:
     """A leader and its learners, every message relayed honestly unless a test steps in."""
 
-    def __init__(self, learners: int, threshold: int, round_index: int = 1) -> None:
-        self.leader = Leader(LeaderEpoch(round_index, list(range(learners)), threshold))
+    def __init__(self, learners: int, threshold: int, round_index: int = 1, levels: int = 0) -> None:
+        """levels: --compress int8/int4's (0: the full 32-bit scale)."""
+        self.quantisation = Quantisation(CLIP, WEIGHT_UNIT, learners, levels=levels)
+        self.leader = Leader(LeaderEpoch(round_index, list(range(learners)), threshold), self.quantisation.ring(SIZE))
         self.learners = {learner: LearnerRound(learner) for learner in range(learners)}
-        self.quantisation = Quantisation(CLIP, WEIGHT_UNIT, learners)
         generator = torch.Generator().manual_seed(learners)
         self.updates = {learner: torch.randn(SIZE, generator=generator) * 4 for learner in range(learners)}
         self.weights = {learner: float(10 + 7 * learner) for learner in range(learners)}
@@ -69,7 +72,7 @@ class Round:
         for learner in learners:
             self.leader.take(number, learner, self.learners[learner].answer(self.leader.request(number, learner)))
 
-    def masked(self, learner: int) -> torch.Tensor:
+    def masked(self, learner: int) -> dict[str, torch.Tensor]:
         return self.learners[learner].masked_input(
             self.updates[learner], self.weights[learner], self.losses[learner], self.quantisation
         )
@@ -248,13 +251,14 @@ def test_a_dropped_learners_pair_seeds_revealed_in_one_round_do_not_unmask_its_i
     assert torch.allclose(mean, round_.expected(survivors)[0], atol=1e-5)
     round_.leader.open(2)
     round_.phase(4, list(range(5)))
-    masked = round_.masked(4)
-    self_mask = secagg._self_mask(round_.learners[4]._seeds[1], 2, 4, SIZE + 2)
+    ring = round_.leader.ring
+    masked = ring.buffer(round_.masked(4))
+    ring.add(masked, secagg._self_mask(round_.learners[4]._seeds[1], 2, 4, ring), -1)
 
     def unmasked_with(seeds: dict[int, bytes]) -> np.ndarray:
-        total = masked.numpy().view(np.uint32) - self_mask
+        total = masked.copy()
         for peer, seed in seeds.items():
-            secagg._add_pair_mask(total, seed, peer, 4)
+            secagg._add_pair_mask(total, ring, seed, peer, 4)
         return total.view(np.int32)[:SIZE].astype(np.float64)
 
     new_seeds = {peer: round_.learners[peer]._pair_seed(4) for peer in survivors}
@@ -448,11 +452,11 @@ def test_malformed_shares_and_masked_inputs_are_refused_and_the_round_goes_on():
     round_.phase(3, [0, 1, 2, 3])
     round_.phase(4, [0, 1, 2, 3])
     for wrong in [torch.zeros(SIZE + 1, dtype=torch.int32), torch.zeros(SIZE + 2, dtype=torch.int64)]:
-        with pytest.raises(Refused, match="int32 values"):
-            round_.leader.add_masked(0, wrong)
+        with pytest.raises(Refused, match="must be"):
+            round_.leader.add_masked(0, {secagg.MASKED_TENSOR: wrong})
     round_.send_masked([0, 1, 2, 3])
     with pytest.raises(Refused, match="already sent"):
-        round_.leader.add_masked(0, torch.zeros(SIZE + 2, dtype=torch.int32))
+        round_.leader.add_masked(0, {secagg.MASKED_TENSOR: torch.zeros(SIZE + 2, dtype=torch.int32)})
     reply = round_.learners[0].answer(round_.leader.request(5, 0))
     short = learner_pb2.SecAggReply()
     short.CopyFrom(reply)
@@ -528,7 +532,7 @@ def test_a_masked_input_looks_uniform_and_uncorrelated_while_the_quantised_one_d
     fresh.phase(2, [0, 1, 2])
     fresh.phase(3, [0, 1, 2])
     fresh.phase(4, [0, 1, 2])
-    masked = fresh.masked(0)
+    masked = fresh.masked(0)[secagg.MASKED_TENSOR]
     with pytest.raises(Refused, match="once per round"):  # a second input under the same masks
         fresh.masked(0)
     quantised = fresh.quantisation.quantise(fresh.updates[0], fresh.weights[0], 1.0, torch.Generator())

@@ -143,7 +143,7 @@ def send_masked(trained, participants, collector, learners) -> None:
         masked = participants[learner].masked_input(
             0, trained.updates[learner], trained.samples[learner], trained.losses[learner], trained.secure
         )
-        assert collector.submit_masked(learner, 0, masked, masked.numel() * 4) is None
+        assert masked is not None and collector.submit_masked(learner, 0, masked, 0) is None
 
 
 def plain_mean(trained: Trained, learners) -> tuple[torch.Tensor, int, float]:
@@ -225,7 +225,7 @@ def test_learners_that_drop_before_or_after_their_masked_input_are_recovered_but
 def run_rounds(rounds: SecureRounds, participants: dict[int, SecureParty], first: int, last: int) -> list[list[int]]:
     """Rounds first..last of small random updates (64 values) of every participant, each unmasked mean checked
     against the plain one within the quantisation bound; returns who committed."""
-    size, secure = rounds.size, SecureRound(clip_range=8.0, weight_unit=10.0, summands=len(participants))
+    size, secure = rounds.ring.size, SecureRound(clip_range=8.0, weight_unit=10.0, summands=len(participants))
     quantisation, generator = secagg.Quantisation(**dataclasses.asdict(secure)), torch.Generator().manual_seed(first)
     committed_by_round = []
     for round_index in range(first, last + 1):
@@ -329,16 +329,20 @@ def test_wrong_length_foreign_and_replayed_masked_inputs_are_refused_and_the_rou
     participants = parties(5)
     rounds, collector, _ = secure_round(fedsgd, participants, FakeClient(participants))
     size = fedsgd.updates[0].numel() + 2
-    assert "refused" in collector.submit_masked(0, 0, torch.zeros(size - 1, dtype=torch.int32), 0)
-    assert "refused" in collector.submit_masked(7, 0, torch.zeros(size, dtype=torch.int32), 0)  # not committed
+
+    def zeros(length: int) -> dict[str, torch.Tensor]:
+        return {secagg.MASKED_TENSOR: torch.zeros(length, dtype=torch.int32)}
+
+    assert "refused" in collector.submit_masked(0, 0, zeros(size - 1), 0)
+    assert "refused" in collector.submit_masked(7, 0, zeros(size), 0)  # not committed
     send_masked(fedsgd, participants, collector, [0, 1, 2, 3, 4])
-    assert "already sent" in collector.submit_masked(0, 0, torch.zeros(size, dtype=torch.int32), 0)
+    assert "already sent" in collector.submit_masked(0, 0, zeros(size), 0)
     out = torch.zeros(size - 2)
     outcome = rounds.finish(collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(fedsgd.secure)), out)
     collector.close(out, outcome)
     assert outcome.discarded is None
     assert_within_bound(out, fedsgd, range(5))
-    replayed = collector.submit_masked(1, 0, torch.zeros(size, dtype=torch.int32), 0)
+    replayed = collector.submit_masked(1, 0, zeros(size), 0)
     assert "round 1 is open" in replayed
 
 
@@ -355,7 +359,7 @@ def test_a_false_revealer_is_outvoted_not_benched_and_a_replayed_real_input_is_r
     client.tamper[4] = falsify_reveals
     rounds, collector, committed = secure_round(fedsgd, participants, client)
     captured = participants[0].masked_input(0, fedsgd.updates[0], fedsgd.samples[0], fedsgd.losses[0], fedsgd.secure)
-    assert captured is not None and collector.submit_masked(0, 0, captured, captured.numel() * 4) is None
+    assert captured is not None and collector.submit_masked(0, 0, captured, 0) is None
     send_masked(fedsgd, participants, collector, [1, 2, 3, 4])
     quantisation = secagg.Quantisation(**dataclasses.asdict(fedsgd.secure))
     out = torch.zeros(fedsgd.updates[0].numel())
@@ -367,12 +371,12 @@ def test_a_false_revealer_is_outvoted_not_benched_and_a_replayed_real_input_is_r
     committed = rounds.begin(1, members(5))  # learner 4 takes part in the next round as any other
     assert committed == [0, 1, 2, 3, 4]
     collector.commit(committed)
-    assert "round 1 is open" in collector.submit_masked(0, 0, captured, captured.numel() * 4)  # round 0's, replayed
+    assert "round 1 is open" in collector.submit_masked(0, 0, captured, 0)  # round 0's, replayed
     for learner in committed:
         masked = participants[learner].masked_input(
             1, fedsgd.updates[learner], fedsgd.samples[learner], fedsgd.losses[learner], fedsgd.secure
         )
-        assert masked is not None and collector.submit_masked(learner, 1, masked, masked.numel() * 4) is None
+        assert masked is not None and collector.submit_masked(learner, 1, masked, 0) is None
     outcome = rounds.finish(collector.seal(), members(5), quantisation, out)
     assert outcome.discarded is None
     assert_within_bound(out, fedsgd, committed)
@@ -435,12 +439,12 @@ def test_every_byte_the_leader_receives_from_one_learner_looks_uniform_and_plain
     secure_round(fedsgd, participants, client)
     learner, update = 0, fedsgd.updates[0]
     masked = participants[learner].masked_input(0, update, fedsgd.samples[0], fedsgd.losses[0], fedsgd.secure)
-    payload = codec.decode(codec.encode({messages.MASKED_TENSOR: masked}, messages.MaskedInfo(0, 0).to_metadata()))
+    payload = codec.decode(codec.encode(masked, messages.MaskedInfo(0, 0).to_metadata()))
     ciphertexts = b"".join(
         share.ciphertext for sender, reply in client.received if sender == learner for share in reply.shares
     )
     assert ciphertexts, "the learner's encrypted shares were captured"
-    captured = payload.tensors[messages.MASKED_TENSOR].numpy().tobytes() + ciphertexts
+    captured = payload.tensors[secagg.MASKED_TENSOR].numpy().tobytes() + ciphertexts
     assert chi_square_p(captured) > 1e-6  # (uniform bytes fail it once in a million runs)
     assert largest_correlation(captured, update) < 5 / update.numel() ** 0.5
     plain = codec.encode({"update": update}, {"learner_id": "0", "round": "0", "samples": "8", "loss": "1"})
@@ -486,7 +490,7 @@ def test_distributed_dp_the_noise_shares_of_the_fewest_survivors_sum_to_at_least
     collector.commit(rounds.begin(0, members(5)))
     for learner in (0, 1, 2, 3):  # 4 never sends: the sum has t + 1 = 4 noise shares, the fewest it can have
         masked = participants[learner].masked_input(0, torch.zeros(size), 1.0, 0.0, secure, (sigma, clip))
-        assert collector.submit_masked(learner, 0, masked, masked.numel() * 4) is None
+        assert masked is not None and collector.submit_masked(learner, 0, masked, 0) is None
     out = torch.zeros(size)
     outcome = rounds.finish(
         collector.seal(), members(5), secagg.Quantisation(**dataclasses.asdict(secure)), out, (sigma, clip)

@@ -4,6 +4,7 @@ feedback, the entries a payload must carry and their checked decoding into a sum
 from federated.core.compression.codecs import (
     BUCKET,
     CODECS,
+    QUANTISED,
     SPARSE,
     Codec,
     CompressionError,
@@ -23,6 +24,7 @@ from federated.core.compression.feedback import (
 __all__ = [
     "BUCKET",
     "CODECS",
+    "QUANTISED",
     "SMALL",
     "SPARSE",
     "Codec",

@@ -458,6 +458,8 @@ CODEC_CLASSES: dict[str, type[Codec]] = {
 }
 CODECS = tuple(CODEC_CLASSES)
 SPARSE = tuple(name for name, codec in CODEC_CLASSES.items() if issubclass(codec, Sparse))  # own positions
+# the levels L of the codecs that round to [-L, L]: under secure aggregation, the integers that are masked
+QUANTISED = {name: codec.levels for name, codec in CODEC_CLASSES.items() if issubclass(codec, Quantised)}
 
 
 def make_codec(name: str, settings: Settings) -> Codec:

@@ -85,15 +85,15 @@ def masked_inputs(updates: list[torch.Tensor], round_index: int = 0) -> tuple[li
     for phase in secagg.SETUP:
         for learner_id, learner in learners.items():
             epoch.take(phase, learner_id, learner.answer(epoch.request(phase, learner_id)))
-    leader = epoch.open_round(round_index, ids, size=updates[0].numel() + 2)
+    quantised = quantisation(len(ids))
+    leader = epoch.open_round(round_index, ids, quantised.ring(updates[0].numel()))
     for learner_id, learner in learners.items():
         leader.take(secagg.COMMIT, learner_id, learner.answer(leader.request(secagg.COMMIT, learner_id)))
-    quantised = quantisation(len(ids))
     masked = [
         learners[learner_id].masked_input(update, 1.0, 0.0, quantised) for learner_id, update in zip(ids, updates)
     ]
-    for learner_id, vector in zip(ids, masked):
-        leader.add_masked(learner_id, vector)
+    for learner_id, tensors in zip(ids, masked):
+        leader.add_masked(learner_id, tensors)
     for learner_id, learner in learners.items():
         leader.take(secagg.UNMASK, learner_id, learner.answer(leader.request(secagg.UNMASK, learner_id)))
-    return masked, quantised.dequantise(leader.unmask(), len(ids))[0]
+    return [tensors[secagg.MASKED_TENSOR] for tensors in masked], quantised.dequantise(leader.unmask(), len(ids))[0]

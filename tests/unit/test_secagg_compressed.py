@@ -1,0 +1,170 @@
+"""--compress int8/int4 under secure aggregation: the quantised integers are what is masked, in the narrowest ring
+that holds the round's sum (privacy/secagg.py's Quantisation.levels and Ring), and the leader's flag checks."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from federated.core import compression
+from federated.privacy import secagg
+from federated.privacy.secagg import BITS, Quantisation, Refused
+from tests.support.live import leader_config
+from tests.unit.test_secagg import Round
+
+INT8, INT4 = compression.QUANTISED["int8"], compression.QUANTISED["int4"]
+SIZE = 64
+WIDE = 8  # values kept at the full scale (BatchNorm's statistics, in a model's update)
+
+
+def largest_summands(levels: int, bits: int) -> int:
+    """The most inputs whose sum a ring of `bits` holds, by Quantisation's own choice (searched, not derived)."""
+    summands = 1
+    while Quantisation(1.0, 1.0, summands + 1, levels=levels).bits <= bits:
+        summands += 1
+    return summands
+
+
+def test_the_ring_is_the_narrowest_whose_twos_complement_holds_the_sum_and_its_noise():
+    # int4: 7 n <= 127 up to n = 18; int8: 127 n <= 32767 up to n = 258 (no noise); without levels, 32 bits
+    assert largest_summands(INT4, 8) == 18 and Quantisation(1.0, 1.0, 19, levels=INT4).bits == 16
+    assert largest_summands(INT8, 16) == 258 and Quantisation(1.0, 1.0, 259, levels=INT8).bits == BITS
+    assert Quantisation(1.0, 1.0, 3, levels=INT8).bits == 16
+    assert Quantisation(1.0, 1.0, 3).bits == BITS == Quantisation(1.0, 1.0, 3, noise_std=0.5).bits
+    # 4 int4 inputs (28) and 10 sigma sqrt(4) of noise (sigma in levels: noise_std * 7) fill 127 at noise_std 5/7
+    assert Quantisation(1.0, 1.0, 4, noise_std=4.9 / INT4, levels=INT4).bits == 8
+    assert Quantisation(1.0, 1.0, 4, noise_std=5.0 / INT4, levels=INT4).bits == 16
+    with pytest.raises(ValueError, match="a wider codec"):
+        Quantisation(1.0, 1.0, 4, noise_std=1e9, levels=INT4)
+
+
+@pytest.mark.parametrize(("levels", "bits"), [(INT4, 8), (INT8, 16)])
+def test_masked_sums_at_the_largest_summands_a_ring_allows_unmask_to_the_sum_of_the_quantised_values(levels, bits):
+    """Every input at the clip range (and one at its negative), the extremes of the sum: each learner's
+    integers plus its mask modulo the ring, summed, the masks taken off, read back exactly; the last WIDE values
+    (BatchNorm's statistics) at the full scale in the 32-bit part, clipped to WIDE_RANGE only."""
+    summands = largest_summands(levels, bits)
+    quantisation = Quantisation(2.0, 10.0, summands, levels=levels, wide=(SIZE - WIDE, SIZE))
+    ring = quantisation.ring(SIZE)
+    assert ring.bits == bits
+    assert ring.spec == {
+        secagg.MASKED_TENSOR: (secagg.WIRE_DTYPES[bits], (SIZE - WIDE,)),
+        secagg.MASKED_EXTRAS: (torch.int32, (WIDE + 2,)),
+    }
+    generator = torch.Generator().manual_seed(levels)
+    updates = [torch.randn(SIZE, generator=generator) for _ in range(summands)]
+    for update in updates:
+        update[:2] = torch.tensor([5.0, -5.0])  # beyond the clip range: every input's +-levels there
+        update[SIZE - WIDE :] += 10.0  # a running variance: beyond the levels' clip range, within WIDE_RANGE
+    quantised = [quantisation.quantise(update, 10.0, 0.5, generator) for update in updates]
+    keys = [os.urandom(32) for _ in updates]
+    total = ring.zeros()
+    for integers, key in zip(quantised, keys):
+        masked = ring.residues(integers.numpy())
+        ring.add(masked, ring.mask(key))
+        assert {name: (t.dtype, tuple(t.shape)) for name, t in ring.tensors(masked).items()} == ring.spec
+        ring.add(total, ring.buffer(ring.tensors(masked)))  # through the wire's tensors, as the leader takes them
+    for key in keys:
+        ring.add(total, ring.mask(key), -1)
+    unmasked = ring.integers(total)
+    expected = torch.stack(quantised).sum(dim=0)
+    signed = ring.signed(unmasked.numpy())
+    assert np.array_equal(signed, expected.numpy())
+    assert signed[:2].tolist() == [summands * levels, -summands * levels]  # the extremes, exactly
+    assert np.abs(signed[SIZE - WIDE : SIZE]).max() > 2**bits  # the wide values: beyond the narrow ring
+    mean, weight, loss = quantisation.dequantise(unmasked, summands)
+    assert mean[:2].tolist() == pytest.approx([2.0, -2.0], rel=1e-6)
+    plain = torch.stack(updates)[:, SIZE - WIDE :].mean(dim=0)
+    assert torch.allclose(mean[SIZE - WIDE :], plain, atol=1e-4)  # unclipped, at the full scale's precision
+    assert weight == pytest.approx(10.0 * summands) and loss == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("levels", [INT4, INT8])
+def test_the_levels_are_unbiased_over_seeds(levels):
+    quantisation = Quantisation(1.0, 1.0, 3, levels=levels)
+    update = torch.linspace(-1.2, 1.2, 49, dtype=torch.float64)  # beyond the clip range at both ends
+    seeds = 2000
+    rounded = torch.stack(
+        [quantisation.quantise(update, 1.0, 0.0, torch.Generator().manual_seed(seed))[:-2] for seed in range(seeds)]
+    ).double()
+    assert rounded.abs().max() <= levels  # never beyond the levels
+    # each draw errs by at most half a level in deviation: over 2000 seeds the mean's deviation is at most 0.011 of
+    # a level; 0.06 is over 5 of them (a rounding to the nearest level errs by up to 0.5)
+    assert (rounded.mean(dim=0) - update.clamp(-1, 1) * levels).abs().max() < 0.06
+
+
+@pytest.mark.parametrize(("dropped_before", "silent"), [((1,), ()), ((), (3,))])
+def test_a_dropout_before_or_after_the_input_is_recovered_at_the_narrow_width(monkeypatch, dropped_before, silent):
+    """The whole protocol (5 learners, threshold 3) with int4 in an 8-bit ring: learner 1 drops after sharing (its
+    pair masks undone from the survivors' reveals), or learner 3 after its input (its self mask undone from the
+    others' shares); the unmasked sum is exactly the sum of the inputs' quantised integers."""
+    seeds = iter(range(100))
+    monkeypatch.setattr(secagg, "_secret_generator", lambda: torch.Generator().manual_seed(next(seeds)))
+    round_ = Round(5, 3, levels=INT4)
+    assert round_.leader.ring.bits == 8
+    sent = round_.until_masked(dropped_after_sharing=dropped_before)
+    round_.phase(5, [learner for learner in sent if learner not in silent])
+    unmasked = round_.leader.unmask()
+    q = round_.quantisation
+    quantised = [  # the same draws the learners made, in the order they made them
+        q.quantise(
+            round_.updates[learner],
+            round_.weights[learner],
+            round_.losses[learner],
+            torch.Generator().manual_seed(index),
+        )
+        for index, learner in enumerate(sent)
+    ]
+    expected = torch.stack(quantised).sum(dim=0)
+    assert unmasked[:-2].numpy().astype(np.uint8).view(np.int8).tolist() == expected[:-2].tolist()
+    assert unmasked[-2:].tolist() == expected[-2:].tolist()
+    mean, weight, _ = q.dequantise(unmasked, len(sent))
+    expected_mean, expected_weight, _ = round_.expected(sent)
+    assert weight == pytest.approx(expected_weight)
+    # each input's rounding errs by less than one of its integers: the mean by survivors over the weights' levels
+    assert (mean - expected_mean).abs().max() <= q.clip_range * len(sent) / (expected_weight / q.weight_unit * INT4)
+
+
+@pytest.mark.parametrize("value", [46, -46, 100, -128])
+def test_a_sum_beyond_what_clipped_inputs_make_is_refused_at_the_narrow_width(value):
+    """5 int4 inputs of the whole weight: at most 35 a value, 45 with the rounding's slack; beyond (a wrap
+    included: -128 is 128's residue) refused."""
+    quantisation = Quantisation(1.0, 1.0, 5, levels=INT4)
+    ring = quantisation.ring(4)
+    weight = round(5 * quantisation.full_scale)
+    honest = ring.integers(ring.residues(np.array([45, -45, 0, 1, weight, 0])))
+    quantisation.dequantise(honest, 5)
+    beyond = ring.integers(ring.residues(np.array([value, 0, 0, 1, weight, 0])))
+    with pytest.raises(Refused, match="beyond what clipped inputs make"):
+        quantisation.dequantise(beyond, 5)
+
+
+def test_without_levels_the_masked_input_is_todays_one_int32_tensor():
+    ring = Quantisation(1.0, 1.0, 3).ring(SIZE)
+    assert ring.spec == {secagg.MASKED_TENSOR: (torch.int32, (SIZE + 2,))} and ring.nbytes == 4 * (SIZE + 2)
+    key = os.urandom(32)
+    words = np.frombuffer(ring.mask(key).tobytes(), dtype="<u4")  # the keystream as uint32 words, as before
+    integers = np.arange(-3, SIZE - 1)
+    masked = ring.residues(integers)
+    ring.add(masked, ring.mask(key))
+    assert np.array_equal(masked.view("<u4"), integers.astype(np.uint32) + words)
+
+
+def test_int8_and_int4_are_allowed_under_secure_aggregation_and_the_rest_refused_with_the_reason(capsys):
+    secure = ["--secure-aggregation", "--learners", "3"]
+    assert leader_config(["--compress", "int8", *secure]).compress == "int8"
+    assert leader_config(["--compress", "int4", *secure]).compress == "int4"
+    assert leader_config(["--compress", "int4", *secure[:1], "--learners", "18"]).compress == "int4"
+
+    def refusal(*flags: str) -> str:
+        with pytest.raises(SystemExit):
+            leader_config(list(flags))
+        return capsys.readouterr().err
+
+    for codec in ("fp16", "topk"):  # (one reason names them all)
+        assert "cannot be masked" in refusal("--compress", codec, *secure)
+    # 19 int4 inputs need 16 bits, int8's ring; 259 int8 inputs 32 bits, the full scale's
+    assert "use --compress int8" in refusal("--compress", "int4", "--secure-aggregation", "--learners", "19")
+    assert "use --compress none" in refusal("--compress", "int8", "--secure-aggregation", "--learners", "259")
+    assert "with --dp distributed" in refusal("--compress", "int8", *secure, "--dp", "distributed", "--norm", "group")
