@@ -2,7 +2,7 @@
 the bounds a learner holds a plan to (the leader's flags are held to the same ones). No torch: the flag table
 reads these bounds before anything heavy is imported."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 MAX_CLIENT_LR, MAX_CLIENT_MOMENTUM, MAX_WEIGHT_DECAY, MAX_MU = 1e3, 0.999, 1.0, 1e3
 MAX_LEARNERS = 4096  # the most learner ids a state may name as a round's participants
@@ -24,12 +24,15 @@ class SecureRound:
     to [-clip_range, clip_range], weights in units of weight_unit (the most samples one update may weigh: a
     learner clamps its own), and room in 32 bits for the sum of `summands` inputs; with levels (--compress
     int8/int4, which the plan's compress carries), values rounded to [-levels, levels] in the narrowest ring
-    that holds that sum. Its fields are Quantisation's, named alike: Quantisation(**asdict(secure))."""
+    that holds that sum. Its fields are Quantisation's, named alike: Quantisation(**asdict(secure)). least_weight,
+    the least samples an honest update weighs, is the leader's alone (it refuses a sum weighing less): it does not
+    travel to learners, so a plan compares equal without it."""
 
     clip_range: float
     weight_unit: float
     summands: int
     levels: int = 0
+    least_weight: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,9 @@ class Planner:
         """With --secure-aggregation, the quantisation every round's masked inputs follow: the clip range, the
         weight unit (the most samples one update may weigh: a batch times the round's steps, or with each
         learner's own epochs MAX_SHARD_FACTOR typical learners' steps, as a leader without data caps plain
-        updates; the leader cannot cap a folded weight, so learners clamp their own) and room for the sum of as
-        many inputs as a round may have."""
+        updates; the leader cannot cap a folded weight, so learners clamp their own), the least an honest update
+        weighs (a learner holding one image: one image a step, its steps) and room for the sum of as many inputs
+        as a round may have."""
         config = self.config
         if not config.secure_aggregation:
             return None
@@ -71,6 +72,7 @@ class Planner:
             float(unit),
             config.learners_per_round or config.learners,
             compression.QUANTISED.get(config.compress, 0),
+            float(self.steps_of(1)),
         )
 
     def steps_of(self, shard_size: int | None) -> int:

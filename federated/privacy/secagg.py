@@ -107,15 +107,23 @@ class Quantisation:
     # wide_range (BatchNorm's statistics: values, not changes, which a few levels of a range wide enough for
     # them would blur, and which a clip range fit for the levels, the gradients', would cut off)
     wide: tuple[int, int] = (0, 0)
+    # the least samples an honest input weighs (Planner.secure_round; 0: unknown, as on a learner's side): the
+    # leader refuses a sum weighing less than that many inputs of it, which only a hostile weight element makes
+    least_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.clip_range > 0 and self.weight_unit > 0 and self.summands >= 1 and self.noise_std >= 0):
             raise ValueError(f"no quantisation: {self}")
-        if self.levels < 0 or (self.scale < 1 if not self.levels else self.extent >= 2 ** (BITS - 1)):
+        if self.levels < 0 or (self.levels and self.noise_std):
+            raise ValueError(
+                f"{self.levels} levels with distributed DP's noise: the noise is calibrated to the clipped update, "
+                "not to its rounding to a few levels; use --compress none"
+            )
+        if self.scale < 1 if not self.levels else self.extent >= 2 ** (BITS - 1) - 1:
             raise ValueError(
                 f"noise {self.noise_std} leaves no room for {self.summands} inputs"
                 + (f" of {self.levels} levels" if self.levels else "")
-                + f" in {BITS} bits: a smaller noise, fewer learners a round, or a wider codec (or --compress none)"
+                + f" in {BITS} bits: a smaller noise or fewer learners a round"
             )
 
     @property
@@ -135,30 +143,26 @@ class Quantisation:
         return replace(self, levels=0).scale if self.levels else self.scale
 
     @property
-    def extent(self) -> float:
-        """With levels: the most |sum| of `summands` inputs' values reaches (each at most `levels`; the noise's
-        tails), in integers."""
-        return self.summands * self.levels + NOISE_TAILS * math.sqrt(self.summands) * self.noise_sigma
+    def extent(self) -> int:
+        """With levels: the most |sum| of `summands` inputs' values that dequantise takes (each input at most
+        `levels`, and 2 of rounding: the weight factor's and the value's), in integers."""
+        return self.summands * (self.levels + 2)
 
     @property
     def bits(self) -> int:
         """The values' ring: BITS without levels; with them, the narrowest of RING_BITS whose two's complement
-        holds the extent."""
-        return next(bits for bits in RING_BITS if self.extent < 2 ** (bits - 1)) if self.levels else BITS
+        holds the extent and one more (a sum beyond the extent must be representable to be refused)."""
+        return next(bits for bits in RING_BITS if self.extent < 2 ** (bits - 1) - 1) if self.levels else BITS
 
     def ring(self, size: int) -> "Ring":
-        """The masked input's layout for an update of `size` values."""
-        return Ring(self.bits, size, self.wide)
+        """The masked input's layout for an update of `size` values: the wide values at 32 bits with levels (the
+        one place that decides which values are wide), none without."""
+        return Ring(self.bits, size, self.wide if self.levels else (0, 0))
 
     @property
     def noise_sigma(self) -> float:
         """Each learner's noise's standard deviation in integers (of the values' scale)."""
         return self.noise_std / self.clip_range * self.scale
-
-    @property
-    def _wide(self) -> slice:
-        """The wide values (none without levels)."""
-        return slice(*self.wide) if self.levels else slice(0, 0)
 
     @property
     def wide_range(self) -> float:
@@ -168,8 +172,8 @@ class Quantisation:
     def scales(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Each of `size` values' scale and clip range: the levels and the clip range, or on the wide ones the
         full scale and wide_range."""
-        scales, ranges = np.full(size, self.scale), np.full(size, self.clip_range)
-        scales[self._wide], ranges[self._wide] = self.full_scale, self.wide_range
+        scales, ranges, wide = np.full(size, self.scale), np.full(size, self.clip_range), self.ring(size).wide_values
+        scales[wide], ranges[wide] = self.full_scale, self.wide_range
         return scales, ranges
 
     def quantise(self, update: torch.Tensor, weight: float, loss: float, generator: torch.Generator) -> torch.Tensor:
@@ -186,19 +190,13 @@ class Quantisation:
         clipped = np.clip(values, -self.clip_range, self.clip_range)
         if self.levels:  # (a float rounding beyond the levels would round up past them)
             scaled = np.clip(clipped * (factor / self.clip_range), -self.levels, self.levels)
-            wide = np.clip(values[self._wide], -self.wide_range, self.wide_range)
-            scaled[self._wide] = wide * (extra / self.wide_range)
+            wide = self.ring(len(values)).wide_values
+            scaled[wide] = np.clip(values[wide], -self.wide_range, self.wide_range) * (extra / self.wide_range)
         else:
             scaled = clipped * (factor / self.clip_range)
         rounded = torch.from_numpy(_stochastic_round(np.concatenate([scaled, extras]), generator))
-        if self.noise_sigma > 0:
-            noise = discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
-            if self.levels:  # the wide values' noise, at their own scale
-                wide = noise[self._wide]
-                wide[:] = discrete_gaussian.sample(
-                    self.noise_std / self.wide_range * self.full_scale, len(wide), generator
-                )
-            rounded[:-EXTRAS] += noise
+        if self.noise_sigma > 0:  # (only without levels: __post_init__ refuses noise with them)
+            rounded[:-EXTRAS] += discrete_gaussian.sample(self.noise_sigma, update.numel(), generator)
         return rounded
 
     def dequantise(
@@ -208,15 +206,23 @@ class Quantisation:
         its part's width, Ring) of `survivors` inputs: the weighted mean of the updates, the total weight (in
         samples) and the weighted mean loss. Refused if the sum is beyond what that many clipped inputs can make: a
         value or weighted mean beyond its clip range, a loss mean beyond LOSS_RANGE (each by more than the
-        rounding, one integer an input, and the noise's tails), and with whole_weights (distributed DP: every
-        learner weighs the whole unit) a total weight other than survivors * full_scale within the rounding. An
-        honest input's weight element is at least 0, so a mean beyond the range is what a negative weight (a
-        hostile learner shrinking the total) makes."""
+        rounding, one integer an input, and the noise's tails), a total weight below survivors inputs of
+        least_weight each (less the rounding), and with whole_weights (distributed DP: every learner weighs the
+        whole unit) a total weight other than survivors * full_scale within the rounding. A hostile weight element
+        that cancels the honest ones would make the values' factors tiny, and the mean the rounding's slack (2 an
+        input) magnified by them: with the floor, the mean stays within clip_range * (1 + 2 weight_unit / (levels
+        * least_weight)) (levels: the scale, without), about the clip range where every learner weighs the unit."""
         signed = self.ring(len(total) - EXTRAS).signed(total.cpu().numpy())  # two's complement of each part
         values, weight, loss = signed[:-EXTRAS], int(signed[-2]), int(signed[-1])
         most = survivors * (self.full_scale + 1)
-        if not 0 < weight <= most or (whole_weights and abs(weight - survivors * self.full_scale) > survivors):
-            raise Refused(f"the sum's weight ({weight}) is not what {survivors} honest inputs make")
+        least = survivors * (min(self.least_weight, self.weight_unit) / self.weight_unit * self.full_scale - 1)
+        if not max(least, 0) < weight <= most or (
+            whole_weights and abs(weight - survivors * self.full_scale) > survivors
+        ):
+            raise Refused(
+                f"the sum's weight ({weight}) is not what {survivors} honest inputs make ({max(least, 0):.0f} to "
+                f"{most:.0f})"
+            )
         # each value's scale and range; the inputs' factors' sum in its integers (the weight, without levels)
         scales, ranges = self.scales(len(values)) if self.levels else (self.scale, self.clip_range)
         factors = weight * (scales / self.full_scale) if self.levels else weight
@@ -233,23 +239,29 @@ class Quantisation:
 @dataclass(frozen=True)
 class Ring:
     """Where a masked input lives, as one uint8 buffer whose parts are viewed (and add, wrapping) at their own
-    widths: the update's `size` values modulo 2^bits, then its wide values [start, stop) and the EXTRAS weight and
-    loss elements modulo 2^32. At BITS, nothing is wide: exactly size + 2 uint32 words, in the update's order. On
-    the wire (tensors): one I32 tensor at BITS; else the narrow values as U8 (8 bits) or I16 (16 bits), and the
-    32-bit part as I32."""
+    widths: the update's `size` values but the wide ones modulo 2^bits, then its wide values [start, stop) and the
+    EXTRAS weight and loss elements modulo 2^32 (Quantisation.ring sets which are wide). At BITS with nothing wide
+    (--compress none): exactly size + 2 uint32 words, in the update's order. On the wire (tensors): then one I32
+    tensor; else the narrow values as U8 (8 bits), I16 (16 bits) or I32, and the 32-bit part as I32."""
 
     bits: int
     size: int
     wide: tuple[int, int] = (0, 0)
 
     @property
-    def _wide(self) -> slice:
-        return slice(*self.wide) if self.bits < BITS else slice(0, 0)
+    def wide_values(self) -> slice:
+        """The update's values kept in the 32-bit part."""
+        return slice(*self.wide)
 
     @property
     def narrow(self) -> int:
         """The values at the ring's width."""
-        return self.size - len(range(self.size)[self._wide])
+        return self.size - len(range(self.size)[self.wide_values])
+
+    @property
+    def _whole(self) -> bool:
+        """Whether the input is one 32-bit vector (today's, --compress none's)."""
+        return self.bits == BITS and self.narrow == self.size
 
     @property
     def split(self) -> int:
@@ -273,18 +285,23 @@ class Ring:
 
     def add(self, total: np.ndarray, other: np.ndarray, sign: int = 1) -> None:
         """total += sign * other (sign +-1), each part modulo its own width."""
-        for into, part in zip(self.parts(total), self.parts(other)):
-            if sign > 0:
-                into += part
-            else:
-                into -= part
+        _add_parts(self.parts(total), self.parts(other), sign)
+
+    def add_tensors(self, total: np.ndarray, tensors: dict[str, torch.Tensor]) -> None:
+        """total += a masked input's tensors (checked against the spec by the caller), each viewed unsigned at its
+        part's width: no copy of the input."""
+        unsigned = [
+            tensors[name].contiguous().numpy().view(f"<u{dtype.itemsize}") for name, (dtype, _) in self.spec.items()
+        ]
+        parts = self.parts(unsigned[0].view(np.uint8)) if self._whole else unsigned  # (the extras: the vector's end)
+        _add_parts(self.parts(total), parts)
 
     def residues(self, integers: np.ndarray) -> np.ndarray:
         """A buffer holding the integers (size + 2, in the update's order) modulo each part's width (numpy's casts
         wrap)."""
         buffer = self.zeros()
         narrow, wide = self.parts(buffer)
-        start, stop = self._wide.start, self._wide.stop
+        start, stop = self.wide_values.start, self.wide_values.stop
         narrow[:] = np.concatenate([integers[:start], integers[stop : self.size]]).astype(narrow.dtype)
         wide[:] = np.concatenate([integers[start:stop], integers[self.size :]]).astype(np.uint32)
         return buffer
@@ -299,7 +316,7 @@ class Ring:
         return self._ordered(narrow.view(f"<i{self.bits // 8}"), wide.view("<i4"))
 
     def _ordered(self, narrow: np.ndarray, wide: np.ndarray) -> np.ndarray:
-        start, stop = self._wide.start, self._wide.stop
+        start, stop = self.wide_values.start, self.wide_values.stop
         ordered = np.empty(self.size + EXTRAS, dtype=np.int64)
         ordered[:start], ordered[stop : self.size] = narrow[:start], narrow[start:]
         ordered[start:stop], ordered[self.size :] = wide[: stop - start], wide[stop - start :]
@@ -308,21 +325,26 @@ class Ring:
     @property
     def spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The masked input's tensors on the wire (names, dtypes, shapes), as its receiver checks them."""
-        if self.bits == BITS:
+        if self._whole:
             return {MASKED_TENSOR: (torch.int32, (self.size + EXTRAS,))}
         wide = (self.size - self.narrow + EXTRAS,)
         return {MASKED_TENSOR: (WIRE_DTYPES[self.bits], (self.narrow,)), MASKED_EXTRAS: (torch.int32, wide)}
 
     def tensors(self, buffer: np.ndarray) -> dict[str, torch.Tensor]:
         """A buffer as the masked input's tensors (the narrow values a view of it; the 32-bit part a copy, aligned)."""
-        if self.bits == BITS:
+        if self._whole:
             return {MASKED_TENSOR: torch.from_numpy(buffer.view(np.int32))}
         values = torch.from_numpy(buffer[: self.split]).view(WIRE_DTYPES[self.bits])
         return {MASKED_TENSOR: values, MASKED_EXTRAS: torch.from_numpy(buffer[self.split :].copy().view(np.int32))}
 
-    def buffer(self, tensors: dict[str, torch.Tensor]) -> np.ndarray:
-        """The buffer of a masked input's tensors, in spec order (checked against the spec by the caller)."""
-        return np.concatenate([tensors[name].contiguous().view(torch.uint8).numpy() for name in self.spec])
+
+def _add_parts(into: Sequence[np.ndarray], parts: Sequence[np.ndarray], sign: int = 1) -> None:
+    """Each part added to (sign +1) or taken from (-1) its counterpart, in place, wrapping at their width."""
+    for total, part in zip(into, parts, strict=True):
+        if sign > 0:
+            total += part
+        else:
+            total -= part
 
 
 def _stochastic_round(values: np.ndarray, generator: torch.Generator) -> np.ndarray:
@@ -799,7 +821,7 @@ class LeaderRound:
         described = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in masked.items()}
         if described != self.ring.spec:
             raise Refused(f"a masked input must be {self.ring.spec}, not {described}")
-        self.ring.add(self._sum, self.ring.buffer(masked))
+        self.ring.add_tensors(self._sum, masked)
         self._arrived.add(learner_id)
 
     def unmask(self) -> torch.Tensor:

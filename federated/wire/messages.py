@@ -136,6 +136,11 @@ def plan_from_metadata(metadata: dict[str, str]) -> TrainingPlan:
         ) from None
     dp, compressed = _dp_from_metadata(metadata), _compress_from_metadata(metadata)
     secure = secure_from_metadata(metadata)
+    if dp.get("dp") == "distributed" and secure is not None and secure.levels:  # (the leader's flags refuse it)
+        raise codec.PayloadError(
+            f"metadata 'dp' is distributed with 'compress' {metadata['compress']}: the noise is calibrated to the "
+            "clipped update, not to its rounding to a few levels"
+        )
     if dp.get("dp") == "distributed" and secure is None:  # its noise is only ever added to a masked input
         raise codec.PayloadError(
             "metadata 'dp' is distributed without a secure round: the update would go to the leader in the clear, "

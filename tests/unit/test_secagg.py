@@ -252,7 +252,8 @@ def test_a_dropped_learners_pair_seeds_revealed_in_one_round_do_not_unmask_its_i
     round_.leader.open(2)
     round_.phase(4, list(range(5)))
     ring = round_.leader.ring
-    masked = ring.buffer(round_.masked(4))
+    masked = ring.zeros()
+    ring.add_tensors(masked, round_.masked(4))
     ring.add(masked, secagg._self_mask(round_.learners[4]._seeds[1], 2, 4, ring), -1)
 
     def unmasked_with(seeds: dict[int, bytes]) -> np.ndarray:
