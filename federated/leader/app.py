@@ -13,7 +13,7 @@ from federated.core import aggregation, strategies
 from federated.core.plan import TrainingPlan
 from federated.leader import checkpoint, data, dispatch, evaluation
 from federated.leader.collector import RoundCollector
-from federated.leader.config import LeaderConfig, compression_caveat
+from federated.leader.config import LeaderConfig, compression_caveat, secure_compression_caveats
 from federated.leader.data import DataFacts
 from federated.leader.federation import Federation, Settings, Stalled
 from federated.leader.global_model import Diverged, GlobalModel
@@ -69,9 +69,8 @@ class Leader:
             SecureRounds(
                 client,
                 config.secagg_threshold,
-                layout.size,
-                config.sync_timeout,
                 Quantisation(**dataclasses.asdict(secure_round), wide=layout.statistics).ring(layout.size),
+                config.sync_timeout,
             )
             if secure_round
             else None
@@ -123,8 +122,9 @@ class Leader:
         )
         if facts:
             self.planner.log()
-        if caveat := compression_caveat(config):
-            log.warning("%s", caveat)
+        for caveat in [compression_caveat(config), *secure_compression_caveats(config)]:
+            if caveat:
+                log.warning("%s", caveat)
 
     @property
     def stopping(self) -> threading.Event:
@@ -174,11 +174,11 @@ class Leader:
             self.federation,
             self.evaluations,
         )
-        limit = self.global_model.gradient_payload_bytes() + rpc.ENVELOPE_BYTES
-        if config.secure_aggregation:  # a masked input takes at most 4 bytes a value, whatever the wire dtype
-            limit = max(limit, 4 * (self.global_model.layout.size + 2) + codec.HEADER_SLACK_BYTES + rpc.ENVELOPE_BYTES)
-        # a compressed update may take more than a plain one (top-k of over half the values: 8 bytes a value)
-        limit = max(limit, codec.payload_limit(servicer.compressed_spec) + rpc.ENVELOPE_BYTES)
+        if self.federation.secure:  # only masked inputs come in (a plain update is refused): the ring's bytes
+            limit = codec.payload_limit(self.federation.secure.ring.spec) + rpc.ENVELOPE_BYTES
+        else:  # a compressed update may take more than a plain one (top-k of over half the values: 8 bytes a value)
+            limit = max(self.global_model.gradient_payload_bytes(), codec.payload_limit(servicer.compressed_spec))
+            limit += rpc.ENVELOPE_BYTES
         server, port = rpc.start_server(
             f"{config.host}:{config.port}",
             [(ADD_LEADER_SERVICE, servicer)],

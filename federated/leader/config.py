@@ -940,6 +940,36 @@ def secure_compression_problems(config: LeaderConfig) -> list[str]:
     ]
 
 
+def secure_compression_caveats(config: LeaderConfig) -> list[str]:
+    """What int8/int4 under secure aggregation keep of each value where the flags leave little, for the leader to
+    warn of at its start (docs/compression.md): allowed (the rounding is unbiased, and averages out over a round's
+    learners), but rarely what one wants."""
+    from federated.core import compression
+    from federated.leader.data import MAX_SHARD_FACTOR
+    from federated.privacy import secagg
+
+    levels = compression.QUANTISED.get(config.compress, 0) if config.secure_aggregation else 0
+    if not levels:
+        return []
+    caveats = []
+    if config.secagg_clip_range >= secagg.WIDE_RANGE:
+        caveats.append(
+            f"--compress {config.compress} under --secure-aggregation with --secagg-clip-range "
+            f"{config.secagg_clip_range:g}: each value is rounded to steps of R/{levels} = "
+            f"{config.secagg_clip_range / levels:.3g}, coarser than most gradients (the range's default covers the "
+            "running variances, which keep 32 bits here), so the run barely learns; measure the gradients' range "
+            "with python -m federated.tools.update_range (the run's flags) and set --secagg-clip-range to it"
+        )
+    if config.local_steps_per == "learner":
+        caveats.append(
+            f"--compress {config.compress} under --secure-aggregation with --local-steps-per learner: an update "
+            f"weighs its samples against a unit of {MAX_SHARD_FACTOR} typical learners', so a typical learner keeps "
+            f"{levels}/{MAX_SHARD_FACTOR} = {levels / MAX_SHARD_FACTOR:g} levels of each value, a smaller one fewer"
+            + ("; --compress int8 keeps 127/4 = 31.75" if config.compress == "int4" else "")
+        )
+    return caveats
+
+
 def compression_caveat(config: LeaderConfig) -> str | None:
     """What a robust aggregator does with a sparse codec's updates (docs/compression.md), for the leader to warn
     of at its start; None when nothing is to say. Allowed, but rarely what one wants."""

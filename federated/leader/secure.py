@@ -54,15 +54,13 @@ class SecureRounds:
         self,
         client: LearnerClient,
         threshold: float,
-        size: int,
+        ring: secagg.Ring,
         timeout: float,
-        ring: secagg.Ring | None = None,
     ) -> None:
-        """threshold: --secagg-threshold (a fraction); size: the update's; timeout: of each phase's calls (--sync-
-        timeout); ring: the masked inputs' layout (Quantisation.ring; without, 32 bits), the run's (it varies by
-        round only with distributed DP's noise under --compress int8/int4, which the leader's config refuses)."""
-        self.client, self.threshold, self.timeout = client, threshold, timeout
-        self.ring = ring or secagg.Ring(secagg.BITS, size)
+        """threshold: --secagg-threshold (a fraction); ring: the masked inputs' layout (Quantisation.ring), the
+        run's (a quantisation's ring depends on its levels and summands only: distributed DP's noise, which varies
+        by round, is refused with levels); timeout: of each phase's calls (--sync-timeout)."""
+        self.client, self.threshold, self.ring, self.timeout = client, threshold, ring, timeout
         self._round: secagg.LeaderRound | None = None
         self._epoch: secagg.LeaderEpoch | None = None  # the last round's
         self._clean = False  # whether it went without trouble: else the next round opens a new epoch
@@ -210,6 +208,8 @@ class SecureRounds:
             leader_round, self._round = self._round, None
         if leader_round is not None and noise is not None:
             quantisation = replace(quantisation, noise_std=dp.noise_share_std(*noise, leader_round.threshold))
+        if quantisation.ring(self.ring.size) != self.ring:  # the inputs were taken in self.ring's layout
+            raise ValueError(f"a quantisation in {quantisation.ring(self.ring.size)}, not this run's {self.ring}")
         if leader_round is None or len(survivors) < secagg.MIN_LEARNERS:
             self._troubled()
             return SecureOutcome(

@@ -26,6 +26,7 @@ from federated.leader.planner import Planner
 from federated.leader.registry import COUNTED_ON, Member, Refusal, Registry
 from federated.net import guard, rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc
+from federated.privacy import secagg
 from federated.wire import codec, framing, messages
 
 log = logging.getLogger("leader")
@@ -283,7 +284,15 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
                 "follow the state's secure round (a learner of this version does)"
             )
         assert self.federation.secure is not None  # (called only under secure aggregation)
-        claims = messages.MaskedInfo.from_payload(payload, self.federation.secure.ring.spec)
+        ring = self.federation.secure.ring
+        if ring.bits < secagg.BITS and [(name, tensor.dtype) for name, tensor in payload.tensors.items()] == [
+            (secagg.MASKED_TENSOR, torch.int32)
+        ]:  # one I32 vector: the masked input of a learner that predates int8/int4 under secure aggregation
+            raise codec.PayloadError(
+                f"this run masks {self.planner.config.compress} in a {ring.bits}-bit ring; this learner sent the "
+                f"{secagg.BITS}-bit input (upgrade it)"
+            )
+        claims = messages.MaskedInfo.from_payload(payload, ring.spec)
         if claims.learner_id != member.learner_id:
             raise codec.PayloadError(
                 f"metadata learner_id {claims.learner_id} is not the caller's slot, {member.learner_id}"

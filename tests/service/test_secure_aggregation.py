@@ -62,7 +62,7 @@ def call(member: Member, request: learner_pb2.SecAggRequest) -> learner_pb2.SecA
 
 def test_phases_over_grpc_commit_the_learners_and_tell_apart_one_of_the_seed_protos(learners):
     unable = []
-    rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, SIZE, timeout=5)
+    rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, secagg.Ring(secagg.BITS, SIZE), timeout=5)
     committed = rounds.begin(0, learners, lambda member, why: unable.append((member.learner_id, why)))
     assert committed == [0, 1, 2, 3, 4]
     assert unable == [(5, f"learner 5 {UNIMPLEMENTED_WHY}")]
@@ -75,7 +75,7 @@ def test_a_hostile_leader_asking_for_both_secrets_of_one_learner_is_refused(lear
     dropped. Each learner unmasks once a round, one kind a learner: refused, so the leader holds one other
     learner's share of the seed (of the threshold 3) and one of the four pair seeds."""
     honest = {learner: learners[learner] for learner in range(5)}
-    rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, SIZE, timeout=5)
+    rounds = SecureRounds(LearnerClient(rpc.Security()), 0.5, secagg.Ring(secagg.BITS, SIZE), timeout=5)
     committed = rounds.begin(0, honest)
     assert committed == [0, 1, 2, 3, 4]
     leader_round = rounds._round  # the round's own requests, relayed shares and all
@@ -155,10 +155,16 @@ def test_a_leader_running_secure_rounds_refuses_plain_updates_and_masked_inputs_
     assert "nothing else" in in_the_clear.value.details()
 
 
-def test_a_leader_asking_for_int8_takes_only_masked_inputs_of_its_ring_refusing_another_width(tmp_path, port):
-    """--compress int8 with 3 learners: a 16-bit ring (I16 values; I32 BatchNorm statistics, weight and loss);
-    today's I32 vector, 8-bit values or a wrong length are INVALID_ARGUMENT before anything is summed; the ring's
-    own layout passes to the round (none is open: ignored)."""
+def test_a_leader_asking_for_int8_takes_only_masked_inputs_of_its_ring_refusing_another_width(
+    tmp_path, port, monkeypatch
+):
+    """--compress int8 with 3 learners: a 16-bit ring (I16 values; I32 BatchNorm statistics, weight and loss).
+    The receive limit is the ring's bytes (with a 64 KiB envelope here, not 1 MiB, so that it shows on a small
+    model): a 32-bit input is RESOURCE_EXHAUSTED before it is buffered; an I32 vector (a learner from before int8
+    under secure aggregation; shorter here, to pass the limit) is told to upgrade; 8-bit values or a wrong length
+    are INVALID_ARGUMENT before anything is summed; the ring's own layout passes to the round (none is open:
+    ignored)."""
+    monkeypatch.setattr(rpc, "ENVELOPE_BYTES", 64 << 10)
     live = LiveLeader.start(
         tmp_path,
         port,
@@ -168,11 +174,22 @@ def test_a_leader_asking_for_int8_takes_only_masked_inputs_of_its_ring_refusing_
     try:
         credentials = live.enrol(3)
         layout = live.leader.global_model.layout
-        size, narrow = layout.size, layout.parameter_count
+        size, narrow = layout.size, layout.size - layout.statistics_count  # (SCAFFOLD's controls are narrow too)
         metadata = messages.MaskedInfo(0, 0).to_metadata()
+        with pytest.raises(grpc.RpcError) as too_long:
+            live.accumulate(
+                codec.encode({secagg.MASKED_TENSOR: torch.zeros(size + 2, dtype=torch.int32)}, metadata), credentials[0]
+            )
+        assert too_long.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as old:
+            live.accumulate(
+                codec.encode({secagg.MASKED_TENSOR: torch.zeros(size // 4, dtype=torch.int32)}, metadata),
+                credentials[0],
+            )
+        assert old.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "masks int8 in a 16-bit ring; this learner sent the 32-bit input (upgrade it)" in old.value.details()
         extras = torch.zeros(layout.statistics_count + 2, dtype=torch.int32)
         for wrong in (
-            {secagg.MASKED_TENSOR: torch.zeros(size + 2, dtype=torch.int32)},
             {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.uint8), secagg.MASKED_EXTRAS: extras},
             {secagg.MASKED_TENSOR: torch.zeros(narrow + 1, dtype=torch.int16), secagg.MASKED_EXTRAS: extras},
             {secagg.MASKED_TENSOR: torch.zeros(narrow, dtype=torch.int16), secagg.MASKED_EXTRAS: extras[:2]},

@@ -1,6 +1,9 @@
 """--compress int8/int4 under secure aggregation: the quantised integers are what is masked, in the narrowest ring
 that holds the round's sum (privacy/secagg.py's Quantisation.levels and Ring), and the leader's flag checks."""
 
+import dataclasses
+import hashlib
+import math
 import os
 
 import numpy as np
@@ -8,10 +11,14 @@ import pytest
 import torch
 
 from federated.core import compression
+from federated.leader.config import secure_compression_caveats
+from federated.leader.secure import SecureRounds
 from federated.privacy import secagg
 from federated.privacy.secagg import BITS, Quantisation, Refused
+from federated.wire import codec, messages
 from tests.support.live import leader_config
 from tests.unit.test_secagg import Round
+from tests.unit.test_secure_rounds import FakeClient
 
 INT8, INT4 = compression.QUANTISED["int8"], compression.QUANTISED["int4"]
 SIZE = 64
@@ -26,17 +33,55 @@ def largest_summands(levels: int, bits: int) -> int:
     return summands
 
 
-def test_the_ring_is_the_narrowest_whose_twos_complement_holds_the_sum_and_its_noise():
-    # int4: 7 n <= 127 up to n = 18; int8: 127 n <= 32767 up to n = 258 (no noise); without levels, 32 bits
-    assert largest_summands(INT4, 8) == 18 and Quantisation(1.0, 1.0, 19, levels=INT4).bits == 16
-    assert largest_summands(INT8, 16) == 258 and Quantisation(1.0, 1.0, 259, levels=INT8).bits == BITS
+def test_the_ring_is_the_narrowest_whose_twos_complement_holds_the_refusal_bound_and_one_more():
+    # dequantise takes up to n (levels + 2): int4 9 n < 127 up to n = 14; int8 129 n < 32767 up to n = 254
+    assert largest_summands(INT4, 8) == 14 and Quantisation(1.0, 1.0, 15, levels=INT4).bits == 16
+    assert largest_summands(INT8, 16) == 254 and Quantisation(1.0, 1.0, 255, levels=INT8).bits == BITS
     assert Quantisation(1.0, 1.0, 3, levels=INT8).bits == 16
     assert Quantisation(1.0, 1.0, 3).bits == BITS == Quantisation(1.0, 1.0, 3, noise_std=0.5).bits
-    # 4 int4 inputs (28) and 10 sigma sqrt(4) of noise (sigma in levels: noise_std * 7) fill 127 at noise_std 5/7
-    assert Quantisation(1.0, 1.0, 4, noise_std=4.9 / INT4, levels=INT4).bits == 8
-    assert Quantisation(1.0, 1.0, 4, noise_std=5.0 / INT4, levels=INT4).bits == 16
-    with pytest.raises(ValueError, match="a wider codec"):
-        Quantisation(1.0, 1.0, 4, noise_std=1e9, levels=INT4)
+    with pytest.raises(ValueError, match="not to its rounding to a few levels"):  # distributed DP: none with levels
+        Quantisation(1.0, 1.0, 4, noise_std=0.1, levels=INT4)
+
+
+@pytest.mark.parametrize(("levels", "bits"), [(INT4, 8), (INT8, 16)])
+def test_at_the_largest_summands_a_ring_allows_the_most_positive_residue_is_still_refused(levels, bits):
+    """At a ring's edge the refusal can fire: the largest value its two's complement holds is beyond the bound."""
+    summands = largest_summands(levels, bits)
+    quantisation = Quantisation(1.0, 1.0, summands, levels=levels)
+    ring, weight = quantisation.ring(2), round(summands * quantisation.full_scale)
+    quantisation.dequantise(ring.integers(ring.residues(np.array([summands * (levels + 2), 0, weight, 0]))), summands)
+    beyond = ring.integers(ring.residues(np.array([2 ** (bits - 1) - 1, 0, weight, 0])))
+    with pytest.raises(Refused, match="beyond what clipped inputs make"):
+        quantisation.dequantise(beyond, summands)
+
+
+def test_a_sum_weighing_less_than_its_inputs_least_weight_is_refused_not_magnified():
+    """The review's numbers: int8, 3 inputs, a total weight of 1 (a hostile weight element cancelling the honest
+    ones) and values of +-6, within the rounding's slack: without the floor the mean is +-1.7e7 clip ranges."""
+    quantisation = Quantisation(1.0, 1.0, 3, levels=INT8, least_weight=1.0)
+    ring = quantisation.ring(2)
+    hostile = ring.integers(ring.residues(np.array([6, -6, 1, 0])))
+    with pytest.raises(Refused, match="weight"):
+        quantisation.dequantise(hostile, 3)
+    unfloored, _, _ = dataclasses.replace(quantisation, least_weight=0.0).dequantise(hostile, 3)
+    assert unfloored.abs().min() > 1e7  # what the floor prevents
+
+
+@pytest.mark.parametrize("levels", [INT4, INT8])
+def test_honest_inputs_of_the_least_weight_pass_and_the_floor_caps_the_mean(levels):
+    """--local-steps-per learner's unit (4 typical learners of 14 batches of 32: 1,792 images) and its least honest
+    weight (a learner of one image: one a step, one step): three such learners' sums pass, whatever their rounding;
+    a hostile sum at the floor with values at the bound gives at most R (1 + 2 unit / (levels least))."""
+    quantisation = Quantisation(1.0, 1792.0, 3, levels=levels, least_weight=1.0)
+    ring = quantisation.ring(8)
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        total = sum(quantisation.quantise(torch.randn(8, generator=generator), 1.0, 0.5, generator) for _ in range(3))
+        quantisation.dequantise(ring.integers(ring.residues(total.numpy())), 3)
+    weight = math.floor(3 * (quantisation.full_scale / 1792.0 - 1)) + 1  # the least the floor takes
+    most = math.floor(weight * levels / quantisation.full_scale + 6)  # the bound on the values
+    mean, _, _ = quantisation.dequantise(ring.integers(ring.residues(np.array([most] * 8 + [weight, 0]))), 3)
+    assert 1.0 < mean.max() <= 1.0 + 2 * 1792.0 / levels + 1e-3
 
 
 @pytest.mark.parametrize(("levels", "bits"), [(INT4, 8), (INT8, 16)])
@@ -64,7 +109,7 @@ def test_masked_sums_at_the_largest_summands_a_ring_allows_unmask_to_the_sum_of_
         masked = ring.residues(integers.numpy())
         ring.add(masked, ring.mask(key))
         assert {name: (t.dtype, tuple(t.shape)) for name, t in ring.tensors(masked).items()} == ring.spec
-        ring.add(total, ring.buffer(ring.tensors(masked)))  # through the wire's tensors, as the leader takes them
+        ring.add_tensors(total, ring.tensors(masked))  # through the wire's tensors, as the leader takes them
     for key in keys:
         ring.add(total, ring.mask(key), -1)
     unmasked = ring.integers(total)
@@ -140,31 +185,73 @@ def test_a_sum_beyond_what_clipped_inputs_make_is_refused_at_the_narrow_width(va
         quantisation.dequantise(beyond, 5)
 
 
-def test_without_levels_the_masked_input_is_todays_one_int32_tensor():
-    ring = Quantisation(1.0, 1.0, 3).ring(SIZE)
-    assert ring.spec == {secagg.MASKED_TENSOR: (torch.int32, (SIZE + 2,))} and ring.nbytes == 4 * (SIZE + 2)
-    key = os.urandom(32)
-    words = np.frombuffer(ring.mask(key).tobytes(), dtype="<u4")  # the keystream as uint32 words, as before
-    integers = np.arange(-3, SIZE - 1)
-    masked = ring.residues(integers)
-    ring.add(masked, ring.mask(key))
-    assert np.array_equal(masked.view("<u4"), integers.astype(np.uint32) + words)
+def test_without_levels_the_masked_input_is_byte_for_byte_the_one_before_levels():
+    """A seeded quantised input, its self mask and two pair masks (one added, one taken), as the leader sums it:
+    the SHA-256 of its one I32 tensor, pinned from the code before int8/int4 (commit e0b7fb5: masks.expand)."""
+    quantisation = Quantisation(2.0, 10.0, 3)
+    ring = quantisation.ring(64)
+    update = torch.linspace(-3.0, 3.0, 64, dtype=torch.float32)
+    total = ring.residues(quantisation.quantise(update, 7.0, 0.5, torch.Generator().manual_seed(19)).numpy())
+    ring.add(total, secagg._self_mask(bytes(range(32)), 5, 1, ring))
+    secagg._add_pair_mask(total, ring, bytes(range(1, 33)), 1, 2)
+    secagg._add_pair_mask(total, ring, bytes(range(2, 34)), 1, 0)
+    tensors = ring.tensors(total)
+    assert ring.spec == {secagg.MASKED_TENSOR: (torch.int32, (64 + 2,))} and ring.nbytes == 4 * (64 + 2)
+    digest = hashlib.sha256(tensors[secagg.MASKED_TENSOR].numpy().tobytes()).hexdigest()
+    assert digest == "823779ddfefe7cd7b66ce5a976c343439422ec277433e0751a2fbb1ee06dbcf8"
 
 
 def test_int8_and_int4_are_allowed_under_secure_aggregation_and_the_rest_refused_with_the_reason(capsys):
     secure = ["--secure-aggregation", "--learners", "3"]
     assert leader_config(["--compress", "int8", *secure]).compress == "int8"
     assert leader_config(["--compress", "int4", *secure]).compress == "int4"
-    assert leader_config(["--compress", "int4", *secure[:1], "--learners", "18"]).compress == "int4"
+    assert leader_config(["--compress", "int4", *secure[:1], "--learners", "14"]).compress == "int4"
 
     def refusal(*flags: str) -> str:
         with pytest.raises(SystemExit):
             leader_config(list(flags))
         return capsys.readouterr().err
 
-    for codec in ("fp16", "topk"):  # (one reason names them all)
-        assert "cannot be masked" in refusal("--compress", codec, *secure)
-    # 19 int4 inputs need 16 bits, int8's ring; 259 int8 inputs 32 bits, the full scale's
-    assert "use --compress int8" in refusal("--compress", "int4", "--secure-aggregation", "--learners", "19")
-    assert "use --compress none" in refusal("--compress", "int8", "--secure-aggregation", "--learners", "259")
+    for name in ("fp16", "topk"):  # (one reason names them all)
+        assert "cannot be masked" in refusal("--compress", name, *secure)
+    # 15 int4 inputs need 16 bits, int8's ring; 255 int8 inputs 32 bits, the full scale's
+    assert "use --compress int8" in refusal("--compress", "int4", "--secure-aggregation", "--learners", "15")
+    assert "use --compress none" in refusal("--compress", "int8", "--secure-aggregation", "--learners", "255")
     assert "with --dp distributed" in refusal("--compress", "int8", *secure, "--dp", "distributed", "--norm", "group")
+
+
+def test_a_plan_with_distributed_dp_and_levels_is_refused_by_the_learner():
+    """The leader's flags refuse --dp distributed with int8/int4; a learner refuses such a plan too (its noise is
+    calibrated to the clipped update, not to the rounding), so Quantisation never meets noise with levels."""
+    fields = {
+        "dp": "distributed",
+        "dp_clip": "1.0",
+        "dp_noise_multiplier": "5.0",
+        "dp_delta": "1e-05",
+        "secagg_clip_range": "1.0",
+        "secagg_weight_unit": "8.0",
+        "secagg_summands": "3",
+        "compress": "int8",
+        "compress_ratio": "0.01",
+        "compress_rank": "1",
+    }
+    with pytest.raises(codec.PayloadError, match="not to its rounding to a few levels"):
+        messages.plan_from_metadata(fields)
+    assert messages.plan_from_metadata({**fields, "compress": "none"}).dp == "distributed"
+
+
+def test_the_leader_refuses_to_finish_a_round_in_another_ring_than_its_inputs():
+    rounds = SecureRounds(FakeClient([]), 0.5, Quantisation(1.0, 1.0, 3).ring(SIZE), timeout=5)
+    with pytest.raises(ValueError, match="not this run's"):
+        rounds.finish([], {}, Quantisation(1.0, 1.0, 3, levels=INT8), torch.zeros(SIZE))
+
+
+def test_the_leader_warns_of_a_coarse_step_and_of_a_typical_learners_few_levels():
+    secure = ["--secure-aggregation", "--learners", "3"]
+    (step,) = secure_compression_caveats(leader_config(["--compress", "int8", *secure]))
+    assert "R/127 = 0.504" in step and "python -m federated.tools.update_range" in step
+    assert secure_compression_caveats(leader_config(["--compress", "int8", *secure, "--secagg-clip-range", "1"])) == []
+    learner = ["--strategy", "fedavg", "--local-steps-per", "learner", "--secagg-clip-range", "1"]
+    (levels,) = secure_compression_caveats(leader_config(["--compress", "int4", *secure, *learner]))
+    assert "7/4 = 1.75 levels" in levels and "int8 keeps 127/4 = 31.75" in levels
+    assert secure_compression_caveats(leader_config(["--compress", "none", *secure])) == []

@@ -130,7 +130,7 @@ def secure_round(trained: Trained, participants: dict[int, SecureParty], client:
     """Phases 1-3 with every learner, each committed learner's masked input into a collector; returns the
     SecureRounds, the collector and who committed."""
     size = trained.updates[0].numel()
-    rounds = SecureRounds(client, threshold, size, timeout=5)
+    rounds = SecureRounds(client, threshold, secagg.Ring(secagg.BITS, size), timeout=5)
     collector = RoundCollector(size, add_masked=rounds.add_masked)
     collector.expect(sorted(participants))
     committed = rounds.begin(0, members(len(participants)))
@@ -250,7 +250,7 @@ def run_rounds(rounds: SecureRounds, participants: dict[int, SecureParty], first
 def test_an_epoch_runs_phases_1_to_3_once_for_its_rounds_each_unmasked_right_then_a_new_one_opens():
     participants = parties(4)
     client = FakeClient(participants)
-    rounds = SecureRounds(client, 0.5, 64, timeout=5)
+    rounds = SecureRounds(client, 0.5, secagg.Ring(secagg.BITS, 64), timeout=5)
     committed = run_rounds(rounds, participants, 0, secagg.EPOCH_ROUNDS)  # K rounds, and one more
     assert committed == [[0, 1, 2, 3]] * (secagg.EPOCH_ROUNDS + 1)
     setup = {phase: client.calls[phase] for phase in secagg.SETUP}
@@ -264,7 +264,7 @@ def test_a_threshold_fraction_near_one_still_leaves_rounds_that_unmask(fraction,
     """A round unmasks with more than t survivors, so t stops one short of all: floor(0.8 x 5) + 1 = 5 would have
     discarded every round (and stopped the run)."""
     participants = parties(count)
-    rounds = SecureRounds(FakeClient(participants), fraction, 64, timeout=5)
+    rounds = SecureRounds(FakeClient(participants), fraction, secagg.Ring(secagg.BITS, 64), timeout=5)
     assert run_rounds(rounds, participants, 0, 1) == [list(range(count))] * 2
 
 
@@ -272,7 +272,7 @@ def test_no_more_commits_than_the_threshold_leave_the_round_without_learners(fed
     """4 learners (t = 3), one fails its commit: 3 committed could never unmask, so none train for it."""
     participants = parties(4)
     client = FakeClient(participants)
-    rounds = SecureRounds(client, 0.5, fedsgd.updates[0].numel(), timeout=5)
+    rounds = SecureRounds(client, 0.5, secagg.Ring(secagg.BITS, fedsgd.updates[0].numel()), timeout=5)
     rounds.begin(0, members(4))  # the epoch, agreed by all four
     client.failing[3] = grpc.StatusCode.UNAVAILABLE
     assert rounds.begin(1, members(4)) == []
@@ -281,7 +281,7 @@ def test_no_more_commits_than_the_threshold_leave_the_round_without_learners(fed
 def test_a_learner_that_registered_again_is_refused_at_commit_left_out_and_the_next_round_opens_an_epoch():
     participants = parties(5)
     client = FakeClient(participants)
-    rounds = SecureRounds(client, 0.5, 64, timeout=5)
+    rounds = SecureRounds(client, 0.5, secagg.Ring(secagg.BITS, 64), timeout=5)
     assert run_rounds(rounds, participants, 0, 0) == [[0, 1, 2, 3, 4]]
     participants[2].bind(2)  # it forgot its epoch: a commit of it is refused
     assert run_rounds(rounds, participants, 1, 1) == [[0, 1, 3, 4]]  # 2's pair masks undone as a dropout's
@@ -318,7 +318,7 @@ def test_fewer_than_three_committed_completes_the_round_at_once_to_be_discarded(
 def test_a_learner_of_the_seed_protos_is_told_apart_and_left_out(fedsgd):
     participants = parties(5)
     client = FakeClient(participants, {4: grpc.StatusCode.UNIMPLEMENTED})
-    rounds = SecureRounds(client, 0.5, fedsgd.updates[0].numel(), timeout=5)
+    rounds = SecureRounds(client, 0.5, secagg.Ring(secagg.BITS, fedsgd.updates[0].numel()), timeout=5)
     unable = []
     committed = rounds.begin(0, members(5), lambda member, why: unable.append((member.learner_id, why)))
     assert committed == [0, 1, 2, 3]
@@ -484,7 +484,7 @@ def test_distributed_dp_the_noise_shares_of_the_fewest_survivors_sum_to_at_least
     sigma, clip, size = 1.2, 0.5, 20000
     secure = SecureRound(clip_range=8.0, weight_unit=1.0, summands=5)
     participants = parties(5)
-    rounds = SecureRounds(FakeClient(participants), 0.5, size, timeout=5)
+    rounds = SecureRounds(FakeClient(participants), 0.5, secagg.Ring(secagg.BITS, size), timeout=5)
     collector = RoundCollector(size, add_masked=rounds.add_masked)
     collector.expect(sorted(participants))
     collector.commit(rounds.begin(0, members(5)))
@@ -532,7 +532,7 @@ def test_a_learner_waiting_for_its_commit_stops_waiting_when_the_run_ends():
 def test_a_learner_waiting_for_a_commit_stops_waiting_when_a_commit_of_a_later_round_comes():
     # within an epoch no phase 1 marks a new round: a commit of a later round ends the wait for an earlier one
     participants = parties(4)
-    rounds = SecureRounds(FakeClient(participants), 0.5, 64, timeout=5)
+    rounds = SecureRounds(FakeClient(participants), 0.5, secagg.Ring(secagg.BITS, 64), timeout=5)
     run_rounds(rounds, participants, 0, 0)
     result: list[bool] = []
     waiting = threading.Thread(target=lambda: result.append(participants[3].wait_committed(1, 600.0)))
