@@ -112,9 +112,14 @@ class Quantisation:
     least_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.clip_range > 0 and self.weight_unit > 0 and self.summands >= 1 and self.noise_std >= 0):
+        if not (
+            self.clip_range > 0
+            and self.weight_unit > 0
+            and self.summands >= 1
+            and min(self.noise_std, self.levels, self.least_weight) >= 0
+        ):
             raise ValueError(f"no quantisation: {self}")
-        if self.levels < 0 or (self.levels and self.noise_std):
+        if self.levels and self.noise_std:
             raise ValueError(
                 f"{self.levels} levels with distributed DP's noise: the noise is calibrated to the clipped update, "
                 "not to its rounding to a few levels; use --compress none"

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from federated.core import compression
+from federated.core import compression, strategies
 from federated.leader.config import secure_compression_caveats
+from federated.leader.data import DataFacts
+from federated.leader.planner import Planner
 from federated.leader.secure import SecureRounds
 from federated.privacy import secagg
 from federated.privacy.secagg import BITS, Quantisation, Refused
@@ -255,3 +257,17 @@ def test_the_leader_warns_of_a_coarse_step_and_of_a_typical_learners_few_levels(
     (levels,) = secure_compression_caveats(leader_config(["--compress", "int4", *secure, *learner]))
     assert "7/4 = 1.75 levels" in levels and "int8 keeps 127/4 = 31.75" in levels
     assert secure_compression_caveats(leader_config(["--compress", "none", *secure])) == []
+
+
+@pytest.mark.parametrize("per", ["federation", "learner"])
+def test_the_least_weight_is_what_a_learner_of_one_image_weighs_and_no_shard_weighs_less(per):
+    """The leader's floor (Planner.secure_round) against the weight a learner claims (LearnerApp: a batch of at
+    most its images, times its plan's steps for its shard)."""
+    config = leader_config(
+        ["--secure-aggregation", "--learners", "3", "--strategy", "fedavg", "--local-steps-per", per]
+    )
+    planner = Planner(config, strategies.named("fedavg")(config), DataFacts([0.5] * 3, [0.25] * 3, 479))
+    plan, batch = planner.plan(0, None), config.batch_size
+    assert plan.secure is not None
+    weights = [min(batch, shard) * plan.for_shard(shard, batch).local_steps for shard in (1, 2, 7, batch, 479, 5000)]
+    assert plan.secure.least_weight == weights[0] == min(weights) > 0
