@@ -50,7 +50,7 @@ class StateReference:
                     f"a delta from round {delta.base}, but this learner holds the state of round {self.version}"
                 )
             if round_index <= delta.base:
-                raise codec.PayloadError(f"a delta to round {round_index} from the later round {delta.base}")
+                raise codec.PayloadError(f"a delta to round {round_index} from round {delta.base}, not an earlier one")
             problem = delta_problem(payload.tensors, self.tensors, delta.codec, delta.ratio, delta.rank)
             if problem is not None:
                 raise codec.PayloadError(f"delta ({delta.codec}) refused: {problem}")
