@@ -378,7 +378,8 @@ class LeaderConfig(SecurityFlags, Config):
     )
     compress_ratio: float = option(
         0.01,
-        "the fraction of each compressed tensor's values that topk and randk send",
+        "the fraction of each compressed tensor's values that topk and randk send, up (--compress) and down "
+        "(--compress-down; randk there at most 0.1: learners refuse more)",
         group="compression",
         bounds=Bounds(0, 1, low_open=True),
         trajectory=True,
