@@ -464,10 +464,10 @@ class PowerSGD(Codec):
         """out += P Q^T with the same bits on every CPU: addmm's blocking and vector width (BLAS, MKL_CBWR) change
         the order of its sums, so the products, exact in float64 (of two float32s), are summed over the rank in
         float64 in rank order, rounded once to float32, then added."""
-        p, q = (parts[name].to(out.device, torch.float64) for name in ("P", "Q"))
-        product = torch.zeros(p.shape[0], q.shape[0], dtype=torch.float64, device=out.device)
-        for column in range(p.shape[1]):
-            product.add_(torch.outer(p[:, column], q[:, column]))
+        p, q = (parts[name].to(out.device, torch.float64).T.contiguous() for name in ("P", "Q"))  # [r, m], [r, n]
+        product = p[0].unsqueeze(1) * q[0]  # (each product exact: a fused multiply-add rounds it as an add does)
+        for column in range(1, len(p)):
+            product.addcmul_(p[column].unsqueeze(1), q[column])
         out.view(-1).add_(product.view(-1).to(out.dtype))
 
 
