@@ -124,7 +124,9 @@ def test_hostile_deltas_are_refused_and_a_good_one_lands_bit_exact(learner):
     target[BIG].view(-1)[0] = HUGE + 1e36  # the largest change: in every top-k delta
     full = codec.encode(reference, {"round": "1", **DeltaInfo("int8").to_metadata()})
     hostile = hostile_deltas(reference, target)
-    refused = push(stub, hostile["a NaN scale"][0])  # (a delta to a learner with no reference, first)
+    unknown = codec.encode(reference, {"round": "0", "delta_codec": "zstd"})  # (matters only to deltas)
+    assert push(stub, unknown).success and servicer.reference.tensors is None
+    refused = push(stub, hostile["a NaN scale"][0])  # (a delta to a learner with no reference)
     assert not refused.success and "holds the state of round -1" in refused.message
     assert push(stub, full).success and servicer.reference.version == 1
     version, state = servicer.inbox.take(0, timeout=0)  # type: ignore[misc]
