@@ -102,8 +102,7 @@ def hostile_deltas(reference: dict[str, torch.Tensor], target: dict[str, torch.T
         "a delta that overflows": (delta("topk", overflow), "it makes NaN or Inf"),
         "a delta to a round not after its base": (delta("int8", round="1"), "to round 1 from round 1"),
         "a negative running variance": (delta("int8", set_at(VARIANCE, 0, -1.0)), "a negative variance in"),
-        # (a correct delta, but its k positions are a Python loop's work: about a microsecond each, and at ratio
-        # 1 a minute and ~0.8 GB for a large model)
+        # (a correct delta, but its k positions are a Python loop's work: about a microsecond each)
         "a random-k ratio above the cap": (delta("randk", ratio=0.5), "a random-k ratio of 0.5"),
     }
 
