@@ -10,6 +10,15 @@ import torch
 TensorSpec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
+def spec_of(tensors: Mapping[str, torch.Tensor], float_dtype: torch.dtype | None = None) -> TensorSpec:
+    """The names, dtypes and shapes a payload must match, taken from reference tensors
+    (floating-point ones travel as float_dtype, if given)."""
+    return {
+        name: (float_dtype if float_dtype and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
+        for name, tensor in tensors.items()
+    }
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element is finite."""
     # A sum is finite unless an element is NaN or Inf (or finite values overflow): a fast test

@@ -36,6 +36,7 @@ from federated.core.plan import (
     MAX_CLIENT_MOMENTUM,
     MAX_CLIP_RANGE,
     MAX_COMPRESS_RANK,
+    MAX_DELTA_RANDK_RATIO,
     MAX_DP_CLIP,
     MAX_DP_NOISE_MULTIPLIER,
     MAX_LEARNERS,
@@ -377,7 +378,8 @@ class LeaderConfig(SecurityFlags, Config):
     )
     compress_ratio: float = option(
         0.01,
-        "the fraction of each compressed tensor's values that topk and randk send",
+        "the fraction of each compressed tensor's values that topk and randk send, up (--compress) and down "
+        "(--compress-down; randk there at most 0.1: learners refuse more)",
         group="compression",
         bounds=Bounds(0, 1, low_open=True),
         trajectory=True,
@@ -897,6 +899,12 @@ def compression_problems(config: LeaderConfig) -> list[str]:
             f"--compress-down {config.compress_down} with --wire-dtype {config.wire_dtype}: the codec sets the "
             "precision of the states going down, and the replica learners hold must be exact on both sides; "
             "leave out --wire-dtype (or --compress-down)"
+        )
+    if config.compress_down == "randk" and config.compress_ratio > MAX_DELTA_RANDK_RATIO:
+        problems.append(
+            f"--compress-down randk with --compress-ratio {config.compress_ratio:g}: learners refuse a random-k "
+            f"delta above {MAX_DELTA_RANDK_RATIO:g} (drawing its positions takes a learner a microsecond each); "
+            f"lower --compress-ratio to {MAX_DELTA_RANDK_RATIO:g} or less, or pick another --compress-down"
         )
     return problems
 

@@ -40,6 +40,7 @@ class Downlink:
         self.delta_message: bytes | None = None  # the delta as a serialised ModelState (None: full states only)
         self.sending_replica = False  # whether the last published state was R (not the final state, the model's own)
         self._acknowledged: dict[int, tuple[int, int]] = {}  # learner id -> (generation, version)
+        self._full_only: dict[int, int] = {}  # learner id -> the generation that refused a delta: full states only
         self._lock = threading.Lock()
 
     def advance(self, round_index: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,21 +102,38 @@ class Downlink:
             for learner_id, member in members.items():
                 acknowledged = self._acknowledged.pop(learner_id, None)
                 in_step = delta is not None and acknowledged == (member.generation, self.base)
+                in_step = in_step and self._full_only.get(learner_id) != member.generation
                 chosen[learner_id] = delta if in_step and delta is not None else full
         return chosen
 
     def acknowledged(self, member: Member, version: int) -> None:
         """The member took a push of R at this version (a successful Ack). An Ack of an older push that arrives
-        late changes nothing: a learner's reference never goes back (StateReference.take_full)."""
+        late changes nothing: a learner's reference never goes back (StateReference.take_full); nor does one
+        from an older registration of its slot."""
         with self._lock:
             known = self._acknowledged.get(member.learner_id)
-            if known is None or known[0] != member.generation or known[1] < version:
+            if known is None or (member.generation, version) > known:
                 self._acknowledged[member.learner_id] = (member.generation, version)
 
     def forget(self, member: Member) -> None:
-        """A push to the member failed, or it was dropped: it gets the full state next."""
+        """A push to the member failed, or it was dropped: it gets the full state next (news of an older
+        registration of its slot changes nothing)."""
+        with self._lock:
+            known = self._acknowledged.get(member.learner_id)
+            if known is not None and known[0] <= member.generation:
+                del self._acknowledged[member.learner_id]
+
+    def refused_delta(self, member: Member) -> None:
+        """The member answered a delta with a refusal: this registration gets full states only from now on (a
+        learner that cannot take deltas would refuse each, be dropped, rejoin and refuse the next)."""
         with self._lock:
             self._acknowledged.pop(member.learner_id, None)
+            self._full_only[member.learner_id] = member.generation
+
+    def drop_replica(self) -> None:
+        """Forget R: the next state published goes whole to everyone and becomes R (SCAFFOLD's control was reset,
+        a change a lossy delta would bring learners only slowly)."""
+        self.replica, self.base, self.entries = None, None, None
 
     def checkpoint(self) -> dict:
         """R, its version and PowerSGD's warm starts: a resumed run sends the same states (learners' acknowledged

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -461,7 +462,7 @@ class Federation:
                 members,
                 "SyncModelState",
                 requests,
-                self.push_failed,
+                partial(self.push_failed, full=request, version=downlink.version, sent=requests),
                 self.settings.sync_timeout,
                 succeeded=partial(downlink.acknowledged, version=downlink.version),
             )
@@ -470,11 +471,35 @@ class Federation:
             broadcast.wait(self.settings.sync_timeout)
         return sent
 
-    def push_failed(self, member: Member, reason: str, verdict: str) -> None:
-        """A push of the downlink's replica failed: the learner gets the full state next, if it stays."""
-        assert self.global_model.downlink is not None
-        self.global_model.downlink.forget(member)
-        self.drop(member, reason, verdict)
+    def push_failed(
+        self,
+        member: Member,
+        reason: str,
+        verdict: str,
+        full: bytes,
+        version: int,
+        sent: Mapping[int, bytes] | None = None,
+    ) -> None:
+        """A push of the downlink's replica (of this version; sent: what each member was sent, full or the delta)
+        failed: the learner gets the full state next, if it stays. A delta it answered with a refusal (whatever
+        the reason: it lacks the base, a check failed, it knows no deltas) is no reason to drop it: it gets the
+        full state at once, and full states only from now on."""
+        downlink = self.global_model.downlink
+        assert downlink is not None
+        if verdict != dispatch.THERE or sent is None or sent[member.learner_id] is full:
+            downlink.forget(member)
+            self.drop(member, reason, verdict)
+            return
+        downlink.refused_delta(member)
+        log.warning("learner %d refused a delta: %s; it gets full states from now on", member.learner_id, reason)
+        self.client.send(
+            {member.learner_id: member},
+            "SyncModelState",
+            full,
+            partial(self.push_failed, full=full, version=version),
+            self.settings.sync_timeout,
+            succeeded=partial(downlink.acknowledged, version=version),
+        )
 
     def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
         """Encode the state after rounds_done once and send it to the next round's participants (to everyone

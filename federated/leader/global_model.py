@@ -162,6 +162,8 @@ class GlobalModel:
                 stops=True,
             )
         self.control_resets += 1
+        if self.downlink is not None:  # the reset reaches learners whole, not through lossy deltas
+            self.downlink.drop_replica()
         return Recovery(f"{why}: {reset}")
 
     def checkpoint(self) -> dict:

@@ -9,11 +9,12 @@ state it came from), and only by a delta that passes every check and gives exact
 import logging
 import threading
 
+import numpy as np
 import torch
 
 from federated.core.compression.delta import apply_delta, delta_problem, state_hash, state_problem
 from federated.wire import codec
-from federated.wire.messages import DELTA_ONLY, DeltaInfo
+from federated.wire.messages import DeltaInfo, without_delta
 
 log = logging.getLogger("learner")
 
@@ -38,9 +39,10 @@ class StateReference:
 
     def apply(self, payload: codec.Payload, delta: DeltaInfo, round_index: int) -> codec.Payload:
         """Apply a delta to a copy of the reference and make the result the reference; return it as a full state
-        (the delta's metadata without its own keys). PayloadError, the reference untouched, on a delta from
-        another version, entries other than the codec's for the reference's tensors (those of the learner's
-        state: its full states were checked), a non-finite result, or a result whose hash is not the leader's."""
+        (the delta's metadata without the keys of --compress-down). PayloadError, the reference untouched, on a
+        delta from another version, entries other than the codec's for the reference's tensors (those of the
+        learner's state: its full states were checked), a random-k ratio above MAX_DELTA_RANDK_RATIO, a non-finite
+        result, or a result whose hash is not the leader's."""
         assert delta.base is not None
         with self._lock:
             if self.tensors is None or delta.base != self.version:
@@ -48,7 +50,7 @@ class StateReference:
                     f"a delta from round {delta.base}, but this learner holds the state of round {self.version}"
                 )
             if round_index <= delta.base:
-                raise codec.PayloadError(f"a delta to round {round_index} from the later round {delta.base}")
+                raise codec.PayloadError(f"a delta to round {round_index} from round {delta.base}, not an earlier one")
             problem = delta_problem(payload.tensors, self.tensors, delta.codec, delta.ratio, delta.rank)
             if problem is not None:
                 raise codec.PayloadError(f"delta ({delta.codec}) refused: {problem}")
@@ -61,8 +63,9 @@ class StateReference:
                     f"delta ({delta.codec}) refused: the state it makes is not the leader's (hash)"
                 )
             self.tensors, self.version = updated, round_index
-        metadata = {key: value for key, value in payload.metadata.items() if key not in DELTA_ONLY}
-        return codec.decode(codec.encode(updated, metadata))
+        # the state itself, no bytes of its own: never changed in place (the reference is replaced, and the
+        # training thread adopts a copy)
+        return codec.Payload(without_delta(payload.metadata), updated, np.empty(0, np.uint8), 0)
 
     def clear(self) -> None:
         """Forget the reference: a leader found again sends the full state first."""

@@ -1,6 +1,7 @@
 """The LearnerService a learner serves to its leader: the inbox of pushed model states, the servicer that checks
 who calls and what it pushes, its admission limits, and the server with the address the leader dials."""
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -146,8 +147,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 self.limits.check_plan(plan, batch_size)
             if delta is not None and delta.base is not None:  # checked, applied, and now the reference
                 payload = self.reference.apply(payload, delta, round_index)
-            elif delta is not None:
-                self.reference.take_full(payload, round_index)
+            else:
+                if delta is not None:
+                    self.reference.take_full(payload, round_index)
+                payload = dataclasses.replace(payload, metadata=messages.without_delta(payload.metadata))
         except codec.PayloadError as error:
             log.warning("rejected a model state: %s", error)
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")

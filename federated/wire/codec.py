@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federated.core.checks import TensorSpec, all_finite
+from federated.core.checks import TensorSpec, all_finite, spec_of
 
 MAX_HEADER_BYTES = 16 << 20  # the most a receiver that knows nothing yet of the tensors parses
 # Beyond the header encode writes for the tensors a receiver expects: room for the metadata, whose values the
@@ -283,15 +283,6 @@ def _view(buffer: Buffer, dtype: torch.dtype, shape: tuple[int, ...], offset: in
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
-
-
-def spec_of(tensors: Mapping[str, torch.Tensor], float_dtype: torch.dtype | None = None) -> TensorSpec:
-    """The names, dtypes and shapes a payload must match, taken from reference tensors
-    (floating-point ones travel as float_dtype, if given)."""
-    return {
-        name: (float_dtype if float_dtype and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
-        for name, tensor in tensors.items()
-    }
 
 
 def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

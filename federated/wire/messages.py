@@ -353,6 +353,12 @@ def round_of(payload: codec.Payload) -> int:
 
 STATE_HASH = re.compile(r"[0-9a-f]{32}")  # compression.delta.state_hash: BLAKE2b, 16 bytes, as hex
 DELTA_ONLY = ("delta_from", "state_hash")  # the keys a delta adds to the state's metadata (DeltaInfo)
+DELTA_KEYS = ("delta_codec", "delta_ratio", "delta_rank", *DELTA_ONLY)  # every key DeltaInfo writes
+
+
+def without_delta(metadata: dict[str, str]) -> dict[str, str]:
+    """A state's metadata without the keys of --compress-down (DeltaInfo's): what the training thread sees."""
+    return {key: value for key, value in metadata.items() if key not in DELTA_KEYS}
 
 
 @dataclass(frozen=True)
@@ -379,21 +385,24 @@ class DeltaInfo:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> "DeltaInfo | None":
-        """A state's delta facts, checked (PayloadError); None for a state that says nothing of them."""
+        """A state's delta facts, checked (PayloadError); None for a state that says nothing of them, and for a full
+        state in a codec this learner does not know (it keeps no reference: it refuses the next delta, and its
+        leader sends it full states from then on)."""
         name = metadata.get("delta_codec")
         if name is None:
             if any(key in metadata for key in DELTA_ONLY):
                 raise codec.PayloadError("metadata 'delta_from' or 'state_hash' without 'delta_codec'")
             return None
-        if name not in compression.CODECS or name == "none":
+        known = name in compression.CODECS and name != "none"
+        if "delta_from" not in metadata:  # a full state: the facts matter only to the deltas, which carry their own
+            return cls(name) if known else None
+        if not known:
             raise codec.PayloadError(
                 f"unknown codec {name[:32]!r} in metadata 'delta_codec'; this learner knows "
                 f"{', '.join(name for name in compression.CODECS if name != 'none')}"
             )
         ratio = _positive(metadata, "delta_ratio", 1.0) if name in compression.SPARSE else cls.ratio
         rank = _int(metadata, "delta_rank", minimum=1, maximum=MAX_COMPRESS_RANK) if name == "powersgd" else cls.rank
-        if "delta_from" not in metadata:
-            return cls(name, ratio, rank)
         state_hash = metadata.get("state_hash", "")
         if not STATE_HASH.fullmatch(state_hash):
             raise codec.PayloadError(f"metadata 'state_hash' must be 32 hex digits, got {state_hash[:40]!r}")

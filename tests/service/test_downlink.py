@@ -19,11 +19,12 @@ from federated.learner.state import state_spec
 from federated.net import rpc
 from federated.net.rpc import learner_pb2, learner_pb2_grpc
 from federated.wire import codec, framing
-from federated.wire.messages import DeltaInfo
+from federated.wire.messages import DELTA_KEYS, DeltaInfo
 from model import build_model
 
 HUGE = 3e38  # a finite float32 that, added to itself, is not
 BIG = "layers.8.conv1.weight"  # compressed (64 x 64 x 3 x 3)
+VARIANCE = "layers.8.bn1.running_var"  # whole in every delta
 
 
 @pytest.fixture
@@ -67,9 +68,10 @@ def delta_chunk(entries: dict[str, torch.Tensor], info: DeltaInfo, round_index: 
 def hostile_deltas(reference: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, tuple[bytes, str]]:
     """Each hostile delta from the reference (round 1) to round 2, and what the refusal must say."""
 
-    def delta(codec_name: str, change=lambda entries: None, **fields) -> bytes:
-        entries = make_delta(target, reference, codec_name, 0.01, 2, {}, round_generator(0, 2))
-        info = DeltaInfo(codec_name, 0.01, 2, 1, state_hash(apply_delta(reference, entries, codec_name, 0.01, 2)))
+    def delta(codec_name: str, change=lambda entries: None, ratio: float = 0.01, **fields) -> bytes:
+        entries = make_delta(target, reference, codec_name, ratio, 2, {}, round_generator(0, 2))
+        made = apply_delta(reference, entries, codec_name, ratio, 2)
+        info = DeltaInfo(codec_name, ratio, 2, 1, state_hash(made))
         change(entries)
         metadata = {"round": "2", **info.to_metadata(), **fields}
         return codec.encode(entries, metadata)
@@ -94,10 +96,14 @@ def hostile_deltas(reference: dict[str, torch.Tensor], target: dict[str, torch.T
             "a repeated index",
         ),
         "a NaN scale": (delta("int8", set_at(f"{BIG}:scales", 0, float("nan"))), "NaN or Inf in scales"),
-        "a rank larger than asked": (delta("powersgd", wider), f"{BIG}:P is"),
+        "factors wider than the header's rank": (delta("powersgd", wider), f"{BIG}:P is"),
         "a length not the header's": (delta("int8", shorter), f"{BIG}:levels is"),
         "a wrong state_hash": (delta("int8", state_hash="0" * 32), "not the leader's"),
         "a delta that overflows": (delta("topk", overflow), "it makes NaN or Inf"),
+        "a delta to a round not after its base": (delta("int8", round="1"), "to round 1 from round 1"),
+        "a negative running variance": (delta("int8", set_at(VARIANCE, 0, -1.0)), "a negative variance in"),
+        # (a correct delta, but its k positions are a Python loop's work: about a microsecond each)
+        "a random-k ratio above the cap": (delta("randk", ratio=0.5), "a random-k ratio of 0.5"),
     }
 
 
@@ -116,9 +122,15 @@ def test_hostile_deltas_are_refused_and_a_good_one_lands_bit_exact(learner):
     target = {name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in reference.items()}
     target[BIG].view(-1)[0] = HUGE + 1e36  # the largest change: in every top-k delta
     full = codec.encode(reference, {"round": "1", **DeltaInfo("int8").to_metadata()})
+    hostile = hostile_deltas(reference, target)
+    unknown = codec.encode(reference, {"round": "0", "delta_codec": "zstd"})  # (matters only to deltas)
+    assert push(stub, unknown).success and servicer.reference.tensors is None
+    refused = push(stub, hostile["a NaN scale"][0])  # (a delta to a learner with no reference)
+    assert not refused.success and "holds the state of round -1" in refused.message
     assert push(stub, full).success and servicer.reference.version == 1
-    version, _ = servicer.inbox.take(0, timeout=0)  # type: ignore[misc]
-    for case, (chunk, why) in hostile_deltas(reference, target).items():
+    version, state = servicer.inbox.take(0, timeout=0)  # type: ignore[misc]
+    assert not set(DELTA_KEYS) & set(state.metadata)  # (the training thread never sees --compress-down's keys)
+    for case, (chunk, why) in hostile.items():
         reply = push(stub, chunk)
         assert not reply.success and "rejected" in reply.message and why in reply.message, (case, reply.message)
         assert servicer.reference.version == 1, case
@@ -144,5 +156,5 @@ def test_hostile_deltas_are_refused_and_a_good_one_lands_bit_exact(learner):
     ).wait(10)
     assert acknowledged.is_set() and servicer.reference.version == 2
     version, state = servicer.inbox.take(version, timeout=0)  # type: ignore[misc]
-    assert list(state.tensors) == list(replica) and "delta_from" not in state.metadata
+    assert list(state.tensors) == list(replica) and not set(DELTA_KEYS) & set(state.metadata)
     assert all(torch.equal(state.tensors[name], replica[name]) for name in replica)

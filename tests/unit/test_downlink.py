@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from federated.core.compression.delta import state_hash
+from federated.core.compression.delta import apply_delta, make_delta, round_generator, state_hash
 from federated.core.layout import wire_state
 from federated.leader.downlink import Downlink
+from federated.leader.global_model import MAX_DISCARDED_ROUNDS
 from federated.leader.registry import Member
 from federated.learner.reference import StateReference
 from federated.wire import codec, framing, messages
@@ -146,8 +147,14 @@ def test_a_push_unanswered_or_failed_or_to_a_new_registration_is_followed_by_the
     downlink.acknowledged(AWAY_LEARNER, 2)  # (the old registration's answer)
     full, requests = push(3)
     assert requests == {0: full, 1: full}
-    again = downlink.requests(members, full)  # the same round pushed again builds nothing new
-    assert downlink.advance(3, wire_state(model, torch.float32)) is downlink.replica and again == requests
+    downlink.acknowledged(IN_STEP, 3)
+    full, requests = push(4)
+    assert requests == {0: downlink.delta_message, 1: full}
+    replica, delta = downlink.replica, downlink.delta_message
+    random_step(model, generator)  # the model moves; the same round pushed again builds nothing new
+    assert downlink.advance(4, wire_state(model, torch.float32)) is replica
+    downlink.publish({"round": "4"})
+    assert downlink.delta_message == delta
     downlink.publish_final()
     assert not downlink.sending_replica and downlink.delta_message is None
 
@@ -210,3 +217,108 @@ def test_a_resumed_leader_holds_the_checkpoints_replica_and_pushes_the_same_delt
         model.publish(3, finished=False)
     assert downlinks[0].delta_message == downlinks[1].delta_message is not None
     assert downlinks[1].requests({0: IN_STEP}, b"full") == {0: b"full"}
+
+
+def test_powersgds_delta_adds_the_float64_sum_of_its_products_rounded_once():
+    """The same bits on every CPU: addmm's float32 sums depend on BLAS blocking and vector width (MKL_CBWR), so
+    a delta's P Q^T is summed in float64 over the rank, in rank order (products of float32s are exact there),
+    rounded once to float32, then added."""
+    torch.manual_seed(0)
+    reference = {name: tensor.clone() for name, tensor in wire_state(build_model("resnet20"), torch.float32).items()}
+    target = {
+        name: tensor + torch.randn(tensor.shape) if tensor.is_floating_point() else tensor
+        for name, tensor in reference.items()
+    }
+    entries = make_delta(target, reference, "powersgd", 0.01, 4, {}, round_generator(0, 1))
+    updated = apply_delta(reference, entries, "powersgd", 0.01, 4)
+    big = "layers.8.conv1.weight"
+    p, q = entries[f"{big}:P"].double(), entries[f"{big}:Q"].double()
+    product = sum(
+        (torch.outer(p[:, column], q[:, column]) for column in range(1, p.shape[1])), torch.outer(p[:, 0], q[:, 0])
+    )
+    assert torch.equal(updated[big], reference[big] + product.float().view(reference[big].shape))
+
+
+def test_a_repush_after_the_model_changed_still_applies():
+    """A delta's whole tensors are copies: the model changing after the round's delta was made (the same round
+    pushed again, re-encoded) changes neither it nor the hash it must make."""
+    torch.manual_seed(0)
+    state = {name: tensor.clone() for name, tensor in wire_state(build_model("resnet20"), torch.float32).items()}
+    downlink, reference = Downlink("int8", 0.01, 2, 3), StateReference()
+    full, _ = advance_and_push(downlink, 1, state, {})
+    deliver(reference, full)
+    state = {name: tensor + 0.01 if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    advance_and_push(downlink, 2, state, {})
+    state["fc.bias"].add_(1.0)  # a whole tensor of the live model, changed in place
+    downlink.advance(2, state)
+    downlink.publish({"round": "2"})
+    assert downlink.delta_message is not None
+    deliver(reference, downlink.delta_message)
+    assert same(reference, downlink.replica)  # type: ignore[arg-type]
+
+
+def test_news_of_an_older_registration_leaves_the_newer_ones_entry():
+    downlink, old, new = Downlink("int8", 0.01, 2, 3), Member(0, "a", "c0", 1), Member(0, "a", "c0", 2)
+    state = {"w": torch.zeros(64, 64)}
+    downlink.advance(1, state)
+    downlink.acknowledged(new, 1)
+    downlink.acknowledged(old, 1)  # a late Ack to the old registration's push
+    downlink.forget(old)  # a late failure of the old registration's push
+    downlink.advance(2, {"w": torch.ones(64, 64)})
+    full = b"x" * 10**6
+    downlink.publish({"round": "2"})
+    assert downlink.requests({0: new}, full) == {0: downlink.delta_message}
+
+
+def test_a_learner_that_refused_a_delta_gets_full_states_until_it_registers_again():
+    downlink, member = Downlink("int8", 0.01, 2, 3), Member(0, "a", "c0", 1)
+    full = b"x" * 10**6
+    for round_index in range(1, 4):
+        downlink.advance(round_index, {"w": torch.full((64, 64), float(round_index))})
+        downlink.publish({"round": str(round_index)})
+        if round_index == 2:
+            downlink.refused_delta(member)
+        downlink.acknowledged(member, round_index)
+    assert downlink.requests({0: member}, full) == {0: full}
+    downlink.acknowledged(again := Member(0, "a", "c0", 2), 2)  # (in step with the delta's base)
+    assert downlink.requests({0: again}, full) == {0: downlink.delta_message}
+
+
+def test_a_scaffold_control_reset_goes_whole_to_every_learner(tmp_path):
+    """A reset of SCAFFOLD's control (count_round -> Strategy.recover) drops the replica: a lossy delta would
+    bring the learners the reset only slowly; the next state is the model's own, whole, to everyone."""
+    run = [
+        "--dataset",
+        "none",
+        "--num-classes",
+        "10",
+        "--rounds",
+        "10",
+        "--strategy",
+        "scaffold",
+        "--local-steps",
+        "2",
+        "--compress-down",
+        "topk",
+    ]
+    leader = leader_from([*run, "--out", str(tmp_path)])
+    global_model = leader.global_model
+    downlink = global_model.downlink
+    assert downlink is not None
+    global_model.strategy.control.fill_(1.0)  # type: ignore[attr-defined]
+    for round_index in (1, 2):
+        global_model.publish(round_index, finished=False)
+    assert downlink.delta_message is not None
+    for _ in range(MAX_DISCARDED_ROUNDS):
+        recovery = global_model.count_round("a NaN", stepped=True)
+    assert recovery is not None and "reset" in recovery.message
+    global_model.publish(3, finished=False)
+    assert downlink.delta_message is None
+    assert same_state(downlink.replica, wire_state(global_model.model, torch.float32, global_model.strategy.control))  # type: ignore[arg-type]
+
+
+def test_compress_down_randk_is_refused_above_the_learners_ratio_cap(capsys):
+    with pytest.raises(SystemExit):
+        leader_config(["--compress-down", "randk", "--compress-ratio", "0.5"])
+    assert "--compress-down randk with --compress-ratio 0.5" in capsys.readouterr().err
+    assert leader_config(["--compress-down", "randk", "--compress-ratio", "0.1"]).compress_ratio == 0.1

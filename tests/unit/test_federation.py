@@ -5,7 +5,7 @@ draws again, deadlines, the quorum, and learners given up on for missing rounds.
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 
 import pytest
@@ -20,6 +20,7 @@ from federated.leader.global_model import GlobalModel
 from federated.leader.planner import Planner
 from federated.leader.registry import MAX_MISSED_ROUNDS, Member, Registry
 from federated.net import rpc
+from federated.wire import codec, framing
 
 ROUND_S = 0.2  # --round-timeout
 PATIENCE_S = 10.0  # how long a test waits for what must happen within a few deadlines (and --register-timeout)
@@ -75,9 +76,10 @@ def background():
         yield pool
 
 
-def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S, round_s: float = ROUND_S) -> Rounds:
+def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S, round_s: float = ROUND_S, learners=None) -> Rounds:
     """The round state machine of a leader with these flags, --round-timeout round_s and --register-timeout
-    register_s; updates are one number (the machine never looks at them)."""
+    register_s, calling learners (AnsweringLearners unless given); updates are one number (the machine never
+    looks at them)."""
     run = config.configure(
         config.command_line(["--dataset", "none", "--num-classes", "10", "--out", str(tmp_path), *flags])
     )
@@ -85,7 +87,7 @@ def rounds_of(tmp_path, *flags: str, register_s: float = PATIENCE_S, round_s: fl
     settings = dataclasses.replace(Settings.of(run), round_timeout=round_s, register_timeout=register_s)
     registry = Registry(run.learners, run.rejoin_grace, reregister_s=0)
     collector = RoundCollector(1, rule=aggregation.rules.named(run.aggregator).from_config(run))
-    learners = AnsweringLearners()
+    learners = learners or AnsweringLearners()
     federation = Federation(
         settings,
         registry,
@@ -406,3 +408,42 @@ def test_a_secure_round_waits_for_three_learners_taking_joiners_and_stalls_witho
     join(stalling, 1, 2)
     with pytest.raises(Stalled, match="fewer than 3 learners for a secure round"):
         stalling.federation.open()
+
+
+class RefusingDeltas(AnsweringLearners):
+    """Learners that refuse every delta (as one that cannot take them does), answering: Ack(success=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[str] = []  # what each state pushed was
+
+    def send(
+        self, members, method, request, on_failure, timeout, then=lambda member: None, succeeded=lambda member: None
+    ) -> dispatch.Broadcast:
+        if method != "SyncModelState":
+            return super().send(members, method, request, on_failure, timeout, then, succeeded)
+        broadcast = dispatch.Broadcast(list(members.values()))
+        for learner_id, member in members.items():
+            body = request[learner_id] if isinstance(request, Mapping) else request
+            is_delta = "delta_from" in codec.decode(framing.chunk_field(body)).metadata
+            self.kinds.append("delta" if is_delta else "full")
+            if is_delta:
+                on_failure(member, "SyncModelState refused: model state rejected: a delta", dispatch.THERE)
+            else:
+                succeeded(member)
+                then(member)
+            broadcast.ended(not is_delta)
+        return broadcast
+
+
+def test_a_learner_that_refuses_a_delta_is_kept_and_sent_full_states_from_then_on(tmp_path, caplog):
+    """Not dropped (it would rejoin, take the full state and refuse the next delta, round after round): the full
+    state goes to it at once, and only full states after, with one warning saying why."""
+    learners = RefusingDeltas()
+    rounds = rounds_of(tmp_path, "--rounds", "10", "--compress-down", "int8", learners=learners)
+    (member,) = join(rounds, 1)
+    for round_index in range(4):
+        rounds.federation.push_state(round_index, finished=False)
+    assert learners.kinds == ["full", "delta", "full", "full", "full"]
+    assert member.learner_id in rounds.registry.members()
+    assert "learner 0 refused a delta" in caplog.text and "full states from now on" in caplog.text

@@ -70,6 +70,14 @@ class Codec(ABC):
     def add(self, parts: Parts, out: torch.Tensor, weight: float) -> None:
         """out += weight * decoded, in place, for parts already checked."""
 
+    def add_exact(self, parts: Parts, out: torch.Tensor) -> None:
+        """out += decoded, in place, for parts already checked, with the same bits on every CPU (the downlink's
+        replica and each learner's reference must stay bit-identical). Elementwise float operations round
+        exactly once whatever the SIMD width; so do the casts, int8/int4's levels * (scale / L), sign's +-scale
+        and the sparse codecs' index_add_ at distinct positions, with weight 1 (a fused multiply-add by 1 rounds
+        as the add does). PowerSGD's matrix product does not: it overrides this."""
+        self.add(parts, out, 1.0)
+
     def problem(self, parts: Parts, shape: tuple[int, ...]) -> str | None:
         """What is wrong with parts for a tensor of this shape (names, dtypes, shapes, then values), or None."""
         return spec_problem(parts, self.parts(shape)) or self.value_problem(parts, math.prod(shape))
@@ -451,6 +459,16 @@ class PowerSGD(Codec):
     def add(self, parts: Parts, out: torch.Tensor, weight: float) -> None:
         p, q = (parts[name].to(out.device, out.dtype) for name in ("P", "Q"))
         out.view(p.shape[0], q.shape[0]).addmm_(p, q.T, alpha=weight)
+
+    def add_exact(self, parts: Parts, out: torch.Tensor) -> None:
+        """out += P Q^T with the same bits on every CPU: addmm's blocking and vector width (BLAS, MKL_CBWR) change
+        the order of its sums, so the products, exact in float64 (of two float32s), are summed over the rank in
+        float64 in rank order, rounded once to float32, then added."""
+        p, q = (parts[name].to(out.device, torch.float64).T.contiguous() for name in ("P", "Q"))  # [r, m], [r, n]
+        product = p[0].unsqueeze(1) * q[0]  # (each product exact: a fused multiply-add rounds it as an add does)
+        for column in range(1, len(p)):
+            product.addcmul_(p[column].unsqueeze(1), q[column])
+        out.view(-1).add_(product.view(-1).to(out.dtype))
 
 
 CODEC_CLASSES: dict[str, type[Codec]] = {

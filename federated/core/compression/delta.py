@@ -13,35 +13,39 @@ from collections.abc import Mapping
 
 import torch
 
-from federated.core.checks import TensorSpec, first_problem
-from federated.core.compression.codecs import Settings, make_codec, nonfinite, spec_problem
-from federated.core.compression.feedback import add_checked, compressed_names, entry_name, values_problem
+from federated.core.checks import TensorSpec, first_problem, spec_of
+from federated.core.compression.codecs import Settings, make_codec
+from federated.core.compression.feedback import (
+    SMALL,
+    Dtypes,
+    Shapes,
+    compressed_names,
+    entries_problem,
+    entry_name,
+    expected,
+    tensor_parts,
+)
+from federated.core.plan import MAX_DELTA_RANDK_RATIO
 
 Tensors = Mapping[str, torch.Tensor]
 HASH_BYTES = 16
 
 
+def shapes_and_dtypes(spec: TensorSpec) -> tuple[Shapes, Dtypes]:
+    """A state's spec as feedback's checks take it: shapes, and dtypes (a delta's whole tensors keep their own)."""
+    return {name: shape for name, (_, shape) in spec.items()}, {name: dtype for name, (dtype, _) in spec.items()}
+
+
 def delta_compressed(spec: TensorSpec, codec_name: str) -> set[str]:
     """The tensors of a state (its spec) that a delta compresses: float32, and what the uplink compresses."""
-    floats = {name: shape for name, (dtype, shape) in spec.items() if dtype == torch.float32}
-    return compressed_names(floats, codec_name)
+    shapes, dtypes = shapes_and_dtypes(spec)
+    return compressed_names(shapes, codec_name, SMALL, dtypes)
 
 
 def delta_spec(spec: TensorSpec, codec_name: str, ratio: float, rank: int) -> TensorSpec:
     """Every entry a delta of a state of this spec carries, with its dtype and shape, in the state's order."""
-    codec = make_codec(codec_name, Settings(ratio, rank))
-    compressed = delta_compressed(spec, codec_name)
-    entries: TensorSpec = {}
-    for name, (dtype, shape) in spec.items():
-        if name in compressed:
-            entries.update({entry_name(name, part): part_spec for part, part_spec in codec.parts(shape).items()})
-        else:
-            entries[name] = (dtype, shape)
-    return entries
-
-
-def spec_of(tensors: Tensors) -> TensorSpec:
-    return {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+    shapes, dtypes = shapes_and_dtypes(spec)
+    return expected(shapes, codec_name, ratio, rank, SMALL, dtypes)
 
 
 def make_delta(
@@ -54,8 +58,9 @@ def make_delta(
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """The entries of a delta from reference towards target (same names, shapes and dtypes): encode(target -
-    reference) for the compressed tensors, target's tensors whole for the rest. warm: PowerSGD's warm starts, by
-    tensor, kept by the caller from one delta to the next; generator drives the codec's randomness."""
+    reference) for the compressed tensors, copies of target's tensors whole for the rest (never the caller's
+    own: a model that changes after must not change the delta). warm: PowerSGD's warm starts, by tensor, kept by
+    the caller from one delta to the next; generator drives the codec's randomness."""
     codec = make_codec(codec_name, Settings(ratio, rank))
     compressed = delta_compressed(spec_of(reference), codec_name)
     entries: dict[str, torch.Tensor] = {}
@@ -65,35 +70,30 @@ def make_delta(
             parts = codec.encode(difference.contiguous(), warm.setdefault(name, {}), generator)
             entries.update({entry_name(name, part): part_tensor for part, part_tensor in parts.items()})
         else:
-            entries[name] = tensor.detach().to("cpu")
+            entries[name] = tensor.detach().to("cpu", copy=True)
     return entries
 
 
 def delta_problem(entries: Tensors, reference: Tensors, codec_name: str, ratio: float, rank: int) -> str | None:
     """What is wrong with a delta's entries against this reference (names, dtypes and shapes, then values: the
     codec's checks, and every whole float tensor finite), or None."""
-    spec = spec_of(reference)
-    problem = spec_problem(entries, delta_spec(spec, codec_name, ratio, rank))
-    if problem is not None:
-        return f"entries: {problem}"
-    compressed = delta_compressed(spec, codec_name)
-    problem = values_problem(entries, {name: spec[name][1] for name in compressed}, codec_name, ratio, rank)
-    if problem is not None:
-        return problem
-    for name in spec.keys() - compressed:
-        if entries[name].is_floating_point() and (problem := nonfinite(entries[name], name)) is not None:
-            return problem
-    return None
+    if codec_name == "randk" and ratio > MAX_DELTA_RANDK_RATIO:
+        return f"a random-k ratio of {ratio:g}, above {MAX_DELTA_RANDK_RATIO:g} (its positions take too long to draw)"
+    shapes, dtypes = shapes_and_dtypes(spec_of(reference))
+    return entries_problem(entries, shapes, codec_name, ratio, rank, SMALL, dtypes)
 
 
 def apply_delta(
     reference: Tensors, entries: Tensors, codec_name: str, ratio: float, rank: int
 ) -> dict[str, torch.Tensor]:
-    """A new state: reference + decode(entries) for the compressed tensors (feedback.add_checked, weight 1), the
-    whole entries for the rest; copies, the reference untouched. Check the entries first (delta_problem)."""
+    """A new state: reference + decode(entries) for the compressed tensors (Codec.add_exact: the same bits on
+    every CPU), the whole entries for the rest; copies, the reference untouched. Check the entries first
+    (delta_problem)."""
+    codec = make_codec(codec_name, Settings(ratio, rank))
     compressed = delta_compressed(spec_of(reference), codec_name)
     state = {name: (tensor if name in compressed else entries[name]).clone() for name, tensor in reference.items()}
-    add_checked(entries, {name: state[name] for name in compressed}, 1.0, codec_name, ratio, rank)
+    for name in compressed:
+        codec.add_exact(tensor_parts(entries, name), state[name])
     return state
 
 

@@ -32,13 +32,20 @@ log = logging.getLogger("learner")  # (a learner compresses)
 SEPARATOR = ":"
 
 Shapes = Mapping[str, Sequence[int]]
+# each tensor's dtype, where not every one is float32: a state's tensors going down travel whole in their own
+Dtypes = Mapping[str, torch.dtype] | None
 
 
-def compressed_names(names_and_shapes: Shapes, codec_name: str, small: int = SMALL) -> set[str]:
-    """The tensors a codec compresses: two or more dimensions and at least small values (none for "none")."""
+def compressed_names(names_and_shapes: Shapes, codec_name: str, small: int = SMALL, dtypes: Dtypes = None) -> set[str]:
+    """The tensors a codec compresses: two or more dimensions, at least small values and, where dtypes are given
+    (a state's tensors, going down), float32 (none for "none")."""
     if codec_name == "none":
         return set()
-    return {name for name, shape in names_and_shapes.items() if len(shape) >= 2 and torch.Size(shape).numel() >= small}
+    return {
+        name
+        for name, shape in names_and_shapes.items()
+        if len(shape) >= 2 and torch.Size(shape).numel() >= small and (dtypes is None or dtypes[name] == torch.float32)
+    }
 
 
 def entry_name(name: str, part: str) -> str:
@@ -46,17 +53,20 @@ def entry_name(name: str, part: str) -> str:
     return f"{name}{SEPARATOR}{part}"
 
 
-def expected(names_and_shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int = SMALL) -> TensorSpec:
+def expected(
+    names_and_shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int = SMALL, dtypes: Dtypes = None
+) -> TensorSpec:
     """Every entry a payload of these tensors must carry, exactly, with its dtype and shape, in order: the
-    receiver's check of a payload's header before it reads a value (and the bound on its size)."""
+    receiver's check of a payload's header before it reads a value (and the bound on its size). A tensor sent
+    whole is float32, or its dtype in dtypes where given."""
     codec = make_codec(codec_name, Settings(ratio, rank))
-    compressed = compressed_names(names_and_shapes, codec_name, small)
+    compressed = compressed_names(names_and_shapes, codec_name, small, dtypes)
     spec: TensorSpec = {}
     for name, shape in names_and_shapes.items():
         if name in compressed:
             spec.update({entry_name(name, part): part_spec for part, part_spec in codec.parts(tuple(shape)).items()})
         else:
-            spec[name] = (torch.float32, tuple(shape))
+            spec[name] = (torch.float32 if dtypes is None else dtypes[name], tuple(shape))
     return spec
 
 
@@ -99,23 +109,35 @@ def add_checked(
 
 
 def entries_problem(
-    entries: Mapping[str, torch.Tensor], shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int
+    entries: Mapping[str, torch.Tensor],
+    shapes: Shapes,
+    codec_name: str,
+    ratio: float,
+    rank: int,
+    small: int,
+    dtypes: Dtypes = None,
 ) -> str | None:
-    """What is wrong with a payload's entries for tensors of these shapes (names, then every entry's dtype and
-    shape, then values), or None."""
-    problem = spec_problem(entries, expected(shapes, codec_name, ratio, rank, small))
+    """What is wrong with a payload's entries for tensors of these shapes (and dtypes: see expected): names, then
+    every entry's dtype and shape, then values; or None."""
+    problem = spec_problem(entries, expected(shapes, codec_name, ratio, rank, small, dtypes))
     if problem is not None:
         return f"entries: {problem}"
-    return values_problem(entries, shapes, codec_name, ratio, rank, small)
+    return values_problem(entries, shapes, codec_name, ratio, rank, small, dtypes)
 
 
 def values_problem(
-    entries: Mapping[str, torch.Tensor], shapes: Shapes, codec_name: str, ratio: float, rank: int, small: int = SMALL
+    entries: Mapping[str, torch.Tensor],
+    shapes: Shapes,
+    codec_name: str,
+    ratio: float,
+    rank: int,
+    small: int = SMALL,
+    dtypes: Dtypes = None,
 ) -> str | None:
     """What is wrong with the values of entries whose names, dtypes and shapes are known right (every float
     finite, indices, scales, packed levels), or None: one scan of every entry."""
     codec = make_codec(codec_name, Settings(ratio, rank))
-    compressed = compressed_names(shapes, codec_name, small)
+    compressed = compressed_names(shapes, codec_name, small, dtypes)
     for name, shape in shapes.items():
         if name in compressed:
             problem = codec.value_problem(tensor_parts(entries, name), math.prod(shape))
