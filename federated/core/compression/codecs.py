@@ -23,6 +23,11 @@ import torch
 # largest |value|. Smaller buckets lower the rounding error of the small values, at 4 bytes per bucket.
 BUCKET = 512
 
+# top-k's positions in a tensor of at most SHORT_POSITIONS values travel as int16 holding position - INDEX_OFFSET
+# (0 .. 65535 as -32768 .. 32767), the receiver adding INDEX_OFFSET back
+SHORT_POSITIONS = 2**16
+INDEX_OFFSET = 2**15
+
 # Part name -> (dtype, shape): what a tensor encodes to, exactly
 PartSpec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 Parts = dict[str, torch.Tensor]
@@ -286,6 +291,14 @@ class Int4(Quantised):
         return None
 
 
+def to_bfloat16(values: torch.Tensor) -> torch.Tensor:
+    """float32 values as bfloat16, rounded to nearest, clamped to its largest finite value first: bfloat16 has
+    float32's exponent range (float16 would overflow to Inf from |x| > 65504, a large gradient), but a float32
+    within half a bfloat16 step of float32's largest value still rounds up to Inf."""
+    largest = torch.finfo(torch.bfloat16).max
+    return values.clamp(-largest, largest).to(torch.bfloat16)
+
+
 class Sparse(Codec):
     """A codec that sends k = max(1, ceil(ratio * numel)) values at positions of each learner's own: learners'
     messages add up only once decoded (no secure aggregation), and a coordinate-wise rule sees mostly zeros."""
@@ -298,34 +311,49 @@ class Sparse(Codec):
 
 
 class TopK(Sparse):
-    """top-k (Stich et al. 2018): the k = max(1, ceil(ratio * numel)) values of largest |x| and their int32
-    positions. Bound: the values not sent are the error, so |decoded - x| <= the k-th largest |x| per element
-    and ||decoded - x||^2 <= (1 - k/numel) ||x||^2. Biased: error feedback sends the rest later. 8 bytes a value
-    sent."""
+    """top-k (Stich et al. 2018): the k = max(1, ceil(ratio * numel)) values of largest |x|, as bfloat16, and their
+    positions, as int16 holding position - INDEX_OFFSET (32768) when the tensor has at most 65,536 values (the
+    receiver adds INDEX_OFFSET back), as int32 otherwise. Bound: the values not sent are the error, and a sent
+    value carries bfloat16's rounding (2^-8 of it in the normal range), so |decoded - x| <= max(the k-th largest
+    |x|, |x| 2^-8) per element and
+    ||decoded - x||^2 <= (1 - k/numel) ||x||^2 + 2^-16 ||x||^2. Biased: error feedback sends the rest later, the
+    rounding included. 4 bytes a value sent (6 above 65,536 values)."""
 
     name = "topk"
     biased = True
 
+    def index_dtype(self, numel: int) -> torch.dtype:
+        """int16 (offset by INDEX_OFFSET) for positions below 2^16, int32 beyond."""
+        return torch.int16 if numel <= SHORT_POSITIONS else torch.int32
+
     def parts(self, shape: tuple[int, ...]) -> PartSpec:
-        k = self.k(math.prod(shape))
-        return {"indices": (torch.int32, (k,)), "values": (torch.float32, (k,))}
+        numel = math.prod(shape)
+        k = self.k(numel)
+        return {"indices": (self.index_dtype(numel), (k,)), "values": (torch.bfloat16, (k,))}
+
+    def sent_positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """The positions (int64) that the sent indices stand for."""
+        positions = indices.to(torch.int64)
+        return positions + INDEX_OFFSET if indices.dtype == torch.int16 else positions
 
     def encode(self, values: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator) -> Parts:
         flat = values.reshape(-1).to(torch.float32)
-        indices = flat.abs().topk(self.k(flat.numel()), sorted=False).indices
-        return {"indices": indices.to(torch.int32), "values": flat[indices]}
+        numel = flat.numel()
+        positions = flat.abs().topk(self.k(numel), sorted=False).indices
+        indices = positions - INDEX_OFFSET if numel <= SHORT_POSITIONS else positions
+        return {"indices": indices.to(self.index_dtype(numel)), "values": to_bfloat16(flat[positions])}
 
     def value_problem(self, parts: Parts, numel: int) -> str | None:
-        indices = parts["indices"]
-        if int(indices.min()) < 0 or int(indices.max()) >= numel:
+        positions = self.sent_positions(parts["indices"])
+        if int(positions.min()) < 0 or int(positions.max()) >= numel:
             return f"an index outside [0, {numel})"
-        if torch.unique(indices).numel() != indices.numel():
+        if torch.unique(positions).numel() != positions.numel():
             return "a repeated index"
         return nonfinite(parts["values"], "values")
 
     def add(self, parts: Parts, out: torch.Tensor, weight: float) -> None:
-        indices = parts["indices"].to(out.device)
-        out.view(-1).index_add_(0, indices, parts["values"].to(out.device, out.dtype), alpha=weight)
+        positions = self.sent_positions(parts["indices"]).to(out.device)
+        out.view(-1).index_add_(0, positions, parts["values"].to(out.device, out.dtype), alpha=weight)
 
 
 def hashed(seed: int, counter: int) -> int:
@@ -349,16 +377,18 @@ def distinct_positions(seed: int, k: int, numel: int) -> torch.Tensor:
 
 class RandomK(Sparse):
     """random-k: k = max(1, ceil(ratio * numel)) values at k distinct positions that the int64 seed it sends
-    draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled.
-    Bound: the values not sent are the error (|decoded - x| <= max |x|, E||decoded - x||^2 = (1 - k/numel)
-    ||x||^2). Unscaled it is biased (E[decoded] = (k/numel) x): error feedback sends the rest later, without the
-    numel/k-fold variance that scaling to unbiased would add. 4 bytes a value sent, and 8."""
+    draws (distinct_positions: specified, so the receiver draws the same ones), in ascending order, unscaled, as
+    bfloat16 (to_bfloat16). Bound: the values not sent are the error, and a sent value carries bfloat16's rounding
+    (|decoded - x| <= max |x|, E||decoded - x||^2 <= (1 - k/numel) ||x||^2 + 2^-16 (k/numel) ||x||^2). Unscaled it
+    is biased (E[decoded] = (k/numel) x, up to the rounding): error feedback sends the rest later, the rounding
+    included, without the numel/k-fold variance that scaling to unbiased would add. 2 bytes a value sent, and
+    8."""
 
     name = "randk"
     biased = True
 
     def parts(self, shape: tuple[int, ...]) -> PartSpec:
-        return {"seed": (torch.int64, (1,)), "values": (torch.float32, (self.k(math.prod(shape)),))}
+        return {"seed": (torch.int64, (1,)), "values": (torch.bfloat16, (self.k(math.prod(shape)),))}
 
     def positions(self, seed: int, numel: int) -> torch.Tensor:
         """The k positions a seed draws."""
@@ -367,7 +397,7 @@ class RandomK(Sparse):
     def encode(self, values: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator) -> Parts:
         flat = values.reshape(-1).to(torch.float32)
         seed = torch.randint(0, 2**62, (1,), generator=generator)
-        return {"seed": seed, "values": flat[self.positions(int(seed), flat.numel())]}
+        return {"seed": seed, "values": to_bfloat16(flat[self.positions(int(seed), flat.numel())])}
 
     def value_problem(self, parts: Parts, numel: int) -> str | None:
         return nonfinite(parts["values"], "values")
@@ -414,11 +444,13 @@ class Sign(Codec):
 
 class PowerSGD(Codec):
     """PowerSGD (Vogels et al. 2019): the tensor as a matrix M [m, n] (m = shape[0], n = numel / m) sent as
-    P [m, r] and Q [n, r], r = min(rank, m, n), decoded as P Q^T. One power iteration a round from the last
-    round's Q (the warm start, kept in state; random normal the first time): P = orthonormalised M Q, then
-    Q = M^T P. P's columns being orthonormal, P Q^T = P P^T M is M projected onto their span: ||decoded - M||_F
-    <= ||M||_F, and with warm starts on a slowly changing M it approaches the best rank-r error. Biased: error
-    feedback keeps the rest. 4 (m + n) r bytes."""
+    P [m, r] and Q [n, r], r = min(rank, m, n), both as bfloat16 (to_bfloat16), decoded as P Q^T. One power
+    iteration a round from the last round's Q (the warm start, kept in state in float32; random normal the first
+    time): P = orthonormalised M Q, then Q = M^T P. P's columns being orthonormal, P Q^T = P P^T M is M projected
+    onto their span: ||M - P Q^T||_F <= ||M||_F, and with warm starts on a slowly changing M it approaches the
+    best rank-r error. The factors' rounding (each entry within 2^-8 of its own size) adds at most
+    (2^-7 + 2^-16) sqrt(r) ||M||_F in the normal range. Biased: error feedback keeps the rest, the rounding included (the residual is
+    M - the rounded factors' product). 2 (m + n) r bytes."""
 
     name = "powersgd"
     biased = True
@@ -433,7 +465,7 @@ class PowerSGD(Codec):
     def parts(self, shape: tuple[int, ...]) -> PartSpec:
         rows, columns = self.matrix_shape(shape)
         rank = min(self.settings.rank, rows, columns)
-        return {"P": (torch.float32, (rows, rank)), "Q": (torch.float32, (columns, rank))}
+        return {"P": (torch.bfloat16, (rows, rank)), "Q": (torch.bfloat16, (columns, rank))}
 
     def encode(self, values: torch.Tensor, state: dict[str, torch.Tensor], generator: torch.Generator) -> Parts:
         matrix = values.to(torch.float32).reshape(self.matrix_shape(tuple(values.shape)))
@@ -444,7 +476,7 @@ class PowerSGD(Codec):
         p = torch.linalg.qr(matrix @ q).Q.contiguous()  # QR's factor is column-major
         q = (matrix.T @ p).contiguous()
         state["Q"] = q
-        return {"P": p, "Q": q}
+        return {"P": to_bfloat16(p), "Q": to_bfloat16(q)}
 
     def value_problem(self, parts: Parts, numel: int) -> str | None:
         p, q = parts["P"], parts["Q"]
@@ -463,7 +495,7 @@ class PowerSGD(Codec):
     def add_exact(self, parts: Parts, out: torch.Tensor) -> None:
         """out += P Q^T with the same bits on every CPU: addmm's blocking and vector width (BLAS, MKL_CBWR) change
         the order of its sums, so the products, exact in float64 (of two float32s), are summed over the rank in
-        float64 in rank order, rounded once to float32, then added."""
+        float64 in rank order, rounded once to float32, then added (bfloat16 factors convert to float64 exactly)."""
         p, q = (parts[name].to(out.device, torch.float64).T.contiguous() for name in ("P", "Q"))  # [r, m], [r, n]
         product = p[0].unsqueeze(1) * q[0]  # (each product exact: a fused multiply-add rounds it as an add does)
         for column in range(1, len(p)):
