@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from federated.core.compression.codecs import INDEX_OFFSET
 from federated.core.compression.delta import apply_delta, make_delta, round_generator, state_hash
 from federated.core.layout import wire_state
 from federated.leader.dispatch import LearnerClient
@@ -80,17 +81,20 @@ def hostile_deltas(reference: dict[str, torch.Tensor], target: dict[str, torch.T
         return lambda entries: entries.__setitem__(name, with_value(entries[name], index, value))
 
     def top_index(entries: dict[str, torch.Tensor]) -> int:  # where the top-k values hold BIG's first value
-        return int((entries[f"{BIG}:indices"] == 0).nonzero()[0])
+        return int((entries[f"{BIG}:indices"] == -INDEX_OFFSET).nonzero()[0])  # int16: position - INDEX_OFFSET
 
     overflow = lambda entries: entries.__setitem__(
         f"{BIG}:values", with_value(entries[f"{BIG}:values"], top_index(entries), HUGE)
     )
-    wider = lambda entries: entries.__setitem__(f"{BIG}:P", torch.zeros(entries[f"{BIG}:P"].shape[0], 3))
+    wider = lambda entries: entries.__setitem__(f"{BIG}:P", torch.zeros(64, 3, dtype=torch.bfloat16))
     shorter = lambda entries: entries.__setitem__(f"{BIG}:levels", entries[f"{BIG}:levels"][:-1].clone())
     return {
         "a wrong base version": (delta("int8", delta_from="0"), "holds the state of round 1"),
         "an unknown codec": (delta("int8", delta_codec="zstd"), "unknown codec 'zstd'"),
-        "an index out of range": (delta("topk", set_at(f"{BIG}:indices", 0, 1 << 20)), "an index outside"),
+        "an index out of range": (  # the position numel, as BIG's int16 index
+            delta("topk", set_at(f"{BIG}:indices", 0, 64 * 64 * 9 - INDEX_OFFSET)),
+            "an index outside",
+        ),
         "a repeated index": (
             delta("topk", lambda e: e[f"{BIG}:indices"].__setitem__(1, e[f"{BIG}:indices"][0])),
             "a repeated index",

@@ -314,10 +314,13 @@ def repeat_first_index(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def bfloat16_zeros(*shape: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda tensor: torch.zeros(shape, dtype=torch.bfloat16)
+
+
+NUMEL_AS_INT16 = 32 * 16 * 9 - INDEX_OFFSET  # conv.weight's position numel, as its int16 top-k index
 HOSTILE = {  # case: (codec, the change, what the refusal says)
-    "topk index out of range": (  # int16: the position numel
-        "topk", replaced("conv.weight:indices", set_first(32 * 16 * 9 - INDEX_OFFSET)), "an index outside",
-    ),  # fmt: skip
+    "topk index out of range": ("topk", replaced("conv.weight:indices", set_first(NUMEL_AS_INT16)), "an index outside"),
     "topk top int16 index": ("topk", replaced("odd.weight:indices", set_first(2**15 - 1)), "an index outside"),
     "topk repeated index": ("topk", replaced("odd.weight:indices", repeat_first_index), "a repeated index"),
     "topk NaN value": ("topk", replaced("odd.weight:values", set_first(math.nan)), "NaN or Inf in values"),
@@ -338,10 +341,8 @@ HOSTILE = {  # case: (codec, the change, what the refusal says)
     "randk infinite value": ("randk", replaced("conv.weight:values", set_first(-math.inf)), "NaN or Inf in values"),
     "fp16 infinite value": ("fp16", replaced("conv.weight:values", set_first(math.inf)), "NaN or Inf in values"),
     "bf16 as fp16": ("bf16", replaced("conv.weight:values", lambda t: t.to(torch.float16)), "torch.float16"),
-    "powersgd rank beyond the tensor": (
-        "powersgd", replaced("odd.weight:P", lambda t: torch.randn(37, 38).bfloat16()), "bfloat16 .37, 38.",
-    ),  # fmt: skip
-    "powersgd rank 3 for 2": ("powersgd", replaced("conv.weight:Q", lambda t: torch.randn(144, 3).bfloat16()), "144, 3"),
+    "powersgd rank beyond the tensor": ("powersgd", replaced("odd.weight:P", bfloat16_zeros(37, 38)), "37, 38"),
+    "powersgd rank 3 for 2": ("powersgd", replaced("conv.weight:Q", bfloat16_zeros(144, 3)), "144, 3"),
     "powersgd factor as float32": ("powersgd", replaced("conv.weight:Q", lambda t: t.float()), "torch.float32"),
     "powersgd NaN factor": ("powersgd", replaced("conv.weight:Q", set_first(math.nan)), "NaN or Inf in Q"),
     "powersgd overflowing product": ("powersgd", replaced("conv.weight:P", set_first(3e38)), "overflows"),

@@ -448,9 +448,9 @@ class PowerSGD(Codec):
     iteration a round from the last round's Q (the warm start, kept in state in float32; random normal the first
     time): P = orthonormalised M Q, then Q = M^T P. P's columns being orthonormal, P Q^T = P P^T M is M projected
     onto their span: ||M - P Q^T||_F <= ||M||_F, and with warm starts on a slowly changing M it approaches the
-    best rank-r error. The factors' rounding (each entry within 2^-8 of its own size) adds at most
-    (2^-7 + 2^-16) sqrt(r) ||M||_F in the normal range. Biased: error feedback keeps the rest, the rounding included (the residual is
-    M - the rounded factors' product). 2 (m + n) r bytes."""
+    best rank-r error. The factors' rounding (each entry within 2^-8 of its own size in the normal range) adds
+    at most (2^-7 + 2^-16) sqrt(r) ||M||_F. Biased: error feedback keeps the rest, the rounding included (the
+    residual is M - the rounded factors' product). 2 (m + n) r bytes."""
 
     name = "powersgd"
     biased = True
