@@ -176,7 +176,7 @@ class Leader:
         )
         if self.federation.secure:  # only masked inputs come in (a plain update is refused): the ring's bytes
             limit = codec.payload_limit(self.federation.secure.ring.spec) + rpc.ENVELOPE_BYTES
-        else:  # a compressed update may take more than a plain one (top-k of over half the values: 8 bytes a value)
+        else:  # a compressed update may take more than a plain one (top-k of most of a large tensor: 6 bytes a value)
             limit = max(self.global_model.gradient_payload_bytes(), codec.payload_limit(servicer.compressed_spec))
             limit += rpc.ENVELOPE_BYTES
         server, port = rpc.start_server(
