@@ -315,9 +315,8 @@ class TopK(Sparse):
     positions, as int16 holding position - INDEX_OFFSET (32768) when the tensor has at most 65,536 values (the
     receiver adds INDEX_OFFSET back), as int32 otherwise. Bound: the values not sent are the error, and a sent
     value carries bfloat16's rounding (2^-8 of it in the normal range), so |decoded - x| <= max(the k-th largest
-    |x|, |x| 2^-8) per element and
-    ||decoded - x||^2 <= (1 - k/numel) ||x||^2 + 2^-16 ||x||^2. Biased: error feedback sends the rest later, the
-    rounding included. 4 bytes a value sent (6 above 65,536 values)."""
+    |x|, |x| 2^-8) per element and ||decoded - x||^2 <= (1 - k/numel + 2^-16) ||x||^2. Biased: error feedback
+    sends the rest later, the rounding included. 4 bytes a value sent (6 above 65,536 values)."""
 
     name = "topk"
     biased = True
@@ -340,8 +339,9 @@ class TopK(Sparse):
         flat = values.reshape(-1).to(torch.float32)
         numel = flat.numel()
         positions = flat.abs().topk(self.k(numel), sorted=False).indices
-        indices = positions - INDEX_OFFSET if numel <= SHORT_POSITIONS else positions
-        return {"indices": indices.to(self.index_dtype(numel)), "values": to_bfloat16(flat[positions])}
+        dtype = self.index_dtype(numel)
+        indices = positions - INDEX_OFFSET if dtype == torch.int16 else positions
+        return {"indices": indices.to(dtype), "values": to_bfloat16(flat[positions])}
 
     def value_problem(self, parts: Parts, numel: int) -> str | None:
         positions = self.sent_positions(parts["indices"])
