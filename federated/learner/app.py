@@ -171,7 +171,7 @@ class Member:
                 plan.compress if compressed else "none",
             )
             if compressed:  # after the check above: a NaN would stay in the residuals for good
-                tensors = replica.compressed(tensors, plan)
+                tensors = replica.compressed(tensors, plan, self.learner_id)
             request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         if reply is not None and not reply.success:

@@ -191,13 +191,17 @@ class Replica:
         """The update vector as it travels."""
         return self.layout.wire_tensors(self.gradient)
 
-    def compressed(self, update: dict[str, torch.Tensor], plan: TrainingPlan) -> dict[str, torch.Tensor]:
+    def compressed(
+        self, update: dict[str, torch.Tensor], plan: TrainingPlan, learner_id: int
+    ) -> dict[str, torch.Tensor]:
         """An update's tensors (the update vector's float32 views) as the plan's codec sends them. The residuals
         live in this process: a learner starts from zero (restarted, its earlier ones are lost) and again when
-        the leader changes the codec or its settings."""
+        the leader changes the codec or its settings. Its draws (QSGD's rounding, random-k's seeds, PowerSGD's
+        first start) come from the run's seed and the learner's id, as its batches do, so a run repeats."""
         settings = (plan.compress, plan.compress_ratio, plan.compress_rank)
         if self.compressor is None or settings != self.compressed_as:
-            self.compressor = compression.Compressor(*settings, self.layout.shapes)
+            seed = self.info.seed * 10_007 + learner_id
+            self.compressor = compression.Compressor(*settings, self.layout.shapes, seed=seed)
             self.compressed_as = settings
             log.info(
                 "round %d: updates travel compressed (%s); error feedback starts from zero residuals",

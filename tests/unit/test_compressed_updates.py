@@ -139,16 +139,33 @@ def test_a_learner_keeps_its_residuals_from_round_to_round_and_starts_from_zero_
     assert replica.plan == plan
     replica.gradient.copy_(torch.rand(replica.layout.size))
     with caplog.at_level(logging.INFO, logger="learner"):
-        sent = replica.compressed(replica.layout.views(replica.gradient), plan)
+        sent = replica.compressed(replica.layout.views(replica.gradient), plan, 0)
         compressor = replica.compressor
         assert compressor is not None and compressor.residuals
-        replica.compressed(replica.layout.views(replica.gradient), plan)
+        replica.compressed(replica.layout.views(replica.gradient), plan, 0)
         assert replica.compressor is compressor  # the residuals carry over
-        replica.compressed(replica.layout.views(replica.gradient), dataclasses.replace(plan, compress_ratio=0.05))
+        replica.compressed(replica.layout.views(replica.gradient), dataclasses.replace(plan, compress_ratio=0.05), 0)
         assert replica.compressor is not compressor
     assert caplog.text.count("error feedback starts from zero residuals") == 2
     # what the learner sends is what the leader admits: every entry, in order, of its dtype and shape
     assert codec.spec_of(sent) == compression.expected(replica.layout.shapes, "topk", 0.01, 2)
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "powersgd"])
+def test_a_learners_compressed_update_repeats_with_the_runs_seed_and_its_id(codec_name):
+    plan = TrainingPlan(compress=codec_name)
+    info = StateInfo("resnet20", 10, 8, 0, (0.5,) * 3, (0.25,) * 3, "float32", image_size=8, plan=plan)
+    state = codec.encode(wire_state(build_model("resnet20"), torch.float32), info.to_metadata())
+    update = torch.rand(Replica(codec.decode(state), "cpu").layout.size, generator=torch.Generator().manual_seed(1))
+
+    def sent(learner_id: int) -> dict[str, torch.Tensor]:
+        replica = Replica(codec.decode(state), "cpu")
+        replica.gradient.copy_(update)
+        return replica.compressed(replica.layout.views(replica.gradient), plan, learner_id)
+
+    first, again, other = sent(3), sent(3), sent(4)
+    assert all(torch.equal(first[name], again[name]) for name in first)  # a rerun sends the same bytes
+    assert not all(torch.equal(first[name], other[name]) for name in first)  # another learner draws its own
 
 
 def scaffold_state(round_index: int, plan: TrainingPlan, discarded: int = 0, resets: int = 0) -> codec.Payload:
@@ -174,7 +191,7 @@ def test_a_dropped_or_reset_scaffold_control_change_leaves_no_residual_to_send_l
     # a discarded round; the controls reset (no change pending: an earlier one's residual); fetched after a loss
     for discarded, resets, fetched, taken in ((1, 0, False, True), (1, 1, False, False), (1, 1, True, True)):
         replica.gradient.copy_(torch.rand(replica.layout.size))
-        replica.compressed(replica.layout.views(replica.gradient), plan)
+        replica.compressed(replica.layout.views(replica.gradient), plan, 0)
         if taken:
             replica.update_taken(replica.round)
         assert control_residuals(replica) and len(replica.compressor.residuals) > len(control_residuals(replica))
