@@ -216,7 +216,8 @@ GROUPS = {
     "compression": "What learners' updates travel as (docs/compression.md): with error feedback for the biased "
     "codecs (what a round's message leaves out is kept and added to later rounds' updates until sent: over about "
     "1/ratio rounds for topk and randk); BatchNorm statistics and small "
-    "tensors travel uncompressed. The leader's states travel as --wire-dtype says.",
+    "tensors travel uncompressed. The leader's states travel as --wire-dtype says, or with --compress-down as "
+    "compressed deltas.",
     "strategy": "FedSGD (the default) takes one gradient per learner per round and steps with --lr, --momentum and "
     "--weight-decay on the leader. Every other strategy trains on each learner for --local-epochs or "
     "--local-steps with the client flags, and the leader applies the aggregate change with a server "
@@ -360,6 +361,15 @@ class LeaderConfig(SecurityFlags, Config):
         "the codec of learners' updates: fp16/bf16 (casts), int8/int4 (unbiased stochastic quantisation), topk/"
         "randk (the --compress-ratio largest or random values), sign (scaled signs), powersgd (rank "
         "--compress-rank factors), or none",
+        group="compression",
+        choices=_codecs,
+        trajectory=True,
+    )
+    compress_down: str = option(
+        "none",
+        "the codec of the states the leader pushes: each goes as a compressed delta against the replica every "
+        "learner in step holds (the full state to the others), with --compress-ratio and --compress-rank; none "
+        "sends full states. Needs --wire-dtype float32",
         group="compression",
         choices=_codecs,
         trajectory=True,
@@ -875,16 +885,24 @@ def run_problems(config: LeaderConfig, saved: dict[str, Any] | None) -> list[str
 
 
 def compression_problems(config: LeaderConfig) -> list[str]:
-    """What --compress cannot be combined with, and why (docs/compression.md): secure aggregation sums masked
-    vectors, and takes none of the codecs yet. (Robust aggregators, --clip-norm and --dp central decode each
-    update first; --dp local compresses what DP-SGD noised.)"""
-    if config.compress == "none" or not config.secure_aggregation:
-        return []
-    return [
-        f"--compress {config.compress} under --secure-aggregation: topk, randk and powersgd send per-learner "
-        "indices or factors that masks cannot sum, and quantised integers under masks need a clip range shared "
-        "by all learners (issue 19, item 4), not built yet; leave out --compress"
-    ]
+    """What --compress and --compress-down cannot be combined with, and why (docs/compression.md): secure
+    aggregation sums masked vectors, and takes none of the codecs yet; the downlink's replica is float32. (Robust
+    aggregators, --clip-norm and --dp central decode each update first; --dp local compresses what DP-SGD
+    noised.)"""
+    problems = []
+    if config.compress != "none" and config.secure_aggregation:
+        problems.append(
+            f"--compress {config.compress} under --secure-aggregation: topk, randk and powersgd send per-learner "
+            "indices or factors that masks cannot sum, and quantised integers under masks need a clip range shared "
+            "by all learners (issue 19, item 4), not built yet; leave out --compress"
+        )
+    if config.compress_down != "none" and config.wire_dtype != "float32":
+        problems.append(
+            f"--compress-down {config.compress_down} with --wire-dtype {config.wire_dtype}: the codec sets the "
+            "precision of the states going down, and the replica learners hold must be exact on both sides; "
+            "leave out --wire-dtype (or --compress-down)"
+        )
+    return problems
 
 
 def compression_caveat(config: LeaderConfig) -> str | None:

@@ -74,11 +74,13 @@ class LearnerClient:
         on_failure: OnFailure,
         timeout: float,
         then: Callable[[Member], None] = lambda member: None,
+        succeeded: Callable[[Member], None] = lambda member: None,
     ) -> "Broadcast":
         """Call <method>(request) on every member without waiting: MAX_IN_FLIGHT at a time (gRPC holds a copy
         of each call's request until it is sent), the next starting as one ends. request may be ready-serialised
-        bytes, serialised once for all. on_failure runs for each call that fails, then for each that succeeds
-        (or, for a model state, finds the learner still busy with earlier ones)."""
+        bytes, serialised once for all, or a mapping of each member's learner id to its own. on_failure runs for
+        each call that fails, then for each that succeeds (or, for a model state, finds the learner still busy with
+        earlier ones), succeeded (before then) only for each that succeeds."""
         broadcast = Broadcast(list(members.values()))
 
         def launch() -> None:
@@ -86,11 +88,12 @@ class LearnerClient:
             if member is None:
                 return
             stub = framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, learner_pb2.Ack)
-            call = stub.future(request, timeout=timeout, metadata=rpc.with_credential(member.credential))
+            body = request[member.learner_id] if isinstance(request, Mapping) else request
+            call = stub.future(body, timeout=timeout, metadata=rpc.with_credential(member.credential))
             call.add_done_callback(partial(ended, member=member))
 
         def ended(call: grpc.Future, member: Member) -> None:
-            broadcast.ended(self._report(call, member, method, on_failure, then))
+            broadcast.ended(self._report(call, member, method, on_failure, then, succeeded))
             launch()
 
         for _ in range(MAX_IN_FLIGHT):
@@ -155,7 +158,13 @@ class LearnerClient:
                 probe.silent_since = None
 
     def _report(
-        self, call: grpc.Future, member: Member, method: str, on_failure: OnFailure, then: Callable[[Member], None]
+        self,
+        call: grpc.Future,
+        member: Member,
+        method: str,
+        on_failure: OnFailure,
+        then: Callable[[Member], None],
+        succeeded: Callable[[Member], None],
     ) -> bool:
         """Act on a finished call; whether it succeeded. A failure makes the learner gone only when another
         process answers at its address (PERMISSION_DENIED: not our credential); nothing answering
@@ -175,6 +184,7 @@ class LearnerClient:
             on_failure(member, f"{method} refused: {reply.message}", THERE)
         else:
             self.heard_from(member)
+            succeeded(member)
             then(member)
             return True
         return False

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -440,10 +441,30 @@ class Federation:
             for learner_id, member in self.registry.members().items()
             if everyone or self.participants is None or learner_id in self.participants
         }
-        broadcast = self.client.send(members, "SyncModelState", request, self.drop, timeout=self.settings.sync_timeout)
+        downlink = self.global_model.downlink
+        if downlink is None or not downlink.sending_replica:
+            broadcast = self.client.send(members, "SyncModelState", request, self.drop, self.settings.sync_timeout)
+            sent = len(request) * len(members)
+        else:  # --compress-down: the delta to learners in step, the full state to the others
+            requests = downlink.requests(members, request)
+            broadcast = self.client.send(
+                members,
+                "SyncModelState",
+                requests,
+                self.push_failed,
+                self.settings.sync_timeout,
+                succeeded=partial(downlink.acknowledged, version=downlink.version),
+            )
+            sent = sum(map(len, requests.values()))
         if everyone:
             broadcast.wait(self.settings.sync_timeout)
-        return len(request) * len(members)
+        return sent
+
+    def push_failed(self, member: Member, reason: str, verdict: str) -> None:
+        """A push of the downlink's replica failed: the learner gets the full state next, if it stays."""
+        assert self.global_model.downlink is not None
+        self.global_model.downlink.forget(member)
+        self.drop(member, reason, verdict)
 
     def push_state(self, rounds_done: int, finished: bool, stopped: bool = False) -> int:
         """Encode the state after rounds_done once and send it to the next round's participants (to everyone

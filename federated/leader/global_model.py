@@ -11,6 +11,7 @@ from federated.core.plan import TrainingPlan
 from federated.core.steps import GuardedStep
 from federated.core.strategies import Strategy
 from federated.leader.config import LeaderConfig
+from federated.leader.downlink import Downlink
 from federated.wire import codec, framing
 from federated.wire.messages import StateInfo
 from model import build_model, load_initial_weights
@@ -75,6 +76,12 @@ class GlobalModel:
         self.discarded = 0  # rounds discarded so far: a SCAFFOLD learner commits its control change only if applied
         self.refused = 0  # steps refused in a row
         self.control_resets = 0
+        # --compress-down: the replica learners in step hold, and the deltas that move it
+        self.downlink = (
+            Downlink(config.compress_down, config.compress_ratio, config.compress_rank, config.seed)
+            if config.compress_down != "none"
+            else None
+        )
         self.encoded_state = b""
         self._messages: tuple[bytes, list[bytes]] = (b"", [])
         self.publish(round_index=0, finished=False)
@@ -88,7 +95,8 @@ class GlobalModel:
     ) -> bytes:
         """Encode the state after round_index with everything a learner needs to train the next round (plan);
         GetModel serves it from now on. `finished` tells learners to exit, `stopped` that the leader was stopped
-        early (it can be resumed). Returns the state as one serialised ModelState, ready to push to learners."""
+        early (it can be resumed). Returns the state as one serialised ModelState, ready to push to learners. With
+        --compress-down, a state before the last is the downlink's replica (and its delta: Downlink.requests)."""
         info = dataclasses.replace(
             self.info,
             round=round_index,
@@ -98,8 +106,13 @@ class GlobalModel:
             discarded=self.discarded,
             control_resets=self.control_resets,
         )
-        tensors = wire_state(self.model, self.wire_dtype, self.strategy.control)
-        self.encoded_state = codec.encode(tensors, info.to_metadata())
+        tensors, metadata = wire_state(self.model, self.wire_dtype, self.strategy.control), info.to_metadata()
+        if self.downlink is not None and finished:  # the last state is the model's own, whole
+            self.downlink.publish_final()
+        elif self.downlink is not None:  # learners train on the replica (the model may differ by what is unsent)
+            tensors = self.downlink.advance(round_index, tensors)
+            metadata = self.downlink.publish(metadata)
+        self.encoded_state = codec.encode(tensors, metadata)
         return framing.chunk_message(self.encoded_state)
 
     def model_messages(self) -> list[bytes]:
@@ -152,9 +165,11 @@ class GlobalModel:
         return Recovery(f"{why}: {reset}")
 
     def checkpoint(self) -> dict:
-        """What a checkpoint holds beside the model and optimizer: the strategy's own state and the discard counts."""
+        """What a checkpoint holds beside the model and optimizer: the strategy's own state, the discard counts and
+        the downlink's replica."""
         counts = {"total": self.discarded, "in_a_row": self.refused, "control_resets": self.control_resets}
-        return {**self.strategy.checkpoint(), "discards": counts}
+        downlink = {"downlink": self.downlink.checkpoint()} if self.downlink is not None else {}
+        return {**self.strategy.checkpoint(), "discards": counts, **downlink}
 
     def restore(self, saved: dict) -> None:
         """Take back what checkpoint() saved (an older checkpoint has no discard counts)."""
@@ -162,3 +177,5 @@ class GlobalModel:
         counts = saved.get("discards", {})
         self.discarded, self.refused = counts.get("total", 0), counts.get("in_a_row", 0)
         self.control_resets = counts.get("control_resets", 0)
+        if self.downlink is not None and "downlink" in saved:  # (a checkpoint from before --compress-down: none)
+            self.downlink.restore(saved["downlink"])

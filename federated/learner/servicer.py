@@ -7,10 +7,13 @@ import threading
 
 import grpc
 
+from federated.core import compression
 from federated.core.checks import TensorSpec
-from federated.core.plan import MAX_LEARNERS
+from federated.core.compression.delta import delta_spec
+from federated.core.plan import MAX_COMPRESS_RANK, MAX_LEARNERS
 from federated.learner.config import LearnerConfig
 from federated.learner.limits import Limits
+from federated.learner.reference import StateReference
 from federated.learner.secure import SecureParty
 from federated.learner.session import LeaderCredential
 from federated.net import guard, rpc
@@ -104,9 +107,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
         self.secure = secure or SecureParty()
         self.credential, self.leader_name, self.limits = credential, leader_name, limits
-        # A state's header names the model's tensors, its facts and the round's participants: a longer one is
-        # refused unparsed (STATE_METADATA_BYTES).
-        self.state_header_bytes = codec.header_limit(state_spec, STATE_METADATA_BYTES)
+        # A state's header names the model's tensors (or a delta's entries), its facts and the round's
+        # participants: a longer one is refused unparsed (STATE_METADATA_BYTES).
+        self.state_header_bytes = max(
+            codec.header_limit(spec, STATE_METADATA_BYTES) for spec in [state_spec, *largest_deltas(state_spec)]
+        )
+        self.reference = StateReference()  # --compress-down's: what the leader's deltas apply to
 
     def check_caller(self, context: grpc.ServicerContext) -> None:
         """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
@@ -129,13 +135,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self.check_caller(context)
         try:
             payload = codec.decode(request.chunk, self.state_header_bytes)
-            codec.check_matches(payload, self.state_spec)
+            delta = messages.DeltaInfo.from_metadata(payload.metadata)
+            if delta is None or delta.base is None:
+                codec.check_matches(payload, self.state_spec)
             round_index = messages.round_of(payload)
             if not messages.is_final(payload):  # a final state carries no plan
                 plan = messages.plan_from_metadata(payload.metadata)
                 # (the batch counts only with local epochs: what the article's leader pushes need not name it)
                 batch_size = codec.metadata_int(payload.metadata, "batch_size", 1) if plan.local_epochs else 1
                 self.limits.check_plan(plan, batch_size)
+            if delta is not None and delta.base is not None:  # checked, applied, and now the reference
+                payload = self.reference.apply(payload, delta, round_index)
+            elif delta is not None:
+                self.reference.take_full(payload, round_index)
         except codec.PayloadError as error:
             log.warning("rejected a model state: %s", error)
             return learner_pb2.Ack(success=False, message=f"model state rejected: {error}")
@@ -156,6 +168,12 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
                 refused,
             )
             rpc.abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"secure aggregation refused: {refused}")
+
+
+def largest_deltas(state_spec: TensorSpec) -> list[TensorSpec]:
+    """For each codec, the entries of its largest delta of a state of this spec (the most values top-k and
+    random-k send, PowerSGD's highest rank): whose header is the longest a delta may have."""
+    return [delta_spec(state_spec, name, 1.0, MAX_COMPRESS_RANK) for name in compression.CODECS if name != "none"]
 
 
 def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
@@ -186,7 +204,7 @@ class LearnerServer:
         """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes; limits:
         what this learner takes on for its leader."""
         self.inbox, self.started, self.secure = StateInbox(), threading.Event(), SecureParty()
-        servicer = LearnerServicer(
+        self.servicer = servicer = LearnerServicer(
             state_spec,
             self.inbox,
             self.started,
@@ -219,6 +237,7 @@ class LearnerServer:
         """Forget the leader's orders and states: a leader found again starts afresh (and may go back in rounds)."""
         self.started.clear()
         self.inbox.clear()
+        self.servicer.reference.clear()
 
     def stop(self, grace: float = 2) -> None:
         self.server.stop(grace).wait(grace + 3)

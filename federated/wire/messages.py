@@ -344,6 +344,55 @@ def round_of(payload: codec.Payload) -> int:
     return codec.metadata_int(payload.metadata, "round")
 
 
+STATE_HASH = re.compile(r"[0-9a-f]{32}")  # compression.delta.state_hash: BLAKE2b, 16 bytes, as hex
+DELTA_ONLY = ("delta_from", "state_hash")  # the keys a delta adds to the state's metadata (DeltaInfo)
+
+
+@dataclass(frozen=True)
+class DeltaInfo:
+    """How a state goes down under --compress-down (core/compression/delta.py): its codec and the codec's setting.
+    A full state of the leader's replica says only that (the learner keeps it as its reference); a delta also
+    names the version (round) it goes from and the hash of the state it makes."""
+
+    codec: str
+    ratio: float = 0.01
+    rank: int = 2
+    base: int | None = None  # a delta's: the round of the reference it applies to
+    state_hash: str = ""  # a delta's: of the state it makes
+
+    def to_metadata(self) -> dict[str, str]:
+        metadata = {"delta_codec": self.codec}
+        if self.codec in compression.SPARSE:
+            metadata["delta_ratio"] = repr(self.ratio)
+        if self.codec == "powersgd":
+            metadata["delta_rank"] = str(self.rank)
+        if self.base is not None:
+            metadata |= {"delta_from": str(self.base), "state_hash": self.state_hash}
+        return metadata
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "DeltaInfo | None":
+        """A state's delta facts, checked (PayloadError); None for a state that says nothing of them."""
+        name = metadata.get("delta_codec")
+        if name is None:
+            if any(key in metadata for key in DELTA_ONLY):
+                raise codec.PayloadError("metadata 'delta_from' or 'state_hash' without 'delta_codec'")
+            return None
+        if name not in compression.CODECS or name == "none":
+            raise codec.PayloadError(
+                f"unknown codec {name[:32]!r} in metadata 'delta_codec'; this learner knows "
+                f"{', '.join(name for name in compression.CODECS if name != 'none')}"
+            )
+        ratio = _positive(metadata, "delta_ratio", 1.0) if name in compression.SPARSE else cls.ratio
+        rank = _int(metadata, "delta_rank", minimum=1, maximum=MAX_COMPRESS_RANK) if name == "powersgd" else cls.rank
+        if "delta_from" not in metadata:
+            return cls(name, ratio, rank)
+        state_hash = metadata.get("state_hash", "")
+        if not STATE_HASH.fullmatch(state_hash):
+            raise codec.PayloadError(f"metadata 'state_hash' must be 32 hex digits, got {state_hash[:40]!r}")
+        return cls(name, ratio, rank, _int(metadata, "delta_from"), state_hash)
+
+
 @dataclass(frozen=True)
 class UpdateInfo:
     """What a learner's update claims to cover: its slot, the round, the examples and steps, the mean loss."""
