@@ -111,7 +111,7 @@ def plot_curves(curves: dict[str, dict[str, list[Point]]], path: Path, targets: 
         axis.set_xlabel("MB on the wire (both ways, all learners)")
     for axis in axes[:, 0]:
         axis.set_ylabel("test accuracy")
-        axis.legend(fontsize="small")
+        axis.legend(fontsize="x-small", ncol=2)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
