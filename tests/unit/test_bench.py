@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from federated.tools.bench import cli, defaults, page, recorded, registry
+from federated.tools.bench.common import compress_flags
+from federated.tools.bench.compression import codec_pairs, group_rows, pair_cpu_ms
 from federated.tools.bench.federations import Progress
-from federated.tools.bench.links import link_row
+from federated.tools.bench.links import LinkRun, link_row
 from federated.tools.bench.non_iid import partition_table
 from federated.tools.bench.rounds import (
     RoundRuns,
@@ -35,6 +37,8 @@ KEYS = [
     "secagg_accuracy",
     "dp_accuracy",
     "codec_costs",
+    "compression",
+    "compression_links",
 ]  # results.json's keys, as ever
 
 
@@ -55,6 +59,8 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "secagg_accuracy",
         "dp_accuracy",
         "codec_costs",
+        "compression",
+        "compression_links",
     ]
 
 
@@ -244,6 +250,90 @@ def test_the_non_iid_table_reads_each_run_at_its_end_and_at_the_cheapest_runs_me
     }
 
 
+def compression_records(up: float, down: float, accuracies: tuple[float, ...], seconds: float = 0.1) -> list[dict]:
+    """A run of two learners as metrics.jsonl records it: a round's bytes (both learners) and an evaluation after
+    each round, its record before the round's."""
+    return [
+        record
+        for round_index, accuracy in enumerate(accuracies, 1)
+        for record in (
+            {"round": round_index, "test_accuracy": accuracy},
+            {
+                "round": round_index,
+                "train_loss": 1.0,
+                "seconds": seconds,
+                "learners": 2,
+                "bytes_in": 2 * up,
+                "bytes_out": 2 * down * (4 if round_index == 1 else 1),  # a full state first, then deltas
+            },
+        )
+    ]
+
+
+CODEC_COSTS = {
+    "topk": {"bytes": 36_824, "ratio": 29.4, "encode_ms": 3.0, "decode_ms": 1.0},
+    "int4": {"bytes": 151_068, "ratio": 7.2, "encode_ms": 2.0, "decode_ms": 2.0},
+}
+
+
+def compression_groups() -> dict:
+    """One strategy and dataset's rows: uncompressed, and top-k up with int4 down."""
+    runs = {
+        "none / none": compression_records(1e6, 1e6, (0.3, 0.6, 0.85, 0.9)),
+        "topk / int4": compression_records(5e4, 2.5e5, (0.2, 0.5, 0.7, 0.85), seconds=0.2),
+    }
+    return {"fedsgd, synthetic iid": group_rows(runs, {label: pair_cpu_ms(CODEC_COSTS, label) for label in runs})}
+
+
+def test_the_compression_table_reads_bytes_per_learner_round_accuracy_and_the_share_of_the_uncompressed_runs():
+    rows = compression_groups()["fedsgd, synthetic iid"]
+    base, topk = rows["none / none"], rows["topk / int4"]
+    assert (base["up_bytes"], base["down_bytes"]) == (1e6, 1.75e6)  # the mean of (4 + 1 + 1 + 1) MB down
+    assert (topk["up_bytes"], topk["down_bytes"]) == (5e4, 4.375e5)
+    assert (topk["up_fewer"], topk["down_fewer"]) == (20.0, 4.0)
+    assert base["rounds_to_share"] == 3 and base["mb_to_share"] == pytest.approx(3 * 2 + (8 + 2 + 2))  # both ways
+    assert topk["rounds_to_share"] == 4  # 0.85 ≥ 0.9 × 0.9 first after the last round
+    assert topk["accuracy"] == 0.85 and topk["accuracy_change"] == pytest.approx(-0.05)
+    assert topk["codec_ms"] == 8.0 and topk["codec_share"] == pytest.approx(0.04)  # 8 ms of a 0.2 s round
+    assert base["codec_ms"] == 0.0
+
+
+def test_a_codec_that_never_reaches_the_share_reads_none():
+    runs = {
+        "none / none": compression_records(1e6, 1e6, (0.5, 0.9)),
+        "sign / none": compression_records(5e4, 1e6, (0.3, 0.8)),
+    }
+    row = group_rows(runs, dict.fromkeys(runs, 0.0))["sign / none"]
+    assert row["rounds_to_share"] is None and row["mb_to_share"] is None and row["accuracy"] == 0.8
+
+
+def test_each_compression_row_is_run_with_its_codecs_flags():
+    assert compress_flags("none") == []
+    assert compress_flags("powersgd rank 4", "int4") == [
+        "--compress",
+        "powersgd",
+        "--compress-ratio",
+        "0.01",
+        "--compress-rank",
+        "4",
+        "--compress-down",
+        "int4",
+    ]
+    assert compress_flags("none", "int4") == ["--compress-down", "int4"]
+    assert codec_pairs(("none", "topk"), "int4", with_down_alone=True) == [
+        ("none", "none"),
+        ("none", "int4"),
+        ("topk", "int4"),
+    ]
+    assert codec_pairs(("none", "topk"), "none", with_down_alone=True) == [("none", "none"), ("topk", "none")]
+    plain = LinkRun("resnet18", 32, 4, 1)
+    assert plain.name == "resnet18 fedsgd float32" and "--compress" not in plain.leader_args()  # links' keys stay
+    compressed = LinkRun("resnet18", 32, 4, 1, codecs=("topk", "int4"))
+    assert compressed.name == "resnet18 fedsgd float32 topk / int4"
+    flags = compress_flags("topk", "int4")
+    assert compressed.leader_args()[-len(flags) :] == flags
+
+
 def every_figure(tmp_path: Path) -> dict:
     """A results.json with every key, in the shapes the figures write."""
     transfer_steps = {
@@ -363,6 +453,28 @@ def every_figure(tmp_path: Path) -> dict:
             "ratio": 0.01,
             "threads": 1,
         },
+        "compression": {
+            "value": compression_groups(),
+            "share": 0.9,
+            "rounds": 200,
+            "local_steps": 10,
+            "learners": 2,
+            "down": "int4",
+            "flags": "--image-size 16",
+            "learner_flags": "--threads 1",
+            "ratio": 0.01,
+            "codec_costs": CODEC_COSTS,
+            "plot": str(tmp_path / "compression.png"),
+        },
+        "compression_links": {
+            "value": {
+                "resnet18 fedsgd float32 topk / int4 @ 100mbit": {
+                    **link_row(records, dict.fromkeys(range(2, 10), 0.5), 100_000_000),
+                    "round_vs_compute": 1.6,
+                }
+            },
+            "ratio": 0.01,
+        },
     }
     assert list(results) == KEYS
     return {key: {**value, "measured": measured()} for key, value in results.items()}
@@ -375,6 +487,8 @@ def test_the_page_dates_every_figure_measured_and_marks_the_others_hand_recorded
     assert "`python bench.py --headline`" in written and "1.50 / 1.20 / 1.00" in written
     assert "| digits | `central` | 0.5000 (0.98) | stopped | - | 0.9000 (-) |" in written
     assert "Stopped: 5 rounds in a row were discarded" in written
+    assert "| `topk / int4` | 50,000 | 437,500 | 20.0 | 4.0 | 0.8500 | -0.0500 |" in written
+    assert "(compression.png)" in written
     earlier = page.render({key: results[key] for key in ("serialization_gbps",)})
     assert earlier.count("## `") == len(registry.FIGURES)
     assert f"2026-11-30 {page.HAND}" in earlier and f"2026-11-28 {page.HAND}" in earlier

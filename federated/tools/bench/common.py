@@ -1,4 +1,5 @@
-"""What the figures share: statistics of repeated runs, timing, helper processes and work folders.
+"""What the figures share: statistics of repeated runs, timing, helper processes, work folders, and the leader's
+flags for a compression codec.
 
 Imports nothing heavy (no torch, no gRPC), so that the command line can parse and list figures at once."""
 
@@ -16,6 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[3]  # the repository: bench.py, leader.py, learner.py
 SERVER_LIFETIME_S = 900  # the longest a helper process serves: a bound on every wait of theirs
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+COMPRESS_RATIO = 0.01  # top-k's and random-k's share in every compression figure: the issue's top-1 %
 
 
 def spread(values: list[float]) -> dict:
@@ -62,3 +64,15 @@ def timed_together(actions: list[Callable[[], object]], repeats: int) -> list[li
             action()
             seconds.append(time.perf_counter() - started)
     return times
+
+
+def compress_flags(up: str, down: str = "none") -> list[str]:
+    """The leader's flags for a codec up, named as codec_costs names its rows ('topk', 'powersgd rank 4'), and
+    a codec down (--compress-down); none for 'none'. Top-k and random-k send COMPRESS_RATIO of the values."""
+    codec, _, rank = up.partition(" rank ")
+    flags = []
+    if codec != "none":
+        flags += ["--compress", codec, "--compress-ratio", str(COMPRESS_RATIO), "--compress-rank", rank or "2"]
+    if down != "none":
+        flags += ["--compress-down", down]
+    return flags

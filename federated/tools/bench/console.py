@@ -4,6 +4,8 @@ are tables of their own."""
 import json
 from collections.abc import Callable
 
+from federated.tools.bench import page
+
 
 def print_table(results: dict) -> None:
     """Print a run's results (results.json's keys and values) as bench.py always has."""
@@ -70,9 +72,20 @@ def _serialization_rows(result: dict) -> None:
         print(f"  {codec:12} encode {row['encode_gbps']:6.2f} GB/s, decode {row['decode_gbps']:8.2f} GB/s")
 
 
+def _page_rows(name: str) -> Callable[[dict], None]:
+    """A figure's rows as the results page shows them (a Markdown table), for the figures too wide for a line."""
+
+    def print_rows(result: dict) -> None:
+        print(page.markdown(page.HEADERS[name], page.RENDER[name]({name: result}).rows))
+
+    return print_rows
+
+
 ROWS: dict[str, Callable[[dict], None]] = {  # in the order they print
     "leader_scale": _scale_rows,
     "strategies": _strategy_rows,
     "non_iid": _non_iid_rows,
     "serialization_gbps": _serialization_rows,
+    "compression": _page_rows("compression"),
+    "compression_links": _page_rows("compression_links"),
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from federated.leader.metrics import read_metrics
 from federated.tools import hosts, launch
-from federated.tools.bench.common import empty_dir, spread
+from federated.tools.bench.common import compress_flags, empty_dir, spread
 from federated.tools.bench.federations import learner_progress, rounds_done
 
 LINK_PORT = 50051  # every host has a network stack of its own: the port is free there
@@ -27,11 +27,13 @@ class LinkRun:
     rates: tuple[str, ...] = LINK_RATES
     wire_dtype: str = "float32"
     local_steps: int = 0  # 0: FedSGD; else FedAvg with this many local steps a round
+    codecs: tuple[str, str] = ("none", "none")  # compression up (as codec_costs names it) and down
 
     @property
     def name(self) -> str:
         strategy = f"fedavg {self.local_steps} steps" if self.local_steps else "fedsgd"
-        return f"{self.model} {strategy} {self.wire_dtype}"
+        compressed = "" if self.codecs == ("none", "none") else f" {self.codecs[0]} / {self.codecs[1]}"
+        return f"{self.model} {strategy} {self.wire_dtype}{compressed}"
 
     def leader_args(self) -> list[str]:
         local = ["--strategy", "fedavg", "--local-steps", str(self.local_steps)] if self.local_steps else []
@@ -45,6 +47,7 @@ class LinkRun:
             "--wire-dtype",
             self.wire_dtype,
             *local,
+            *compress_flags(*self.codecs),
         ]
 
 

@@ -38,7 +38,8 @@ def non_iid_runs(work: Path, dataset: str, epochs: float, learners: int = 10, ta
                 f"  {partition:15} {strategy:9} final accuracy {final[3]:.4f} after {final[1] / 1e6:.1f} MB", flush=True
             )
     plot = work.parent / "non_iid.png"
-    plot_non_iid(curves, plot, target, f"{dataset}, {IMAGE_SIZE} px, {learners} learners, {epochs:g} epochs")
+    title = f"{dataset}, {IMAGE_SIZE} px, {learners} learners, {epochs:g} epochs"
+    plot_curves(curves, plot, dict.fromkeys(curves, target), title)
     table = {partition: partition_table(runs, target) for partition, runs in curves.items()}
     return {
         "value": table,
@@ -92,24 +93,25 @@ def read_curve(points: list[Point], target: float, megabytes: float | None = Non
     }
 
 
-def plot_non_iid(curves: dict[str, dict[str, list[Point]]], path: Path, target: float, title: str) -> None:
-    """Test accuracy against MB on the wire, one panel per partition and one line per strategy, into path."""
+def plot_curves(curves: dict[str, dict[str, list[Point]]], path: Path, targets: dict[str, float], title: str) -> None:
+    """Test accuracy against MB on the wire, up to four panels (a partition's, a codec table's group) with one line
+    per run and a dotted line at the panel's target, into path. Each row of panels has its legend at its left."""
     import matplotlib  # only the figures that plot need matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, sharey=True)
-    for axis, (partition, runs) in zip(axes.flat, curves.items()):
-        for strategy, points in runs.items():
-            axis.plot([point[1] / 1e6 for point in points], [point[3] for point in points], label=strategy)
-        axis.axhline(target, color="grey", linestyle=":", linewidth=1)
-        axis.set(xscale="log", title=partition, ylim=(0, 1))
+    for axis, (panel, runs) in zip(axes.flat, curves.items()):
+        for label, points in runs.items():
+            axis.plot([point[1] / 1e6 for point in points], [point[3] for point in points], label=label)
+        axis.axhline(targets[panel], color="grey", linestyle=":", linewidth=1)
+        axis.set(xscale="log", title=panel, ylim=(0, 1))
     for axis in axes[1]:
         axis.set_xlabel("MB on the wire (both ways, all learners)")
     for axis in axes[:, 0]:
         axis.set_ylabel("test accuracy")
-    axes.flat[0].legend()
+        axis.legend(fontsize="x-small", ncol=2)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

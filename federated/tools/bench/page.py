@@ -430,6 +430,70 @@ def codec_cost_rows(results: dict) -> Table:
     return Table(rows, [note])
 
 
+def compression_rows(results: dict) -> Table:
+    result = results["compression"]
+    rows = [
+        [
+            group,
+            f"`{label}`",
+            f"{row['up_bytes']:,.0f}",
+            f"{row['down_bytes']:,.0f}",
+            f"{row['up_fewer']:.1f}",
+            f"{row['down_fewer']:.1f}",
+            f"{row['accuracy']:.4f}",
+            f"{row['accuracy_change']:+.4f}",
+            number(row["mb_to_share"], ".1f"),
+            number(row["rounds_to_share"], "d"),
+            f"{row['codec_ms']:.1f} ms, {row['codec_share']:.1%}",
+            f"{row['round_s']:.3f}",
+        ]
+        for group, group_rows in result["value"].items()
+        for label, row in group_rows.items()
+    ]
+    notes = [
+        f"ResNet-20, {result['learners']} learners (`{result['learner_flags']}` each), `{result['flags']}`: FedSGD "
+        f"{result['rounds']} rounds of one step, FedAvg {result['rounds'] // result['local_steps']} rounds of "
+        f"{result['local_steps']} local steps; top-k and random-k send {result['ratio']:.0%} of each compressed "
+        "tensor. Bytes a round per learner: the mean over the run's rounds of `bytes_in` (up) and `bytes_out` "
+        "(down) in its `metrics.jsonl` over the round's learners; × fewer: the uncompressed row's over the row's. "
+        f"The accuracy is the final test accuracy and its change against the uncompressed row; MB (both ways, all "
+        f"learners) and rounds to {result['share']:.0%} of the uncompressed row's final accuracy (-: never): not to "
+        "90 % accuracy, which runs this short on a CPU do not reach. Codec CPU: each codec's compress plus decode "
+        "and add on one ResNet-20 update (`codec_costs`, one thread, measured at the start of the same run; the "
+        "down codec timed on an update of the same model), over the row's median round: one learner's and one "
+        "decoding's share, an estimate rather than a measurement inside the run (the leader decodes every "
+        "learner's update).",
+        "![test accuracy against MB on the wire, one line per codec pair, one panel per strategy and dataset]"
+        "(compression.png)",
+    ]
+    return Table(rows, notes)
+
+
+def compression_link_rows(results: dict) -> Table:
+    result = results["compression_links"]
+    if result["value"] is None:
+        return Table([], [f"Skipped: {result.get('skipped')}."])
+    rows = [
+        [
+            run,
+            f"{row['round_s']['median']:.3f}",
+            f"{row['compute_s']['median']:.3f}",
+            f"{row['round_vs_compute']:.2f}",
+            f"{row['bound_s']:.3f}",
+            f"{row['ratio']:.3f}",
+            f"{row['update_bytes'] / 1e6:.2f}",
+            f"{row['states_bytes'] / 1e6:.2f}",
+        ]
+        for run, row in result["value"].items()
+    ]
+    note = (
+        "As the `links` figure measures them (its hosts, its bound, its bytes from `metrics.jsonl`): ResNet-18 "
+        f"FedSGD, batch 32, synthetic set, 2 learners of one thread; top-k sends {result['ratio']:.0%}. Compute: "
+        "the slower learner's, from its progress lines."
+    )
+    return Table(rows, [note])
+
+
 RENDER: dict[str, Callable[[dict], Table]] = {
     "model_transfer_ratio": transfer_rows,
     "round_overhead": round_rows,
@@ -445,6 +509,8 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "secagg_accuracy": secagg_accuracy_rows,
     "dp_accuracy": dp_accuracy_rows,
     "codec_costs": codec_cost_rows,
+    "compression": compression_rows,
+    "compression_links": compression_link_rows,
 }
 HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow them
     "model_transfer_ratio": [
@@ -501,4 +567,28 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
     "secagg_accuracy": ["plain", "secure aggregation", "plain minus secure"],
     "dp_accuracy": ["dataset", "--dp", "ε 1", "ε 3", "ε 8", "no DP"],
     "codec_costs": ["codec", "upload (bytes)", "float32 / codec", "compress (ms)", "decode and add (ms)"],
+    "compression": [
+        "strategy, data",
+        "codec up / down",
+        "up (bytes a round)",
+        "down (bytes a round)",
+        "× fewer up",
+        "× fewer down",
+        "final accuracy",
+        "against none",
+        "MB to 90 % of none's",
+        "rounds to it",
+        "codec CPU a round",
+        "round (s)",
+    ],
+    "compression_links": [
+        "run",
+        "round (s)",
+        "compute (s)",
+        "round / compute",
+        "bound (s)",
+        "round / bound",
+        "update (MB)",
+        "states to the learners (MB)",
+    ],
 }

@@ -166,6 +166,20 @@ RECORDED = {
         [],
         ["Never recorded by hand: the bench measures it first (issue 19)."],
     ),
+    "compression": Recorded(
+        "2026-12-05",
+        "python bench.py --only compression",
+        DEV,
+        [],
+        ["Never recorded by hand: the bench measures it first (issue 19)."],
+    ),
+    "compression_links": Recorded(
+        "2026-12-05",
+        "python bench.py --only compression_links",
+        DEV,
+        [],
+        ["Never recorded by hand: the bench measures it first (issue 19)."],
+    ),
     "links": Recorded(
         "2026-11-30",
         "python bench.py --only links --out /tmp/bench-links",

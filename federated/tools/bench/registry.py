@@ -60,6 +60,15 @@ PRIVACY_EPOCHS = Setting("--privacy-epochs", float, 10, "epochs of each run of s
 PRIVACY_IMAGE_SIZE = Setting("--privacy-image-size", int, 16, "image size of the privacy figures' runs")
 DP_MODES = Setting("--dp-modes", names, "central,distributed,local", "the --dp modes of dp_accuracy")
 DP_DATASETS = Setting("--dp-datasets", names, "synthetic,digits", "the datasets of dp_accuracy")
+COMPRESSION_ROUNDS = Setting(
+    "--compression-rounds", int, 200, "FedSGD rounds of each compression run (FedAvg: as many local steps)"
+)
+COMPRESSION_DOWN = Setting(
+    "--compression-down",
+    str,
+    "int4",
+    "the --compress-down codec of the compression figures' compressed rows (none: their uplink codec alone)",
+)
 SETTINGS = (
     REPEATS,
     ROUNDS,
@@ -75,6 +84,8 @@ SETTINGS = (
     PRIVACY_IMAGE_SIZE,
     DP_MODES,
     DP_DATASETS,
+    COMPRESSION_ROUNDS,
+    COMPRESSION_DOWN,
 )  # in --help's order
 
 WORK = object()  # a parameter that receives the figures' work folder (OUT/work: the runs' logs)
@@ -295,6 +306,31 @@ FIGURES = (
         "and 4): the bytes it uploads against float32, and on one thread the median of --repeats timings of a "
         "learner's compression with error feedback and of the leader's checked decoding into its running sum",
         params={"repeats": REPEATS},
+    ),
+    Figure(
+        "compression",
+        "compression",
+        "compression_table",
+        headline=False,
+        target="FedSGD with powersgd or topk: accuracy within 0.01 of none's, ≥ 30 × fewer bytes up, ≥ 4 × down; "
+        "codec CPU ≤ 10 % of a round",
+        measures="FedSGD and FedAvg (ResNet-20, 2 learners of one thread, the same steps for every row of a "
+        "strategy) on the synthetic set (IID) and the digits (Dirichlet 0.1) with each codec up (and "
+        "--compression-down down): bytes a round each way, MB and rounds to 90 % of the uncompressed run's final "
+        "accuracy, final accuracy, the codecs' CPU share of a round (codec_costs over the median round); and a plot "
+        "of accuracy against MB",
+        params={"work": WORK, "rounds": COMPRESSION_ROUNDS, "down": COMPRESSION_DOWN, "repeats": REPEATS},
+    ),
+    Figure(
+        "compression_links",
+        "compression",
+        "compression_links",
+        headline=False,
+        target="ResNet-18 FedSGD round at 100 Mbit/s ≤ 2 × its compute",
+        measures="the links figure's rounds of ResNet-18 FedSGD (2 learners on network-namespace hosts, every "
+        "outgoing link at 100 Mbit/s or 1 Gbit/s) uncompressed, with topk 1 % and with powersgd rank 4 up "
+        "(--compression-down down): the median round against its compute and against its bound",
+        params={"work": WORK, "down": COMPRESSION_DOWN},
     ),
 )
 
