@@ -279,8 +279,8 @@ CODEC_COSTS = {
 def compression_groups() -> dict:
     """One strategy and dataset's rows: uncompressed, and top-k up with int4 down."""
     runs = {
-        "none / none": compression_records(1e6, 1e6, (0.3, 0.6, 0.85, 0.9)),
-        "topk / int4": compression_records(5e4, 2.5e5, (0.2, 0.5, 0.7, 0.85), seconds=0.2),
+        "none / none": [compression_records(1e6, 1e6, (0.3, 0.6, 0.85, 0.9))],
+        "topk / int4": [compression_records(5e4, 2.5e5, (0.2, 0.5, 0.7, 0.85), seconds=0.2)],
     }
     return {"fedsgd, synthetic iid": group_rows(runs, {label: pair_cpu_ms(CODEC_COSTS, label) for label in runs})}
 
@@ -300,11 +300,25 @@ def test_the_compression_table_reads_bytes_per_learner_round_accuracy_and_the_sh
 
 def test_a_codec_that_never_reaches_the_share_reads_none():
     runs = {
-        "none / none": compression_records(1e6, 1e6, (0.5, 0.9)),
-        "sign / none": compression_records(5e4, 1e6, (0.3, 0.8)),
+        "none / none": [compression_records(1e6, 1e6, (0.5, 0.9))],
+        "sign / none": [compression_records(5e4, 1e6, (0.3, 0.8))],
     }
     row = group_rows(runs, dict.fromkeys(runs, 0.0))["sign / none"]
     assert row["rounds_to_share"] is None and row["mb_to_share"] is None and row["accuracy"] == 0.8
+
+
+def test_a_rows_accuracy_is_the_mean_over_its_seeds_and_reads_against_the_uncompressed_rows_mean():
+    runs = {
+        "none / none": [compression_records(1e6, 1e6, (0.5, accuracy)) for accuracy in (0.9, 0.8, 0.85)],
+        "sign / none": [compression_records(5e4, 1e6, (0.3, accuracy)) for accuracy in (0.88, 0.8, 0.84)],
+    }
+    rows = group_rows(runs, dict.fromkeys(runs, 0.0))
+    assert rows["none / none"]["accuracy"] == pytest.approx(0.85) and rows["none / none"][
+        "accuracy_sd"
+    ] == pytest.approx(0.05)
+    assert rows["sign / none"]["accuracies"] == [0.88, 0.8, 0.84]
+    assert rows["sign / none"]["accuracy_change"] == pytest.approx(-0.01)  # 0.84 against 0.85, not the first seeds'
+    assert rows["sign / none"]["rounds_to_share"] == 2  # the first seed's curve: 0.88 >= 0.9 x 0.85
 
 
 def test_each_compression_row_is_run_with_its_codecs_flags():

@@ -77,31 +77,50 @@ LOCAL_STEPS = 10  # FedAvg's local steps a round: its rounds do the compute of L
 EVALUATIONS = 10  # a run's evaluations besides those at its epochs' ends
 SHARE = 0.9  # the rounds and MB columns: to this share of the uncompressed row's final accuracy
 UP_CODECS = {  # codec_costs' names; in the order the table shows them
-    "fedsgd": ("none", "fp16", "int8", "int4", "topk", "randk", "sign", "powersgd rank 2", "powersgd rank 4"),
+    "fedsgd": (
+        "none",
+        "int8",
+        "int4",
+        "topk",
+        "randk",
+        "sign",
+        "powersgd rank 2",
+        "powersgd rank 4",
+    ),  # fp16: 2x, lossless
     "fedavg": ("none", "int8", "topk", "powersgd rank 2"),
 }
 
 
-def compression_table(work: Path, rounds: int, down: str, repeats: int) -> dict:
+def compression_table(work: Path, rounds: int, down: str, seeds: list[int], repeats: int) -> dict:
     """FedSGD for `rounds` rounds and FedAvg for as many steps (rounds of LOCAL_STEPS local steps), TABLE_LEARNERS
     learners, each with every codec of UP_CODECS up (and `down` down, for the compressed rows and one row of
     its own), on each of DATASETS: bytes each way, MB and rounds to SHARE of the uncompressed row's final test
-    accuracy, final accuracy, the codecs' CPU share of a round (from codec_costs, measured first), median round.
-    The plot of accuracy against MB goes to OUT/compression.png."""
+    accuracy, final accuracy (FedSGD: the mean over runs with each of `seeds`, whose spread alone is about the
+    differences the table reads), the codecs' CPU share of a round (from codec_costs, measured first), median
+    round. The plot of accuracy against MB (the first seed's runs) goes to OUT/compression.png."""
     costs = codec_costs(repeats)["value"]
     table, curves = {}, {}
     for strategy, codecs in UP_CODECS.items():
         for dataset, dataset_flags in DATASETS.items():
-            runs = {}
+            runs: dict[str, list[list[dict]]] = {}
             for up, row_down in codec_pairs(codecs, down, with_down_alone=strategy == "fedsgd"):
-                name = f"compression-{strategy}-{dataset}-{up}-{row_down}".replace(" ", "-")
-                flags = [*dataset_flags, *TABLE_FLAGS, *schedule_flags(strategy, rounds), *compress_flags(up, row_down)]
-                records = federation_run(work / name, TABLE_LEARNERS, flags, LEARNER_FLAGS)[0]
-                runs[pair_label(up, row_down)] = records
-                print(f"  {strategy} {dataset} {pair_label(up, row_down)}: {final_line(records)}", flush=True)
+                label = pair_label(up, row_down)
+                runs[label] = []
+                for seed in seeds if strategy == "fedsgd" else seeds[:1]:
+                    name = f"compression-{strategy}-{dataset}-{up}-{row_down}-seed{seed}".replace(" ", "-")
+                    flags = [
+                        *dataset_flags,
+                        *TABLE_FLAGS,
+                        *schedule_flags(strategy, rounds),
+                        *compress_flags(up, row_down),
+                        "--seed",
+                        str(seed),
+                    ]
+                    runs[label].append(federation_run(work / name, TABLE_LEARNERS, flags, LEARNER_FLAGS)[0])
+                    print(f"  {strategy} {dataset} {label} seed {seed}: {final_line(runs[label][-1])}", flush=True)
             group = f"{strategy}, {dataset}"
             table[group] = group_rows(runs, {label: pair_cpu_ms(costs, label) for label in runs})
-            curves[group] = {label: accuracy_by_bytes(records) for label, records in runs.items()}
+            curves[group] = {label: accuracy_by_bytes(seeded[0]) for label, seeded in runs.items()}
     plot = work.parent / "compression.png"
     targets = {group: SHARE * rows[pair_label("none", "none")]["accuracy"] for group, rows in table.items()}
     title = f"ResNet-20, {TABLE_LEARNERS} learners, {rounds} steps each: test accuracy against MB, per codec up / down"
@@ -113,6 +132,7 @@ def compression_table(work: Path, rounds: int, down: str, repeats: int) -> dict:
         "local_steps": LOCAL_STEPS,
         "learners": TABLE_LEARNERS,
         "down": down,
+        "seeds": seeds,
         "flags": " ".join(TABLE_FLAGS),
         "learner_flags": " ".join(LEARNER_FLAGS),
         "ratio": COMPRESS_RATIO,
@@ -156,17 +176,20 @@ def pair_cpu_ms(costs: dict[str, dict], label: str) -> float:
     return sum(costs[codec]["encode_ms"] + costs[codec]["decode_ms"] for codec in codecs)
 
 
-def group_rows(runs: dict[str, list[dict]], cpu_ms: dict[str, float]) -> dict[str, dict]:
-    """The rows of one strategy and dataset from each row's metrics records, each against the uncompressed row
-    ('none / none'): bytes a round each way and how many times fewer, MB and rounds to SHARE of the uncompressed
-    row's final accuracy (None: never reached), final accuracy and its change, the codecs' CPU share of the
-    median round."""
-    base = round_bytes(runs[pair_label("none", "none")])
-    base_accuracy = accuracy_by_bytes(runs[pair_label("none", "none")])[-1][3]
+def group_rows(runs: dict[str, list[list[dict]]], cpu_ms: dict[str, float]) -> dict[str, dict]:
+    """The rows of one strategy and dataset from each row's metrics records (one list a seed), each against the
+    uncompressed row ('none / none'): bytes a round each way and how many times fewer, MB and rounds to SHARE of
+    the uncompressed row's final accuracy (None: never reached), final accuracy (the mean over seeds, with their
+    standard deviation) and its change, the codecs' CPU share of the median round. Bytes, MB, rounds and round
+    time are the first seed's run's."""
+    base = round_bytes(runs[pair_label("none", "none")][0])
+    base_accuracy = statistics.mean(final_accuracy(records) for records in runs[pair_label("none", "none")])
     rows = {}
-    for label, records in runs.items():
+    for label, seeded in runs.items():
+        records = seeded[0]
         up, down = round_bytes(records)
         reading = read_curve(accuracy_by_bytes(records), SHARE * base_accuracy)
+        accuracies = [final_accuracy(run) for run in seeded]
         round_s = statistics.median(record["seconds"] for record in records if "train_loss" in record)
         rows[label] = {
             "up_bytes": up,
@@ -175,8 +198,10 @@ def group_rows(runs: dict[str, list[dict]], cpu_ms: dict[str, float]) -> dict[st
             "down_fewer": base[1] / down,
             "mb_to_share": reading["mb_to_target"],
             "rounds_to_share": reading["rounds_to_target"],
-            "accuracy": reading["accuracy"],
-            "accuracy_change": reading["accuracy"] - base_accuracy,
+            "accuracy": statistics.mean(accuracies),
+            "accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "accuracies": accuracies,
+            "accuracy_change": statistics.mean(accuracies) - base_accuracy,
             "codec_ms": cpu_ms[label],
             "codec_share": cpu_ms[label] / 1000 / round_s,
             "round_s": round_s,
@@ -184,6 +209,11 @@ def group_rows(runs: dict[str, list[dict]], cpu_ms: dict[str, float]) -> dict[st
             "mb": reading["mb"],
         }
     return rows
+
+
+def final_accuracy(records: list[dict]) -> float:
+    """A run's last test accuracy."""
+    return accuracy_by_bytes(records)[-1][3]
 
 
 def round_bytes(records: list[dict]) -> tuple[float, float]:

@@ -440,7 +440,7 @@ def compression_rows(results: dict) -> Table:
             f"{row['down_bytes']:,.0f}",
             f"{row['up_fewer']:.1f}",
             f"{row['down_fewer']:.1f}",
-            f"{row['accuracy']:.4f}",
+            f"{row['accuracy']:.4f}" + (f" ± {row['accuracy_sd']:.3f}" if row.get("accuracy_sd") else ""),
             f"{row['accuracy_change']:+.4f}",
             number(row["mb_to_share"], ".1f"),
             number(row["rounds_to_share"], "d"),
@@ -456,10 +456,13 @@ def compression_rows(results: dict) -> Table:
         f"{result['local_steps']} local steps; top-k and random-k send {result['ratio']:.0%} of each compressed "
         "tensor. Bytes a round per learner: the mean over the run's rounds of `bytes_in` (up) and `bytes_out` "
         "(down) in its `metrics.jsonl` over the round's learners; × fewer: the uncompressed row's over the row's. "
-        f"The accuracy is the final test accuracy and its change against the uncompressed row; MB (both ways, all "
-        f"learners) and rounds to {result['share']:.0%} of the uncompressed row's final accuracy (-: never): not to "
-        "90 % accuracy, which runs this short on a CPU do not reach. Codec CPU: each codec's compress plus decode "
-        "and add on one ResNet-20 update (`codec_costs`, one thread, measured at the start of the same run; the "
+        "The accuracy is the final test accuracy and its change against the uncompressed row: for FedSGD the mean "
+        f"(± the standard deviation) of runs with --seed {', '.join(map(str, result.get('seeds', [0])))}, which "
+        "changes the model's start, the shards and every draw (the seeds alone move a run by a few hundredths on "
+        "the digits' 359 test images); bytes, MB, rounds and round time are the first seed's run's. MB (both "
+        f"ways, all learners) and rounds to {result['share']:.0%} of the uncompressed row's final accuracy (-: never): "
+        "not to 90 % accuracy, which runs this short on a CPU do not reach. Codec CPU: each codec's compress plus "
+        "decode and add on one ResNet-20 update (`codec_costs`, one thread, measured at the start of the same run; the "
         "down codec timed on an update of the same model), over the row's median round: one learner's and one "
         "decoding's share, an estimate rather than a measurement inside the run (the leader decodes every "
         "learner's update).",

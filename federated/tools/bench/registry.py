@@ -69,6 +69,13 @@ COMPRESSION_DOWN = Setting(
     "int4",
     "the --compress-down codec of the compression figures' compressed rows (none: their uplink codec alone)",
 )
+COMPRESSION_SEEDS = Setting(
+    "--compression-seeds",
+    learner_counts,
+    "0,1,2",
+    "the --seed values each FedSGD row of the compression table runs with (FedAvg's rows: the first); a row's "
+    "accuracy is their mean",
+)
 SETTINGS = (
     REPEATS,
     ROUNDS,
@@ -86,6 +93,7 @@ SETTINGS = (
     DP_DATASETS,
     COMPRESSION_ROUNDS,
     COMPRESSION_DOWN,
+    COMPRESSION_SEEDS,
 )  # in --help's order
 
 WORK = object()  # a parameter that receives the figures' work folder (OUT/work: the runs' logs)
@@ -319,7 +327,13 @@ FIGURES = (
         "--compression-down down): bytes a round each way, MB and rounds to 90 % of the uncompressed run's final "
         "accuracy, final accuracy, the codecs' CPU share of a round (codec_costs over the median round); and a plot "
         "of accuracy against MB",
-        params={"work": WORK, "rounds": COMPRESSION_ROUNDS, "down": COMPRESSION_DOWN, "repeats": REPEATS},
+        params={
+            "work": WORK,
+            "rounds": COMPRESSION_ROUNDS,
+            "down": COMPRESSION_DOWN,
+            "seeds": COMPRESSION_SEEDS,
+            "repeats": REPEATS,
+        },
     ),
     Figure(
         "compression_links",
