@@ -197,10 +197,11 @@ class Replica:
         """An update's tensors (the update vector's float32 views) as the plan's codec sends them. The residuals
         live in this process: a learner starts from zero (restarted, its earlier ones are lost) and again when
         the leader changes the codec or its settings. Its draws (QSGD's rounding, random-k's seeds, PowerSGD's
-        first start) come from the run's seed and the learner's id, as its batches do, so a run repeats."""
+        first start) come from the run's seed and the learner's id, so a run repeats; a new compressor (after a
+        reset) draws them again from the start."""
         settings = (plan.compress, plan.compress_ratio, plan.compress_rank)
         if self.compressor is None or settings != self.compressed_as:
-            seed = self.info.seed * 10_007 + learner_id
+            seed = compression.derived_seed("compress", self.info.seed, learner_id)
             self.compressor = compression.Compressor(*settings, self.layout.shapes, seed=seed)
             self.compressed_as = settings
             log.info(

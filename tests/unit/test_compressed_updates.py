@@ -97,8 +97,10 @@ def test_a_compressed_update_is_summed_in_place_as_a_robust_rule_sees_it_whole(n
     layout = update_layout()
     settings = (name, 0.1, 2)
     assert compression.compressed_names(layout.shapes, name)  # (something is compressed)
-    sent = [compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size)))]
-    sent.append(compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size))))
+    sent = [compression.Compressor(*settings, layout.shapes, seed=0).compress(layout.views(torch.rand(layout.size)))]
+    sent.append(
+        compression.Compressor(*settings, layout.shapes, seed=0).compress(layout.views(torch.rand(layout.size)))
+    )
     decoded = []
     for entries in sent:
         dense = torch.zeros(layout.size)
@@ -117,7 +119,7 @@ def test_a_compressed_update_is_summed_in_place_as_a_robust_rule_sees_it_whole(n
 
 def test_a_malformed_compressed_update_leaves_the_running_sum_as_it_was():
     layout, settings = update_layout(), ("topk", 0.1, 2)
-    entries = compression.Compressor(*settings, layout.shapes).compress(layout.views(torch.rand(layout.size)))
+    entries = compression.Compressor(*settings, layout.shapes, seed=0).compress(layout.views(torch.rand(layout.size)))
     updates = RoundUpdates(layout.size, layout.size)
     updates.add_decoded(partial(decode_update, layout, entries, settings), 1, 0.5)
     before = updates.total.clone()
@@ -164,6 +166,11 @@ def test_a_learners_compressed_update_repeats_with_the_runs_seed_and_its_id(code
         return replica.compressed(replica.layout.views(replica.gradient), plan, learner_id)
 
     first, again, other = sent(3), sent(3), sent(4)
+    replica = Replica(codec.decode(state), "cpu")
+    replica.compressed(replica.layout.views(replica.gradient), plan, 3)
+    assert replica.compressor is not None
+    # not a small integer: the run's other generators (batches, sampling, the model's start) use those
+    assert replica.compressor.generator.initial_seed() >= 2**32
     assert all(torch.equal(first[name], again[name]) for name in first)  # a rerun sends the same bytes
     assert not all(torch.equal(first[name], other[name]) for name in first)  # another learner draws its own
 

@@ -9,6 +9,7 @@ from federated.core.compression.codecs import (
     Codec,
     CompressionError,
     Settings,
+    derived_seed,
     make_codec,
 )
 from federated.core.compression.feedback import (
@@ -34,6 +35,7 @@ __all__ = [
     "add_checked",
     "compressed_names",
     "decode_add",
+    "derived_seed",
     "expected",
     "make_codec",
     "values_problem",

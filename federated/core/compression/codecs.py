@@ -356,6 +356,14 @@ class TopK(Sparse):
         out.view(-1).index_add_(0, positions, parts["values"].to(out.device, out.dtype), alpha=weight)
 
 
+def derived_seed(*parts: object) -> int:
+    """A seed for torch.Generator.manual_seed (63 bits) derived from parts (a label, the run's seed, an id, a
+    round) by BLAKE2b of their text joined by commas: generators of different labels or ids draw unrelated
+    streams, and none replays another generator seeded with a small integer."""
+    key = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") >> 1
+
+
 def hashed(seed: int, counter: int) -> int:
     """The uint64 a seed draws at a counter: BLAKE2b with an 8-byte digest of the seed (8 bytes, little-endian,
     two's complement) then the counter (8 bytes, little-endian), read little-endian. Specified here, not by a

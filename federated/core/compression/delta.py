@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from federated.core.checks import TensorSpec, first_problem, spec_of
-from federated.core.compression.codecs import Settings, make_codec
+from federated.core.compression.codecs import Settings, derived_seed, make_codec
 from federated.core.compression.feedback import (
     SMALL,
     Dtypes,
@@ -114,5 +114,4 @@ def state_hash(state: Tensors) -> str:
 def round_generator(seed: int, round_index: int) -> torch.Generator:
     """The generator of a round's delta: a function of the run's seed and the round, so a resumed run makes the
     same deltas."""
-    key = hashlib.blake2b(f"{seed},{round_index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+    return torch.Generator().manual_seed(derived_seed(seed, round_index))

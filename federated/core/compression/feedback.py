@@ -165,16 +165,13 @@ class Compressor:
         rank: int,
         names_and_shapes: Shapes,
         small: int = SMALL,
-        seed: int | None = None,
+        *,
+        seed: int,
     ) -> None:
         self.codec = make_codec(codec_name, Settings(ratio, rank))
         self.shapes = {name: tuple(shape) for name, shape in names_and_shapes.items()}
         self.compressed = compressed_names(self.shapes, codec_name, small)
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.residuals: dict[str, torch.Tensor] = {}
         self.states: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.compressed}
 

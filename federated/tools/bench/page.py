@@ -440,7 +440,7 @@ def compression_rows(results: dict) -> Table:
             f"{row['down_bytes']:,.0f}",
             f"{row['up_fewer']:.1f}",
             f"{row['down_fewer']:.1f}",
-            f"{row['accuracy']:.4f}" + (f" ± {row['accuracy_sd']:.3f}" if row.get("accuracy_sd") else ""),
+            f"{row['accuracy']:.4f}" + (f" ± {row['accuracy_sd']:.3f}" if row.get("accuracy_sd") is not None else ""),
             f"{row['accuracy_change']:+.4f}",
             number(row["mb_to_share"], ".1f"),
             number(row["rounds_to_share"], "d"),
