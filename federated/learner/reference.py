@@ -30,11 +30,13 @@ class StateReference:
 
     def take_full(self, payload: codec.Payload, round_index: int) -> None:
         """A full state of the leader's replica (checked against the learner's spec) becomes the reference; an
-        older one than the reference (a push overtaken) is no news."""
+        older one than the reference (a push overtaken) is no news. Its tensors are held as they are, no copy:
+        nothing writes into a pushed state (the training thread copies it into the model, Replica.adopt, and a
+        delta makes new tensors)."""
         with self._lock:
             if round_index < self.version:
                 return
-            self.tensors = {name: tensor.clone() for name, tensor in payload.tensors.items()}
+            self.tensors = dict(payload.tensors)
             self.version = round_index
 
     def apply(self, payload: codec.Payload, delta: DeltaInfo, round_index: int) -> codec.Payload:
