@@ -5,6 +5,10 @@ Schemes (SCHEMES), all seeded and returning sorted, disjoint int64 index tensors
 - dirichlet: label skew. For each class, proportions over learners are drawn from Dirichlet(alpha) and the
   class's samples are split accordingly: alpha 100 is close to IID, alpha 0.01 gives each class to about
   one learner. Shard sizes differ.
+- dirichlet-equal: label skew with equal shard sizes, drawn the other way round (Hsu et al. 2019): each
+  learner's class proportions from Dirichlet(alpha per class, scaled by the class's share), its equal share of
+  samples dealt from them. Works for any number of learners the data covers (1,000 learners of 10,000 images),
+  where dirichlet's whole-split redraws find no split with every shard big enough.
 - classes: pathological label skew (McMahan et al. 2017): each learner holds classes_per_learner classes.
 - quantity: quantity skew. IID labels, shard sizes drawn from Dirichlet(alpha) over learners.
 Every learner gets at least min_samples samples (default 1; a leader passes its batch size), or the call
@@ -19,13 +23,20 @@ import torch
 
 import utils
 
-SCHEMES = ("iid", "dirichlet", "classes", "quantity")
-FLAGS = {"iid": (), "dirichlet": ("alpha",), "classes": ("classes_per_learner",), "quantity": ("alpha",)}  # they read
+SCHEMES = ("iid", "dirichlet", "dirichlet-equal", "classes", "quantity")
+FLAGS = {
+    "iid": (),
+    "dirichlet": ("alpha",),
+    "dirichlet-equal": ("alpha",),
+    "classes": ("classes_per_learner",),
+    "quantity": ("alpha",),
+}  # they read
 # A whole Dirichlet split is redrawn while some learner gets fewer than min_samples, as common implementations
 # do (they loop without bound). A draw costs classes x learners numbers, so 1000 draws take well under a second;
 # a request that fails them all is unrealistic for its alpha, not unlucky.
 MAX_DIRICHLET_DRAWS = 1000
 SUMMARY_CLASSES = 6  # a log line names at most this many classes, so it stays short for CIFAR-100 and the like
+SUMMARY_LEARNERS = 20  # the log describes at most this many learners' shards, so 1,000 learners take 21 lines
 LEGEND_CLASSES = 20  # more classes than this get a colour bar instead of a legend
 
 
@@ -52,6 +63,8 @@ def partition(
         shards = utils.shard_indices(len(labels), num_learners, seed)
     elif scheme == "dirichlet":
         shards = _dirichlet(labels, num_learners, num_classes, _checked_alpha(alpha), min_samples, rng)
+    elif scheme == "dirichlet-equal":
+        shards = _dirichlet_equal(labels, num_learners, num_classes, _checked_alpha(alpha), rng)
     elif scheme == "classes":
         shards = _classes(labels, num_learners, num_classes, classes_per_learner, rng)
     else:
@@ -107,6 +120,38 @@ def _dirichlet(
         f"{num_learners} learners always got fewer than {min_samples} of {len(labels)} samples; "
         f"use a larger alpha or fewer learners"
     )
+
+
+def _dirichlet_equal(
+    labels: torch.Tensor, num_learners: int, num_classes: int, alpha: float, rng: np.random.Generator
+) -> list[torch.Tensor]:
+    """Label skew with equal shards: each learner's class proportions drawn from Dirichlet(alpha x K x the class
+    shares), K classes (so that, with balanced classes, every class's concentration is alpha, as each learner's
+    mix is under dirichlet), then len(labels) // num_learners samples dealt to it by those proportions, learners
+    in a seeded order. A class that runs out is left out of later draws (their proportions renormalised over the
+    classes left), so the last learners dealt take what the others left; the remainder is left out, as iid leaves it."""
+    groups = _shuffled_classes(labels, num_classes, rng)
+    left = np.array([len(group) for group in groups])
+    present = left > 0
+    mixes = np.zeros((num_learners, num_classes))
+    mixes[:, present] = rng.dirichlet(alpha * present.sum() * left[present] / left.sum(), size=num_learners)
+    counts = np.zeros((num_classes, num_learners), dtype=np.int64)
+    for learner in rng.permutation(num_learners):
+        counts[:, learner] = _draw_counts(len(labels) // num_learners, mixes[learner], left, rng)
+        left -= counts[:, learner]
+    return _deal(groups, np.column_stack([counts, left]))[:-1]  # (the last column: what is left out)
+
+
+def _draw_counts(size: int, mix: np.ndarray, left: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """size samples' classes drawn by mix among the classes with samples left (at most what each has left): what
+    a class cannot give is drawn again among those that still can (by mix, or evenly where mix gives them none)."""
+    counts = np.zeros_like(left)
+    while (short := size - counts.sum()) > 0:
+        open_ = left - counts > 0
+        weights = np.where(open_, mix, 0.0)
+        weights = weights if weights.sum() > 0 else open_.astype(float)
+        counts += np.minimum(rng.multinomial(short, weights / weights.sum()), left - counts)
+    return counts
 
 
 def _classes(
@@ -184,10 +229,20 @@ def label_counts(labels: torch.Tensor, shards: list[torch.Tensor], num_classes: 
     return [labels[shard].bincount(minlength=num_classes).tolist() for shard in shards]
 
 
-def describe(counts: list[list[int]], max_classes: int = SUMMARY_CLASSES) -> list[str]:
+def describe(
+    counts: list[list[int]], max_classes: int = SUMMARY_CLASSES, max_lines: int = SUMMARY_LEARNERS
+) -> list[str]:
     """One log line per learner, e.g. "learner 3: 812 samples, classes 0:400 4:412"; with more than
-    max_classes classes, the largest ones and how many samples the rest hold."""
-    return [_describe_learner(learner, row, max_classes) for learner, row in enumerate(counts)]
+    max_classes classes, the largest ones and how many samples the rest hold. Beyond max_lines learners, the
+    first ones and a line that says how many more (partition.json holds them all)."""
+    lines = [_describe_learner(learner, row, max_classes) for learner, row in enumerate(counts[:max_lines])]
+    if len(counts) > max_lines:
+        sizes = [sum(row) for row in counts]
+        lines.append(
+            f"... and {len(counts) - max_lines} more learners ({min(sizes)} to {max(sizes)} samples each; "
+            "partition.json lists them all)"
+        )
+    return lines
 
 
 def _describe_learner(learner: int, row: list[int], max_classes: int) -> str:

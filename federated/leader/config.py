@@ -56,7 +56,7 @@ LEAST_SECURE = 3  # privacy/secagg.py's MIN_LEARNERS (that module loads torch; t
 # --norm's default: batch norm, unless the leader's partition skews the labels, where each learner's batch holds
 # few classes and batch norm's statistics are the learner's, not the federation's (docs/data.md measures it).
 AUTO_NORM = "auto"
-LABEL_SKEWED = ("dirichlet", "classes")
+LABEL_SKEWED = ("dirichlet", "dirichlet-equal", "classes")
 # --norm auto under --dp local: group norm, which normalises each image by itself (DP-SGD needs per-example
 # gradients, which batch norm's shared statistics would mix); group-ws and layer-ws are allowed when asked for.
 LOCAL_DP_NORM = "group"
@@ -299,7 +299,9 @@ class LeaderConfig(SecurityFlags, Config):
     partition: str = option(
         "iid",
         "how the leader splits its --dataset: iid, equal random shards; dirichlet, each "
-        "class spread over learners in Dirichlet(--alpha) proportions (Hsu et al. 2019); classes, "
+        "class spread over learners in Dirichlet(--alpha) proportions (Yurochkin et al. 2019); "
+        "dirichlet-equal, equal shards whose class mixes are drawn from Dirichlet(--alpha) (Hsu et al. 2019; "
+        "for hundreds of learners, where dirichlet finds no split); classes, "
         "--classes-per-learner classes each (McMahan et al. 2017); quantity, balanced labels "
         "and Dirichlet(--alpha) sizes",
         group="data",

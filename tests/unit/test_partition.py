@@ -51,7 +51,8 @@ def test_every_partition_is_sorted_disjoint_big_enough_and_covers_the_data(reque
     assert min(sizes(shards)) >= minimum
     every = torch.cat(shards)
     assert len(every.unique()) == len(every) and 0 <= every.min() and every.max() < len(labels)
-    assert len(every) == (len(labels) - len(labels) % learners if scheme == "iid" else len(labels))
+    equal = scheme in ("iid", "dirichlet-equal")  # equal shards: the remainder is left out
+    assert len(every) == (len(labels) - len(labels) % learners if equal else len(labels))
 
 
 def test_iid_is_utils_equal_shards():
@@ -64,6 +65,31 @@ def test_the_seed_decides_the_shards(scheme):
     first, again, other = (partition.partition(SYNTHETIC_LABELS, 10, scheme, seed) for seed in (3, 3, 4))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_dirichlet_equal_splits_among_a_thousand_learners_where_dirichlet_cannot():
+    with pytest.raises(ValueError, match="use a larger alpha or fewer learners"):
+        partition.partition(SYNTHETIC_LABELS, 1000, "dirichlet", seed=0, alpha=0.1, min_samples=8)
+    shards = partition.partition(SYNTHETIC_LABELS, 1000, "dirichlet-equal", seed=0, alpha=0.1, min_samples=8)
+    assert sizes(shards) == [10] * 1000
+    lines = partition.describe(partition.label_counts(SYNTHETIC_LABELS, shards, 10))
+    assert len(lines) == 21 and lines[-1].startswith("... and 980 more learners (10 to 10 samples each")
+    assert proportions(shards).max(1).mean() > 0.6  # most of a learner's images are of one class
+
+
+def test_dirichlet_equal_skews_labels_as_much_as_dirichlet_at_the_same_alpha():
+    dominant = {
+        scheme: np.mean(
+            [
+                proportions(partition.partition(SYNTHETIC_LABELS, 10, scheme, seed, 0.1)).max(1).mean()
+                for seed in range(5)
+            ]
+        )
+        for scheme in ("dirichlet", "dirichlet-equal")
+    }
+    assert abs(dominant["dirichlet"] - dominant["dirichlet-equal"]) < 0.1, dominant
+    near_iid = proportions(partition.partition(SYNTHETIC_LABELS, 10, "dirichlet-equal", 0, alpha=100))
+    assert np.abs(near_iid - 0.1).mean() < 0.02  # (the last learner dealt gets what the others left)
 
 
 def test_dirichlet_with_a_large_alpha_is_close_to_iid():
@@ -162,7 +188,7 @@ def test_describe_writes_one_short_line_per_learner():
         "learner 0: 812 samples, classes 0:400 4:412",
         "learner 1: 3 samples, classes 1:3",
     ]
-    many = partition.describe([list(range(1, 101))] * 100)
+    many = partition.describe([list(range(1, 101))] * 100, max_lines=100)
     assert len(many) == 100 and max(len(line) for line in many) < 120
     assert (
         many[0] == "learner 0: 5050 samples, 100 classes, largest 99:100 98:99 97:98 96:97 95:96 94:95, "
