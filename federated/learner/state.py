@@ -1,5 +1,6 @@
-"""What a learner has once it knows the leader's first model state: the model on its device, its update layout
-and vector, the strategy's control variates, what a state must hold, and the adoption of later states."""
+"""What learners have once they know the leader's first model state: the model the learners of a process share
+(on its device, its update layout and vector, what a state must hold, the lock they take turns with), and each
+learner's replica on it (the states it adopts, the strategy's control variates, its residuals and noise)."""
 
 import logging
 import threading
