@@ -25,19 +25,23 @@ from model import build_model
 from tests.unit.test_downlink import deliver
 
 BATCH, SIZE, LEARNERS = 4, 8, 3
-LOCAL = {"local_steps": 1, "client_lr": 0.1, "client_momentum": 0.9}
+
+
+def local_plan(strategy: str = "fedavg", **extra) -> TrainingPlan:
+    """One local SGD step with momentum (momentum restarts every round), and what the case adds."""
+    return TrainingPlan(strategy, local_steps=1, client_lr=0.1, client_momentum=0.9, **extra)
+
+
 CASES = {
-    "fedavg with BatchNorm": ("batch", TrainingPlan("fedavg", **LOCAL)),  # type: ignore[arg-type]
-    "scaffold": ("batch", TrainingPlan("scaffold", **LOCAL)),  # type: ignore[arg-type]
-    "top-k with error feedback": ("batch", TrainingPlan("fedavg", **LOCAL, compress="topk", compress_ratio=0.05)),  # type: ignore[arg-type]
-    "local DP": (
-        "group",
-        TrainingPlan("fedavg", **LOCAL, dp="local", dp_clip=1.0, dp_noise_multiplier=1.0, dp_delta=1e-5),
-    ),  # type: ignore[arg-type]
+    "fedavg with BatchNorm": ("batch", local_plan()),
+    "scaffold": ("batch", local_plan("scaffold")),
+    "top-k with error feedback": ("batch", local_plan(compress="topk", compress_ratio=0.05)),
+    "local DP": ("group", local_plan(dp="local", dp_clip=1.0, dp_noise_multiplier=1.0, dp_delta=1e-5)),
 }
 # (event, learner, round): each round a new state; learner 0 evaluates round 3's state, then learner 2 trains on
-# it before learner 0 does (the shared model then holds learner 2's weights); round 4's state says round 3 was
-# discarded (SCAFFOLD: learner 1's pending change of round 2 is dropped, learner 0's of round 3 committed later)
+# it before learner 0 does (the shared model then holds learner 2's weights); from round 4 on the states say that
+# round 3 was discarded (SCAFFOLD: learner 0's control change of round 1 is committed when it adopts round 3's
+# state, while the shared update vector holds learner 1's; the changes of rounds 2 and 3 are dropped)
 SCHEDULE = [
     ("train", 0, 1),
     ("train", 1, 2),
@@ -144,7 +148,7 @@ def test_learners_trained_interleaved_on_one_model_send_what_they_would_on_model
         assert all(torch.equal(a, b) for a, b in zip(learner_state(ours), learner_state(theirs))), case
     assert all(replica.shared is shared.replicas[0].shared for replica in shared.replicas)
     if case == "scaffold":  # learner 0's change of round 1 committed; 1's and 2's dropped (round 3 discarded)
-        owns = [replica.controls.own for replica in shared.replicas]  # type: ignore[union-attr]
+        owns = [replica.controls.own for replica in shared.replicas]
         assert owns[0].any() and not owns[1].any() and not owns[2].any()
         assert len({own.data_ptr() for own in owns}) == LEARNERS
     if case == "top-k with error feedback":
@@ -190,7 +194,7 @@ def test_the_inbox_forgets_a_state_once_taken_and_keeps_the_final_one():
     version, taken = inbox.take(0, timeout=0)  # type: ignore[misc]
     assert version == 1 and taken is state
     del state, taken
-    gc.collect()
+    gc.collect(0)
     assert gone() is None and inbox.take(version, timeout=0) is None  # the inbox kept no reference
     inbox.put(2, codec.decode(codec.encode({"w": torch.ones(3)}, {"round": "2"})))
     assert inbox.take(version, timeout=0)[0] == 2  # type: ignore[index]
