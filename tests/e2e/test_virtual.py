@@ -3,12 +3,15 @@
 import pytest
 
 from federated.tools import launch
-from tests.support.processes import SMALL_IMAGES, start_leader, start_learner
+from tests.support.processes import start_leader, start_learner
 from tests.support.runs import logs, records
 
 # The non-long twin of tests/e2e/test_strategy_runs.py's six sampled learner processes: the six in one process
 SAMPLED_RUN = [
-    *SMALL_IMAGES,
+    "--dataset",
+    "digits",
+    "--image-size",
+    "8",
     "--learners",
     "6",
     "--strategy",
