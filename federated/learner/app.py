@@ -19,7 +19,7 @@ from federated.learner.config import LearnerConfig
 from federated.learner.data import Batches, LocalData, LocalShare, own_data, shard_from_payload
 from federated.learner.dispatch import PoolServer
 from federated.learner.limits import Limits
-from federated.learner.pool import CURRENT, Pool, PoolLog, Stopped, ranges
+from federated.learner.pool import CURRENT, POOL_LOG, Pool, Stopped, ports, ranges
 from federated.learner.reference import ReferenceBook
 from federated.learner.servicer import LearnerServer
 from federated.learner.session import HealthPacing, LeaderLost, LeaderSession
@@ -385,7 +385,7 @@ class Learner:
             first = first or self.sessions[0]
         self.session = self.sessions[0]
         if config.virtual > 1:
-            log.addFilter(PoolLog())
+            log.addFilter(POOL_LOG)  # (once however many pools a process makes: tests make several)
 
     def connect(self) -> Pool | codec.Payload:
         """Take the leader's model (once for all), start serving, register every learner and get its data: the
@@ -417,11 +417,11 @@ class Learner:
         if len(members) > 1:
             ids = [member.learner_id for member in members]
             log.info(
-                "pool: %d learners registered as %s in %.1f s; LearnerService on ports %s",
+                "pool: %d learners registered as %s in %.1f s; LearnerService on %s",
                 len(members),
                 ranges(ids),
                 time.monotonic() - started,
-                ranges([learner.port for learner in learners]),
+                ports(learner.port for learner in learners),
             )
         return Pool(members, server)
 

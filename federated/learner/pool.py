@@ -5,7 +5,7 @@ or starts one of them again as a process would be."""
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from federated.learner.dispatch import PoolServer
@@ -38,6 +38,16 @@ def ranges(ids: Sequence[int]) -> str:
     return ", ".join(str(low) if low == high else f"{low}..{high}" for low, high in runs)
 
 
+def ports(numbers: Iterable[int]) -> str:
+    """The ports of a pool as runs ('ports 50052..51051'), or their count and range when they are scattered (--port 0
+    gives any free ones)."""
+    listed = sorted(numbers)
+    runs = ranges(listed)
+    if runs.count(",") < 3:
+        return f"ports {runs}"
+    return f"{len(listed)} ports between {listed[0]} and {listed[-1]}"
+
+
 class PoolLog(logging.Filter):
     """What the learners of a pool of several say, so that a person can follow 1,000 of them: each line names the
     learner (its place in the pool); their info lines go to debug (--verbose); each kind of warning is written at
@@ -68,6 +78,9 @@ class PoolLog(logging.Filter):
                 record.msg = f"{record.msg} (and {left_out} more like it from this pool since the last)"
         record.msg = f"learner #{index} of the pool: {record.msg}"
         return True
+
+
+POOL_LOG = PoolLog()
 
 
 class Pool:
