@@ -8,12 +8,15 @@ learner's always did."""
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from federated.learner.config import LearnerConfig
-from federated.learner.servicer import ADD_LEARNER_SERVICE, LearnerServer, method_limits
+from federated.learner.pool import CURRENT
+from federated.learner.servicer import ADD_LEARNER_SERVICE, LearnerServer, LearnerServicer, method_limits
 from federated.learner.session import REGISTRATION_WAIT_S
 from federated.net import guard, rpc
 from federated.net.rpc import learner_pb2, learner_pb2_grpc
@@ -97,16 +100,29 @@ class Dispatcher(learner_pb2_grpc.LearnerServiceServicer):
             rpc.abort(context, grpc.StatusCode.UNAVAILABLE, "this learner is stopped")
         return learner
 
+    @contextmanager
+    def serving(self, context: grpc.ServicerContext) -> Iterator[LearnerServicer]:
+        """The servicer of the learner a call is for; what it logs meanwhile names that learner (pool.PoolLog)."""
+        learner = self.called(context)
+        CURRENT.index = learner.index if len(self.directory.learners) > 1 else None
+        try:
+            yield learner.servicer
+        finally:
+            CURRENT.index = None
+
     def StartTraining(self, request: learner_pb2.Empty, context: grpc.ServicerContext) -> learner_pb2.Ack:
-        return self.called(context).servicer.StartTraining(request, context)
+        with self.serving(context) as servicer:
+            return servicer.StartTraining(request, context)
 
     def SyncModelState(self, request: framing.ChunkRequest, context: grpc.ServicerContext) -> learner_pb2.Ack:
-        return self.called(context).servicer.SyncModelState(request, context)
+        with self.serving(context) as servicer:
+            return servicer.SyncModelState(request, context)
 
     def SecureAggregation(
         self, request: learner_pb2.SecAggRequest, context: grpc.ServicerContext
     ) -> learner_pb2.SecAggReply:
-        return self.called(context).servicer.SecureAggregation(request, context)
+        with self.serving(context) as servicer:
+            return servicer.SecureAggregation(request, context)
 
 
 class PoolServer:

@@ -8,11 +8,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from federated.learner.dispatch import PoolServer
 from federated.wire import codec
 
-if TYPE_CHECKING:  # (app.py builds the pool from its Members)
+if TYPE_CHECKING:  # (app.py builds the pool from its Members and its server)
     from federated.learner.app import Member
+    from federated.learner.dispatch import PoolServer
 
 log = logging.getLogger("learner")
 
@@ -20,7 +20,9 @@ PROGRESS_INTERVAL_S = 30.0  # how often a pool of several learners says how its 
 WARNING_INTERVAL_S = 30.0  # with several learners, a kind of warning is written at most this often (the rest counted)
 TICK_S = 1.0
 STOP_WAIT_S = 5.0  # a stopped learner's thread ends at its next look at its inbox (session.HEALTH_CHECK_INTERVAL_S)
-CURRENT = threading.local()  # the pool index of the learner a thread works for (index), where it works for one
+# the place in its pool of the learner a thread works for (index), where it works for one learner of several: its
+# own thread, a joining one, or a server thread serving a call to it
+CURRENT = threading.local()
 
 
 class Stopped(Exception):
@@ -87,7 +89,7 @@ class Pool:
     """The learners of this process, registered and holding their data: each trains in a thread of its own until
     the leader's final state. Serves them all on one server."""
 
-    def __init__(self, members: "list[Member]", server: PoolServer) -> None:
+    def __init__(self, members: "list[Member]", server: "PoolServer") -> None:
         self.members, self.server = members, server
         self.threads: list[threading.Thread | None] = [None] * len(members)
         self.finals: list[codec.Payload | None] = [None] * len(members)

@@ -246,11 +246,11 @@ class LearnerServer:
             book,
         )
         self.stopped = threading.Event()
-        self.port, self.address, self.listening = 0, "", ""
+        self.index, self.port, self.address, self.listening = 0, 0, "", ""
 
     def listen(self, config: LearnerConfig, index: int, port: int) -> None:
         """It is the index-th learner of its process, listening on port (the one it got: --port 0 asks for any)."""
-        self.port, self.listening = port, f"{config.host}:{port}"
+        self.index, self.port, self.listening = index, port, f"{config.host}:{port}"
         self.address = advertised(config, index, port)
 
     def where(self) -> str:
