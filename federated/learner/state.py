@@ -1,5 +1,6 @@
-"""What a learner has once it knows the leader's first model state: the model on its device, its update layout
-and vector, the strategy's control variates, what a state must hold, and the adoption of later states."""
+"""What learners have once they know the leader's first model state: the model the learners of a process share
+(on its device, its update layout and vector, what a state must hold, the lock they take turns with), and each
+learner's replica on it (the states it adopts, the strategy's control variates, its residuals and noise)."""
 
 import logging
 import threading
@@ -106,7 +107,7 @@ class SharedModel:
         self.gradient = torch.zeros(self.layout.size, device=self.device)
         self.layout.bind_gradients(self.gradient)  # (a state loaded later keeps the parameters, and so the views)
         self.examples: torch.nn.Module | None = None  # the model hooked for per-example gradients (local DP)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # (re-entrant: hooking the model for local DP takes it too, from adopt)
         self.holder: Replica | None = None  # whose weights the model holds
         self.loaded: codec.Payload | None = None  # the state it holds as loaded, untrained since
 
@@ -130,13 +131,15 @@ class SharedModel:
         self.holder, self.loaded = holder, state
 
     def hook_examples(self) -> None:
-        """Hook the model for DP-SGD's per-example gradients, once; PayloadError for a model that cannot give them."""
-        if self.examples is not None:
-            return
-        try:
-            self.examples = local.hook_examples(self.model)
-        except ValueError as error:
-            raise codec.PayloadError(f"the leader asks for local differential privacy: {error}") from None
+        """Hook the model for DP-SGD's per-example gradients, once (under the lock: another learner may be
+        training); PayloadError for a model that cannot give them."""
+        with self.lock:
+            if self.examples is not None:
+                return
+            try:
+                self.examples = local.hook_examples(self.model)
+            except ValueError as error:
+                raise codec.PayloadError(f"the leader asks for local differential privacy: {error}") from None
 
 
 class Replica:
@@ -148,7 +151,8 @@ class Replica:
 
     def __init__(self, state: codec.Payload, device: str, shared: SharedModel | None = None) -> None:
         """Raises PayloadError when the state does not hold the model it names (or not shared's). device: --device
-        (shared's when given). States are never written into: learners may be given the same one."""
+        (shared's when given). A replica with a model of its own takes the first state's tensors over (GetModel's,
+        its alone); on a shared model, states are never written into: learners may be given the same one."""
         self.shared = shared or SharedModel(state, device)
         self.info = messages.StateInfo.from_payload(state)  # the run's model, batch size and seed
         self.shared.check_facts(self.info)

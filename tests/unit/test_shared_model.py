@@ -1,0 +1,240 @@
+"""Learners of one process on one SharedModel (learner/state.py), without sockets: trained interleaved they send
+bit for bit what the same learners send on models of their own, each keeping its own state (SCAFFOLD's c_i and
+control change, error feedback's residuals, local DP's noise); between rounds a learner holds no model-sized
+tensor but its state; the inbox forgets a state once taken; --compress-down's ReferenceBook shares the tensors
+of learners in step and refuses a delta to one out of step."""
+
+import gc
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+
+import pytest
+import torch
+
+import utils
+from federated.core.compression.delta import state_hash
+from federated.core.layout import wire_state
+from federated.core.plan import TrainingPlan
+from federated.leader.downlink import Downlink
+from federated.learner.reference import ReferenceBook, StateReference
+from federated.learner.servicer import StateInbox
+from federated.learner.state import Replica, SharedModel
+from federated.wire import codec, framing, messages
+from model import build_model
+from tests.unit.test_downlink import deliver
+
+BATCH, SIZE, LEARNERS = 4, 8, 3
+
+
+def local_plan(strategy: str = "fedavg", **extra) -> TrainingPlan:
+    """One local SGD step with momentum (momentum restarts every round), and what the case adds."""
+    return TrainingPlan(strategy, local_steps=1, client_lr=0.1, client_momentum=0.9, **extra)
+
+
+CASES = {
+    "fedavg with BatchNorm": ("batch", local_plan()),
+    "scaffold": ("batch", local_plan("scaffold")),
+    "top-k with error feedback": ("batch", local_plan(compress="topk", compress_ratio=0.05)),
+    "local DP": ("group", local_plan(dp="local", dp_clip=1.0, dp_noise_multiplier=1.0, dp_delta=1e-5)),
+}
+# (event, learner, round): each round a new state; learner 0 evaluates round 3's state, then learner 2 trains on
+# it before learner 0 does (the shared model then holds learner 2's weights); from round 4 on the states say that
+# round 3 was discarded (SCAFFOLD: learner 0's control change of round 1 is committed when it adopts round 3's
+# state, while the shared update vector holds learner 1's; the changes of rounds 2 and 3 are dropped)
+SCHEDULE = [
+    ("train", 0, 1),
+    ("train", 1, 2),
+    ("evaluate", 0, 3),
+    ("train", 2, 3),
+    ("train", 0, 3),
+    ("train", 1, 4),
+    ("train", 0, 5),
+    ("evaluate", 2, 5),
+]
+
+
+def states(norm: str, plan: TrainingPlan) -> list[codec.Payload]:
+    """A ResNet-20 state for each round 0-5, its weights moved a little each round (and the server control, for
+    SCAFFOLD); from round 4 on, one discarded round."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, norm)
+    count = sum(p.numel() for p in model.parameters())
+    made = []
+    for round_index in range(6):
+        control = torch.full((count,), 0.01 * round_index) if plan.strategy == "scaffold" else None
+        tensors = {
+            name: tensor + 0.001 * round_index if tensor.is_floating_point() else tensor
+            for name, tensor in wire_state(model, torch.float32, control).items()
+        }
+        info = messages.StateInfo(
+            "resnet20", 10, BATCH, 0, (0.5,) * 3, (0.25,) * 3, "float32", round_index, plan=plan, image_size=SIZE,
+            norm=norm, discarded=int(round_index >= 4),
+        )  # fmt: skip
+        made.append(codec.decode(codec.encode(tensors, info.to_metadata())))
+    return made
+
+
+def batch_at(learner: int, round_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learner's own batch: its data differs from every other learner's."""
+    generator = torch.Generator().manual_seed(100 * learner + 10 * round_index + step)
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=generator), torch.randint(0, 10, (BATCH,), generator=generator)
+
+
+@dataclass
+class Run:
+    replicas: list[Replica]
+    sent: list[dict[str, torch.Tensor]] = field(default_factory=list)  # every update, as it travels
+    evaluations: list[tuple[float, int]] = field(default_factory=list)
+
+
+def run(norm: str, plan: TrainingPlan, shared: bool) -> Run:
+    """The schedule's rounds, the learners on one SharedModel or each on a model of its own (built from a state
+    fetched each: a model of its own takes the tensors over); as Member does it, under the model's lock."""
+    pushed = states(norm, plan)
+    model = SharedModel(pushed[0], "cpu") if shared else None
+    fetched = lambda: codec.decode(codec.encode(pushed[0].tensors, pushed[0].metadata))
+    replicas = [Replica(fetched(), "cpu", model) for _ in range(LEARNERS)]
+    for learner, replica in enumerate(replicas):
+        replica.noise = torch.Generator().manual_seed(learner)  # (local DP's: from the OS in a real learner)
+    images = torch.randint(0, 256, (16, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(99))
+    held_out = utils.ImageSet(images.to(torch.uint8), torch.arange(16) % 10, 10)
+    result = Run(replicas)
+    for event, learner, round_index in SCHEDULE:
+        replica = replicas[learner]
+        with replica.shared.lock:
+            if replica.round != round_index:
+                replica.adopt(pushed[round_index], fetched=False)
+            if event == "evaluate":
+                evaluation = replica.evaluate(held_out)
+                result.evaluations.append((evaluation.loss, evaluation.correct))
+                continue
+            replica.local_update(partial(batch_at, learner, round_index), replica.plan)
+            replica.keep_change()
+            update = replica.update_tensors()
+            if plan.compress != "none":
+                update = replica.compressed(replica.layout.views(replica.gradient), plan, learner)
+            result.sent.append({name: tensor.clone() for name, tensor in update.items()})
+        replica.update_taken(round_index)
+    return result
+
+
+def learner_state(replica: Replica) -> list[torch.Tensor]:
+    """What a learner keeps from round to round: its controls and pending change, its residuals, its noise."""
+    kept = []
+    if replica.controls is not None:
+        kept += [replica.controls.own, replica.controls.server]
+        kept += [] if replica.change is None else [replica.change]
+    if replica.compressor is not None:
+        kept += list(replica.compressor.residuals.values())
+    if replica.noise is not None:
+        kept.append(replica.noise.get_state())
+    return kept
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def runs(request) -> tuple[str, Run, Run]:
+    norm, plan = CASES[request.param]
+    return request.param, run(norm, plan, shared=True), run(norm, plan, shared=False)
+
+
+def test_learners_trained_interleaved_on_one_model_send_what_they_would_on_models_of_their_own(runs):
+    case, shared, alone = runs
+    assert len(shared.sent) == len(alone.sent) == 6 and shared.evaluations == alone.evaluations
+    for ours, theirs in zip(shared.sent, alone.sent):
+        assert list(ours) == list(theirs) and all(torch.equal(ours[name], theirs[name]) for name in theirs), case
+    for ours, theirs in zip(shared.replicas, alone.replicas):  # and keep the same state
+        assert len(learner_state(ours)) == len(learner_state(theirs))
+        assert all(torch.equal(a, b) for a, b in zip(learner_state(ours), learner_state(theirs))), case
+    assert all(replica.shared is shared.replicas[0].shared for replica in shared.replicas)
+    if case == "scaffold":  # learner 0's change of round 1 committed; 1's and 2's dropped (round 3 discarded)
+        owns = [replica.controls.own for replica in shared.replicas]
+        assert owns[0].any() and not owns[1].any() and not owns[2].any()
+        assert len({own.data_ptr() for own in owns}) == LEARNERS
+    if case == "top-k with error feedback":
+        assert len({id(replica.compressor) for replica in shared.replicas}) == LEARNERS
+
+
+def tensors_held(thing: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor a replica reaches through its attributes (dicts, lists, its controls, compressor, payloads),
+    but its shared model's."""
+    seen = set() if seen is None else seen
+    if id(thing) in seen or isinstance(thing, SharedModel):
+        return []
+    seen.add(id(thing))
+    if isinstance(thing, torch.Tensor):
+        return [thing]
+    if isinstance(thing, dict):
+        children = list(thing.values())
+    elif isinstance(thing, list | tuple):
+        children = list(thing)
+    elif type(thing).__module__.startswith("federated.") and hasattr(thing, "__dict__"):
+        children = list(vars(thing).values())
+    else:
+        return []
+    return [tensor for child in children for tensor in tensors_held(child, seen)]
+
+
+def test_a_learner_between_rounds_holds_no_tensor_but_its_state(runs):
+    """Nothing of the model: no state it trained on, no update; only its state (and, learner 2, the state it
+    evaluated and would train on next)."""
+    case, shared, _ = runs
+    for learner, replica in enumerate(shared.replicas):
+        assert (replica.state is None) == (learner != 2), case
+        own = {id(tensor) for tensor in learner_state(replica)}
+        pending = {id(tensor) for tensor in replica.state.tensors.values()} if replica.state is not None else set()
+        others = [tensor for tensor in tensors_held(replica) if id(tensor) not in own | pending]
+        assert not others, (case, learner, [tuple(tensor.shape) for tensor in others])
+
+
+def test_the_inbox_forgets_a_state_once_taken_and_keeps_the_final_one():
+    inbox, state = StateInbox(), codec.decode(codec.encode({"w": torch.zeros(3)}, {"round": "1"}))
+    gone = weakref.ref(state.tensors["w"])
+    inbox.put(1, state)
+    version, taken = inbox.take(0, timeout=0)  # type: ignore[misc]
+    assert version == 1 and taken is state
+    del state, taken
+    gc.collect(0)
+    assert gone() is None and inbox.take(version, timeout=0) is None  # the inbox kept no reference
+    inbox.put(2, codec.decode(codec.encode({"w": torch.ones(3)}, {"round": "2"})))
+    assert inbox.take(version, timeout=0)[0] == 2  # type: ignore[index]
+    final = codec.decode(codec.encode({"w": torch.ones(3)}, {"round": "3", "finished": "1"}))
+    inbox.put(3, final)
+    assert inbox.take(2, timeout=0)[1] is final and inbox.take(3, timeout=0)[1] is final  # type: ignore[index]
+
+
+def test_a_reference_book_shares_the_tensors_of_learners_in_step_and_refuses_a_delta_out_of_step():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    downlink, book = Downlink("topk", 0.1, 2, seed=3), ReferenceBook()
+    learners = [StateReference(book) for _ in range(3)]
+
+    def publish(round_index: int) -> tuple[bytes, bytes | None]:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                tensor.add_(0.01) if tensor.is_floating_point() else None
+        replica = downlink.advance(round_index, wire_state(model, torch.float32))
+        full = framing.chunk_message(codec.encode(replica, downlink.publish({"round": str(round_index)})))
+        return full, downlink.delta_message
+
+    full, _ = publish(0)
+    first, *_ = [deliver(reference, full) for reference in learners]  # each decodes its own push
+    assert len(book.versions()) == 1 and all(reference.version == 0 for reference in learners)
+    for reference in learners:  # the book keeps one set of tensors: the first learner's
+        assert all(reference.tensors[name] is first.tensors[name] for name in first.tensors)  # type: ignore[index]
+    _, delta = publish(1)
+    assert delta is not None
+    states = [deliver(reference, delta) for reference in learners[:2]]  # learner 2 misses round 1
+    assert learners[0].tensors is learners[1].tensors and state_hash(states[1].tensors) == book.versions()[-1][1]
+    assert all(states[0].tensors[name] is states[1].tensors[name] for name in states[0].tensors)
+    _, delta = publish(2)
+    with pytest.raises(codec.PayloadError, match="a delta from round 1, but this learner holds the state of round 0"):
+        deliver(learners[2], delta)  # type: ignore[arg-type]
+    assert learners[2].version == 0 and learners[2].tensors is not None  # untouched
+    deliver(learners[0], delta)  # type: ignore[arg-type]
+    for round_index in (3, 4):  # learner 1 stays at round 1, which the book (3 versions) lets go
+        _, delta = publish(round_index)
+        deliver(learners[0], delta)  # type: ignore[arg-type]
+    assert learners[1].version == 1 and learners[1].tensors is None
+    with pytest.raises(codec.PayloadError, match="holds the state of round 1 \\(no longer kept\\)"):
+        deliver(learners[1], delta)  # type: ignore[arg-type]
