@@ -355,10 +355,11 @@ class Member:
     def reconnect(self) -> codec.Payload | None:
         """After losing the leader: wait for it (with backoff), take its current model, register again;
         the leader's final state instead if it has one."""
-        deadline = time.monotonic() + self.config.connect_timeout
+        lost = time.monotonic()
+        deadline = lost + self.config.connect_timeout
         self.server.forget_states()
         self.sent_round = -1  # a resumed leader may go back in rounds
-        state = self.session.fetch_model(deadline, stop=self.server.inbox.has_final)
+        state = self.session.fetch_model(deadline, stop=self.server.inbox.has_final, since=lost)
         if state is None or messages.is_final(state):
             return state or self.server.inbox.final
         self.replica.adopt(state)

@@ -326,14 +326,17 @@ class LeaderSession:
         self.pacing = pacing or HealthPacing()
         self.credential = LeaderCredential()
 
-    def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
+    def fetch_model(
+        self, deadline: float, stop: Callable[[], bool] = never, since: float = -math.inf
+    ) -> codec.Payload | None:
         """fetch_own_model's state; in a process of several learners, the one another learner fetched in the last
-        FRESH_MODEL_S seconds (checked against this learner's limits too), or fetched while they wait (PoolFetch)."""
+        FRESH_MODEL_S seconds, and not before since (when this learner lost the leader: an earlier state may be a
+        leader's that is gone), checked against this learner's limits too, or fetched while they wait (PoolFetch)."""
         if self.fetches is None:
             return self.fetch_own_model(deadline, stop)
         with self.fetches.lock:
-            state = self.fetches.state
-            if state is not None and time.monotonic() - self.fetches.fetched_at < FRESH_MODEL_S:
+            state, fetched_at = self.fetches.state, self.fetches.fetched_at
+            if state is not None and fetched_at >= since and time.monotonic() - fetched_at < FRESH_MODEL_S:
                 self.limits.admit_state(state.metadata, codec.spec_of(state.tensors))
                 return state
             state = self.fetch_own_model(deadline, stop)
