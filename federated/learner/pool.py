@@ -92,7 +92,7 @@ class Pool:
     def __init__(self, members: "list[Member]", server: "PoolServer") -> None:
         self.members, self.server = members, server
         self.threads: list[threading.Thread | None] = [None] * len(members)
-        self.finals: list[codec.Payload | None] = [None] * len(members)
+        self.final: codec.Payload | None = None  # the leader's final state, as the first learner to end got it
         self.failure: BaseException | None = None  # the first error a learner's thread ended in
         self._changed = threading.Event()
 
@@ -111,8 +111,9 @@ class Pool:
         CURRENT.index = index if len(self.members) > 1 else None
         member = self.members[index]
         try:
-            final = member.reconnect() if rejoin else None
-            self.finals[index] = final or member.train_until_final()
+            final = (member.reconnect() if rejoin else None) or member.train_until_final()
+            self.final = self.final or final
+            member.server.forget_states()  # its own copy of the final state: a thousand of them would add up
         except Stopped:
             log.info("stopped")
         except BaseException as error:  # its process ends with it, as a learner's always did
@@ -141,10 +142,9 @@ class Pool:
                 said, updates = time.monotonic(), now_sent
         if self.failure is not None:
             raise self.failure
-        final = next((state for state in self.finals if state is not None), None)
-        if final is None:
+        if self.final is None:
             raise SystemExit("every learner of this process was stopped before the leader's final state")
-        return final
+        return self.final
 
     def updates(self) -> int:
         return sum(member.updates_sent for member in self.members)
