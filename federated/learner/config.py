@@ -224,6 +224,8 @@ def configure(given: CommandLine) -> LearnerConfig:
     problems = choice_problems(config)
     if config.port and config.port + config.virtual - 1 > 65535:
         problems.append(f"--port {config.port} leaves no room for the {config.virtual} ports of --virtual")
+    if config.budget_file and config.virtual > 1:  # (each learner spends its own epsilon)
+        problems.append("--budget-file keeps one learner's epsilon: run such learners as processes of their own")
     if config.eval_fraction and not config.dataset:
         problems.append("--eval-fraction needs a local --dataset")
     if config.budget_file and Path(config.budget_file).exists():
