@@ -22,6 +22,7 @@ from federated.common.flags import (
     parse,
     refuse,
 )
+from federated.core.plan import MAX_LEARNERS
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
 from federated.privacy.accountant import read_history
@@ -51,6 +52,8 @@ EXAMPLES = """examples:
                                                                    a leader on another machine
   python learner.py --leader 10.0.0.5:50051 --dataset imagefolder --data-dir data/mine --eval-fraction 0.1
                                                                    images of its own, a tenth held out
+  python learner.py --leader 127.0.0.1:50051 --virtual 100         a hundred learners in this process, each with a
+                                                                   shard from the leader (docs/scale.md)
 
 docs: docs/reference/cli.md (every flag), docs/getting-started.md (several machines)"""
 
@@ -61,13 +64,27 @@ class LearnerConfig(SecurityFlags, Config):
 
     leader: str = option("127.0.0.1:50051", "the leader's HOST:PORT", group="leader", metavar="HOST:PORT")
     host: str = option("0.0.0.0", "address for this learner's server to listen on", group="leader")
-    port: int = option(0, "port to listen on (0: any free port)", group="leader", bounds=Bounds(0, 65535))
+    port: int = option(
+        0,
+        "port to listen on (0: any free port); with --virtual N, learner i listens on PORT+i",
+        group="leader",
+        bounds=Bounds(0, 65535),
+    )
     advertise: str | None = option(
         None,
-        "HOST:PORT the leader dials to reach this learner",
+        "HOST:PORT the leader dials to reach this learner; with --virtual N, learner i is reached at HOST:PORT+i "
+        "(HOST alone: at HOST and the port it listens on)",
         group="leader",
-        metavar="HOST:PORT",
+        metavar="HOST[:PORT]",
         default_text="127.0.0.1 for a local leader, else this machine's address on the route to it",
+    )
+    virtual: int = option(
+        1,
+        "run N learners in this process, each an ordinary learner to the leader (its own port, registration, "
+        "slot, shard and state), training one at a time when drawn (docs/scale.md)",
+        group="leader",
+        bounds=Bounds(1, MAX_LEARNERS),
+        metavar="N",
     )
 
     dataset: str | None = option(
@@ -205,6 +222,10 @@ def configure(given: CommandLine) -> LearnerConfig:
     """The learner's configuration; SystemExit saying what to change when its flags make no sense together."""
     config = LearnerConfig(**given.values)
     problems = choice_problems(config)
+    if config.port and config.port + config.virtual - 1 > 65535:
+        problems.append(f"--port {config.port} leaves no room for the {config.virtual} ports of --virtual")
+    if config.budget_file and config.virtual > 1:  # (each learner spends its own epsilon)
+        problems.append("--budget-file keeps one learner's epsilon: run such learners as processes of their own")
     if config.eval_fraction and not config.dataset:
         problems.append("--eval-fraction needs a local --dataset")
     if config.budget_file and Path(config.budget_file).exists():
