@@ -6,6 +6,7 @@ import math
 import time
 import typing
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from federated.core.plan import SecureRound, TrainingPlan
 from federated.core.training import Batch
 from federated.learner import floors
 from federated.learner.config import LearnerConfig
-from federated.learner.data import Batches, LocalData, shard_from_payload
+from federated.learner.data import Batches, LocalData, LocalShare, own_data, shard_from_payload
+from federated.learner.dispatch import PoolServer
 from federated.learner.limits import Limits
+from federated.learner.pool import CURRENT, Pool, PoolLog, Stopped, ranges
 from federated.learner.servicer import LearnerServer
-from federated.learner.session import LeaderLost, LeaderSession
+from federated.learner.session import HealthPacing, LeaderLost, LeaderSession
 from federated.learner.state import Replica
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
@@ -27,6 +30,8 @@ from federated.privacy.local import Budget
 from federated.wire import codec, messages
 
 log = logging.getLogger("learner")
+
+JOINING_AT_ONCE = 4  # learners of a pool that join at once (their registrations still go one at a time)
 
 
 def round_batch(batches: Batches, replica: Replica, steps: int, step: int) -> Batch:
@@ -46,7 +51,7 @@ class Member:
         session: LeaderSession,
         server: LearnerServer,
         replica: Replica,
-        local: LocalData | None,
+        local: LocalData | LocalShare | None,
         deadline: float,
     ) -> None:
         """local: the learner's own images (else it trains on a shard from the leader); deadline: of registering."""
@@ -60,6 +65,7 @@ class Member:
         self.learner_id = self.register(deadline)
         self.data = self.hold(self.fetch_shard() if own is None else own)
         self.sent_round = -1  # the round of the last update sent
+        self.updates_sent = 0  # updates the leader took (the pool's progress lines count them)
         # local DP: what it has spent (here, or kept in --budget-file), and may
         self.budget = Budget(config.max_epsilon, Path(config.budget_file) if config.budget_file else None)
         self.refusal: str | None = None  # why it sat the last round out, for the budget
@@ -178,6 +184,7 @@ class Member:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
         elif reply is not None:
             replica.update_taken(round_index)
+            self.updates_sent += 1
 
     def masked_input(
         self, round_index: int, samples: int, loss: float, plan: TrainingPlan
@@ -283,7 +290,7 @@ class Member:
             # With sampling, a learner gets a state only when it is drawn: it waits as long as the leader counts it in.
             sampled = replica.plan.participants is not None
             awaited = "a round to take part in" if sampled else f"the state of round {replica.round + 1}"
-            pushed = self.session.wait_until(partial(inbox.take, version), awaited, bounded=not sampled)
+            pushed = self.session.wait_until(partial(self.pushed_after, version), awaited, bounded=not sampled)
             round_seconds += time.perf_counter() - round_started
             if computed_rounds and messages.round_of(pushed[1]) % self.config.log_every == 0:
                 log.info(
@@ -294,6 +301,18 @@ class Member:
                     (round_seconds - compute_seconds) / computed_rounds * 1000,
                 )
                 compute_seconds, round_seconds, computed_rounds, images = 0.0, 0.0, 0, 0
+
+    def pushed_after(self, version: int, timeout: float) -> tuple[int, codec.Payload] | None:
+        """The inbox's newest state if newer than version (StateInbox.take); Stopped once this learner is stopped."""
+        if self.server.stopped.is_set():
+            raise Stopped
+        return self.server.inbox.take(version, timeout)
+
+    def started(self, timeout: float) -> bool | None:
+        """True once the leader has started this learner; Stopped once this learner is stopped."""
+        if self.server.stopped.is_set():
+            raise Stopped
+        return self.server.started.wait(timeout) or None
 
     def evaluate_final(self, state: codec.Payload) -> None:
         """The leader's last state, when it asks to be evaluated: take it, evaluate and report."""
@@ -306,13 +325,13 @@ class Member:
         inbox = self.server.inbox
         while True:  # each pass ends in the final state, or in a reconnect bounded by --connect-timeout
             try:
-                self.session.wait_until(
-                    lambda timeout: self.server.started.wait(timeout) or None, "the start of training"
-                )
+                self.session.wait_until(self.started, "the start of training")
                 return self.train()
             except LeaderLost as lost:
                 if inbox.final is not None:  # it said goodbye before it went
                     return inbox.final
+                if self.server.stopped.is_set():  # the leader dropped it for being stopped
+                    raise Stopped from None
                 log.warning("lost the leader (%s); reconnecting for up to %.0f s", lost, self.config.connect_timeout)
                 final = self.reconnect()
                 if final is not None:
@@ -332,55 +351,93 @@ class Member:
         log.info("rejoined at round %d", self.replica.round)
         return None
 
-    def stop(self, grace: float = 2) -> None:
-        """Stop serving the leader."""
-        self.server.stop(grace)
-
 
 class Learner:
-    """One learner's run: its own data checked first, then the leader reached and joined as a Member, which
-    trains until the leader's final state."""
+    """The learners of this process (--virtual N; one by default): their own data checked first, then the leader
+    reached, its model fetched once and every learner joined as a Member, each trains until the leader's final
+    state."""
 
     def __init__(self, config: LearnerConfig, member_type: Callable[..., Member] = Member) -> None:
-        """Raises DatasetError at once when --data-dir does not hold --dataset. member_type makes the Member that
-        joins (tests/peers/hostile_learner.py's attackers are Members of their own)."""
+        """Raises DatasetError at once when --data-dir does not hold --dataset. member_type makes the Members that
+        join (tests/peers/hostile_learner.py's attackers are Members of their own)."""
         self.config, self.member_type = config, member_type
-        self.local = LocalData(config) if config.dataset else None  # before any connection: a mistake fails fast
-        self.session = LeaderSession(config, Limits.of(config, self.local.images if self.local else 0))
+        self.local = own_data(config)  # before any connection: a mistake fails fast
+        pacing, first = HealthPacing(config.virtual), None
+        self.sessions: list[LeaderSession] = []
+        for index in range(config.virtual):
+            images = self.local[index].images if self.local else 0
+            self.sessions.append(LeaderSession(config, Limits.of(config, images), first, pacing))
+            first = first or self.sessions[0]
+        self.session = self.sessions[0]
+        if config.virtual > 1:
+            log.addFilter(PoolLog())
 
-    def connect(self) -> Member | codec.Payload:
-        """Take the leader's model, start serving, register and get the data: this learner as a Member; the
-        leader's final state instead if training is already over."""
+    def connect(self) -> Pool | codec.Payload:
+        """Take the leader's model (once for all), start serving, register every learner and get its data: the
+        pool of Members; the leader's final state instead if training is already over."""
         deadline = time.monotonic() + self.config.connect_timeout
         state = self.session.fetch_model(deadline)
         assert state is not None  # (only a stop condition gives None; there is none before serving)
         if messages.is_final(state):
             return state
         replica = Replica(state, self.config.device)
-        server = LearnerServer(
-            self.config,
-            self.session.security,
-            self.session.credential,
-            replica.spec,
-            len(state.buffer) + rpc.ENVELOPE_BYTES,
-            self.session.limits,
-        )
+        learners = [
+            LearnerServer(self.config, session.security, session.credential, replica.spec, session.limits)
+            for session in self.sessions
+        ]
+        server = PoolServer(self.config, self.session.security, learners, len(state.buffer) + rpc.ENVELOPE_BYTES)
+        started = time.monotonic()
         try:
-            return self.member_type(self.config, self.session, server, replica, self.local, deadline)
+            members = [self.join(0, learners[0], replica, deadline)]  # alone: a mistake fails before the others
+            with ThreadPoolExecutor(JOINING_AT_ONCE) as joining:
+                members += joining.map(
+                    lambda index: self.join(
+                        index, learners[index], Replica(copied(state), self.config.device), deadline
+                    ),
+                    range(1, len(learners)),
+                )
         except BaseException:  # not registered, or without its data: nothing will call it
-            server.stop()
+            server.stop(0)
             raise
+        if len(members) > 1:
+            ids = [member.learner_id for member in members]
+            log.info(
+                "pool: %d learners registered as %s in %.1f s; LearnerService on ports %s",
+                len(members),
+                ranges(ids),
+                time.monotonic() - started,
+                ranges([learner.port for learner in learners]),
+            )
+        return Pool(members, server)
+
+    def join(self, index: int, learner: LearnerServer, replica: Replica, deadline: float) -> Member:
+        """The index-th learner of this process, registered and holding its data."""
+        CURRENT.index = index if self.config.virtual > 1 else None
+        try:
+            local = self.local[index] if self.local else None
+            return self.member_type(self.config, self.sessions[index], learner, replica, local, deadline)
+        finally:
+            CURRENT.index = None
 
     def run(self) -> None:
         joined = self.connect()
-        if isinstance(joined, Member):
+        if isinstance(joined, Pool):
             try:
-                final = joined.train_until_final()
+                joined.start()
+                final = joined.wait()
             finally:
                 joined.stop()
-            if spent := joined.budget.summary():
-                log.info("%s (local differential privacy)", spent)
+            for member in joined.members:
+                if spent := member.budget.summary():
+                    log.info("%s (local differential privacy)", spent)
         else:
             final = joined
         how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
         log.info("the leader %s at round %d", how, messages.round_of(final))
+
+
+def copied(state: codec.Payload) -> codec.Payload:
+    """A state whose tensors are copies: a Replica takes a fetched state's tensors over."""
+    return codec.Payload(
+        state.metadata, {name: tensor.clone() for name, tensor in state.tensors.items()}, state.buffer, state.data_start
+    )

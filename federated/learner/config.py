@@ -22,6 +22,7 @@ from federated.common.flags import (
     parse,
     refuse,
 )
+from federated.core.plan import MAX_LEARNERS
 from federated.net.guard import IDLE_TIMEOUT_S
 from federated.net.rpc import SecurityFlags
 from federated.privacy.accountant import read_history
@@ -61,13 +62,27 @@ class LearnerConfig(SecurityFlags, Config):
 
     leader: str = option("127.0.0.1:50051", "the leader's HOST:PORT", group="leader", metavar="HOST:PORT")
     host: str = option("0.0.0.0", "address for this learner's server to listen on", group="leader")
-    port: int = option(0, "port to listen on (0: any free port)", group="leader", bounds=Bounds(0, 65535))
+    port: int = option(
+        0,
+        "port to listen on (0: any free port); with --virtual N, learner i listens on PORT+i",
+        group="leader",
+        bounds=Bounds(0, 65535),
+    )
     advertise: str | None = option(
         None,
-        "HOST:PORT the leader dials to reach this learner",
+        "HOST:PORT the leader dials to reach this learner; with --virtual N, learner i is reached at HOST:PORT+i "
+        "(HOST alone: at HOST and the port it listens on)",
         group="leader",
-        metavar="HOST:PORT",
+        metavar="HOST[:PORT]",
         default_text="127.0.0.1 for a local leader, else this machine's address on the route to it",
+    )
+    virtual: int = option(
+        1,
+        "run N learners in this process, each an ordinary learner to the leader (its own port, registration, "
+        "slot, shard and state), training one at a time when drawn (docs/scale.md)",
+        group="leader",
+        bounds=Bounds(1, MAX_LEARNERS),
+        metavar="N",
     )
 
     dataset: str | None = option(
@@ -205,6 +220,8 @@ def configure(given: CommandLine) -> LearnerConfig:
     """The learner's configuration; SystemExit saying what to change when its flags make no sense together."""
     config = LearnerConfig(**given.values)
     problems = choice_problems(config)
+    if config.port and config.port + config.virtual - 1 > 65535:
+        problems.append(f"--port {config.port} leaves no room for the {config.virtual} ports of --virtual")
     if config.eval_fraction and not config.dataset:
         problems.append("--eval-fraction needs a local --dataset")
     if config.budget_file and Path(config.budget_file).exists():

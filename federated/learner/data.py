@@ -2,6 +2,9 @@
 from the leader and their checks; the batches it trains on."""
 
 import logging
+import threading
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -75,6 +78,67 @@ class LocalData:
         [labels] = partition.describe(partition.label_counts(data.labels, [torch.arange(len(data))], classes))
         log.info("its labels (this learner's own: the leader never sees them): %s", labels.split(": ", 1)[1])
         return data, held_out
+
+
+class LocalShares:
+    """The shares of one local dataset among the learners of a process (--virtual N, and no folders DIR/0..N-1):
+    loaded once, at the leader's image size, then split into N seeded IID shards, its held-out images too (each
+    learner evaluates on its share of them, when there are at least N). One copy of the dataset in all, never N."""
+
+    def __init__(self, local: LocalData, count: int) -> None:
+        self.local, self.count = local, count
+        self._shares: list[tuple[utils.ImageSet, utils.ImageSet | None]] | None = None
+        self._lock = threading.Lock()
+
+    def load(self, info: messages.StateInfo, index: int) -> tuple[utils.ImageSet, utils.ImageSet | None]:
+        """The index-th learner's share: its training images and those it holds out (LocalData.load's)."""
+        with self._lock:  # the first learner to ask loads and splits for all
+            if self._shares is None:
+                data, held_out = self.local.load(info)
+                if len(data) < self.count:
+                    raise utils.DatasetError(
+                        f"the local {self.local.dataset} has {len(data)} training images, fewer than the "
+                        f"{self.count} learners of --virtual"
+                    )
+                trained = [data.subset(rows) for rows in utils.shard_indices(len(data), self.count, info.seed)]
+                held: list[utils.ImageSet | None] = [None] * self.count
+                if held_out is not None and len(held_out) >= self.count:
+                    held = [held_out.subset(rows) for rows in utils.shard_indices(len(held_out), self.count, info.seed)]
+                self._shares = list(zip(trained, held, strict=True))
+                log.info(
+                    "split the local %s among %d learners: %d images each",
+                    self.local.dataset,
+                    self.count,
+                    len(trained[0]),
+                )
+            return self._shares[index]
+
+
+class LocalShare:
+    """One learner's share of LocalShares, loaded as LocalData is."""
+
+    def __init__(self, shares: LocalShares, index: int) -> None:
+        self.shares, self.index = shares, index
+        self.images = shares.local.images // shares.count  # what its limits count on
+
+    def load(self, info: messages.StateInfo) -> tuple[utils.ImageSet, utils.ImageSet | None]:
+        return self.shares.load(info, self.index)
+
+
+def own_data(config: LearnerConfig) -> list[LocalData] | list[LocalShare] | None:
+    """Each learner's own data in this process (--dataset), checked now: with --virtual N, learner i's folder DIR/i
+    when --data-dir holds folders 0..N-1, else its share of the one dataset there; None without --dataset.
+    DatasetError at once when a folder does not hold the dataset."""
+    if not config.dataset:
+        return None
+    count, folder = config.virtual, Path(config.data_dir)
+    if count > 1 and all((folder / str(index)).is_dir() for index in range(count)):
+        return [LocalData(replace(config, data_dir=str(folder / str(index)))) for index in range(count)]
+    local = LocalData(config)
+    if count == 1:
+        return [local]
+    shares = LocalShares(local, count)
+    return [LocalShare(shares, index) for index in range(count)]
 
 
 def shard_from_payload(payload: codec.Payload, num_classes: int, image_size: int = utils.IMAGE_SIZE) -> utils.ImageSet:

@@ -179,21 +179,41 @@ def largest_deltas(state_spec: TensorSpec) -> list[TensorSpec]:
     return [delta_spec(state_spec, name, 1.0, MAX_COMPRESS_RANK) for name in compression.CODECS if name != "none"]
 
 
-def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
-    """How a learner admits calls: its leader's (those with its credential) have turns of their own, which
-    strangers cannot take; the servicer still checks every call in full."""
+# The leader's calls to the learners of one process that may run at once, beyond which they are not worth a
+# server thread each: its pushes go 8 at a time (leader/dispatch.py), a secure round's phase to every participant.
+LEADER_CALLS_AT_ONCE = 32
+
+
+def method_limits(idle_timeout: float, learners: int = 1) -> dict[str, guard.Limit]:
+    """How a process of learners admits calls: their leader's (those with a credential of one of them) have turns
+    of their own, which strangers cannot take, as many more as there are learners (up to LEADER_CALLS_AT_ONCE
+    times), so that the leader's calls to many of them are not served one after another; the servicer still
+    checks every call in full."""
     learner_method = lambda name: f"/{rpc.LEARNER_SERVICE}/{name}"
+    scale = min(learners, LEADER_CALLS_AT_ONCE)
     return {
-        learner_method("StartTraining"): guard.Limit(2, anonymous=2),
-        learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
-        learner_method("SecureAggregation"): guard.Limit(1, anonymous=0),
-        "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4),
+        learner_method("StartTraining"): guard.Limit(2 * scale, anonymous=2),
+        learner_method("SyncModelState"): guard.Limit(2 * scale, anonymous=2, request_s=idle_timeout),
+        learner_method("SecureAggregation"): guard.Limit(scale, anonymous=0),
+        "/grpc.health.v1.Health/Check": guard.Limit(2 * scale, anonymous=4),
     }
 
 
+def advertised(config: LearnerConfig, index: int, port: int) -> str:
+    """Where the leader dials the index-th learner of this process, listening on port: --advertise HOST:PORT gives
+    HOST:PORT+index, --advertise HOST gives HOST:port; else default_advertise."""
+    if not config.advertise:
+        return default_advertise(config.leader, port)
+    host, colon, given = config.advertise.rpartition(":")
+    if colon and given.isdigit() and (":" not in host or host.endswith("]")):  # HOST:PORT, [IPv6]:PORT
+        return f"{host}:{int(given) + index}"
+    return f"{config.advertise}:{port}"
+
+
 class LearnerServer:
-    """The learner's LearnerService, serving from construction: what the leader pushes lands in inbox, its order
-    to start in started; address is where the leader dials it."""
+    """One learner's side of its process's server (dispatch.PoolServer, which hands it the calls that carry its
+    credential): what the leader pushes lands in inbox, its order to start in started; address is where the
+    leader dials it. Stopped, its calls fail as a stopped process's would, until it is started again."""
 
     def __init__(
         self,
@@ -201,13 +221,12 @@ class LearnerServer:
         security: rpc.Security,
         credential: LeaderCredential,
         state_spec: TensorSpec,
-        max_message_bytes: int,
         limits: Limits,
     ) -> None:
-        """state_spec: what a pushed model state must hold; max_message_bytes: the largest call it takes; limits:
-        what this learner takes on for its leader."""
+        """state_spec: what a pushed model state must hold; limits: what this learner takes on for its leader."""
+        self.credential = credential
         self.inbox, self.started, self.secure = StateInbox(), threading.Event(), SecureParty()
-        self.servicer = servicer = LearnerServicer(
+        self.servicer = LearnerServicer(
             state_spec,
             self.inbox,
             self.started,
@@ -216,20 +235,13 @@ class LearnerServer:
             limits,
             self.secure,
         )
-        self.server, self.port = rpc.start_server(
-            f"{config.host}:{config.port}",
-            [(ADD_LEARNER_SERVICE, servicer)],
-            [rpc.LEARNER_SERVICE],
-            max_message_bytes,
-            security,
-            method_limits(config.idle_timeout),
-            config.idle_timeout,
-            credential.session_status,
-            credential.caller,
-            1,
-        )
-        self.address = config.advertise or default_advertise(config.leader, self.port)
-        self.listening = f"{config.host}:{self.port}"  # the port it got: --port 0 asks for any free one
+        self.stopped = threading.Event()
+        self.port, self.address, self.listening = 0, "", ""
+
+    def listen(self, config: LearnerConfig, index: int, port: int) -> None:
+        """It is the index-th learner of its process, listening on port (the one it got: --port 0 asks for any)."""
+        self.port, self.listening = port, f"{config.host}:{port}"
+        self.address = advertised(config, index, port)
 
     def where(self) -> str:
         """Where it listens, and where the leader dials it when that is another address."""
@@ -242,5 +254,11 @@ class LearnerServer:
         self.inbox.clear()
         self.servicer.reference.clear()
 
-    def stop(self, grace: float = 2) -> None:
-        self.server.stop(grace).wait(grace + 3)
+    def stop(self) -> None:
+        """Stop serving the leader: its calls fail UNAVAILABLE, its health checks find no registration."""
+        self.stopped.set()
+
+    def restart(self) -> None:
+        """Serve the leader again, from a fresh start (it registers again)."""
+        self.forget_states()
+        self.stopped.clear()

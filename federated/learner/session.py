@@ -3,6 +3,8 @@ streams with idle limits, health checks of its registration, and waiting for the
 
 import hmac
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,9 @@ PROGRESS_INTERVAL_S = 30.0
 BUSY_QUIET_S = 5.0
 RPC_TIMEOUT_S = 60.0
 HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whether it still counts this learner
+# The learners of one process (--virtual N) check on the leader at most this often a second in all: each learner's
+# interval grows with N (HealthPacing).
+MAX_CHECKS_PER_S = 20.0
 # Calls from the leader may arrive before this learner has read the reply to its registration: they wait
 # this long for it.
 REGISTRATION_WAIT_S = 30.0
@@ -125,6 +130,30 @@ class LeaderCredential:
         while a registration is on its way (the leader may ask before its reply is here)."""
         mine = self.value and hmac.compare_digest(session.encode(), rpc.session_id(self.value).encode())
         return health_pb2.HealthCheckResponse.SERVING if mine or self.in_flight else None
+
+
+class HealthPacing:
+    """How often the learners of one process ask the leader whether it still counts them while they wait: each every
+    HEALTH_CHECK_INTERVAL_S seconds, or less often with many learners, so that the process makes at most about
+    MAX_CHECKS_PER_S checks a second in all; and, once one of them has lost the leader, every other at its next
+    tick (a few seconds), so that losing the leader is noticed as soon as by a single learner."""
+
+    def __init__(self, learners: int = 1) -> None:
+        self.interval = max(HEALTH_CHECK_INTERVAL_S, learners / MAX_CHECKS_PER_S)
+        self.lost_at = -math.inf  # when a learner of this process last lost the leader
+
+    def first_check(self) -> float:
+        """When a wait that begins now checks first: a random point of the interval, so that learners that begin
+        waiting together (after one round) spread their checks over it."""
+        return time.monotonic() + random.uniform(0.0, self.interval - HEALTH_CHECK_INTERVAL_S) + HEALTH_CHECK_INTERVAL_S
+
+    def due(self, last_checked: float, next_check: float) -> bool:
+        """Whether a learner that checked last at last_checked must check now."""
+        return time.monotonic() >= next_check or self.lost_at > last_checked
+
+    def lost(self) -> None:
+        """A learner of this process lost the leader: the others check at their next tick."""
+        self.lost_at = time.monotonic()
 
 
 class Progress:
@@ -256,13 +285,30 @@ class LeaderSession:
     """This learner's calls to its leader, each with the credential of its registration: retried while the
     leader asks for patience, bounded by the timeouts of the configuration, and logged."""
 
-    def __init__(self, config: LearnerConfig, limits: Limits) -> None:
-        """limits: what this learner takes on for the leader, checked on every state and shard it fetches."""
+    def __init__(
+        self,
+        config: LearnerConfig,
+        limits: Limits,
+        pool: "LeaderSession | None" = None,
+        pacing: HealthPacing | None = None,
+    ) -> None:
+        """limits: what this learner takes on for the leader, checked on every state and shard it fetches. pool: the
+        session of another learner of this process, whose channels this one shares (a connection per process, not
+        per learner) and whose turn to register it waits for; pacing: how often it checks on the leader while
+        waiting (shared by the learners of a process)."""
         self.config, self.limits = config, limits
         self.security = rpc.Security.of(config)
-        self.channel = rpc.channel(config.leader, self.security)
-        self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(rpc.channel(config.leader, self.security))
+        if pool is None:
+            self.channel = rpc.channel(config.leader, self.security)
+            self.leader = leader_pb2_grpc.LeaderServiceStub(self.channel)
+            self.health = health_pb2_grpc.HealthStub(rpc.channel(config.leader, self.security))
+            # the leader admits one registration without a credential at a time from a network: more would be
+            # refused (RESOURCE_EXHAUSTED) and back off
+            self.registration_turn = threading.Lock()
+        else:
+            self.channel, self.leader, self.health = pool.channel, pool.leader, pool.health
+            self.registration_turn = pool.registration_turn
+        self.pacing = pacing or HealthPacing()
         self.credential = LeaderCredential()
 
     def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
@@ -297,13 +343,19 @@ class LeaderSession:
         )
 
     def register_once(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
-        with self.credential.registering():
+        with self.registration_turn, self.credential.registering():
             request = leader_pb2.LearnerInfo(network_addr=address)
             if summary is not None:
                 summary.to_proto(request.data)
             reply = self.leader.RegisterLearner(
                 request, timeout=RPC_TIMEOUT_S, metadata=rpc.with_credential(self.credential.value)
             )
+            if reply.success and not reply.credential and self.config.virtual > 1:
+                raise SystemExit(
+                    "the leader gives no credentials (a leader built from the article's protos): the learners of "
+                    "--virtual N share one server and are told apart only by the credential the leader sends; run "
+                    "them as separate processes (--virtual 1)"
+                )
             if reply.success:
                 self.credential.registered(reply.credential)
         if not reply.success:
@@ -395,8 +447,15 @@ class LeaderSession:
         LeaderLost, or SystemExit after --wait-timeout (unless not bounded: a learner left out of rounds by
         sampling waits for as long as the leader says it still counts on it)."""
         started, last_log = time.monotonic(), 0.0
+        checked, next_check = started, self.pacing.first_check()
         while (result := ready(HEALTH_CHECK_INTERVAL_S)) is None:
-            self.check_leader()
+            if self.pacing.due(checked, next_check):
+                checked, next_check = time.monotonic(), time.monotonic() + self.pacing.interval
+                try:
+                    self.check_leader()
+                except LeaderLost:
+                    self.pacing.lost()
+                    raise
             waited = time.monotonic() - started
             if bounded and waited >= self.config.wait_timeout:
                 raise SystemExit(f"no {what} from the leader within --wait-timeout {self.config.wait_timeout:.0f} s")

@@ -154,6 +154,35 @@ def start_server(
     with RESOURCE_EXHAUSTED before they are buffered; limits says how each method's calls are admitted
     (guard.Gate, which names callers with identify); sessions(session_id) answers health checks of
     SESSION_PREFIX services."""
+    server, [port] = start_server_on(
+        [bind],
+        register,
+        service_names,
+        max_receive_bytes,
+        security,
+        limits,
+        idle_timeout,
+        sessions,
+        identify,
+        named_callers,
+    )
+    return server, port
+
+
+def start_server_on(
+    binds: list[str],
+    register: list,
+    service_names: list[str],
+    max_receive_bytes: int,
+    security: Security = Security(),
+    limits: Mapping[str, guard.Limit] | None = None,
+    idle_timeout: float = guard.IDLE_TIMEOUT_S,
+    sessions: Callable[[str], int | None] | None = None,
+    identify: Callable[[guard.Headers], str | None] = lambda headers: None,
+    named_callers: int = 0,
+) -> tuple[grpc.Server, list[int]]:
+    """start_server listening on every HOST:PORT of binds (one server, one thread pool, for a process's learners:
+    --virtual); the ports it got, in order."""
     gate = guard.Gate(limits or {}, idle_timeout, security.token, identify, named_callers)
     workers = gate.threads_needed()
     server = grpc.server(
@@ -169,6 +198,16 @@ def start_server(
     for name in service_names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    ports = [_add_port(server, bind, security) for bind in binds]
+    server.start()
+    host = binds[0].rsplit(":", 1)[0]
+    if not _is_loopback(host):  # once: every port is on the same host
+        warn_if_open(f"{host}:{ports[0]}", ports[0], security)  # the port it got: port 0 asks for any free one
+    return server, ports
+
+
+def _add_port(server: grpc.Server, bind: str, security: Security) -> int:
+    """Listen on bind (HOST:PORT); the port it got. ListenError, saying why, when it cannot."""
     try:
         if security.certificate:
             credentials = grpc.ssl_server_credentials(
@@ -183,11 +222,7 @@ def start_server(
         port = 0
     if port == 0:
         raise listen_error(bind)
-    server.start()
-    host = bind.rsplit(":", 1)[0]
-    if not _is_loopback(host):
-        warn_if_open(f"{host}:{port}", port, security)  # the port it got: port 0 in bind asks for any free one
-    return server, port
+    return port
 
 
 def listen_error(bind: str) -> ListenError:

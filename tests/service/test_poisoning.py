@@ -62,8 +62,9 @@ def test_a_hostile_scaffold_control_is_discarded_and_honest_rounds_after_it_appl
 
 def test_a_learner_commits_its_control_change_only_for_an_applied_round(scaffold):
     live = scaffold
-    learner = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
-    assert isinstance(learner, learner_module.Member)
+    pool = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
+    assert isinstance(pool, learner_module.Pool)
+    learner = pool.members[0]
     try:
         (hostile,) = live.enrol(1)  # (starts the real learner too)
         replica, model = learner.replica, live.leader.global_model
@@ -83,7 +84,7 @@ def test_a_learner_commits_its_control_change_only_for_an_applied_round(scaffold
             replica.adopt(codec.decode(model.encoded_state), fetched=False)
             torch.testing.assert_close(replica.controls.own, own + change if applied else own)
     finally:
-        learner.stop(0)
+        pool.stop(0)
 
 
 def test_a_float16_step_that_would_overflow_the_wire_is_discarded_and_the_model_unchanged(tmp_path, port):
@@ -129,8 +130,9 @@ def test_a_loss_is_advisory_clamped_or_left_out_never_a_reason_to_refuse_an_upda
 
 
 def test_a_learner_whose_update_the_global_model_makes_non_finite_sits_the_round_out(live, caplog):
-    learner = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
-    assert isinstance(learner, learner_module.Member)
+    pool = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
+    assert isinstance(pool, learner_module.Pool)
+    learner = pool.members[0]
     try:
         live.leader.registry.take_joiners()
         learner.replica.gradient.fill_(float("nan"))  # what a poisoned state gives on this learner's data
@@ -139,4 +141,4 @@ def test_a_learner_whose_update_the_global_model_makes_non_finite_sits_the_round
         assert "sits this round out" in caplog.text and live.leader.collector.reported() == 0
         assert learner.sent_round == 0  # the same state pushed again is no new round for it
     finally:
-        learner.stop(0)
+        pool.stop(0)

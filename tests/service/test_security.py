@@ -105,10 +105,11 @@ def secure_learner(secure_leader, certs):
     args = learner_config(
         ["--leader", secure_leader, "--host", "127.0.0.1", "--token", TOKEN, *tls_flags(certs, "learner")]
     )
-    learner = learner_module.Learner(args).connect()
-    assert isinstance(learner, learner_module.Member)
+    pool = learner_module.Learner(args).connect()
+    assert isinstance(pool, learner_module.Pool)
+    learner = pool.members[0]
     yield learner
-    learner.stop(0)
+    pool.stop(0)
 
 
 def sync(learner, credentials: rpc.Security):

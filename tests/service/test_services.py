@@ -369,12 +369,13 @@ def test_health_reflection_and_sessions_describe_the_leader(live):
 @pytest.fixture
 def live_learner(live):
     """A real learner connected to the live leader, with its LearnerService up."""
-    learner = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
-    assert isinstance(learner, learner_module.Member)
+    pool = learner_module.Learner(learner_config(["--leader", live.address, "--host", "127.0.0.1"])).connect()
+    assert isinstance(pool, learner_module.Pool)
+    learner = pool.members[0]
     channel = rpc.channel(learner.server.address, max_receive_bytes=1 << 20)
     yield learner, learner_pb2_grpc.LearnerServiceStub(channel)
     channel.close()
-    learner.stop(0)
+    pool.stop(0)
 
 
 def test_learner_registers_and_gets_its_shard(live, live_learner):

@@ -1,0 +1,154 @@
+"""The learners of one process (--virtual N; a process of one learner is a pool of one): each trains in a thread of
+its own, the pool waits until every one has the leader's final state, says how they go in a few lines, and stops
+or starts one of them again as a process would be."""
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from federated.learner.dispatch import PoolServer
+from federated.wire import codec
+
+if TYPE_CHECKING:  # (app.py builds the pool from its Members)
+    from federated.learner.app import Member
+
+log = logging.getLogger("learner")
+
+PROGRESS_INTERVAL_S = 30.0  # how often a pool of several learners says how its rounds go
+WARNING_INTERVAL_S = 30.0  # with several learners, a kind of warning is written at most this often (the rest counted)
+TICK_S = 1.0
+CURRENT = threading.local()  # the pool index of the learner a thread works for (index), where it works for one
+
+
+class Stopped(Exception):
+    """This learner's server was stopped (Pool.stop_learner): its thread ends, as a stopped process would."""
+
+
+def ranges(ids: Sequence[int]) -> str:
+    """Learner ids as runs: '0..3, 7, 9..12'."""
+    runs: list[list[int]] = []
+    for learner_id in sorted(ids):
+        if runs and learner_id == runs[-1][1] + 1:
+            runs[-1][1] = learner_id
+        else:
+            runs.append([learner_id, learner_id])
+    return ", ".join(str(low) if low == high else f"{low}..{high}" for low, high in runs)
+
+
+class PoolLog(logging.Filter):
+    """What the learners of a pool of several say, so that a person can follow 1,000 of them: each line names the
+    learner (its place in the pool); their info lines go to debug (--verbose); each kind of warning is written at
+    most every WARNING_INTERVAL_S seconds, saying how many like it were left out. Lines from other threads pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[object, tuple[float, int]] = {}  # each warning's template: when written, how many left out
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        index = getattr(CURRENT, "index", None)
+        if index is None:
+            return True
+        if record.levelno < logging.WARNING:
+            if not logging.getLogger("learner").isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        else:
+            with self._lock:
+                written, left_out = self._last.get(record.msg, (-WARNING_INTERVAL_S, 0))
+                now = time.monotonic()
+                if now - written < WARNING_INTERVAL_S:
+                    self._last[record.msg] = (written, left_out + 1)
+                    return False
+                self._last[record.msg] = (now, 0)
+            if left_out:
+                record.msg = f"{record.msg} (and {left_out} more like it from this pool since the last)"
+        record.msg = f"learner #{index} of the pool: {record.msg}"
+        return True
+
+
+class Pool:
+    """The learners of this process, registered and holding their data: each trains in a thread of its own until
+    the leader's final state. Serves them all on one server."""
+
+    def __init__(self, members: "list[Member]", server: PoolServer) -> None:
+        self.members, self.server = members, server
+        self.threads: list[threading.Thread | None] = [None] * len(members)
+        self.finals: list[codec.Payload | None] = [None] * len(members)
+        self.failure: BaseException | None = None  # the first error a learner's thread ended in
+        self._changed = threading.Event()
+
+    def start(self) -> None:
+        """Every learner trains, in its own thread."""
+        for index in range(len(self.members)):
+            self._launch(index, rejoin=False)
+
+    def _launch(self, index: int, rejoin: bool) -> None:
+        thread = threading.Thread(target=self._train, args=(index, rejoin), name=f"learner-{index}", daemon=True)
+        self.threads[index] = thread
+        thread.start()
+
+    def _train(self, index: int, rejoin: bool) -> None:
+        """The index-th learner's rounds (after registering again, when it was restarted), until the final state."""
+        CURRENT.index = index if len(self.members) > 1 else None
+        member = self.members[index]
+        try:
+            final = member.reconnect() if rejoin else None
+            self.finals[index] = final or member.train_until_final()
+        except Stopped:
+            log.info("stopped")
+        except BaseException as error:  # its process ends with it, as a learner's always did
+            self.failure = self.failure or error
+        finally:
+            self._changed.set()
+
+    def wait(self) -> codec.Payload:
+        """Wait until every learner that runs has the leader's final state (raising the first error one of them
+        ended in), saying every PROGRESS_INTERVAL_S seconds how the rounds go; that state."""
+        said, updates = time.monotonic(), self.updates()
+        while any(thread is not None and thread.is_alive() for thread in self.threads):
+            self._changed.wait(TICK_S)
+            self._changed.clear()
+            if self.failure is not None:
+                raise self.failure
+            if len(self.members) > 1 and time.monotonic() - said >= PROGRESS_INTERVAL_S:
+                now_sent = self.updates()
+                log.info(
+                    "pool: round %d; %d updates sent by its %d learners in the last %.0f s",
+                    max(member.replica.round for member in self.members),
+                    now_sent - updates,
+                    len(self.members),
+                    time.monotonic() - said,
+                )
+                said, updates = time.monotonic(), now_sent
+        if self.failure is not None:
+            raise self.failure
+        final = next((state for state in self.finals if state is not None), None)
+        if final is None:
+            raise SystemExit("every learner of this process was stopped before the leader's final state")
+        return final
+
+    def updates(self) -> int:
+        return sum(member.updates_sent for member in self.members)
+
+    def stop_learner(self, index: int, grace: float = 10.0) -> None:
+        """Stop the index-th learner as its process would stop: the leader's calls to it fail UNAVAILABLE, its health
+        checks find no registration, and its thread ends (within a few seconds; at most grace are waited for)."""
+        self.members[index].server.stop()
+        thread = self.threads[index]
+        if thread is not None:
+            thread.join(grace)
+
+    def restart_learner(self, index: int) -> None:
+        """Start the stopped index-th learner again, as its process would be restarted: it fetches the model,
+        registers again (with its credential, to take its slot back) and trains."""
+        self.members[index].server.restart()
+        self._launch(index, rejoin=True)
+
+    def stop(self, grace: float = 2) -> None:
+        """Stop serving the leader."""
+        for member in self.members:
+            member.server.stop()
+        self.server.stop(grace)
