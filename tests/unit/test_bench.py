@@ -396,6 +396,7 @@ def every_figure(tmp_path: Path) -> dict:
         },
         "virtual_scale": {
             "value": 1.1,
+            "update_s": 0.5 / 1.1 / 20,
             "rows": {"100:10": virtual_run(100, 10, 1)},
             "goal": virtual_run(1000, 20, 1),
             "processes": virtual_run(10, 10, 10),
@@ -504,7 +505,7 @@ def every_figure(tmp_path: Path) -> dict:
 
 
 def virtual_run(registered: int, per_round: int, processes: int) -> dict:
-    """A row of virtual_scale: its round takes 1.1 times the drawn learners' compute."""
+    """A row of virtual_scale: a round of 20 drawn learners takes 1.1 times their compute."""
     return {
         "registered": registered,
         "per_round": per_round,
@@ -512,7 +513,8 @@ def virtual_run(registered: int, per_round: int, processes: int) -> dict:
         "registration_s": 12.0,
         "rounds_per_s": 2.0,
         "round_s": 0.5,
-        "compute_s": 0.5 / 1.1,
+        "compute_s": 0.5 / 1.1 * per_round / 20,
+        "update_s": None,
         "bytes_per_round": 4.4e7,
         "leader_peak_rss_mb": 1100.0,
         "learners_peak_rss_mb": 900.0,

@@ -233,23 +233,26 @@ SAME_ROUNDS = 10  # learner processes of the rows that compare processes with vi
 def virtual_scale(work: Path, runs: list[tuple[int, int]], rounds: int) -> dict:
     """FedAvg rounds with REGISTERED virtual learners (pools of POOL_SIZE per learner process) of which PER_ROUND are
     drawn a round: registration, rounds per second, memory, bytes; the goal row (1,000 registered, 20 a round, one
-    process) against its drawn learners' own compute; and 10 learner processes against 10 virtual learners in one."""
-    rows = {
-        f"{registered}:{per_round}": virtual_run(
-            work / f"virtual{registered}-{per_round}", registered, per_round, rounds, -(-registered // POOL_SIZE)
-        )
-        for registered, per_round in runs
+    process) against its drawn learners' compute; and 10 learner processes against 10 virtual learners in one. The
+    compute of a round's drawn learners: PER_ROUND times a learner's update as a lone learner process reports it
+    (its images/s computing): a pool's learners train one at a time, and one's own figure there would count its wait
+    for the others."""
+    alone = virtual_run(work / "alone", 1, 1, rounds, processes=1)
+    measured = {
+        "rows": {
+            f"{registered}:{per_round}": virtual_run(
+                work / f"virtual{registered}-{per_round}", registered, per_round, rounds, -(-registered // POOL_SIZE)
+            )
+            for registered, per_round in runs
+        },
+        "goal": virtual_run(work / "goal", *GOAL, rounds, processes=1),
+        "processes": virtual_run(work / "processes", SAME_ROUNDS, SAME_ROUNDS, rounds, processes=SAME_ROUNDS),
+        "pooled": virtual_run(work / "pooled", SAME_ROUNDS, SAME_ROUNDS, rounds, processes=1),
     }
-    goal = virtual_run(work / "goal", *GOAL, rounds, processes=1)
-    processes = virtual_run(work / "processes", SAME_ROUNDS, SAME_ROUNDS, rounds, processes=SAME_ROUNDS)
-    pooled = virtual_run(work / "pooled", SAME_ROUNDS, SAME_ROUNDS, rounds, processes=1)
-    return {
-        "value": goal["round_s"] / goal["compute_s"],
-        "rows": rows,
-        "goal": goal,
-        "processes": processes,
-        "pooled": pooled,
-    }
+    for run in [*measured["rows"].values(), measured["goal"], measured["processes"], measured["pooled"]]:
+        run["compute_s"] = run["per_round"] * alone["update_s"]
+    goal = measured["goal"]
+    return {"value": goal["round_s"] / goal["compute_s"], "update_s": alone["update_s"], **measured}
 
 
 def virtual_run(out: Path, registered: int, per_round: int, rounds: int, processes: int) -> dict:
@@ -275,11 +278,8 @@ def virtual_run(out: Path, registered: int, per_round: int, rounds: int, process
     if codes != [0] * (processes + 1):
         raise RuntimeError(f"virtual_scale run failed with exit codes {codes}; see {out}")
     records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][1:-1]
-    compute = [
-        IMAGES_PER_UPDATE / progress.images_per_s
-        for index in range(processes)
-        for progress in learner_progress(out / f"learners{index}.log")
-    ]
+    # a lone learner process's updates (the first of a process: its warm-up), as it reports their compute
+    updates = [IMAGES_PER_UPDATE / progress.images_per_s for progress in learner_progress(out / "learners0.log")[1:]]
     round_s = statistics.median(record["seconds"] for record in records)
     return {
         "registered": registered,
@@ -288,7 +288,7 @@ def virtual_run(out: Path, registered: int, per_round: int, rounds: int, process
         "registration_s": watched["starting_at"] - started,
         "rounds_per_s": 1 / round_s,
         "round_s": round_s,
-        "compute_s": per_round * statistics.median(compute),
+        "update_s": statistics.median(updates) if registered == processes and updates else None,
         "bytes_per_round": statistics.median(record["bytes_in"] + record["bytes_out"] for record in records),
         "leader_peak_rss_mb": watched["leader_mb"],
         "learners_peak_rss_mb": watched["learners_mb"],
@@ -296,9 +296,8 @@ def virtual_run(out: Path, registered: int, per_round: int, rounds: int, process
 
 
 def start_pool(leader_address: str, count: int, log_path: Path) -> subprocess.Popen:
-    """A learner process of count learners (--virtual), one torch thread, logging every round's compute (a pool's
-    learners say it at debug)."""
-    flags = ["--threads", "1", "--log-every", "1", *(["--virtual", str(count), "--verbose"] if count > 1 else [])]
+    """A learner process of count learners (--virtual), one torch thread, logging every round's compute."""
+    flags = ["--threads", "1", "--log-every", "1", "--virtual", str(count)]
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, str(ROOT / "learner.py"), "--leader", leader_address, "--host", "127.0.0.1", *flags],
