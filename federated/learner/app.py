@@ -20,9 +20,10 @@ from federated.learner.data import Batches, LocalData, LocalShare, own_data, sha
 from federated.learner.dispatch import PoolServer
 from federated.learner.limits import Limits
 from federated.learner.pool import CURRENT, Pool, PoolLog, Stopped, ranges
+from federated.learner.reference import ReferenceBook
 from federated.learner.servicer import LearnerServer
 from federated.learner.session import HealthPacing, LeaderLost, LeaderSession
-from federated.learner.state import Replica
+from federated.learner.state import Replica, SharedModel
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
 from federated.privacy import dp, secagg
@@ -140,12 +141,22 @@ class Member:
             log.info("round %d: spent epsilon %.3f at delta %.3g (local DP-SGD)", round_index, epsilon, delta)
 
     def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
-        """Send the round's update (the replica's update vector, trained by plan: round_plan's) with what it claims:
-        samples, loss, kind, steps. An update that holds NaN or Inf (as it travels) is not sent: only the leader's
-        state, trained on this learner's data, makes one, and the leader would refuse it; the learner sits the
-        round out."""
+        """Send the round's update (update_request's, made under the shared model's lock; sent after releasing
+        it)."""
+        with self.replica.shared.lock:
+            request = self.update_request(round_index, loss, plan)
+        if request is not None:
+            self.send_request(round_index, request)
+
+    def update_request(self, round_index: int, loss: float, plan: TrainingPlan) -> leader_pb2.GradientData | None:
+        """The round's update (the replica's update vector, trained by plan: round_plan's) as it travels, with what
+        it claims: samples, loss, kind, steps; None when the learner sits the round out. An update that holds NaN or
+        Inf (as it travels) is not sent: only the leader's state, trained on this learner's data, makes one, and the
+        leader would refuse it. Reads the shared update vector: the caller holds the shared model's lock, and the
+        request holds nothing of the model."""
         replica = self.replica
         self.sent_round = round_index
+        replica.keep_change()
         # (a secure round's int8/int4 levels are the masked input's own: secagg.Quantisation, unbiased, no residual)
         compressed = plan.compress != "none" and plan.secure is None
         tensors = replica.layout.views(replica.gradient.cpu()) if compressed else replica.update_tensors()
@@ -158,32 +169,32 @@ class Member:
                 round_index,
                 problem,
             )
-            return
+            return None
         batch = min(replica.info.batch_size, len(self.data))  # a shard smaller than a batch is one smaller batch
         if plan.dp == "local":  # the loss is no DP-SGD output, and would tell of the data: the leader gets none
             loss = 0.0 if plan.secure is not None else math.nan  # (a secure round sums it: 0, as distributed DP's)
         if plan.secure is not None:  # never a plain update in a secure round
-            request = self.masked_input(round_index, batch * plan.local_steps, loss, plan)
-            if request is None:
-                return
-        else:
-            claims = messages.UpdateInfo(
-                self.learner_id,
-                round_index,
-                batch * plan.local_steps,
-                loss,
-                replica.strategy.update_kind,
-                plan.local_steps,
-                plan.compress if compressed else "none",
-            )
-            if compressed:  # after the check above: a NaN would stay in the residuals for good
-                tensors = replica.compressed(tensors, plan, self.learner_id)
-            request = leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
+            return self.masked_input(round_index, batch * plan.local_steps, loss, plan)
+        claims = messages.UpdateInfo(
+            self.learner_id,
+            round_index,
+            batch * plan.local_steps,
+            loss,
+            replica.strategy.update_kind,
+            plan.local_steps,
+            plan.compress if compressed else "none",
+        )
+        if compressed:  # after the check above: a NaN would stay in the residuals for good
+            tensors = replica.compressed(tensors, plan, self.learner_id)
+        return leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
+
+    def send_request(self, round_index: int, request: leader_pb2.GradientData) -> None:
+        """Send the round's update request (update_request's) to the leader; the replica learns whether it took it."""
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
         elif reply is not None:
-            replica.update_taken(round_index)
+            self.replica.update_taken(round_index)
             self.updates_sent += 1
 
     def masked_input(
@@ -233,7 +244,8 @@ class Member:
         if self.held_out is None or not self.replica.normalised or not asked:
             return
         round_index = messages.round_of(state)
-        result = self.replica.evaluate(self.held_out)
+        with self.replica.shared.lock:
+            result = self.replica.evaluate(self.held_out)
         report = leader_pb2.EvaluationReport(
             learner_id=self.learner_id,
             round=round_index,
@@ -278,10 +290,13 @@ class Member:
                 and self.within_budget(replica.round)
             ):
                 plan = self.round_plan()
-                loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
+                with replica.shared.lock:  # released before sending: the request holds nothing of the model
+                    loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
+                    compute_seconds += time.perf_counter() - round_started
+                    request = self.update_request(replica.round, loss, plan)
                 self.charge(replica.round, plan)
-                compute_seconds += time.perf_counter() - round_started
-                self.send_update(replica.round, loss, plan)
+                if request is not None:
+                    self.send_request(replica.round, request)
                 started = time.perf_counter()  # the next batch does not depend on the new weights
                 batches.at((replica.round + 1) * plan.local_steps, replica.mean, replica.std)
                 compute_seconds += time.perf_counter() - started
@@ -380,9 +395,13 @@ class Learner:
         assert state is not None  # (only a stop condition gives None; there is none before serving)
         if messages.is_final(state):
             return state
-        replica = Replica(state, self.config.device)
+        # one model for the process: a learner of its own takes the fetched state's tensors over, a pool's copy it
+        device = self.config.device
+        shared = SharedModel(state, device) if self.config.virtual > 1 else None
+        replica = Replica(state, device, shared)
+        book = ReferenceBook()  # --compress-down's states, once for the pool
         learners = [
-            LearnerServer(self.config, session.security, session.credential, replica.spec, session.limits)
+            LearnerServer(self.config, session.security, session.credential, replica.spec, session.limits, book)
             for session in self.sessions
         ]
         server = PoolServer(self.config, self.session.security, learners, len(state.buffer) + rpc.ENVELOPE_BYTES)
@@ -390,12 +409,8 @@ class Learner:
         try:
             members = [self.join(0, learners[0], replica, deadline)]  # alone: a mistake fails before the others
             with ThreadPoolExecutor(JOINING_AT_ONCE) as joining:
-                members += joining.map(
-                    lambda index: self.join(
-                        index, learners[index], Replica(copied(state), self.config.device), deadline
-                    ),
-                    range(1, len(learners)),
-                )
+                joined = lambda index: self.join(index, learners[index], Replica(state, device, shared), deadline)
+                members += joining.map(joined, range(1, len(learners)))
         except BaseException:  # not registered, or without its data: nothing will call it
             server.stop(0)
             raise
@@ -434,10 +449,3 @@ class Learner:
             final = joined
         how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
         log.info("the leader %s at round %d", how, messages.round_of(final))
-
-
-def copied(state: codec.Payload) -> codec.Payload:
-    """A state whose tensors are copies: a Replica takes a fetched state's tensors over."""
-    return codec.Payload(
-        state.metadata, {name: tensor.clone() for name, tensor in state.tensors.items()}, state.buffer, state.data_start
-    )

@@ -4,6 +4,7 @@ leader's deltas apply to, checked, in the order they arrive (docs/compression.md
 The reference lives with the gRPC servicer, not the training thread: the inbox keeps only the newest state, so a
 delta cannot wait there. It is replaced, never changed in place (the training thread may still be loading the
 state it came from), and only by a delta that passes every check and gives exactly the state the leader hashed.
+The learners of a process share its tensors through one ReferenceBook; each holds only its version.
 """
 
 import logging
@@ -19,57 +20,112 @@ from federated.wire.messages import DeltaInfo, without_delta
 log = logging.getLogger("learner")
 
 
-class StateReference:
-    """The state this learner holds in step with its leader's replica (float32 copies of its own), and its version
-    (round)."""
+class ReferenceBook:
+    """The last few versions of the leader's replica the learners of a process hold, each version once, by (round,
+    hash): learners in step share one set of tensors. Entries are never changed in place (a delta makes new
+    tensors), so a learner's reference stays what it was when taken while the book keeps it."""
 
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] | None = None
-        self.version = -1
+    def __init__(self, keep: int = 3) -> None:
+        """keep: how many versions it holds (a push of round r needs r - 1, the base of its delta, and r); a learner
+        whose version was dropped is refused deltas (the leader sends it full states then)."""
+        self.keep = keep
+        self._states: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # oldest first
         self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, str]) -> dict[str, torch.Tensor] | None:
+        """The tensors of a version, or None when the book does not hold it (any more)."""
+        with self._lock:
+            return self._states.get(key)
+
+    def put(self, key: tuple[int, str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep a version's tensors (dropping the oldest beyond keep); those kept: an equal version (the same round
+        and hash) already held wins, and the new tensors are not kept."""
+        with self._lock:
+            kept = self._states.setdefault(key, tensors)
+            while len(self._states) > self.keep:
+                del self._states[next(iter(self._states))]
+            return kept
+
+    def versions(self) -> list[tuple[int, str]]:
+        """The (round, hash) of the versions held, oldest first."""
+        with self._lock:
+            return list(self._states)
+
+
+class StateReference:
+    """The state one learner holds in step with its leader's replica, and its version (round): a version in a
+    ReferenceBook, shared by the learners of a process, or in a book of its own holding one version."""
+
+    def __init__(self, book: ReferenceBook | None = None) -> None:
+        self.own_book = book is None
+        self.book = book or ReferenceBook(keep=1)
+        self.version = -1
+        self._hash = ""  # the version's state hash: its key in the book (with the version)
+        self._lock = threading.Lock()
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor] | None:
+        """The reference's tensors (float32 copies of the learner's own); None before the first full state, and once
+        the book dropped this learner's version."""
+        return self.book.get((self.version, self._hash)) if self.version >= 0 else None
 
     def take_full(self, payload: codec.Payload, round_index: int) -> None:
         """A full state of the leader's replica (checked against the learner's spec) becomes the reference; an
         older one than the reference (a push overtaken) is no news. Its tensors are held as they are, no copy:
-        nothing writes into a pushed state (the training thread copies it into the model, Replica.adopt, and a
-        delta makes new tensors)."""
+        nothing writes into a pushed state (the training thread copies it into the model, Replica.load, and a
+        delta makes new tensors); where the book holds the same version already (another learner's), that one."""
         with self._lock:
             if round_index < self.version:
                 return
-            self.tensors = dict(payload.tensors)
-            self.version = round_index
+            key = (round_index, state_hash(payload.tensors))
+            self.book.put(key, dict(payload.tensors))
+            self.version, self._hash = key
 
     def apply(self, payload: codec.Payload, delta: DeltaInfo, round_index: int) -> codec.Payload:
-        """Apply a delta to a copy of the reference and make the result the reference; return it as a full state
-        (the delta's metadata without the keys of --compress-down). PayloadError, the reference untouched, on a
-        delta from another version, entries other than the codec's for the reference's tensors (those of the
-        learner's state: its full states were checked), a random-k ratio above MAX_DELTA_RANDK_RATIO, a non-finite
-        result, or a result whose hash is not the leader's."""
+        """Apply a delta to the reference and make the result the reference; return it as a full state (the delta's
+        metadata without the keys of --compress-down). PayloadError, the reference untouched, on a delta from
+        another version (or from one the book no longer holds), entries other than the codec's for the reference's
+        tensors (those of the learner's state: its full states were checked), a random-k ratio above
+        MAX_DELTA_RANDK_RATIO, a non-finite result, or a result whose hash is not the leader's. Where the book
+        holds the result already (another learner in step applied the same delta), the entries are checked and
+        that state taken: it is the one the leader hashed."""
         assert delta.base is not None
         with self._lock:
-            if self.tensors is None or delta.base != self.version:
+            base = self.tensors
+            if base is None or delta.base != self.version:
+                gone = " (no longer kept)" if base is None and self.version >= 0 else ""
                 raise codec.PayloadError(
-                    f"a delta from round {delta.base}, but this learner holds the state of round {self.version}"
+                    f"a delta from round {delta.base}, but this learner holds the state of round {self.version}{gone}"
                 )
             if round_index <= delta.base:
                 raise codec.PayloadError(f"a delta to round {round_index} from round {delta.base}, not an earlier one")
-            problem = delta_problem(payload.tensors, self.tensors, delta.codec, delta.ratio, delta.rank)
+            problem = delta_problem(payload.tensors, base, delta.codec, delta.ratio, delta.rank)
             if problem is not None:
                 raise codec.PayloadError(f"delta ({delta.codec}) refused: {problem}")
-            updated = apply_delta(self.tensors, payload.tensors, delta.codec, delta.ratio, delta.rank)
-            problem = state_problem(updated)
-            if problem is not None:
-                raise codec.PayloadError(f"delta ({delta.codec}) refused: it makes {problem}")
-            if state_hash(updated) != delta.state_hash:
-                raise codec.PayloadError(
-                    f"delta ({delta.codec}) refused: the state it makes is not the leader's (hash)"
-                )
-            self.tensors, self.version = updated, round_index
+            key = (round_index, delta.state_hash)
+            updated = self.book.get(key)
+            if updated is None:
+                updated = self.book.put(key, self.applied(payload, delta, base))
+            self.version, self._hash = key
         # the state itself, no bytes of its own: never changed in place (the reference is replaced, and the
         # training thread adopts a copy)
-        return codec.Payload(without_delta(payload.metadata), updated, np.empty(0, np.uint8), 0)
+        return codec.Payload(without_delta(payload.metadata), dict(updated), np.empty(0, np.uint8), 0)
+
+    @staticmethod
+    def applied(payload: codec.Payload, delta: DeltaInfo, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state a checked delta makes from base; PayloadError when it is not finite or not the leader's."""
+        updated = apply_delta(base, payload.tensors, delta.codec, delta.ratio, delta.rank)
+        problem = state_problem(updated)
+        if problem is not None:
+            raise codec.PayloadError(f"delta ({delta.codec}) refused: it makes {problem}")
+        if state_hash(updated) != delta.state_hash:
+            raise codec.PayloadError(f"delta ({delta.codec}) refused: the state it makes is not the leader's (hash)")
+        return updated
 
     def clear(self) -> None:
-        """Forget the reference: a leader found again sends the full state first."""
+        """Forget the reference: a leader found again sends the full state first. (A shared book keeps the version
+        for the other learners, until newer ones push it out.)"""
         with self._lock:
-            self.tensors, self.version = None, -1
+            self.version, self._hash = -1, ""
+            if self.own_book:
+                self.book = ReferenceBook(keep=1)

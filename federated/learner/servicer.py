@@ -14,7 +14,7 @@ from federated.core.compression.delta import delta_spec
 from federated.core.plan import MAX_COMPRESS_RANK, MAX_LEARNERS
 from federated.learner.config import LearnerConfig
 from federated.learner.limits import Limits
-from federated.learner.reference import StateReference
+from federated.learner.reference import ReferenceBook, StateReference
 from federated.learner.secure import SecureParty
 from federated.learner.session import LeaderCredential
 from federated.net import guard, rpc
@@ -51,7 +51,8 @@ class StateInbox:
     """The newest model state pushed by the leader, handed from the gRPC thread to the training thread.
 
     Each accepted state gets the next version number; a state older than the newest is dropped (pushes may
-    overtake each other). A final state (the leader finished or was stopped) wins over any other."""
+    overtake each other). A final state (the leader finished or was stopped) wins over any other, and stays; any
+    other is forgotten once taken (the learner holds it then: the inbox keeps no second reference)."""
 
     def __init__(self) -> None:
         self._payload: codec.Payload | None = None
@@ -76,13 +77,17 @@ class StateInbox:
             self._round, self._version, self._payload, self.final = -1, 0, None, None
 
     def take(self, after_version: int, timeout: float) -> tuple[int, codec.Payload] | None:
-        """The final state, or the newest state if its version is after after_version, with its version;
-        waits at most timeout seconds."""
+        """The final state, or the newest state if its version is after after_version and it was not taken yet,
+        with its version; waits at most timeout seconds."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self.final is not None or self._version > after_version, timeout):
+            if not self._changed.wait_for(
+                lambda: self.final is not None or (self._payload is not None and self._version > after_version),
+                timeout,
+            ):
                 return None
             payload = self.final or self._payload
-            assert payload is not None  # (a version is only counted with a state)
+            assert payload is not None
+            self._payload = None
             return self._version, payload
 
     def has_final(self) -> bool:
@@ -102,9 +107,11 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         leader_name: str | None,
         limits: Limits,
         secure: SecureParty | None = None,
+        book: ReferenceBook | None = None,
     ) -> None:
         """limits: what this learner takes on; a pushed state whose plan asks for more is refused. secure: its side
-        of secure aggregation (a fresh one if not given)."""
+        of secure aggregation (a fresh one if not given). book: --compress-down's states, shared by the learners of
+        a process (one of its own if not given)."""
         self.state_spec, self.inbox, self.started = state_spec, inbox, started
         self.secure = secure or SecureParty()
         self.credential, self.leader_name, self.limits = credential, leader_name, limits
@@ -113,7 +120,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         self.state_header_bytes = max(
             codec.header_limit(spec, STATE_METADATA_BYTES) for spec in [state_spec, *largest_deltas(state_spec)]
         )
-        self.reference = StateReference()  # --compress-down's: what the leader's deltas apply to
+        self.reference = StateReference(book)  # --compress-down's: what the leader's deltas apply to
 
     def check_caller(self, context: grpc.ServicerContext) -> None:
         """Only the leader may start training or overwrite the model: under mutual TLS its certificate,
@@ -222,8 +229,10 @@ class LearnerServer:
         credential: LeaderCredential,
         state_spec: TensorSpec,
         limits: Limits,
+        book: ReferenceBook | None = None,
     ) -> None:
-        """state_spec: what a pushed model state must hold; limits: what this learner takes on for its leader."""
+        """state_spec: what a pushed model state must hold; limits: what this learner takes on for its leader; book:
+        --compress-down's states, shared by the learners of a process (one of its own if not given)."""
         self.credential = credential
         self.inbox, self.started, self.secure = StateInbox(), threading.Event(), SecureParty()
         self.servicer = LearnerServicer(
@@ -234,6 +243,7 @@ class LearnerServer:
             config.leader_name if security.ca else None,
             limits,
             self.secure,
+            book,
         )
         self.stopped = threading.Event()
         self.port, self.address, self.listening = 0, "", ""

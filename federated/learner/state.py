@@ -2,6 +2,7 @@
 and vector, the strategy's control variates, what a state must hold, and the adoption of later states."""
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -42,17 +43,15 @@ def adopt_state(model: torch.nn.Module, state: codec.Payload, spec: TensorSpec) 
 
 def training_setup(
     info: messages.StateInfo, wire_dtype: torch.dtype, device: torch.device | str
-) -> tuple[torch.nn.Module, GradientLayout, Controls | None]:
-    """The state's model on the device, its update layout and (SCAFFOLD) its control variates. The model moves
-    before the layout is made: moving replaces a model's buffers, and the layout must hold the ones training
-    updates (adopting a state later copies into them in place). A run's strategy never changes."""
+) -> tuple[torch.nn.Module, GradientLayout]:
+    """The state's model on the device and its update layout (with SCAFFOLD's controls). The model moves before the
+    layout is made: moving replaces a model's buffers, and the layout must hold the ones training updates (loading
+    a state later copies into them in place, or takes over their .data). A run's strategy never changes."""
     try:
         model = build_model(info.architecture, info.num_classes, info.norm).to(device)
     except ValueError as error:  # the names come from the network
         raise codec.PayloadError(f"the leader's model state names a model this learner cannot build: {error}") from None
-    controls = strategies.named(info.plan.strategy).controls
-    layout = GradientLayout(model, wire_dtype, controls=controls)
-    return model, layout, Controls(layout.parameter_count, device) if controls else None
+    return model, GradientLayout(model, wire_dtype, controls=strategies.named(info.plan.strategy).controls)
 
 
 def wire_dtype_of(info: messages.StateInfo) -> torch.dtype:
@@ -69,8 +68,8 @@ def check_fits(described: TensorSpec, info: messages.StateInfo, wire_dtype: torc
     built for real, and before the state's bytes are buffered: a state that names a huge model but does not hold
     its weights costs this learner nothing."""
     with torch.device("meta"):
-        model, _, controls = training_setup(info, wire_dtype, "meta")
-    codec.check_described(described, state_spec(model, wire_dtype, controls is not None))
+        model, _ = training_setup(info, wire_dtype, "meta")
+    codec.check_described(described, state_spec(model, wire_dtype, strategies.named(info.plan.strategy).controls))
     return model
 
 
@@ -80,69 +79,55 @@ def state_spec(model: torch.nn.Module, wire_dtype: torch.dtype, controls: bool =
     return codec.spec_of(wire_state(model, wire_dtype, control))
 
 
-class Replica:
-    """This learner's copy of the leader's model, built from the first state it fetched: the model on the device,
-    its layout, the update vector its gradients are views of, SCAFFOLD's controls, the spec every later state
-    must meet, and what the newest adopted state says (its round, plan and normalisation)."""
+def model_facts(info: messages.StateInfo) -> tuple:
+    """What a state says of the model it is for: the learners sharing one model all train this one."""
+    controls = strategies.named(info.plan.strategy).controls
+    return info.architecture, info.num_classes, info.norm, info.wire_dtype, info.image_size, controls
+
+
+class SharedModel:
+    """The model the learners of a process share, built from the first state one of them fetched: the model on the
+    device, its layout, the update vector its gradients are views of, the spec every state must meet, the facts
+    that define the model, the per-example hooks of local DP, and the lock that whoever trains or evaluates holds.
+
+    It holds one learner's weights at a time (holder): a Replica loads its own state into it, under the lock, when
+    it trains or evaluates."""
 
     def __init__(self, state: codec.Payload, device: str) -> None:
         """Raises PayloadError when the state does not hold the model it names. device: --device."""
-        self.info = messages.StateInfo.from_payload(state)  # the run's model, batch size and seed
+        self.info = messages.StateInfo.from_payload(state)
         wire_dtype = wire_dtype_of(self.info)
         self.device = runtime.pick_device(device)
         check_fits(codec.spec_of(state.tensors), self.info, wire_dtype)
-        self.model, self.layout, self.controls = training_setup(self.info, wire_dtype, self.device)
-        self.spec = state_spec(self.model, wire_dtype, self.controls is not None)
-        self.round, self.plan = self.info.round, self.info.plan
-        self.mean, self.std = list(self.info.mean), list(self.info.std)
-        # The update vector keeps the last update until the next local update, which comes after the state that
-        # settles its SCAFFOLD control change (adopt).
+        self.model, self.layout = training_setup(self.info, wire_dtype, self.device)
+        self.controls = strategies.named(self.info.plan.strategy).controls
+        self.spec = state_spec(self.model, wire_dtype, self.controls)
+        # The update vector holds the update of the learner that trained last, until the next one trains.
         self.gradient = torch.zeros(self.layout.size, device=self.device)
+        self.layout.bind_gradients(self.gradient)  # (a state loaded later keeps the parameters, and so the views)
         self.examples: torch.nn.Module | None = None  # the model hooked for per-example gradients (local DP)
-        self.noise: torch.Generator | None = None  # local DP's noise, seeded by this learner alone
-        # --compress: the codec's error-feedback residuals and PowerSGD's warm start, for the plan's settings
-        self.compressor: compression.Compressor | None = None
-        self.compressed_as: tuple[str, float, int] | None = None
-        self.adopt(state)
-        self.layout.bind_gradients(self.gradient)  # after adopting: it took the state's tensors over
+        self.lock = threading.Lock()
+        self.holder: Replica | None = None  # whose weights the model holds
+        self.loaded: codec.Payload | None = None  # the state it holds as loaded, untrained since
 
-    def adopt(self, state: codec.Payload, fetched: bool = True) -> None:
-        """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there).
-        SCAFFOLD: its server control, and the leader's word on the control change of this learner's last update.
-        PayloadError for a state of another norm: batch and renorm (and the group norms) hold the same tensors,
-        so the spec passes it, but this model would go on training its own layer class."""
-        info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
-        if info.norm != self.info.norm:
-            raise codec.PayloadError(f"the leader changed its norm from {self.info.norm} to {info.norm} during the run")
-        if fetched:
-            adopt_state(self.model, state, self.spec)
-        else:
-            load_state(self.model, state)
-        self.round, self.plan = info.round, info.plan
-        self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
-        if strategies.named(self.plan.strategy).controls != (self.controls is not None):
-            raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
-        if self.plan.dp == "local":  # refused at once for a model that cannot give it
-            self.hook_examples()
-        if self.controls is not None:
-            resets = self.controls.counts[1]
-            committed = self.controls.adopt(
-                torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters]),
-                info.round,
-                (info.discarded, info.control_resets),
-                self.gradient[self.layout.controls],
-                fetched,
+    def check_facts(self, info: messages.StateInfo) -> None:
+        """PayloadError unless a state is for this model (a learner of the process joined another run)."""
+        if model_facts(info) != model_facts(self.info):
+            raise codec.PayloadError(
+                f"a state for {model_facts(info)}, but this process's learners share a model for "
+                f"{model_facts(self.info)}"
             )
-            if committed is False:
-                log.info("round %d: the leader did not apply this learner's control change; it is dropped", info.round)
-            if committed is False or self.controls.counts[1] != resets:
-                self.forget_control_residuals()
 
-    def forget_control_residuals(self) -> None:
-        """Compressed SCAFFOLD: drop what error feedback still holds of the control changes (their residuals) when
-        the change is dropped or the controls reset; else the dropped change would reach the server's c later."""
-        if self.compressor is not None:
-            self.compressor.forget_residuals([control_name(name) for name, _ in self.layout.parameters])
+    def load(self, holder: "Replica", state: codec.Payload | None, take_over: bool) -> None:
+        """Make the model hold holder's weights: its state (checked when adopted), unless the model holds it already
+        untrained. None: the weights holder trained last (RuntimeError if another learner's are there since).
+        take_over: the model may take the state's tensors over (load_state)."""
+        if state is None:
+            if self.holder is not holder:
+                raise RuntimeError("the shared model holds another learner's weights, and this one has no state")
+        elif self.loaded is not state:
+            load_state(self.model, state, take_over)
+        self.holder, self.loaded = holder, state
 
     def hook_examples(self) -> None:
         """Hook the model for DP-SGD's per-example gradients, once; PayloadError for a model that cannot give them."""
@@ -153,21 +138,125 @@ class Replica:
         except ValueError as error:
             raise codec.PayloadError(f"the leader asks for local differential privacy: {error}") from None
 
+
+class Replica:
+    """One learner's side of the leader's model, on a SharedModel (its own, made from the first state, unless one is
+    given): what the newest adopted state says (its round, plan and normalisation) and, until it trains on it, the
+    state itself; SCAFFOLD's controls and the control change of its last update; its compressor's residuals; local
+    DP's noise generator. What reads or writes the shared model or its update vector (local_update, evaluate,
+    update_tensors, compressed, keep_change) runs with shared.lock held when learners share the model."""
+
+    def __init__(self, state: codec.Payload, device: str, shared: SharedModel | None = None) -> None:
+        """Raises PayloadError when the state does not hold the model it names (or not shared's). device: --device
+        (shared's when given). States are never written into: learners may be given the same one."""
+        self.shared = shared or SharedModel(state, device)
+        self.info = messages.StateInfo.from_payload(state)  # the run's model, batch size and seed
+        self.shared.check_facts(self.info)
+        self.round, self.plan = self.info.round, self.info.plan
+        self.mean, self.std = list(self.info.mean), list(self.info.std)
+        layout = self.shared.layout
+        self.controls = Controls(layout.parameter_count, self.device) if self.shared.controls else None
+        # SCAFFOLD: the control change of the update sent last, until a later state settles it (adopt); a copy, as
+        # the next learner to train overwrites the shared update vector
+        self.change: torch.Tensor | None = None
+        self.noise: torch.Generator | None = None  # local DP's noise, seeded by this learner alone
+        # --compress: the codec's error-feedback residuals and PowerSGD's warm start, for the plan's settings
+        self.compressor: compression.Compressor | None = None
+        self.compressed_as: tuple[str, float, int] | None = None
+        self.state: codec.Payload | None = None  # the state adopted, until this learner trains on it
+        self.fetched = False  # whether it was fetched (GetModel's tensors, this learner's alone)
+        # A model of its own may take a fetched state's tensors over; a shared one copies (the learners of a
+        # process may be given one fetched state)
+        self.takes_over = shared is None
+        self.adopt(state)
+        if shared is None:  # its own model holds the state from the start (its tensors: GetModel's, taken over)
+            self.shared.load(self, state, take_over=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.shared.model
+
+    @property
+    def layout(self) -> GradientLayout:
+        return self.shared.layout
+
+    @property
+    def gradient(self) -> torch.Tensor:
+        """The shared update vector: this learner's update from its local_update until the next learner trains."""
+        return self.shared.gradient
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self.shared.spec
+
+    def adopt(self, state: codec.Payload, fetched: bool = True) -> None:
+        """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there). Its
+        facts count at once; its weights go into the shared model when this learner trains or evaluates (load).
+        SCAFFOLD: its server control, and the leader's word on the control change of this learner's last update.
+        PayloadError for a state of another norm: batch and renorm (and the group norms) hold the same tensors,
+        so the spec passes it, but this model would go on training its own layer class."""
+        info = messages.StateInfo.from_payload(state)  # parses the plan too: once a state
+        if info.norm != self.info.norm:
+            raise codec.PayloadError(f"the leader changed its norm from {self.info.norm} to {info.norm} during the run")
+        if fetched:
+            codec.check_layout(state, self.spec)
+        self.state, self.fetched = state, fetched
+        self.round, self.plan = info.round, info.plan
+        self.mean, self.std = list(info.mean), list(info.std)  # empty until a leader without data settled them
+        if strategies.named(self.plan.strategy).controls != (self.controls is not None):
+            raise codec.PayloadError(f"the leader changed its strategy to {self.plan.strategy} during the run")
+        if self.plan.dp == "local":  # refused at once for a model that cannot give it
+            self.shared.hook_examples()
+        if self.controls is not None:
+            resets = self.controls.counts[1]
+            committed = self.controls.adopt(
+                torch.cat([state.tensors[control_name(name)].reshape(-1) for name, _ in self.layout.parameters]),
+                info.round,
+                (info.discarded, info.control_resets),
+                self.change,
+                fetched,
+            )
+            if self.controls.pending is None:  # settled (or never sent): nothing keeps it
+                self.change = None
+            if committed is False:
+                log.info("round %d: the leader did not apply this learner's control change; it is dropped", info.round)
+            if committed is False or self.controls.counts[1] != resets:
+                self.forget_control_residuals()
+
+    def load(self, training: bool) -> None:
+        """Put this learner's weights into the shared model (held under its lock): the state adopted last, which
+        training uses up (a fetched one's tensors may then become the model's own), else those it trained last."""
+        state = self.state
+        self.shared.load(self, state, take_over=training and self.fetched and self.takes_over)
+        if training:
+            self.state = None
+            self.shared.loaded = None  # the model's weights are about to be trained
+
+    def forget_control_residuals(self) -> None:
+        """Compressed SCAFFOLD: drop what error feedback still holds of the control changes (their residuals) when
+        the change is dropped or the controls reset; else the dropped change would reach the server's c later."""
+        if self.compressor is not None:
+            self.compressor.forget_residuals([control_name(name) for name, _ in self.layout.parameters])
+
     def backward(self, plan: TrainingPlan) -> Backward:
         """How the round's steps compute their gradients: DP-SGD's when the plan asks for local differential
         privacy (the noise from a generator of this learner's own), else the mean loss's."""
         if plan.dp != "local":
             return Backward()
-        self.hook_examples()
+        self.shared.hook_examples()
         if self.noise is None:
             self.noise = local.fresh_generator(self.device)
         return local.ExampleGradients(plan.dp_clip, plan.dp_noise_multiplier, self.noise)
 
     def take_final(self, state: codec.Payload) -> None:
-        """The leader's last state: its weights and normalisation (a learner sampling never drew may not have had
-        it), to evaluate; it trains no more."""
-        load_state(self.model, state)
+        """The leader's last state: its weights (loaded to evaluate) and normalisation (a learner sampling never
+        drew may not have had it); it trains no more."""
         info = messages.StateInfo.from_payload(state)
+        self.state, self.fetched = state, False
         self.mean, self.std = list(info.mean), list(info.std)
 
     @property
@@ -180,12 +269,20 @@ class Replica:
         return strategies.named(self.plan.strategy)
 
     def local_update(self, batch_at: Callable[[int], Batch], plan: TrainingPlan) -> float:
-        """Fill the update vector with this round's update (the strategy's local_update from the model, following
-        plan: the round's, as this learner's data makes it); the mean training loss. batch_at(k) is the round's
-        k-th batch."""
+        """Fill the update vector with this round's update (the strategy's local_update from the state adopted
+        last, following plan: the round's, as this learner's data makes it); the mean training loss. batch_at(k)
+        is the round's k-th batch."""
+        self.load(training=True)
         return self.strategy.local_update(
             self.model, self.layout, self.gradient, batch_at, plan, self.controls, self.backward(plan)
         )
+
+    def keep_change(self) -> None:
+        """SCAFFOLD: keep a copy of the update's control change, which a later state commits or drops (adopt): the
+        next learner to train overwrites the update vector."""
+        if self.controls is not None:
+            change = self.gradient[self.layout.controls]
+            self.change = change.clone() if self.change is None else self.change.copy_(change)
 
     def update_tensors(self) -> dict[str, torch.Tensor]:
         """The update vector as it travels."""
@@ -230,6 +327,7 @@ class Replica:
             self.controls.own.zero_()
 
     def evaluate(self, held_out: utils.ImageSet) -> Evaluation:
-        """The model's loss and accuracy on held-out images."""
+        """The loss and accuracy of the state adopted last (or the weights trained last) on held-out images."""
+        self.load(training=False)
         with torch.no_grad():
             return evaluate(self.model, utils.normalize(held_out.images, self.mean, self.std), held_out.labels)

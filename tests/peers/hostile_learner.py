@@ -34,14 +34,14 @@ STREAMS = 20
 
 
 class Freeloader(learner.Member):
-    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
-        pass
+    def update_request(self, round_index: int, loss: float, plan: TrainingPlan) -> leader_pb2.GradientData | None:
+        return None
 
 
 class Flipper(learner.Member):
-    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
+    def update_request(self, round_index: int, loss: float, plan: TrainingPlan) -> leader_pb2.GradientData | None:
         self.replica.gradient[: self.replica.layout.parameter_count].mul_(-10)
-        super().send_update(round_index, loss, plan)
+        return super().update_request(round_index, loss, plan)
 
 
 class DiesInASecureRound(learner.Member):
@@ -51,12 +51,15 @@ class DiesInASecureRound(learner.Member):
         super().__init__(*args)
         self.dies_in, self.after = dies_in, after
 
-    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
+    def update_request(self, round_index: int, loss: float, plan: TrainingPlan) -> leader_pb2.GradientData | None:
         if round_index == self.dies_in and not self.after:
             self.server.secure.wait_committed(round_index, 60)
             print(f"DIES in round {round_index}, committed, before its masked input", flush=True)
             os._exit(3)
-        super().send_update(round_index, loss, plan)
+        return super().update_request(round_index, loss, plan)
+
+    def send_request(self, round_index: int, request: leader_pb2.GradientData) -> None:
+        super().send_request(round_index, request)
         if round_index == self.dies_in:
             print(f"DIES in round {round_index}, after its masked input", flush=True)
             os._exit(3)
@@ -83,11 +86,11 @@ class HostileLearner(learner.Member):
             self.stalled_gradient_calls,
         ]
 
-    def send_update(self, round_index: int, loss: float, plan: TrainingPlan) -> None:
+    def update_request(self, round_index: int, loss: float, plan: TrainingPlan) -> leader_pb2.GradientData | None:
         if self.attacks:
             attack = self.attacks.pop(0)
             print(f"ATTACK {attack.__name__}: {attack(round_index)}", flush=True)
-        super().send_update(round_index, loss, plan)
+        return super().update_request(round_index, loss, plan)
 
     def send(self, chunk: bytes, credential: str | None) -> str:
         try:

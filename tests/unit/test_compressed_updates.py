@@ -225,6 +225,10 @@ def test_a_learner_drops_its_residuals_after_an_uncompressed_round_and_when_it_r
         session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),
         server=SimpleNamespace(inbox=SimpleNamespace(has_final=lambda: False)),
     )
+    member.update_request, member.send_request = (
+        partial(Member.update_request, member),
+        partial(Member.send_request, member),
+    )
     with caplog.at_level(logging.INFO, logger="learner"):
         Member.send_update(member, 0, 1.0, plan)
         assert replica.compressor is not None and replica.compressor.residuals

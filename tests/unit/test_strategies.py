@@ -1,6 +1,8 @@
 """Strategies against their papers: local training, server optimizers, aggregation rules, sampling."""
 
 import copy
+import threading
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -781,10 +783,14 @@ def claimed_samples(shard_size: int, plan: TrainingPlan) -> int:
             update_tensors=lambda: {"w": torch.zeros(2)},
             update_taken=lambda round_index: None,
             forget_compression=lambda why: None,
+            keep_change=lambda: None,
+            shared=SimpleNamespace(lock=threading.Lock()),
         ),
         session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),
         server=SimpleNamespace(inbox=SimpleNamespace(has_final=lambda: False)),
     )
+    member.update_request = partial(LearnerMember.update_request, member)
+    member.send_request = partial(LearnerMember.send_request, member)
     LearnerMember.send_update(member, 0, 1.0, plan)
     return UpdateInfo.from_payload(codec.decode(sent[0].chunk)).samples
 
@@ -877,11 +883,11 @@ def test_a_learners_layout_holds_the_buffers_of_its_model_on_its_device(strategy
     # Moving a model to another device replaces its buffers: a layout made before the move read stale BatchNorm
     # statistics into every update (on a GPU the global model's test loss was 400).
     info = StateInfo("resnet20", 10, 64, 0, (0.5,) * 3, (0.25,) * 3, "float32", plan=TrainingPlan(strategy, 1, 0.1))
-    model, layout, controls = learner_state.training_setup(info, torch.float32, "meta")
+    model, layout = learner_state.training_setup(info, torch.float32, "meta")
     buffers = dict(model.named_buffers())
     assert layout.buffers and all(buffer is buffers[name] for name, buffer in layout.buffers)
     assert all(buffer.device.type == "meta" for _, buffer in layout.buffers)
-    assert (controls is not None) == (strategy == "scaffold")
+    assert (layout.size > layout.parameter_count + layout.statistics_count) == (strategy == "scaffold")
 
 
 class NesterovAvg(strategies.LocalTraining):

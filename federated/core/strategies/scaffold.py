@@ -49,19 +49,25 @@ class Controls:
         self.pending = (round_index, self.counts)
 
     def adopt(
-        self, server: torch.Tensor, round_index: int, counts: tuple[int, int], change: torch.Tensor, fetched: bool
+        self,
+        server: torch.Tensor,
+        round_index: int,
+        counts: tuple[int, int],
+        change: torch.Tensor | None,
+        fetched: bool,
     ) -> bool | None:
         """A new state (of round_index, with the leader's counts of discarded rounds and control resets): its server
         control. A pending change is committed when the state comes after its round and nothing was discarded nor
         reset since, and dropped when a later state says otherwise or the state was fetched after losing the leader
-        (which says nothing of it): never committed unless applied. change: the update vector's control part (it
-        holds the pending change until the next local update). Returns whether a pending change was committed
-        (None: nothing was decided)."""
+        (which says nothing of it): never committed unless applied. change: the pending change (the control part of
+        the update taken; None only when none is pending). Returns whether a pending change was committed (None:
+        nothing was decided)."""
         self.server.copy_(server)
         decided = None
         if self.pending is not None and (fetched or round_index > self.pending[0]):
             decided = not fetched and counts == self.pending[1]
             if decided:
+                assert change is not None  # (kept with the update: Replica.keep_change)
                 self.commit(change)
             self.pending = None
         if counts[1] != self.counts[1]:  # the leader reset c (and every c_i with it)
