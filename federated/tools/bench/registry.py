@@ -207,7 +207,8 @@ FIGURES = (
         target="1,000 registered, 20 a round: round ≤ 1.2 × the drawn learners' compute, leader peak RSS ≤ 2 GB",
         measures="FedAvg rounds (ResNet-20, synthetic 8x8, 2 local steps of 8 images) with 100 to 1,000 registered "
         "virtual learners (learner.py --virtual, 250 to a process), 10 to 100 drawn a round: registration, rounds per "
-        "second, peak RSS, bytes a round; 1,000 in one process, 20 a round, against the drawn learners' own compute; "
+        "second, peak RSS, bytes a round; 1,000 in one process, 20 a round, against the compute of its drawn learners "
+        "(20 updates as a lone learner process times one); "
         "10 learner processes against 10 virtual learners in one",
         params={"work": WORK, "runs": VIRTUAL_SCALE, "rounds": 8},
     ),
