@@ -139,7 +139,8 @@ class LearnerClient:
                 self.heard_from(members[learner])
             except grpc.RpcError as error:
                 replies[learner] = error
-            self._hang_up(members[learner].address)
+            finally:
+                self._hang_up(members[learner].address)
         return replies
 
     def start(
