@@ -52,6 +52,9 @@ VIRTUAL_SCALE = Setting(
     "100:10,300:32,1000:100",
     "REGISTERED:PER_ROUND learner counts of virtual_scale's rows (beside its goal row, 1000:20)",
 )
+VIRTUAL_IMAGE_SIZE = Setting(
+    "--virtual-image-size", int, 8, "image size of virtual_scale's runs (a learner's compute grows with its square)"
+)
 STRATEGY_EPOCHS = Setting("--strategy-epochs", float, 3, "epochs of each run of the strategies table")
 NON_IID_EPOCHS = Setting(
     "--non-iid-epochs", float, 50, "epochs of each run of the non_iid table (the local strategies: one a round)"
@@ -93,6 +96,7 @@ SETTINGS = (
     ROUNDS,
     SCALE,
     VIRTUAL_SCALE,
+    VIRTUAL_IMAGE_SIZE,
     STRATEGY_EPOCHS,
     NON_IID_EPOCHS,
     NON_IID_DATASET,
@@ -205,12 +209,12 @@ FIGURES = (
         "virtual_scale",
         headline=False,
         target="1,000 registered, 20 a round: round ≤ 1.2 × the drawn learners' compute, leader peak RSS ≤ 2 GB",
-        measures="FedAvg rounds (ResNet-20, synthetic 8x8, 2 local steps of 8 images) with 100 to 1,000 registered "
+        measures="FedAvg rounds (ResNet-20, synthetic, 2 local steps of 8 images) with 100 to 1,000 registered "
         "virtual learners (learner.py --virtual, 250 to a process), 10 to 100 drawn a round: registration, rounds per "
         "second, peak RSS, bytes a round; 1,000 in one process, 20 a round, against the compute of its drawn learners "
         "(20 updates as a lone learner process times one); "
         "10 learner processes against 10 virtual learners in one",
-        params={"work": WORK, "runs": VIRTUAL_SCALE, "rounds": 8},
+        params={"work": WORK, "runs": VIRTUAL_SCALE, "rounds": 8, "image_size": VIRTUAL_IMAGE_SIZE},
     ),
     Figure(
         "serialization_gbps",

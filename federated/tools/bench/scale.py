@@ -205,8 +205,8 @@ def watch_memory(process: subprocess.Popen, out: Path, rounds: int) -> dict:
 # ---- virtual_scale: many learners in a few processes (learner.py --virtual N) ------------------------------------
 
 POOL_SIZE = 250  # virtual learners per learner process in the rows of several hundred
-# What a drawn learner does each round in every virtual_scale run: FedAvg, 2 local steps of 8 images at 8x8
-# pixels (the synthetic set's 10,000 images make 1,000 shards of 10)
+# What a drawn learner does each round in every virtual_scale run: FedAvg, 2 local steps of 8 images (the synthetic
+# set's 10,000 images make 1,000 shards of 10), at the run's image size
 IMAGES_PER_UPDATE = 16
 VIRTUAL_LEADER_FLAGS = [
     "--strategy",
@@ -217,8 +217,6 @@ VIRTUAL_LEADER_FLAGS = [
     "8",
     "--dataset",
     "synthetic",
-    "--image-size",
-    "8",
     "--threads",
     "1",
     "--checkpoint-every",
@@ -230,24 +228,25 @@ GOAL = (1000, 20)  # the issue's goal: 1,000 registered, 20 a round, in one proc
 SAME_ROUNDS = 10  # learner processes of the rows that compare processes with virtual learners (all drawn)
 
 
-def virtual_scale(work: Path, runs: list[tuple[int, int]], rounds: int) -> dict:
+def virtual_scale(work: Path, runs: list[tuple[int, int]], rounds: int, image_size: int) -> dict:
     """FedAvg rounds with REGISTERED virtual learners (pools of POOL_SIZE per learner process) of which PER_ROUND are
     drawn a round: registration, rounds per second, memory, bytes; the goal row (1,000 registered, 20 a round, one
     process) against its drawn learners' compute; and 10 learner processes against 10 virtual learners in one. The
     compute of a round's drawn learners: PER_ROUND times a learner's update as a lone learner process reports it
     (its images/s computing): a pool's learners train one at a time, and one's own figure there would count its wait
     for the others."""
-    alone = virtual_run(work / "alone", 1, 1, rounds, processes=1)
+    run = partial(virtual_run, rounds=rounds, image_size=image_size)
+    alone = run(work / "alone", 1, 1, processes=1)
     measured = {
         "rows": {
-            f"{registered}:{per_round}": virtual_run(
-                work / f"virtual{registered}-{per_round}", registered, per_round, rounds, -(-registered // POOL_SIZE)
+            f"{registered}:{per_round}": run(
+                work / f"virtual{registered}-{per_round}", registered, per_round, processes=-(-registered // POOL_SIZE)
             )
             for registered, per_round in runs
         },
-        "goal": virtual_run(work / "goal", *GOAL, rounds, processes=1),
-        "processes": virtual_run(work / "processes", SAME_ROUNDS, SAME_ROUNDS, rounds, processes=SAME_ROUNDS),
-        "pooled": virtual_run(work / "pooled", SAME_ROUNDS, SAME_ROUNDS, rounds, processes=1),
+        "goal": run(work / "goal", *GOAL, processes=1),
+        "processes": run(work / "processes", SAME_ROUNDS, SAME_ROUNDS, processes=SAME_ROUNDS),
+        "pooled": run(work / "pooled", SAME_ROUNDS, SAME_ROUNDS, processes=1),
     }
     for run in [*measured["rows"].values(), measured["goal"], measured["processes"], measured["pooled"]]:
         run["compute_s"] = run["per_round"] * alone["update_s"]
@@ -255,12 +254,13 @@ def virtual_scale(work: Path, runs: list[tuple[int, int]], rounds: int) -> dict:
     return {"value": goal["round_s"] / goal["compute_s"], "update_s": alone["update_s"], **measured}
 
 
-def virtual_run(out: Path, registered: int, per_round: int, rounds: int, processes: int) -> dict:
+def virtual_run(out: Path, registered: int, per_round: int, rounds: int, processes: int, image_size: int) -> dict:
     """One leader of `rounds` FedAvg rounds with `registered` learners in `processes` learner processes (virtual
     learners when fewer processes than learners), `per_round` drawn a round."""
     port = launch.free_port()
     empty_dir(out)
     leader_flags = ["--learners", str(registered), "--learners-per-round", str(per_round), "--rounds", str(rounds)]
+    leader_flags += ["--image-size", str(image_size)]
     serving = ["--host", "127.0.0.1", "--port", str(port), "--out", str(out)]
     with open(out / "leader.log", "w") as log:  # the process keeps its own copy of the file
         leader = subprocess.Popen(
