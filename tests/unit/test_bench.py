@@ -397,6 +397,7 @@ def every_figure(tmp_path: Path) -> dict:
         "virtual_scale": {
             "value": 1.1,
             "update_s": 0.5 / 1.1 / 20,
+            "image_size": 8,
             "rows": {"100:10": virtual_run(100, 10, 1)},
             "goal": virtual_run(1000, 20, 1),
             "processes": virtual_run(10, 10, 10),

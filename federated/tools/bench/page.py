@@ -252,8 +252,9 @@ def virtual_scale_rows(results: dict) -> Table:
     goal = result["goal"]
     note = (
         f"Goal (1,000 registered, 20 a round): a round {result['value']:.2f} × its drawn learners' compute (≤ 1.2), "
-        f"leader peak RSS {goal['leader_peak_rss_mb']:.0f} MB (≤ 2,048). The drawn learners' compute: as many "
-        f"updates of {result['update_s'] * 1000:.0f} ms as a lone learner process reports it (its images/s "
+        f"leader peak RSS {goal['leader_peak_rss_mb']:.0f} MB (≤ 2,048). Images of {result['image_size']}x"
+        f"{result['image_size']} pixels. The drawn learners' compute: as many updates of "
+        f"{result['update_s'] * 1000:.0f} ms as a lone learner process reports it (its images/s "
         "computing), one after another, as a process's virtual learners train; rows of several processes train "
         "some at once, and can round faster. Registration: from starting the learner processes until the leader "
         "starts their learners (all registered)."

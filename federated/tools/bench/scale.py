@@ -251,7 +251,12 @@ def virtual_scale(work: Path, runs: list[tuple[int, int]], rounds: int, image_si
     for run in [*measured["rows"].values(), measured["goal"], measured["processes"], measured["pooled"]]:
         run["compute_s"] = run["per_round"] * alone["update_s"]
     goal = measured["goal"]
-    return {"value": goal["round_s"] / goal["compute_s"], "update_s": alone["update_s"], **measured}
+    return {
+        "value": goal["round_s"] / goal["compute_s"],
+        "update_s": alone["update_s"],
+        "image_size": image_size,
+        **measured,
+    }
 
 
 def virtual_run(out: Path, registered: int, per_round: int, rounds: int, processes: int, image_size: int) -> dict:
