@@ -52,6 +52,8 @@ EXAMPLES = """examples:
                                                                    a leader on another machine
   python learner.py --leader 10.0.0.5:50051 --dataset imagefolder --data-dir data/mine --eval-fraction 0.1
                                                                    images of its own, a tenth held out
+  python learner.py --leader 127.0.0.1:50051 --virtual 100         a hundred learners in this process, each with a
+                                                                   shard from the leader (docs/scale.md)
 
 docs: docs/reference/cli.md (every flag), docs/getting-started.md (several machines)"""
 

@@ -19,6 +19,7 @@ log = logging.getLogger("learner")
 PROGRESS_INTERVAL_S = 30.0  # how often a pool of several learners says how its rounds go
 WARNING_INTERVAL_S = 30.0  # with several learners, a kind of warning is written at most this often (the rest counted)
 TICK_S = 1.0
+STOP_WAIT_S = 5.0  # a stopped learner's thread ends at its next look at its inbox (session.HEALTH_CHECK_INTERVAL_S)
 CURRENT = threading.local()  # the pool index of the learner a thread works for (index), where it works for one
 
 
@@ -148,7 +149,11 @@ class Pool:
         self._launch(index, rejoin=True)
 
     def stop(self, grace: float = 2) -> None:
-        """Stop serving the leader."""
+        """Stop serving the leader, and wait (at most STOP_WAIT_S) for the learners' threads to end."""
         for member in self.members:
             member.server.stop()
         self.server.stop(grace)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for thread in self.threads:
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))

@@ -35,6 +35,7 @@ HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whet
 # The learners of one process (--virtual N) check on the leader at most this often a second in all: each learner's
 # interval grows with N (HealthPacing).
 MAX_CHECKS_PER_S = 20.0
+FRESH_MODEL_S = 5.0  # a model state one learner of a process fetched this recently serves the others (PoolFetch)
 # Calls from the leader may arrive before this learner has read the reply to its registration: they wait
 # this long for it.
 REGISTRATION_WAIT_S = 30.0
@@ -281,6 +282,18 @@ def fetch_model(
     return receive_stream(channel, "GetModel", leader_pb2.Empty(), idle_timeout, True, credential, max_bytes, admit)
 
 
+class PoolFetch:
+    """The leader's model as the learners of a process (--virtual N) fetch it: one GetModel at a time, and a state
+    fetched in the last FRESH_MODEL_S seconds serves the others, so that N learners reconnecting together (after a
+    leader restart) fetch it about once, not N times at once. Their learners never write into a state (they share
+    one model: state.py), so one state may serve them all."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state: codec.Payload | None = None
+        self.fetched_at = -math.inf
+
+
 class LeaderSession:
     """This learner's calls to its leader, each with the credential of its registration: retried while the
     leader asks for patience, bounded by the timeouts of the configuration, and logged."""
@@ -308,10 +321,27 @@ class LeaderSession:
         else:
             self.channel, self.leader, self.health = pool.channel, pool.leader, pool.health
             self.registration_turn = pool.registration_turn
+        # (a learner of its own takes a fetched state's tensors over: nobody else may hold them)
+        self.fetches: PoolFetch | None = pool.fetches if pool else PoolFetch() if config.virtual > 1 else None
         self.pacing = pacing or HealthPacing()
         self.credential = LeaderCredential()
 
     def fetch_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
+        """fetch_own_model's state; in a process of several learners, the one another learner fetched in the last
+        FRESH_MODEL_S seconds (checked against this learner's limits too), or fetched while they wait (PoolFetch)."""
+        if self.fetches is None:
+            return self.fetch_own_model(deadline, stop)
+        with self.fetches.lock:
+            state = self.fetches.state
+            if state is not None and time.monotonic() - self.fetches.fetched_at < FRESH_MODEL_S:
+                self.limits.admit_state(state.metadata, codec.spec_of(state.tensors))
+                return state
+            state = self.fetch_own_model(deadline, stop)
+            if state is not None:
+                self.fetches.state, self.fetches.fetched_at = state, time.monotonic()
+            return state
+
+    def fetch_own_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
         """The leader's current model state, checked against this learner's limits before it is buffered and finite
         as it streams in (retried until the deadline); None if stop() says there is no point any more.
         LeaderUnreachable if the leader never answers (a busy one's last RESOURCE_EXHAUSTED is raised as it is)."""

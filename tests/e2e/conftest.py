@@ -28,8 +28,10 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
 
 @pytest.fixture(scope="session")
 def tls_run(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> tuple[Path, list[int | None]]:
-    """TLS_RUN to its end: a leader and two learners under mutual TLS, the token in FL_TOKEN (not a flag)."""
+    """TLS_RUN to its end: a leader and two learners under mutual TLS, the token in FL_TOKEN (not a flag); the two
+    in one process (--virtual 2: the tests are about the leader, and a pool's server takes TLS as a learner's)."""
     out = tmp_path_factory.mktemp("tls")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(guard.TOKEN_VARIABLE, TOKEN)
-        return out, run_federation(out, 2, [*TLS_RUN, *tls_flags(certs, "leader")], tls_flags(certs, "learner"))
+        leader_flags, learner_flags = [*TLS_RUN, *tls_flags(certs, "leader")], tls_flags(certs, "learner")
+        return out, run_federation(out, 2, leader_flags, learner_flags, virtual=2)

@@ -136,7 +136,7 @@ def test_float16_on_the_wire_halves_the_bytes(synthetic_run, tls_run):
     # the session's float32 run and its float16 one (over TLS: the bytes counted are the payloads', before TLS)
     bytes_per_round = {}
     for dtype, (out, codes) in (("float32", synthetic_run), ("float16", tls_run)):
-        assert codes == [0, 0, 0], logs(out)
+        assert codes and set(codes) == {0}, logs(out)  # (tls_run's two learners are one process)
         rounds = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
         assert all(r["learners"] == 2 for r in rounds)
         middle = rounds[4]  # a round like any other (the last pushes the final state to everyone)

@@ -111,10 +111,17 @@ def start_hostile(out: Path, name: str, port: int, *args: str) -> subprocess.Pop
 
 
 def run_federation(
-    out: Path, learners: int, leader_args: list[str], learner_args: Sequence[str] = (), timeout: float = 400
+    out: Path,
+    learners: int,
+    leader_args: list[str],
+    learner_args: Sequence[str] = (),
+    timeout: float = 400,
+    virtual: int = 1,
 ) -> list[int | None]:
-    """Run a leader and learners as real processes to the end; return their exit codes."""
+    """Run a leader and learners as real processes to the end, virtual learners a process (learner.py --virtual);
+    return their exit codes."""
     port = launch.free_port()
     leader = start_leader(out, port, "--learners", str(learners), *leader_args)
-    procs = [start_learner(out, f"learner{index}", port, *learner_args) for index in range(learners)]
+    pool = ["--virtual", str(virtual)] if virtual > 1 else []
+    procs = [start_learner(out, f"learner{index}", port, *pool, *learner_args) for index in range(learners // virtual)]
     return launch.wait_all([leader, *procs], timeout)

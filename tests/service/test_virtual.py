@@ -1,0 +1,126 @@
+"""Many learners in one process (learner.py --virtual N) with a live leader: calls dispatched by credential, a
+learner stopped and started again like a process, per-learner state kept apart, a leader without credentials
+refused."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from federated.leader.metrics import MetricsLog
+from federated.learner import app as learner_module
+from federated.learner.limits import Limits
+from federated.learner.session import LeaderSession
+from federated.net import rpc
+from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from tests.support.live import LiveLeader, learner_config
+
+
+def pool_of(live: LiveLeader, count: int, *flags: str) -> learner_module.Pool:
+    argv = ["--leader", live.address, "--host", "127.0.0.1", "--virtual", str(count), "--connect-timeout", "20"]
+    pool = learner_module.Learner(learner_config([*argv, *flags])).connect()
+    assert isinstance(pool, learner_module.Pool)
+    return pool
+
+
+def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_call_reaches_the_learner_whose_credential_it_carries_and_none_without_one(live):
+    pool = pool_of(live, 2)
+    try:
+        first, second = pool.members
+        assert {first.learner_id, second.learner_id} == {0, 1}
+        stub = learner_pb2_grpc.LearnerServiceStub(rpc.channel(second.server.address))
+        start = lambda credential: stub.StartTraining(
+            learner_pb2.Empty(), timeout=10, metadata=rpc.with_credential(credential)
+        )
+        for credential in (None, rpc.new_credential()):  # none, or one the leader gave nobody of this pool
+            with pytest.raises(grpc.RpcError) as refused:
+                start(credential)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+        assert not first.server.started.is_set() and not second.server.started.is_set()
+        assert start(first.session.credential.value).success  # the credential, not the port, names the learner
+        assert first.server.started.is_set() and not second.server.started.is_set()
+        health = health_pb2_grpc.HealthStub(rpc.channel(first.server.address))
+        session = health_pb2.HealthCheckRequest(service=second.session.credential.session())
+        assert health.Check(session, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        second.server.stop()  # as its process would stop: its calls find nobody, its registration is gone
+        with pytest.raises(grpc.RpcError) as stopped:
+            start(second.session.credential.value)
+        assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as gone:
+            health.Check(session, timeout=10)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND and rpc.knows_sessions(gone.value)
+    finally:
+        pool.stop(0)
+
+
+class CredentialFreeLeader(leader_pb2_grpc.LeaderServiceServicer):
+    """A leader built from the article's protos, as far as registering goes: it gives no credentials."""
+
+    def RegisterLearner(self, request, context):
+        return leader_pb2.AckWithMetadata(success=True, message="registered", learner_id=0, max_learners=4)
+
+
+@pytest.mark.parametrize("virtual", [1, 2])
+def test_several_learners_of_one_process_refuse_a_leader_that_gives_no_credentials(virtual):
+    server, port = rpc.start_server(
+        "127.0.0.1:0", [(leader_pb2_grpc.add_LeaderServiceServicer_to_server, CredentialFreeLeader())], [], 1 << 20
+    )
+    try:
+        config = learner_config(["--leader", f"127.0.0.1:{port}", "--virtual", str(virtual)])
+        session = LeaderSession(config, Limits.of(config))
+        register = lambda: session.register("127.0.0.1:7001", None, time.monotonic() + 10)
+        if virtual == 1:  # a learner of its own takes every call, as a learner always did
+            assert register().success and session.credential.value is None
+        else:
+            with pytest.raises(SystemExit, match=r"gives no credentials.*told apart only by the credential"):
+                register()
+    finally:
+        server.stop(0)
+
+
+def test_a_stopped_virtual_learner_is_dropped_and_takes_its_slot_back_and_scaffold_keeps_each_ones_control(
+    tmp_path, port
+):
+    flags = ["--learners", "2", "--strategy", "scaffold", "--local-steps", "2", "--batch-size", "8"]
+    run = ["--image-size", "8", "--rounds", "100000", "--min-learners", "1", "--eval-every", "100000"]
+    live = LiveLeader.start(tmp_path, port, *flags, *run)
+    leader, pool = live.leader, pool_of(live, 2)
+    registry, collector = leader.registry, leader.collector
+    try:
+        with ThreadPoolExecutor(1) as loop:
+            rounds = loop.submit(leader.rounds.train, MetricsLog(leader.out / "metrics.jsonl"))
+            pool.start()
+            until(lambda: collector.round >= 3, "three rounds")
+            first, second = pool.members
+            controls = [member.replica.controls for member in pool.members]
+            assert controls[0] is not None and controls[1] is not None
+            assert controls[0].own.data_ptr() != controls[1].own.data_ptr()  # each its own c_i ...
+            assert not torch.equal(controls[0].own, controls[1].own)  # ... made of its own updates
+            assert torch.count_nonzero(controls[0].own) and torch.count_nonzero(controls[1].own)
+            pool.stop_learner(1)
+            assert not pool.threads[1].is_alive()
+            until(lambda: not registry.is_active(second.learner_id), "the leader dropping the stopped learner")
+            dropped_at = collector.round
+            until(lambda: collector.round >= dropped_at + 2, "rounds without it")
+            pool.restart_learner(1)
+            until(lambda: registry.is_active(second.learner_id), "the restarted learner back in its slot")
+            taken_back = second.updates_sent
+            until(lambda: second.updates_sent > taken_back, "an update of the restarted learner")
+            assert second.learner_id == 1 and first.learner_id == 0
+            assert pool.failure is None
+            leader.stopping.set()
+            assert rounds.result(timeout=30) > 0
+    finally:
+        pool.stop(0)
+        leader.stop(0)
+        live.stop()
