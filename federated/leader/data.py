@@ -16,6 +16,8 @@ from federated.wire.messages import DataSummary, ShardInfo
 
 log = logging.getLogger("leader")
 
+LOGGED_SHARDS = 20  # the learners whose shards the log describes (partition.json: every one)
+
 # With each learner's own epochs, a leader without data weighs an update at most as much as this many typical
 # learners' (the median shard's): an honest learner of up to 4 typical shards (uneven partitions) still weighs its
 # n_k, and one that lies about its size weighs at most as much as 4 typical learners, not as much as 2^32 images.
@@ -88,8 +90,11 @@ def load(config: LeaderConfig, out: Path) -> LeaderData:
         )
     except ValueError as error:
         raise utils.DatasetError(f"--partition {config.partition}: {error}") from None
-    for line in partition.describe(partition.write_partition(out, train.labels, indices, train.num_classes)):
+    shards = partition.describe(partition.write_partition(out, train.labels, indices, train.num_classes))
+    for line in shards[:LOGGED_SHARDS]:
         log.info("%s", line)
+    if len(shards) > LOGGED_SHARDS:
+        log.info("learners %d-%d: their shards are in %s", LOGGED_SHARDS, len(shards) - 1, out / "partition.json")
     mean, std = utils.channel_stats(train.images)
     log.info("%d train / %d test images, %s partition", len(train), len(test), config.partition)
     facts = DataFacts(mean, std, sum(map(len, indices)) // len(indices))

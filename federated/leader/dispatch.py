@@ -4,6 +4,7 @@ health checks of their registrations, which tell the leader who is still there."
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -40,19 +41,31 @@ class _Probe:
 
 class LearnerClient:
     """The leader's calls to learners, each with the learner's credential: one RPC on many at once without
-    waiting on the slow ones, and health checks of their registrations; one channel per address."""
+    waiting on the slow ones, and health checks of their registrations; one channel per address, kept while the
+    round loop says its learner is in play (keep_only) or a call on it is in flight."""
 
     def __init__(self, security: rpc.Security) -> None:
         self.security = security
         self._channels: dict[str, grpc.Channel] = {}
+        # calls in flight by address: keep_only leaves their channels open (closing one would cancel them)
+        self._calls: Counter[str] = Counter()
         self._probes: dict[int, _Probe] = {}
         self._lock = threading.Lock()
 
-    def channel(self, address: str) -> grpc.Channel:
+    def _dial(self, address: str) -> grpc.Channel:
+        """The channel to address, with one more call in flight on it until _hang_up(address)."""
         with self._lock:
             if address not in self._channels:
                 self._channels[address] = rpc.channel(address, self.security)
+            self._calls[address] += 1
             return self._channels[address]
+
+    def _hang_up(self, address: str) -> None:
+        """A call to address that _dial counted ended."""
+        with self._lock:
+            self._calls[address] -= 1
+            if not self._calls[address]:
+                del self._calls[address]
 
     def forget(self, addresses: set[str]) -> None:
         """Close the channels to these addresses: the next call dials afresh."""
@@ -61,9 +74,11 @@ class LearnerClient:
                 self._channels.pop(address).close()
 
     def keep_only(self, addresses: set[str]) -> None:
-        """Close the channels to addresses no learner holds any more."""
+        """Close the channels to other addresses (no learner in play holds them) once no call is in flight on them:
+        with 1,000 registered and a few drawn a round, the leader keeps a socket (a file descriptor) to those drawn,
+        not to every learner."""
         with self._lock:
-            for address in set(self._channels) - addresses:
+            for address in set(self._channels) - addresses - self._calls.keys():
                 self._channels.pop(address).close()
 
     def send(
@@ -87,13 +102,14 @@ class LearnerClient:
             member = broadcast.next()
             if member is None:
                 return
-            stub = framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, learner_pb2.Ack)
+            stub = framing.unary_call(self._dial(member.address), rpc.LEARNER_SERVICE, method, learner_pb2.Ack)
             body = request[member.learner_id] if isinstance(request, Mapping) else request
             call = stub.future(body, timeout=timeout, metadata=rpc.with_credential(member.credential))
             call.add_done_callback(partial(ended, member=member))
 
         def ended(call: grpc.Future, member: Member) -> None:
             broadcast.ended(self._report(call, member, method, on_failure, then, succeeded))
+            self._hang_up(member.address)  # (after then: a call it starts on the channel keeps it open)
             launch()
 
         for _ in range(MAX_IN_FLIGHT):
@@ -111,7 +127,7 @@ class LearnerClient:
         """Call <method> on every member at once, each with its own request, and wait for them all (at most
         timeout: every call has it as its deadline): each member's reply, or the grpc.RpcError its call ended in."""
         calls = {
-            learner: framing.unary_call(self.channel(member.address), rpc.LEARNER_SERVICE, method, reply_type).future(
+            learner: framing.unary_call(self._dial(member.address), rpc.LEARNER_SERVICE, method, reply_type).future(
                 requests[learner], timeout=timeout, metadata=rpc.with_credential(member.credential)
             )
             for learner, member in members.items()
@@ -123,6 +139,8 @@ class LearnerClient:
                 self.heard_from(members[learner])
             except grpc.RpcError as error:
                 replies[learner] = error
+            finally:
+                self._hang_up(members[learner].address)
         return replies
 
     def start(
@@ -202,7 +220,7 @@ class LearnerClient:
                 if probe.in_flight or now - probe.last < PROBE_INTERVAL_S:
                     continue
                 probe.in_flight, probe.last = True, now
-            stub = health_pb2_grpc.HealthStub(self.channel(member.address))
+            stub = health_pb2_grpc.HealthStub(self._dial(member.address))
             request = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + rpc.session_id(member.credential))
             call = stub.Check.future(request, timeout=PROBE_TIMEOUT_S)
             call.add_done_callback(
@@ -213,6 +231,7 @@ class LearnerClient:
         self, call: grpc.Future, member: Member, probe: _Probe, on_failure: OnFailure, silent_limit_s: float
     ) -> None:
         verdict, reason = probe_verdict(call)
+        self._hang_up(member.address)
         with self._lock:
             probe.in_flight = False
             unreachable_before, probe.unreachable = probe.unreachable, verdict == UNREACHABLE

@@ -109,10 +109,11 @@ class Federation:
             self.send_state(self.open_round(self.collector.round, self.participants))
 
     def open(self) -> None:
-        """Open the next round: start joiners, forget channels to learners no longer counted on, and expect the
-        updates of the learners ready (not those still being started: they may add theirs in time)."""
+        """Open the next round: start joiners, forget channels to learners not in play (not counted on; with
+        sampling, not drawn for it), and expect the updates of the learners ready (not those still being started:
+        they may add theirs in time)."""
         self.admit_joiners()
-        self.client.keep_only({member.address for member in self.registry.members().values()})
+        self.client.keep_only({member.address for member in self.registry.members(self.participants).values()})
         self.opened_at = time.monotonic()
         self.collector.expect(self.registry.ready(), self.participants)
         if self.secure is not None:

@@ -26,6 +26,7 @@ KEYS = [
     "wire_bytes_ratio",
     "learner_throughput_ratio",
     "leader_scale",
+    "virtual_scale",
     "serialization_gbps",
     "time_to_accuracy",
     "strategies",
@@ -48,6 +49,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "model_transfer_ratio",
         "round_overhead",
         "leader_scale",
+        "virtual_scale",
         "serialization_gbps",
         "time_to_accuracy",
         "strategies",
@@ -392,6 +394,15 @@ def every_figure(tmp_path: Path) -> dict:
             "round_time_growth": 1.0,
             "learner_growth": 64.0,
         },
+        "virtual_scale": {
+            "value": 1.1,
+            "update_s": 0.5 / 1.1 / 20,
+            "image_size": 8,
+            "rows": {"100:10": virtual_run(100, 10, 1)},
+            "goal": virtual_run(1000, 20, 1),
+            "processes": virtual_run(10, 10, 10),
+            "pooled": virtual_run(10, 10, 1),
+        },
         "serialization_gbps": {
             "value": {name: {"encode_gbps": 2.0, "decode_gbps": 5.0} for name in ("ours", "safetensors", "torch_save")},
             "bytes": 44_734_408,
@@ -494,6 +505,23 @@ def every_figure(tmp_path: Path) -> dict:
     return {key: {**value, "measured": measured()} for key, value in results.items()}
 
 
+def virtual_run(registered: int, per_round: int, processes: int) -> dict:
+    """A row of virtual_scale: a round of 20 drawn learners takes 1.1 times their compute."""
+    return {
+        "registered": registered,
+        "per_round": per_round,
+        "processes": processes,
+        "registration_s": 12.0,
+        "rounds_per_s": 2.0,
+        "round_s": 0.5,
+        "compute_s": 0.5 / 1.1 * per_round / 20,
+        "update_s": None,
+        "bytes_per_round": 4.4e7,
+        "leader_peak_rss_mb": 1100.0,
+        "learners_peak_rss_mb": 900.0,
+    }
+
+
 def test_the_page_dates_every_figure_measured_and_marks_the_others_hand_recorded(tmp_path):
     results = every_figure(tmp_path)
     written = page.render(results)
@@ -503,6 +531,10 @@ def test_the_page_dates_every_figure_measured_and_marks_the_others_hand_recorded
     assert "Stopped: 5 rounds in a row were discarded" in written
     assert "| `topk / int4` | 50,000 | 437,500 | 20.0 | 4.0 | 0.8500 | -0.0500 |" in written
     assert "(compression.png)" in written
+    assert (
+        "| goal: virtual, one process | 1000 | 20 | 1 | 12.0 | 2.00 | 0.500 | 0.455 | 1.10 | 44.0 | 1100 | 900 |"
+        in written
+    )
     earlier = page.render({key: results[key] for key in ("serialization_gbps",)})
     assert earlier.count("## `") == len(registry.FIGURES)
     assert f"2026-11-30 {page.HAND}" in earlier and f"2026-11-28 {page.HAND}" in earlier

@@ -298,6 +298,49 @@ def test_learners_drawn_again_mid_round_get_a_whole_deadline_before_a_miss_count
     assert waiting.result(PATIENCE_S)
 
 
+class DiallingLearners(AnsweringLearners):
+    """AnsweringLearners that dial each learner they answer for, as a real call does (the channel is lazy: no
+    socket until a call goes out, and none goes out here)."""
+
+    def send(
+        self, members, method, request, on_failure, timeout, then=lambda member: None, succeeded=lambda member: None
+    ) -> dispatch.Broadcast:
+        for member in members.values():
+            self._dial(member.address)
+            self._hang_up(member.address)
+        return super().send(members, method, request, on_failure, timeout, then, succeeded)
+
+    def start(self, members, state, on_started, on_failure, timeout, took_state=lambda member: None) -> None:
+        self.send(members, "StartTraining", None, on_failure, timeout, on_started)
+
+
+def test_with_sampling_the_leader_keeps_channels_only_to_the_learners_drawn(tmp_path):
+    rounds = rounds_of(tmp_path, "--learners", "6", "--learners-per-round", "2", learners=DiallingLearners())
+    members = join(rounds, *range(1, 7))  # each was dialled for its start
+    rounds.federation.start()
+    for _ in range(4):
+        rounds.federation.open()
+        drawn = rounds.federation.participants
+        assert set(rounds.learners._channels) == {members[learner].address for learner in drawn}
+        for learner in drawn:
+            deliver(rounds, members[learner])
+        assert rounds.federation.wait_for_round(rounds.collector.round)
+        rounds.federation.close(torch.empty(1))
+        rounds.federation.push_state(rounds.collector.round, finished=False)
+
+
+def test_a_channel_with_a_call_in_flight_stays_open_until_the_call_ends():
+    client = dispatch.LearnerClient(rpc.Security())
+    client._dial("10.0.0.1:7000")  # a call in flight
+    client._dial("10.0.0.2:7000")
+    client._hang_up("10.0.0.2:7000")  # one that ended
+    client.keep_only(set())
+    assert set(client._channels) == {"10.0.0.1:7000"}
+    client._hang_up("10.0.0.1:7000")
+    client.keep_only(set())
+    assert not client._channels
+
+
 def test_learners_given_up_on_are_not_drawn(tmp_path):
     rounds = rounds_of(tmp_path, "--learners", "3", "--learners-per-round", "2")
     join(rounds, 1, 2, 3)

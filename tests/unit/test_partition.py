@@ -196,7 +196,7 @@ def test_describe_writes_one_short_line_per_learner():
     )
 
 
-@pytest.mark.parametrize("learners, num_classes", [(2, 10), (100, 10), (12, 30)])
+@pytest.mark.parametrize("learners, num_classes", [(2, 10), (100, 10), (101, 10), (12, 30)])
 def test_write_partition_records_json_and_a_png(tmp_path: Path, learners, num_classes):
     labels = torch.randint(num_classes, (3000,), generator=torch.Generator().manual_seed(0))
     shards = partition.partition(labels, learners, "dirichlet", seed=0, alpha=0.5, num_classes=num_classes)

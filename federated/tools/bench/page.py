@@ -224,6 +224,44 @@ def scale_rows(results: dict) -> Table:
     return Table(rows, [note])
 
 
+def virtual_scale_rows(results: dict) -> Table:
+    result = results["virtual_scale"]
+    runs = [
+        *(("virtual", row) for row in result["rows"].values()),
+        ("goal: virtual, one process", result["goal"]),
+        ("learner processes", result["processes"]),
+        ("virtual, one process", result["pooled"]),
+    ]
+    rows = [
+        [
+            label,
+            str(run["registered"]),
+            str(run["per_round"]),
+            str(run["processes"]),
+            f"{run['registration_s']:.1f}",
+            f"{run['rounds_per_s']:.2f}",
+            f"{run['round_s']:.3f}",
+            f"{run['compute_s']:.3f}",
+            f"{run['round_s'] / run['compute_s']:.2f}",
+            f"{run['bytes_per_round'] / 1e6:.1f}",
+            f"{run['leader_peak_rss_mb']:.0f}",
+            f"{run['learners_peak_rss_mb']:.0f}",
+        ]
+        for label, run in runs
+    ]
+    goal = result["goal"]
+    note = (
+        f"Goal (1,000 registered, 20 a round): a round {result['value']:.2f} × its drawn learners' compute (≤ 1.2), "
+        f"leader peak RSS {goal['leader_peak_rss_mb']:.0f} MB (≤ 2,048). Images of {result['image_size']}x"
+        f"{result['image_size']} pixels. The drawn learners' compute: as many updates of "
+        f"{result['update_s'] * 1000:.0f} ms as a lone learner process reports it (its images/s "
+        "computing), one after another, as a process's virtual learners train; rows of several processes train "
+        "some at once, and can round faster. Registration: from starting the learner processes until the leader "
+        "starts their learners (all registered)."
+    )
+    return Table(rows, [note])
+
+
 def serialization_rows(results: dict) -> Table:
     result = results["serialization_gbps"]
     rows = [[name, f"{row['encode_gbps']:.2f}", f"{row['decode_gbps']:.2f}"] for name, row in result["value"].items()]
@@ -501,6 +539,7 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "model_transfer_ratio": transfer_rows,
     "round_overhead": round_rows,
     "leader_scale": scale_rows,
+    "virtual_scale": virtual_scale_rows,
     "serialization_gbps": serialization_rows,
     "time_to_accuracy": accuracy_rows,
     "strategies": strategy_rows,
@@ -533,6 +572,20 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
         "leader peak RSS (MB)",
         "peak anonymous (MB)",
         "added by the rounds (MB)",
+    ],
+    "virtual_scale": [
+        "run",
+        "registered",
+        "a round",
+        "learner processes",
+        "registration (s)",
+        "rounds/s",
+        "round (s)",
+        "drawn learners' compute (s)",
+        "round / compute",
+        "MB a round",
+        "leader peak RSS (MB)",
+        "learners' peak RSS (MB)",
     ],
     "serialization_gbps": ["format", "encode (GB/s)", "decode (GB/s)"],
     "time_to_accuracy": ["ratio", "federated (s)", "centralised (s)", "target"],

@@ -74,6 +74,9 @@ RECORDED = {
             "×64 learners."
         ],
     ),
+    "virtual_scale": Recorded(
+        "-", "-", "-", [], ["Not measured yet: `python bench.py --only virtual_scale` (about 10 minutes on 2 cores)."]
+    ),
     "serialization_gbps": Recorded(
         "2026-11-28",
         "make bench",

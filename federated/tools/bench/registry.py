@@ -17,6 +17,12 @@ def learner_counts(text: str) -> list[int]:
     return [int(count) for count in text.split(",")]
 
 
+def registered_per_round(text: str) -> list[tuple[int, int]]:
+    """--virtual-scale's value: REGISTERED:PER_ROUND pairs separated by commas."""
+    pairs = (pair.split(":") for pair in text.split(","))
+    return [(int(registered), int(per_round)) for registered, per_round in pairs]
+
+
 def names(text: str) -> list[str]:
     """A list of names separated by commas (--dp-modes, --dp-datasets)."""
     return text.split(",")
@@ -40,6 +46,15 @@ class Setting:
 REPEATS = Setting("--repeats", int, 5, "repetitions of each timed transfer")
 ROUNDS = Setting("--rounds", int, 20, "FedSGD rounds of each of the round-overhead runs")
 SCALE = Setting("--scale", learner_counts, "1,4,16,64", "learner counts for leader_scale")
+VIRTUAL_SCALE = Setting(
+    "--virtual-scale",
+    registered_per_round,
+    "100:10,300:32,1000:100",
+    "REGISTERED:PER_ROUND learner counts of virtual_scale's rows (beside its goal row, 1000:20)",
+)
+VIRTUAL_IMAGE_SIZE = Setting(
+    "--virtual-image-size", int, 8, "image size of virtual_scale's runs (a learner's compute grows with its square)"
+)
 STRATEGY_EPOCHS = Setting("--strategy-epochs", float, 3, "epochs of each run of the strategies table")
 NON_IID_EPOCHS = Setting(
     "--non-iid-epochs", float, 50, "epochs of each run of the non_iid table (the local strategies: one a round)"
@@ -80,6 +95,8 @@ SETTINGS = (
     REPEATS,
     ROUNDS,
     SCALE,
+    VIRTUAL_SCALE,
+    VIRTUAL_IMAGE_SIZE,
     STRATEGY_EPOCHS,
     NON_IID_EPOCHS,
     NON_IID_DATASET,
@@ -185,6 +202,19 @@ FIGURES = (
         measures="rounds per second and the leader's peak memory with 1 to 64 fake learners (16 to a process) that "
         "send valid ResNet-20 gradients without training",
         params={"work": WORK, "counts": SCALE, "rounds": 20},
+    ),
+    Figure(
+        "virtual_scale",
+        "scale",
+        "virtual_scale",
+        headline=False,
+        target="1,000 registered, 20 a round: round ≤ 1.2 × the drawn learners' compute, leader peak RSS ≤ 2 GB",
+        measures="FedAvg rounds (ResNet-20, synthetic, 2 local steps of 8 images) with 100 to 1,000 registered "
+        "virtual learners (learner.py --virtual, 250 to a process), 10 to 100 drawn a round: registration, rounds per "
+        "second, peak RSS, bytes a round; 1,000 in one process, 20 a round, against the compute of its drawn learners "
+        "(20 updates as a lone learner process times one); "
+        "10 learner processes against 10 virtual learners in one",
+        params={"work": WORK, "runs": VIRTUAL_SCALE, "rounds": 8, "image_size": VIRTUAL_IMAGE_SIZE},
     ),
     Figure(
         "serialization_gbps",

@@ -1,5 +1,7 @@
 """Leader scale and memory: rounds per second and the leader's memory with 1 to 64 fake learners (this script's
-_fake-learners helper: processes of 16 learners that send valid ResNet-20 gradients without training)."""
+_fake-learners helper: processes of 16 learners that send valid ResNet-20 gradients without training); and with 100
+to 1,000 registered learners that train, virtual learners in a few processes (learner.py --virtual N), some drawn a
+round (virtual_scale)."""
 
 import statistics
 import subprocess
@@ -28,7 +30,7 @@ from federated.tools.bench.common import (
     spread,
     wait_for_port,
 )
-from federated.tools.bench.federations import rounds_done
+from federated.tools.bench.federations import learner_progress, rounds_done
 from federated.wire import codec, messages
 from model import build_model
 
@@ -198,3 +200,130 @@ def watch_memory(process: subprocess.Popen, out: Path, rounds: int) -> dict:
         "anon_before_rounds_mb": before,
         "anon_growth_in_rounds_mb": during - before,
     }
+
+
+# ---- virtual_scale: many learners in a few processes (learner.py --virtual N) ------------------------------------
+
+POOL_SIZE = 250  # virtual learners per learner process in the rows of several hundred
+# What a drawn learner does each round in every virtual_scale run: FedAvg, 2 local steps of 8 images (the synthetic
+# set's 10,000 images make 1,000 shards of 10), at the run's image size
+IMAGES_PER_UPDATE = 16
+VIRTUAL_LEADER_FLAGS = [
+    "--strategy",
+    "fedavg",
+    "--local-steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--dataset",
+    "synthetic",
+    "--threads",
+    "1",
+    "--checkpoint-every",
+    "0",
+    "--register-timeout",
+    "600",
+]
+GOAL = (1000, 20)  # the issue's goal: 1,000 registered, 20 a round, in one process (its learners train in turn)
+SAME_ROUNDS = 10  # learner processes of the rows that compare processes with virtual learners (all drawn)
+
+
+def virtual_scale(work: Path, runs: list[tuple[int, int]], rounds: int, image_size: int) -> dict:
+    """FedAvg rounds with REGISTERED virtual learners (pools of POOL_SIZE per learner process) of which PER_ROUND are
+    drawn a round: registration, rounds per second, memory, bytes; the goal row (1,000 registered, 20 a round, one
+    process) against its drawn learners' compute; and 10 learner processes against 10 virtual learners in one. The
+    compute of a round's drawn learners: PER_ROUND times a learner's update as a lone learner process reports it
+    (its images/s computing): a pool's learners train one at a time, and one's own figure there would count its wait
+    for the others."""
+    run = partial(virtual_run, rounds=rounds, image_size=image_size)
+    alone = run(work / "alone", 1, 1, processes=1)
+    measured = {
+        "rows": {
+            f"{registered}:{per_round}": run(
+                work / f"virtual{registered}-{per_round}", registered, per_round, processes=-(-registered // POOL_SIZE)
+            )
+            for registered, per_round in runs
+        },
+        "goal": run(work / "goal", *GOAL, processes=1),
+        "processes": run(work / "processes", SAME_ROUNDS, SAME_ROUNDS, processes=SAME_ROUNDS),
+        "pooled": run(work / "pooled", SAME_ROUNDS, SAME_ROUNDS, processes=1),
+    }
+    for run in [*measured["rows"].values(), measured["goal"], measured["processes"], measured["pooled"]]:
+        run["compute_s"] = run["per_round"] * alone["update_s"]
+    goal = measured["goal"]
+    return {
+        "value": goal["round_s"] / goal["compute_s"],
+        "update_s": alone["update_s"],
+        "image_size": image_size,
+        **measured,
+    }
+
+
+def virtual_run(out: Path, registered: int, per_round: int, rounds: int, processes: int, image_size: int) -> dict:
+    """One leader of `rounds` FedAvg rounds with `registered` learners in `processes` learner processes (virtual
+    learners when fewer processes than learners), `per_round` drawn a round."""
+    port = launch.free_port()
+    empty_dir(out)
+    leader_flags = ["--learners", str(registered), "--learners-per-round", str(per_round), "--rounds", str(rounds)]
+    leader_flags += ["--image-size", str(image_size)]
+    serving = ["--host", "127.0.0.1", "--port", str(port), "--out", str(out)]
+    with open(out / "leader.log", "w") as log:  # the process keeps its own copy of the file
+        leader = subprocess.Popen(
+            [sys.executable, str(ROOT / "leader.py"), *serving, *leader_flags, *VIRTUAL_LEADER_FLAGS],
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_port(port)
+    sizes = [registered // processes + (index < registered % processes) for index in range(processes)]
+    started = time.monotonic()
+    learners = [start_pool(f"127.0.0.1:{port}", size, out / f"learners{index}.log") for index, size in enumerate(sizes)]
+    watched = watch_run(leader, learners, out / "leader.log")
+    codes = launch.wait_all([leader, *learners], 300)
+    if codes != [0] * (processes + 1):
+        raise RuntimeError(f"virtual_scale run failed with exit codes {codes}; see {out}")
+    records = [record for record in read_metrics(out / "metrics.jsonl") if "train_loss" in record][1:-1]
+    # a lone learner process's updates (the first of a process: its warm-up), as it reports their compute
+    updates = [IMAGES_PER_UPDATE / progress.images_per_s for progress in learner_progress(out / "learners0.log")[1:]]
+    round_s = statistics.median(record["seconds"] for record in records)
+    return {
+        "registered": registered,
+        "per_round": per_round,
+        "processes": processes,
+        "registration_s": watched["starting_at"] - started,
+        "rounds_per_s": 1 / round_s,
+        "round_s": round_s,
+        "update_s": statistics.median(updates) if registered == processes and updates else None,
+        "bytes_per_round": statistics.median(record["bytes_in"] + record["bytes_out"] for record in records),
+        "leader_peak_rss_mb": watched["leader_mb"],
+        "learners_peak_rss_mb": watched["learners_mb"],
+    }
+
+
+def start_pool(leader_address: str, count: int, log_path: Path) -> subprocess.Popen:
+    """A learner process of count learners (--virtual), one torch thread, logging every round's compute."""
+    flags = ["--threads", "1", "--log-every", "1", "--virtual", str(count)]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "learner.py"), "--leader", leader_address, "--host", "127.0.0.1", *flags],
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def watch_run(leader: subprocess.Popen, learners: list[subprocess.Popen], leader_log: Path) -> dict:
+    """Until the leader ends, every 0.2 s: when it started the learners (all registered), its peak RSS and the
+    learner processes' peak RSS together."""
+    starting_at, leader_mb, learners_mb = 0.0, 0.0, {}
+    while leader.poll() is None:
+        try:
+            leader_mb = memory_mb(leader.pid, "VmHWM")
+            for learner in learners:
+                learners_mb[learner.pid] = memory_mb(learner.pid, "VmHWM")
+        except (OSError, StopIteration):  # (one that just ended: its last reading stands)
+            pass
+        if not starting_at and "starting learners" in leader_log.read_text():
+            starting_at = time.monotonic()
+        time.sleep(0.2)
+    return {"starting_at": starting_at, "leader_mb": leader_mb, "learners_mb": sum(learners_mb.values())}
