@@ -1,0 +1,250 @@
+"""Learners as actors on a Ray cluster, spread over its nodes by a placement group, with the leader on this node
+(launch.py --ray; docs/ray.md).
+
+Each actor runs learner.py as a child process rather than the learner's code in the actor itself: the learner
+keeps its own main thread, signal handlers (SIGTERM stops it cleanly), logging set-up and torch threads, as
+when it runs alone, and Ray's worker process stays what Ray expects. A learner dies with its actor (Linux's
+parent-death signal), so that killing the actors, or an actor that crashes, leaves no learner behind.
+
+Ray is an optional extra (requirements-ray.txt, `make ray`): it is imported only when a run asks for it.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from federated.tools import launch
+
+INSTALL = "make ray (pip install -r requirements-ray.txt)"
+PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs
+POLL_S = 1.0  # how often the learners are asked whether they have ended
+STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
+CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
+PR_SET_PDEATHSIG = 1  # prctl(2)'s option: the signal a process gets when its parent dies
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+class RayUnavailable(Exception):
+    """Why the learners cannot run on the Ray cluster; the message says what to do."""
+
+
+def import_ray() -> Any:
+    """The ray module, or RayUnavailable saying how to install it."""
+    try:
+        import ray
+    except ImportError as error:
+        raise RayUnavailable(f"launch.py --ray needs Ray, an optional extra: {INSTALL}") from error
+    return ray
+
+
+def die_with_parent() -> None:
+    """(In the learner's process before it runs learner.py) be killed when the actor's process dies. Only a
+    system call: it runs between fork and exec."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class LearnerActor:
+    """One learner.py process on this actor's node, listening on every interface and advertising the node's
+    address; its output goes to a file on the node until the launcher fetches it. Ray makes this class an
+    actor whose calls run one at a time on the worker's main thread, the thread the learner's parent-death
+    signal is tied to."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        descriptor, name = tempfile.mkstemp(prefix="learner-", suffix=".log")
+        os.close(descriptor)
+        self.log_path = Path(name)
+
+    def start(self, leader: str, threads: int, args: Sequence[str]) -> str:
+        """Start the learner of the leader at leader (HOST:PORT) with its flags args; the HOST:PORT it
+        advertises (its node's address)."""
+        import ray
+
+        host, port = ray.util.get_node_ip_address(), launch.free_port("0.0.0.0")
+        address = f"{host}:{port}"
+        command = [
+            sys.executable,
+            str(launch.ROOT / "learner.py"),
+            "--leader",
+            leader,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--advertise",
+            address,
+            "--threads",
+            str(threads),
+            *args,
+        ]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                command,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+        return address
+
+    def poll(self) -> int | None:
+        """The learner's exit code, None while it runs."""
+        assert self.process is not None
+        return self.process.poll()
+
+    def stop(self) -> None:
+        """Stop the learner if it runs: SIGTERM (it stops cleanly), then SIGKILL after STOP_WAIT_S."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        """What the learner wrote (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+
+def connect(ray: Any, address: str) -> str:
+    """Join the cluster at address as its driver; this node's address, where the leader listens. The actors
+    import this project from where it lies here: every node has it at the same path, as it has Ray."""
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": {"PYTHONPATH": str(launch.ROOT)}},
+            log_to_driver=False,  # the learners' output goes to out/learnerN.log
+            logging_level="WARNING",
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise RayUnavailable(
+            f"cannot join the Ray cluster at {address} ({error}); start one (ray start --head on its first node, "
+            "ray start --address HEAD:6379 on the others) and run launch.py on one of its nodes, with --ray "
+            "HEAD:6379 or --ray auto"
+        ) from error
+    return ray.util.get_node_ip_address()
+
+
+def reserve(ray: Any, learners: int, cpus: int) -> Any:
+    """A placement group of one bundle of cpus CPUs per learner, spread over the nodes (SPREAD: on as many
+    nodes as there are, several on one where there are fewer), once the cluster has reserved it."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    have = ray.cluster_resources().get("CPU", 0)
+    if have < learners * cpus:
+        raise RayUnavailable(
+            f"{learners} learners of {cpus} CPUs need {learners * cpus} CPUs; the cluster has {have:g}: add nodes "
+            "(ray start --address HEAD:6379), or lower --learners or --ray-cpus"
+        )
+    group = placement_group([{"CPU": cpus}] * learners, strategy="SPREAD")
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError as error:
+        remove_placement_group(group)
+        raise RayUnavailable(
+            f"the cluster did not reserve {learners} x {cpus} CPUs in {PLACEMENT_TIMEOUT_S:.0f} s: are its CPUs "
+            "taken by other jobs? (ray status)"
+        ) from error
+    return group
+
+
+def place(ray: Any, group: Any, learners: int, cpus: int) -> list[Any]:
+    """A LearnerActor in each bundle of group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    actor = ray.remote(num_cpus=cpus, max_restarts=0)(LearnerActor)
+    return [
+        actor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        ).remote()
+        for index in range(learners)
+    ]
+
+
+def wait_for_end(ray: Any, leader: subprocess.Popen, actors: list[Any], timeout: float) -> list[int | None]:
+    """Exit codes of the leader and the learners once all have ended, or after timeout seconds (None for
+    those still running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [leader.poll(), *ray.get([actor.poll.remote() for actor in actors], timeout=CALL_TIMEOUT_S)]
+        if all(code is not None for code in codes) or time.monotonic() >= deadline:
+            return codes
+        time.sleep(POLL_S)
+
+
+def collect(ray: Any, actors: list[Any], out: Path) -> None:
+    """Stop each learner still running, copy its log to out/learnerN.log and kill its actor (and so its
+    learner, should it not have stopped)."""
+    for index, actor in enumerate(actors):
+        try:
+            ray.get(actor.stop.remote(), timeout=STOP_WAIT_S + CALL_TIMEOUT_S)
+            (out / f"learner{index}.log").write_text(ray.get(actor.log.remote(), timeout=CALL_TIMEOUT_S))
+        except ray.exceptions.RayError as error:
+            print(f"NOTICE: no log from learner {index}: {error}", file=sys.stderr, flush=True)
+        finally:
+            ray.kill(actor)
+
+
+def run(
+    address: str,
+    learners: int,
+    cpus: int,
+    leader_args: list[str],
+    learner_args: Sequence[str],
+    out: Path,
+    timeout: float,
+) -> list[int | None]:
+    """A leader here, listening on this node's address, and `learners` learner actors of cpus CPUs each
+    spread over the cluster at address, to the run's end or timeout seconds (Ctrl-C too); then nothing is
+    left on the cluster. Exit codes, the leader's first (None for a process killed at the timeout)."""
+    ray = import_ray()
+    host = connect(ray, address)
+    try:
+        group = reserve(ray, learners, cpus)
+        try:
+            return run_placed(ray, group, host, learners, cpus, leader_args, learner_args, out, timeout)
+        finally:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+    finally:
+        ray.shutdown()
+
+
+def run_placed(
+    ray: Any,
+    group: Any,
+    host: str,
+    learners: int,
+    cpus: int,
+    leader_args: list[str],
+    learner_args: Sequence[str],
+    out: Path,
+    timeout: float,
+) -> list[int | None]:
+    """run's leader and learners once their CPUs are reserved in group."""
+    port = launch.free_port("0.0.0.0")
+    leader = launch.start_leader(learners, leader_args, "0.0.0.0", port, out, to_console=True)
+    actors: list[Any] = []
+    try:
+        if not launch.wait_for_port(host, port, leader, launch.LEADER_LISTEN_TIMEOUT_S) and leader.poll() is not None:
+            return [leader.returncode, *[None] * learners]  # it stopped before it listened: its log says why
+        actors = place(ray, group, learners, cpus)
+        advertised = ray.get([a.start.remote(f"{host}:{port}", cpus, learner_args) for a in actors])
+        print(f"the leader listens on {host}:{port}; learners on {', '.join(advertised)}", flush=True)
+        return wait_for_end(ray, leader, actors, timeout)
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+        collect(ray, actors, out)

@@ -1,0 +1,128 @@
+"""launch.py --ray on a Ray cluster of three network-namespace hosts (federated/tools/hosts.py), each node with an
+address of its own: the head (no CPUs for learners) where launch.py and the leader run, and two worker nodes of
+one CPU. The learners are placed one a node, register from their node's address, leave no actor or process
+behind, and the run reaches the accuracy of the same run as local processes. Marked ray: `make test-ray`."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from federated.tools import hosts, launch
+from tests.support.processes import SMALL_IMAGES
+
+pytestmark = pytest.mark.ray
+
+HEAD_PORT = 6379  # every host has a network stack of its own: the port is free there
+RUN_TIMEOUT_S = 300
+START_TIMEOUT_S = 120
+GONE_TIMEOUT_S = 20.0
+# Every round waits for both learners, so the run is the same computation wherever they run
+RUN = [*SMALL_IMAGES, "--dataset", "synthetic", "--rounds", "20", "--batch-size", "32", "--eval-every", "20"]
+RUN += ["--min-learners", "2", "--round-timeout", "600"]
+RAY = Path(sys.executable).with_name("ray")
+CLUSTER_STATE = """import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+groups = [group["state"] for group in ray.util.placement_group_table().values()]
+print(json.dumps({"groups": groups}))
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The three hosts with a Ray node each (the head on net[0]), removed with every process on them after the
+    module's tests; skipped, saying why, where Ray is missing or namespaces cannot be made."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: make ray (make test-ray installs it and runs these)")
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        with hosts.Hosts(3) as net:
+            ray_start(net[0], "--head", "--port", str(HEAD_PORT), "--num-cpus", "0", "--include-dashboard=false", temp)
+            for worker in (net[1], net[2]):
+                ray_start(worker, "--address", head_address(net), "--num-cpus", "1", temp)
+            yield net
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_start(host: hosts.Host, *args: str) -> None:
+    """`ray start` of a node on host; the last of args is Ray's temporary directory."""
+    *flags, temp = args
+    command = [*host.prefix, str(RAY), "start", "--node-ip-address", host.address, *flags, "--temp-dir", temp]
+    command += ["--disable-usage-stats", "--object-store-memory", str(80 << 20)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+
+
+def head_address(net: hosts.Hosts) -> str:
+    return f"{net[0].address}:{HEAD_PORT}"
+
+
+def launch_run(out: Path, *args: str, prefix: list[str] = ()) -> str:
+    """launch.py with RUN to its end, under prefix; its console output (the leader's log among it)."""
+    command = [*prefix, sys.executable, str(launch.ROOT / "launch.py"), "--learners", "2", "--out", str(out), *args]
+    command += ["--timeout", str(RUN_TIMEOUT_S), "--", *RUN]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def final_accuracy(console: str) -> float:
+    return float(re.search(r"final test accuracy: (\d\.\d+)", console).group(1))
+
+
+def processes_on(host: hosts.Host) -> list[str]:
+    """The command lines of the processes on host."""
+    lines = []
+    for pid in hosts.namespace_pids(host.name):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # it has just exited
+            pass
+    return lines
+
+
+def learners_left(net: hosts.Hosts) -> list[str]:
+    """Learner processes and learner actors still on the hosts, once those being killed have had time to go."""
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while True:
+        left = [line for host in net.hosts for line in processes_on(host) if re.search("learner.py|LearnerActor", line)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ray_run(cluster, tmp_path_factory):
+    """RUN through launch.py --ray on the head's host: its folder and console output."""
+    out = tmp_path_factory.mktemp("ray")
+    return out, launch_run(out, "--ray", head_address(cluster), prefix=cluster[0].prefix)
+
+
+def test_learners_are_placed_one_a_node_and_register_from_its_address(cluster, ray_run):
+    out, console = ray_run
+    registered = re.findall(r"(\S+):\d+ registered as learner \d+", console)
+    assert sorted(registered) == [cluster[1].address, cluster[2].address], console
+    for index in (0, 1):  # the learners' logs, fetched from their nodes
+        assert "LearnerService listening on 0.0.0.0:" in (out / f"learner{index}.log").read_text()
+
+
+def test_nothing_is_left_on_the_cluster_after_the_run(cluster, ray_run):
+    assert learners_left(cluster) == []
+    command = [*cluster[0].prefix, sys.executable, "-c", CLUSTER_STATE, head_address(cluster)]
+    state = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert set(state["groups"]) == {"REMOVED"}
+
+
+def test_the_run_reaches_the_accuracy_of_the_same_run_as_local_processes(ray_run, tmp_path):
+    _, console = ray_run
+    # Same flags, seed and threads (one a learner), every round waiting for both: the same arithmetic
+    assert final_accuracy(console) == final_accuracy(launch_run(tmp_path))
