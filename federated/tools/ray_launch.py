@@ -3,15 +3,15 @@
 
 Each actor runs learner.py as a child process rather than the learner's code in the actor itself: the learner
 keeps its own main thread, signal handlers (SIGTERM stops it cleanly), logging set-up and torch threads, as
-when it runs alone, and Ray's worker process stays what Ray expects. A learner dies with its actor (Linux's
-parent-death signal), so that killing the actors, or an actor that crashes, leaves no learner behind.
+when it runs alone, and Ray's worker process stays what Ray expects. The launcher stops each learner (SIGTERM)
+before it kills its actor; a learner whose actor dies otherwise goes with it, as Ray kills the child processes
+of the workers it ends (Ray 2.60: a learner left running by a killed actor was gone at once, tests/e2e/test_ray.py).
 
 Ray is an optional extra (requirements-ray.txt, `make ray`): it is imported only when a run asks for it.
 """
 
-import ctypes
 import os
-import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +23,11 @@ from typing import Any
 from federated.tools import launch
 
 INSTALL = "make ray (pip install -r requirements-ray.txt)"
+REACH_TIMEOUT_S = 5.0  # for the head's port to accept a connection
 PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs
 POLL_S = 1.0  # how often the learners are asked whether they have ended
 STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
 CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
-PR_SET_PDEATHSIG = 1  # prctl(2)'s option: the signal a process gets when its parent dies
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class RayUnavailable(Exception):
@@ -44,18 +43,10 @@ def import_ray() -> Any:
     return ray
 
 
-def die_with_parent() -> None:
-    """(In the learner's process before it runs learner.py) be killed when the actor's process dies. Only a
-    system call: it runs between fork and exec."""
-    if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class LearnerActor:
     """One learner.py process on this actor's node, listening on every interface and advertising the node's
     address; its output goes to a file on the node until the launcher fetches it. Ray makes this class an
-    actor whose calls run one at a time on the worker's main thread, the thread the learner's parent-death
-    signal is tied to."""
+    actor; its calls run one at a time, so none of them waits on the learner (the launcher polls)."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -91,7 +82,6 @@ class LearnerActor:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
             )
         return address
 
@@ -116,9 +106,28 @@ class LearnerActor:
         return self.log_path.read_text(errors="replace")
 
 
+def check_reachable(address: str) -> None:
+    """RayUnavailable unless something listens at address (HOST:PORT; auto is Ray's to find): Ray itself
+    retries an address where nothing answers for minutes, saying little."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailable(f"--ray {address!r}: give the head node's HOST:PORT (ray start --head: 6379), or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise RayUnavailable(
+            f"no Ray cluster answers at {address} ({error}): start one (ray start --head on its first node, ray "
+            "start --address HEAD:6379 on the others), and give its head's address"
+        ) from error
+
+
 def connect(ray: Any, address: str) -> str:
     """Join the cluster at address as its driver; this node's address, where the leader listens. The actors
     import this project from where it lies here: every node has it at the same path, as it has Ray."""
+    check_reachable(address)
     try:
         ray.init(
             address=address,
@@ -138,14 +147,14 @@ def connect(ray: Any, address: str) -> str:
 def reserve(ray: Any, learners: int, cpus: int) -> Any:
     """A placement group of one bundle of cpus CPUs per learner, spread over the nodes (SPREAD: on as many
     nodes as there are, several on one where there are fewer), once the cluster has reserved it."""
-    from ray.util.placement_group import placement_group, remove_placement_group
-
     have = ray.cluster_resources().get("CPU", 0)
     if have < learners * cpus:
         raise RayUnavailable(
             f"{learners} learners of {cpus} CPUs need {learners * cpus} CPUs; the cluster has {have:g}: add nodes "
             "(ray start --address HEAD:6379), or lower --learners or --ray-cpus"
         )
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     group = placement_group([{"CPU": cpus}] * learners, strategy="SPREAD")
     try:
         ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
