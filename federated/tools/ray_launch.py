@@ -91,15 +91,9 @@ class LearnerActor:
         return self.process.poll()
 
     def stop(self) -> None:
-        """Stop the learner if it runs: SIGTERM (it stops cleanly), then SIGKILL after STOP_WAIT_S."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """Stop the learner if it runs (stop_process: SIGTERM, then SIGKILL)."""
+        if self.process is not None:
+            stop_process(self.process)
 
     def log(self) -> str:
         """What the learner wrote (stdout and stderr)."""
@@ -184,11 +178,27 @@ def wait_for_end(ray: Any, leader: subprocess.Popen, actors: list[Any], timeout:
     """Exit codes of the leader and the learners once all have ended, or after timeout seconds (None for
     those still running)."""
     deadline = time.monotonic() + timeout
-    while True:
-        codes = [leader.poll(), *ray.get([actor.poll.remote() for actor in actors], timeout=CALL_TIMEOUT_S)]
-        if all(code is not None for code in codes) or time.monotonic() >= deadline:
-            return codes
-        time.sleep(POLL_S)
+    codes: list[int | None] = [None] * (1 + len(actors))
+    try:
+        while not all(code is not None for code in codes) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            codes = [leader.poll(), *ray.get([actor.poll.remote() for actor in actors], timeout=CALL_TIMEOUT_S)]
+    except KeyboardInterrupt:
+        print("stopping on Ctrl-C", file=sys.stderr, flush=True)
+    return codes
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop process if it runs: SIGTERM (the leader and the learners stop cleanly on it), then SIGKILL after
+    STOP_WAIT_S."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def collect(ray: Any, actors: list[Any], out: Path) -> None:
@@ -253,7 +263,5 @@ def run_placed(
         print(f"the leader listens on {host}:{port}; learners on {', '.join(advertised)}", flush=True)
         return wait_for_end(ray, leader, actors, timeout)
     finally:
-        if leader.poll() is None:
-            leader.kill()
-            leader.wait()
+        stop_process(leader)  # on SIGTERM it gives up the open round, checkpoints and tells its learners
         collect(ray, actors, out)
