@@ -205,9 +205,9 @@ class LaunchConfig(Config):
     # once learner.py --virtual lands on main; until then one learner process per actor.
     ray: str | None = option(
         None,
-        "place the learners as actors across the nodes of the Ray cluster at ADDRESS (its head's HOST:PORT, or "
-        "auto: the cluster of this machine), one learner process each; the leader runs here, on a node of the "
-        "cluster (make ray installs Ray)",
+        "place the learners as actors across the nodes of the Ray cluster at ADDRESS, one learner process each; "
+        "the leader runs here: on a node of the cluster (ADDRESS its head's HOST:6379, or auto) or anywhere that "
+        "reaches its head and nodes (ray://HEAD:10001, Ray Client); make ray installs Ray",
         group="ray",
         metavar="ADDRESS",
     )

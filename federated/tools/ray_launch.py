@@ -23,6 +23,7 @@ from typing import Any
 from federated.tools import launch
 
 INSTALL = "make ray (pip install -r requirements-ray.txt)"
+CLIENT = "ray://"  # an address of Ray Client's server on the head: launch.py may run off the cluster
 REACH_TIMEOUT_S = 5.0  # for the head's port to accept a connection
 PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs
 POLL_S = 1.0  # how often the learners are asked whether they have ended
@@ -100,16 +101,26 @@ class LearnerActor:
         return self.log_path.read_text(errors="replace")
 
 
-def check_reachable(address: str) -> None:
-    """RayUnavailable unless something listens at address (HOST:PORT; auto is Ray's to find): Ray itself
-    retries an address where nothing answers for minutes, saying little."""
+def head(address: str) -> tuple[str, int] | None:
+    """The head's host and port in address (HEAD:PORT or ray://HEAD:PORT); None for auto (Ray finds it)."""
     if address == "auto":
-        return
-    host, _, port = address.rpartition(":")
+        return None
+    host, _, port = address.removeprefix(CLIENT).rpartition(":")
     if not host or not port.isdigit():
-        raise RayUnavailable(f"--ray {address!r}: give the head node's HOST:PORT (ray start --head: 6379), or auto")
+        raise RayUnavailable(
+            f"--ray {address!r}: give the head's HOST:6379 (launch.py on a node of the cluster), "
+            "ray://HOST:10001 (anywhere else), or auto"
+        )
+    return host, int(port)
+
+
+def check_reachable(address: str) -> None:
+    """RayUnavailable unless something listens at address: Ray itself retries an address where nothing
+    answers for minutes, saying little."""
+    if (found := head(address)) is None:
+        return
     try:
-        with socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S):
+        with socket.create_connection(found, timeout=REACH_TIMEOUT_S):
             pass
     except OSError as error:
         raise RayUnavailable(
@@ -118,9 +129,18 @@ def check_reachable(address: str) -> None:
         ) from error
 
 
+def route_address(host: str) -> str:
+    """This machine's address on the route to host (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
+
+
 def connect(ray: Any, address: str) -> str:
-    """Join the cluster at address as its driver; this node's address, where the leader listens. The actors
-    import this project from where it lies here: every node has it at the same path, as it has Ray."""
+    """Join the cluster at address as its driver: on one of its nodes (HEAD:PORT, auto), or from anywhere
+    through Ray Client (ray://HEAD:PORT). This machine's address as the nodes reach it, where the leader
+    listens: Ray's address of this node, or the address on the route to the head. The actors import this
+    project from where it lies here: every node has it at the same path, as it has Ray."""
     check_reachable(address)
     try:
         ray.init(
@@ -132,10 +152,11 @@ def connect(ray: Any, address: str) -> str:
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise RayUnavailable(
             f"cannot join the Ray cluster at {address} ({error}); start one (ray start --head on its first node, "
-            "ray start --address HEAD:6379 on the others) and run launch.py on one of its nodes, with --ray "
-            "HEAD:6379 or --ray auto"
+            "ray start --address HEAD:6379 on the others), and give --ray HEAD:6379 or auto on one of its nodes, "
+            "ray://HEAD:10001 elsewhere"
         ) from error
-    return ray.util.get_node_ip_address()
+    found = head(address)
+    return route_address(found[0]) if found and address.startswith(CLIENT) else ray.util.get_node_ip_address()
 
 
 def reserve(ray: Any, learners: int, cpus: int) -> Any:

@@ -1,8 +1,9 @@
-"""launch.py --ray on a Ray cluster of three network-namespace hosts (federated/tools/hosts.py), each node with an
-address of its own: the head (no CPUs for learners) where launch.py and the leader run, and two worker nodes of
-one CPU. The learners are placed one a node, register from their node's address, leave no actor or process
-behind, and the run reaches the accuracy of the same run as local processes; a run stopped by its --timeout
-stops cleanly and leaves nothing either. Marked ray: `make test-ray`."""
+"""launch.py --ray on a Ray cluster of network-namespace hosts (federated/tools/hosts.py), each node with an
+address of its own: the head and a worker node of one CPU each, and a host outside the cluster. The learners are
+placed one a node, register from their node's address, leave no actor or process behind, and the run (launch.py
+and its leader outside the cluster, through Ray Client) reaches the accuracy of the same run as local processes;
+a run launched on the head node and stopped by its --timeout stops cleanly and leaves nothing either. Marked
+ray: `make test-ray`."""
 
 import json
 import re
@@ -20,7 +21,8 @@ from federated.tools import hosts, launch
 
 pytestmark = pytest.mark.ray
 
-HEAD_PORT = 6379  # every host has a network stack of its own: the port is free there
+HEAD_PORT = 6379  # every host has a network stack of its own: the ports are free there
+CLIENT_PORT = 10001  # Ray Client's server on the head (ray start --head starts it)
 RUN_TIMEOUT_S = 300
 START_TIMEOUT_S = 120
 GONE_TIMEOUT_S = 20.0
@@ -41,8 +43,9 @@ print(json.dumps({"groups": groups}))
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The three hosts with a Ray node each (the head on net[0]), removed with every process on them after the
-    module's tests; skipped, saying why, where Ray is missing or namespaces cannot be made."""
+    """Three hosts: net[0] outside the cluster, the head on net[1] and a worker node on net[2], one CPU each;
+    removed with every process on them after the module's tests; skipped, saying why, where Ray is missing or
+    namespaces cannot be made."""
     pytest.importorskip("ray", reason="Ray is an optional extra: make ray (make test-ray installs it and runs these)")
     reason = hosts.unavailable()
     if reason:
@@ -50,25 +53,33 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     try:
         with hosts.Hosts(3) as net:
-            ray_start(net[0], "--head", "--port", str(HEAD_PORT), "--num-cpus", "0", "--include-dashboard=false", temp)
-            for worker in (net[1], net[2]):
-                ray_start(worker, "--address", head_address(net), "--num-cpus", "1", temp)
+            ray_start(
+                net[1],
+                temp,
+                "--head",
+                "--port",
+                str(HEAD_PORT),
+                "--ray-client-server-port",
+                str(CLIENT_PORT),
+                "--include-dashboard=false",
+            )
+            ray_start(net[2], temp, "--address", head_address(net))
             yield net
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def ray_start(host: hosts.Host, *args: str) -> None:
-    """`ray start` of a node on host; the last of args is Ray's temporary directory."""
-    *flags, temp = args
-    command = [*host.prefix, str(RAY), "start", "--node-ip-address", host.address, *flags, "--temp-dir", temp]
-    command += ["--disable-usage-stats", "--object-store-memory", str(80 << 20)]
+def ray_start(host: hosts.Host, temp: str, *args: str) -> None:
+    """`ray start` of a node of one CPU on host, with temp as Ray's temporary directory."""
+    command = [*host.prefix, str(RAY), "start", "--node-ip-address", host.address, "--num-cpus", "1", *args]
+    command += ["--temp-dir", temp, "--disable-usage-stats"]
+    command += ["--object-store-memory", str(80 << 20)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
 
 
 def head_address(net: hosts.Hosts) -> str:
-    return f"{net[0].address}:{HEAD_PORT}"
+    return f"{net[1].address}:{HEAD_PORT}"
 
 
 def launch_run(out: Path, *args: str, prefix: Sequence[str] = (), leader_args: Sequence[str] = ()) -> tuple[int, str]:
@@ -107,11 +118,11 @@ def learners_left(net: hosts.Hosts) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_run(cluster, tmp_path_factory):
-    """RUN through launch.py --ray on the head's host: its folder and console output."""
+    """RUN through launch.py --ray on the host outside the cluster, through Ray Client: its folder and console
+    output."""
     out = tmp_path_factory.mktemp("ray")
-    code, console = launch_run(
-        out, "--ray", head_address(cluster), "--timeout", str(RUN_TIMEOUT_S), prefix=cluster[0].prefix
-    )
+    client = f"ray://{cluster[1].address}:{CLIENT_PORT}"
+    code, console = launch_run(out, "--ray", client, "--timeout", str(RUN_TIMEOUT_S), prefix=cluster[0].prefix)
     assert code == 0, console[-6000:]
     return out, console
 
@@ -141,7 +152,7 @@ def test_a_run_stopped_at_its_timeout_stops_cleanly_and_leaves_nothing_on_the_cl
     code, console = launch_run(
         tmp_path,
         *("--ray", head_address(cluster), "--timeout", str(STOPPED_AFTER_S)),
-        prefix=cluster[0].prefix,
+        prefix=cluster[1].prefix,  # launch.py and its leader on the head node
         leader_args=["--rounds", "100000"],
     )
     assert code == 1 and "exit codes: leader None, learners [None, None]" in console, console[-6000:]
@@ -155,7 +166,7 @@ def test_a_run_stopped_at_its_timeout_stops_cleanly_and_leaves_nothing_on_the_cl
 
 def placement_groups(net: hosts.Hosts) -> set[str]:
     """The states of the placement groups the cluster has known."""
-    command = [*net[0].prefix, sys.executable, "-c", CLUSTER_STATE, head_address(net)]
+    command = [*net[1].prefix, sys.executable, "-c", CLUSTER_STATE, head_address(net)]
     return set(
         json.loads(subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout)["groups"]
     )

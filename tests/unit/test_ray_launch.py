@@ -24,7 +24,7 @@ def test_a_cluster_without_the_learners_cpus_is_refused_before_anything_is_reser
 
 
 @pytest.mark.parametrize(
-    ("address", "reason"), [("head", "give the head node's HOST:PORT"), ("127.0.0.1:{port}", "no Ray cluster answers")]
+    ("address", "reason"), [("head", "give the head's HOST:6379"), ("127.0.0.1:{port}", "no Ray cluster answers")]
 )
 def test_an_address_where_no_cluster_answers_is_refused_at_once(address, reason, port):
     with pytest.raises(ray_launch.RayUnavailable, match=reason):
