@@ -1,4 +1,5 @@
-"""Run a leader and N learners as local processes, e.g. for the demo; print the final test accuracy."""
+"""Run a leader and N learners as local processes, e.g. for the demo, or with --ray the learners on a Ray cluster
+(ray_launch.py); print the final test accuracy."""
 
 import os
 import shlex
@@ -223,15 +224,17 @@ EXAMPLES = """examples:
                                                               leader.py's flags after --
   python launch.py --learners 5 --learner-flags "--require-secure-aggregation" -- --secure-aggregation
                                                               learner.py's flags in one string
-  python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own"""
+  python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own
+  python launch.py --ray ray://HEAD:10001 --learners 4 -- --dataset digits --image-size 8
+                                                              the learners on a Ray cluster (make ray)"""
 
 
 def parser() -> Parser:
     """launch.py's argument parser (what it does not know goes to leader.py)."""
     return build_parser(
         LaunchConfig,
-        "Run a leader and N learners on this machine, on loopback; flags after -- (or "
-        "any launch.py does not know) go to leader.py.",
+        "Run a leader and N learners on this machine, on loopback (with --ray: the learners on a Ray "
+        "cluster's nodes); flags after -- (or any launch.py does not know) go to leader.py.",
         EXAMPLES,
         prog="launch.py",
         groups=GROUPS,
