@@ -1,11 +1,12 @@
-"""Learners as actors on a Ray cluster, spread over its nodes by a placement group, with the leader on this node
-(launch.py --ray; docs/ray.md).
+"""Learners as actors on a Ray cluster, spread over its nodes by a placement group, with the leader here: on a
+node of the cluster, or off it through Ray Client (launch.py --ray; docs/ray.md).
 
 Each actor runs learner.py as a child process rather than the learner's code in the actor itself: the learner
 keeps its own main thread, signal handlers (SIGTERM stops it cleanly), logging set-up and torch threads, as
 when it runs alone, and Ray's worker process stays what Ray expects. The launcher stops each learner (SIGTERM)
 before it kills its actor; a learner whose actor dies otherwise goes with it, as Ray kills the child processes
-of the workers it ends (Ray 2.60: a learner left running by a killed actor was gone at once, tests/e2e/test_ray.py).
+of the workers it ends (seen with Ray 2.60: with the launcher's SIGTERMs left out, the learners of the killed
+actors were gone at once).
 
 Ray is an optional extra (requirements-ray.txt, `make ray`): it is imported only when a run asks for it.
 """
@@ -25,7 +26,7 @@ from federated.tools import launch
 INSTALL = "make ray (pip install -r requirements-ray.txt)"
 CLIENT = "ray://"  # an address of Ray Client's server on the head: launch.py may run off the cluster
 REACH_TIMEOUT_S = 5.0  # for the head's port to accept a connection
-PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs
+PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs, and to start their actors
 POLL_S = 1.0  # how often the learners are asked whether they have ended
 STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
 CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
@@ -96,9 +97,11 @@ class LearnerActor:
         if self.process is not None:
             stop_process(self.process)
 
-    def log(self) -> str:
-        """What the learner wrote (stdout and stderr)."""
-        return self.log_path.read_text(errors="replace")
+    def take_log(self) -> str:
+        """What the learner wrote (stdout and stderr); its file on the node is removed."""
+        text = self.log_path.read_text(errors="replace")
+        self.log_path.unlink()
+        return text
 
 
 def head(address: str) -> tuple[str, int] | None:
@@ -196,8 +199,8 @@ def place(ray: Any, group: Any, learners: int, cpus: int) -> list[Any]:
 
 
 def wait_for_end(ray: Any, leader: subprocess.Popen, actors: list[Any], timeout: float) -> list[int | None]:
-    """Exit codes of the leader and the learners once all have ended, or after timeout seconds (None for
-    those still running)."""
+    """Exit codes of the leader and the learners once all have ended, or after timeout seconds or at Ctrl-C
+    (None for those still running)."""
     deadline = time.monotonic() + timeout
     codes: list[int | None] = [None] * (1 + len(actors))
     try:
@@ -228,7 +231,7 @@ def collect(ray: Any, actors: list[Any], out: Path) -> None:
     for index, actor in enumerate(actors):
         try:
             ray.get(actor.stop.remote(), timeout=STOP_WAIT_S + CALL_TIMEOUT_S)
-            (out / f"learner{index}.log").write_text(ray.get(actor.log.remote(), timeout=CALL_TIMEOUT_S))
+            (out / f"learner{index}.log").write_text(ray.get(actor.take_log.remote(), timeout=CALL_TIMEOUT_S))
         except ray.exceptions.RayError as error:
             print(f"NOTICE: no log from learner {index}: {error}", file=sys.stderr, flush=True)
         finally:
@@ -244,9 +247,9 @@ def run(
     out: Path,
     timeout: float,
 ) -> list[int | None]:
-    """A leader here, listening on this node's address, and `learners` learner actors of cpus CPUs each
-    spread over the cluster at address, to the run's end or timeout seconds (Ctrl-C too); then nothing is
-    left on the cluster. Exit codes, the leader's first (None for a process killed at the timeout)."""
+    """A leader here, listening on every interface, and `learners` learner actors of cpus CPUs each spread over
+    the cluster at address, to the run's end, timeout seconds or Ctrl-C; then nothing is left on the cluster.
+    Exit codes, the leader's first (None for a process still running at the timeout or Ctrl-C, then stopped)."""
     ray = import_ray()
     host = connect(ray, address)
     try:
@@ -280,7 +283,8 @@ def run_placed(
         if not launch.wait_for_port(host, port, leader, launch.LEADER_LISTEN_TIMEOUT_S) and leader.poll() is not None:
             return [leader.returncode, *[None] * learners]  # it stopped before it listened: its log says why
         actors = place(ray, group, learners, cpus)
-        advertised = ray.get([a.start.remote(f"{host}:{port}", cpus, learner_args) for a in actors])
+        started = [actor.start.remote(f"{host}:{port}", cpus, learner_args) for actor in actors]
+        advertised = ray.get(started, timeout=PLACEMENT_TIMEOUT_S)
         print(f"the leader listens on {host}:{port}; learners on {', '.join(advertised)}", flush=True)
         return wait_for_end(ray, leader, actors, timeout)
     finally:
