@@ -11,7 +11,7 @@ GENERATED := protos/leader_pb2.py protos/leader_pb2.pyi protos/leader_pb2_grpc.p
 TORCH_INDEX ?=
 TORCH_PINS := $(shell grep -oE '^(torch|torchvision)==[^ #]+' requirements.txt)
 
-.PHONY: install proto demo test test-fast test-long lint bench bench-full certs docs clean
+.PHONY: install proto demo test test-fast test-long ray test-ray lint bench bench-full certs docs clean
 
 install: $(STAMP) $(GENERATED)
 
@@ -35,14 +35,22 @@ demo: install
 # Unit and service tests run on two workers (pytest-xdist: each test owns its ports and files), end-to-end tests one
 # at a time (their processes share the cores, and their deadlines assume they have them).
 test: install
-	$(PY) -m pytest -q -n 2 -m "(unit or service) and not long"
-	$(PY) -m pytest -q -m "e2e and not long"
+	$(PY) -m pytest -q -n 2 -m "(unit or service) and not long and not ray"
+	$(PY) -m pytest -q -m "e2e and not long and not ray"
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "(unit or service) and not long"
+	$(PY) -m pytest -q -n 2 -m "(unit or service) and not long and not ray"
 
 test-long: install
-	$(PY) -m pytest -q -m long
+	$(PY) -m pytest -q -m "long and not ray"
+
+# Ray, the optional extra of launch.py --ray (requirements-ray.txt), and the tests marked ray: a Ray cluster of
+# network-namespace hosts made and removed by the tests (they need root; they skip, saying why, where they cannot).
+ray: install
+	$(PY) -m pip install --quiet -r requirements-ray.txt
+
+test-ray: ray
+	$(PY) -m pytest -q -m ray
 
 # ruff (lint, and the format check) and mypy, as pyproject.toml configures them; no findings is the bar.
 lint: install

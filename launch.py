@@ -1,4 +1,5 @@
-"""Run a leader and N learners as local processes, e.g. for the demo (python launch.py --help)."""
+"""Run a leader and N learners as local processes, e.g. for the demo, or the learners on a Ray cluster
+(python launch.py --help)."""
 
 import sys
 

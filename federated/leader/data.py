@@ -16,7 +16,6 @@ from federated.wire.messages import DataSummary, ShardInfo
 
 log = logging.getLogger("leader")
 
-LOGGED_SHARDS = 20  # the learners whose shards the log describes (partition.json: every one)
 
 # With each learner's own epochs, a leader without data weighs an update at most as much as this many typical
 # learners' (the median shard's): an honest learner of up to 4 typical shards (uneven partitions) still weighs its
@@ -90,11 +89,8 @@ def load(config: LeaderConfig, out: Path) -> LeaderData:
         )
     except ValueError as error:
         raise utils.DatasetError(f"--partition {config.partition}: {error}") from None
-    shards = partition.describe(partition.write_partition(out, train.labels, indices, train.num_classes))
-    for line in shards[:LOGGED_SHARDS]:
+    for line in partition.describe(partition.write_partition(out, train.labels, indices, train.num_classes)):
         log.info("%s", line)
-    if len(shards) > LOGGED_SHARDS:
-        log.info("learners %d-%d: their shards are in %s", LOGGED_SHARDS, len(shards) - 1, out / "partition.json")
     mean, std = utils.channel_stats(train.images)
     log.info("%d train / %d test images, %s partition", len(train), len(test), config.partition)
     facts = DataFacts(mean, std, sum(map(len, indices)) // len(indices))

@@ -1,4 +1,5 @@
-"""Run a leader and N learners as local processes, e.g. for the demo; print the final test accuracy."""
+"""Run a leader and N learners as local processes, e.g. for the demo, or with --ray the learners on a Ray cluster
+(ray_launch.py); print the final test accuracy."""
 
 import os
 import shlex
@@ -30,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: leader.py and lear
 LEADER_LISTEN_TIMEOUT_S = 600.0
 
 
-def free_port() -> int:
-    """A TCP port that is free right now on localhost."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on host (localhost unless told; 0.0.0.0: on every interface)."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
@@ -50,6 +51,36 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, timeout: floa
                 return False
             time.sleep(0.1)
     return False
+
+
+def start_leader(
+    learners: int,
+    leader_args: list[str],
+    host: str,
+    port: int,
+    out: Path,
+    to_console: bool = False,
+    prefix: Sequence[str] = (),
+) -> subprocess.Popen:
+    """leader.py for `learners` learners listening on host:port (run under prefix, if given), writing its
+    outputs to out and logging to out/leader.log, or to this console if asked."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        *prefix,
+        sys.executable,
+        str(ROOT / "leader.py"),
+        "--learners",
+        str(learners),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+        *leader_args,
+    ]
+    log = None if to_console else open(out / "leader.log", "w")
+    return subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_federation(
@@ -69,27 +100,12 @@ def start_federation(
     On localhost everything listens on the loopback interface only, and the learners start once the leader
     listens (no learner if it exits first: the leader's exit code says why). With hosts the learners start at
     once and wait for the leader themselves: its namespace cannot be reached from here."""
-    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     threads = max(1, runtime.available_cores() // learners)
     place = lambda index: list(hosts[index].prefix) if hosts else []
     leader_host = hosts[0].address if hosts else "127.0.0.1"
-    leader_cmd = [
-        *place(0),
-        sys.executable,
-        str(ROOT / "leader.py"),
-        "--learners",
-        str(learners),
-        "--host",
-        "0.0.0.0" if hosts else "127.0.0.1",
-        "--port",
-        str(port),
-        "--out",
-        str(out),
-        *leader_args,
-    ]
-    leader_log = None if leader_to_console else open(out / "leader.log", "w")
-    leader = subprocess.Popen(leader_cmd, env=env, stdout=leader_log, stderr=subprocess.STDOUT)
+    listen_on = "0.0.0.0" if hosts else "127.0.0.1"
+    leader = start_leader(learners, leader_args, listen_on, port, out, leader_to_console, place(0))
     if not hosts and not wait_for_port(leader_host, port, leader, LEADER_LISTEN_TIMEOUT_S):
         if leader.poll() is not None:
             return leader, []
@@ -186,24 +202,39 @@ class LaunchConfig(Config):
         group="launch",
         metavar="FLAGS",
     )
+    # TODO(lead): pools of virtual learners per actor (--virtual-per-actor K, running learner.py --virtual K)
+    # once learner.py --virtual lands on main; until then one learner process per actor.
+    ray: str | None = option(
+        None,
+        "place the learners as actors across the nodes of the Ray cluster at ADDRESS, one learner process each; "
+        "the leader runs here: on a node of the cluster (ADDRESS its head's HOST:6379, or auto) or anywhere that "
+        "reaches its head and nodes (ray://HEAD:10001, Ray Client); make ray installs Ray",
+        group="ray",
+        metavar="ADDRESS",
+    )
+    ray_cpus: int = option(
+        1, "CPUs each learner reserves on its node, its torch threads (--ray)", group="ray", bounds=Bounds(1)
+    )
 
 
-GROUPS = {"launch": ""}
+GROUPS = {"launch": "", "ray": "learners on a Ray cluster (docs/ray.md)"}
 EXAMPLES = """examples:
   python launch.py --demo                                     what make demo runs
   python launch.py --learners 4 -- --dataset synthetic --strategy fedavg --rounds 20
                                                               leader.py's flags after --
   python launch.py --learners 5 --learner-flags "--require-secure-aggregation" -- --secure-aggregation
                                                               learner.py's flags in one string
-  python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own"""
+  python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own
+  python launch.py --ray ray://HEAD:10001 --learners 4 -- --dataset digits --image-size 8
+                                                              the learners on a Ray cluster (make ray)"""
 
 
 def parser() -> Parser:
     """launch.py's argument parser (what it does not know goes to leader.py)."""
     return build_parser(
         LaunchConfig,
-        "Run a leader and N learners on this machine, on loopback; flags after -- (or "
-        "any launch.py does not know) go to leader.py.",
+        "Run a leader and N learners on this machine, on loopback (with --ray: the learners on a Ray "
+        "cluster's nodes); flags after -- (or any launch.py does not know) go to leader.py.",
         EXAMPLES,
         prog="launch.py",
         groups=GROUPS,
@@ -218,6 +249,20 @@ def joined_learner_flags(argv: list[str]) -> list[str]:
         arg = rest.pop(0)
         joined.append(f"{arg}={rest.pop(0)}" if arg == "--learner-flags" and rest else arg)
     return joined + rest
+
+
+def run_on_ray(args: LaunchConfig, leader_args: list[str], out: Path) -> list[int | None]:
+    """The run with its learners on the Ray cluster at args.ray (federated/tools/ray_launch.py): exit codes,
+    the leader's first; refused, saying what to do, where Ray is missing or the cluster cannot take them."""
+    from federated.tools import ray_launch  # imports Ray, an optional extra, only when asked for
+
+    assert args.ray is not None
+    try:
+        return ray_launch.run(
+            args.ray, args.learners, args.ray_cpus, leader_args, shlex.split(args.learner_flags), out, args.timeout
+        )
+    except ray_launch.RayUnavailable as error:
+        refuse("launch.py", [str(error)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,10 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     print(f"starting a leader and {args.learners} learners; the leader logs here, the learners in {out}/", flush=True)
     started = time.monotonic()
-    leader, learners = start_federation(
-        args.learners, leader_args, free_port(), out, shlex.split(args.learner_flags), leader_to_console=True
-    )
-    codes = wait_all([leader, *learners], args.timeout)
+    if args.ray:
+        codes = run_on_ray(args, leader_args, out)
+    else:
+        leader, learners = start_federation(
+            args.learners, leader_args, free_port(), out, shlex.split(args.learner_flags), leader_to_console=True
+        )
+        codes = wait_all([leader, *learners], args.timeout)
     print(f"exit codes: leader {codes[0]}, learners {codes[1:]}; {time.monotonic() - started:.0f} s")
     if any(code != 0 for code in codes):
         print(f"a process failed; see the leader's log above and {out}/learner*.log", file=sys.stderr)
