@@ -23,6 +23,7 @@ from federated.common.flags import (
     refuse,
 )
 from federated.core import partition
+from federated.core.plan import MAX_LEARNERS
 from federated.leader.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: leader.py and learner.py
@@ -91,8 +92,10 @@ def start_federation(
     learner_args: Sequence[str] = (),
     leader_to_console: bool = False,
     hosts: Sequence | None = None,
+    virtual: int = 1,
 ) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
-    """Start the leader and the learners, each learner with its share of this machine's cores, logging to
+    """Start the leader and the learner processes, each with its share of this machine's cores and `virtual`
+    learners (learner.py --virtual: the leader waits for learners x virtual), logging to
     out/*.log (the leader to this console instead, if asked). All on localhost, or with hosts the leader on
     hosts[0] and learner i on hosts[i + 1], given only the leader's address (each host has .prefix, the
     command that runs a program there, and .address: tools/hosts.py's network namespaces).
@@ -105,7 +108,7 @@ def start_federation(
     place = lambda index: list(hosts[index].prefix) if hosts else []
     leader_host = hosts[0].address if hosts else "127.0.0.1"
     listen_on = "0.0.0.0" if hosts else "127.0.0.1"
-    leader = start_leader(learners, leader_args, listen_on, port, out, leader_to_console, place(0))
+    leader = start_leader(learners * virtual, leader_args, listen_on, port, out, leader_to_console, place(0))
     if not hosts and not wait_for_port(leader_host, port, leader, LEADER_LISTEN_TIMEOUT_S):
         if leader.poll() is not None:
             return leader, []
@@ -124,6 +127,7 @@ def start_federation(
         *listen,
         "--threads",
         str(threads),
+        *virtual_flags(virtual),
         *learner_args,
     ]
     procs = [
@@ -133,6 +137,11 @@ def start_federation(
         for index in range(learners)
     ]
     return leader, procs
+
+
+def virtual_flags(virtual: int) -> list[str]:
+    """learner.py's flags for a process of `virtual` learners (none for one: a process of one learner)."""
+    return ["--virtual", str(virtual)] if virtual > 1 else []
 
 
 def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
@@ -202,11 +211,18 @@ class LaunchConfig(Config):
         group="launch",
         metavar="FLAGS",
     )
-    # TODO(lead): pools of virtual learners per actor (--virtual-per-actor K, running learner.py --virtual K)
-    # once learner.py --virtual lands on main; until then one learner process per actor.
+    virtual: int = option(
+        1,
+        "learners in each learner process (learner.py --virtual K, one model and training loop for K learners, "
+        "docs/scale.md): the leader waits for --learners x K learners",
+        group="launch",
+        bounds=Bounds(1, MAX_LEARNERS),
+        metavar="K",
+    )
     ray: str | None = option(
         None,
-        "place the learners as actors across the nodes of the Ray cluster at ADDRESS, one learner process each; "
+        "place the learner processes as actors across the nodes of the Ray cluster at ADDRESS, one each (of "
+        "--virtual learners); "
         "the leader runs here: on a node of the cluster (ADDRESS its head's HOST:6379, or auto) or anywhere that "
         "reaches its head and nodes (ray://HEAD:10001, Ray Client); make ray installs Ray",
         group="ray",
@@ -225,6 +241,9 @@ EXAMPLES = """examples:
   python launch.py --learners 5 --learner-flags "--require-secure-aggregation" -- --secure-aggregation
                                                               learner.py's flags in one string
   python launch.py --write-digits data/digits --learners 2    image folders for learners with data of their own
+  python launch.py --learners 2 --virtual 500 -- --dataset synthetic --partition dirichlet-equal --alpha 0.1 \
+      --strategy fedprox --learners-per-round 20 --batch-size 8 --image-size 16 --rounds 200
+                                                              1,000 learners in two processes (docs/scale.md)
   python launch.py --ray ray://HEAD:10001 --learners 4 -- --dataset digits --image-size 8
                                                               the learners on a Ray cluster (make ray)"""
 
@@ -259,7 +278,14 @@ def run_on_ray(args: LaunchConfig, leader_args: list[str], out: Path) -> list[in
     assert args.ray is not None
     try:
         return ray_launch.run(
-            args.ray, args.learners, args.ray_cpus, leader_args, shlex.split(args.learner_flags), out, args.timeout
+            args.ray,
+            args.learners,
+            args.ray_cpus,
+            leader_args,
+            [*virtual_flags(args.virtual), *shlex.split(args.learner_flags)],
+            out,
+            args.timeout,
+            args.virtual,
         )
     except ray_launch.RayUnavailable as error:
         refuse("launch.py", [str(error)])
@@ -292,13 +318,24 @@ def main(argv: list[str] | None = None) -> int:
             *leader_args,
         ]
     out = Path(args.out)
-    print(f"starting a leader and {args.learners} learners; the leader logs here, the learners in {out}/", flush=True)
+    pools = f" in {args.learners} processes" if args.virtual > 1 else ""
+    print(
+        f"starting a leader and {args.learners * args.virtual} learners{pools}; the leader logs here, the learners "
+        f"in {out}/",
+        flush=True,
+    )
     started = time.monotonic()
     if args.ray:
         codes = run_on_ray(args, leader_args, out)
     else:
         leader, learners = start_federation(
-            args.learners, leader_args, free_port(), out, shlex.split(args.learner_flags), leader_to_console=True
+            args.learners,
+            leader_args,
+            free_port(),
+            out,
+            shlex.split(args.learner_flags),
+            leader_to_console=True,
+            virtual=args.virtual,
         )
         codes = wait_all([leader, *learners], args.timeout)
     print(f"exit codes: leader {codes[0]}, learners {codes[1:]}; {time.monotonic() - started:.0f} s")

@@ -57,12 +57,12 @@ class LearnerActor:
         self.log_path = Path(name)
 
     def start(self, leader: str, threads: int, args: Sequence[str]) -> str:
-        """Start the learner of the leader at leader (HOST:PORT) with its flags args; the HOST:PORT it
-        advertises (its node's address)."""
+        """Start the learner process of the leader at leader (HOST:PORT) with its flags args; the host it
+        advertises (its node's address), with the ports its learners listen on (free ones, found by the learner
+        itself: a process of --virtual K learners takes K)."""
         import ray
 
-        host, port = ray.util.get_node_ip_address(), launch.free_port("0.0.0.0")
-        address = f"{host}:{port}"
+        host = ray.util.get_node_ip_address()
         command = [
             sys.executable,
             str(launch.ROOT / "learner.py"),
@@ -71,9 +71,9 @@ class LearnerActor:
             "--host",
             "0.0.0.0",
             "--port",
-            str(port),
+            "0",
             "--advertise",
-            address,
+            host,
             "--threads",
             str(threads),
             *args,
@@ -85,7 +85,7 @@ class LearnerActor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        return address
+        return host
 
     def poll(self) -> int | None:
         """The learner's exit code, None while it runs."""
@@ -246,16 +246,18 @@ def run(
     learner_args: Sequence[str],
     out: Path,
     timeout: float,
+    virtual: int = 1,
 ) -> list[int | None]:
     """A leader here, listening on every interface, and `learners` learner actors of cpus CPUs each spread over
-    the cluster at address, to the run's end, timeout seconds or Ctrl-C; then nothing is left on the cluster.
+    the cluster at address (each a process of `virtual` learners: learner_args says --virtual), to the run's end,
+    timeout seconds or Ctrl-C; then nothing is left on the cluster.
     Exit codes, the leader's first (None for a process still running at the timeout or Ctrl-C, then stopped)."""
     ray = import_ray()
     host = connect(ray, address)
     try:
         group = reserve(ray, learners, cpus)
         try:
-            return run_placed(ray, group, host, learners, cpus, leader_args, learner_args, out, timeout)
+            return run_placed(ray, group, host, learners, cpus, leader_args, learner_args, out, timeout, virtual)
         finally:
             from ray.util.placement_group import remove_placement_group
 
@@ -274,10 +276,11 @@ def run_placed(
     learner_args: Sequence[str],
     out: Path,
     timeout: float,
+    virtual: int,
 ) -> list[int | None]:
     """run's leader and learners once their CPUs are reserved in group."""
     port = launch.free_port("0.0.0.0")
-    leader = launch.start_leader(learners, leader_args, "0.0.0.0", port, out, to_console=True)
+    leader = launch.start_leader(learners * virtual, leader_args, "0.0.0.0", port, out, to_console=True)
     actors: list[Any] = []
     try:
         if not launch.wait_for_port(host, port, leader, launch.LEADER_LISTEN_TIMEOUT_S) and leader.poll() is not None:
