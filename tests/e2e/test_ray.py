@@ -1,7 +1,8 @@
 """launch.py --ray on a Ray cluster of network-namespace hosts (federated/tools/hosts.py), each node with an
 address of its own: the head and a worker node of one CPU each, and a host outside the cluster. The learners are
-placed one a node, register from their node's address, leave no actor or process behind, and the run (launch.py
-and its leader outside the cluster, through Ray Client) reaches the accuracy of the same run as local processes;
+placed one a node (each a process of two virtual learners), register from their node's address, leave no actor or
+process behind, and the run (launch.py and its leader outside the cluster, through Ray Client) reaches the accuracy
+of the same run as local processes;
 a run launched on the head node and stopped by its --timeout stops cleanly and leaves nothing either. Marked
 ray: `make test-ray`."""
 
@@ -27,12 +28,13 @@ CLIENT_PORT = 10001  # Ray Client's server on the head (ray start --head starts 
 RUN_TIMEOUT_S = 300
 START_TIMEOUT_S = 120
 GONE_TIMEOUT_S = 20.0
-# FedSGD on the digits at their own 8 pixels: 100 rounds of a batch reach about 0.94. Every round waits for both
+# FedSGD on the digits at their own 8 pixels: 100 rounds of a batch reach about 0.94. Every round waits for every
 # learners and weighs each by its batch of 32 (a power of two: the weighted sum is exact whichever update comes
 # first), so the run is the same arithmetic wherever its learners run. (FedAvg weighs by 719 samples, and the
 # order of arrival changes the sum's last bits: two local runs of 5 epochs ended 0.025 apart.)
 RUN = ["--dataset", "digits", "--image-size", "8", "--rounds", "100", "--batch-size", "32", "--eval-every", "100"]
 RUN += ["--min-learners", "2", "--round-timeout", "600"]
+POOLS = ("--virtual", "2")  # the shared run's learner processes: two learners each, on Ray as locally
 STOPPED_AFTER_S = 20  # the --timeout of a run stopped early: its learners are training by then
 RAY = Path(sys.executable).with_name("ray")
 CLUSTER_STATE = """import json, sys, ray
@@ -125,7 +127,7 @@ def ray_run(cluster, tmp_path_factory):
     output."""
     out = tmp_path_factory.mktemp("ray")
     client = f"ray://{cluster[1].address}:{CLIENT_PORT}"
-    code, console = launch_run(out, "--ray", client, "--timeout", str(RUN_TIMEOUT_S), prefix=cluster[0].prefix)
+    code, console = launch_run(out, "--ray", client, *POOLS, "--timeout", str(RUN_TIMEOUT_S), prefix=cluster[0].prefix)
     assert code == 0, console[-6000:]
     return out, console
 
@@ -134,9 +136,9 @@ def test_learners_are_placed_one_a_node_and_register_from_its_address(cluster, r
     out, console = ray_run
     assert f"the leader listens on {cluster[0].address}:" in console  # off the cluster, where the nodes reach it
     registered = re.findall(r"(\S+):\d+ registered as learner \d+", console)
-    assert sorted(registered) == [cluster[1].address, cluster[2].address], console
-    for index in (0, 1):  # the learners' logs, fetched from their nodes
-        assert "LearnerService listening on 0.0.0.0:" in (out / f"learner{index}.log").read_text()
+    assert sorted(registered) == [cluster[1].address] * 2 + [cluster[2].address] * 2, console
+    for index in (0, 1):  # the learner processes' logs, fetched from their nodes
+        assert "pool: 2 learners registered as" in (out / f"learner{index}.log").read_text()
 
 
 def test_nothing_is_left_on_the_cluster_after_the_run(cluster, ray_run):
@@ -146,9 +148,9 @@ def test_nothing_is_left_on_the_cluster_after_the_run(cluster, ray_run):
 
 def test_the_run_reaches_the_accuracy_of_the_same_run_as_local_processes(ray_run, tmp_path):
     out, _ = ray_run
-    code, local = launch_run(tmp_path)
+    code, local = launch_run(tmp_path, *POOLS)
     assert code == 0, local[-6000:]
-    # Same flags, seed and threads (one a learner), every round waiting for both: the same arithmetic, so the
+    # Same flags, seed and threads (one a learner), every round waiting for all four: the same arithmetic, so the
     # same final test loss and accuracy to the last bit
     assert final_test(out) == final_test(tmp_path)
     assert final_test(out)[1] > 0.9
