@@ -28,7 +28,7 @@ CLIENT_PORT = 10001  # Ray Client's server on the head (ray start --head starts 
 RUN_TIMEOUT_S = 300
 START_TIMEOUT_S = 120
 GONE_TIMEOUT_S = 20.0
-# FedSGD on the digits at their own 8 pixels: 100 rounds of a batch reach about 0.94. Every round waits for every
+# FedSGD on the digits at their own 8 pixels: 100 rounds of a batch reach about 0.94. Every round waits for all its
 # learners and weighs each by its batch of 32 (a power of two: the weighted sum is exact whichever update comes
 # first), so the run is the same arithmetic wherever its learners run. (FedAvg weighs by 719 samples, and the
 # order of arrival changes the sum's last bits: two local runs of 5 epochs ended 0.025 apart.)
