@@ -34,6 +34,9 @@ log = logging.getLogger("leader")
 GRADIENT_WORKERS = 4
 
 LOG_INTERVAL_S = 10.0  # at most one line this often for what callers can make happen at will
+# Registrations of the learners with ids below this are logged one by one; beyond it (hundreds of virtual learners,
+# docs/scale.md) one line every LOG_INTERVAL_S says how many more registered.
+LOGGED_REGISTRATIONS = 20
 
 # Bulk bytes bypass protobuf: GetModel and GetData yield serialised chunk messages (framing.chunk_messages),
 # AccumulateGradients gets a framing.ChunkRequest.
@@ -94,7 +97,7 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
         )
         self.gradient_header_bytes = max(map(codec.header_limit, (layout.spec, self.compressed_spec)))
         # Callers choose how often these happen: one line per LOG_INTERVAL_S each, with a count of the rest.
-        self.logged = {kind: Throttle(LOG_INTERVAL_S) for kind in ("refused", "data", "ignored")}
+        self.logged = {kind: Throttle(LOG_INTERVAL_S) for kind in ("refused", "data", "ignored", "registered")}
 
     def log(self, kind: str, message: str, *args: object, level: int = logging.INFO) -> None:
         if (held_back := self.logged[kind].allow()) is not None:
@@ -116,9 +119,11 @@ class LeaderServicer(leader_pb2_grpc.LeaderServiceServicer):
             return leader_pb2.AckWithMetadata(
                 success=False, message=str(refusal), learner_id=-1, max_learners=self.registry.capacity
             )
-        log.info(
-            "%s%s", message, f" ({data.train_samples} training images, {data.eval_samples} held out)" if data else ""
-        )
+        images = f" ({data.train_samples} training images, {data.eval_samples} held out)" if data else ""
+        if member.learner_id < LOGGED_REGISTRATIONS:
+            log.info("%s%s", message, images)
+        else:
+            self.log("registered", "%s%s", message, images)
         return leader_pb2.AckWithMetadata(
             success=True,
             message=message,

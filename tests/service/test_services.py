@@ -52,6 +52,19 @@ def test_registration_assigns_ids_and_credentials_and_refuses_past_the_limit(liv
     assert (again.learner_id, again.credential) == (0, first.credential)
 
 
+def test_registrations_past_the_first_twenty_are_counted_not_logged_one_by_one(tmp_path, port, caplog):
+    leader = LiveLeader.start(tmp_path, port, "--learners", "25", "--batch-size", "8", "--image-size", "8")
+    try:
+        with caplog.at_level("INFO", logger="leader"):
+            ids = [leader.register(f"127.0.0.1:{7000 + index}").learner_id for index in range(25)]
+    finally:
+        leader.stop()
+    assert ids == list(range(25))
+    lines = [record.getMessage() for record in caplog.records if "registered as learner" in record.getMessage()]
+    # ids 0-19 one line each; then one line lets the next through, and the rest wait for the next interval's count
+    assert len(lines) == 21 and lines[-1].startswith("127.0.0.1:7020 registered as learner 20"), lines[-3:]
+
+
 @pytest.mark.parametrize("address", ["", "no-port", "host:99999", "h" * 5000 + ":1"])
 def test_registration_refuses_malformed_addresses(live, address):
     reply = live.register(address)
