@@ -128,9 +128,13 @@ def _dirichlet_equal(
 ) -> list[torch.Tensor]:
     """Label skew with equal shards: each learner's class proportions drawn from Dirichlet(alpha x K x the class
     shares), K classes (so that, with balanced classes, every class's concentration is alpha, as each learner's
-    mix is under dirichlet), then len(labels) // num_learners samples dealt to it by those proportions, learners
-    in a seeded order. A class that runs out is left out of later draws (their proportions renormalised over the
-    classes left), so the last learners dealt take what the others left; the remainder is left out, as iid leaves it."""
+    mix is under dirichlet; Hsu et al.'s alpha, the concentrations' sum, is this alpha x K), then
+    len(labels) // num_learners samples dealt to it by those proportions, learners in a seeded order. A class that
+    runs out is left out of later draws (their proportions renormalised over the classes left), so the last
+    learners dealt (about 5 % of 1,000 at alpha 0.1) take what the others left rather than their draw. Dealt in
+    passes of one sample a learner instead, the shortage spread over every learner and the shards came out less
+    skewed than dirichlet's at the same alpha (a largest class of 0.45 of a shard against 0.55, 10 learners at
+    alpha 0.1; dealt a learner at a time, 0.56). The remainder is left out, as iid leaves it."""
     groups = _shuffled_classes(labels, num_classes, rng)
     left = np.array([len(group) for group in groups])
     present = left > 0

@@ -300,8 +300,8 @@ class LeaderConfig(SecurityFlags, Config):
         "iid",
         "how the leader splits its --dataset: iid, equal random shards; dirichlet, each "
         "class spread over learners in Dirichlet(--alpha) proportions (Yurochkin et al. 2019); "
-        "dirichlet-equal, equal shards whose class mixes are drawn from Dirichlet(--alpha) (Hsu et al. 2019; "
-        "for hundreds of learners, where dirichlet finds no split); classes, "
+        "dirichlet-equal, equal shards whose class mixes are drawn from Dirichlet(--alpha per class) "
+        "(Hsu et al. 2019's draw; for hundreds of learners, where dirichlet finds no split); classes, "
         "--classes-per-learner classes each (McMahan et al. 2017); quantity, balanced labels "
         "and Dirichlet(--alpha) sizes",
         group="data",
