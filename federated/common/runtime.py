@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +16,37 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         return (action.help or "") if action.default is None else (super()._get_help_string(action) or "")
+
+
+# Open files a process needs beside its sockets: its libraries, logs, checkpoints, gRPC's own descriptors.
+OPEN_FILES_SLACK = 64
+
+
+def soft_open_files(need: int, soft: int, hard: int) -> int:
+    """The soft open-files limit that holds need files, given the current soft and hard limits (RLIM_INFINITY is
+    unlimited); SystemExit, saying how to raise it, when the hard limit is below need."""
+    unlimited = resource.RLIM_INFINITY
+    if soft == unlimited or soft >= need:
+        return soft
+    if hard != unlimited and hard < need:
+        raise SystemExit(
+            f"this process needs about {need} open files (its sockets to its learners or leader, and its own "
+            f"files), and may open at most {hard} (ulimit -Hn): raise the limit, e.g. ulimit -n {need} in the shell "
+            "that starts it (as root, or after raising the hard limit in /etc/security/limits.conf), or "
+            f"LimitNOFILE={need} under systemd"
+        )
+    return need
+
+
+def allow_open_files(sockets: int) -> None:
+    """Raise this process's soft open-files limit (up to its hard limit) so that it holds `sockets` sockets
+    beside its own files: a leader of 1,000 learners dials 1,000 addresses at the start, a process of 1,000
+    virtual learners listens on 1,000 ports and takes as many connections, and the usual default is 1,024.
+    SystemExit, saying how to raise it, when the hard limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = soft_open_files(sockets + OPEN_FILES_SLACK, soft, hard)
+    if wanted != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def configure_logging(name: str, verbose: bool = False) -> logging.Logger:

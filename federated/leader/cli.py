@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         leader = build(given, serving=True)
+        runtime.allow_open_files(leader.config.learners)  # one socket a learner, at the start and the final push
         for signum in (signal.SIGINT, signal.SIGTERM):  # give up the open round, checkpoint, tell the learners, exit 0
             signal.signal(signum, lambda *_: leader.stopping.set())
         return leader.run()

@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from federated.wire import codec
 
     runtime.tune_allocator()
+    runtime.allow_open_files(2 * config.virtual)  # a port a learner, and the leader's connection to it
     runtime.configure_logging("learner", config.verbose)
     log.info(
         "using %d torch threads; training on %s",
