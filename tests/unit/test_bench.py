@@ -49,7 +49,7 @@ def test_results_json_keeps_its_keys_and_figures_keep_their_names():
         "model_transfer_ratio",
         "round_overhead",
         "leader_scale",
-        "virtual_scale",
+        "scale",
         "serialization_gbps",
         "time_to_accuracy",
         "strategies",

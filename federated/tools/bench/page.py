@@ -539,7 +539,7 @@ RENDER: dict[str, Callable[[dict], Table]] = {
     "model_transfer_ratio": transfer_rows,
     "round_overhead": round_rows,
     "leader_scale": scale_rows,
-    "virtual_scale": virtual_scale_rows,
+    "scale": virtual_scale_rows,
     "serialization_gbps": serialization_rows,
     "time_to_accuracy": accuracy_rows,
     "strategies": strategy_rows,
@@ -573,7 +573,7 @@ HEADERS = {  # each figure's columns after "measured"; recorded.py's rows follow
         "peak anonymous (MB)",
         "added by the rounds (MB)",
     ],
-    "virtual_scale": [
+    "scale": [
         "run",
         "registered",
         "a round",

@@ -74,8 +74,8 @@ RECORDED = {
             "×64 learners."
         ],
     ),
-    "virtual_scale": Recorded(
-        "-", "-", "-", [], ["Not measured yet: `python bench.py --only virtual_scale` (about 10 minutes on 2 cores)."]
+    "scale": Recorded(
+        "-", "-", "-", [], ["Not measured yet: `python bench.py --only scale` (about 10 minutes on 2 cores)."]
     ),
     "serialization_gbps": Recorded(
         "2026-11-28",

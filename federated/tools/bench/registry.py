@@ -204,7 +204,7 @@ FIGURES = (
         params={"work": WORK, "counts": SCALE, "rounds": 20},
     ),
     Figure(
-        "virtual_scale",
+        "scale",
         "scale",
         "virtual_scale",
         headline=False,
@@ -215,6 +215,7 @@ FIGURES = (
         "(20 updates as a lone learner process times one); "
         "10 learner processes against 10 virtual learners in one",
         params={"work": WORK, "runs": VIRTUAL_SCALE, "rounds": 8, "image_size": VIRTUAL_IMAGE_SIZE},
+        keys=("virtual_scale",),
     ),
     Figure(
         "serialization_gbps",
