@@ -231,6 +231,14 @@ class LaunchConfig(Config):
     ray_cpus: int = option(
         1, "CPUs each learner reserves on its node, its torch threads (--ray)", group="ray", bounds=Bounds(1)
     )
+    ray_leader_address: str | None = option(
+        None,
+        "the leader's address (an IPv4 address or host name of this machine) as the cluster's nodes reach it, "
+        "used as given (--ray); unless told, Ray's address of this node, or with ray:// this machine's address on "
+        "the route to the head, refused where that is loopback or link-local (a tunnel to the head)",
+        group="ray",
+        metavar="HOST",
+    )
 
 
 GROUPS = {"launch": "", "ray": "learners on a Ray cluster (docs/ray.md)"}
@@ -286,6 +294,7 @@ def run_on_ray(args: LaunchConfig, leader_args: list[str], out: Path) -> list[in
             out,
             args.timeout,
             args.virtual,
+            args.ray_leader_address,
         )
     except ray_launch.RayUnavailable as error:
         refuse("launch.py", [str(error)])

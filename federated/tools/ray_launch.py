@@ -11,6 +11,7 @@ actors were gone at once).
 Ray is an optional extra (requirements-ray.txt, `make ray`): it is imported only when a run asks for it.
 """
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -30,6 +31,7 @@ PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs, 
 POLL_S = 1.0  # how often the learners are asked whether they have ended
 STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
 CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
+GIVE_ADDRESS = "give --ray-leader-address HOST, an IPv4 address or host name of this machine that the nodes reach"
 
 
 class RayUnavailable(Exception):
@@ -114,7 +116,7 @@ def head(address: str) -> tuple[str, int] | None:
             f"--ray {address!r}: give the head's HOST:6379 (launch.py on a node of the cluster), "
             "ray://HOST:10001 (anywhere else), or auto"
         )
-    return host, int(port)
+    return host.strip("[]"), int(port)  # [IPv6]:PORT
 
 
 def check_reachable(address: str) -> None:
@@ -133,18 +135,57 @@ def check_reachable(address: str) -> None:
 
 
 def route_address(host: str) -> str:
-    """This machine's address on the route to host (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))
-        return probe.getsockname()[0]
+    """This machine's IPv4 address on the route to host (no packet is sent): the leader listens on IPv4."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+    except OSError as error:  # socket.gaierror for a head with no IPv4 address (an IPv6 one)
+        raise RayUnavailable(
+            f"no IPv4 route to the head {host} ({error}), where the leader's address for the nodes is looked for "
+            f"(the leader listens on IPv4, 0.0.0.0): {GIVE_ADDRESS}"
+        ) from error
 
 
-def connect(ray: Any, address: str) -> str:
+def check_nodes_reach(host: str, head_host: str) -> str:
+    """host, this machine's address on the route to the head at head_host, unless the nodes cannot reach the
+    leader there: a loopback address (the head reached through a tunnel or port-forward, ray://localhost:10001,
+    would have each node dial itself) or a link-local one (not routed beyond this machine's link)."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback or ip.is_link_local:
+        kind = "loopback" if ip.is_loopback else "link-local"
+        raise RayUnavailable(
+            f"this machine's address on the route to the head {head_host} is {host}, a {kind} address: the nodes "
+            f"would not reach the leader there (through a tunnel to the head, each would dial itself); {GIVE_ADDRESS}"
+        )
+    return host
+
+
+def leader_host(address: str, given: str | None) -> str | None:
+    """The leader's address as the nodes reach it, where it is known before joining the cluster at address:
+    given (--ray-leader-address, used as given), or with ray:// this machine's address on the route to the head
+    (check_nodes_reach); None where Ray's address of this node is (launch.py on a node of the cluster)."""
+    if given is not None:
+        if ":" in given:
+            raise RayUnavailable(
+                f"--ray-leader-address {given!r}: give an IPv4 address or host name without a port (the leader "
+                "listens on IPv4, on a port it finds free)"
+            )
+        return given
+    found = head(address)
+    if found and address.startswith(CLIENT):
+        return check_nodes_reach(route_address(found[0]), found[0])
+    return None
+
+
+def connect(ray: Any, address: str, given: str | None = None) -> str:
     """Join the cluster at address as its driver: on one of its nodes (HEAD:PORT, auto), or from anywhere
     through Ray Client (ray://HEAD:PORT). This machine's address as the nodes reach it, where the leader
-    listens: Ray's address of this node, or the address on the route to the head. The actors import this
-    project from where it lies here: every node has it at the same path, as it has Ray."""
+    listens: given (--ray-leader-address), Ray's address of this node, or the address on the route to the head
+    (leader_host). The actors import this project from where it lies here: every node has it at the same path,
+    as it has Ray."""
     check_reachable(address)
+    host = leader_host(address, given)
     try:
         ray.init(
             address=address,
@@ -158,8 +199,7 @@ def connect(ray: Any, address: str) -> str:
             "ray start --address HEAD:6379 on the others), and give --ray HEAD:6379 or auto on one of its nodes, "
             "ray://HEAD:10001 elsewhere"
         ) from error
-    found = head(address)
-    return route_address(found[0]) if found and address.startswith(CLIENT) else ray.util.get_node_ip_address()
+    return host or ray.util.get_node_ip_address()
 
 
 def reserve(ray: Any, learners: int, cpus: int) -> Any:
@@ -247,13 +287,15 @@ def run(
     out: Path,
     timeout: float,
     virtual: int = 1,
+    given_host: str | None = None,
 ) -> list[int | None]:
     """A leader here, listening on every interface, and `learners` learner actors of cpus CPUs each spread over
     the cluster at address (each a process of `virtual` learners: learner_args says --virtual), to the run's end,
-    timeout seconds or Ctrl-C; then nothing is left on the cluster.
+    timeout seconds or Ctrl-C; then nothing is left on the cluster. The nodes reach the leader at given_host
+    (--ray-leader-address) if given, else at the address connect finds.
     Exit codes, the leader's first (None for a process still running at the timeout or Ctrl-C, then stopped)."""
     ray = import_ray()
-    host = connect(ray, address)
+    host = connect(ray, address, given_host)
     try:
         group = reserve(ray, learners, cpus)
         try:
