@@ -31,6 +31,7 @@ PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs, 
 POLL_S = 1.0  # how often the learners are asked whether they have ended
 STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
 CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
+LOST = -1  # the exit code counted for a learner whose actor was lost (its process went with it)
 GIVE_ADDRESS = "give --ray-leader-address HOST, an IPv4 address or host name of this machine that the nodes reach"
 
 
@@ -240,16 +241,40 @@ def place(ray: Any, group: Any, learners: int, cpus: int) -> list[Any]:
 
 def wait_for_end(ray: Any, leader: subprocess.Popen, actors: list[Any], timeout: float) -> list[int | None]:
     """Exit codes of the leader and the learners once all have ended, or after timeout seconds or at Ctrl-C
-    (None for those still running)."""
+    (None for those still running; LOST for a learner whose actor was lost: the run goes on without it, as the
+    leader drops it)."""
     deadline = time.monotonic() + timeout
-    codes: list[int | None] = [None] * (1 + len(actors))
+    leader_code: int | None = None
+    learners: list[int | None] = [None] * len(actors)
     try:
-        while not all(code is not None for code in codes) and time.monotonic() < deadline:
+        while (leader_code is None or None in learners) and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            codes = [leader.poll(), *ray.get([actor.poll.remote() for actor in actors], timeout=CALL_TIMEOUT_S)]
+            leader_code = leader.poll()
+            poll_learners(ray, actors, learners)
     except KeyboardInterrupt:
         print("stopping on Ctrl-C", file=sys.stderr, flush=True)
-    return codes
+    return [leader_code, *learners]
+
+
+def poll_learners(ray: Any, actors: list[Any], codes: list[int | None]) -> None:
+    """Ask each learner still running (None in codes) whether it has ended, each call on its own, and write its
+    exit code into codes. An actor that has not answered within CALL_TIMEOUT_S of the poll, or is out of reach
+    for now, counts as still running (asked again at the next poll); one that was lost (its worker or node died)
+    counts as ended with LOST, its learner process gone with it. Neither stops the others."""
+    calls = {index: actors[index].poll.remote() for index, code in enumerate(codes) if code is None}
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    for index, call in calls.items():
+        try:
+            codes[index] = ray.get(call, timeout=max(0.0, deadline - time.monotonic()))
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            pass
+        except ray.exceptions.RayActorError as error:
+            print(
+                f"NOTICE: learner {index}'s actor was lost; counted as ended (exit code {LOST}): {error}",
+                file=sys.stderr,
+                flush=True,
+            )
+            codes[index] = LOST
 
 
 def stop_process(process: subprocess.Popen) -> None:

@@ -53,3 +53,61 @@ def test_the_leaders_address_given_for_the_nodes_is_used_as_given_and_a_node_fin
 def test_an_ipv6_head_is_refused_saying_to_name_the_leaders_address():
     with pytest.raises(ray_launch.RayUnavailable, match=r"no IPv4 route to the head ::1 .*--ray-leader-address"):
         ray_launch.leader_host("ray://[::1]:10001", None)
+
+
+class RayActorError(Exception):
+    """Stand-ins for ray.exceptions, where Ray's classes stand: ActorDiedError and ActorUnavailableError are
+    RayActorErrors, GetTimeoutError is not."""
+
+
+class ActorDiedError(RayActorError):
+    pass
+
+
+class ActorUnavailableError(RayActorError):
+    pass
+
+
+class GetTimeoutError(Exception):
+    pass
+
+
+EXCEPTIONS = SimpleNamespace(
+    RayActorError=RayActorError, ActorUnavailableError=ActorUnavailableError, GetTimeoutError=GetTimeoutError
+)
+
+
+def answered(result):
+    """ray.get of a fake call: the call's result, or the exception it stands for raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def fake_ray() -> SimpleNamespace:
+    return SimpleNamespace(get=lambda call, timeout: answered(call), exceptions=EXCEPTIONS)
+
+
+def actor(*answers) -> SimpleNamespace:
+    """A fake LearnerActor whose polls answer answers in turn (an exception: what ray.get raises for it); asked
+    once more, it fails the test."""
+    replies = iter(answers)
+    return SimpleNamespace(poll=SimpleNamespace(remote=lambda: next(replies)))
+
+
+def test_each_learner_is_polled_on_its_own_a_lost_actor_ends_only_its_learner_and_a_slow_one_still_runs(capsys):
+    actors = [actor(0), actor(None, 0), actor(ActorDiedError("node died")), actor(GetTimeoutError(), 3)]
+    actors.append(actor(ActorUnavailableError("unreachable for now"), 0))
+    codes: list[int | None] = [None] * len(actors)
+    ray_launch.poll_learners(fake_ray(), actors, codes)
+    assert codes == [0, None, ray_launch.LOST, None, None]
+    assert "learner 2's actor was lost; counted as ended (exit code -1): node died" in capsys.readouterr().err
+    ray_launch.poll_learners(fake_ray(), actors, codes)  # only those still running are asked again
+    assert codes == [0, 0, ray_launch.LOST, 3, 0]
+
+
+def test_the_launcher_keeps_waiting_for_the_leader_after_a_learners_actor_is_lost(monkeypatch):
+    monkeypatch.setattr(ray_launch, "POLL_S", 0.0)
+    leader = SimpleNamespace(poll=iter([None, None, None, 0]).__next__)
+    actors = [actor(ActorDiedError("worker died")), actor(None, None, 0)]
+    assert ray_launch.wait_for_end(fake_ray(), leader, actors, timeout=60) == [0, ray_launch.LOST, 0]
