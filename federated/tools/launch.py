@@ -62,9 +62,10 @@ def start_leader(
     out: Path,
     to_console: bool = False,
     prefix: Sequence[str] = (),
+    piped: bool = False,
 ) -> subprocess.Popen:
     """leader.py for `learners` learners listening on host:port (run under prefix, if given), writing its
-    outputs to out and logging to out/leader.log, or to this console if asked."""
+    outputs to out and logging to out/leader.log, or to this console if asked, or to a pipe (text) if piped."""
     out.mkdir(parents=True, exist_ok=True)
     command = [
         *prefix,
@@ -80,8 +81,9 @@ def start_leader(
         str(out),
         *leader_args,
     ]
-    log = None if to_console else open(out / "leader.log", "w")
-    return subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    log = subprocess.PIPE if piped else None if to_console else open(out / "leader.log", "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=piped)
 
 
 def start_federation(

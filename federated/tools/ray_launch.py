@@ -13,14 +13,16 @@ Ray is an optional extra (requirements-ray.txt, `make ray`): it is imported only
 
 import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from federated.tools import launch
 
@@ -31,6 +33,7 @@ PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs, 
 POLL_S = 1.0  # how often the learners are asked whether they have ended
 STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
 CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
+LISTENING = re.compile(r"LeaderService listening on \S+:(\d+) ")  # the leader's log line with its port
 LOST = -1  # the exit code counted for a learner whose actor was lost (its process went with it)
 GIVE_ADDRESS = "give --ray-leader-address HOST, an IPv4 address or host name of this machine that the nodes reach"
 
@@ -345,18 +348,54 @@ def run_placed(
     timeout: float,
     virtual: int,
 ) -> list[int | None]:
-    """run's leader and learners once their CPUs are reserved in group."""
-    port = launch.free_port("0.0.0.0")
-    leader = launch.start_leader(learners * virtual, leader_args, "0.0.0.0", port, out, to_console=True)
+    """run's leader and learners once their CPUs are reserved in group: the learners start once the leader
+    listens, and timeout counts from the leader's start."""
+    deadline = time.monotonic() + timeout
+    leader = launch.start_leader(learners * virtual, leader_args, "0.0.0.0", 0, out, piped=True)
+    console = LeaderConsole(leader)
     actors: list[Any] = []
     try:
-        if not launch.wait_for_port(host, port, leader, launch.LEADER_LISTEN_TIMEOUT_S) and leader.poll() is not None:
-            return [leader.returncode, *[None] * learners]  # it stopped before it listened: its log says why
+        port = console.port_within(timeout)
+        if port is None:  # it stopped before it listened (its log says why), or is stopped now
+            if leader.poll() is None:
+                print(f"NOTICE: the leader does not listen after --timeout {timeout:g} s; stopping it", flush=True)
+            return [leader.poll(), *[None] * learners]
         actors = place(ray, group, learners, cpus)
         started = [actor.start.remote(f"{host}:{port}", cpus, learner_args) for actor in actors]
         advertised = ray.get(started, timeout=PLACEMENT_TIMEOUT_S)
         print(f"the leader listens on {host}:{port}; learners on {', '.join(advertised)}", flush=True)
-        return wait_for_end(ray, leader, actors, timeout)
+        return wait_for_end(ray, leader, actors, deadline - time.monotonic())
     finally:
         stop_process(leader)  # on SIGTERM it gives up the open round, checkpoints and tells its learners
+        console.finish()
         collect(ray, actors, out)
+
+
+class LeaderConsole:
+    """The leader's output, echoed to this console line by line from a thread, and the port it listens on, read
+    from its log: the leader is started on port 0 and binds a free port itself, so no other program can take the
+    port between the launcher's choice and the leader's bind."""
+
+    def __init__(self, leader: subprocess.Popen) -> None:
+        self.port: int | None = None
+        self.known = threading.Event()  # the port is read, or the leader's output has ended without it
+        self.thread = threading.Thread(target=self.echo, args=(leader.stdout,), daemon=True)
+        self.thread.start()
+
+    def echo(self, output: IO[str]) -> None:
+        for line in output:
+            print(line, end="", flush=True)
+            if self.port is None and (found := LISTENING.search(line)):
+                self.port = int(found.group(1))
+                self.known.set()
+        self.known.set()
+
+    def port_within(self, timeout: float) -> int | None:
+        """The leader's port once it listens; None if it ended first or still does not listen after timeout
+        seconds."""
+        self.known.wait(timeout)
+        return self.port
+
+    def finish(self) -> None:
+        """Wait for the rest of the output of the leader, which has ended."""
+        self.thread.join(STOP_WAIT_S)

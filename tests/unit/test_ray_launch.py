@@ -2,6 +2,7 @@
 small for the learners: say what to add; a leader's address the nodes cannot reach: say to name one) and its
 polling of the learners. The runs on a cluster are tests/e2e/test_ray.py's (make test-ray)."""
 
+import io
 import sys
 from types import SimpleNamespace
 
@@ -111,3 +112,21 @@ def test_the_launcher_keeps_waiting_for_the_leader_after_a_learners_actor_is_los
     leader = SimpleNamespace(poll=iter([None, None, None, 0]).__next__)
     actors = [actor(ActorDiedError("worker died")), actor(None, None, 0)]
     assert ray_launch.wait_for_end(fake_ray(), leader, actors, timeout=60) == [0, ray_launch.LOST, 0]
+
+
+def printing(*lines: str) -> SimpleNamespace:
+    """A leader started piped (its output alone), that printed lines and ended."""
+    return SimpleNamespace(stdout=io.StringIO("".join(f"{line}\n" for line in lines)))
+
+
+def test_the_leaders_port_is_read_from_its_log_and_its_output_reaches_the_console(capsys):
+    listening = "2026-12-05 21:00:00,000 leader INFO LeaderService listening on 0.0.0.0:43127 (plaintext); waiting"
+    console = ray_launch.LeaderConsole(printing("loading the data", listening, "round 1"))
+    assert console.port_within(10) == 43127
+    console.finish()
+    assert capsys.readouterr().out == f"loading the data\n{listening}\nround 1\n"
+
+
+def test_a_leader_that_ends_before_it_listens_has_no_port():
+    console = ray_launch.LeaderConsole(printing("error: --rounds must be >= 1"))
+    assert console.port_within(10) is None
