@@ -62,9 +62,10 @@ def start_leader(
     out: Path,
     to_console: bool = False,
     prefix: Sequence[str] = (),
+    piped: bool = False,
 ) -> subprocess.Popen:
     """leader.py for `learners` learners listening on host:port (run under prefix, if given), writing its
-    outputs to out and logging to out/leader.log, or to this console if asked."""
+    outputs to out and logging to out/leader.log, or to this console if asked, or to a pipe (text) if piped."""
     out.mkdir(parents=True, exist_ok=True)
     command = [
         *prefix,
@@ -80,8 +81,9 @@ def start_leader(
         str(out),
         *leader_args,
     ]
-    log = None if to_console else open(out / "leader.log", "w")
-    return subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    log = subprocess.PIPE if piped else None if to_console else open(out / "leader.log", "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=piped)
 
 
 def start_federation(
@@ -231,6 +233,14 @@ class LaunchConfig(Config):
     ray_cpus: int = option(
         1, "CPUs each learner reserves on its node, its torch threads (--ray)", group="ray", bounds=Bounds(1)
     )
+    ray_leader_address: str | None = option(
+        None,
+        "the leader's address (an IPv4 address or host name of this machine) as the cluster's nodes reach it, "
+        "used as given (--ray); unless told, Ray's address of this node, or with ray:// this machine's address on "
+        "the route to the head, refused where that is loopback or link-local (a tunnel to the head)",
+        group="ray",
+        metavar="HOST",
+    )
 
 
 GROUPS = {"launch": "", "ray": "learners on a Ray cluster (docs/ray.md)"}
@@ -286,6 +296,7 @@ def run_on_ray(args: LaunchConfig, leader_args: list[str], out: Path) -> list[in
             out,
             args.timeout,
             args.virtual,
+            args.ray_leader_address,
         )
     except ray_launch.RayUnavailable as error:
         refuse("launch.py", [str(error)])

@@ -11,15 +11,18 @@ actors were gone at once).
 Ray is an optional extra (requirements-ray.txt, `make ray`): it is imported only when a run asks for it.
 """
 
+import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from federated.tools import launch
 
@@ -30,6 +33,9 @@ PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to reserve every learner's CPUs, 
 POLL_S = 1.0  # how often the learners are asked whether they have ended
 STOP_WAIT_S = 10.0  # for a learner to stop on SIGTERM before it is killed
 CALL_TIMEOUT_S = 30.0  # for an actor to answer a call that does not wait on its learner
+LISTENING = re.compile(r"LeaderService listening on \S+:(\d+) ")  # the leader's log line with its port
+LOST = -1  # the exit code counted for a learner whose actor was lost (its process went with it)
+GIVE_ADDRESS = "give --ray-leader-address HOST, an IPv4 address or host name of this machine that the nodes reach"
 
 
 class RayUnavailable(Exception):
@@ -114,7 +120,7 @@ def head(address: str) -> tuple[str, int] | None:
             f"--ray {address!r}: give the head's HOST:6379 (launch.py on a node of the cluster), "
             "ray://HOST:10001 (anywhere else), or auto"
         )
-    return host, int(port)
+    return host.strip("[]"), int(port)  # [IPv6]:PORT
 
 
 def check_reachable(address: str) -> None:
@@ -133,18 +139,57 @@ def check_reachable(address: str) -> None:
 
 
 def route_address(host: str) -> str:
-    """This machine's address on the route to host (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))
-        return probe.getsockname()[0]
+    """This machine's IPv4 address on the route to host (no packet is sent): the leader listens on IPv4."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+    except OSError as error:  # socket.gaierror for a head with no IPv4 address (an IPv6 one)
+        raise RayUnavailable(
+            f"no IPv4 route to the head {host} ({error}), where the leader's address for the nodes is looked for "
+            f"(the leader listens on IPv4, 0.0.0.0): {GIVE_ADDRESS}"
+        ) from error
 
 
-def connect(ray: Any, address: str) -> str:
+def check_nodes_reach(host: str, head_host: str) -> str:
+    """host, this machine's address on the route to the head at head_host, unless the nodes cannot reach the
+    leader there: a loopback address (the head reached through a tunnel or port-forward, ray://localhost:10001,
+    would have each node dial itself) or a link-local one (not routed beyond this machine's link)."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback or ip.is_link_local:
+        kind = "loopback" if ip.is_loopback else "link-local"
+        raise RayUnavailable(
+            f"this machine's address on the route to the head {head_host} is {host}, a {kind} address: the nodes "
+            f"would not reach the leader there (through a tunnel to the head, each would dial itself); {GIVE_ADDRESS}"
+        )
+    return host
+
+
+def leader_host(address: str, given: str | None) -> str | None:
+    """The leader's address as the nodes reach it, where it is known before joining the cluster at address:
+    given (--ray-leader-address, used as given), or with ray:// this machine's address on the route to the head
+    (check_nodes_reach); None where Ray's address of this node is (launch.py on a node of the cluster)."""
+    if given is not None:
+        if ":" in given:
+            raise RayUnavailable(
+                f"--ray-leader-address {given!r}: give an IPv4 address or host name without a port (the leader "
+                "listens on IPv4, on a port it finds free)"
+            )
+        return given
+    found = head(address)
+    if found and address.startswith(CLIENT):
+        return check_nodes_reach(route_address(found[0]), found[0])
+    return None
+
+
+def connect(ray: Any, address: str, given: str | None = None) -> str:
     """Join the cluster at address as its driver: on one of its nodes (HEAD:PORT, auto), or from anywhere
     through Ray Client (ray://HEAD:PORT). This machine's address as the nodes reach it, where the leader
-    listens: Ray's address of this node, or the address on the route to the head. The actors import this
-    project from where it lies here: every node has it at the same path, as it has Ray."""
+    listens: given (--ray-leader-address), Ray's address of this node, or the address on the route to the head
+    (leader_host). The actors import this project from where it lies here: every node has it at the same path,
+    as it has Ray."""
     check_reachable(address)
+    host = leader_host(address, given)
     try:
         ray.init(
             address=address,
@@ -158,8 +203,7 @@ def connect(ray: Any, address: str) -> str:
             "ray start --address HEAD:6379 on the others), and give --ray HEAD:6379 or auto on one of its nodes, "
             "ray://HEAD:10001 elsewhere"
         ) from error
-    found = head(address)
-    return route_address(found[0]) if found and address.startswith(CLIENT) else ray.util.get_node_ip_address()
+    return host or ray.util.get_node_ip_address()
 
 
 def reserve(ray: Any, learners: int, cpus: int) -> Any:
@@ -200,16 +244,40 @@ def place(ray: Any, group: Any, learners: int, cpus: int) -> list[Any]:
 
 def wait_for_end(ray: Any, leader: subprocess.Popen, actors: list[Any], timeout: float) -> list[int | None]:
     """Exit codes of the leader and the learners once all have ended, or after timeout seconds or at Ctrl-C
-    (None for those still running)."""
+    (None for those still running; LOST for a learner whose actor was lost: the run goes on without it, as the
+    leader drops it)."""
     deadline = time.monotonic() + timeout
-    codes: list[int | None] = [None] * (1 + len(actors))
+    leader_code: int | None = None
+    learners: list[int | None] = [None] * len(actors)
     try:
-        while not all(code is not None for code in codes) and time.monotonic() < deadline:
+        while (leader_code is None or None in learners) and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            codes = [leader.poll(), *ray.get([actor.poll.remote() for actor in actors], timeout=CALL_TIMEOUT_S)]
+            leader_code = leader.poll()
+            poll_learners(ray, actors, learners)
     except KeyboardInterrupt:
         print("stopping on Ctrl-C", file=sys.stderr, flush=True)
-    return codes
+    return [leader_code, *learners]
+
+
+def poll_learners(ray: Any, actors: list[Any], codes: list[int | None]) -> None:
+    """Ask each learner still running (None in codes) whether it has ended, each call on its own, and write its
+    exit code into codes. An actor that has not answered within CALL_TIMEOUT_S of the poll, or is out of reach
+    for now, counts as still running (asked again at the next poll); one that was lost (its worker or node died)
+    counts as ended with LOST, its learner process gone with it. Neither stops the others."""
+    calls = {index: actors[index].poll.remote() for index, code in enumerate(codes) if code is None}
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    for index, call in calls.items():
+        try:
+            codes[index] = ray.get(call, timeout=max(0.0, deadline - time.monotonic()))
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            pass
+        except ray.exceptions.RayActorError as error:
+            print(
+                f"NOTICE: learner {index}'s actor was lost; counted as ended (exit code {LOST}): {error}",
+                file=sys.stderr,
+                flush=True,
+            )
+            codes[index] = LOST
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -247,13 +315,15 @@ def run(
     out: Path,
     timeout: float,
     virtual: int = 1,
+    given_host: str | None = None,
 ) -> list[int | None]:
     """A leader here, listening on every interface, and `learners` learner actors of cpus CPUs each spread over
     the cluster at address (each a process of `virtual` learners: learner_args says --virtual), to the run's end,
-    timeout seconds or Ctrl-C; then nothing is left on the cluster.
+    timeout seconds or Ctrl-C; then nothing is left on the cluster. The nodes reach the leader at given_host
+    (--ray-leader-address) if given, else at the address connect finds.
     Exit codes, the leader's first (None for a process still running at the timeout or Ctrl-C, then stopped)."""
     ray = import_ray()
-    host = connect(ray, address)
+    host = connect(ray, address, given_host)
     try:
         group = reserve(ray, learners, cpus)
         try:
@@ -278,18 +348,54 @@ def run_placed(
     timeout: float,
     virtual: int,
 ) -> list[int | None]:
-    """run's leader and learners once their CPUs are reserved in group."""
-    port = launch.free_port("0.0.0.0")
-    leader = launch.start_leader(learners * virtual, leader_args, "0.0.0.0", port, out, to_console=True)
+    """run's leader and learners once their CPUs are reserved in group: the learners start once the leader
+    listens, and timeout counts from the leader's start."""
+    deadline = time.monotonic() + timeout
+    leader = launch.start_leader(learners * virtual, leader_args, "0.0.0.0", 0, out, piped=True)
+    console = LeaderConsole(leader)
     actors: list[Any] = []
     try:
-        if not launch.wait_for_port(host, port, leader, launch.LEADER_LISTEN_TIMEOUT_S) and leader.poll() is not None:
-            return [leader.returncode, *[None] * learners]  # it stopped before it listened: its log says why
+        port = console.port_within(timeout)
+        if port is None:  # it stopped before it listened (its log says why), or is stopped now
+            if leader.poll() is None:
+                print(f"NOTICE: the leader does not listen after --timeout {timeout:g} s; stopping it", flush=True)
+            return [leader.poll(), *[None] * learners]
         actors = place(ray, group, learners, cpus)
         started = [actor.start.remote(f"{host}:{port}", cpus, learner_args) for actor in actors]
         advertised = ray.get(started, timeout=PLACEMENT_TIMEOUT_S)
         print(f"the leader listens on {host}:{port}; learners on {', '.join(advertised)}", flush=True)
-        return wait_for_end(ray, leader, actors, timeout)
+        return wait_for_end(ray, leader, actors, deadline - time.monotonic())
     finally:
         stop_process(leader)  # on SIGTERM it gives up the open round, checkpoints and tells its learners
+        console.finish()
         collect(ray, actors, out)
+
+
+class LeaderConsole:
+    """The leader's output, echoed to this console line by line from a thread, and the port it listens on, read
+    from its log: the leader is started on port 0 and binds a free port itself, so no other program can take the
+    port between the launcher's choice and the leader's bind."""
+
+    def __init__(self, leader: subprocess.Popen) -> None:
+        self.port: int | None = None
+        self.known = threading.Event()  # the port is read, or the leader's output has ended without it
+        self.thread = threading.Thread(target=self.echo, args=(leader.stdout,), daemon=True)
+        self.thread.start()
+
+    def echo(self, output: IO[str]) -> None:
+        for line in output:
+            print(line, end="", flush=True)
+            if self.port is None and (found := LISTENING.search(line)):
+                self.port = int(found.group(1))
+                self.known.set()
+        self.known.set()
+
+    def port_within(self, timeout: float) -> int | None:
+        """The leader's port once it listens; None if it ended first or still does not listen after timeout
+        seconds."""
+        self.known.wait(timeout)
+        return self.port
+
+    def finish(self) -> None:
+        """Wait for the rest of the output of the leader, which has ended."""
+        self.thread.join(STOP_WAIT_S)
