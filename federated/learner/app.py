@@ -233,12 +233,12 @@ class Member:
         round_index, plan = unmasked.round_index, unmasked.plan
         update, samples, loss = unmasked.update, unmasked.samples, unmasked.loss
         secure = typing.cast(SecureRound, plan.secure)
-        if not self.server.secure.wait_committed(
-            round_index, self.config.wait_timeout, stop=self.server.inbox.has_final
-        ):
-            if self.server.inbox.has_final():
+        if not self.server.secure.wait_committed(round_index, self.config.wait_timeout, stop=self.ended):
+            if self.ended():
                 log.info(
-                    "round %d: the leader ended the run before this learner's secure round was committed", round_index
+                    "round %d: the run ended (or this learner was stopped) before this learner's secure round was "
+                    "committed",
+                    round_index,
                 )
                 return None
             log.warning(
@@ -263,6 +263,11 @@ class Member:
             return None
         info = messages.MaskedInfo(self.learner_id, round_index)
         return leader_pb2.GradientData(chunk=codec.encode(masked, info.to_metadata()))
+
+    def ended(self) -> bool:
+        """Whether there is no point waiting for the leader any more: it sent its final state, or this learner is
+        stopped (Pool.stop_learner: as its process would be)."""
+        return self.server.inbox.has_final() or self.server.stopped.is_set()
 
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader."""

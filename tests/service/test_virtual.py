@@ -22,6 +22,7 @@ from federated.learner.session import LeaderCredential, LeaderSession
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
 from tests.support.live import LiveLeader, learner_config
+from tests.support.runs import records
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -208,3 +209,39 @@ def test_a_secure_phase_reaches_more_learners_of_one_process_at_once_than_32():
     finally:
         meeting.abort()
         pool.stop(0)
+
+
+def test_secure_rounds_through_a_pool_sum_every_learners_input_and_survive_one_stopped(tmp_path, port):
+    """Five learners of one process, each its own party of secure aggregation (keys, seeds, shares): a round unmasks
+    the sum of all five masked inputs; one stopped (mid-round or between rounds) is dropped, and the rounds go on
+    with the four others."""
+    batch, steps = 8, 1
+    flags = ["--learners", "5", "--secure-aggregation", "--strategy", "fedavg", "--local-steps", str(steps)]
+    run = ["--batch-size", str(batch), "--image-size", "8", "--rounds", "100000", "--min-learners", "3"]
+    live = LiveLeader.start(tmp_path, port, *flags, *run, "--eval-every", "100000")
+    leader, pool = live.leader, pool_of(live, 5)
+    rounds_of = lambda: [record for record in records(leader.out) if "train_loss" in record]
+    try:
+        with ThreadPoolExecutor(1) as loop:
+            rounds = loop.submit(leader.rounds.train, MetricsLog(leader.out / "metrics.jsonl"))
+            pool.start()
+            until(lambda: rounds_of(), "a secure round")
+            parties = {id(member.server.secure) for member in pool.members}
+            assert len(parties) == 5  # each learner its own keys, seeds and shares
+            pool.stop_learner(4)
+            assert not pool.threads[4].is_alive()  # (not waiting for a commit: it is stopped)
+            stopped = pool.members[4].learner_id
+            until(lambda: not leader.registry.is_active(stopped), "the leader dropping the stopped learner")
+            dropped_at = len(rounds_of())
+            until(lambda: len(rounds_of()) > dropped_at, "a secure round without it")
+            assert pool.failure is None
+            leader.stopping.set()
+            assert rounds.result(timeout=30) > 0
+    finally:
+        pool.stop(0)
+        leader.stop(0)
+        live.stop()
+    first, after = rounds_of()[0], rounds_of()[dropped_at]
+    assert (first["learners"], after["learners"]) == (5, 4)
+    for record in (first, after):  # the unmasked sums weigh every input they hold
+        assert "discarded" not in record and record["samples"] == record["learners"] * batch * steps, record

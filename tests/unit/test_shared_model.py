@@ -260,9 +260,9 @@ def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_
         replica=replica,
         sent_round=-1,
         config=SimpleNamespace(wait_timeout=60),
-        server=SimpleNamespace(secure=party, inbox=SimpleNamespace(has_final=ended.is_set)),
+        server=SimpleNamespace(secure=party, inbox=SimpleNamespace(has_final=ended.is_set), stopped=threading.Event()),
     )
-    for method in ("update_request", "send_request", "masked_input"):
+    for method in ("update_request", "send_request", "masked_input", "ended"):
         setattr(member, method, partial(getattr(Member, method), member))
     sending = threading.Thread(target=Member.send_update, args=(member, 0, 1.0, plan))
     sending.start()
