@@ -248,11 +248,11 @@ def test_a_reference_book_shares_the_tensors_of_learners_in_step_and_refuses_a_d
 
 def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_to_the_others():
     """The wait for the leader's commit (up to --wait-timeout) happens with a copy of the update vector, outside the
-    shared model's lock: the other learners of the pool train meanwhile."""
+    shared model's lock: the other learners of the pool train meanwhile; it ends once the learner is stopped."""
     plan = TrainingPlan("fedavg", local_steps=1, client_lr=0.1, secure=SecureRound(1.0, 8.0, 4))
     state = states("batch", plan)[0]
     replica = Replica(state, "cpu", SharedModel(state, "cpu"))
-    party, ended = SecureParty(), threading.Event()
+    party, stopped = SecureParty(), threading.Event()
     party.bind(0)  # registered, but the leader never commits it
     member = SimpleNamespace(
         learner_id=0,
@@ -260,7 +260,7 @@ def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_
         replica=replica,
         sent_round=-1,
         config=SimpleNamespace(wait_timeout=60),
-        server=SimpleNamespace(secure=party, inbox=SimpleNamespace(has_final=ended.is_set), stopped=threading.Event()),
+        server=SimpleNamespace(secure=party, inbox=SimpleNamespace(has_final=lambda: False), stopped=stopped),
     )
     for method in ("update_request", "send_request", "masked_input", "ended"):
         setattr(member, method, partial(getattr(Member, method), member))
@@ -274,6 +274,8 @@ def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_
         assert replica.shared.lock.acquire(timeout=10), "the wait for the commit holds the shared model"
         replica.shared.lock.release()
         assert sending.is_alive()  # still waiting
-    finally:
-        ended.set()  # the leader's final state: the wait ends (within STOP_CHECK_S), no masked input
+        stopped.set()  # the learner stopped (Pool.stop_learner): it waits no more (STOP_CHECK_S), sends nothing
         sending.join(10)
+        assert not sending.is_alive()
+    finally:
+        stopped.set()
