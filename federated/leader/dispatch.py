@@ -209,8 +209,9 @@ class LearnerClient:
         return False
 
     def probe(self, members: dict[int, Member], on_failure: OnFailure, silent_limit_s: float) -> None:
-        """Ask each member's health service whether its registration is there, at most every PROBE_INTERVAL_S
-        seconds each, without waiting. on_failure runs for a member found gone, or silent for silent_limit_s."""
+        """Ask each member's health service whether its registration is there (with its credential), at most every
+        PROBE_INTERVAL_S seconds each, without waiting. on_failure runs for a member found gone, or silent for
+        silent_limit_s."""
         now = time.monotonic()
         for member in members.values():
             with self._lock:
@@ -222,7 +223,9 @@ class LearnerClient:
                 probe.in_flight, probe.last = True, now
             stub = health_pb2_grpc.HealthStub(self._dial(member.address))
             request = health_pb2.HealthCheckRequest(service=rpc.SESSION_PREFIX + rpc.session_id(member.credential))
-            call = stub.Check.future(request, timeout=PROBE_TIMEOUT_S)
+            # with its credential, as every call to a learner: the check takes the learner's own turns, not those of
+            # callers without one, which strangers may hold (and a busy answer reads as "there")
+            call = stub.Check.future(request, timeout=PROBE_TIMEOUT_S, metadata=rpc.with_credential(member.credential))
             call.add_done_callback(
                 lambda done, member=member, probe=probe: self._judge(done, member, probe, on_failure, silent_limit_s)
             )

@@ -7,8 +7,11 @@ import time
 import typing
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+import torch
 
 import utils
 from federated.core.checks import first_problem
@@ -39,6 +42,19 @@ def round_batch(batches: Batches, replica: Replica, steps: int, step: int) -> Ba
     """The step-th batch of the replica's round of steps local steps: the rounds' steps follow each other through
     the shard's order."""
     return batches.at(replica.round * steps + step, replica.mean, replica.std)
+
+
+@dataclass(frozen=True)
+class Unmasked:
+    """A secure round's update as it leaves the shared model's lock (Member.update_request): a copy of the update
+    vector and its claims, masked once the leader commits this learner (Member.masked_input), outside the lock, so
+    that the wait for the commit does not hold up the other learners of a pool."""
+
+    round_index: int
+    update: torch.Tensor
+    samples: int
+    loss: float
+    plan: TrainingPlan
 
 
 class Member:
@@ -148,9 +164,12 @@ class Member:
         if request is not None:
             self.send_request(round_index, request)
 
-    def update_request(self, round_index: int, loss: float, plan: TrainingPlan) -> leader_pb2.GradientData | None:
+    def update_request(
+        self, round_index: int, loss: float, plan: TrainingPlan
+    ) -> leader_pb2.GradientData | Unmasked | None:
         """The round's update (the replica's update vector, trained by plan: round_plan's) as it travels, with what
-        it claims: samples, loss, kind, steps; None when the learner sits the round out. An update that holds NaN or
+        it claims: samples, loss, kind, steps (in a secure round, Unmasked, masked by send_request); None when the
+        learner sits the round out. An update that holds NaN or
         Inf (as it travels) is not sent: only the leader's state, trained on this learner's data, makes one, and the
         leader would refuse it. Reads the shared update vector: the caller holds the shared model's lock, and the
         request holds nothing of the model."""
@@ -174,7 +193,8 @@ class Member:
         if plan.dp == "local":  # the loss is no DP-SGD output, and would tell of the data: the leader gets none
             loss = 0.0 if plan.secure is not None else math.nan  # (a secure round sums it: 0, as distributed DP's)
         if plan.secure is not None:  # never a plain update in a secure round
-            return self.masked_input(round_index, batch * plan.local_steps, loss, plan)
+            update = replica.gradient.detach().to("cpu", copy=True)  # (the shared vector changes once unlocked)
+            return Unmasked(round_index, update, batch * plan.local_steps, loss, plan)
         claims = messages.UpdateInfo(
             self.learner_id,
             round_index,
@@ -188,8 +208,14 @@ class Member:
             tensors = replica.compressed(tensors, plan, self.learner_id)
         return leader_pb2.GradientData(chunk=codec.encode(tensors, claims.to_metadata()))
 
-    def send_request(self, round_index: int, request: leader_pb2.GradientData) -> None:
-        """Send the round's update request (update_request's) to the leader; the replica learns whether it took it."""
+    def send_request(self, round_index: int, request: leader_pb2.GradientData | Unmasked) -> None:
+        """Send the round's update request (update_request's; a secure round's masked first, which waits for the
+        leader's commit: the caller holds no lock) to the leader; the replica learns whether it took it."""
+        if isinstance(request, Unmasked):
+            masked = self.masked_input(request)
+            if masked is None:
+                return
+            request = masked
         reply = self.session.send_update(round_index, request, stop=self.server.inbox.has_final)
         if reply is not None and not reply.success:
             log.warning("round %d: the leader ignored the update: %s", round_index, reply.message)
@@ -197,22 +223,22 @@ class Member:
             self.replica.update_taken(round_index)
             self.updates_sent += 1
 
-    def masked_input(
-        self, round_index: int, samples: int, loss: float, plan: TrainingPlan
-    ) -> leader_pb2.GradientData | None:
+    def masked_input(self, unmasked: Unmasked) -> leader_pb2.GradientData | None:
         """A secure round's update: once the leader has committed this learner to the round (waiting at most
         --wait-timeout), the update vector masked, with its samples and loss folded in; in the clear only its
         slot and round. None (it sits the round out) when no commit came in time. Under distributed DP the
         update is clipped to the plan's L2 bound and carries this learner's share of the noise; it weighs as
         much as any other and gives no loss, so that the sum reveals nothing un-noised but the count of its
         learners, which the leader knows anyway (DP-FedAvg's equal weights: the sum's sensitivity is the clip)."""
+        round_index, plan = unmasked.round_index, unmasked.plan
+        update, samples, loss = unmasked.update, unmasked.samples, unmasked.loss
         secure = typing.cast(SecureRound, plan.secure)
-        if not self.server.secure.wait_committed(
-            round_index, self.config.wait_timeout, stop=self.server.inbox.has_final
-        ):
-            if self.server.inbox.has_final():
+        if not self.server.secure.wait_committed(round_index, self.config.wait_timeout, stop=self.ended):
+            if self.ended():
                 log.info(
-                    "round %d: the leader ended the run before this learner's secure round was committed", round_index
+                    "round %d: the run ended (or this learner was stopped) before this learner's secure round was "
+                    "committed",
+                    round_index,
                 )
                 return None
             log.warning(
@@ -221,7 +247,7 @@ class Member:
                 round_index,
             )
             return None
-        update, noise = self.replica.gradient.cpu(), None
+        noise: tuple[float, float] | None = None
         if plan.dp == "distributed":
             update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)
             samples, loss = int(secure.weight_unit), 0.0
@@ -237,6 +263,11 @@ class Member:
             return None
         info = messages.MaskedInfo(self.learner_id, round_index)
         return leader_pb2.GradientData(chunk=codec.encode(masked, info.to_metadata()))
+
+    def ended(self) -> bool:
+        """Whether there is no point waiting for the leader any more: it sent its final state, or this learner is
+        stopped (Pool.stop_learner: as its process would be)."""
+        return self.server.inbox.has_final() or self.server.stopped.is_set()
 
     def report_evaluation(self, state: codec.Payload) -> None:
         """When the state asks for it, evaluate it on the held-out images and tell the leader."""

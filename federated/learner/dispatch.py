@@ -141,11 +141,11 @@ class PoolServer:
             [rpc.LEARNER_SERVICE],
             max_message_bytes,
             security,
-            method_limits(config.idle_timeout, len(learners)),
+            method_limits(config.idle_timeout),
             config.idle_timeout,
             self.session_status,
             self.caller,
-            1,
+            len(learners),  # (a server thread for each of their turns: rpc.start_server_on)
         )
         for index, (learner, port) in enumerate(zip(learners, ports, strict=True)):
             learner.listen(config, index, port)
@@ -160,9 +160,11 @@ class PoolServer:
         return health_pb2.HealthCheckResponse.SERVING if self.directory.registering() else None
 
     def caller(self, headers: guard.Headers) -> str | None:
-        """'leader' for a call with the credential of one of these learners (its turns are the leader's own)."""
+        """Whom a call with the credential of one of these learners counts as, for its turns (guard.Gate): that
+        learner's leader, 'leader of #i', with the turns a learner of its own gives its leader: strangers cannot
+        take them, and the leader's calls to one learner (a slow push) cannot take another's."""
         found = self.directory.find(headers.get(rpc.CREDENTIAL_HEADER), wait=False)
-        return "leader" if found is not None else None
+        return f"leader of #{found.index}" if found is not None else None
 
     def stop(self, grace: float = 2) -> None:
         self.server.stop(grace).wait(grace + 3)

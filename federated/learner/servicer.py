@@ -186,23 +186,18 @@ def largest_deltas(state_spec: TensorSpec) -> list[TensorSpec]:
     return [delta_spec(state_spec, name, 1.0, MAX_COMPRESS_RANK) for name in compression.CODECS if name != "none"]
 
 
-# The leader's calls to the learners of one process that may run at once, beyond which they are not worth a
-# server thread each: its pushes go 8 at a time (leader/dispatch.py), a secure round's phase to every participant.
-LEADER_CALLS_AT_ONCE = 32
-
-
-def method_limits(idle_timeout: float, learners: int = 1) -> dict[str, guard.Limit]:
-    """How a process of learners admits calls: their leader's (those with a credential of one of them) have turns
-    of their own, which strangers cannot take, as many more as there are learners (up to LEADER_CALLS_AT_ONCE
-    times), so that the leader's calls to many of them are not served one after another; the servicer still
-    checks every call in full."""
+def method_limits(idle_timeout: float) -> dict[str, guard.Limit]:
+    """How a learner admits calls: its leader's (those with its credential) have turns of their own, which
+    strangers cannot take; the learners of a process have as many as a learner of its own has, each (the
+    server names a caller by the learner whose credential it carries: dispatch.PoolServer.caller), so that the
+    leader's calls to many of them are not served one after another, nor one learner's held by another's. The
+    servicer still checks every call in full."""
     learner_method = lambda name: f"/{rpc.LEARNER_SERVICE}/{name}"
-    scale = min(learners, LEADER_CALLS_AT_ONCE)
     return {
-        learner_method("StartTraining"): guard.Limit(2 * scale, anonymous=2),
-        learner_method("SyncModelState"): guard.Limit(2 * scale, anonymous=2, request_s=idle_timeout),
-        learner_method("SecureAggregation"): guard.Limit(scale, anonymous=0),
-        "/grpc.health.v1.Health/Check": guard.Limit(2 * scale, anonymous=4),
+        learner_method("StartTraining"): guard.Limit(2, anonymous=2),
+        learner_method("SyncModelState"): guard.Limit(2, anonymous=2, request_s=idle_timeout),
+        learner_method("SecureAggregation"): guard.Limit(1, anonymous=0),
+        "/grpc.health.v1.Health/Check": guard.Limit(2, anonymous=4),
     }
 
 

@@ -2,12 +2,16 @@
 bit for bit what the same learners send on models of their own, each keeping its own state (SCAFFOLD's c_i and
 control change, error feedback's residuals, local DP's noise); between rounds a learner holds no model-sized
 tensor but its state; the inbox forgets a state once taken; --compress-down's ReferenceBook shares the tensors
-of learners in step and refuses a delta to one out of step."""
+of learners in step and refuses a delta to one out of step; a learner waiting for its secure round's commit leaves
+the model to the others."""
 
 import gc
+import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +19,11 @@ import torch
 import utils
 from federated.core.compression.delta import state_hash
 from federated.core.layout import wire_state
-from federated.core.plan import TrainingPlan
+from federated.core.plan import SecureRound, TrainingPlan
 from federated.leader.downlink import Downlink
+from federated.learner.app import Member
 from federated.learner.reference import ReferenceBook, StateReference
+from federated.learner.secure import SecureParty
 from federated.learner.servicer import StateInbox
 from federated.learner.state import Replica, SharedModel
 from federated.wire import codec, framing, messages
@@ -238,3 +244,38 @@ def test_a_reference_book_shares_the_tensors_of_learners_in_step_and_refuses_a_d
     assert learners[1].version == 1 and learners[1].tensors is None
     with pytest.raises(codec.PayloadError, match="holds the state of round 1 \\(no longer kept\\)"):
         deliver(learners[1], delta)  # type: ignore[arg-type]
+
+
+def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_to_the_others():
+    """The wait for the leader's commit (up to --wait-timeout) happens with a copy of the update vector, outside the
+    shared model's lock: the other learners of the pool train meanwhile; it ends once the learner is stopped."""
+    plan = TrainingPlan("fedavg", local_steps=1, client_lr=0.1, secure=SecureRound(1.0, 8.0, 4))
+    state = states("batch", plan)[0]
+    replica = Replica(state, "cpu", SharedModel(state, "cpu"))
+    party, stopped = SecureParty(), threading.Event()
+    party.bind(0)  # registered, but the leader never commits it
+    member = SimpleNamespace(
+        learner_id=0,
+        data=range(BATCH),
+        replica=replica,
+        sent_round=-1,
+        config=SimpleNamespace(wait_timeout=60),
+        server=SimpleNamespace(secure=party, inbox=SimpleNamespace(has_final=lambda: False), stopped=stopped),
+    )
+    for method in ("update_request", "send_request", "masked_input", "ended"):
+        setattr(member, method, partial(getattr(Member, method), member))
+    sending = threading.Thread(target=Member.send_update, args=(member, 0, 1.0, plan))
+    sending.start()
+    try:
+        deadline = time.monotonic() + 30
+        while member.sent_round != 0:  # its update taken from the shared vector: waiting for the commit
+            assert time.monotonic() < deadline, "no update request"
+            time.sleep(0.01)
+        assert replica.shared.lock.acquire(timeout=10), "the wait for the commit holds the shared model"
+        replica.shared.lock.release()
+        assert sending.is_alive()  # still waiting
+        stopped.set()  # the learner stopped (Pool.stop_learner): it waits no more (STOP_CHECK_S), sends nothing
+        sending.join(10)
+        assert not sending.is_alive()
+    finally:
+        stopped.set()
