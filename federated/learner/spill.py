@@ -82,6 +82,7 @@ class Spill:
     def __init__(self, budget: int | None) -> None:
         self.budget = budget
         self.resident: OrderedDict[Replica, int] = OrderedDict()  # bytes in memory, least recently used first
+        self.in_memory = 0  # their sum
         self.spilled: dict[Replica, tuple[Path, int]] = {}  # its file and bytes
         self.in_use: dict[Replica, int] = {}  # how many using() hold it (re-entrant: a method inside a round's)
         self.lock = threading.Lock()
@@ -106,19 +107,20 @@ class Spill:
                 self.in_use[replica] -= 1
                 if not self.in_use[replica]:
                     del self.in_use[replica]
-                self.resident[replica] = size_of(held(replica))  # (its state may have grown: a first compressor)
+                size = size_of(held(replica))  # (its state may have grown: a first compressor)
+                self.in_memory += size - self.resident.get(replica, 0)
+                self.resident[replica] = size
                 self.resident.move_to_end(replica)
                 self.fit()
 
     def fit(self) -> None:
         """Spill the least recently used learners not in use until the rest fit the budget (under the lock)."""
         assert self.budget is not None
-        total = sum(self.resident.values())
-        for replica in [replica for replica in self.resident if replica not in self.in_use]:
-            if total <= self.budget:
+        while self.in_memory > self.budget:
+            oldest = next((replica for replica in self.resident if replica not in self.in_use), None)
+            if oldest is None:  # the rest are in use
                 break
-            total -= self.resident[replica]
-            self.write(replica)
+            self.write(oldest)
         self.say()
 
     def write(self, replica: "Replica") -> None:
@@ -128,7 +130,9 @@ class Spill:
             atexit.register(shutil.rmtree, self.folder, ignore_errors=True)
         path = self.folder / f"{id(replica)}.pt"
         torch.save(held(replica), path)
-        self.spilled[replica] = (path, self.resident.pop(replica))
+        size = self.resident.pop(replica)
+        self.spilled[replica] = (path, size)
+        self.in_memory -= size
         drop(replica)
 
     def read(self, replica: "Replica") -> None:
@@ -149,7 +153,7 @@ class Spill:
         on_disk = sum(size for _, size in self.spilled.values())
         return (
             f"{len(self.spilled)} learners' state spilled to {self.folder} ({on_disk / MB:.1f} MB), "
-            f"{len(self.resident)} learners' kept in memory ({sum(self.resident.values()) / MB:.1f} MB; "
+            f"{len(self.resident)} learners' kept in memory ({self.in_memory / MB:.1f} MB; "
             f"--state-budget {self.budget / MB:g} MB)"
         )
 

@@ -7,6 +7,8 @@ import stat
 import pytest
 import torch
 
+from federated.core.strategies.scaffold import Controls
+from federated.learner.spill import Spill
 from federated.learner.state import Replica
 from tests.support.live import learner_config
 from tests.unit.test_shared_model import LEARNERS, learner_state, local_plan, run
@@ -45,3 +47,30 @@ def test_a_state_budget_needs_virtual_learners(capsys):
     with pytest.raises(SystemExit):
         learner_config(["--state-budget", "1"])
     assert "--state-budget keeps the state of --virtual learners" in capsys.readouterr().err
+
+
+class Learner:
+    """What the spill reads of a Replica: SCAFFOLD's controls (its own, filled with its number), nothing else."""
+
+    def __init__(self, number: int) -> None:
+        self.controls, self.change, self.compressor = Controls(1000), None, None
+        self.controls.own.fill_(number)
+
+
+def test_the_least_recently_used_learners_not_in_use_are_spilled():
+    spill = Spill(budget=2 * 2 * 4 * 1000)  # two learners' controls (two vectors of 1,000 float32 each)
+    learners = [Learner(number) for number in range(4)]
+
+    def use(*which: int) -> None:
+        for index in which:
+            with spill.using(learners[index]):  # type: ignore[arg-type]
+                assert torch.equal(learners[index].controls.own, torch.full((1000,), float(index)))
+
+    use(0, 1, 2)
+    assert [learners.index(learner) for learner in spill.spilled] == [0]
+    use(0)  # read back: 1 is now the least recently used
+    assert [learners.index(learner) for learner in spill.spilled] == [1]
+    with spill.using(learners[2]):  # type: ignore[arg-type]
+        use(1, 3)  # 2, the least recently used, is in use: never spilled
+        assert torch.equal(learners[2].controls.own, torch.full((1000,), 2.0))
+    assert sorted(learners.index(learner) for learner in spill.spilled) == [0, 1]
