@@ -26,6 +26,7 @@ from federated.learner.pool import CURRENT, POOL_LOG, Pool, Stopped, ports, rang
 from federated.learner.reference import ReferenceBook
 from federated.learner.servicer import LearnerServer
 from federated.learner.session import HealthPacing, LeaderLost, LeaderSession
+from federated.learner.spill import MB
 from federated.learner.state import Replica, SharedModel
 from federated.net import rpc
 from federated.net.rpc import leader_pb2
@@ -321,7 +322,8 @@ class Member:
                 and self.within_budget(replica.round)
             ):
                 plan = self.round_plan()
-                with replica.shared.lock:  # released before sending: the request holds nothing of the model
+                # (its state stays in memory from training to the request: a learner training is never spilled)
+                with replica.shared.lock, replica.shared.spill.using(replica):  # released before sending
                     loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
                     compute_seconds += time.perf_counter() - round_started
                     request = self.update_request(replica.round, loss, plan)
@@ -429,7 +431,8 @@ class Learner:
             return state
         # one model for the process: a learner of its own takes the fetched state's tensors over, a pool's copy it
         device = self.config.device
-        shared = SharedModel(state, device) if self.config.virtual > 1 else None
+        budget = None if self.config.state_budget is None else int(self.config.state_budget * MB)
+        shared = SharedModel(state, device, budget) if self.config.virtual > 1 else None
         replica = Replica(state, device, shared)
         book = ReferenceBook()  # --compress-down's states, once for the pool
         learners = [
@@ -455,6 +458,8 @@ class Learner:
                 time.monotonic() - started,
                 ports(learner.port for learner in learners),
             )
+            if budget is not None:
+                log.info("pool: learners' state beyond %g MB (--state-budget) is spilled to disk", budget / MB)
         return Pool(members, server)
 
     def join(self, index: int, learner: LearnerServer, replica: Replica, deadline: float) -> Member:

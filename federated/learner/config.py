@@ -113,6 +113,16 @@ class LearnerConfig(SecurityFlags, Config):
         group="process",
         bounds=Bounds(0),
     )
+    state_budget: float | None = option(
+        None,
+        "with --virtual N: MB of its learners' per-learner state (SCAFFOLD's controls, error feedback's residuals) "
+        "kept in memory; beyond it the least recently used learners' state goes to a private temporary folder "
+        "until they next need it (docs/scale.md)",
+        group="process",
+        bounds=POSITIVE,
+        metavar="MB",
+        default_text="all of it in memory",
+    )
     log_every: int = option(50, "log progress every N rounds", group="process", bounds=Bounds(1))
     verbose: bool = option(False, "debug logging", group="process")
 
@@ -226,6 +236,8 @@ def configure(given: CommandLine) -> LearnerConfig:
         problems.append(f"--port {config.port} leaves no room for the {config.virtual} ports of --virtual")
     if config.budget_file and config.virtual > 1:  # (each learner spends its own epsilon)
         problems.append("--budget-file keeps one learner's epsilon: run such learners as processes of their own")
+    if config.state_budget is not None and config.virtual == 1:
+        problems.append("--state-budget keeps the state of --virtual learners: it needs --virtual 2 or more")
     if config.eval_fraction and not config.dataset:
         problems.append("--eval-fraction needs a local --dataset")
     if config.budget_file and Path(config.budget_file).exists():

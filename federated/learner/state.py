@@ -16,6 +16,7 @@ from federated.core.layout import GradientLayout, control_name, wire_state
 from federated.core.plan import TrainingPlan
 from federated.core.strategies.scaffold import Controls
 from federated.core.training import Backward, Batch, Evaluation, evaluate
+from federated.learner.spill import Spill, needs_state
 from federated.privacy import local
 from federated.wire import codec, messages
 from model import build_model
@@ -94,8 +95,9 @@ class SharedModel:
     It holds one learner's weights at a time (holder): a Replica loads its own state into it, under the lock, when
     it trains or evaluates."""
 
-    def __init__(self, state: codec.Payload, device: str) -> None:
-        """Raises PayloadError when the state does not hold the model it names. device: --device."""
+    def __init__(self, state: codec.Payload, device: str, state_budget: int | None = None) -> None:
+        """Raises PayloadError when the state does not hold the model it names. device: --device. state_budget:
+        the bytes of its learners' state kept in memory (--state-budget; None: all of it)."""
         self.info = messages.StateInfo.from_payload(state)
         wire_dtype = wire_dtype_of(self.info)
         self.device = runtime.pick_device(device)
@@ -110,6 +112,7 @@ class SharedModel:
         self.lock = threading.RLock()  # (re-entrant: hooking the model for local DP takes it too, from adopt)
         self.holder: Replica | None = None  # whose weights the model holds
         self.loaded: codec.Payload | None = None  # the state it holds as loaded, untrained since
+        self.spill = Spill(state_budget)  # its learners' state beyond the budget, on disk
 
     def check_facts(self, info: messages.StateInfo) -> None:
         """PayloadError unless a state is for this model (a learner of the process joined another run)."""
@@ -197,6 +200,7 @@ class Replica:
     def spec(self) -> TensorSpec:
         return self.shared.spec
 
+    @needs_state
     def adopt(self, state: codec.Payload, fetched: bool = True) -> None:
         """Continue training from a model state: fetched (GetModel) or pushed (SyncModelState; checked there). Its
         facts count at once; its weights go into the shared model when this learner trains or evaluates (load).
@@ -240,6 +244,7 @@ class Replica:
             self.state = None
             self.shared.loaded = None  # the model's weights are about to be trained
 
+    @needs_state
     def forget_control_residuals(self) -> None:
         """Compressed SCAFFOLD: drop what error feedback still holds of the control changes (their residuals) when
         the change is dropped or the controls reset; else the dropped change would reach the server's c later."""
@@ -272,6 +277,7 @@ class Replica:
     def strategy(self) -> type[strategies.Strategy]:
         return strategies.named(self.plan.strategy)
 
+    @needs_state
     def local_update(self, batch_at: Callable[[int], Batch], plan: TrainingPlan) -> float:
         """Fill the update vector with this round's update (the strategy's local_update from the state adopted
         last, following plan: the round's, as this learner's data makes it); the mean training loss. batch_at(k)
@@ -281,6 +287,7 @@ class Replica:
             self.model, self.layout, self.gradient, batch_at, plan, self.controls, self.backward(plan)
         )
 
+    @needs_state
     def keep_change(self) -> None:
         """SCAFFOLD: keep a copy of the update's control change, which a later state commits or drops (adopt): the
         next learner to train overwrites the update vector."""
@@ -292,6 +299,7 @@ class Replica:
         """The update vector as it travels."""
         return self.layout.wire_tensors(self.gradient)
 
+    @needs_state
     def compressed(
         self, update: dict[str, torch.Tensor], plan: TrainingPlan, learner_id: int
     ) -> dict[str, torch.Tensor]:
@@ -312,6 +320,7 @@ class Replica:
             )
         return self.compressor.compress(update)
 
+    @needs_state
     def forget_compression(self, why: str) -> None:
         """Forget the residuals and warm starts (saying why, once): they belong to the updates sent compressed
         since the last reset, and the next compressed round starts from zero."""
@@ -325,6 +334,7 @@ class Replica:
         if self.controls is not None:
             self.controls.taken(round_index)
 
+    @needs_state
     def forget_own_controls(self) -> None:
         """SCAFFOLD: a learner's control belongs to its slot's data; a new slot starts from zero."""
         if self.controls is not None:

@@ -94,11 +94,12 @@ class Run:
     evaluations: list[tuple[float, int]] = field(default_factory=list)
 
 
-def run(norm: str, plan: TrainingPlan, shared: bool) -> Run:
-    """The schedule's rounds, the learners on one SharedModel or each on a model of its own (built from a state
-    fetched each: a model of its own takes the tensors over); as Member does it, under the model's lock."""
+def run(norm: str, plan: TrainingPlan, shared: bool, state_budget: int | None = None) -> Run:
+    """The schedule's rounds, the learners on one SharedModel (keeping state_budget bytes of their state in memory)
+    or each on a model of its own (built from a state fetched each: a model of its own takes the tensors over); as
+    Member does it, under the model's lock."""
     pushed = states(norm, plan)
-    model = SharedModel(pushed[0], "cpu") if shared else None
+    model = SharedModel(pushed[0], "cpu", state_budget) if shared else None
     fetched = lambda: codec.decode(codec.encode(pushed[0].tensors, pushed[0].metadata))
     replicas = [Replica(fetched(), "cpu", model) for _ in range(LEARNERS)]
     for learner, replica in enumerate(replicas):
