@@ -191,8 +191,8 @@ def test_a_learner_between_rounds_holds_no_tensor_but_its_state(runs):
 
 
 def test_a_learner_left_out_of_a_round_keeps_none_of_its_state_while_it_waits():
-    """A pool's learner not drawn for a round (sampling) keeps nothing of the state pushed to it (at the start of a
-    run, every learner is sent the state): a thousand of them would hold a thousand model copies."""
+    """A pool's learner waiting for its next draw keeps nothing of the state last pushed to it (here one of a round
+    it is left out of, as a rejoining learner is pushed): a thousand waiting would hold a thousand model copies."""
     made = states("batch", replace(local_plan(), participants=(0,)))
     pushed = codec.decode(codec.encode(made[1].tensors, made[1].metadata))
     final = codec.decode(codec.encode(made[2].tensors, {**made[2].metadata, "finished": "1"}))
