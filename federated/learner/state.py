@@ -243,8 +243,7 @@ class Replica:
     def set_aside(self) -> None:
         """Drop the adopted state's weights: this learner does not train on it (left out of its round, or sitting
         it out) and has evaluated it if asked; what the state said (round, plan, normalisation) stays."""
-        if not self.takes_over:  # (a model of its own holds the weights anyway)
-            self.state = None
+        self.state = None
 
     def forget_control_residuals(self) -> None:
         """Compressed SCAFFOLD: drop what error feedback still holds of the control changes (their residuals) when
