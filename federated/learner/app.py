@@ -312,6 +312,8 @@ class Member:
                 if messages.round_of(state) >= replica.round:  # not older than the state fetched on joining
                     replica.adopt(state, fetched=False)
                     self.report_evaluation(state)
+                del state
+                pushed = None  # (the replica holds what it keeps of it)
             round_started = time.perf_counter()
             # sampling may leave it out of this round; a state of a round it already sent (pushed again) is no news;
             # nobody trains before a leader without data has settled the normalisation
@@ -324,8 +326,9 @@ class Member:
                 plan = self.round_plan()
                 # (its state stays in memory from training to the request: a learner training is never spilled)
                 with replica.shared.lock, replica.shared.spill.using(replica):  # released before sending
+                    computing = time.perf_counter()  # (not the wait for the lock: other learners' compute)
                     loss = replica.local_update(partial(round_batch, batches, replica, plan.local_steps), plan)
-                    compute_seconds += time.perf_counter() - round_started
+                    compute_seconds += time.perf_counter() - computing
                     request = self.update_request(replica.round, loss, plan)
                 self.charge(replica.round, plan)
                 if request is not None:
@@ -335,6 +338,8 @@ class Member:
                 compute_seconds += time.perf_counter() - started
                 computed_rounds += 1
                 images += replica.info.batch_size * plan.local_steps
+            else:  # a learner trains only on a state pushed after this one: a thousand left out would add up
+                replica.set_aside()
             # With sampling, a learner gets a state only when it is drawn: it waits as long as the leader counts it in.
             sampled = replica.plan.participants is not None
             awaited = "a round to take part in" if sampled else f"the state of round {replica.round + 1}"
@@ -439,6 +444,7 @@ class Learner:
             LearnerServer(self.config, session.security, session.credential, replica.spec, session.limits, book)
             for session in self.sessions
         ]
+        self.session.pacing.alarms = [learner.inbox.wake for learner in learners]
         server = PoolServer(self.config, self.session.security, learners, len(state.buffer) + rpc.ENVELOPE_BYTES)
         started = time.monotonic()
         try:

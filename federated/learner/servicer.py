@@ -59,6 +59,7 @@ class StateInbox:
         self._round, self._version = -1, 0
         self.final: codec.Payload | None = None
         self._changed = threading.Condition()
+        self._wakes = 0  # wake() calls: a waiting take returns at the next one, to look at what else changed
 
     def put(self, round_index: int, payload: codec.Payload) -> None:
         with self._changed:
@@ -80,15 +81,21 @@ class StateInbox:
         """The final state, or the newest state if its version is after after_version and it was not taken yet,
         with its version; waits at most timeout seconds."""
         with self._changed:
-            if not self._changed.wait_for(
-                lambda: self.final is not None or (self._payload is not None and self._version > after_version),
-                timeout,
-            ):
+            wakes = self._wakes
+            news = lambda: self.final is not None or (self._payload is not None and self._version > after_version)
+            if not self._changed.wait_for(lambda: news() or self._wakes != wakes, timeout) or not news():
                 return None
             payload = self.final or self._payload
             assert payload is not None
             self._payload = None
             return self._version, payload
+
+    def wake(self) -> None:
+        """End a take that waits (it gives None): something else its learner waits on changed (it was stopped,
+        another learner of its process lost the leader)."""
+        with self._changed:
+            self._wakes += 1
+            self._changed.notify_all()
 
     def has_final(self) -> bool:
         """Whether the leader said goodbye: training finished or was stopped."""
@@ -260,8 +267,10 @@ class LearnerServer:
         self.servicer.reference.clear()
 
     def stop(self) -> None:
-        """Stop serving the leader: its calls fail UNAVAILABLE, its health checks find no registration."""
+        """Stop serving the leader: its calls fail UNAVAILABLE, its health checks find no registration; its thread,
+        if waiting for a state, looks at once."""
         self.stopped.set()
+        self.inbox.wake()
 
     def restart(self) -> None:
         """Serve the leader again, from a fresh start (it registers again)."""

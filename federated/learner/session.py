@@ -142,6 +142,9 @@ class HealthPacing:
     def __init__(self, learners: int = 1) -> None:
         self.interval = max(HEALTH_CHECK_INTERVAL_S, learners / MAX_CHECKS_PER_S)
         self.lost_at = -math.inf  # when a learner of this process last lost the leader
+        # what wakes each learner's wait for a state (StateInbox.wake): a waiting learner sleeps until its next
+        # check, and is woken when another loses the leader
+        self.alarms: list[Callable[[], None]] = []
 
     def first_check(self) -> float:
         """When a wait that begins now checks first: a random point of the interval, so that learners that begin
@@ -153,8 +156,10 @@ class HealthPacing:
         return time.monotonic() >= next_check or self.lost_at > last_checked
 
     def lost(self) -> None:
-        """A learner of this process lost the leader: the others check at their next tick."""
+        """A learner of this process lost the leader: the others are woken to check now."""
         self.lost_at = time.monotonic()
+        for alarm in self.alarms:
+            alarm()
 
 
 class Progress:
@@ -476,12 +481,14 @@ class LeaderSession:
             raise LeaderLost("the leader dropped this learner")
 
     def wait_until(self, ready: Callable[[float], T | None], what: str, bounded: bool = True) -> T:
-        """ready(timeout) until it gives something, checking on the leader every few seconds; raises
-        LeaderLost, or SystemExit after --wait-timeout (unless not bounded: a learner left out of rounds by
-        sampling waits for as long as the leader says it still counts on it)."""
+        """ready(timeout) until it gives something, checking on the leader as its pacing says (ready sleeps until
+        the next check, unless woken: HealthPacing.alarms); raises LeaderLost, or SystemExit after --wait-timeout
+        (unless not bounded: a learner left out of rounds by sampling waits for as long as the leader says it still
+        counts on it)."""
         started, last_log = time.monotonic(), 0.0
         checked, next_check = started, self.pacing.first_check()
-        while (result := ready(HEALTH_CHECK_INTERVAL_S)) is None:
+        deadline = started + self.config.wait_timeout if bounded else math.inf
+        while (result := ready(max(0.0, min(next_check, deadline) - time.monotonic()))) is None:
             if self.pacing.due(checked, next_check):
                 checked, next_check = time.monotonic(), time.monotonic() + self.pacing.interval
                 try:

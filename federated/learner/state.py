@@ -244,6 +244,11 @@ class Replica:
             self.state = None
             self.shared.loaded = None  # the model's weights are about to be trained
 
+    def set_aside(self) -> None:
+        """Drop the adopted state's weights: this learner does not train on it (left out of its round, or sitting
+        it out) and has evaluated it if asked; what the state said (round, plan, normalisation) stays."""
+        self.state = None
+
     @needs_state
     def forget_control_residuals(self) -> None:
         """Compressed SCAFFOLD: drop what error feedback still holds of the control changes (their residuals) when

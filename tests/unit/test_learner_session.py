@@ -1,14 +1,18 @@
 """A learner's first contact, as a new user meets it: learner.py started without its leader says once what it
 waits for, then how it goes now and then, and ends naming --connect-timeout (waits are logged by Progress);
+a learner of a pool waiting for a state sleeps until its next health check, woken when another loses the leader;
 a --data-dir without the learner's dataset is refused before the leader is contacted."""
 
 import logging
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import utils
 from federated.learner import data, session
+from federated.learner.servicer import StateInbox
 
 
 def test_a_wait_says_what_it_waits_for_once_then_how_it_goes_at_most_every_interval(caplog):
@@ -45,6 +49,25 @@ def test_a_busy_leader_is_no_news_for_a_few_seconds_but_a_refused_connection_is_
     with caplog.at_level(logging.INFO, logger="learner"):
         refused.failed("connection refused")
     assert len(caplog.records) == 2
+
+
+def test_a_waiting_learner_sleeps_until_its_next_check_and_is_woken_when_another_loses_the_leader():
+    """A pool of 1,000 checks each learner every 50 s: between checks its thread sleeps (it used to wake every 3 s
+    to look, 333 wake-ups a second in all), and another learner losing the leader wakes it to check at once."""
+    pacing, inbox, timeouts, checks = session.HealthPacing(1000), StateInbox(), [], []
+    pacing.alarms = [inbox.wake]
+
+    def ready(timeout: float) -> str | None:
+        timeouts.append(timeout)
+        if len(timeouts) > 1:
+            return "a state"
+        threading.Timer(0.05, pacing.lost).start()
+        return inbox.take(0, timeout)  # (None once woken)
+
+    check = lambda: checks.append("checked")
+    waiting = SimpleNamespace(pacing=pacing, config=SimpleNamespace(wait_timeout=600.0), check_leader=check)
+    assert session.LeaderSession.wait_until(waiting, ready, "a round", bounded=False) == "a state"  # type: ignore[arg-type]
+    assert timeouts[0] > session.HEALTH_CHECK_INTERVAL_S and checks == ["checked"]
 
 
 def test_an_image_folder_needs_a_folder_of_images_per_class_to_pass_the_check(tmp_path):

@@ -1,15 +1,15 @@
 """Learners of one process on one SharedModel (learner/state.py), without sockets: trained interleaved they send
 bit for bit what the same learners send on models of their own, each keeping its own state (SCAFFOLD's c_i and
 control change, error feedback's residuals, local DP's noise); between rounds a learner holds no model-sized
-tensor but its state; the inbox forgets a state once taken; --compress-down's ReferenceBook shares the tensors
-of learners in step and refuses a delta to one out of step; a learner waiting for its secure round's commit leaves
-the model to the others."""
+tensor but its state, and one left out of a round keeps none of its state; the inbox forgets a state once taken;
+--compress-down's ReferenceBook shares the tensors of learners in step and refuses a delta to one out of step; a
+learner waiting for its secure round's commit leaves the model to the others."""
 
 import gc
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import SimpleNamespace
 
@@ -192,6 +192,33 @@ def test_a_learner_between_rounds_holds_no_tensor_but_its_state(runs):
         pending = {id(tensor) for tensor in replica.state.tensors.values()} if replica.state is not None else set()
         others = [tensor for tensor in tensors_held(replica) if id(tensor) not in own | pending]
         assert not others, (case, learner, [tuple(tensor.shape) for tensor in others])
+
+
+def test_a_learner_left_out_of_a_round_keeps_none_of_its_state_while_it_waits():
+    """A pool's learner waiting for its next draw keeps nothing of the state last pushed to it (here one of a round
+    it is left out of, as a rejoining learner is pushed): a thousand waiting would hold a thousand model copies."""
+    made = states("batch", replace(local_plan(), participants=(0,)))
+    pushed = codec.decode(codec.encode(made[1].tensors, made[1].metadata))
+    final = codec.decode(codec.encode(made[2].tensors, {**made[2].metadata, "finished": "1"}))
+    shared = SharedModel(made[0], "cpu")
+    inbox, kept = StateInbox(), weakref.ref(next(iter(pushed.tensors.values())))
+    inbox.put(1, pushed)
+    del pushed
+    held: list[object] = []
+
+    def wait_until(ready, what, bounded):
+        gc.collect()
+        held.append((member.replica.state, kept()))
+        return (2, final)
+
+    member = object.__new__(Member)
+    member.replica, member.learner_id, member.sent_round, member.held_out = Replica(made[0], "cpu", shared), 5, -1, None
+    member.server = SimpleNamespace(inbox=inbox, stopped=threading.Event())  # type: ignore[assignment]
+    member.session = SimpleNamespace(wait_until=wait_until)  # type: ignore[assignment]
+    member.config = SimpleNamespace(log_every=1)  # type: ignore[assignment]
+    member.data = utils.ImageSet(torch.zeros(8, 3, SIZE, SIZE, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 10)
+    assert member.train() is final
+    assert member.replica.round == 1 and held == [(None, None)]
 
 
 def test_the_inbox_forgets_a_state_once_taken_and_keeps_the_final_one():
