@@ -6,6 +6,7 @@ behind one server it also says which of them a call is for, so that the leader c
 call a process of its own. A pool of one hands every call to its only learner, whose servicer checks it as a
 learner's always did."""
 
+import collections
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from federated.net import guard, rpc
 from federated.net.rpc import learner_pb2, learner_pb2_grpc
 from federated.wire import framing
 
+RETIRED_PER_LEARNER = 4  # left registrations remembered, per learner of the process
 REGISTERING_POLL_S = 0.02  # how often a call waits again for a registration on its way to bring its credential
 NOT_OURS = "only the leader this learner registered with may call it (its credential is missing or wrong)"
 
@@ -34,6 +36,9 @@ class Directory:
         self.learners = learners
         self._by_session: dict[str, LearnerServer] = {}
         self._known: list[str | None] = [None] * len(learners)  # each learner's credential as last indexed
+        # the session ids of registrations its learners left (rejoined in another slot), the latest few per learner:
+        # their health checks get no answer, never the SERVING a registration on its way gets
+        self._retired: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def holder(self, session: str) -> LearnerServer | None:
@@ -56,10 +61,19 @@ class Directory:
             if value == self._known[index]:
                 continue
             if self._known[index] is not None:
-                self._by_session.pop(rpc.session_id(self._known[index] or ""), None)
+                retired = rpc.session_id(self._known[index] or "")
+                self._by_session.pop(retired, None)
+                self._retired[retired] = None
+                while len(self._retired) > RETIRED_PER_LEARNER * len(self.learners):
+                    self._retired.popitem(last=False)
             if value is not None:
                 self._by_session[rpc.session_id(value)] = learner
             self._known[index] = value
+
+    def retired(self, session: str) -> bool:
+        """Whether session is a registration one of these learners left (checked after a lookup missed)."""
+        with self._lock:
+            return session in self._retired
 
     def registering(self) -> bool:
         """Whether a registration of one of them is on its way (the leader may call it before its reply is here)."""
@@ -75,7 +89,7 @@ class Directory:
             learner = self.holder(session)
             if learner is not None and learner.credential.matches(credential):
                 return learner
-            if not (wait and self.registering()) or time.monotonic() > deadline:
+            if not (wait and self.registering()) or self.retired(session) or time.monotonic() > deadline:
                 return None
             time.sleep(REGISTERING_POLL_S)
 
@@ -157,6 +171,8 @@ class PoolServer:
         learner = learners[0] if len(learners) == 1 else self.directory.holder(session)
         if learner is not None:
             return None if learner.stopped.is_set() else learner.credential.session_status(session)
+        if self.directory.retired(session):  # a registration left: gone, whatever registers meanwhile
+            return None
         return health_pb2.HealthCheckResponse.SERVING if self.directory.registering() else None
 
     def caller(self, headers: guard.Headers) -> str | None:

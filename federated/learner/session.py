@@ -36,6 +36,9 @@ HEALTH_CHECK_INTERVAL_S = 3.0  # while waiting, how often to ask the leader whet
 # interval grows with N (HealthPacing).
 MAX_CHECKS_PER_S = 20.0
 FRESH_MODEL_S = 5.0  # a model state one learner of a process fetched this recently serves the others (PoolFetch)
+FETCH_TURN_SLICE_S = (
+    1.0  # how often a learner waiting for another's fetch of the model looks at its own stop and deadline
+)
 # Calls from the leader may arrive before this learner has read the reply to its registration: they wait
 # this long for it.
 REGISTRATION_WAIT_S = 30.0
@@ -63,6 +66,12 @@ REJOIN_CODES = (
 
 class LeaderLost(Exception):
     """The leader is unreachable or no longer counts this learner: reconnect and register again."""
+
+    def __init__(self, message: str, leader_gone: bool = True) -> None:
+        """leader_gone: whether it tells of the leader itself (False: only this learner's registration is gone,
+        which says nothing of the other learners of its process)."""
+        super().__init__(message)
+        self.leader_gone = leader_gone
 
 
 class LeaderUnreachable(Exception):
@@ -150,6 +159,13 @@ class HealthPacing:
         """When a wait that begins now checks first: a random point of the interval, so that learners that begin
         waiting together (after one round) spread their checks over it."""
         return time.monotonic() + random.uniform(0.0, self.interval - HEALTH_CHECK_INTERVAL_S) + HEALTH_CHECK_INTERVAL_S
+
+    def next_check(self) -> float:
+        """When a learner that checks now checks next: after the interval, give or take half of what it adds to
+        HEALTH_CHECK_INTERVAL_S, so that learners woken together to check (one lost the leader) do not stay in step
+        and check in bursts of the whole pool."""
+        spread = (self.interval - HEALTH_CHECK_INTERVAL_S) / 2
+        return time.monotonic() + self.interval + random.uniform(-spread, spread)
 
     def due(self, last_checked: float, next_check: float) -> bool:
         """Whether a learner that checked last at last_checked must check now."""
@@ -339,7 +355,14 @@ class LeaderSession:
         leader's that is gone), checked against this learner's limits too, or fetched while they wait (PoolFetch)."""
         if self.fetches is None:
             return self.fetch_own_model(deadline, stop)
-        with self.fetches.lock:
+        # Another learner's fetch holds the turn, retrying until its own deadline: this one waits for it in slices,
+        # minding its own stop and deadline, and past its deadline tries once on its own.
+        while not self.fetches.lock.acquire(timeout=FETCH_TURN_SLICE_S):
+            if stop():
+                return None
+            if time.monotonic() >= deadline:
+                return self.fetch_own_model(deadline, stop)
+        try:
             state, fetched_at = self.fetches.state, self.fetches.fetched_at
             if state is not None and fetched_at >= since and time.monotonic() - fetched_at < FRESH_MODEL_S:
                 self.limits.admit_state(state.metadata, codec.spec_of(state.tensors))
@@ -348,6 +371,8 @@ class LeaderSession:
             if state is not None:
                 self.fetches.state, self.fetches.fetched_at = state, time.monotonic()
             return state
+        finally:
+            self.fetches.lock.release()
 
     def fetch_own_model(self, deadline: float, stop: Callable[[], bool] = never) -> codec.Payload | None:
         """The leader's current model state, checked against this learner's limits before it is buffered and finite
@@ -475,10 +500,10 @@ class LeaderSession:
             if error.code() in INCONCLUSIVE_CODES:  # busy, slow, or without the health service: it answers
                 return
             if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise LeaderLost("the leader no longer knows this learner's registration") from None
+                raise LeaderLost("the leader no longer knows this learner's registration", leader_gone=False) from None
             raise LeaderLost(f"health check: {error.code().name}") from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise LeaderLost("the leader dropped this learner")
+            raise LeaderLost("the leader dropped this learner", leader_gone=False)
 
     def wait_until(self, ready: Callable[[float], T | None], what: str, bounded: bool = True) -> T:
         """ready(timeout) until it gives something, checking on the leader as its pacing says (ready sleeps until
@@ -490,11 +515,12 @@ class LeaderSession:
         deadline = started + self.config.wait_timeout if bounded else math.inf
         while (result := ready(max(0.0, min(next_check, deadline) - time.monotonic()))) is None:
             if self.pacing.due(checked, next_check):
-                checked, next_check = time.monotonic(), time.monotonic() + self.pacing.interval
+                checked, next_check = time.monotonic(), self.pacing.next_check()
                 try:
                     self.check_leader()
-                except LeaderLost:
-                    self.pacing.lost()
+                except LeaderLost as lost:
+                    if lost.leader_gone:  # (the leader dropping this learner alone is routine: no alarm)
+                        self.pacing.lost()
                     raise
             waited = time.monotonic() - started
             if bounded and waited >= self.config.wait_timeout:

@@ -4,7 +4,9 @@ a learner of a pool waiting for a state sleeps until its next health check, woke
 a --data-dir without the learner's dataset is refused before the leader is contacted."""
 
 import logging
+import math
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -68,6 +70,42 @@ def test_a_waiting_learner_sleeps_until_its_next_check_and_is_woken_when_another
     waiting = SimpleNamespace(pacing=pacing, config=SimpleNamespace(wait_timeout=600.0), check_leader=check)
     assert session.LeaderSession.wait_until(waiting, ready, "a round", bounded=False) == "a state"  # type: ignore[arg-type]
     assert timeouts[0] > session.HEALTH_CHECK_INTERVAL_S and checks == ["checked"]
+
+
+@pytest.mark.parametrize("leader_gone", [False, True])
+def test_only_a_leader_gone_wakes_the_pool_not_one_learner_dropped(leader_gone):
+    """One learner dropped by its leader (routine) used to wake all 1,000 of its pool to check at once."""
+    pacing, alarms = session.HealthPacing(1000), []
+    pacing.alarms = [lambda: alarms.append("woken")]
+    pacing.lost_at = math.inf  # this learner is due to check now
+
+    def check() -> None:
+        raise session.LeaderLost("the leader dropped this learner", leader_gone=leader_gone)
+
+    waiting = SimpleNamespace(pacing=pacing, config=SimpleNamespace(wait_timeout=600.0), check_leader=check)
+    with pytest.raises(session.LeaderLost):
+        session.LeaderSession.wait_until(waiting, lambda timeout: None, "a round")  # type: ignore[arg-type]
+    assert alarms == (["woken"] if leader_gone else [])
+
+
+def test_checks_after_the_first_are_spread_so_a_pool_woken_together_does_not_check_in_step():
+    many, one = session.HealthPacing(1000), session.HealthPacing(1)
+    later = [many.next_check() - time.monotonic() for _ in range(50)]
+    assert 26 < min(later) < max(later) < 74 and max(later) - min(later) > 10  # 50 s, give or take 23.5
+    assert round(one.next_check() - time.monotonic(), 1) == session.HEALTH_CHECK_INTERVAL_S  # a learner of its own
+
+
+def test_a_learner_waiting_for_another_learners_fetch_of_the_model_minds_its_own_stop():
+    """Another learner of the pool fetching the model holds the turn while it retries (up to its --connect-timeout):
+    this one used to wait on the bare lock for as long, blind to a final state pushed to it meanwhile."""
+    fetches, results = session.PoolFetch(), []
+    fetches.lock.acquire()  # the other learner's fetch, retrying
+    waiting = SimpleNamespace(fetches=fetches)
+    fetch = lambda: results.append(session.LeaderSession.fetch_model(waiting, math.inf, stop=lambda: True))  # type: ignore[arg-type]
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(5.0)
+    assert results == [None]
 
 
 def test_an_image_folder_needs_a_folder_of_images_per_class_to_pass_the_check(tmp_path):
