@@ -238,3 +238,13 @@ def test_a_reference_book_shares_the_tensors_of_learners_in_step_and_refuses_a_d
     assert learners[1].version == 1 and learners[1].tensors is None
     with pytest.raises(codec.PayloadError, match="holds the state of round 1 \\(no longer kept\\)"):
         deliver(learners[1], delta)  # type: ignore[arg-type]
+
+
+def test_a_reference_book_drops_the_lowest_round_and_keeps_no_version_older_than_all_it_holds_when_full():
+    """A learner out of step may put an old round late: the versions the learners in step hold stay."""
+    book, tensors = ReferenceBook(keep=3), {"w": torch.zeros(1)}
+    for round_index in (7, 8, 5, 9):  # round 5 put after 7 and 8 (a learner whose reference was cleared)
+        book.put((round_index, "h"), tensors)
+    assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
+    assert book.put((6, "h"), {"w": torch.ones(1)})["w"].item() == 1  # its own tensors, not kept
+    assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
