@@ -450,3 +450,5 @@ class Learner:
             final = joined
         how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
         log.info("the leader %s at round %d", how, messages.round_of(final))
+        if isinstance(joined, Pool):
+            joined.check_failed()

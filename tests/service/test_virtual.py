@@ -16,6 +16,7 @@ from federated.learner.limits import Limits
 from federated.learner.session import LeaderSession
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from federated.wire import messages
 from tests.support.live import LiveLeader, learner_config
 
 
@@ -123,4 +124,37 @@ def test_a_stopped_virtual_learner_is_dropped_and_takes_its_slot_back_and_scaffo
     finally:
         pool.stop(0)
         leader.stop(0)
+        live.stop()
+
+
+def test_a_learner_the_leader_refuses_ends_alone_and_the_others_finish_the_run(tmp_path, port):
+    """The leader drops one learner of three as never reached, and refuses its registration again (no retry): that
+    learner stops as its process would; the other two train on to the leader's final state, and the process then
+    exits non-zero, naming it."""
+    flags = ["--learners", "3", "--batch-size", "8", "--image-size", "8", "--rounds", "100000", "--min-learners", "1"]
+    live = LiveLeader.start(tmp_path, port, *flags, "--eval-every", "100000")
+    leader, pool = live.leader, pool_of(live, 3)
+    registry, collector = leader.registry, leader.collector
+    try:
+        with ThreadPoolExecutor(1) as loop:
+            rounds = loop.submit(leader.rounds.train, MetricsLog(leader.out / "metrics.jsonl"))
+            pool.start()
+            until(lambda: collector.round >= 2, "two rounds")
+            refused = pool.members[2]
+            generation = registry.at(refused.server.address).generation
+            registry.drop(refused.learner_id, generation, unreachable="test: never reached")
+            until(lambda: not pool.threads[2].is_alive(), "the refused learner's end")
+            sent = [member.updates_sent for member in pool.members[:2]]
+            until(lambda: all(m.updates_sent > n for m, n in zip(pool.members[:2], sent)), "the others' updates")
+            leader.stopping.set()
+            leader.stop(rounds.result(timeout=30))  # its final state, to the learners it counts on
+            ended = loop.submit(pool.wait)
+            assert messages.is_final(ended.result(timeout=30))  # (the old pool raised the refused one's SystemExit)
+            with pytest.raises(
+                SystemExit, match=r"1 of the 3 learners .*\(learner ids 2; the first: the leader refused"
+            ):
+                pool.check_failed()
+    finally:
+        leader.stopping.set()
+        pool.stop(0)
         live.stop()
