@@ -155,6 +155,7 @@ class Member:
         leader would refuse it. Reads the shared update vector: the caller holds the shared model's lock, and the
         request holds nothing of the model."""
         replica = self.replica
+        replica.check_update_own()  # (send_update is public: whoever calls it must have trained last)
         self.sent_round = round_index
         replica.keep_change()
         # (a secure round's int8/int4 levels are the masked input's own: secagg.Quantisation, unbiased, no residual)
@@ -221,6 +222,7 @@ class Member:
                 round_index,
             )
             return None
+        self.replica.check_update_own()
         update, noise = self.replica.gradient.cpu(), None
         if plan.dp == "distributed":
             update, noise = dp.clipped(update, plan.dp_clip), (plan.dp_noise_multiplier, plan.dp_clip)

@@ -8,6 +8,7 @@ import gc
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from federated.core.compression.delta import state_hash
 from federated.core.layout import wire_state
 from federated.core.plan import TrainingPlan
 from federated.leader.downlink import Downlink
+from federated.learner.app import Member
 from federated.learner.reference import ReferenceBook, StateReference
 from federated.learner.servicer import StateInbox
 from federated.learner.state import Replica, SharedModel
@@ -248,3 +250,17 @@ def test_a_reference_book_drops_the_lowest_round_and_keeps_no_version_older_than
     assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
     assert book.put((6, "h"), {"w": torch.ones(1)})["w"].item() == 1  # its own tensors, not kept
     assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
+
+
+def test_a_learner_cannot_send_the_update_another_learner_of_its_process_trained():
+    """Member.send_update is public (tests, hostile learners): in a pool it must not send the shared update vector
+    when another learner trained last."""
+    pushed = states("batch", local_plan())
+    model = SharedModel(pushed[0], "cpu")
+    first, second = Replica(pushed[0], "cpu", model), Replica(pushed[0], "cpu", model)
+    with model.lock:
+        first.local_update(partial(batch_at, 0, 0), first.plan)
+    member = SimpleNamespace(replica=second, learner_id=1, data=range(8), sent_round=-1)
+    with pytest.raises(RuntimeError, match="holds another learner's update"):
+        Member.update_request(member, 0, 1.0, second.plan)  # type: ignore[arg-type]
+    assert member.sent_round == -1
