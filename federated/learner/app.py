@@ -175,6 +175,7 @@ class Member:
         leader would refuse it. Reads the shared update vector: the caller holds the shared model's lock, and the
         request holds nothing of the model."""
         replica = self.replica
+        replica.check_update_own()  # (send_update is public: whoever calls it must have trained last)
         self.sent_round = round_index
         replica.keep_change()
         # (a secure round's int8/int4 levels are the masked input's own: secagg.Quantisation, unbiased, no residual)
@@ -492,3 +493,5 @@ class Learner:
             final = joined
         how = "was stopped" if final.metadata.get("stopped") == "1" else "finished training"
         log.info("the leader %s at round %d", how, messages.round_of(final))
+        if isinstance(joined, Pool):
+            joined.check_failed()

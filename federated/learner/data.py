@@ -125,15 +125,37 @@ class LocalShare:
         return self.shares.load(info, self.index)
 
 
+# learner i's own folder in --data-dir: DIR/i, or DIR/learner{i} (as launch.py --write-digits writes them)
+FOLDER_NAMES = ("{}", "learner{}")
+
+
+def learner_folders(folder: Path, count: int) -> list[Path] | None:
+    """The own folders of count learners in folder (FOLDER_NAMES), or None when it holds none of them. DatasetError
+    when it holds some but not all: the learners would otherwise silently share the folder as one dataset."""
+    for name in FOLDER_NAMES:
+        folders = [folder / name.format(index) for index in range(count)]
+        missing = [path.name for path in folders if not path.is_dir()]
+        if not missing:
+            return folders
+        if len(missing) < count:
+            raise utils.DatasetError(
+                f"{folder} holds folders of some of the {count} learners of --virtual but not {', '.join(missing[:8])}"
+                f"{' ...' if len(missing) > 8 else ''}: give each learner its folder {name.format('I')}, I from 0 to "
+                f"{count - 1}, or none (then the learners share one dataset there)"
+            )
+    return None
+
+
 def own_data(config: LearnerConfig) -> list[LocalData] | list[LocalShare] | None:
     """Each learner's own data in this process (--dataset), checked now: with --virtual N, learner i's folder DIR/i
-    when --data-dir holds folders 0..N-1, else its share of the one dataset there; None without --dataset.
-    DatasetError at once when a folder does not hold the dataset."""
+    (or DIR/learner{i}) when --data-dir holds them for 0..N-1, else its share of the one dataset there; None without
+    --dataset. DatasetError at once when a folder does not hold the dataset, or only some learners have one."""
     if not config.dataset:
         return None
     count, folder = config.virtual, Path(config.data_dir)
-    if count > 1 and all((folder / str(index)).is_dir() for index in range(count)):
-        return [LocalData(replace(config, data_dir=str(folder / str(index)))) for index in range(count)]
+    folders = learner_folders(folder, count) if count > 1 else None
+    if folders is not None:
+        return [LocalData(replace(config, data_dir=str(path))) for path in folders]
     local = LocalData(config)
     if count == 1:
         return [local]

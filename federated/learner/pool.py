@@ -8,6 +8,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import grpc
+
+from federated.learner.session import GradientRefused
 from federated.wire import codec
 
 if TYPE_CHECKING:  # (app.py builds the pool from its Members and its server)
@@ -23,6 +26,12 @@ STOP_WAIT_S = 5.0  # a stopped learner's thread ends at its next look at its inb
 # the place in its pool of the learner a thread works for (index), where it works for one learner of several: its
 # own thread, a joining one, or a server thread serving a call to it
 CURRENT = threading.local()
+# What ends one learner's process, and in a pool that learner only (the leader drops it as a dead process): the
+# leader refused its registration or its update, a wait of its own passed --wait-timeout (SystemExit), a state or
+# plan this learner's limits refuse (PayloadError), a call of its own answered with an error not retried. Anything
+# else (the shared model's errors, the pool's own bugs, a leader unreachable for all: LeaderUnreachable) ends the
+# pool, and so does every learner ending in one of these.
+OWN_ERRORS = (SystemExit, GradientRefused, codec.PayloadError, grpc.RpcError)
 
 
 class Stopped(Exception):
@@ -93,7 +102,8 @@ class Pool:
         self.members, self.server = members, server
         self.threads: list[threading.Thread | None] = [None] * len(members)
         self.final: codec.Payload | None = None  # the leader's final state, as the first learner to end got it
-        self.failure: BaseException | None = None  # the first error a learner's thread ended in
+        self.failure: BaseException | None = None  # the first error a learner's thread ended the pool with
+        self.failed: dict[int, BaseException] = {}  # the learners (by place) that ended in an error of their own
         self._changed = threading.Event()
 
     def start(self) -> None:
@@ -116,14 +126,20 @@ class Pool:
             member.server.forget_states()  # its own copy of the final state: a thousand of them would add up
         except Stopped:
             log.info("stopped")
-        except BaseException as error:  # its process ends with it, as a learner's always did
+        except OWN_ERRORS as error:  # its process would end: this learner stops, as a stopped process
+            member.server.stop()
+            self.failed[index] = error
+            if len(self.members) > 1:
+                log.error("this learner stops: %s", error)
+        except BaseException as error:  # the pool ends with it
             self.failure = self.failure or error
         finally:
             self._changed.set()
 
     def wait(self) -> codec.Payload:
-        """Wait until every learner that runs has the leader's final state (raising the first error one of them
-        ended in), saying every PROGRESS_INTERVAL_S seconds how the rounds go; that state."""
+        """Wait until every learner that runs has the leader's final state or has ended in an error of its own
+        (raising at once an error that ends the pool; when every learner failed, the first one's error), saying
+        every PROGRESS_INTERVAL_S seconds how the rounds go; that state."""
         said, updates = time.monotonic(), self.updates()
         while any(thread is not None and thread.is_alive() for thread in self.threads):
             self._changed.wait(TICK_S)
@@ -142,24 +158,43 @@ class Pool:
                 said, updates = time.monotonic(), now_sent
         if self.failure is not None:
             raise self.failure
+        if self.final is None and self.failed:  # every learner ended: in errors of their own, or stopped
+            raise next(iter(self.failed.values()))
         if self.final is None:
             raise SystemExit("every learner of this process was stopped before the leader's final state")
         return self.final
 
+    def check_failed(self) -> None:
+        """SystemExit (the process exits non-zero) when some learners ended in errors of their own, naming them."""
+        if self.failed:
+            ids = [self.members[index].learner_id for index in self.failed]
+            first = next(iter(self.failed.values()))
+            raise SystemExit(
+                f"{len(ids)} of the {len(self.members)} learners of this process ended in errors of their own "
+                f"(learner ids {ranges(ids)}; the first: {first})"
+            )
+
     def updates(self) -> int:
         return sum(member.updates_sent for member in self.members)
 
-    def stop_learner(self, index: int, grace: float = 10.0) -> None:
+    def stop_learner(self, index: int, grace: float = 10.0) -> bool:
         """Stop the index-th learner as its process would stop: the leader's calls to it fail UNAVAILABLE, its health
-        checks find no registration, and its thread ends (within a few seconds; at most grace are waited for)."""
+        checks find no registration, and its thread ends (within a few seconds; at most grace are waited for).
+        Whether its thread has ended (a thread inside a call to the leader ends when the call does)."""
         self.members[index].server.stop()
         thread = self.threads[index]
         if thread is not None:
             thread.join(grace)
+        return thread is None or not thread.is_alive()
 
     def restart_learner(self, index: int) -> None:
         """Start the stopped index-th learner again, as its process would be restarted: it fetches the model,
-        registers again (with its credential, to take its slot back) and trains."""
+        registers again (with its credential, to take its slot back) and trains. RuntimeError while its old thread
+        still runs: two threads on one learner would share its replica."""
+        thread = self.threads[index]
+        if thread is not None and thread.is_alive():
+            raise RuntimeError(f"learner #{index} of the pool still runs: stop it (stop_learner) until it has ended")
+        self.failed.pop(index, None)
         self.members[index].server.restart()
         self._launch(index, rejoin=True)
 

@@ -29,7 +29,7 @@ class ReferenceBook:
         """keep: how many versions it holds (a push of round r needs r - 1, the base of its delta, and r); a learner
         whose version was dropped is refused deltas (the leader sends it full states then)."""
         self.keep = keep
-        self._states: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # oldest first
+        self._states: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, str]) -> dict[str, torch.Tensor] | None:
@@ -38,18 +38,23 @@ class ReferenceBook:
             return self._states.get(key)
 
     def put(self, key: tuple[int, str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keep a version's tensors (dropping the oldest beyond keep); those kept: an equal version (the same round
-        and hash) already held wins, and the new tensors are not kept."""
+        """Keep a version's tensors, dropping the lowest rounds beyond keep (not the first put: a learner out of step
+        may put an old round late, and must not push out the version the learners in step hold); those kept: an
+        equal version (the same round and hash) already held wins, and the new tensors are not kept. A version
+        older than every one of a full book is not kept (its tensors are returned: its learner is refused deltas)."""
         with self._lock:
+            full = len(self._states) >= self.keep and key not in self._states
+            if full and key[0] < min(self._states)[0]:
+                return tensors
             kept = self._states.setdefault(key, tensors)
             while len(self._states) > self.keep:
-                del self._states[next(iter(self._states))]
+                del self._states[min(self._states)]
             return kept
 
     def versions(self) -> list[tuple[int, str]]:
         """The (round, hash) of the versions held, oldest first."""
         with self._lock:
-            return list(self._states)
+            return sorted(self._states)
 
 
 class StateReference:

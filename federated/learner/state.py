@@ -113,6 +113,7 @@ class SharedModel:
         self.holder: Replica | None = None  # whose weights the model holds
         self.loaded: codec.Payload | None = None  # the state it holds as loaded, untrained since
         self.spill = Spill(state_budget)  # its learners' state beyond the budget, on disk
+        self.trained_by: Replica | None = None  # whose update the update vector holds: who trained last
 
     def check_facts(self, info: messages.StateInfo) -> None:
         """PayloadError unless a state is for this model (a learner of the process joined another run)."""
@@ -288,9 +289,16 @@ class Replica:
         last, following plan: the round's, as this learner's data makes it); the mean training loss. batch_at(k)
         is the round's k-th batch."""
         self.load(training=True)
+        self.shared.trained_by = self
         return self.strategy.local_update(
             self.model, self.layout, self.gradient, batch_at, plan, self.controls, self.backward(plan)
         )
+
+    def check_update_own(self) -> None:
+        """RuntimeError when the shared update vector holds another learner's update (one of the process trained
+        since this one did): a learner must never send another's."""
+        if self.shared.trained_by is not None and self.shared.trained_by is not self:
+            raise RuntimeError("the shared update vector holds another learner's update")
 
     @needs_state
     def keep_change(self) -> None:

@@ -203,7 +203,7 @@ class LaunchConfig(Config):
         None,
         "only write scikit-learn's 1,797 digits as --learners label-skewed image "
         "folders DIR/learnerN/{train,test}/<class>/ (for trying learners with data of "
-        "their own) and exit",
+        "their own: learner.py --data-dir DIR/learnerN, or --virtual N --data-dir DIR) and exit",
         group="launch",
         metavar="DIR",
     )

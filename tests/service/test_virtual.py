@@ -21,6 +21,7 @@ from federated.learner.servicer import LearnerServer
 from federated.learner.session import LeaderCredential, LeaderSession
 from federated.net import rpc
 from federated.net.rpc import leader_pb2, leader_pb2_grpc, learner_pb2, learner_pb2_grpc
+from federated.wire import messages
 from tests.support.live import LiveLeader, learner_config
 from tests.support.runs import records
 
@@ -245,3 +246,36 @@ def test_secure_rounds_through_a_pool_sum_every_learners_input_and_survive_one_s
     assert (first["learners"], after["learners"]) == (5, 4)
     for record in (first, after):  # the unmasked sums weigh every input they hold
         assert "discarded" not in record and record["samples"] == record["learners"] * batch * steps, record
+
+
+def test_a_learner_the_leader_refuses_ends_alone_and_the_others_finish_the_run(tmp_path, port):
+    """The leader drops one learner of three as never reached, and refuses its registration again (no retry): that
+    learner stops as its process would; the other two train on to the leader's final state, and the process then
+    exits non-zero, naming it."""
+    flags = ["--learners", "3", "--batch-size", "8", "--image-size", "8", "--rounds", "100000", "--min-learners", "1"]
+    live = LiveLeader.start(tmp_path, port, *flags, "--eval-every", "100000")
+    leader, pool = live.leader, pool_of(live, 3)
+    registry, collector = leader.registry, leader.collector
+    try:
+        with ThreadPoolExecutor(1) as loop:
+            rounds = loop.submit(leader.rounds.train, MetricsLog(leader.out / "metrics.jsonl"))
+            pool.start()
+            until(lambda: collector.round >= 2, "two rounds")
+            refused = pool.members[2]
+            generation = registry.at(refused.server.address).generation
+            registry.drop(refused.learner_id, generation, unreachable="test: never reached")
+            until(lambda: not pool.threads[2].is_alive(), "the refused learner's end")
+            sent = [member.updates_sent for member in pool.members[:2]]
+            until(lambda: all(m.updates_sent > n for m, n in zip(pool.members[:2], sent)), "the others' updates")
+            leader.stopping.set()
+            leader.stop(rounds.result(timeout=30))  # its final state, to the learners it counts on
+            ended = loop.submit(pool.wait)
+            assert messages.is_final(ended.result(timeout=30))  # (the old pool raised the refused one's SystemExit)
+            with pytest.raises(
+                SystemExit, match=r"1 of the 3 learners .*\(learner ids 2; the first: the leader refused"
+            ):
+                pool.check_failed()
+    finally:
+        leader.stopping.set()
+        pool.stop(0)
+        live.stop()

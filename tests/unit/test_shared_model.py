@@ -307,3 +307,27 @@ def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_
         assert not sending.is_alive()
     finally:
         stopped.set()
+
+
+def test_a_reference_book_drops_the_lowest_round_and_keeps_no_version_older_than_all_it_holds_when_full():
+    """A learner out of step may put an old round late: the versions the learners in step hold stay."""
+    book, tensors = ReferenceBook(keep=3), {"w": torch.zeros(1)}
+    for round_index in (7, 8, 5, 9):  # round 5 put after 7 and 8 (a learner whose reference was cleared)
+        book.put((round_index, "h"), tensors)
+    assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
+    assert book.put((6, "h"), {"w": torch.ones(1)})["w"].item() == 1  # its own tensors, not kept
+    assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
+
+
+def test_a_learner_cannot_send_the_update_another_learner_of_its_process_trained():
+    """Member.send_update is public (tests, hostile learners): in a pool it must not send the shared update vector
+    when another learner trained last."""
+    pushed = states("batch", local_plan())
+    model = SharedModel(pushed[0], "cpu")
+    first, second = Replica(pushed[0], "cpu", model), Replica(pushed[0], "cpu", model)
+    with model.lock:
+        first.local_update(partial(batch_at, 0, 0), first.plan)
+    member = SimpleNamespace(replica=second, learner_id=1, data=range(8), sent_round=-1)
+    with pytest.raises(RuntimeError, match="holds another learner's update"):
+        Member.update_request(member, 0, 1.0, second.plan)  # type: ignore[arg-type]
+    assert member.sent_round == -1

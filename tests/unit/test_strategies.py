@@ -784,6 +784,7 @@ def claimed_samples(shard_size: int, plan: TrainingPlan) -> int:
             update_taken=lambda round_index: None,
             forget_compression=lambda why: None,
             keep_change=lambda: None,
+            check_update_own=lambda: None,
             shared=SimpleNamespace(lock=threading.Lock()),
         ),
         session=SimpleNamespace(send_update=lambda round_index, request, stop: sent.append(request)),

@@ -1,6 +1,7 @@
 """The own data of a process's learners (--virtual N with --dataset): each its folder DIR/i, or its share of one
 dataset loaded once."""
 
+import pytest
 import torch
 
 import utils
@@ -35,3 +36,21 @@ def test_folders_zero_to_n_minus_one_give_each_learner_its_own(tmp_path):
     assert own is not None and [local.data_dir for local in own] == [str(tmp_path / "0"), str(tmp_path / "1")]
     second, _ = own[1].load(INFO)
     assert torch.equal(second.labels.sort().values, digits.labels[10:20].sort().values)
+
+
+def test_folders_as_launch_writes_them_serve_a_pool_and_some_learners_folders_without_the_others_are_refused(
+    tmp_path,
+):
+    for index in (0, 2):  # no folder of learner 1 nor 3
+        (tmp_path / "some" / str(index)).mkdir(parents=True)
+    config = learner_config(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "some"), "--virtual", "4"])
+    with pytest.raises(utils.DatasetError, match=r"some of the 4 learners of --virtual but not 1, 3"):
+        own_data(config)
+    digits = utils.digits()
+    for index in range(2):  # launch.py --write-digits's layout
+        utils.write_image_folder(tmp_path / "written" / f"learner{index}", "train", digits.subset(torch.arange(10)))
+    config = learner_config(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "written"), "--virtual", "2"])
+    own = own_data(config)
+    assert own is not None and [local.data_dir for local in own] == [
+        str(tmp_path / "written" / f"learner{i}") for i in range(2)
+    ]
