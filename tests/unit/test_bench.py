@@ -1,6 +1,7 @@
 """The bench's structure, without running a figure: the registry, the command line's choices, the helper
 subcommands, results.json's keys, and the results page written from it."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -558,3 +559,11 @@ def test_a_rerun_of_some_figures_keeps_the_others_rows_and_a_skip_keeps_a_measur
     record = json.loads(target.with_suffix(".json").read_text())
     assert list(record) == KEYS and record["serialization_gbps"]["bytes"] == 1 and record["links"]["value"]
     assert target.read_text() == page.render(record)
+
+
+@pytest.mark.parametrize("name", ["scale", "leader_scale"])
+def test_a_figure_of_one_key_gives_its_value_under_that_key(name, monkeypatch, tmp_path):
+    """The scale figure writes results.json's virtual_scale (its one key, not its name): its value came back bare."""
+    figure = dataclasses.replace(registry.figure_named(name), params={})
+    monkeypatch.setattr(registry.Figure, "callable", lambda self: lambda: {"rows": 1})
+    assert figure.measure({}, tmp_path) == {figure.result_keys[0]: {"rows": 1}}

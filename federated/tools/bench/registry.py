@@ -143,13 +143,13 @@ class Figure:
 
     def measure(self, chosen: Mapping[str, Any], work: Path) -> dict[str, dict]:
         """Run the figure with the chosen settings (by Setting.dest); its results by results.json key. A figure
-        with several keys returns them so; a figure of one key returns that key's value."""
+        with several keys returns them so; a figure of one key (its name, or keys' one) returns that key's value."""
         kwargs = {
             name: work if value is WORK else chosen[value.dest] if isinstance(value, Setting) else value
             for name, value in self.params.items()
         }
         measured = self.callable()(**kwargs)
-        return measured if self.keys else {self.name: measured}
+        return measured if len(self.result_keys) > 1 else {self.result_keys[0]: measured}
 
     def callable(self) -> Callable[..., dict]:
         return getattr(importlib.import_module(f"{__package__}.{self.group}"), self.function)
