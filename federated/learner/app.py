@@ -366,7 +366,10 @@ class Member:
         """True once the leader has started this learner; Stopped once this learner is stopped."""
         if self.server.stopped.is_set():
             raise Stopped
-        return self.server.started.wait(timeout) or None
+        started = self.server.started.wait(timeout)
+        if self.server.stopped.is_set():  # (stopping sets started, to wake this wait)
+            raise Stopped
+        return started or None
 
     def evaluate_final(self, state: codec.Payload) -> None:
         """The leader's last state, when it asks to be evaluated: take it, evaluate and report."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from federated.learner.session import GradientRefused
+from federated.learner.session import GradientRefused, LeaderUnreachable
 from federated.wire import codec
 
 if TYPE_CHECKING:  # (app.py builds the pool from its Members and its server)
@@ -28,10 +28,11 @@ STOP_WAIT_S = 5.0  # a stopped learner's thread ends at its next look at its inb
 CURRENT = threading.local()
 # What ends one learner's process, and in a pool that learner only (the leader drops it as a dead process): the
 # leader refused its registration or its update, a wait of its own passed --wait-timeout (SystemExit), a state or
-# plan this learner's limits refuse (PayloadError), a call of its own answered with an error not retried. Anything
-# else (the shared model's errors, the pool's own bugs, a leader unreachable for all: LeaderUnreachable) ends the
-# pool, and so does every learner ending in one of these.
-OWN_ERRORS = (SystemExit, GradientRefused, codec.PayloadError, grpc.RpcError)
+# plan this learner's limits refuse (PayloadError), a call of its own answered with an error not retried, the leader
+# unreachable to it past its --connect-timeout (LeaderUnreachable: its fetch carries its credential, so a leader can
+# single one learner out; a leader gone for all ends every learner, and so the pool). Anything else (the shared
+# model's errors, the pool's own bugs) ends the pool, and so does every learner ending in one of these.
+OWN_ERRORS = (SystemExit, GradientRefused, codec.PayloadError, grpc.RpcError, LeaderUnreachable)
 
 
 class Stopped(Exception):

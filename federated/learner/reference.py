@@ -7,6 +7,7 @@ state it came from), and only by a delta that passes every check and gives exact
 The learners of a process share its tensors through one ReferenceBook; each holds only its version.
 """
 
+import collections
 import logging
 import threading
 
@@ -21,15 +22,18 @@ log = logging.getLogger("learner")
 
 
 class ReferenceBook:
-    """The last few versions of the leader's replica the learners of a process hold, each version once, by (round,
-    hash): learners in step share one set of tensors. Entries are never changed in place (a delta makes new
-    tensors), so a learner's reference stays what it was when taken while the book keeps it."""
+    """The versions of the leader's replica the learners of a process hold, each version once, by (round, hash):
+    learners in step share one set of tensors. Entries are never changed in place (a delta makes new tensors), so a
+    learner's reference stays what it was when taken while the book keeps it. It counts the learners at each
+    version: a version nobody holds goes first (lowest round first) once it holds more than keep, and a held one
+    only past twice keep (lowest round first; its learners are then refused deltas, and the leader sends them full
+    states): a leader that puts each learner at a version of its own cannot make the process hold N states."""
 
     def __init__(self, keep: int = 3) -> None:
-        """keep: how many versions it holds (a push of round r needs r - 1, the base of its delta, and r); a learner
-        whose version was dropped is refused deltas (the leader sends it full states then)."""
+        """keep: how many versions it holds at least (a push of round r needs r - 1, the base of its delta, and r)."""
         self.keep = keep
         self._states: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._holders: collections.Counter[tuple[int, str]] = collections.Counter()
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, str]) -> dict[str, torch.Tensor] | None:
@@ -37,19 +41,32 @@ class ReferenceBook:
         with self._lock:
             return self._states.get(key)
 
-    def put(self, key: tuple[int, str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keep a version's tensors, dropping the lowest rounds beyond keep (not the first put: a learner out of step
-        may put an old round late, and must not push out the version the learners in step hold); those kept: an
-        equal version (the same round and hash) already held wins, and the new tensors are not kept. A version
-        older than every one of a full book is not kept (its tensors are returned: its learner is refused deltas)."""
+    def move(
+        self, previous: tuple[int, str] | None, key: tuple[int, str], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A learner's reference moves from previous (None: it held none) to key, whose tensors are these unless the
+        book holds that version already (the same round and hash: that one wins, and is returned)."""
         with self._lock:
-            full = len(self._states) >= self.keep and key not in self._states
-            if full and key[0] < min(self._states)[0]:
-                return tensors
             kept = self._states.setdefault(key, tensors)
-            while len(self._states) > self.keep:
-                del self._states[min(self._states)]
+            self._holders[key] += 1
+            self._release(previous)
             return kept
+
+    def release(self, previous: tuple[int, str] | None) -> None:
+        """A learner's reference at previous is forgotten (a leader found again sends a full state first)."""
+        with self._lock:
+            self._release(previous)
+
+    def _release(self, previous: tuple[int, str] | None) -> None:
+        if previous is not None and self._holders[previous] > 0:
+            self._holders[previous] -= 1
+        for held in (False, True):  # those nobody holds first, then (past twice keep) the held ones
+            limit = 2 * self.keep if held else self.keep
+            for key in sorted(key for key in self._states if bool(self._holders[key]) == held):
+                if len(self._states) <= limit:
+                    break
+                del self._states[key]
+                self._holders.pop(key, None)
 
     def versions(self) -> list[tuple[int, str]]:
         """The (round, hash) of the versions held, oldest first."""
@@ -62,17 +79,21 @@ class StateReference:
     ReferenceBook, shared by the learners of a process, or in a book of its own holding one version."""
 
     def __init__(self, book: ReferenceBook | None = None) -> None:
-        self.own_book = book is None
         self.book = book or ReferenceBook(keep=1)
         self.version = -1
         self._hash = ""  # the version's state hash: its key in the book (with the version)
         self._lock = threading.Lock()
 
     @property
+    def key(self) -> tuple[int, str] | None:
+        """The reference's version in the book (round, hash); None before the first full state."""
+        return (self.version, self._hash) if self.version >= 0 else None
+
+    @property
     def tensors(self) -> dict[str, torch.Tensor] | None:
         """The reference's tensors (float32 copies of the learner's own); None before the first full state, and once
         the book dropped this learner's version."""
-        return self.book.get((self.version, self._hash)) if self.version >= 0 else None
+        return self.book.get(self.key) if self.key is not None else None
 
     def take_full(self, payload: codec.Payload, round_index: int) -> None:
         """A full state of the leader's replica (checked against the learner's spec) becomes the reference; an
@@ -83,7 +104,7 @@ class StateReference:
             if round_index < self.version:
                 return
             key = (round_index, state_hash(payload.tensors))
-            self.book.put(key, dict(payload.tensors))
+            self.book.move(self.key, key, dict(payload.tensors))
             self.version, self._hash = key
 
     def apply(self, payload: codec.Payload, delta: DeltaInfo, round_index: int) -> codec.Payload:
@@ -108,9 +129,8 @@ class StateReference:
             if problem is not None:
                 raise codec.PayloadError(f"delta ({delta.codec}) refused: {problem}")
             key = (round_index, delta.state_hash)
-            updated = self.book.get(key)
-            if updated is None:
-                updated = self.book.put(key, self.applied(payload, delta, base))
+            held = self.book.get(key)
+            updated = self.book.move(self.key, key, held if held is not None else self.applied(payload, delta, base))
             self.version, self._hash = key
         # the state itself, no bytes of its own: never changed in place (the reference is replaced, and the
         # training thread adopts a copy)
@@ -131,6 +151,5 @@ class StateReference:
         """Forget the reference: a leader found again sends the full state first. (A shared book keeps the version
         for the other learners, until newer ones push it out.)"""
         with self._lock:
+            self.book.release(self.key)
             self.version, self._hash = -1, ""
-            if self.own_book:
-                self.book = ReferenceBook(keep=1)

@@ -268,9 +268,10 @@ class LearnerServer:
 
     def stop(self) -> None:
         """Stop serving the leader: its calls fail UNAVAILABLE, its health checks find no registration; its thread,
-        if waiting for a state, looks at once."""
+        waiting for a state or for the start of training, looks at once (and finds itself stopped)."""
         self.stopped.set()
         self.inbox.wake()
+        self.started.set()  # (a wake: Member.started and the training loop look at stopped first)
 
     def restart(self) -> None:
         """Serve the leader again, from a fresh start (it registers again)."""

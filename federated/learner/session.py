@@ -400,13 +400,25 @@ class LeaderSession:
         back), retried until the deadline; the leader's reply, with this learner's id."""
         return retried(
             deadline,
-            lambda: self.register_once(address, summary),
+            lambda: self.register_once(address, summary, deadline),
             f"the leader at {self.config.leader} to register this learner",
             flag="--connect-timeout",
         )
 
-    def register_once(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
-        with self.registration_turn, self.credential.registering():
+    def register_once(
+        self, address: str, summary: messages.DataSummary | None, deadline: float = math.inf
+    ) -> leader_pb2.AckWithMetadata:
+        """One registration, in this process's turn (waited for until the deadline: LeaderLost, retried, if another
+        learner's registration holds it so long)."""
+        if not self.registration_turn.acquire(timeout=min(max(0.0, deadline - time.monotonic()), RPC_TIMEOUT_S)):
+            raise LeaderLost("another learner of this process is still registering (its turn to register)")
+        try:
+            return self.register_in_turn(address, summary)
+        finally:
+            self.registration_turn.release()
+
+    def register_in_turn(self, address: str, summary: messages.DataSummary | None) -> leader_pb2.AckWithMetadata:
+        with self.credential.registering():
             request = leader_pb2.LearnerInfo(network_addr=address)
             if summary is not None:
                 summary.to_proto(request.data)

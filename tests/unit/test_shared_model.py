@@ -266,12 +266,11 @@ def test_a_reference_book_shares_the_tensors_of_learners_in_step_and_refuses_a_d
         deliver(learners[2], delta)  # type: ignore[arg-type]
     assert learners[2].version == 0 and learners[2].tensors is not None  # untouched
     deliver(learners[0], delta)  # type: ignore[arg-type]
-    for round_index in (3, 4):  # learner 1 stays at round 1, which the book (3 versions) lets go
+    for round_index in (3, 4):  # learner 1 stays at round 1, learner 2 at round 0: the book keeps what they hold
         _, delta = publish(round_index)
         deliver(learners[0], delta)  # type: ignore[arg-type]
-    assert learners[1].version == 1 and learners[1].tensors is None
-    with pytest.raises(codec.PayloadError, match="holds the state of round 1 \\(no longer kept\\)"):
-        deliver(learners[1], delta)  # type: ignore[arg-type]
+    assert learners[1].tensors is not None and learners[2].tensors is not None
+    assert [round_index for round_index, _ in book.versions()] == [0, 1, 4]  # rounds 2 and 3: nobody holds them
 
 
 def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_to_the_others():
@@ -309,14 +308,28 @@ def test_a_learner_waiting_for_its_secure_rounds_commit_leaves_the_shared_model_
         stopped.set()
 
 
-def test_a_reference_book_drops_the_lowest_round_and_keeps_no_version_older_than_all_it_holds_when_full():
-    """A learner out of step may put an old round late: the versions the learners in step hold stay."""
+def test_a_reference_book_keeps_the_versions_its_learners_hold_and_drops_those_nobody_holds_lowest_first():
+    """A resumed leader goes back in rounds: the learners' old versions, which nobody holds once they rejoined, go
+    first, and the resumed run's versions stay (a book that kept only the highest rounds refused every delta after
+    a resume). A version a learner holds goes only past twice keep: a leader cannot make a pool hold N states."""
     book, tensors = ReferenceBook(keep=3), {"w": torch.zeros(1)}
-    for round_index in (7, 8, 5, 9):  # round 5 put after 7 and 8 (a learner whose reference was cleared)
-        book.put((round_index, "h"), tensors)
-    assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
-    assert book.put((6, "h"), {"w": torch.ones(1)})["w"].item() == 1  # its own tensors, not kept
-    assert [round_index for round_index, _ in book.versions()] == [7, 8, 9]
+    book.move(None, (7, "h"), tensors)
+    book.move(None, (7, "h"), {"w": torch.ones(1)})
+    for round_index in (8, 9, 10):  # two learners in step
+        for learner in range(2):
+            book.move((round_index - 1, "h"), (round_index, "h"), tensors if learner == 0 else {"w": torch.ones(1)})
+    first = second = (10, "h")
+    assert [round_index for round_index, _ in book.versions()] == [8, 9, 10]
+    assert book.get((10, "h"))["w"].item() == 0  # one set of tensors for both: the first put
+    book.release(first)  # the leader was resumed at round 5: each learner forgets its reference, takes round 5
+    book.move(None, (5, "h"), tensors)
+    book.release(second)
+    book.move(None, (5, "h"), tensors)
+    book.move((5, "h"), (6, "h"), tensors)  # one learner's delta to round 6
+    assert [round_index for round_index, _ in book.versions()] == [5, 6, 10]
+    for learner in range(8):  # a leader putting each learner at a version of its own
+        book.move(None, (100 + learner, "h"), tensors)
+    assert len(book.versions()) == 6 and book.versions()[0][0] == 102
 
 
 def test_a_learner_cannot_send_the_update_another_learner_of_its_process_trained():
