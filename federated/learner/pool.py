@@ -30,8 +30,10 @@ CURRENT = threading.local()
 # leader refused its registration or its update, a wait of its own passed --wait-timeout (SystemExit), a state or
 # plan this learner's limits refuse (PayloadError), a call of its own answered with an error not retried, the leader
 # unreachable to it past its --connect-timeout (LeaderUnreachable: its fetch carries its credential, so a leader can
-# single one learner out; a leader gone for all ends every learner, and so the pool). Anything else (the shared
-# model's errors, the pool's own bugs) ends the pool, and so does every learner ending in one of these.
+# single one learner out; a leader gone for all ends every learner, and so the pool). Anything else (the pool's own
+# bugs, the shared model's errors outside a learner's own calls) ends the pool, and so does every learner ending in
+# one of these: what is the same for all of them (a model that cannot give local DP, a leader without credentials)
+# ends each in turn, the pool once all have.
 OWN_ERRORS = (SystemExit, GradientRefused, codec.PayloadError, grpc.RpcError, LeaderUnreachable)
 
 

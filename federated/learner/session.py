@@ -150,6 +150,8 @@ class HealthPacing:
 
     def __init__(self, learners: int = 1) -> None:
         self.interval = max(HEALTH_CHECK_INTERVAL_S, learners / MAX_CHECKS_PER_S)
+        # how far a check after the first may move from the interval: half of it (a lone learner keeps its beat)
+        self.spread = 0.0 if learners == 1 else self.interval / 2
         self.lost_at = -math.inf  # when a learner of this process last lost the leader
         # what wakes each learner's wait for a state (StateInbox.wake): a waiting learner sleeps until its next
         # check, and is woken when another loses the leader
@@ -161,11 +163,10 @@ class HealthPacing:
         return time.monotonic() + random.uniform(0.0, self.interval - HEALTH_CHECK_INTERVAL_S) + HEALTH_CHECK_INTERVAL_S
 
     def next_check(self) -> float:
-        """When a learner that checks now checks next: after the interval, give or take half of what it adds to
-        HEALTH_CHECK_INTERVAL_S, so that learners woken together to check (one lost the leader) do not stay in step
-        and check in bursts of the whole pool."""
-        spread = (self.interval - HEALTH_CHECK_INTERVAL_S) / 2
-        return time.monotonic() + self.interval + random.uniform(-spread, spread)
+        """When a learner that checks now checks next: after the interval, give or take half of it (in a pool), so that
+        learners woken together to check (one lost the leader) do not stay in step and check in bursts of the whole
+        pool."""
+        return time.monotonic() + self.interval + random.uniform(-self.spread, self.spread)
 
     def due(self, last_checked: float, next_check: float) -> bool:
         """Whether a learner that checked last at last_checked must check now."""

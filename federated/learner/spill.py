@@ -97,9 +97,9 @@ class Spill:
             yield
             return
         with self.lock:
-            self.in_use[replica] = self.in_use.get(replica, 0) + 1
             if replica in self.spilled:
                 self.read(replica)
+            self.in_use[replica] = self.in_use.get(replica, 0) + 1  # (after a read that did not fail)
         try:
             yield
         finally:

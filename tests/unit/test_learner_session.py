@@ -89,9 +89,11 @@ def test_only_a_leader_gone_wakes_the_pool_not_one_learner_dropped(leader_gone):
 
 
 def test_checks_after_the_first_are_spread_so_a_pool_woken_together_does_not_check_in_step():
-    many, one = session.HealthPacing(1000), session.HealthPacing(1)
+    many, few, one = session.HealthPacing(1000), session.HealthPacing(10), session.HealthPacing(1)
     later = [many.next_check() - time.monotonic() for _ in range(50)]
-    assert 26 < min(later) < max(later) < 74 and max(later) - min(later) > 10  # 50 s, give or take 23.5
+    assert 24 < min(later) < max(later) < 76 and max(later) - min(later) > 10  # 50 s, give or take 25
+    later = [few.next_check() - time.monotonic() for _ in range(50)]
+    assert 1.4 < min(later) < max(later) < 4.6 and max(later) - min(later) > 1  # 3 s, give or take 1.5
     assert round(one.next_check() - time.monotonic(), 1) == session.HEALTH_CHECK_INTERVAL_S  # a learner of its own
 
 
