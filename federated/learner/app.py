@@ -443,7 +443,8 @@ class Learner:
         budget = None if self.config.state_budget is None else int(self.config.state_budget * MB)
         shared = SharedModel(state, device, budget) if self.config.virtual > 1 else None
         replica = Replica(state, device, shared)
-        book = ReferenceBook()  # --compress-down's states, once for the pool
+        # --compress-down's states, once for the pool (a learner of its own keeps only its version's)
+        book = ReferenceBook() if self.config.virtual > 1 else None
         learners = [
             LearnerServer(self.config, session.security, session.credential, replica.spec, session.limits, book)
             for session in self.sessions
