@@ -487,7 +487,7 @@ class Learner:
         if isinstance(joined, Pool):
             try:
                 joined.start()
-                final = joined.wait()
+                final = joined.wait()  # (each learner's thread ends: every wait of a learner is bounded)
             finally:
                 joined.stop()
             for member in joined.members:

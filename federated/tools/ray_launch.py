@@ -290,7 +290,7 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait(STOP_WAIT_S)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.wait()
+        process.wait()  # (SIGKILL: it ends; the wait only reaps it)
 
 
 def collect(ray: Any, actors: list[Any], out: Path) -> None:
