@@ -16,7 +16,6 @@ from federated.wire.messages import DataSummary, ShardInfo
 
 log = logging.getLogger("leader")
 
-
 # With each learner's own epochs, a leader without data weighs an update at most as much as this many typical
 # learners' (the median shard's): an honest learner of up to 4 typical shards (uneven partitions) still weighs its
 # n_k, and one that lies about its size weighs at most as much as 4 typical learners, not as much as 2^32 images.
