@@ -19,12 +19,13 @@ from federated.common.flags import (
     Config,
     Parser,
     build_parser,
+    fields,
     option,
     refuse,
 )
 from federated.core import partition
-from federated.core.plan import MAX_LEARNERS
 from federated.leader.metrics import read_metrics
+from federated.learner.config import LearnerConfig
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: leader.py and learner.py
 # How long learners are held back while the leader gets ready to listen (it loads its data first, a first
@@ -218,7 +219,7 @@ class LaunchConfig(Config):
         "learners in each learner process (learner.py --virtual K, one model and training loop for K learners, "
         "docs/scale.md): the leader waits for --learners x K learners",
         group="launch",
-        bounds=Bounds(1, MAX_LEARNERS),
+        bounds=next(field for field in fields(LearnerConfig) if field.name == "virtual").flag.bounds,  # learner.py's
         metavar="K",
     )
     ray: str | None = option(
