@@ -30,7 +30,7 @@ def attacked_run(tmp_path_factory):
         "--min-learners",
         "2",
         "--rounds",
-        "160",
+        "200",
         "--batch-size",
         "32",
         "--eval-every",
@@ -64,7 +64,7 @@ def test_the_attacked_run_finishes_with_the_accuracy_of_an_unattacked_one(attack
     out, codes = attacked_run
     assert codes == [0, 0, 0, 0], logs(out)
     rounds = [r for r in records(out) if "train_loss" in r]
-    assert [r["round"] for r in rounds] == list(range(1, 161))
+    assert [r["round"] for r in rounds] == list(range(1, 201))
     assert [r for r in records(out) if "test_accuracy" in r][-1]["test_accuracy"] >= 0.90, logs(out)
     final = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.isfinite(tensor).all() for tensor in final.values() if tensor.is_floating_point())
